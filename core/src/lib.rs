@@ -1,0 +1,32 @@
+//! dsv3-core: the DeepSeek-V3 / V2 model on CPU, `#![no_std]` + alloc.
+//!
+//! Module map:
+//! - [`config`]: HF `config.json` parsing and validation.
+//! - [`weights`]: safetensors parsing (single file and sharded), dtypes incl. FP8 E4M3 with
+//!   128x128 block scales, the tensor store that loading draws from.
+//! - [`ops`]: the CPU f32 kernels (GEMM, RMSNorm, RoPE/YaRN, softmax, SwiGLU) — the oracle.
+//! - [`model`]: the model: [`model::Linear`], MLA ([`model::mla`]), dense MLP and MoE
+//!   ([`model::moe`]), decoder block, MTP module, and [`model::Model`] with its forward pass.
+//! - [`infer`]: the latent KV cache, sessions (batched prefill + decode), sampling, generation.
+//! - [`tokenizer`]: the built-in byte-level tokenizer (HF `tokenizer.json` lives in the cli/ffi).
+//! - [`rng`]: a seeded, platform-independent RNG.
+//!
+//! Feature `std` (default) adds files, memory-mapping and threads (rayon).
+#![no_std]
+
+extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod config;
+pub mod error;
+pub mod infer;
+pub mod model;
+pub mod ops;
+pub mod rng;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use model::Model;

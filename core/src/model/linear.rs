@@ -1,0 +1,140 @@
+//! [`Linear`]: `y = x · Wᵀ (+ b)` with W `[out, in]` in f32, or FP8 E4M3 with block scales.
+use crate::error::{werr, Result};
+use crate::ops::gemm::matmul_t;
+use crate::weights::fp8::{dequant_rows, e4m3_is_nan};
+use crate::weights::{DType, RawTensor, TensorStore};
+use alloc::format;
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// The weight matrix of a [`Linear`], `[out, in]` row-major.
+#[derive(Clone)]
+pub enum Weight {
+    /// Dense f32 values.
+    F32(Vec<f32>),
+    /// `float8_e4m3fn` codes (zero-copy from the checkpoint) with f32 block scales
+    /// `[ceil(out/block[0]), ceil(in/block[1])]`; `W[i,j] = e4m3(q[i,j]) · scale[i/b0, j/b1]`.
+    Fp8 { q: RawTensor, scale: Vec<f32>, block: [usize; 2] },
+}
+
+/// A linear layer.
+#[derive(Clone)]
+pub struct Linear {
+    pub out_dim: usize,
+    pub in_dim: usize,
+    pub weight: Weight,
+    pub bias: Option<Vec<f32>>,
+}
+
+/// How FP8 checkpoint weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fp8Mode {
+    /// Keep FP8 codes + scales (about 1 byte per parameter); dequantize per block in the matmul.
+    #[default]
+    Keep,
+    /// Dequantize to f32 at load.
+    Dequantize,
+}
+
+/// Rows of W dequantized at a time by the FP8 path (a multiple of the block rows).
+const FP8_PANEL_ROWS: usize = 128;
+
+impl Linear {
+    /// A dense f32 layer.
+    pub fn from_f32(out_dim: usize, in_dim: usize, w: Vec<f32>, bias: Option<Vec<f32>>) -> Linear {
+        assert_eq!(w.len(), out_dim * in_dim);
+        Linear { out_dim, in_dim, weight: Weight::F32(w), bias }
+    }
+
+    /// Takes `{prefix}.weight` (and `{prefix}.bias` when `bias`) from the store, shape `[out, in]`.
+    /// An FP8 weight needs its sibling `{prefix}.weight_scale_inv`.
+    pub fn load(store: &mut TensorStore, prefix: &str, out_dim: usize, in_dim: usize, bias: bool, fp8_block: Option<[usize; 2]>, mode: Fp8Mode) -> Result<Linear> {
+        let wname = format!("{prefix}.weight");
+        let t = store.take(&wname)?;
+        t.expect_shape(&[out_dim, in_dim])?;
+        let weight = if t.dtype == DType::F8E4M3 {
+            let sname = format!("{prefix}.weight_scale_inv");
+            let block = fp8_block.unwrap_or([128, 128]);
+            let sshape = [out_dim.div_ceil(block[0]), in_dim.div_ceil(block[1])];
+            let st = store.take(&sname).map_err(|_| werr(&sname, format!("missing: FP8 weight '{wname}' needs its block scales")))?;
+            if st.dtype != DType::F32 && st.dtype != DType::BF16 {
+                return Err(werr(&sname, format!("expected F32 scales, found {:?}", st.dtype)));
+            }
+            st.expect_shape(&sshape)?;
+            let scale = st.to_f32()?;
+            if let Some(i) = t.bytes().iter().position(|&c| e4m3_is_nan(c)) {
+                return Err(werr(&wname, format!("FP8 NaN code at flat index {i}")));
+            }
+            match mode {
+                Fp8Mode::Keep => Weight::Fp8 { q: t, scale, block },
+                Fp8Mode::Dequantize => {
+                    let mut w = vec![0f32; out_dim * in_dim];
+                    dequant_rows(t.bytes(), in_dim, &scale, block, 0, out_dim, &mut w);
+                    Weight::F32(w)
+                }
+            }
+        } else {
+            Weight::F32(t.to_f32()?)
+        };
+        let bias = if bias { Some(store.take_f32(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
+        Ok(Linear { out_dim, in_dim, weight, bias })
+    }
+
+    /// Number of parameters.
+    pub fn params(&self) -> usize {
+        self.out_dim * self.in_dim + self.bias.as_ref().map_or(0, |b| b.len())
+    }
+
+    /// Bytes the weight occupies in memory.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            Weight::F32(w) => w.len() * 4,
+            Weight::Fp8 { q, scale, .. } => q.bytes().len() + scale.len() * 4,
+        }
+    }
+
+    /// `y[m, out] = x[m, in] · Wᵀ + b`. Shapes: `x` [m, in_dim], `y` [m, out_dim].
+    pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        self.forward_strided(x, m, y, self.out_dim);
+    }
+
+    /// Like [`Linear::forward`] but `y` rows have stride `ldy` (>= out_dim).
+    pub fn forward_strided(&self, x: &[f32], m: usize, y: &mut [f32], ldy: usize) {
+        let (n, k) = (self.out_dim, self.in_dim);
+        debug_assert!(x.len() >= m * k);
+        match &self.weight {
+            Weight::F32(w) => matmul_t(m, n, k, x, k, w, k, y, ldy, false),
+            Weight::Fp8 { q, scale, block } => {
+                let q = q.bytes();
+                let panel = FP8_PANEL_ROWS.next_multiple_of(block[0]).min(n.next_multiple_of(block[0]));
+                let mut buf = vec![0f32; panel * k];
+                let mut r0 = 0;
+                while r0 < n {
+                    let r1 = (r0 + panel).min(n);
+                    dequant_rows(q, k, scale, *block, r0, r1, &mut buf[..(r1 - r0) * k]);
+                    matmul_t(m, r1 - r0, k, x, k, &buf, k, &mut y[r0..], ldy, false);
+                    r0 = r1;
+                }
+            }
+        }
+        if let Some(b) = &self.bias {
+            for row in y.chunks_mut(ldy).take(m) {
+                for (v, &bv) in row.iter_mut().zip(b) {
+                    *v += bv;
+                }
+            }
+        }
+    }
+
+    /// The weight as dense f32 `[out, in]` (dequantized if FP8).
+    pub fn dense(&self) -> Vec<f32> {
+        match &self.weight {
+            Weight::F32(w) => w.clone(),
+            Weight::Fp8 { q, scale, block } => {
+                let mut w = vec![0f32; self.out_dim * self.in_dim];
+                dequant_rows(q.bytes(), self.in_dim, scale, *block, 0, self.out_dim, &mut w);
+                w
+            }
+        }
+    }
+}

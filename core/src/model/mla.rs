@@ -1,0 +1,268 @@
+//! Multi-head Latent Attention (MLA), naive and absorbed forms over one latent KV cache.
+//!
+//! Per token the cache holds the normalized latent `c` (`[C]`) and the rotated shared rope key
+//! `k_pe` (`[dr]`): `C + dr` values per layer (576 for V3).
+//! - Naive (what HF computes): expand `kv = c · W_kvbᵀ` to per-head `k_nope`, `v` for all cached
+//!   tokens, then standard attention on `[k_nope ‖ k_pe]`.
+//! - Absorbed (DeepSeek's `attn_impl="absorb"`): fold `W_UK` into the query
+//!   (`q̃_h = q_nope_h · W_UK_h`, `[C]`), score against `c` directly, attend over `c`, and apply
+//!   `W_UV` after: `O_h = W_UV_h · Σ_t P_t c_t`. Same result; the cache is read once.
+use crate::config::{Config, LORA_NORM_EPS};
+use crate::error::Result;
+use crate::infer::cache::LayerCache;
+use crate::model::linear::{Fp8Mode, Linear};
+use crate::model::Batch;
+use crate::ops::gemm::matmul_t;
+use crate::ops::norm::{rmsnorm_inplace};
+use crate::ops::rope::Rope;
+use crate::ops::softmax::softmax_inplace;
+use crate::weights::TensorStore;
+use alloc::format;
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// Which MLA formulation computes attention (both give the same result).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttnForm {
+    /// Expand the latent into per-head keys and values (HF transformers).
+    Naive,
+    /// Absorb `W_UK` / `W_UV` into the query and output (DeepSeek inference; the default).
+    #[default]
+    Absorbed,
+}
+
+/// The query path: LoRA (`q_a_proj` → norm → `q_b_proj`) or a plain `q_proj`.
+#[derive(Clone)]
+pub enum QProj {
+    Lora { a: Linear, norm: Vec<f32>, b: Linear },
+    Plain(Linear),
+}
+
+/// One MLA layer's weights.
+#[derive(Clone)]
+pub struct Mla {
+    pub q: QProj,
+    /// `kv_a_proj_with_mqa`: `[C + dr, D]`; rows `[0, C)` give the latent, `[C, C+dr)` `k_pe`.
+    pub kv_a: Linear,
+    /// `kv_a_layernorm` weight `[C]` (eps 1e-6 always).
+    pub kv_norm: Vec<f32>,
+    /// `kv_b_proj`: `[H·(dn+dv), C]`, head-major, `k_nope` rows then `v` rows per head.
+    pub kv_b: Linear,
+    /// `o_proj`: `[D, H·dv]`.
+    pub o: Linear,
+    /// Absorbed-form weights: `W_UK_hᵀ` as `[H, C, dn]`.
+    pub w_uk_t: Vec<f32>,
+    /// Absorbed-form weights: `W_UV_h` as `[H, dv, C]`.
+    pub w_uv: Vec<f32>,
+    dims: Dims,
+}
+
+#[derive(Clone, Copy)]
+struct Dims {
+    h: usize,
+    dn: usize,
+    dr: usize,
+    dv: usize,
+    c: usize,
+    scale: f32,
+}
+
+impl Dims {
+    fn dq(&self) -> usize {
+        self.dn + self.dr
+    }
+}
+
+impl Mla {
+    /// Loads `{prefix}.*` (e.g. `model.layers.3.self_attn`).
+    pub fn load(store: &mut TensorStore, prefix: &str, cfg: &Config, mode: Fp8Mode) -> Result<Mla> {
+        let (d, h) = (cfg.hidden_size, cfg.num_attention_heads);
+        let (dn, dr, dv, c) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
+        let dq = dn + dr;
+        let blk = cfg.quantization.map(|q| q.block);
+        let bias = cfg.attention_bias;
+        let q = match cfg.q_lora_rank {
+            Some(rq) => QProj::Lora {
+                a: Linear::load(store, &format!("{prefix}.q_a_proj"), rq, d, bias, blk, mode)?,
+                norm: store.take_f32(&format!("{prefix}.q_a_layernorm.weight"), &[rq])?,
+                b: Linear::load(store, &format!("{prefix}.q_b_proj"), h * dq, rq, false, blk, mode)?,
+            },
+            None => QProj::Plain(Linear::load(store, &format!("{prefix}.q_proj"), h * dq, d, false, blk, mode)?),
+        };
+        let kv_a = Linear::load(store, &format!("{prefix}.kv_a_proj_with_mqa"), c + dr, d, bias, blk, mode)?;
+        let kv_norm = store.take_f32(&format!("{prefix}.kv_a_layernorm.weight"), &[c])?;
+        let kv_b = Linear::load(store, &format!("{prefix}.kv_b_proj"), h * (dn + dv), c, false, blk, mode)?;
+        let o = Linear::load(store, &format!("{prefix}.o_proj"), d, h * dv, bias, blk, mode)?;
+        let dims = Dims { h, dn, dr, dv, c, scale: crate::ops::rope::softmax_scale(cfg) };
+        Ok(Mla::with_absorbed(q, kv_a, kv_norm, kv_b, o, dims))
+    }
+
+    fn with_absorbed(q: QProj, kv_a: Linear, kv_norm: Vec<f32>, kv_b: Linear, o: Linear, dims: Dims) -> Mla {
+        let Dims { h, dn, dv, c, .. } = dims;
+        let w = kv_b.dense();
+        let mut w_uk_t = vec![0f32; h * c * dn];
+        let mut w_uv = vec![0f32; h * dv * c];
+        for hh in 0..h {
+            let base = hh * (dn + dv) * c;
+            for i in 0..dn {
+                for j in 0..c {
+                    w_uk_t[hh * c * dn + j * dn + i] = w[base + i * c + j];
+                }
+            }
+            w_uv[hh * dv * c..(hh + 1) * dv * c].copy_from_slice(&w[base + dn * c..base + (dn + dv) * c]);
+        }
+        Mla { q, kv_a, kv_norm, kv_b, o, w_uk_t, w_uv, dims }
+    }
+
+    /// Number of parameters.
+    pub fn params(&self) -> usize {
+        let q = match &self.q {
+            QProj::Lora { a, norm, b } => a.params() + norm.len() + b.params(),
+            QProj::Plain(l) => l.params(),
+        };
+        q + self.kv_a.params() + self.kv_norm.len() + self.kv_b.params() + self.o.params()
+    }
+
+    /// Attention over `x` (`[N, D]`, already normed). Appends each sequence's new latents to
+    /// its cache (`caches[i]` belongs to `batch.seqs[i]`), attends causally over the whole
+    /// cache, and writes `out` (`[N, D]`).
+    pub fn forward(&self, x: &[f32], batch: &Batch, caches: &mut [&mut LayerCache], form: AttnForm, out: &mut [f32]) {
+        let Dims { h, dn, dr, dv, c, .. } = self.dims;
+        let dq = self.dims.dq();
+        let n = batch.pos.len();
+        // 1. queries [N, H·dq]
+        let mut q = vec![0f32; n * h * dq];
+        match &self.q {
+            QProj::Lora { a, norm, b } => {
+                let mut qa = vec![0f32; n * a.out_dim];
+                a.forward(x, n, &mut qa);
+                rmsnorm_inplace(&mut qa, norm, LORA_NORM_EPS);
+                b.forward(&qa, n, &mut q);
+            }
+            QProj::Plain(l) => l.forward(x, n, &mut q),
+        }
+        // 2. compressed kv [N, C+dr]: normalize the latent, rotate k_pe
+        let mut ckv = vec![0f32; n * (c + dr)];
+        self.kv_a.forward(x, n, &mut ckv);
+        let mut tmp = vec![0f32; dr];
+        let half = dr / 2;
+        for (i, row) in ckv.chunks_exact_mut(c + dr).enumerate() {
+            let (lat, pe) = row.split_at_mut(c);
+            rmsnorm_inplace(lat, &self.kv_norm, LORA_NORM_EPS);
+            let (cs, sn) = (&batch.cos[i * half..(i + 1) * half], &batch.sin[i * half..(i + 1) * half]);
+            Rope::apply(pe, cs, sn, &mut tmp);
+            for hh in 0..h {
+                let qpe = &mut q[i * h * dq + hh * dq + dn..i * h * dq + (hh + 1) * dq];
+                Rope::apply(qpe, cs, sn, &mut tmp);
+            }
+        }
+        // 3. append to the caches; query s of a sequence sees cache entries <= base + s
+        let bases: Vec<usize> = caches.iter().map(|c| c.len).collect();
+        for (s, r) in batch.seqs.iter().enumerate() {
+            caches[s].append(&ckv[r.start * (c + dr)..r.end * (c + dr)], c, dr);
+        }
+        // 4. attention per (sequence, head)
+        let mut attn = vec![0f32; n * h * dv];
+        let tasks: Vec<(usize, usize)> = (0..batch.seqs.len()).flat_map(|s| (0..h).map(move |hh| (s, hh))).collect();
+        let caches_ro: Vec<&LayerCache> = caches.iter().map(|c| &**c).collect();
+        // Naive form: expand k_nope and v of every cached token, [T, H·(dn+dv)] per sequence.
+        let expanded: Vec<Vec<f32>> = match form {
+            AttnForm::Naive => caches_ro
+                .iter()
+                .map(|cache| {
+                    let mut kv = vec![0f32; cache.len * h * (dn + dv)];
+                    self.kv_b.forward(&cache.kv, cache.len, &mut kv);
+                    kv
+                })
+                .collect(),
+            AttnForm::Absorbed => Vec::new(),
+        };
+        let run = |&(s, hh): &(usize, usize)| -> Vec<f32> {
+            let r = &batch.seqs[s];
+            let p0 = bases[s];
+            let qs = &q[r.start * h * dq..r.end * h * dq];
+            match form {
+                AttnForm::Naive => self.head_naive(qs, hh, p0, caches_ro[s], &expanded[s]),
+                AttnForm::Absorbed => self.head_absorbed(qs, hh, p0, caches_ro[s]),
+            }
+        };
+        let work: usize = batch.seqs.iter().zip(&caches_ro).map(|(r, c)| r.len() * c.len).sum::<usize>() * h * c;
+        let results = crate::ops::par_map(&tasks, work, run);
+        for (&(s, hh), o) in tasks.iter().zip(&results) {
+            let r = &batch.seqs[s];
+            for (i, orow) in o.chunks_exact(dv).enumerate() {
+                let dst = (r.start + i) * h * dv + hh * dv;
+                attn[dst..dst + dv].copy_from_slice(orow);
+            }
+        }
+        // 5. output projection
+        self.o.forward(&attn, n, out);
+    }
+
+    /// Scores `[S, T]` from the nope part already in `scores` plus `q_pe · k_pe`, scaled,
+    /// causally masked (query s sees cache entries `t <= p0 + s`) and softmaxed.
+    fn finish_scores(&self, scores: &mut [f32], qh: &[f32], hh: usize, p0: usize, cache: &LayerCache) {
+        let Dims { h, dn, dr, scale, .. } = self.dims;
+        let dq = self.dims.dq();
+        let (s_len, t_len) = (qh.len() / (h * dq), cache.len);
+        matmul_t(s_len, t_len, dr, &qh[hh * dq + dn..], h * dq, &cache.pe, dr, scores, t_len, true);
+        for (s, row) in scores.chunks_exact_mut(t_len).enumerate() {
+            for (t, v) in row.iter_mut().enumerate() {
+                *v = if t <= p0 + s { *v * scale } else { f32::NEG_INFINITY };
+            }
+            softmax_inplace(row);
+        }
+    }
+
+    /// Naive form for one head: `qh` is `[S, H·dq]`, `kv` the expanded `[T, H·(dn+dv)]`;
+    /// returns `[S, dv]`.
+    fn head_naive(&self, qh: &[f32], hh: usize, p0: usize, cache: &LayerCache, kv: &[f32]) -> Vec<f32> {
+        let Dims { h, dn, dv, .. } = self.dims;
+        let dq = self.dims.dq();
+        let (s_len, t_len) = (qh.len() / (h * dq), cache.len);
+        let w = h * (dn + dv);
+        let mut scores = vec![0f32; s_len * t_len];
+        matmul_t(s_len, t_len, dn, &qh[hh * dq..], h * dq, &kv[hh * (dn + dv)..], w, &mut scores, t_len, false);
+        self.finish_scores(&mut scores, qh, hh, p0, cache);
+        let mut o = vec![0f32; s_len * dv];
+        for (orow, prow) in o.chunks_exact_mut(dv).zip(scores.chunks_exact(t_len)) {
+            for (t, &p) in prow.iter().enumerate() {
+                if p != 0.0 {
+                    let v0 = t * w + hh * (dn + dv) + dn;
+                    for (ov, &vv) in orow.iter_mut().zip(&kv[v0..v0 + dv]) {
+                        *ov += p * vv;
+                    }
+                }
+            }
+        }
+        o
+    }
+
+    /// Absorbed form for one head: `qh` is `[S, H·dq]`; returns `[S, dv]`.
+    fn head_absorbed(&self, qh: &[f32], hh: usize, p0: usize, cache: &LayerCache) -> Vec<f32> {
+        let Dims { h, dn, dv, c, .. } = self.dims;
+        let dq = self.dims.dq();
+        let (s_len, t_len) = (qh.len() / (h * dq), cache.len);
+        // q̃ = q_nope · W_UK: [S, C]
+        let mut qt = vec![0f32; s_len * c];
+        matmul_t(s_len, c, dn, &qh[hh * dq..], h * dq, &self.w_uk_t[hh * c * dn..(hh + 1) * c * dn], dn, &mut qt, c, false);
+        let mut scores = vec![0f32; s_len * t_len];
+        matmul_t(s_len, t_len, c, &qt, c, &cache.kv, c, &mut scores, t_len, false);
+        self.finish_scores(&mut scores, qh, hh, p0, cache);
+        // ō = P · c: [S, C]
+        let mut ob = vec![0f32; s_len * c];
+        for (orow, prow) in ob.chunks_exact_mut(c).zip(scores.chunks_exact(t_len)) {
+            for (t, &p) in prow.iter().enumerate() {
+                if p != 0.0 {
+                    for (ov, &cv) in orow.iter_mut().zip(&cache.kv[t * c..(t + 1) * c]) {
+                        *ov += p * cv;
+                    }
+                }
+            }
+        }
+        // O = ō · W_UVᵀ: [S, dv]
+        let mut o = vec![0f32; s_len * dv];
+        matmul_t(s_len, dv, c, &ob, c, &self.w_uv[hh * dv * c..(hh + 1) * dv * c], c, &mut o, dv, false);
+        o
+    }
+}

@@ -1,0 +1,251 @@
+//! DeepSeekMoE: a router over fine-grained experts plus always-on shared experts.
+//!
+//! V3 (`noaux_tc`): `s = σ(x·W_gᵀ)` in f32; selection on `s + bias` (the auxiliary-loss-free
+//! correction bias), limited to the `topk_group` groups whose two best biased scores sum highest
+//! (other groups masked with −inf); weights are the *unbiased* `s` of the chosen experts,
+//! normalized (`norm_topk_prob`, denominator `Σw + 1e-20`) and scaled by `routed_scaling_factor`.
+//! V2: softmax scores, plain top-k (`greedy`) or groups scored by their best expert
+//! (`group_limited_greedy`, dropped groups masked with 0).
+use crate::config::{Config, ScoringFunc, TopkMethod};
+use crate::error::Result;
+use crate::model::linear::Fp8Mode;
+use crate::model::mlp::Mlp;
+use crate::ops::gemm::matmul_t;
+use crate::ops::softmax::softmax_inplace;
+use crate::weights::TensorStore;
+use alloc::format;
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// The experts chosen for one token: `(expert, weight)` pairs, `top_k` of them.
+pub type Routing = Vec<(usize, f32)>;
+
+/// The router of one MoE layer.
+#[derive(Clone)]
+pub struct Router {
+    /// `mlp.gate.weight` `[E, D]` (the router runs in f32).
+    pub weight: Vec<f32>,
+    /// `mlp.gate.e_score_correction_bias` `[E]` (V3; steers selection only).
+    pub bias: Option<Vec<f32>>,
+    pub n_experts: usize,
+    pub dim: usize,
+    pub top_k: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub norm_topk_prob: bool,
+    pub scaling: f32,
+    pub scoring: ScoringFunc,
+    pub method: TopkMethod,
+}
+
+/// Indices of the `k` largest values (ties: lower index first), in descending order.
+pub fn topk_indices(v: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap_or(core::cmp::Ordering::Equal).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+impl Router {
+    /// Router logits `[N, E] = x[N, D] · W_gᵀ`.
+    pub fn logits(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let mut l = vec![0f32; n * self.n_experts];
+        matmul_t(n, self.n_experts, self.dim, x, self.dim, &self.weight, self.dim, &mut l, self.n_experts, false);
+        l
+    }
+
+    /// Chooses the experts of one token from its router logits (`[E]`).
+    pub fn select(&self, logits: &[f32]) -> Routing {
+        let e = self.n_experts;
+        let mut scores: Vec<f32> = logits.to_vec();
+        match self.scoring {
+            ScoringFunc::Sigmoid => scores.iter_mut().for_each(|v| *v = 1.0 / (1.0 + libm::expf(-*v))),
+            ScoringFunc::Softmax => softmax_inplace(&mut scores),
+        }
+        let gsize = e / self.n_group;
+        let idx = match self.method {
+            TopkMethod::NoauxTc => {
+                let biased: Vec<f32> = match &self.bias {
+                    Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
+                    None => scores.clone(),
+                };
+                let gscore: Vec<f32> = biased
+                    .chunks_exact(gsize)
+                    .map(|g| topk_indices(g, 2).iter().map(|&i| g[i]).sum())
+                    .collect();
+                let masked = mask_groups(&biased, &gscore, self.topk_group, gsize, f32::NEG_INFINITY);
+                topk_indices(&masked, self.top_k)
+            }
+            TopkMethod::Greedy => topk_indices(&scores, self.top_k),
+            TopkMethod::GroupLimitedGreedy => {
+                let gscore: Vec<f32> =
+                    scores.chunks_exact(gsize).map(|g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max)).collect();
+                let masked = mask_groups(&scores, &gscore, self.topk_group, gsize, 0.0);
+                topk_indices(&masked, self.top_k)
+            }
+        };
+        let mut w: Vec<f32> = idx.iter().map(|&i| scores[i]).collect();
+        if self.norm_topk_prob && (self.method == TopkMethod::NoauxTc || self.top_k > 1) {
+            let denom: f32 = w.iter().sum::<f32>() + 1e-20;
+            w.iter_mut().for_each(|x| *x /= denom);
+        }
+        w.iter_mut().for_each(|x| *x *= self.scaling);
+        idx.into_iter().zip(w).collect()
+    }
+}
+
+/// Keeps the `keep` groups with the highest `gscore` (ties: lower index) and sets every
+/// expert of the other groups to `fill`.
+fn mask_groups(scores: &[f32], gscore: &[f32], keep: usize, gsize: usize, fill: f32) -> Vec<f32> {
+    let kept = topk_indices(gscore, keep);
+    scores.iter().enumerate().map(|(i, &s)| if kept.contains(&(i / gsize)) { s } else { fill }).collect()
+}
+
+/// One MoE layer: router, routed experts, shared experts.
+#[derive(Clone)]
+pub struct Moe {
+    pub router: Router,
+    pub experts: Vec<Mlp>,
+    pub shared: Option<Mlp>,
+}
+
+impl Moe {
+    /// Loads `{prefix}.gate.*`, `{prefix}.experts.{e}.*`, `{prefix}.shared_experts.*`.
+    pub fn load(store: &mut TensorStore, prefix: &str, cfg: &Config, mode: Fp8Mode) -> Result<Moe> {
+        let (d, e, i) = (cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size);
+        let blk = cfg.quantization.map(|q| q.block);
+        let weight = store.take_f32(&format!("{prefix}.gate.weight"), &[e, d])?;
+        let bias_name = format!("{prefix}.gate.e_score_correction_bias");
+        let bias = match cfg.topk_method {
+            TopkMethod::NoauxTc => Some(store.take_f32(&bias_name, &[e])?),
+            _ => None,
+        };
+        let router = Router {
+            weight,
+            bias,
+            n_experts: e,
+            dim: d,
+            top_k: cfg.num_experts_per_tok,
+            n_group: cfg.n_group,
+            topk_group: cfg.topk_group,
+            norm_topk_prob: cfg.norm_topk_prob,
+            scaling: cfg.routed_scaling_factor,
+            scoring: cfg.scoring_func,
+            method: cfg.topk_method,
+        };
+        let experts = (0..e)
+            .map(|x| Mlp::load(store, &format!("{prefix}.experts.{x}"), d, i, blk, mode))
+            .collect::<Result<Vec<_>>>()?;
+        let shared = if cfg.n_shared_experts > 0 {
+            Some(Mlp::load(store, &format!("{prefix}.shared_experts"), d, i * cfg.n_shared_experts, blk, mode)?)
+        } else {
+            None
+        };
+        Ok(Moe { router, experts, shared })
+    }
+
+    /// Number of parameters (all experts).
+    pub fn params(&self) -> usize {
+        self.router.weight.len()
+            + self.router.bias.as_ref().map_or(0, |b| b.len())
+            + self.experts.iter().map(Mlp::params).sum::<usize>()
+            + self.shared.as_ref().map_or(0, Mlp::params)
+    }
+
+    /// Parameters one token uses: router, `top_k` experts, shared experts.
+    pub fn active_params(&self) -> usize {
+        self.router.weight.len()
+            + self.experts.first().map_or(0, Mlp::params) * self.router.top_k
+            + self.shared.as_ref().map_or(0, Mlp::params)
+    }
+
+    /// `y[N, D] = Σ_k w_k · Expert_k(x) + Shared(x)` for `x` `[N, D]`. Returns the routing.
+    pub fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) -> Vec<Routing> {
+        let d = self.router.dim;
+        let logits = self.router.logits(x, n);
+        let routes: Vec<Routing> = logits.chunks_exact(self.router.n_experts).map(|l| self.router.select(l)).collect();
+        // tokens per expert, with their weights
+        let mut per: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
+        for (t, r) in routes.iter().enumerate() {
+            for &(e, w) in r {
+                per[e].push((t, w));
+            }
+        }
+        let active: Vec<usize> = (0..per.len()).filter(|&e| !per[e].is_empty()).collect();
+        let inter = self.experts.first().map_or(0, |m| m.gate.out_dim);
+        let work = n * self.router.top_k * 3 * d * inter;
+        let outs = crate::ops::par_map(&active, work, |&e| {
+            let rows = &per[e];
+            let mut xe = vec![0f32; rows.len() * d];
+            for (dst, &(t, _)) in xe.chunks_exact_mut(d).zip(rows) {
+                dst.copy_from_slice(&x[t * d..(t + 1) * d]);
+            }
+            let mut ye = vec![0f32; rows.len() * d];
+            self.experts[e].forward(&xe, rows.len(), &mut ye);
+            ye
+        });
+        match &self.shared {
+            Some(s) => s.forward(x, n, y),
+            None => y[..n * d].fill(0.0),
+        }
+        let mut routed = vec![0f32; n * d];
+        for (&e, ye) in active.iter().zip(&outs) {
+            for (src, &(t, w)) in ye.chunks_exact(d).zip(&per[e]) {
+                for (o, &v) in routed[t * d..(t + 1) * d].iter_mut().zip(src) {
+                    *o += w * v;
+                }
+            }
+        }
+        for (o, r) in y.iter_mut().zip(&routed) {
+            *o += r;
+        }
+        routes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(e: usize, k: usize, g: usize, tg: usize, bias: Vec<f32>) -> Router {
+        Router {
+            weight: vec![0.0; e],
+            bias: Some(bias),
+            n_experts: e,
+            dim: 1,
+            top_k: k,
+            n_group: g,
+            topk_group: tg,
+            norm_topk_prob: true,
+            scaling: 2.5,
+            scoring: ScoringFunc::Sigmoid,
+            method: TopkMethod::NoauxTc,
+        }
+    }
+
+    #[test]
+    fn group_limited_selection_uses_bias_for_choice_only() {
+        // 8 experts in 4 groups of 2; keep 2 groups; pick 2 experts.
+        let logits = [3.0f32, 2.9, -1.0, -1.0, 0.5, 0.4, 0.0, 0.0];
+        // bias boosts group 3 (experts 6, 7) enough to win a group slot.
+        let bias = vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.9, 0.9];
+        let r = router(8, 2, 4, 2, bias);
+        let sel = r.select(&logits);
+        let experts: Vec<usize> = sel.iter().map(|p| p.0).collect();
+        // biased: g0 = σ3+σ2.9 ≈ 1.9, g3 = 2·(0.5+0.9) = 2.8, g2 ≈ 1.22 → groups 3 and 0 kept
+        assert_eq!(experts, vec![6, 7]); // σ(0)+0.9 = 1.4 > σ(3) ≈ 0.95
+        // weights come from unbiased sigmoid (0.5 each), normalized then scaled: 1.25 each
+        for &(_, w) in &sel {
+            assert!((w - 1.25).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn dropped_groups_are_never_chosen() {
+        let logits = [5.0f32, -5.0, 4.0, 4.0, -9.0, -9.0];
+        let r = router(6, 3, 3, 1, vec![0.0; 6]);
+        let sel: Vec<usize> = r.select(&logits).iter().map(|p| p.0).collect();
+        // group 1 (experts 2,3) has the best pair sum; K=3 > 2 allowed → one −inf pick (lowest index)
+        assert_eq!(&sel[..2], &[2, 3]);
+    }
+}

@@ -1,0 +1,24 @@
+//! CPU f32 kernels. Each function documents its shapes; all are the reference the GPU backend
+//! is tested against.
+pub mod gemm;
+pub mod norm;
+pub mod rope;
+pub mod softmax;
+pub mod swiglu;
+
+/// Maps `f` over `items`, on the rayon pool when `work` (a rough count of multiply-adds) is
+/// large enough to pay for the fork; serially otherwise (and always without `std`).
+pub fn par_map<T: Sync, R: Send>(items: &[T], work: usize, f: impl Fn(&T) -> R + Sync + Send) -> alloc::vec::Vec<R> {
+    #[cfg(feature = "std")]
+    {
+        if work >= PAR_MIN_WORK && items.len() > 1 && rayon::current_num_threads() > 1 {
+            use rayon::prelude::*;
+            return items.par_iter().map(f).collect();
+        }
+    }
+    let _ = work;
+    items.iter().map(f).collect()
+}
+
+/// Multiply-adds below which [`par_map`] stays on the calling thread.
+pub const PAR_MIN_WORK: usize = 1 << 18;

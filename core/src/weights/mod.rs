@@ -1,0 +1,14 @@
+//! Checkpoint weights: safetensors files (single or sharded), dtypes, FP8 block scales.
+//!
+//! - [`store`]: [`TensorStore`], the named tensors of a checkpoint, zero-copy over the file bytes;
+//!   loading takes tensors out of it by name and checks dtype and shape.
+//! - [`fp8`]: E4M3 (`float8_e4m3fn`) decoding and 128x128 block dequantization.
+//! - [`file`] (std): opening a model directory (config.json + safetensors, memory-mapped).
+//! - [`write`]: writing safetensors files (atomic under std).
+pub mod fp8;
+pub mod store;
+pub mod write;
+#[cfg(feature = "std")]
+pub mod file;
+
+pub use store::{Blob, DType, RawTensor, TensorStore};

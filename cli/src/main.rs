@@ -1,1 +1,514 @@
-fn main() {}
+//! `dsv3`: the command-line tool. Commands whose file formats are fixed contracts:
+//! `logits` (input_ids i64 [B,T] → logits f32 [B,T,V]). See `dsv3 --help`.
+mod tok;
+
+use clap::{Parser, Subcommand};
+use dsv3_core::infer::{generate, Event, SamplingParams, Session};
+use dsv3_core::model::{AttnForm, Fp8Mode, LoadOptions, Model};
+use dsv3_core::weights::file::{read_safetensors, write_atomic};
+use dsv3_core::weights::write::{to_bytes, OutTensor};
+use dsv3_core::{Error, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "dsv3",
+    version,
+    about = "DeepSeek-V3 / R1 engine: inference and training"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Options shared by every command that loads a model.
+#[derive(clap::Args, Clone)]
+struct ModelArgs {
+    /// Model directory (config.json + safetensors, HF layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// MLA formulation: absorbed (DeepSeek's, default) or naive (HF's). Same results.
+    #[arg(long, default_value = "absorbed")]
+    attn: String,
+    /// Dequantize FP8 weights to f32 at load instead of keeping them as FP8 + scales.
+    #[arg(long)]
+    dequantize_fp8: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Full uncached forward: reads `input_ids` (i64 [B,T]) and writes `logits` (f32 [B,T,V]).
+    Logits {
+        #[command(flatten)]
+        m: ModelArgs,
+        /// safetensors file with tensor `input_ids` (i64 [B,T]).
+        #[arg(long)]
+        input: PathBuf,
+        /// Output safetensors file (tensor `logits`, f32 [B,T,V]).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Generates from a prompt, streaming the output, then prints prefill and decode speed.
+    Generate {
+        #[command(flatten)]
+        m: ModelArgs,
+        /// Prompt text (needs DIR/tokenizer.json, or a byte-level model).
+        #[arg(long, conflicts_with = "ids")]
+        prompt: Option<String>,
+        /// Prompt token ids, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        ids: Option<Vec<u32>>,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// 0 = off.
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Do not stop at the model's EOS token.
+        #[arg(long)]
+        ignore_eos: bool,
+        /// Path to a tokenizer.json (default: MODEL/tokenizer.json).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+    },
+    /// Config summary, parameter counts, KV-cache size per token.
+    Info {
+        #[command(flatten)]
+        m: ModelArgs,
+    },
+    /// Measures prefill and decode throughput on random prompts (greedy, no early stop).
+    Bench {
+        #[command(flatten)]
+        m: ModelArgs,
+        /// Sequences decoded together.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 32)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 256)]
+        new_tokens: usize,
+        /// Timed repetitions (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Writes a randomly initialized checkpoint (config.json + model.safetensors).
+    Init {
+        /// A preset name (bench-4m, bench-88m) ...
+        #[arg(long, conflicts_with = "config")]
+        preset: Option<String>,
+        /// ... or a config.json to copy.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Standard deviation of the weight matrices.
+        #[arg(long, default_value_t = 0.02)]
+        std: f32,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn load(m: &ModelArgs) -> Result<Model> {
+    if let Some(t) = m.threads {
+        rayon_threads(t)?;
+    }
+    let attn = match m.attn.as_str() {
+        "absorbed" => AttnForm::Absorbed,
+        "naive" => AttnForm::Naive,
+        o => {
+            return Err(Error::Input(format!(
+                "--attn must be absorbed or naive, got '{o}'"
+            )))
+        }
+    };
+    let fp8 = if m.dequantize_fp8 {
+        Fp8Mode::Dequantize
+    } else {
+        Fp8Mode::Keep
+    };
+    Model::load(
+        &m.model,
+        LoadOptions {
+            fp8,
+            attn,
+            ..Default::default()
+        },
+    )
+}
+
+fn rayon_threads(n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::Input("--threads must be positive".into()));
+    }
+    dsv3_core::ops::set_threads(n).map_err(Error::Input)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Logits { m, input, out } => cmd_logits(&m, &input, &out),
+        Cmd::Generate {
+            m,
+            prompt,
+            ids,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            ignore_eos,
+            tokenizer,
+        } => {
+            let model = load(&m)?;
+            let tk = tok::Tok::for_model(&m.model, tokenizer.as_deref(), model.cfg.vocab_size)?;
+            let prompt_ids = match (prompt, ids) {
+                (Some(p), _) => tk
+                    .as_ref()
+                    .ok_or_else(|| Error::Input(tok::NO_TOKENIZER.into()))?
+                    .encode(&p)?,
+                (None, Some(ids)) => ids,
+                (None, None) => {
+                    return Err(Error::Input("give --prompt TEXT or --ids 1,2,3".into()))
+                }
+            };
+            let stop = if ignore_eos {
+                vec![]
+            } else {
+                model.cfg.eos_token_ids.clone()
+            };
+            let params = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+                max_new_tokens,
+                stop_tokens: stop,
+            };
+            cmd_generate(&model, &prompt_ids, &params, tk.as_ref())
+        }
+        Cmd::Info { m } => cmd_info(&m),
+        Cmd::Bench {
+            m,
+            batch,
+            prompt_len,
+            new_tokens,
+            repeat,
+            seed,
+            json,
+        } => {
+            let model = load(&m)?;
+            cmd_bench(
+                &model,
+                batch,
+                prompt_len,
+                new_tokens,
+                repeat.max(1),
+                seed,
+                json,
+            )
+        }
+        Cmd::Init {
+            preset,
+            config,
+            out,
+            seed,
+            std,
+        } => cmd_init(preset, config, &out, seed, std),
+    }
+}
+
+fn cmd_logits(m: &ModelArgs, input: &Path, out: &Path) -> Result<()> {
+    let model = load(m)?;
+    let mut st = read_safetensors(input)?;
+    let t = st.take("input_ids")?;
+    if t.shape.len() != 2 || t.shape[0] == 0 || t.shape[1] == 0 {
+        return Err(Error::Input(format!(
+            "input_ids must be [B,T] with B,T > 0, got {:?}",
+            t.shape
+        )));
+    }
+    let (b, tl) = (t.shape[0], t.shape[1]);
+    let ids = t.to_i64()?;
+    let v = model.cfg.vocab_size;
+    let toks: Vec<u32> = ids
+        .iter()
+        .map(|&x| {
+            if x < 0 || x as usize >= v {
+                Err(Error::Input(format!(
+                    "input_ids contains {x}, outside [0, {v})"
+                )))
+            } else {
+                Ok(x as u32)
+            }
+        })
+        .collect::<Result<_>>()?;
+    let seqs: Vec<&[u32]> = toks.chunks(tl).collect();
+    let logits = model.forward(&seqs)?;
+    if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
+        return Err(Error::NonFinite(format!("logit {i} is {}", logits[i])));
+    }
+    let bytes = to_bytes(&[OutTensor::f32("logits", &[b, tl, v], &logits)])?;
+    write_atomic(out, &bytes)
+}
+
+fn cmd_generate(
+    model: &Model,
+    prompt: &[u32],
+    params: &SamplingParams,
+    tk: Option<&tok::Tok>,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let mut t_prefill = 0.0;
+    let mut generated: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    let stdout = std::io::stdout();
+    let out = generate(model, &[prompt], params, |ev| {
+        match ev {
+            Event::PrefillDone { .. } => t_prefill = t0.elapsed().as_secs_f64(),
+            Event::Token { token, .. } => {
+                generated.push(token);
+                let mut lock = stdout.lock();
+                match tk {
+                    Some(tk) => {
+                        // print the newly completed text (decoding the whole tail keeps UTF-8 intact)
+                        if let Ok(text) = tk.decode(&generated) {
+                            if text.len() > printed && text.is_char_boundary(printed) {
+                                let _ = write!(lock, "{}", &text[printed..]);
+                                printed = text.len();
+                            }
+                        }
+                    }
+                    None => {
+                        let _ = write!(
+                            lock,
+                            "{}{token}",
+                            if generated.len() > 1 { "," } else { "" }
+                        );
+                    }
+                }
+                let _ = lock.flush();
+            }
+        }
+        true
+    })?;
+    let total = t0.elapsed().as_secs_f64();
+    let n = out.tokens[0].len();
+    println!();
+    eprintln!(
+        "prefill: {} tokens in {:.1} ms ({:.1} tokens/s); decode: {} tokens in {:.1} ms ({:.1} tokens/s)",
+        prompt.len(),
+        t_prefill * 1e3,
+        prompt.len() as f64 / t_prefill.max(1e-9),
+        n,
+        (total - t_prefill) * 1e3,
+        // the first token comes from the prefill logits; decode steps = n - 1
+        (n.saturating_sub(1)) as f64 / (total - t_prefill).max(1e-9),
+    );
+    Ok(())
+}
+
+fn cmd_info(m: &ModelArgs) -> Result<()> {
+    let model = load(m)?;
+    let c = &model.cfg;
+    let mt = match c.model_type {
+        dsv3_core::config::ModelType::V3 => "deepseek_v3",
+        dsv3_core::config::ModelType::V2 => "deepseek_v2",
+    };
+    println!("model            {}", m.model.display());
+    println!("model_type       {mt}");
+    println!("vocab            {}", c.vocab_size);
+    println!("hidden           {}", c.hidden_size);
+    println!(
+        "layers           {} ({} dense, {} MoE) + {} MTP",
+        c.num_hidden_layers,
+        c.first_k_dense_replace.min(c.num_hidden_layers),
+        c.num_hidden_layers - c.first_k_dense_replace.min(c.num_hidden_layers),
+        c.num_nextn_predict_layers
+    );
+    println!(
+        "attention        MLA: {} heads, q_lora {}, kv_lora {}, nope/rope/v {}/{}/{}",
+        c.num_attention_heads,
+        c.q_lora_rank.map_or("none".to_string(), |r| r.to_string()),
+        c.kv_lora_rank,
+        c.qk_nope_head_dim,
+        c.qk_rope_head_dim,
+        c.v_head_dim
+    );
+    println!(
+        "rope             theta {}, {:?}",
+        c.rope_theta, c.rope_scaling
+    );
+    println!(
+        "softmax scale    {:.8}",
+        dsv3_core::ops::rope::softmax_scale(c)
+    );
+    if c.has_moe() {
+        println!("moe              {} routed (width {}) top-{} in {} groups (keep {}), {} shared, scaling {}, {:?}/{:?}", c.n_routed_experts, c.moe_intermediate_size, c.num_experts_per_tok, c.n_group, c.topk_group, c.n_shared_experts, c.routed_scaling_factor, c.scoring_func, c.topk_method);
+    }
+    if let Some(q) = c.quantization {
+        println!(
+            "quantization     fp8 e4m3, {}x{} blocks{}",
+            q.block[0],
+            q.block[1],
+            if m.dequantize_fp8 {
+                " (dequantized at load)"
+            } else {
+                " (kept as FP8)"
+            }
+        );
+    }
+    println!(
+        "params total     {} ({})",
+        model.params(),
+        human(model.params() as f64)
+    );
+    println!(
+        "params active    {} per token ({})",
+        model.active_params(),
+        human(model.active_params() as f64)
+    );
+    println!("weights in RAM   {}B", human(model.weight_bytes() as f64));
+    let (lat, naive) = (c.latent_cache_width(), c.naive_cache_width());
+    let l = c.num_hidden_layers;
+    println!(
+        "kv cache/token   absorbed: {lat} values/layer = {} B (bf16) / {} B (f32) over {l} layers",
+        lat * 2 * l,
+        lat * 4 * l
+    );
+    println!("                 naive:    {naive} values/layer = {} B (bf16) / {} B (f32) over {l} layers ({:.1}x)", naive * 2 * l, naive * 4 * l, naive as f64 / lat as f64);
+    Ok(())
+}
+
+fn human(x: f64) -> String {
+    for (s, u) in [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")] {
+        if x >= s {
+            return format!("{:.2}{u}", x / s);
+        }
+    }
+    format!("{x}")
+}
+
+fn cmd_bench(
+    model: &Model,
+    batch: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+    repeat: usize,
+    seed: u64,
+    json: bool,
+) -> Result<()> {
+    if batch == 0 || prompt_len == 0 || new_tokens == 0 {
+        return Err(Error::Input(
+            "--batch, --prompt-len and --new-tokens must be positive".into(),
+        ));
+    }
+    let mut rng = dsv3_core::rng::Rng::new(seed);
+    let v = model.cfg.vocab_size as u64;
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|_| (0..prompt_len).map(|_| rng.below(v) as u32).collect())
+        .collect();
+    let (mut best_pre, mut best_dec) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..repeat {
+        let mut sess = Session::new(model, batch);
+        let t0 = Instant::now();
+        let inputs: Vec<(usize, &[u32])> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i, &p[..]))
+            .collect();
+        let mut logits = sess.step(&inputs)?;
+        let pre = t0.elapsed().as_secs_f64();
+        let vv = model.cfg.vocab_size;
+        let t1 = Instant::now();
+        for _ in 0..new_tokens {
+            let next: Vec<[u32; 1]> = (0..batch)
+                .map(|b| [dsv3_core::infer::sampling::argmax(&logits[b * vv..(b + 1) * vv]) as u32])
+                .collect();
+            let inputs: Vec<(usize, &[u32])> =
+                next.iter().enumerate().map(|(i, t)| (i, &t[..])).collect();
+            logits = sess.step(&inputs)?;
+        }
+        let dec = t1.elapsed().as_secs_f64();
+        best_pre = best_pre.min(pre);
+        best_dec = best_dec.min(dec);
+    }
+    let pre_tps = (batch * prompt_len) as f64 / best_pre;
+    let dec_tps = (batch * new_tokens) as f64 / best_dec;
+    let threads = dsv3_core::ops::threads();
+    if json {
+        println!(
+            "{{\"batch\":{batch},\"prompt_len\":{prompt_len},\"new_tokens\":{new_tokens},\"threads\":{threads},\"prefill_tokens_per_s\":{pre_tps:.1},\"decode_tokens_per_s\":{dec_tps:.1},\"decode_ms_per_step\":{:.4}}}",
+            best_dec * 1e3 / new_tokens as f64
+        );
+    } else {
+        println!("batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, {threads} threads (best of {repeat})");
+        println!("prefill  {pre_tps:>10.1} tokens/s");
+        println!(
+            "decode   {dec_tps:>10.1} tokens/s  ({:.3} ms/step)",
+            best_dec * 1e3 / new_tokens as f64
+        );
+    }
+    Ok(())
+}
+
+fn cmd_init(
+    preset: Option<String>,
+    config: Option<PathBuf>,
+    out: &Path,
+    seed: u64,
+    std: f32,
+) -> Result<()> {
+    let cfg = match (preset, config) {
+        (Some(p), _) => dsv3_core::presets::preset(&p)?,
+        (None, Some(c)) => {
+            let text = std::fs::read_to_string(&c)
+                .map_err(|e| Error::Io(format!("{}: {e}", c.display())))?;
+            dsv3_core::Config::from_json_str(&text, &c.display().to_string())?
+        }
+        (None, None) => return Err(Error::Input("give --preset NAME or --config FILE".into())),
+    };
+    if !(std.is_finite() && std > 0.0) {
+        return Err(Error::Input(format!("--std must be positive, got {std}")));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::Io(format!("{}: {e}", out.display())))?;
+    let tensors = dsv3_core::weights::init::random_checkpoint(&cfg, seed, std);
+    write_atomic(&out.join("model.safetensors"), &to_bytes(&tensors)?)?;
+    let json =
+        serde_json::to_string_pretty(&cfg.to_json()).map_err(|e| Error::Io(e.to_string()))?;
+    write_atomic(&out.join("config.json"), json.as_bytes())?;
+    let n: usize = tensors
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
+    println!(
+        "wrote {} ({} tensors, {} parameters)",
+        out.display(),
+        tensors.len(),
+        n
+    );
+    Ok(())
+}

@@ -23,7 +23,9 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Config { file, msg } => write!(f, "config error in {file}: {msg}"),
-            Error::Weights { tensor, msg } => write!(f, "weights error for tensor '{tensor}': {msg}"),
+            Error::Weights { tensor, msg } => {
+                write!(f, "weights error for tensor '{tensor}': {msg}")
+            }
             Error::Input(m) => write!(f, "invalid input: {m}"),
             Error::Io(m) => write!(f, "I/O error: {m}"),
             Error::NonFinite(m) => write!(f, "non-finite value: {m}"),
@@ -40,7 +42,10 @@ pub type Result<T> = core::result::Result<T, Error>;
 
 /// Shorthand for an [`Error::Weights`].
 pub(crate) fn werr(tensor: &str, msg: impl Into<String>) -> Error {
-    Error::Weights { tensor: tensor.into(), msg: msg.into() }
+    Error::Weights {
+        tensor: tensor.into(),
+        msg: msg.into(),
+    }
 }
 
 /// Shorthand for an [`Error::Input`].

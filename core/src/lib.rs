@@ -9,6 +9,7 @@
 //!   ([`model::moe`]), decoder block, MTP module, and [`model::Model`] with its forward pass.
 //! - [`infer`]: the latent KV cache, sessions (batched prefill + decode), sampling, generation.
 //! - [`tokenizer`]: the built-in byte-level tokenizer (HF `tokenizer.json` lives in the cli/ffi).
+//! - [`presets`]: named configurations (`bench-4m`, `bench-88m`).
 //! - [`rng`]: a seeded, platform-independent RNG.
 //!
 //! Feature `std` (default) adds files, memory-mapping and threads (rayon).
@@ -23,6 +24,7 @@ pub mod error;
 pub mod infer;
 pub mod model;
 pub mod ops;
+pub mod presets;
 pub mod rng;
 pub mod tokenizer;
 pub mod weights;

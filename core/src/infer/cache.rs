@@ -50,7 +50,10 @@ pub struct SeqCache {
 impl SeqCache {
     /// An empty cache for `n_layers` layers and `n_mtp` MTP modules.
     pub fn new(n_layers: usize, n_mtp: usize) -> SeqCache {
-        SeqCache { layers: (0..n_layers).map(|_| LayerCache::default()).collect(), mtp: (0..n_mtp).map(|_| LayerCache::default()).collect() }
+        SeqCache {
+            layers: (0..n_layers).map(|_| LayerCache::default()).collect(),
+            mtp: (0..n_mtp).map(|_| LayerCache::default()).collect(),
+        }
     }
     /// Tokens cached in the main model.
     pub fn len(&self) -> usize {
@@ -62,14 +65,24 @@ impl SeqCache {
     }
     /// Keeps the first `len` tokens in every layer.
     pub fn truncate(&mut self, len: usize) {
-        self.layers.iter_mut().chain(self.mtp.iter_mut()).for_each(|l| l.truncate(len));
+        self.layers
+            .iter_mut()
+            .chain(self.mtp.iter_mut())
+            .for_each(|l| l.truncate(len));
     }
     /// Drops every token.
     pub fn clear(&mut self) {
-        self.layers.iter_mut().chain(self.mtp.iter_mut()).for_each(LayerCache::clear);
+        self.layers
+            .iter_mut()
+            .chain(self.mtp.iter_mut())
+            .for_each(LayerCache::clear);
     }
     /// f32 values held.
     pub fn values(&self) -> usize {
-        self.layers.iter().chain(&self.mtp).map(|l| l.kv.len() + l.pe.len()).sum()
+        self.layers
+            .iter()
+            .chain(&self.mtp)
+            .map(|l| l.kv.len() + l.pe.len())
+            .sum()
     }
 }

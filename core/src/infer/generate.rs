@@ -24,7 +24,12 @@ pub struct GenerateOutput {
 
 /// Generates continuations of `prompts` (each non-empty). One sampler (and RNG stream) serves
 /// all sequences in order, so results depend only on the seed and the inputs.
-pub fn generate(model: &Model, prompts: &[&[u32]], params: &SamplingParams, mut on_event: impl FnMut(Event) -> bool) -> Result<GenerateOutput> {
+pub fn generate(
+    model: &Model,
+    prompts: &[&[u32]],
+    params: &SamplingParams,
+    mut on_event: impl FnMut(Event) -> bool,
+) -> Result<GenerateOutput> {
     if prompts.is_empty() {
         return Err(ierr("no prompts given"));
     }
@@ -34,14 +39,19 @@ pub fn generate(model: &Model, prompts: &[&[u32]], params: &SamplingParams, mut 
     let mut sampler = Sampler::new(params.clone())?;
     let mut sess = Session::new(model, prompts.len());
     let n = prompts.len();
-    let mut out = GenerateOutput { tokens: (0..n).map(|_| Vec::new()).collect(), stopped: alloc::vec![false; n] };
+    let mut out = GenerateOutput {
+        tokens: (0..n).map(|_| Vec::new()).collect(),
+        stopped: alloc::vec![false; n],
+    };
     if params.max_new_tokens == 0 {
         return Ok(out);
     }
     let inputs: Vec<(usize, &[u32])> = prompts.iter().enumerate().map(|(i, p)| (i, *p)).collect();
     let mut logits = sess.step(&inputs)?;
     let mut active: Vec<usize> = (0..n).collect();
-    on_event(Event::PrefillDone { tokens: prompts.iter().map(|p| p.len()).sum() });
+    on_event(Event::PrefillDone {
+        tokens: prompts.iter().map(|p| p.len()).sum(),
+    });
     let v = model.cfg.vocab_size;
     loop {
         let mut next = Vec::with_capacity(active.len());
@@ -61,7 +71,8 @@ pub fn generate(model: &Model, prompts: &[&[u32]], params: &SamplingParams, mut 
             return Ok(out);
         }
         let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-        let inputs: Vec<(usize, &[u32])> = still.iter().zip(&toks).map(|(&s, t)| (s, &t[..])).collect();
+        let inputs: Vec<(usize, &[u32])> =
+            still.iter().zip(&toks).map(|(&s, t)| (s, &t[..])).collect();
         logits = sess.step(&inputs)?;
         active = still;
     }

@@ -17,11 +17,42 @@ pub struct Mlp {
 
 impl Mlp {
     /// Loads `{prefix}.{gate,up,down}_proj.weight`.
-    pub fn load(store: &mut TensorStore, prefix: &str, d: usize, inter: usize, blk: Option<[usize; 2]>, mode: Fp8Mode) -> Result<Mlp> {
+    pub fn load(
+        store: &mut TensorStore,
+        prefix: &str,
+        d: usize,
+        inter: usize,
+        blk: Option<[usize; 2]>,
+        mode: Fp8Mode,
+    ) -> Result<Mlp> {
         Ok(Mlp {
-            gate: Linear::load(store, &format!("{prefix}.gate_proj"), inter, d, false, blk, mode)?,
-            up: Linear::load(store, &format!("{prefix}.up_proj"), inter, d, false, blk, mode)?,
-            down: Linear::load(store, &format!("{prefix}.down_proj"), d, inter, false, blk, mode)?,
+            gate: Linear::load(
+                store,
+                &format!("{prefix}.gate_proj"),
+                inter,
+                d,
+                false,
+                blk,
+                mode,
+            )?,
+            up: Linear::load(
+                store,
+                &format!("{prefix}.up_proj"),
+                inter,
+                d,
+                false,
+                blk,
+                mode,
+            )?,
+            down: Linear::load(
+                store,
+                &format!("{prefix}.down_proj"),
+                d,
+                inter,
+                false,
+                blk,
+                mode,
+            )?,
         })
     }
 

@@ -5,7 +5,8 @@
 //! (other groups masked with −inf); weights are the *unbiased* `s` of the chosen experts,
 //! normalized (`norm_topk_prob`, denominator `Σw + 1e-20`) and scaled by `routed_scaling_factor`.
 //! V2: softmax scores, plain top-k (`greedy`) or groups scored by their best expert
-//! (`group_limited_greedy`, dropped groups masked with 0).
+//! (`group_limited_greedy`, dropped groups masked with 0); weights are the chosen scores times
+//! `routed_scaling_factor` (HF's V2 ignores `norm_topk_prob`).
 use crate::config::{Config, ScoringFunc, TopkMethod};
 use crate::error::Result;
 use crate::model::linear::Fp8Mode;
@@ -41,7 +42,11 @@ pub struct Router {
 /// Indices of the `k` largest values (ties: lower index first), in descending order.
 pub fn topk_indices(v: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..v.len()).collect();
-    idx.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap_or(core::cmp::Ordering::Equal).then(a.cmp(&b)));
+    idx.sort_by(|&a, &b| {
+        v[b].partial_cmp(&v[a])
+            .unwrap_or(core::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
     idx.truncate(k);
     idx
 }
@@ -50,7 +55,18 @@ impl Router {
     /// Router logits `[N, E] = x[N, D] · W_gᵀ`.
     pub fn logits(&self, x: &[f32], n: usize) -> Vec<f32> {
         let mut l = vec![0f32; n * self.n_experts];
-        matmul_t(n, self.n_experts, self.dim, x, self.dim, &self.weight, self.dim, &mut l, self.n_experts, false);
+        matmul_t(
+            n,
+            self.n_experts,
+            self.dim,
+            x,
+            self.dim,
+            &self.weight,
+            self.dim,
+            &mut l,
+            self.n_experts,
+            false,
+        );
         l
     }
 
@@ -59,7 +75,9 @@ impl Router {
         let e = self.n_experts;
         let mut scores: Vec<f32> = logits.to_vec();
         match self.scoring {
-            ScoringFunc::Sigmoid => scores.iter_mut().for_each(|v| *v = 1.0 / (1.0 + libm::expf(-*v))),
+            ScoringFunc::Sigmoid => scores
+                .iter_mut()
+                .for_each(|v| *v = 1.0 / (1.0 + libm::expf(-*v))),
             ScoringFunc::Softmax => softmax_inplace(&mut scores),
         }
         let gsize = e / self.n_group;
@@ -73,19 +91,22 @@ impl Router {
                     .chunks_exact(gsize)
                     .map(|g| topk_indices(g, 2).iter().map(|&i| g[i]).sum())
                     .collect();
-                let masked = mask_groups(&biased, &gscore, self.topk_group, gsize, f32::NEG_INFINITY);
+                let masked =
+                    mask_groups(&biased, &gscore, self.topk_group, gsize, f32::NEG_INFINITY);
                 topk_indices(&masked, self.top_k)
             }
             TopkMethod::Greedy => topk_indices(&scores, self.top_k),
             TopkMethod::GroupLimitedGreedy => {
-                let gscore: Vec<f32> =
-                    scores.chunks_exact(gsize).map(|g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max)).collect();
+                let gscore: Vec<f32> = scores
+                    .chunks_exact(gsize)
+                    .map(|g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+                    .collect();
                 let masked = mask_groups(&scores, &gscore, self.topk_group, gsize, 0.0);
                 topk_indices(&masked, self.top_k)
             }
         };
         let mut w: Vec<f32> = idx.iter().map(|&i| scores[i]).collect();
-        if self.norm_topk_prob && (self.method == TopkMethod::NoauxTc || self.top_k > 1) {
+        if self.norm_topk_prob {
             let denom: f32 = w.iter().sum::<f32>() + 1e-20;
             w.iter_mut().for_each(|x| *x /= denom);
         }
@@ -98,7 +119,11 @@ impl Router {
 /// expert of the other groups to `fill`.
 fn mask_groups(scores: &[f32], gscore: &[f32], keep: usize, gsize: usize, fill: f32) -> Vec<f32> {
     let kept = topk_indices(gscore, keep);
-    scores.iter().enumerate().map(|(i, &s)| if kept.contains(&(i / gsize)) { s } else { fill }).collect()
+    scores
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| if kept.contains(&(i / gsize)) { s } else { fill })
+        .collect()
 }
 
 /// One MoE layer: router, routed experts, shared experts.
@@ -112,7 +137,11 @@ pub struct Moe {
 impl Moe {
     /// Loads `{prefix}.gate.*`, `{prefix}.experts.{e}.*`, `{prefix}.shared_experts.*`.
     pub fn load(store: &mut TensorStore, prefix: &str, cfg: &Config, mode: Fp8Mode) -> Result<Moe> {
-        let (d, e, i) = (cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size);
+        let (d, e, i) = (
+            cfg.hidden_size,
+            cfg.n_routed_experts,
+            cfg.moe_intermediate_size,
+        );
         let blk = cfg.quantization.map(|q| q.block);
         let weight = store.take_f32(&format!("{prefix}.gate.weight"), &[e, d])?;
         let bias_name = format!("{prefix}.gate.e_score_correction_bias");
@@ -128,7 +157,8 @@ impl Moe {
             top_k: cfg.num_experts_per_tok,
             n_group: cfg.n_group,
             topk_group: cfg.topk_group,
-            norm_topk_prob: cfg.norm_topk_prob,
+            // HF's DeepseekV2 ignores norm_topk_prob (weights = scores · scaling)
+            norm_topk_prob: cfg.norm_topk_prob && cfg.model_type == crate::config::ModelType::V3,
             scaling: cfg.routed_scaling_factor,
             scoring: cfg.scoring_func,
             method: cfg.topk_method,
@@ -137,11 +167,22 @@ impl Moe {
             .map(|x| Mlp::load(store, &format!("{prefix}.experts.{x}"), d, i, blk, mode))
             .collect::<Result<Vec<_>>>()?;
         let shared = if cfg.n_shared_experts > 0 {
-            Some(Mlp::load(store, &format!("{prefix}.shared_experts"), d, i * cfg.n_shared_experts, blk, mode)?)
+            Some(Mlp::load(
+                store,
+                &format!("{prefix}.shared_experts"),
+                d,
+                i * cfg.n_shared_experts,
+                blk,
+                mode,
+            )?)
         } else {
             None
         };
-        Ok(Moe { router, experts, shared })
+        Ok(Moe {
+            router,
+            experts,
+            shared,
+        })
     }
 
     /// Number of parameters (all experts).
@@ -163,7 +204,10 @@ impl Moe {
     pub fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) -> Vec<Routing> {
         let d = self.router.dim;
         let logits = self.router.logits(x, n);
-        let routes: Vec<Routing> = logits.chunks_exact(self.router.n_experts).map(|l| self.router.select(l)).collect();
+        let routes: Vec<Routing> = logits
+            .chunks_exact(self.router.n_experts)
+            .map(|l| self.router.select(l))
+            .collect();
         // tokens per expert, with their weights
         let mut per: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
         for (t, r) in routes.iter().enumerate() {
@@ -234,7 +278,7 @@ mod tests {
         let experts: Vec<usize> = sel.iter().map(|p| p.0).collect();
         // biased: g0 = σ3+σ2.9 ≈ 1.9, g3 = 2·(0.5+0.9) = 2.8, g2 ≈ 1.22 → groups 3 and 0 kept
         assert_eq!(experts, vec![6, 7]); // σ(0)+0.9 = 1.4 > σ(3) ≈ 0.95
-        // weights come from unbiased sigmoid (0.5 each), normalized then scaled: 1.25 each
+                                         // weights come from unbiased sigmoid (0.5 each), normalized then scaled: 1.25 each
         for &(_, w) in &sel {
             assert!((w - 1.25).abs() < 1e-6);
         }

@@ -55,12 +55,23 @@ impl Mtp {
 
     /// Number of parameters (without the shared embedding and head).
     pub fn params(&self) -> usize {
-        self.enorm.len() + self.hnorm.len() + self.eh_proj.params() + self.block.params() + self.head_norm.len()
+        self.enorm.len()
+            + self.hnorm.len()
+            + self.eh_proj.params()
+            + self.block.params()
+            + self.head_norm.len()
     }
 
     /// `emb` (`[N, D]`: embeddings of t_{i+1}) and `hidden` (`[N, D]`: main post-norm h_i)
     /// → the normed MTP hidden state `[N, D]` (feed it to the main `lm_head`).
-    pub fn forward(&self, emb: &[f32], hidden: &[f32], batch: &Batch, caches: &mut [&mut LayerCache], form: AttnForm) -> Vec<f32> {
+    pub fn forward(
+        &self,
+        emb: &[f32],
+        hidden: &[f32],
+        batch: &Batch,
+        caches: &mut [&mut LayerCache],
+        form: AttnForm,
+    ) -> Vec<f32> {
         let d = self.enorm.len();
         let n = batch.pos.len();
         let mut cat = vec![0f32; n * 2 * d];

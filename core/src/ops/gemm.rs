@@ -5,19 +5,34 @@
 //! contiguous rows. The micro-kernel computes a 2x4 block of outputs with AVX2+FMA when the
 //! CPU has it (detected at run time under `std`, at compile time otherwise) and a portable
 //! 8-lane kernel otherwise. Large products are split over columns on the rayon pool.
-//! (The choice against the `gemm` and `matrixmultiply` crates is measured in `benches/gemm.rs`
-//! and recorded in docs/PERF.md.)
+//! From 32 rows on (prefill), the packed GEMM of the `gemm` crate takes over. The split is
+//! measured in `benches/gemm.rs` against `gemm` and `matrixmultiply` (docs/PERF.md): the dot
+//! kernel wins at 1 and 8 rows, the packed crate at 256.
 
 /// `c[i*ldc + j] (+)= Σ_p a[i*lda + p] · b[j*ldb + p]` for i < m, j < n.
 ///
 /// Shapes: `a` [m, k] (row stride `lda`), `b` [n, k] (row stride `ldb`), `c` [m, n] (row stride `ldc`).
 /// With `accumulate` false, `c` is overwritten.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_t(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
+pub fn matmul_t(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(lda >= k && ldb >= k && ldc >= n, "matmul_t: strides smaller than the rows");
+    assert!(
+        lda >= k && ldb >= k && ldc >= n,
+        "matmul_t: strides smaller than the rows"
+    );
     assert!(a.len() >= (m - 1) * lda + k, "matmul_t: a too short");
     assert!(b.len() >= (n - 1) * ldb + k, "matmul_t: b too short");
     assert!(c.len() >= (m - 1) * ldc + n, "matmul_t: c too short");
@@ -25,13 +40,63 @@ pub fn matmul_t(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], 
     {
         let work = m * n * k;
         let threads = rayon::current_num_threads();
+        if m >= LARGE_M {
+            // packed GEMM (the `gemm` crate) wins for many rows: benches/gemm.rs
+            let par = if threads > 1 && work >= PARALLEL_MIN_WORK {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
+            // SAFETY: bounds checked above; strides describe the row-major layouts.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    1,
+                    ldc as isize,
+                    accumulate,
+                    a.as_ptr(),
+                    1,
+                    lda as isize,
+                    b.as_ptr(),
+                    ldb as isize,
+                    1,
+                    if accumulate { 1.0 } else { 0.0 },
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+            return;
+        }
         if threads > 1 && work >= PARALLEL_MIN_WORK && n >= 8 {
             return par_cols(m, n, k, a, lda, b, ldb, c, ldc, accumulate, threads);
         }
     }
     // SAFETY: the bounds were checked above; the kernel stays inside them.
-    unsafe { kernel_dispatch(m, n, k, a.as_ptr(), lda, b.as_ptr(), ldb, c.as_mut_ptr(), ldc, accumulate) }
+    unsafe {
+        kernel_dispatch(
+            m,
+            n,
+            k,
+            a.as_ptr(),
+            lda,
+            b.as_ptr(),
+            ldb,
+            c.as_mut_ptr(),
+            ldc,
+            accumulate,
+        )
+    }
 }
+
+/// Rows from which the packed `gemm` crate beats the dot-product kernel (benches/gemm.rs).
+#[cfg(feature = "std")]
+const LARGE_M: usize = 32;
 
 /// Multiply-adds below which a product runs on one thread (a rayon fork costs a few µs).
 #[cfg(feature = "std")]
@@ -39,7 +104,19 @@ const PARALLEL_MIN_WORK: usize = 1 << 20;
 
 #[cfg(feature = "std")]
 #[allow(clippy::too_many_arguments)]
-fn par_cols(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, acc: bool, threads: usize) {
+fn par_cols(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    acc: bool,
+    threads: usize,
+) {
     use rayon::prelude::*;
     // Split the columns (rows of b) into chunks that are multiples of 4; each task writes a
     // disjoint column range of c, so raw pointers are shared (Send wrapper below).
@@ -51,7 +128,20 @@ fn par_cols(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb:
         let nn = per.min(n - j0);
         let cp = &cp;
         // SAFETY: column ranges [j0, j0+nn) are disjoint between tasks; bounds checked by the caller.
-        unsafe { kernel_dispatch(m, nn, k, a.as_ptr(), lda, b.as_ptr().add(j0 * ldb), ldb, cp.0.add(j0), ldc, acc) }
+        unsafe {
+            kernel_dispatch(
+                m,
+                nn,
+                k,
+                a.as_ptr(),
+                lda,
+                b.as_ptr().add(j0 * ldb),
+                ldb,
+                cp.0.add(j0),
+                ldc,
+                acc,
+            )
+        }
     });
 }
 
@@ -67,12 +157,36 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let mut c = [0f32];
     // SAFETY: m = n = 1 over slices of length k.
-    unsafe { kernel_dispatch(1, 1, a.len(), a.as_ptr(), a.len(), b.as_ptr(), b.len(), c.as_mut_ptr(), 1, false) };
+    unsafe {
+        kernel_dispatch(
+            1,
+            1,
+            a.len(),
+            a.as_ptr(),
+            a.len(),
+            b.as_ptr(),
+            b.len(),
+            c.as_mut_ptr(),
+            1,
+            false,
+        )
+    };
     c[0]
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel_dispatch(m: usize, n: usize, k: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, acc: bool) {
+unsafe fn kernel_dispatch(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2_fma() {
@@ -106,7 +220,18 @@ fn has_avx2_fma() -> bool {
 macro_rules! block_driver {
     () => {
         #[allow(clippy::too_many_arguments)]
-        pub(super) unsafe fn kernel(m: usize, n: usize, k: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, acc: bool) {
+        pub(super) unsafe fn kernel(
+            m: usize,
+            n: usize,
+            k: usize,
+            a: *const f32,
+            lda: usize,
+            b: *const f32,
+            ldb: usize,
+            c: *mut f32,
+            ldc: usize,
+            acc: bool,
+        ) {
             let mut i = 0;
             while i < m {
                 let mr = if m - i >= 2 { 2 } else { 1 };
@@ -139,7 +264,16 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block<const MR: usize, const NR: usize>(k: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, acc: bool) {
+    unsafe fn block<const MR: usize, const NR: usize>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        acc: bool,
+    ) {
         let mut s = [[_mm256_setzero_ps(); NR]; MR];
         let k8 = k & !7;
         let mut p = 0;
@@ -185,7 +319,16 @@ mod portable {
 
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block<const MR: usize, const NR: usize>(k: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, acc: bool) {
+    unsafe fn block<const MR: usize, const NR: usize>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        acc: bool,
+    ) {
         let mut s = [[[0f32; 8]; NR]; MR];
         let k8 = k & !7;
         let mut p = 0;
@@ -201,7 +344,8 @@ mod portable {
         }
         for (ii, row) in s.iter().enumerate() {
             for (jj, sv) in row.iter().enumerate() {
-                let mut t = ((sv[0] + sv[4]) + (sv[1] + sv[5])) + ((sv[2] + sv[6]) + (sv[3] + sv[7]));
+                let mut t =
+                    ((sv[0] + sv[4]) + (sv[1] + sv[5])) + ((sv[2] + sv[6]) + (sv[3] + sv[7]));
                 for q in k8..k {
                     t += *a.add(ii * lda + q) * *b.add(jj * ldb + q);
                 }
@@ -235,23 +379,66 @@ mod tests {
     #[test]
     fn matches_naive_on_ragged_shapes() {
         let mut rng = crate::rng::Rng::new(7);
-        for &(m, n, k) in &[(1, 1, 1), (1, 5, 3), (3, 7, 9), (2, 4, 8), (5, 13, 37), (17, 33, 130), (64, 200, 300)] {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (1, 5, 3),
+            (3, 7, 9),
+            (2, 4, 8),
+            (5, 13, 37),
+            (17, 33, 130),
+            (64, 200, 300),
+        ] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
             let b: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
             let want = naive(m, n, k, &a, &b);
             let mut c = vec![f32::NAN; m * n];
             matmul_t(m, n, k, &a, k, &b, k, &mut c, n, false);
             for (x, y) in c.iter().zip(&want) {
-                assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{m}x{n}x{k}: {x} vs {y}");
+                assert!(
+                    (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                    "{m}x{n}x{k}: {x} vs {y}"
+                );
             }
             // accumulate adds on top
             matmul_t(m, n, k, &a, k, &b, k, &mut c, n, true);
             for (x, y) in c.iter().zip(&want) {
                 assert!((x - 2.0 * y).abs() <= 2e-4 * (1.0 + y.abs()));
             }
+            // the dot kernel agrees for every m (the packed path takes m >= 32 above)
+            let mut c3 = vec![f32::NAN; m * n];
+            unsafe {
+                kernel_dispatch(
+                    m,
+                    n,
+                    k,
+                    a.as_ptr(),
+                    k,
+                    b.as_ptr(),
+                    k,
+                    c3.as_mut_ptr(),
+                    n,
+                    false,
+                )
+            };
+            for (x, y) in c3.iter().zip(&want) {
+                assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()));
+            }
             // portable kernel agrees too
             let mut c2 = vec![f32::NAN; m * n];
-            unsafe { portable::kernel(m, n, k, a.as_ptr(), k, b.as_ptr(), k, c2.as_mut_ptr(), n, false) };
+            unsafe {
+                portable::kernel(
+                    m,
+                    n,
+                    k,
+                    a.as_ptr(),
+                    k,
+                    b.as_ptr(),
+                    k,
+                    c2.as_mut_ptr(),
+                    n,
+                    false,
+                )
+            };
             for (x, y) in c2.iter().zip(&want) {
                 assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()));
             }

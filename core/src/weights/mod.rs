@@ -5,10 +5,11 @@
 //! - [`fp8`]: E4M3 (`float8_e4m3fn`) decoding and 128x128 block dequantization.
 //! - [`file`] (std): opening a model directory (config.json + safetensors, memory-mapped).
 //! - [`write`]: writing safetensors files (atomic under std).
-pub mod fp8;
-pub mod store;
-pub mod write;
 #[cfg(feature = "std")]
 pub mod file;
+pub mod fp8;
+pub mod init;
+pub mod store;
+pub mod write;
 
 pub use store::{Blob, DType, RawTensor, TensorStore};

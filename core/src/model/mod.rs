@@ -112,6 +112,18 @@ pub struct Model {
     pub attn: AttnForm,
 }
 
+impl core::fmt::Debug for Model {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Model")
+            .field("model_type", &self.cfg.model_type)
+            .field("layers", &self.layers.len())
+            .field("mtp", &self.mtp.len())
+            .field("params", &self.params())
+            .field("attn", &self.attn)
+            .finish()
+    }
+}
+
 impl Model {
     /// Builds the model from a checkpoint's tensors. Every tensor must be used: a missing,
     /// extra, mis-shaped or non-finite tensor is an error naming it.

@@ -123,13 +123,15 @@ impl RawTensor {
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
-            d => return Err(werr(
-                &self.name,
-                format!(
+            d => {
+                return Err(werr(
+                    &self.name,
+                    format!(
                     "dtype {d:?} cannot be read as floats here (expected F32, BF16 or F16) in {}",
                     self.file
                 ),
-            )),
+                ))
+            }
         };
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
             return Err(werr(

@@ -1,0 +1,239 @@
+//! The `dsv3` binary as a user runs it: the fixed `logits` contract against HF goldens,
+//! generate / info / init / bench, and clear errors (exit 1, no panic) on bad input.
+use dsv3_core::weights::file::read_safetensors;
+use dsv3_core::weights::write::{to_bytes, OutTensor};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+fn dsv3(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dsv3"))
+        .args(args)
+        .output()
+        .expect("running dsv3")
+}
+
+fn ok(args: &[&str]) -> (String, String) {
+    let o = dsv3(args);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(o.status.success(), "dsv3 {args:?} failed:\n{out}\n{err}");
+    (out, err)
+}
+
+fn fails(args: &[&str]) -> String {
+    let o = dsv3(args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "dsv3 {args:?} should fail with exit 1: {err}"
+    );
+    assert!(
+        err.starts_with("error: ") && !err.contains("panicked"),
+        "{err}"
+    );
+    err
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dsv3-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn logits_contract_matches_hf_goldens() {
+    let d = tmp("logits");
+    for name in ["v3_group", "v2_lite", "v3_fp8"] {
+        let golden = read_safetensors(&fixture(name).join("golden.safetensors")).unwrap();
+        let ids = golden.get("input_ids").unwrap();
+        let input = d.join(format!("{name}-in.safetensors"));
+        std::fs::write(
+            &input,
+            to_bytes(&[OutTensor::i64(
+                "input_ids",
+                &ids.shape,
+                &ids.to_i64().unwrap(),
+            )])
+            .unwrap(),
+        )
+        .unwrap();
+        let out = d.join(format!("{name}-out.safetensors"));
+        let m = fixture(name);
+        ok(&[
+            "logits",
+            "--model",
+            m.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let got = read_safetensors(&out).unwrap();
+        let l = got.get("logits").unwrap();
+        let want = golden.get("logits").unwrap();
+        assert_eq!(l.shape, want.shape);
+        let (a, b) = (l.to_f32().unwrap(), want.to_f32().unwrap());
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale;
+        assert!(err <= 1e-4, "{name}: {err}");
+    }
+}
+
+#[test]
+fn logits_bad_inputs() {
+    let d = tmp("logits-bad");
+    let m = fixture("v3_tiny");
+    let m = m.to_str().unwrap();
+    let input = d.join("in.safetensors");
+    let out = d.join("out.safetensors");
+    let (i, o) = (input.to_str().unwrap(), out.to_str().unwrap());
+    std::fs::write(
+        &input,
+        to_bytes(&[OutTensor::i64("tokens", &[1, 2], &[1, 2])]).unwrap(),
+    )
+    .unwrap();
+    assert!(fails(&["logits", "--model", m, "--input", i, "--out", o]).contains("'input_ids'"));
+    std::fs::write(
+        &input,
+        to_bytes(&[OutTensor::i64("input_ids", &[1, 2], &[1, 99])]).unwrap(),
+    )
+    .unwrap();
+    assert!(fails(&["logits", "--model", m, "--input", i, "--out", o]).contains("99"));
+    std::fs::write(
+        &input,
+        to_bytes(&[OutTensor::i64("input_ids", &[2], &[1, 2])]).unwrap(),
+    )
+    .unwrap();
+    assert!(fails(&["logits", "--model", m, "--input", i, "--out", o]).contains("[B,T]"));
+    std::fs::write(&input, b"garbage").unwrap();
+    assert!(fails(&["logits", "--model", m, "--input", i, "--out", o]).contains("in.safetensors"));
+    assert!(fails(&[
+        "logits",
+        "--model",
+        "/no/such/model",
+        "--input",
+        i,
+        "--out",
+        o
+    ])
+    .contains("/no/such/model/config.json"));
+    assert!(!out.exists(), "no output file after a failure");
+}
+
+#[test]
+fn generate_info_and_bench() {
+    let m = fixture("v3_group");
+    let m = m.to_str().unwrap();
+    let (out, err) = ok(&[
+        "generate",
+        "--model",
+        m,
+        "--ids",
+        "1,2,3",
+        "--max-new-tokens",
+        "5",
+        "--ignore-eos",
+    ]);
+    assert_eq!(out.trim().split(',').count(), 5, "{out}");
+    assert!(
+        err.contains("prefill: 3 tokens") && err.contains("decode: 5 tokens"),
+        "{err}"
+    );
+    // seeded sampling is reproducible
+    let args = [
+        "generate",
+        "--model",
+        m,
+        "--ids",
+        "5,6",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "7",
+        "--ignore-eos",
+    ];
+    assert_eq!(ok(&args).0, ok(&args).0);
+    assert!(fails(&["generate", "--model", m, "--prompt", "hello"]).contains("tokenizer"));
+    assert!(fails(&["generate", "--model", m, "--ids", "1", "--top-p", "0"]).contains("top_p"));
+    assert!(fails(&["generate", "--model", m, "--ids", "1", "--attn", "fast"]).contains("--attn"));
+    let (info, _) = ok(&["info", "--model", fixture("v3_fp8").to_str().unwrap()]);
+    for needle in [
+        "deepseek_v3",
+        "params total",
+        "params active",
+        "kv cache/token",
+        "absorbed: 80 values",
+        "fp8 e4m3",
+    ] {
+        assert!(info.contains(needle), "info lacks '{needle}':\n{info}");
+    }
+    let (b, _) = ok(&[
+        "bench",
+        "--model",
+        m,
+        "--prompt-len",
+        "4",
+        "--new-tokens",
+        "4",
+        "--repeat",
+        "1",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(b.trim()).unwrap();
+    assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn init_then_generate_with_the_byte_tokenizer() {
+    let d = tmp("init");
+    let cfg = d.join("cfg.json");
+    std::fs::write(
+        &cfg,
+        r#"{"model_type":"deepseek_v3","vocab_size":259,"hidden_size":32,"num_hidden_layers":2,"num_attention_heads":2,
+        "q_lora_rank":16,"kv_lora_rank":16,"qk_nope_head_dim":8,"qk_rope_head_dim":8,"v_head_dim":8,
+        "intermediate_size":48,"moe_intermediate_size":16,"n_routed_experts":4,"num_experts_per_tok":2,
+        "n_group":2,"topk_group":1,"n_shared_experts":1,"first_k_dense_replace":1,"eos_token_id":257}"#,
+    )
+    .unwrap();
+    let model = d.join("model");
+    let (o, _) = ok(&[
+        "init",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+        "--seed",
+        "3",
+    ]);
+    assert!(o.contains("wrote"));
+    ok(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "12+7=",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(
+        fails(&["init", "--preset", "huge", "--out", model.to_str().unwrap()]).contains("bench-4m")
+    );
+}

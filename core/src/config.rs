@@ -342,7 +342,7 @@ impl Config {
         if self.q_lora_rank == Some(0) {
             return Err(err("q_lora_rank", "must be positive or null".into()));
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err(err(
                 "qk_rope_head_dim",
                 format!("must be even, got {}", self.qk_rope_head_dim),

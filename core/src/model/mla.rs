@@ -33,6 +33,7 @@ pub enum AttnForm {
 
 /// The query path: LoRA (`q_a_proj` → norm → `q_b_proj`) or a plain `q_proj`.
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant)] // one per layer; boxing buys nothing
 pub enum QProj {
     Lora {
         a: Linear,

@@ -4,7 +4,7 @@
 pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     let d = w.len();
     assert!(
-        d > 0 && x.len() % d == 0 && y.len() == x.len(),
+        d > 0 && x.len().is_multiple_of(d) && y.len() == x.len(),
         "rmsnorm: shape mismatch"
     );
     for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
@@ -18,7 +18,7 @@ pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
 /// In-place [`rmsnorm`] over rows of `x` ([rows, d]).
 pub fn rmsnorm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
     let d = w.len();
-    assert!(d > 0 && x.len() % d == 0, "rmsnorm: shape mismatch");
+    assert!(d > 0 && x.len().is_multiple_of(d), "rmsnorm: shape mismatch");
     for xr in x.chunks_exact_mut(d) {
         let r = inv_rms(xr, eps);
         for (xv, &wv) in xr.iter_mut().zip(w) {

@@ -20,13 +20,7 @@ fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
 
 fn bench(c: &mut Criterion) {
     // (n, k): q_a 128x256, kv_a 80x256, q_b 192x128, o 256x128, dense up 704x256, down 256x704, lm_head 512x256.
-    let shapes = [
-        (128usize, 256usize),
-        (192, 128),
-        (704, 256),
-        (256, 704),
-        (512, 256),
-    ];
+    let shapes = [(128usize, 256usize), (192, 128), (704, 256), (256, 704), (512, 256)];
     for &m in &[1usize, 8, 256] {
         let mut g = c.benchmark_group(format!("gemm_m{m}"));
         for &(n, k) in &shapes {
@@ -36,71 +30,37 @@ fn bench(c: &mut Criterion) {
             g.throughput(Throughput::Elements((2 * m * n * k) as u64));
             let id = format!("{n}x{k}");
             g.bench_with_input(BenchmarkId::new("dsv3_core", &id), &(), |b, _| {
-                b.iter(|| {
-                    dsv3::ops::gemm::matmul_t(
-                        m,
-                        n,
-                        k,
-                        black_box(&x),
-                        k,
-                        black_box(&w),
-                        k,
-                        &mut y,
-                        n,
-                        false,
-                    )
-                })
+                b.iter(|| dsv3::ops::gemm::matmul_t(m, n, k, black_box(&x), k, black_box(&w), k, &mut y, n, false))
             });
-            g.bench_with_input(BenchmarkId::new("gemm_crate_1t", &id), &(), |b, _| {
-                b.iter(|| unsafe {
-                    gemm::gemm(
-                        m,
-                        n,
-                        k,
-                        y.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        black_box(x.as_ptr()),
-                        1,
-                        k as isize,
-                        black_box(w.as_ptr()),
-                        k as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                })
-            });
-            g.bench_with_input(BenchmarkId::new("gemm_crate_2t", &id), &(), |b, _| {
-                b.iter(|| unsafe {
-                    gemm::gemm(
-                        m,
-                        n,
-                        k,
-                        y.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        black_box(x.as_ptr()),
-                        1,
-                        k as isize,
-                        black_box(w.as_ptr()),
-                        k as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::Rayon(2),
-                    )
-                })
-            });
+            for (label, par) in
+                [("gemm_crate_1t", gemm::Parallelism::None), ("gemm_crate_2t", gemm::Parallelism::Rayon(2))]
+            {
+                g.bench_with_input(BenchmarkId::new(label, &id), &(), |b, _| {
+                    b.iter(|| unsafe {
+                        gemm::gemm(
+                            m,
+                            n,
+                            k,
+                            y.as_mut_ptr(),
+                            1,
+                            n as isize,
+                            false,
+                            black_box(x.as_ptr()),
+                            1,
+                            k as isize,
+                            black_box(w.as_ptr()),
+                            k as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            par,
+                        )
+                    })
+                });
+            }
             g.bench_with_input(BenchmarkId::new("matrixmultiply", &id), &(), |b, _| {
                 b.iter(|| unsafe {
                     matrixmultiply::sgemm(

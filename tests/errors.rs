@@ -22,10 +22,7 @@ fn config_err(edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)
     let e = Config::from_json_str(&v.to_string(), "dir/config.json").unwrap_err();
     assert!(matches!(e, Error::Config { .. }), "{e:?}");
     let msg = e.to_string();
-    assert!(
-        msg.contains("dir/config.json"),
-        "message does not name the file: {msg}"
-    );
+    assert!(msg.contains("dir/config.json"), "message does not name the file: {msg}");
     msg
 }
 
@@ -60,33 +57,22 @@ fn config_errors_name_field_and_file() {
     })
     .contains("qk_rope_head_dim"));
     assert!(config_err(|m| {
-        m.insert(
-            "rope_scaling".into(),
-            serde_json::json!({"type": "dynamic", "factor": 2.0}),
-        );
+        m.insert("rope_scaling".into(), serde_json::json!({"type": "dynamic", "factor": 2.0}));
     })
     .contains("rope_scaling.rope_type"));
     assert!(config_err(|m| {
-        m.insert(
-            "rope_scaling".into(),
-            serde_json::json!({"type": "yarn", "factor": 4.0}),
-        );
+        m.insert("rope_scaling".into(), serde_json::json!({"type": "yarn", "factor": 4.0}));
     })
     .contains("original_max_position_embeddings"));
     assert!(config_err(|m| {
-        m.insert(
-            "quantization_config".into(),
-            serde_json::json!({"quant_method": "gptq"}),
-        );
+        m.insert("quantization_config".into(), serde_json::json!({"quant_method": "gptq"}));
     })
     .contains("quant_method"));
     assert!(config_err(|m| {
         m.insert("hidden_act".into(), "gelu".into());
     })
     .contains("hidden_act"));
-    let e = Config::from_json_str("{not json", "c.json")
-        .unwrap_err()
-        .to_string();
+    let e = Config::from_json_str("{not json", "c.json").unwrap_err().to_string();
     assert!(e.contains("c.json") && e.contains("not valid JSON"), "{e}");
     // both rope spellings parse to the same thing
     let a = config_err_free(
@@ -107,8 +93,7 @@ fn config_err_free(extra: &str) -> Config {
 
 fn store_of(tensors: &[OutTensor]) -> TensorStore {
     let mut s = TensorStore::new();
-    s.add_bytes(to_bytes(tensors).unwrap(), "model.safetensors")
-        .unwrap();
+    s.add_bytes(to_bytes(tensors).unwrap(), "model.safetensors").unwrap();
     s
 }
 
@@ -142,11 +127,7 @@ fn weight_errors_name_the_tensor() {
     assert!(weights_err_for(&load_err(t), target).contains("missing"));
     // extra
     let mut t = random_checkpoint(&cfg(), 3, 0.1);
-    t.push(OutTensor::f32(
-        "model.layers.7.foo.weight",
-        &[2],
-        &[1.0, 2.0],
-    ));
+    t.push(OutTensor::f32("model.layers.7.foo.weight", &[2], &[1.0, 2.0]));
     assert!(weights_err_for(&load_err(t), "model.layers.7.foo.weight").contains("unexpected"));
     // wrong shape
     let mut t = random_checkpoint(&cfg(), 3, 0.1);
@@ -163,22 +144,12 @@ fn weight_errors_name_the_tensor() {
     t[idx] = OutTensor::f32(target, &[8, 16], &v);
     assert!(weights_err_for(&load_err(t), target).contains("non-finite"));
     // FP8 weight without its scale, then with a NaN code, then with a wrong scale shape
-    let fp8 = |codes: Vec<u8>| OutTensor {
-        name: target.into(),
-        dtype: DType::F8E4M3,
-        shape: vec![8, 16],
-        data: codes,
-    };
+    let fp8 = |codes: Vec<u8>| OutTensor { name: target.into(), dtype: DType::F8E4M3, shape: vec![8, 16], data: codes };
     let mut t = random_checkpoint(&cfg(), 3, 0.1);
     t[idx] = fp8(vec![0x38; 128]);
     weights_err_for(&load_err(t), &format!("{target}_scale_inv"));
-    let scale = |shape: &[usize]| {
-        OutTensor::f32(
-            &format!("{target}_scale_inv"),
-            shape,
-            &vec![1.0; shape.iter().product()],
-        )
-    };
+    let scale =
+        |shape: &[usize]| OutTensor::f32(&format!("{target}_scale_inv"), shape, &vec![1.0; shape.iter().product()]);
     let mut t = random_checkpoint(&cfg(), 3, 0.1);
     let mut codes = vec![0x38u8; 128];
     codes[5] = 0x7F;
@@ -201,43 +172,23 @@ fn malformed_safetensors_bytes() {
     let bytes = to_bytes(&random_checkpoint(&cfg(), 3, 0.1)).unwrap();
     for cut in [0, 4, 8, 20, bytes.len() / 2, bytes.len() - 1] {
         let mut s = TensorStore::new();
-        let e = s
-            .add_bytes(bytes[..cut].to_vec(), "shard-3.safetensors")
-            .unwrap_err();
+        let e = s.add_bytes(bytes[..cut].to_vec(), "shard-3.safetensors").unwrap_err();
         assert!(e.to_string().contains("shard-3.safetensors"), "{e}");
     }
     let mut garbage = bytes.clone();
     garbage[8..16].copy_from_slice(b"notjson!");
-    assert!(TensorStore::new()
-        .add_bytes(garbage, "g.safetensors")
-        .is_err());
+    assert!(TensorStore::new().add_bytes(garbage, "g.safetensors").is_err());
     // the same name in two shards
     let mut s = TensorStore::new();
-    s.add_bytes(
-        to_bytes(&[OutTensor::f32("a", &[1], &[1.0])]).unwrap(),
-        "1.safetensors",
-    )
-    .unwrap();
-    let e = s
-        .add_bytes(
-            to_bytes(&[OutTensor::f32("a", &[1], &[1.0])]).unwrap(),
-            "2.safetensors",
-        )
-        .unwrap_err();
+    s.add_bytes(to_bytes(&[OutTensor::f32("a", &[1], &[1.0])]).unwrap(), "1.safetensors").unwrap();
+    let e = s.add_bytes(to_bytes(&[OutTensor::f32("a", &[1], &[1.0])]).unwrap(), "2.safetensors").unwrap_err();
     assert!(e.to_string().contains("twice"));
 }
 
 #[test]
 fn files_and_directories() {
-    let e = Model::load(
-        std::path::Path::new("/nonexistent/model"),
-        LoadOptions::default(),
-    )
-    .unwrap_err();
-    assert!(
-        matches!(e, Error::Io(_)) && e.to_string().contains("/nonexistent/model/config.json"),
-        "{e}"
-    );
+    let e = Model::load(std::path::Path::new("/nonexistent/model"), LoadOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::Io(_)) && e.to_string().contains("/nonexistent/model/config.json"), "{e}");
     // a sharded checkpoint whose index names a missing shard
     let dir = tempdir("missing-shard");
     std::fs::write(dir.join("config.json"), CFG).unwrap();
@@ -251,11 +202,7 @@ fn files_and_directories() {
     // an index naming a tensor that is not in its shard
     let dir = tempdir("bad-index");
     std::fs::write(dir.join("config.json"), CFG).unwrap();
-    std::fs::write(
-        dir.join("model-00001.safetensors"),
-        to_bytes(&random_checkpoint(&cfg(), 3, 0.1)).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dir.join("model-00001.safetensors"), to_bytes(&random_checkpoint(&cfg(), 3, 0.1)).unwrap()).unwrap();
     std::fs::write(
         dir.join("model.safetensors.index.json"),
         r#"{"weight_map":{"model.ghost.weight":"model-00001.safetensors"}}"#,
@@ -266,25 +213,14 @@ fn files_and_directories() {
     // no weights at all
     let dir = tempdir("no-weights");
     std::fs::write(dir.join("config.json"), CFG).unwrap();
-    assert!(Model::load(&dir, LoadOptions::default())
-        .unwrap_err()
-        .to_string()
-        .contains("no model.safetensors"));
+    assert!(Model::load(&dir, LoadOptions::default()).unwrap_err().to_string().contains("no model.safetensors"));
 }
 
 #[test]
 fn token_ids_out_of_range() {
-    let m = Model::from_store(
-        cfg(),
-        store_of(&random_checkpoint(&cfg(), 3, 0.1)),
-        LoadOptions::default(),
-    )
-    .unwrap();
+    let m = Model::from_store(cfg(), store_of(&random_checkpoint(&cfg(), 3, 0.1)), LoadOptions::default()).unwrap();
     let e = m.forward(&[&[1, 2, 40]]).unwrap_err();
-    assert!(
-        matches!(e, Error::Input(_)) && e.to_string().contains("40"),
-        "{e}"
-    );
+    assert!(matches!(e, Error::Input(_)) && e.to_string().contains("40"), "{e}");
 }
 
 fn tempdir(tag: &str) -> std::path::PathBuf {

@@ -7,16 +7,8 @@ use dsv3::model::{AttnForm, Fp8Mode, LoadOptions};
 
 const TOL: f32 = 1e-4;
 
-const FIXTURES: &[&str] = &[
-    "v3_tiny",
-    "v3_group",
-    "v3_yarn",
-    "v3_yarn_mscale",
-    "v3_qnull",
-    "v2_lite",
-    "v2_group",
-    "v3_fp8",
-];
+const FIXTURES: &[&str] =
+    &["v3_tiny", "v3_group", "v3_yarn", "v3_yarn_mscale", "v3_qnull", "v2_lite", "v2_group", "v3_fp8"];
 
 fn check_logits(name: &str, opts: LoadOptions, ids_name: &str, logits_name: &str) -> Option<f32> {
     let ids = golden_ids(name, ids_name)?;
@@ -26,10 +18,7 @@ fn check_logits(name: &str, opts: LoadOptions, ids_name: &str, logits_name: &str
     let got = model.forward(&seqs).unwrap();
     assert_eq!(shape, vec![ids.len(), ids[0].len(), model.cfg.vocab_size]);
     let e = rel_max_err(&got, &want);
-    assert!(
-        e <= TOL,
-        "{name} {logits_name} ({opts:?}): relative max error {e:e} > {TOL:e}"
-    );
+    assert!(e <= TOL, "{name} {logits_name} ({opts:?}): relative max error {e:e} > {TOL:e}");
     Some(e)
 }
 
@@ -37,11 +26,7 @@ fn all_opts() -> Vec<LoadOptions> {
     let mut v = Vec::new();
     for attn in [AttnForm::Absorbed, AttnForm::Naive] {
         for fp8 in [Fp8Mode::Keep, Fp8Mode::Dequantize] {
-            v.push(LoadOptions {
-                attn,
-                fp8,
-                load_mtp: true,
-            });
+            v.push(LoadOptions { attn, fp8, load_mtp: true });
         }
     }
     v
@@ -58,10 +43,7 @@ fn every_fixture_matches_hf_logits() {
         }
         for opts in all_opts() {
             let e = check_logits(name, opts, "input_ids", "logits").expect("input_ids in golden");
-            eprintln!(
-                "{name:16} {:?}/{:?}: rel max err {e:.2e}",
-                opts.attn, opts.fp8
-            );
+            eprintln!("{name:16} {:?}/{:?}: rel max err {e:.2e}", opts.attn, opts.fp8);
             if let Some(e) = check_logits(name, opts, "input_ids_long", "logits_long") {
                 eprintln!("{name:16} long: rel max err {e:.2e}");
             }
@@ -93,8 +75,5 @@ fn mtp_logits_match_hf() {
             checked += 1;
         }
     }
-    assert!(
-        checked >= 2 * 4,
-        "expected MTP goldens in v3_group and v3_fp8"
-    );
+    assert!(checked >= 2 * 4, "expected MTP goldens in v3_group and v3_fp8");
 }

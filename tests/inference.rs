@@ -9,13 +9,7 @@ use dsv3::model::{AttnForm, LoadOptions};
 fn cached_decode_reproduces_uncached_logits() {
     for name in ["v3_group", "v3_yarn", "v2_lite", "v3_fp8"] {
         for attn in [AttnForm::Absorbed, AttnForm::Naive] {
-            let model = load(
-                name,
-                LoadOptions {
-                    attn,
-                    ..Default::default()
-                },
-            );
+            let model = load(name, LoadOptions { attn, ..Default::default() });
             let ids = golden_ids(name, "input_ids").unwrap();
             let seq = &ids[0];
             let full = model.forward(&[seq]).unwrap();
@@ -55,24 +49,8 @@ fn absorbed_equals_naive() {
     for name in ["v3_tiny", "v3_qnull", "v3_fp8"] {
         let ids = golden_ids(name, "input_ids").unwrap();
         let seqs: Vec<&[u32]> = ids.iter().map(|r| &r[..]).collect();
-        let a = load(
-            name,
-            LoadOptions {
-                attn: AttnForm::Absorbed,
-                ..Default::default()
-            },
-        )
-        .forward(&seqs)
-        .unwrap();
-        let n = load(
-            name,
-            LoadOptions {
-                attn: AttnForm::Naive,
-                ..Default::default()
-            },
-        )
-        .forward(&seqs)
-        .unwrap();
+        let a = load(name, LoadOptions { attn: AttnForm::Absorbed, ..Default::default() }).forward(&seqs).unwrap();
+        let n = load(name, LoadOptions { attn: AttnForm::Naive, ..Default::default() }).forward(&seqs).unwrap();
         assert!(rel_max_err(&a, &n) <= 1e-5, "{name}");
     }
 }
@@ -99,14 +77,8 @@ fn session_truncate_and_reset() {
 fn generation_is_seeded_streams_and_stops() {
     let model = load("v3_group", LoadOptions::default());
     let prompt = [1u32, 2, 3];
-    let p = SamplingParams {
-        temperature: 0.8,
-        top_p: 0.9,
-        top_k: 20,
-        seed: 42,
-        max_new_tokens: 10,
-        stop_tokens: vec![],
-    };
+    let p =
+        SamplingParams { temperature: 0.8, top_p: 0.9, top_k: 20, seed: 42, max_new_tokens: 10, stop_tokens: vec![] };
     let mut streamed = Vec::new();
     let a = generate(&model, &[&prompt], &p, |e| {
         if let Event::Token { token, .. } = e {
@@ -120,10 +92,7 @@ fn generation_is_seeded_streams_and_stops() {
     assert_eq!(a.tokens[0].len(), 10);
     assert_eq!(streamed, a.tokens[0]);
     // greedy equals argmax over the uncached forward
-    let g = SamplingParams {
-        max_new_tokens: 4,
-        ..Default::default()
-    };
+    let g = SamplingParams { max_new_tokens: 4, ..Default::default() };
     let out = generate(&model, &[&prompt], &g, |_| true).unwrap();
     let mut seq = prompt.to_vec();
     for &t in &out.tokens[0] {
@@ -134,17 +103,11 @@ fn generation_is_seeded_streams_and_stops() {
         seq.push(t);
     }
     // a stop token ends the sequence, and the callback can stop it
-    let stop = SamplingParams {
-        stop_tokens: vec![out.tokens[0][1]],
-        ..g.clone()
-    };
+    let stop = SamplingParams { stop_tokens: vec![out.tokens[0][1]], ..g.clone() };
     let s = generate(&model, &[&prompt], &stop, |_| true).unwrap();
     assert_eq!(s.tokens[0].len(), 2);
     assert!(s.stopped[0]);
-    let c = generate(&model, &[&prompt, &prompt[..2]], &g, |e| {
-        !matches!(e, Event::Token { seq: 1, .. })
-    })
-    .unwrap();
+    let c = generate(&model, &[&prompt, &prompt[..2]], &g, |e| !matches!(e, Event::Token { seq: 1, .. })).unwrap();
     assert_eq!(c.tokens[1].len(), 1);
     assert_eq!(c.tokens[0].len(), 4);
 }

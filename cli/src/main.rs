@@ -13,11 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(
-    name = "dsv3",
-    version,
-    about = "DeepSeek-V3 / R1 engine: inference and training"
-)]
+#[command(name = "dsv3", version, about = "DeepSeek-V3 / R1 engine: inference and training")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -107,6 +103,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Prints the token ids of a text (comma-separated), with the model's tokenizer.
+    Tokenize {
+        /// Model directory (its tokenizer.json, or the byte tokenizer for byte-level models).
+        #[arg(long, required_unless_present = "tokenizer")]
+        model: Option<PathBuf>,
+        /// A tokenizer.json file.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        #[arg(long)]
+        text: String,
+        /// Decode the ids back and print the text on a second line.
+        #[arg(long)]
+        decode: bool,
+    },
     /// Writes a randomly initialized checkpoint (config.json + model.safetensors).
     Init {
         /// A preset name (bench-4m, bench-88m) ...
@@ -140,25 +150,10 @@ fn load(m: &ModelArgs) -> Result<Model> {
     let attn = match m.attn.as_str() {
         "absorbed" => AttnForm::Absorbed,
         "naive" => AttnForm::Naive,
-        o => {
-            return Err(Error::Input(format!(
-                "--attn must be absorbed or naive, got '{o}'"
-            )))
-        }
+        o => return Err(Error::Input(format!("--attn must be absorbed or naive, got '{o}'"))),
     };
-    let fp8 = if m.dequantize_fp8 {
-        Fp8Mode::Dequantize
-    } else {
-        Fp8Mode::Keep
-    };
-    Model::load(
-        &m.model,
-        LoadOptions {
-            fp8,
-            attn,
-            ..Default::default()
-        },
-    )
+    let fp8 = if m.dequantize_fp8 { Fp8Mode::Dequantize } else { Fp8Mode::Keep };
+    Model::load(&m.model, LoadOptions { fp8, attn, ..Default::default() })
 }
 
 fn rayon_threads(n: usize) -> Result<()> {
@@ -171,73 +166,39 @@ fn rayon_threads(n: usize) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Logits { m, input, out } => cmd_logits(&m, &input, &out),
-        Cmd::Generate {
-            m,
-            prompt,
-            ids,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            ignore_eos,
-            tokenizer,
-        } => {
+        Cmd::Generate { m, prompt, ids, max_new_tokens, temperature, top_p, top_k, seed, ignore_eos, tokenizer } => {
             let model = load(&m)?;
             let tk = tok::Tok::for_model(&m.model, tokenizer.as_deref(), model.cfg.vocab_size)?;
             let prompt_ids = match (prompt, ids) {
-                (Some(p), _) => tk
-                    .as_ref()
-                    .ok_or_else(|| Error::Input(tok::NO_TOKENIZER.into()))?
-                    .encode(&p)?,
+                (Some(p), _) => tk.as_ref().ok_or_else(|| Error::Input(tok::NO_TOKENIZER.into()))?.encode(&p)?,
                 (None, Some(ids)) => ids,
-                (None, None) => {
-                    return Err(Error::Input("give --prompt TEXT or --ids 1,2,3".into()))
-                }
+                (None, None) => return Err(Error::Input("give --prompt TEXT or --ids 1,2,3".into())),
             };
-            let stop = if ignore_eos {
-                vec![]
-            } else {
-                model.cfg.eos_token_ids.clone()
-            };
-            let params = SamplingParams {
-                temperature,
-                top_k,
-                top_p,
-                seed,
-                max_new_tokens,
-                stop_tokens: stop,
-            };
+            let stop = if ignore_eos { vec![] } else { model.cfg.eos_token_ids.clone() };
+            let params = SamplingParams { temperature, top_k, top_p, seed, max_new_tokens, stop_tokens: stop };
             cmd_generate(&model, &prompt_ids, &params, tk.as_ref())
         }
         Cmd::Info { m } => cmd_info(&m),
-        Cmd::Bench {
-            m,
-            batch,
-            prompt_len,
-            new_tokens,
-            repeat,
-            seed,
-            json,
-        } => {
+        Cmd::Bench { m, batch, prompt_len, new_tokens, repeat, seed, json } => {
             let model = load(&m)?;
-            cmd_bench(
-                &model,
-                batch,
-                prompt_len,
-                new_tokens,
-                repeat.max(1),
-                seed,
-                json,
-            )
+            cmd_bench(&model, batch, prompt_len, new_tokens, repeat.max(1), seed, json)
         }
-        Cmd::Init {
-            preset,
-            config,
-            out,
-            seed,
-            std,
-        } => cmd_init(preset, config, &out, seed, std),
+        Cmd::Init { preset, config, out, seed, std } => cmd_init(preset, config, &out, seed, std),
+        Cmd::Tokenize { model, tokenizer, text, decode } => {
+            let vocab = match &model {
+                Some(d) => dsv3_core::weights::file::read_config(d)?.vocab_size,
+                None => 0,
+            };
+            let dir = model.unwrap_or_default();
+            let tk = tok::Tok::for_model(&dir, tokenizer.as_deref(), vocab)?
+                .ok_or_else(|| Error::Input(tok::NO_TOKENIZER.into()))?;
+            let ids = tk.encode(&text)?;
+            println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+            if decode {
+                println!("{}", tk.decode(&ids)?);
+            }
+            Ok(())
+        }
     }
 }
 
@@ -246,10 +207,7 @@ fn cmd_logits(m: &ModelArgs, input: &Path, out: &Path) -> Result<()> {
     let mut st = read_safetensors(input)?;
     let t = st.take("input_ids")?;
     if t.shape.len() != 2 || t.shape[0] == 0 || t.shape[1] == 0 {
-        return Err(Error::Input(format!(
-            "input_ids must be [B,T] with B,T > 0, got {:?}",
-            t.shape
-        )));
+        return Err(Error::Input(format!("input_ids must be [B,T] with B,T > 0, got {:?}", t.shape)));
     }
     let (b, tl) = (t.shape[0], t.shape[1]);
     let ids = t.to_i64()?;
@@ -258,9 +216,7 @@ fn cmd_logits(m: &ModelArgs, input: &Path, out: &Path) -> Result<()> {
         .iter()
         .map(|&x| {
             if x < 0 || x as usize >= v {
-                Err(Error::Input(format!(
-                    "input_ids contains {x}, outside [0, {v})"
-                )))
+                Err(Error::Input(format!("input_ids contains {x}, outside [0, {v})")))
             } else {
                 Ok(x as u32)
             }
@@ -275,12 +231,7 @@ fn cmd_logits(m: &ModelArgs, input: &Path, out: &Path) -> Result<()> {
     write_atomic(out, &bytes)
 }
 
-fn cmd_generate(
-    model: &Model,
-    prompt: &[u32],
-    params: &SamplingParams,
-    tk: Option<&tok::Tok>,
-) -> Result<()> {
+fn cmd_generate(model: &Model, prompt: &[u32], params: &SamplingParams, tk: Option<&tok::Tok>) -> Result<()> {
     let t0 = Instant::now();
     let mut t_prefill = 0.0;
     let mut generated: Vec<u32> = Vec::new();
@@ -303,11 +254,7 @@ fn cmd_generate(
                         }
                     }
                     None => {
-                        let _ = write!(
-                            lock,
-                            "{}{token}",
-                            if generated.len() > 1 { "," } else { "" }
-                        );
+                        let _ = write!(lock, "{}{token}", if generated.len() > 1 { "," } else { "" });
                     }
                 }
                 let _ = lock.flush();
@@ -318,15 +265,15 @@ fn cmd_generate(
     let total = t0.elapsed().as_secs_f64();
     let n = out.tokens[0].len();
     println!();
-    eprintln!(
-        "prefill: {} tokens in {:.1} ms ({:.1} tokens/s); decode: {} tokens in {:.1} ms ({:.1} tokens/s)",
+    // the first token comes from the prefill logits: decode is n - 1 forward steps
+    let steps = n.saturating_sub(1);
+    println!(
+        "prefill: {} tokens in {:.1} ms ({:.1} tokens/s); {n} tokens generated, decode: {steps} steps in {:.1} ms ({:.1} tokens/s)",
         prompt.len(),
         t_prefill * 1e3,
         prompt.len() as f64 / t_prefill.max(1e-9),
-        n,
         (total - t_prefill) * 1e3,
-        // the first token comes from the prefill logits; decode steps = n - 1
-        (n.saturating_sub(1)) as f64 / (total - t_prefill).max(1e-9),
+        steps as f64 / (total - t_prefill).max(1e-9),
     );
     Ok(())
 }
@@ -358,39 +305,32 @@ fn cmd_info(m: &ModelArgs) -> Result<()> {
         c.qk_rope_head_dim,
         c.v_head_dim
     );
-    println!(
-        "rope             theta {}, {:?}",
-        c.rope_theta, c.rope_scaling
-    );
-    println!(
-        "softmax scale    {:.8}",
-        dsv3_core::ops::rope::softmax_scale(c)
-    );
+    println!("rope             theta {}, {:?}", c.rope_theta, c.rope_scaling);
+    println!("softmax scale    {:.8}", dsv3_core::ops::rope::softmax_scale(c));
     if c.has_moe() {
-        println!("moe              {} routed (width {}) top-{} in {} groups (keep {}), {} shared, scaling {}, {:?}/{:?}", c.n_routed_experts, c.moe_intermediate_size, c.num_experts_per_tok, c.n_group, c.topk_group, c.n_shared_experts, c.routed_scaling_factor, c.scoring_func, c.topk_method);
+        println!(
+            "moe              {} routed (width {}) top-{} in {} groups (keep {}), {} shared, scaling {}, {:?}/{:?}",
+            c.n_routed_experts,
+            c.moe_intermediate_size,
+            c.num_experts_per_tok,
+            c.n_group,
+            c.topk_group,
+            c.n_shared_experts,
+            c.routed_scaling_factor,
+            c.scoring_func,
+            c.topk_method
+        );
     }
     if let Some(q) = c.quantization {
         println!(
             "quantization     fp8 e4m3, {}x{} blocks{}",
             q.block[0],
             q.block[1],
-            if m.dequantize_fp8 {
-                " (dequantized at load)"
-            } else {
-                " (kept as FP8)"
-            }
+            if m.dequantize_fp8 { " (dequantized at load)" } else { " (kept as FP8)" }
         );
     }
-    println!(
-        "params total     {} ({})",
-        model.params(),
-        human(model.params() as f64)
-    );
-    println!(
-        "params active    {} per token ({})",
-        model.active_params(),
-        human(model.active_params() as f64)
-    );
+    println!("params total     {} ({})", model.params(), human(model.params() as f64));
+    println!("params active    {} per token ({})", model.active_params(), human(model.active_params() as f64));
     println!("weights in RAM   {}B", human(model.weight_bytes() as f64));
     let (lat, naive) = (c.latent_cache_width(), c.naive_cache_width());
     let l = c.num_hidden_layers;
@@ -399,7 +339,12 @@ fn cmd_info(m: &ModelArgs) -> Result<()> {
         lat * 2 * l,
         lat * 4 * l
     );
-    println!("                 naive:    {naive} values/layer = {} B (bf16) / {} B (f32) over {l} layers ({:.1}x)", naive * 2 * l, naive * 4 * l, naive as f64 / lat as f64);
+    println!(
+        "                 naive:    {naive} values/layer = {} B (bf16) / {} B (f32) over {l} layers ({:.1}x)",
+        naive * 2 * l,
+        naive * 4 * l,
+        naive as f64 / lat as f64
+    );
     Ok(())
 }
 
@@ -422,24 +367,16 @@ fn cmd_bench(
     json: bool,
 ) -> Result<()> {
     if batch == 0 || prompt_len == 0 || new_tokens == 0 {
-        return Err(Error::Input(
-            "--batch, --prompt-len and --new-tokens must be positive".into(),
-        ));
+        return Err(Error::Input("--batch, --prompt-len and --new-tokens must be positive".into()));
     }
     let mut rng = dsv3_core::rng::Rng::new(seed);
     let v = model.cfg.vocab_size as u64;
-    let prompts: Vec<Vec<u32>> = (0..batch)
-        .map(|_| (0..prompt_len).map(|_| rng.below(v) as u32).collect())
-        .collect();
+    let prompts: Vec<Vec<u32>> = (0..batch).map(|_| (0..prompt_len).map(|_| rng.below(v) as u32).collect()).collect();
     let (mut best_pre, mut best_dec) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..repeat {
         let mut sess = Session::new(model, batch);
         let t0 = Instant::now();
-        let inputs: Vec<(usize, &[u32])> = prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (i, &p[..]))
-            .collect();
+        let inputs: Vec<(usize, &[u32])> = prompts.iter().enumerate().map(|(i, p)| (i, &p[..])).collect();
         let mut logits = sess.step(&inputs)?;
         let pre = t0.elapsed().as_secs_f64();
         let vv = model.cfg.vocab_size;
@@ -448,8 +385,7 @@ fn cmd_bench(
             let next: Vec<[u32; 1]> = (0..batch)
                 .map(|b| [dsv3_core::infer::sampling::argmax(&logits[b * vv..(b + 1) * vv]) as u32])
                 .collect();
-            let inputs: Vec<(usize, &[u32])> =
-                next.iter().enumerate().map(|(i, t)| (i, &t[..])).collect();
+            let inputs: Vec<(usize, &[u32])> = next.iter().enumerate().map(|(i, t)| (i, &t[..])).collect();
             logits = sess.step(&inputs)?;
         }
         let dec = t1.elapsed().as_secs_f64();
@@ -467,26 +403,16 @@ fn cmd_bench(
     } else {
         println!("batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, {threads} threads (best of {repeat})");
         println!("prefill  {pre_tps:>10.1} tokens/s");
-        println!(
-            "decode   {dec_tps:>10.1} tokens/s  ({:.3} ms/step)",
-            best_dec * 1e3 / new_tokens as f64
-        );
+        println!("decode   {dec_tps:>10.1} tokens/s  ({:.3} ms/step)", best_dec * 1e3 / new_tokens as f64);
     }
     Ok(())
 }
 
-fn cmd_init(
-    preset: Option<String>,
-    config: Option<PathBuf>,
-    out: &Path,
-    seed: u64,
-    std: f32,
-) -> Result<()> {
+fn cmd_init(preset: Option<String>, config: Option<PathBuf>, out: &Path, seed: u64, std: f32) -> Result<()> {
     let cfg = match (preset, config) {
         (Some(p), _) => dsv3_core::presets::preset(&p)?,
         (None, Some(c)) => {
-            let text = std::fs::read_to_string(&c)
-                .map_err(|e| Error::Io(format!("{}: {e}", c.display())))?;
+            let text = std::fs::read_to_string(&c).map_err(|e| Error::Io(format!("{}: {e}", c.display())))?;
             dsv3_core::Config::from_json_str(&text, &c.display().to_string())?
         }
         (None, None) => return Err(Error::Input("give --preset NAME or --config FILE".into())),
@@ -497,18 +423,9 @@ fn cmd_init(
     std::fs::create_dir_all(out).map_err(|e| Error::Io(format!("{}: {e}", out.display())))?;
     let tensors = dsv3_core::weights::init::random_checkpoint(&cfg, seed, std);
     write_atomic(&out.join("model.safetensors"), &to_bytes(&tensors)?)?;
-    let json =
-        serde_json::to_string_pretty(&cfg.to_json()).map_err(|e| Error::Io(e.to_string()))?;
+    let json = serde_json::to_string_pretty(&cfg.to_json()).map_err(|e| Error::Io(e.to_string()))?;
     write_atomic(&out.join("config.json"), json.as_bytes())?;
-    let n: usize = tensors
-        .iter()
-        .map(|t| t.shape.iter().product::<usize>())
-        .sum();
-    println!(
-        "wrote {} ({} tensors, {} parameters)",
-        out.display(),
-        tensors.len(),
-        n
-    );
+    let n: usize = tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    println!("wrote {} ({} tensors, {} parameters)", out.display(), tensors.len(), n);
     Ok(())
 }

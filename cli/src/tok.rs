@@ -17,13 +17,10 @@ impl Tok {
     /// `explicit`, else `dir/tokenizer.json`, else the byte tokenizer when the vocabulary is
     /// byte-level (exactly 256 bytes + 3 specials), else none.
     pub fn for_model(dir: &Path, explicit: Option<&Path>, vocab: usize) -> Result<Option<Tok>> {
-        let path = explicit
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| dir.join("tokenizer.json"));
+        let path = explicit.map(Path::to_path_buf).unwrap_or_else(|| dir.join("tokenizer.json"));
         if path.exists() {
-            let t = tokenizers::Tokenizer::from_file(&path).map_err(|e| {
-                Error::Io(format!("{}: cannot load tokenizer: {e}", path.display()))
-            })?;
+            let t = tokenizers::Tokenizer::from_file(&path)
+                .map_err(|e| Error::Io(format!("{}: cannot load tokenizer: {e}", path.display())))?;
             return Ok(Some(Tok::Hf(Box::new(t))));
         }
         if explicit.is_some() {
@@ -34,20 +31,16 @@ impl Tok {
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match self {
-            Tok::Hf(t) => Ok(t
-                .encode(text, true)
-                .map_err(|e| Error::Input(format!("tokenizing: {e}")))?
-                .get_ids()
-                .to_vec()),
+            Tok::Hf(t) => {
+                Ok(t.encode(text, true).map_err(|e| Error::Input(format!("tokenizing: {e}")))?.get_ids().to_vec())
+            }
             Tok::Byte(b) => Ok(b.encode(text)),
         }
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match self {
-            Tok::Hf(t) => t
-                .decode(ids, true)
-                .map_err(|e| Error::Input(format!("detokenizing: {e}"))),
+            Tok::Hf(t) => t.decode(ids, true).map_err(|e| Error::Input(format!("detokenizing: {e}"))),
             Tok::Byte(b) => Ok(b.decode(ids)),
         }
     }

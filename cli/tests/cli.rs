@@ -6,24 +6,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
 }
 
 fn dsv3(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dsv3"))
-        .args(args)
-        .output()
-        .expect("running dsv3")
+    Command::new(env!("CARGO_BIN_EXE_dsv3")).args(args).output().expect("running dsv3")
 }
 
 fn ok(args: &[&str]) -> (String, String) {
     let o = dsv3(args);
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    );
+    let (out, err) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
     assert!(o.status.success(), "dsv3 {args:?} failed:\n{out}\n{err}");
     (out, err)
 }
@@ -31,15 +23,8 @@ fn ok(args: &[&str]) -> (String, String) {
 fn fails(args: &[&str]) -> String {
     let o = dsv3(args);
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "dsv3 {args:?} should fail with exit 1: {err}"
-    );
-    assert!(
-        err.starts_with("error: ") && !err.contains("panicked"),
-        "{err}"
-    );
+    assert_eq!(o.status.code(), Some(1), "dsv3 {args:?} should fail with exit 1: {err}");
+    assert!(err.starts_with("error: ") && !err.contains("panicked"), "{err}");
     err
 }
 
@@ -57,16 +42,8 @@ fn logits_contract_matches_hf_goldens() {
         let golden = read_safetensors(&fixture(name).join("golden.safetensors")).unwrap();
         let ids = golden.get("input_ids").unwrap();
         let input = d.join(format!("{name}-in.safetensors"));
-        std::fs::write(
-            &input,
-            to_bytes(&[OutTensor::i64(
-                "input_ids",
-                &ids.shape,
-                &ids.to_i64().unwrap(),
-            )])
-            .unwrap(),
-        )
-        .unwrap();
+        std::fs::write(&input, to_bytes(&[OutTensor::i64("input_ids", &ids.shape, &ids.to_i64().unwrap())]).unwrap())
+            .unwrap();
         let out = d.join(format!("{name}-out.safetensors"));
         let m = fixture(name);
         ok(&[
@@ -84,11 +61,7 @@ fn logits_contract_matches_hf_goldens() {
         assert_eq!(l.shape, want.shape);
         let (a, b) = (l.to_f32().unwrap(), want.to_f32().unwrap());
         let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let err = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-            / scale;
+        let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
         assert!(err <= 1e-4, "{name}: {err}");
     }
 }
@@ -101,36 +74,16 @@ fn logits_bad_inputs() {
     let input = d.join("in.safetensors");
     let out = d.join("out.safetensors");
     let (i, o) = (input.to_str().unwrap(), out.to_str().unwrap());
-    std::fs::write(
-        &input,
-        to_bytes(&[OutTensor::i64("tokens", &[1, 2], &[1, 2])]).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(&input, to_bytes(&[OutTensor::i64("tokens", &[1, 2], &[1, 2])]).unwrap()).unwrap();
     assert!(fails(&["logits", "--model", m, "--input", i, "--out", o]).contains("'input_ids'"));
-    std::fs::write(
-        &input,
-        to_bytes(&[OutTensor::i64("input_ids", &[1, 2], &[1, 99])]).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(&input, to_bytes(&[OutTensor::i64("input_ids", &[1, 2], &[1, 99])]).unwrap()).unwrap();
     assert!(fails(&["logits", "--model", m, "--input", i, "--out", o]).contains("99"));
-    std::fs::write(
-        &input,
-        to_bytes(&[OutTensor::i64("input_ids", &[2], &[1, 2])]).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(&input, to_bytes(&[OutTensor::i64("input_ids", &[2], &[1, 2])]).unwrap()).unwrap();
     assert!(fails(&["logits", "--model", m, "--input", i, "--out", o]).contains("[B,T]"));
     std::fs::write(&input, b"garbage").unwrap();
     assert!(fails(&["logits", "--model", m, "--input", i, "--out", o]).contains("in.safetensors"));
-    assert!(fails(&[
-        "logits",
-        "--model",
-        "/no/such/model",
-        "--input",
-        i,
-        "--out",
-        o
-    ])
-    .contains("/no/such/model/config.json"));
+    assert!(fails(&["logits", "--model", "/no/such/model", "--input", i, "--out", o])
+        .contains("/no/such/model/config.json"));
     assert!(!out.exists(), "no output file after a failure");
 }
 
@@ -138,20 +91,15 @@ fn logits_bad_inputs() {
 fn generate_info_and_bench() {
     let m = fixture("v3_group");
     let m = m.to_str().unwrap();
-    let (out, err) = ok(&[
-        "generate",
-        "--model",
-        m,
-        "--ids",
-        "1,2,3",
-        "--max-new-tokens",
-        "5",
-        "--ignore-eos",
-    ]);
-    assert_eq!(out.trim().split(',').count(), 5, "{out}");
+    let (out, _) = ok(&["generate", "--model", m, "--ids", "1,2,3", "--max-new-tokens", "5", "--ignore-eos"]);
+    let mut lines = out.lines();
+    assert_eq!(lines.next().unwrap().split(',').count(), 5, "{out}");
+    let stats = lines.next().unwrap();
     assert!(
-        err.contains("prefill: 3 tokens") && err.contains("decode: 5 tokens"),
-        "{err}"
+        stats.contains("prefill: 3 tokens")
+            && stats.contains("5 tokens generated, decode: 4 steps")
+            && stats.contains("tokens/s"),
+        "{out}"
     );
     // seeded sampling is reproducible
     let args = [
@@ -170,33 +118,17 @@ fn generate_info_and_bench() {
         "7",
         "--ignore-eos",
     ];
-    assert_eq!(ok(&args).0, ok(&args).0);
+    let first_line = |o: String| o.lines().next().unwrap().to_string();
+    assert_eq!(first_line(ok(&args).0), first_line(ok(&args).0));
     assert!(fails(&["generate", "--model", m, "--prompt", "hello"]).contains("tokenizer"));
     assert!(fails(&["generate", "--model", m, "--ids", "1", "--top-p", "0"]).contains("top_p"));
     assert!(fails(&["generate", "--model", m, "--ids", "1", "--attn", "fast"]).contains("--attn"));
     let (info, _) = ok(&["info", "--model", fixture("v3_fp8").to_str().unwrap()]);
-    for needle in [
-        "deepseek_v3",
-        "params total",
-        "params active",
-        "kv cache/token",
-        "absorbed: 80 values",
-        "fp8 e4m3",
-    ] {
+    for needle in ["deepseek_v3", "params total", "params active", "kv cache/token", "absorbed: 80 values", "fp8 e4m3"]
+    {
         assert!(info.contains(needle), "info lacks '{needle}':\n{info}");
     }
-    let (b, _) = ok(&[
-        "bench",
-        "--model",
-        m,
-        "--prompt-len",
-        "4",
-        "--new-tokens",
-        "4",
-        "--repeat",
-        "1",
-        "--json",
-    ]);
+    let (b, _) = ok(&["bench", "--model", m, "--prompt-len", "4", "--new-tokens", "4", "--repeat", "1", "--json"]);
     let v: serde_json::Value = serde_json::from_str(b.trim()).unwrap();
     assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
 }
@@ -214,26 +146,38 @@ fn init_then_generate_with_the_byte_tokenizer() {
     )
     .unwrap();
     let model = d.join("model");
-    let (o, _) = ok(&[
-        "init",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        model.to_str().unwrap(),
-        "--seed",
-        "3",
-    ]);
+    let (o, _) = ok(&["init", "--config", cfg.to_str().unwrap(), "--out", model.to_str().unwrap(), "--seed", "3"]);
     assert!(o.contains("wrote"));
-    ok(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "12+7=",
-        "--max-new-tokens",
-        "4",
-    ]);
-    assert!(
-        fails(&["init", "--preset", "huge", "--out", model.to_str().unwrap()]).contains("bench-4m")
-    );
+    ok(&["generate", "--model", model.to_str().unwrap(), "--prompt", "12+7=", "--max-new-tokens", "4"]);
+    assert!(fails(&["init", "--preset", "huge", "--out", model.to_str().unwrap()]).contains("bench-4m"));
+}
+
+#[test]
+fn hf_tokenizer_json_matches_python_tokenizers() {
+    let dir = fixture("tokenizer");
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let tj = dir.join("tokenizer.json");
+    for case in golden["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let (out, _) = ok(&["tokenize", "--tokenizer", tj.to_str().unwrap(), "--text", text, "--decode"]);
+        let mut lines = out.splitn(2, '\n');
+        let ids: Vec<u64> =
+            lines.next().unwrap().split(',').filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect();
+        let want: Vec<u64> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(ids, want, "ids of {text:?}");
+        let decoded = lines.next().unwrap().strip_suffix('\n').unwrap();
+        assert_eq!(decoded, case["decoded"].as_str().unwrap(), "decode of {text:?}");
+    }
+    // a model directory with tokenizer.json: --prompt works end to end
+    let d = tmp("tok-model");
+    let model = d.join("m");
+    ok(&["init", "--config", dir.join("config.json").to_str().unwrap(), "--out", model.to_str().unwrap()]);
+    std::fs::copy(&tj, model.join("tokenizer.json")).unwrap();
+    let (ids, _) = ok(&["tokenize", "--model", model.to_str().unwrap(), "--text", "12+7="]);
+    let n = ids.trim().split(',').count();
+    assert_eq!(ids.split(',').next(), Some("0"), "BOS first: {ids}");
+    let (out, _) = ok(&["generate", "--model", model.to_str().unwrap(), "--prompt", "12+7=", "--max-new-tokens", "6"]);
+    assert!(out.contains(&format!("prefill: {n} tokens")), "{out}");
+    assert!(fails(&["tokenize", "--tokenizer", "/no/tokenizer.json", "--text", "x"]).contains("/no/tokenizer.json"));
 }

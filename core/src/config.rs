@@ -117,10 +117,7 @@ struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     fn err(&self, field: &str, msg: impl core::fmt::Display) -> Error {
-        Error::Config {
-            file: self.file.to_string(),
-            msg: format!("field '{field}': {msg}"),
-        }
+        Error::Config { file: self.file.to_string(), msg: format!("field '{field}': {msg}") }
     }
     fn get(&self, k: &str) -> Option<&'a Value> {
         self.obj.get(k).filter(|v| !v.is_null())
@@ -143,10 +140,7 @@ impl<'a> Fields<'a> {
     fn f64_opt(&self, k: &str) -> Result<Option<f64>> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(k, format!("expected a number, got {v}"))),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(k, format!("expected a number, got {v}"))),
         }
     }
     fn f64_or(&self, k: &str, d: f64) -> Result<f64> {
@@ -155,18 +149,13 @@ impl<'a> Fields<'a> {
     fn bool_or(&self, k: &str, d: bool) -> Result<bool> {
         match self.get(k) {
             None => Ok(d),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| self.err(k, format!("expected true/false, got {v}"))),
+            Some(v) => v.as_bool().ok_or_else(|| self.err(k, format!("expected true/false, got {v}"))),
         }
     }
     fn str_opt(&self, k: &str) -> Result<Option<&'a str>> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| self.err(k, format!("expected a string, got {v}"))),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| self.err(k, format!("expected a string, got {v}"))),
         }
     }
 }
@@ -174,10 +163,8 @@ impl<'a> Fields<'a> {
 impl Config {
     /// Parses `config.json` text. `file` names the file in error messages.
     pub fn from_json_str(text: &str, file: &str) -> Result<Config> {
-        let v: Value = serde_json::from_str(text).map_err(|e| Error::Config {
-            file: file.to_string(),
-            msg: format!("not valid JSON: {e}"),
-        })?;
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| Error::Config { file: file.to_string(), msg: format!("not valid JSON: {e}") })?;
         let obj = v.as_object().ok_or_else(|| Error::Config {
             file: file.to_string(),
             msg: "top level must be a JSON object".to_string(),
@@ -192,10 +179,7 @@ impl Config {
             Some("deepseek_v3") => ModelType::V3,
             Some("deepseek_v2") => ModelType::V2,
             Some(other) => {
-                return Err(f.err(
-                    "model_type",
-                    format!("'{other}' is not supported (deepseek_v3, deepseek_v2)"),
-                ))
+                return Err(f.err("model_type", format!("'{other}' is not supported (deepseek_v3, deepseek_v2)")))
             }
             None => return Err(f.err("model_type", "missing")),
         };
@@ -221,12 +205,7 @@ impl Config {
             match f.str_opt("scoring_func")?.unwrap_or("softmax") {
                 "softmax" => ScoringFunc::Softmax,
                 "sigmoid" => ScoringFunc::Sigmoid,
-                o => {
-                    return Err(f.err(
-                        "scoring_func",
-                        format!("'{o}' is not supported (softmax, sigmoid)"),
-                    ))
-                }
+                o => return Err(f.err("scoring_func", format!("'{o}' is not supported (softmax, sigmoid)"))),
             }
         };
         let topk_method = if v3 {
@@ -235,12 +214,7 @@ impl Config {
             match f.str_opt("topk_method")?.unwrap_or("greedy") {
                 "greedy" => TopkMethod::Greedy,
                 "group_limited_greedy" => TopkMethod::GroupLimitedGreedy,
-                o => {
-                    return Err(f.err(
-                        "topk_method",
-                        format!("'{o}' is not supported (greedy, group_limited_greedy)"),
-                    ))
-                }
+                o => return Err(f.err("topk_method", format!("'{o}' is not supported (greedy, group_limited_greedy)"))),
             }
         };
         let rope_theta_top = f.f64_opt("rope_theta")?;
@@ -250,16 +224,9 @@ impl Config {
             None => alloc::vec::Vec::new(),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|x| {
-                    x.as_u64()
-                        .map(|x| x as u32)
-                        .ok_or_else(|| f.err("eos_token_id", "expected integers"))
-                })
+                .map(|x| x.as_u64().map(|x| x as u32).ok_or_else(|| f.err("eos_token_id", "expected integers")))
                 .collect::<Result<_>>()?,
-            Some(v) => alloc::vec![v
-                .as_u64()
-                .ok_or_else(|| f.err("eos_token_id", "expected an integer"))?
-                as u32],
+            Some(v) => alloc::vec![v.as_u64().ok_or_else(|| f.err("eos_token_id", "expected an integer"))? as u32],
         };
         let cfg = Config {
             model_type,
@@ -320,10 +287,8 @@ impl Config {
 
     /// Checks that the fields are consistent with each other.
     pub fn validate(&self, file: &str) -> Result<()> {
-        let err = |field: &str, msg: String| Error::Config {
-            file: file.to_string(),
-            msg: format!("field '{field}': {msg}"),
-        };
+        let err =
+            |field: &str, msg: String| Error::Config { file: file.to_string(), msg: format!("field '{field}': {msg}") };
         let positive = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -343,83 +308,44 @@ impl Config {
             return Err(err("q_lora_rank", "must be positive or null".into()));
         }
         if !self.qk_rope_head_dim.is_multiple_of(2) {
-            return Err(err(
-                "qk_rope_head_dim",
-                format!("must be even, got {}", self.qk_rope_head_dim),
-            ));
+            return Err(err("qk_rope_head_dim", format!("must be even, got {}", self.qk_rope_head_dim)));
         }
         if self.first_k_dense_replace > 0 && self.intermediate_size == 0 {
-            return Err(err(
-                "intermediate_size",
-                "must be positive when there are dense layers".into(),
-            ));
+            return Err(err("intermediate_size", "must be positive when there are dense layers".into()));
         }
         if self.has_moe() {
-            let (e, g, k) = (
-                self.n_routed_experts,
-                self.n_group,
-                self.num_experts_per_tok,
-            );
+            let (e, g, k) = (self.n_routed_experts, self.n_group, self.num_experts_per_tok);
             if self.moe_intermediate_size == 0 {
                 return Err(err("moe_intermediate_size", "must be positive".into()));
             }
             if k == 0 || k > e {
-                return Err(err(
-                    "num_experts_per_tok",
-                    format!("must be in 1..={e} (n_routed_experts), got {k}"),
-                ));
+                return Err(err("num_experts_per_tok", format!("must be in 1..={e} (n_routed_experts), got {k}")));
             }
             if e % g != 0 {
-                return Err(err(
-                    "n_group",
-                    format!("n_routed_experts ({e}) must be divisible by n_group ({g})"),
-                ));
+                return Err(err("n_group", format!("n_routed_experts ({e}) must be divisible by n_group ({g})")));
             }
             if self.topk_group > g {
-                return Err(err(
-                    "topk_group",
-                    format!("must be <= n_group ({g}), got {}", self.topk_group),
-                ));
+                return Err(err("topk_group", format!("must be <= n_group ({g}), got {}", self.topk_group)));
             }
             if self.topk_method == TopkMethod::NoauxTc && e / g < 2 {
-                return Err(err(
-                    "n_group",
-                    format!("each group needs >= 2 experts for noaux_tc, got {}", e / g),
-                ));
+                return Err(err("n_group", format!("each group needs >= 2 experts for noaux_tc, got {}", e / g)));
             }
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
-            return Err(err(
-                "rms_norm_eps",
-                "must be a finite non-negative number".into(),
-            ));
+            return Err(err("rms_norm_eps", "must be a finite non-negative number".into()));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
-            return Err(err(
-                "rope_theta",
-                format!("must be > 1, got {}", self.rope_theta),
-            ));
+            return Err(err("rope_theta", format!("must be > 1, got {}", self.rope_theta)));
         }
         if !self.routed_scaling_factor.is_finite() {
             return Err(err("routed_scaling_factor", "must be finite".into()));
         }
-        if let RopeScaling::Yarn {
-            factor,
-            original_max_position_embeddings,
-            ..
-        } = self.rope_scaling
-        {
+        if let RopeScaling::Yarn { factor, original_max_position_embeddings, .. } = self.rope_scaling {
             if !(factor.is_finite() && factor > 0.0) {
-                return Err(err(
-                    "rope_scaling.factor",
-                    format!("must be positive, got {factor}"),
-                ));
+                return Err(err("rope_scaling.factor", format!("must be positive, got {factor}")));
             }
             if original_max_position_embeddings <= 0.0 {
-                return Err(err(
-                    "rope_scaling.original_max_position_embeddings",
-                    "must be positive".into(),
-                ));
+                return Err(err("rope_scaling.original_max_position_embeddings", "must be positive".into()));
             }
         }
         Ok(())
@@ -457,10 +383,7 @@ impl Config {
             ModelType::V3 => "DeepseekV3ForCausalLM",
             ModelType::V2 => "DeepseekV2ForCausalLM",
         };
-        m.insert(
-            "architectures".into(),
-            Value::Array(alloc::vec![arch.into()]),
-        );
+        m.insert("architectures".into(), Value::Array(alloc::vec![arch.into()]));
         m.insert("model_type".into(), mt.into());
         let us = |x: usize| Value::from(x as u64);
         for (k, v) in [
@@ -486,21 +409,12 @@ impl Config {
         ] {
             m.insert(k.into(), us(v));
         }
-        m.insert(
-            "q_lora_rank".into(),
-            self.q_lora_rank.map(us).unwrap_or(Value::Null),
-        );
-        m.insert(
-            "routed_scaling_factor".into(),
-            Value::from(self.routed_scaling_factor as f64),
-        );
+        m.insert("q_lora_rank".into(), self.q_lora_rank.map(us).unwrap_or(Value::Null));
+        m.insert("routed_scaling_factor".into(), Value::from(self.routed_scaling_factor as f64));
         m.insert("norm_topk_prob".into(), self.norm_topk_prob.into());
         m.insert("rms_norm_eps".into(), Value::from(self.rms_norm_eps as f64));
         m.insert("attention_bias".into(), self.attention_bias.into());
-        m.insert(
-            "tie_word_embeddings".into(),
-            self.tie_word_embeddings.into(),
-        );
+        m.insert("tie_word_embeddings".into(), self.tie_word_embeddings.into());
         m.insert("hidden_act".into(), "silu".into());
         m.insert("attention_dropout".into(), Value::from(0.0));
         m.insert("rope_interleave".into(), true.into());
@@ -523,17 +437,10 @@ impl Config {
         match self.eos_token_ids.len() {
             0 => {}
             1 => {
-                m.insert(
-                    "eos_token_id".into(),
-                    Value::from(self.eos_token_ids[0] as u64),
-                );
+                m.insert("eos_token_id".into(), Value::from(self.eos_token_ids[0] as u64));
             }
             _ => {
-                let a = self
-                    .eos_token_ids
-                    .iter()
-                    .map(|&x| Value::from(x as u64))
-                    .collect();
+                let a = self.eos_token_ids.iter().map(|&x| Value::from(x as u64)).collect();
                 m.insert("eos_token_id".into(), Value::Array(a));
             }
         }
@@ -553,10 +460,7 @@ impl Config {
             } => {
                 rp.insert("rope_type".into(), "yarn".into());
                 rp.insert("factor".into(), Value::from(factor));
-                rp.insert(
-                    "original_max_position_embeddings".into(),
-                    Value::from(original_max_position_embeddings),
-                );
+                rp.insert("original_max_position_embeddings".into(), Value::from(original_max_position_embeddings));
                 rp.insert("beta_fast".into(), Value::from(beta_fast));
                 rp.insert("beta_slow".into(), Value::from(beta_slow));
                 rp.insert("mscale".into(), Value::from(mscale));
@@ -570,10 +474,7 @@ impl Config {
             qm.insert("activation_scheme".into(), "dynamic".into());
             qm.insert("fmt".into(), "e4m3".into());
             qm.insert("quant_method".into(), "fp8".into());
-            qm.insert(
-                "weight_block_size".into(),
-                Value::Array(alloc::vec![us(q.block[0]), us(q.block[1])]),
-            );
+            qm.insert("weight_block_size".into(), Value::Array(alloc::vec![us(q.block[0]), us(q.block[1])]));
             if q.ue8m0 {
                 qm.insert("scale_fmt".into(), "ue8m0".into());
             }
@@ -591,18 +492,10 @@ fn parse_rope(f: &Fields<'_>, theta_top: Option<f64>) -> Result<(RopeScaling, f6
         (None, Some(v)) => ("rope_scaling", v),
         (None, None) => return Ok((RopeScaling::None, theta_top.unwrap_or(10000.0))),
     };
-    let o = obj
-        .as_object()
-        .ok_or_else(|| f.err(key, "expected an object"))?;
-    let sub = Fields {
-        obj: o,
-        file: f.file,
-    };
+    let o = obj.as_object().ok_or_else(|| f.err(key, "expected an object"))?;
+    let sub = Fields { obj: o, file: f.file };
     let pre = |k: &str| format!("{key}.{k}");
-    let theta = match sub
-        .f64_opt("rope_theta")
-        .map_err(|_| f.err(&pre("rope_theta"), "expected a number"))?
-    {
+    let theta = match sub.f64_opt("rope_theta").map_err(|_| f.err(&pre("rope_theta"), "expected a number"))? {
         Some(t) => t,
         None => theta_top.unwrap_or(10000.0),
     };
@@ -610,19 +503,12 @@ fn parse_rope(f: &Fields<'_>, theta_top: Option<f64>) -> Result<(RopeScaling, f6
         (Ok(Some(t)), _) | (_, Ok(Some(t))) => t,
         _ => "default",
     };
-    let num = |k: &str| {
-        sub.f64_opt(k)
-            .map_err(|_| f.err(&pre(k), "expected a number"))
-    };
+    let num = |k: &str| sub.f64_opt(k).map_err(|_| f.err(&pre(k), "expected a number"));
     match ty {
         "default" => Ok((RopeScaling::None, theta)),
         "yarn" => {
-            let orig = num("original_max_position_embeddings")?.ok_or_else(|| {
-                f.err(
-                    &pre("original_max_position_embeddings"),
-                    "missing (needed by yarn)",
-                )
-            })?;
+            let orig = num("original_max_position_embeddings")?
+                .ok_or_else(|| f.err(&pre("original_max_position_embeddings"), "missing (needed by yarn)"))?;
             let factor = match num("factor")? {
                 Some(s) => s,
                 None => f.usize_req("max_position_embeddings")? as f64 / orig,
@@ -644,10 +530,7 @@ fn parse_rope(f: &Fields<'_>, theta_top: Option<f64>) -> Result<(RopeScaling, f6
                 theta,
             ))
         }
-        other => Err(f.err(
-            &pre("rope_type"),
-            format!("'{other}' is not supported (default, yarn)"),
-        )),
+        other => Err(f.err(&pre("rope_type"), format!("'{other}' is not supported (default, yarn)"))),
     }
 }
 
@@ -655,28 +538,15 @@ fn parse_quant(f: &Fields<'_>) -> Result<Option<Fp8Config>> {
     let Some(q) = f.get("quantization_config") else {
         return Ok(None);
     };
-    let o = q
-        .as_object()
-        .ok_or_else(|| f.err("quantization_config", "expected an object"))?;
-    let sub = Fields {
-        obj: o,
-        file: f.file,
-    };
+    let o = q.as_object().ok_or_else(|| f.err("quantization_config", "expected an object"))?;
+    let sub = Fields { obj: o, file: f.file };
     match sub.str_opt("quant_method")? {
         Some("fp8") => {}
-        other => {
-            return Err(f.err(
-                "quantization_config.quant_method",
-                format!("{other:?} is not supported (fp8)"),
-            ))
-        }
+        other => return Err(f.err("quantization_config.quant_method", format!("{other:?} is not supported (fp8)"))),
     }
     if let Some(fmt) = sub.str_opt("fmt")? {
         if fmt != "e4m3" {
-            return Err(f.err(
-                "quantization_config.fmt",
-                format!("'{fmt}' is not supported (e4m3)"),
-            ));
+            return Err(f.err("quantization_config.fmt", format!("'{fmt}' is not supported (e4m3)")));
         }
     }
     let block = match sub.get("weight_block_size") {
@@ -686,21 +556,11 @@ fn parse_quant(f: &Fields<'_>) -> Result<Option<Fp8Config>> {
                 a[i].as_u64()
                     .filter(|&x| x > 0)
                     .map(|x| x as usize)
-                    .ok_or_else(|| {
-                        f.err(
-                            "quantization_config.weight_block_size",
-                            "expected two positive integers",
-                        )
-                    })
+                    .ok_or_else(|| f.err("quantization_config.weight_block_size", "expected two positive integers"))
             };
             [g(0)?, g(1)?]
         }
-        Some(_) => {
-            return Err(f.err(
-                "quantization_config.weight_block_size",
-                "expected [rows, cols]",
-            ))
-        }
+        Some(_) => return Err(f.err("quantization_config.weight_block_size", "expected [rows, cols]")),
     };
     let ue8m0 = sub.str_opt("scale_fmt")? == Some("ue8m0");
     Ok(Some(Fp8Config { block, ue8m0 }))

@@ -42,10 +42,7 @@ pub type Result<T> = core::result::Result<T, Error>;
 
 /// Shorthand for an [`Error::Weights`].
 pub(crate) fn werr(tensor: &str, msg: impl Into<String>) -> Error {
-    Error::Weights {
-        tensor: tensor.into(),
-        msg: msg.into(),
-    }
+    Error::Weights { tensor: tensor.into(), msg: msg.into() }
 }
 
 /// Shorthand for an [`Error::Input`].

@@ -35,10 +35,7 @@ pub fn preset(name: &str) -> Result<Config> {
         Some(p) => Config::from_json_str(p.2, &format!("<preset {name}>")),
         None => {
             let names: alloc::vec::Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
-            Err(Error::Input(format!(
-                "unknown preset '{name}' (known: {})",
-                names.join(", ")
-            )))
+            Err(Error::Input(format!("unknown preset '{name}' (known: {})", names.join(", "))))
         }
     }
 }

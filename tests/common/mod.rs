@@ -6,9 +6,7 @@ use std::path::PathBuf;
 
 /// `tests/fixtures/<name>`.
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 pub fn load(name: &str, opts: LoadOptions) -> Model {
@@ -18,8 +16,7 @@ pub fn load(name: &str, opts: LoadOptions) -> Model {
 /// A tensor of `tests/fixtures/<name>/golden.safetensors` as (shape, f32 values), if present.
 pub fn golden_f32(name: &str, tensor: &str) -> Option<(Vec<usize>, Vec<f32>)> {
     let st = read_safetensors(&fixture(name).join("golden.safetensors")).unwrap();
-    st.get(tensor)
-        .map(|t| (t.shape.clone(), t.to_f32().unwrap()))
+    st.get(tensor).map(|t| (t.shape.clone(), t.to_f32().unwrap()))
 }
 
 /// An integer tensor of the golden file as rows of token ids.
@@ -27,9 +24,7 @@ pub fn golden_ids(name: &str, tensor: &str) -> Option<Vec<Vec<u32>>> {
     let st = read_safetensors(&fixture(name).join("golden.safetensors")).unwrap();
     st.get(tensor).map(|t| {
         let v = t.to_i64().unwrap();
-        v.chunks(t.shape[1])
-            .map(|r| r.iter().map(|&x| x as u32).collect())
-            .collect()
+        v.chunks(t.shape[1]).map(|r| r.iter().map(|&x| x as u32).collect()).collect()
     })
 }
 

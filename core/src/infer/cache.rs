@@ -65,24 +65,14 @@ impl SeqCache {
     }
     /// Keeps the first `len` tokens in every layer.
     pub fn truncate(&mut self, len: usize) {
-        self.layers
-            .iter_mut()
-            .chain(self.mtp.iter_mut())
-            .for_each(|l| l.truncate(len));
+        self.layers.iter_mut().chain(self.mtp.iter_mut()).for_each(|l| l.truncate(len));
     }
     /// Drops every token.
     pub fn clear(&mut self) {
-        self.layers
-            .iter_mut()
-            .chain(self.mtp.iter_mut())
-            .for_each(LayerCache::clear);
+        self.layers.iter_mut().chain(self.mtp.iter_mut()).for_each(LayerCache::clear);
     }
     /// f32 values held.
     pub fn values(&self) -> usize {
-        self.layers
-            .iter()
-            .chain(&self.mtp)
-            .map(|l| l.kv.len() + l.pe.len())
-            .sum()
+        self.layers.iter().chain(&self.mtp).map(|l| l.kv.len() + l.pe.len()).sum()
     }
 }

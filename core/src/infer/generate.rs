@@ -39,19 +39,14 @@ pub fn generate(
     let mut sampler = Sampler::new(params.clone())?;
     let mut sess = Session::new(model, prompts.len());
     let n = prompts.len();
-    let mut out = GenerateOutput {
-        tokens: (0..n).map(|_| Vec::new()).collect(),
-        stopped: alloc::vec![false; n],
-    };
+    let mut out = GenerateOutput { tokens: (0..n).map(|_| Vec::new()).collect(), stopped: alloc::vec![false; n] };
     if params.max_new_tokens == 0 {
         return Ok(out);
     }
     let inputs: Vec<(usize, &[u32])> = prompts.iter().enumerate().map(|(i, p)| (i, *p)).collect();
     let mut logits = sess.step(&inputs)?;
     let mut active: Vec<usize> = (0..n).collect();
-    on_event(Event::PrefillDone {
-        tokens: prompts.iter().map(|p| p.len()).sum(),
-    });
+    on_event(Event::PrefillDone { tokens: prompts.iter().map(|p| p.len()).sum() });
     let v = model.cfg.vocab_size;
     loop {
         let mut next = Vec::with_capacity(active.len());
@@ -71,8 +66,7 @@ pub fn generate(
             return Ok(out);
         }
         let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-        let inputs: Vec<(usize, &[u32])> =
-            still.iter().zip(&toks).map(|(&s, t)| (s, &t[..])).collect();
+        let inputs: Vec<(usize, &[u32])> = still.iter().zip(&toks).map(|(&s, t)| (s, &t[..])).collect();
         logits = sess.step(&inputs)?;
         active = still;
     }

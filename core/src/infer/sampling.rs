@@ -23,14 +23,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-            max_new_tokens: 64,
-            stop_tokens: Vec::new(),
-        }
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, max_new_tokens: 64, stop_tokens: Vec::new() }
     }
 }
 
@@ -38,10 +31,7 @@ impl SamplingParams {
     /// Checks the ranges: temperature >= 0 and finite, top_p in (0, 1].
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(ierr(format!(
-                "temperature must be >= 0, got {}",
-                self.temperature
-            )));
+            return Err(ierr(format!("temperature must be >= 0, got {}", self.temperature)));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(ierr(format!("top_p must be in (0, 1], got {}", self.top_p)));
@@ -73,16 +63,8 @@ impl Sampler {
             return Ok(argmax(logits) as u32);
         }
         let t = self.params.temperature;
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, l / t))
-            .collect();
-        cand.sort_by(|a, b| {
-            b.1.partial_cmp(&a.1)
-                .unwrap_or(core::cmp::Ordering::Equal)
-                .then(a.0.cmp(&b.0))
-        });
+        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / t)).collect();
+        cand.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(core::cmp::Ordering::Equal).then(a.0.cmp(&b.0)));
         if self.params.top_k > 0 {
             cand.truncate(self.params.top_k);
         }
@@ -136,12 +118,7 @@ mod tests {
         let mut g = Sampler::new(SamplingParams::default()).unwrap();
         assert_eq!(g.sample(&logits).unwrap(), 1);
         // top_k = 2: only 1 and 3 ever come out
-        let p = SamplingParams {
-            temperature: 1.0,
-            top_k: 2,
-            seed: 5,
-            ..Default::default()
-        };
+        let p = SamplingParams { temperature: 1.0, top_k: 2, seed: 5, ..Default::default() };
         let mut s = Sampler::new(p.clone()).unwrap();
         let draws: Vec<u32> = (0..200).map(|_| s.sample(&logits).unwrap()).collect();
         assert!(draws.iter().all(|&t| t == 1 || t == 3));
@@ -151,18 +128,9 @@ mod tests {
         let again: Vec<u32> = (0..200).map(|_| s2.sample(&logits).unwrap()).collect();
         assert_eq!(draws, again);
         // tiny top_p keeps only the best token
-        let mut s3 = Sampler::new(SamplingParams {
-            temperature: 1.0,
-            top_p: 0.01,
-            ..Default::default()
-        })
-        .unwrap();
+        let mut s3 = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.01, ..Default::default() }).unwrap();
         assert!((0..50).all(|_| s3.sample(&logits).unwrap() == 1));
-        assert!(Sampler::new(SamplingParams {
-            top_p: 0.0,
-            ..Default::default()
-        })
-        .is_err());
+        assert!(Sampler::new(SamplingParams { top_p: 0.0, ..Default::default() }).is_err());
         assert!(g.sample(&[f32::NAN, 1.0]).is_err());
     }
 }

@@ -15,10 +15,7 @@ pub struct Session<'m> {
 impl<'m> Session<'m> {
     /// A session with `slots` empty sequences.
     pub fn new(model: &'m Model, slots: usize) -> Session<'m> {
-        Session {
-            model,
-            caches: (0..slots).map(|_| model.new_cache()).collect(),
-        }
+        Session { model, caches: (0..slots).map(|_| model.new_cache()).collect() }
     }
 
     /// The model.
@@ -56,10 +53,7 @@ impl<'m> Session<'m> {
     pub fn truncate(&mut self, s: usize, len: usize) -> Result<()> {
         let c = self.slot(s)?;
         if len > c.len() {
-            return Err(ierr(format!(
-                "cannot truncate slot {s} to {len}: it holds {} tokens",
-                c.len()
-            )));
+            return Err(ierr(format!("cannot truncate slot {s} to {len}: it holds {} tokens", c.len())));
         }
         c.truncate(len);
         Ok(())
@@ -67,9 +61,7 @@ impl<'m> Session<'m> {
 
     fn slot(&mut self, s: usize) -> Result<&mut SeqCache> {
         let n = self.caches.len();
-        self.caches
-            .get_mut(s)
-            .ok_or_else(|| ierr(format!("slot {s} out of range (session has {n})")))
+        self.caches.get_mut(s).ok_or_else(|| ierr(format!("slot {s} out of range (session has {n})")))
     }
 
     /// Feeds `(slot, new tokens)` pairs in one batched forward; returns the logits of the
@@ -109,10 +101,8 @@ impl<'m> Session<'m> {
         let toks: Vec<&[u32]> = inputs.iter().map(|p| p.1).collect();
         // disjoint &mut borrows of the chosen slots, in input order
         let mut ptrs: Vec<Option<&mut SeqCache>> = self.caches.iter_mut().map(Some).collect();
-        let mut refs: Vec<&mut SeqCache> = inputs
-            .iter()
-            .map(|&(s, _)| ptrs[s].take().expect("slots are distinct"))
-            .collect();
+        let mut refs: Vec<&mut SeqCache> =
+            inputs.iter().map(|&(s, _)| ptrs[s].take().expect("slots are distinct")).collect();
         self.model.forward_hidden(&toks, &mut refs)
     }
 }

@@ -41,22 +41,9 @@ impl Block {
             Ffn::Moe(Moe::load(store, &format!("{p}.mlp"), cfg, mode)?)
         } else {
             let blk = cfg.quantization.map(|q| q.block);
-            Ffn::Dense(Mlp::load(
-                store,
-                &format!("{p}.mlp"),
-                d,
-                cfg.intermediate_size,
-                blk,
-                mode,
-            )?)
+            Ffn::Dense(Mlp::load(store, &format!("{p}.mlp"), d, cfg.intermediate_size, blk, mode)?)
         };
-        Ok(Block {
-            input_norm,
-            attn,
-            post_norm,
-            ffn,
-            eps: cfg.rms_norm_eps,
-        })
+        Ok(Block { input_norm, attn, post_norm, ffn, eps: cfg.rms_norm_eps })
     }
 
     /// Number of parameters.
@@ -78,13 +65,7 @@ impl Block {
     }
 
     /// Runs the layer on `x` (`[N, D]`) in place.
-    pub fn forward(
-        &self,
-        x: &mut [f32],
-        batch: &Batch,
-        caches: &mut [&mut LayerCache],
-        form: AttnForm,
-    ) {
+    pub fn forward(&self, x: &mut [f32], batch: &Batch, caches: &mut [&mut LayerCache], form: AttnForm) {
         let n = batch.pos.len();
         let mut h = vec![0f32; x.len()];
         let mut o = vec![0f32; x.len()];

@@ -14,11 +14,7 @@ pub enum Weight {
     F32(Vec<f32>),
     /// `float8_e4m3fn` codes (zero-copy from the checkpoint) with f32 block scales
     /// `[ceil(out/block[0]), ceil(in/block[1])]`; `W[i,j] = e4m3(q[i,j]) · scale[i/b0, j/b1]`.
-    Fp8 {
-        q: RawTensor,
-        scale: Vec<f32>,
-        block: [usize; 2],
-    },
+    Fp8 { q: RawTensor, scale: Vec<f32>, block: [usize; 2] },
 }
 
 /// A linear layer.
@@ -47,12 +43,7 @@ impl Linear {
     /// A dense f32 layer.
     pub fn from_f32(out_dim: usize, in_dim: usize, w: Vec<f32>, bias: Option<Vec<f32>>) -> Linear {
         assert_eq!(w.len(), out_dim * in_dim);
-        Linear {
-            out_dim,
-            in_dim,
-            weight: Weight::F32(w),
-            bias,
-        }
+        Linear { out_dim, in_dim, weight: Weight::F32(w), bias }
     }
 
     /// Takes `{prefix}.weight` (and `{prefix}.bias` when `bias`) from the store, shape `[out, in]`.
@@ -73,17 +64,11 @@ impl Linear {
             let sname = format!("{prefix}.weight_scale_inv");
             let block = fp8_block.unwrap_or([128, 128]);
             let sshape = [out_dim.div_ceil(block[0]), in_dim.div_ceil(block[1])];
-            let st = store.take(&sname).map_err(|_| {
-                werr(
-                    &sname,
-                    format!("missing: FP8 weight '{wname}' needs its block scales"),
-                )
-            })?;
+            let st = store
+                .take(&sname)
+                .map_err(|_| werr(&sname, format!("missing: FP8 weight '{wname}' needs its block scales")))?;
             if st.dtype != DType::F32 && st.dtype != DType::BF16 {
-                return Err(werr(
-                    &sname,
-                    format!("expected F32 scales, found {:?}", st.dtype),
-                ));
+                return Err(werr(&sname, format!("expected F32 scales, found {:?}", st.dtype)));
             }
             st.expect_shape(&sshape)?;
             let scale = st.to_f32()?;
@@ -101,17 +86,8 @@ impl Linear {
         } else {
             Weight::F32(t.to_f32()?)
         };
-        let bias = if bias {
-            Some(store.take_f32(&format!("{prefix}.bias"), &[out_dim])?)
-        } else {
-            None
-        };
-        Ok(Linear {
-            out_dim,
-            in_dim,
-            weight,
-            bias,
-        })
+        let bias = if bias { Some(store.take_f32(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
+        Ok(Linear { out_dim, in_dim, weight, bias })
     }
 
     /// Number of parameters.
@@ -140,9 +116,7 @@ impl Linear {
             Weight::F32(w) => matmul_t(m, n, k, x, k, w, k, y, ldy, false),
             Weight::Fp8 { q, scale, block } => {
                 let q = q.bytes();
-                let panel = FP8_PANEL_ROWS
-                    .next_multiple_of(block[0])
-                    .min(n.next_multiple_of(block[0]));
+                let panel = FP8_PANEL_ROWS.next_multiple_of(block[0]).min(n.next_multiple_of(block[0]));
                 let mut buf = vec![0f32; panel * k];
                 let mut r0 = 0;
                 while r0 < n {
@@ -168,15 +142,7 @@ impl Linear {
             Weight::F32(w) => w.clone(),
             Weight::Fp8 { q, scale, block } => {
                 let mut w = vec![0f32; self.out_dim * self.in_dim];
-                dequant_rows(
-                    q.bytes(),
-                    self.in_dim,
-                    scale,
-                    *block,
-                    0,
-                    self.out_dim,
-                    &mut w,
-                );
+                dequant_rows(q.bytes(), self.in_dim, scale, *block, 0, self.out_dim, &mut w);
                 w
             }
         }

@@ -35,11 +35,7 @@ pub enum AttnForm {
 #[derive(Clone)]
 #[allow(clippy::large_enum_variant)] // one per layer; boxing buys nothing
 pub enum QProj {
-    Lora {
-        a: Linear,
-        norm: Vec<f32>,
-        b: Linear,
-    },
+    Lora { a: Linear, norm: Vec<f32>, b: Linear },
     Plain(Linear),
 }
 
@@ -82,12 +78,7 @@ impl Mla {
     /// Loads `{prefix}.*` (e.g. `model.layers.3.self_attn`).
     pub fn load(store: &mut TensorStore, prefix: &str, cfg: &Config, mode: Fp8Mode) -> Result<Mla> {
         let (d, h) = (cfg.hidden_size, cfg.num_attention_heads);
-        let (dn, dr, dv, c) = (
-            cfg.qk_nope_head_dim,
-            cfg.qk_rope_head_dim,
-            cfg.v_head_dim,
-            cfg.kv_lora_rank,
-        );
+        let (dn, dr, dv, c) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
         let dq = dn + dr;
         let blk = cfg.quantization.map(|q| q.block);
         let bias = cfg.attention_bias;
@@ -95,73 +86,19 @@ impl Mla {
             Some(rq) => QProj::Lora {
                 a: Linear::load(store, &format!("{prefix}.q_a_proj"), rq, d, bias, blk, mode)?,
                 norm: store.take_f32(&format!("{prefix}.q_a_layernorm.weight"), &[rq])?,
-                b: Linear::load(
-                    store,
-                    &format!("{prefix}.q_b_proj"),
-                    h * dq,
-                    rq,
-                    false,
-                    blk,
-                    mode,
-                )?,
+                b: Linear::load(store, &format!("{prefix}.q_b_proj"), h * dq, rq, false, blk, mode)?,
             },
-            None => QProj::Plain(Linear::load(
-                store,
-                &format!("{prefix}.q_proj"),
-                h * dq,
-                d,
-                false,
-                blk,
-                mode,
-            )?),
+            None => QProj::Plain(Linear::load(store, &format!("{prefix}.q_proj"), h * dq, d, false, blk, mode)?),
         };
-        let kv_a = Linear::load(
-            store,
-            &format!("{prefix}.kv_a_proj_with_mqa"),
-            c + dr,
-            d,
-            bias,
-            blk,
-            mode,
-        )?;
+        let kv_a = Linear::load(store, &format!("{prefix}.kv_a_proj_with_mqa"), c + dr, d, bias, blk, mode)?;
         let kv_norm = store.take_f32(&format!("{prefix}.kv_a_layernorm.weight"), &[c])?;
-        let kv_b = Linear::load(
-            store,
-            &format!("{prefix}.kv_b_proj"),
-            h * (dn + dv),
-            c,
-            false,
-            blk,
-            mode,
-        )?;
-        let o = Linear::load(
-            store,
-            &format!("{prefix}.o_proj"),
-            d,
-            h * dv,
-            bias,
-            blk,
-            mode,
-        )?;
-        let dims = Dims {
-            h,
-            dn,
-            dr,
-            dv,
-            c,
-            scale: crate::ops::rope::softmax_scale(cfg),
-        };
+        let kv_b = Linear::load(store, &format!("{prefix}.kv_b_proj"), h * (dn + dv), c, false, blk, mode)?;
+        let o = Linear::load(store, &format!("{prefix}.o_proj"), d, h * dv, bias, blk, mode)?;
+        let dims = Dims { h, dn, dr, dv, c, scale: crate::ops::rope::softmax_scale(cfg) };
         Ok(Mla::with_absorbed(q, kv_a, kv_norm, kv_b, o, dims))
     }
 
-    fn with_absorbed(
-        q: QProj,
-        kv_a: Linear,
-        kv_norm: Vec<f32>,
-        kv_b: Linear,
-        o: Linear,
-        dims: Dims,
-    ) -> Mla {
+    fn with_absorbed(q: QProj, kv_a: Linear, kv_norm: Vec<f32>, kv_b: Linear, o: Linear, dims: Dims) -> Mla {
         let Dims { h, dn, dv, c, .. } = dims;
         let w = kv_b.dense();
         let mut w_uk_t = vec![0f32; h * c * dn];
@@ -173,19 +110,9 @@ impl Mla {
                     w_uk_t[hh * c * dn + j * dn + i] = w[base + i * c + j];
                 }
             }
-            w_uv[hh * dv * c..(hh + 1) * dv * c]
-                .copy_from_slice(&w[base + dn * c..base + (dn + dv) * c]);
+            w_uv[hh * dv * c..(hh + 1) * dv * c].copy_from_slice(&w[base + dn * c..base + (dn + dv) * c]);
         }
-        Mla {
-            q,
-            kv_a,
-            kv_norm,
-            kv_b,
-            o,
-            w_uk_t,
-            w_uv,
-            dims,
-        }
+        Mla { q, kv_a, kv_norm, kv_b, o, w_uk_t, w_uv, dims }
     }
 
     /// Number of parameters.
@@ -200,17 +127,8 @@ impl Mla {
     /// Attention over `x` (`[N, D]`, already normed). Appends each sequence's new latents to
     /// its cache (`caches[i]` belongs to `batch.seqs[i]`), attends causally over the whole
     /// cache, and writes `out` (`[N, D]`).
-    pub fn forward(
-        &self,
-        x: &[f32],
-        batch: &Batch,
-        caches: &mut [&mut LayerCache],
-        form: AttnForm,
-        out: &mut [f32],
-    ) {
-        let Dims {
-            h, dn, dr, dv, c, ..
-        } = self.dims;
+    pub fn forward(&self, x: &[f32], batch: &Batch, caches: &mut [&mut LayerCache], form: AttnForm, out: &mut [f32]) {
+        let Dims { h, dn, dr, dv, c, .. } = self.dims;
         let dq = self.dims.dq();
         let n = batch.pos.len();
         // 1. queries [N, H·dq]
@@ -232,10 +150,7 @@ impl Mla {
         for (i, row) in ckv.chunks_exact_mut(c + dr).enumerate() {
             let (lat, pe) = row.split_at_mut(c);
             rmsnorm_inplace(lat, &self.kv_norm, LORA_NORM_EPS);
-            let (cs, sn) = (
-                &batch.cos[i * half..(i + 1) * half],
-                &batch.sin[i * half..(i + 1) * half],
-            );
+            let (cs, sn) = (&batch.cos[i * half..(i + 1) * half], &batch.sin[i * half..(i + 1) * half]);
             Rope::apply(pe, cs, sn, &mut tmp);
             for hh in 0..h {
                 let qpe = &mut q[i * h * dq + hh * dq + dn..i * h * dq + (hh + 1) * dq];
@@ -249,9 +164,7 @@ impl Mla {
         }
         // 4. attention per (sequence, head)
         let mut attn = vec![0f32; n * h * dv];
-        let tasks: Vec<(usize, usize)> = (0..batch.seqs.len())
-            .flat_map(|s| (0..h).map(move |hh| (s, hh)))
-            .collect();
+        let tasks: Vec<(usize, usize)> = (0..batch.seqs.len()).flat_map(|s| (0..h).map(move |hh| (s, hh))).collect();
         let caches_ro: Vec<&LayerCache> = caches.iter().map(|c| &**c).collect();
         // Naive form: expand k_nope and v of every cached token, [T, H·(dn+dv)] per sequence.
         let expanded: Vec<Vec<f32>> = match form {
@@ -274,14 +187,7 @@ impl Mla {
                 AttnForm::Absorbed => self.head_absorbed(qs, hh, p0, caches_ro[s]),
             }
         };
-        let work: usize = batch
-            .seqs
-            .iter()
-            .zip(&caches_ro)
-            .map(|(r, c)| r.len() * c.len)
-            .sum::<usize>()
-            * h
-            * c;
+        let work: usize = batch.seqs.iter().zip(&caches_ro).map(|(r, c)| r.len() * c.len).sum::<usize>() * h * c;
         let results = crate::ops::par_map(&tasks, work, run);
         for (&(s, hh), o) in tasks.iter().zip(&results) {
             let r = &batch.seqs[s];
@@ -296,38 +202,14 @@ impl Mla {
 
     /// Scores `[S, T]` from the nope part already in `scores` plus `q_pe · k_pe`, scaled,
     /// causally masked (query s sees cache entries `t <= p0 + s`) and softmaxed.
-    fn finish_scores(
-        &self,
-        scores: &mut [f32],
-        qh: &[f32],
-        hh: usize,
-        p0: usize,
-        cache: &LayerCache,
-    ) {
-        let Dims {
-            h, dn, dr, scale, ..
-        } = self.dims;
+    fn finish_scores(&self, scores: &mut [f32], qh: &[f32], hh: usize, p0: usize, cache: &LayerCache) {
+        let Dims { h, dn, dr, scale, .. } = self.dims;
         let dq = self.dims.dq();
         let (s_len, t_len) = (qh.len() / (h * dq), cache.len);
-        matmul_t(
-            s_len,
-            t_len,
-            dr,
-            &qh[hh * dq + dn..],
-            h * dq,
-            &cache.pe,
-            dr,
-            scores,
-            t_len,
-            true,
-        );
+        matmul_t(s_len, t_len, dr, &qh[hh * dq + dn..], h * dq, &cache.pe, dr, scores, t_len, true);
         for (s, row) in scores.chunks_exact_mut(t_len).enumerate() {
             for (t, v) in row.iter_mut().enumerate() {
-                *v = if t <= p0 + s {
-                    *v * scale
-                } else {
-                    f32::NEG_INFINITY
-                };
+                *v = if t <= p0 + s { *v * scale } else { f32::NEG_INFINITY };
             }
             softmax_inplace(row);
         }
@@ -335,31 +217,13 @@ impl Mla {
 
     /// Naive form for one head: `qh` is `[S, H·dq]`, `kv` the expanded `[T, H·(dn+dv)]`;
     /// returns `[S, dv]`.
-    fn head_naive(
-        &self,
-        qh: &[f32],
-        hh: usize,
-        p0: usize,
-        cache: &LayerCache,
-        kv: &[f32],
-    ) -> Vec<f32> {
+    fn head_naive(&self, qh: &[f32], hh: usize, p0: usize, cache: &LayerCache, kv: &[f32]) -> Vec<f32> {
         let Dims { h, dn, dv, .. } = self.dims;
         let dq = self.dims.dq();
         let (s_len, t_len) = (qh.len() / (h * dq), cache.len);
         let w = h * (dn + dv);
         let mut scores = vec![0f32; s_len * t_len];
-        matmul_t(
-            s_len,
-            t_len,
-            dn,
-            &qh[hh * dq..],
-            h * dq,
-            &kv[hh * (dn + dv)..],
-            w,
-            &mut scores,
-            t_len,
-            false,
-        );
+        matmul_t(s_len, t_len, dn, &qh[hh * dq..], h * dq, &kv[hh * (dn + dv)..], w, &mut scores, t_len, false);
         self.finish_scores(&mut scores, qh, hh, p0, cache);
         let mut o = vec![0f32; s_len * dv];
         for (orow, prow) in o.chunks_exact_mut(dv).zip(scores.chunks_exact(t_len)) {
@@ -395,18 +259,7 @@ impl Mla {
             false,
         );
         let mut scores = vec![0f32; s_len * t_len];
-        matmul_t(
-            s_len,
-            t_len,
-            c,
-            &qt,
-            c,
-            &cache.kv,
-            c,
-            &mut scores,
-            t_len,
-            false,
-        );
+        matmul_t(s_len, t_len, c, &qt, c, &cache.kv, c, &mut scores, t_len, false);
         self.finish_scores(&mut scores, qh, hh, p0, cache);
         // ō = P · c: [S, C]
         let mut ob = vec![0f32; s_len * c];
@@ -421,18 +274,7 @@ impl Mla {
         }
         // O = ō · W_UVᵀ: [S, dv]
         let mut o = vec![0f32; s_len * dv];
-        matmul_t(
-            s_len,
-            dv,
-            c,
-            &ob,
-            c,
-            &self.w_uv[hh * dv * c..(hh + 1) * dv * c],
-            c,
-            &mut o,
-            dv,
-            false,
-        );
+        matmul_t(s_len, dv, c, &ob, c, &self.w_uv[hh * dv * c..(hh + 1) * dv * c], c, &mut o, dv, false);
         o
     }
 }

@@ -26,33 +26,9 @@ impl Mlp {
         mode: Fp8Mode,
     ) -> Result<Mlp> {
         Ok(Mlp {
-            gate: Linear::load(
-                store,
-                &format!("{prefix}.gate_proj"),
-                inter,
-                d,
-                false,
-                blk,
-                mode,
-            )?,
-            up: Linear::load(
-                store,
-                &format!("{prefix}.up_proj"),
-                inter,
-                d,
-                false,
-                blk,
-                mode,
-            )?,
-            down: Linear::load(
-                store,
-                &format!("{prefix}.down_proj"),
-                d,
-                inter,
-                false,
-                blk,
-                mode,
-            )?,
+            gate: Linear::load(store, &format!("{prefix}.gate_proj"), inter, d, false, blk, mode)?,
+            up: Linear::load(store, &format!("{prefix}.up_proj"), inter, d, false, blk, mode)?,
+            down: Linear::load(store, &format!("{prefix}.down_proj"), d, inter, false, blk, mode)?,
         })
     }
 

@@ -41,11 +41,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions {
-            fp8: Fp8Mode::Keep,
-            load_mtp: true,
-            attn: AttnForm::Absorbed,
-        }
+        LoadOptions { fp8: Fp8Mode::Keep, load_mtp: true, attn: AttnForm::Absorbed }
     }
 }
 
@@ -76,18 +72,9 @@ impl Batch {
         let mut cos = vec![0f32; pos.len() * half];
         let mut sin = vec![0f32; pos.len() * half];
         for (i, &p) in pos.iter().enumerate() {
-            rope.cos_sin(
-                p,
-                &mut cos[i * half..(i + 1) * half],
-                &mut sin[i * half..(i + 1) * half],
-            );
+            rope.cos_sin(p, &mut cos[i * half..(i + 1) * half], &mut sin[i * half..(i + 1) * half]);
         }
-        Batch {
-            seqs,
-            pos,
-            cos,
-            sin,
-        }
+        Batch { seqs, pos, cos, sin }
     }
     /// Total rows.
     pub fn rows(&self) -> usize {
@@ -130,9 +117,7 @@ impl Model {
     pub fn from_store(cfg: Config, mut store: TensorStore, opts: LoadOptions) -> Result<Model> {
         let (v, d, l) = (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers);
         let embed = store.take_f32("model.embed_tokens.weight", &[v, d])?;
-        let layers = (0..l)
-            .map(|i| Block::load(&mut store, i, &cfg, opts.fp8))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..l).map(|i| Block::load(&mut store, i, &cfg, opts.fp8)).collect::<Result<Vec<_>>>()?;
         let norm = store.take_f32("model.norm.weight", &[d])?;
         let lm_head = if cfg.tie_word_embeddings && !store.contains("lm_head.weight") {
             Linear::from_f32(v, d, embed.clone(), None)
@@ -148,11 +133,8 @@ impl Model {
             } else {
                 // not loaded (or absent): drop its tensors so they are not "unexpected"
                 let prefix = format!("model.layers.{idx}.");
-                let names: Vec<alloc::string::String> = store
-                    .names()
-                    .filter(|n| n.starts_with(&prefix))
-                    .map(Into::into)
-                    .collect();
+                let names: Vec<alloc::string::String> =
+                    store.names().filter(|n| n.starts_with(&prefix)).map(Into::into).collect();
                 for n in names {
                     let _ = store.take(&n);
                 }
@@ -160,16 +142,7 @@ impl Model {
         }
         store.expect_empty()?;
         let rope = Rope::new(&cfg);
-        Ok(Model {
-            cfg,
-            embed,
-            layers,
-            norm,
-            lm_head,
-            mtp,
-            rope,
-            attn: opts.attn,
-        })
+        Ok(Model { cfg, embed, layers, norm, lm_head, mtp, rope, attn: opts.attn })
     }
 
     /// Loads `dir/config.json` and its safetensors (memory-mapped).
@@ -185,19 +158,13 @@ impl Model {
         self.embed.len()
             + self.layers.iter().map(Block::params).sum::<usize>()
             + self.norm.len()
-            + if self.cfg.tie_word_embeddings {
-                0
-            } else {
-                self.lm_head.params()
-            }
+            + if self.cfg.tie_word_embeddings { 0 } else { self.lm_head.params() }
             + self.mtp.iter().map(Mtp::params).sum::<usize>()
     }
 
     /// Parameters used per token by the main model (embedding row lookups excluded, head included).
     pub fn active_params(&self) -> usize {
-        self.layers.iter().map(Block::active_params).sum::<usize>()
-            + self.norm.len()
-            + self.lm_head.params()
+        self.layers.iter().map(Block::active_params).sum::<usize>() + self.norm.len() + self.lm_head.params()
     }
 
     /// Bytes of weights held in memory.
@@ -211,11 +178,7 @@ impl Model {
                 mla::QProj::Lora { a, norm, b } => lin(a) + lin(b) + norm.len() * 4,
                 mla::QProj::Plain(l) => lin(l),
             };
-            s += lin(&a.kv_a)
-                + lin(&a.kv_b)
-                + lin(&a.o)
-                + a.kv_norm.len() * 4
-                + (a.w_uk_t.len() + a.w_uv.len()) * 4;
+            s += lin(&a.kv_a) + lin(&a.kv_b) + lin(&a.o) + a.kv_norm.len() * 4 + (a.w_uk_t.len() + a.w_uv.len()) * 4;
             let mlp = |m: &mlp::Mlp| lin(&m.gate) + lin(&m.up) + lin(&m.down);
             s += match &bl.ffn {
                 block::Ffn::Dense(m) => mlp(m),
@@ -240,10 +203,7 @@ impl Model {
     /// Checks that every id is a valid token.
     pub fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
         match tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            Some(t) => Err(ierr(format!(
-                "token id {t} is out of range (vocab_size {})",
-                self.cfg.vocab_size
-            ))),
+            Some(t) => Err(ierr(format!("token id {t} is out of range (vocab_size {})", self.cfg.vocab_size))),
             None => Ok(()),
         }
     }
@@ -261,17 +221,9 @@ impl Model {
     /// Runs new tokens of several sequences through the main model. `inputs[i]` are the new
     /// tokens of the sequence whose cache is `caches[i]`; they are appended to it. Returns the
     /// final hidden states after `model.norm`, `[N, D]`, rows in input order.
-    pub fn forward_hidden(
-        &self,
-        inputs: &[&[u32]],
-        caches: &mut [&mut SeqCache],
-    ) -> Result<(Vec<f32>, Batch)> {
+    pub fn forward_hidden(&self, inputs: &[&[u32]], caches: &mut [&mut SeqCache]) -> Result<(Vec<f32>, Batch)> {
         if inputs.len() != caches.len() {
-            return Err(ierr(format!(
-                "{} inputs but {} caches",
-                inputs.len(),
-                caches.len()
-            )));
+            return Err(ierr(format!("{} inputs but {} caches", inputs.len(), caches.len())));
         }
         for (t, c) in inputs.iter().zip(caches.iter()) {
             self.check_tokens(t)?;
@@ -279,17 +231,12 @@ impl Model {
                 return Err(ierr("a cache was made for a different model"));
             }
         }
-        let spans: Vec<(usize, usize)> = inputs
-            .iter()
-            .zip(caches.iter())
-            .map(|(t, c)| (c.len(), t.len()))
-            .collect();
+        let spans: Vec<(usize, usize)> = inputs.iter().zip(caches.iter()).map(|(t, c)| (c.len(), t.len())).collect();
         let batch = Batch::new(&self.rope, &spans);
         let tokens: Vec<u32> = inputs.iter().flat_map(|t| t.iter().copied()).collect();
         let mut x = self.embed_tokens(&tokens);
         for (l, layer) in self.layers.iter().enumerate() {
-            let mut lc: Vec<&mut LayerCache> =
-                caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            let mut lc: Vec<&mut LayerCache> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
             layer.forward(&mut x, &batch, &mut lc, self.attn);
         }
         rmsnorm_inplace(&mut x, &self.norm, self.cfg.rms_norm_eps);
@@ -316,10 +263,7 @@ impl Model {
     /// `[T-1, V]` drafting t_{i+2} at positions i = 0..T-2, from the main post-norm hidden states
     /// `hidden` (`[Σ T_i, D]`, as [`Model::forward_hidden`] returns) and tokens t_{i+1}.
     pub fn mtp_logits(&self, k: usize, seqs: &[&[u32]], hidden: &[f32]) -> Result<Vec<f32>> {
-        let m = self
-            .mtp
-            .get(k)
-            .ok_or_else(|| ierr(format!("the model has no MTP module {k} loaded")))?;
+        let m = self.mtp.get(k).ok_or_else(|| ierr(format!("the model has no MTP module {k} loaded")))?;
         let d = self.cfg.hidden_size;
         let mut next = Vec::new();
         let mut hrows = Vec::new();

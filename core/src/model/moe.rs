@@ -42,11 +42,7 @@ pub struct Router {
 /// Indices of the `k` largest values (ties: lower index first), in descending order.
 pub fn topk_indices(v: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..v.len()).collect();
-    idx.sort_by(|&a, &b| {
-        v[b].partial_cmp(&v[a])
-            .unwrap_or(core::cmp::Ordering::Equal)
-            .then(a.cmp(&b))
-    });
+    idx.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap_or(core::cmp::Ordering::Equal).then(a.cmp(&b)));
     idx.truncate(k);
     idx
 }
@@ -55,18 +51,7 @@ impl Router {
     /// Router logits `[N, E] = x[N, D] · W_gᵀ`.
     pub fn logits(&self, x: &[f32], n: usize) -> Vec<f32> {
         let mut l = vec![0f32; n * self.n_experts];
-        matmul_t(
-            n,
-            self.n_experts,
-            self.dim,
-            x,
-            self.dim,
-            &self.weight,
-            self.dim,
-            &mut l,
-            self.n_experts,
-            false,
-        );
+        matmul_t(n, self.n_experts, self.dim, x, self.dim, &self.weight, self.dim, &mut l, self.n_experts, false);
         l
     }
 
@@ -75,9 +60,7 @@ impl Router {
         let e = self.n_experts;
         let mut scores: Vec<f32> = logits.to_vec();
         match self.scoring {
-            ScoringFunc::Sigmoid => scores
-                .iter_mut()
-                .for_each(|v| *v = 1.0 / (1.0 + libm::expf(-*v))),
+            ScoringFunc::Sigmoid => scores.iter_mut().for_each(|v| *v = 1.0 / (1.0 + libm::expf(-*v))),
             ScoringFunc::Softmax => softmax_inplace(&mut scores),
         }
         let gsize = e / self.n_group;
@@ -87,20 +70,15 @@ impl Router {
                     Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
                     None => scores.clone(),
                 };
-                let gscore: Vec<f32> = biased
-                    .chunks_exact(gsize)
-                    .map(|g| topk_indices(g, 2).iter().map(|&i| g[i]).sum())
-                    .collect();
-                let masked =
-                    mask_groups(&biased, &gscore, self.topk_group, gsize, f32::NEG_INFINITY);
+                let gscore: Vec<f32> =
+                    biased.chunks_exact(gsize).map(|g| topk_indices(g, 2).iter().map(|&i| g[i]).sum()).collect();
+                let masked = mask_groups(&biased, &gscore, self.topk_group, gsize, f32::NEG_INFINITY);
                 topk_indices(&masked, self.top_k)
             }
             TopkMethod::Greedy => topk_indices(&scores, self.top_k),
             TopkMethod::GroupLimitedGreedy => {
-                let gscore: Vec<f32> = scores
-                    .chunks_exact(gsize)
-                    .map(|g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max))
-                    .collect();
+                let gscore: Vec<f32> =
+                    scores.chunks_exact(gsize).map(|g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max)).collect();
                 let masked = mask_groups(&scores, &gscore, self.topk_group, gsize, 0.0);
                 topk_indices(&masked, self.top_k)
             }
@@ -119,11 +97,7 @@ impl Router {
 /// expert of the other groups to `fill`.
 fn mask_groups(scores: &[f32], gscore: &[f32], keep: usize, gsize: usize, fill: f32) -> Vec<f32> {
     let kept = topk_indices(gscore, keep);
-    scores
-        .iter()
-        .enumerate()
-        .map(|(i, &s)| if kept.contains(&(i / gsize)) { s } else { fill })
-        .collect()
+    scores.iter().enumerate().map(|(i, &s)| if kept.contains(&(i / gsize)) { s } else { fill }).collect()
 }
 
 /// One MoE layer: router, routed experts, shared experts.
@@ -137,11 +111,7 @@ pub struct Moe {
 impl Moe {
     /// Loads `{prefix}.gate.*`, `{prefix}.experts.{e}.*`, `{prefix}.shared_experts.*`.
     pub fn load(store: &mut TensorStore, prefix: &str, cfg: &Config, mode: Fp8Mode) -> Result<Moe> {
-        let (d, e, i) = (
-            cfg.hidden_size,
-            cfg.n_routed_experts,
-            cfg.moe_intermediate_size,
-        );
+        let (d, e, i) = (cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size);
         let blk = cfg.quantization.map(|q| q.block);
         let weight = store.take_f32(&format!("{prefix}.gate.weight"), &[e, d])?;
         let bias_name = format!("{prefix}.gate.e_score_correction_bias");
@@ -167,22 +137,11 @@ impl Moe {
             .map(|x| Mlp::load(store, &format!("{prefix}.experts.{x}"), d, i, blk, mode))
             .collect::<Result<Vec<_>>>()?;
         let shared = if cfg.n_shared_experts > 0 {
-            Some(Mlp::load(
-                store,
-                &format!("{prefix}.shared_experts"),
-                d,
-                i * cfg.n_shared_experts,
-                blk,
-                mode,
-            )?)
+            Some(Mlp::load(store, &format!("{prefix}.shared_experts"), d, i * cfg.n_shared_experts, blk, mode)?)
         } else {
             None
         };
-        Ok(Moe {
-            router,
-            experts,
-            shared,
-        })
+        Ok(Moe { router, experts, shared })
     }
 
     /// Number of parameters (all experts).
@@ -204,10 +163,7 @@ impl Moe {
     pub fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) -> Vec<Routing> {
         let d = self.router.dim;
         let logits = self.router.logits(x, n);
-        let routes: Vec<Routing> = logits
-            .chunks_exact(self.router.n_experts)
-            .map(|l| self.router.select(l))
-            .collect();
+        let routes: Vec<Routing> = logits.chunks_exact(self.router.n_experts).map(|l| self.router.select(l)).collect();
         // tokens per expert, with their weights
         let mut per: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
         for (t, r) in routes.iter().enumerate() {

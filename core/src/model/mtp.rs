@@ -55,11 +55,7 @@ impl Mtp {
 
     /// Number of parameters (without the shared embedding and head).
     pub fn params(&self) -> usize {
-        self.enorm.len()
-            + self.hnorm.len()
-            + self.eh_proj.params()
-            + self.block.params()
-            + self.head_norm.len()
+        self.enorm.len() + self.hnorm.len() + self.eh_proj.params() + self.block.params() + self.head_norm.len()
     }
 
     /// `emb` (`[N, D]`: embeddings of t_{i+1}) and `hidden` (`[N, D]`: main post-norm h_i)

@@ -29,10 +29,7 @@ pub fn matmul_t(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        lda >= k && ldb >= k && ldc >= n,
-        "matmul_t: strides smaller than the rows"
-    );
+    assert!(lda >= k && ldb >= k && ldc >= n, "matmul_t: strides smaller than the rows");
     assert!(a.len() >= (m - 1) * lda + k, "matmul_t: a too short");
     assert!(b.len() >= (n - 1) * ldb + k, "matmul_t: b too short");
     assert!(c.len() >= (m - 1) * ldc + n, "matmul_t: c too short");
@@ -78,20 +75,7 @@ pub fn matmul_t(
         }
     }
     // SAFETY: the bounds were checked above; the kernel stays inside them.
-    unsafe {
-        kernel_dispatch(
-            m,
-            n,
-            k,
-            a.as_ptr(),
-            lda,
-            b.as_ptr(),
-            ldb,
-            c.as_mut_ptr(),
-            ldc,
-            accumulate,
-        )
-    }
+    unsafe { kernel_dispatch(m, n, k, a.as_ptr(), lda, b.as_ptr(), ldb, c.as_mut_ptr(), ldc, accumulate) }
 }
 
 /// Rows from which the packed `gemm` crate beats the dot-product kernel (benches/gemm.rs).
@@ -128,20 +112,7 @@ fn par_cols(
         let nn = per.min(n - j0);
         let cp = &cp;
         // SAFETY: column ranges [j0, j0+nn) are disjoint between tasks; bounds checked by the caller.
-        unsafe {
-            kernel_dispatch(
-                m,
-                nn,
-                k,
-                a.as_ptr(),
-                lda,
-                b.as_ptr().add(j0 * ldb),
-                ldb,
-                cp.0.add(j0),
-                ldc,
-                acc,
-            )
-        }
+        unsafe { kernel_dispatch(m, nn, k, a.as_ptr(), lda, b.as_ptr().add(j0 * ldb), ldb, cp.0.add(j0), ldc, acc) }
     });
 }
 
@@ -157,20 +128,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let mut c = [0f32];
     // SAFETY: m = n = 1 over slices of length k.
-    unsafe {
-        kernel_dispatch(
-            1,
-            1,
-            a.len(),
-            a.as_ptr(),
-            a.len(),
-            b.as_ptr(),
-            b.len(),
-            c.as_mut_ptr(),
-            1,
-            false,
-        )
-    };
+    unsafe { kernel_dispatch(1, 1, a.len(), a.as_ptr(), a.len(), b.as_ptr(), b.len(), c.as_mut_ptr(), 1, false) };
     c[0]
 }
 
@@ -344,8 +302,7 @@ mod portable {
         }
         for (ii, row) in s.iter().enumerate() {
             for (jj, sv) in row.iter().enumerate() {
-                let mut t =
-                    ((sv[0] + sv[4]) + (sv[1] + sv[5])) + ((sv[2] + sv[6]) + (sv[3] + sv[7]));
+                let mut t = ((sv[0] + sv[4]) + (sv[1] + sv[5])) + ((sv[2] + sv[6]) + (sv[3] + sv[7]));
                 for q in k8..k {
                     t += *a.add(ii * lda + q) * *b.add(jj * ldb + q);
                 }
@@ -377,70 +334,49 @@ mod tests {
     }
 
     #[test]
+    fn strided_operands_on_both_paths() {
+        // a [m, k] inside rows of 13, b [n, k] inside rows of 11, c [m, n] inside rows of 9 + offset
+        let (n, k, lda, ldb, ldc) = (5, 7, 13, 11, 9);
+        let mut rng = crate::rng::Rng::new(3);
+        for m in [3usize, 40] {
+            let a: Vec<f32> = (0..m * lda).map(|_| rng.normal()).collect();
+            let b: Vec<f32> = (0..n * ldb).map(|_| rng.normal()).collect();
+            let mut c = vec![f32::NAN; m * ldc];
+            matmul_t(m, n, k, &a, lda, &b, ldb, &mut c[2..], ldc, false);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k).map(|p| a[i * lda + p] * b[j * ldb + p]).sum();
+                    assert!((c[2 + i * ldc + j] - want).abs() < 1e-4, "m={m} ({i},{j})");
+                }
+                // untouched padding stays NaN
+                if i + 1 < m {
+                    assert!(c[2 + i * ldc + n].is_nan());
+                }
+            }
+        }
+    }
+
+    #[test]
     fn matches_naive_on_ragged_shapes() {
         let mut rng = crate::rng::Rng::new(7);
-        for &(m, n, k) in &[
-            (1, 1, 1),
-            (1, 5, 3),
-            (3, 7, 9),
-            (2, 4, 8),
-            (5, 13, 37),
-            (17, 33, 130),
-            (64, 200, 300),
-        ] {
+        for &(m, n, k) in &[(1, 1, 1), (1, 5, 3), (3, 7, 9), (2, 4, 8), (5, 13, 37), (17, 33, 130), (64, 200, 300)] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
             let b: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
             let want = naive(m, n, k, &a, &b);
+            let close =
+                |c: &[f32], f: f32| c.iter().zip(&want).all(|(x, y)| (x - f * y).abs() <= 1e-4 * f * (1.0 + y.abs()));
             let mut c = vec![f32::NAN; m * n];
             matmul_t(m, n, k, &a, k, &b, k, &mut c, n, false);
-            for (x, y) in c.iter().zip(&want) {
-                assert!(
-                    (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                    "{m}x{n}x{k}: {x} vs {y}"
-                );
-            }
+            assert!(close(&c, 1.0), "{m}x{n}x{k}");
             // accumulate adds on top
             matmul_t(m, n, k, &a, k, &b, k, &mut c, n, true);
-            for (x, y) in c.iter().zip(&want) {
-                assert!((x - 2.0 * y).abs() <= 2e-4 * (1.0 + y.abs()));
-            }
-            // the dot kernel agrees for every m (the packed path takes m >= 32 above)
-            let mut c3 = vec![f32::NAN; m * n];
-            unsafe {
-                kernel_dispatch(
-                    m,
-                    n,
-                    k,
-                    a.as_ptr(),
-                    k,
-                    b.as_ptr(),
-                    k,
-                    c3.as_mut_ptr(),
-                    n,
-                    false,
-                )
-            };
-            for (x, y) in c3.iter().zip(&want) {
-                assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()));
-            }
-            // portable kernel agrees too
-            let mut c2 = vec![f32::NAN; m * n];
-            unsafe {
-                portable::kernel(
-                    m,
-                    n,
-                    k,
-                    a.as_ptr(),
-                    k,
-                    b.as_ptr(),
-                    k,
-                    c2.as_mut_ptr(),
-                    n,
-                    false,
-                )
-            };
-            for (x, y) in c2.iter().zip(&want) {
-                assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()));
+            assert!(close(&c, 2.0), "{m}x{n}x{k} accumulate");
+            // the dot kernels agree for every m (the packed path takes m >= 32 in matmul_t)
+            type Kernel = unsafe fn(usize, usize, usize, *const f32, usize, *const f32, usize, *mut f32, usize, bool);
+            for kernel in [kernel_dispatch as Kernel, portable::kernel as Kernel] {
+                let mut c = vec![f32::NAN; m * n];
+                unsafe { kernel(m, n, k, a.as_ptr(), k, b.as_ptr(), k, c.as_mut_ptr(), n, false) };
+                assert!(close(&c, 1.0), "{m}x{n}x{k} dot kernel");
             }
         }
     }

@@ -8,11 +8,7 @@ pub mod swiglu;
 
 /// Maps `f` over `items`, on the rayon pool when `work` (a rough count of multiply-adds) is
 /// large enough to pay for the fork; serially otherwise (and always without `std`).
-pub fn par_map<T: Sync, R: Send>(
-    items: &[T],
-    work: usize,
-    f: impl Fn(&T) -> R + Sync + Send,
-) -> alloc::vec::Vec<R> {
+pub fn par_map<T: Sync, R: Send>(items: &[T], work: usize, f: impl Fn(&T) -> R + Sync + Send) -> alloc::vec::Vec<R> {
     #[cfg(feature = "std")]
     {
         if work >= PAR_MIN_WORK && items.len() > 1 && rayon::current_num_threads() > 1 {
@@ -30,10 +26,7 @@ pub const PAR_MIN_WORK: usize = 1 << 18;
 /// Sets the number of worker threads (once, before any parallel work).
 #[cfg(feature = "std")]
 pub fn set_threads(n: usize) -> core::result::Result<(), alloc::string::String> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global()
-        .map_err(|e| alloc::format!("setting threads: {e}"))
+    rayon::ThreadPoolBuilder::new().num_threads(n).build_global().map_err(|e| alloc::format!("setting threads: {e}"))
 }
 
 /// Worker threads in use (1 without `std`).

@@ -3,10 +3,7 @@
 /// Normalizes each row of `x` ([rows, d]) into `y` ([rows, d]) with weight `w` ([d]).
 pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     let d = w.len();
-    assert!(
-        d > 0 && x.len().is_multiple_of(d) && y.len() == x.len(),
-        "rmsnorm: shape mismatch"
-    );
+    assert!(d > 0 && x.len().is_multiple_of(d) && y.len() == x.len(), "rmsnorm: shape mismatch");
     for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
         let r = inv_rms(xr, eps);
         for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {

@@ -34,15 +34,12 @@ impl Rope {
         let base = cfg.rope_theta;
         let half = dim / 2;
         // pos_freqs[i] = base^(2i/dim), exponent in f32, result rounded to f32.
-        let pos_freqs: Vec<f32> = (0..half)
-            .map(|i| libm::pow(base, ((2 * i) as f32 / dim as f32) as f64) as f32)
-            .collect();
+        let pos_freqs: Vec<f32> =
+            (0..half).map(|i| libm::pow(base, ((2 * i) as f32 / dim as f32) as f64) as f32).collect();
         match cfg.rope_scaling {
-            RopeScaling::None => Rope {
-                inv_freq: pos_freqs.iter().map(|&p| 1.0 / p).collect(),
-                attention_factor: 1.0,
-                dim,
-            },
+            RopeScaling::None => {
+                Rope { inv_freq: pos_freqs.iter().map(|&p| 1.0 / p).collect(), attention_factor: 1.0, dim }
+            }
             RopeScaling::Yarn {
                 factor,
                 original_max_position_embeddings: lo,
@@ -51,10 +48,8 @@ impl Rope {
                 mscale,
                 mscale_all_dim,
             } => {
-                let corr = |r: f64| {
-                    (dim as f64 * libm::log(lo / (r * 2.0 * core::f64::consts::PI)))
-                        / (2.0 * libm::log(base))
-                };
+                let corr =
+                    |r: f64| (dim as f64 * libm::log(lo / (r * 2.0 * core::f64::consts::PI))) / (2.0 * libm::log(base));
                 let low = libm::floor(corr(beta_fast)).max(0.0);
                 let mut high = libm::ceil(corr(beta_slow)).min(dim as f64 - 1.0);
                 if low == high {
@@ -78,11 +73,7 @@ impl Rope {
                 } else {
                     yarn_mscale(factor, 1.0)
                 };
-                Rope {
-                    inv_freq,
-                    attention_factor: attention_factor as f32,
-                    dim,
-                }
+                Rope { inv_freq, attention_factor: attention_factor as f32, dim }
             }
         }
     }
@@ -115,12 +106,7 @@ impl Rope {
 /// when `mscale_all_dim` is non-zero (HF `yarn_apply_mscale`).
 pub fn softmax_scale(cfg: &Config) -> f32 {
     let mut s = 1.0 / libm::sqrt(cfg.qk_head_dim() as f64);
-    if let RopeScaling::Yarn {
-        factor,
-        mscale_all_dim,
-        ..
-    } = cfg.rope_scaling
-    {
+    if let RopeScaling::Yarn { factor, mscale_all_dim, .. } = cfg.rope_scaling {
         if mscale_all_dim != 0.0 {
             let m = yarn_mscale(factor, mscale_all_dim);
             s *= m * m;
@@ -153,17 +139,11 @@ mod tests {
             mscale_all_dim: 1.0,
         };
         let c = v3_like(yarn);
-        assert!(
-            (softmax_scale(&c) - 0.135_233_78).abs() < 1e-7,
-            "{}",
-            softmax_scale(&c)
-        );
+        assert!((softmax_scale(&c) - 0.135_233_78).abs() < 1e-7, "{}", softmax_scale(&c));
         let r = Rope::new(&c);
         assert_eq!(r.attention_factor, 1.0);
         // low = 10, high = 23: dims below 10 keep the base frequency, above 23 are divided by 40.
-        let base: Vec<f32> = (0..32)
-            .map(|i| 1.0 / (10000f64.powf(2.0 * i as f64 / 64.0) as f32))
-            .collect();
+        let base: Vec<f32> = (0..32).map(|i| 1.0 / (10000f64.powf(2.0 * i as f64 / 64.0) as f32)).collect();
         assert!((r.inv_freq[5] - base[5]).abs() <= 1e-7 * base[5]);
         assert!((r.inv_freq[30] - base[30] / 40.0).abs() <= 1e-6 * base[30]);
     }

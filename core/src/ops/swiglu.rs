@@ -8,10 +8,7 @@ pub fn silu(x: f32) -> f32 {
 
 /// `out[i] = silu(g[i]) · u[i]` for equal-length slices.
 pub fn swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
-    assert!(
-        g.len() == u.len() && u.len() == out.len(),
-        "swiglu: shape mismatch"
-    );
+    assert!(g.len() == u.len() && u.len() == out.len(), "swiglu: shape mismatch");
     for ((o, &gv), &uv) in out.iter_mut().zip(g).zip(u) {
         *o = silu(gv) * uv;
     }

@@ -42,22 +42,17 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = fs::read_to_string(&index).map_err(|e| io_err(&index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| io_err(&index, format!("not valid JSON: {e}")))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| io_err(&index, format!("not valid JSON: {e}")))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| io_err(&index, "missing object 'weight_map'"))?;
         let mut files = BTreeSet::new();
         for (name, f) in map {
-            let f = f.as_str().ok_or_else(|| {
-                io_err(&index, format!("weight_map['{name}'] is not a file name"))
-            })?;
+            let f = f.as_str().ok_or_else(|| io_err(&index, format!("weight_map['{name}'] is not a file name")))?;
             if f.contains('/') || f.contains('\\') || f == ".." {
-                return Err(io_err(
-                    &index,
-                    format!("weight_map['{name}'] = '{f}' is not a plain file name"),
-                ));
+                return Err(io_err(&index, format!("weight_map['{name}'] = '{f}' is not a plain file name")));
             }
             files.insert(f.to_string());
         }
@@ -74,10 +69,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     all.sort();
     if all.is_empty() {
-        return Err(io_err(
-            dir,
-            "no model.safetensors, model.safetensors.index.json or *.safetensors file",
-        ));
+        return Err(io_err(dir, "no model.safetensors, model.safetensors.index.json or *.safetensors file"));
     }
     Ok(all)
 }
@@ -131,9 +123,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io_err(path, "not a file path"))?;
+    let name = path.file_name().ok_or_else(|| io_err(path, "not a file path"))?;
     let mut tmp_name = String::from(".");
     tmp_name.push_str(&name.to_string_lossy());
     tmp_name.push_str(&format!(".tmp{}", std::process::id()));

@@ -46,24 +46,12 @@ pub fn e4m3_is_nan(code: u8) -> bool {
 /// Dequantizes rows `[r0, r1)` of an FP8 matrix `q` ([rows, cols] codes) with block scales
 /// `scale` ([ceil(rows/br), ceil(cols/bc)]) into `out` ([r1-r0, cols]):
 /// `W[i,j] = f32(q[i,j]) · S[i/br, j/bc]` (partial edge blocks included).
-pub fn dequant_rows(
-    q: &[u8],
-    cols: usize,
-    scale: &[f32],
-    block: [usize; 2],
-    r0: usize,
-    r1: usize,
-    out: &mut [f32],
-) {
+pub fn dequant_rows(q: &[u8], cols: usize, scale: &[f32], block: [usize; 2], r0: usize, r1: usize, out: &mut [f32]) {
     let sc = cols.div_ceil(block[1]);
     for (i, orow) in (r0..r1).zip(out.chunks_exact_mut(cols)) {
         let qrow = &q[i * cols..(i + 1) * cols];
         let srow = &scale[(i / block[0]) * sc..(i / block[0] + 1) * sc];
-        for ((oc, qc), &s) in orow
-            .chunks_mut(block[1])
-            .zip(qrow.chunks(block[1]))
-            .zip(srow)
-        {
+        for ((oc, qc), &s) in orow.chunks_mut(block[1]).zip(qrow.chunks(block[1])).zip(srow) {
             for (o, &c) in oc.iter_mut().zip(qc) {
                 *o = E4M3_LUT[c as usize] * s;
             }

@@ -22,12 +22,7 @@ pub enum Kind {
 /// Every tensor of a checkpoint for `cfg` (main layers, then MTP modules) with its shape.
 pub fn tensor_specs(cfg: &Config) -> Vec<(String, Vec<usize>, Kind)> {
     let (v, d, h) = (cfg.vocab_size, cfg.hidden_size, cfg.num_attention_heads);
-    let (dn, dr, dv, c) = (
-        cfg.qk_nope_head_dim,
-        cfg.qk_rope_head_dim,
-        cfg.v_head_dim,
-        cfg.kv_lora_rank,
-    );
+    let (dn, dr, dv, c) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
     let dq = dn + dr;
     let mut s: Vec<(String, Vec<usize>, Kind)> = Vec::new();
     let mut add = |n: String, shape: &[usize], k: Kind| s.push((n, shape.to_vec(), k));
@@ -35,11 +30,7 @@ pub fn tensor_specs(cfg: &Config) -> Vec<(String, Vec<usize>, Kind)> {
     for idx in 0..cfg.num_hidden_layers + cfg.num_nextn_predict_layers {
         let p = format!("model.layers.{idx}");
         add(format!("{p}.input_layernorm.weight"), &[d], Kind::Norm);
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            &[d],
-            Kind::Norm,
-        );
+        add(format!("{p}.post_attention_layernorm.weight"), &[d], Kind::Norm);
         let a = format!("{p}.self_attn");
         match cfg.q_lora_rank {
             Some(rq) => {
@@ -52,24 +43,12 @@ pub fn tensor_specs(cfg: &Config) -> Vec<(String, Vec<usize>, Kind)> {
             }
             None => add(format!("{a}.q_proj.weight"), &[h * dq, d], Kind::Matrix),
         }
-        add(
-            format!("{a}.kv_a_proj_with_mqa.weight"),
-            &[c + dr, d],
-            Kind::Matrix,
-        );
+        add(format!("{a}.kv_a_proj_with_mqa.weight"), &[c + dr, d], Kind::Matrix);
         if cfg.attention_bias {
-            add(
-                format!("{a}.kv_a_proj_with_mqa.bias"),
-                &[c + dr],
-                Kind::Bias,
-            );
+            add(format!("{a}.kv_a_proj_with_mqa.bias"), &[c + dr], Kind::Bias);
         }
         add(format!("{a}.kv_a_layernorm.weight"), &[c], Kind::Norm);
-        add(
-            format!("{a}.kv_b_proj.weight"),
-            &[h * (dn + dv), c],
-            Kind::Matrix,
-        );
+        add(format!("{a}.kv_b_proj.weight"), &[h * (dn + dv), c], Kind::Matrix);
         add(format!("{a}.o_proj.weight"), &[d, h * dv], Kind::Matrix);
         if cfg.attention_bias {
             add(format!("{a}.o_proj.bias"), &[d], Kind::Bias);
@@ -90,11 +69,7 @@ pub fn tensor_specs(cfg: &Config) -> Vec<(String, Vec<usize>, Kind)> {
             }
             add(format!("{m}.gate.weight"), &[e, d], Kind::Matrix);
             if cfg.topk_method == crate::config::TopkMethod::NoauxTc {
-                add(
-                    format!("{m}.gate.e_score_correction_bias"),
-                    &[e],
-                    Kind::Bias,
-                );
+                add(format!("{m}.gate.e_score_correction_bias"), &[e], Kind::Bias);
             }
         } else {
             mlp(m, cfg.intermediate_size);

@@ -77,11 +77,7 @@ pub struct RawTensor {
 
 impl core::fmt::Debug for RawTensor {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(
-            f,
-            "RawTensor({} {:?} {:?} in {})",
-            self.name, self.dtype, self.shape, self.file
-        )
+        write!(f, "RawTensor({} {:?} {:?} in {})", self.name, self.dtype, self.shape, self.file)
     }
 }
 
@@ -99,10 +95,7 @@ impl RawTensor {
         if self.shape != want {
             return Err(werr(
                 &self.name,
-                format!(
-                    "expected shape {:?}, found {:?} in {}",
-                    want, self.shape, self.file
-                ),
+                format!("expected shape {:?}, found {:?} in {}", want, self.shape, self.file),
             ));
         }
         Ok(())
@@ -111,36 +104,18 @@ impl RawTensor {
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         let b = self.bytes();
         let v: Vec<f32> = match self.dtype {
-            DType::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            DType::BF16 => b
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::F16 => b
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            DType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            DType::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            DType::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             d => {
                 return Err(werr(
                     &self.name,
-                    format!(
-                    "dtype {d:?} cannot be read as floats here (expected F32, BF16 or F16) in {}",
-                    self.file
-                ),
+                    format!("dtype {d:?} cannot be read as floats here (expected F32, BF16 or F16) in {}", self.file),
                 ))
             }
         };
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-            return Err(werr(
-                &self.name,
-                format!(
-                    "non-finite value {} at flat index {i} in {}",
-                    v[i], self.file
-                ),
-            ));
+            return Err(werr(&self.name, format!("non-finite value {} at flat index {i} in {}", v[i], self.file)));
         }
         Ok(v)
     }
@@ -148,28 +123,11 @@ impl RawTensor {
     pub fn to_i64(&self) -> Result<Vec<i64>> {
         let b = self.bytes();
         Ok(match self.dtype {
-            DType::I64 => b
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-            DType::I32 => b
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
-                .collect(),
-            DType::U32 => b
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i64)
-                .collect(),
-            DType::U16 => b
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes(c.try_into().unwrap()) as i64)
-                .collect(),
-            d => {
-                return Err(werr(
-                    &self.name,
-                    format!("expected an integer dtype, found {d:?} in {}", self.file),
-                ))
-            }
+            DType::I64 => b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
+            DType::I32 => b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+            DType::U32 => b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+            DType::U16 => b.chunks_exact(2).map(|c| u16::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+            d => return Err(werr(&self.name, format!("expected an integer dtype, found {d:?} in {}", self.file))),
         })
     }
 }
@@ -196,12 +154,8 @@ impl TensorStore {
         })?;
         let base = bytes.as_ptr() as usize;
         for (name, view) in st.iter() {
-            let dtype = DType::from_st(view.dtype()).ok_or_else(|| {
-                werr(
-                    name,
-                    format!("unsupported dtype {:?} in {file}", view.dtype()),
-                )
-            })?;
+            let dtype = DType::from_st(view.dtype())
+                .ok_or_else(|| werr(name, format!("unsupported dtype {:?} in {file}", view.dtype())))?;
             let data = view.data();
             if self.map.contains_key(name) {
                 return Err(werr(name, format!("appears twice (again in {file})")));
@@ -237,9 +191,7 @@ impl TensorStore {
 
     /// Removes and returns a tensor; a missing one is an error naming it.
     pub fn take(&mut self, name: &str) -> Result<RawTensor> {
-        self.map
-            .remove(name)
-            .ok_or_else(|| werr(name, "missing from the checkpoint"))
+        self.map.remove(name).ok_or_else(|| werr(name, "missing from the checkpoint"))
     }
 
     /// Removes a tensor and converts it to f32, checking its shape.
@@ -270,13 +222,7 @@ impl TensorStore {
             None => Ok(()),
             Some(t) => {
                 let n = self.map.len();
-                Err(werr(
-                    &t.name,
-                    format!(
-                        "unexpected tensor in {} ({n} unused tensor(s) in the checkpoint)",
-                        t.file
-                    ),
-                ))
+                Err(werr(&t.name, format!("unexpected tensor in {} ({n} unused tensor(s) in the checkpoint)", t.file)))
             }
         }
     }

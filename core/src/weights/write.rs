@@ -27,12 +27,7 @@ impl OutTensor {
     /// An i64 tensor.
     pub fn i64(name: &str, shape: &[usize], v: &[i64]) -> OutTensor {
         let data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        OutTensor {
-            name: name.into(),
-            dtype: DType::I64,
-            shape: shape.to_vec(),
-            data,
-        }
+        OutTensor { name: name.into(), dtype: DType::I64, shape: shape.to_vec(), data }
     }
 }
 
@@ -55,10 +50,7 @@ impl safetensors::View for &OutTensor {
 pub fn to_bytes(tensors: &[OutTensor]) -> Result<Vec<u8>> {
     for t in tensors {
         if t.shape.iter().product::<usize>() * t.dtype.size() != t.data.len() {
-            return Err(Error::Input(format!(
-                "tensor '{}': data length does not match shape {:?}",
-                t.name, t.shape
-            )));
+            return Err(Error::Input(format!("tensor '{}': data length does not match shape {:?}", t.name, t.shape)));
         }
     }
     safetensors::serialize(tensors.iter().map(|t| (t.name.as_str(), t)), None)

@@ -1,6 +1,6 @@
 //! [`Linear`]: `y = x · Wᵀ (+ b)` with W `[out, in]` in f32, or FP8 E4M3 with block scales.
 use crate::error::{werr, Result};
-use crate::ops::gemm::matmul_t;
+use crate::ops::gemm::{matmul_nn, matmul_t, matmul_tn};
 use crate::weights::fp8::{dequant_rows, e4m3_is_nan};
 use crate::weights::{DType, RawTensor, TensorStore};
 use alloc::format;
@@ -145,6 +145,46 @@ impl Linear {
                 dequant_rows(q.bytes(), self.in_dim, scale, *block, 0, self.out_dim, &mut w);
                 w
             }
+        }
+    }
+
+    /// Backward of [`Linear::forward`] for `x` `[m, in]` and `dy` `[m, out]`: accumulates
+    /// `dW += dyᵀ·x` (and `db += Σ dy`) into `grad`, and writes (or adds to) `dx = dy·W`.
+    pub fn backward(&self, x: &[f32], m: usize, dy: &[f32], grad: &mut Linear, dx: Option<&mut [f32]>, add_dx: bool) {
+        let (n, k) = (self.out_dim, self.in_dim);
+        if let Weight::F32(gw) = &mut grad.weight {
+            matmul_tn(n, k, m, dy, x, gw, true);
+        }
+        if let (Some(gb), true) = (&mut grad.bias, self.bias.is_some()) {
+            for row in dy.chunks_exact(n).take(m) {
+                for (g, &d) in gb.iter_mut().zip(row) {
+                    *g += d;
+                }
+            }
+        }
+        if let Some(dx) = dx {
+            match &self.weight {
+                Weight::F32(w) => matmul_nn(m, k, n, dy, w, dx, add_dx),
+                Weight::Fp8 { .. } => matmul_nn(m, k, n, dy, &self.dense(), dx, add_dx),
+            }
+        }
+    }
+
+    /// Converts an FP8 weight to f32 in place (training keeps f32 master weights).
+    pub fn make_f32(&mut self) {
+        if matches!(self.weight, Weight::Fp8 { .. }) {
+            self.weight = Weight::F32(self.dense());
+        }
+    }
+
+    /// Visits the trainable tensors (`{prefix}.weight`, `{prefix}.bias`); FP8 weights are
+    /// skipped (call [`Linear::make_f32`] first).
+    pub fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut [f32])) {
+        if let Weight::F32(w) = &mut self.weight {
+            f(&format!("{prefix}.weight"), w);
+        }
+        if let Some(b) = &mut self.bias {
+            f(&format!("{prefix}.bias"), b);
         }
     }
 }

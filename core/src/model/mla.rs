@@ -12,10 +12,10 @@ use crate::error::Result;
 use crate::infer::cache::LayerCache;
 use crate::model::linear::{Fp8Mode, Linear};
 use crate::model::Batch;
-use crate::ops::gemm::matmul_t;
-use crate::ops::norm::rmsnorm_inplace;
+use crate::ops::gemm::{matmul_strided, matmul_t};
+use crate::ops::norm::{rmsnorm, rmsnorm_backward, rmsnorm_inplace};
 use crate::ops::rope::Rope;
-use crate::ops::softmax::softmax_inplace;
+use crate::ops::softmax::{softmax_backward_inplace, softmax_inplace};
 use crate::weights::TensorStore;
 use alloc::format;
 use alloc::vec;
@@ -276,5 +276,243 @@ impl Mla {
         let mut o = vec![0f32; s_len * dv];
         matmul_t(s_len, dv, c, &ob, c, &self.w_uv[hh * dv * c..(hh + 1) * dv * c], c, &mut o, dv, false);
         o
+    }
+}
+
+/// Activations MLA keeps for its backward (naive form over whole sequences).
+#[derive(Clone, Default)]
+pub struct MlaSaved {
+    /// `[N, Rq]` q_a output before / after its norm (LoRA query only).
+    pub qa: Vec<f32>,
+    pub qan: Vec<f32>,
+    /// `[N, H·dq]` queries after RoPE.
+    pub q: Vec<f32>,
+    /// `[N, C]` latent before / after kv_a_layernorm.
+    pub lat: Vec<f32>,
+    pub cn: Vec<f32>,
+    /// `[N, dr]` rotated rope keys.
+    pub kpe: Vec<f32>,
+    /// `[N, H·(dn+dv)]` expanded keys and values.
+    pub kv: Vec<f32>,
+    /// Softmax probabilities `[S, S]` per (sequence, head), sequence-major.
+    pub probs: Vec<Vec<f32>>,
+    /// `[N, H·dv]` attention output before o_proj.
+    pub attn: Vec<f32>,
+}
+
+impl Mla {
+    /// Training forward over whole sequences (`batch.seqs`, causal within each, positions from
+    /// `batch`), naive form. Returns `out` `[N, D]` and the saved activations.
+    pub fn forward_train(&self, x: &[f32], batch: &Batch, out: &mut [f32]) -> MlaSaved {
+        let Dims { h, dn, dr, dv, c, scale } = self.dims;
+        let dq = self.dims.dq();
+        let n = batch.pos.len();
+        let w = h * (dn + dv);
+        let mut sv = MlaSaved { q: vec![0f32; n * h * dq], ..Default::default() };
+        match &self.q {
+            QProj::Lora { a, norm, b } => {
+                sv.qa = vec![0f32; n * a.out_dim];
+                a.forward(x, n, &mut sv.qa);
+                sv.qan = vec![0f32; sv.qa.len()];
+                rmsnorm(&sv.qa, norm, LORA_NORM_EPS, &mut sv.qan);
+                b.forward(&sv.qan, n, &mut sv.q);
+            }
+            QProj::Plain(l) => l.forward(x, n, &mut sv.q),
+        }
+        let mut ckv = vec![0f32; n * (c + dr)];
+        self.kv_a.forward(x, n, &mut ckv);
+        sv.lat = vec![0f32; n * c];
+        sv.kpe = vec![0f32; n * dr];
+        let half = dr / 2;
+        let mut tmp = vec![0f32; dr];
+        for i in 0..n {
+            sv.lat[i * c..(i + 1) * c].copy_from_slice(&ckv[i * (c + dr)..i * (c + dr) + c]);
+            let pe = &mut sv.kpe[i * dr..(i + 1) * dr];
+            pe.copy_from_slice(&ckv[i * (c + dr) + c..(i + 1) * (c + dr)]);
+            let (cs, sn) = (&batch.cos[i * half..(i + 1) * half], &batch.sin[i * half..(i + 1) * half]);
+            Rope::apply(pe, cs, sn, &mut tmp);
+            for hh in 0..h {
+                Rope::apply(&mut sv.q[i * h * dq + hh * dq + dn..i * h * dq + (hh + 1) * dq], cs, sn, &mut tmp);
+            }
+        }
+        sv.cn = vec![0f32; n * c];
+        rmsnorm(&sv.lat, &self.kv_norm, LORA_NORM_EPS, &mut sv.cn);
+        sv.kv = vec![0f32; n * w];
+        self.kv_b.forward(&sv.cn, n, &mut sv.kv);
+        sv.attn = vec![0f32; n * h * dv];
+        for r in &batch.seqs {
+            let sl = r.len();
+            for hh in 0..h {
+                let q0 = r.start * h * dq + hh * dq;
+                let k0 = r.start * w + hh * (dn + dv);
+                let mut p = vec![0f32; sl * sl];
+                matmul_t(sl, sl, dn, &sv.q[q0..], h * dq, &sv.kv[k0..], w, &mut p, sl, false);
+                matmul_t(sl, sl, dr, &sv.q[q0 + dn..], h * dq, &sv.kpe[r.start * dr..], dr, &mut p, sl, true);
+                for (i, row) in p.chunks_exact_mut(sl).enumerate() {
+                    for (t, v) in row.iter_mut().enumerate() {
+                        *v = if t <= i { *v * scale } else { f32::NEG_INFINITY };
+                    }
+                    softmax_inplace(row);
+                }
+                // O = P·V: [S, dv] into attn rows (stride H·dv)
+                matmul_strided(
+                    sl,
+                    dv,
+                    sl,
+                    &p,
+                    sl,
+                    1,
+                    &sv.kv[k0 + dn..],
+                    w,
+                    1,
+                    &mut sv.attn[r.start * h * dv + hh * dv..],
+                    h * dv,
+                    false,
+                );
+                sv.probs.push(p);
+            }
+        }
+        self.o.forward(&sv.attn, n, out);
+        sv
+    }
+
+    /// Backward of [`Mla::forward_train`]: accumulates parameter gradients into `grad` and
+    /// writes `dx` `[N, D]`.
+    pub fn backward(&self, x: &[f32], batch: &Batch, sv: &MlaSaved, dout: &[f32], grad: &mut Mla, dx: &mut [f32]) {
+        let Dims { h, dn, dr, dv, c, scale } = self.dims;
+        let dq = self.dims.dq();
+        let n = batch.pos.len();
+        let w = h * (dn + dv);
+        let mut dattn = vec![0f32; n * h * dv];
+        self.o.backward(&sv.attn, n, dout, &mut grad.o, Some(&mut dattn), false);
+        let mut dqv = vec![0f32; n * h * dq];
+        let mut dkv = vec![0f32; n * w];
+        let mut dkpe = vec![0f32; n * dr];
+        let mut task = 0;
+        for r in &batch.seqs {
+            let sl = r.len();
+            for hh in 0..h {
+                let p = &sv.probs[task];
+                task += 1;
+                let q0 = r.start * h * dq + hh * dq;
+                let k0 = r.start * w + hh * (dn + dv);
+                let o0 = r.start * h * dv + hh * dv;
+                // dP = dO·Vᵀ, dV = Pᵀ·dO
+                let mut dp = vec![0f32; sl * sl];
+                matmul_t(sl, sl, dv, &dattn[o0..], h * dv, &sv.kv[k0 + dn..], w, &mut dp, sl, false);
+                matmul_strided(sl, dv, sl, p, 1, sl, &dattn[o0..], h * dv, 1, &mut dkv[k0 + dn..], w, true);
+                for (prow, drow) in p.chunks_exact(sl).zip(dp.chunks_exact_mut(sl)) {
+                    softmax_backward_inplace(prow, drow);
+                    drow.iter_mut().for_each(|v| *v *= scale);
+                }
+                // dQ = dS·K, dK = dSᵀ·Q (the rope key is shared by all heads)
+                matmul_strided(sl, dn, sl, &dp, sl, 1, &sv.kv[k0..], w, 1, &mut dqv[q0..], h * dq, true);
+                matmul_strided(
+                    sl,
+                    dr,
+                    sl,
+                    &dp,
+                    sl,
+                    1,
+                    &sv.kpe[r.start * dr..],
+                    dr,
+                    1,
+                    &mut dqv[q0 + dn..],
+                    h * dq,
+                    true,
+                );
+                matmul_strided(sl, dn, sl, &dp, 1, sl, &sv.q[q0..], h * dq, 1, &mut dkv[k0..], w, true);
+                matmul_strided(
+                    sl,
+                    dr,
+                    sl,
+                    &dp,
+                    1,
+                    sl,
+                    &sv.q[q0 + dn..],
+                    h * dq,
+                    1,
+                    &mut dkpe[r.start * dr..],
+                    dr,
+                    true,
+                );
+            }
+        }
+        // kv_b, kv_a_layernorm, RoPE of the shared key, kv_a
+        let mut dcn = vec![0f32; n * c];
+        self.kv_b.backward(&sv.cn, n, &dkv, &mut grad.kv_b, Some(&mut dcn), false);
+        let mut dlat = vec![0f32; n * c];
+        rmsnorm_backward(&sv.lat, &self.kv_norm, LORA_NORM_EPS, &dcn, &mut dlat, &mut grad.kv_norm);
+        let half = dr / 2;
+        let mut tmp = vec![0f32; dr];
+        let mut dckv = vec![0f32; n * (c + dr)];
+        for i in 0..n {
+            let (cs, sn) = (&batch.cos[i * half..(i + 1) * half], &batch.sin[i * half..(i + 1) * half]);
+            dckv[i * (c + dr)..i * (c + dr) + c].copy_from_slice(&dlat[i * c..(i + 1) * c]);
+            let dpe = &mut dckv[i * (c + dr) + c..(i + 1) * (c + dr)];
+            dpe.copy_from_slice(&dkpe[i * dr..(i + 1) * dr]);
+            Rope::apply_backward(dpe, cs, sn, &mut tmp);
+            for hh in 0..h {
+                Rope::apply_backward(&mut dqv[i * h * dq + hh * dq + dn..i * h * dq + (hh + 1) * dq], cs, sn, &mut tmp);
+            }
+        }
+        self.kv_a.backward(x, n, &dckv, &mut grad.kv_a, Some(dx), false);
+        // the query path
+        match (&self.q, &mut grad.q) {
+            (QProj::Lora { a, norm, b }, QProj::Lora { a: ga, norm: gn, b: gb }) => {
+                let mut dqan = vec![0f32; sv.qan.len()];
+                b.backward(&sv.qan, n, &dqv, gb, Some(&mut dqan), false);
+                let mut dqa = vec![0f32; sv.qa.len()];
+                rmsnorm_backward(&sv.qa, norm, LORA_NORM_EPS, &dqan, &mut dqa, gn);
+                a.backward(x, n, &dqa, ga, Some(dx), true);
+            }
+            (QProj::Plain(l), QProj::Plain(gl)) => l.backward(x, n, &dqv, gl, Some(dx), true),
+            _ => unreachable!("grad has the model's structure"),
+        }
+    }
+
+    /// Visits `{prefix}.{q_a_proj,q_a_layernorm,q_b_proj | q_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj}`.
+    pub fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut [f32])) {
+        match &mut self.q {
+            QProj::Lora { a, norm, b } => {
+                a.visit(&format!("{prefix}.q_a_proj"), f);
+                f(&format!("{prefix}.q_a_layernorm.weight"), norm);
+                b.visit(&format!("{prefix}.q_b_proj"), f);
+            }
+            QProj::Plain(l) => l.visit(&format!("{prefix}.q_proj"), f),
+        }
+        self.kv_a.visit(&format!("{prefix}.kv_a_proj_with_mqa"), f);
+        f(&format!("{prefix}.kv_a_layernorm.weight"), &mut self.kv_norm);
+        self.kv_b.visit(&format!("{prefix}.kv_b_proj"), f);
+        self.o.visit(&format!("{prefix}.o_proj"), f);
+    }
+
+    /// Converts FP8 weights to f32.
+    pub fn make_f32(&mut self) {
+        match &mut self.q {
+            QProj::Lora { a, b, .. } => {
+                a.make_f32();
+                b.make_f32();
+            }
+            QProj::Plain(l) => l.make_f32(),
+        }
+        self.kv_a.make_f32();
+        self.kv_b.make_f32();
+        self.o.make_f32();
+    }
+
+    /// Recomputes the absorbed-form weights from `kv_b` (after a training step).
+    pub fn refresh_absorbed(&mut self) {
+        let q = self.q.clone();
+        let m = Mla::with_absorbed(
+            q,
+            self.kv_a.clone(),
+            self.kv_norm.clone(),
+            self.kv_b.clone(),
+            self.o.clone(),
+            self.dims,
+        );
+        self.w_uk_t = m.w_uk_t;
+        self.w_uv = m.w_uv;
     }
 }

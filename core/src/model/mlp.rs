@@ -2,10 +2,11 @@
 //! shared experts.
 use crate::error::Result;
 use crate::model::linear::{Fp8Mode, Linear};
-use crate::ops::swiglu::swiglu;
+use crate::ops::swiglu::{swiglu, swiglu_backward};
 use crate::weights::TensorStore;
 use alloc::format;
 use alloc::vec;
+use alloc::vec::Vec;
 
 /// A SwiGLU MLP of width `inter`: gate/up `[inter, D]`, down `[D, inter]`.
 #[derive(Clone)]
@@ -48,4 +49,60 @@ impl Mlp {
         swiglu(&g, &u, &mut a);
         self.down.forward(&a, n, y);
     }
+
+    /// Training forward: `y` and what [`Mlp::backward`] needs.
+    pub fn forward_train(&self, x: &[f32], n: usize, y: &mut [f32]) -> MlpSaved {
+        let i = self.gate.out_dim;
+        let mut g = vec![0f32; n * i];
+        let mut u = vec![0f32; n * i];
+        self.gate.forward(x, n, &mut g);
+        self.up.forward(x, n, &mut u);
+        let mut a = vec![0f32; n * i];
+        swiglu(&g, &u, &mut a);
+        self.down.forward(&a, n, y);
+        MlpSaved { g, u, a }
+    }
+
+    /// Backward: accumulates parameter gradients into `grad`; writes (or adds to) `dx` `[n, D]`.
+    pub fn backward(
+        &self,
+        x: &[f32],
+        n: usize,
+        s: &MlpSaved,
+        dy: &[f32],
+        grad: &mut Mlp,
+        dx: &mut [f32],
+        add_dx: bool,
+    ) {
+        let i = self.gate.out_dim;
+        let mut da = vec![0f32; n * i];
+        self.down.backward(&s.a, n, dy, &mut grad.down, Some(&mut da), false);
+        let mut dg = vec![0f32; n * i];
+        let mut du = vec![0f32; n * i];
+        swiglu_backward(&s.g, &s.u, &da, &mut dg, &mut du);
+        self.gate.backward(x, n, &dg, &mut grad.gate, Some(dx), add_dx);
+        self.up.backward(x, n, &du, &mut grad.up, Some(dx), true);
+    }
+
+    /// Visits `{prefix}.{gate,up,down}_proj.*`.
+    pub fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut [f32])) {
+        self.gate.visit(&format!("{prefix}.gate_proj"), f);
+        self.up.visit(&format!("{prefix}.up_proj"), f);
+        self.down.visit(&format!("{prefix}.down_proj"), f);
+    }
+
+    /// Converts FP8 weights to f32.
+    pub fn make_f32(&mut self) {
+        self.gate.make_f32();
+        self.up.make_f32();
+        self.down.make_f32();
+    }
+}
+
+/// Activations an [`Mlp`] keeps for its backward: pre-activations `g`, `u` and `a = silu(g)⊙u`.
+#[derive(Clone, Default)]
+pub struct MlpSaved {
+    pub g: Vec<f32>,
+    pub u: Vec<f32>,
+    pub a: Vec<f32>,
 }

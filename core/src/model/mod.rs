@@ -12,6 +12,7 @@ pub mod mla;
 pub mod mlp;
 pub mod moe;
 pub mod mtp;
+pub mod train;
 
 use crate::config::Config;
 use crate::error::{ierr, Result};

@@ -10,8 +10,8 @@
 use crate::config::{Config, ScoringFunc, TopkMethod};
 use crate::error::Result;
 use crate::model::linear::Fp8Mode;
-use crate::model::mlp::Mlp;
-use crate::ops::gemm::matmul_t;
+use crate::model::mlp::{Mlp, MlpSaved};
+use crate::ops::gemm::{matmul_nn, matmul_t, matmul_tn};
 use crate::ops::softmax::softmax_inplace;
 use crate::weights::TensorStore;
 use alloc::format;
@@ -55,14 +55,20 @@ impl Router {
         l
     }
 
-    /// Chooses the experts of one token from its router logits (`[E]`).
-    pub fn select(&self, logits: &[f32]) -> Routing {
-        let e = self.n_experts;
+    /// Router scores of one token (`[E]`): sigmoid (V3) or softmax (V2) of the logits.
+    pub fn scores(&self, logits: &[f32]) -> Vec<f32> {
         let mut scores: Vec<f32> = logits.to_vec();
         match self.scoring {
             ScoringFunc::Sigmoid => scores.iter_mut().for_each(|v| *v = 1.0 / (1.0 + libm::expf(-*v))),
             ScoringFunc::Softmax => softmax_inplace(&mut scores),
         }
+        scores
+    }
+
+    /// Chooses the experts of one token from its router logits (`[E]`).
+    pub fn select(&self, logits: &[f32]) -> Routing {
+        let e = self.n_experts;
+        let scores = self.scores(logits);
         let gsize = e / self.n_group;
         let idx = match self.method {
             TopkMethod::NoauxTc => {
@@ -90,6 +96,35 @@ impl Router {
         }
         w.iter_mut().for_each(|x| *x *= self.scaling);
         idx.into_iter().zip(w).collect()
+    }
+}
+
+impl Router {
+    /// Backward of the routing weights of one token: given `dw` (`[K]`, the gradient of each
+    /// chosen weight), returns the gradient of the router logits (`[E]`). The selection itself is
+    /// piecewise constant; gradient flows through the chosen scores (and their normalization).
+    pub fn weights_backward(&self, logits: &[f32], route: &Routing, dw: &[f32]) -> Vec<f32> {
+        let sc = self.scores(logits);
+        let mut ds = vec![0f32; self.n_experts];
+        let c = self.scaling;
+        if self.norm_topk_prob {
+            let z: f32 = route.iter().map(|&(e, _)| sc[e]).sum::<f32>() + 1e-20;
+            let dot: f32 = route.iter().zip(dw).map(|(&(e, _), &d)| d * sc[e]).sum();
+            for (&(e, _), &d) in route.iter().zip(dw) {
+                ds[e] += c * (d / z - dot / (z * z));
+            }
+        } else {
+            for (&(e, _), &d) in route.iter().zip(dw) {
+                ds[e] += c * d;
+            }
+        }
+        match self.scoring {
+            ScoringFunc::Sigmoid => ds.iter().zip(&sc).map(|(&d, &s)| d * s * (1.0 - s)).collect(),
+            ScoringFunc::Softmax => {
+                let dot: f32 = ds.iter().zip(&sc).map(|(a, b)| a * b).sum();
+                ds.iter().zip(&sc).map(|(&d, &s)| s * (d - dot)).collect()
+            }
+        }
     }
 }
 
@@ -200,6 +235,143 @@ impl Moe {
             *o += r;
         }
         routes
+    }
+}
+
+/// Activations a [`Moe`] keeps for its backward.
+#[derive(Clone, Default)]
+pub struct MoeSaved {
+    /// `[N, E]` router logits.
+    pub logits: Vec<f32>,
+    /// The chosen experts and weights of each token.
+    pub routes: Vec<Routing>,
+    /// Per expert: the (token, weight) rows it served.
+    pub per: Vec<Vec<(usize, f32)>>,
+    /// Per expert: its input rows `[rows, D]`, MLP activations and outputs `[rows, D]`.
+    pub xe: Vec<Vec<f32>>,
+    pub saved: Vec<MlpSaved>,
+    pub ye: Vec<Vec<f32>>,
+    pub shared: MlpSaved,
+}
+
+impl Moe {
+    /// Training forward: `y[N, D]` and what [`Moe::backward`] needs.
+    pub fn forward_train(&self, x: &[f32], n: usize, y: &mut [f32]) -> MoeSaved {
+        let d = self.router.dim;
+        let logits = self.router.logits(x, n);
+        let routes: Vec<Routing> = logits.chunks_exact(self.router.n_experts).map(|l| self.router.select(l)).collect();
+        let mut per: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
+        for (t, r) in routes.iter().enumerate() {
+            for &(e, w) in r {
+                per[e].push((t, w));
+            }
+        }
+        let ids: Vec<usize> = (0..per.len()).collect();
+        let inter = self.experts.first().map_or(0, |m| m.gate.out_dim);
+        let work = n * self.router.top_k * 3 * d * inter;
+        let outs = crate::ops::par_map(&ids, work, |&e| {
+            let rows = &per[e];
+            let mut xe = vec![0f32; rows.len() * d];
+            for (dst, &(t, _)) in xe.chunks_exact_mut(d).zip(rows) {
+                dst.copy_from_slice(&x[t * d..(t + 1) * d]);
+            }
+            let mut ye = vec![0f32; rows.len() * d];
+            let sv = if rows.is_empty() {
+                MlpSaved::default()
+            } else {
+                self.experts[e].forward_train(&xe, rows.len(), &mut ye)
+            };
+            (xe, sv, ye)
+        });
+        let shared = match &self.shared {
+            Some(s) => s.forward_train(x, n, y),
+            None => {
+                y[..n * d].fill(0.0);
+                MlpSaved::default()
+            }
+        };
+        let mut saved = MoeSaved { logits, routes, per, shared, ..Default::default() };
+        let mut routed = vec![0f32; n * d];
+        for (e, (xe, sv, ye)) in outs.into_iter().enumerate() {
+            for (src, &(t, w)) in ye.chunks_exact(d).zip(&saved.per[e]) {
+                for (o, &v) in routed[t * d..(t + 1) * d].iter_mut().zip(src) {
+                    *o += w * v;
+                }
+            }
+            saved.xe.push(xe);
+            saved.saved.push(sv);
+            saved.ye.push(ye);
+        }
+        for (o, r) in y.iter_mut().zip(&routed) {
+            *o += r;
+        }
+        saved
+    }
+
+    /// Backward: accumulates gradients into `grad` (router weight, experts, shared experts) and
+    /// writes `dx` `[N, D]`. The correction bias gets no gradient (it is updated by the
+    /// load-balancing rule instead).
+    pub fn backward(&self, x: &[f32], n: usize, s: &MoeSaved, dy: &[f32], grad: &mut Moe, dx: &mut [f32]) {
+        let (d, e_n) = (self.router.dim, self.router.n_experts);
+        match (&self.shared, &mut grad.shared) {
+            (Some(sh), Some(gs)) => sh.backward(x, n, &s.shared, dy, gs, dx, false),
+            _ => dx[..n * d].fill(0.0),
+        }
+        // d(weight) of every (token, slot), found by expert
+        let mut dw_tok: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n];
+        for (e, rows) in s.per.iter().enumerate() {
+            if rows.is_empty() {
+                continue;
+            }
+            let ye = &s.ye[e];
+            let mut dye = vec![0f32; rows.len() * d];
+            for (r, &(t, w)) in rows.iter().enumerate() {
+                let dyt = &dy[t * d..(t + 1) * d];
+                let yr = &ye[r * d..(r + 1) * d];
+                dw_tok[t].push((e, dyt.iter().zip(yr).map(|(a, b)| a * b).sum()));
+                for (o, &g) in dye[r * d..(r + 1) * d].iter_mut().zip(dyt) {
+                    *o = w * g;
+                }
+            }
+            let mut dxe = vec![0f32; rows.len() * d];
+            self.experts[e].backward(&s.xe[e], rows.len(), &s.saved[e], &dye, &mut grad.experts[e], &mut dxe, false);
+            for (r, &(t, _)) in rows.iter().enumerate() {
+                for (o, &g) in dx[t * d..(t + 1) * d].iter_mut().zip(&dxe[r * d..(r + 1) * d]) {
+                    *o += g;
+                }
+            }
+        }
+        // through the routing weights into the router logits
+        let mut dlogits = vec![0f32; n * e_n];
+        for t in 0..n {
+            let route = &s.routes[t];
+            let dw: Vec<f32> =
+                route.iter().map(|&(e, _)| dw_tok[t].iter().find(|p| p.0 == e).map_or(0.0, |p| p.1)).collect();
+            let dl = self.router.weights_backward(&s.logits[t * e_n..(t + 1) * e_n], route, &dw);
+            dlogits[t * e_n..(t + 1) * e_n].copy_from_slice(&dl);
+        }
+        matmul_tn(e_n, d, n, &dlogits, x, &mut grad.router.weight, true);
+        matmul_nn(n, d, e_n, &dlogits, &self.router.weight, dx, true);
+    }
+
+    /// Visits `{prefix}.gate.weight`, `{prefix}.experts.{e}.*`, `{prefix}.shared_experts.*`
+    /// (not the correction bias: it is a buffer, not trained by gradient).
+    pub fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut [f32])) {
+        f(&format!("{prefix}.gate.weight"), &mut self.router.weight);
+        for (e, m) in self.experts.iter_mut().enumerate() {
+            m.visit(&format!("{prefix}.experts.{e}"), f);
+        }
+        if let Some(s) = &mut self.shared {
+            s.visit(&format!("{prefix}.shared_experts"), f);
+        }
+    }
+
+    /// Converts FP8 weights to f32.
+    pub fn make_f32(&mut self) {
+        self.experts.iter_mut().for_each(Mlp::make_f32);
+        if let Some(s) = &mut self.shared {
+            s.make_f32();
+        }
     }
 }
 

@@ -85,3 +85,15 @@ impl Mtp {
         out
     }
 }
+
+impl Mtp {
+    /// Visits the module's trainable tensors under `model.layers.{idx}`.
+    pub fn visit(&mut self, idx: usize, f: &mut dyn FnMut(&str, &mut [f32])) {
+        let p = format!("model.layers.{idx}");
+        f(&format!("{p}.enorm.weight"), &mut self.enorm);
+        f(&format!("{p}.hnorm.weight"), &mut self.hnorm);
+        self.eh_proj.visit(&format!("{p}.eh_proj"), f);
+        self.block.visit(&p, f);
+        f(&format!("{p}.shared_head.norm.weight"), &mut self.head_norm);
+    }
+}

@@ -123,6 +123,102 @@ unsafe impl Sync for SendPtr {}
 #[cfg(feature = "std")]
 unsafe impl Send for SendPtr {}
 
+/// General strided product `C (+)= A · B`: `A[i,p] = a[i*a_rs + p*a_cs]`, `B[p,j] = b[p*b_rs + j*b_cs]`,
+/// `C[i,j] = c[i*c_rs + j]`, shapes `[m,k]·[k,n] → [m,n]`. Used by the backward passes
+/// (`dx = dy·W`, `dW += dyᵀ·x`), where one operand is read transposed.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rs: usize, cs: usize, r: usize, cc: usize| {
+        if r == 0 || cc == 0 {
+            0
+        } else {
+            (r - 1) * rs + (cc - 1) * cs + 1
+        }
+    };
+    assert!(a.len() >= last(a_rs, a_cs, m, k), "matmul_strided: a too short");
+    assert!(b.len() >= last(b_rs, b_cs, k, n), "matmul_strided: b too short");
+    assert!(c.len() >= last(c_rs, 1, m, n) && c_rs >= n, "matmul_strided: c too short");
+    if k == 0 {
+        if !accumulate {
+            c.chunks_mut(c_rs).take(m).for_each(|r| r[..n].fill(0.0));
+        }
+        return;
+    }
+    #[cfg(feature = "std")]
+    {
+        let threads = rayon::current_num_threads();
+        let par = if threads > 1 && m * n * k >= PARALLEL_MIN_WORK {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: bounds checked above.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                c_rs as isize,
+                accumulate,
+                a.as_ptr(),
+                a_cs as isize,
+                a_rs as isize,
+                b.as_ptr(),
+                b_cs as isize,
+                b_rs as isize,
+                if accumulate { 1.0 } else { 0.0 },
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f32;
+                for p in 0..k {
+                    s += a[i * a_rs + p * a_cs] * b[p * b_rs + j * b_cs];
+                }
+                let d = &mut c[i * c_rs + j];
+                *d = if accumulate { *d + s } else { s };
+            }
+        }
+    }
+}
+
+/// `c[m,n] (+)= a[m,k] · b[k,n]`, all row-major contiguous.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_nn(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+    matmul_strided(m, n, k, a, k, 1, b, n, 1, c, n, accumulate)
+}
+
+/// `c[m,n] (+)= a[k,m]ᵀ · b[k,n]`, all row-major contiguous (weight gradients: `dW += dyᵀ·x`).
+pub fn matmul_tn(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+    matmul_strided(m, n, k, a, 1, m, b, n, 1, c, n, accumulate)
+}
+
 /// Dot product of two equal-length slices (uses the same kernels as [`matmul_t`]).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -331,6 +427,28 @@ mod tests {
             }
         }
         c
+    }
+
+    #[test]
+    fn nn_and_tn_products() {
+        let mut rng = crate::rng::Rng::new(9);
+        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (40, 9, 33), (2, 70, 3)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+            let mut c = vec![f32::NAN; m * n];
+            matmul_nn(m, n, k, &a, &b, &mut c, false);
+            // aᵀ stored [k, m]
+            let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+            let mut c2 = vec![1.0f32; m * n];
+            matmul_tn(m, n, k, &at, &b, &mut c2, true);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+                    assert!((c[i * n + j] - want).abs() < 1e-4, "nn {m}x{n}x{k}");
+                    assert!((c2[i * n + j] - 1.0 - want).abs() < 1e-4, "tn {m}x{n}x{k}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! CPU f32 kernels. Each function documents its shapes; all are the reference the GPU backend
 //! is tested against.
 pub mod gemm;
+pub mod loss;
 pub mod norm;
 pub mod rope;
 pub mod softmax;

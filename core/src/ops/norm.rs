@@ -40,6 +40,25 @@ pub fn inv_rms(x: &[f32], eps: f32) -> f32 {
     1.0 / libm::sqrtf(s / x.len() as f32 + eps)
 }
 
+/// Backward of [`rmsnorm`] for rows of `x` ([rows, d]): writes `dx` and accumulates `dw`.
+/// With `r = (mean(x²)+eps)^-½`: `dx = r·(w⊙dy) − x·r³/d·Σ(w⊙dy⊙x)`, `dw += Σ_rows dy⊙x·r`.
+pub fn rmsnorm_backward(x: &[f32], w: &[f32], eps: f32, dy: &[f32], dx: &mut [f32], dw: &mut [f32]) {
+    let d = w.len();
+    assert!(x.len() == dy.len() && dx.len() == x.len() && dw.len() == d, "rmsnorm_backward: shape mismatch");
+    for ((xr, dyr), dxr) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+        let r = inv_rms(xr, eps);
+        let mut dot = 0f32;
+        for i in 0..d {
+            dot += w[i] * dyr[i] * xr[i];
+            dw[i] += dyr[i] * xr[i] * r;
+        }
+        let c = r * r * r * dot / d as f32;
+        for i in 0..d {
+            dxr[i] = r * w[i] * dyr[i] - c * xr[i];
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -100,6 +100,17 @@ impl Rope {
             x[h + i] = o * cos[i] + e * sin[i];
         }
     }
+
+    /// Backward of [`Rope::apply`]: `dx = Rᵀ·dout` (dout de-interleaved, dx interleaved), in place.
+    pub fn apply_backward(d: &mut [f32], cos: &[f32], sin: &[f32], tmp: &mut [f32]) {
+        let h = cos.len();
+        tmp[..2 * h].copy_from_slice(d);
+        for i in 0..h {
+            let (dre, dim) = (tmp[i], tmp[h + i]);
+            d[2 * i] = dre * cos[i] + dim * sin[i];
+            d[2 * i + 1] = dim * cos[i] - dre * sin[i];
+        }
+    }
 }
 
 /// The attention softmax scale: `dq^-0.5`, times `m(factor, mscale_all_dim)²` under YaRN

@@ -18,6 +18,14 @@ pub fn softmax_inplace(x: &mut [f32]) {
     }
 }
 
+/// Backward of softmax for one row: `dz = p ⊙ (dp − Σ p·dp)`, written over `dp`.
+pub fn softmax_backward_inplace(p: &[f32], dp: &mut [f32]) {
+    let dot: f32 = p.iter().zip(dp.iter()).map(|(a, b)| a * b).sum();
+    for (d, &pv) in dp.iter_mut().zip(p) {
+        *d = pv * (*d - dot);
+    }
+}
+
 /// `log(Σ exp(x))`, stable.
 pub fn logsumexp(x: &[f32]) -> f32 {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);

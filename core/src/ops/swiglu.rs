@@ -13,3 +13,13 @@ pub fn swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
         *o = silu(gv) * uv;
     }
 }
+
+/// Backward of [`swiglu`]: `dg = da·u·silu'(g)`, `du = da·silu(g)`, with
+/// `silu'(g) = σ(g)·(1 + g·(1 − σ(g)))`.
+pub fn swiglu_backward(g: &[f32], u: &[f32], da: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    for i in 0..g.len() {
+        let s = 1.0 / (1.0 + libm::expf(-g[i]));
+        dg[i] = da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+        du[i] = da[i] * g[i] * s;
+    }
+}

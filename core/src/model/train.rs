@@ -1,0 +1,151 @@
+//! The model's training pass: forward over whole sequences keeping activations, next-token
+//! cross-entropy, and the backward of every layer in reverse order. Gradients live in a
+//! [`Model`] of the same shape ([`Model::zeros_like`]); parameters are named as in the checkpoint
+//! ([`Model::visit`]).
+use crate::error::{ierr, Result};
+use crate::model::block::BlockSaved;
+use crate::model::{Batch, Model};
+use crate::ops::loss::cross_entropy;
+use crate::ops::norm::{rmsnorm, rmsnorm_backward};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+
+impl Model {
+    /// Converts every FP8 weight to f32 (training keeps f32 master weights).
+    pub fn make_trainable(&mut self) {
+        self.layers.iter_mut().for_each(|b| b.make_f32());
+        for m in &mut self.mtp {
+            m.eh_proj.make_f32();
+            m.block.make_f32();
+        }
+    }
+
+    /// Visits every trainable tensor with its checkpoint name, in a fixed order: embedding,
+    /// layers, final norm, lm_head (unless tied), MTP modules. FP8 weights are skipped (see
+    /// [`Model::make_trainable`]); the router correction biases are not trainable.
+    pub fn visit(&mut self, f: &mut dyn FnMut(&str, &mut [f32])) {
+        f("model.embed_tokens.weight", &mut self.embed);
+        for (i, b) in self.layers.iter_mut().enumerate() {
+            b.visit(&format!("model.layers.{i}"), f);
+        }
+        f("model.norm.weight", &mut self.norm);
+        if !self.cfg.tie_word_embeddings {
+            self.lm_head.visit("lm_head", f);
+        }
+        let l = self.cfg.num_hidden_layers;
+        for (k, m) in self.mtp.iter_mut().enumerate() {
+            m.visit(l + k, f);
+        }
+    }
+
+    /// A model of the same structure with every trainable tensor zero (a gradient buffer).
+    pub fn zeros_like(&self) -> Model {
+        let mut g = self.clone();
+        g.make_trainable();
+        g.visit(&mut |_, t| t.fill(0.0));
+        g.lm_head.visit("lm_head", &mut |_, t| t.fill(0.0));
+        g
+    }
+
+    /// Names of the main model's trainable tensors (no MTP), in [`Model::visit`] order.
+    pub fn main_param_names(&mut self) -> Vec<String> {
+        let prefixes: Vec<String> =
+            (0..self.mtp.len()).map(|k| format!("model.layers.{}.", self.cfg.num_hidden_layers + k)).collect();
+        let mut names = Vec::new();
+        self.visit(&mut |n, _| {
+            if !prefixes.iter().any(|p| n.starts_with(p.as_str())) {
+                names.push(String::from(n));
+            }
+        });
+        names
+    }
+
+    /// Mean next-token cross-entropy over all `Σ (T_i − 1)` positions of `seqs`, and its
+    /// gradient accumulated into `grad` (from [`Model::zeros_like`]). The model's weights must
+    /// be f32 ([`Model::make_trainable`]).
+    pub fn loss_and_grads(&self, seqs: &[&[u32]], grad: &mut Model) -> Result<f32> {
+        let targets: Vec<(usize, u32)> = {
+            let mut t = Vec::new();
+            let mut off = 0;
+            for s in seqs {
+                for i in 0..s.len().saturating_sub(1) {
+                    t.push((off + i, s[i + 1]));
+                }
+                off += s.len();
+            }
+            t
+        };
+        if targets.is_empty() {
+            return Err(ierr("every sequence has fewer than 2 tokens: nothing to predict"));
+        }
+        let (hidden, trace) = self.train_forward(seqs)?;
+        let (d, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        // logits only where there is a target
+        let rows: Vec<f32> =
+            targets.iter().flat_map(|&(r, _)| hidden.normed[r * d..(r + 1) * d].iter().copied()).collect();
+        let logits = self.logits(&rows);
+        let tgt: Vec<u32> = targets.iter().map(|t| t.1).collect();
+        let mut dlogits = vec![0f32; logits.len()];
+        let loss = cross_entropy(&logits, &tgt, None, None, &mut dlogits);
+        if !loss.is_finite() {
+            return Err(crate::Error::NonFinite(format!("loss is {loss}")));
+        }
+        let mut drows = vec![0f32; rows.len()];
+        self.lm_head.backward(&rows, targets.len(), &dlogits, &mut grad.lm_head, Some(&mut drows), false);
+        let mut dnormed = vec![0f32; hidden.normed.len()];
+        for (i, &(r, _)) in targets.iter().enumerate() {
+            dnormed[r * d..(r + 1) * d].copy_from_slice(&drows[i * d..(i + 1) * d]);
+        }
+        self.train_backward(&hidden, &trace, &dnormed, grad);
+        if self.cfg.tie_word_embeddings {
+            let gl = grad.lm_head.dense();
+            grad.embed.iter_mut().zip(&gl).for_each(|(a, b)| *a += b);
+        }
+        let _ = v;
+        Ok(loss)
+    }
+
+    /// Forward over whole sequences keeping what the backward needs.
+    pub fn train_forward(&self, seqs: &[&[u32]]) -> Result<(Hidden, Trace)> {
+        for s in seqs {
+            self.check_tokens(s)?;
+        }
+        let spans: Vec<(usize, usize)> = seqs.iter().map(|s| (0, s.len())).collect();
+        let batch = Batch::new(&self.rope, &spans);
+        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
+        let mut x = self.embed_tokens(&tokens);
+        let saved: Vec<BlockSaved> = self.layers.iter().map(|l| l.forward_train(&mut x, &batch)).collect();
+        let mut normed = vec![0f32; x.len()];
+        rmsnorm(&x, &self.norm, self.cfg.rms_norm_eps, &mut normed);
+        Ok((Hidden { last: x, normed }, Trace { batch, tokens, saved }))
+    }
+
+    /// Backward from the gradient of the post-norm hidden states `[N, D]` down to the embedding.
+    pub fn train_backward(&self, hidden: &Hidden, trace: &Trace, dnormed: &[f32], grad: &mut Model) {
+        let d = self.cfg.hidden_size;
+        let mut dx = vec![0f32; dnormed.len()];
+        rmsnorm_backward(&hidden.last, &self.norm, self.cfg.rms_norm_eps, dnormed, &mut dx, &mut grad.norm);
+        for (l, layer) in self.layers.iter().enumerate().rev() {
+            layer.backward(&trace.batch, &trace.saved[l], &mut dx, &mut grad.layers[l]);
+        }
+        for (row, &t) in dx.chunks_exact(d).zip(&trace.tokens) {
+            let g = &mut grad.embed[t as usize * d..(t as usize + 1) * d];
+            g.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+        }
+    }
+}
+
+/// The last residual stream `[N, D]` and its final norm (`model.norm`) output.
+pub struct Hidden {
+    pub last: Vec<f32>,
+    pub normed: Vec<f32>,
+}
+
+/// What a training forward keeps: rows, tokens and every layer's activations.
+pub struct Trace {
+    pub batch: Batch,
+    pub tokens: Vec<u32>,
+    pub saved: Vec<BlockSaved>,
+}

@@ -136,7 +136,7 @@ impl Block {
         let n = batch.pos.len();
         let mut dh = vec![0f32; d.len()];
         match (&self.ffn, &s.ffn, &mut grad.ffn) {
-            (Ffn::Dense(m), FfnSaved::Dense(sv), Ffn::Dense(g)) => m.backward(&s.h2, n, sv, d, g, &mut dh, false),
+            (Ffn::Dense(m), FfnSaved::Dense(sv), Ffn::Dense(g)) => m.backward(&s.h2, n, sv, d, g, &mut dh),
             (Ffn::Moe(m), FfnSaved::Moe(sv), Ffn::Moe(g)) => m.backward(&s.h2, n, sv, d, g, &mut dh),
             _ => unreachable!("grad has the model's structure"),
         }

@@ -63,24 +63,15 @@ impl Mlp {
         MlpSaved { g, u, a }
     }
 
-    /// Backward: accumulates parameter gradients into `grad`; writes (or adds to) `dx` `[n, D]`.
-    pub fn backward(
-        &self,
-        x: &[f32],
-        n: usize,
-        s: &MlpSaved,
-        dy: &[f32],
-        grad: &mut Mlp,
-        dx: &mut [f32],
-        add_dx: bool,
-    ) {
+    /// Backward: accumulates parameter gradients into `grad`; writes `dx` `[n, D]`.
+    pub fn backward(&self, x: &[f32], n: usize, s: &MlpSaved, dy: &[f32], grad: &mut Mlp, dx: &mut [f32]) {
         let i = self.gate.out_dim;
         let mut da = vec![0f32; n * i];
         self.down.backward(&s.a, n, dy, &mut grad.down, Some(&mut da), false);
         let mut dg = vec![0f32; n * i];
         let mut du = vec![0f32; n * i];
         swiglu_backward(&s.g, &s.u, &da, &mut dg, &mut du);
-        self.gate.backward(x, n, &dg, &mut grad.gate, Some(dx), add_dx);
+        self.gate.backward(x, n, &dg, &mut grad.gate, Some(dx), false);
         self.up.backward(x, n, &du, &mut grad.up, Some(dx), true);
     }
 

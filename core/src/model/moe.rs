@@ -314,7 +314,7 @@ impl Moe {
     pub fn backward(&self, x: &[f32], n: usize, s: &MoeSaved, dy: &[f32], grad: &mut Moe, dx: &mut [f32]) {
         let (d, e_n) = (self.router.dim, self.router.n_experts);
         match (&self.shared, &mut grad.shared) {
-            (Some(sh), Some(gs)) => sh.backward(x, n, &s.shared, dy, gs, dx, false),
+            (Some(sh), Some(gs)) => sh.backward(x, n, &s.shared, dy, gs, dx),
             _ => dx[..n * d].fill(0.0),
         }
         // d(weight) of every (token, slot), found by expert
@@ -334,7 +334,7 @@ impl Moe {
                 }
             }
             let mut dxe = vec![0f32; rows.len() * d];
-            self.experts[e].backward(&s.xe[e], rows.len(), &s.saved[e], &dye, &mut grad.experts[e], &mut dxe, false);
+            self.experts[e].backward(&s.xe[e], rows.len(), &s.saved[e], &dye, &mut grad.experts[e], &mut dxe);
             for (r, &(t, _)) in rows.iter().enumerate() {
                 for (o, &g) in dx[t * d..(t + 1) * d].iter_mut().zip(&dxe[r * d..(r + 1) * d]) {
                     *o += g;

@@ -115,3 +115,55 @@ fn finite_differences_v3_lora_yarn_bias_moe() {
 fn finite_differences_v2_plain_q_softmax_router() {
     fd_check(V2, &[&[4, 2, 19, 33, 1, 8, 8]]);
 }
+
+/// Per-tensor relative L2 error `|a − b| / |b|` (b = 0 → `|a|`).
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+    if n == 0.0 {
+        d
+    } else {
+        d / n
+    }
+}
+
+#[test]
+fn gradients_match_hf_autograd() {
+    use dsv3::weights::file::read_safetensors;
+    let mut checked = 0;
+    for name in ["v3_tiny", "v3_group", "v3_yarn", "v3_yarn_mscale", "v3_qnull", "v2_lite", "v2_group", "v3_fp8"] {
+        let path = fixture(name).join("grad_golden.safetensors");
+        assert!(path.exists(), "{name}: grad_golden.safetensors missing (run tests/fixtures/generate.py)");
+        let golden = read_safetensors(&path).unwrap();
+        let ids = golden.get("input_ids").unwrap();
+        let rows: Vec<Vec<u32>> =
+            ids.to_i64().unwrap().chunks(ids.shape[1]).map(|r| r.iter().map(|&x| x as u32).collect()).collect();
+        let seqs: Vec<&[u32]> = rows.iter().map(|r| &r[..]).collect();
+        let mut model = load(name, LoadOptions::default());
+        model.make_trainable();
+        let mut grad = model.zeros_like();
+        let loss = model.loss_and_grads(&seqs, &mut grad).unwrap();
+        let want = golden.get("loss").unwrap().to_f32().unwrap()[0];
+        assert!(((loss - want) / want).abs() <= 1e-5, "{name}: loss {loss} vs HF {want}");
+        let main: std::collections::HashSet<String> = model.main_param_names().into_iter().collect();
+        let mut n = 0;
+        let mut worst = (0f64, String::new());
+        grad.visit(&mut |pname, g| {
+            if !main.contains(pname) {
+                return;
+            }
+            let w = golden.get(&format!("grad.{pname}")).unwrap_or_else(|| panic!("{name}: HF has no grad.{pname}"));
+            let e = rel_l2(g, &w.to_f32().unwrap());
+            if e > worst.0 {
+                worst = (e, pname.to_string());
+            }
+            assert!(e <= 1e-4, "{name}: grad.{pname} relative L2 error {e:e}");
+            n += 1;
+        });
+        let hf_count = golden.names().filter(|k| k.starts_with("grad.")).count();
+        assert_eq!(n, hf_count, "{name}: we have {n} gradient tensors, HF {hf_count}");
+        eprintln!("{name:16} loss {loss:.6} (HF {want:.6}); {n} grads, worst rel L2 {:.1e} ({})", worst.0, worst.1);
+        checked += 1;
+    }
+    assert_eq!(checked, 8);
+}

@@ -49,6 +49,19 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Loss and gradients: reads `input_ids` (i64 [B,T]); writes `loss` (f32 [1], mean next-token
+    /// cross-entropy over B·(T−1) positions) and `grad.<name>` (f32) for every trainable
+    /// parameter of the main model, under the checkpoint's names.
+    Grad {
+        #[command(flatten)]
+        m: ModelArgs,
+        /// safetensors file with tensor `input_ids` (i64 [B,T]).
+        #[arg(long)]
+        input: PathBuf,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Generates from a prompt, streaming the output, then prints prefill and decode speed.
     Generate {
         #[command(flatten)]
@@ -166,6 +179,7 @@ fn rayon_threads(n: usize) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Logits { m, input, out } => cmd_logits(&m, &input, &out),
+        Cmd::Grad { m, input, out } => cmd_grad(&m, &input, &out),
         Cmd::Generate { m, prompt, ids, max_new_tokens, temperature, top_p, top_k, seed, ignore_eos, tokenizer } => {
             let model = load(&m)?;
             let tk = tok::Tok::for_model(&m.model, tokenizer.as_deref(), model.cfg.vocab_size)?;
@@ -202,26 +216,31 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn cmd_logits(m: &ModelArgs, input: &Path, out: &Path) -> Result<()> {
-    let model = load(m)?;
+/// Reads `input_ids` (i64 [B,T], ids in [0, vocab)) from a safetensors file.
+fn read_input_ids(input: &Path, vocab: usize) -> Result<(usize, usize, Vec<u32>)> {
     let mut st = read_safetensors(input)?;
     let t = st.take("input_ids")?;
     if t.shape.len() != 2 || t.shape[0] == 0 || t.shape[1] == 0 {
         return Err(Error::Input(format!("input_ids must be [B,T] with B,T > 0, got {:?}", t.shape)));
     }
-    let (b, tl) = (t.shape[0], t.shape[1]);
-    let ids = t.to_i64()?;
-    let v = model.cfg.vocab_size;
-    let toks: Vec<u32> = ids
+    let toks = t
+        .to_i64()?
         .iter()
         .map(|&x| {
-            if x < 0 || x as usize >= v {
-                Err(Error::Input(format!("input_ids contains {x}, outside [0, {v})")))
+            if x < 0 || x as usize >= vocab {
+                Err(Error::Input(format!("input_ids contains {x}, outside [0, {vocab})")))
             } else {
                 Ok(x as u32)
             }
         })
         .collect::<Result<_>>()?;
+    Ok((t.shape[0], t.shape[1], toks))
+}
+
+fn cmd_logits(m: &ModelArgs, input: &Path, out: &Path) -> Result<()> {
+    let model = load(m)?;
+    let v = model.cfg.vocab_size;
+    let (b, tl, toks) = read_input_ids(input, v)?;
     let seqs: Vec<&[u32]> = toks.chunks(tl).collect();
     let logits = model.forward(&seqs)?;
     if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
@@ -229,6 +248,36 @@ fn cmd_logits(m: &ModelArgs, input: &Path, out: &Path) -> Result<()> {
     }
     let bytes = to_bytes(&[OutTensor::f32("logits", &[b, tl, v], &logits)])?;
     write_atomic(out, &bytes)
+}
+
+fn cmd_grad(m: &ModelArgs, input: &Path, out: &Path) -> Result<()> {
+    let mut model = load(m)?;
+    model.make_trainable();
+    let (_, tl, toks) = read_input_ids(input, model.cfg.vocab_size)?;
+    if tl < 2 {
+        return Err(Error::Input("input_ids needs T >= 2 to have a next token to predict".into()));
+    }
+    let seqs: Vec<&[u32]> = toks.chunks(tl).collect();
+    let mut grad = model.zeros_like();
+    let loss = model.loss_and_grads(&seqs, &mut grad)?;
+    let shapes: std::collections::HashMap<String, Vec<usize>> =
+        dsv3_core::weights::init::tensor_specs(&model.cfg).into_iter().map(|(n, s, _)| (n, s)).collect();
+    let main: std::collections::HashSet<String> = model.main_param_names().into_iter().collect();
+    let mut tensors = vec![OutTensor::f32("loss", &[1], &[loss])];
+    let mut bad = None;
+    grad.visit(&mut |name, g| {
+        if main.contains(name) {
+            if bad.is_none() && g.iter().any(|x| !x.is_finite()) {
+                bad = Some(name.to_string());
+            }
+            let shape = shapes.get(name).cloned().unwrap_or_else(|| vec![g.len()]);
+            tensors.push(OutTensor::f32(&format!("grad.{name}"), &shape, g));
+        }
+    });
+    if let Some(n) = bad {
+        return Err(Error::NonFinite(format!("gradient of {n}")));
+    }
+    write_atomic(out, &to_bytes(&tensors)?)
 }
 
 fn cmd_generate(model: &Model, prompt: &[u32], params: &SamplingParams, tk: Option<&tok::Tok>) -> Result<()> {

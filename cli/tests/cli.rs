@@ -181,3 +181,39 @@ fn hf_tokenizer_json_matches_python_tokenizers() {
     assert!(out.contains(&format!("prefill: {n} tokens")), "{out}");
     assert!(fails(&["tokenize", "--tokenizer", "/no/tokenizer.json", "--text", "x"]).contains("/no/tokenizer.json"));
 }
+
+#[test]
+fn grad_contract_matches_hf_autograd() {
+    let d = tmp("grad");
+    for name in ["v3_group", "v2_lite"] {
+        let golden = read_safetensors(&fixture(name).join("grad_golden.safetensors")).unwrap();
+        let out = d.join(format!("{name}.safetensors"));
+        let input = fixture(name).join("grad_golden.safetensors"); // holds input_ids too
+        let m = fixture(name);
+        ok(&[
+            "grad",
+            "--model",
+            m.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let got = read_safetensors(&out).unwrap();
+        let names: Vec<&str> = golden.names().filter(|n| *n != "input_ids").collect();
+        assert_eq!(got.names().count(), names.len(), "{name}: same tensor set as HF (loss + grads)");
+        for n in names {
+            let (a, b) = (got.get(n).unwrap(), golden.get(n).unwrap());
+            assert_eq!(a.shape, b.shape, "{name} {n}");
+            let (a, b) = (a.to_f32().unwrap(), b.to_f32().unwrap());
+            let diff: f64 = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+            let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt().max(1e-30);
+            assert!(diff / norm <= 1e-4, "{name} {n}: {}", diff / norm);
+        }
+    }
+    let one = d.join("short.safetensors");
+    std::fs::write(&one, to_bytes(&[OutTensor::i64("input_ids", &[1, 1], &[3])]).unwrap()).unwrap();
+    let m = fixture("v3_tiny");
+    assert!(fails(&["grad", "--model", m.to_str().unwrap(), "--input", one.to_str().unwrap(), "--out", "/tmp/x.st"])
+        .contains("T >= 2"));
+}

@@ -4,6 +4,7 @@
 mod common;
 use common::*;
 use dsv3::config::Config;
+use dsv3::model::train::PassOptions;
 use dsv3::model::{LoadOptions, Model};
 use dsv3::weights::init::random_checkpoint;
 use dsv3::weights::write::to_bytes;
@@ -30,9 +31,10 @@ fn bytemuck_cast(v: &[f32]) -> Vec<u8> {
 }
 
 /// The loss, and the experts every token was routed to (to detect a perturbation that flips routing).
-fn loss(m: &Model, seqs: &[&[u32]]) -> (f64, Vec<Vec<usize>>) {
+fn loss(m: &Model, seqs: &[&[u32]], opts: &PassOptions) -> (f64, Vec<Vec<usize>>) {
     let mut g = m.zeros_like();
-    let l = m.loss_and_grads(seqs, &mut g).unwrap() as f64;
+    let out = m.train_pass(seqs, &mut g, opts).unwrap();
+    let l = (out.ce_loss + out.balance_loss) as f64;
     let (_, trace) = m.train_forward(seqs).unwrap();
     let mut routes = Vec::new();
     for s in &trace.saved {
@@ -47,10 +49,10 @@ fn loss(m: &Model, seqs: &[&[u32]]) -> (f64, Vec<Vec<usize>>) {
     (l, routes)
 }
 
-fn fd_check(json: &str, seqs: &[&[u32]]) {
+fn fd_check(json: &str, seqs: &[&[u32]], opts: &PassOptions) {
     let model = random_model(json, 11, 0.15);
     let mut grad = model.zeros_like();
-    model.loss_and_grads(seqs, &mut grad).unwrap();
+    model.train_pass(seqs, &mut grad, opts).unwrap();
     let mut grads: Vec<(String, Vec<f32>)> = Vec::new();
     grad.visit(&mut |n, t| grads.push((n.to_string(), t.to_vec())));
     let mut checked = 0;
@@ -68,16 +70,17 @@ fn fd_check(json: &str, seqs: &[&[u32]]) {
                     }
                 }
             });
-            loss(&m, seqs)
+            loss(&m, seqs, opts)
         };
         // shrink ε until the perturbation leaves every routing decision unchanged
-        let base = loss(&model, seqs).1;
+        let base = loss(&model, seqs, opts).1;
         let mut eps = 1e-3f64;
         let fd = loop {
             let ((lp, rp), (lm, rm)) = (eval(eps), eval(-eps));
             if (rp == base && rm == base) || eps < 1e-6 {
                 assert!(rp == base && rm == base, "{name}: routing flips even at ε = {eps}");
-                break (lp - lm) / (2.0 * eps);
+                // the pass scales gradients by opts.scale, not the loss
+                break (lp - lm) / (2.0 * eps) * opts.scale as f64;
             }
             eps /= 4.0;
         };
@@ -108,12 +111,21 @@ const V2: &str = r#"{"model_type":"deepseek_v2","vocab_size":37,"hidden_size":16
 
 #[test]
 fn finite_differences_v3_lora_yarn_bias_moe() {
-    fd_check(V3, &[&[1, 5, 9, 2, 30, 7], &[3, 3, 8, 36, 0]]);
+    fd_check(V3, &[&[1, 5, 9, 2, 30, 7], &[3, 3, 8, 36, 0]], &PassOptions::default());
 }
 
 #[test]
 fn finite_differences_v2_plain_q_softmax_router() {
-    fd_check(V2, &[&[4, 2, 19, 33, 1, 8, 8]]);
+    fd_check(V2, &[&[4, 2, 19, 33, 1, 8, 8]], &PassOptions::default());
+}
+
+#[test]
+fn finite_differences_with_balance_losses_and_mask() {
+    // large α so the balance terms matter; a mask that drops some positions (SFT)
+    let mask = vec![0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0];
+    let opts = PassOptions { scale: 0.7, seq_alpha: 0.5, aux_alpha: 0.3, mask: Some(mask) };
+    fd_check(V3, &[&[1, 5, 9, 2, 30, 7], &[3, 3, 8, 36, 0]], &opts);
+    fd_check(V2, &[&[4, 2, 19, 33, 1, 8], &[9, 9, 1, 2, 3]], &opts);
 }
 
 /// Per-tensor relative L2 error `|a − b| / |b|` (b = 0 → `|a|`).

@@ -8,6 +8,7 @@
 //! - [`model`]: the model: [`model::Linear`], MLA ([`model::mla`]), dense MLP and MoE
 //!   ([`model::moe`]), decoder block, MTP module, and [`model::Model`] with its forward pass.
 //! - [`infer`]: the latent KV cache, sessions (batched prefill + decode), sampling, generation.
+//! - [`train`]: AdamW, schedules, the trainer (accumulation, clipping, bias updates).
 //! - [`tokenizer`]: the built-in byte-level tokenizer (HF `tokenizer.json` lives in the cli/ffi).
 //! - [`presets`]: named configurations (`bench-4m`, `bench-88m`).
 //! - [`rng`]: a seeded, platform-independent RNG.
@@ -27,6 +28,7 @@ pub mod ops;
 pub mod presets;
 pub mod rng;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use config::Config;

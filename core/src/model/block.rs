@@ -5,7 +5,7 @@ use crate::infer::cache::LayerCache;
 use crate::model::linear::Fp8Mode;
 use crate::model::mla::{AttnForm, Mla, MlaSaved};
 use crate::model::mlp::{Mlp, MlpSaved};
-use crate::model::moe::{Moe, MoeSaved};
+use crate::model::moe::{Balance, Moe, MoeSaved};
 use crate::model::Batch;
 use crate::ops::norm::{rmsnorm, rmsnorm_backward};
 use crate::weights::TensorStore;
@@ -132,14 +132,18 @@ impl Block {
     }
 
     /// Backward: `d` is the gradient of the layer output on entry and of its input on return.
-    pub fn backward(&self, batch: &Batch, s: &BlockSaved, d: &mut [f32], grad: &mut Block) {
+    /// Returns the layer's balance loss (0 for dense layers).
+    pub fn backward(&self, batch: &Batch, s: &BlockSaved, d: &mut [f32], grad: &mut Block, bal: &Balance) -> f32 {
         let n = batch.pos.len();
         let mut dh = vec![0f32; d.len()];
-        match (&self.ffn, &s.ffn, &mut grad.ffn) {
-            (Ffn::Dense(m), FfnSaved::Dense(sv), Ffn::Dense(g)) => m.backward(&s.h2, n, sv, d, g, &mut dh),
-            (Ffn::Moe(m), FfnSaved::Moe(sv), Ffn::Moe(g)) => m.backward(&s.h2, n, sv, d, g, &mut dh),
+        let bal_loss = match (&self.ffn, &s.ffn, &mut grad.ffn) {
+            (Ffn::Dense(m), FfnSaved::Dense(sv), Ffn::Dense(g)) => {
+                m.backward(&s.h2, n, sv, d, g, &mut dh);
+                0.0
+            }
+            (Ffn::Moe(m), FfnSaved::Moe(sv), Ffn::Moe(g)) => m.backward(&s.h2, n, sv, d, g, &mut dh, bal),
             _ => unreachable!("grad has the model's structure"),
-        }
+        };
         let mut dn = vec![0f32; d.len()];
         rmsnorm_backward(&s.mid, &self.post_norm, self.eps, &dh, &mut dn, &mut grad.post_norm);
         for (a, b) in d.iter_mut().zip(&dn) {
@@ -150,6 +154,7 @@ impl Block {
         for (a, b) in d.iter_mut().zip(&dn) {
             *a += b;
         }
+        bal_loss
     }
 
     /// Visits the layer's trainable tensors under `prefix` (`model.layers.{i}`).

@@ -118,13 +118,72 @@ impl Router {
                 ds[e] += c * d;
             }
         }
+        self.scores_backward(&sc, &ds)
+    }
+
+    /// Gradient of the logits from the gradient `ds` of the scores `sc` (`[E]` each).
+    pub fn scores_backward(&self, sc: &[f32], ds: &[f32]) -> Vec<f32> {
         match self.scoring {
-            ScoringFunc::Sigmoid => ds.iter().zip(&sc).map(|(&d, &s)| d * s * (1.0 - s)).collect(),
+            ScoringFunc::Sigmoid => ds.iter().zip(sc).map(|(&d, &s)| d * s * (1.0 - s)).collect(),
             ScoringFunc::Softmax => {
-                let dot: f32 = ds.iter().zip(&sc).map(|(a, b)| a * b).sum();
-                ds.iter().zip(&sc).map(|(&d, &s)| s * (d - dot)).collect()
+                let dot: f32 = ds.iter().zip(sc).map(|(a, b)| a * b).sum();
+                ds.iter().zip(sc).map(|(&d, &s)| s * (d - dot)).collect()
             }
         }
+    }
+
+    /// The balance loss `α·Σ_i f_i·P_i` averaged over `spans` (groups of token rows: sequences
+    /// for DeepSeek-V3's complementary sequence-wise loss, the whole batch for a conventional
+    /// auxiliary loss), with `f_i = E/(K·T)·#{t: i chosen}` and `P_i = 1/T·Σ_t s_{i,t}/Σ_j s_{j,t}`.
+    /// Adds `scale ×` its gradient to `dlogits` (`[N, E]`) and returns the loss.
+    pub fn balance_loss(
+        &self,
+        logits: &[f32],
+        routes: &[Routing],
+        spans: &[core::ops::Range<usize>],
+        alpha: f32,
+        scale: f32,
+        dlogits: &mut [f32],
+    ) -> f32 {
+        let (e, k) = (self.n_experts, self.top_k);
+        if alpha == 0.0 || spans.is_empty() {
+            return 0.0;
+        }
+        let mut total = 0f32;
+        let groups = spans.iter().filter(|r| !r.is_empty()).count().max(1) as f32;
+        for r in spans.iter().filter(|r| !r.is_empty()) {
+            let t = r.len() as f32;
+            let mut f = vec![0f32; e];
+            for route in &routes[r.clone()] {
+                for &(i, _) in route {
+                    f[i] += e as f32 / (k as f32 * t);
+                }
+            }
+            for row in r.clone() {
+                let sc = self.scores(&logits[row * e..(row + 1) * e]);
+                let sum: f32 = sc.iter().sum();
+                let fs: f32 = f.iter().zip(&sc).map(|(a, b)| a * b).sum();
+                total += alpha * fs / (sum * t);
+                let c = scale * alpha / (t * groups);
+                let ds: Vec<f32> = f.iter().map(|&fi| c * (fi / sum - fs / (sum * sum))).collect();
+                let dl = self.scores_backward(&sc, &ds);
+                for (o, d) in dlogits[row * e..(row + 1) * e].iter_mut().zip(dl) {
+                    *o += d;
+                }
+            }
+        }
+        total / groups
+    }
+
+    /// Tokens routed to each expert.
+    pub fn loads(&self, routes: &[Routing]) -> Vec<u32> {
+        let mut l = vec![0u32; self.n_experts];
+        for r in routes {
+            for &(i, _) in r {
+                l[i] += 1;
+            }
+        }
+        l
     }
 }
 
@@ -238,6 +297,20 @@ impl Moe {
     }
 }
 
+/// Balance-loss settings for a training pass.
+#[derive(Debug, Clone, Default)]
+pub struct Balance {
+    /// Rows of each sequence (for the sequence-wise loss).
+    pub seqs: Vec<core::ops::Range<usize>>,
+    /// Weight α of DeepSeek-V3's complementary sequence-wise balance loss (V3: 0.0001).
+    pub seq_alpha: f32,
+    /// Weight of a conventional batch-wise auxiliary loss (0 = off; the aux-loss-free bias
+    /// update is the V3 way).
+    pub aux_alpha: f32,
+    /// Multiplies the gradients (micro-batch weight).
+    pub scale: f32,
+}
+
 /// Activations a [`Moe`] keeps for its backward.
 #[derive(Clone, Default)]
 pub struct MoeSaved {
@@ -311,7 +384,16 @@ impl Moe {
     /// Backward: accumulates gradients into `grad` (router weight, experts, shared experts) and
     /// writes `dx` `[N, D]`. The correction bias gets no gradient (it is updated by the
     /// load-balancing rule instead).
-    pub fn backward(&self, x: &[f32], n: usize, s: &MoeSaved, dy: &[f32], grad: &mut Moe, dx: &mut [f32]) {
+    pub fn backward(
+        &self,
+        x: &[f32],
+        n: usize,
+        s: &MoeSaved,
+        dy: &[f32],
+        grad: &mut Moe,
+        dx: &mut [f32],
+        bal: &Balance,
+    ) -> f32 {
         let (d, e_n) = (self.router.dim, self.router.n_experts);
         match (&self.shared, &mut grad.shared) {
             (Some(sh), Some(gs)) => sh.backward(x, n, &s.shared, dy, gs, dx),
@@ -350,8 +432,19 @@ impl Moe {
             let dl = self.router.weights_backward(&s.logits[t * e_n..(t + 1) * e_n], route, &dw);
             dlogits[t * e_n..(t + 1) * e_n].copy_from_slice(&dl);
         }
+        let r = &self.router;
+        let mut loss = r.balance_loss(&s.logits, &s.routes, &bal.seqs, bal.seq_alpha, bal.scale, &mut dlogits);
+        loss += r.balance_loss(
+            &s.logits,
+            &s.routes,
+            core::slice::from_ref(&(0..n)),
+            bal.aux_alpha,
+            bal.scale,
+            &mut dlogits,
+        );
         matmul_tn(e_n, d, n, &dlogits, x, &mut grad.router.weight, true);
         matmul_nn(n, d, e_n, &dlogits, &self.router.weight, dx, true);
+        loss
     }
 
     /// Visits `{prefix}.gate.weight`, `{prefix}.experts.{e}.*`, `{prefix}.shared_experts.*`

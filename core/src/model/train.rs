@@ -3,7 +3,8 @@
 //! [`Model`] of the same shape ([`Model::zeros_like`]); parameters are named as in the checkpoint
 //! ([`Model::visit`]).
 use crate::error::{ierr, Result};
-use crate::model::block::BlockSaved;
+use crate::model::block::{BlockSaved, Ffn, FfnSaved};
+use crate::model::moe::Balance;
 use crate::model::{Batch, Model};
 use crate::ops::loss::cross_entropy;
 use crate::ops::norm::{rmsnorm, rmsnorm_backward};
@@ -66,6 +67,12 @@ impl Model {
     /// gradient accumulated into `grad` (from [`Model::zeros_like`]). The model's weights must
     /// be f32 ([`Model::make_trainable`]).
     pub fn loss_and_grads(&self, seqs: &[&[u32]], grad: &mut Model) -> Result<f32> {
+        Ok(self.train_pass(seqs, grad, &PassOptions::default())?.ce_loss)
+    }
+
+    /// One forward + backward over `seqs` with the options' loss terms; gradients (times
+    /// `opts.scale`) accumulate into `grad`.
+    pub fn train_pass(&self, seqs: &[&[u32]], grad: &mut Model, opts: &PassOptions) -> Result<PassOutput> {
         let targets: Vec<(usize, u32)> = {
             let mut t = Vec::new();
             let mut off = 0;
@@ -88,7 +95,8 @@ impl Model {
         let logits = self.logits(&rows);
         let tgt: Vec<u32> = targets.iter().map(|t| t.1).collect();
         let mut dlogits = vec![0f32; logits.len()];
-        let loss = cross_entropy(&logits, &tgt, None, None, &mut dlogits);
+        let loss = cross_entropy(&logits, &tgt, opts.mask.as_deref(), None, &mut dlogits);
+        dlogits.iter_mut().for_each(|g| *g *= opts.scale);
         if !loss.is_finite() {
             return Err(crate::Error::NonFinite(format!("loss is {loss}")));
         }
@@ -98,13 +106,28 @@ impl Model {
         for (i, &(r, _)) in targets.iter().enumerate() {
             dnormed[r * d..(r + 1) * d].copy_from_slice(&drows[i * d..(i + 1) * d]);
         }
-        self.train_backward(&hidden, &trace, &dnormed, grad);
+        let bal = Balance {
+            seqs: trace.batch.seqs.clone(),
+            seq_alpha: opts.seq_alpha,
+            aux_alpha: opts.aux_alpha,
+            scale: opts.scale,
+        };
+        let balance_loss = self.train_backward(&hidden, &trace, &dnormed, grad, &bal);
         if self.cfg.tie_word_embeddings {
             let gl = grad.lm_head.dense();
             grad.embed.iter_mut().zip(&gl).for_each(|(a, b)| *a += b);
         }
         let _ = v;
-        Ok(loss)
+        let loads = trace
+            .saved
+            .iter()
+            .zip(&self.layers)
+            .filter_map(|(s, l)| match (&s.ffn, &l.ffn) {
+                (FfnSaved::Moe(ms), Ffn::Moe(m)) => Some(m.router.loads(&ms.routes)),
+                _ => None,
+            })
+            .collect();
+        Ok(PassOutput { ce_loss: loss, balance_loss, loads, predicted: targets.len() })
     }
 
     /// Forward over whole sequences keeping what the backward needs.
@@ -123,17 +146,27 @@ impl Model {
     }
 
     /// Backward from the gradient of the post-norm hidden states `[N, D]` down to the embedding.
-    pub fn train_backward(&self, hidden: &Hidden, trace: &Trace, dnormed: &[f32], grad: &mut Model) {
+    /// Returns the balance loss summed over MoE layers.
+    pub fn train_backward(
+        &self,
+        hidden: &Hidden,
+        trace: &Trace,
+        dnormed: &[f32],
+        grad: &mut Model,
+        bal: &Balance,
+    ) -> f32 {
         let d = self.cfg.hidden_size;
         let mut dx = vec![0f32; dnormed.len()];
         rmsnorm_backward(&hidden.last, &self.norm, self.cfg.rms_norm_eps, dnormed, &mut dx, &mut grad.norm);
+        let mut bal_loss = 0.0;
         for (l, layer) in self.layers.iter().enumerate().rev() {
-            layer.backward(&trace.batch, &trace.saved[l], &mut dx, &mut grad.layers[l]);
+            bal_loss += layer.backward(&trace.batch, &trace.saved[l], &mut dx, &mut grad.layers[l], bal);
         }
         for (row, &t) in dx.chunks_exact(d).zip(&trace.tokens) {
             let g = &mut grad.embed[t as usize * d..(t as usize + 1) * d];
             g.iter_mut().zip(row).for_each(|(a, b)| *a += b);
         }
+        bal_loss
     }
 }
 
@@ -148,4 +181,37 @@ pub struct Trace {
     pub batch: Batch,
     pub tokens: Vec<u32>,
     pub saved: Vec<BlockSaved>,
+}
+
+/// Loss terms and scaling of a training pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PassOptions {
+    /// Multiplies every gradient (e.g. a micro-batch's share of the step's tokens).
+    pub scale: f32,
+    /// Complementary sequence-wise balance loss weight α (V3: 0.0001).
+    pub seq_alpha: f32,
+    /// Conventional batch-wise auxiliary balance loss weight (0 = off).
+    pub aux_alpha: f32,
+    /// Per predicted position (`Σ (T_i − 1)` rows, in order): 1 counts in the loss, 0 does not
+    /// (SFT: only completion tokens). `None`: all count.
+    pub mask: Option<Vec<f32>>,
+}
+
+impl Default for PassOptions {
+    fn default() -> Self {
+        PassOptions { scale: 1.0, seq_alpha: 0.0, aux_alpha: 0.0, mask: None }
+    }
+}
+
+/// What a training pass reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PassOutput {
+    /// Mean next-token cross-entropy over the counted positions.
+    pub ce_loss: f32,
+    /// Balance losses summed over MoE layers (already weighted by α).
+    pub balance_loss: f32,
+    /// Tokens routed to each expert, per MoE layer.
+    pub loads: Vec<Vec<u32>>,
+    /// Positions with a next token.
+    pub predicted: usize,
 }

@@ -1,0 +1,200 @@
+//! [`Trainer`]: one optimizer step = gradient accumulation over micro-batches, global-norm
+//! clipping, AdamW, and DeepSeek-V3's auxiliary-loss-free bias update
+//! (`b_i += γ·sign(mean load − load_i)` per MoE layer after every step).
+use crate::error::{ierr, Result};
+use crate::model::block::Ffn;
+use crate::model::train::PassOptions;
+use crate::model::Model;
+use crate::train::optim::AdamW;
+use crate::train::schedule::LrSchedule;
+use alloc::vec::Vec;
+
+/// Training hyper-parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    pub schedule: LrSchedule,
+    /// Clip the global gradient norm to this (None = off). V3: 1.0.
+    pub clip_norm: Option<f32>,
+    /// Bias update speed γ of auxiliary-loss-free balancing (0 = off). V3: 0.001.
+    pub bias_update_speed: f32,
+    /// Complementary sequence-wise balance loss α. V3: 0.0001.
+    pub seq_aux_alpha: f32,
+    /// Conventional batch-wise auxiliary balance loss weight (0 = off), to compare against.
+    pub aux_loss_alpha: f32,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            schedule: LrSchedule::Constant { lr: 1e-3 },
+            clip_norm: Some(1.0),
+            bias_update_speed: 0.001,
+            seq_aux_alpha: 0.0001,
+            aux_loss_alpha: 0.0,
+        }
+    }
+}
+
+/// What one step reports.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StepMetrics {
+    pub step: u64,
+    /// Mean next-token cross-entropy over the step's counted positions.
+    pub loss: f32,
+    /// Balance losses (weighted) summed over MoE layers, averaged over micro-batches.
+    pub balance_loss: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    pub lr: f32,
+    /// Tokens in the step's sequences and positions that were predicted.
+    pub tokens: usize,
+    pub predicted: usize,
+    /// Tokens routed to each expert, per MoE layer.
+    pub expert_load: Vec<Vec<u32>>,
+    /// Per MoE layer: max load / mean load (1 = perfectly balanced).
+    pub max_over_mean: Vec<f32>,
+}
+
+/// A micro-batch: token sequences and, for SFT, a per-position loss mask.
+#[derive(Debug, Clone, Default)]
+pub struct MicroBatch {
+    pub seqs: Vec<Vec<u32>>,
+    /// One weight per predicted position (`Σ (T_i − 1)`), 1 = counts; None = all count.
+    pub mask: Option<Vec<f32>>,
+}
+
+impl MicroBatch {
+    /// Positions that count in the loss.
+    pub fn counted(&self) -> f32 {
+        match &self.mask {
+            Some(m) => m.iter().sum(),
+            None => self.seqs.iter().map(|s| s.len().saturating_sub(1)).sum::<usize>() as f32,
+        }
+    }
+}
+
+/// Owns the model, its gradient buffer and the optimizer.
+pub struct Trainer {
+    pub model: Model,
+    pub grad: Model,
+    pub opt: AdamW,
+    pub cfg: TrainConfig,
+    pub step: u64,
+}
+
+impl Trainer {
+    /// Makes `model` trainable (FP8 weights become f32 master weights).
+    pub fn new(mut model: Model, opt: AdamW, cfg: TrainConfig) -> Trainer {
+        model.make_trainable();
+        let grad = model.zeros_like();
+        Trainer { model, grad, opt, cfg, step: 0 }
+    }
+
+    /// One optimizer step over `micro` (gradients accumulated, each micro-batch weighted by its
+    /// share of counted positions, so the step equals one pass over their union).
+    pub fn train_step(&mut self, micro: &[MicroBatch]) -> Result<StepMetrics> {
+        let total: f32 = micro.iter().map(MicroBatch::counted).sum();
+        if micro.is_empty() || total == 0.0 {
+            return Err(ierr("a training step needs at least one position to predict"));
+        }
+        self.grad.visit(&mut |_, g| g.fill(0.0));
+        let mut m = StepMetrics { step: self.step, ..Default::default() };
+        let (mut loss, mut bal) = (0f64, 0f64);
+        for mb in micro {
+            let w = mb.counted() / total;
+            if w == 0.0 {
+                continue;
+            }
+            let seqs: Vec<&[u32]> = mb.seqs.iter().map(|s| &s[..]).collect();
+            let opts = PassOptions {
+                scale: w,
+                seq_alpha: self.cfg.seq_aux_alpha,
+                aux_alpha: self.cfg.aux_loss_alpha,
+                mask: mb.mask.clone(),
+            };
+            let out = self.model.train_pass(&seqs, &mut self.grad, &opts)?;
+            loss += (out.ce_loss * w) as f64;
+            bal += (out.balance_loss * w) as f64;
+            m.tokens += seqs.iter().map(|s| s.len()).sum::<usize>();
+            m.predicted += out.predicted;
+            if m.expert_load.is_empty() {
+                m.expert_load = out.loads;
+            } else {
+                for (a, b) in m.expert_load.iter_mut().zip(&out.loads) {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                }
+            }
+        }
+        m.loss = loss as f32;
+        m.balance_loss = bal as f32;
+        // global-norm clipping
+        let mut sq = 0f64;
+        self.grad.visit(&mut |_, g| sq += g.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>());
+        m.grad_norm = libm::sqrt(sq) as f32;
+        if !m.grad_norm.is_finite() {
+            return Err(crate::Error::NonFinite(alloc::format!(
+                "gradient norm is {} at step {}",
+                m.grad_norm,
+                self.step
+            )));
+        }
+        if let Some(c) = self.cfg.clip_norm {
+            if m.grad_norm > c {
+                let f = c / m.grad_norm;
+                self.grad.visit(&mut |_, g| g.iter_mut().for_each(|x| *x *= f));
+            }
+        }
+        m.lr = self.cfg.schedule.at(self.step);
+        self.opt.step(&mut self.model, &mut self.grad, m.lr);
+        self.update_biases(&m.expert_load);
+        m.max_over_mean = m
+            .expert_load
+            .iter()
+            .map(|l| {
+                let mean = l.iter().sum::<u32>() as f32 / l.len().max(1) as f32;
+                l.iter().copied().max().unwrap_or(0) as f32 / mean.max(1e-9)
+            })
+            .collect();
+        self.model.layers.iter_mut().for_each(|b| b.attn.refresh_absorbed());
+        self.step += 1;
+        Ok(m)
+    }
+
+    /// Auxiliary-loss-free balancing: `b_i += γ·sign(mean load − load_i)` in each MoE layer.
+    fn update_biases(&mut self, loads: &[Vec<u32>]) {
+        let gamma = self.cfg.bias_update_speed;
+        if gamma == 0.0 {
+            return;
+        }
+        let moe = self.model.layers.iter_mut().filter_map(|l| match &mut l.ffn {
+            Ffn::Moe(m) => Some(m),
+            _ => None,
+        });
+        for (m, load) in moe.zip(loads) {
+            let Some(bias) = &mut m.router.bias else { continue };
+            let mean = load.iter().sum::<u32>() as f32 / load.len() as f32;
+            for (b, &l) in bias.iter_mut().zip(load) {
+                let diff = mean - l as f32;
+                *b += gamma
+                    * if diff > 0.0 {
+                        1.0
+                    } else if diff < 0.0 {
+                        -1.0
+                    } else {
+                        0.0
+                    };
+            }
+        }
+    }
+}
+
+/// Splits `seqs` into micro-batches of at most `per` sequences.
+pub fn micro_batches(seqs: Vec<Vec<u32>>, per: usize) -> Vec<MicroBatch> {
+    let per = per.max(1);
+    let mut out = Vec::new();
+    let mut it = seqs.into_iter().peekable();
+    while it.peek().is_some() {
+        out.push(MicroBatch { seqs: it.by_ref().take(per).collect(), mask: None });
+    }
+    out
+}

@@ -383,7 +383,8 @@ impl Moe {
 
     /// Backward: accumulates gradients into `grad` (router weight, experts, shared experts) and
     /// writes `dx` `[N, D]`. The correction bias gets no gradient (it is updated by the
-    /// load-balancing rule instead).
+    /// load-balancing rule instead). Returns the balance losses of `bal`.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         x: &[f32],

@@ -115,6 +115,9 @@ enum Cmd {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Benchmark training steps (AdamW, f32) instead of inference: batch x prompt-len tokens per step.
+        #[arg(long)]
+        train: bool,
     },
     /// Prints the token ids of a text (comma-separated), with the model's tokenizer.
     Tokenize {
@@ -193,9 +196,13 @@ fn run(cli: Cli) -> Result<()> {
             cmd_generate(&model, &prompt_ids, &params, tk.as_ref())
         }
         Cmd::Info { m } => cmd_info(&m),
-        Cmd::Bench { m, batch, prompt_len, new_tokens, repeat, seed, json } => {
+        Cmd::Bench { m, batch, prompt_len, new_tokens, repeat, seed, json, train } => {
             let model = load(&m)?;
-            cmd_bench(&model, batch, prompt_len, new_tokens, repeat.max(1), seed, json)
+            if train {
+                cmd_bench_train(model, batch, prompt_len, repeat.max(1), seed, json)
+            } else {
+                cmd_bench(&model, batch, prompt_len, new_tokens, repeat.max(1), seed, json)
+            }
         }
         Cmd::Init { preset, config, out, seed, std } => cmd_init(preset, config, &out, seed, std),
         Cmd::Tokenize { model, tokenizer, text, decode } => {
@@ -453,6 +460,36 @@ fn cmd_bench(
         println!("batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, {threads} threads (best of {repeat})");
         println!("prefill  {pre_tps:>10.1} tokens/s");
         println!("decode   {dec_tps:>10.1} tokens/s  ({:.3} ms/step)", best_dec * 1e3 / new_tokens as f64);
+    }
+    Ok(())
+}
+
+fn cmd_bench_train(model: Model, batch: usize, seq_len: usize, steps: usize, seed: u64, json: bool) -> Result<()> {
+    use dsv3_core::train::{AdamW, LrSchedule, MicroBatch, TrainConfig, Trainer};
+    if batch == 0 || seq_len < 2 {
+        return Err(Error::Input("--batch must be positive and --prompt-len >= 2".into()));
+    }
+    let mut rng = dsv3_core::rng::Rng::new(seed);
+    let v = model.cfg.vocab_size as u64;
+    let cfg = TrainConfig { schedule: LrSchedule::Constant { lr: 1e-4 }, ..Default::default() };
+    let mut tr = Trainer::new(model, AdamW::deepseek_v3(), cfg);
+    let mut step = |rng: &mut dsv3_core::rng::Rng| -> Result<f64> {
+        let seqs = (0..batch).map(|_| (0..seq_len).map(|_| rng.below(v) as u32).collect()).collect();
+        let t0 = Instant::now();
+        tr.train_step(&[MicroBatch { seqs, mask: None }])?;
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    step(&mut rng)?; // warm-up
+    let mut times: Vec<f64> = (0..steps).map(|_| step(&mut rng)).collect::<Result<_>>()?;
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let med = times[times.len() / 2];
+    let tps = (batch * seq_len) as f64 / med;
+    let threads = dsv3_core::ops::threads();
+    if json {
+        println!("{{\"batch\":{batch},\"seq_len\":{seq_len},\"threads\":{threads},\"step_ms\":{:.2},\"train_tokens_per_s\":{tps:.1}}}", med * 1e3);
+    } else {
+        println!("train: batch {batch} x {seq_len} tokens, {threads} threads, median of {steps} steps");
+        println!("step {:.1} ms, {tps:.1} tokens/s", med * 1e3);
     }
     Ok(())
 }

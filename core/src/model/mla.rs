@@ -340,37 +340,35 @@ impl Mla {
         sv.kv = vec![0f32; n * w];
         self.kv_b.forward(&sv.cn, n, &mut sv.kv);
         sv.attn = vec![0f32; n * h * dv];
-        for r in &batch.seqs {
+        // one task per (sequence, head): probabilities [S, S] and output [S, dv]
+        let tasks: Vec<(usize, usize)> = (0..batch.seqs.len()).flat_map(|q| (0..h).map(move |hh| (q, hh))).collect();
+        let work: usize = batch.seqs.iter().map(|r| r.len() * r.len()).sum::<usize>() * h * (dq + dv);
+        let (q_all, kv_all, kpe_all) = (&sv.q, &sv.kv, &sv.kpe);
+        let results = crate::ops::par_map(&tasks, work, |&(qi, hh)| {
+            let r = &batch.seqs[qi];
             let sl = r.len();
-            for hh in 0..h {
-                let q0 = r.start * h * dq + hh * dq;
-                let k0 = r.start * w + hh * (dn + dv);
-                let mut p = vec![0f32; sl * sl];
-                matmul_t(sl, sl, dn, &sv.q[q0..], h * dq, &sv.kv[k0..], w, &mut p, sl, false);
-                matmul_t(sl, sl, dr, &sv.q[q0 + dn..], h * dq, &sv.kpe[r.start * dr..], dr, &mut p, sl, true);
-                for (i, row) in p.chunks_exact_mut(sl).enumerate() {
-                    for (t, v) in row.iter_mut().enumerate() {
-                        *v = if t <= i { *v * scale } else { f32::NEG_INFINITY };
-                    }
-                    softmax_inplace(row);
+            let q0 = r.start * h * dq + hh * dq;
+            let k0 = r.start * w + hh * (dn + dv);
+            let mut p = vec![0f32; sl * sl];
+            matmul_t(sl, sl, dn, &q_all[q0..], h * dq, &kv_all[k0..], w, &mut p, sl, false);
+            matmul_t(sl, sl, dr, &q_all[q0 + dn..], h * dq, &kpe_all[r.start * dr..], dr, &mut p, sl, true);
+            for (i, row) in p.chunks_exact_mut(sl).enumerate() {
+                for (t, v) in row.iter_mut().enumerate() {
+                    *v = if t <= i { *v * scale } else { f32::NEG_INFINITY };
                 }
-                // O = P·V: [S, dv] into attn rows (stride H·dv)
-                matmul_strided(
-                    sl,
-                    dv,
-                    sl,
-                    &p,
-                    sl,
-                    1,
-                    &sv.kv[k0 + dn..],
-                    w,
-                    1,
-                    &mut sv.attn[r.start * h * dv + hh * dv..],
-                    h * dv,
-                    false,
-                );
-                sv.probs.push(p);
+                softmax_inplace(row);
             }
+            let mut o = vec![0f32; sl * dv];
+            matmul_strided(sl, dv, sl, &p, sl, 1, &kv_all[k0 + dn..], w, 1, &mut o, dv, false);
+            (p, o)
+        });
+        for (&(qi, hh), (p, o)) in tasks.iter().zip(results) {
+            let r = &batch.seqs[qi];
+            for (i, orow) in o.chunks_exact(dv).enumerate() {
+                let dst = (r.start + i) * h * dv + hh * dv;
+                sv.attn[dst..dst + dv].copy_from_slice(orow);
+            }
+            sv.probs.push(p);
         }
         self.o.forward(&sv.attn, n, out);
         sv
@@ -388,54 +386,43 @@ impl Mla {
         let mut dqv = vec![0f32; n * h * dq];
         let mut dkv = vec![0f32; n * w];
         let mut dkpe = vec![0f32; n * dr];
-        let mut task = 0;
-        for r in &batch.seqs {
+        // one task per (sequence, head): dQ [S, dq], dK_nope|dV [S, dn+dv], dk_pe [S, dr]
+        let tasks: Vec<(usize, usize)> = (0..batch.seqs.len()).flat_map(|q| (0..h).map(move |hh| (q, hh))).collect();
+        let work: usize = batch.seqs.iter().map(|r| r.len() * r.len()).sum::<usize>() * h * 2 * (dq + dv);
+        let dattn = &dattn;
+        let results = crate::ops::par_map(&tasks, work, |&(qi, hh)| {
+            let r = &batch.seqs[qi];
             let sl = r.len();
-            for hh in 0..h {
-                let p = &sv.probs[task];
-                task += 1;
-                let q0 = r.start * h * dq + hh * dq;
-                let k0 = r.start * w + hh * (dn + dv);
-                let o0 = r.start * h * dv + hh * dv;
-                // dP = dO·Vᵀ, dV = Pᵀ·dO
-                let mut dp = vec![0f32; sl * sl];
-                matmul_t(sl, sl, dv, &dattn[o0..], h * dv, &sv.kv[k0 + dn..], w, &mut dp, sl, false);
-                matmul_strided(sl, dv, sl, p, 1, sl, &dattn[o0..], h * dv, 1, &mut dkv[k0 + dn..], w, true);
-                for (prow, drow) in p.chunks_exact(sl).zip(dp.chunks_exact_mut(sl)) {
-                    softmax_backward_inplace(prow, drow);
-                    drow.iter_mut().for_each(|v| *v *= scale);
+            let p = &sv.probs[qi * h + hh];
+            let q0 = r.start * h * dq + hh * dq;
+            let k0 = r.start * w + hh * (dn + dv);
+            let o0 = r.start * h * dv + hh * dv;
+            let (mut dqh, mut dkvh, mut dpe) = (vec![0f32; sl * dq], vec![0f32; sl * (dn + dv)], vec![0f32; sl * dr]);
+            // dP = dO·Vᵀ, dV = Pᵀ·dO
+            let mut dp = vec![0f32; sl * sl];
+            matmul_t(sl, sl, dv, &dattn[o0..], h * dv, &sv.kv[k0 + dn..], w, &mut dp, sl, false);
+            matmul_strided(sl, dv, sl, p, 1, sl, &dattn[o0..], h * dv, 1, &mut dkvh[dn..], dn + dv, false);
+            for (prow, drow) in p.chunks_exact(sl).zip(dp.chunks_exact_mut(sl)) {
+                softmax_backward_inplace(prow, drow);
+                drow.iter_mut().for_each(|v| *v *= scale);
+            }
+            // dQ = dS·K, dK = dSᵀ·Q (the rope key is shared by all heads: summed below)
+            matmul_strided(sl, dn, sl, &dp, sl, 1, &sv.kv[k0..], w, 1, &mut dqh, dq, false);
+            matmul_strided(sl, dr, sl, &dp, sl, 1, &sv.kpe[r.start * dr..], dr, 1, &mut dqh[dn..], dq, false);
+            matmul_strided(sl, dn, sl, &dp, 1, sl, &sv.q[q0..], h * dq, 1, &mut dkvh, dn + dv, false);
+            matmul_strided(sl, dr, sl, &dp, 1, sl, &sv.q[q0 + dn..], h * dq, 1, &mut dpe, dr, false);
+            (dqh, dkvh, dpe)
+        });
+        for (&(qi, hh), (dqh, dkvh, dpe)) in tasks.iter().zip(results) {
+            let r = &batch.seqs[qi];
+            for i in 0..r.len() {
+                let row = r.start + i;
+                dqv[row * h * dq + hh * dq..row * h * dq + (hh + 1) * dq].copy_from_slice(&dqh[i * dq..(i + 1) * dq]);
+                dkv[row * w + hh * (dn + dv)..row * w + (hh + 1) * (dn + dv)]
+                    .copy_from_slice(&dkvh[i * (dn + dv)..(i + 1) * (dn + dv)]);
+                for (a, b) in dkpe[row * dr..(row + 1) * dr].iter_mut().zip(&dpe[i * dr..(i + 1) * dr]) {
+                    *a += b;
                 }
-                // dQ = dS·K, dK = dSᵀ·Q (the rope key is shared by all heads)
-                matmul_strided(sl, dn, sl, &dp, sl, 1, &sv.kv[k0..], w, 1, &mut dqv[q0..], h * dq, true);
-                matmul_strided(
-                    sl,
-                    dr,
-                    sl,
-                    &dp,
-                    sl,
-                    1,
-                    &sv.kpe[r.start * dr..],
-                    dr,
-                    1,
-                    &mut dqv[q0 + dn..],
-                    h * dq,
-                    true,
-                );
-                matmul_strided(sl, dn, sl, &dp, 1, sl, &sv.q[q0..], h * dq, 1, &mut dkv[k0..], w, true);
-                matmul_strided(
-                    sl,
-                    dr,
-                    sl,
-                    &dp,
-                    1,
-                    sl,
-                    &sv.q[q0 + dn..],
-                    h * dq,
-                    1,
-                    &mut dkpe[r.start * dr..],
-                    dr,
-                    true,
-                );
             }
         }
         // kv_b, kv_a_layernorm, RoPE of the shared key, kv_a

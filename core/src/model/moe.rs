@@ -59,7 +59,7 @@ impl Router {
     pub fn scores(&self, logits: &[f32]) -> Vec<f32> {
         let mut scores: Vec<f32> = logits.to_vec();
         match self.scoring {
-            ScoringFunc::Sigmoid => scores.iter_mut().for_each(|v| *v = 1.0 / (1.0 + libm::expf(-*v))),
+            ScoringFunc::Sigmoid => scores.iter_mut().for_each(|v| *v = crate::ops::fastmath::sigmoid(*v)),
             ScoringFunc::Softmax => softmax_inplace(&mut scores),
         }
         scores

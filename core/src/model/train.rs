@@ -50,6 +50,20 @@ impl Model {
         g
     }
 
+    /// Adds `other`'s trainable tensors into `self` (same structure), e.g. to reduce
+    /// per-thread gradient buffers.
+    pub fn add_from(&mut self, other: &mut Model) {
+        let mut flat: Vec<f32> = Vec::new();
+        other.visit(&mut |_, t| flat.extend_from_slice(t));
+        let mut i = 0;
+        self.visit(&mut |_, t| {
+            for v in t.iter_mut() {
+                *v += flat[i];
+                i += 1;
+            }
+        });
+    }
+
     /// Names of the main model's trainable tensors (no MTP), in [`Model::visit`] order.
     pub fn main_param_names(&mut self) -> Vec<String> {
         let prefixes: Vec<String> =

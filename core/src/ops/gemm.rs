@@ -36,7 +36,7 @@ pub fn matmul_t(
     #[cfg(feature = "std")]
     {
         let work = m * n * k;
-        let threads = rayon::current_num_threads();
+        let threads = gemm_threads();
         if m >= LARGE_M {
             // packed GEMM (the `gemm` crate) wins for many rows: benches/gemm.rs
             let par = if threads > 1 && work >= PARALLEL_MIN_WORK {
@@ -81,6 +81,17 @@ pub fn matmul_t(
 /// Rows from which the packed `gemm` crate beats the dot-product kernel (benches/gemm.rs).
 #[cfg(feature = "std")]
 const LARGE_M: usize = 32;
+
+/// Threads a product may use: all of the pool from outside it, one from inside a pool task
+/// (the caller already parallelizes, e.g. the trainer's data-parallel shards).
+#[cfg(feature = "std")]
+fn gemm_threads() -> usize {
+    if rayon::current_thread_index().is_some() {
+        1
+    } else {
+        rayon::current_num_threads()
+    }
+}
 
 /// Multiply-adds below which a product runs on one thread (a rayon fork costs a few µs).
 #[cfg(feature = "std")]
@@ -162,7 +173,7 @@ pub fn matmul_strided(
     }
     #[cfg(feature = "std")]
     {
-        let threads = rayon::current_num_threads();
+        let threads = gemm_threads();
         let par = if threads > 1 && m * n * k >= PARALLEL_MIN_WORK {
             gemm::Parallelism::Rayon(threads)
         } else {

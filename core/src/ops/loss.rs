@@ -27,7 +27,7 @@ pub fn cross_entropy(
         let t = targets[r] as usize;
         loss += (wgt * (lse - z[t])) as f64;
         for (d, &zv) in dz.iter_mut().zip(z) {
-            *d = libm::expf(zv - lse) * wgt / n;
+            *d = super::fastmath::exp(zv - lse) * wgt / n;
         }
         dz[t] -= wgt / n;
     }

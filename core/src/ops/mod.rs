@@ -1,5 +1,6 @@
 //! CPU f32 kernels. Each function documents its shapes; all are the reference the GPU backend
 //! is tested against.
+pub mod fastmath;
 pub mod gemm;
 pub mod loss;
 pub mod norm;

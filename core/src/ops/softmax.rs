@@ -9,7 +9,7 @@ pub fn softmax_inplace(x: &mut [f32]) {
     }
     let mut s = 0f32;
     for v in x.iter_mut() {
-        *v = libm::expf(*v - m);
+        *v = super::fastmath::exp(*v - m);
         s += *v;
     }
     let inv = 1.0 / s;
@@ -32,7 +32,7 @@ pub fn logsumexp(x: &[f32]) -> f32 {
     if m == f32::NEG_INFINITY {
         return m;
     }
-    let s: f32 = x.iter().map(|&v| libm::expf(v - m)).sum();
+    let s: f32 = x.iter().map(|&v| super::fastmath::exp(v - m)).sum();
     m + libm::logf(s)
 }
 

@@ -3,7 +3,7 @@
 /// `silu(x) = x / (1 + e^{-x})`.
 #[inline]
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + libm::expf(-x))
+    x * super::fastmath::sigmoid(x)
 }
 
 /// `out[i] = silu(g[i]) · u[i]` for equal-length slices.
@@ -18,7 +18,7 @@ pub fn swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
 /// `silu'(g) = σ(g)·(1 + g·(1 − σ(g)))`.
 pub fn swiglu_backward(g: &[f32], u: &[f32], da: &[f32], dg: &mut [f32], du: &mut [f32]) {
     for i in 0..g.len() {
-        let s = 1.0 / (1.0 + libm::expf(-g[i]));
+        let s = super::fastmath::sigmoid(g[i]);
         dg[i] = da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
         du[i] = da[i] * g[i] * s;
     }

@@ -3,7 +3,7 @@
 //! (`b_i += γ·sign(mean load − load_i)` per MoE layer after every step).
 use crate::error::{ierr, Result};
 use crate::model::block::Ffn;
-use crate::model::train::PassOptions;
+use crate::model::train::{PassOptions, PassOutput};
 use crate::model::Model;
 use crate::train::optim::AdamW;
 use crate::train::schedule::LrSchedule;
@@ -80,6 +80,8 @@ pub struct Trainer {
     pub opt: AdamW,
     pub cfg: TrainConfig,
     pub step: u64,
+    /// Gradient buffers of the data-parallel shards (one per worker thread beyond the first).
+    shard_grads: Vec<Model>,
 }
 
 impl Trainer {
@@ -87,7 +89,7 @@ impl Trainer {
     pub fn new(mut model: Model, opt: AdamW, cfg: TrainConfig) -> Trainer {
         model.make_trainable();
         let grad = model.zeros_like();
-        Trainer { model, grad, opt, cfg, step: 0 }
+        Trainer { model, grad, opt, cfg, step: 0, shard_grads: Vec::new() }
     }
 
     /// One optimizer step over `micro` (gradients accumulated, each micro-batch weighted by its
@@ -105,17 +107,10 @@ impl Trainer {
             if w == 0.0 {
                 continue;
             }
-            let seqs: Vec<&[u32]> = mb.seqs.iter().map(|s| &s[..]).collect();
-            let opts = PassOptions {
-                scale: w,
-                seq_alpha: self.cfg.seq_aux_alpha,
-                aux_alpha: self.cfg.aux_loss_alpha,
-                mask: mb.mask.clone(),
-            };
-            let out = self.model.train_pass(&seqs, &mut self.grad, &opts)?;
+            let out = self.pass(mb, w)?;
             loss += (out.ce_loss * w) as f64;
             bal += (out.balance_loss * w) as f64;
-            m.tokens += seqs.iter().map(|s| s.len()).sum::<usize>();
+            m.tokens += mb.seqs.iter().map(|s| s.len()).sum::<usize>();
             m.predicted += out.predicted;
             if m.expert_load.is_empty() {
                 m.expert_load = out.loads;
@@ -160,6 +155,77 @@ impl Trainer {
         Ok(m)
     }
 
+    /// Forward + backward of one micro-batch (gradients × `w` added to `self.grad`). Its
+    /// sequences are split into contiguous shards, one per worker thread, each with its own
+    /// gradient buffer; the buffers are then summed in shard order (deterministic for a given
+    /// thread count). The batch-wise auxiliary loss is computed per shard, as per device in
+    /// data-parallel training.
+    fn pass(&mut self, mb: &MicroBatch, w: f32) -> Result<PassOutput> {
+        let threads = crate::ops::threads().min(mb.seqs.len()).max(1);
+        let counted = mb.counted();
+        // shard boundaries by sequence, with each shard's slice of the mask
+        let per = mb.seqs.len().div_ceil(threads);
+        let mut shards: Vec<(Vec<&[u32]>, Option<Vec<f32>>)> = Vec::new();
+        let mut mask_off = 0;
+        for chunk in mb.seqs.chunks(per) {
+            let n_pred: usize = chunk.iter().map(|s| s.len().saturating_sub(1)).sum();
+            let mask = mb.mask.as_ref().map(|m| m[mask_off..mask_off + n_pred].to_vec());
+            mask_off += n_pred;
+            shards.push((chunk.iter().map(|s| &s[..]).collect(), mask));
+        }
+        if mb.mask.as_ref().is_some_and(|m| m.len() != mask_off) {
+            return Err(ierr(alloc::format!(
+                "mask has {} entries, the batch predicts {mask_off} positions",
+                mb.mask.as_ref().map_or(0, |m| m.len())
+            )));
+        }
+        let mk = |seqs: &[&[u32]], mask: &Option<Vec<f32>>| -> PassOptions {
+            let shard_counted = match mask {
+                Some(m) => m.iter().sum(),
+                None => seqs.iter().map(|s| s.len().saturating_sub(1)).sum::<usize>() as f32,
+            };
+            PassOptions {
+                scale: w * shard_counted / counted,
+                seq_alpha: self.cfg.seq_aux_alpha,
+                aux_alpha: self.cfg.aux_loss_alpha,
+                mask: mask.clone(),
+            }
+        };
+        if shards.len() == 1 {
+            let o = mk(&shards[0].0, &shards[0].1);
+            return self.model.train_pass(&shards[0].0, &mut self.grad, &o);
+        }
+        while self.shard_grads.len() < shards.len() {
+            self.shard_grads.push(self.model.zeros_like());
+        }
+        let model = &self.model;
+        let run = |(seqs, mask): &(Vec<&[u32]>, Option<Vec<f32>>), g: &mut Model| {
+            g.visit(&mut |_, t| t.fill(0.0));
+            model.train_pass(seqs, g, &mk(seqs, mask))
+        };
+        let outs =
+            run_shards(&shards, &mut self.shard_grads[..shards.len()], &run).into_iter().collect::<Result<Vec<_>>>()?;
+        for b in self.shard_grads[..shards.len()].iter_mut() {
+            self.grad.add_from(b);
+        }
+        // combine: losses weighted by each shard's share of counted positions
+        let mut total = PassOutput { ce_loss: 0.0, balance_loss: 0.0, loads: Vec::new(), predicted: 0 };
+        for ((seqs, mask), o) in shards.iter().zip(&outs) {
+            let share = mk(seqs, mask).scale / w;
+            total.ce_loss += o.ce_loss * share;
+            total.balance_loss += o.balance_loss * share;
+            total.predicted += o.predicted;
+            if total.loads.is_empty() {
+                total.loads = o.loads.clone();
+            } else {
+                for (a, b) in total.loads.iter_mut().zip(&o.loads) {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                }
+            }
+        }
+        Ok(total)
+    }
+
     /// Auxiliary-loss-free balancing: `b_i += γ·sign(mean load − load_i)` in each MoE layer.
     fn update_biases(&mut self, loads: &[Vec<u32>]) {
         let gamma = self.cfg.bias_update_speed;
@@ -185,6 +251,22 @@ impl Trainer {
                     };
             }
         }
+    }
+}
+
+/// Runs `run` on each shard with its buffer: in parallel under `std`, in order otherwise.
+fn run_shards<S: Sync, F>(shards: &[S], bufs: &mut [Model], run: &F) -> Vec<Result<PassOutput>>
+where
+    F: Fn(&S, &mut Model) -> Result<PassOutput> + Sync,
+{
+    #[cfg(feature = "std")]
+    {
+        use rayon::prelude::*;
+        shards.par_iter().zip(bufs.par_iter_mut()).map(|(s, g)| run(s, g)).collect()
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        shards.iter().zip(bufs.iter_mut()).map(|(s, g)| run(s, g)).collect()
     }
 }
 

@@ -165,7 +165,7 @@ impl Trainer {
         let counted = mb.counted();
         // shard boundaries by sequence, with each shard's slice of the mask
         let per = mb.seqs.len().div_ceil(threads);
-        let mut shards: Vec<(Vec<&[u32]>, Option<Vec<f32>>)> = Vec::new();
+        let mut shards: Vec<Shard> = Vec::new();
         let mut mask_off = 0;
         for chunk in mb.seqs.chunks(per) {
             let n_pred: usize = chunk.iter().map(|s| s.len().saturating_sub(1)).sum();
@@ -199,7 +199,7 @@ impl Trainer {
             self.shard_grads.push(self.model.zeros_like());
         }
         let model = &self.model;
-        let run = |(seqs, mask): &(Vec<&[u32]>, Option<Vec<f32>>), g: &mut Model| {
+        let run = |(seqs, mask): &Shard, g: &mut Model| {
             g.visit(&mut |_, t| t.fill(0.0));
             model.train_pass(seqs, g, &mk(seqs, mask))
         };
@@ -253,6 +253,9 @@ impl Trainer {
         }
     }
 }
+
+/// A data-parallel shard of a micro-batch: its sequences and its slice of the loss mask.
+type Shard<'a> = (Vec<&'a [u32]>, Option<Vec<f32>>);
 
 /// Runs `run` on each shard with its buffer: in parallel under `std`, in order otherwise.
 fn run_shards<S: Sync, F>(shards: &[S], bufs: &mut [Model], run: &F) -> Vec<Result<PassOutput>>

@@ -19,6 +19,14 @@ impl Rng {
         };
         Rng { s: [next(), next(), next(), next()] }
     }
+    /// The generator's state (to save and restore it exactly).
+    pub fn state(&self) -> [u64; 4] {
+        self.s
+    }
+    /// A generator continuing from a saved [`Rng::state`].
+    pub fn from_state(s: [u64; 4]) -> Rng {
+        Rng { s }
+    }
     /// Next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         let r = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);

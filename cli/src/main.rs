@@ -1,6 +1,8 @@
 //! `dsv3`: the command-line tool. Commands whose file formats are fixed contracts:
 //! `logits` (input_ids i64 [B,T] → logits f32 [B,T,V]). See `dsv3 --help`.
+mod plot;
 mod tok;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 use dsv3_core::infer::{generate, Event, SamplingParams, Session};
@@ -133,6 +135,8 @@ enum Cmd {
         #[arg(long)]
         decode: bool,
     },
+    /// Trains (from a preset, a model directory, or a checkpoint to resume) on a data file.
+    Train(Box<train_cmd::TrainArgs>),
     /// Writes a randomly initialized checkpoint (config.json + model.safetensors).
     Init {
         /// A preset name (bench-4m, bench-88m) ...
@@ -204,6 +208,7 @@ fn run(cli: Cli) -> Result<()> {
                 cmd_bench(&model, batch, prompt_len, new_tokens, repeat.max(1), seed, json)
             }
         }
+        Cmd::Train(a) => train_cmd::run(*a),
         Cmd::Init { preset, config, out, seed, std } => cmd_init(preset, config, &out, seed, std),
         Cmd::Tokenize { model, tokenizer, text, decode } => {
             let vocab = match &model {

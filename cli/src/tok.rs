@@ -38,6 +38,16 @@ impl Tok {
         }
     }
 
+    /// Encodes without special tokens (e.g. a completion appended to a prompt).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Tok::Hf(t) => {
+                Ok(t.encode(text, false).map_err(|e| Error::Input(format!("tokenizing: {e}")))?.get_ids().to_vec())
+            }
+            Tok::Byte(b) => Ok(b.encode(text)),
+        }
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match self {
             Tok::Hf(t) => t.decode(ids, true).map_err(|e| Error::Input(format!("detokenizing: {e}"))),

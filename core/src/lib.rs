@@ -10,7 +10,7 @@
 //! - [`infer`]: the latent KV cache, sessions (batched prefill + decode), sampling, generation.
 //! - [`train`]: AdamW, schedules, the trainer (accumulation, clipping, bias updates).
 //! - [`tokenizer`]: the built-in byte-level tokenizer (HF `tokenizer.json` lives in the cli/ffi).
-//! - [`presets`]: named configurations (`bench-4m`, `bench-88m`).
+//! - [`presets`]: named configurations (`tiny`, `bench-4m`, `bench-88m`).
 //! - [`rng`]: a seeded, platform-independent RNG.
 //!
 //! Feature `std` (default) adds files, memory-mapping and threads (rayon).

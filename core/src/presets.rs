@@ -1,10 +1,22 @@
-//! Named model configurations (HF `config.json` text), for `dsv3 init` and the benchmarks.
+//! Named model configurations (HF `config.json` text), for `dsv3 init`, `dsv3 train`, the demo
+//! and the benchmarks.
 use crate::config::Config;
 use crate::error::{Error, Result};
 use alloc::format;
 
 /// `(name, description, config.json)`.
 pub const PRESETS: &[(&str, &str, &str)] = &[
+    (
+        "tiny",
+        "~0.6M params, byte-level vocabulary: trains in minutes on 2 CPU cores (the demo model)",
+        r#"{"model_type":"deepseek_v3","vocab_size":259,"hidden_size":128,"num_hidden_layers":3,
+        "num_attention_heads":4,"num_key_value_heads":4,"q_lora_rank":64,"kv_lora_rank":32,
+        "qk_nope_head_dim":16,"qk_rope_head_dim":16,"v_head_dim":16,"intermediate_size":256,
+        "moe_intermediate_size":64,"n_routed_experts":8,"num_experts_per_tok":2,"n_group":2,
+        "topk_group":1,"n_shared_experts":1,"first_k_dense_replace":1,"routed_scaling_factor":2.5,
+        "norm_topk_prob":true,"rms_norm_eps":1e-6,"rope_theta":10000.0,"max_position_embeddings":1024,
+        "num_nextn_predict_layers":0,"bos_token_id":256,"eos_token_id":257,"tie_word_embeddings":false}"#,
+    ),
     (
         "bench-4m",
         "~4M params: the CPU benchmark config (hidden 256, 4 layers, 8 experts top-2)",

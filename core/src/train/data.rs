@@ -19,7 +19,7 @@ pub enum Dataset {
 impl Dataset {
     /// Tokens from little-endian `u16` (`width` 2) or `u32` (`width` 4) bytes.
     pub fn tokens_from_bytes(bytes: &[u8], width: usize) -> Result<Vec<u32>> {
-        if !(width == 2 || width == 4) || bytes.len() % width != 0 {
+        if !(width == 2 || width == 4) || !bytes.len().is_multiple_of(width) {
             return Err(ierr(format!(
                 "a token file of {width}-byte ids must have a length divisible by {width}, got {}",
                 bytes.len()

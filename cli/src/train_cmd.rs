@@ -1,0 +1,285 @@
+//! `dsv3 train`: data loading, the training loop with a progress bar, metrics JSONL, periodic
+//! atomic checkpoints, and a loss-curve SVG at the end.
+use crate::plot;
+use crate::tok::Tok;
+use dsv3_core::model::{LoadOptions, Model};
+use dsv3_core::rng::Rng;
+use dsv3_core::train::checkpoint::{self, Fault};
+use dsv3_core::train::data::{Dataset, Loader};
+use dsv3_core::train::{AdamW, LrSchedule, StepMetrics, TrainConfig, Trainer};
+use dsv3_core::{Error, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Start from a preset with random weights (tiny, bench-4m, bench-88m) ...
+    #[arg(long, conflicts_with_all = ["model", "resume"])]
+    pub preset: Option<String>,
+    /// ... or from a model directory (fine-tuning) ...
+    #[arg(long, conflicts_with = "resume")]
+    pub model: Option<PathBuf>,
+    /// ... or resume a checkpoint written by dsv3 train (model, optimizer, data position).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Training data file.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// text (whole file), jsonl ({"text"} per line), sft ({"prompt","completion"} per line:
+    /// loss on completion tokens only), u16 / u32 (pre-tokenized little-endian ids), or auto (by extension).
+    #[arg(long, default_value = "auto")]
+    pub format: String,
+    /// tokenizer.json (default: MODEL/tokenizer.json; byte-level models use the built-in one).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Output directory: checkpoint/, metrics.jsonl, loss.svg.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 200)]
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Micro-batches accumulated per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub accumulate: usize,
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f32,
+    /// Final learning rate of the cosine schedule (default lr/10).
+    #[arg(long)]
+    pub min_lr: Option<f32>,
+    #[arg(long, default_value_t = 20)]
+    pub warmup: u64,
+    /// cosine (warmup + cosine), constant, or v3 (DeepSeek-V3's step schedule).
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f32,
+    /// Global gradient-norm clip (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f32,
+    /// Auxiliary-loss-free bias update speed γ (0 = off).
+    #[arg(long, default_value_t = 0.001)]
+    pub bias_update_speed: f32,
+    /// Complementary sequence-wise balance loss α.
+    #[arg(long, default_value_t = 0.0001)]
+    pub seq_aux_alpha: f32,
+    /// Conventional auxiliary balance loss weight (0 = off; compare with the bias update).
+    #[arg(long, default_value_t = 0.0)]
+    pub aux_loss_alpha: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Save a checkpoint every N steps (0 = only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: u64,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// No progress bar (one log line every `--log-every` steps instead).
+    #[arg(long)]
+    pub quiet: bool,
+    #[arg(long, default_value_t = 10)]
+    pub log_every: u64,
+}
+
+impl TrainArgs {
+    fn config(&self) -> Result<TrainConfig> {
+        let min_lr = self.min_lr.unwrap_or(self.lr / 10.0);
+        let schedule = match self.schedule.as_str() {
+            "cosine" => LrSchedule::WarmupCosine { lr: self.lr, min_lr, warmup: self.warmup, total: self.steps },
+            "constant" => LrSchedule::Constant { lr: self.lr },
+            "v3" => LrSchedule::DeepSeekV3 { lr: self.lr, warmup: self.warmup, total: self.steps },
+            o => return Err(Error::Input(format!("--schedule must be cosine, constant or v3, got '{o}'"))),
+        };
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::Input(format!("--lr must be positive, got {}", self.lr)));
+        }
+        if self.batch == 0 || self.accumulate == 0 || self.seq_len < 2 || self.steps == 0 {
+            return Err(Error::Input("--batch, --accumulate, --steps must be positive and --seq-len >= 2".into()));
+        }
+        Ok(TrainConfig {
+            schedule,
+            clip_norm: (self.clip > 0.0).then_some(self.clip),
+            bias_update_speed: self.bias_update_speed,
+            seq_aux_alpha: self.seq_aux_alpha,
+            aux_loss_alpha: self.aux_loss_alpha,
+        })
+    }
+}
+
+/// Reads and tokenizes the training data.
+pub fn load_data(path: &Path, format: &str, tk: Option<&Tok>, cfg: &dsv3_core::Config) -> Result<Dataset> {
+    let io = |e: std::io::Error| Error::Io(format!("{}: {e}", path.display()));
+    let fmt = match format {
+        "auto" => match path.extension().and_then(|e| e.to_str()) {
+            Some("jsonl") => "jsonl",
+            Some("u16") => "u16",
+            Some("u32") | Some("bin") => "u32",
+            _ => "text",
+        },
+        f => f,
+    };
+    let eos = cfg.eos_token_ids.first().copied();
+    let need_tok = || tk.ok_or_else(|| Error::Input(crate::tok::NO_TOKENIZER.into()));
+    let with_eos = |mut v: Vec<u32>| {
+        v.extend(eos);
+        v
+    };
+    match fmt {
+        "u16" | "u32" => {
+            Dataset::tokens_from_bytes(&std::fs::read(path).map_err(io)?, if fmt == "u16" { 2 } else { 4 })
+                .map(Dataset::Stream)
+        }
+        "text" => Ok(Dataset::Stream(with_eos(need_tok()?.encode(&std::fs::read_to_string(path).map_err(io)?)?))),
+        "jsonl" | "sft" => {
+            let text = std::fs::read_to_string(path).map_err(io)?;
+            let t = need_tok()?;
+            let mut stream = Vec::new();
+            let mut sft = Vec::new();
+            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .map_err(|e| Error::Input(format!("{}:{}: not valid JSON: {e}", path.display(), i + 1)))?;
+                let field = |k: &str| {
+                    v.get(k).and_then(|x| x.as_str()).ok_or_else(|| {
+                        Error::Input(format!("{}:{}: missing string field \"{k}\"", path.display(), i + 1))
+                    })
+                };
+                if fmt == "jsonl" && v.get("prompt").is_none() {
+                    stream.extend(with_eos(t.encode(field("text")?)?));
+                } else {
+                    sft.push((t.encode(field("prompt")?)?, with_eos(t.encode_plain(field("completion")?)?)));
+                }
+            }
+            match (sft.is_empty(), stream.is_empty()) {
+                (false, true) => Ok(Dataset::Sft(sft)),
+                (true, false) => Ok(Dataset::Stream(stream)),
+                (true, true) => Err(Error::Input(format!("{}: no examples", path.display()))),
+                _ => Err(Error::Input(format!(
+                    "{}: mixes {{\"text\"}} and {{\"prompt\",\"completion\"}} lines",
+                    path.display()
+                ))),
+            }
+        }
+        o => Err(Error::Input(format!("--format must be auto, text, jsonl, sft, u16 or u32, got '{o}'"))),
+    }
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    if let Some(t) = a.threads {
+        dsv3_core::ops::set_threads(t).map_err(Error::Input)?;
+    }
+    let cfg = a.config()?;
+    let ckpt_dir = a.out.join("checkpoint");
+    let (mut tr, user, model_dir) = match (&a.preset, &a.model, &a.resume) {
+        (Some(p), _, _) => {
+            let c = dsv3_core::presets::preset(p)?;
+            let mut store = dsv3_core::weights::TensorStore::new();
+            let tensors = dsv3_core::weights::init::random_checkpoint(&c, a.seed, 0.02);
+            store.add_bytes(dsv3_core::weights::write::to_bytes(&tensors)?, "<init>")?;
+            let m = Model::from_store(c, store, LoadOptions::default())?;
+            (Trainer::new(m, AdamW::new(0.9, 0.95, 1e-8, a.weight_decay), cfg), serde_json::Value::Null, None)
+        }
+        (None, Some(dir), _) => {
+            let m = Model::load(dir, LoadOptions::default())?;
+            (
+                Trainer::new(m, AdamW::new(0.9, 0.95, 1e-8, a.weight_decay), cfg),
+                serde_json::Value::Null,
+                Some(dir.clone()),
+            )
+        }
+        (None, None, Some(dir)) => {
+            let (t, u) = checkpoint::load(dir, cfg)?;
+            (t, u, Some(dir.clone()))
+        }
+        _ => return Err(Error::Input("give --preset NAME, --model DIR or --resume DIR".into())),
+    };
+    let tk =
+        Tok::for_model(model_dir.as_deref().unwrap_or(Path::new("")), a.tokenizer.as_deref(), tr.model.cfg.vocab_size)?;
+    let data = load_data(&a.data, &a.format, tk.as_ref(), &tr.model.cfg)?;
+    data.validate(tr.model.cfg.vocab_size, a.seq_len)?;
+    let mut loader = Loader::new(data, a.seq_len, a.batch, a.seed ^ 0x5eed);
+    if let Some(s) = user.get("rng").and_then(|v| v.as_array()) {
+        let s: Vec<u64> = s.iter().filter_map(|x| x.as_u64()).collect();
+        if s.len() == 4 {
+            loader.rng = Rng::from_state([s[0], s[1], s[2], s[3]]);
+        }
+    }
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::Io(format!("{}: {e}", a.out.display())))?;
+    let metrics_path = a.out.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(tr.step > 0)
+        .write(true)
+        .truncate(tr.step == 0)
+        .open(&metrics_path)
+        .map_err(|e| Error::Io(format!("{}: {e}", metrics_path.display())))?;
+    let bar = if a.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(a.steps);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_position(tr.step.min(a.steps));
+        b
+    };
+    let mut curve: Vec<(f64, f64)> = Vec::new();
+    let t_start = Instant::now();
+    let save = |tr: &mut Trainer, loader: &Loader| {
+        checkpoint::save(tr, &ckpt_dir, serde_json::json!({"rng": loader.rng.state(), "seed": a.seed}), Fault::None)
+    };
+    while tr.step < a.steps {
+        let micro: Vec<_> = (0..a.accumulate).map(|_| loader.next_batch()).collect();
+        let t0 = Instant::now();
+        let m = tr.train_step(&micro)?;
+        let dt = t0.elapsed().as_secs_f64();
+        let tps = m.tokens as f64 / dt;
+        writeln!(metrics, "{}", metrics_json(&m, tps))
+            .map_err(|e| Error::Io(format!("{}: {e}", metrics_path.display())))?;
+        curve.push((m.step as f64, m.loss as f64));
+        let bal = m.max_over_mean.iter().copied().fold(0f32, f32::max);
+        let msg = format!("loss {:.4} | {:.0} tok/s | lr {:.2e} | max/mean load {:.2}", m.loss, tps, m.lr, bal);
+        if a.quiet {
+            if m.step % a.log_every.max(1) == 0 || tr.step == a.steps {
+                eprintln!("step {:>6} {msg}", m.step);
+            }
+        } else {
+            bar.set_message(msg);
+            bar.inc(1);
+        }
+        if a.save_every > 0 && tr.step % a.save_every == 0 {
+            save(&mut tr, &loader)?;
+        }
+    }
+    bar.finish();
+    save(&mut tr, &loader)?;
+    let svg = plot::svg(
+        "dsv3 train: loss",
+        "step",
+        "cross-entropy",
+        &[plot::Series { label: "train loss", color: "#1f77b4", points: curve }],
+    );
+    std::fs::write(a.out.join("loss.svg"), svg).map_err(|e| Error::Io(format!("{}: {e}", a.out.display())))?;
+    println!(
+        "trained to step {} in {:.1} s; checkpoint {}, metrics {}, curve {}",
+        tr.step,
+        t_start.elapsed().as_secs_f64(),
+        ckpt_dir.display(),
+        metrics_path.display(),
+        a.out.join("loss.svg").display()
+    );
+    Ok(())
+}
+
+fn metrics_json(m: &StepMetrics, tps: f64) -> String {
+    serde_json::json!({
+        "step": m.step, "loss": m.loss, "balance_loss": m.balance_loss, "grad_norm": m.grad_norm, "lr": m.lr,
+        "tokens": m.tokens, "tokens_per_s": (tps * 10.0).round() / 10.0, "expert_load": m.expert_load,
+        "max_over_mean_load": m.max_over_mean,
+    })
+    .to_string()
+}

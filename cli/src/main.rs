@@ -1,5 +1,6 @@
 //! `dsv3`: the command-line tool. Commands whose file formats are fixed contracts:
 //! `logits` (input_ids i64 [B,T] → logits f32 [B,T,V]). See `dsv3 --help`.
+mod demo;
 mod plot;
 mod tok;
 mod train_cmd;
@@ -135,6 +136,8 @@ enum Cmd {
         #[arg(long)]
         decode: bool,
     },
+    /// Trains the tiny preset from scratch on multi-digit addition and reports held-out accuracy.
+    Demo(demo::DemoArgs),
     /// Trains (from a preset, a model directory, or a checkpoint to resume) on a data file.
     Train(Box<train_cmd::TrainArgs>),
     /// Writes a randomly initialized checkpoint (config.json + model.safetensors).
@@ -209,6 +212,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Train(a) => train_cmd::run(*a),
+        Cmd::Demo(a) => demo::run(a),
         Cmd::Init { preset, config, out, seed, std } => cmd_init(preset, config, &out, seed, std),
         Cmd::Tokenize { model, tokenizer, text, decode } => {
             let vocab = match &model {

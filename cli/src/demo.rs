@@ -86,7 +86,8 @@ impl Task {
         let prompts: Vec<Vec<u32>> = self.held_out.iter().map(|&(a, b)| t.encode(&problem(a, b).0)).collect();
         let refs: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
         let digits = self.max.to_string().len() as usize + 1;
-        let params = SamplingParams { max_new_tokens: digits + 1, stop_tokens: vec![b'\n' as u32], ..Default::default() };
+        let params =
+            SamplingParams { max_new_tokens: digits + 1, stop_tokens: vec![b'\n' as u32], ..Default::default() };
         let out = generate(model, &refs, &params, |_| true)?;
         let mut correct = 0;
         let mut shown = Vec::new();
@@ -106,12 +107,22 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let t0 = Instant::now();
     let task = Task::new(a.digits, a.eval, a.seed)?;
     let cfg = dsv3_core::presets::preset("tiny")?;
-    println!("dsv3 demo: learning {}-digit addition from scratch on CPU ({} threads)", a.digits, dsv3_core::ops::threads());
+    println!(
+        "dsv3 demo: learning {}-digit addition from scratch on CPU ({} threads)",
+        a.digits,
+        dsv3_core::ops::threads()
+    );
     let tensors = dsv3_core::weights::init::random_checkpoint(&cfg, a.seed, 0.02);
     let mut store = dsv3_core::weights::TensorStore::new();
     store.add_bytes(dsv3_core::weights::write::to_bytes(&tensors)?, "<init>")?;
     let model = Model::from_store(cfg, store, LoadOptions::default())?;
-    println!("model: `tiny` preset, {} parameters ({} active per token), MLA + {} experts top-{}", model.params(), model.active_params(), model.cfg.n_routed_experts, model.cfg.num_experts_per_tok);
+    println!(
+        "model: `tiny` preset, {} parameters ({} active per token), MLA + {} experts top-{}",
+        model.params(),
+        model.active_params(),
+        model.cfg.n_routed_experts,
+        model.cfg.num_experts_per_tok
+    );
     let (acc0, _) = task.evaluate(&model)?;
     println!("held-out accuracy before training: {:.1}% ({} problems)", acc0 * 100.0, task.held_out.len());
     let train = TrainConfig {
@@ -129,7 +140,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
         tokens += m.tokens;
         curve.push((m.step as f64, m.loss as f64));
         if m.step % log_every == 0 || tr.step == a.steps {
-            let avg: f64 = curve.iter().rev().take(log_every as usize).map(|p| p.1).sum::<f64>() / curve.len().min(log_every as usize) as f64;
+            let avg: f64 = curve.iter().rev().take(log_every as usize).map(|p| p.1).sum::<f64>()
+                / curve.len().min(log_every as usize) as f64;
             println!(
                 "step {:>5}  loss {:.4}  ({:.0} tokens/s, lr {:.1e}, max/mean expert load {:.2})",
                 m.step,
@@ -145,11 +157,31 @@ pub fn run(a: DemoArgs) -> Result<()> {
     for (q, ans, ok) in shown {
         println!("  {q:>14}{ans:<8} {}", if ok { "correct" } else { "wrong" });
     }
-    println!("held-out accuracy after training: {:.1}% ({} problems; before: {:.1}%)", acc * 100.0, task.held_out.len(), acc0 * 100.0);
+    println!(
+        "held-out accuracy after training: {:.1}% ({} problems; before: {:.1}%)",
+        acc * 100.0,
+        task.held_out.len(),
+        acc0 * 100.0
+    );
     std::fs::create_dir_all(&a.out).map_err(|e| Error::Io(format!("{}: {e}", a.out.display())))?;
-    checkpoint::save(&mut tr, &a.out.join("checkpoint"), serde_json::json!({"demo": "addition", "digits": a.digits}), Fault::None)?;
-    let svg = plot::svg("dsv3 demo: addition, training loss", "step", "cross-entropy (answer tokens)", &[plot::Series { label: "train loss", color: "#1f77b4", points: curve }]);
+    checkpoint::save(
+        &mut tr,
+        &a.out.join("checkpoint"),
+        serde_json::json!({"demo": "addition", "digits": a.digits}),
+        Fault::None,
+    )?;
+    let svg = plot::svg(
+        "dsv3 demo: addition, training loss",
+        "step",
+        "cross-entropy (answer tokens)",
+        &[plot::Series { label: "train loss", color: "#1f77b4", points: curve }],
+    );
     std::fs::write(a.out.join("loss.svg"), svg).map_err(|e| Error::Io(format!("{}: {e}", a.out.display())))?;
-    println!("saved {} and {} ({:.0} s in all)", a.out.join("checkpoint").display(), a.out.join("loss.svg").display(), t0.elapsed().as_secs_f64());
+    println!(
+        "saved {} and {} ({:.0} s in all)",
+        a.out.join("checkpoint").display(),
+        a.out.join("loss.svg").display(),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -217,3 +217,88 @@ fn grad_contract_matches_hf_autograd() {
     assert!(fails(&["grad", "--model", m.to_str().unwrap(), "--input", one.to_str().unwrap(), "--out", "/tmp/x.st"])
         .contains("T >= 2"));
 }
+
+#[test]
+fn train_resume_outputs_and_errors() {
+    let d = tmp("train");
+    let data = d.join("data.txt");
+    std::fs::write(&data, "the quick brown fox jumps over the lazy dog. ".repeat(40)).unwrap();
+    let out = d.join("run");
+    let (o, s) = (out.to_str().unwrap(), data.to_str().unwrap());
+    let common = ["--data", s, "--out", o, "--batch", "4", "--seq-len", "32", "--quiet"];
+    ok(&[&["train", "--preset", "tiny", "--steps", "6"], &common[..]].concat());
+    let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 6);
+    for l in lines.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        for k in
+            ["step", "loss", "grad_norm", "lr", "tokens_per_s", "expert_load", "max_over_mean_load", "balance_loss"]
+        {
+            assert!(v.get(k).is_some(), "metrics lack {k}: {l}");
+        }
+    }
+    assert!(std::fs::read_to_string(out.join("loss.svg")).unwrap().starts_with("<svg"));
+    let ck = out.join("checkpoint");
+    for f in ["config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
+        assert!(ck.join(f).exists(), "{f}");
+    }
+    // resume to 9 steps: metrics continue, the checkpoint advances
+    ok(&[&["train", "--resume", ck.to_str().unwrap(), "--steps", "9"], &common[..]].concat());
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 9);
+    let st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(st["step"], 9);
+    ok(&["generate", "--model", ck.to_str().unwrap(), "--prompt", "the ", "--max-new-tokens", "5"]);
+    // SFT JSONL and pre-tokenized u16
+    let sft = d.join("sft.jsonl");
+    std::fs::write(&sft, "{\"prompt\":\"1+1=\",\"completion\":\"2\"}\n{\"prompt\":\"2+2=\",\"completion\":\"4\"}\n")
+        .unwrap();
+    ok(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--data",
+        sft.to_str().unwrap(),
+        "--out",
+        d.join("sft").to_str().unwrap(),
+        "--quiet",
+    ]);
+    let u16f = d.join("tok.u16");
+    std::fs::write(&u16f, (0..200u16).flat_map(|i| (i % 250).to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    ok(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--data",
+        u16f.to_str().unwrap(),
+        "--out",
+        d.join("u16").to_str().unwrap(),
+        "--seq-len",
+        "16",
+        "--quiet",
+    ]);
+    // bad input
+    assert!(fails(&["train", "--preset", "tiny", "--data", "/no/data.txt", "--out", o]).contains("/no/data.txt"));
+    assert!(fails(&["train", "--preset", "tiny", "--data", s, "--out", o, "--format", "xml"]).contains("--format"));
+    let bad = d.join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\":\"x\"}\n").unwrap();
+    assert!(fails(&["train", "--preset", "tiny", "--data", bad.to_str().unwrap(), "--out", o]).contains("completion"));
+    std::fs::write(&bad, "not json\n").unwrap();
+    assert!(fails(&["train", "--preset", "tiny", "--data", bad.to_str().unwrap(), "--out", o]).contains("bad.jsonl:1"));
+    assert!(fails(&["train", "--preset", "tiny", "--data", s, "--out", o, "--lr", "0"]).contains("--lr"));
+    assert!(fails(&["train", "--data", s, "--out", o]).contains("--preset"));
+}
+
+#[test]
+fn demo_runs_and_reports_accuracy() {
+    let d = tmp("demo");
+    let (out, _) = ok(&["demo", "--steps", "20", "--eval", "20", "--out", d.join("demo").to_str().unwrap()]);
+    assert!(out.contains("held-out accuracy before training"), "{out}");
+    assert!(out.contains("held-out accuracy after training"), "{out}");
+    assert!(d.join("demo/checkpoint/model.safetensors").exists() && d.join("demo/loss.svg").exists());
+    assert!(fails(&["demo", "--digits", "9"]).contains("--digits"));
+}

@@ -32,6 +32,9 @@ pub struct DemoArgs {
     pub eval: usize,
 }
 
+/// A shown evaluation sample: the problem, the model's answer, whether it is right.
+pub type Sample = (String, String, bool);
+
 /// A problem `a+b=` and its answer `a+b` followed by a newline.
 pub fn problem(a: u64, b: u64) -> (String, String) {
     (format!("{a}+{b}="), format!("{}\n", a + b))
@@ -81,11 +84,11 @@ impl Task {
     }
 
     /// Greedy answers to the held-out problems: (accuracy, a few `(problem, answer, correct)`).
-    pub fn evaluate(&self, model: &Model) -> Result<(f64, Vec<(String, String, bool)>)> {
+    pub fn evaluate(&self, model: &Model) -> Result<(f64, Vec<Sample>)> {
         let t = ByteTokenizer;
         let prompts: Vec<Vec<u32>> = self.held_out.iter().map(|&(a, b)| t.encode(&problem(a, b).0)).collect();
         let refs: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
-        let digits = self.max.to_string().len() as usize + 1;
+        let digits = self.max.to_string().len() + 1;
         let params =
             SamplingParams { max_new_tokens: digits + 1, stop_tokens: vec![b'\n' as u32], ..Default::default() };
         let out = generate(model, &refs, &params, |_| true)?;

@@ -34,7 +34,7 @@ fn bytemuck_cast(v: &[f32]) -> Vec<u8> {
 fn loss(m: &Model, seqs: &[&[u32]], opts: &PassOptions) -> (f64, Vec<Vec<usize>>) {
     let mut g = m.zeros_like();
     let out = m.train_pass(seqs, &mut g, opts).unwrap();
-    let l = (out.ce_loss + out.balance_loss) as f64;
+    let l = (out.ce_loss + out.balance_loss + out.mtp_loss) as f64;
     let (_, trace) = m.train_forward(seqs).unwrap();
     let mut routes = Vec::new();
     for s in &trace.saved {
@@ -123,7 +123,7 @@ fn finite_differences_v2_plain_q_softmax_router() {
 fn finite_differences_with_balance_losses_and_mask() {
     // large α so the balance terms matter; a mask that drops some positions (SFT)
     let mask = vec![0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0];
-    let opts = PassOptions { scale: 0.7, seq_alpha: 0.5, aux_alpha: 0.3, mask: Some(mask) };
+    let opts = PassOptions { scale: 0.7, seq_alpha: 0.5, aux_alpha: 0.3, mask: Some(mask), mtp_lambda: 0.0 };
     fd_check(V3, &[&[1, 5, 9, 2, 30, 7], &[3, 3, 8, 36, 0]], &opts);
     fd_check(V2, &[&[4, 2, 19, 33, 1, 8], &[9, 9, 1, 2, 3]], &opts);
 }
@@ -178,4 +178,25 @@ fn gradients_match_hf_autograd() {
         checked += 1;
     }
     assert_eq!(checked, 8);
+}
+
+#[test]
+fn finite_differences_with_mtp_depth_2() {
+    let json = V3.replace("\"attention_bias\":true,", "\"attention_bias\":true,\"num_nextn_predict_layers\":2,");
+    let model = random_model(&json, 11, 0.15);
+    assert_eq!(model.mtp.len(), 2, "the random checkpoint has two MTP modules");
+    let opts = PassOptions { mtp_lambda: 0.6, seq_alpha: 0.1, ..Default::default() };
+    fd_check(&json, &[&[1, 5, 9, 2, 30, 7, 11], &[3, 3, 8, 36, 0, 4]], &opts);
+    // MTP tensors get gradients, and the loss changes with λ
+    let mut g = model.zeros_like();
+    let seqs: [&[u32]; 1] = [&[1, 5, 9, 2, 30, 7, 11]];
+    let out = model.train_pass(&seqs, &mut g, &opts).unwrap();
+    assert!(out.mtp_loss > 0.0);
+    let mut n = 0.0f64;
+    g.visit(&mut |name, t| {
+        if name.starts_with("model.layers.2.") || name.starts_with("model.layers.3.") {
+            n += t.iter().map(|x| (*x as f64).abs()).sum::<f64>();
+        }
+    });
+    assert!(n > 0.0, "MTP modules receive gradients");
 }

@@ -70,6 +70,12 @@ pub struct TrainArgs {
     /// Conventional auxiliary balance loss weight (0 = off; compare with the bias update).
     #[arg(long, default_value_t = 0.0)]
     pub aux_loss_alpha: f32,
+    /// MTP modules to add to a fresh `--preset` model (DeepSeek-V3 uses 1).
+    #[arg(long, default_value_t = 0)]
+    pub mtp_depth: usize,
+    /// MTP loss weight λ (used when the model has MTP modules).
+    #[arg(long, default_value_t = 0.3)]
+    pub mtp_lambda: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Save a checkpoint every N steps (0 = only at the end).
@@ -106,6 +112,7 @@ impl TrainArgs {
             bias_update_speed: self.bias_update_speed,
             seq_aux_alpha: self.seq_aux_alpha,
             aux_loss_alpha: self.aux_loss_alpha,
+            mtp_lambda: self.mtp_lambda,
         })
     }
 }
@@ -175,7 +182,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let ckpt_dir = a.out.join("checkpoint");
     let (mut tr, user, model_dir) = match (&a.preset, &a.model, &a.resume) {
         (Some(p), _, _) => {
-            let c = dsv3_core::presets::preset(p)?;
+            let mut c = dsv3_core::presets::preset(p)?;
+            c.num_nextn_predict_layers = a.mtp_depth;
             let mut store = dsv3_core::weights::TensorStore::new();
             let tensors = dsv3_core::weights::init::random_checkpoint(&c, a.seed, 0.02);
             store.add_bytes(dsv3_core::weights::write::to_bytes(&tensors)?, "<init>")?;
@@ -242,7 +250,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
             .map_err(|e| Error::Io(format!("{}: {e}", metrics_path.display())))?;
         curve.push((m.step as f64, m.loss as f64));
         let bal = m.max_over_mean.iter().copied().fold(0f32, f32::max);
-        let msg = format!("loss {:.4} | {:.0} tok/s | lr {:.2e} | max/mean load {:.2}", m.loss, tps, m.lr, bal);
+        let mtp = if m.mtp_loss > 0.0 { format!(" | mtp {:.4}", m.mtp_loss) } else { String::new() };
+        let msg = format!("loss {:.4}{mtp} | {:.0} tok/s | lr {:.2e} | max/mean load {:.2}", m.loss, tps, m.lr, bal);
         if a.quiet {
             if m.step % a.log_every.max(1) == 0 || tr.step == a.steps {
                 eprintln!("step {:>6} {msg}", m.step);
@@ -277,7 +286,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
 fn metrics_json(m: &StepMetrics, tps: f64) -> String {
     serde_json::json!({
-        "step": m.step, "loss": m.loss, "balance_loss": m.balance_loss, "grad_norm": m.grad_norm, "lr": m.lr,
+        "step": m.step, "loss": m.loss, "balance_loss": m.balance_loss, "mtp_loss": m.mtp_loss, "grad_norm": m.grad_norm, "lr": m.lr,
         "tokens": m.tokens, "tokens_per_s": (tps * 10.0).round() / 10.0, "expert_load": m.expert_load,
         "max_over_mean_load": m.max_over_mean,
     })

@@ -281,6 +281,30 @@ fn train_resume_outputs_and_errors() {
         "16",
         "--quiet",
     ]);
+    // a preset with an MTP module trains its MTP loss, and the checkpoint keeps the module
+    let mtp = d.join("mtp");
+    ok(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--mtp-depth",
+        "1",
+        "--steps",
+        "2",
+        "--data",
+        s,
+        "--out",
+        mtp.to_str().unwrap(),
+        "--seq-len",
+        "16",
+        "--quiet",
+    ]);
+    let last: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(mtp.join("metrics.jsonl")).unwrap().lines().last().unwrap())
+            .unwrap();
+    assert!(last["mtp_loss"].as_f64().unwrap() > 0.0);
+    let (info, _) = ok(&["info", "--model", mtp.join("checkpoint").to_str().unwrap()]);
+    assert!(info.contains("+ 1 MTP"), "{info}");
     // bad input
     assert!(fails(&["train", "--preset", "tiny", "--data", "/no/data.txt", "--out", o]).contains("/no/data.txt"));
     assert!(fails(&["train", "--preset", "tiny", "--data", s, "--out", o, "--format", "xml"]).contains("--format"));

@@ -48,7 +48,7 @@ impl Default for LoadOptions {
 
 /// The rows of one forward call: which rows belong to which sequence, their positions, and
 /// the RoPE cos/sin for each row.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Batch {
     /// Rows `[start, end)` of each sequence, in order and contiguous.
     pub seqs: Vec<Range<usize>>,

@@ -7,11 +7,12 @@
 use crate::config::Config;
 use crate::error::Result;
 use crate::infer::cache::LayerCache;
-use crate::model::block::Block;
+use crate::model::block::{Block, BlockSaved};
 use crate::model::linear::{Fp8Mode, Linear};
 use crate::model::mla::AttnForm;
+use crate::model::moe::Balance;
 use crate::model::Batch;
-use crate::ops::norm::rmsnorm;
+use crate::ops::norm::{rmsnorm, rmsnorm_backward};
 use crate::weights::TensorStore;
 use alloc::format;
 use alloc::vec;
@@ -95,5 +96,69 @@ impl Mtp {
         self.eh_proj.visit(&format!("{p}.eh_proj"), f);
         self.block.visit(&p, f);
         f(&format!("{p}.shared_head.norm.weight"), &mut self.head_norm);
+    }
+}
+
+/// Activations an [`Mtp`] module keeps for its backward.
+pub struct MtpSaved {
+    /// `[n, D]` embeddings of the input tokens and the incoming hidden rows.
+    pub emb: Vec<f32>,
+    pub hin: Vec<f32>,
+    /// `[n, 2D]` `[enorm(emb) ‖ hnorm(hin)]`.
+    pub cat: Vec<f32>,
+    pub block: BlockSaved,
+    /// `[n, D]` block output (the next depth's input) and its `shared_head.norm`.
+    pub out: Vec<f32>,
+    pub normed: Vec<f32>,
+}
+
+impl Mtp {
+    /// Training forward over whole (shortened) sequences in `batch`.
+    pub fn forward_train(&self, emb: Vec<f32>, hin: Vec<f32>, batch: &Batch) -> MtpSaved {
+        let d = self.enorm.len();
+        let n = batch.pos.len();
+        let mut cat = vec![0f32; n * 2 * d];
+        for i in 0..n {
+            let (a, b) = cat[i * 2 * d..(i + 1) * 2 * d].split_at_mut(d);
+            rmsnorm(&emb[i * d..(i + 1) * d], &self.enorm, self.eps, a);
+            rmsnorm(&hin[i * d..(i + 1) * d], &self.hnorm, self.eps, b);
+        }
+        let mut out = vec![0f32; n * d];
+        self.eh_proj.forward(&cat, n, &mut out);
+        let block = self.block.forward_train(&mut out, batch);
+        let mut normed = vec![0f32; n * d];
+        rmsnorm(&out, &self.head_norm, self.eps, &mut normed);
+        MtpSaved { emb, hin, cat, block, out, normed }
+    }
+
+    /// Backward: `dnormed` is the gradient of the head-normed output, `dout` (in/out) that of the
+    /// block output from the next depth. Returns `(d emb, d hin)`, both `[n, D]`; parameter
+    /// gradients go to `grad`. Also returns the block's balance loss.
+    pub fn backward(
+        &self,
+        batch: &Batch,
+        s: &MtpSaved,
+        dnormed: &[f32],
+        dout: &mut [f32],
+        grad: &mut Mtp,
+        bal: &Balance,
+    ) -> (Vec<f32>, Vec<f32>, f32) {
+        let d = self.enorm.len();
+        let n = batch.pos.len();
+        let mut t = vec![0f32; n * d];
+        rmsnorm_backward(&s.out, &self.head_norm, self.eps, dnormed, &mut t, &mut grad.head_norm);
+        dout.iter_mut().zip(&t).for_each(|(a, b)| *a += b);
+        let bal_loss = self.block.backward(batch, &s.block, dout, &mut grad.block, bal);
+        let mut dcat = vec![0f32; n * 2 * d];
+        self.eh_proj.backward(&s.cat, n, dout, &mut grad.eh_proj, Some(&mut dcat), false);
+        let (mut demb, mut dhin) = (vec![0f32; n * d], vec![0f32; n * d]);
+        let (mut den, mut dhn) = (vec![0f32; n * d], vec![0f32; n * d]);
+        for i in 0..n {
+            den[i * d..(i + 1) * d].copy_from_slice(&dcat[i * 2 * d..i * 2 * d + d]);
+            dhn[i * d..(i + 1) * d].copy_from_slice(&dcat[i * 2 * d + d..(i + 1) * 2 * d]);
+        }
+        rmsnorm_backward(&s.emb, &self.enorm, self.eps, &den, &mut demb, &mut grad.enorm);
+        rmsnorm_backward(&s.hin, &self.hnorm, self.eps, &dhn, &mut dhin, &mut grad.hnorm);
+        (demb, dhin, bal_loss)
     }
 }

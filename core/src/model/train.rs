@@ -126,7 +126,12 @@ impl Model {
             aux_alpha: opts.aux_alpha,
             scale: opts.scale,
         };
-        let balance_loss = self.train_backward(&hidden, &trace, &dnormed, grad, &bal);
+        let (mtp_loss, mtp_bal) = if opts.mtp_lambda > 0.0 && !self.mtp.is_empty() {
+            self.mtp_pass(seqs, &hidden.normed, opts, grad, &mut dnormed)?
+        } else {
+            (0.0, 0.0)
+        };
+        let balance_loss = self.train_backward(&hidden, &trace, &dnormed, grad, &bal) + mtp_bal;
         if self.cfg.tie_word_embeddings {
             let gl = grad.lm_head.dense();
             grad.embed.iter_mut().zip(&gl).for_each(|(a, b)| *a += b);
@@ -141,7 +146,112 @@ impl Model {
                 _ => None,
             })
             .collect();
-        Ok(PassOutput { ce_loss: loss, balance_loss, loads, predicted: targets.len() })
+        Ok(PassOutput { ce_loss: loss, balance_loss, mtp_loss, loads, predicted: targets.len() })
+    }
+
+    /// The Multi-Token Prediction loss `λ/D·Σ_k CE_k` (module k predicts t_{i+k+1} from module
+    /// k−1's output — the main post-norm hidden state for k = 1 — and the embedding of
+    /// t_{i+k}), with its backward: gradients go to the MTP modules, the shared embedding and
+    /// head, and `dnormed` (the main model's post-norm hidden states). Returns (MTP loss
+    /// (weighted), balance loss of the MTP blocks).
+    fn mtp_pass(
+        &self,
+        seqs: &[&[u32]],
+        normed: &[f32],
+        opts: &PassOptions,
+        grad: &mut Model,
+        dnormed: &mut [f32],
+    ) -> Result<(f32, f32)> {
+        let d = self.cfg.hidden_size;
+        let depth = self.mtp.len();
+        let mut levels: Vec<MtpLevel> = Vec::new();
+        for k in 1..=depth {
+            // rows (s, i) for i in 0..T_s−k, fed by row `prev` of the previous level
+            let mut lv = MtpLevel::default();
+            let mut spans = Vec::new();
+            let mut main_off = 0;
+            let mut prev_off = 0;
+            for s in seqs {
+                let t = s.len();
+                let n = t.saturating_sub(k);
+                for i in 0..n {
+                    lv.prev.push(if k == 1 { main_off + i } else { prev_off + i });
+                    lv.tokens.push(s[i + k]);
+                    if i + k + 1 < t {
+                        lv.targets.push((lv.tokens.len() - 1, s[i + k + 1]));
+                    }
+                }
+                spans.push((k, n));
+                main_off += t;
+                prev_off += t.saturating_sub(k - 1);
+            }
+            lv.batch = Batch::new(&self.rope, &spans);
+            let hin: Vec<f32> = lv
+                .prev
+                .iter()
+                .flat_map(|&r| {
+                    if k == 1 {
+                        &normed[r * d..(r + 1) * d]
+                    } else {
+                        &levels[k - 2].saved.as_ref().unwrap().out[r * d..(r + 1) * d]
+                    }
+                })
+                .copied()
+                .collect();
+            let emb = self.embed_tokens(&lv.tokens);
+            lv.saved = Some(self.mtp[k - 1].forward_train(emb, hin, &lv.batch));
+            levels.push(lv);
+        }
+        let (mut total, mut bal_total) = (0f32, 0f32);
+        let mut dnext: Option<(Vec<f32>, Vec<usize>)> = None; // d hin of level k+1, by its rows
+        for k in (1..=depth).rev() {
+            let lv = &levels[k - 1];
+            let sv = lv.saved.as_ref().unwrap();
+            let n = lv.tokens.len();
+            let mut dnorm = vec![0f32; n * d];
+            if !lv.targets.is_empty() {
+                let rows: Vec<f32> =
+                    lv.targets.iter().flat_map(|&(r, _)| sv.normed[r * d..(r + 1) * d].iter().copied()).collect();
+                let logits = self.logits(&rows);
+                let tgt: Vec<u32> = lv.targets.iter().map(|t| t.1).collect();
+                let mut dl = vec![0f32; logits.len()];
+                let ce = cross_entropy(&logits, &tgt, None, None, &mut dl);
+                let w = opts.mtp_lambda / depth as f32;
+                total += w * ce;
+                dl.iter_mut().for_each(|g| *g *= w * opts.scale);
+                let mut drows = vec![0f32; rows.len()];
+                self.lm_head.backward(&rows, lv.targets.len(), &dl, &mut grad.lm_head, Some(&mut drows), false);
+                for (i, &(r, _)) in lv.targets.iter().enumerate() {
+                    dnorm[r * d..(r + 1) * d].copy_from_slice(&drows[i * d..(i + 1) * d]);
+                }
+            }
+            let mut dout = vec![0f32; n * d];
+            if let Some((dh, prev)) = dnext.take() {
+                for (i, &r) in prev.iter().enumerate() {
+                    dout[r * d..(r + 1) * d].iter_mut().zip(&dh[i * d..(i + 1) * d]).for_each(|(a, b)| *a += b);
+                }
+            }
+            let bal = Balance {
+                seqs: lv.batch.seqs.clone(),
+                seq_alpha: opts.seq_alpha,
+                aux_alpha: opts.aux_alpha,
+                scale: opts.scale,
+            };
+            let (demb, dhin, bl) =
+                self.mtp[k - 1].backward(&lv.batch, sv, &dnorm, &mut dout, &mut grad.mtp[k - 1], &bal);
+            bal_total += bl;
+            for (row, &t) in demb.chunks_exact(d).zip(&lv.tokens) {
+                grad.embed[t as usize * d..(t as usize + 1) * d].iter_mut().zip(row).for_each(|(a, b)| *a += b);
+            }
+            if k == 1 {
+                for (i, &r) in lv.prev.iter().enumerate() {
+                    dnormed[r * d..(r + 1) * d].iter_mut().zip(&dhin[i * d..(i + 1) * d]).for_each(|(a, b)| *a += b);
+                }
+            } else {
+                dnext = Some((dhin, lv.prev.clone()));
+            }
+        }
+        Ok((total, bal_total))
     }
 
     /// Forward over whole sequences keeping what the backward needs.
@@ -197,6 +307,19 @@ pub struct Trace {
     pub saved: Vec<BlockSaved>,
 }
 
+/// One MTP depth's rows during a training pass.
+#[derive(Default)]
+struct MtpLevel {
+    /// Row of the previous level (main rows for depth 1) feeding each row.
+    prev: Vec<usize>,
+    /// Input token (t_{i+k}) of each row.
+    tokens: Vec<u32>,
+    /// (row, target t_{i+k+1}) where a target exists.
+    targets: Vec<(usize, u32)>,
+    batch: Batch,
+    saved: Option<crate::model::mtp::MtpSaved>,
+}
+
 /// Loss terms and scaling of a training pass.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PassOptions {
@@ -209,11 +332,13 @@ pub struct PassOptions {
     /// Per predicted position (`Σ (T_i − 1)` rows, in order): 1 counts in the loss, 0 does not
     /// (SFT: only completion tokens). `None`: all count.
     pub mask: Option<Vec<f32>>,
+    /// MTP loss weight λ (V3: 0.3, then 0.1); 0 = off. Needs loaded MTP modules.
+    pub mtp_lambda: f32,
 }
 
 impl Default for PassOptions {
     fn default() -> Self {
-        PassOptions { scale: 1.0, seq_alpha: 0.0, aux_alpha: 0.0, mask: None }
+        PassOptions { scale: 1.0, seq_alpha: 0.0, aux_alpha: 0.0, mask: None, mtp_lambda: 0.0 }
     }
 }
 
@@ -224,6 +349,8 @@ pub struct PassOutput {
     pub ce_loss: f32,
     /// Balance losses summed over MoE layers (already weighted by α).
     pub balance_loss: f32,
+    /// The MTP loss `λ/D·Σ_k CE_k` (0 when off).
+    pub mtp_loss: f32,
     /// Tokens routed to each expert, per MoE layer.
     pub loads: Vec<Vec<u32>>,
     /// Positions with a next token.

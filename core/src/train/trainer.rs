@@ -21,6 +21,9 @@ pub struct TrainConfig {
     pub seq_aux_alpha: f32,
     /// Conventional batch-wise auxiliary balance loss weight (0 = off), to compare against.
     pub aux_loss_alpha: f32,
+    /// MTP loss weight λ (V3: 0.3 for most of training, then 0.1); used when the model has MTP
+    /// modules.
+    pub mtp_lambda: f32,
 }
 
 impl Default for TrainConfig {
@@ -31,6 +34,7 @@ impl Default for TrainConfig {
             bias_update_speed: 0.001,
             seq_aux_alpha: 0.0001,
             aux_loss_alpha: 0.0,
+            mtp_lambda: 0.3,
         }
     }
 }
@@ -43,6 +47,8 @@ pub struct StepMetrics {
     pub loss: f32,
     /// Balance losses (weighted) summed over MoE layers, averaged over micro-batches.
     pub balance_loss: f32,
+    /// The MTP loss `λ/D·Σ_k CE_k` (0 without MTP modules).
+    pub mtp_loss: f32,
     /// Global gradient norm before clipping.
     pub grad_norm: f32,
     pub lr: f32,
@@ -101,7 +107,7 @@ impl Trainer {
         }
         self.grad.visit(&mut |_, g| g.fill(0.0));
         let mut m = StepMetrics { step: self.step, ..Default::default() };
-        let (mut loss, mut bal) = (0f64, 0f64);
+        let (mut loss, mut bal, mut mtp) = (0f64, 0f64, 0f64);
         for mb in micro {
             let w = mb.counted() / total;
             if w == 0.0 {
@@ -110,6 +116,7 @@ impl Trainer {
             let out = self.pass(mb, w)?;
             loss += (out.ce_loss * w) as f64;
             bal += (out.balance_loss * w) as f64;
+            mtp += (out.mtp_loss * w) as f64;
             m.tokens += mb.seqs.iter().map(|s| s.len()).sum::<usize>();
             m.predicted += out.predicted;
             if m.expert_load.is_empty() {
@@ -122,6 +129,7 @@ impl Trainer {
         }
         m.loss = loss as f32;
         m.balance_loss = bal as f32;
+        m.mtp_loss = mtp as f32;
         // global-norm clipping
         let mut sq = 0f64;
         self.grad.visit(&mut |_, g| sq += g.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>());
@@ -189,6 +197,7 @@ impl Trainer {
                 seq_alpha: self.cfg.seq_aux_alpha,
                 aux_alpha: self.cfg.aux_loss_alpha,
                 mask: mask.clone(),
+                mtp_lambda: self.cfg.mtp_lambda,
             }
         };
         if shards.len() == 1 {
@@ -209,11 +218,12 @@ impl Trainer {
             self.grad.add_from(b);
         }
         // combine: losses weighted by each shard's share of counted positions
-        let mut total = PassOutput { ce_loss: 0.0, balance_loss: 0.0, loads: Vec::new(), predicted: 0 };
+        let mut total = PassOutput { ce_loss: 0.0, balance_loss: 0.0, mtp_loss: 0.0, loads: Vec::new(), predicted: 0 };
         for ((seqs, mask), o) in shards.iter().zip(&outs) {
             let share = mk(seqs, mask).scale / w;
             total.ce_loss += o.ce_loss * share;
             total.balance_loss += o.balance_loss * share;
+            total.mtp_loss += o.mtp_loss * share;
             total.predicted += o.predicted;
             if total.loads.is_empty() {
                 total.loads = o.loads.clone();

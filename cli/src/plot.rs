@@ -29,7 +29,8 @@ pub fn svg(title: &str, xlabel: &str, ylabel: &str, series: &[Series]) -> String
         y1 = y0 + 1.0;
     }
     let pad = (y1 - y0) * 0.05;
-    let (y0, y1) = (y0 - pad, y1 + pad);
+    // pad the range, but keep a non-negative series' axis at or above 0
+    let (y0, y1) = (if y0 >= 0.0 { (y0 - pad).max(0.0) } else { y0 - pad }, y1 + pad);
     let sx = |x: f64| l + (x - x0) / (x1 - x0) * (w - l - r);
     let sy = |y: f64| t + (y1 - y) / (y1 - y0) * (h - t - b);
     let mut o = String::new();

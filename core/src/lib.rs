@@ -2,8 +2,9 @@
 //!
 //! Module map:
 //! - [`config`]: HF `config.json` parsing and validation.
-//! - [`weights`]: safetensors parsing (single file and sharded), dtypes incl. FP8 E4M3 with
-//!   128x128 block scales, the tensor store that loading draws from.
+//! - [`weights`]: safetensors parsing (single file and sharded), dtypes, the tensor store that
+//!   loading draws from, random init, writing.
+//! - [`fp8`]: FP8 formats, fine-grained quantization, and the FP8 GEMM emulated exactly.
 //! - [`ops`]: the CPU f32 kernels (GEMM, RMSNorm, RoPE/YaRN, softmax, SwiGLU) — the oracle.
 //! - [`model`]: the model: [`model::Linear`], MLA ([`model::mla`]), dense MLP and MoE
 //!   ([`model::moe`]), decoder block, MTP module, and [`model::Model`] with its forward pass.
@@ -22,6 +23,7 @@ extern crate std;
 
 pub mod config;
 pub mod error;
+pub mod fp8;
 pub mod infer;
 pub mod model;
 pub mod ops;

@@ -1,7 +1,8 @@
 //! [`Linear`]: `y = x · Wᵀ (+ b)` with W `[out, in]` in f32, or FP8 E4M3 with block scales.
 use crate::error::{werr, Result};
+use crate::fp8::gemm::fp8_gemm;
+use crate::fp8::quant::{dequant_rows, e4m3_is_nan, quantize_unchecked as quant, ScaleLayout};
 use crate::ops::gemm::{matmul_nn, matmul_t, matmul_tn};
-use crate::weights::fp8::{dequant_rows, e4m3_is_nan};
 use crate::weights::{DType, RawTensor, TensorStore};
 use alloc::format;
 use alloc::vec;
@@ -24,6 +25,24 @@ pub struct Linear {
     pub in_dim: usize,
     pub weight: Weight,
     pub bias: Option<Vec<f32>>,
+    /// Precision of this layer's GEMMs (forward and backward); f32 unless training sets it.
+    pub precision: Precision,
+}
+
+/// GEMM precision of a [`Linear`] (the CPU emulates the lower ones exactly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    /// Inputs rounded to bf16, f32 accumulation.
+    Bf16,
+    /// DeepSeek-V3's FP8 recipe: E4M3 with 1x128 activation tiles, 128x128 weight blocks,
+    /// 128x1 (along tokens) Wgrad operands, f32 promotion every 128 K.
+    Fp8,
+}
+
+fn bf16_round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
 }
 
 /// How FP8 checkpoint weights are held in memory.
@@ -43,7 +62,7 @@ impl Linear {
     /// A dense f32 layer.
     pub fn from_f32(out_dim: usize, in_dim: usize, w: Vec<f32>, bias: Option<Vec<f32>>) -> Linear {
         assert_eq!(w.len(), out_dim * in_dim);
-        Linear { out_dim, in_dim, weight: Weight::F32(w), bias }
+        Linear { out_dim, in_dim, weight: Weight::F32(w), bias, precision: Precision::F32 }
     }
 
     /// Takes `{prefix}.weight` (and `{prefix}.bias` when `bias`) from the store, shape `[out, in]`.
@@ -87,7 +106,7 @@ impl Linear {
             Weight::F32(t.to_f32()?)
         };
         let bias = if bias { Some(store.take_f32(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
-        Ok(Linear { out_dim, in_dim, weight, bias })
+        Ok(Linear { out_dim, in_dim, weight, bias, precision: Precision::F32 })
     }
 
     /// Number of parameters.
@@ -112,6 +131,15 @@ impl Linear {
     pub fn forward_strided(&self, x: &[f32], m: usize, y: &mut [f32], ldy: usize) {
         let (n, k) = (self.out_dim, self.in_dim);
         debug_assert!(x.len() >= m * k);
+        if self.precision != Precision::F32 && m > 0 {
+            let mut out = vec![0f32; m * n];
+            self.low_precision_forward(&x[..m * k], m, &mut out);
+            for (dst, src) in y.chunks_mut(ldy).zip(out.chunks_exact(n)) {
+                dst[..n].copy_from_slice(src);
+            }
+            self.add_bias(y, m, ldy);
+            return;
+        }
         match &self.weight {
             Weight::F32(w) => matmul_t(m, n, k, x, k, w, k, y, ldy, false),
             Weight::Fp8 { q, scale, block } => {
@@ -127,12 +155,31 @@ impl Linear {
                 }
             }
         }
+        self.add_bias(y, m, ldy);
+    }
+
+    fn add_bias(&self, y: &mut [f32], m: usize, ldy: usize) {
         if let Some(b) = &self.bias {
             for row in y.chunks_mut(ldy).take(m) {
                 for (v, &bv) in row.iter_mut().zip(b) {
                     *v += bv;
                 }
             }
+        }
+    }
+
+    /// Fprop in bf16 or FP8 (`y` `[m, out]`, no bias).
+    fn low_precision_forward(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        let (n, k) = (self.out_dim, self.in_dim);
+        let w = self.dense();
+        match self.precision {
+            Precision::Bf16 => matmul_t(m, n, k, &bf16_round(x), k, &bf16_round(&w), k, y, n, false),
+            Precision::Fp8 => {
+                let qx = quant(x, m, k, ScaleLayout::Tile1x128, false);
+                let qw = quant(&w, n, k, ScaleLayout::Block128, false);
+                fp8_gemm(&qx, &qw, y, false).expect("shapes agree by construction");
+            }
+            Precision::F32 => unreachable!(),
         }
     }
 
@@ -152,6 +199,9 @@ impl Linear {
     /// `dW += dyᵀ·x` (and `db += Σ dy`) into `grad`, and writes (or adds to) `dx = dy·W`.
     pub fn backward(&self, x: &[f32], m: usize, dy: &[f32], grad: &mut Linear, dx: Option<&mut [f32]>, add_dx: bool) {
         let (n, k) = (self.out_dim, self.in_dim);
+        if self.precision != Precision::F32 && m > 0 {
+            return self.low_precision_backward(x, m, dy, grad, dx, add_dx);
+        }
         if let Weight::F32(gw) = &mut grad.weight {
             matmul_tn(n, k, m, dy, x, gw, true);
         }
@@ -167,6 +217,60 @@ impl Linear {
                 Weight::F32(w) => matmul_nn(m, k, n, dy, w, dx, add_dx),
                 Weight::Fp8 { .. } => matmul_nn(m, k, n, dy, &self.dense(), dx, add_dx),
             }
+        }
+    }
+
+    /// Dgrad and Wgrad in bf16 or FP8. FP8: Dgrad `dx = dy·W` with dy in 1x128 tiles per token
+    /// (activation gradients are never block-quantized) and W in 128x128 blocks (the same scales
+    /// serve Wᵀ); Wgrad `dW += dyᵀ·x` with both operands tiled 128x1 along the token axis.
+    fn low_precision_backward(
+        &self,
+        x: &[f32],
+        m: usize,
+        dy: &[f32],
+        grad: &mut Linear,
+        dx: Option<&mut [f32]>,
+        add_dx: bool,
+    ) {
+        let (n, k) = (self.out_dim, self.in_dim);
+        let (x, dy) = (&x[..m * k], &dy[..m * n]);
+        let w = self.dense();
+        if let (Some(gb), true) = (&mut grad.bias, self.bias.is_some()) {
+            for row in dy.chunks_exact(n) {
+                gb.iter_mut().zip(row).for_each(|(g, &d)| *g += d);
+            }
+        }
+        match self.precision {
+            Precision::Bf16 => {
+                let (xb, dyb, wb) = (bf16_round(x), bf16_round(dy), bf16_round(&w));
+                if let Weight::F32(gw) = &mut grad.weight {
+                    matmul_tn(n, k, m, &dyb, &xb, gw, true);
+                }
+                if let Some(dx) = dx {
+                    matmul_nn(m, k, n, &dyb, &wb, dx, add_dx);
+                }
+            }
+            Precision::Fp8 => {
+                // (activation gradients: 1x128 or 128x1 tiles only, never 128x128 blocks)
+                let ok = "shapes agree by construction";
+                if let Weight::F32(gw) = &mut grad.weight {
+                    let a = quant(dy, m, n, ScaleLayout::Tile128x1, false).transposed();
+                    let b = quant(x, m, k, ScaleLayout::Tile128x1, false).transposed();
+                    fp8_gemm(&a, &b, gw, true).expect(ok);
+                }
+                if let Some(dx) = dx {
+                    let a = quant(dy, m, n, ScaleLayout::Tile1x128, false);
+                    let wt = quant(&w, n, k, ScaleLayout::Block128, false).transposed();
+                    if add_dx {
+                        let mut t = vec![0f32; m * k];
+                        fp8_gemm(&a, &wt, &mut t, false).expect(ok);
+                        dx[..m * k].iter_mut().zip(&t).for_each(|(d, v)| *d += v);
+                    } else {
+                        fp8_gemm(&a, &wt, &mut dx[..m * k], false).expect(ok);
+                    }
+                }
+            }
+            Precision::F32 => unreachable!(),
         }
     }
 

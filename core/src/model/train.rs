@@ -14,6 +14,43 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 impl Model {
+    /// Sets the GEMM precision of every linear layer inside the decoder layers and MTP blocks
+    /// (attention projections, dense MLPs, experts, shared experts). The embedding, lm_head,
+    /// router, norms, attention core and MTP's eh_proj stay in f32, as DeepSeek-V3 trains.
+    pub fn set_precision(&mut self, p: crate::model::linear::Precision) {
+        use crate::model::block::{Block, Ffn};
+        use crate::model::mla::QProj;
+        let mut set = |b: &mut Block| {
+            let a = &mut b.attn;
+            match &mut a.q {
+                QProj::Lora { a, b, .. } => {
+                    a.precision = p;
+                    b.precision = p;
+                }
+                QProj::Plain(l) => l.precision = p,
+            }
+            for l in [&mut a.kv_a, &mut a.kv_b, &mut a.o] {
+                l.precision = p;
+            }
+            let mut mlp = |m: &mut crate::model::mlp::Mlp| {
+                m.gate.precision = p;
+                m.up.precision = p;
+                m.down.precision = p;
+            };
+            match &mut b.ffn {
+                Ffn::Dense(m) => mlp(m),
+                Ffn::Moe(m) => {
+                    m.experts.iter_mut().for_each(&mut mlp);
+                    if let Some(s) = &mut m.shared {
+                        mlp(s);
+                    }
+                }
+            }
+        };
+        self.layers.iter_mut().for_each(&mut set);
+        self.mtp.iter_mut().for_each(|m| set(&mut m.block));
+    }
+
     /// Converts every FP8 weight to f32 (training keeps f32 master weights).
     pub fn make_trainable(&mut self) {
         self.layers.iter_mut().for_each(|b| b.make_f32());

@@ -152,7 +152,7 @@ pub fn save(tr: &mut Trainer, dir: &std::path::Path, state: serde_json::Value, f
         let ts = serde_json::json!({
             "step": tr.step,
             "adam_t": tr.opt.t,
-            "adam": {"beta1": tr.opt.beta1, "beta2": tr.opt.beta2, "eps": tr.opt.eps, "weight_decay": tr.opt.weight_decay},
+            "adam": {"beta1": tr.opt.beta1, "beta2": tr.opt.beta2, "eps": tr.opt.eps, "weight_decay": tr.opt.weight_decay, "bf16_moments": tr.opt.bf16_moments},
             "user": state,
         });
         write("trainer_state.json", serde_json::to_string_pretty(&ts).unwrap().as_bytes())?;
@@ -203,7 +203,8 @@ pub fn load(dir: &std::path::Path, cfg: crate::train::TrainConfig) -> Result<(Tr
     let (step, adam_t) = (num("step")?, num("adam_t")?);
     let a = ts.get("adam").cloned().unwrap_or_default();
     let f = |k: &str, d: f64| a.get(k).and_then(|v| v.as_f64()).unwrap_or(d) as f32;
-    let opt = crate::train::AdamW::new(f("beta1", 0.9), f("beta2", 0.95), f("eps", 1e-8), f("weight_decay", 0.1));
+    let mut opt = crate::train::AdamW::new(f("beta1", 0.9), f("beta2", 0.95), f("eps", 1e-8), f("weight_decay", 0.1));
+    opt.bf16_moments = a.get("bf16_moments").and_then(|v| v.as_bool()).unwrap_or(false);
     let model = Model::load(dir, LoadOptions { attn: crate::model::AttnForm::Absorbed, ..Default::default() })?;
     let mut tr = Trainer::new(model, opt, cfg);
     tr.step = step;

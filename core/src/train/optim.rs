@@ -19,6 +19,8 @@ pub struct AdamW {
     pub v: Vec<Vec<f32>>,
     /// The tensor names the moments belong to (checked on every step).
     pub names: Vec<String>,
+    /// Keep the moments in bf16 (rounded after every update), as DeepSeek-V3 does.
+    pub bf16_moments: bool,
 }
 
 impl AdamW {
@@ -28,7 +30,17 @@ impl AdamW {
     }
 
     pub fn new(beta1: f32, beta2: f32, eps: f32, weight_decay: f32) -> AdamW {
-        AdamW { beta1, beta2, eps, weight_decay, t: 0, m: Vec::new(), v: Vec::new(), names: Vec::new() }
+        AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            t: 0,
+            m: Vec::new(),
+            v: Vec::new(),
+            names: Vec::new(),
+            bf16_moments: false,
+        }
     }
 
     /// Whether a tensor gets weight decay: matrices (and embeddings), not norms or biases.
@@ -56,13 +68,15 @@ impl AdamW {
         let bc2 = 1.0 - libm::powf(b2, self.t as f32);
         let mut i = 0;
         let (m_all, v_all, names, eps, wd) = (&mut self.m, &mut self.v, &self.names, self.eps, self.weight_decay);
+        let bf = self.bf16_moments;
+        let round = |x: f32| if bf { half::bf16::from_f32(x).to_f32() } else { x };
         model.visit(&mut |n, p| {
             assert_eq!(names[i], n, "optimizer state belongs to another model");
             let (m, v, g) = (&mut m_all[i], &mut v_all[i], grads[i]);
             let decay = if Self::decays(n) { 1.0 - lr * wd } else { 1.0 };
             for j in 0..p.len() {
-                m[j] = b1 * m[j] + (1.0 - b1) * g[j];
-                v[j] = b2 * v[j] + (1.0 - b2) * g[j] * g[j];
+                m[j] = round(b1 * m[j] + (1.0 - b1) * g[j]);
+                v[j] = round(b2 * v[j] + (1.0 - b2) * g[j] * g[j]);
                 let mh = m[j] / bc1;
                 let vh = v[j] / bc2;
                 p[j] = p[j] * decay - lr * mh / (libm::sqrtf(vh) + eps);

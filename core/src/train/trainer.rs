@@ -24,6 +24,8 @@ pub struct TrainConfig {
     /// MTP loss weight λ (V3: 0.3 for most of training, then 0.1); used when the model has MTP
     /// modules.
     pub mtp_lambda: f32,
+    /// GEMM precision of the decoder's linear layers (f32 master weights in every case).
+    pub precision: crate::model::linear::Precision,
 }
 
 impl Default for TrainConfig {
@@ -35,6 +37,7 @@ impl Default for TrainConfig {
             seq_aux_alpha: 0.0001,
             aux_loss_alpha: 0.0,
             mtp_lambda: 0.3,
+            precision: crate::model::linear::Precision::F32,
         }
     }
 }
@@ -94,6 +97,7 @@ impl Trainer {
     /// Makes `model` trainable (FP8 weights become f32 master weights).
     pub fn new(mut model: Model, opt: AdamW, cfg: TrainConfig) -> Trainer {
         model.make_trainable();
+        model.set_precision(cfg.precision);
         let grad = model.zeros_like();
         Trainer { model, grad, opt, cfg, step: 0, shard_grads: Vec::new() }
     }

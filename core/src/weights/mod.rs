@@ -2,12 +2,10 @@
 //!
 //! - [`store`]: [`TensorStore`], the named tensors of a checkpoint, zero-copy over the file bytes;
 //!   loading takes tensors out of it by name and checks dtype and shape.
-//! - [`fp8`]: E4M3 (`float8_e4m3fn`) decoding and 128x128 block dequantization.
 //! - [`file`] (std): opening a model directory (config.json + safetensors, memory-mapped).
 //! - [`write`]: writing safetensors files (atomic under std).
 #[cfg(feature = "std")]
 pub mod file;
-pub mod fp8;
 pub mod init;
 pub mod store;
 pub mod write;

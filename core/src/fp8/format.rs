@@ -141,7 +141,7 @@ fn round_half_even(t: f32) -> f32 {
 /// A power-of-two (UE8M0) scale: `2^ceil(log2(s))` for `s > 0` (DeepGEMM's `ceil_to_ue8m0`), so a
 /// value scaled by it never exceeds the format's max.
 pub fn ue8m0(s: f32) -> f32 {
-    if !(s > 0.0) || !s.is_finite() {
+    if s.is_nan() || s <= 0.0 || !s.is_finite() {
         return s;
     }
     let bits = s.to_bits();

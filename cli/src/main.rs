@@ -2,6 +2,7 @@
 //! `logits` (input_ids i64 [B,T] → logits f32 [B,T,V]). See `dsv3 --help`.
 mod demo;
 mod plot;
+mod quantize_cmd;
 mod tok;
 mod train_cmd;
 
@@ -140,6 +141,35 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Trains (from a preset, a model directory, or a checkpoint to resume) on a data file.
     Train(Box<train_cmd::TrainArgs>),
+    /// Plots metrics.jsonl files (one curve each) into an SVG, and prints each run's final loss
+    /// (mean of its last `--tail` steps) and its relative gap to the first run.
+    Plot {
+        /// metrics.jsonl files.
+        #[arg(long, value_delimiter = ',', required = true)]
+        metrics: Vec<PathBuf>,
+        /// One label per file.
+        #[arg(long, value_delimiter = ',')]
+        labels: Vec<String>,
+        /// The metric to plot.
+        #[arg(long, default_value = "loss")]
+        field: String,
+        #[arg(long, default_value_t = 20)]
+        tail: usize,
+        #[arg(long, default_value = "")]
+        title: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Writes DeepSeek's FP8 checkpoint format: decoder linear weights as float8_e4m3fn with
+    /// 128x128 `weight_scale_inv` blocks; other tensors copied; `quantization_config` added.
+    Quantize {
+        /// Model directory to read.
+        #[arg(long)]
+        model: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Writes a randomly initialized checkpoint (config.json + model.safetensors).
     Init {
         /// A preset name (bench-4m, bench-88m) ...
@@ -212,6 +242,10 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Train(a) => train_cmd::run(*a),
+        Cmd::Plot { metrics, labels, field, tail, title, out } => {
+            cmd_plot(&metrics, &labels, &field, tail, &title, &out)
+        }
+        Cmd::Quantize { model, out } => quantize_cmd::run(&model, &out),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Init { preset, config, out, seed, std } => cmd_init(preset, config, &out, seed, std),
         Cmd::Tokenize { model, tokenizer, text, decode } => {
@@ -500,6 +534,46 @@ fn cmd_bench_train(model: Model, batch: usize, seq_len: usize, steps: usize, see
         println!("train: batch {batch} x {seq_len} tokens, {threads} threads, median of {steps} steps");
         println!("step {:.1} ms, {tps:.1} tokens/s", med * 1e3);
     }
+    Ok(())
+}
+
+fn cmd_plot(metrics: &[PathBuf], labels: &[String], field: &str, tail: usize, title: &str, out: &Path) -> Result<()> {
+    const COLORS: [&str; 6] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
+    let mut series = Vec::new();
+    let mut finals = Vec::new();
+    for (i, p) in metrics.iter().enumerate() {
+        let text = std::fs::read_to_string(p).map_err(|e| Error::Io(format!("{}: {e}", p.display())))?;
+        let mut pts = Vec::new();
+        for (ln, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| Error::Input(format!("{}:{}: {e}", p.display(), ln + 1)))?;
+            let (Some(x), Some(y)) = (v["step"].as_f64(), v[field].as_f64()) else {
+                return Err(Error::Input(format!("{}:{}: no numeric 'step' and '{field}'", p.display(), ln + 1)));
+            };
+            pts.push((x, y));
+        }
+        if pts.is_empty() {
+            return Err(Error::Input(format!("{}: no metrics", p.display())));
+        }
+        let k = tail.max(1).min(pts.len());
+        finals.push(pts[pts.len() - k..].iter().map(|p| p.1).sum::<f64>() / k as f64);
+        series.push((labels.get(i).cloned().unwrap_or_else(|| p.display().to_string()), pts));
+    }
+    let s: Vec<plot::Series> = series
+        .iter()
+        .enumerate()
+        .map(|(i, (l, pts))| plot::Series { label: l, color: COLORS[i % COLORS.len()], points: pts.clone() })
+        .collect();
+    std::fs::write(out, plot::svg(title, "step", field, &s))
+        .map_err(|e| Error::Io(format!("{}: {e}", out.display())))?;
+    for ((label, _), f) in series.iter().zip(&finals) {
+        println!(
+            "{label:<12} final {field} (mean of last {tail}) {f:.5}  relative gap vs {}: {:+.3}%",
+            series[0].0,
+            100.0 * (f - finals[0]) / finals[0]
+        );
+    }
+    println!("wrote {}", out.display());
     Ok(())
 }
 

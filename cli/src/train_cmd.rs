@@ -2,6 +2,7 @@
 //! atomic checkpoints, and a loss-curve SVG at the end.
 use crate::plot;
 use crate::tok::Tok;
+use dsv3_core::model::linear::Precision;
 use dsv3_core::model::{LoadOptions, Model};
 use dsv3_core::rng::Rng;
 use dsv3_core::train::checkpoint::{self, Fault};
@@ -70,6 +71,13 @@ pub struct TrainArgs {
     /// Conventional auxiliary balance loss weight (0 = off; compare with the bias update).
     #[arg(long, default_value_t = 0.0)]
     pub aux_loss_alpha: f32,
+    /// GEMM precision of the decoder's linear layers: f32, bf16, or fp8 (DeepSeek-V3's recipe,
+    /// emulated exactly on CPU). Master weights and gradients stay f32.
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
+    /// AdamW moment storage: f32 or bf16 (DeepSeek-V3).
+    #[arg(long, default_value = "f32")]
+    pub adam_moments: String,
     /// MTP modules to add to a fresh `--preset` model (DeepSeek-V3 uses 1).
     #[arg(long, default_value_t = 0)]
     pub mtp_depth: usize,
@@ -113,7 +121,23 @@ impl TrainArgs {
             seq_aux_alpha: self.seq_aux_alpha,
             aux_loss_alpha: self.aux_loss_alpha,
             mtp_lambda: self.mtp_lambda,
+            precision: match self.precision.as_str() {
+                "f32" => Precision::F32,
+                "bf16" => Precision::Bf16,
+                "fp8" => Precision::Fp8,
+                o => return Err(Error::Input(format!("--precision must be f32, bf16 or fp8, got '{o}'"))),
+            },
         })
+    }
+
+    fn adam(&self) -> Result<AdamW> {
+        let mut o = AdamW::new(0.9, 0.95, 1e-8, self.weight_decay);
+        o.bf16_moments = match self.adam_moments.as_str() {
+            "f32" => false,
+            "bf16" => true,
+            x => return Err(Error::Input(format!("--adam-moments must be f32 or bf16, got '{x}'"))),
+        };
+        Ok(o)
     }
 }
 
@@ -188,7 +212,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let tensors = dsv3_core::weights::init::random_checkpoint(&c, a.seed, 0.02);
             store.add_bytes(dsv3_core::weights::write::to_bytes(&tensors)?, "<init>")?;
             let m = Model::from_store(c, store, LoadOptions::default())?;
-            (Trainer::new(m, AdamW::new(0.9, 0.95, 1e-8, a.weight_decay), cfg), serde_json::Value::Null, None)
+            (Trainer::new(m, a.adam()?, cfg), serde_json::Value::Null, None)
         }
         (None, Some(dir), _) => {
             let m = Model::load(dir, LoadOptions::default())?;

@@ -326,3 +326,46 @@ fn demo_runs_and_reports_accuracy() {
     assert!(d.join("demo/checkpoint/model.safetensors").exists() && d.join("demo/loss.svg").exists());
     assert!(fails(&["demo", "--digits", "9"]).contains("--digits"));
 }
+
+#[test]
+fn quantize_writes_deepseek_fp8_format() {
+    let d = tmp("quant");
+    let q = d.join("q");
+    let src = fixture("v3_tiny");
+    ok(&["quantize", "--model", src.to_str().unwrap(), "--out", q.to_str().unwrap()]);
+    let st = read_safetensors(&q.join("model.safetensors")).unwrap();
+    let orig = read_safetensors(&src.join("model.safetensors")).unwrap();
+    let linears =
+        ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    let mut n_fp8 = 0;
+    for name in orig.names() {
+        let t = st.get(name).unwrap();
+        let is_linear =
+            name.starts_with("model.layers.") && linears.iter().any(|l| name.ends_with(&format!(".{l}.weight")));
+        if is_linear {
+            assert_eq!(t.dtype, dsv3_core::weights::DType::F8E4M3, "{name}");
+            let s = st.get(&format!("{name}_scale_inv")).unwrap_or_else(|| panic!("{name}_scale_inv"));
+            assert_eq!(s.shape, vec![t.shape[0].div_ceil(128), t.shape[1].div_ceil(128)]);
+            n_fp8 += 1;
+        } else {
+            assert_eq!(t.bytes(), orig.get(name).unwrap().bytes(), "{name} copied unchanged");
+        }
+    }
+    assert!(n_fp8 > 10 && st.get("model.layers.1.mlp.gate.weight").unwrap().dtype != dsv3_core::weights::DType::F8E4M3);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(q.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["quantization_config"]["quant_method"], "fp8");
+    assert_eq!(cfg["quantization_config"]["weight_block_size"], serde_json::json!([128, 128]));
+    // the engine loads it and its logits stay close to the original's
+    let input = src.join("golden.safetensors");
+    let (a, b) = (d.join("a.st"), d.join("b.st"));
+    ok(&["logits", "--model", src.to_str().unwrap(), "--input", input.to_str().unwrap(), "--out", a.to_str().unwrap()]);
+    ok(&["logits", "--model", q.to_str().unwrap(), "--input", input.to_str().unwrap(), "--out", b.to_str().unwrap()]);
+    let la = read_safetensors(&a).unwrap().get("logits").unwrap().to_f32().unwrap();
+    let lb = read_safetensors(&b).unwrap().get("logits").unwrap().to_f32().unwrap();
+    let ref64: Vec<f64> = la.iter().map(|&x| x as f64).collect();
+    let diff = dsv3_core::fp8::gemm::calc_diff(&lb, &ref64);
+    assert!(diff < 1e-3, "logits calc_diff {diff}");
+    assert!(fails(&["quantize", "--model", q.to_str().unwrap(), "--out", d.join("q2").to_str().unwrap()])
+        .contains("already FP8"));
+}

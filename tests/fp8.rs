@@ -120,3 +120,82 @@ fn fp8_and_bf16_training_track_f32() {
     // shows up as tens of percent); the few-hundred-step experiment is in docs/FP8.md
     assert!(gap(finals[2]) < 0.06 && gap(finals[1]) < 0.06);
 }
+
+fn fixture(name: &str) -> dsv3::weights::TensorStore {
+    dsv3::weights::file::read_safetensors(&common::fixture("fp8").join(name)).unwrap()
+}
+
+#[test]
+fn casts_match_torch_on_every_code_and_a_200k_sweep() {
+    use dsv3::fp8::Fp8Format::{E4M3, E5M2};
+    let st = fixture("casts.safetensors");
+    let f32s = |n: &str| -> Vec<f32> {
+        st.get(n).unwrap().bytes().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    };
+    for (fmt, name) in [(E4M3, "e4m3_codes_decoded"), (E5M2, "e5m2_codes_decoded")] {
+        for (code, want) in f32s(name).iter().enumerate() {
+            let got = fmt.decode(code as u8);
+            assert!(got == *want || (got.is_nan() && want.is_nan()), "{fmt:?} code {code:#x}: {got} vs torch {want}");
+        }
+    }
+    let x = f32s("sweep");
+    for (fmt, name) in [(E4M3, "sweep_e4m3"), (E5M2, "sweep_e5m2")] {
+        let want = st.get(name).unwrap().bytes();
+        let mut bad = 0;
+        for (i, (&v, &w)) in x.iter().zip(want).enumerate() {
+            let got = fmt.encode(v);
+            let ok = if v.is_nan() { got & 0x7F == 0x7F && w & 0x7F == 0x7F } else { got == w };
+            if !ok && bad < 5 {
+                eprintln!("{fmt:?}: {v:e} (index {i}) -> {got:#04x}, torch {w:#04x}");
+            }
+            bad += !ok as usize;
+        }
+        assert_eq!(bad, 0, "{fmt:?}: {bad} of {} codes differ from torch", x.len());
+    }
+}
+
+#[test]
+fn quantization_matches_deepseek_reference_bit_for_bit() {
+    let st = fixture("quant.safetensors");
+    let f = |n: &str| st.get(n).unwrap().to_f32().unwrap();
+    let u = |n: &str| st.get(n).unwrap().bytes().to_vec();
+    let shape = |n: &str| st.get(n).unwrap().shape.clone();
+    let cases = [
+        ("act", "act_q", "act_scale", ScaleLayout::Tile1x128, Role::Activation, false),
+        ("act", "act_q_ue8m0", "act_scale_ue8m0", ScaleLayout::Tile1x128, Role::Activation, true),
+        ("act_zero_tile", "act_zero_tile_q", "act_zero_tile_scale", ScaleLayout::Tile1x128, Role::Activation, false),
+        (
+            "act_zero_tile",
+            "act_zero_tile_q_ue8m0",
+            "act_zero_tile_scale_ue8m0",
+            ScaleLayout::Tile1x128,
+            Role::Activation,
+            true,
+        ),
+        ("w", "w_q", "w_scale", ScaleLayout::Block128, Role::Weight, false),
+        ("wgrad", "wgrad_q", "wgrad_scale", ScaleLayout::Tile128x1, Role::ActivationGrad, false),
+        ("gemm_a", "gemm_a_q", "gemm_a_scale", ScaleLayout::Tile1x128, Role::Activation, false),
+        ("gemm_b", "gemm_b_q", "gemm_b_scale", ScaleLayout::Block128, Role::Weight, false),
+    ];
+    for (x, q, s, layout, role, ue) in cases {
+        let sh = shape(x);
+        let got = quantize(&f(x), sh[0], sh[1], layout, role, ue).unwrap();
+        assert_eq!(got.scales, f(s), "{q}: scales");
+        assert_eq!(got.codes, u(q), "{q}: codes");
+    }
+    // the promoted GEMM of DeepSeek's quantized operands against the f64 product of their
+    // dequantized values: the emulation itself adds almost nothing
+    let sa = shape("gemm_a");
+    let qa = quantize(&f("gemm_a"), sa[0], sa[1], ScaleLayout::Tile1x128, Role::Activation, false).unwrap();
+    let sb = shape("gemm_b");
+    let qb = quantize(&f("gemm_b"), sb[0], sb[1], ScaleLayout::Block128, Role::Weight, false).unwrap();
+    let mut c = vec![0f32; sa[0] * sb[0]];
+    fp8_gemm(&qa, &qb, &mut c, false).unwrap();
+    let deq: Vec<f64> = f("gemm_ref_deq").iter().map(|&v| v as f64).collect();
+    let full: Vec<f64> = f("gemm_ref").iter().map(|&v| v as f64).collect();
+    let (d1, d2) = (calc_diff(&c, &deq), calc_diff(&c, &full));
+    eprintln!(
+        "fp8_gemm vs dequantized f64 product: calc_diff {d1:.1e}; vs the f64 product of the f32 inputs: {d2:.1e}"
+    );
+    assert!(d1 < 1e-5 && d2 < 1e-3);
+}

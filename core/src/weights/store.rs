@@ -22,6 +22,7 @@ pub enum DType {
     I32,
     U32,
     U16,
+    U8,
 }
 
 impl DType {
@@ -30,7 +31,7 @@ impl DType {
         match self {
             DType::F32 | DType::I32 | DType::U32 => 4,
             DType::BF16 | DType::F16 | DType::U16 => 2,
-            DType::F8E4M3 => 1,
+            DType::F8E4M3 | DType::U8 => 1,
             DType::I64 => 8,
         }
     }
@@ -44,6 +45,7 @@ impl DType {
             Dtype::I32 => DType::I32,
             Dtype::U32 => DType::U32,
             Dtype::U16 => DType::U16,
+            Dtype::U8 => DType::U8,
             _ => return None,
         })
     }
@@ -58,6 +60,7 @@ impl DType {
             DType::I32 => Dtype::I32,
             DType::U32 => Dtype::U32,
             DType::U16 => Dtype::U16,
+            DType::U8 => Dtype::U8,
         }
     }
 }
@@ -127,6 +130,7 @@ impl RawTensor {
             DType::I32 => b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
             DType::U32 => b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
             DType::U16 => b.chunks_exact(2).map(|c| u16::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+            DType::U8 => b.iter().map(|&c| c as i64).collect(),
             d => return Err(werr(&self.name, format!("expected an integer dtype, found {d:?} in {}", self.file))),
         })
     }

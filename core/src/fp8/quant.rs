@@ -1,6 +1,6 @@
 //! Fine-grained FP8 quantization (V3 §3.3.2) and checkpoint block dequantization.
 use crate::error::{ierr, Result};
-use crate::fp8::format::{ue8m0, Fp8Format, E4M3_LUT};
+use crate::fp8::format::{encode_e4m3_fast, ue8m0, Fp8Format, E4M3_LUT};
 use alloc::format;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -143,30 +143,65 @@ pub fn quantize_unchecked(x: &[f32], rows: usize, cols: usize, layout: ScaleLayo
             s
         }
     };
-    let (sr, sc) = match layout {
-        ScaleLayout::Tile1x128 => (rows, cols.div_ceil(T)),
-        ScaleLayout::Tile128x1 => (rows.div_ceil(T), cols),
-        ScaleLayout::Block128 => (rows.div_ceil(T), cols.div_ceil(T)),
+    let absmax = |v: &[f32]| v.iter().fold(0f32, |m, &x| m.max(x.abs()));
+    let mut codes = vec![0u8; rows * cols];
+    let scales = match layout {
+        ScaleLayout::Tile1x128 => {
+            let cb = cols.div_ceil(T);
+            let mut sc = vec![0f32; rows * cb];
+            for r in 0..rows {
+                for b in 0..cb {
+                    let (c0, c1) = (b * T, (b * T + T).min(cols));
+                    let s = scale_of(absmax(&x[r * cols + c0..r * cols + c1]));
+                    sc[r * cb + b] = s;
+                    encode_run(&x[r * cols + c0..r * cols + c1], s, &mut codes[r * cols + c0..r * cols + c1]);
+                }
+            }
+            sc
+        }
+        ScaleLayout::Tile128x1 | ScaleLayout::Block128 => {
+            let per_col = layout == ScaleLayout::Tile128x1;
+            let cb = if per_col { cols } else { cols.div_ceil(T) };
+            let mut sc = vec![0f32; rows.div_ceil(T) * cb];
+            for rb in 0..rows.div_ceil(T) {
+                let (r0, r1) = (rb * T, (rb * T + T).min(rows));
+                let mut amax = vec![0f32; cols];
+                for r in r0..r1 {
+                    for (m, &v) in amax.iter_mut().zip(&x[r * cols..(r + 1) * cols]) {
+                        *m = m.max(v.abs());
+                    }
+                }
+                let srow = &mut sc[rb * cb..(rb + 1) * cb];
+                if per_col {
+                    srow.iter_mut().zip(&amax).for_each(|(s, &a)| *s = scale_of(a));
+                } else {
+                    for (b, s) in srow.iter_mut().enumerate() {
+                        *s = scale_of(absmax(&amax[b * T..(b * T + T).min(cols)]));
+                    }
+                }
+                // per-column scales for this row block
+                let col_scale: Vec<f32> =
+                    if per_col { srow.to_vec() } else { (0..cols).map(|c| srow[c / T]).collect() };
+                for r in r0..r1 {
+                    for ((q, &v), &s) in
+                        codes[r * cols..(r + 1) * cols].iter_mut().zip(&x[r * cols..(r + 1) * cols]).zip(&col_scale)
+                    {
+                        *q = encode_e4m3_fast(v / s);
+                    }
+                }
+            }
+            sc
+        }
     };
-    let mut amax = vec![0f32; sr * sc];
-    for r in 0..rows {
-        for c in 0..cols {
-            let k = match layout {
-                ScaleLayout::Tile1x128 => r * sc + c / T,
-                ScaleLayout::Tile128x1 => (r / T) * sc + c,
-                ScaleLayout::Block128 => (r / T) * sc + c / T,
-            };
-            amax[k] = amax[k].max(x[r * cols + c].abs());
-        }
+    QTensor { rows, cols, codes, format: f, layout, scales }
+}
+
+/// Encodes `x / s` for a run of values sharing one scale.
+#[inline]
+fn encode_run(x: &[f32], s: f32, out: &mut [u8]) {
+    for (q, &v) in out.iter_mut().zip(x) {
+        *q = encode_e4m3_fast(v / s);
     }
-    let scales: Vec<f32> = amax.iter().map(|&a| scale_of(a)).collect();
-    let mut q = QTensor { rows, cols, codes: vec![0; rows * cols], format: f, layout, scales };
-    for r in 0..rows {
-        for c in 0..cols {
-            q.codes[r * cols + c] = f.encode(x[r * cols + c] / q.scale_at(r, c));
-        }
-    }
-    q
 }
 
 /// Whether `code` is an e4m3fn NaN.

@@ -1,10 +1,12 @@
 //! [`Linear`]: `y = x · Wᵀ (+ b)` with W `[out, in]` in f32, or FP8 E4M3 with block scales.
 use crate::error::{werr, Result};
 use crate::fp8::gemm::fp8_gemm;
+use crate::fp8::quant::QTensor;
 use crate::fp8::quant::{dequant_rows, e4m3_is_nan, quantize_unchecked as quant, ScaleLayout};
 use crate::ops::gemm::{matmul_nn, matmul_t, matmul_tn};
 use crate::weights::{DType, RawTensor, TensorStore};
 use alloc::format;
+use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -27,6 +29,9 @@ pub struct Linear {
     pub bias: Option<Vec<f32>>,
     /// Precision of this layer's GEMMs (forward and backward); f32 unless training sets it.
     pub precision: Precision,
+    /// FP8: the weight quantized in 128x128 blocks and its transpose (for Dgrad), refreshed by
+    /// [`Linear::requantize`] after every optimizer step (DeepSeek-V3 re-quantizes then too).
+    pub fp8_weight: Option<Arc<(QTensor, QTensor)>>,
 }
 
 /// GEMM precision of a [`Linear`] (the CPU emulates the lower ones exactly).
@@ -62,7 +67,7 @@ impl Linear {
     /// A dense f32 layer.
     pub fn from_f32(out_dim: usize, in_dim: usize, w: Vec<f32>, bias: Option<Vec<f32>>) -> Linear {
         assert_eq!(w.len(), out_dim * in_dim);
-        Linear { out_dim, in_dim, weight: Weight::F32(w), bias, precision: Precision::F32 }
+        Linear { out_dim, in_dim, weight: Weight::F32(w), bias, precision: Precision::F32, fp8_weight: None }
     }
 
     /// Takes `{prefix}.weight` (and `{prefix}.bias` when `bias`) from the store, shape `[out, in]`.
@@ -106,7 +111,7 @@ impl Linear {
             Weight::F32(t.to_f32()?)
         };
         let bias = if bias { Some(store.take_f32(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
-        Ok(Linear { out_dim, in_dim, weight, bias, precision: Precision::F32 })
+        Ok(Linear { out_dim, in_dim, weight, bias, precision: Precision::F32, fp8_weight: None })
     }
 
     /// Number of parameters.
@@ -171,13 +176,12 @@ impl Linear {
     /// Fprop in bf16 or FP8 (`y` `[m, out]`, no bias).
     fn low_precision_forward(&self, x: &[f32], m: usize, y: &mut [f32]) {
         let (n, k) = (self.out_dim, self.in_dim);
-        let w = self.dense();
         match self.precision {
-            Precision::Bf16 => matmul_t(m, n, k, &bf16_round(x), k, &bf16_round(&w), k, y, n, false),
+            Precision::Bf16 => matmul_t(m, n, k, &bf16_round(x), k, &bf16_round(&self.dense()), k, y, n, false),
             Precision::Fp8 => {
                 let qx = quant(x, m, k, ScaleLayout::Tile1x128, false);
-                let qw = quant(&w, n, k, ScaleLayout::Block128, false);
-                fp8_gemm(&qx, &qw, y, false).expect("shapes agree by construction");
+                let qw = self.fp8_weights();
+                fp8_gemm(&qx, &qw.0, y, false).expect("shapes agree by construction");
             }
             Precision::F32 => unreachable!(),
         }
@@ -234,7 +238,6 @@ impl Linear {
     ) {
         let (n, k) = (self.out_dim, self.in_dim);
         let (x, dy) = (&x[..m * k], &dy[..m * n]);
-        let w = self.dense();
         if let (Some(gb), true) = (&mut grad.bias, self.bias.is_some()) {
             for row in dy.chunks_exact(n) {
                 gb.iter_mut().zip(row).for_each(|(g, &d)| *g += d);
@@ -242,7 +245,7 @@ impl Linear {
         }
         match self.precision {
             Precision::Bf16 => {
-                let (xb, dyb, wb) = (bf16_round(x), bf16_round(dy), bf16_round(&w));
+                let (xb, dyb, wb) = (bf16_round(x), bf16_round(dy), bf16_round(&self.dense()));
                 if let Weight::F32(gw) = &mut grad.weight {
                     matmul_tn(n, k, m, &dyb, &xb, gw, true);
                 }
@@ -260,18 +263,38 @@ impl Linear {
                 }
                 if let Some(dx) = dx {
                     let a = quant(dy, m, n, ScaleLayout::Tile1x128, false);
-                    let wt = quant(&w, n, k, ScaleLayout::Block128, false).transposed();
+                    let qw = self.fp8_weights();
                     if add_dx {
                         let mut t = vec![0f32; m * k];
-                        fp8_gemm(&a, &wt, &mut t, false).expect(ok);
+                        fp8_gemm(&a, &qw.1, &mut t, false).expect(ok);
                         dx[..m * k].iter_mut().zip(&t).for_each(|(d, v)| *d += v);
                     } else {
-                        fp8_gemm(&a, &wt, &mut dx[..m * k], false).expect(ok);
+                        fp8_gemm(&a, &qw.1, &mut dx[..m * k], false).expect(ok);
                     }
                 }
             }
             Precision::F32 => unreachable!(),
         }
+    }
+
+    /// The FP8 weight (128x128 blocks) and its transpose: the cached pair, or computed now.
+    fn fp8_weights(&self) -> Arc<(QTensor, QTensor)> {
+        match &self.fp8_weight {
+            Some(c) => c.clone(),
+            None => Arc::new(self.quantize_weight()),
+        }
+    }
+
+    fn quantize_weight(&self) -> (QTensor, QTensor) {
+        let q = quant(&self.dense(), self.out_dim, self.in_dim, ScaleLayout::Block128, false);
+        let t = q.transposed();
+        (q, t)
+    }
+
+    /// Refreshes the cached FP8 weight (FP8 layers; clears the cache otherwise). Call after
+    /// every change of the weights.
+    pub fn requantize(&mut self) {
+        self.fp8_weight = (self.precision == Precision::Fp8).then(|| Arc::new(self.quantize_weight()));
     }
 
     /// Converts an FP8 weight to f32 in place (training keeps f32 master weights).

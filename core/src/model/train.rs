@@ -5,7 +5,7 @@
 use crate::error::{ierr, Result};
 use crate::model::block::{BlockSaved, Ffn, FfnSaved};
 use crate::model::moe::Balance;
-use crate::model::{Batch, Model};
+use crate::model::{Batch, Linear, Model};
 use crate::ops::loss::cross_entropy;
 use crate::ops::norm::{rmsnorm, rmsnorm_backward};
 use alloc::format;
@@ -18,24 +18,41 @@ impl Model {
     /// (attention projections, dense MLPs, experts, shared experts). The embedding, lm_head,
     /// router, norms, attention core and MTP's eh_proj stay in f32, as DeepSeek-V3 trains.
     pub fn set_precision(&mut self, p: crate::model::linear::Precision) {
+        self.for_each_decoder_linear(&mut |l| {
+            l.precision = p;
+            l.requantize();
+        });
+    }
+
+    /// Refreshes the cached FP8 weights of the FP8 layers (after an optimizer step).
+    pub fn requantize(&mut self) {
+        self.for_each_decoder_linear(&mut |l| {
+            if l.precision == crate::model::linear::Precision::Fp8 {
+                l.requantize()
+            }
+        });
+    }
+
+    /// Every linear layer inside the decoder layers and MTP blocks (not eh_proj, lm_head).
+    fn for_each_decoder_linear(&mut self, f: &mut dyn FnMut(&mut Linear)) {
         use crate::model::block::{Block, Ffn};
         use crate::model::mla::QProj;
         let mut set = |b: &mut Block| {
             let a = &mut b.attn;
             match &mut a.q {
                 QProj::Lora { a, b, .. } => {
-                    a.precision = p;
-                    b.precision = p;
+                    f(a);
+                    f(b);
                 }
-                QProj::Plain(l) => l.precision = p,
+                QProj::Plain(l) => f(l),
             }
             for l in [&mut a.kv_a, &mut a.kv_b, &mut a.o] {
-                l.precision = p;
+                f(l);
             }
             let mut mlp = |m: &mut crate::model::mlp::Mlp| {
-                m.gate.precision = p;
-                m.up.precision = p;
-                m.down.precision = p;
+                f(&mut m.gate);
+                f(&mut m.up);
+                f(&mut m.down);
             };
             match &mut b.ffn {
                 Ffn::Dense(m) => mlp(m),

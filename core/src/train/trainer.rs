@@ -163,6 +163,7 @@ impl Trainer {
             })
             .collect();
         self.model.layers.iter_mut().for_each(|b| b.attn.refresh_absorbed());
+        self.model.requantize();
         self.step += 1;
         Ok(m)
     }

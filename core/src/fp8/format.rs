@@ -140,6 +140,22 @@ pub fn encode_e4m3_fast(x: f32) -> u8 {
     }
 }
 
+/// `decode(encode(x))` for E4M3 without the byte in between: `x` rounded to the nearest E4M3
+/// value (ties to even), saturated at ±448, as f32; NaN stays NaN. Branch-free.
+#[inline(always)]
+pub fn round_e4m3(x: f32) -> f32 {
+    let bits = x.to_bits();
+    let sign = bits & 0x8000_0000;
+    let a = f32::from_bits(bits & 0x7FFF_FFFF);
+    let a = if a > 448.0 { 448.0 } else { a };
+    let ab = a.to_bits();
+    let normal = f32::from_bits((ab + 0x7_FFFF + ((ab >> 20) & 1)) & 0xFFF0_0000);
+    let sub = ((a * 512.0 + 8_388_608.0) - 8_388_608.0) * (1.0 / 512.0);
+    let r = if a < 0.015_625 { sub } else { normal };
+    let r = if x.is_nan() { x } else { r };
+    f32::from_bits(r.to_bits() | sign)
+}
+
 /// Decodes one e5m2 code to f32 (exact): it is the top byte of an IEEE half.
 pub fn e5m2_to_f32(code: u8) -> f32 {
     half::f16::from_bits((code as u16) << 8).to_f32()
@@ -226,6 +242,15 @@ mod tests {
             };
             let (a, b) = (encode_e4m3_fast(v), e.encode(v));
             assert!(a == b || (v.is_nan() && a & 0x7F == 0x7F && b & 0x7F == 0x7F), "{v:e}: fast {a:#x} vs {b:#x}");
+        }
+        for i in 0..200_000u32 {
+            let v = f32::from_bits(i.wrapping_mul(2_654_435_761));
+            let want = e.decode(e.encode(v));
+            let got = round_e4m3(v);
+            assert!(
+                got.to_bits() == want.to_bits() || (v.is_nan() && got.is_nan()) || (got == 0.0 && want == 0.0),
+                "{v:e}: {got:e} vs {want:e}"
+            );
         }
         assert_eq!(ue8m0(0.3), 0.5);
         assert_eq!(ue8m0(0.25), 0.25);

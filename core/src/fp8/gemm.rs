@@ -4,6 +4,7 @@
 use crate::error::{ierr, Result};
 use crate::fp8::quant::{QTensor, ScaleLayout};
 use crate::ops::gemm::matmul_t;
+use alloc::borrow::Cow;
 use alloc::format;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -42,6 +43,52 @@ pub fn fp8_gemm(a: &QTensor, b: &QTensor, c: &mut [f32], accumulate: bool) -> Re
         }
     }
     Ok(())
+}
+
+/// The promoted FP8 GEMM on pre-quantized values, any strides: `C[m,n] (+)= Σ_kb
+/// sa(kb)[i]·sb(kb)[j]·Σ_{k∈kb} A[i,k]·B[j,k]`, where `A[i,k] = a[i·a_rs + k·a_cs]`,
+/// `B[j,k] = b[j·b_rs + k·b_cs]`, and `sa(kb)` / `sb(kb)` give the per-row / per-column scales
+/// of K group `kb`. The training path uses it for Fprop, Dgrad and (reading both operands along
+/// the token axis) Wgrad without transposing anything.
+#[allow(clippy::too_many_arguments)]
+pub fn promoted_gemm<'s>(
+    (m, n, k): (usize, usize, usize),
+    (a, a_rs, a_cs): (&[f32], usize, usize),
+    (b, b_rs, b_cs): (&[f32], usize, usize),
+    sa: impl Fn(usize) -> Cow<'s, [f32]>,
+    sb: impl Fn(usize) -> Cow<'s, [f32]>,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    if !accumulate {
+        c[..m * n].fill(0.0);
+    }
+    let mut part = vec![0f32; m * n];
+    for kb in 0..k.div_ceil(T) {
+        let (k0, kw) = (kb * T, T.min(k - kb * T));
+        // B as a [k, n] operand: B[j,k] at k·b_cs + j·b_rs
+        crate::ops::gemm::matmul_strided(
+            m,
+            n,
+            kw,
+            &a[k0 * a_cs..],
+            a_rs,
+            a_cs,
+            &b[k0 * b_cs..],
+            b_cs,
+            b_rs,
+            &mut part,
+            n,
+            false,
+        );
+        let (sa, sb) = (sa(kb), sb(kb));
+        for i in 0..m {
+            let s = sa[i];
+            for ((cv, &pv), &t) in c[i * n..(i + 1) * n].iter_mut().zip(&part[i * n..(i + 1) * n]).zip(sb.iter()) {
+                *cv += s * t * pv;
+            }
+        }
+    }
 }
 
 /// The same product without promotion, through an emulated Hopper FP8 tensor-core accumulator:

@@ -1,6 +1,6 @@
 //! Fine-grained FP8 quantization (V3 §3.3.2) and checkpoint block dequantization.
 use crate::error::{ierr, Result};
-use crate::fp8::format::{encode_e4m3_fast, ue8m0, Fp8Format, E4M3_LUT};
+use crate::fp8::format::{encode_e4m3_fast, round_e4m3, ue8m0, Fp8Format, E4M3_LUT};
 use alloc::format;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -69,39 +69,7 @@ impl QTensor {
                 codes[j * r + i] = self.codes[i * c + j];
             }
         }
-        let (layout, scales) = match self.layout {
-            ScaleLayout::Tile128x1 => {
-                // scales [ceil(r/128), c] → per new row j, per 128 new columns: [c, ceil(r/128)]
-                let rb = r.div_ceil(T);
-                let mut s = vec![0f32; c * rb];
-                for b in 0..rb {
-                    for j in 0..c {
-                        s[j * rb + b] = self.scales[b * c + j];
-                    }
-                }
-                (ScaleLayout::Tile1x128, s)
-            }
-            ScaleLayout::Tile1x128 => {
-                let cb = c.div_ceil(T);
-                let mut s = vec![0f32; cb * r];
-                for i in 0..r {
-                    for b in 0..cb {
-                        s[b * r + i] = self.scales[i * cb + b];
-                    }
-                }
-                (ScaleLayout::Tile128x1, s)
-            }
-            ScaleLayout::Block128 => {
-                let (rb, cb) = (r.div_ceil(T), c.div_ceil(T));
-                let mut s = vec![0f32; cb * rb];
-                for i in 0..rb {
-                    for j in 0..cb {
-                        s[j * rb + i] = self.scales[i * cb + j];
-                    }
-                }
-                (ScaleLayout::Block128, s)
-            }
-        };
+        let (layout, scales) = transpose_scales(self);
         QTensor { rows: c, cols: r, codes, format: self.format, layout, scales }
     }
 }
@@ -194,6 +162,136 @@ pub fn quantize_unchecked(x: &[f32], rows: usize, cols: usize, layout: ScaleLayo
         }
     };
     QTensor { rows, cols, codes, format: f, layout, scales }
+}
+
+/// Quantized values for the training hot path: the E4M3 value of each element as f32 (the codes'
+/// decoded values, bit for bit) with its scales, in the same layouts as [`QTensor`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct QValues {
+    pub rows: usize,
+    pub cols: usize,
+    pub vals: Vec<f32>,
+    pub layout: ScaleLayout,
+    pub scales: Vec<f32>,
+}
+
+/// [`quantize_unchecked`], returning values instead of codes.
+pub fn quantize_values(x: &[f32], rows: usize, cols: usize, layout: ScaleLayout) -> QValues {
+    let scale_of = |amax: f32| amax.max(AMAX_FLOOR) / 448.0;
+    let absmax = |v: &[f32]| v.iter().fold(0f32, |m, &x| m.max(x.abs()));
+    let mut vals = vec![0f32; rows * cols];
+    let scales = match layout {
+        ScaleLayout::Tile1x128 => {
+            let cb = cols.div_ceil(T);
+            let mut sc = vec![0f32; rows * cb];
+            for r in 0..rows {
+                for b in 0..cb {
+                    let (c0, c1) = (r * cols + b * T, r * cols + (b * T + T).min(cols));
+                    let s = scale_of(absmax(&x[c0..c1]));
+                    sc[r * cb + b] = s;
+                    for (q, &v) in vals[c0..c1].iter_mut().zip(&x[c0..c1]) {
+                        *q = round_e4m3(v / s);
+                    }
+                }
+            }
+            sc
+        }
+        ScaleLayout::Tile128x1 | ScaleLayout::Block128 => {
+            let per_col = layout == ScaleLayout::Tile128x1;
+            let cb = if per_col { cols } else { cols.div_ceil(T) };
+            let mut sc = vec![0f32; rows.div_ceil(T) * cb];
+            let mut amax = vec![0f32; cols];
+            let mut col_scale = vec![0f32; cols];
+            for rb in 0..rows.div_ceil(T) {
+                let (r0, r1) = (rb * T, (rb * T + T).min(rows));
+                amax.fill(0.0);
+                for r in r0..r1 {
+                    for (m, &v) in amax.iter_mut().zip(&x[r * cols..(r + 1) * cols]) {
+                        *m = m.max(v.abs());
+                    }
+                }
+                let srow = &mut sc[rb * cb..(rb + 1) * cb];
+                if per_col {
+                    srow.iter_mut().zip(&amax).for_each(|(s, &a)| *s = scale_of(a));
+                    col_scale.copy_from_slice(srow);
+                } else {
+                    for (b, s) in srow.iter_mut().enumerate() {
+                        *s = scale_of(absmax(&amax[b * T..(b * T + T).min(cols)]));
+                    }
+                    col_scale.iter_mut().enumerate().for_each(|(c, s)| *s = srow[c / T]);
+                }
+                for r in r0..r1 {
+                    for ((q, &v), &s) in
+                        vals[r * cols..(r + 1) * cols].iter_mut().zip(&x[r * cols..(r + 1) * cols]).zip(&col_scale)
+                    {
+                        *q = round_e4m3(v / s);
+                    }
+                }
+            }
+            sc
+        }
+    };
+    QValues { rows, cols, vals, layout, scales }
+}
+
+impl QValues {
+    /// The transpose (1x128 ↔ 128x1; blocks stay blocks).
+    pub fn transposed(&self) -> QValues {
+        let (r, c) = (self.rows, self.cols);
+        let mut vals = vec![0f32; r * c];
+        for i in 0..r {
+            for j in 0..c {
+                vals[j * r + i] = self.vals[i * c + j];
+            }
+        }
+        let q = QTensor {
+            rows: r,
+            cols: c,
+            codes: Vec::new(),
+            format: Fp8Format::E4M3,
+            layout: self.layout,
+            scales: self.scales.clone(),
+        };
+        let t = transpose_scales(&q);
+        QValues { rows: c, cols: r, vals, layout: t.0, scales: t.1 }
+    }
+}
+
+/// The scales of the transpose of `q` (and their layout).
+fn transpose_scales(q: &QTensor) -> (ScaleLayout, Vec<f32>) {
+    let (r, c) = (q.rows, q.cols);
+    match q.layout {
+        ScaleLayout::Tile128x1 => {
+            let rb = r.div_ceil(T);
+            let mut s = vec![0f32; c * rb];
+            for b in 0..rb {
+                for j in 0..c {
+                    s[j * rb + b] = q.scales[b * c + j];
+                }
+            }
+            (ScaleLayout::Tile1x128, s)
+        }
+        ScaleLayout::Tile1x128 => {
+            let cb = c.div_ceil(T);
+            let mut s = vec![0f32; cb * r];
+            for i in 0..r {
+                for b in 0..cb {
+                    s[b * r + i] = q.scales[i * cb + b];
+                }
+            }
+            (ScaleLayout::Tile128x1, s)
+        }
+        ScaleLayout::Block128 => {
+            let (rb, cb) = (r.div_ceil(T), c.div_ceil(T));
+            let mut s = vec![0f32; cb * rb];
+            for i in 0..rb {
+                for j in 0..cb {
+                    s[j * rb + i] = q.scales[i * cb + j];
+                }
+            }
+            (ScaleLayout::Block128, s)
+        }
+    }
 }
 
 /// Encodes `x / s` for a run of values sharing one scale.

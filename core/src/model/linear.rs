@@ -1,10 +1,11 @@
 //! [`Linear`]: `y = x · Wᵀ (+ b)` with W `[out, in]` in f32, or FP8 E4M3 with block scales.
 use crate::error::{werr, Result};
-use crate::fp8::gemm::fp8_gemm;
-use crate::fp8::quant::QTensor;
-use crate::fp8::quant::{dequant_rows, e4m3_is_nan, quantize_unchecked as quant, ScaleLayout};
+use crate::fp8::gemm::promoted_gemm;
+use crate::fp8::quant::{dequant_rows, e4m3_is_nan, ScaleLayout};
+use crate::fp8::quant::{quantize_values, QValues};
 use crate::ops::gemm::{matmul_nn, matmul_t, matmul_tn};
 use crate::weights::{DType, RawTensor, TensorStore};
+use alloc::borrow::Cow;
 use alloc::format;
 use alloc::sync::Arc;
 use alloc::vec;
@@ -29,9 +30,9 @@ pub struct Linear {
     pub bias: Option<Vec<f32>>,
     /// Precision of this layer's GEMMs (forward and backward); f32 unless training sets it.
     pub precision: Precision,
-    /// FP8: the weight quantized in 128x128 blocks and its transpose (for Dgrad), refreshed by
-    /// [`Linear::requantize`] after every optimizer step (DeepSeek-V3 re-quantizes then too).
-    pub fp8_weight: Option<Arc<(QTensor, QTensor)>>,
+    /// FP8: the weight quantized in 128x128 blocks, refreshed by [`Linear::requantize`] after
+    /// every optimizer step (DeepSeek-V3 re-quantizes then too).
+    pub fp8_weight: Option<Arc<QValues>>,
 }
 
 /// GEMM precision of a [`Linear`] (the CPU emulates the lower ones exactly).
@@ -179,9 +180,19 @@ impl Linear {
         match self.precision {
             Precision::Bf16 => matmul_t(m, n, k, &bf16_round(x), k, &bf16_round(&self.dense()), k, y, n, false),
             Precision::Fp8 => {
-                let qx = quant(x, m, k, ScaleLayout::Tile1x128, false);
+                // Fprop: x in 1x128 tiles per token, W in 128x128 blocks
+                let qx = quantize_values(x, m, k, ScaleLayout::Tile1x128);
                 let qw = self.fp8_weights();
-                fp8_gemm(&qx, &qw.0, y, false).expect("shapes agree by construction");
+                let kb = k.div_ceil(128);
+                promoted_gemm(
+                    (m, n, k),
+                    (&qx.vals, k, 1),
+                    (&qw.vals, k, 1),
+                    |b| Cow::Owned((0..m).map(|i| qx.scales[i * kb + b]).collect()),
+                    |b| Cow::Owned((0..n).map(|j| qw.scales[(j / 128) * kb + b]).collect()),
+                    y,
+                    false,
+                );
             }
             Precision::F32 => unreachable!(),
         }
@@ -255,21 +266,34 @@ impl Linear {
             }
             Precision::Fp8 => {
                 // (activation gradients: 1x128 or 128x1 tiles only, never 128x128 blocks)
-                let ok = "shapes agree by construction";
                 if let Weight::F32(gw) = &mut grad.weight {
-                    let a = quant(dy, m, n, ScaleLayout::Tile128x1, false).transposed();
-                    let b = quant(x, m, k, ScaleLayout::Tile128x1, false).transposed();
-                    fp8_gemm(&a, &b, gw, true).expect(ok);
+                    // Wgrad dW[o,j] += Σ_t dy[t,o]·x[t,j]: both operands 128x1 along tokens, read in place
+                    let qdy = quantize_values(dy, m, n, ScaleLayout::Tile128x1);
+                    let qx = quantize_values(x, m, k, ScaleLayout::Tile128x1);
+                    promoted_gemm(
+                        (n, k, m),
+                        (&qdy.vals, 1, n),
+                        (&qx.vals, 1, k),
+                        |b| Cow::Borrowed(&qdy.scales[b * n..(b + 1) * n]),
+                        |b| Cow::Borrowed(&qx.scales[b * k..(b + 1) * k]),
+                        gw,
+                        true,
+                    );
                 }
                 if let Some(dx) = dx {
-                    let a = quant(dy, m, n, ScaleLayout::Tile1x128, false);
+                    // Dgrad dx[i,j] = Σ_o dy[i,o]·W[o,j]: dy in 1x128 tiles per token, W read
+                    // transposed through strides (its 128x128 block scales serve Wᵀ unchanged)
+                    let qdy = quantize_values(dy, m, n, ScaleLayout::Tile1x128);
                     let qw = self.fp8_weights();
+                    let (ob, kb) = (n.div_ceil(128), k.div_ceil(128));
+                    let sa = |b: usize| Cow::Owned((0..m).map(|i| qdy.scales[i * ob + b]).collect());
+                    let sb = |b: usize| Cow::Owned((0..k).map(|j| qw.scales[b * kb + j / 128]).collect());
                     if add_dx {
                         let mut t = vec![0f32; m * k];
-                        fp8_gemm(&a, &qw.1, &mut t, false).expect(ok);
+                        promoted_gemm((m, k, n), (&qdy.vals, n, 1), (&qw.vals, 1, k), sa, sb, &mut t, false);
                         dx[..m * k].iter_mut().zip(&t).for_each(|(d, v)| *d += v);
                     } else {
-                        fp8_gemm(&a, &qw.1, &mut dx[..m * k], false).expect(ok);
+                        promoted_gemm((m, k, n), (&qdy.vals, n, 1), (&qw.vals, 1, k), sa, sb, &mut dx[..m * k], false);
                     }
                 }
             }
@@ -277,18 +301,16 @@ impl Linear {
         }
     }
 
-    /// The FP8 weight (128x128 blocks) and its transpose: the cached pair, or computed now.
-    fn fp8_weights(&self) -> Arc<(QTensor, QTensor)> {
+    /// The FP8 weight (128x128 blocks): the cached one, or computed now.
+    fn fp8_weights(&self) -> Arc<QValues> {
         match &self.fp8_weight {
             Some(c) => c.clone(),
             None => Arc::new(self.quantize_weight()),
         }
     }
 
-    fn quantize_weight(&self) -> (QTensor, QTensor) {
-        let q = quant(&self.dense(), self.out_dim, self.in_dim, ScaleLayout::Block128, false);
-        let t = q.transposed();
-        (q, t)
+    fn quantize_weight(&self) -> QValues {
+        quantize_values(&self.dense(), self.out_dim, self.in_dim, ScaleLayout::Block128)
     }
 
     /// Refreshes the cached FP8 weight (FP8 layers; clears the cache otherwise). Call after

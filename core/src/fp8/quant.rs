@@ -102,66 +102,10 @@ pub fn quantize(
 /// and that `layout` suits the role; NaN inputs become NaN codes (so a NaN propagates to the loss,
 /// which the trainer reports), infinities saturate.
 pub fn quantize_unchecked(x: &[f32], rows: usize, cols: usize, layout: ScaleLayout, ue8m0_scales: bool) -> QTensor {
-    let f = Fp8Format::E4M3;
-    let scale_of = |amax: f32| {
-        let s = amax.max(AMAX_FLOOR) / f.max();
-        if ue8m0_scales {
-            ue8m0(s)
-        } else {
-            s
-        }
-    };
-    let absmax = |v: &[f32]| v.iter().fold(0f32, |m, &x| m.max(x.abs()));
-    let mut codes = vec![0u8; rows * cols];
-    let scales = match layout {
-        ScaleLayout::Tile1x128 => {
-            let cb = cols.div_ceil(T);
-            let mut sc = vec![0f32; rows * cb];
-            for r in 0..rows {
-                for b in 0..cb {
-                    let (c0, c1) = (b * T, (b * T + T).min(cols));
-                    let s = scale_of(absmax(&x[r * cols + c0..r * cols + c1]));
-                    sc[r * cb + b] = s;
-                    encode_run(&x[r * cols + c0..r * cols + c1], s, &mut codes[r * cols + c0..r * cols + c1]);
-                }
-            }
-            sc
-        }
-        ScaleLayout::Tile128x1 | ScaleLayout::Block128 => {
-            let per_col = layout == ScaleLayout::Tile128x1;
-            let cb = if per_col { cols } else { cols.div_ceil(T) };
-            let mut sc = vec![0f32; rows.div_ceil(T) * cb];
-            for rb in 0..rows.div_ceil(T) {
-                let (r0, r1) = (rb * T, (rb * T + T).min(rows));
-                let mut amax = vec![0f32; cols];
-                for r in r0..r1 {
-                    for (m, &v) in amax.iter_mut().zip(&x[r * cols..(r + 1) * cols]) {
-                        *m = m.max(v.abs());
-                    }
-                }
-                let srow = &mut sc[rb * cb..(rb + 1) * cb];
-                if per_col {
-                    srow.iter_mut().zip(&amax).for_each(|(s, &a)| *s = scale_of(a));
-                } else {
-                    for (b, s) in srow.iter_mut().enumerate() {
-                        *s = scale_of(absmax(&amax[b * T..(b * T + T).min(cols)]));
-                    }
-                }
-                // per-column scales for this row block
-                let col_scale: Vec<f32> =
-                    if per_col { srow.to_vec() } else { (0..cols).map(|c| srow[c / T]).collect() };
-                for r in r0..r1 {
-                    for ((q, &v), &s) in
-                        codes[r * cols..(r + 1) * cols].iter_mut().zip(&x[r * cols..(r + 1) * cols]).zip(&col_scale)
-                    {
-                        *q = encode_e4m3_fast(v / s);
-                    }
-                }
-            }
-            sc
-        }
-    };
-    QTensor { rows, cols, codes, format: f, layout, scales }
+    let q = quantize_values(x, rows, cols, layout, ue8m0_scales);
+    // the values are E4M3-representable, so encoding them is exact
+    let codes = q.vals.iter().map(|&v| encode_e4m3_fast(v)).collect();
+    QTensor { rows, cols, codes, format: Fp8Format::E4M3, layout, scales: q.scales }
 }
 
 /// Quantized values for the training hot path: the E4M3 value of each element as f32 (the codes'
@@ -175,9 +119,17 @@ pub struct QValues {
     pub scales: Vec<f32>,
 }
 
-/// [`quantize_unchecked`], returning values instead of codes.
-pub fn quantize_values(x: &[f32], rows: usize, cols: usize, layout: ScaleLayout) -> QValues {
-    let scale_of = |amax: f32| amax.max(AMAX_FLOOR) / 448.0;
+/// Quantizes to E4M3 values (as f32, unscaled) and their scales: the training hot path, and the
+/// core of [`quantize_unchecked`].
+pub fn quantize_values(x: &[f32], rows: usize, cols: usize, layout: ScaleLayout, ue8m0_scales: bool) -> QValues {
+    let scale_of = |amax: f32| {
+        let s = amax.max(AMAX_FLOOR) / 448.0;
+        if ue8m0_scales {
+            ue8m0(s)
+        } else {
+            s
+        }
+    };
     let absmax = |v: &[f32]| v.iter().fold(0f32, |m, &x| m.max(x.abs()));
     let mut vals = vec![0f32; rows * cols];
     let scales = match layout {
@@ -291,14 +243,6 @@ fn transpose_scales(q: &QTensor) -> (ScaleLayout, Vec<f32>) {
             }
             (ScaleLayout::Block128, s)
         }
-    }
-}
-
-/// Encodes `x / s` for a run of values sharing one scale.
-#[inline]
-fn encode_run(x: &[f32], s: f32, out: &mut [u8]) {
-    for (q, &v) in out.iter_mut().zip(x) {
-        *q = encode_e4m3_fast(v / s);
     }
 }
 

@@ -181,7 +181,7 @@ impl Linear {
             Precision::Bf16 => matmul_t(m, n, k, &bf16_round(x), k, &bf16_round(&self.dense()), k, y, n, false),
             Precision::Fp8 => {
                 // Fprop: x in 1x128 tiles per token, W in 128x128 blocks
-                let qx = quantize_values(x, m, k, ScaleLayout::Tile1x128);
+                let qx = quantize_values(x, m, k, ScaleLayout::Tile1x128, false);
                 let qw = self.fp8_weights();
                 let kb = k.div_ceil(128);
                 promoted_gemm(
@@ -268,8 +268,8 @@ impl Linear {
                 // (activation gradients: 1x128 or 128x1 tiles only, never 128x128 blocks)
                 if let Weight::F32(gw) = &mut grad.weight {
                     // Wgrad dW[o,j] += Σ_t dy[t,o]·x[t,j]: both operands 128x1 along tokens, read in place
-                    let qdy = quantize_values(dy, m, n, ScaleLayout::Tile128x1);
-                    let qx = quantize_values(x, m, k, ScaleLayout::Tile128x1);
+                    let qdy = quantize_values(dy, m, n, ScaleLayout::Tile128x1, false);
+                    let qx = quantize_values(x, m, k, ScaleLayout::Tile128x1, false);
                     promoted_gemm(
                         (n, k, m),
                         (&qdy.vals, 1, n),
@@ -283,7 +283,7 @@ impl Linear {
                 if let Some(dx) = dx {
                     // Dgrad dx[i,j] = Σ_o dy[i,o]·W[o,j]: dy in 1x128 tiles per token, W read
                     // transposed through strides (its 128x128 block scales serve Wᵀ unchanged)
-                    let qdy = quantize_values(dy, m, n, ScaleLayout::Tile1x128);
+                    let qdy = quantize_values(dy, m, n, ScaleLayout::Tile1x128, false);
                     let qw = self.fp8_weights();
                     let (ob, kb) = (n.div_ceil(128), k.div_ceil(128));
                     let sa = |b: usize| Cow::Owned((0..m).map(|i| qdy.scales[i * ob + b]).collect());
@@ -310,7 +310,7 @@ impl Linear {
     }
 
     fn quantize_weight(&self) -> QValues {
-        quantize_values(&self.dense(), self.out_dim, self.in_dim, ScaleLayout::Block128)
+        quantize_values(&self.dense(), self.out_dim, self.in_dim, ScaleLayout::Block128, false)
     }
 
     /// Refreshes the cached FP8 weight (FP8 layers; clears the cache otherwise). Call after

@@ -40,14 +40,7 @@ impl Mlp {
 
     /// `y[n, D] = MLP(x[n, D])`.
     pub fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
-        let i = self.gate.out_dim;
-        let mut g = vec![0f32; n * i];
-        let mut u = vec![0f32; n * i];
-        self.gate.forward(x, n, &mut g);
-        self.up.forward(x, n, &mut u);
-        let mut a = vec![0f32; n * i];
-        swiglu(&g, &u, &mut a);
-        self.down.forward(&a, n, y);
+        self.forward_train(x, n, y);
     }
 
     /// Training forward: `y` and what [`Mlp::backward`] needs.

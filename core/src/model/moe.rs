@@ -253,18 +253,23 @@ impl Moe {
             + self.shared.as_ref().map_or(0, Mlp::params)
     }
 
-    /// `y[N, D] = Σ_k w_k · Expert_k(x) + Shared(x)` for `x` `[N, D]`. Returns the routing.
-    pub fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) -> Vec<Routing> {
-        let d = self.router.dim;
+    /// Router logits `[N, E]`, each token's routing, and each expert's `(token, weight)` rows.
+    fn dispatch(&self, x: &[f32], n: usize) -> (Vec<f32>, Vec<Routing>, Vec<Vec<(usize, f32)>>) {
         let logits = self.router.logits(x, n);
         let routes: Vec<Routing> = logits.chunks_exact(self.router.n_experts).map(|l| self.router.select(l)).collect();
-        // tokens per expert, with their weights
         let mut per: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
         for (t, r) in routes.iter().enumerate() {
             for &(e, w) in r {
                 per[e].push((t, w));
             }
         }
+        (logits, routes, per)
+    }
+
+    /// `y[N, D] = Σ_k w_k · Expert_k(x) + Shared(x)` for `x` `[N, D]`. Returns the routing.
+    pub fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) -> Vec<Routing> {
+        let d = self.router.dim;
+        let (_, routes, per) = self.dispatch(x, n);
         let active: Vec<usize> = (0..per.len()).filter(|&e| !per[e].is_empty()).collect();
         let inter = self.experts.first().map_or(0, |m| m.gate.out_dim);
         let work = n * self.router.top_k * 3 * d * inter;
@@ -331,14 +336,7 @@ impl Moe {
     /// Training forward: `y[N, D]` and what [`Moe::backward`] needs.
     pub fn forward_train(&self, x: &[f32], n: usize, y: &mut [f32]) -> MoeSaved {
         let d = self.router.dim;
-        let logits = self.router.logits(x, n);
-        let routes: Vec<Routing> = logits.chunks_exact(self.router.n_experts).map(|l| self.router.select(l)).collect();
-        let mut per: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
-        for (t, r) in routes.iter().enumerate() {
-            for &(e, w) in r {
-                per[e].push((t, w));
-            }
-        }
+        let (logits, routes, per) = self.dispatch(x, n);
         let ids: Vec<usize> = (0..per.len()).collect();
         let inter = self.experts.first().map_or(0, |m| m.gate.out_dim);
         let work = n * self.router.top_k * 3 * d * inter;

@@ -21,6 +21,9 @@ use alloc::vec::Vec;
 /// The experts chosen for one token: `(expert, weight)` pairs, `top_k` of them.
 pub type Routing = Vec<(usize, f32)>;
 
+/// For each expert, the `(token, weight)` rows it serves.
+pub type PerExpert = Vec<Vec<(usize, f32)>>;
+
 /// The router of one MoE layer.
 #[derive(Clone)]
 pub struct Router {
@@ -254,7 +257,7 @@ impl Moe {
     }
 
     /// Router logits `[N, E]`, each token's routing, and each expert's `(token, weight)` rows.
-    fn dispatch(&self, x: &[f32], n: usize) -> (Vec<f32>, Vec<Routing>, Vec<Vec<(usize, f32)>>) {
+    fn dispatch(&self, x: &[f32], n: usize) -> (Vec<f32>, Vec<Routing>, PerExpert) {
         let logits = self.router.logits(x, n);
         let routes: Vec<Routing> = logits.chunks_exact(self.router.n_experts).map(|l| self.router.select(l)).collect();
         let mut per: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];

@@ -17,6 +17,8 @@ pub enum Error {
     NonFinite(String),
     /// The operation is not supported (e.g. a feature compiled out).
     Unsupported(String),
+    /// A callback asked to stop (e.g. a load progress callback).
+    Cancelled(String),
 }
 
 impl fmt::Display for Error {
@@ -30,6 +32,7 @@ impl fmt::Display for Error {
             Error::Io(m) => write!(f, "I/O error: {m}"),
             Error::NonFinite(m) => write!(f, "non-finite value: {m}"),
             Error::Unsupported(m) => write!(f, "unsupported: {m}"),
+            Error::Cancelled(m) => write!(f, "cancelled: {m}"),
         }
     }
 }

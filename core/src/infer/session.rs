@@ -4,23 +4,26 @@ use crate::infer::cache::SeqCache;
 use crate::model::Model;
 use alloc::format;
 use alloc::vec::Vec;
+use core::ops::Deref;
 
 /// An inference session over `slots` sequences. Each call appends new tokens to the named
-/// slots and returns logits; the caches persist between calls.
-pub struct Session<'m> {
-    model: &'m Model,
+/// slots and returns logits; the caches persist between calls. `M` is how the session holds the
+/// model: `&Model` in Rust code, `Arc<Model>` across the C ABI.
+pub struct Session<M: Deref<Target = Model>> {
+    model: M,
     caches: Vec<SeqCache>,
 }
 
-impl<'m> Session<'m> {
+impl<M: Deref<Target = Model>> Session<M> {
     /// A session with `slots` empty sequences.
-    pub fn new(model: &'m Model, slots: usize) -> Session<'m> {
-        Session { model, caches: (0..slots).map(|_| model.new_cache()).collect() }
+    pub fn new(model: M, slots: usize) -> Session<M> {
+        let caches = (0..slots).map(|_| model.new_cache()).collect();
+        Session { model, caches }
     }
 
     /// The model.
-    pub fn model(&self) -> &'m Model {
-        self.model
+    pub fn model(&self) -> &Model {
+        &self.model
     }
 
     /// Number of sequence slots.

@@ -115,10 +115,32 @@ impl core::fmt::Debug for Model {
 impl Model {
     /// Builds the model from a checkpoint's tensors. Every tensor must be used: a missing,
     /// extra, mis-shaped or non-finite tensor is an error naming it.
-    pub fn from_store(cfg: Config, mut store: TensorStore, opts: LoadOptions) -> Result<Model> {
+    pub fn from_store(cfg: Config, store: TensorStore, opts: LoadOptions) -> Result<Model> {
+        Self::from_store_with_progress(cfg, store, opts, &mut |_, _| true)
+    }
+
+    /// [`Model::from_store`] calling `progress(done, total)` after each layer; returning false
+    /// cancels the load ([`crate::Error::Cancelled`]).
+    pub fn from_store_with_progress(
+        cfg: Config,
+        mut store: TensorStore,
+        opts: LoadOptions,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Model> {
         let (v, d, l) = (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers);
+        let total = l + 2;
+        let cancelled = || crate::Error::Cancelled("model load stopped by the progress callback".into());
+        if !progress(0, total) {
+            return Err(cancelled());
+        }
         let embed = store.take_f32("model.embed_tokens.weight", &[v, d])?;
-        let layers = (0..l).map(|i| Block::load(&mut store, i, &cfg, opts.fp8)).collect::<Result<Vec<_>>>()?;
+        let mut layers = Vec::with_capacity(l);
+        for i in 0..l {
+            layers.push(Block::load(&mut store, i, &cfg, opts.fp8)?);
+            if !progress(i + 1, total) {
+                return Err(cancelled());
+            }
+        }
         let norm = store.take_f32("model.norm.weight", &[d])?;
         let lm_head = if cfg.tie_word_embeddings && !store.contains("lm_head.weight") {
             Linear::from_f32(v, d, embed.clone(), None)
@@ -143,6 +165,9 @@ impl Model {
         }
         store.expect_empty()?;
         let rope = Rope::new(&cfg);
+        if !progress(total, total) {
+            return Err(cancelled());
+        }
         Ok(Model { cfg, embed, layers, norm, lm_head, mtp, rope, attn: opts.attn })
     }
 

@@ -20,7 +20,7 @@ pub mod status;
 pub mod tokenizer;
 pub mod train;
 
-pub use status::*;
+pub use status::{dsv3_last_error, dsv3_status};
 
 /// The ABI version: bumped when an existing function or struct changes incompatibly.
 pub const DSV3_ABI_VERSION: u32 = 1;

@@ -51,7 +51,7 @@ pub extern "C" fn dsv3_last_error() -> *const c_char {
 }
 
 /// The failure of a call: its status and message.
-pub struct Fail(pub dsv3_status, pub String);
+pub(crate) struct Fail(pub dsv3_status, pub String);
 
 impl From<Error> for Fail {
     fn from(e: Error) -> Fail {
@@ -69,12 +69,12 @@ impl From<Error> for Fail {
 }
 
 /// An invalid-argument failure.
-pub fn invalid(msg: impl Into<String>) -> Fail {
+pub(crate) fn invalid(msg: impl Into<String>) -> Fail {
     Fail(DSV3_ERR_INVALID_ARGUMENT, msg.into())
 }
 
 /// Runs `f`, turning failures and panics into a status and the thread's last error.
-pub fn guard(name: &str, f: impl FnOnce() -> Result<(), Fail>) -> dsv3_status {
+pub(crate) fn guard(name: &str, f: impl FnOnce() -> Result<(), Fail>) -> dsv3_status {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => {
             set_error("");
@@ -93,19 +93,19 @@ pub fn guard(name: &str, f: impl FnOnce() -> Result<(), Fail>) -> dsv3_status {
 }
 
 /// A non-NULL pointer, or a NULL-argument failure naming it.
-pub fn nonnull<'a, T>(p: *const T, what: &str) -> Result<&'a T, Fail> {
+pub(crate) fn nonnull<'a, T>(p: *const T, what: &str) -> Result<&'a T, Fail> {
     // SAFETY: the caller promises p is NULL or valid for reads (header contract).
     unsafe { p.as_ref() }.ok_or_else(|| Fail(DSV3_ERR_NULL_ARGUMENT, format!("{what} is NULL")))
 }
 
 /// A non-NULL mutable pointer.
-pub fn nonnull_mut<'a, T>(p: *mut T, what: &str) -> Result<&'a mut T, Fail> {
+pub(crate) fn nonnull_mut<'a, T>(p: *mut T, what: &str) -> Result<&'a mut T, Fail> {
     // SAFETY: as above, for writes.
     unsafe { p.as_mut() }.ok_or_else(|| Fail(DSV3_ERR_NULL_ARGUMENT, format!("{what} is NULL")))
 }
 
 /// A slice from a pointer and length (NULL allowed when `len` is 0).
-pub fn slice<'a, T>(p: *const T, len: usize, what: &str) -> Result<&'a [T], Fail> {
+pub(crate) fn slice<'a, T>(p: *const T, len: usize, what: &str) -> Result<&'a [T], Fail> {
     if len == 0 {
         return Ok(&[]);
     }
@@ -117,7 +117,7 @@ pub fn slice<'a, T>(p: *const T, len: usize, what: &str) -> Result<&'a [T], Fail
 }
 
 /// A mutable slice from a pointer and length (NULL allowed when `len` is 0).
-pub fn slice_mut<'a, T>(p: *mut T, len: usize, what: &str) -> Result<&'a mut [T], Fail> {
+pub(crate) fn slice_mut<'a, T>(p: *mut T, len: usize, what: &str) -> Result<&'a mut [T], Fail> {
     if len == 0 {
         return Ok(&mut []);
     }
@@ -129,7 +129,7 @@ pub fn slice_mut<'a, T>(p: *mut T, len: usize, what: &str) -> Result<&'a mut [T]
 }
 
 /// A UTF-8 string from a NUL-terminated C string.
-pub fn cstr<'a>(p: *const c_char, what: &str) -> Result<&'a str, Fail> {
+pub(crate) fn cstr<'a>(p: *const c_char, what: &str) -> Result<&'a str, Fail> {
     if p.is_null() {
         return Err(Fail(DSV3_ERR_NULL_ARGUMENT, format!("{what} is NULL")));
     }
@@ -139,7 +139,7 @@ pub fn cstr<'a>(p: *const c_char, what: &str) -> Result<&'a str, Fail> {
 
 /// Copies `src` into the caller's buffer `(dst, cap)`, always writing the needed length to
 /// `needed` (if non-NULL); fails with DSV3_ERR_BUFFER_TOO_SMALL when it does not fit.
-pub fn fill<T: Copy>(src: &[T], dst: *mut T, cap: usize, needed: *mut usize, what: &str) -> Result<(), Fail> {
+pub(crate) fn fill<T: Copy>(src: &[T], dst: *mut T, cap: usize, needed: *mut usize, what: &str) -> Result<(), Fail> {
     if let Some(n) = unsafe { needed.as_mut() } {
         *n = src.len();
     }
@@ -155,14 +155,14 @@ pub fn fill<T: Copy>(src: &[T], dst: *mut T, cap: usize, needed: *mut usize, wha
 
 /// Writes a string (NUL-terminated) into `(dst, cap)` bytes; `needed` gets the byte length
 /// including the NUL.
-pub fn fill_str(s: &str, dst: *mut c_char, cap: usize, needed: *mut usize, what: &str) -> Result<(), Fail> {
+pub(crate) fn fill_str(s: &str, dst: *mut c_char, cap: usize, needed: *mut usize, what: &str) -> Result<(), Fail> {
     let mut bytes: Vec<c_char> = s.bytes().map(|b| b as c_char).collect();
     bytes.push(0);
     fill(&bytes, dst, cap, needed, what)
 }
 
 /// Validates `struct_size` of a parameter struct: at least the size of the first ABI version.
-pub fn check_size(size: usize, min: usize, what: &str) -> Result<(), Fail> {
+pub(crate) fn check_size(size: usize, min: usize, what: &str) -> Result<(), Fail> {
     if size < min {
         return Err(invalid(format!(
             "{what}.struct_size is {size}, expected at least {min} (call {what}_default first)"
@@ -172,7 +172,7 @@ pub fn check_size(size: usize, min: usize, what: &str) -> Result<(), Fail> {
 }
 
 /// Frees a handle made by `Box::into_raw` (NULL is a no-op), never unwinding.
-pub fn free_handle<T>(p: *mut T) {
+pub(crate) fn free_handle<T>(p: *mut T) {
     if !p.is_null() {
         // SAFETY: p came from Box::into_raw of this type (header contract: freed once).
         let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(p) })));

@@ -3,7 +3,6 @@
 mod demo;
 mod plot;
 mod quantize_cmd;
-mod tok;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -12,6 +11,7 @@ use dsv3_core::model::{AttnForm, Fp8Mode, LoadOptions, Model};
 use dsv3_core::weights::file::{read_safetensors, write_atomic};
 use dsv3_core::weights::write::{to_bytes, OutTensor};
 use dsv3_core::{Error, Result};
+use dsv3_ffi::tokenizer::Tok;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -222,9 +222,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Grad { m, input, out } => cmd_grad(&m, &input, &out),
         Cmd::Generate { m, prompt, ids, max_new_tokens, temperature, top_p, top_k, seed, ignore_eos, tokenizer } => {
             let model = load(&m)?;
-            let tk = tok::Tok::for_model(&m.model, tokenizer.as_deref(), model.cfg.vocab_size)?;
+            let tk = Tok::for_model(&m.model, tokenizer.as_deref(), model.cfg.vocab_size)?;
             let prompt_ids = match (prompt, ids) {
-                (Some(p), _) => tk.as_ref().ok_or_else(|| Error::Input(tok::NO_TOKENIZER.into()))?.encode(&p)?,
+                (Some(p), _) => {
+                    tk.as_ref().ok_or_else(|| Error::Input(dsv3_ffi::tokenizer::NO_TOKENIZER.into()))?.encode(&p)?
+                }
                 (None, Some(ids)) => ids,
                 (None, None) => return Err(Error::Input("give --prompt TEXT or --ids 1,2,3".into())),
             };
@@ -254,8 +256,8 @@ fn run(cli: Cli) -> Result<()> {
                 None => 0,
             };
             let dir = model.unwrap_or_default();
-            let tk = tok::Tok::for_model(&dir, tokenizer.as_deref(), vocab)?
-                .ok_or_else(|| Error::Input(tok::NO_TOKENIZER.into()))?;
+            let tk = Tok::for_model(&dir, tokenizer.as_deref(), vocab)?
+                .ok_or_else(|| Error::Input(dsv3_ffi::tokenizer::NO_TOKENIZER.into()))?;
             let ids = tk.encode(&text)?;
             println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
             if decode {
@@ -330,7 +332,7 @@ fn cmd_grad(m: &ModelArgs, input: &Path, out: &Path) -> Result<()> {
     write_atomic(out, &to_bytes(&tensors)?)
 }
 
-fn cmd_generate(model: &Model, prompt: &[u32], params: &SamplingParams, tk: Option<&tok::Tok>) -> Result<()> {
+fn cmd_generate(model: &Model, prompt: &[u32], params: &SamplingParams, tk: Option<&Tok>) -> Result<()> {
     let t0 = Instant::now();
     let mut t_prefill = 0.0;
     let mut generated: Vec<u32> = Vec::new();

@@ -1,7 +1,6 @@
 //! `dsv3 train`: data loading, the training loop with a progress bar, metrics JSONL, periodic
 //! atomic checkpoints, and a loss-curve SVG at the end.
 use crate::plot;
-use crate::tok::Tok;
 use dsv3_core::model::linear::Precision;
 use dsv3_core::model::{LoadOptions, Model};
 use dsv3_core::rng::Rng;
@@ -9,6 +8,7 @@ use dsv3_core::train::checkpoint::{self, Fault};
 use dsv3_core::train::data::{Dataset, Loader};
 use dsv3_core::train::{AdamW, LrSchedule, StepMetrics, TrainConfig, Trainer};
 use dsv3_core::{Error, Result};
+use dsv3_ffi::tokenizer::Tok;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -154,7 +154,7 @@ pub fn load_data(path: &Path, format: &str, tk: Option<&Tok>, cfg: &dsv3_core::C
         f => f,
     };
     let eos = cfg.eos_token_ids.first().copied();
-    let need_tok = || tk.ok_or_else(|| Error::Input(crate::tok::NO_TOKENIZER.into()));
+    let need_tok = || tk.ok_or_else(|| Error::Input(dsv3_ffi::tokenizer::NO_TOKENIZER.into()));
     let with_eos = |mut v: Vec<u32>| {
         v.extend(eos);
         v

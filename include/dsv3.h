@@ -79,8 +79,10 @@ typedef int32_t (*dsv3_progress_fn)(void *user_data, float fraction);
 typedef struct dsv3_model_params {
   // sizeof(dsv3_model_params), set by dsv3_model_params_default().
   size_t struct_size;
-  // 0 = CPU (f32). 1 = CUDA (not in this build: DSV3_ERR_UNSUPPORTED).
+  // 0 = CPU. 1 = CUDA (not in this build: DSV3_ERR_UNSUPPORTED).
   int32_t device;
+  // Compute dtype: 0 = f32 (the CPU's), 1 = bf16 (CUDA only; not in this build).
+  int32_t dtype;
   // 0 = keep FP8 checkpoint weights as FP8 + block scales (~1 byte/parameter), 1 = dequantize to f32 at load.
   int32_t dequantize_fp8;
   // MLA formulation: 0 = absorbed (default), 1 = naive. Same results.
@@ -194,7 +196,7 @@ const char *dsv3_version(void);
 // The ABI version the library implements (compare with DSV3_ABI_VERSION from the header).
 uint32_t dsv3_abi_version(void);
 
-// Fills `params` with the defaults (CPU, FP8 kept, absorbed attention, no callback).
+// Fills `params` with the defaults (CPU, f32, FP8 kept, absorbed attention, no callback).
 enum dsv3_status dsv3_model_params_default(struct dsv3_model_params *params);
 
 // Loads the model in directory `path` (config.json + safetensors, HF layout; sharded or not;

@@ -20,8 +20,10 @@ pub type dsv3_progress_fn = Option<extern "C" fn(user_data: *mut c_void, fractio
 pub struct dsv3_model_params {
     /// sizeof(dsv3_model_params), set by dsv3_model_params_default().
     pub struct_size: usize,
-    /// 0 = CPU (f32). 1 = CUDA (not in this build: DSV3_ERR_UNSUPPORTED).
+    /// 0 = CPU. 1 = CUDA (not in this build: DSV3_ERR_UNSUPPORTED).
     pub device: i32,
+    /// Compute dtype: 0 = f32 (the CPU's), 1 = bf16 (CUDA only; not in this build).
+    pub dtype: i32,
     /// 0 = keep FP8 checkpoint weights as FP8 + block scales (~1 byte/parameter), 1 = dequantize to f32 at load.
     pub dequantize_fp8: i32,
     /// MLA formulation: 0 = absorbed (default), 1 = naive. Same results.
@@ -32,13 +34,14 @@ pub struct dsv3_model_params {
     pub user_data: *mut c_void,
 }
 
-/// Fills `params` with the defaults (CPU, FP8 kept, absorbed attention, no callback).
+/// Fills `params` with the defaults (CPU, f32, FP8 kept, absorbed attention, no callback).
 #[no_mangle]
 pub unsafe extern "C" fn dsv3_model_params_default(params: *mut dsv3_model_params) -> dsv3_status {
     guard("dsv3_model_params_default", || {
         *nonnull_mut(params, "params")? = dsv3_model_params {
             struct_size: std::mem::size_of::<dsv3_model_params>(),
             device: 0,
+            dtype: 0,
             dequantize_fp8: 0,
             attention: 0,
             progress: None,
@@ -74,6 +77,11 @@ pub unsafe extern "C" fn dsv3_model_load(
                     ))
                 }
                 d => return Err(invalid(format!("device must be 0 (CPU) or 1 (CUDA), got {d}"))),
+            }
+            match p.dtype {
+                0 => {}
+                1 => return Err(Fail(DSV3_ERR_UNSUPPORTED, "dtype 1 (bf16) needs the CUDA backend, which this build does not have".into())),
+                d => return Err(invalid(format!("dtype must be 0 (f32) or 1 (bf16), got {d}"))),
             }
             opts.fp8 = match p.dequantize_fp8 {
                 0 => Fp8Mode::Keep,

@@ -80,7 +80,12 @@ pub unsafe extern "C" fn dsv3_model_load(
             }
             match p.dtype {
                 0 => {}
-                1 => return Err(Fail(DSV3_ERR_UNSUPPORTED, "dtype 1 (bf16) needs the CUDA backend, which this build does not have".into())),
+                1 => {
+                    return Err(Fail(
+                        DSV3_ERR_UNSUPPORTED,
+                        "dtype 1 (bf16) needs the CUDA backend, which this build does not have".into(),
+                    ))
+                }
                 d => return Err(invalid(format!("dtype must be 0 (f32) or 1 (bf16), got {d}"))),
             }
             opts.fp8 = match p.dequantize_fp8 {

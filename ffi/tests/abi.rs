@@ -130,8 +130,8 @@ fn trainer_sft_expert_load_checkpoint_and_preset() {
         p.schedule = 0;
         let mut t = null_mut();
         assert_eq!(dsv3_trainer_new(m, &p, &mut t), dsv3_status::DSV3_OK);
-        let ids: Vec<i32> = (0..16).map(|i| (i * 7 % 128) as i32).collect();
-        let mut mask = vec![1f32; 2 * 7];
+        let ids: Vec<i32> = (0..16).map(|i| i * 7 % 128).collect();
+        let mut mask = [1f32; 2 * 7];
         mask[..3].fill(0.0);
         let mut met: dsv3_step_metrics = std::mem::zeroed();
         met.struct_size = std::mem::size_of::<dsv3_step_metrics>();

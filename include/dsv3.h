@@ -11,9 +11,11 @@
  * - A buffer argument is followed by its length (in elements). Functions that fill a buffer also
  *   report how many elements they need; passing a too-small buffer fails with
  *   DSV3_ERR_BUFFER_TOO_SMALL and writes the needed size.
- * - Parameter structs start with `struct_size` (set by the *_params_default functions), so later
- *   versions can add fields without breaking the ABI. Enum-like inputs are plain integers and are
- *   validated.
+ * - Parameter structs start with `struct_size`. The *_params_default functions write the whole
+ *   struct of this ABI version (pass a struct declared from this header) and set struct_size;
+ *   output structs (dsv3_model_info, dsv3_step_metrics) need struct_size set by the caller. Later
+ *   versions only append fields and accept a struct_size of any earlier version. Enum-like inputs
+ *   are plain integers and are validated.
  * - Thread safety: a dsv3_model is immutable after loading and may be shared by any number of
  *   threads and sessions. Sessions, trainers and tokenizers must be used by one thread at a time.
  * - No entry point unwinds or aborts: internal panics become DSV3_ERR_INTERNAL.
@@ -271,8 +273,10 @@ const char *dsv3_last_error(void);
 // Loads a HF `tokenizer.json`.
 enum dsv3_status dsv3_tokenizer_load(const char *path, struct dsv3_tokenizer **out);
 
-// The tokenizer of a model directory: its tokenizer.json, or the built-in byte tokenizer for a
-// byte-level vocabulary (259 ids: bytes, then <bos>, <eos>, <pad>).
+// The tokenizer of a model: its directory's tokenizer.json, or the built-in byte tokenizer for a
+// byte-level vocabulary (259 ids: bytes, then <bos>, <eos>, <pad>). A model from
+// dsv3_trainer_model (no directory) gets the byte tokenizer or an error. Fails when the tokenizer
+// has more ids than the model.
 enum dsv3_status dsv3_tokenizer_for_model(const struct dsv3_model *model,
                                           struct dsv3_tokenizer **out);
 

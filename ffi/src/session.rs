@@ -176,7 +176,7 @@ pub unsafe extern "C" fn dsv3_generate(
             sp.top_p = p.top_p;
             sp.seed = p.seed;
             sp.max_new_tokens = p.max_new_tokens as usize;
-            sp.stop_tokens = slice(p.stop_tokens, p.n_stop_tokens, "stop_tokens")?.iter().map(|&t| t as u32).collect();
+            sp.stop_tokens = tokens(slice(p.stop_tokens, p.n_stop_tokens, "stop_tokens")?, m.cfg.vocab_size)?;
         }
         if cap < sp.max_new_tokens {
             return Err(Fail(

@@ -110,8 +110,10 @@ pub unsafe extern "C" fn dsv3_tokenizer_load(path: *const c_char, out: *mut *mut
     })
 }
 
-/// The tokenizer of a model directory: its tokenizer.json, or the built-in byte tokenizer for a
-/// byte-level vocabulary (259 ids: bytes, then <bos>, <eos>, <pad>).
+/// The tokenizer of a model: its directory's tokenizer.json, or the built-in byte tokenizer for a
+/// byte-level vocabulary (259 ids: bytes, then <bos>, <eos>, <pad>). A model from
+/// dsv3_trainer_model (no directory) gets the byte tokenizer or an error. Fails when the tokenizer
+/// has more ids than the model.
 #[no_mangle]
 pub unsafe extern "C" fn dsv3_tokenizer_for_model(
     model: *const crate::model::dsv3_model,
@@ -120,7 +122,17 @@ pub unsafe extern "C" fn dsv3_tokenizer_for_model(
     guard("dsv3_tokenizer_for_model", || {
         let m = nonnull(model, "model")?;
         let out = nonnull_mut(out, "out")?;
-        let t = Tok::for_model(&m.dir, None, m.inner.cfg.vocab_size)?.ok_or_else(|| invalid(NO_TOKENIZER))?;
+        let vocab = m.inner.cfg.vocab_size;
+        // a model without a directory (a trainer snapshot) has only the byte tokenizer to offer
+        let t = if m.dir.as_os_str().is_empty() {
+            (vocab == ByteTokenizer::VOCAB).then_some(Tok::Byte(ByteTokenizer))
+        } else {
+            Tok::for_model(&m.dir, None, vocab)?
+        };
+        let t = t.ok_or_else(|| invalid(NO_TOKENIZER))?;
+        if t.vocab_size() > vocab {
+            return Err(invalid(format!("the tokenizer has {} ids but the model only {vocab}", t.vocab_size())));
+        }
         *out = Box::into_raw(Box::new(dsv3_tokenizer { inner: t }));
         Ok(())
     })

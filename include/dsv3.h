@@ -255,7 +255,9 @@ enum dsv3_status dsv3_sampling_params_default(struct dsv3_sampling_params *param
 
 // Generates a continuation of `prompt` (`n_prompt` > 0 ids) with `params` (NULL = defaults),
 // calling `callback` (may be NULL) with each token, and writes the generated ids to `out`
-// (`cap` must be at least max_new_tokens); `*n_out` gets their number.
+// (`cap` must be at least max_new_tokens, checked before generating); `*n_out` gets their
+// number. Generation ends after max_new_tokens, after a stop token (included in `out`), or after
+// the token for which the callback returned nonzero (also included) — all with DSV3_OK.
 enum dsv3_status dsv3_generate(const struct dsv3_model *model,
                                const int32_t *prompt,
                                size_t n_prompt,

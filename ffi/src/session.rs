@@ -151,7 +151,9 @@ pub type dsv3_token_fn = Option<extern "C" fn(user_data: *mut c_void, token: i32
 
 /// Generates a continuation of `prompt` (`n_prompt` > 0 ids) with `params` (NULL = defaults),
 /// calling `callback` (may be NULL) with each token, and writes the generated ids to `out`
-/// (`cap` must be at least max_new_tokens); `*n_out` gets their number.
+/// (`cap` must be at least max_new_tokens, checked before generating); `*n_out` gets their
+/// number. Generation ends after max_new_tokens, after a stop token (included in `out`), or after
+/// the token for which the callback returned nonzero (also included) — all with DSV3_OK.
 #[no_mangle]
 pub unsafe extern "C" fn dsv3_generate(
     model: *const dsv3_model,

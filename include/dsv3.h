@@ -18,7 +18,9 @@
  *   are plain integers and are validated.
  * - Thread safety: a dsv3_model is immutable after loading and may be shared by any number of
  *   threads and sessions. Sessions, trainers and tokenizers must be used by one thread at a time.
- * - No entry point unwinds or aborts: internal panics become DSV3_ERR_INTERNAL.
+ * - No entry point unwinds or aborts: internal panics become DSV3_ERR_INTERNAL. Callbacks must
+ *   not unwind into the library either (no C++ exceptions or longjmp out of a callback). Callbacks
+ *   run on the thread that made the call, before it returns.
  */
 
 #ifndef DSV3_H
@@ -34,6 +36,9 @@
 
 // The ABI version: bumped when an existing function or struct changes incompatibly.
 #define DSV3_ABI_VERSION 1
+
+// The most sequence slots a session may have.
+#define DSV3_MAX_SLOTS (1 << 16)
 
 // Result of every fallible call. The numeric values are stable.
 typedef enum dsv3_status {
@@ -222,7 +227,7 @@ enum dsv3_status dsv3_model_config_json(const struct dsv3_model *model,
                                         size_t cap,
                                         size_t *needed);
 
-// Creates a session with `slots` empty sequences on `model` (which may be freed afterwards).
+// Creates a session with `slots` (1..=DSV3_MAX_SLOTS) empty sequences on `model` (which may be freed afterwards).
 enum dsv3_status dsv3_session_new(const struct dsv3_model *model,
                                   size_t slots,
                                   struct dsv3_session **out);
@@ -286,7 +291,8 @@ enum dsv3_status dsv3_tokenizer_for_model(const struct dsv3_model *model,
 void dsv3_tokenizer_free(struct dsv3_tokenizer *tok);
 
 // Encodes UTF-8 `text` into `ids` (`cap` entries; `*needed`, may be NULL, gets the count).
-// `add_special` = 1 adds the tokenizer's special tokens (e.g. BOS).
+// `add_special` = 1 adds the special tokens the tokenizer.json's post-processor defines (e.g.
+// DeepSeek's BOS); the built-in byte tokenizer adds none either way.
 enum dsv3_status dsv3_tokenizer_encode(const struct dsv3_tokenizer *tok,
                                        const char *text,
                                        int32_t add_special,

@@ -24,7 +24,10 @@ fn tokens(ids: &[i32], vocab: usize) -> Result<Vec<u32>, Fail> {
         .collect()
 }
 
-/// Creates a session with `slots` empty sequences on `model` (which may be freed afterwards).
+/// The most sequence slots a session may have.
+pub const DSV3_MAX_SLOTS: usize = 1 << 16;
+
+/// Creates a session with `slots` (1..=DSV3_MAX_SLOTS) empty sequences on `model` (which may be freed afterwards).
 #[no_mangle]
 pub unsafe extern "C" fn dsv3_session_new(
     model: *const dsv3_model,
@@ -34,8 +37,8 @@ pub unsafe extern "C" fn dsv3_session_new(
     guard("dsv3_session_new", || {
         let m = nonnull(model, "model")?.inner.clone();
         let out = nonnull_mut(out, "out")?;
-        if slots == 0 {
-            return Err(invalid("slots must be positive"));
+        if slots == 0 || slots > DSV3_MAX_SLOTS {
+            return Err(invalid(format!("slots must be in 1..={DSV3_MAX_SLOTS}, got {slots}")));
         }
         *out = Box::into_raw(Box::new(dsv3_session { inner: Session::new(m, slots) }));
         Ok(())

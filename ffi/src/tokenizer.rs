@@ -145,7 +145,8 @@ pub unsafe extern "C" fn dsv3_tokenizer_free(tok: *mut dsv3_tokenizer) {
 }
 
 /// Encodes UTF-8 `text` into `ids` (`cap` entries; `*needed`, may be NULL, gets the count).
-/// `add_special` = 1 adds the tokenizer's special tokens (e.g. BOS).
+/// `add_special` = 1 adds the special tokens the tokenizer.json's post-processor defines (e.g.
+/// DeepSeek's BOS); the built-in byte tokenizer adds none either way.
 #[no_mangle]
 pub unsafe extern "C" fn dsv3_tokenizer_encode(
     tok: *const dsv3_tokenizer,

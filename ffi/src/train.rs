@@ -202,7 +202,11 @@ fn step(
         return Err(invalid(format!("need batch >= 1 and seq_len >= 2, got {batch} x {seq_len}")));
     }
     let v = t.inner.model.cfg.vocab_size;
-    let ids = slice(ids, batch * seq_len, "ids")?;
+    let n = batch
+        .checked_mul(seq_len)
+        .filter(|&n| n <= 1 << 32)
+        .ok_or_else(|| invalid(format!("batch {batch} x seq_len {seq_len} is too large")))?;
+    let ids = slice(ids, n, "ids")?;
     let seqs: Vec<Vec<u32>> = ids
         .chunks(seq_len)
         .map(|r| {

@@ -238,3 +238,32 @@ fn tokenizers() {
         assert!(!CStr::from_ptr(dsv3_version()).to_str().unwrap().is_empty());
     }
 }
+
+#[test]
+fn huge_sizes_are_errors_not_aborts() {
+    unsafe {
+        let m = load("tests/fixtures/v3_tiny");
+        let mut s = null_mut();
+        assert_eq!(dsv3_session_new(m, usize::MAX / 2, &mut s), dsv3_status::DSV3_ERR_INVALID_ARGUMENT);
+        let mut t = null_mut();
+        assert_eq!(dsv3_trainer_new(m, null(), &mut t), dsv3_status::DSV3_OK);
+        let ids = [1i32; 4];
+        assert_eq!(
+            dsv3_trainer_step(t, ids.as_ptr(), usize::MAX / 2, 4, null_mut()),
+            dsv3_status::DSV3_ERR_INVALID_ARGUMENT
+        );
+        let mut sp: dsv3_sampling_params = std::mem::zeroed();
+        dsv3_sampling_params_default(&mut sp);
+        let stops = [-5i32];
+        sp.stop_tokens = stops.as_ptr();
+        sp.n_stop_tokens = 1;
+        let mut out = [0i32; 64];
+        let mut n = 0usize;
+        assert_eq!(
+            dsv3_generate(m, ids.as_ptr(), 1, &sp, None, null_mut(), out.as_mut_ptr(), 64, &mut n),
+            dsv3_status::DSV3_ERR_INVALID_ARGUMENT
+        );
+        dsv3_trainer_free(t);
+        dsv3_model_free(m);
+    }
+}

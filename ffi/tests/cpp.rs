@@ -8,6 +8,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Prints straight to the stderr handle: libtest captures `eprintln!` of passing tests, and a
+/// skipped check must be visible in CI's output.
+macro_rules! skip {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
@@ -68,7 +77,7 @@ fn run(exe: &Path, args: &[&str], valgrind: bool) -> String {
         c
     } else {
         if valgrind {
-            eprintln!("SKIP valgrind: not installed; running {} without it", exe.display());
+            skip!("SKIP valgrind: not installed; running {} without it", exe.display());
         }
         Command::new(exe)
     };
@@ -82,7 +91,7 @@ fn run(exe: &Path, args: &[&str], valgrind: bool) -> String {
 #[test]
 fn cpp_scenario_under_valgrind() {
     if !have("g++") {
-        eprintln!("SKIP C++ scenario: g++ not installed");
+        skip!("SKIP C++ scenario: g++ not installed");
         return;
     }
     cargo_build("dsv3-ffi");
@@ -116,7 +125,7 @@ fn headers_compile_alone() {
     ];
     for (cc, file, std, header) in checks {
         if !have(cc) {
-            eprintln!("SKIP {header} as {}: {cc} not installed", std[0]);
+            skip!("SKIP {header} as {}: {cc} not installed", std[0]);
             continue;
         }
         let src = dir.join(file);
@@ -137,7 +146,7 @@ fn headers_compile_alone() {
 fn c_example_generates() {
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     if !have(&cc) {
-        eprintln!("SKIP examples/generate.c: no C compiler ({cc})");
+        skip!("SKIP examples/generate.c: no C compiler ({cc})");
         return;
     }
     cargo_build("dsv3-ffi");

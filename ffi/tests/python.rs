@@ -6,6 +6,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Prints straight to the stderr handle: libtest captures `eprintln!` of passing tests, and a
+/// skipped check must be visible in CI's output.
+macro_rules! skip {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
@@ -48,7 +57,7 @@ fn python_with_pytest() -> Option<String> {
 #[test]
 fn python_binding_scenario() {
     let Some(py) = python_with_pytest() else {
-        eprintln!("SKIP: python3 with pytest not available");
+        skip!("SKIP: python3 with pytest not available");
         return;
     };
     build_c_library();

@@ -11,6 +11,15 @@ use dsv3_core::train::{AdamW, LrSchedule, TrainConfig, Trainer};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Prints straight to the stderr handle: libtest captures `eprintln!` of passing tests, and a
+/// skipped check must be visible in CI's output.
+macro_rules! skip {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
@@ -115,7 +124,7 @@ fn c_scenario_under_valgrind() {
         .arg(&out);
         c
     } else {
-        eprintln!("SKIP valgrind: not installed; running the C scenario without it");
+        skip!("SKIP valgrind: not installed; running the C scenario without it");
         Command::new(&out)
     };
     let o = cmd.current_dir(&r).output().unwrap();

@@ -1,0 +1,3 @@
+module github.com/dsv3/dsv3/bindings/go
+
+go 1.21

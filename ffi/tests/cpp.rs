@@ -8,39 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Prints straight to the stderr handle: libtest captures `eprintln!` of passing tests, and a
-/// skipped check must be visible in CI's output.
-macro_rules! skip {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($t)*);
-    }};
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-/// `target/<profile>`, where the cdylib and the CLI are.
-fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().map(|o| o.status.success()).unwrap_or(false)
-}
-
-/// Builds `package` in the profile the tests run in (`cargo test` itself only builds the ffi's
-/// rlib): the C library (cdylib + staticlib) for dsv3-ffi, the `dsv3` binary for dsv3-cli.
-fn cargo_build(package: &str) {
-    let mut c = Command::new(env!("CARGO"));
-    c.args(["build", "-q", "-p", package]).current_dir(root());
-    if lib_dir().ends_with("release") {
-        c.arg("--release");
-    }
-    assert!(c.status().unwrap().success(), "cargo build -p {package}");
-}
+#[macro_use]
+mod common;
+use common::*;
 
 /// A scratch directory under target/<profile>, emptied.
 fn scratch(name: &str) -> PathBuf {

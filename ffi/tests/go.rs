@@ -6,46 +6,17 @@
 //!
 //! Needs only Go's standard library (GOPROXY=off, no module downloads). Prints
 //! "SKIP: go not installed" (and passes) without a `go` on PATH.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Mutex;
 
-/// Prints straight to the stderr handle: libtest captures `eprintln!` of passing tests, and a
-/// skipped check must be visible in CI's output.
-macro_rules! skip {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($t)*);
-    }};
-}
+#[macro_use]
+mod common;
+use common::*;
 
 /// Serializes the two tests' Go builds: the second reuses the build cache the first filled
 /// (a cold cache compiles the standard library once, not twice at the same time).
 static GO_BUILD: Mutex<()> = Mutex::new(());
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-/// `target/<profile>`, where the cdylib, staticlib and CLI are.
-fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-fn release() -> bool {
-    lib_dir().ends_with("release")
-}
-
-/// `cargo build -p <package>` in the tests' profile.
-fn cargo_build(package: &str) {
-    let mut c = Command::new(env!("CARGO"));
-    c.args(["build", "-q", "-p", package]).current_dir(root());
-    if release() {
-        c.arg("--release");
-    }
-    assert!(c.status().unwrap().success(), "cargo build -p {package}");
-}
 
 /// Whether a usable Go is installed; if not (missing, or older than go.mod's 1.21), prints the
 /// SKIP line.

@@ -3,39 +3,11 @@
 //! binding's scenario (bindings/testdata/expected.json) and the rest of its tests run with
 //! `cargo test`. Skipped, visibly, when python3 with pytest is not installed ($PYTHON picks another
 //! interpreter).
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Prints straight to the stderr handle: libtest captures `eprintln!` of passing tests, and a
-/// skipped check must be visible in CI's output.
-macro_rules! skip {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($t)*);
-    }};
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-/// `target/<profile>`, where the cdylib is.
-fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-/// Builds the C library (cdylib + staticlib) of the profile the tests run in: `cargo test`
-/// itself only builds the rlib.
-fn build_c_library() {
-    let release = lib_dir().ends_with("release");
-    let mut c = Command::new(env!("CARGO"));
-    c.args(["build", "-q", "-p", "dsv3-ffi"]).current_dir(root());
-    if release {
-        c.arg("--release");
-    }
-    assert!(c.status().unwrap().success(), "cargo build -p dsv3-ffi");
-}
+#[macro_use]
+mod common;
+use common::*;
 
 /// The shared library's file name on this platform.
 fn lib_name() -> &'static str {

@@ -8,21 +8,11 @@ use dsv3_core::infer::{generate, SamplingParams};
 use dsv3_core::model::{LoadOptions, Model};
 use dsv3_core::train::trainer::MicroBatch;
 use dsv3_core::train::{AdamW, LrSchedule, TrainConfig, Trainer};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Prints straight to the stderr handle: libtest captures `eprintln!` of passing tests, and a
-/// skipped check must be visible in CI's output.
-macro_rules! skip {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($t)*);
-    }};
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
+#[macro_use]
+mod common;
+use common::*;
 
 /// The scenario's fixed inputs (also in expected.json for the bindings).
 const PROMPT: [u32; 3] = [1, 2, 3];
@@ -69,28 +59,6 @@ fn expected_values_are_current() {
         assert!(((x - y) / y).abs() < 1e-5, "expected.json loss {x} vs Rust {y}");
     }
     assert!(b[2].as_f64() < b[0].as_f64(), "losses decrease");
-}
-
-/// `target/<profile>`, where the cdylib and staticlib are.
-pub fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().map(|o| o.status.success()).unwrap_or(false)
-}
-
-/// Builds the C library (cdylib + staticlib) of the profile the tests run in: `cargo test`
-/// itself only builds the rlib.
-pub fn build_c_library() {
-    let release = lib_dir().ends_with("release");
-    let mut c = Command::new(env!("CARGO"));
-    c.args(["build", "-q", "-p", "dsv3-ffi"]).current_dir(root());
-    if release {
-        c.arg("--release");
-    }
-    assert!(c.status().unwrap().success(), "cargo build -p dsv3-ffi");
 }
 
 #[test]

@@ -18,40 +18,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Prints straight to the stderr handle: libtest captures `eprintln!` of passing tests, and a
-/// skipped check must be visible in CI's output.
-macro_rules! skip {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($t)*);
-    }};
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-/// `target/<profile>`, where the cdylib and staticlib are.
-fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().map(|o| o.status.success()).unwrap_or(false)
-}
-
-/// Builds the C library (cdylib + staticlib) of the profile the tests run in: `cargo test`
-/// itself only builds the rlib.
-fn build_c_library() {
-    let release = lib_dir().ends_with("release");
-    let mut c = Command::new(env!("CARGO"));
-    c.args(["build", "-q", "-p", "dsv3-ffi"]).current_dir(root());
-    if release {
-        c.arg("--release");
-    }
-    assert!(c.status().unwrap().success(), "cargo build -p dsv3-ffi");
-}
+#[macro_use]
+mod common;
+use common::*;
 
 fn swift_dir() -> PathBuf {
     root().join("bindings/swift")

@@ -53,6 +53,13 @@ fn fd_check(json: &str, seqs: &[&[u32]], opts: &PassOptions) {
     let model = random_model(json, 11, 0.15);
     let mut grad = model.zeros_like();
     model.train_pass(seqs, &mut grad, opts).unwrap();
+    fd_check_with(&model, grad, seqs, &|m| loss(m, seqs, opts).0, opts.scale as f64);
+}
+
+/// Checks every tensor of `grad` against central differences of `objective` along the tensor's
+/// gradient direction (`scale`: the factor the pass applied to the gradients).
+fn fd_check_with(model: &Model, mut grad: Model, seqs: &[&[u32]], objective: &dyn Fn(&Model) -> f64, scale: f64) {
+    let opts = &PassOptions::default();
     let mut grads: Vec<(String, Vec<f32>)> = Vec::new();
     grad.visit(&mut |n, t| grads.push((n.to_string(), t.to_vec())));
     let mut checked = 0;
@@ -70,7 +77,7 @@ fn fd_check(json: &str, seqs: &[&[u32]], opts: &PassOptions) {
                     }
                 }
             });
-            loss(&m, seqs, opts)
+            (objective(&m), loss(&m, seqs, opts).1)
         };
         // shrink ε until the perturbation leaves every routing decision unchanged
         let base = loss(&model, seqs, opts).1;
@@ -80,7 +87,7 @@ fn fd_check(json: &str, seqs: &[&[u32]], opts: &PassOptions) {
             if (rp == base && rm == base) || eps < 1e-6 {
                 assert!(rp == base && rm == base, "{name}: routing flips even at ε = {eps}");
                 // the pass scales gradients by opts.scale, not the loss
-                break (lp - lm) / (2.0 * eps) * opts.scale as f64;
+                break (lp - lm) / (2.0 * eps) * scale;
             }
             eps /= 4.0;
         };
@@ -199,4 +206,47 @@ fn finite_differences_with_mtp_depth_2() {
         }
     });
     assert!(n > 0.0, "MTP modules receive gradients");
+}
+
+#[test]
+fn finite_differences_of_the_grpo_objective() {
+    use dsv3::grpo::pass::Rollouts;
+    use dsv3::grpo::{GrpoConfig, LossType};
+    let model = random_model(V3, 11, 0.15);
+    let ids: Vec<Vec<u32>> = vec![
+        vec![1, 5, 9, 2, 30, 7, 0],
+        vec![1, 5, 9, 4, 4, 0, 0],
+        vec![3, 3, 8, 36, 1, 2, 9],
+        vec![3, 3, 8, 11, 0, 0, 0],
+    ];
+    let mask: Vec<f32> = [
+        [0., 0., 0., 1., 1., 1., 0.],
+        [0., 0., 0., 1., 1., 0., 0.],
+        [0., 0., 0., 0., 1., 1., 1.],
+        [0., 0., 0., 0., 1., 0., 0.],
+    ]
+    .concat();
+    let rewards = [1.0f32, 0.0, 0.2, 0.9];
+    let mut r = dsv3::rng::Rng::new(4);
+    let noise = |r: &mut dsv3::rng::Rng| (0..28).map(|_| -2.0 + 0.3 * r.normal()).collect::<Vec<f32>>();
+    let (old, reff) = (noise(&mut r), noise(&mut r));
+    let seqs: Vec<&[u32]> = ids.iter().map(|x| &x[..]).collect();
+    for lt in [LossType::Grpo, LossType::Dapo, LossType::DrGrpo] {
+        let cfg = GrpoConfig { beta: 0.1, loss_type: lt, temperature: 0.8, epsilon_high: 0.28, ..Default::default() };
+        let ro = Rollouts {
+            ids: &ids,
+            mask: &mask,
+            rewards: &rewards,
+            group_size: 2,
+            old_logps: Some(&old),
+            ref_logps: Some(&reff),
+        };
+        let mut grad = model.zeros_like();
+        model.grpo_pass(&ro, &cfg, &mut grad).unwrap();
+        let objective = |m: &Model| {
+            let mut g = m.zeros_like();
+            m.grpo_pass(&ro, &cfg, &mut g).unwrap().0.loss as f64
+        };
+        fd_check_with(&model, grad, &seqs, &objective, 1.0);
+    }
 }

@@ -53,18 +53,45 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Loss and gradients: reads `input_ids` (i64 [B,T]); writes `loss` (f32 [1], mean next-token
-    /// cross-entropy over B·(T−1) positions) and `grad.<name>` (f32) for every trainable
-    /// parameter of the main model, under the checkpoint's names.
+    /// Loss and gradients. `--objective ce` (default): reads `input_ids` (i64 [B,T]) from `--input`;
+    /// writes `loss` (f32 [1], mean next-token cross-entropy over B·(T−1) positions) and
+    /// `grad.<name>` (f32) for every trainable parameter of the main model, under the checkpoint's
+    /// names. `--objective grpo`: reads rollouts (`input_ids`, `completion_mask`, `rewards`,
+    /// `group_size`, optional `old_logps` / `ref_logps`) from `--rollouts` and writes TRL's GRPO
+    /// loss and its gradients the same way.
     Grad {
         #[command(flatten)]
         m: ModelArgs,
-        /// safetensors file with tensor `input_ids` (i64 [B,T]).
+        /// ce (next-token cross-entropy) or grpo.
+        #[arg(long, default_value = "ce")]
+        objective: String,
+        /// safetensors file with tensor `input_ids` (i64 [B,T]) (objective ce).
+        #[arg(long, required_unless_present = "rollouts")]
+        input: Option<PathBuf>,
+        /// safetensors rollouts (objective grpo).
         #[arg(long)]
-        input: PathBuf,
+        rollouts: Option<PathBuf>,
         /// Output safetensors file.
         #[arg(long)]
         out: PathBuf,
+        /// GRPO: KL weight β.
+        #[arg(long, default_value_t = 0.0)]
+        beta: f32,
+        /// GRPO: lower clip ε.
+        #[arg(long, default_value_t = 0.2)]
+        epsilon: f32,
+        /// GRPO: upper clip (default: --epsilon).
+        #[arg(long)]
+        epsilon_high: Option<f32>,
+        /// GRPO: grpo, bnpo, dr_grpo or dapo.
+        #[arg(long, default_value = "dapo")]
+        loss_type: String,
+        /// GRPO: sampling temperature (logits are divided by it).
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        /// GRPO: dr_grpo's normaliser (default: the most completion tokens in any row).
+        #[arg(long)]
+        max_completion_length: Option<usize>,
     },
     /// Generates from a prompt, streaming the output, then prints prefill and decode speed.
     Generate {
@@ -219,7 +246,36 @@ fn rayon_threads(n: usize) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Logits { m, input, out } => cmd_logits(&m, &input, &out),
-        Cmd::Grad { m, input, out } => cmd_grad(&m, &input, &out),
+        Cmd::Grad {
+            m,
+            objective,
+            input,
+            rollouts,
+            out,
+            beta,
+            epsilon,
+            epsilon_high,
+            loss_type,
+            temperature,
+            max_completion_length,
+        } => match (objective.as_str(), input, rollouts) {
+            ("ce", Some(input), None) => cmd_grad(&m, &input, &out),
+            ("grpo", None, Some(r)) => {
+                let cfg = dsv3_core::grpo::GrpoConfig {
+                    epsilon_low: epsilon,
+                    epsilon_high: epsilon_high.unwrap_or(epsilon),
+                    beta,
+                    loss_type: dsv3_core::grpo::LossType::parse(&loss_type)?,
+                    temperature,
+                    max_completion_length,
+                    ..Default::default()
+                };
+                cmd_grad_grpo(&m, &r, &out, &cfg)
+            }
+            ("ce", _, _) => Err(Error::Input("--objective ce takes --input IN.safetensors (not --rollouts)".into())),
+            ("grpo", _, _) => Err(Error::Input("--objective grpo takes --rollouts R.safetensors (not --input)".into())),
+            (o, _, _) => Err(Error::Input(format!("--objective must be ce or grpo, got '{o}'"))),
+        },
         Cmd::Generate { m, prompt, ids, max_new_tokens, temperature, top_p, top_k, seed, ignore_eos, tokenizer } => {
             let model = load(&m)?;
             let tk = Tok::for_model(&m.model, tokenizer.as_deref(), model.cfg.vocab_size)?;
@@ -312,6 +368,63 @@ fn cmd_grad(m: &ModelArgs, input: &Path, out: &Path) -> Result<()> {
     let seqs: Vec<&[u32]> = toks.chunks(tl).collect();
     let mut grad = model.zeros_like();
     let loss = model.loss_and_grads(&seqs, &mut grad)?;
+    write_grads(&mut model, &mut grad, loss, out)
+}
+
+/// Reads a `[N, T]` f32 tensor of the rollouts file, if present.
+fn rollout_f32(st: &dsv3_core::weights::TensorStore, name: &str, shape: &[usize]) -> Result<Option<Vec<f32>>> {
+    match st.get(name) {
+        None => Ok(None),
+        Some(t) => {
+            t.expect_shape(shape)?;
+            t.to_f32().map(Some)
+        }
+    }
+}
+
+fn cmd_grad_grpo(m: &ModelArgs, path: &Path, out: &Path, cfg: &dsv3_core::grpo::GrpoConfig) -> Result<()> {
+    let mut model = load(m)?;
+    model.make_trainable();
+    let (n, t, toks) = read_input_ids(path, model.cfg.vocab_size)?;
+    let st = read_safetensors(path)?;
+    let mt = st
+        .get("completion_mask")
+        .ok_or_else(|| Error::Input(format!("{}: missing tensor 'completion_mask'", path.display())))?;
+    mt.expect_shape(&[n, t])?;
+    let mask: Vec<f32> = mt.to_i64()?.iter().map(|&x| x as f32).collect();
+    if mask.iter().any(|&x| x != 0.0 && x != 1.0) {
+        return Err(Error::Input("completion_mask must hold 0 or 1".into()));
+    }
+    let rewards =
+        st.get("rewards").ok_or_else(|| Error::Input(format!("{}: missing tensor 'rewards'", path.display())))?;
+    rewards.expect_shape(&[n])?;
+    let rewards = rewards.to_f32()?;
+    let g = st
+        .get("group_size")
+        .ok_or_else(|| Error::Input(format!("{}: missing tensor 'group_size'", path.display())))?
+        .to_i64()?;
+    let group_size = match g[..] {
+        [x] if x >= 2 => x as usize,
+        _ => return Err(Error::Input(format!("group_size must be one integer >= 2, got {g:?}"))),
+    };
+    let old = rollout_f32(&st, "old_logps", &[n, t])?;
+    let reference = rollout_f32(&st, "ref_logps", &[n, t])?;
+    let ids: Vec<Vec<u32>> = toks.chunks(t).map(|r| r.to_vec()).collect();
+    let r = dsv3_core::grpo::pass::Rollouts {
+        ids: &ids,
+        mask: &mask,
+        rewards: &rewards,
+        group_size,
+        old_logps: old.as_deref(),
+        ref_logps: reference.as_deref(),
+    };
+    let mut grad = model.zeros_like();
+    let (o, _) = model.grpo_pass(&r, cfg, &mut grad)?;
+    write_grads(&mut model, &mut grad, o.loss, out)
+}
+
+/// Writes `loss` and `grad.<name>` of the main model's parameters.
+fn write_grads(model: &mut Model, grad: &mut Model, loss: f32, out: &Path) -> Result<()> {
     let shapes: std::collections::HashMap<String, Vec<usize>> =
         dsv3_core::weights::init::tensor_specs(&model.cfg).into_iter().map(|(n, s, _)| (n, s)).collect();
     let main: std::collections::HashSet<String> = model.main_param_names().into_iter().collect();

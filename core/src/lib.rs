@@ -5,6 +5,7 @@
 //! - [`weights`]: safetensors parsing (single file and sharded), dtypes, the tensor store that
 //!   loading draws from, random init, writing.
 //! - [`fp8`]: FP8 formats, fine-grained quantization, and the FP8 GEMM emulated exactly.
+//! - [`grpo`]: GRPO advantages and TRL's exact loss, through the model.
 //! - [`ops`]: the CPU f32 kernels (GEMM, RMSNorm, RoPE/YaRN, softmax, SwiGLU) — the oracle.
 //! - [`model`]: the model: [`model::Linear`], MLA ([`model::mla`]), dense MLP and MoE
 //!   ([`model::moe`]), decoder block, MTP module, and [`model::Model`] with its forward pass.
@@ -24,6 +25,7 @@ extern crate std;
 pub mod config;
 pub mod error;
 pub mod fp8;
+pub mod grpo;
 pub mod infer;
 pub mod model;
 pub mod ops;

@@ -1,0 +1,95 @@
+//! GRPO through the model: per-token log-probs of rollout tokens (logits at position t−1
+//! divided by the sampling temperature, then log-softmax), TRL's loss, and the gradient of every
+//! parameter (accumulated into a gradient model, as [`Model::train_pass`] does).
+use crate::error::{ierr, Result};
+use crate::grpo::loss::{advantages, grpo_loss, GrpoConfig, GrpoOutput};
+use crate::model::moe::Balance;
+use crate::model::Model;
+use crate::ops::softmax::logsumexp;
+use alloc::format;
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// A batch of rollouts: `N` rows of `T` tokens (prompt + completion, right-padded).
+pub struct Rollouts<'a> {
+    pub ids: &'a [Vec<u32>],
+    /// `[N, T]`: 1 where token t is a completion token whose log-prob counts (column 0 is never
+    /// counted: nothing predicts it).
+    pub mask: &'a [f32],
+    pub rewards: &'a [f32],
+    pub group_size: usize,
+    /// `[N, T]` log-probs at sampling time (None: on-policy, ratio 1).
+    pub old_logps: Option<&'a [f32]>,
+    /// `[N, T]` log-probs of the frozen reference (None: the policy itself, KL 0).
+    pub ref_logps: Option<&'a [f32]>,
+}
+
+impl Model {
+    /// The GRPO loss of `r` under `cfg` and its gradient into `grad`. Returns the loss output and
+    /// the advantages.
+    pub fn grpo_pass(&self, r: &Rollouts, cfg: &GrpoConfig, grad: &mut Model) -> Result<(GrpoOutput, Vec<f32>)> {
+        let n = r.ids.len();
+        let t = r.ids.first().map_or(0, |x| x.len());
+        if n == 0 || t < 2 || r.ids.iter().any(|x| x.len() != t) {
+            return Err(ierr("rollouts need N >= 1 rows of the same length T >= 2"));
+        }
+        if r.mask.len() != n * t || r.rewards.len() != n {
+            return Err(ierr(format!("rollouts of [{n}, {t}] need a [{n}, {t}] mask and {n} rewards")));
+        }
+        if !(cfg.temperature.is_finite() && cfg.temperature > 0.0) {
+            return Err(ierr(format!("temperature must be positive, got {}", cfg.temperature)));
+        }
+        let adv = advantages(r.rewards, r.group_size, cfg.scale_rewards, cfg.std_eps)?;
+        let seqs: Vec<&[u32]> = r.ids.iter().map(|x| &x[..]).collect();
+        let (hidden, trace) = self.train_forward(&seqs)?;
+        let d = self.cfg.hidden_size;
+        // counted positions: token (row, col) predicted from hidden row (row·T + col − 1)
+        let pos: Vec<(usize, usize)> =
+            (0..n).flat_map(|i| (1..t).map(move |c| (i, c))).filter(|&(i, c)| r.mask[i * t + c] != 0.0).collect();
+        let rows: Vec<f32> = pos
+            .iter()
+            .flat_map(|&(i, c)| hidden.normed[(i * t + c - 1) * d..(i * t + c) * d].iter().copied())
+            .collect();
+        let mut z = self.logits(&rows);
+        let v = self.cfg.vocab_size;
+        let inv_t = 1.0 / cfg.temperature;
+        z.iter_mut().for_each(|x| *x *= inv_t);
+        let mut logp = vec![0f32; n * t];
+        for (k, &(i, c)) in pos.iter().enumerate() {
+            let zr = &z[k * v..(k + 1) * v];
+            logp[i * t + c] = zr[r.ids[i][c] as usize] - logsumexp(zr);
+        }
+        let mask: Vec<f32> = r.mask.iter().enumerate().map(|(k, &m)| if k % t == 0 { 0.0 } else { m }).collect();
+        let out = grpo_loss(&logp, r.old_logps, r.ref_logps, &mask, &adv, cfg)?;
+        if !out.loss.is_finite() {
+            return Err(crate::Error::NonFinite(format!("GRPO loss is {}", out.loss)));
+        }
+        // d logp / d z = (onehot − softmax(z/T)) / T
+        let mut dz = vec![0f32; z.len()];
+        for (k, &(i, c)) in pos.iter().enumerate() {
+            let g = out.dlogp[i * t + c];
+            if g == 0.0 {
+                continue;
+            }
+            let zr = &z[k * v..(k + 1) * v];
+            let lse = logsumexp(zr);
+            for (dv, &zv) in dz[k * v..(k + 1) * v].iter_mut().zip(zr) {
+                *dv = -g * crate::ops::fastmath::exp(zv - lse) * inv_t;
+            }
+            dz[k * v + r.ids[i][c] as usize] += g * inv_t;
+        }
+        let mut drows = vec![0f32; rows.len()];
+        self.lm_head.backward(&rows, pos.len(), &dz, &mut grad.lm_head, Some(&mut drows), false);
+        let mut dnormed = vec![0f32; hidden.normed.len()];
+        for (k, &(i, c)) in pos.iter().enumerate() {
+            dnormed[(i * t + c - 1) * d..(i * t + c) * d].copy_from_slice(&drows[k * d..(k + 1) * d]);
+        }
+        let bal = Balance { seqs: trace.batch.seqs.clone(), scale: 1.0, ..Default::default() };
+        self.train_backward(&hidden, &trace, &dnormed, grad, &bal);
+        if self.cfg.tie_word_embeddings {
+            let gl = grad.lm_head.dense();
+            grad.embed.iter_mut().zip(&gl).for_each(|(a, b)| *a += b);
+        }
+        Ok((out, adv))
+    }
+}

@@ -80,7 +80,7 @@ fn fd_check_with(model: &Model, mut grad: Model, seqs: &[&[u32]], objective: &dy
             (objective(&m), loss(&m, seqs, opts).1)
         };
         // shrink ε until the perturbation leaves every routing decision unchanged
-        let base = loss(&model, seqs, opts).1;
+        let base = loss(model, seqs, opts).1;
         let mut eps = 1e-3f64;
         let fd = loop {
             let ((lp, rp), (lm, rm)) = (eval(eps), eval(-eps));

@@ -84,7 +84,7 @@ impl Default for GrpoConfig {
 /// Group-relative advantages of `rewards` (`[N]`, groups of `group_size` contiguous rows):
 /// `(r − mean_group) / (std + eps)` with the configured std; NaN rewards give advantage 0.
 pub fn advantages(rewards: &[f32], group_size: usize, scale: ScaleRewards, eps: f32) -> Result<Vec<f32>> {
-    if group_size < 2 || rewards.len() % group_size != 0 {
+    if group_size < 2 || !rewards.len().is_multiple_of(group_size) {
         return Err(ierr(format!(
             "{} rewards do not split into groups of {group_size} (need >= 2 per group)",
             rewards.len()
@@ -139,6 +139,7 @@ pub struct GrpoOutput {
     pub clip_low: f32,
 }
 
+#[allow(clippy::needless_range_loop)] // rows and flat token indices side by side
 /// TRL's GRPO loss over `[N, T]` per-token log-probs. `old` / `reference`: `None` means the
 /// detached policy log-probs (ratio 1 / KL 0). `mask`: 1 where a token counts.
 pub fn grpo_loss(
@@ -150,7 +151,7 @@ pub fn grpo_loss(
     cfg: &GrpoConfig,
 ) -> Result<GrpoOutput> {
     let n = adv.len();
-    if n == 0 || logp.len() % n != 0 || mask.len() != logp.len() {
+    if n == 0 || !logp.len().is_multiple_of(n) || mask.len() != logp.len() {
         return Err(ierr(format!("grpo_loss: {} log-probs, {} mask values for {n} sequences", logp.len(), mask.len())));
     }
     let t = logp.len() / n;
@@ -259,8 +260,11 @@ pub fn grpo_loss(
 mod tests {
     use super::*;
 
+    /// (mask, logp, old, ref, rewards)
+    type Example = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+
     /// shared/spec/grpo.md §2.10: one prompt, G = 4, T = 4.
-    fn example() -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    fn example() -> Example {
         let mask = [[1., 1., 1., 1.], [1., 1., 0., 0.], [1., 1., 1., 0.], [1., 0., 0., 0.]];
         let logp = [[-0.5, -1.0, -0.2, -2.0], [-0.3, -0.9, 0.0, 0.0], [-1.2, -0.4, -0.7, 0.0], [-0.1, 0.0, 0.0, 0.0]];
         let dold = [[0.1, -0.3, 0.0, 0.25], [-0.05, 0.2, 0.0, 0.0], [0.3, 0.0, -0.1, 0.0], [0.0; 4]];
@@ -276,7 +280,7 @@ mod tests {
     fn worked_example_from_the_spec() {
         let (mask, logp, old, reff, r) = example();
         let a = advantages(&r, 4, ScaleRewards::Group, 1e-4).unwrap();
-        for (x, y) in a.iter().zip([1.305310, -0.783186, 0.261062, -0.783186]) {
+        for (x, y) in a.iter().zip([1.305_31, -0.783_186, 0.261_062, -0.783_186]) {
             assert!((x - y).abs() < 1e-5, "{a:?}");
         }
         let cfg = |lt| GrpoConfig { beta: 0.04, loss_type: lt, max_completion_length: Some(4), ..Default::default() };

@@ -369,3 +369,44 @@ fn quantize_writes_deepseek_fp8_format() {
     assert!(fails(&["quantize", "--model", q.to_str().unwrap(), "--out", d.join("q2").to_str().unwrap()])
         .contains("already FP8"));
 }
+
+#[test]
+fn grpo_grad_contract_matches_trl() {
+    // each case of tests/fixtures/grpo/grpo.json records the exact command line and TRL's results
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("grpo/grpo.json")).unwrap()).unwrap();
+    let d = tmp("grpo");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut n = 0;
+    for (name, case) in cases["cases"].as_object().unwrap() {
+        let line = case["cli"].as_str().unwrap();
+        let out = d.join(format!("{name}.safetensors"));
+        let mut args: Vec<String> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|a| if a.starts_with("tests/") { root.join(a).to_str().unwrap().to_string() } else { a.to_string() })
+            .collect();
+        args.extend(["--out".to_string(), out.to_str().unwrap().to_string()]);
+        let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        ok(&argv);
+        let got = read_safetensors(&out).unwrap();
+        let want = read_safetensors(&fixture(&format!("grpo/golden_{name}.safetensors"))).unwrap();
+        let (l, wl) = (got.get("loss").unwrap().to_f32().unwrap()[0], want.get("loss").unwrap().to_f32().unwrap()[0]);
+        assert!(((l - wl) / wl).abs() <= 1e-5, "{name}: loss {l} vs TRL {wl}");
+        let mut worst = 0f64;
+        for t in want.names().filter(|t| t.starts_with("grad.")) {
+            let (a, b) = (
+                got.get(t).unwrap_or_else(|| panic!("{name}: no {t}")).to_f32().unwrap(),
+                want.get(t).unwrap().to_f32().unwrap(),
+            );
+            let diff: f64 = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+            let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+            let e = if norm == 0.0 { diff } else { diff / norm };
+            worst = worst.max(e);
+            assert!(e <= 1e-5, "{name} {t}: relative L2 {e:e}");
+        }
+        eprintln!("{name}: loss {l} (TRL {wl}), worst grad rel L2 {worst:.1e}");
+        n += 1;
+    }
+    assert!(n >= 4);
+}

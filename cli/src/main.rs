@@ -92,6 +92,9 @@ enum Cmd {
         /// GRPO: dr_grpo's normaliser (default: the most completion tokens in any row).
         #[arg(long)]
         max_completion_length: Option<usize>,
+        /// GRPO: TRL's use_bias_correction_kl (its default since 1.10): KL term β·w·kl.
+        #[arg(long)]
+        kl_bias_correction: bool,
     },
     /// Generates from a prompt, streaming the output, then prints prefill and decode speed.
     Generate {
@@ -258,6 +261,7 @@ fn run(cli: Cli) -> Result<()> {
             loss_type,
             temperature,
             max_completion_length,
+            kl_bias_correction,
         } => match (objective.as_str(), input, rollouts) {
             ("ce", Some(input), None) => cmd_grad(&m, &input, &out),
             ("grpo", None, Some(r)) => {

@@ -63,6 +63,9 @@ pub struct GrpoConfig {
     pub max_completion_length: Option<usize>,
     /// Sampling temperature: logits are divided by it before log-softmax.
     pub temperature: f32,
+    /// TRL's `use_bias_correction_kl` (on by default since TRL 1.10; off in grpo.md and 1.9):
+    /// the KL term becomes `β·w·kl` with the (token-level) importance ratio w.
+    pub kl_bias_correction: bool,
 }
 
 impl Default for GrpoConfig {
@@ -77,6 +80,7 @@ impl Default for GrpoConfig {
             sequence_level: false,
             max_completion_length: None,
             temperature: 1.0,
+            kl_bias_correction: false,
         }
     }
 }
@@ -206,9 +210,16 @@ pub fn grpo_loss(
                 let x = ref_(i) - logp[i];
                 let kl = libm::expf(x) - x - 1.0;
                 kl_sum += (mask[i] * kl) as f64;
-                ell[i] += cfg.beta * kl;
                 // d/dlogp [e^(ref−logp) − (ref−logp) − 1] = −e^x + 1
-                dell[i] += cfg.beta * (1.0 - libm::expf(x));
+                let dkl = 1.0 - libm::expf(x);
+                if cfg.kl_bias_correction && !cfg.sequence_level {
+                    // β·w·kl, w = e^(logp − old) (with its gradient, as TRL)
+                    ell[i] += cfg.beta * w * kl;
+                    dell[i] += cfg.beta * w * (kl + dkl);
+                } else {
+                    ell[i] += cfg.beta * kl;
+                    dell[i] += cfg.beta * dkl;
+                }
             }
         }
         if cfg.sequence_level {
@@ -305,6 +316,10 @@ mod tests {
         // grpo: the same per-token gradient divided by |o_i|·G
         let g = run(LossType::Grpo);
         assert!(close(g.dlogp[0] * 16.0, -1.189949));
+        // TRL >= 1.10's default (KL bias correction): grpo.json records 0.00073130 for this example
+        let kbc = GrpoConfig { beta: 0.04, loss_type: LossType::Grpo, kl_bias_correction: true, ..Default::default() };
+        let l = grpo_loss(&logp, Some(&old), Some(&reff), &mask, &a, &kbc).unwrap().loss;
+        assert!(close(l, 0.00073130), "{l}");
         // on-policy, β = 0
         let on = |lt| {
             grpo_loss(

@@ -7,7 +7,10 @@
 //! - `Model::grpo_pass` (in `model/train.rs`'s sibling [`pass`]): log-probs of the rollout tokens
 //!   from the policy (logits divided by the sampling temperature), the loss, and its gradient
 //!   through the whole model.
+//! - [`reward`]: rule rewards (accuracy with `\\boxed{}` / `<answer>` extraction, R1 format,
+//!   language consistency) behind a [`reward::Reward`] trait.
 pub mod loss;
 pub mod pass;
+pub mod reward;
 
 pub use loss::{advantages, grpo_loss, GrpoConfig, GrpoOutput, LossType, ScaleRewards};

@@ -272,6 +272,7 @@ fn run(cli: Cli) -> Result<()> {
                     loss_type: dsv3_core::grpo::LossType::parse(&loss_type)?,
                     temperature,
                     max_completion_length,
+                    kl_bias_correction,
                     ..Default::default()
                 };
                 cmd_grad_grpo(&m, &r, &out, &cfg)

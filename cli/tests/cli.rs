@@ -406,6 +406,14 @@ fn grpo_grad_contract_matches_trl() {
             assert!(e <= 1e-5, "{name} {t}: relative L2 {e:e}");
         }
         eprintln!("{name}: loss {l} (TRL {wl}), worst grad rel L2 {worst:.1e}");
+        // TRL >= 1.10's default KL bias correction, where the case recorded TRL's loss with it
+        if let Some(kbc) = case["trl"]["use_bias_correction_kl"]["loss"].as_f64() {
+            args.push("--kl-bias-correction".into());
+            let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+            ok(&argv);
+            let l = read_safetensors(&out).unwrap().get("loss").unwrap().to_f32().unwrap()[0] as f64;
+            assert!(((l - kbc) / kbc).abs() <= 1e-5, "{name} with KL bias correction: {l} vs TRL {kbc}");
+        }
         n += 1;
     }
     assert!(n >= 4);

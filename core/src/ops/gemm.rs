@@ -38,37 +38,9 @@ pub fn matmul_t(
         let work = m * n * k;
         let threads = gemm_threads();
         if m >= LARGE_M {
-            // packed GEMM (the `gemm` crate) wins for many rows: benches/gemm.rs
-            let par = if threads > 1 && work >= PARALLEL_MIN_WORK {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            };
-            // SAFETY: bounds checked above; strides describe the row-major layouts.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    c.as_mut_ptr(),
-                    1,
-                    ldc as isize,
-                    accumulate,
-                    a.as_ptr(),
-                    1,
-                    lda as isize,
-                    b.as_ptr(),
-                    ldb as isize,
-                    1,
-                    if accumulate { 1.0 } else { 0.0 },
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    par,
-                );
-            }
-            return;
+            // packed GEMM (the `gemm` crate) wins for many rows: benches/gemm.rs. B[n,k] is read
+            // as a [k, n] operand through its strides.
+            return matmul_strided(m, n, k, a, lda, 1, b, 1, ldb, c, ldc, accumulate);
         }
         if threads > 1 && work >= PARALLEL_MIN_WORK && n >= 8 {
             return par_cols(m, n, k, a, lda, b, ldb, c, ldc, accumulate, threads);

@@ -54,31 +54,27 @@ fn mask_drops_positions() {
     assert!((masked.ce_loss - want).abs() < 1e-5, "{} vs {want}", masked.ce_loss);
 }
 
+/// Each MoE layer's correction bias.
+fn router_biases(tr: &Trainer) -> Vec<Vec<f32>> {
+    tr.model
+        .layers
+        .iter()
+        .filter_map(|l| match &l.ffn {
+            Ffn::Moe(m) => m.router.bias.clone(),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn bias_update_follows_load_and_loss_falls() {
     let model = load("v3_group", LoadOptions::default());
     let cfg = TrainConfig { schedule: LrSchedule::Constant { lr: 3e-3 }, ..Default::default() };
     let mut tr = Trainer::new(model, AdamW::deepseek_v3(), cfg);
-    let before: Vec<Vec<f32>> = tr
-        .model
-        .layers
-        .iter()
-        .filter_map(|l| match &l.ffn {
-            Ffn::Moe(m) => m.router.bias.clone(),
-            _ => None,
-        })
-        .collect();
+    let before = router_biases(&tr);
     let batch = micro_batches(seqs(), 2);
     let first = tr.train_step(&batch).unwrap();
-    let after: Vec<Vec<f32>> = tr
-        .model
-        .layers
-        .iter()
-        .filter_map(|l| match &l.ffn {
-            Ffn::Moe(m) => m.router.bias.clone(),
-            _ => None,
-        })
-        .collect();
+    let after = router_biases(&tr);
     for ((b0, b1), load) in before.iter().zip(&after).zip(&first.expert_load) {
         let mean = load.iter().sum::<u32>() as f32 / load.len() as f32;
         for ((x0, x1), &l) in b0.iter().zip(b1).zip(load) {

@@ -34,23 +34,7 @@ fn compile(mut cmd: Command, what: &str) {
 /// Runs `exe` with `args` from the repository root (under valgrind when installed); returns its
 /// stdout + stderr, asserting a zero exit.
 fn run(exe: &Path, args: &[&str], valgrind: bool) -> String {
-    let mut cmd = if valgrind && have("valgrind") {
-        let mut c = Command::new("valgrind");
-        c.args([
-            "--error-exitcode=3",
-            "--leak-check=full",
-            "--errors-for-leak-kinds=definite,indirect",
-            "--show-leak-kinds=definite,indirect",
-            "-q",
-        ])
-        .arg(exe);
-        c
-    } else {
-        if valgrind {
-            skip!("SKIP valgrind: not installed; running {} without it", exe.display());
-        }
-        Command::new(exe)
-    };
+    let mut cmd = if valgrind { under_valgrind(exe) } else { Command::new(exe) };
     let o = cmd.args(args).current_dir(root()).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     eprintln!("{text}");

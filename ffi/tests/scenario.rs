@@ -80,21 +80,7 @@ fn c_scenario_under_valgrind() {
         .status()
         .expect("a C compiler (cc)");
     assert!(st.success(), "compiling tests/c/scenario.c");
-    let mut cmd = if have("valgrind") {
-        let mut c = Command::new("valgrind");
-        c.args([
-            "--error-exitcode=3",
-            "--leak-check=full",
-            "--errors-for-leak-kinds=definite,indirect",
-            "--show-leak-kinds=definite,indirect",
-            "-q",
-        ])
-        .arg(&out);
-        c
-    } else {
-        skip!("SKIP valgrind: not installed; running the C scenario without it");
-        Command::new(&out)
-    };
+    let mut cmd = under_valgrind(&out);
     let o = cmd.current_dir(&r).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     eprintln!("{text}");

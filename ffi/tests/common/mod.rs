@@ -48,3 +48,23 @@ pub fn cargo_build(package: &str) {
 pub fn build_c_library() {
     cargo_build("dsv3-ffi");
 }
+
+/// A command running `exe` under valgrind (no leaks, no invalid accesses: exit code 3 on any
+/// error), or plainly with a visible SKIP line when valgrind is not installed.
+pub fn under_valgrind(exe: &Path) -> Command {
+    if have("valgrind") {
+        let mut c = Command::new("valgrind");
+        c.args([
+            "--error-exitcode=3",
+            "--leak-check=full",
+            "--errors-for-leak-kinds=definite,indirect",
+            "--show-leak-kinds=definite,indirect",
+            "-q",
+        ])
+        .arg(exe);
+        c
+    } else {
+        skip!("SKIP valgrind: not installed; running {} without it", exe.display());
+        Command::new(exe)
+    }
+}

@@ -8,9 +8,16 @@
 //!   from the policy (logits divided by the sampling temperature), the loss, and its gradient
 //!   through the whole model.
 //! - [`reward`]: rule rewards (accuracy with `\\boxed{}` / `<answer>` extraction, R1 format,
-//!   language consistency) behind a [`reward::Reward`] trait.
+//!   language consistency, exact match) behind a [`reward::Reward`] trait.
+//! - [`trainer`]: the loop — G samples per prompt, rewards, μ optimizer steps with stored old
+//!   log-probs, the reference model and its periodic reset, TRL's metrics.
+//! - [`rejection`]: rejection sampling (keep the completions a reward marks correct) to build
+//!   SFT data, as R1 distilled its students.
 pub mod loss;
 pub mod pass;
+pub mod rejection;
 pub mod reward;
+pub mod trainer;
 
 pub use loss::{advantages, grpo_loss, GrpoConfig, GrpoOutput, LossType, ScaleRewards};
+pub use trainer::{GrpoMetrics, GrpoTrainConfig, GrpoTrainer, Prompt, RolloutBatch};

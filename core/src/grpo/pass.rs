@@ -40,25 +40,10 @@ impl Model {
             return Err(ierr(format!("temperature must be positive, got {}", cfg.temperature)));
         }
         let adv = advantages(r.rewards, r.group_size, cfg.scale_rewards, cfg.std_eps)?;
-        let seqs: Vec<&[u32]> = r.ids.iter().map(|x| &x[..]).collect();
-        let (hidden, trace) = self.train_forward(&seqs)?;
-        let d = self.cfg.hidden_size;
-        // counted positions: token (row, col) predicted from hidden row (row·T + col − 1)
-        let pos: Vec<(usize, usize)> =
-            (0..n).flat_map(|i| (1..t).map(move |c| (i, c))).filter(|&(i, c)| r.mask[i * t + c] != 0.0).collect();
-        let rows: Vec<f32> = pos
-            .iter()
-            .flat_map(|&(i, c)| hidden.normed[(i * t + c - 1) * d..(i * t + c) * d].iter().copied())
-            .collect();
-        let mut z = self.logits(&rows);
-        let v = self.cfg.vocab_size;
+        let sc = self.score_rollouts(r.ids, r.mask, cfg.temperature)?;
+        let (hidden, trace, pos, rows, z, logp) = (sc.hidden, sc.trace, sc.pos, sc.rows, sc.z, sc.logp);
+        let (d, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let inv_t = 1.0 / cfg.temperature;
-        z.iter_mut().for_each(|x| *x *= inv_t);
-        let mut logp = vec![0f32; n * t];
-        for (k, &(i, c)) in pos.iter().enumerate() {
-            let zr = &z[k * v..(k + 1) * v];
-            logp[i * t + c] = zr[r.ids[i][c] as usize] - logsumexp(zr);
-        }
         let mask: Vec<f32> = r.mask.iter().enumerate().map(|(k, &m)| if k % t == 0 { 0.0 } else { m }).collect();
         let out = grpo_loss(&logp, r.old_logps, r.ref_logps, &mask, &adv, cfg)?;
         if !out.loss.is_finite() {
@@ -92,4 +77,58 @@ impl Model {
         }
         Ok((out, adv))
     }
+
+    /// Per-token log-probs `[N, T]` of rollout tokens under this model (logits at t−1 divided
+    /// by `temperature`, then log-softmax), computed where `mask` (`[N, T]`) is non-zero and 0
+    /// elsewhere; column 0 never counts. The same arithmetic as [`Model::grpo_pass`], so a policy
+    /// scoring its own rollouts gives importance ratios of exactly 1.
+    pub fn rollout_logps(&self, ids: &[Vec<u32>], mask: &[f32], temperature: f32) -> Result<Vec<f32>> {
+        let n = ids.len();
+        let t = ids.first().map_or(0, |x| x.len());
+        if n == 0 || t < 2 || ids.iter().any(|x| x.len() != t) || mask.len() != n * t {
+            return Err(ierr("rollouts need N >= 1 rows of the same length T >= 2 and an [N, T] mask"));
+        }
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(ierr(format!("temperature must be positive, got {temperature}")));
+        }
+        Ok(self.score_rollouts(ids, mask, temperature)?.logp)
+    }
+
+    /// The training forward over the rollouts and the tempered logits / log-probs of the counted
+    /// tokens.
+    fn score_rollouts(&self, ids: &[Vec<u32>], mask: &[f32], temperature: f32) -> Result<Scored> {
+        let n = ids.len();
+        let t = ids[0].len();
+        let seqs: Vec<&[u32]> = ids.iter().map(|x| &x[..]).collect();
+        let (hidden, trace) = self.train_forward(&seqs)?;
+        let d = self.cfg.hidden_size;
+        // counted positions: token (row, col) predicted from hidden row (row·T + col − 1)
+        let pos: Vec<(usize, usize)> =
+            (0..n).flat_map(|i| (1..t).map(move |c| (i, c))).filter(|&(i, c)| mask[i * t + c] != 0.0).collect();
+        let rows: Vec<f32> = pos
+            .iter()
+            .flat_map(|&(i, c)| hidden.normed[(i * t + c - 1) * d..(i * t + c) * d].iter().copied())
+            .collect();
+        let mut z = self.logits(&rows);
+        let v = self.cfg.vocab_size;
+        let inv_t = 1.0 / temperature;
+        z.iter_mut().for_each(|x| *x *= inv_t);
+        let mut logp = vec![0f32; n * t];
+        for (k, &(i, c)) in pos.iter().enumerate() {
+            let zr = &z[k * v..(k + 1) * v];
+            logp[i * t + c] = zr[ids[i][c] as usize] - logsumexp(zr);
+        }
+        Ok(Scored { hidden, trace, pos, rows, z, logp })
+    }
+}
+
+/// What [`Model::score_rollouts`] computes: the training forward, the counted (row, col)
+/// positions, their post-norm hidden rows `[P, D]`, tempered logits `[P, V]` and log-probs `[N, T]`.
+struct Scored {
+    hidden: crate::model::train::Hidden,
+    trace: crate::model::train::Trace,
+    pos: Vec<(usize, usize)>,
+    rows: Vec<f32>,
+    z: Vec<f32>,
+    logp: Vec<f32>,
 }

@@ -75,6 +75,22 @@ impl Reward for Accuracy {
     }
 }
 
+/// 1 when the whole completion (trimmed, up to the first newline) equals the reference after
+/// [`normalize`], else 0; `None` without a reference. For tasks whose answer is the completion
+/// itself (the demo's `47+85=` → `132`).
+pub struct ExactMatch;
+
+impl Reward for ExactMatch {
+    fn name(&self) -> &str {
+        "exact"
+    }
+    fn score(&self, _prompt: &str, completion: &str, answer: Option<&str>) -> Option<f32> {
+        let want = normalize(answer?);
+        let got = completion.trim_start().split('\n').next().unwrap_or("");
+        Some(if !got.trim().is_empty() && normalize(got) == want { 1.0 } else { 0.0 })
+    }
+}
+
 /// R1's format reward: 1 when the completion is exactly `<think>…</think>` then
 /// `<answer>…</answer>` (whitespace around and between allowed, each tag once), else 0.
 pub struct Format;
@@ -159,6 +175,11 @@ mod tests {
         assert_eq!(acc.score("", "<answer>1,024</answer>", Some("1024")), Some(1.0));
         assert_eq!(acc.score("", "<answer>1023</answer>", Some("1024")), Some(0.0));
         assert_eq!(acc.score("", "\\boxed{12}", None), None);
+        let ex = ExactMatch;
+        assert_eq!(ex.score("", "132\n", Some("132")), Some(1.0));
+        assert_eq!(ex.score("", " 1,32 \nmore", Some("132")), Some(1.0));
+        assert_eq!(ex.score("", "133\n", Some("132")), Some(0.0));
+        assert_eq!(ex.score("", "\n", Some("")), Some(0.0));
     }
 
     #[test]

@@ -113,6 +113,15 @@ impl core::fmt::Debug for Model {
 }
 
 impl Model {
+    /// A randomly initialized model of `cfg` (normal(0, `std`) weights, unit norms, as
+    /// [`crate::weights::init::random_checkpoint`] writes them).
+    pub fn random(cfg: Config, seed: u64, std: f32) -> Result<Model> {
+        let tensors = crate::weights::init::random_checkpoint(&cfg, seed, std);
+        let mut store = TensorStore::new();
+        store.add_bytes(crate::weights::write::to_bytes(&tensors)?, "<random init>")?;
+        Model::from_store(cfg, store, LoadOptions::default())
+    }
+
     /// Builds the model from a checkpoint's tensors. Every tensor must be used: a missing,
     /// extra, mis-shaped or non-finite tensor is an error naming it.
     pub fn from_store(cfg: Config, store: TensorStore, opts: LoadOptions) -> Result<Model> {

@@ -134,26 +134,9 @@ impl Trainer {
         m.loss = loss as f32;
         m.balance_loss = bal as f32;
         m.mtp_loss = mtp as f32;
-        // global-norm clipping
-        let mut sq = 0f64;
-        self.grad.visit(&mut |_, g| sq += g.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>());
-        m.grad_norm = libm::sqrt(sq) as f32;
-        if !m.grad_norm.is_finite() {
-            return Err(crate::Error::NonFinite(alloc::format!(
-                "gradient norm is {} at step {}",
-                m.grad_norm,
-                self.step
-            )));
-        }
-        if let Some(c) = self.cfg.clip_norm {
-            if m.grad_norm > c {
-                let f = c / m.grad_norm;
-                self.grad.visit(&mut |_, g| g.iter_mut().for_each(|x| *x *= f));
-            }
-        }
-        m.lr = self.cfg.schedule.at(self.step);
-        self.opt.step(&mut self.model, &mut self.grad, m.lr);
-        self.update_biases(&m.expert_load);
+        let (grad_norm, lr) = self.apply_gradients(&m.expert_load)?;
+        m.grad_norm = grad_norm;
+        m.lr = lr;
         m.max_over_mean = m
             .expert_load
             .iter()
@@ -162,10 +145,34 @@ impl Trainer {
                 l.iter().copied().max().unwrap_or(0) as f32 / mean.max(1e-9)
             })
             .collect();
+        Ok(m)
+    }
+
+    /// Finishes an optimizer step over the gradients accumulated in `self.grad`: global-norm
+    /// clipping, AdamW at the scheduled learning rate, the auxiliary-loss-free bias update from
+    /// `loads` (tokens per expert per MoE layer; empty = no update), and `step += 1`. Returns
+    /// (gradient norm before clipping, learning rate). A non-finite norm is an error and leaves
+    /// the weights untouched.
+    pub fn apply_gradients(&mut self, loads: &[Vec<u32>]) -> Result<(f32, f32)> {
+        let mut sq = 0f64;
+        self.grad.visit(&mut |_, g| sq += g.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>());
+        let grad_norm = libm::sqrt(sq) as f32;
+        if !grad_norm.is_finite() {
+            return Err(crate::Error::NonFinite(alloc::format!("gradient norm is {grad_norm} at step {}", self.step)));
+        }
+        if let Some(c) = self.cfg.clip_norm {
+            if grad_norm > c {
+                let f = c / grad_norm;
+                self.grad.visit(&mut |_, g| g.iter_mut().for_each(|x| *x *= f));
+            }
+        }
+        let lr = self.cfg.schedule.at(self.step);
+        self.opt.step(&mut self.model, &mut self.grad, lr);
+        self.update_biases(loads);
         self.model.layers.iter_mut().for_each(|b| b.attn.refresh_absorbed());
         self.model.requantize();
         self.step += 1;
-        Ok(m)
+        Ok((grad_norm, lr))
     }
 
     /// Forward + backward of one micro-batch (gradients × `w` added to `self.grad`). Its

@@ -6,6 +6,8 @@
 //!   loading draws from, random init, writing.
 //! - [`fp8`]: FP8 formats, fine-grained quantization, and the FP8 GEMM emulated exactly.
 //! - [`grpo`]: GRPO advantages and TRL's exact loss, through the model.
+//! - [`pipeline`]: pipeline schedules (1F1B, ZB-H1, DualPipe, DualPipeV), their simulator and
+//!   the executor that trains a model split into stages.
 //! - [`ops`]: the CPU f32 kernels (GEMM, RMSNorm, RoPE/YaRN, softmax, SwiGLU) — the oracle.
 //! - [`model`]: the model: [`model::Linear`], MLA ([`model::mla`]), dense MLP and MoE
 //!   ([`model::moe`]), decoder block, MTP module, and [`model::Model`] with its forward pass.
@@ -29,6 +31,7 @@ pub mod grpo;
 pub mod infer;
 pub mod model;
 pub mod ops;
+pub mod pipeline;
 pub mod presets;
 pub mod rng;
 pub mod tokenizer;

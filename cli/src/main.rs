@@ -3,6 +3,7 @@
 mod demo;
 mod plot;
 mod quantize_cmd;
+mod schedule_cmd;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -171,6 +172,10 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Trains (from a preset, a model directory, or a checkpoint to resume) on a data file.
     Train(Box<train_cmd::TrainArgs>),
+    /// Builds a pipeline schedule (1f1b, zb1p, dualpipe, dualpipev), replays it with per-op
+    /// costs, and prints each rank's ops, bubble and peak activations (`--json`: the fixed
+    /// contract; `--svg FILE`: the timeline).
+    Schedule(schedule_cmd::ScheduleArgs),
     /// Plots metrics.jsonl files (one curve each) into an SVG, and prints each run's final loss
     /// (mean of its last `--tail` steps) and its relative gap to the first run.
     Plot {
@@ -305,6 +310,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Train(a) => train_cmd::run(*a),
+        Cmd::Schedule(a) => schedule_cmd::run(a),
         Cmd::Plot { metrics, labels, field, tail, title, out } => {
             cmd_plot(&metrics, &labels, &field, tail, &title, &out)
         }

@@ -33,6 +33,19 @@ pub struct Linear {
     /// FP8: the weight quantized in 128x128 blocks, refreshed by [`Linear::requantize`] after
     /// every optimizer step (DeepSeek-V3 re-quantizes then too).
     pub fp8_weight: Option<Arc<QValues>>,
+    /// On a gradient buffer: when `Some`, [`Linear::backward`] leaves `dW += dyᵀ·x` to later and
+    /// queues its operands here instead (zero-bubble pipeline schedules run the job in a W op
+    /// through [`Linear::weight_grad`]). Bias gradients are still added at once.
+    pub deferred: Option<Vec<WgradJob>>,
+}
+
+/// A deferred weight-gradient job of a [`Linear`]: its input `x` `[m, in]` and output gradient
+/// `dy` `[m, out]`.
+#[derive(Clone, Debug, Default)]
+pub struct WgradJob {
+    pub x: Vec<f32>,
+    pub dy: Vec<f32>,
+    pub m: usize,
 }
 
 /// GEMM precision of a [`Linear`] (the CPU emulates the lower ones exactly).
@@ -68,7 +81,15 @@ impl Linear {
     /// A dense f32 layer.
     pub fn from_f32(out_dim: usize, in_dim: usize, w: Vec<f32>, bias: Option<Vec<f32>>) -> Linear {
         assert_eq!(w.len(), out_dim * in_dim);
-        Linear { out_dim, in_dim, weight: Weight::F32(w), bias, precision: Precision::F32, fp8_weight: None }
+        Linear {
+            out_dim,
+            in_dim,
+            weight: Weight::F32(w),
+            bias,
+            precision: Precision::F32,
+            fp8_weight: None,
+            deferred: None,
+        }
     }
 
     /// Takes `{prefix}.weight` (and `{prefix}.bias` when `bias`) from the store, shape `[out, in]`.
@@ -112,7 +133,7 @@ impl Linear {
             Weight::F32(t.to_f32()?)
         };
         let bias = if bias { Some(store.take_f32(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
-        Ok(Linear { out_dim, in_dim, weight, bias, precision: Precision::F32, fp8_weight: None })
+        Ok(Linear { out_dim, in_dim, weight, bias, precision: Precision::F32, fp8_weight: None, deferred: None })
     }
 
     /// Number of parameters.
@@ -212,13 +233,15 @@ impl Linear {
 
     /// Backward of [`Linear::forward`] for `x` `[m, in]` and `dy` `[m, out]`: accumulates
     /// `dW += dyᵀ·x` (and `db += Σ dy`) into `grad`, and writes (or adds to) `dx = dy·W`.
+    /// When `grad.deferred` is set, `dW` is queued there instead ([`Linear::weight_grad`]).
     pub fn backward(&self, x: &[f32], m: usize, dy: &[f32], grad: &mut Linear, dx: Option<&mut [f32]>, add_dx: bool) {
         let (n, k) = (self.out_dim, self.in_dim);
-        if self.precision != Precision::F32 && m > 0 {
-            return self.low_precision_backward(x, m, dy, grad, dx, add_dx);
-        }
-        if let Weight::F32(gw) = &mut grad.weight {
-            matmul_tn(n, k, m, dy, x, gw, true);
+        if let Some(q) = &mut grad.deferred {
+            if m > 0 {
+                q.push(WgradJob { x: x[..m * k].to_vec(), dy: dy[..m * n].to_vec(), m });
+            }
+        } else if let Weight::F32(gw) = &mut grad.weight {
+            self.wgrad(x, m, dy, gw);
         }
         if let (Some(gb), true) = (&mut grad.bias, self.bias.is_some()) {
             for row in dy.chunks_exact(n).take(m) {
@@ -228,76 +251,70 @@ impl Linear {
             }
         }
         if let Some(dx) = dx {
-            match &self.weight {
-                Weight::F32(w) => matmul_nn(m, k, n, dy, w, dx, add_dx),
-                Weight::Fp8 { .. } => matmul_nn(m, k, n, dy, &self.dense(), dx, add_dx),
+            self.dgrad(m, dy, dx, add_dx);
+        }
+    }
+
+    /// Runs a deferred weight-gradient job: `dW += dyᵀ·x` into `grad`, in this layer's precision.
+    pub fn weight_grad(&self, job: &WgradJob, grad: &mut Linear) {
+        if let Weight::F32(gw) = &mut grad.weight {
+            self.wgrad(&job.x, job.m, &job.dy, gw);
+        }
+    }
+
+    /// Wgrad `gw += dyᵀ·x` (`gw` `[out, in]`). bf16: operands rounded to bf16. FP8: both
+    /// operands tiled 128x1 along the token axis (DeepSeek-V3's Wgrad), read in place.
+    fn wgrad(&self, x: &[f32], m: usize, dy: &[f32], gw: &mut [f32]) {
+        let (n, k) = (self.out_dim, self.in_dim);
+        if m == 0 {
+            return;
+        }
+        let (x, dy) = (&x[..m * k], &dy[..m * n]);
+        match self.precision {
+            Precision::F32 => matmul_tn(n, k, m, dy, x, gw, true),
+            Precision::Bf16 => matmul_tn(n, k, m, &bf16_round(dy), &bf16_round(x), gw, true),
+            Precision::Fp8 => {
+                let qdy = quantize_values(dy, m, n, ScaleLayout::Tile128x1, false);
+                let qx = quantize_values(x, m, k, ScaleLayout::Tile128x1, false);
+                promoted_gemm(
+                    (n, k, m),
+                    (&qdy.vals, 1, n),
+                    (&qx.vals, 1, k),
+                    |b| Cow::Borrowed(&qdy.scales[b * n..(b + 1) * n]),
+                    |b| Cow::Borrowed(&qx.scales[b * k..(b + 1) * k]),
+                    gw,
+                    true,
+                );
             }
         }
     }
 
-    /// Dgrad and Wgrad in bf16 or FP8. FP8: Dgrad `dx = dy·W` with dy in 1x128 tiles per token
-    /// (activation gradients are never block-quantized) and W in 128x128 blocks (the same scales
-    /// serve Wᵀ); Wgrad `dW += dyᵀ·x` with both operands tiled 128x1 along the token axis.
-    fn low_precision_backward(
-        &self,
-        x: &[f32],
-        m: usize,
-        dy: &[f32],
-        grad: &mut Linear,
-        dx: Option<&mut [f32]>,
-        add_dx: bool,
-    ) {
+    /// Dgrad `dx = dy·W` (or `+=` with `add_dx`), `dx` `[m, in]`. FP8: dy in 1x128 tiles per
+    /// token (activation gradients are never block-quantized) and W in 128x128 blocks (the same
+    /// scales serve Wᵀ), read transposed through strides.
+    fn dgrad(&self, m: usize, dy: &[f32], dx: &mut [f32], add_dx: bool) {
         let (n, k) = (self.out_dim, self.in_dim);
-        let (x, dy) = (&x[..m * k], &dy[..m * n]);
-        if let (Some(gb), true) = (&mut grad.bias, self.bias.is_some()) {
-            for row in dy.chunks_exact(n) {
-                gb.iter_mut().zip(row).for_each(|(g, &d)| *g += d);
-            }
-        }
         match self.precision {
-            Precision::Bf16 => {
-                let (xb, dyb, wb) = (bf16_round(x), bf16_round(dy), bf16_round(&self.dense()));
-                if let Weight::F32(gw) = &mut grad.weight {
-                    matmul_tn(n, k, m, &dyb, &xb, gw, true);
-                }
-                if let Some(dx) = dx {
-                    matmul_nn(m, k, n, &dyb, &wb, dx, add_dx);
-                }
-            }
+            _ if m == 0 => {}
+            Precision::F32 => match &self.weight {
+                Weight::F32(w) => matmul_nn(m, k, n, dy, w, dx, add_dx),
+                Weight::Fp8 { .. } => matmul_nn(m, k, n, dy, &self.dense(), dx, add_dx),
+            },
+            Precision::Bf16 => matmul_nn(m, k, n, &bf16_round(&dy[..m * n]), &bf16_round(&self.dense()), dx, add_dx),
             Precision::Fp8 => {
-                // (activation gradients: 1x128 or 128x1 tiles only, never 128x128 blocks)
-                if let Weight::F32(gw) = &mut grad.weight {
-                    // Wgrad dW[o,j] += Σ_t dy[t,o]·x[t,j]: both operands 128x1 along tokens, read in place
-                    let qdy = quantize_values(dy, m, n, ScaleLayout::Tile128x1, false);
-                    let qx = quantize_values(x, m, k, ScaleLayout::Tile128x1, false);
-                    promoted_gemm(
-                        (n, k, m),
-                        (&qdy.vals, 1, n),
-                        (&qx.vals, 1, k),
-                        |b| Cow::Borrowed(&qdy.scales[b * n..(b + 1) * n]),
-                        |b| Cow::Borrowed(&qx.scales[b * k..(b + 1) * k]),
-                        gw,
-                        true,
-                    );
-                }
-                if let Some(dx) = dx {
-                    // Dgrad dx[i,j] = Σ_o dy[i,o]·W[o,j]: dy in 1x128 tiles per token, W read
-                    // transposed through strides (its 128x128 block scales serve Wᵀ unchanged)
-                    let qdy = quantize_values(dy, m, n, ScaleLayout::Tile1x128, false);
-                    let qw = self.fp8_weights();
-                    let (ob, kb) = (n.div_ceil(128), k.div_ceil(128));
-                    let sa = |b: usize| Cow::Owned((0..m).map(|i| qdy.scales[i * ob + b]).collect());
-                    let sb = |b: usize| Cow::Owned((0..k).map(|j| qw.scales[b * kb + j / 128]).collect());
-                    if add_dx {
-                        let mut t = vec![0f32; m * k];
-                        promoted_gemm((m, k, n), (&qdy.vals, n, 1), (&qw.vals, 1, k), sa, sb, &mut t, false);
-                        dx[..m * k].iter_mut().zip(&t).for_each(|(d, v)| *d += v);
-                    } else {
-                        promoted_gemm((m, k, n), (&qdy.vals, n, 1), (&qw.vals, 1, k), sa, sb, &mut dx[..m * k], false);
-                    }
+                let qdy = quantize_values(&dy[..m * n], m, n, ScaleLayout::Tile1x128, false);
+                let qw = self.fp8_weights();
+                let (ob, kb) = (n.div_ceil(128), k.div_ceil(128));
+                let sa = |b: usize| Cow::Owned((0..m).map(|i| qdy.scales[i * ob + b]).collect());
+                let sb = |b: usize| Cow::Owned((0..k).map(|j| qw.scales[b * kb + j / 128]).collect());
+                if add_dx {
+                    let mut t = vec![0f32; m * k];
+                    promoted_gemm((m, k, n), (&qdy.vals, n, 1), (&qw.vals, 1, k), sa, sb, &mut t, false);
+                    dx[..m * k].iter_mut().zip(&t).for_each(|(d, v)| *d += v);
+                } else {
+                    promoted_gemm((m, k, n), (&qdy.vals, n, 1), (&qw.vals, 1, k), sa, sb, &mut dx[..m * k], false);
                 }
             }
-            Precision::F32 => unreachable!(),
         }
     }
 

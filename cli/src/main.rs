@@ -1,6 +1,7 @@
 //! `dsv3`: the command-line tool. Commands whose file formats are fixed contracts:
 //! `logits` (input_ids i64 [B,T] → logits f32 [B,T,V]). See `dsv3 --help`.
 mod demo;
+mod pipeline_bench;
 mod plot;
 mod quantize_cmd;
 mod schedule_cmd;
@@ -153,6 +154,17 @@ enum Cmd {
         /// Benchmark training steps (AdamW, f32) instead of inference: batch x prompt-len tokens per step.
         #[arg(long)]
         train: bool,
+        /// Benchmark pipeline schedules instead (1f1b, zb1p, dualpipe, dualpipev on the same model
+        /// and batch): step time and per-rank idle fraction, measured and simulated. Each rank
+        /// computes on one thread unless --threads is given.
+        #[arg(long, conflicts_with = "train")]
+        pipeline: bool,
+        /// Pipeline ranks for --pipeline (even).
+        #[arg(long, default_value_t = 2)]
+        pp: usize,
+        /// Micro-batches per step for --pipeline (default 2·PP), each of --batch x --prompt-len tokens.
+        #[arg(long)]
+        micro_batches: Option<usize>,
     },
     /// Prints the token ids of a text (comma-separated), with the model's tokenizer.
     Tokenize {
@@ -301,9 +313,14 @@ fn run(cli: Cli) -> Result<()> {
             cmd_generate(&model, &prompt_ids, &params, tk.as_ref())
         }
         Cmd::Info { m } => cmd_info(&m),
-        Cmd::Bench { m, batch, prompt_len, new_tokens, repeat, seed, json, train } => {
+        Cmd::Bench { m, batch, prompt_len, new_tokens, repeat, seed, json, train, pipeline, pp, micro_batches } => {
+            if pipeline && m.threads.is_none() {
+                rayon_threads(1)?;
+            }
             let model = load(&m)?;
-            if train {
+            if pipeline {
+                pipeline_bench::run(model, pp, micro_batches, batch, prompt_len, repeat.max(1), seed, json)
+            } else if train {
                 cmd_bench_train(model, batch, prompt_len, repeat.max(1), seed, json)
             } else {
                 cmd_bench(&model, batch, prompt_len, new_tokens, repeat.max(1), seed, json)

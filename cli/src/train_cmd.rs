@@ -97,6 +97,14 @@ pub struct TrainArgs {
     pub quiet: bool,
     #[arg(long, default_value_t = 10)]
     pub log_every: u64,
+    /// Train through a pipeline schedule (1f1b, zb1p, dualpipe, dualpipev): the model split
+    /// into stages, one thread per rank; the `--accumulate` micro-batches of a step flow through
+    /// it (raised to the schedule's minimum, e.g. 2·PP for DualPipe). Same gradients as without.
+    #[arg(long)]
+    pub pipeline: Option<String>,
+    /// Pipeline ranks for `--pipeline`.
+    #[arg(long, default_value_t = 2)]
+    pub pp: usize,
 }
 
 impl TrainArgs {
@@ -264,10 +272,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let save = |tr: &mut Trainer, loader: &Loader| {
         checkpoint::save(tr, &ckpt_dir, serde_json::json!({"rng": loader.rng.state(), "seed": a.seed}), Fault::None)
     };
+    let sched = pipeline_schedule(&a)?;
     while tr.step < a.steps {
-        let micro: Vec<_> = (0..a.accumulate).map(|_| loader.next_batch()).collect();
+        let n_micro = sched.as_ref().map_or(a.accumulate, |s| s.micro_batches);
+        let micro: Vec<_> = (0..n_micro).map(|_| loader.next_batch()).collect();
         let t0 = Instant::now();
-        let m = tr.train_step(&micro)?;
+        let m = match &sched {
+            Some(s) => dsv3_core::pipeline::exec::train_step(&mut tr, s, &micro)?.0,
+            None => tr.train_step(&micro)?,
+        };
         let dt = t0.elapsed().as_secs_f64();
         let tps = m.tokens as f64 / dt;
         writeln!(metrics, "{}", metrics_json(&m, tps))
@@ -306,6 +319,26 @@ pub fn run(a: TrainArgs) -> Result<()> {
         a.out.join("loss.svg").display()
     );
     Ok(())
+}
+
+/// The `--pipeline` schedule, with `--accumulate` raised to the schedule's minimum.
+fn pipeline_schedule(a: &TrainArgs) -> Result<Option<dsv3_core::pipeline::Schedule>> {
+    use dsv3_core::pipeline::{Kind, Schedule};
+    let Some(k) = &a.pipeline else { return Ok(None) };
+    let kind = Kind::parse(k)?;
+    let min = match kind {
+        Kind::DualPipe | Kind::DualPipeV => 2 * a.pp,
+        _ => 1,
+    };
+    let mut m = a.accumulate.max(min);
+    if kind == Kind::DualPipe && m % 2 == 1 {
+        m += 1;
+    }
+    let s = Schedule::new(kind, a.pp, m)?;
+    if m != a.accumulate {
+        eprintln!("note: --pipeline {k} --pp {} runs {m} micro-batches per step (--accumulate {})", a.pp, a.accumulate);
+    }
+    Ok(Some(s))
 }
 
 fn metrics_json(m: &StepMetrics, tps: f64) -> String {

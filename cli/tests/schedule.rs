@@ -281,3 +281,47 @@ fn schedule_preconditions_are_clear_errors() {
     assert!(c("1,-2,1,3").contains("B"));
     assert!(c("1,2,3,3").contains("W"));
 }
+
+#[test]
+fn train_and_bench_through_the_pipeline() {
+    let d = std::env::temp_dir().join(format!("dsv3-pipeline-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let data = d.join("data.txt");
+    std::fs::write(&data, "the quick brown fox jumps over the lazy dog. ".repeat(40)).unwrap();
+    let (s, o1, o2) = (data.to_str().unwrap(), d.join("pp"), d.join("serial"));
+    let common =
+        ["train", "--preset", "tiny", "--data", s, "--batch", "2", "--seq-len", "16", "--steps", "3", "--quiet"];
+    // dualpipe --pp 4 needs 8 micro-batches: --accumulate is raised to that, with a note
+    let r = dsv3(&[&common[..], &["--out", o1.to_str().unwrap(), "--pipeline", "dualpipe", "--pp", "4"]].concat());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("8 micro-batches"));
+    let r = dsv3(&[&common[..], &["--out", o2.to_str().unwrap(), "--accumulate", "8", "--threads", "1"]].concat());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let losses = |p: &std::path::Path| -> Vec<f64> {
+        std::fs::read_to_string(p.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64().unwrap())
+            .collect()
+    };
+    let (a, b) = (losses(&o1), losses(&o2));
+    assert_eq!(a.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * y, "pipeline loss {x} vs serial {y}");
+    }
+    let bad = fails(&[&common[..], &["--out", o1.to_str().unwrap(), "--pipeline", "dualpipe", "--pp", "3"]].concat());
+    assert!(bad.contains("pp must be even"), "{bad}");
+    // bench --pipeline: every schedule, measured next to the simulator
+    let m = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/v3_group");
+    let r = dsv3(&["bench", "--model", m.to_str().unwrap(), "--pipeline", "--pp", "2", "--repeat", "1", "--json"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let v: Value = serde_json::from_slice(&r.stdout).unwrap();
+    let kinds: Vec<&str> = v["schedules"].as_array().unwrap().iter().map(|s| s["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["1f1b", "zb1p", "dualpipe", "dualpipev"]);
+    for s in v["schedules"].as_array().unwrap() {
+        assert_eq!(s["idle"].as_array().unwrap().len(), 2);
+        assert!(s["step_ms"].as_f64().unwrap() > 0.0 && s["sim_step_ms"].as_f64().unwrap() > 0.0);
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -230,14 +230,27 @@ impl<T: Transport> Rank<'_, T> {
 /// Runs one step of `s` over `micro` (`s.micro_batches` of them) with one thread per rank and
 /// the in-process transport. The model's weights must be f32 ([`Model::make_trainable`]).
 pub fn run_step(model: &Model, s: &Schedule, micro: &[MicroBatch], opts: &LossOptions) -> Result<StepOutput> {
+    run_step_on(model, s, micro, opts, &mut channel_mesh(s.pp))
+}
+
+/// [`run_step`] over the given transports, one per rank (`mesh[r].rank() == r`).
+pub fn run_step_on<T: Transport>(
+    model: &Model,
+    s: &Schedule,
+    micro: &[MicroBatch],
+    opts: &LossOptions,
+    mesh: &mut [T],
+) -> Result<StepOutput> {
     check(model)?;
+    if mesh.len() != s.pp || mesh.iter().enumerate().any(|(r, t)| t.rank() != r) {
+        return Err(ierr(format!("{} transports for {} ranks (or out of rank order)", mesh.len(), s.pp)));
+    }
     if micro.len() != s.micro_batches {
         return Err(ierr(format!("the schedule has {} micro-batches, the step {}", s.micro_batches, micro.len())));
     }
     let scales = weights(micro)?;
     let stages = Stage::all(model, s.stages());
     let zeros = model.zeros_like();
-    let mut mesh = channel_mesh(s.pp);
     let t0 = Instant::now();
     let results: Vec<Result<RankOut>> = std::thread::scope(|sc| {
         let handles: Vec<_> = mesh

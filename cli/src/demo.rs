@@ -1,9 +1,13 @@
 //! `dsv3 demo`: trains the `tiny` preset from scratch on CPU on multi-digit addition
 //! ("47+85=132\n", byte tokenizer, loss on the answer), shows the loss falling, and reports
-//! greedy accuracy on a fixed held-out set of problems never seen in training.
+//! greedy accuracy on a fixed held-out set of problems never seen in training. Then a GRPO stage
+//! (R1-style, rule reward: exact answer) continues from the supervised model and reports the
+//! held-out accuracy again.
 use crate::plot;
+use dsv3_core::grpo::reward::{ExactMatch, Reward};
+use dsv3_core::grpo::{GrpoConfig, GrpoTrainConfig, GrpoTrainer, LossType, Prompt};
 use dsv3_core::infer::{generate, SamplingParams};
-use dsv3_core::model::{LoadOptions, Model};
+use dsv3_core::model::Model;
 use dsv3_core::rng::Rng;
 use dsv3_core::tokenizer::ByteTokenizer;
 use dsv3_core::train::checkpoint::{self, Fault};
@@ -16,9 +20,25 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
-    /// Optimizer steps.
-    #[arg(long, default_value_t = 1500)]
+    /// Supervised optimizer steps.
+    #[arg(long, default_value_t = 900)]
     pub steps: u64,
+    /// GRPO steps after the supervised stage (0 = skip). Each samples `--group` answers to
+    /// `--prompts` problems and takes one optimizer step.
+    #[arg(long, default_value_t = 150)]
+    pub grpo_steps: u64,
+    /// GRPO: problems per step.
+    #[arg(long, default_value_t = 32)]
+    pub prompts: usize,
+    /// GRPO: answers sampled per problem (G).
+    #[arg(long, default_value_t = 8)]
+    pub group: usize,
+    /// GRPO: sampling temperature (log-probs use the same).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// GRPO: peak learning rate (warmup over the first 5% of steps, then cosine to a tenth).
+    #[arg(long, default_value_t = 6e-5)]
+    pub grpo_lr: f32,
     /// Largest number of digits per operand.
     #[arg(long, default_value_t = 2)]
     pub digits: u32,
@@ -83,6 +103,20 @@ impl Task {
         out
     }
 
+    /// `n` training problems as GRPO prompts (text `a+b=`, reference answer `a+b`).
+    pub fn grpo_prompts(&self, n: usize, rng: &mut Rng) -> Vec<Prompt> {
+        let t = ByteTokenizer;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let p = (rng.below(self.max), rng.below(self.max));
+            if !self.held.contains(&p) {
+                let (q, _) = problem(p.0, p.1);
+                out.push(Prompt { ids: t.encode(&q), text: q, answer: Some((p.0 + p.1).to_string()) });
+            }
+        }
+        out
+    }
+
     /// Greedy answers to the held-out problems: (accuracy, a few `(problem, answer, correct)`).
     pub fn evaluate(&self, model: &Model) -> Result<(f64, Vec<Sample>)> {
         let t = ByteTokenizer;
@@ -115,10 +149,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         a.digits,
         dsv3_core::ops::threads()
     );
-    let tensors = dsv3_core::weights::init::random_checkpoint(&cfg, a.seed, 0.02);
-    let mut store = dsv3_core::weights::TensorStore::new();
-    store.add_bytes(dsv3_core::weights::write::to_bytes(&tensors)?, "<init>")?;
-    let model = Model::from_store(cfg, store, LoadOptions::default())?;
+    let model = Model::random(cfg, a.seed, 0.02)?;
     println!(
         "model: `tiny` preset, {} parameters ({} active per token), MLA + {} experts top-{}",
         model.params(),
@@ -161,16 +192,31 @@ pub fn run(a: DemoArgs) -> Result<()> {
         println!("  {q:>14}{ans:<8} {}", if ok { "correct" } else { "wrong" });
     }
     println!(
-        "held-out accuracy after training: {:.1}% ({} problems; before: {:.1}%)",
+        "held-out accuracy after supervised training: {:.1}% ({} problems; before: {:.1}%)",
         acc * 100.0,
         task.held_out.len(),
         acc0 * 100.0
     );
+    let sft_secs = t_train.elapsed().as_secs_f64();
+    let mut grpo_curve: Vec<(f64, f64)> = Vec::new();
+    let mut eval_curve: Vec<(f64, f64)> = vec![(0.0, acc * 100.0)];
+    if a.grpo_steps > 0 {
+        let (t2, acc_rl, c) = grpo_stage(&a, &task, tr, acc, &mut eval_curve)?;
+        tr = t2;
+        grpo_curve = c;
+        println!(
+            "\nheld-out accuracy: {:.1}% after supervised training ({:.0} s), {:.1}% after GRPO ({:+.1} points)",
+            acc * 100.0,
+            sft_secs,
+            acc_rl * 100.0,
+            (acc_rl - acc) * 100.0
+        );
+    }
     std::fs::create_dir_all(&a.out).map_err(|e| Error::Io(format!("{}: {e}", a.out.display())))?;
     checkpoint::save(
         &mut tr,
         &a.out.join("checkpoint"),
-        serde_json::json!({"demo": "addition", "digits": a.digits}),
+        serde_json::json!({"demo": "addition", "digits": a.digits, "sft_steps": a.steps, "grpo_steps": a.grpo_steps}),
         Fault::None,
     )?;
     let svg = plot::svg(
@@ -180,6 +226,19 @@ pub fn run(a: DemoArgs) -> Result<()> {
         &[plot::Series { label: "train loss", color: "#1f77b4", points: curve }],
     );
     std::fs::write(a.out.join("loss.svg"), svg).map_err(|e| Error::Io(format!("{}: {e}", a.out.display())))?;
+    if !grpo_curve.is_empty() {
+        let svg = plot::svg(
+            "dsv3 demo: GRPO stage (rule reward: exact answer)",
+            "GRPO step",
+            "percent",
+            &[
+                plot::Series { label: "mean reward of sampled answers (x100)", color: "#1f77b4", points: grpo_curve },
+                plot::Series { label: "held-out greedy accuracy", color: "#d62728", points: eval_curve },
+            ],
+        );
+        std::fs::write(a.out.join("grpo.svg"), svg).map_err(|e| Error::Io(format!("{}: {e}", a.out.display())))?;
+        println!("reward curve: {}", a.out.join("grpo.svg").display());
+    }
     println!(
         "saved {} and {} ({:.0} s in all)",
         a.out.join("checkpoint").display(),
@@ -187,4 +246,89 @@ pub fn run(a: DemoArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The GRPO stage: `--grpo-steps` steps of G sampled answers to `--prompts` training problems,
+/// rewarded 1 for the exact sum; held-out greedy accuracy every few steps. Returns the model, the
+/// final accuracy and the reward curve (step, mean reward × 100).
+fn grpo_stage(
+    a: &DemoArgs,
+    task: &Task,
+    mut tr: Trainer,
+    acc_sft: f64,
+    eval_curve: &mut Vec<(f64, f64)>,
+) -> Result<(Trainer, f64, Vec<(f64, f64)>)> {
+    let digits = task.max.to_string().len() + 1;
+    let cfg = GrpoTrainConfig {
+        loss: GrpoConfig { loss_type: LossType::Dapo, temperature: a.temperature, ..Default::default() },
+        num_generations: a.group,
+        max_completion_length: digits + 1,
+        stop_tokens: vec![b'\n' as u32],
+        seed: a.seed,
+        ..Default::default()
+    };
+    // the supervised trainer's model and AdamW moments carry over; a new schedule starts
+    tr.step = 0;
+    tr.cfg = TrainConfig {
+        schedule: LrSchedule::WarmupCosine {
+            lr: a.grpo_lr,
+            min_lr: a.grpo_lr / 10.0,
+            warmup: (a.grpo_steps / 20).max(1),
+            total: a.grpo_steps,
+        },
+        bias_update_speed: 0.0,
+        ..Default::default()
+    };
+    let mut g = GrpoTrainer::from_trainer(tr, cfg)?;
+    println!(
+        "\nGRPO: {} steps x {} problems x {} samples (temperature {}), reward = exact answer, from {:.1}%",
+        a.grpo_steps,
+        a.prompts,
+        a.group,
+        a.temperature,
+        acc_sft * 100.0
+    );
+    let exact = ExactMatch;
+    let rewards: [(&dyn Reward, f32); 1] = [(&exact, 1.0)];
+    let decode = |t: &[u32]| ByteTokenizer.decode(t);
+    let mut rng = Rng::new(a.seed ^ 0x6e90);
+    let (mut t_sample, mut t_learn, mut gen_tokens) = (0f64, 0f64, 0usize);
+    let mut curve = Vec::new();
+    let every = (a.grpo_steps / 6).max(1);
+    let mut acc = acc_sft;
+    for s in 0..a.grpo_steps {
+        let prompts = task.grpo_prompts(a.prompts, &mut rng);
+        let t0 = Instant::now();
+        let batch = g.sample(&prompts, &rewards, &decode)?;
+        let t1 = Instant::now();
+        let m = g.learn(&batch)?;
+        t_sample += (t1 - t0).as_secs_f64();
+        t_learn += t1.elapsed().as_secs_f64();
+        gen_tokens += m.completion_tokens;
+        curve.push((s as f64 + 1.0, m.reward as f64 * 100.0));
+        if (s + 1) % every == 0 || s + 1 == a.grpo_steps {
+            acc = task.evaluate(g.model())?.0;
+            eval_curve.push((s as f64 + 1.0, acc * 100.0));
+            println!(
+                "grpo step {:>4}  reward {:.3}  groups with no signal {:>3.0}%  held-out {:.1}%  \
+                 (sampling {:.0}% of step time, {:.0} rollout tokens/s)",
+                s + 1,
+                curve.iter().rev().take(every as usize).map(|p| p.1).sum::<f64>() / 100.0 / every.min(s + 1) as f64,
+                m.frac_reward_zero_std * 100.0,
+                acc * 100.0,
+                100.0 * t_sample / (t_sample + t_learn),
+                gen_tokens as f64 / t_sample
+            );
+        }
+    }
+    println!(
+        "GRPO time: sampling {:.1} s ({:.0}%), learning {:.1} s; {} rollout tokens at {:.0} tokens/s",
+        t_sample,
+        100.0 * t_sample / (t_sample + t_learn),
+        t_learn,
+        gen_tokens,
+        gen_tokens as f64 / t_sample
+    );
+    g.trainer.step += a.steps;
+    Ok((g.trainer, acc, curve))
 }

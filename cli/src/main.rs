@@ -1,6 +1,7 @@
 //! `dsv3`: the command-line tool. Commands whose file formats are fixed contracts:
 //! `logits` (input_ids i64 [B,T] → logits f32 [B,T,V]). See `dsv3 --help`.
 mod demo;
+mod grpo_cmd;
 mod pipeline_bench;
 mod plot;
 mod quantize_cmd;
@@ -184,6 +185,13 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Trains (from a preset, a model directory, or a checkpoint to resume) on a data file.
     Train(Box<train_cmd::TrainArgs>),
+    /// GRPO on JSONL prompts with reference answers: G samples per prompt, rule rewards
+    /// (`--reward accuracy:1,format:0.5,...`), TRL's loss; progress bar, metrics.jsonl,
+    /// checkpoints, rewards.svg.
+    Grpo(Box<grpo_cmd::GrpoArgs>),
+    /// Rejection sampling for SFT / distillation: samples each prompt, keeps the completions the
+    /// reward accepts, writes `{"prompt","completion"}` JSONL for `dsv3 train --format sft`.
+    RejectionSample(Box<grpo_cmd::RejectArgs>),
     /// Builds a pipeline schedule (1f1b, zb1p, dualpipe, dualpipev), replays it with per-op
     /// costs, and prints each rank's ops, bubble and peak activations (`--json`: the fixed
     /// contract; `--svg FILE`: the timeline).
@@ -327,6 +335,8 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Train(a) => train_cmd::run(*a),
+        Cmd::Grpo(a) => grpo_cmd::run(*a),
+        Cmd::RejectionSample(a) => grpo_cmd::run_rejection(*a),
         Cmd::Schedule(a) => schedule_cmd::run(a),
         Cmd::Plot { metrics, labels, field, tail, title, out } => {
             cmd_plot(&metrics, &labels, &field, tail, &title, &out)

@@ -320,10 +320,15 @@ fn train_resume_outputs_and_errors() {
 #[test]
 fn demo_runs_and_reports_accuracy() {
     let d = tmp("demo");
-    let (out, _) = ok(&["demo", "--steps", "20", "--eval", "20", "--out", d.join("demo").to_str().unwrap()]);
+    let dir = d.join("demo");
+    let args = ["--steps", "20", "--eval", "20", "--grpo-steps", "3", "--prompts", "2", "--group", "3"];
+    let (out, _) = ok(&[&["demo", "--out", dir.to_str().unwrap()], &args[..]].concat());
     assert!(out.contains("held-out accuracy before training"), "{out}");
-    assert!(out.contains("held-out accuracy after training"), "{out}");
-    assert!(d.join("demo/checkpoint/model.safetensors").exists() && d.join("demo/loss.svg").exists());
+    assert!(out.contains("held-out accuracy after supervised training"), "{out}");
+    assert!(out.contains("after GRPO") && out.contains("sampling") && out.contains("rollout tokens/s"), "{out}");
+    for f in ["checkpoint/model.safetensors", "loss.svg", "grpo.svg"] {
+        assert!(dir.join(f).exists(), "{f}");
+    }
     assert!(fails(&["demo", "--digits", "9"]).contains("--digits"));
 }
 
@@ -417,4 +422,158 @@ fn grpo_grad_contract_matches_trl() {
         n += 1;
     }
     assert!(n >= 4);
+}
+
+#[test]
+fn grpo_and_rejection_sampling_on_user_data() {
+    let d = tmp("grpo");
+    let model = d.join("m");
+    ok(&["init", "--preset", "tiny", "--out", model.to_str().unwrap(), "--seed", "4"]);
+    let data = d.join("p.jsonl");
+    let lines: String = (0..30).map(|i| format!("{{\"prompt\":\"{i}+1=\",\"answer\":\"{}\"}}\n", i + 1)).collect();
+    std::fs::write(&data, lines).unwrap();
+    let out = d.join("run");
+    let (m, s, o) = (model.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
+    let common = [
+        "--data",
+        s,
+        "--out",
+        o,
+        "--reward",
+        "exact:1,format:0.5",
+        "--group",
+        "4",
+        "--prompts",
+        "3",
+        "--max-completion-length",
+        "4",
+        "--stop",
+        "\\n",
+        "--lr",
+        "1e-4",
+        "--quiet",
+        "--eval",
+        s,
+        "--eval-every",
+        "2",
+        "--beta",
+        "0.04",
+    ];
+    ok(&[&["grpo", "--model", m, "--steps", "3"], &common[..]].concat());
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(text.lines().count(), 3);
+    for l in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        for k in [
+            "reward",
+            "reward_std",
+            "rewards/exact/mean",
+            "rewards/format/std",
+            "frac_reward_zero_std",
+            "kl",
+            "clip_ratio/region_mean",
+            "completions/mean_length",
+            "completions/clipped_ratio",
+            "time/sampling_s",
+        ] {
+            assert!(v.get(k).is_some(), "metrics lack {k}: {l}");
+        }
+        assert!(v["completions/max_length"].as_u64().unwrap() <= 4);
+    }
+    assert!(text.contains("eval/accuracy"));
+    assert!(std::fs::read_to_string(out.join("rewards.svg")).unwrap().starts_with("<svg"));
+    let ck = out.join("checkpoint");
+    ok(&[&["grpo", "--resume", ck.to_str().unwrap(), "--steps", "5"], &common[..]].concat());
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 5);
+    let st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(st["user"]["grpo_step"], 5, "{st}");
+    // bad input: clear errors
+    let bad =
+        |extra: &[&str]| fails(&[&["grpo", "--model", m, "--steps", "1", "--data", s, "--out", o], extra].concat());
+    assert!(bad(&["--reward", "bogus"]).contains("unknown reward"));
+    assert!(bad(&["--reward", "exact:x"]).contains("weight"));
+    assert!(bad(&["--stop", "ab"]).contains("one"));
+    assert!(bad(&["--ref-sync-steps", "2"]).contains("--beta"));
+    assert!(bad(&["--loss-type", "ppo"]).contains("loss type"));
+    assert!(bad(&["--group", "1"]).contains("2 generations"));
+    let broken = d.join("broken.jsonl");
+    std::fs::write(&broken, "{\"answer\":\"1\"}\n").unwrap();
+    assert!(fails(&["grpo", "--model", m, "--data", broken.to_str().unwrap(), "--out", o]).contains("\"prompt\""));
+    // rejection sampling: everything passes threshold 0; the output feeds dsv3 train's SFT path
+    let sft = d.join("sft.jsonl");
+    let (so, _) = ok(&[
+        "rejection-sample",
+        "--model",
+        m,
+        "--data",
+        s,
+        "--out",
+        sft.to_str().unwrap(),
+        "--reward",
+        "exact",
+        "--threshold",
+        "0",
+        "--group",
+        "3",
+        "--max-completion-length",
+        "3",
+        "--stop",
+        "\\n",
+        "--max-per-prompt",
+        "2",
+        "--keep-truncated",
+    ]);
+    assert!(so.contains("kept"), "{so}");
+    let kept = std::fs::read_to_string(&sft).unwrap();
+    let n = kept.lines().count();
+    assert!((30..=60).contains(&n), "1-2 distinct completions per prompt: {n}");
+    for l in kept.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(v["prompt"].is_string() && v["completion"].is_string() && v["reward"].is_number());
+    }
+    // threshold 1 keeps only exact answers (a random model has few or none)
+    let exact = d.join("exact.jsonl");
+    ok(&[
+        "rejection-sample",
+        "--model",
+        m,
+        "--data",
+        s,
+        "--out",
+        exact.to_str().unwrap(),
+        "--reward",
+        "exact",
+        "--group",
+        "2",
+        "--max-completion-length",
+        "3",
+        "--stop",
+        "\\n",
+    ]);
+    for l in std::fs::read_to_string(&exact).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let p = v["prompt"].as_str().unwrap();
+        let want: u32 = p.trim_end_matches("+1=").parse::<u32>().unwrap() + 1;
+        assert_eq!(v["completion"].as_str().unwrap().trim(), want.to_string());
+    }
+    let run2 = d.join("sftrun");
+    ok(&[
+        "train",
+        "--model",
+        m,
+        "--data",
+        sft.to_str().unwrap(),
+        "--format",
+        "sft",
+        "--out",
+        run2.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--quiet",
+    ]);
 }

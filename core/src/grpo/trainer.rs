@@ -157,6 +157,13 @@ pub struct GrpoTrainer {
 impl GrpoTrainer {
     /// Checks the settings; the reference starts as a copy of `model`.
     pub fn new(model: Model, opt: AdamW, train: TrainConfig, cfg: GrpoTrainConfig) -> Result<GrpoTrainer> {
+        GrpoTrainer::from_trainer(Trainer::new(model, opt, train), cfg)
+    }
+
+    /// Continues from a supervised [`Trainer`] (R1's cold start, then RL): its model and its
+    /// optimizer state (AdamW moments) carry over; set `trainer.cfg` (e.g. a new learning-rate
+    /// schedule) and `trainer.step` as the RL stage needs before calling.
+    pub fn from_trainer(trainer: Trainer, cfg: GrpoTrainConfig) -> Result<GrpoTrainer> {
         if cfg.num_generations < 2 {
             return Err(ierr(format!("GRPO needs at least 2 generations per prompt, got {}", cfg.num_generations)));
         }
@@ -170,10 +177,9 @@ impl GrpoTrainer {
         if !(0.0..=1.0).contains(&cfg.ref_mixup_alpha) || cfg.ref_sync_steps == Some(0) {
             return Err(ierr("ref_mixup_alpha must be in [0, 1] and ref_sync_steps at least 1"));
         }
-        if cfg.pad_token as usize >= model.cfg.vocab_size {
+        if cfg.pad_token as usize >= trainer.model.cfg.vocab_size {
             return Err(ierr(format!("pad token {} is outside the vocabulary", cfg.pad_token)));
         }
-        let trainer = Trainer::new(model, opt, train);
         let reference = (cfg.loss.beta != 0.0).then(|| trainer.model.clone());
         Ok(GrpoTrainer { trainer, cfg, reference, step: 0 })
     }

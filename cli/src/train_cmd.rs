@@ -331,7 +331,7 @@ fn pipeline_schedule(a: &TrainArgs) -> Result<Option<dsv3_core::pipeline::Schedu
         _ => 1,
     };
     let mut m = a.accumulate.max(min);
-    if kind == Kind::DualPipe && m % 2 == 1 {
+    if kind == Kind::DualPipe && !m.is_multiple_of(2) {
         m += 1;
     }
     let s = Schedule::new(kind, a.pp, m)?;

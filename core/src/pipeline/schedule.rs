@@ -131,10 +131,10 @@ impl Schedule {
             Kind::OneFOneB => (0..pp).map(|i| one_f_one_b(pp, micro_batches, i)).collect(),
             Kind::Zb1p => (0..pp).map(|i| zb_h1(pp, micro_batches, i)).collect(),
             Kind::DualPipe => {
-                if pp % 2 != 0 {
+                if !pp.is_multiple_of(2) {
                     return Err(ierr(format!("dualpipe: pp must be even, got {pp}")));
                 }
-                if micro_batches % 2 != 0 || micro_batches < 2 * pp {
+                if !micro_batches.is_multiple_of(2) || micro_batches < 2 * pp {
                     return Err(ierr(format!(
                         "dualpipe: micro-batches must be even and >= 2*pp = {}, got {micro_batches}",
                         2 * pp

@@ -66,6 +66,10 @@ typedef enum dsv3_status {
   DSV3_ERR_INTERNAL = 10,
 } dsv3_status;
 
+// A GRPO trainer (opaque): the policy, its optimizer, the reference model (β > 0), the reward
+// functions, and the last batch. One thread at a time.
+typedef struct dsv3_grpo dsv3_grpo;
+
 // A loaded model (opaque). Immutable: share it freely across threads and sessions.
 typedef struct dsv3_model dsv3_model;
 
@@ -77,6 +81,105 @@ typedef struct dsv3_tokenizer dsv3_tokenizer;
 
 // A trainer (opaque): f32 master weights, gradients, AdamW state. One thread at a time.
 typedef struct dsv3_trainer dsv3_trainer;
+
+// GRPO settings (TRL's names). Initialize with dsv3_grpo_params_default().
+typedef struct dsv3_grpo_params {
+  // sizeof(dsv3_grpo_params).
+  size_t struct_size;
+  // Completions per prompt (G, >= 2).
+  uint32_t num_generations;
+  uint32_t max_completion_length;
+  // Sampling temperature (> 0); log-probs use the same.
+  float temperature;
+  float top_p;
+  // 0 = off.
+  uint32_t top_k;
+  // μ: optimizer steps per generation batch.
+  uint32_t num_iterations;
+  // KL weight β (0 = no reference model).
+  float beta;
+  float epsilon;
+  float epsilon_high;
+  // 0 = grpo, 1 = bnpo, 2 = dr_grpo, 3 = dapo.
+  int32_t loss_type;
+  // 0 = group, 1 = batch, 2 = none.
+  int32_t scale_rewards;
+  // 1 = sequence-level importance ratio (GSPO).
+  int32_t sequence_level;
+  // Reset the reference to the policy every this many optimizer steps (0 = never).
+  uint64_t ref_sync_steps;
+  float ref_mixup_alpha;
+  uint64_t seed;
+} dsv3_grpo_params;
+
+// Training settings. Initialize with dsv3_train_params_default().
+typedef struct dsv3_train_params {
+  // sizeof(dsv3_train_params).
+  size_t struct_size;
+  float lr;
+  // Final learning rate of the cosine schedule.
+  float min_lr;
+  uint64_t warmup_steps;
+  // Steps the schedule spans (cosine and v3).
+  uint64_t total_steps;
+  // 0 = constant, 1 = warmup + cosine, 2 = DeepSeek-V3's step schedule.
+  int32_t schedule;
+  float weight_decay;
+  // Global gradient-norm clip; 0 = off.
+  float clip_norm;
+  // Auxiliary-loss-free bias update speed γ; 0 = off.
+  float bias_update_speed;
+  // Complementary sequence-wise balance loss α.
+  float seq_aux_alpha;
+  // Conventional auxiliary balance loss weight; 0 = off.
+  float aux_loss_alpha;
+  // MTP loss weight (used when the model has MTP modules).
+  float mtp_lambda;
+  // GEMM precision of the decoder's linear layers: 0 = f32, 1 = bf16, 2 = fp8.
+  int32_t precision;
+  // 1 = keep AdamW moments in bf16.
+  int32_t bf16_moments;
+  // Seed of the random initialization (dsv3_trainer_new_preset).
+  uint64_t seed;
+} dsv3_train_params;
+
+// A reward computed by the host for one completion: `prompt` and `completion` are the texts,
+// `answer` the prompt's reference answer or NULL. Return the reward, or NaN when it does not
+// apply (skipped in the weighted sum, as TRL's None). The strings live until the call returns.
+typedef float (*dsv3_reward_fn)(void *user_data,
+                                const char *prompt,
+                                const char *completion,
+                                const char *answer);
+
+// What one GRPO step reports (TRL's metrics).
+typedef struct dsv3_grpo_metrics {
+  // Set to sizeof(dsv3_grpo_metrics) before calling.
+  size_t struct_size;
+  // The step's index (0-based).
+  uint64_t step;
+  // Loss averaged over the μ optimizer steps.
+  float loss;
+  // Mean and std of the weighted reward over the batch.
+  float reward;
+  float reward_std;
+  // Share of groups whose rewards are all equal (no learning signal).
+  float frac_reward_zero_std;
+  float kl;
+  float clip_ratio_low;
+  float clip_ratio_high;
+  float clip_ratio_region;
+  float completion_length_mean;
+  uint64_t completion_length_max;
+  // Share of completions cut at max_completion_length.
+  float clipped_ratio;
+  float grad_norm;
+  float lr;
+  // Completion tokens sampled.
+  uint64_t completion_tokens;
+  // Wall time of sampling (generation + rewards) and of learning (the μ optimizer steps).
+  double sampling_s;
+  double learning_s;
+} dsv3_grpo_metrics;
 
 // Called during loading with the fraction done in [0, 1]. Return 0 to continue, anything else
 // to cancel (the load then fails with DSV3_ERR_CANCELLED).
@@ -143,37 +246,6 @@ typedef struct dsv3_sampling_params {
 // Called with each generated token; return 0 to continue, anything else to stop.
 typedef int32_t (*dsv3_token_fn)(void *user_data, int32_t token);
 
-// Training settings. Initialize with dsv3_train_params_default().
-typedef struct dsv3_train_params {
-  // sizeof(dsv3_train_params).
-  size_t struct_size;
-  float lr;
-  // Final learning rate of the cosine schedule.
-  float min_lr;
-  uint64_t warmup_steps;
-  // Steps the schedule spans (cosine and v3).
-  uint64_t total_steps;
-  // 0 = constant, 1 = warmup + cosine, 2 = DeepSeek-V3's step schedule.
-  int32_t schedule;
-  float weight_decay;
-  // Global gradient-norm clip; 0 = off.
-  float clip_norm;
-  // Auxiliary-loss-free bias update speed γ; 0 = off.
-  float bias_update_speed;
-  // Complementary sequence-wise balance loss α.
-  float seq_aux_alpha;
-  // Conventional auxiliary balance loss weight; 0 = off.
-  float aux_loss_alpha;
-  // MTP loss weight (used when the model has MTP modules).
-  float mtp_lambda;
-  // GEMM precision of the decoder's linear layers: 0 = f32, 1 = bf16, 2 = fp8.
-  int32_t precision;
-  // 1 = keep AdamW moments in bf16.
-  int32_t bf16_moments;
-  // Seed of the random initialization (dsv3_trainer_new_preset).
-  uint64_t seed;
-} dsv3_train_params;
-
 // What one training step reports.
 typedef struct dsv3_step_metrics {
   // Set to sizeof(dsv3_step_metrics) before calling.
@@ -202,6 +274,73 @@ const char *dsv3_version(void);
 
 // The ABI version the library implements (compare with DSV3_ABI_VERSION from the header).
 uint32_t dsv3_abi_version(void);
+
+// Fills `params` with TRL's defaults: G 8, 256 tokens, temperature 1, top-p 1, μ 1, β 0,
+// ε 0.2 / 0.2, dapo, group scaling, token level, no reference reset.
+enum dsv3_status dsv3_grpo_params_default(struct dsv3_grpo_params *params);
+
+// A GRPO trainer starting from `model`'s weights (copied). `train` (optimizer, learning-rate
+// schedule, clipping; may be NULL for dsv3_train_params_default's) and `params` (NULL for
+// dsv3_grpo_params_default's). Completions stop at the model's EOS (see
+// dsv3_grpo_set_stop_tokens). Add at least one reward before stepping.
+enum dsv3_status dsv3_grpo_new(const struct dsv3_model *model,
+                               const struct dsv3_train_params *train,
+                               const struct dsv3_grpo_params *params,
+                               struct dsv3_grpo **out);
+
+// Frees a GRPO trainer. NULL is a no-op.
+void dsv3_grpo_free(struct dsv3_grpo *grpo);
+
+// Adds a reward function with `weight`. With `callback` NULL, `name` picks a built-in: "accuracy"
+// (`\boxed{}` / `<answer>` vs the reference), "exact" (the completion's first line vs the
+// reference), "format" (R1's `<think>…</think><answer>…</answer>`), "language" (English
+// reasoning), "language-zh". With `callback` set, the host computes it (`user_data` is passed back on
+// every call; it must stay valid while the trainer steps) and `name` labels its metrics.
+enum dsv3_status dsv3_grpo_add_reward(struct dsv3_grpo *grpo,
+                                      const char *name,
+                                      float weight,
+                                      dsv3_reward_fn callback,
+                                      void *user_data);
+
+// Completions end after any of these tokens (replacing the default, the model's EOS).
+enum dsv3_status dsv3_grpo_set_stop_tokens(struct dsv3_grpo *grpo,
+                                           const uint32_t *tokens,
+                                           size_t n);
+
+// One GRPO step: samples G completions for each of the `n` prompts (texts, tokenized with
+// `tokenizer` — NULL for a byte-level model), scores them with the rewards, and takes μ
+// optimizer steps. `answers` may be NULL, or hold NULL entries, for prompts without a reference.
+// `metrics` may be NULL. On failure the weights are unchanged unless an optimizer step had
+// already run (μ > 1).
+enum dsv3_status dsv3_grpo_step(struct dsv3_grpo *grpo,
+                                const struct dsv3_tokenizer *tokenizer,
+                                const char *const *prompts,
+                                const char *const *answers,
+                                size_t n,
+                                struct dsv3_grpo_metrics *metrics);
+
+// Mean and std (NaN: never applied) of reward function `index` (in the order added) over the
+// last step's completions.
+enum dsv3_status dsv3_grpo_reward_stats(const struct dsv3_grpo *grpo,
+                                        size_t index,
+                                        float *mean,
+                                        float *std);
+
+// Completion `i` of the last step (prompt i / G, sample i % G) as text (buffer protocol: `out`
+// of `cap` bytes gets the NUL-terminated text, `*needed` its size with the NUL) and its
+// weighted reward (`reward` may be NULL; NaN when no function applied).
+enum dsv3_status dsv3_grpo_completion(const struct dsv3_grpo *grpo,
+                                      size_t i,
+                                      char *out,
+                                      size_t cap,
+                                      size_t *needed,
+                                      float *reward);
+
+// A model handle with the policy's current weights (a snapshot, for inference).
+enum dsv3_status dsv3_grpo_model(const struct dsv3_grpo *grpo, struct dsv3_model **out);
+
+// Writes the policy as a checkpoint directory (model + optimizer + state), atomically.
+enum dsv3_status dsv3_grpo_save(struct dsv3_grpo *grpo, const char *dir);
 
 // Fills `params` with the defaults (CPU, f32, FP8 kept, absorbed attention, no callback).
 enum dsv3_status dsv3_model_params_default(struct dsv3_model_params *params);

@@ -52,6 +52,9 @@ pub struct DemoArgs {
     pub eval: usize,
 }
 
+/// Points of a plotted curve.
+type Curve = Vec<(f64, f64)>;
+
 /// A shown evaluation sample: the problem, the model's answer, whether it is right.
 pub type Sample = (String, String, bool);
 
@@ -257,7 +260,7 @@ fn grpo_stage(
     mut tr: Trainer,
     acc_sft: f64,
     eval_curve: &mut Vec<(f64, f64)>,
-) -> Result<(Trainer, f64, Vec<(f64, f64)>)> {
+) -> Result<(Trainer, f64, Curve)> {
     let digits = task.max.to_string().len() + 1;
     let cfg = GrpoTrainConfig {
         loss: GrpoConfig { loss_type: LossType::Dapo, temperature: a.temperature, ..Default::default() },

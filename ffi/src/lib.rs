@@ -2,6 +2,8 @@
 //!
 //! Module map:
 //! - [`status`]: status codes, the thread-local last error, the panic-catching wrapper.
+//! - [`grpo`]: GRPO trainers: built-in rule rewards and host reward callbacks, steps on text
+//!   prompts, metrics, completions, checkpoints.
 //! - [`model`]: model loading (params, progress callback) and info.
 //! - [`session`]: inference sessions: step (prefill/decode), reset/truncate, generate.
 //! - [`tokenizer`]: HF `tokenizer.json` or the byte tokenizer: encode, decode, special tokens.
@@ -14,6 +16,7 @@
 #![allow(clippy::missing_safety_doc)] // every function's safety contract is in include/dsv3.h
 #![allow(non_camel_case_types)] // C names: dsv3_model, DSV3_OK, ...
 
+pub mod grpo;
 pub mod model;
 pub mod session;
 pub mod status;

@@ -96,7 +96,7 @@ impl Tok {
 
 /// A tokenizer (opaque). One thread at a time.
 pub struct dsv3_tokenizer {
-    inner: Tok,
+    pub(crate) inner: Tok,
 }
 
 /// Loads a HF `tokenizer.json`.

@@ -74,7 +74,7 @@ pub unsafe extern "C" fn dsv3_train_params_default(params: *mut dsv3_train_param
     })
 }
 
-fn config(p: *const dsv3_train_params) -> Result<(TrainConfig, AdamW, u64), Fail> {
+pub(crate) fn config(p: *const dsv3_train_params) -> Result<(TrainConfig, AdamW, u64), Fail> {
     let mut d = std::mem::MaybeUninit::<dsv3_train_params>::uninit();
     // SAFETY: the default writes every field.
     let def = unsafe {

@@ -267,3 +267,118 @@ fn huge_sizes_are_errors_not_aborts() {
         dsv3_model_free(m);
     }
 }
+
+/// A host reward: counts its calls (through user data) and rewards completions by their share
+/// of lowercase letters; NaN (does not apply) when the prompt has no reference answer.
+unsafe extern "C" fn host_reward(
+    user: *mut c_void,
+    prompt: *const std::ffi::c_char,
+    completion: *const std::ffi::c_char,
+    answer: *const std::ffi::c_char,
+) -> f32 {
+    *(user as *mut usize) += 1;
+    assert!(!CStr::from_ptr(prompt).to_bytes().is_empty());
+    if answer.is_null() {
+        return f32::NAN;
+    }
+    let c = CStr::from_ptr(completion).to_string_lossy();
+    let n = c.chars().count().max(1);
+    c.chars().filter(|x| x.is_ascii_lowercase()).count() as f32 / n as f32
+}
+
+#[test]
+fn grpo_with_host_and_builtin_rewards() {
+    use dsv3::grpo::*;
+    unsafe {
+        let mut tp = std::mem::zeroed::<dsv3_train_params>();
+        dsv3_train_params_default(&mut tp);
+        tp.schedule = 0;
+        tp.lr = 1e-3;
+        let mut t = null_mut();
+        assert_eq!(dsv3_trainer_new_preset(c"tiny".as_ptr(), &tp, &mut t), dsv3_status::DSV3_OK, "{}", last());
+        let mut m = null_mut();
+        assert_eq!(dsv3_trainer_model(t, &mut m), dsv3_status::DSV3_OK);
+        let mut p = std::mem::zeroed::<dsv3_grpo_params>();
+        assert_eq!(dsv3_grpo_params_default(&mut p), dsv3_status::DSV3_OK);
+        p.num_generations = 4;
+        p.max_completion_length = 5;
+        p.beta = 0.04;
+        let mut bad = std::mem::zeroed::<dsv3_grpo_params>();
+        dsv3_grpo_params_default(&mut bad);
+        bad.loss_type = 9;
+        let mut g = null_mut();
+        assert_eq!(dsv3_grpo_new(m, &tp, &bad, &mut g), dsv3_status::DSV3_ERR_INVALID_ARGUMENT);
+        assert!(last().contains("loss_type"), "{}", last());
+        bad.loss_type = 3;
+        bad.num_generations = 1;
+        assert_eq!(dsv3_grpo_new(m, &tp, &bad, &mut g), dsv3_status::DSV3_ERR_INVALID_ARGUMENT);
+        assert_eq!(dsv3_grpo_new(m, &tp, &p, &mut g), dsv3_status::DSV3_OK, "{}", last());
+        let prompts = [c"ab".as_ptr(), c"cd".as_ptr(), c"no answer".as_ptr()];
+        let answers = [c"x".as_ptr(), c"y".as_ptr(), null()];
+        let mut met = dsv3_grpo_metrics { struct_size: std::mem::size_of::<dsv3_grpo_metrics>(), ..Default::default() };
+        assert_eq!(
+            dsv3_grpo_step(g, null(), prompts.as_ptr(), answers.as_ptr(), 3, &mut met),
+            dsv3_status::DSV3_ERR_INVALID_ARGUMENT
+        );
+        assert!(last().contains("reward"), "{}", last());
+        assert_eq!(
+            dsv3_grpo_add_reward(g, c"bogus".as_ptr(), 1.0, None, null_mut()),
+            dsv3_status::DSV3_ERR_INVALID_ARGUMENT
+        );
+        let mut calls = 0usize;
+        let user = &mut calls as *mut usize as *mut c_void;
+        assert_eq!(dsv3_grpo_add_reward(g, c"lower".as_ptr(), 1.0, Some(host_reward), user), dsv3_status::DSV3_OK);
+        assert_eq!(dsv3_grpo_add_reward(g, c"exact".as_ptr(), 0.5, None, null_mut()), dsv3_status::DSV3_OK);
+        let mut rewards = Vec::new();
+        for _ in 0..40 {
+            let st = dsv3_grpo_step(g, null(), prompts.as_ptr(), answers.as_ptr(), 3, &mut met);
+            assert_eq!(st, dsv3_status::DSV3_OK, "{}", last());
+            rewards.push(met.reward);
+        }
+        assert_eq!(calls, 40 * 12, "the host reward runs once per completion");
+        assert!(met.completion_length_max <= 5 && met.sampling_s > 0.0 && met.learning_s > 0.0);
+        assert!(met.kl > 0.0, "β > 0: the policy moved away from the reference");
+        let (first, tail) = (rewards[..8].iter().sum::<f32>() / 8.0, rewards[32..].iter().sum::<f32>() / 8.0);
+        assert!(tail > first + 0.1, "the host reward rises: {rewards:?}");
+        let (mut mean, mut std) = (0f32, 0f32);
+        assert_eq!(dsv3_grpo_reward_stats(g, 0, &mut mean, &mut std), dsv3_status::DSV3_OK);
+        assert!(mean > 0.0 && mean <= 1.0);
+        assert_eq!(dsv3_grpo_reward_stats(g, 2, &mut mean, &mut std), dsv3_status::DSV3_ERR_INVALID_ARGUMENT);
+        // completions: 12 of them; the third prompt's has no applicable reward (NaN)
+        let mut buf = [0 as std::ffi::c_char; 64];
+        let (mut need, mut r) = (0usize, 0f32);
+        assert_eq!(dsv3_grpo_completion(g, 11, buf.as_mut_ptr(), 64, &mut need, &mut r), dsv3_status::DSV3_OK);
+        assert!(r.is_nan() && need >= 1);
+        assert_eq!(dsv3_grpo_completion(g, 0, buf.as_mut_ptr(), 64, &mut need, &mut r), dsv3_status::DSV3_OK);
+        assert!(r.is_finite());
+        assert_eq!(
+            dsv3_grpo_completion(g, 12, buf.as_mut_ptr(), 64, &mut need, &mut r),
+            dsv3_status::DSV3_ERR_INVALID_ARGUMENT
+        );
+        // stop tokens, snapshot model, checkpoint
+        let stop = [10u32];
+        assert_eq!(dsv3_grpo_set_stop_tokens(g, stop.as_ptr(), 1), dsv3_status::DSV3_OK);
+        let big = [100_000u32];
+        assert_eq!(dsv3_grpo_set_stop_tokens(g, big.as_ptr(), 1), dsv3_status::DSV3_ERR_INVALID_ARGUMENT);
+        let mut pm = null_mut();
+        assert_eq!(dsv3_grpo_model(g, &mut pm), dsv3_status::DSV3_OK);
+        let dir = std::env::temp_dir().join(format!("dsv3-abi-grpo-{}", std::process::id()));
+        let cdir = CString::new(dir.to_str().unwrap()).unwrap();
+        assert_eq!(dsv3_grpo_save(g, cdir.as_ptr()), dsv3_status::DSV3_OK, "{}", last());
+        assert!(dir.join("model.safetensors").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+        met.struct_size = 8;
+        assert_eq!(
+            dsv3_grpo_step(g, null(), prompts.as_ptr(), answers.as_ptr(), 3, &mut met),
+            dsv3_status::DSV3_ERR_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            dsv3_grpo_step(null_mut(), null(), prompts.as_ptr(), null(), 3, null_mut()),
+            dsv3_status::DSV3_ERR_NULL_ARGUMENT
+        );
+        dsv3_model_free(pm);
+        dsv3_grpo_free(g);
+        dsv3_model_free(m);
+        dsv3_trainer_free(t);
+    }
+}

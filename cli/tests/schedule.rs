@@ -158,9 +158,9 @@ fn replay(v: &Value, stages: u64, c: (f64, f64, f64, f64)) -> Replay {
                     live += 1;
                     peak = peak.max(live);
                 }
-                match (o.b, o.w) {
-                    (Some((_, false)), _) | (_, Some(_)) => live -= 1,
-                    _ => {}
+                // an F adds one, its B (full or zb) frees it; W changes nothing
+                if o.b.is_some() {
+                    live -= 1;
                 }
             }
             peak as usize

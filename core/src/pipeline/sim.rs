@@ -182,20 +182,22 @@ fn deps(op: &Op, s_n: usize) -> Vec<(bool, Chunk)> {
     d
 }
 
-/// The most forward activations alive at once on a rank running `ops` in order.
+/// The most forward activations alive at once on a rank running `ops` in order, as the
+/// `dsv3 schedule` contract defines it: an F adds one, its B (full or input-grad-only) frees it;
+/// a W changes nothing. (A deferred W still reads the layer inputs it saved, so real memory under
+/// ZB-H1 is higher than this count: PP on every rank rather than PP − r.)
 pub fn peak_live(ops: &[Op]) -> usize {
     let (mut live, mut peak) = (0usize, 0usize);
     for op in ops {
         match op {
             Op::F(_) => live += 1,
-            Op::B { zb: false, .. } | Op::W(_) => live = live.saturating_sub(1),
-            Op::B { zb: true, .. } => {}
-            Op::FB { zb, .. } => {
+            Op::B { .. } => live = live.saturating_sub(1),
+            Op::W(_) => {}
+            Op::FB { .. } => {
+                // the forward's activation exists before the overlapped backward frees another
                 live += 1;
                 peak = peak.max(live);
-                if !zb {
-                    live -= 1;
-                }
+                live -= 1;
             }
         }
         peak = peak.max(live);
@@ -244,8 +246,9 @@ mod tests {
                 let r = run(Kind::Zb1p, p, m, c);
                 let want = (p - 1) as f64 * (c.f + c.b - 2.0 * c.w);
                 assert!((max(&r.bubble) - want).abs() < 1e-9, "pp={p} m={m} {c:?}: {:?} vs {want}", r.bubble);
-                // the deferred weight jobs keep activations alive: PP on every rank
-                assert_eq!(r.peak_activations, vec![p; p], "pp={p} m={m}");
+                // the contract's count (an F adds one, its B frees it): PP − r, as 1F1B
+                let peaks: Vec<usize> = (0..p).map(|i| p - i).collect();
+                assert_eq!(r.peak_activations, peaks, "pp={p} m={m}");
             }
         }
     }

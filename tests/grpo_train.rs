@@ -191,3 +191,43 @@ fn rejection_sampling_keeps_only_accepted_distinct_samples() {
     let k = rejection_sample(&model, &prompts, &[(&share, 1.0)], &decode, &capped, 2).unwrap();
     assert_eq!(k.len(), 4, "two per prompt when every sample passes");
 }
+
+#[test]
+fn sharded_learning_pass_equals_one_grpo_pass() {
+    // with β > 0, μ = 2 (old log-probs), and rows of different lengths; the trainer splits the
+    // rows over the worker threads (2 on CI), the plain pass does not
+    let loss = GrpoConfig { beta: 0.04, epsilon_high: 0.28, ..Default::default() };
+    let cfg = GrpoTrainConfig {
+        loss: loss.clone(),
+        num_generations: 4,
+        max_completion_length: 6,
+        num_iterations: 2,
+        stop_tokens: (b'a'..=b'z').map(u32::from).collect(),
+        seed: 1,
+        ..Default::default()
+    };
+    let mut tr = trainer(cfg, 1e-2);
+    let share = Share('*');
+    let rewards: [(&dyn Reward, f32); 1] = [(&share, 1.0)];
+    let (_, _) = tr.step(&prompts(), &rewards, &decode).unwrap(); // move the policy off the reference
+    let b = tr.sample(&prompts(), &rewards, &decode).unwrap();
+    assert!(b.completions.iter().any(|c| c.len() < 6), "some rows end early");
+    let out = tr.gradients(&b).unwrap();
+    let ref_logps = tr.reference.as_ref().unwrap().rollout_logps(&b.ids, &b.mask, 1.0).unwrap();
+    let r = dsv3::grpo::pass::Rollouts {
+        ids: &b.ids,
+        mask: &b.mask,
+        rewards: &b.rewards,
+        group_size: 4,
+        old_logps: b.old_logps.as_deref(),
+        ref_logps: Some(&ref_logps),
+    };
+    let mut g = tr.trainer.model.zeros_like();
+    let (want, _) = tr.trainer.model.grpo_pass(&r, &loss, &mut g).unwrap();
+    assert!((out.loss - want.loss).abs() <= 1e-6 * want.loss.abs().max(1e-3), "{} vs {}", out.loss, want.loss);
+    assert_eq!(out.kl, want.kl);
+    let (got, exp) = (weights(&mut tr.trainer.grad), weights(&mut g));
+    let num: f64 = got.iter().zip(&exp).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let den: f64 = exp.iter().map(|b| (*b as f64).powi(2)).sum();
+    assert!(den > 0.0 && (num / den).sqrt() < 1e-6, "relative L2 {}", (num / den).sqrt());
+}

@@ -33,6 +33,10 @@ pub struct DemoArgs {
     /// GRPO: answers sampled per problem (G).
     #[arg(long, default_value_t = 8)]
     pub group: usize,
+    /// GRPO: weight of the partial-credit reward (share of answer digits right, aligned from the
+    /// units digit) next to the exact-answer reward (weight 1); 0 = exact answer only.
+    #[arg(long, default_value_t = 0.0)]
+    pub partial_credit: f32,
     /// GRPO: sampling temperature (log-probs use the same).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
@@ -292,7 +296,11 @@ fn grpo_stage(
         acc_sft * 100.0
     );
     let exact = ExactMatch;
-    let rewards: [(&dyn Reward, f32); 1] = [(&exact, 1.0)];
+    let digits = DigitCredit;
+    let mut rewards: Vec<(&dyn Reward, f32)> = vec![(&exact, 1.0)];
+    if a.partial_credit != 0.0 {
+        rewards.push((&digits, a.partial_credit));
+    }
     let decode = |t: &[u32]| ByteTokenizer.decode(t);
     let mut rng = Rng::new(a.seed ^ 0x6e90);
     let (mut t_sample, mut t_learn, mut gen_tokens) = (0f64, 0f64, 0usize);
@@ -334,4 +342,24 @@ fn grpo_stage(
     );
     g.trainer.step += a.steps;
     Ok((g.trainer, acc, curve))
+}
+
+/// Partial credit for an addition answer: the share of digit positions (aligned from the units
+/// digit, over the longer of the two numbers) that are right; 0 for a non-number.
+pub struct DigitCredit;
+
+impl Reward for DigitCredit {
+    fn name(&self) -> &str {
+        "digits"
+    }
+    fn score(&self, _prompt: &str, completion: &str, answer: Option<&str>) -> Option<f32> {
+        let want = answer?.trim();
+        let got = completion.split('\n').next().unwrap_or("").trim();
+        if got.is_empty() || !got.bytes().all(|b| b.is_ascii_digit()) {
+            return Some(0.0);
+        }
+        let n = got.len().max(want.len());
+        let same = got.bytes().rev().zip(want.bytes().rev()).filter(|(x, y)| x == y).count();
+        Some(same as f32 / n as f32)
+    }
 }

@@ -24,57 +24,40 @@ pub struct Rollouts<'a> {
     pub ref_logps: Option<&'a [f32]>,
 }
 
+/// Checks the rollouts' shapes and the temperature; returns `(N, T)`.
+pub(crate) fn check(r: &Rollouts, cfg: &GrpoConfig) -> Result<(usize, usize)> {
+    let n = r.ids.len();
+    let t = r.ids.first().map_or(0, |x| x.len());
+    if n == 0 || t < 2 || r.ids.iter().any(|x| x.len() != t) {
+        return Err(ierr("rollouts need N >= 1 rows of the same length T >= 2"));
+    }
+    if r.mask.len() != n * t || r.rewards.len() != n {
+        return Err(ierr(format!("rollouts of [{n}, {t}] need a [{n}, {t}] mask and {n} rewards")));
+    }
+    if !(cfg.temperature.is_finite() && cfg.temperature > 0.0) {
+        return Err(ierr(format!("temperature must be positive, got {}", cfg.temperature)));
+    }
+    Ok((n, t))
+}
+
+/// The column-0-free loss mask (nothing predicts a row's first token).
+pub(crate) fn loss_mask(mask: &[f32], t: usize) -> Vec<f32> {
+    mask.iter().enumerate().map(|(k, &m)| if k % t == 0 { 0.0 } else { m }).collect()
+}
+
 impl Model {
     /// The GRPO loss of `r` under `cfg` and its gradient into `grad`. Returns the loss output and
     /// the advantages.
     pub fn grpo_pass(&self, r: &Rollouts, cfg: &GrpoConfig, grad: &mut Model) -> Result<(GrpoOutput, Vec<f32>)> {
-        let n = r.ids.len();
-        let t = r.ids.first().map_or(0, |x| x.len());
-        if n == 0 || t < 2 || r.ids.iter().any(|x| x.len() != t) {
-            return Err(ierr("rollouts need N >= 1 rows of the same length T >= 2"));
-        }
-        if r.mask.len() != n * t || r.rewards.len() != n {
-            return Err(ierr(format!("rollouts of [{n}, {t}] need a [{n}, {t}] mask and {n} rewards")));
-        }
-        if !(cfg.temperature.is_finite() && cfg.temperature > 0.0) {
-            return Err(ierr(format!("temperature must be positive, got {}", cfg.temperature)));
-        }
+        let (_, t) = check(r, cfg)?;
         let adv = advantages(r.rewards, r.group_size, cfg.scale_rewards, cfg.std_eps)?;
         let sc = self.score_rollouts(r.ids, r.mask, cfg.temperature)?;
-        let (hidden, trace, pos, rows, z, logp) = (sc.hidden, sc.trace, sc.pos, sc.rows, sc.z, sc.logp);
-        let (d, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        let inv_t = 1.0 / cfg.temperature;
-        let mask: Vec<f32> = r.mask.iter().enumerate().map(|(k, &m)| if k % t == 0 { 0.0 } else { m }).collect();
-        let out = grpo_loss(&logp, r.old_logps, r.ref_logps, &mask, &adv, cfg)?;
+        let mask = loss_mask(r.mask, t);
+        let out = grpo_loss(&sc.logp, r.old_logps, r.ref_logps, &mask, &adv, cfg)?;
         if !out.loss.is_finite() {
             return Err(crate::Error::NonFinite(format!("GRPO loss is {}", out.loss)));
         }
-        // d logp / d z = (onehot − softmax(z/T)) / T
-        let mut dz = vec![0f32; z.len()];
-        for (k, &(i, c)) in pos.iter().enumerate() {
-            let g = out.dlogp[i * t + c];
-            if g == 0.0 {
-                continue;
-            }
-            let zr = &z[k * v..(k + 1) * v];
-            let lse = logsumexp(zr);
-            for (dv, &zv) in dz[k * v..(k + 1) * v].iter_mut().zip(zr) {
-                *dv = -g * crate::ops::fastmath::exp(zv - lse) * inv_t;
-            }
-            dz[k * v + r.ids[i][c] as usize] += g * inv_t;
-        }
-        let mut drows = vec![0f32; rows.len()];
-        self.lm_head.backward(&rows, pos.len(), &dz, &mut grad.lm_head, Some(&mut drows), false);
-        let mut dnormed = vec![0f32; hidden.normed.len()];
-        for (k, &(i, c)) in pos.iter().enumerate() {
-            dnormed[(i * t + c - 1) * d..(i * t + c) * d].copy_from_slice(&drows[k * d..(k + 1) * d]);
-        }
-        let bal = Balance { seqs: trace.batch.seqs.clone(), scale: 1.0, ..Default::default() };
-        self.train_backward(&hidden, &trace, &dnormed, grad, &bal);
-        if self.cfg.tie_word_embeddings {
-            let gl = grad.lm_head.dense();
-            grad.embed.iter_mut().zip(&gl).for_each(|(a, b)| *a += b);
-        }
+        self.backward_scored(sc, r.ids, &out.dlogp, cfg.temperature, grad);
         Ok((out, adv))
     }
 
@@ -96,7 +79,7 @@ impl Model {
 
     /// The training forward over the rollouts and the tempered logits / log-probs of the counted
     /// tokens.
-    fn score_rollouts(&self, ids: &[Vec<u32>], mask: &[f32], temperature: f32) -> Result<Scored> {
+    pub(crate) fn score_rollouts(&self, ids: &[Vec<u32>], mask: &[f32], temperature: f32) -> Result<Scored> {
         let n = ids.len();
         let t = ids[0].len();
         let seqs: Vec<&[u32]> = ids.iter().map(|x| &x[..]).collect();
@@ -120,15 +103,57 @@ impl Model {
         }
         Ok(Scored { hidden, trace, pos, rows, z, logp })
     }
+
+    /// The backward of a scored batch: `dlogp` (`[N, T]`, d loss / d log-prob of each token)
+    /// through the tempered log-softmax, the head and the model, accumulated into `grad`.
+    pub(crate) fn backward_scored(
+        &self,
+        sc: Scored,
+        ids: &[Vec<u32>],
+        dlogp: &[f32],
+        temperature: f32,
+        grad: &mut Model,
+    ) {
+        let Scored { hidden, trace, pos, rows, z, .. } = sc;
+        let t = ids[0].len();
+        let (d, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let inv_t = 1.0 / temperature;
+        // d logp / d z = (onehot − softmax(z/T)) / T
+        let mut dz = vec![0f32; z.len()];
+        for (k, &(i, c)) in pos.iter().enumerate() {
+            let g = dlogp[i * t + c];
+            if g == 0.0 {
+                continue;
+            }
+            let zr = &z[k * v..(k + 1) * v];
+            let lse = logsumexp(zr);
+            for (dv, &zv) in dz[k * v..(k + 1) * v].iter_mut().zip(zr) {
+                *dv = -g * crate::ops::fastmath::exp(zv - lse) * inv_t;
+            }
+            dz[k * v + ids[i][c] as usize] += g * inv_t;
+        }
+        let mut drows = vec![0f32; rows.len()];
+        self.lm_head.backward(&rows, pos.len(), &dz, &mut grad.lm_head, Some(&mut drows), false);
+        let mut dnormed = vec![0f32; hidden.normed.len()];
+        for (k, &(i, c)) in pos.iter().enumerate() {
+            dnormed[(i * t + c - 1) * d..(i * t + c) * d].copy_from_slice(&drows[k * d..(k + 1) * d]);
+        }
+        let bal = Balance { seqs: trace.batch.seqs.clone(), scale: 1.0, ..Default::default() };
+        self.train_backward(&hidden, &trace, &dnormed, grad, &bal);
+        if self.cfg.tie_word_embeddings {
+            let gl = grad.lm_head.dense();
+            grad.embed.iter_mut().zip(&gl).for_each(|(a, b)| *a += b);
+        }
+    }
 }
 
 /// What [`Model::score_rollouts`] computes: the training forward, the counted (row, col)
 /// positions, their post-norm hidden rows `[P, D]`, tempered logits `[P, V]` and log-probs `[N, T]`.
-struct Scored {
+pub(crate) struct Scored {
     hidden: crate::model::train::Hidden,
     trace: crate::model::train::Trace,
     pos: Vec<(usize, usize)>,
     rows: Vec<f32>,
     z: Vec<f32>,
-    logp: Vec<f32>,
+    pub(crate) logp: Vec<f32>,
 }

@@ -152,6 +152,8 @@ pub struct GrpoTrainer {
     pub reference: Option<Model>,
     /// Generation batches done.
     pub step: u64,
+    /// Gradient buffers of the data-parallel shards of the learning pass.
+    shard_grads: Vec<Model>,
 }
 
 impl GrpoTrainer {
@@ -181,7 +183,7 @@ impl GrpoTrainer {
             return Err(ierr(format!("pad token {} is outside the vocabulary", cfg.pad_token)));
         }
         let reference = (cfg.loss.beta != 0.0).then(|| trainer.model.clone());
-        Ok(GrpoTrainer { trainer, cfg, reference, step: 0 })
+        Ok(GrpoTrainer { trainer, cfg, reference, step: 0, shard_grads: Vec::new() })
     }
 
     /// The policy.
@@ -262,27 +264,12 @@ impl GrpoTrainer {
     /// μ optimizer steps on `batch` (from [`GrpoTrainer::sample`] of this policy), then the
     /// reference sync when due. Returns the step's metrics.
     pub fn learn(&mut self, batch: &RolloutBatch) -> Result<GrpoMetrics> {
-        let mut loss_cfg = self.cfg.loss.clone();
-        if loss_cfg.loss_type == LossType::DrGrpo && loss_cfg.max_completion_length.is_none() {
-            loss_cfg.max_completion_length = Some(self.cfg.max_completion_length);
-        }
-        let ref_logps = match &self.reference {
-            Some(r) => Some(r.rollout_logps(&batch.ids, &batch.mask, loss_cfg.temperature)?),
-            None => None,
-        };
+        let loss_cfg = self.loss_config();
+        let ref_logps = self.reference_logps(batch)?;
         let mut m = batch_metrics(batch, self.step);
         let mu = self.cfg.num_iterations;
         for _ in 0..mu {
-            self.trainer.grad.visit(&mut |_, g| g.fill(0.0));
-            let r = Rollouts {
-                ids: &batch.ids,
-                mask: &batch.mask,
-                rewards: &batch.rewards,
-                group_size: batch.group_size,
-                old_logps: batch.old_logps.as_deref(),
-                ref_logps: ref_logps.as_deref(),
-            };
-            let (out, _) = self.trainer.model.grpo_pass(&r, &loss_cfg, &mut self.trainer.grad)?;
+            let out = self.grads(batch, ref_logps.as_deref(), &loss_cfg)?;
             let (gn, lr) = self.trainer.apply_gradients(&[])?;
             let k = mu as f32;
             m.loss += out.loss / k;
@@ -296,6 +283,98 @@ impl GrpoTrainer {
         }
         self.step += 1;
         Ok(m)
+    }
+
+    /// The loss settings of a step (dr_grpo's normaliser defaults to the completion cap, as TRL).
+    fn loss_config(&self) -> GrpoConfig {
+        let mut c = self.cfg.loss.clone();
+        if c.loss_type == LossType::DrGrpo && c.max_completion_length.is_none() {
+            c.max_completion_length = Some(self.cfg.max_completion_length);
+        }
+        c
+    }
+
+    /// The reference model's log-probs of `batch` (None without a reference, β = 0).
+    fn reference_logps(&self, batch: &RolloutBatch) -> Result<Option<Vec<f32>>> {
+        match &self.reference {
+            Some(r) => Ok(Some(r.rollout_logps(&batch.ids, &batch.mask, self.cfg.loss.temperature)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The loss of `batch` under the current policy and its gradient, left in
+    /// `self.trainer.grad` (no optimizer step) — what one of [`GrpoTrainer::learn`]'s μ steps
+    /// computes.
+    pub fn gradients(&mut self, batch: &RolloutBatch) -> Result<crate::grpo::GrpoOutput> {
+        let cfg = self.loss_config();
+        let ref_logps = self.reference_logps(batch)?;
+        self.grads(batch, ref_logps.as_deref(), &cfg)
+    }
+
+    fn grads(
+        &mut self,
+        batch: &RolloutBatch,
+        ref_logps: Option<&[f32]>,
+        cfg: &GrpoConfig,
+    ) -> Result<crate::grpo::GrpoOutput> {
+        self.trainer.grad.visit(&mut |_, g| g.fill(0.0));
+        let r = Rollouts {
+            ids: &batch.ids,
+            mask: &batch.mask,
+            rewards: &batch.rewards,
+            group_size: batch.group_size,
+            old_logps: batch.old_logps.as_deref(),
+            ref_logps,
+        };
+        self.pass(&r, cfg)
+    }
+
+    /// Loss and gradients of `r` into `self.trainer.grad` (zeroed by the caller). With several
+    /// worker threads the rows are split into contiguous shards: each shard's forward runs in
+    /// parallel, the loss is computed once over the whole batch (its normalisers are global), and
+    /// each shard's backward runs in parallel into its own buffer; the buffers are summed in
+    /// shard order. Same result as one [`Model::grpo_pass`] up to f32 summation order.
+    fn pass(&mut self, r: &Rollouts, cfg: &GrpoConfig) -> Result<crate::grpo::GrpoOutput> {
+        let (n, t) = crate::grpo::pass::check(r, cfg)?;
+        let k = crate::ops::threads().min(n).max(1);
+        if k == 1 {
+            return Ok(self.trainer.model.grpo_pass(r, cfg, &mut self.trainer.grad)?.0);
+        }
+        let adv = crate::grpo::advantages(r.rewards, r.group_size, cfg.scale_rewards, cfg.std_eps)?;
+        let per = n.div_ceil(k);
+        let shards: Vec<(usize, usize)> = (0..n).step_by(per).map(|s| (s, (s + per).min(n))).collect();
+        let model = &self.trainer.model;
+        let score =
+            |&(a, b): &(usize, usize)| model.score_rollouts(&r.ids[a..b], &r.mask[a * t..b * t], cfg.temperature);
+        let scored: Vec<crate::grpo::pass::Scored> =
+            crate::ops::par_map(&shards, usize::MAX, score).into_iter().collect::<Result<_>>()?;
+        let logp: Vec<f32> = scored.iter().flat_map(|s| s.logp.iter().copied()).collect();
+        let mask = crate::grpo::pass::loss_mask(r.mask, t);
+        let out = crate::grpo::grpo_loss(&logp, r.old_logps, r.ref_logps, &mask, &adv, cfg)?;
+        if !out.loss.is_finite() {
+            return Err(crate::Error::NonFinite(format!("GRPO loss is {}", out.loss)));
+        }
+        while self.shard_grads.len() < shards.len() {
+            self.shard_grads.push(self.trainer.model.zeros_like());
+        }
+        let bufs = &mut self.shard_grads[..shards.len()];
+        bufs.iter_mut().for_each(|g| g.visit(&mut |_, x| x.fill(0.0)));
+        let jobs: Vec<_> = scored.into_iter().zip(shards.iter()).zip(bufs.iter_mut()).collect();
+        let model = &self.trainer.model;
+        let run = |((sc, &(a, b)), g): ((crate::grpo::pass::Scored, &(usize, usize)), &mut Model)| {
+            model.backward_scored(sc, &r.ids[a..b], &out.dlogp[a * t..b * t], cfg.temperature, g)
+        };
+        #[cfg(feature = "std")]
+        {
+            use rayon::prelude::*;
+            jobs.into_par_iter().for_each(run);
+        }
+        #[cfg(not(feature = "std"))]
+        jobs.into_iter().for_each(run);
+        for b in self.shard_grads[..shards.len()].iter_mut() {
+            self.trainer.grad.add_from(b);
+        }
+        Ok(out)
     }
 
     /// One GRPO step: [`GrpoTrainer::sample`] then [`GrpoTrainer::learn`].

@@ -1,0 +1,71 @@
+// Shared helpers for the dsv3 kernels: element types, loads/stores through f32, and the CPU
+// oracle's fast exp (core/src/ops/fastmath.rs) so f32-mode results track the CPU closely.
+#pragma once
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(bf16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float v) { return __float2bfloat16_rn(v); }
+
+// e^x as core::ops::fastmath::exp computes it (degree-6 polynomial after range reduction).
+__device__ __forceinline__ float dsv3_exp(float x) {
+    if (isnan(x)) return x;
+    if (x < -87.3f) return 0.0f;
+    if (x > 88.7f) return __int_as_float(0x7f800000);
+    const float LOG2E = 1.44269504088896341f, LN2_HI = 0.69314575f, LN2_LO = 1.4286068e-6f;
+    float n = __fsub_rn(__fadd_rn(__fmul_rn(x, LOG2E), 12582912.0f), 12582912.0f);
+    float r = __fsub_rn(__fsub_rn(x, __fmul_rn(n, LN2_HI)), __fmul_rn(n, LN2_LO));
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.16666667f + r * (0.041666668f + r * (0.008333334f + r * 0.001388889f)))));
+    int ni = (int)n;
+    if (n >= 127.0f) return p * __int_as_float((ni + 126) << 23) * 2.0f;
+    return p * __int_as_float((ni + 127) << 23);
+}
+
+__device__ __forceinline__ float dsv3_sigmoid(float x) { return 1.0f / (1.0f + dsv3_exp(-x)); }
+
+// Sum over a warp (all 32 lanes get the result).
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets the result.
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float part[32];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) part[w] = v;
+    __syncthreads();
+    float t = lane < nw ? part[lane] : 0.0f;
+    return warp_sum(t);
+}
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float part[32];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) part[w] = v;
+    __syncthreads();
+    float t = lane < nw ? part[lane] : -__int_as_float(0x7f800000);
+    return warp_max(t);
+}
+
+// E4M3 (float8_e4m3fn) code to f32: exact (every E4M3 value is a bf16 and an f32).
+__device__ __forceinline__ float e4m3_to_f32(uint8_t b) {
+    uint32_t s = (b >> 7) & 1, e = (b >> 3) & 0xf, m = b & 7;
+    float v;
+    if (e == 0xf && m == 7) v = __int_as_float(0x7fc00000);
+    else if (e == 0) v = ldexpf((float)m, -9);
+    else v = ldexpf((float)(8 + m), (int)e - 10);
+    return s ? -v : v;
+}

@@ -1,0 +1,46 @@
+// The argument block every GEMM kernel takes (mirrored by kernels/src/ops/gemm.rs, #[repr(C)]).
+//
+// C[m, n] (+)= sum_k A[m, k] * W[n, k] (+ bias[n]): x · Wᵀ with both operands K-contiguous.
+// Batched: blockIdx.z picks batch b; A, W, C, scale advance by their batch strides.
+// Grouped (row_offsets != 0): group g owns rows [row_offsets[g], row_offsets[g+1]) of A and C,
+// its weight is W + g * stride_w; blockIdx.y walks the row tiles of all groups, tile_offsets[g]
+// being the first tile of group g (tiles of GEMM_BM rows). grid.y = tile_offsets[groups] or more.
+// FP8 weights: W holds E4M3 codes, scale the f32 block scales [ceil(n/128), scale_ld] (128x128
+// blocks); products are summed per 128-wide K block in f32 and then scaled into the accumulator.
+#pragma once
+#define GEMM_BM 64
+#define GEMM_BN 64
+
+struct GemmArgs {
+    const void* a;
+    const void* w;
+    void* c;
+    const float* bias;
+    const float* scale;
+    const int* row_offsets;
+    const int* tile_offsets;
+    long long stride_a, stride_w, stride_c, stride_scale;
+    int m, n, k, lda, ldw, ldc;
+    int groups, accumulate, scale_ld, pad;
+};
+
+// Which rows this block computes: [row0, row_end), and the group (0 when not grouped).
+__device__ __forceinline__ bool gemm_tile_rows(const GemmArgs& p, int& row0, int& row_end, int& g) {
+    if (p.row_offsets) {
+        int t = blockIdx.y;
+        if (t >= p.tile_offsets[p.groups]) return false;
+        int lo = 0, hi = p.groups - 1;  // last g with tile_offsets[g] <= t
+        while (lo < hi) {
+            int mid = (lo + hi + 1) >> 1;
+            if (p.tile_offsets[mid] <= t) lo = mid; else hi = mid - 1;
+        }
+        g = lo;
+        row0 = p.row_offsets[g] + (t - p.tile_offsets[g]) * GEMM_BM;
+        row_end = p.row_offsets[g + 1];
+        return row0 < row_end;
+    }
+    g = 0;
+    row0 = blockIdx.y * GEMM_BM;
+    row_end = p.m;
+    return row0 < row_end;
+}

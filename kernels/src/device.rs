@@ -1,0 +1,118 @@
+//! [`Device`]: one CUDA GPU — its context, the stream every op runs on, and the embedded PTX
+//! modules (loaded on first use). Opening a device never panics: without a driver (libcuda) or a
+//! GPU it returns an error saying so (cudarc itself panics when libcuda is missing, so the
+//! library is probed first and every driver call sits behind a `catch_unwind`).
+use crate::ptx::{self, Arch};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use dsv3_core::{Error, Result};
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+
+/// An open CUDA device.
+pub struct Device {
+    pub ctx: Arc<CudaContext>,
+    /// The stream every launcher enqueues on (ops on one device are ordered).
+    pub stream: Arc<CudaStream>,
+    pub arch: Arch,
+    /// `"NVIDIA H100 80GB HBM3 (sm_90, 132 SMs)"`-style description.
+    pub name: String,
+    pub sms: usize,
+    functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+/// Runs a driver call, turning a panic (a symbol missing from an old libcuda) into an error.
+pub(crate) fn guard<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|_| Error::Unsupported(format!("CUDA: {what} panicked in the driver bindings")))
+}
+
+/// A driver error as the engine's error.
+pub(crate) fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Io(format!("CUDA: {what}: {e:?}"))
+}
+
+/// Whether the CUDA driver library (libcuda.so) can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library by its usual names
+    catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// Number of CUDA devices, or an error saying why there are none usable.
+pub fn device_count() -> Result<usize> {
+    if !driver_present() {
+        return Err(Error::Unsupported(
+            "no CUDA driver: libcuda.so could not be loaded (an NVIDIA driver is needed for --device cuda)".into(),
+        ));
+    }
+    let n = guard("cuDeviceGetCount", CudaContext::device_count)?.map_err(|e| {
+        Error::Unsupported(format!("CUDA driver present but unusable (cuInit/cuDeviceGetCount failed: {e:?})"))
+    })?;
+    Ok(n.max(0) as usize)
+}
+
+impl Device {
+    /// Opens GPU `ordinal`. Errors (never panics) when there is no driver, no such GPU, or its
+    /// compute capability is below 8.0.
+    pub fn new(ordinal: usize) -> Result<Device> {
+        let n = device_count()?;
+        if n == 0 {
+            return Err(Error::Unsupported("the CUDA driver reports no GPU".into()));
+        }
+        if ordinal >= n {
+            return Err(Error::Input(format!("CUDA device {ordinal} does not exist ({n} found)")));
+        }
+        let ctx = guard("CudaContext::new", || CudaContext::new(ordinal))?.map_err(|e| cuda_err("context", e))?;
+        let (major, minor) = ctx.compute_capability().map_err(|e| cuda_err("compute capability", e))?;
+        let arch = Arch::for_capability(major, minor).ok_or_else(|| {
+            Error::Unsupported(format!("GPU {ordinal} has compute capability {major}.{minor}; dsv3 needs 8.0 or newer"))
+        })?;
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| cuda_err("SM count", e))? as usize;
+        let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let name = format!("{gpu} (sm_{major}{minor}, {sms} SMs, PTX {arch:?})");
+        let stream = ctx.default_stream();
+        Ok(Device {
+            ctx,
+            stream,
+            arch,
+            name,
+            sms,
+            functions: Mutex::new(HashMap::new()),
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Kernel `kernel` of PTX module `module` (loading the module on first use).
+    pub fn function(&self, module: &'static str, kernel: &'static str) -> Result<CudaFunction> {
+        let mut fns = self.functions.lock().map_err(|_| Error::Io("CUDA: function cache poisoned".into()))?;
+        if let Some(f) = fns.get(&(module, kernel)) {
+            return Ok(f.clone());
+        }
+        let m = {
+            let mut mods = self.modules.lock().map_err(|_| Error::Io("CUDA: module cache poisoned".into()))?;
+            match mods.get(module) {
+                Some(m) => m.clone(),
+                None => {
+                    let src = ptx::source(self.arch, module)
+                        .ok_or_else(|| Error::Input(format!("no PTX module '{module}'")))?;
+                    let m = self
+                        .ctx
+                        .load_module(cudarc::nvrtc::Ptx::from_src(src))
+                        .map_err(|e| cuda_err(&format!("loading PTX module '{module}'"), e))?;
+                    mods.insert(module, m.clone());
+                    m
+                }
+            }
+        };
+        let f = m.load_function(kernel).map_err(|e| cuda_err(&format!("kernel '{kernel}' in '{module}'"), e))?;
+        fns.insert((module, kernel), f.clone());
+        Ok(f)
+    }
+
+    /// Waits for all work queued on the stream.
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| cuda_err("synchronize", e))
+    }
+}

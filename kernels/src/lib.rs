@@ -1,0 +1,20 @@
+//! dsv3-kernels: the CUDA backend. PTX compiled from `kernels/cuda/*.cu` (committed under
+//! `kernels/ptx/`, embedded here) is loaded through cudarc at run time: a user needs an NVIDIA
+//! driver, not a toolkit, and the crate builds on machines with no CUDA at all.
+//!
+//! - [`device`]: open a GPU (a clear error, never a panic, without a driver or GPU).
+//! - [`ptx`]: the embedded PTX per architecture (sm_90a, sm_80).
+//! - [`tensor`]: device buffers — activations ([`tensor::Act`], f32 or bf16) and GEMM weights.
+//! - [`ops`]: host-side launchers, one file per kernel family.
+//! - [`reference`]: CPU references of the kernels that have no single core counterpart.
+//! - [`model`]: [`model::CudaModel`], the model on device (prefill and batched decode over a
+//!   device latent cache).
+//! - [`nccl`] (feature `nccl`): a [`dsv3_core::pipeline::transport::Transport`] over NCCL.
+//! - [`bench`]: kernel benchmarks with the device-copy ceiling and cuBLAS in the same run.
+pub mod device;
+pub mod ops;
+pub mod ptx;
+pub mod tensor;
+
+pub use device::{device_count, driver_present, Device};
+pub use tensor::{Act, DType, DWeight};

@@ -1,0 +1,203 @@
+//! GEMMs `C = A · Wᵀ` (`kernels/cuda/gemm.cu`): f32 SIMT, bf16 tensor cores, FP8 weights with
+//! 128x128 block scales promoted per 128-wide K block. Batched over `grid.z` with strides, or
+//! grouped by rows (MoE experts: group g owns rows `[row_offsets[g], row_offsets[g+1])` and
+//! weight matrix g).
+use super::{dim, int, launch, KArg};
+use crate::device::Device;
+use crate::tensor::{dptr, Act, DType, DWeight, WeightBuf};
+use cudarc::driver::{CudaSlice, DeviceRepr};
+use dsv3_core::{Error, Result};
+
+/// Rows per block tile (the grouped mode's tile unit; `moe_plan` counts tiles of this size).
+pub const GEMM_BM: usize = 64;
+/// Columns per block tile.
+pub const GEMM_BN: usize = 64;
+
+/// The kernels' argument block (`kernels/cuda/gemm.cuh`, same field order and sizes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GemmArgs {
+    pub a: u64,
+    pub w: u64,
+    pub c: u64,
+    pub bias: u64,
+    pub scale: u64,
+    pub row_offsets: u64,
+    pub tile_offsets: u64,
+    pub stride_a: i64,
+    pub stride_w: i64,
+    pub stride_c: i64,
+    pub stride_scale: i64,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub lda: i32,
+    pub ldw: i32,
+    pub ldc: i32,
+    pub groups: i32,
+    pub accumulate: i32,
+    pub scale_ld: i32,
+    pub pad: i32,
+}
+
+// SAFETY: plain integers, #[repr(C)], laid out as the CUDA struct.
+unsafe impl DeviceRepr for GemmArgs {}
+
+/// Rows grouped by weight matrix (MoE experts), as `moe_plan` writes them: `row_offsets` and
+/// `tile_offsets` `[groups + 1]` on the device; `max_tiles` an upper bound on
+/// `tile_offsets[groups]` (the grid size; extra blocks exit).
+pub struct Grouped<'a> {
+    pub row_offsets: &'a CudaSlice<i32>,
+    pub tile_offsets: &'a CudaSlice<i32>,
+    pub max_tiles: usize,
+}
+
+/// The shape of one GEMM call. Batched (`grouped: None`): `batch` products, operand `b` being
+/// A at `a_off + b·stride_a` (`[m, k]`, row stride `lda`), weight matrix `b` of the [`DWeight`]
+/// (which must have `batch` groups, or 1 to share it), C at `c_off + b·stride_c` (`[m, n]`,
+/// stride `ldc`). Grouped: `m` is the total rows; A and C rows are global; `batch` must be 1.
+pub struct GemmShape<'a> {
+    pub m: usize,
+    pub a_off: usize,
+    pub lda: usize,
+    pub stride_a: usize,
+    pub c_off: usize,
+    pub ldc: usize,
+    pub stride_c: usize,
+    pub batch: usize,
+    /// Add into C instead of overwriting it.
+    pub accumulate: bool,
+    /// `[n]` f32 added to every row.
+    pub bias: Option<&'a CudaSlice<f32>>,
+    pub grouped: Option<Grouped<'a>>,
+}
+
+impl<'a> GemmShape<'a> {
+    /// A plain `[m, k] · [n, k]ᵀ -> [m, n]` with contiguous rows.
+    pub fn plain(m: usize, k: usize, n: usize) -> GemmShape<'a> {
+        GemmShape {
+            m,
+            a_off: 0,
+            lda: k,
+            stride_a: 0,
+            c_off: 0,
+            ldc: n,
+            stride_c: 0,
+            batch: 1,
+            accumulate: false,
+            bias: None,
+            grouped: None,
+        }
+    }
+}
+
+/// The kernel for (A dtype, weight storage, C dtype).
+fn kernel_for(a: DType, w: &WeightBuf, c: DType) -> Result<&'static str> {
+    Ok(match (a, w, c) {
+        (DType::F32, WeightBuf::F32(_), DType::F32) => "gemm_f32",
+        (DType::Bf16, WeightBuf::Bf16(_), DType::Bf16) => "gemm_bf16_bf16",
+        (DType::Bf16, WeightBuf::Bf16(_), DType::F32) => "gemm_bf16_f32",
+        (DType::Bf16, WeightBuf::Fp8 { .. }, DType::Bf16) => "gemm_fp8_bf16",
+        (DType::Bf16, WeightBuf::Fp8 { .. }, DType::F32) => "gemm_fp8_f32",
+        _ => {
+            return Err(Error::Input(format!(
+                "gemm: no kernel for A {a:?} x {} weights -> C {c:?} (f32 mode: all f32; bf16 mode: bf16 A)",
+                match w {
+                    WeightBuf::F32(_) => "f32",
+                    WeightBuf::Bf16(_) => "bf16",
+                    WeightBuf::Fp8 { .. } => "fp8",
+                }
+            )))
+        }
+    })
+}
+
+/// `C (+)= A · Wᵀ (+ bias)` over the shape `s`; see [`GemmShape`].
+pub fn gemm(dev: &Device, a: &Act, w: &DWeight, c: &mut Act, s: &GemmShape) -> Result<()> {
+    let (n, k) = (w.n, w.k);
+    if s.m == 0 || n == 0 {
+        return Ok(());
+    }
+    let kernel = kernel_for(a.dtype(), &w.buf, c.dtype())?;
+    if k == 0 || s.lda < k || s.ldc < n {
+        return Err(Error::Input(format!("gemm: k {k}, lda {} (>= k), ldc {} (>= n {n})", s.lda, s.ldc)));
+    }
+    if let Some(b) = s.bias {
+        if b.len() < n {
+            return Err(Error::Input(format!("gemm: bias of {} for n {n}", b.len())));
+        }
+    }
+    let (groups, grid_y, grid_z) = match &s.grouped {
+        Some(g) => {
+            if s.batch != 1 || g.row_offsets.len() < w.groups + 1 || g.tile_offsets.len() < w.groups + 1 {
+                return Err(Error::Input("gemm: grouped call needs batch 1 and [groups + 1] offsets".into()));
+            }
+            (w.groups, g.max_tiles.max(1), 1)
+        }
+        None => {
+            if s.batch == 0 || (w.groups != 1 && w.groups != s.batch) {
+                return Err(Error::Input(format!("gemm: batch {} with {} weight matrices", s.batch, w.groups)));
+            }
+            (1, s.m.div_ceil(GEMM_BM), s.batch)
+        }
+    };
+    let last = s.batch - 1;
+    a.check(s.a_off + last * s.stride_a + (s.m - 1) * s.lda + k, "gemm A")?;
+    c.check(s.c_off + last * s.stride_c + (s.m - 1) * s.ldc + n, "gemm C")?;
+    let share_w = s.grouped.is_none() && w.groups == 1;
+    let stride_w = if share_w { 0 } else { (n * k) as i64 };
+    let sl = k.div_ceil(128);
+    let (wp, scale, stride_scale) = match &w.buf {
+        WeightBuf::F32(b) => (dptr(dev, b, 0)?, 0, 0),
+        WeightBuf::Bf16(b) => (dptr(dev, b, 0)?, 0, 0),
+        WeightBuf::Fp8 { q, scale } => {
+            let ss = if share_w { 0 } else { (n.div_ceil(128) * sl) as i64 };
+            (dptr(dev, q, 0)?, dptr(dev, scale, 0)?, ss)
+        }
+    };
+    let (ro, to) = match &s.grouped {
+        Some(g) => (dptr(dev, g.row_offsets, 0)?, dptr(dev, g.tile_offsets, 0)?),
+        None => (0, 0),
+    };
+    let args = GemmArgs {
+        a: a.ptr(dev, s.a_off)?,
+        w: wp,
+        c: c.ptr(dev, s.c_off)?,
+        bias: match s.bias {
+            Some(b) => dptr(dev, b, 0)?,
+            None => 0,
+        },
+        scale,
+        row_offsets: ro,
+        tile_offsets: to,
+        stride_a: s.stride_a as i64,
+        stride_w,
+        stride_c: s.stride_c as i64,
+        stride_scale,
+        m: int(s.m, "m")?,
+        n: int(n, "n")?,
+        k: int(k, "k")?,
+        lda: int(s.lda, "lda")?,
+        ldw: int(k, "ldw")?,
+        ldc: int(s.ldc, "ldc")?,
+        groups: int(groups, "groups")?,
+        accumulate: s.accumulate as i32,
+        scale_ld: int(sl, "scale_ld")?,
+        pad: 0,
+    };
+    let block = if kernel == "gemm_f32" { 256 } else { 128 };
+    let grid = (dim(n.div_ceil(GEMM_BN), "gemm n")?, dim(grid_y, "gemm m")?, dim(grid_z, "gemm batch")?);
+    launch(dev, "gemm", kernel, grid, block, &[KArg::Gemm(args)])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn gemm_args_match_the_cuda_struct_layout() {
+        // 7 pointers, 4 i64 strides, 10 ints: offsets as nvcc lays out struct GemmArgs
+        assert_eq!(std::mem::size_of::<super::GemmArgs>(), 7 * 8 + 4 * 8 + 10 * 4);
+        assert_eq!(std::mem::offset_of!(super::GemmArgs, stride_a), 56);
+        assert_eq!(std::mem::offset_of!(super::GemmArgs, m), 88);
+        assert_eq!(std::mem::offset_of!(super::GemmArgs, pad), 124);
+    }
+}

@@ -1,0 +1,105 @@
+//! Host-side launchers, one file per kernel family (`kernels/cuda/<family>.cu`). Each checks
+//! shapes and buffer lengths (a bad call is an [`dsv3_core::Error::Input`], never an
+//! out-of-bounds access), picks the kernel for the dtypes and enqueues it on the device stream.
+//!
+//! - [`gather`]: row gathers (embedding lookup, last-row picks, MoE dispatch copies).
+//! - [`norm`]: RMSNorm. [`rope`]: RoPE/YaRN. [`elementwise`]: SwiGLU, add, casts.
+//! - [`gemm`]: `C = A · Wᵀ` in f32 / bf16 / FP8-weights, batched or grouped by rows.
+//! - [`mla`]: absorbed MLA attention over the latent cache, cache append.
+//! - [`moe`]: router, dispatch plan, combine. [`sampling`]: argmax, softmax.
+pub mod elementwise;
+pub mod gather;
+pub mod gemm;
+pub mod mla;
+pub mod moe;
+pub mod norm;
+pub mod rope;
+pub mod sampling;
+
+use crate::device::{cuda_err, Device};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use dsv3_core::{Error, Result};
+
+/// Every `(module, kernel)` a launcher uses (checked against the embedded PTX in a unit test).
+pub const KERNELS: &[(&str, &str)] = &[
+    ("embed", "gather_rows_f32"),
+    ("embed", "gather_rows_bf16"),
+    ("rmsnorm", "rmsnorm_f32"),
+    ("rmsnorm", "rmsnorm_bf16"),
+    ("rope", "rope_f32"),
+    ("rope", "rope_bf16"),
+    ("elementwise", "swiglu_f32"),
+    ("elementwise", "swiglu_bf16"),
+    ("elementwise", "add_f32"),
+    ("elementwise", "add_bf16"),
+    ("elementwise", "cast_f32_bf16"),
+    ("elementwise", "cast_bf16_f32"),
+    ("gemm", "gemm_f32"),
+    ("gemm", "gemm_bf16_bf16"),
+    ("gemm", "gemm_bf16_f32"),
+    ("gemm", "gemm_fp8_bf16"),
+    ("gemm", "gemm_fp8_f32"),
+    ("mla", "mla_decode_f32"),
+    ("mla", "mla_decode_bf16"),
+    ("mla", "mla_combine_f32"),
+    ("mla", "mla_combine_bf16"),
+    ("mla", "cache_append_f32"),
+    ("mla", "cache_append_bf16"),
+    ("moe", "moe_route"),
+    ("moe", "moe_plan"),
+    ("moe", "moe_combine_f32"),
+    ("moe", "moe_combine_bf16"),
+    ("sampling", "argmax_rows_f32"),
+    ("sampling", "softmax_rows_f32"),
+];
+
+/// One kernel argument, passed by value (device addresses as `u64`).
+pub(crate) enum KArg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+    Gemm(gemm::GemmArgs),
+    Mla(mla::MlaArgs),
+}
+
+/// A size as a kernel's `int`.
+pub(crate) fn int(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Input(format!("{what} = {v} does not fit a 32-bit kernel argument")))
+}
+
+/// A grid dimension.
+pub(crate) fn dim(v: usize, what: &str) -> Result<u32> {
+    if v == 0 {
+        return Err(Error::Input(format!("{what}: empty launch")));
+    }
+    u32::try_from(v).map_err(|_| Error::Input(format!("{what}: grid of {v} blocks is too large")))
+}
+
+/// Enqueues `module::kernel` on the device stream.
+pub(crate) fn launch(
+    dev: &Device,
+    module: &'static str,
+    kernel: &'static str,
+    grid: (u32, u32, u32),
+    block: u32,
+    args: &[KArg],
+) -> Result<()> {
+    let f = dev.function(module, kernel)?;
+    let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+    let mut b = dev.stream.launch_builder(&f);
+    for a in args {
+        match a {
+            KArg::Ptr(v) => b.arg(v),
+            KArg::I32(v) => b.arg(v),
+            KArg::I64(v) => b.arg(v),
+            KArg::F32(v) => b.arg(v),
+            KArg::Gemm(v) => b.arg(v),
+            KArg::Mla(v) => b.arg(v),
+        };
+    }
+    // SAFETY: the launchers check every buffer length against the shapes the kernel reads and
+    // writes, and pass arguments in the kernel's declared order and types.
+    unsafe { b.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {kernel}"), e))?;
+    Ok(())
+}

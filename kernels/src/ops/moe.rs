@@ -1,0 +1,221 @@
+//! DeepSeekMoE on device (`kernels/cuda/moe.cu`): the router, the dispatch plan that groups
+//! routed rows by expert for the grouped GEMM, and the weighted combine into the residual.
+use super::{dim, int, launch, KArg};
+use crate::device::Device;
+use crate::tensor::{dptr, Act, DType};
+use cudarc::driver::CudaSlice;
+use dsv3_core::config::{ScoringFunc, TopkMethod};
+use dsv3_core::{Error, Result};
+
+/// Largest expert count and top-k the router kernel takes.
+pub const MOE_EMAX: usize = 512;
+pub const MOE_KMAX: usize = 16;
+
+/// Router settings (as `dsv3_core::model::moe::Router`).
+#[derive(Debug, Clone, Copy)]
+pub struct RouteCfg {
+    pub n_experts: usize,
+    pub top_k: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub norm_topk_prob: bool,
+    pub scaling: f32,
+    pub scoring: ScoringFunc,
+    pub method: TopkMethod,
+}
+
+impl RouteCfg {
+    /// The settings of a CPU router.
+    pub fn of(r: &dsv3_core::model::moe::Router) -> RouteCfg {
+        RouteCfg {
+            n_experts: r.n_experts,
+            top_k: r.top_k,
+            n_group: r.n_group,
+            topk_group: r.topk_group,
+            norm_topk_prob: r.norm_topk_prob,
+            scaling: r.scaling,
+            scoring: r.scoring,
+            method: r.method,
+        }
+    }
+}
+
+/// Routes `n` tokens from their router logits (`[n, E]` f32): writes the chosen experts
+/// `idx` `[n, K]` (best first) and their weights `w` `[n, K]`. `bias` `[E]` for `noaux_tc`.
+pub fn route(
+    dev: &Device,
+    logits: &CudaSlice<f32>,
+    n: usize,
+    bias: Option<&CudaSlice<f32>>,
+    cfg: &RouteCfg,
+    idx: &mut CudaSlice<i32>,
+    w: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let (e, k) = (cfg.n_experts, cfg.top_k);
+    if n == 0 {
+        return Ok(());
+    }
+    if e == 0 || e > MOE_EMAX || k == 0 || k > MOE_KMAX || k > e || cfg.n_group == 0 || e % cfg.n_group != 0 {
+        return Err(Error::Input(format!(
+            "moe route: {e} experts (<= {MOE_EMAX}), top-{k} (<= {MOE_KMAX}), {} groups",
+            cfg.n_group
+        )));
+    }
+    if cfg.n_group > 64 {
+        return Err(Error::Input("moe route: at most 64 expert groups".into()));
+    }
+    if logits.len() < n * e || idx.len() < n * k || w.len() < n * k || bias.is_some_and(|b| b.len() < e) {
+        return Err(Error::Input("moe route: buffer sizes".into()));
+    }
+    let scoring = match cfg.scoring {
+        ScoringFunc::Sigmoid => 0,
+        ScoringFunc::Softmax => 1,
+    };
+    let method = match cfg.method {
+        TopkMethod::NoauxTc => 0,
+        TopkMethod::Greedy => 1,
+        TopkMethod::GroupLimitedGreedy => 2,
+    };
+    launch(
+        dev,
+        "moe",
+        "moe_route",
+        (dim(n.div_ceil(64), "moe_route")?, 1, 1),
+        64,
+        &[
+            KArg::Ptr(dptr(dev, logits, 0)?),
+            KArg::I32(int(n, "n")?),
+            KArg::I32(int(e, "experts")?),
+            KArg::Ptr(match bias {
+                Some(b) => dptr(dev, b, 0)?,
+                None => 0,
+            }),
+            KArg::I32(int(cfg.n_group, "n_group")?),
+            KArg::I32(int(cfg.topk_group, "topk_group")?),
+            KArg::I32(int(k, "top_k")?),
+            KArg::I32(cfg.norm_topk_prob as i32),
+            KArg::F32(cfg.scaling),
+            KArg::I32(scoring),
+            KArg::I32(method),
+            KArg::Ptr(dptr(dev, idx, 0)?),
+            KArg::Ptr(dptr(dev, w, 0)?),
+        ],
+    )
+}
+
+/// The dispatch plan of `nk = n·K` routed rows (device buffers, reused across calls).
+pub struct Plan {
+    /// `[E + 1]` first permuted row of each expert.
+    pub row_offsets: CudaSlice<i32>,
+    /// `[E + 1]` first GEMM row tile of each expert.
+    pub tile_offsets: CudaSlice<i32>,
+    /// `[nk]` permuted position of routed row `t·K + q`.
+    pub slot_of: CudaSlice<i32>,
+    /// `[nk]` token whose hidden state permuted row j copies.
+    pub src_row: CudaSlice<i32>,
+}
+
+impl Plan {
+    /// Buffers for up to `max_nk` routed rows over `experts` experts.
+    pub fn new(dev: &Device, experts: usize, max_nk: usize) -> Result<Plan> {
+        use crate::tensor::zeros;
+        Ok(Plan {
+            row_offsets: zeros(dev, experts + 1)?,
+            tile_offsets: zeros(dev, experts + 1)?,
+            slot_of: zeros(dev, max_nk)?,
+            src_row: zeros(dev, max_nk)?,
+        })
+    }
+
+    /// Upper bound on the row tiles of `nk` rows over `experts` experts (the grouped GEMM grid).
+    pub fn max_tiles(nk: usize, experts: usize) -> usize {
+        nk.div_ceil(super::gemm::GEMM_BM) + experts.min(nk)
+    }
+}
+
+/// Fills `plan` from the routing `idx` (`[n, K]`): rows grouped by expert.
+pub fn plan(dev: &Device, idx: &CudaSlice<i32>, n: usize, k: usize, experts: usize, plan: &mut Plan) -> Result<()> {
+    let nk = n * k;
+    if nk == 0 {
+        return Ok(());
+    }
+    if experts == 0 || experts > 1024 || idx.len() < nk || plan.slot_of.len() < nk || plan.src_row.len() < nk {
+        return Err(Error::Input(format!("moe plan: {experts} experts (<= 1024), {nk} routed rows")));
+    }
+    if plan.row_offsets.len() < experts + 1 || plan.tile_offsets.len() < experts + 1 {
+        return Err(Error::Input("moe plan: offsets need experts + 1 entries".into()));
+    }
+    launch(
+        dev,
+        "moe",
+        "moe_plan",
+        (1, 1, 1),
+        1024,
+        &[
+            KArg::Ptr(dptr(dev, idx, 0)?),
+            KArg::I32(int(nk, "nk")?),
+            KArg::I32(int(k, "k")?),
+            KArg::I32(int(experts, "experts")?),
+            KArg::Ptr(dptr(dev, &plan.row_offsets, 0)?),
+            KArg::Ptr(dptr(dev, &plan.tile_offsets, 0)?),
+            KArg::Ptr(dptr(dev, &plan.slot_of, 0)?),
+            KArg::Ptr(dptr(dev, &plan.src_row, 0)?),
+        ],
+    )
+}
+
+/// `x[t] += shared[t] + Σ_q w[t,q] · y[slot_of[t,q]]` (routed terms in ascending expert order);
+/// `y` `[n·K, d]` expert outputs in permuted order, `shared` `[n, d]`, `x` `[n, d]`.
+#[allow(clippy::too_many_arguments)]
+pub fn combine(
+    dev: &Device,
+    y: &Act,
+    plan: &Plan,
+    idx: &CudaSlice<i32>,
+    w: &CudaSlice<f32>,
+    shared: Option<&Act>,
+    x: &mut Act,
+    n: usize,
+    k: usize,
+    d: usize,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    if k == 0 || k > MOE_KMAX || idx.len() < n * k || w.len() < n * k || plan.slot_of.len() < n * k {
+        return Err(Error::Input("moe combine: routing buffers".into()));
+    }
+    if y.dtype() != x.dtype() || shared.is_some_and(|s| s.dtype() != x.dtype()) {
+        return Err(Error::Input("moe combine: dtypes differ".into()));
+    }
+    y.check(n * k * d, "moe combine y")?;
+    x.check(n * d, "moe combine x")?;
+    if let Some(s) = shared {
+        s.check(n * d, "moe combine shared")?;
+    }
+    let kname = match x.dtype() {
+        DType::F32 => "moe_combine_f32",
+        DType::Bf16 => "moe_combine_bf16",
+    };
+    launch(
+        dev,
+        "moe",
+        kname,
+        (dim(n, "moe_combine")?, 1, 1),
+        256,
+        &[
+            KArg::Ptr(y.ptr(dev, 0)?),
+            KArg::Ptr(dptr(dev, &plan.slot_of, 0)?),
+            KArg::Ptr(dptr(dev, idx, 0)?),
+            KArg::Ptr(dptr(dev, w, 0)?),
+            KArg::Ptr(match shared {
+                Some(s) => s.ptr(dev, 0)?,
+                None => 0,
+            }),
+            KArg::Ptr(x.ptr(dev, 0)?),
+            KArg::I32(int(n, "n")?),
+            KArg::I32(int(k, "k")?),
+            KArg::I32(int(d, "d")?),
+        ],
+    )
+}

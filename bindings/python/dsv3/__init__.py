@@ -12,6 +12,7 @@ Every failed call raises Dsv3Error, with `.code` (a Status) and `.message` (the 
 """
 
 from ._ffi import ABI_VERSION, Dsv3Error, Status, version
+from ._grpo import Grpo, LossType, ScaleRewards, default_grpo_params
 from ._model import Model, ModelInfo, Session
 from ._tokenizer import Tokenizer
 from ._trainer import Precision, Schedule, StepMetrics, Trainer, default_train_params
@@ -21,15 +22,19 @@ __version__ = "0.1.0"
 __all__ = [
     "ABI_VERSION",
     "Dsv3Error",
+    "Grpo",
+    "LossType",
     "Model",
     "ModelInfo",
     "Precision",
+    "ScaleRewards",
     "Schedule",
     "Session",
     "Status",
     "StepMetrics",
     "Tokenizer",
     "Trainer",
+    "default_grpo_params",
     "default_train_params",
     "version",
 ]

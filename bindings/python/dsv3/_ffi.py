@@ -120,6 +120,8 @@ lib = _load_library()
 
 PROGRESS_FN = CFUNCTYPE(c_int32, c_void_p, c_float)
 TOKEN_FN = CFUNCTYPE(c_int32, c_void_p, c_int32)
+#: dsv3_reward_fn: (user_data, prompt, completion, answer or NULL) -> reward, NaN = does not apply.
+REWARD_FN = CFUNCTYPE(c_float, c_void_p, c_char_p, c_char_p, c_char_p)
 
 
 class ModelParams(Structure):
@@ -200,6 +202,50 @@ class StepMetrics(Structure):
     ]
 
 
+class GrpoParams(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("num_generations", c_uint32),
+        ("max_completion_length", c_uint32),
+        ("temperature", c_float),
+        ("top_p", c_float),
+        ("top_k", c_uint32),
+        ("num_iterations", c_uint32),
+        ("beta", c_float),
+        ("epsilon", c_float),
+        ("epsilon_high", c_float),
+        ("loss_type", c_int32),
+        ("scale_rewards", c_int32),
+        ("sequence_level", c_int32),
+        ("ref_sync_steps", c_uint64),
+        ("ref_mixup_alpha", c_float),
+        ("seed", c_uint64),
+    ]
+
+
+class GrpoMetrics(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("step", c_uint64),
+        ("loss", c_float),
+        ("reward", c_float),
+        ("reward_std", c_float),
+        ("frac_reward_zero_std", c_float),
+        ("kl", c_float),
+        ("clip_ratio_low", c_float),
+        ("clip_ratio_high", c_float),
+        ("clip_ratio_region", c_float),
+        ("completion_length_mean", c_float),
+        ("completion_length_max", c_uint64),
+        ("clipped_ratio", c_float),
+        ("grad_norm", c_float),
+        ("lr", c_float),
+        ("completion_tokens", c_uint64),
+        ("sampling_s", c_double),
+        ("learning_s", c_double),
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # Prototypes
 
@@ -244,6 +290,16 @@ _PROTOS = {
     "dsv3_trainer_save": (_S, [_H, c_char_p]),
     "dsv3_trainer_load": (_S, [c_char_p, P(TrainParams), P(_H)]),
     "dsv3_trainer_model": (_S, [_H, P(_H)]),
+    "dsv3_grpo_params_default": (_S, [P(GrpoParams)]),
+    "dsv3_grpo_new": (_S, [_H, P(TrainParams), P(GrpoParams), P(_H)]),
+    "dsv3_grpo_free": (None, [_H]),
+    "dsv3_grpo_add_reward": (_S, [_H, c_char_p, c_float, REWARD_FN, c_void_p]),
+    "dsv3_grpo_set_stop_tokens": (_S, [_H, P(c_uint32), c_size_t]),
+    "dsv3_grpo_step": (_S, [_H, _H, P(c_char_p), P(c_char_p), c_size_t, P(GrpoMetrics)]),
+    "dsv3_grpo_reward_stats": (_S, [_H, c_size_t, P(c_float), P(c_float)]),
+    "dsv3_grpo_completion": (_S, [_H, c_size_t, c_char_p, c_size_t, P(c_size_t), P(c_float)]),
+    "dsv3_grpo_model": (_S, [_H, P(_H)]),
+    "dsv3_grpo_save": (_S, [_H, c_char_p]),
 }
 
 for _name, (_res, _args) in _PROTOS.items():
@@ -293,6 +349,7 @@ _DEFAULTS = {
     ModelParams: lib.dsv3_model_params_default,
     SamplingParams: lib.dsv3_sampling_params_default,
     TrainParams: lib.dsv3_train_params_default,
+    GrpoParams: lib.dsv3_grpo_params_default,
 }
 for _s, _f in _DEFAULTS.items():
     defaults(_s, _f)
@@ -404,6 +461,17 @@ class CallbackGuard:
         except BaseException as e:  # noqa: BLE001 - re-raised by reraise()
             self.error = e
             return 1
+
+    def value(self, fn: Callable[[], _T], failed: _T) -> _T:
+        """Runs fn() and returns its result; returns `failed` when it raises (the exception is
+        kept for reraise()) and, without running fn, for every call after that."""
+        if self.error is not None:
+            return failed
+        try:
+            return fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised by reraise()
+            self.error = e
+            return failed
 
     def reraise(self) -> None:
         if self.error is not None:

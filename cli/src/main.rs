@@ -1,5 +1,6 @@
 //! `dsv3`: the command-line tool. Commands whose file formats are fixed contracts:
 //! `logits` (input_ids i64 [B,T] → logits f32 [B,T,V]). See `dsv3 --help`.
+mod cuda_cmd;
 mod demo;
 mod grpo_cmd;
 mod pipeline_bench;
@@ -49,6 +50,8 @@ enum Cmd {
     Logits {
         #[command(flatten)]
         m: ModelArgs,
+        #[command(flatten)]
+        dev: cuda_cmd::DeviceArgs,
         /// safetensors file with tensor `input_ids` (i64 [B,T]).
         #[arg(long)]
         input: PathBuf,
@@ -103,6 +106,8 @@ enum Cmd {
     Generate {
         #[command(flatten)]
         m: ModelArgs,
+        #[command(flatten)]
+        dev: cuda_cmd::DeviceArgs,
         /// Prompt text (needs DIR/tokenizer.json, or a byte-level model).
         #[arg(long, conflicts_with = "ids")]
         prompt: Option<String>,
@@ -137,6 +142,8 @@ enum Cmd {
     Bench {
         #[command(flatten)]
         m: ModelArgs,
+        #[command(flatten)]
+        dev: cuda_cmd::DeviceArgs,
         /// Sequences decoded together.
         #[arg(long, default_value_t = 1)]
         batch: usize,
@@ -273,7 +280,7 @@ fn rayon_threads(n: usize) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Logits { m, input, out } => cmd_logits(&m, &input, &out),
+        Cmd::Logits { m, dev, input, out } => cmd_logits(&m, &dev, &input, &out),
         Cmd::Grad {
             m,
             objective,
@@ -306,7 +313,20 @@ fn run(cli: Cli) -> Result<()> {
             ("grpo", _, _) => Err(Error::Input("--objective grpo takes --rollouts R.safetensors (not --input)".into())),
             (o, _, _) => Err(Error::Input(format!("--objective must be ce or grpo, got '{o}'"))),
         },
-        Cmd::Generate { m, prompt, ids, max_new_tokens, temperature, top_p, top_k, seed, ignore_eos, tokenizer } => {
+        Cmd::Generate {
+            m,
+            dev,
+            prompt,
+            ids,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            ignore_eos,
+            tokenizer,
+        } => {
+            let cuda = dev.cuda()?.map(|i| dev.open(i)).transpose()?;
             let model = load(&m)?;
             let tk = Tok::for_model(&m.model, tokenizer.as_deref(), model.cfg.vocab_size)?;
             let prompt_ids = match (prompt, ids) {
@@ -318,10 +338,37 @@ fn run(cli: Cli) -> Result<()> {
             };
             let stop = if ignore_eos { vec![] } else { model.cfg.eos_token_ids.clone() };
             let params = SamplingParams { temperature, top_k, top_p, seed, max_new_tokens, stop_tokens: stop };
-            cmd_generate(&model, &prompt_ids, &params, tk.as_ref())
+            match cuda {
+                Some((d, o)) => cuda_cmd::generate(&cuda_cmd::upload(d, &model, o)?, &prompt_ids, &params, tk.as_ref()),
+                None => cmd_generate(&model, &prompt_ids, &params, tk.as_ref()),
+            }
         }
         Cmd::Info { m } => cmd_info(&m),
-        Cmd::Bench { m, batch, prompt_len, new_tokens, repeat, seed, json, train, pipeline, pp, micro_batches } => {
+        Cmd::Bench {
+            m,
+            dev,
+            batch,
+            prompt_len,
+            new_tokens,
+            repeat,
+            seed,
+            json,
+            train,
+            pipeline,
+            pp,
+            micro_batches,
+        } => {
+            if let Some(i) = dev.cuda()? {
+                if pipeline || train {
+                    return Err(Error::Input(
+                        "--device cuda benchmarks inference only (not --train / --pipeline)".into(),
+                    ));
+                }
+                let (d, o) = dev.open(i)?;
+                let model = load(&m)?;
+                let cm = cuda_cmd::upload(d, &model, o)?;
+                return cuda_cmd::bench(&cm, batch, prompt_len, new_tokens, repeat.max(1), seed, json);
+            }
             if pipeline && m.threads.is_none() {
                 rayon_threads(1)?;
             }
@@ -383,12 +430,16 @@ fn read_input_ids(input: &Path, vocab: usize) -> Result<(usize, usize, Vec<u32>)
     Ok((t.shape[0], t.shape[1], toks))
 }
 
-fn cmd_logits(m: &ModelArgs, input: &Path, out: &Path) -> Result<()> {
+fn cmd_logits(m: &ModelArgs, dev: &cuda_cmd::DeviceArgs, input: &Path, out: &Path) -> Result<()> {
+    let cuda = dev.cuda()?.map(|i| dev.open(i)).transpose()?;
     let model = load(m)?;
     let v = model.cfg.vocab_size;
     let (b, tl, toks) = read_input_ids(input, v)?;
     let seqs: Vec<&[u32]> = toks.chunks(tl).collect();
-    let logits = model.forward(&seqs)?;
+    let logits = match cuda {
+        Some((d, o)) => cuda_cmd::logits(&cuda_cmd::upload(d, &model, o)?, &seqs)?,
+        None => model.forward(&seqs)?,
+    };
     if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
         return Err(Error::NonFinite(format!("logit {i} is {}", logits[i])));
     }

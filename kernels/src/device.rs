@@ -24,7 +24,8 @@ pub struct Device {
 
 /// Runs a driver call, turning a panic (a symbol missing from an old libcuda) into an error.
 pub(crate) fn guard<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
-    catch_unwind(AssertUnwindSafe(f)).map_err(|_| Error::Unsupported(format!("CUDA: {what} panicked in the driver bindings")))
+    catch_unwind(AssertUnwindSafe(f))
+        .map_err(|_| Error::Unsupported(format!("CUDA: {what} panicked in the driver bindings")))
 }
 
 /// A driver error as the engine's error.

@@ -6,12 +6,10 @@
 //! - [`ptx`]: the embedded PTX per architecture (sm_90a, sm_80).
 //! - [`tensor`]: device buffers — activations ([`tensor::Act`], f32 or bf16) and GEMM weights.
 //! - [`ops`]: host-side launchers, one file per kernel family.
-//! - [`reference`]: CPU references of the kernels that have no single core counterpart.
 //! - [`model`]: [`model::CudaModel`], the model on device (prefill and batched decode over a
 //!   device latent cache).
-//! - [`nccl`] (feature `nccl`): a [`dsv3_core::pipeline::transport::Transport`] over NCCL.
-//! - [`bench`]: kernel benchmarks with the device-copy ceiling and cuBLAS in the same run.
 pub mod device;
+pub mod model;
 pub mod ops;
 pub mod ptx;
 pub mod tensor;

@@ -117,7 +117,10 @@ pub enum WeightBuf {
     F32(CudaSlice<f32>),
     Bf16(CudaSlice<bf16>),
     /// E4M3 codes `[groups, n, k]` and f32 scales `[groups, ceil(n/128), ceil(k/128)]`.
-    Fp8 { q: CudaSlice<u8>, scale: CudaSlice<f32> },
+    Fp8 {
+        q: CudaSlice<u8>,
+        scale: CudaSlice<f32>,
+    },
 }
 
 /// A GEMM weight: `groups` matrices `[n, k]` (row-major, `y = x · Wᵀ`).

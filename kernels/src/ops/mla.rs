@@ -99,7 +99,10 @@ pub fn mla_decode(dev: &Device, p: &MlaCall, out: &mut Act, ld_out: usize, work:
         return Err(Error::Input("mla_decode: queries, cache and output must share a dtype".into()));
     }
     if c == 0 || c > MLA_CMAX || dr > MLA_RMAX || p.splits == 0 {
-        return Err(Error::Input(format!("mla_decode: C {c} (1..={MLA_CMAX}), dr {dr} (<= {MLA_RMAX}), splits {}", p.splits)));
+        return Err(Error::Input(format!(
+            "mla_decode: C {c} (1..={MLA_CMAX}), dr {dr} (<= {MLA_RMAX}), splits {}",
+            p.splits
+        )));
     }
     if p.ld_qt < h * c || ld_out < h * c || p.row_slot.len() < n || p.row_len.len() < n || p.max_len == 0 {
         return Err(Error::Input("mla_decode: strides or row arrays too small".into()));

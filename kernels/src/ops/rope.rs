@@ -32,7 +32,11 @@ pub fn rope(
         return Ok(());
     }
     if half == 0 || half > 128 || inv_freq.len() < half || pos.len() < rows {
-        return Err(Error::Input(format!("rope: half {half} (1..=128), {} freqs, {} positions", inv_freq.len(), pos.len())));
+        return Err(Error::Input(format!(
+            "rope: half {half} (1..=128), {} freqs, {} positions",
+            inv_freq.len(),
+            pos.len()
+        )));
     }
     if heads > 1 && ld_head < offset + 2 * half {
         return Err(Error::Input("rope: heads overlap".into()));

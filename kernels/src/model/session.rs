@@ -1,0 +1,338 @@
+//! [`CudaSession`]: up to `slots` sequences with a device latent cache per layer
+//! (`[slots, max_len, C + dr]`), fed `(slot, new tokens)` pairs like `dsv3_core::infer::Session`:
+//! one batched forward per step, prefill and decode alike, no host round trip between layers.
+use super::weights::{DFfn, DLinear, DMlp, DQ};
+use super::CudaModel;
+use crate::ops::gemm::{gemm, GemmShape, Grouped};
+use crate::ops::mla::{MlaCall, MlaWork};
+use crate::ops::rope::RopeLayout;
+use crate::ops::{elementwise, gather, mla, moe, norm, rope};
+use crate::tensor::{upload, zeros, Act, DType};
+use cudarc::driver::CudaSlice;
+use dsv3_core::{Error, Result};
+
+/// Sequences in flight on the device.
+pub struct CudaSession<'m> {
+    pub model: &'m CudaModel,
+    /// Per layer `[slots, max_len, C + dr]`.
+    caches: Vec<Act>,
+    lens: Vec<usize>,
+    slots: usize,
+    max_len: usize,
+}
+
+/// Per-step row metadata on the device.
+struct Rows {
+    ids: CudaSlice<i32>,
+    pos: CudaSlice<i32>,
+    slot: CudaSlice<i32>,
+    len: CudaSlice<i32>,
+    n: usize,
+    /// Longest visible cache of any row.
+    max_visible: usize,
+}
+
+impl<'m> CudaSession<'m> {
+    /// A session of `slots` empty sequences, each up to `max_len` tokens.
+    pub fn new(model: &'m CudaModel, slots: usize, max_len: usize) -> Result<CudaSession<'m>> {
+        if slots == 0 || max_len == 0 {
+            return Err(Error::Input("a CUDA session needs slots >= 1 and max_len >= 1".into()));
+        }
+        let w = model.cfg.kv_lora_rank + model.cfg.qk_rope_head_dim;
+        let caches = (0..model.layers.len())
+            .map(|_| Act::zeros(&model.dev, model.dtype, slots * max_len * w))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(CudaSession { model, caches, lens: vec![0; slots], slots, max_len })
+    }
+
+    /// Tokens cached for slot `s`.
+    pub fn len(&self, s: usize) -> usize {
+        self.lens.get(s).copied().unwrap_or(0)
+    }
+
+    /// Whether slot `s` holds no tokens.
+    pub fn is_empty(&self, s: usize) -> bool {
+        self.len(s) == 0
+    }
+
+    /// Forgets slot `s`.
+    pub fn reset(&mut self, s: usize) -> Result<()> {
+        let n = self.slots;
+        *self.lens.get_mut(s).ok_or_else(|| Error::Input(format!("slot {s} out of range ({n})")))? = 0;
+        Ok(())
+    }
+
+    /// Bytes of latent cache on the device.
+    pub fn cache_bytes(&self) -> usize {
+        self.caches.iter().map(|c| c.len() * c.dtype().size()).sum()
+    }
+
+    /// Feeds `(slot, new tokens)` pairs; returns the logits of the last new token of each pair,
+    /// `[pairs, V]` (as `Session::step`). On an input error no cache is changed.
+    pub fn step(&mut self, inputs: &[(usize, &[u32])]) -> Result<Vec<f32>> {
+        let (x, rows) = self.forward(inputs)?;
+        let mut last = Vec::with_capacity(inputs.len());
+        let mut end = 0;
+        for (_, t) in inputs {
+            end += t.len();
+            last.push((end - 1) as i32);
+        }
+        self.logits(&x, rows.n, &last)
+    }
+
+    /// Like [`CudaSession::step`] but the logits of every new token, `[Σ len, V]`.
+    pub fn step_all(&mut self, inputs: &[(usize, &[u32])]) -> Result<Vec<f32>> {
+        let (x, rows) = self.forward(inputs)?;
+        let all: Vec<i32> = (0..rows.n as i32).collect();
+        self.logits(&x, rows.n, &all)
+    }
+
+    fn check(&self, inputs: &[(usize, &[u32])]) -> Result<()> {
+        let mut seen = vec![false; self.slots];
+        for &(s, t) in inputs {
+            if s >= self.slots {
+                return Err(Error::Input(format!("slot {s} out of range (session has {})", self.slots)));
+            }
+            if std::mem::replace(&mut seen[s], true) {
+                return Err(Error::Input(format!("slot {s} appears twice in one step")));
+            }
+            if t.is_empty() {
+                return Err(Error::Input(format!("no tokens given for slot {s}")));
+            }
+            if self.lens[s] + t.len() > self.max_len {
+                return Err(Error::Input(format!(
+                    "slot {s}: {} cached + {} new tokens exceed the session's max_len {}",
+                    self.lens[s],
+                    t.len(),
+                    self.max_len
+                )));
+            }
+            if let Some(&bad) = t.iter().find(|&&v| v as usize >= self.model.cfg.vocab_size) {
+                return Err(Error::Input(format!(
+                    "token id {bad} is out of range (vocab_size {})",
+                    self.model.cfg.vocab_size
+                )));
+            }
+        }
+        if inputs.is_empty() {
+            return Err(Error::Input("a step needs at least one sequence".into()));
+        }
+        Ok(())
+    }
+
+    fn rows(&self, inputs: &[(usize, &[u32])]) -> Result<Rows> {
+        let dev = &self.model.dev;
+        let (mut ids, mut pos, mut slot, mut len) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for &(s, t) in inputs {
+            for (i, &tok) in t.iter().enumerate() {
+                ids.push(tok as i32);
+                pos.push((self.lens[s] + i) as i32);
+                slot.push(s as i32);
+                len.push((self.lens[s] + i + 1) as i32);
+            }
+        }
+        let max_visible = len.iter().copied().max().unwrap_or(0) as usize;
+        Ok(Rows {
+            n: ids.len(),
+            ids: upload(dev, &ids)?,
+            pos: upload(dev, &pos)?,
+            slot: upload(dev, &slot)?,
+            len: upload(dev, &len)?,
+            max_visible,
+        })
+    }
+
+    /// Runs the layers over the new tokens; returns the residual stream `[N, D]` (before the
+    /// final norm) and the rows. The caches are appended to.
+    fn forward(&mut self, inputs: &[(usize, &[u32])]) -> Result<(Act, Rows)> {
+        self.check(inputs)?;
+        let m = self.model;
+        let dev = &*m.dev;
+        let rows = self.rows(inputs)?;
+        let (n, d, dt) = (rows.n, m.cfg.hidden_size, m.dtype);
+        let mut x = Act::zeros(dev, dt, n * d)?;
+        gather::gather_rows(dev, &m.embed, m.cfg.vocab_size, d, &rows.ids, n, d, &mut x, d)?;
+        let mut h = Act::zeros(dev, dt, n * d)?;
+        for (l, layer) in m.layers.iter().enumerate() {
+            norm::rmsnorm(dev, &mut x, 0, d, Some((&mut h, 0, d)), &layer.input_norm, d, m.eps, n)?;
+            self.attention(l, &h, &rows, &mut x)?;
+            norm::rmsnorm(dev, &mut x, 0, d, Some((&mut h, 0, d)), &layer.post_norm, d, m.eps, n)?;
+            match &layer.ffn {
+                DFfn::Dense(mlp) => mlp_forward(m, mlp, &h, n, &mut x, true)?,
+                DFfn::Moe { router, bias, cfg, experts, shared } => {
+                    moe_forward(m, (router, bias.as_ref(), cfg), experts, shared.as_ref(), &h, n, &mut x)?
+                }
+            }
+        }
+        for &(s, t) in inputs {
+            self.lens[s] += t.len();
+        }
+        Ok((x, rows))
+    }
+
+    /// `x += o_proj(MLA(h))` for layer `l`, appending the new latents to its cache.
+    fn attention(&mut self, l: usize, hn: &Act, rows: &Rows, x: &mut Act) -> Result<()> {
+        let m = self.model;
+        let dev = &*m.dev;
+        let c = &m.cfg;
+        let a = &m.layers[l].attn;
+        let (n, h, dn, dr, dv, ck) =
+            (rows.n, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
+        let dq = dn + dr;
+        let dt = m.dtype;
+        // queries [N, H·dq]
+        let mut q = Act::zeros(dev, dt, n * h * dq)?;
+        match &a.q {
+            DQ::Lora { a: qa_l, norm: qn, b } => {
+                let rq = qa_l.w.n;
+                let mut qa = Act::zeros(dev, dt, n * rq)?;
+                linear(m, qa_l, hn, n, &mut qa, false)?;
+                norm::rmsnorm(dev, &mut qa, 0, rq, None, qn, rq, m.lora_eps, n)?;
+                linear(m, b, &qa, n, &mut q, false)?;
+            }
+            DQ::Plain(p) => linear(m, p, hn, n, &mut q, false)?,
+        }
+        // compressed kv [N, C + dr]: normalize the latent, rotate k_pe and q_pe, append
+        let w = ck + dr;
+        let mut ckv = Act::zeros(dev, dt, n * w)?;
+        linear(m, &a.kv_a, hn, n, &mut ckv, false)?;
+        norm::rmsnorm(dev, &mut ckv, 0, w, None, &a.kv_norm, ck, m.lora_eps, n)?;
+        let half = dr / 2;
+        let kl = RopeLayout { rows: n, ld_row: w, heads: 1, ld_head: w, offset: ck, half };
+        rope::rope(dev, &mut ckv, kl, &rows.pos, &m.inv_freq, m.attention_factor)?;
+        let ql = RopeLayout { rows: n, ld_row: h * dq, heads: h, ld_head: dq, offset: dn, half };
+        rope::rope(dev, &mut q, ql, &rows.pos, &m.inv_freq, m.attention_factor)?;
+        mla::cache_append(dev, &ckv, w, &mut self.caches[l], self.max_len, &rows.slot, &rows.pos, n, w)?;
+        // absorbed queries q̃_h = q_nope_h · W_UK_h: [N, H, C]
+        let mut qt = Act::zeros(dev, dt, n * h * ck)?;
+        let s =
+            GemmShape { lda: h * dq, stride_a: dq, ldc: h * ck, stride_c: ck, batch: h, ..GemmShape::plain(n, dn, ck) };
+        gemm(dev, &q, &a.w_uk, &mut qt, &s)?;
+        // attention over the cache: ō [N, H, C]
+        let blocks = n * h.div_ceil(crate::ops::mla::MLA_HB);
+        let splits = (2 * dev.sms).div_ceil(blocks).clamp(1, rows.max_visible.div_ceil(256).max(1));
+        let mut work = if splits > 1 { Some(MlaWork::new(dev, splits, n, h, ck)?) } else { None };
+        let mut ob = Act::zeros(dev, dt, n * h * ck)?;
+        let call = MlaCall {
+            n,
+            h,
+            c: ck,
+            dr,
+            qt: &qt,
+            ld_qt: h * ck,
+            qpe: &q,
+            qpe_off: dn,
+            ld_qpe: h * dq,
+            hs_qpe: dq,
+            cache: &self.caches[l],
+            slots: self.slots,
+            max_len: self.max_len,
+            row_slot: &rows.slot,
+            row_len: &rows.len,
+            scale: m.scale,
+            splits,
+        };
+        mla::mla_decode(dev, &call, &mut ob, h * ck, work.as_mut())?;
+        // O_h = ō_h · W_UV_hᵀ: [N, H·dv], then x += o_proj(O)
+        let mut oh = Act::zeros(dev, dt, n * h * dv)?;
+        let s =
+            GemmShape { lda: h * ck, stride_a: ck, ldc: h * dv, stride_c: dv, batch: h, ..GemmShape::plain(n, ck, dv) };
+        gemm(dev, &ob, &a.w_uv, &mut oh, &s)?;
+        linear(m, &a.o, &oh, n, x, true)
+    }
+
+    /// Final norm and head for the rows `pick` of `x` (`[n, D]`): logits `[pick, V]` f32.
+    fn logits(&self, x: &Act, n: usize, pick: &[i32]) -> Result<Vec<f32>> {
+        let m = self.model;
+        let dev = &*m.dev;
+        let (d, v) = (m.cfg.hidden_size, m.cfg.vocab_size);
+        let r = pick.len();
+        let ids = upload(dev, pick)?;
+        let mut xs = Act::zeros(dev, m.dtype, r * d)?;
+        gather::gather_rows(dev, x, n, d, &ids, r, d, &mut xs, d)?;
+        norm::rmsnorm(dev, &mut xs, 0, d, None, &m.norm, d, m.eps, r)?;
+        let mut out = Act::F32(zeros::<f32>(dev, r * v)?);
+        linear(m, &m.lm_head, &xs, r, &mut out, false)?;
+        out.to_f32(dev)
+    }
+}
+
+/// `y (+)= x · Wᵀ + b` for `n` rows.
+fn linear(m: &CudaModel, l: &DLinear, x: &Act, n: usize, y: &mut Act, accumulate: bool) -> Result<()> {
+    let s = GemmShape { accumulate, bias: l.bias.as_ref(), ..GemmShape::plain(n, l.w.k, l.w.n) };
+    gemm(&m.dev, x, &l.w, y, &s)
+}
+
+/// A (non-grouped) SwiGLU MLP: `out (+)= down(silu(gate(x)) ⊙ up(x))`.
+fn mlp_forward(m: &CudaModel, mlp: &DMlp, x: &Act, n: usize, out: &mut Act, accumulate: bool) -> Result<()> {
+    let dev = &*m.dev;
+    let i = mlp.inter;
+    let mut gu = Act::zeros(dev, m.dtype, n * 2 * i)?;
+    gemm(dev, x, &mlp.gate_up, &mut gu, &GemmShape::plain(n, mlp.gate_up.k, 2 * i))?;
+    let mut act = Act::zeros(dev, m.dtype, n * i)?;
+    elementwise::swiglu(dev, &gu, 2 * i, &mut act, i, i, n)?;
+    let s = GemmShape { accumulate, ..GemmShape::plain(n, i, mlp.down.n) };
+    gemm(dev, &act, &mlp.down, out, &s)
+}
+
+/// `x += Σ_k w_k · Expert_k(h) + Shared(h)` on device: route, plan, gather, grouped GEMMs, combine.
+fn moe_forward(
+    m: &CudaModel,
+    router: (&crate::tensor::DWeight, Option<&CudaSlice<f32>>, &moe::RouteCfg),
+    experts: &DMlp,
+    shared: Option<&DMlp>,
+    h: &Act,
+    n: usize,
+    x: &mut Act,
+) -> Result<()> {
+    let dev = &*m.dev;
+    let (rw, bias, cfg) = router;
+    let (d, e, k) = (m.cfg.hidden_size, cfg.n_experts, cfg.top_k);
+    // router logits in f32
+    let mut logits = Act::F32(zeros::<f32>(dev, n * e)?);
+    match m.dtype {
+        DType::F32 => gemm(dev, h, rw, &mut logits, &GemmShape::plain(n, d, e))?,
+        DType::Bf16 => {
+            let mut hf = Act::F32(zeros::<f32>(dev, n * d)?);
+            elementwise::cast(dev, h, &mut hf, n * d)?;
+            gemm(dev, &hf, rw, &mut logits, &GemmShape::plain(n, d, e))?
+        }
+    }
+    let Act::F32(logits) = logits else { unreachable!("allocated as f32") };
+    let mut idx = zeros::<i32>(dev, n * k)?;
+    let mut w = zeros::<f32>(dev, n * k)?;
+    moe::route(dev, &logits, n, bias, cfg, &mut idx, &mut w)?;
+    let nk = n * k;
+    let mut plan = moe::Plan::new(dev, e, nk)?;
+    moe::plan(dev, &idx, n, k, e, &mut plan)?;
+    // permuted rows [nk, D] -> gate|up [nk, 2I] -> act [nk, I] -> down [nk, D]
+    let i = experts.inter;
+    let mut xe = Act::zeros(dev, m.dtype, nk * d)?;
+    gather::gather_rows(dev, h, n, d, &plan.src_row, nk, d, &mut xe, d)?;
+    let grouped = || Grouped {
+        row_offsets: &plan.row_offsets,
+        tile_offsets: &plan.tile_offsets,
+        max_tiles: moe::Plan::max_tiles(nk, e),
+    };
+    let mut gu = Act::zeros(dev, m.dtype, nk * 2 * i)?;
+    gemm(
+        dev,
+        &xe,
+        &experts.gate_up,
+        &mut gu,
+        &GemmShape { grouped: Some(grouped()), ..GemmShape::plain(nk, d, 2 * i) },
+    )?;
+    let mut act = Act::zeros(dev, m.dtype, nk * i)?;
+    elementwise::swiglu(dev, &gu, 2 * i, &mut act, i, i, nk)?;
+    let mut ye = Act::zeros(dev, m.dtype, nk * d)?;
+    gemm(dev, &act, &experts.down, &mut ye, &GemmShape { grouped: Some(grouped()), ..GemmShape::plain(nk, i, d) })?;
+    let sh = match shared {
+        Some(s) => {
+            let mut o = Act::zeros(dev, m.dtype, n * d)?;
+            mlp_forward(m, s, h, n, &mut o, false)?;
+            Some(o)
+        }
+        None => None,
+    };
+    moe::combine(dev, &ye, &plan, &idx, &w, sh.as_ref(), x, n, k, d)
+}

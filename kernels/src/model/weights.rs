@@ -1,0 +1,169 @@
+//! The model's weights on the device, converted from a loaded CPU [`dsv3_core::Model`]:
+//! bf16 (or f32 in the f32 mode), FP8 checkpoint weights kept as E4M3 + 128x128 scales when
+//! asked (bf16 mode only), gate and up projections fused into one `[2I, D]` matrix, routed
+//! experts stacked `[E, ...]` for the grouped GEMM, MLA's absorbed `W_UK`/`W_UV` per head.
+use crate::device::Device;
+use crate::ops::moe::RouteCfg;
+use crate::tensor::{upload, Act, DType, DWeight};
+use cudarc::driver::CudaSlice;
+use dsv3_core::model::block::{Block, Ffn};
+use dsv3_core::model::linear::{Linear, Weight};
+use dsv3_core::model::mla::QProj;
+use dsv3_core::model::mlp::Mlp;
+use dsv3_core::{Error, Result};
+
+/// A linear layer: weight `[out, in]` and optional f32 bias.
+pub struct DLinear {
+    pub w: DWeight,
+    pub bias: Option<CudaSlice<f32>>,
+}
+
+/// A SwiGLU MLP (or `groups` stacked experts): `gate_up` `[groups, 2I, D]`, `down` `[groups, D, I]`.
+pub struct DMlp {
+    pub gate_up: DWeight,
+    pub down: DWeight,
+    pub inter: usize,
+}
+
+#[allow(clippy::large_enum_variant)] // one per layer; boxing buys nothing
+pub enum DQ {
+    Lora { a: DLinear, norm: CudaSlice<f32>, b: DLinear },
+    Plain(DLinear),
+}
+
+/// One MLA layer: projections, `kv_a_layernorm`, absorbed `W_UK` (`[H, C, dn]`) and `W_UV`
+/// (`[H, dv, C]`), `o_proj`.
+pub struct DMla {
+    pub q: DQ,
+    pub kv_a: DLinear,
+    pub kv_norm: CudaSlice<f32>,
+    pub w_uk: DWeight,
+    pub w_uv: DWeight,
+    pub o: DLinear,
+}
+
+#[allow(clippy::large_enum_variant)] // one per layer
+pub enum DFfn {
+    Dense(DMlp),
+    Moe {
+        /// `[E, D]` f32 (the router runs in f32, as DeepSeek-V3 does).
+        router: DWeight,
+        bias: Option<CudaSlice<f32>>,
+        cfg: RouteCfg,
+        experts: DMlp,
+        shared: Option<DMlp>,
+    },
+}
+
+pub struct DBlock {
+    pub input_norm: CudaSlice<f32>,
+    pub attn: DMla,
+    pub post_norm: CudaSlice<f32>,
+    pub ffn: DFfn,
+}
+
+/// How weights are stored on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Storage {
+    pub dtype: DType,
+    /// Keep FP8 checkpoint weights as E4M3 + scales (bf16 mode, 128x128 blocks only).
+    pub keep_fp8: bool,
+}
+
+/// FP8 codes and scales of `l` when they can stay FP8 on the device.
+fn fp8_parts(l: &Linear, st: Storage) -> Option<(&[u8], &[f32])> {
+    match &l.weight {
+        Weight::Fp8 { q, scale, block } if st.keep_fp8 && st.dtype == DType::Bf16 && *block == [128, 128] => {
+            Some((q.bytes(), scale))
+        }
+        _ => None,
+    }
+}
+
+pub fn linear(dev: &Device, l: &Linear, st: Storage) -> Result<DLinear> {
+    let w = match fp8_parts(l, st) {
+        Some((q, s)) => DWeight::from_fp8(dev, 1, l.out_dim, l.in_dim, q, s)?,
+        None => DWeight::from_f32(dev, st.dtype, 1, l.out_dim, l.in_dim, &l.dense())?,
+    };
+    let bias = l.bias.as_ref().map(|b| upload(dev, b)).transpose()?;
+    Ok(DLinear { w, bias })
+}
+
+/// Stacks `mlps` (`E` experts, or one) into one [`DMlp`].
+pub fn mlps(dev: &Device, mlps: &[&Mlp], st: Storage) -> Result<DMlp> {
+    let first = mlps.first().ok_or_else(|| Error::Input("no MLP to upload".into()))?;
+    let (i, d) = (first.gate.out_dim, first.gate.in_dim);
+    let g = mlps.len();
+    // FP8 stays FP8 only when every matrix is FP8 and the gate|up stack keeps whole 128-row blocks
+    let fp8 = i % 128 == 0 && mlps.iter().all(|m| [&m.gate, &m.up, &m.down].iter().all(|l| fp8_parts(l, st).is_some()));
+    if fp8 {
+        let (mut q, mut s, mut qd, mut sd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for m in mlps {
+            for l in [&m.gate, &m.up] {
+                let (lq, ls) = fp8_parts(l, st).expect("checked above");
+                q.extend_from_slice(lq);
+                s.extend_from_slice(ls);
+            }
+            let (lq, ls) = fp8_parts(&m.down, st).expect("checked above");
+            qd.extend_from_slice(lq);
+            sd.extend_from_slice(ls);
+        }
+        return Ok(DMlp {
+            gate_up: DWeight::from_fp8(dev, g, 2 * i, d, &q, &s)?,
+            down: DWeight::from_fp8(dev, g, d, i, &qd, &sd)?,
+            inter: i,
+        });
+    }
+    let mut gu = Vec::with_capacity(g * 2 * i * d);
+    let mut dn = Vec::with_capacity(g * d * i);
+    for m in mlps {
+        gu.extend(m.gate.dense());
+        gu.extend(m.up.dense());
+        dn.extend(m.down.dense());
+    }
+    Ok(DMlp {
+        gate_up: DWeight::from_f32(dev, st.dtype, g, 2 * i, d, &gu)?,
+        down: DWeight::from_f32(dev, st.dtype, g, d, i, &dn)?,
+        inter: i,
+    })
+}
+
+/// Uploads one decoder layer. `h`, `c`, `dn`, `dv` are the MLA dims of the config.
+pub fn block(dev: &Device, b: &Block, dims: (usize, usize, usize, usize), st: Storage) -> Result<DBlock> {
+    let (h, c, dn, dv) = dims;
+    let a = &b.attn;
+    let q = match &a.q {
+        QProj::Lora { a, norm, b } => {
+            DQ::Lora { a: linear(dev, a, st)?, norm: upload(dev, norm)?, b: linear(dev, b, st)? }
+        }
+        QProj::Plain(l) => DQ::Plain(linear(dev, l, st)?),
+    };
+    let attn = DMla {
+        q,
+        kv_a: linear(dev, &a.kv_a, st)?,
+        kv_norm: upload(dev, &a.kv_norm)?,
+        w_uk: DWeight::from_f32(dev, st.dtype, h, c, dn, &a.w_uk_t)?,
+        w_uv: DWeight::from_f32(dev, st.dtype, h, dv, c, &a.w_uv)?,
+        o: linear(dev, &a.o, st)?,
+    };
+    let ffn = match &b.ffn {
+        Ffn::Dense(m) => DFfn::Dense(mlps(dev, &[m], st)?),
+        Ffn::Moe(m) => {
+            let r = &m.router;
+            let experts: Vec<&Mlp> = m.experts.iter().collect();
+            DFfn::Moe {
+                router: DWeight::from_f32(dev, DType::F32, 1, r.n_experts, r.dim, &r.weight)?,
+                bias: r.bias.as_ref().map(|v| upload(dev, v)).transpose()?,
+                cfg: RouteCfg::of(r),
+                experts: mlps(dev, &experts, st)?,
+                shared: m.shared.as_ref().map(|s| mlps(dev, &[s], st)).transpose()?,
+            }
+        }
+    };
+    Ok(DBlock { input_norm: upload(dev, &b.input_norm)?, attn, post_norm: upload(dev, &b.post_norm)?, ffn })
+}
+
+/// The embedding table `[V, D]` in the activation dtype.
+pub fn embedding(dev: &Device, e: &[f32], dtype: DType) -> Result<Act> {
+    Act::from_f32(dev, dtype, e)
+}

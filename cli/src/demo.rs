@@ -25,7 +25,7 @@ pub struct DemoArgs {
     pub steps: u64,
     /// GRPO steps after the supervised stage (0 = skip). Each samples `--group` answers to
     /// `--prompts` problems and takes one optimizer step.
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 400)]
     pub grpo_steps: u64,
     /// GRPO: problems per step.
     #[arg(long, default_value_t = 32)]
@@ -41,7 +41,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
     /// GRPO: peak learning rate (warmup over the first 5% of steps, then cosine to a tenth).
-    #[arg(long, default_value_t = 6e-5)]
+    #[arg(long, default_value_t = 1e-4)]
     pub grpo_lr: f32,
     /// Largest number of digits per operand.
     #[arg(long, default_value_t = 2)]
@@ -332,13 +332,23 @@ fn grpo_stage(
             );
         }
     }
+    // plain generation of one step's batch (same prompts x G, same sampling settings), to compare
+    // the rollout rate with: what sampling costs beyond generating (decoding, rewards)
+    let prompts = task.grpo_prompts(a.prompts, &mut rng);
+    let t0 = Instant::now();
+    let plain = dsv3_core::grpo::trainer::sample_completions(g.model(), &prompts, &g.cfg, a.seed)?;
+    let plain_rate = plain.iter().map(|c| c.0.len()).sum::<usize>() as f64 / t0.elapsed().as_secs_f64();
     println!(
-        "GRPO time: sampling {:.1} s ({:.0}%), learning {:.1} s; {} rollout tokens at {:.0} tokens/s",
+        "GRPO time: sampling {:.1} s ({:.0}%), learning {:.1} s ({:.0}%); {} rollout tokens at {:.0} tokens/s \
+         (plain generation of the same batch of {}: {:.0} tokens/s)",
         t_sample,
         100.0 * t_sample / (t_sample + t_learn),
         t_learn,
+        100.0 * t_learn / (t_sample + t_learn),
         gen_tokens,
-        gen_tokens as f64 / t_sample
+        gen_tokens as f64 / t_sample,
+        a.prompts * a.group,
+        plain_rate
     );
     g.trainer.step += a.steps;
     Ok((g.trainer, acc, curve))

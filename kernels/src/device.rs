@@ -43,7 +43,7 @@ pub fn driver_present() -> bool {
 pub fn device_count() -> Result<usize> {
     if !driver_present() {
         return Err(Error::Unsupported(
-            "no CUDA driver: libcuda.so could not be loaded (an NVIDIA driver is needed for --device cuda)".into(),
+            "no CUDA driver: libcuda.so could not be loaded (an NVIDIA driver is needed to run on a GPU)".into(),
         ));
     }
     let n = guard("cuDeviceGetCount", CudaContext::device_count)?.map_err(|e| {

@@ -1,0 +1,58 @@
+//! Helpers for the GPU tests: the device (or a visible SKIP), random data, poisoned outputs,
+//! and error measures.
+#![allow(dead_code)]
+use dsv3_core::rng::Rng;
+use dsv3_kernels::{Act, DType, Device};
+use std::sync::{Arc, OnceLock};
+
+/// The GPU, or `None` after printing a SKIP line straight to stderr (libtest captures
+/// `eprintln!` of passing tests; a skipped check must be visible in CI's output).
+pub fn device(test: &str) -> Option<Arc<Device>> {
+    static DEV: OnceLock<Result<Arc<Device>, String>> = OnceLock::new();
+    match DEV.get_or_init(|| Device::new(0).map(Arc::new).map_err(|e| e.to_string())) {
+        Ok(d) => Some(d.clone()),
+        Err(e) => {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "SKIP {test}: no CUDA GPU ({e})");
+            None
+        }
+    }
+}
+
+/// `n` normal(0, 1) values (never all zeros).
+pub fn randn(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.normal()).collect()
+}
+
+/// Rounds through bf16 (what a bf16 buffer holds).
+pub fn bf16r(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+}
+
+/// An output buffer of `n` NaNs: every element the kernel must write and does not stays NaN.
+pub fn poisoned(dev: &Device, dtype: DType, n: usize) -> Act {
+    Act::from_f32(dev, dtype, &vec![f32::NAN; n]).unwrap()
+}
+
+/// Largest `|a - b| / (atol + |b|)`-style error: max over i of `|a_i - b_i|`, failing on NaN.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| if x.is_nan() || y.is_nan() { f32::INFINITY } else { (x - y).abs() })
+        .fold(0.0, f32::max)
+}
+
+/// Asserts `|got - want| <= atol + rtol·|want|` elementwise.
+pub fn assert_close(got: &[f32], want: &[f32], atol: f32, rtol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            !g.is_nan() && (g - w).abs() <= atol + rtol * w.abs(),
+            "{what}: element {i}: got {g}, want {w} (atol {atol}, rtol {rtol})"
+        );
+    }
+}
+
+/// Tolerance of a bf16 output: its rounding (2^-8 relative) plus inputs rounded to bf16.
+pub const BF16_RTOL: f32 = 1.6e-2;

@@ -1,0 +1,233 @@
+//! Absorbed MLA attention over the latent cache and the MoE router / dispatch / combine against
+//! CPU references, on random data with ragged shapes (heads not a multiple of the head tile,
+//! cache lengths not a multiple of the chunk, several slots, split-K). Skip without a GPU.
+mod common;
+use common::*;
+use dsv3_core::config::{ScoringFunc, TopkMethod};
+use dsv3_core::model::moe::Router;
+use dsv3_core::rng::Rng;
+use dsv3_kernels::ops::mla::{cache_append, mla_decode, MlaCall, MlaWork};
+use dsv3_kernels::ops::moe::{combine, plan, route, Plan, RouteCfg};
+use dsv3_kernels::tensor::{download, upload};
+use dsv3_kernels::{Act, DType};
+
+/// ō for one row and head: softmax over the first `len` cache entries of `(q̃·c + q_pe·k_pe)·scale`.
+fn attend(qt: &[f32], qpe: &[f32], cache: &[f32], len: usize, c: usize, dr: usize, scale: f32) -> Vec<f32> {
+    let w = c + dr;
+    let s: Vec<f64> = (0..len)
+        .map(|t| {
+            let e = &cache[t * w..(t + 1) * w];
+            let a: f64 = (0..c).map(|j| qt[j] as f64 * e[j] as f64).sum();
+            let b: f64 = (0..dr).map(|j| qpe[j] as f64 * e[c + j] as f64).sum();
+            (a + b) * scale as f64
+        })
+        .collect();
+    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let p: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+    let z: f64 = p.iter().sum();
+    (0..c).map(|j| (0..len).map(|t| p[t] * cache[t * w + j] as f64).sum::<f64>() / z).map(|v| v as f32).collect()
+}
+
+#[test]
+fn mla_decode_matches_reference_with_and_without_splits() {
+    let Some(dev) = device("mla_decode_matches_reference_with_and_without_splits") else { return };
+    let mut rng = Rng::new(20);
+    for &(h, c, dr, slots, max_len) in
+        &[(1usize, 32usize, 16usize, 1usize, 5usize), (13, 96, 32, 3, 301), (16, 512, 64, 2, 1030)]
+    {
+        let w = c + dr;
+        let cache = randn(&mut rng, slots * max_len * w);
+        // rows: a decode row per slot at a ragged length, plus a causal prefill of 3 rows in slot 0
+        let mut row_slot = Vec::new();
+        let mut row_len = Vec::new();
+        for s in 0..slots {
+            row_slot.push(s as i32);
+            row_len.push(1 + rng.below(max_len as u64) as i32);
+        }
+        for i in 0..3.min(max_len) {
+            row_slot.push(0);
+            row_len.push((i + 1) as i32);
+        }
+        let n = row_slot.len();
+        let dq = 8 + dr; // q rows [n, h, dn + dr] with the rope part at offset 8
+        let qt = randn(&mut rng, n * h * c);
+        let q = randn(&mut rng, n * h * dq);
+        let scale = 1.0 / ((c + dr) as f32).sqrt();
+        for (dt, rtol) in [(DType::F32, 1e-5), (DType::Bf16, BF16_RTOL)] {
+            let r = |v: &[f32]| if dt == DType::Bf16 { bf16r(v) } else { v.to_vec() };
+            let (cr, qtr, qr) = (r(&cache), r(&qt), r(&q));
+            let mut want = vec![0f32; n * h * c];
+            for row in 0..n {
+                let s = row_slot[row] as usize;
+                for hh in 0..h {
+                    let o = attend(
+                        &qtr[(row * h + hh) * c..(row * h + hh + 1) * c],
+                        &qr[row * h * dq + hh * dq + 8..row * h * dq + hh * dq + 8 + dr],
+                        &cr[s * max_len * w..(s + 1) * max_len * w],
+                        row_len[row] as usize,
+                        c,
+                        dr,
+                        scale,
+                    );
+                    want[(row * h + hh) * c..(row * h + hh + 1) * c].copy_from_slice(&o);
+                }
+            }
+            let (ca, qta, qa) = (
+                Act::from_f32(&dev, dt, &cache).unwrap(),
+                Act::from_f32(&dev, dt, &qt).unwrap(),
+                Act::from_f32(&dev, dt, &q).unwrap(),
+            );
+            let (rs, rl) = (upload(&dev, &row_slot).unwrap(), upload(&dev, &row_len).unwrap());
+            for splits in [1usize, 3] {
+                let call = MlaCall {
+                    n,
+                    h,
+                    c,
+                    dr,
+                    qt: &qta,
+                    ld_qt: h * c,
+                    qpe: &qa,
+                    qpe_off: 8,
+                    ld_qpe: h * dq,
+                    hs_qpe: dq,
+                    cache: &ca,
+                    slots,
+                    max_len,
+                    row_slot: &rs,
+                    row_len: &rl,
+                    scale,
+                    splits,
+                };
+                let mut work = MlaWork::new(&dev, splits, n, h, c).unwrap();
+                let mut out = poisoned(&dev, dt, n * h * c);
+                mla_decode(&dev, &call, &mut out, h * c, Some(&mut work)).unwrap();
+                // outputs are convex combinations of cache values (|v| ~ 1)
+                assert_close(
+                    &out.to_f32(&dev).unwrap(),
+                    &want,
+                    rtol,
+                    rtol,
+                    &format!("mla h{h} c{c} {dt:?} splits {splits}"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn cache_append_writes_slot_rows_and_ignores_positions_past_the_end() {
+    let Some(dev) = device("cache_append_writes_slot_rows_and_ignores_positions_past_the_end") else { return };
+    let mut rng = Rng::new(21);
+    let (slots, max_len, w, n) = (3usize, 4usize, 10usize, 3usize);
+    let src = randn(&mut rng, n * w);
+    let mut cache = Act::from_f32(&dev, DType::F32, &vec![7.0; slots * max_len * w]).unwrap();
+    let (slot, pos) = (upload(&dev, &[2i32, 0, 1]).unwrap(), upload(&dev, &[3i32, 0, 4]).unwrap());
+    cache_append(&dev, &Act::from_f32(&dev, DType::F32, &src).unwrap(), w, &mut cache, max_len, &slot, &pos, n, w)
+        .unwrap();
+    let got = cache.to_f32(&dev).unwrap();
+    assert_eq!(&got[(2 * max_len + 3) * w..(2 * max_len + 4) * w], &src[..w]);
+    assert_eq!(&got[..w], &src[w..2 * w]);
+    // position 4 is past max_len: nothing written
+    assert_eq!(got.iter().filter(|&&v| v == 7.0).count(), (slots * max_len - 2) * w);
+}
+
+fn router(rng: &mut Rng, e: usize, k: usize, groups: usize, topk_group: usize, v3: bool) -> Router {
+    Router {
+        weight: vec![],
+        bias: v3.then(|| (0..e).map(|_| 0.1 * rng.normal()).collect()),
+        n_experts: e,
+        dim: 0,
+        top_k: k,
+        n_group: groups,
+        topk_group,
+        norm_topk_prob: v3,
+        scaling: if v3 { 2.5 } else { 1.0 },
+        scoring: if v3 { ScoringFunc::Sigmoid } else { ScoringFunc::Softmax },
+        method: if v3 {
+            TopkMethod::NoauxTc
+        } else if groups > 1 {
+            TopkMethod::GroupLimitedGreedy
+        } else {
+            TopkMethod::Greedy
+        },
+    }
+}
+
+#[test]
+fn router_matches_cpu_select_for_v3_and_v2() {
+    let Some(dev) = device("router_matches_cpu_select_for_v3_and_v2") else { return };
+    let mut rng = Rng::new(22);
+    for &(e, k, g, tg, v3) in &[
+        (256usize, 8usize, 8usize, 4usize, true),
+        (16, 4, 4, 2, true),
+        (64, 6, 1, 1, false),
+        (160, 6, 8, 3, false),
+        (3, 1, 1, 1, true),
+    ] {
+        let r = router(&mut rng, e, k, g, tg, v3);
+        let n = 37;
+        let logits = randn(&mut rng, n * e);
+        let mut idx = upload(&dev, &vec![-1i32; n * k]).unwrap();
+        let mut w = upload(&dev, &vec![f32::NAN; n * k]).unwrap();
+        let bias = r.bias.as_ref().map(|b| upload(&dev, b).unwrap());
+        route(&dev, &upload(&dev, &logits).unwrap(), n, bias.as_ref(), &RouteCfg::of(&r), &mut idx, &mut w).unwrap();
+        let (gi, gw) = (download(&dev, &idx).unwrap(), download(&dev, &w).unwrap());
+        for t in 0..n {
+            let want = r.select(&logits[t * e..(t + 1) * e]);
+            for (q, &(we, ww)) in want.iter().enumerate() {
+                assert_eq!(gi[t * k + q] as usize, we, "token {t} choice {q} (E {e}, v3 {v3})");
+                assert!((gw[t * k + q] - ww).abs() <= 1e-6 * ww.abs().max(1.0), "token {t} weight {q}");
+            }
+        }
+    }
+}
+
+#[test]
+fn dispatch_plan_and_combine_match_cpu() {
+    let Some(dev) = device("dispatch_plan_and_combine_match_cpu") else { return };
+    let mut rng = Rng::new(23);
+    let (n, k, e, d) = (70usize, 4usize, 9usize, 33usize);
+    // distinct experts per token, skewed so that one expert gets more than a tile
+    let idx: Vec<i32> = (0..n)
+        .flat_map(|t| {
+            let first = if t % 3 == 0 { 0 } else { 1 + rng.below((e - 1) as u64) as usize };
+            (0..k).map(move |q| ((first + q * 2) % e) as i32)
+        })
+        .collect();
+    let wts: Vec<f32> = (0..n * k).map(|_| rng.uniform()).collect();
+    let idx_d = upload(&dev, &idx).unwrap();
+    let mut p = Plan::new(&dev, e, n * k).unwrap();
+    plan(&dev, &idx_d, n, k, e, &mut p).unwrap();
+    let (ro, to, slot, src) = (
+        download(&dev, &p.row_offsets).unwrap(),
+        download(&dev, &p.tile_offsets).unwrap(),
+        download(&dev, &p.slot_of).unwrap(),
+        download(&dev, &p.src_row).unwrap(),
+    );
+    assert_eq!(ro[e] as usize, n * k);
+    for x in 0..e {
+        let cnt = idx.iter().filter(|&&v| v == x as i32).count();
+        assert_eq!((ro[x + 1] - ro[x]) as usize, cnt, "expert {x}");
+        assert_eq!((to[x + 1] - to[x]) as usize, cnt.div_ceil(64), "tiles of expert {x}");
+    }
+    for j in 0..n * k {
+        let s = slot[j] as usize;
+        assert!(s >= ro[idx[j] as usize] as usize && s < ro[idx[j] as usize + 1] as usize, "row {j} in its expert");
+        assert_eq!(src[s] as usize, j / k);
+    }
+    // combine: x += shared + Σ w·y[slot]
+    let y = randn(&mut rng, n * k * d);
+    let shared = randn(&mut rng, n * d);
+    let x0 = randn(&mut rng, n * d);
+    let mut want = x0.clone();
+    for t in 0..n {
+        for j in 0..d {
+            let r: f32 = (0..k).map(|q| wts[t * k + q] * y[slot[t * k + q] as usize * d + j]).sum();
+            want[t * d + j] += shared[t * d + j] + r;
+        }
+    }
+    let mut x = Act::from_f32(&dev, DType::F32, &x0).unwrap();
+    let (ya, sa) = (Act::from_f32(&dev, DType::F32, &y).unwrap(), Act::from_f32(&dev, DType::F32, &shared).unwrap());
+    combine(&dev, &ya, &p, &idx_d, &upload(&dev, &wts).unwrap(), Some(&sa), &mut x, n, k, d).unwrap();
+    assert_close(&x.to_f32(&dev).unwrap(), &want, 1e-5, 1e-5, "combine");
+}

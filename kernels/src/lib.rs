@@ -8,8 +8,11 @@
 //! - [`ops`]: host-side launchers, one file per kernel family.
 //! - [`model`]: [`model::CudaModel`], the model on device (prefill and batched decode over a
 //!   device latent cache).
+//! - [`nccl`] (feature `nccl`, default): the pipeline `Transport` over NCCL point-to-point.
 pub mod device;
 pub mod model;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod ops;
 pub mod ptx;
 pub mod tensor;

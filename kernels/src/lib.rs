@@ -9,6 +9,8 @@
 //! - [`model`]: [`model::CudaModel`], the model on device (prefill and batched decode over a
 //!   device latent cache).
 //! - [`nccl`] (feature `nccl`, default): the pipeline `Transport` over NCCL point-to-point.
+//! - [`bench`]: kernel benchmarks against cuBLAS and the device-copy ceiling (`examples/kernel_bench.rs`).
+pub mod bench;
 pub mod device;
 pub mod model;
 #[cfg(feature = "nccl")]

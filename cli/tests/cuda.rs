@@ -7,11 +7,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+    // DSV3_FIXTURES / DSV3_BIN: the fixtures and the binary when this test runs on another machine
+    let root = std::env::var_os("DSV3_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"));
+    root.join(name)
 }
 
 fn dsv3(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dsv3")).args(args).output().expect("running dsv3")
+    let bin = std::env::var_os("DSV3_BIN").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_BIN_EXE_dsv3").into());
+    Command::new(bin).args(args).output().expect("running dsv3")
 }
 
 fn gpu() -> bool {

@@ -1,17 +1,17 @@
 // dsv3.hpp: a header-only C++17 wrapper over the dsv3 C ABI (include/dsv3.h).
 //
-// - Handles (Model, Session, Tokenizer, Trainer) are move-only RAII objects: the destructor frees
+// - Handles (Model, Session, Tokenizer, Trainer, Grpo) are move-only RAII objects: the destructor frees
 //   the C handle; a moved-from or default-constructed object is empty (operator bool is false),
 //   safe to destroy or assign to, and its methods throw dsv3::Error (DSV3_ERR_NULL_ARGUMENT).
 // - Every failure throws dsv3::Error: the dsv3_status code and dsv3_last_error()'s message.
 // - Outputs are std::vector / std::string; the buffer-size protocol (DSV3_ERR_BUFFER_TOO_SMALL
 //   and `needed`) is handled here.
 // - Callbacks are std::function. An exception thrown by one never crosses the C ABI: it is
-//   caught, the operation is stopped (generation ends, a load is cancelled) and the exception is
-//   rethrown once the C call has returned.
+//   caught, the operation is stopped (generation ends, a load is cancelled, a GRPO step fails
+//   before any optimizer step) and the exception is rethrown once the C call has returned.
 // - Parameter structs take their defaults from the library (dsv3_*_params_default).
-// - Thread safety is the C API's: a Model may be shared by threads; a Session, Tokenizer or
-//   Trainer is used by one thread at a time.
+// - Thread safety is the C API's: a Model may be shared by threads; a Session, Tokenizer,
+//   Trainer or Grpo is used by one thread at a time.
 //
 // Build: add include/ and bindings/cpp/ to the include path and link -ldsv3.
 #ifndef DSV3_HPP
@@ -25,7 +25,9 @@
 #include <cstdint>
 #include <exception>
 #include <functional>
+#include <limits>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -200,6 +202,58 @@ struct SamplingParams {
 struct TrainParams : dsv3_train_params {
     TrainParams() : dsv3_train_params() { detail::check(dsv3_train_params_default(this)); }
 };
+
+/// dsv3_grpo_params with the library's defaults (dsv3_grpo_params_default: TRL's); set fields
+/// directly.
+struct GrpoParams : dsv3_grpo_params {
+    GrpoParams() : dsv3_grpo_params() { detail::check(dsv3_grpo_params_default(this)); }
+};
+
+/// dsv3_grpo_metrics, struct_size set.
+struct GrpoMetrics : dsv3_grpo_metrics {
+    GrpoMetrics() : dsv3_grpo_metrics() { struct_size = sizeof(dsv3_grpo_metrics); }
+};
+
+/// A host reward for GRPO: (prompt, completion, the prompt's reference answer or nullopt) → the
+/// completion's reward, or nullopt (or NaN) when it does not apply. The views live for the call.
+using RewardFn = std::function<std::optional<float>(std::string_view prompt, std::string_view completion,
+                                                    std::optional<std::string_view> answer)>;
+
+namespace detail {
+
+/// What a Grpo's reward callbacks share: the first exception of the running step.
+struct GrpoState {
+    std::exception_ptr error;
+    bool stepping = false;
+    size_t last_count = 0;  // completions of the last successful step
+};
+
+/// A reward callback's user_data (heap-allocated: stable while the Grpo moves).
+struct GrpoReward {
+    RewardFn fn;
+    GrpoState* state;
+};
+
+extern "C" {
+// A reward's exception is stored and +inf returned: the library rejects a non-finite reward
+// (DSV3_ERR_NON_FINITE) before any optimizer step; later calls of the step are not run.
+inline float dsv3_cpp_reward_trampoline(void* user_data, const char* prompt, const char* completion,
+                                        const char* answer) noexcept {
+    constexpr float abort_step = std::numeric_limits<float>::infinity();
+    auto* r = static_cast<GrpoReward*>(user_data);
+    if (r->state->error) return abort_step;
+    try {
+        const std::optional<float> v =
+            r->fn(prompt, completion, answer ? std::optional<std::string_view>(answer) : std::nullopt);
+        return v ? *v : std::numeric_limits<float>::quiet_NaN();
+    } catch (...) {
+        r->state->error = std::current_exception();
+        return abort_step;
+    }
+}
+}  // extern "C"
+
+}  // namespace detail
 
 /// dsv3_model_info, struct_size set.
 struct ModelInfo : dsv3_model_info {
@@ -489,6 +543,147 @@ private:
     }
 
     detail::Handle<dsv3_trainer, dsv3_trainer_free> h_;
+};
+
+/// A GRPO trainer: the policy (a copy of a model's weights), its optimizer, the reference model
+/// (beta > 0), reward functions and the last batch. One thread at a time.
+class Grpo {
+public:
+    /// A completion of the last step and its weighted reward (NaN: no reward function applied).
+    struct Completion {
+        std::string text;
+        float reward;
+    };
+
+    Grpo() noexcept = default;
+
+    /// Starts from `model`'s weights (copied); `train` sets the optimizer (lr, schedule, ...),
+    /// `params` GRPO (num_generations, max_completion_length, beta, ...). Completions stop at the
+    /// model's EOS (see set_stop_tokens). Add a reward before step().
+    explicit Grpo(const Model& model, const TrainParams& train = TrainParams(),
+                  const GrpoParams& params = GrpoParams()) {
+        dsv3_grpo* raw = nullptr;
+        detail::check(dsv3_grpo_new(model.get(), &train, &params, &raw));
+        h_.reset(raw);
+        state_ = std::make_unique<detail::GrpoState>();
+        generations_ = params.num_generations;
+    }
+
+    /// Adds a reward with `weight`. Without `fn`, `name` is a built-in ("accuracy", "exact",
+    /// "format", "language", "language-zh"); with `fn`, it is called once per completion and
+    /// `name` labels its metrics. An exception `fn` throws fails the step (no optimizer step is
+    /// taken) and step() rethrows it; `fn` must not use this Grpo.
+    void add_reward(std::string_view name, float weight = 1.0f, RewardFn fn = nullptr) {
+        live();
+        const std::string n = detail::c_string(name, "name");
+        std::unique_ptr<detail::GrpoReward> r;
+        if (fn) r.reset(new detail::GrpoReward{std::move(fn), state_.get()});
+        rewards_.reserve(rewards_.size() + 1);  // the push_back below cannot fail once C holds r
+        detail::check(dsv3_grpo_add_reward(h_.get(), n.c_str(), weight,
+                                           r ? detail::dsv3_cpp_reward_trampoline : nullptr, r.get()));
+        if (r) rewards_.push_back(std::move(r));
+    }
+
+    /// Completions end after any of these tokens (replacing the default, the model's EOS).
+    void set_stop_tokens(const std::vector<uint32_t>& tokens) {
+        live();
+        detail::check(dsv3_grpo_set_stop_tokens(h_.get(), tokens.data(), tokens.size()));
+    }
+
+    /// One GRPO step on text `prompts`: samples num_generations completions of each, scores them,
+    /// takes num_iterations optimizer steps. `answers` is empty or has one entry per prompt
+    /// (nullopt: no reference). `tokenizer` is NULL for a byte-level model.
+    GrpoMetrics step(const std::vector<std::string>& prompts,
+                     const std::vector<std::optional<std::string>>& answers = {},
+                     const Tokenizer* tokenizer = nullptr) {
+        live();
+        if (!answers.empty() && answers.size() != prompts.size()) {
+            throw Error(DSV3_ERR_INVALID_ARGUMENT, "dsv3: answers has " + std::to_string(answers.size()) +
+                                                       " entries for " + std::to_string(prompts.size()) + " prompts");
+        }
+        std::vector<std::string> ps;
+        std::vector<const char*> p_ptrs, a_ptrs;
+        std::vector<std::string> as;
+        ps.reserve(prompts.size());
+        as.reserve(answers.size());
+        for (const std::string& p : prompts) ps.push_back(detail::c_string(p, "prompt"));
+        for (const std::string& p : ps) p_ptrs.push_back(p.c_str());
+        for (const auto& a : answers) {
+            as.push_back(a ? detail::c_string(*a, "answer") : std::string());
+            a_ptrs.push_back(a ? as.back().c_str() : nullptr);
+        }
+        GrpoMetrics m;
+        state_->error = nullptr;
+        state_->stepping = true;
+        const dsv3_status s = dsv3_grpo_step(h_.get(), tokenizer ? tokenizer->get() : nullptr, p_ptrs.data(),
+                                             answers.empty() ? nullptr : a_ptrs.data(), prompts.size(), &m);
+        state_->stepping = false;
+        if (std::exception_ptr e = std::exchange(state_->error, nullptr)) std::rethrow_exception(e);
+        detail::check(s);
+        state_->last_count = prompts.size() * generations_;
+        return m;
+    }
+
+    /// (mean, std) of reward function `index` (in the order added) over the last step; NaN where
+    /// it never applied.
+    std::pair<float, float> reward_stats(size_t index) const {
+        live();
+        float mean = 0, std = 0;
+        detail::check(dsv3_grpo_reward_stats(h_.get(), index, &mean, &std));
+        return {mean, std};
+    }
+
+    /// The last step's completions (prompt i / num_generations, sample i % num_generations);
+    /// empty before the first step.
+    std::vector<Completion> completions() const {
+        live();
+        std::vector<Completion> out;
+        for (size_t i = 0; i < state_->last_count; ++i) {
+            float reward = 0;
+            const auto buf = detail::fill<char>(256, [&](char* b, size_t cap, size_t* needed) {
+                return dsv3_grpo_completion(h_.get(), i, b, cap, needed, &reward);
+            });
+            out.push_back({std::string(buf.data(), buf.empty() ? 0 : buf.size() - 1), reward});
+        }
+        return out;
+    }
+
+    /// Completions per prompt (G).
+    uint32_t num_generations() const noexcept { return generations_; }
+
+    /// A model with the policy's current weights (a snapshot, for inference).
+    Model model() const {
+        live();
+        dsv3_model* raw = nullptr;
+        detail::check(dsv3_grpo_model(h_.get(), &raw));
+        return Model(raw);
+    }
+
+    /// Writes the policy as a checkpoint directory (atomically); Trainer::load resumes it.
+    void save(std::string_view dir) {
+        live();
+        const std::string d = detail::c_string(dir, "dir");
+        detail::check(dsv3_grpo_save(h_.get(), d.c_str()));
+    }
+
+    dsv3_grpo* get() const noexcept { return h_.get(); }
+    explicit operator bool() const noexcept { return h_ != nullptr; }
+
+private:
+    // An empty (moved-from) Grpo, or a call from inside one of its own rewards (which would alias
+    // the trainer the C step is using), throws.
+    void live() const {
+        if (!h_) throw Error(DSV3_ERR_NULL_ARGUMENT, "dsv3: the Grpo is empty (default-constructed or moved from)");
+        if (state_->stepping) {
+            throw Error(DSV3_ERR_INVALID_ARGUMENT, "dsv3: a reward function cannot use the Grpo that is calling it");
+        }
+    }
+
+    // Declared before h_: destroyed after the C trainer that calls them.
+    std::unique_ptr<detail::GrpoState> state_;
+    std::vector<std::unique_ptr<detail::GrpoReward>> rewards_;
+    uint32_t generations_ = 0;
+    detail::Handle<dsv3_grpo, dsv3_grpo_free> h_;
 };
 
 }  // namespace dsv3

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -99,6 +100,9 @@ static_assert(!std::is_copy_constructible_v<dsv3::Model>, "handles are move-only
 static_assert(!std::is_copy_assignable_v<dsv3::Session>, "handles are move-only");
 static_assert(std::is_nothrow_move_constructible_v<dsv3::Tokenizer>, "moves do not throw");
 static_assert(std::is_nothrow_move_assignable_v<dsv3::Trainer>, "moves do not throw");
+static_assert(!std::is_copy_constructible_v<dsv3::Grpo>, "handles are move-only");
+static_assert(std::is_nothrow_move_constructible_v<dsv3::Grpo> && std::is_nothrow_move_assignable_v<dsv3::Grpo>,
+              "moves do not throw");
 
 int main() {
     std::ifstream f("bindings/testdata/expected.json");
@@ -278,6 +282,90 @@ int main() {
         const std::string msg = EXPECT_ERROR(DSV3_ERR_IO, dsv3::Model::load(missing));
         EXPECT(msg.find(string_value(json, "missing_model_error_contains")) != std::string::npos);
         EXPECT_ERROR(DSV3_ERR_INVALID_ARGUMENT, dsv3::Model::load(std::string("a\0b", 3)));
+
+        // GRPO on a fresh tiny (byte-level) model: a C++ reward next to a built-in one, counted
+        // calls, nullopt for a prompt without an answer, an exception, errors, a move. Small
+        // batches (valgrind); the reward's rise is ffi/tests/abi.rs's and the Python tests' check.
+        {
+            dsv3::TrainParams gtp;
+            gtp.schedule = 0;
+            gtp.lr = 1e-3f;
+            const dsv3::Model tiny = dsv3::Trainer::preset("tiny", gtp).model();
+            dsv3::GrpoParams gp;
+            EXPECT(gp.num_generations == 8 && gp.loss_type == 3);  // library defaults (TRL's)
+            gp.num_generations = 2;
+            gp.max_completion_length = 3;
+            dsv3::GrpoParams bad_gp = gp;
+            bad_gp.loss_type = 9;
+            EXPECT(EXPECT_ERROR(DSV3_ERR_INVALID_ARGUMENT, dsv3::Grpo(tiny, gtp, bad_gp)).find("loss_type") !=
+                   std::string::npos);
+            dsv3::Grpo grpo(tiny, gtp, gp);
+            EXPECT(grpo && grpo.num_generations() == 2 && grpo.completions().empty());
+            const std::vector<std::string> prompts = {"ab", "no answer"};
+            const std::vector<std::optional<std::string>> answers = {"x", std::nullopt};
+            EXPECT_ERROR(DSV3_ERR_INVALID_ARGUMENT, grpo.step(prompts, answers));  // no reward yet
+            size_t calls = 0;
+            int throw_at = 0;  // the call that throws (0: none)
+            grpo.add_reward("lower", 1.0f,
+                            [&](std::string_view prompt, std::string_view completion,
+                                std::optional<std::string_view> answer) -> std::optional<float> {
+                                ++calls;
+                                if (int(calls) == throw_at) throw std::logic_error("thrown from a reward");
+                                if (prompt.empty()) return 0.0f;
+                                if (!answer) return std::nullopt;
+                                size_t lower = 0;
+                                for (char c : completion) lower += c >= 'a' && c <= 'z';
+                                return float(lower) / float(std::max<size_t>(1, completion.size()));
+                            });
+            grpo.add_reward("exact", 0.5f);
+            EXPECT_ERROR(DSV3_ERR_INVALID_ARGUMENT, grpo.add_reward("bogus"));
+            const dsv3::GrpoMetrics gm = grpo.step(prompts, answers);
+            EXPECT(gm.step == 0 && gm.completion_length_max <= 3 && std::isfinite(gm.loss));
+            EXPECT(calls == prompts.size() * 2);  // once per completion
+            const auto stats = grpo.reward_stats(0);
+            EXPECT(stats.first == gm.reward && stats.first >= 0 && stats.first <= 1);
+            EXPECT_ERROR(DSV3_ERR_INVALID_ARGUMENT, grpo.reward_stats(2));
+            const std::vector<dsv3::Grpo::Completion> done = grpo.completions();
+            EXPECT(done.size() == 4);
+            for (size_t i = 0; i < done.size(); ++i) EXPECT(std::isnan(done[i].reward) == (i >= 2));
+
+            // A throwing reward: rethrown, not called again, no optimizer step taken.
+            const auto probe = [&] { return grpo.model().session().step(0, {97, 98, 99}); };
+            const std::vector<float> before = probe();
+            calls = 0;
+            throw_at = 3;
+            bool caught = false;
+            try {
+                grpo.step(prompts, answers);
+            } catch (const std::logic_error& e) {
+                caught = std::string(e.what()) == "thrown from a reward";
+            }
+            EXPECT(caught && calls == 3);
+            EXPECT(probe() == before);
+            throw_at = 0;
+
+            EXPECT_ERROR(DSV3_ERR_INVALID_ARGUMENT, grpo.step(prompts, {"x"}));  // wrapper: sizes
+            EXPECT_ERROR(DSV3_ERR_INVALID_ARGUMENT, grpo.set_stop_tokens({100000}));
+            std::vector<uint32_t> every(259);
+            for (uint32_t t = 0; t < every.size(); ++t) every[t] = t;
+            grpo.set_stop_tokens(every);  // every token stops: one-token completions
+
+            const std::filesystem::path gdir = std::filesystem::temp_directory_path() / "dsv3_cpp_grpo_ckpt";
+            std::filesystem::remove_all(gdir);
+            grpo.save(gdir.string());
+            EXPECT(std::filesystem::exists(gdir / "model.safetensors"));
+            std::filesystem::remove_all(gdir);
+
+            // A move keeps the rewards working; the moved-from Grpo throws. The failed step was not
+            // counted, and this one learns.
+            dsv3::Grpo g2 = std::move(grpo);
+            calls = 0;
+            const dsv3::GrpoMetrics gm2 = g2.step(prompts, answers);
+            EXPECT(gm2.step == 1 && gm2.completion_length_max == 1 && calls == 4);
+            EXPECT(g2.model().session().step(0, {97, 98, 99}) != before);
+            EXPECT(!grpo);  // NOLINT(bugprone-use-after-move)
+            EXPECT_ERROR(DSV3_ERR_NULL_ARGUMENT, grpo.step(prompts));
+        }
 
         // Moves: the moved-from object is empty, safe to use (throws) and to destroy.
         dsv3::Model moved = std::move(model);

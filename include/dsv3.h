@@ -145,7 +145,10 @@ typedef struct dsv3_train_params {
 
 // A reward computed by the host for one completion: `prompt` and `completion` are the texts,
 // `answer` the prompt's reference answer or NULL. Return the reward, or NaN when it does not
-// apply (skipped in the weighted sum, as TRL's None). The strings live until the call returns.
+// apply (skipped in the weighted sum, as TRL's None). Return +/-infinity to abort the step (e.g.
+// the host's scorer failed): dsv3_grpo_step then fails with DSV3_ERR_NON_FINITE before any
+// optimizer step, leaving the weights unchanged. The strings live until the call returns. Rewards
+// are called one after another, on the thread that called dsv3_grpo_step.
 typedef float (*dsv3_reward_fn)(void *user_data,
                                 const char *prompt,
                                 const char *completion,
@@ -280,8 +283,9 @@ uint32_t dsv3_abi_version(void);
 enum dsv3_status dsv3_grpo_params_default(struct dsv3_grpo_params *params);
 
 // A GRPO trainer starting from `model`'s weights (copied). `train` (optimizer, learning-rate
-// schedule, clipping; may be NULL for dsv3_train_params_default's) and `params` (NULL for
-// dsv3_grpo_params_default's). Completions stop at the model's EOS (see
+// schedule, clipping; may be NULL for dsv3_train_params_default's; its bias_update_speed is
+// ignored — router biases stay fixed during RL — and so is its seed: sampling uses params.seed)
+// and `params` (NULL for dsv3_grpo_params_default's). Completions stop at the model's EOS (see
 // dsv3_grpo_set_stop_tokens). Add at least one reward before stepping.
 enum dsv3_status dsv3_grpo_new(const struct dsv3_model *model,
                                const struct dsv3_train_params *train,
@@ -335,6 +339,19 @@ enum dsv3_status dsv3_grpo_completion(const struct dsv3_grpo *grpo,
                                       size_t cap,
                                       size_t *needed,
                                       float *reward);
+
+// The number of completions of the last step (prompts × num_generations) into `*n`.
+enum dsv3_status dsv3_grpo_num_completions(const struct dsv3_grpo *grpo, size_t *n);
+
+// Resumes a checkpoint written by dsv3_grpo_save (the policy, its optimizer state and the GRPO
+// step count) with `train` and `params` (each may be NULL for the defaults). `reference` is the
+// frozen reference model for β > 0 (copied; NULL: the loaded policy). Rewards are not saved: add
+// them again.
+enum dsv3_status dsv3_grpo_load(const char *dir,
+                                const struct dsv3_model *reference,
+                                const struct dsv3_train_params *train,
+                                const struct dsv3_grpo_params *params,
+                                struct dsv3_grpo **out);
 
 // A model handle with the policy's current weights (a snapshot, for inference).
 enum dsv3_status dsv3_grpo_model(const struct dsv3_grpo *grpo, struct dsv3_model **out);

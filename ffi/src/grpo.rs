@@ -14,7 +14,10 @@ use std::sync::Arc;
 
 /// A reward computed by the host for one completion: `prompt` and `completion` are the texts,
 /// `answer` the prompt's reference answer or NULL. Return the reward, or NaN when it does not
-/// apply (skipped in the weighted sum, as TRL's None). The strings live until the call returns.
+/// apply (skipped in the weighted sum, as TRL's None). Return +/-infinity to abort the step (e.g.
+/// the host's scorer failed): dsv3_grpo_step then fails with DSV3_ERR_NON_FINITE before any
+/// optimizer step, leaving the weights unchanged. The strings live until the call returns. Rewards
+/// are called one after another, on the thread that called dsv3_grpo_step.
 pub type dsv3_reward_fn = Option<
     unsafe extern "C" fn(
         user_data: *mut c_void,
@@ -158,8 +161,9 @@ fn grpo_config(p: &dsv3_grpo_params, eos: &[u32]) -> Result<GrpoTrainConfig, Fai
 }
 
 /// A GRPO trainer starting from `model`'s weights (copied). `train` (optimizer, learning-rate
-/// schedule, clipping; may be NULL for dsv3_train_params_default's) and `params` (NULL for
-/// dsv3_grpo_params_default's). Completions stop at the model's EOS (see
+/// schedule, clipping; may be NULL for dsv3_train_params_default's; its bias_update_speed is
+/// ignored — router biases stay fixed during RL — and so is its seed: sampling uses params.seed)
+/// and `params` (NULL for dsv3_grpo_params_default's). Completions stop at the model's EOS (see
 /// dsv3_grpo_set_stop_tokens). Add at least one reward before stepping.
 #[no_mangle]
 pub unsafe extern "C" fn dsv3_grpo_new(
@@ -209,6 +213,9 @@ pub unsafe extern "C" fn dsv3_grpo_add_reward(
         let name = cstr(name, "name")?;
         if !weight.is_finite() {
             return Err(invalid(format!("weight of '{name}' must be finite")));
+        }
+        if g.rewards.iter().any(|(r, _)| r.name() == name) {
+            return Err(invalid(format!("a reward named '{name}' is already added (names label the metrics)")));
         }
         let r: Box<dyn Reward> = match (callback, name) {
             (Some(f), n) => Box::new(HostReward { name: n.to_string(), f, user: user_data }),
@@ -395,6 +402,55 @@ pub unsafe extern "C" fn dsv3_grpo_completion(
             *r = rewards[i];
         }
         fill_str(t, out, cap, needed, "completion")
+    })
+}
+
+/// The number of completions of the last step (prompts × num_generations) into `*n`.
+#[no_mangle]
+pub unsafe extern "C" fn dsv3_grpo_num_completions(grpo: *const dsv3_grpo, n: *mut usize) -> dsv3_status {
+    guard("dsv3_grpo_num_completions", || {
+        let g = nonnull(grpo, "grpo")?;
+        let (_, texts, _) = g.last.as_ref().ok_or_else(|| invalid("no step has run yet"))?;
+        *nonnull_mut(n, "n")? = texts.len();
+        Ok(())
+    })
+}
+
+/// Resumes a checkpoint written by dsv3_grpo_save (the policy, its optimizer state and the GRPO
+/// step count) with `train` and `params` (each may be NULL for the defaults). `reference` is the
+/// frozen reference model for β > 0 (copied; NULL: the loaded policy). Rewards are not saved: add
+/// them again.
+#[no_mangle]
+pub unsafe extern "C" fn dsv3_grpo_load(
+    dir: *const c_char,
+    reference: *const dsv3_model,
+    train: *const crate::train::dsv3_train_params,
+    params: *const dsv3_grpo_params,
+    out: *mut *mut dsv3_grpo,
+) -> dsv3_status {
+    guard("dsv3_grpo_load", || {
+        let d = cstr(dir, "dir")?;
+        let out = nonnull_mut(out, "out")?;
+        let (mut cfg, _, _) = crate::train::config(train)?;
+        cfg.bias_update_speed = 0.0;
+        let (t, state) = dsv3_core::train::checkpoint::load(Path::new(d), cfg)?;
+        let mut def = std::mem::MaybeUninit::<dsv3_grpo_params>::uninit();
+        dsv3_grpo_params_default(def.as_mut_ptr());
+        // SAFETY: the default writes every field.
+        let def = def.assume_init();
+        let p = params.as_ref().unwrap_or(&def);
+        let eos = t.model.cfg.eos_token_ids.clone();
+        let mut g = GrpoTrainer::from_trainer(t, grpo_config(p, &eos)?)?;
+        g.step = state.get("grpo_step").and_then(|v| v.as_u64()).unwrap_or(0);
+        if let (Some(r), true) = (reference.as_ref(), g.reference.is_some()) {
+            let m = (*r.inner).clone();
+            if m.cfg.vocab_size != g.model().cfg.vocab_size || m.params() != g.model().params() {
+                return Err(invalid("the reference model's shape differs from the checkpoint's"));
+            }
+            g.reference = Some(m);
+        }
+        *out = Box::into_raw(Box::new(dsv3_grpo { inner: g, rewards: Vec::new(), last: None }));
+        Ok(())
     })
 }
 

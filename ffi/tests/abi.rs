@@ -329,6 +329,11 @@ fn grpo_with_host_and_builtin_rewards() {
         let user = &mut calls as *mut usize as *mut c_void;
         assert_eq!(dsv3_grpo_add_reward(g, c"lower".as_ptr(), 1.0, Some(host_reward), user), dsv3_status::DSV3_OK);
         assert_eq!(dsv3_grpo_add_reward(g, c"exact".as_ptr(), 0.5, None, null_mut()), dsv3_status::DSV3_OK);
+        assert_eq!(
+            dsv3_grpo_add_reward(g, c"exact".as_ptr(), 1.0, None, null_mut()),
+            dsv3_status::DSV3_ERR_INVALID_ARGUMENT
+        );
+        assert!(last().contains("already"), "{}", last());
         let mut rewards = Vec::new();
         for _ in 0..40 {
             let st = dsv3_grpo_step(g, null(), prompts.as_ptr(), answers.as_ptr(), 3, &mut met);
@@ -366,6 +371,16 @@ fn grpo_with_host_and_builtin_rewards() {
         let cdir = CString::new(dir.to_str().unwrap()).unwrap();
         assert_eq!(dsv3_grpo_save(g, cdir.as_ptr()), dsv3_status::DSV3_OK, "{}", last());
         assert!(dir.join("model.safetensors").exists());
+        let mut n = 0usize;
+        assert_eq!(dsv3_grpo_num_completions(g, &mut n), dsv3_status::DSV3_OK);
+        assert_eq!(n, 12);
+        // resume: the step count carries over; rewards are added again
+        let mut g2 = null_mut();
+        assert_eq!(dsv3_grpo_load(cdir.as_ptr(), m, &tp, &p, &mut g2), dsv3_status::DSV3_OK, "{}", last());
+        assert_eq!(dsv3_grpo_add_reward(g2, c"exact".as_ptr(), 1.0, None, null_mut()), dsv3_status::DSV3_OK);
+        assert_eq!(dsv3_grpo_step(g2, null(), prompts.as_ptr(), answers.as_ptr(), 3, &mut met), dsv3_status::DSV3_OK);
+        assert_eq!(met.step, 40, "{}", last());
+        dsv3_grpo_free(g2);
         let _ = std::fs::remove_dir_all(&dir);
         met.struct_size = 8;
         assert_eq!(

@@ -103,6 +103,9 @@ pub struct GrpoArgs {
     /// Importance ratio per sequence (GSPO) instead of per token.
     #[arg(long)]
     pub sequence_level: bool,
+    /// Added to the std in the advantage denominator (TRL 1e-4; verl 1e-6, OpenRLHF 1e-9).
+    #[arg(long, default_value_t = 1e-4)]
+    pub std_eps: f32,
     /// Reset the reference to the policy every K optimizer steps (needs --beta > 0).
     #[arg(long)]
     pub ref_sync_steps: Option<u64>,
@@ -289,8 +292,12 @@ pub fn run(a: GrpoArgs) -> Result<()> {
             o => return Err(Error::Input(format!("--scale-rewards must be group, batch or none, got '{o}'"))),
         },
         sequence_level: a.sequence_level,
+        std_eps: a.std_eps,
         ..Default::default()
     };
+    if !(a.std_eps.is_finite() && a.std_eps >= 0.0) {
+        return Err(Error::Input(format!("--std-eps must be >= 0, got {}", a.std_eps)));
+    }
     if a.ref_sync_steps.is_some() && a.beta == 0.0 {
         return Err(Error::Input("--ref-sync-steps needs a reference model: set --beta > 0".into()));
     }

@@ -39,7 +39,7 @@ macro_rules! ptx_modules {
     };
 }
 
-ptx_modules!("elementwise", "embed", "gemm", "mla", "moe", "rmsnorm", "rope", "sampling");
+ptx_modules!("elementwise", "embed", "fp8gemm", "fp8quant", "gemm", "mla", "moe", "rmsnorm", "rope", "sampling");
 
 #[cfg(test)]
 mod tests {

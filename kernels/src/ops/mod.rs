@@ -4,10 +4,13 @@
 //!
 //! - [`gather`]: row gathers (embedding lookup, last-row picks, MoE dispatch copies).
 //! - [`norm`]: RMSNorm. [`rope`]: RoPE/YaRN. [`elementwise`]: SwiGLU, add, casts.
+//! - [`fp8`]: DeepSeek's FP8 recipe: quantization (1x128, 128x128, 128x1 transposed) and the
+//!   promoted FP8 GEMM (wgmma on sm_90a) for Fprop, Dgrad, Wgrad and MoE groups.
 //! - [`gemm`]: `C = A · Wᵀ` in f32 / bf16 / FP8-weights, batched or grouped by rows.
 //! - [`mla`]: absorbed MLA attention over the latent cache, cache append.
 //! - [`moe`]: router, dispatch plan, combine. [`sampling`]: argmax, softmax.
 pub mod elementwise;
+pub mod fp8;
 pub mod gather;
 pub mod gemm;
 pub mod mla;
@@ -39,6 +42,16 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("gemm", "gemm_bf16_f32"),
     ("gemm", "gemm_fp8_bf16"),
     ("gemm", "gemm_fp8_f32"),
+    ("fp8quant", "quant_1x128_f32"),
+    ("fp8quant", "quant_1x128_bf16"),
+    ("fp8quant", "quant_block128_f32"),
+    ("fp8quant", "quant_block128_bf16"),
+    ("fp8quant", "quant_t128_f32"),
+    ("fp8quant", "quant_t128_bf16"),
+    ("fp8gemm", "fp8_gemm_wgmma_bf16"),
+    ("fp8gemm", "fp8_gemm_wgmma_f32"),
+    ("fp8gemm", "fp8_gemm_simt_bf16"),
+    ("fp8gemm", "fp8_gemm_simt_f32"),
     ("mla", "mla_decode_f32"),
     ("mla", "mla_decode_bf16"),
     ("mla", "mla_combine_f32"),
@@ -60,6 +73,7 @@ pub(crate) enum KArg {
     I64(i64),
     F32(f32),
     Gemm(gemm::GemmArgs),
+    Fp8Gemm(fp8::Fp8GemmArgs),
     Mla(mla::MlaArgs),
 }
 
@@ -95,6 +109,7 @@ pub(crate) fn launch(
             KArg::I64(v) => b.arg(v),
             KArg::F32(v) => b.arg(v),
             KArg::Gemm(v) => b.arg(v),
+            KArg::Fp8Gemm(v) => b.arg(v),
             KArg::Mla(v) => b.arg(v),
         };
     }

@@ -1,0 +1,121 @@
+// FP8 E4M3 quantization for DeepSeek's FP8 training recipe, bit for bit as core/src/fp8/quant.rs
+// (quantize_values / quantize_unchecked): scale = max(amax, 1e-4) / 448 (pow2: rounded up to a
+// power of two), code = e4m3(x / scale) (IEEE division, RNE, saturating). Inputs f32 or bf16.
+// - quant_1x128_*: per token, one scale per row per 128 columns (activations, activation grads).
+// - quant_block128_*: one scale per 128x128 block (weights), optionally also writing the
+//   transposed codes and scales (the Dgrad operand Wᵀ; a block's scale is unchanged by transpose).
+// - quant_t128_*: 128x1 tiles along the rows (tokens) written transposed: X [rows, cols] becomes
+//   codes [cols, rows] with 1x128 scales along the new K (= tokens): the Wgrad operands.
+#include "common.cuh"
+#include "fp8.cuh"
+
+// grid: (ceil(cols / 128), rows), block: 128. x[r * ldx + c]; q[r * ldq + c];
+// scale[r * s_rs + b * s_cs] (s_rs = ceil(cols/128), s_cs = 1 is the CPU's layout; s_rs = 1,
+// s_cs = rows is DeepGEMM's M-contiguous layout).
+template <typename T>
+__device__ void quant_1x128(const T* __restrict__ x, long long ldx, uint8_t* __restrict__ q, long long ldq,
+                            float* __restrict__ scale, long long s_rs, long long s_cs, int rows, int cols, int pow2) {
+    int r = blockIdx.y, c = blockIdx.x * 128 + threadIdx.x;
+    float v = (c < cols) ? to_f32(x[(long long)r * ldx + c]) : 0.0f;
+    float s = fp8_scale(block_max(fabsf(v)), pow2);
+    if (c < cols) q[(long long)r * ldq + c] = encode_e4m3(__fdiv_rn(v, s));
+    if (threadIdx.x == 0) scale[(long long)r * s_rs + (long long)blockIdx.x * s_cs] = s;
+}
+extern "C" __global__ void __launch_bounds__(128) quant_1x128_f32(const float* x, long long ldx, uint8_t* q,
+    long long ldq, float* scale, long long s_rs, long long s_cs, int rows, int cols, int pow2) {
+    quant_1x128<float>(x, ldx, q, ldq, scale, s_rs, s_cs, rows, cols, pow2);
+}
+extern "C" __global__ void __launch_bounds__(128) quant_1x128_bf16(const bf16* x, long long ldx, uint8_t* q,
+    long long ldq, float* scale, long long s_rs, long long s_cs, int rows, int cols, int pow2) {
+    quant_1x128<bf16>(x, ldx, q, ldq, scale, s_rs, s_cs, rows, cols, pow2);
+}
+
+// grid: (ceil(cols / 128), ceil(rows / 128)), block: 256. x [rows, cols] (stride ldx) -> q [rows, cols]
+// (stride cols), scale [ceil(rows/128), ceil(cols/128)]; when qt != 0 also qt [cols, rows] (stride
+// rows) and scale_t [ceil(cols/128), ceil(rows/128)].
+template <typename T>
+__device__ void quant_block128(const T* __restrict__ x, long long ldx, uint8_t* __restrict__ q, float* __restrict__ scale,
+                               uint8_t* __restrict__ qt, float* __restrict__ scale_t, int rows, int cols, int pow2) {
+    int r0 = blockIdx.y * 128, c0 = blockIdx.x * 128;
+    float m = 0.0f;
+    for (int i = threadIdx.x; i < 128 * 128; i += 256) {
+        int r = r0 + (i >> 7), c = c0 + (i & 127);
+        if (r < rows && c < cols) m = fmaxf(m, fabsf(to_f32(x[(long long)r * ldx + c])));
+    }
+    float s = fp8_scale(block_max(m), pow2);
+    int cb = (cols + 127) / 128, rb = (rows + 127) / 128;
+    if (threadIdx.x == 0) {
+        scale[(long long)blockIdx.y * cb + blockIdx.x] = s;
+        if (qt) scale_t[(long long)blockIdx.x * rb + blockIdx.y] = s;
+    }
+    __shared__ uint8_t tile[128][129];
+    for (int i = threadIdx.x; i < 128 * 128; i += 256) {
+        int rr = i >> 7, cc = i & 127, r = r0 + rr, c = c0 + cc;
+        if (r < rows && c < cols) {
+            uint8_t code = encode_e4m3(__fdiv_rn(to_f32(x[(long long)r * ldx + c]), s));
+            q[(long long)r * cols + c] = code;
+            tile[cc][rr] = code;
+        }
+    }
+    if (!qt) return;
+    __syncthreads();
+    for (int i = threadIdx.x; i < 128 * 128; i += 256) {
+        int cc = i >> 7, rr = i & 127, r = r0 + rr, c = c0 + cc;
+        if (r < rows && c < cols) qt[(long long)c * rows + r] = tile[cc][rr];
+    }
+}
+extern "C" __global__ void __launch_bounds__(256) quant_block128_f32(const float* x, long long ldx, uint8_t* q,
+    float* scale, uint8_t* qt, float* scale_t, int rows, int cols, int pow2) {
+    quant_block128<float>(x, ldx, q, scale, qt, scale_t, rows, cols, pow2);
+}
+extern "C" __global__ void __launch_bounds__(256) quant_block128_bf16(const bf16* x, long long ldx, uint8_t* q,
+    float* scale, uint8_t* qt, float* scale_t, int rows, int cols, int pow2) {
+    quant_block128<bf16>(x, ldx, q, scale, qt, scale_t, rows, cols, pow2);
+}
+
+// grid: (ceil(cols / 32), ceil(rows / 128)), block: 256 (32 columns x 8 row lanes). x [rows, cols]
+// (stride ldx); per column c and 128-row block b: scale s = fp8_scale(amax of x[128b.., c]);
+// qt[c * ldq + r] = e4m3(x[r, c] / s) (ldq >= rows), scale_t[c * s_rs + b * s_cs] = s (s_rs =
+// ceil(rows/128), s_cs = 1 is QValues::transposed()'s layout of the CPU's 128x1 scales).
+template <typename T>
+__device__ void quant_t128(const T* __restrict__ x, long long ldx, uint8_t* __restrict__ qt, long long ldq,
+                           float* __restrict__ scale_t, long long s_rs, long long s_cs, int rows, int cols, int pow2) {
+    __shared__ float tile[128][33];
+    __shared__ float part[8][32];
+    __shared__ float sc[32];
+    int c0 = blockIdx.x * 32, r0 = blockIdx.y * 128;
+    int lx = threadIdx.x & 31, ly = threadIdx.x >> 5;
+    float m = 0.0f;
+    for (int rr = ly; rr < 128; rr += 8) {
+        int r = r0 + rr, c = c0 + lx;
+        float v = (r < rows && c < cols) ? to_f32(x[(long long)r * ldx + c]) : 0.0f;
+        tile[rr][lx] = v;
+        m = fmaxf(m, fabsf(v));
+    }
+    part[ly][lx] = m;
+    __syncthreads();
+    if (ly == 0) {
+        for (int j = 1; j < 8; j++) m = fmaxf(m, part[j][lx]);
+        float s = fp8_scale(m, pow2);
+        sc[lx] = s;
+        if (c0 + lx < cols) scale_t[(long long)(c0 + lx) * s_rs + (long long)blockIdx.y * s_cs] = s;
+    }
+    __syncthreads();
+    // write: each warp covers one column's 128 rows as 32 lanes x 4 consecutive rows
+    for (int cc = ly; cc < 32; cc += 8) {
+        int c = c0 + cc;
+        if (c >= cols) continue;
+        for (int j = 0; j < 4; j++) {
+            int rr = lx * 4 + j, r = r0 + rr;
+            if (r < rows) qt[(long long)c * ldq + r] = encode_e4m3(__fdiv_rn(tile[rr][cc], sc[cc]));
+        }
+    }
+}
+extern "C" __global__ void __launch_bounds__(256) quant_t128_f32(const float* x, long long ldx, uint8_t* qt,
+    long long ldq, float* scale_t, long long s_rs, long long s_cs, int rows, int cols, int pow2) {
+    quant_t128<float>(x, ldx, qt, ldq, scale_t, s_rs, s_cs, rows, cols, pow2);
+}
+extern "C" __global__ void __launch_bounds__(256) quant_t128_bf16(const bf16* x, long long ldx, uint8_t* qt,
+    long long ldq, float* scale_t, long long s_rs, long long s_cs, int rows, int cols, int pow2) {
+    quant_t128<bf16>(x, ldx, qt, ldq, scale_t, s_rs, s_cs, rows, cols, pow2);
+}

@@ -1,0 +1,357 @@
+//! DeepSeek's FP8 training recipe on the device: quantization (`kernels/cuda/fp8quant.cu`, bit for
+//! bit as `dsv3_core::fp8::quant`) and the promoted FP8 GEMM (`kernels/cuda/fp8gemm.cu`: wgmma on
+//! sm_90a, a SIMT fallback elsewhere) in its three forms — Fprop/Dgrad (A 1x128 x B 128x128),
+//! Wgrad (1x128 x 1x128 along tokens, f32 accumulate) and grouped-contiguous (MoE experts).
+use super::gemm::Grouped;
+use super::{dim, int, launch, KArg};
+use crate::device::Device;
+use crate::ptx::Arch;
+use crate::tensor::{dptr, Act, DType};
+use cudarc::driver::{CudaSlice, DeviceRepr};
+use dsv3_core::{Error, Result};
+
+/// Rows per tile of the FP8 GEMMs (the grouped mode's tile unit: the same as `moe_plan`'s).
+pub const FP8_BM: usize = 64;
+
+/// Where a quantize kernel writes: E4M3 codes (row `r` at `q[r·ld..]`) and f32 scales, the scale of
+/// (row `r`, 128-wide group `b`) at `scale[r·s_rs + b·s_cs]`.
+pub struct Fp8Out<'a> {
+    pub q: &'a mut CudaSlice<u8>,
+    pub ld: usize,
+    pub scale: &'a mut CudaSlice<f32>,
+    pub s_rs: usize,
+    pub s_cs: usize,
+}
+
+impl<'a> Fp8Out<'a> {
+    /// Codes `[rows, cols]` (contiguous) and the CPU's `[rows, ceil(cols/128)]` scales.
+    pub fn dense(q: &'a mut CudaSlice<u8>, scale: &'a mut CudaSlice<f32>, cols: usize) -> Fp8Out<'a> {
+        Fp8Out { q, ld: cols, scale, s_rs: cols.div_ceil(128), s_cs: 1 }
+    }
+
+    fn check(&self, rows: usize, cols: usize, what: &str) -> Result<()> {
+        let groups = cols.div_ceil(128);
+        let need_s = (rows - 1) * self.s_rs + (groups - 1) * self.s_cs + 1;
+        if self.ld < cols || self.q.len() < (rows - 1) * self.ld + cols || self.scale.len() < need_s {
+            return Err(Error::Input(format!(
+                "{what}: [{rows}, {cols}] needs codes with ld >= {cols} ({} codes, ld {}) and {need_s} scales ({})",
+                self.q.len(),
+                self.ld,
+                self.scale.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn quant_kernel(x: &Act, f32_name: &'static str, bf16_name: &'static str) -> &'static str {
+    match x.dtype() {
+        DType::F32 => f32_name,
+        DType::Bf16 => bf16_name,
+    }
+}
+
+/// Per-token 1x128 quantization of `x` `[rows, cols]` (row stride `ldx`): activations and
+/// activation gradients (`pow2`: power-of-two scales).
+pub fn quant_1x128(dev: &Device, x: &Act, ldx: usize, rows: usize, cols: usize, out: Fp8Out, pow2: bool) -> Result<()> {
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    x.check((rows - 1) * ldx + cols, "quant_1x128 x")?;
+    if ldx < cols {
+        return Err(Error::Input(format!("quant_1x128: ldx {ldx} < cols {cols}")));
+    }
+    out.check(rows, cols, "quant_1x128")?;
+    let k = quant_kernel(x, "quant_1x128_f32", "quant_1x128_bf16");
+    let args = [
+        KArg::Ptr(x.ptr(dev, 0)?),
+        KArg::I64(ldx as i64),
+        KArg::Ptr(dptr(dev, out.q, 0)?),
+        KArg::I64(out.ld as i64),
+        KArg::Ptr(dptr(dev, out.scale, 0)?),
+        KArg::I64(out.s_rs as i64),
+        KArg::I64(out.s_cs as i64),
+        KArg::I32(int(rows, "rows")?),
+        KArg::I32(int(cols, "cols")?),
+        KArg::I32(pow2 as i32),
+    ];
+    launch(dev, "fp8quant", k, (dim(cols.div_ceil(128), "quant cols")?, dim(rows, "quant rows")?, 1), 128, &args)
+}
+
+/// 128x1 quantization along the rows (tokens) of `x` `[rows, cols]`, written transposed: `out` gets
+/// codes `[cols, rows]` (`out.ld >= rows`) and 1x128 scales along the new K (= tokens), scale of
+/// (column c, token block b) at `scale[c·s_rs + b·s_cs]`: the Wgrad operands (X and dY), as
+/// `quantize_values(.., Tile128x1, ..).transposed()`.
+pub fn quant_t128(dev: &Device, x: &Act, ldx: usize, rows: usize, cols: usize, out: Fp8Out, pow2: bool) -> Result<()> {
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    x.check((rows - 1) * ldx + cols, "quant_t128 x")?;
+    if ldx < cols {
+        return Err(Error::Input(format!("quant_t128: ldx {ldx} < cols {cols}")));
+    }
+    out.check(cols, rows, "quant_t128 (transposed output)")?;
+    let k = quant_kernel(x, "quant_t128_f32", "quant_t128_bf16");
+    let args = [
+        KArg::Ptr(x.ptr(dev, 0)?),
+        KArg::I64(ldx as i64),
+        KArg::Ptr(dptr(dev, out.q, 0)?),
+        KArg::I64(out.ld as i64),
+        KArg::Ptr(dptr(dev, out.scale, 0)?),
+        KArg::I64(out.s_rs as i64),
+        KArg::I64(out.s_cs as i64),
+        KArg::I32(int(rows, "rows")?),
+        KArg::I32(int(cols, "cols")?),
+        KArg::I32(pow2 as i32),
+    ];
+    launch(
+        dev,
+        "fp8quant",
+        k,
+        (dim(cols.div_ceil(32), "quant cols")?, dim(rows.div_ceil(128), "quant rows")?, 1),
+        256,
+        &args,
+    )
+}
+
+/// Outputs of [`quant_block128`]: codes `[rows, cols]` and scales `[ceil(rows/128), ceil(cols/128)]`;
+/// optionally also the transpose (codes `[cols, rows]`, scales `[ceil(cols/128), ceil(rows/128)]`),
+/// the Dgrad operand `Wᵀ`.
+pub struct Fp8BlockOut<'a> {
+    pub q: &'a mut CudaSlice<u8>,
+    pub scale: &'a mut CudaSlice<f32>,
+    pub transposed: Option<(&'a mut CudaSlice<u8>, &'a mut CudaSlice<f32>)>,
+}
+
+/// 128x128 block quantization of a weight `x` `[rows, cols]` (row stride `ldx`), f32 master
+/// weights or bf16 (re-quantized after every optimizer step). Refuse it for activation gradients
+/// (V3 App. B.2): that is the caller's role check, as in `dsv3_core::fp8::quant::quantize`.
+pub fn quant_block128(
+    dev: &Device,
+    x: &Act,
+    ldx: usize,
+    rows: usize,
+    cols: usize,
+    out: Fp8BlockOut,
+    pow2: bool,
+) -> Result<()> {
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    x.check((rows - 1) * ldx + cols, "quant_block128 x")?;
+    let ns = rows.div_ceil(128) * cols.div_ceil(128);
+    if ldx < cols || out.q.len() < rows * cols || out.scale.len() < ns {
+        return Err(Error::Input(format!(
+            "quant_block128: [{rows}, {cols}] (ldx {ldx}) needs {} codes, {ns} scales",
+            rows * cols
+        )));
+    }
+    let (qt, st) = match &out.transposed {
+        Some((q, s)) => {
+            if q.len() < rows * cols || s.len() < ns {
+                return Err(Error::Input("quant_block128: transposed outputs too small".into()));
+            }
+            (dptr(dev, q, 0)?, dptr(dev, s, 0)?)
+        }
+        None => (0, 0),
+    };
+    let k = quant_kernel(x, "quant_block128_f32", "quant_block128_bf16");
+    let args = [
+        KArg::Ptr(x.ptr(dev, 0)?),
+        KArg::I64(ldx as i64),
+        KArg::Ptr(dptr(dev, out.q, 0)?),
+        KArg::Ptr(dptr(dev, out.scale, 0)?),
+        KArg::Ptr(qt),
+        KArg::Ptr(st),
+        KArg::I32(int(rows, "rows")?),
+        KArg::I32(int(cols, "cols")?),
+        KArg::I32(pow2 as i32),
+    ];
+    launch(
+        dev,
+        "fp8quant",
+        k,
+        (dim(cols.div_ceil(128), "quant cols")?, dim(rows.div_ceil(128), "quant rows")?, 1),
+        256,
+        &args,
+    )
+}
+
+/// The FP8 GEMM kernels' argument block (`kernels/cuda/fp8gemm.cu`, same field order and sizes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fp8GemmArgs {
+    pub a: u64,
+    pub b: u64,
+    pub d: u64,
+    pub sa: u64,
+    pub sb: u64,
+    pub row_offsets: u64,
+    pub tile_offsets: u64,
+    pub stride_b: i64,
+    pub stride_sb: i64,
+    pub sa_rs: i64,
+    pub sa_ks: i64,
+    pub sb_rs: i64,
+    pub sb_ks: i64,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub lda: i32,
+    pub ldb: i32,
+    pub ldd: i32,
+    pub groups: i32,
+    pub accumulate: i32,
+    pub b_block: i32,
+    pub pad: i32,
+}
+
+// SAFETY: plain integers, #[repr(C)], laid out as the CUDA struct.
+unsafe impl DeviceRepr for Fp8GemmArgs {}
+
+/// An FP8 GEMM operand: E4M3 codes (row `r` at `q[r·ld..]`, K contiguous) and f32 scales: the scale
+/// of (row `r`, K group `kb`) at `scale[r·s_rs + kb·s_ks]`, or for 128x128 blocks of (row block
+/// `r/128`, `kb`) at `scale[(r/128)·s_rs + kb·s_ks]`.
+pub struct Fp8Operand<'a> {
+    pub q: &'a CudaSlice<u8>,
+    pub ld: usize,
+    pub scale: &'a CudaSlice<f32>,
+    pub s_rs: usize,
+    pub s_ks: usize,
+}
+
+/// How B is scaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BScales {
+    /// 128x128 blocks (weights: Fprop, Dgrad).
+    Block128,
+    /// One scale per row of B per 128 K (Wgrad: 1x128 along tokens).
+    Tile1x128,
+}
+
+/// Which kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fp8Kernel {
+    /// wgmma on sm_90a, SIMT elsewhere.
+    Auto,
+    /// `fp8_gemm_wgmma_*` (sm_90a only).
+    Wgmma,
+    /// `fp8_gemm_simt_*` (any GPU).
+    Simt,
+}
+
+/// One FP8 GEMM `D[m, n] (+)= Σ_kb sa·sb·Σ A[m, k]·B[n, k]`. Grouped (MoE, `grouped: Some`): `m`
+/// is the total rows, group g's B is `b.q` at `g·stride_b` with scales at `g·stride_sb`.
+pub struct Fp8Gemm<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: Fp8Operand<'a>,
+    pub b: Fp8Operand<'a>,
+    pub b_scales: BScales,
+    /// Row stride of D.
+    pub ldd: usize,
+    /// Add into D instead of overwriting it (Wgrad accumulation).
+    pub accumulate: bool,
+    pub groups: usize,
+    pub stride_b: usize,
+    pub stride_sb: usize,
+    pub grouped: Option<Grouped<'a>>,
+}
+
+fn need_scales(rows: usize, s_rs: usize, kgroups: usize, s_ks: usize) -> usize {
+    (rows - 1) * s_rs + (kgroups - 1) * s_ks + 1
+}
+
+/// Runs `g` into `d` (bf16 or f32) with kernel `which`.
+pub fn fp8_gemm(dev: &Device, g: &Fp8Gemm, d: &mut Act, which: Fp8Kernel) -> Result<()> {
+    let (m, n, k) = (g.m, g.n, g.k);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 || g.a.ld < k || g.b.ld < k || g.ldd < n || g.groups == 0 {
+        return Err(Error::Input(format!(
+            "fp8_gemm: k {k}, lda {}, ldb {} (>= k), ldd {} (>= n {n}), groups {}",
+            g.a.ld, g.b.ld, g.ldd, g.groups
+        )));
+    }
+    let kg = k.div_ceil(128);
+    let b_rows = match g.b_scales {
+        BScales::Block128 => n.div_ceil(128),
+        BScales::Tile1x128 => n,
+    };
+    let gl = g.groups - 1;
+    if g.a.q.len() < (m - 1) * g.a.ld + k
+        || g.a.scale.len() < need_scales(m, g.a.s_rs, kg, g.a.s_ks)
+        || g.b.q.len() < gl * g.stride_b + (n - 1) * g.b.ld + k
+        || g.b.scale.len() < gl * g.stride_sb + need_scales(b_rows, g.b.s_rs, kg, g.b.s_ks)
+    {
+        return Err(Error::Input(format!("fp8_gemm: operand buffers too small for [{m}, {k}] x [{n}, {k}]")));
+    }
+    d.check((m - 1) * g.ldd + n, "fp8_gemm D")?;
+    let (ro, to, grid_y) = match &g.grouped {
+        Some(gr) => {
+            if gr.row_offsets.len() < g.groups + 1 || gr.tile_offsets.len() < g.groups + 1 {
+                return Err(Error::Input("fp8_gemm: grouped call needs [groups + 1] offsets".into()));
+            }
+            (dptr(dev, gr.row_offsets, 0)?, dptr(dev, gr.tile_offsets, 0)?, gr.max_tiles.max(1))
+        }
+        None => (0, 0, m.div_ceil(FP8_BM)),
+    };
+    let wgmma = match which {
+        Fp8Kernel::Auto => dev.arch == Arch::Sm90a,
+        Fp8Kernel::Wgmma => {
+            if dev.arch != Arch::Sm90a {
+                return Err(Error::Unsupported("fp8_gemm: the wgmma kernel needs sm_90a (H100/H200)".into()));
+            }
+            true
+        }
+        Fp8Kernel::Simt => false,
+    };
+    let kernel = match (wgmma, d.dtype()) {
+        (true, DType::Bf16) => "fp8_gemm_wgmma_bf16",
+        (true, DType::F32) => "fp8_gemm_wgmma_f32",
+        (false, DType::Bf16) => "fp8_gemm_simt_bf16",
+        (false, DType::F32) => "fp8_gemm_simt_f32",
+    };
+    let args = Fp8GemmArgs {
+        a: dptr(dev, g.a.q, 0)?,
+        b: dptr(dev, g.b.q, 0)?,
+        d: d.ptr(dev, 0)?,
+        sa: dptr(dev, g.a.scale, 0)?,
+        sb: dptr(dev, g.b.scale, 0)?,
+        row_offsets: ro,
+        tile_offsets: to,
+        stride_b: g.stride_b as i64,
+        stride_sb: g.stride_sb as i64,
+        sa_rs: g.a.s_rs as i64,
+        sa_ks: g.a.s_ks as i64,
+        sb_rs: g.b.s_rs as i64,
+        sb_ks: g.b.s_ks as i64,
+        m: int(m, "m")?,
+        n: int(n, "n")?,
+        k: int(k, "k")?,
+        lda: int(g.a.ld, "lda")?,
+        ldb: int(g.b.ld, "ldb")?,
+        ldd: int(g.ldd, "ldd")?,
+        groups: int(g.groups, "groups")?,
+        accumulate: g.accumulate as i32,
+        b_block: (g.b_scales == BScales::Block128) as i32,
+        pad: 0,
+    };
+    let (bn, block) = if wgmma { (128, 128) } else { (64, 256) };
+    let grid = (dim(n.div_ceil(bn), "fp8_gemm n")?, dim(grid_y, "fp8_gemm m")?, 1);
+    launch(dev, "fp8gemm", kernel, grid, block, &[KArg::Fp8Gemm(args)])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fp8_gemm_args_match_the_cuda_struct_layout() {
+        // 7 pointers, 6 i64, 10 ints
+        assert_eq!(std::mem::size_of::<super::Fp8GemmArgs>(), 7 * 8 + 6 * 8 + 10 * 4);
+        assert_eq!(std::mem::offset_of!(super::Fp8GemmArgs, stride_b), 56);
+        assert_eq!(std::mem::offset_of!(super::Fp8GemmArgs, m), 104);
+        assert_eq!(std::mem::offset_of!(super::Fp8GemmArgs, pad), 140);
+    }
+}

@@ -1,0 +1,377 @@
+//! DeepSeek's FP8 recipe on the GPU against the CPU oracle (dsv3_core::fp8): the quantize kernels
+//! bit for bit (codes and scales, f32 and bf16 inputs, plain and power-of-two scales, ragged
+//! shapes, strided rows), and the promoted FP8 GEMM in its three forms (Fprop/Dgrad 1x128 x
+//! 128x128, Wgrad 1x128 x 1x128 along tokens with f32 accumulate, grouped-contiguous MoE) against
+//! core's exact emulation and an f64 reference of the unquantized inputs with DeepGEMM's measure
+//! `1 - 2·Σxy/Σ(x²+y²) < 1e-3`. Both kernels (wgmma on sm_90a, SIMT anywhere). Skip without a GPU.
+mod common;
+use common::*;
+use dsv3_core::fp8::gemm::{calc_diff, fp8_gemm as cpu_fp8_gemm};
+use dsv3_core::fp8::quant::{quantize_unchecked, QTensor, ScaleLayout};
+use dsv3_core::rng::Rng;
+use dsv3_kernels::ops::fp8::{
+    fp8_gemm, quant_1x128, quant_block128, quant_t128, BScales, Fp8BlockOut, Fp8Gemm, Fp8Kernel, Fp8Operand, Fp8Out,
+    FP8_BM,
+};
+use dsv3_kernels::ops::gemm::Grouped;
+use dsv3_kernels::ptx::Arch;
+use dsv3_kernels::tensor::{download, upload};
+use dsv3_kernels::{Act, DType, Device};
+
+/// Random values over many magnitudes: rows (and columns) scaled by 1e-7..1e3, so amax floors,
+/// subnormal E4M3 codes and saturation-free large values all occur; never all zeros.
+fn spread(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
+    let rs: Vec<f32> = (0..rows).map(|_| 10f32.powi(rng.below(11) as i32 - 7)).collect();
+    let cs: Vec<f32> = (0..cols).map(|_| if rng.below(8) == 0 { 30.0 } else { 1.0 }).collect();
+    (0..rows * cols).map(|i| rng.normal() * rs[i / cols] * cs[i % cols]).collect()
+}
+
+fn poisoned_u8(dev: &Device, n: usize) -> cudarc::driver::CudaSlice<u8> {
+    upload(dev, &vec![0x7fu8; n.max(1)]).unwrap()
+}
+fn poisoned_f32(dev: &Device, n: usize) -> cudarc::driver::CudaSlice<f32> {
+    upload(dev, &vec![f32::NAN; n.max(1)]).unwrap()
+}
+
+fn assert_bits(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.to_bits(), w.to_bits(), "{what}: scale {i}: got {g:e}, want {w:e}");
+    }
+}
+fn assert_codes(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    if let Some(i) = got.iter().zip(want).position(|(g, w)| g != w) {
+        panic!("{what}: code {i}: got {:#04x}, want {:#04x}", got[i], want[i]);
+    }
+}
+
+const QSHAPES: [(usize, usize); 6] = [(1, 1), (3, 127), (5, 128), (7, 300), (130, 257), (257, 1024)];
+const DTYPES: [DType; 2] = [DType::F32, DType::Bf16];
+
+/// The CPU's view of what a buffer of `dt` holds.
+fn as_dtype(x: &[f32], dt: DType) -> Vec<f32> {
+    if dt == DType::Bf16 {
+        bf16r(x)
+    } else {
+        x.to_vec()
+    }
+}
+
+#[test]
+fn quant_1x128_matches_cpu_bit_for_bit() {
+    let Some(dev) = device("quant_1x128_matches_cpu_bit_for_bit") else { return };
+    let mut rng = Rng::new(70);
+    for (rows, cols) in QSHAPES {
+        let ldx = cols + 3;
+        let x = spread(&mut rng, rows, ldx);
+        for dt in DTYPES {
+            for pow2 in [false, true] {
+                let xs = as_dtype(&x, dt);
+                let dense: Vec<f32> = (0..rows).flat_map(|r| xs[r * ldx..r * ldx + cols].to_vec()).collect();
+                let want = quantize_unchecked(&dense, rows, cols, ScaleLayout::Tile1x128, pow2);
+                // codes with a padded row stride (the padding must stay poisoned), scales M-contiguous
+                let (ldq, kg) = (cols + 5, cols.div_ceil(128));
+                let mut q = poisoned_u8(&dev, rows * ldq);
+                let mut s = poisoned_f32(&dev, rows * kg);
+                let out = Fp8Out { q: &mut q, ld: ldq, scale: &mut s, s_rs: 1, s_cs: rows };
+                quant_1x128(&dev, &Act::from_f32(&dev, dt, &x).unwrap(), ldx, rows, cols, out, pow2).unwrap();
+                let (gq, gs) = (download(&dev, &q).unwrap(), download(&dev, &s).unwrap());
+                let what = format!("quant_1x128 {dt:?} pow2 {pow2} [{rows}, {cols}]");
+                let codes: Vec<u8> = (0..rows).flat_map(|r| gq[r * ldq..r * ldq + cols].to_vec()).collect();
+                assert_codes(&codes, &want.codes, &what);
+                assert!((0..rows).all(|r| gq[r * ldq + cols..(r + 1) * ldq].iter().all(|&b| b == 0x7f)), "{what}: pad");
+                let scales: Vec<f32> =
+                    (0..rows).flat_map(|r| (0..kg).map(move |b| (r, b))).map(|(r, b)| gs[b * rows + r]).collect();
+                assert_bits(&scales, &want.scales, &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn quant_block128_and_its_transpose_match_cpu_bit_for_bit() {
+    let Some(dev) = device("quant_block128_and_its_transpose_match_cpu_bit_for_bit") else { return };
+    let mut rng = Rng::new(71);
+    for (rows, cols) in QSHAPES {
+        let x = spread(&mut rng, rows, cols);
+        for dt in DTYPES {
+            for pow2 in [false, true] {
+                let want = quantize_unchecked(&as_dtype(&x, dt), rows, cols, ScaleLayout::Block128, pow2);
+                let want_t = want.transposed();
+                let ns = rows.div_ceil(128) * cols.div_ceil(128);
+                let (mut q, mut s) = (poisoned_u8(&dev, rows * cols), poisoned_f32(&dev, ns));
+                let (mut qt, mut st) = (poisoned_u8(&dev, rows * cols), poisoned_f32(&dev, ns));
+                let out = Fp8BlockOut { q: &mut q, scale: &mut s, transposed: Some((&mut qt, &mut st)) };
+                quant_block128(&dev, &Act::from_f32(&dev, dt, &x).unwrap(), cols, rows, cols, out, pow2).unwrap();
+                let what = format!("quant_block128 {dt:?} pow2 {pow2} [{rows}, {cols}]");
+                assert_codes(&download(&dev, &q).unwrap()[..rows * cols], &want.codes, &what);
+                assert_bits(&download(&dev, &s).unwrap()[..ns], &want.scales, &what);
+                assert_codes(
+                    &download(&dev, &qt).unwrap()[..rows * cols],
+                    &want_t.codes,
+                    &format!("{what} transposed"),
+                );
+                assert_bits(&download(&dev, &st).unwrap()[..ns], &want_t.scales, &format!("{what} transposed"));
+            }
+        }
+    }
+}
+
+#[test]
+fn quant_t128_matches_cpu_128x1_transposed_bit_for_bit() {
+    let Some(dev) = device("quant_t128_matches_cpu_128x1_transposed_bit_for_bit") else { return };
+    let mut rng = Rng::new(72);
+    for (rows, cols) in QSHAPES {
+        // per-column magnitudes (the 128x1 tiles run down the columns)
+        let x = {
+            let t = spread(&mut rng, cols, rows);
+            let mut x = vec![0f32; rows * cols];
+            for r in 0..rows {
+                for c in 0..cols {
+                    x[r * cols + c] = t[c * rows + r];
+                }
+            }
+            x
+        };
+        for dt in DTYPES {
+            for pow2 in [false, true] {
+                let want = quantize_unchecked(&as_dtype(&x, dt), rows, cols, ScaleLayout::Tile128x1, pow2).transposed();
+                assert_eq!(want.layout, ScaleLayout::Tile1x128);
+                let (ldq, rb) = (rows + 16, rows.div_ceil(128));
+                let mut q = poisoned_u8(&dev, cols * ldq);
+                let mut s = poisoned_f32(&dev, cols * rb);
+                let out = Fp8Out { q: &mut q, ld: ldq, scale: &mut s, s_rs: rb, s_cs: 1 };
+                quant_t128(&dev, &Act::from_f32(&dev, dt, &x).unwrap(), cols, rows, cols, out, pow2).unwrap();
+                let gq = download(&dev, &q).unwrap();
+                let what = format!("quant_t128 {dt:?} pow2 {pow2} [{rows}, {cols}]");
+                let codes: Vec<u8> = (0..cols).flat_map(|c| gq[c * ldq..c * ldq + rows].to_vec()).collect();
+                assert_codes(&codes, &want.codes, &what);
+                assert_bits(&download(&dev, &s).unwrap()[..cols * rb], &want.scales, &what);
+            }
+        }
+    }
+}
+
+/// `C[m, n] = A[m, k] · B[n, k]ᵀ` in f64.
+fn matmul_f64(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut c = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            c[i * n + j] = (0..k).map(|x| a[i * k + x] as f64 * b[j * k + x] as f64).sum();
+        }
+    }
+    c
+}
+
+/// The kernels this device runs: SIMT everywhere, wgmma on sm_90a.
+fn kernels(dev: &Device) -> Vec<Fp8Kernel> {
+    if dev.arch == Arch::Sm90a {
+        vec![Fp8Kernel::Simt, Fp8Kernel::Wgmma]
+    } else {
+        vec![Fp8Kernel::Simt]
+    }
+}
+
+/// Uploads a CPU-quantized tensor as a GEMM operand's buffers (codes, scales in the CPU layout).
+fn up(dev: &Device, t: &QTensor) -> (cudarc::driver::CudaSlice<u8>, cudarc::driver::CudaSlice<f32>) {
+    (upload(dev, &t.codes).unwrap(), upload(dev, &t.scales).unwrap())
+}
+
+/// Checks `got` against core's emulation (`emu`, tolerance relative to the largest output: the
+/// tensor cores' in-group accumulation differs from the CPU's f32 sums) and the f64 reference of
+/// the unquantized inputs (DeepGEMM's calc_diff < 1e-3).
+fn check_gemm(got: &[f32], emu: &[f32], exact: &[f64], tol: f32, what: &str) {
+    let amax = emu.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    assert_close(got, emu, tol * amax, tol, &format!("{what} vs core's FP8 emulation"));
+    let d = calc_diff(got, exact);
+    assert!(d < 1e-3, "{what}: calc_diff {d:e} vs the f64 reference (want < 1e-3)");
+}
+
+const GSHAPES: [(usize, usize, usize); 6] =
+    [(1, 1, 1), (7, 33, 45), (65, 130, 257), (64, 128, 128), (3, 200, 1000), (130, 257, 384)];
+
+#[test]
+fn fp8_gemm_fprop_1x128_by_128x128_matches_emulation_and_f64() {
+    let Some(dev) = device("fp8_gemm_fprop_1x128_by_128x128_matches_emulation_and_f64") else { return };
+    let mut rng = Rng::new(73);
+    for (m, n, k) in GSHAPES {
+        let x = randn(&mut rng, m * k);
+        let w = randn(&mut rng, n * k);
+        let qa = quantize_unchecked(&x, m, k, ScaleLayout::Tile1x128, false);
+        let qb = quantize_unchecked(&w, n, k, ScaleLayout::Block128, false);
+        let mut emu = vec![0f32; m * n];
+        cpu_fp8_gemm(&qa, &qb, &mut emu, false).unwrap();
+        let exact = matmul_f64(&x, &w, m, n, k);
+        let ((aq, asc), (bq, bsc)) = (up(&dev, &qa), up(&dev, &qb));
+        let kg = k.div_ceil(128);
+        for which in kernels(&dev) {
+            for out_dt in DTYPES {
+                let g = Fp8Gemm {
+                    m,
+                    n,
+                    k,
+                    a: Fp8Operand { q: &aq, ld: k, scale: &asc, s_rs: kg, s_ks: 1 },
+                    b: Fp8Operand { q: &bq, ld: k, scale: &bsc, s_rs: kg, s_ks: 1 },
+                    b_scales: BScales::Block128,
+                    ldd: n,
+                    accumulate: false,
+                    groups: 1,
+                    stride_b: 0,
+                    stride_sb: 0,
+                    grouped: None,
+                };
+                let mut d = poisoned(&dev, out_dt, m * n);
+                fp8_gemm(&dev, &g, &mut d, which).unwrap();
+                let tol = if out_dt == DType::Bf16 { BF16_RTOL } else { 2e-3 };
+                let what = format!("fprop {which:?} -> {out_dt:?} {m}x{n}x{k}");
+                if m * n > 1 {
+                    check_gemm(&d.to_f32(&dev).unwrap(), &emu, &exact, tol, &what);
+                } else {
+                    assert_close(&d.to_f32(&dev).unwrap(), &emu, 1e-6, tol, &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fp8_gemm_wgrad_along_tokens_accumulates_into_f32() {
+    let Some(dev) = device("fp8_gemm_wgrad_along_tokens_accumulates_into_f32") else { return };
+    let mut rng = Rng::new(74);
+    // dW[out, in] += dYᵀ·X over T tokens, both operands quantized 128x1 along tokens by the GPU
+    for (t, n_out, n_in) in [(1usize, 3usize, 5usize), (130, 64, 200), (300, 129, 70), (512, 256, 128)] {
+        let dy = randn(&mut rng, t * n_out);
+        let x = randn(&mut rng, t * n_in);
+        let prev = randn(&mut rng, n_out * n_in);
+        let qa = quantize_unchecked(&dy, t, n_out, ScaleLayout::Tile128x1, false).transposed();
+        let qb = quantize_unchecked(&x, t, n_in, ScaleLayout::Tile128x1, false).transposed();
+        let mut emu = prev.clone();
+        cpu_fp8_gemm(&qa, &qb, &mut emu, true).unwrap();
+        let dyt: Vec<f32> = (0..n_out * t).map(|i| dy[(i % t) * n_out + i / t]).collect();
+        let xt: Vec<f32> = (0..n_in * t).map(|i| x[(i % t) * n_in + i / t]).collect();
+        let exact: Vec<f64> =
+            matmul_f64(&dyt, &xt, n_out, n_in, t).iter().zip(&prev).map(|(v, &p)| v + p as f64).collect();
+        let tg = t.div_ceil(128);
+        let quant = |v: &[f32], cols: usize| {
+            let (mut q, mut s) = (poisoned_u8(&dev, cols * t), poisoned_f32(&dev, cols * tg));
+            let out = Fp8Out { q: &mut q, ld: t, scale: &mut s, s_rs: tg, s_cs: 1 };
+            quant_t128(&dev, &Act::from_f32(&dev, DType::F32, v).unwrap(), cols, t, cols, out, false).unwrap();
+            (q, s)
+        };
+        let ((aq, asc), (bq, bsc)) = (quant(&dy, n_out), quant(&x, n_in));
+        assert_codes(&download(&dev, &aq).unwrap(), &qa.codes, "wgrad A operand");
+        for which in kernels(&dev) {
+            let g = Fp8Gemm {
+                m: n_out,
+                n: n_in,
+                k: t,
+                a: Fp8Operand { q: &aq, ld: t, scale: &asc, s_rs: tg, s_ks: 1 },
+                b: Fp8Operand { q: &bq, ld: t, scale: &bsc, s_rs: tg, s_ks: 1 },
+                b_scales: BScales::Tile1x128,
+                ldd: n_in,
+                accumulate: true,
+                groups: 1,
+                stride_b: 0,
+                stride_sb: 0,
+                grouped: None,
+            };
+            let mut d = Act::from_f32(&dev, DType::F32, &prev).unwrap();
+            fp8_gemm(&dev, &g, &mut d, which).unwrap();
+            check_gemm(&d.to_f32(&dev).unwrap(), &emu, &exact, 2e-3, &format!("wgrad {which:?} T={t} {n_out}x{n_in}"));
+        }
+    }
+}
+
+#[test]
+fn fp8_gemm_grouped_contiguous_with_empty_and_ragged_groups() {
+    let Some(dev) = device("fp8_gemm_grouped_contiguous_with_empty_and_ragged_groups") else { return };
+    let mut rng = Rng::new(75);
+    let (n, k) = (200usize, 384usize);
+    let rows = [0usize, 70, 1, 130, 64];
+    let g = rows.len();
+    let m: usize = rows.iter().sum();
+    let (mut ro, mut to) = (vec![0i32], vec![0i32]);
+    for &r in &rows {
+        ro.push(ro.last().unwrap() + r as i32);
+        to.push(to.last().unwrap() + r.div_ceil(FP8_BM) as i32);
+    }
+    let x = randn(&mut rng, m * k);
+    let w = randn(&mut rng, g * n * k);
+    let qa = quantize_unchecked(&x, m, k, ScaleLayout::Tile1x128, false);
+    let qbs: Vec<QTensor> = (0..g)
+        .map(|e| quantize_unchecked(&w[e * n * k..(e + 1) * n * k], n, k, ScaleLayout::Block128, false))
+        .collect();
+    let (mut emu, mut exact) = (vec![0f32; m * n], vec![0f64; m * n]);
+    for e in 0..g {
+        let (r0, r1) = (ro[e] as usize, ro[e + 1] as usize);
+        if r0 == r1 {
+            continue;
+        }
+        let rows_q = QTensor {
+            rows: r1 - r0,
+            codes: qa.codes[r0 * k..r1 * k].to_vec(),
+            scales: qa.scales[r0 * k.div_ceil(128)..r1 * k.div_ceil(128)].to_vec(),
+            ..qa.clone()
+        };
+        cpu_fp8_gemm(&rows_q, &qbs[e], &mut emu[r0 * n..r1 * n], false).unwrap();
+        exact[r0 * n..r1 * n].copy_from_slice(&matmul_f64(
+            &x[r0 * k..r1 * k],
+            &w[e * n * k..(e + 1) * n * k],
+            r1 - r0,
+            n,
+            k,
+        ));
+    }
+    let (aq, asc) = up(&dev, &qa);
+    let bq = upload(&dev, &qbs.iter().flat_map(|q| q.codes.clone()).collect::<Vec<u8>>()).unwrap();
+    let bsc = upload(&dev, &qbs.iter().flat_map(|q| q.scales.clone()).collect::<Vec<f32>>()).unwrap();
+    let (rod, tod) = (upload(&dev, &ro).unwrap(), upload(&dev, &to).unwrap());
+    let kg = k.div_ceil(128);
+    for which in kernels(&dev) {
+        let gm = Fp8Gemm {
+            m,
+            n,
+            k,
+            a: Fp8Operand { q: &aq, ld: k, scale: &asc, s_rs: kg, s_ks: 1 },
+            b: Fp8Operand { q: &bq, ld: k, scale: &bsc, s_rs: kg, s_ks: 1 },
+            b_scales: BScales::Block128,
+            ldd: n,
+            accumulate: false,
+            groups: g,
+            stride_b: n * k,
+            stride_sb: n.div_ceil(128) * kg,
+            // one more tile than needed: the extra block must exit
+            grouped: Some(Grouped { row_offsets: &rod, tile_offsets: &tod, max_tiles: to[g] as usize + 1 }),
+        };
+        let mut d = poisoned(&dev, DType::F32, m * n);
+        fp8_gemm(&dev, &gm, &mut d, which).unwrap();
+        check_gemm(&d.to_f32(&dev).unwrap(), &emu, &exact, 2e-3, &format!("grouped {which:?}"));
+    }
+}
+
+#[test]
+fn fp8_launchers_refuse_bad_shapes_without_launching() {
+    let Some(dev) = device("fp8_launchers_refuse_bad_shapes_without_launching") else { return };
+    let x = Act::from_f32(&dev, DType::F32, &[1.0; 256]).unwrap();
+    let (mut q, mut s) = (poisoned_u8(&dev, 256), poisoned_f32(&dev, 1));
+    // 2 rows of 128 need 2 scales
+    assert!(quant_1x128(&dev, &x, 128, 2, 128, Fp8Out::dense(&mut q, &mut s, 128), false).is_err());
+    let (aq, asc) = (poisoned_u8(&dev, 256), poisoned_f32(&dev, 2));
+    let g = Fp8Gemm {
+        m: 2,
+        n: 2,
+        k: 129,
+        a: Fp8Operand { q: &aq, ld: 129, scale: &asc, s_rs: 2, s_ks: 1 },
+        b: Fp8Operand { q: &aq, ld: 129, scale: &asc, s_rs: 2, s_ks: 1 },
+        b_scales: BScales::Tile1x128,
+        ldd: 2,
+        accumulate: false,
+        groups: 1,
+        stride_b: 0,
+        stride_sb: 0,
+        grouped: None,
+    };
+    let mut d = poisoned(&dev, DType::F32, 4);
+    assert!(fp8_gemm(&dev, &g, &mut d, Fp8Kernel::Auto).is_err());
+}

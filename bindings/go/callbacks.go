@@ -11,6 +11,7 @@ package dsv3
 import "C"
 
 import (
+	"math"
 	"runtime/cgo"
 	"unsafe"
 )
@@ -55,4 +56,49 @@ func dsv3goToken(userData unsafe.Pointer, token C.int32_t) C.int32_t {
 func dsv3goProgress(userData unsafe.Pointer, fraction C.float) C.int32_t {
 	cb := cgo.Handle(uintptr(userData)).Value().(*callback)
 	return cb.run(func() bool { return cb.progress(float32(fraction)) })
+}
+
+// grpoState is what a Grpo's reward callbacks share during one step: the first error or panic.
+// Once one is set, later reward calls of the step return +inf at once.
+type grpoState struct {
+	err      error
+	reward   string // the reward that returned err
+	panicked bool
+	panicVal any
+}
+
+// rewardCallback is what a GRPO reward's cgo.Handle refers to.
+type rewardCallback struct {
+	name  string
+	fn    RewardFunc
+	state *grpoState
+}
+
+// abortStep is what a failed reward returns to C: the library rejects a non-finite reward
+// (DSV3_ERR_NON_FINITE) before any optimizer step, so the weights stay as they were.
+var abortStep = C.float(math.Inf(1))
+
+//export dsv3goReward
+func dsv3goReward(userData unsafe.Pointer, prompt, completion, answer *C.char) (r C.float) {
+	rc := cgo.Handle(uintptr(userData)).Value().(*rewardCallback)
+	st := rc.state
+	if st.err != nil || st.panicked {
+		return abortStep
+	}
+	defer func() {
+		if x := recover(); x != nil {
+			st.panicked, st.panicVal, r = true, x, abortStep
+		}
+	}()
+	var a *string
+	if answer != nil {
+		s := C.GoString(answer)
+		a = &s
+	}
+	v, err := rc.fn(C.GoString(prompt), C.GoString(completion), a)
+	if err != nil {
+		st.err, st.reward = err, rc.name
+		return abortStep
+	}
+	return C.float(v)
 }

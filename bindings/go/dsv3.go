@@ -1,13 +1,13 @@
 // Package dsv3 is the Go binding of dsv3, a DeepSeek-V3 / R1 inference and training engine,
 // over its C ABI (include/dsv3.h) with cgo.
 //
-// Handles (Model, Session, Tokenizer, Trainer) wrap the C handles. Close frees one; it is
+// Handles (Model, Session, Tokenizer, Trainer, Grpo) wrap the C handles. Close frees one; it is
 // idempotent, and a finalizer closes a handle that is garbage-collected unclosed, but close
 // them yourself: a model holds its weights. Using a closed handle returns an error.
 //
 // A Model is immutable and safe for concurrent use (Generate from any number of goroutines).
-// Sessions, Tokenizers and Trainers serialize their calls with a mutex, so concurrent use is
-// safe but not parallel. Sessions, trainers and tokenizers made from a Model keep what they
+// Sessions, Tokenizers, Trainers and Grpos serialize their calls with a mutex, so concurrent use
+// is safe but not parallel. Sessions, trainers and tokenizers made from a Model keep what they
 // need: the Model may be closed before them.
 //
 // Failures are *Error values carrying the C status and message; errors.Is(err, ErrIO) and the

@@ -17,7 +17,7 @@ let package = Package(
     targets: [
         // The C API as a Clang module: Sources/CDsv3/module.modulemap + shim.h, `link "dsv3"`.
         .systemLibrary(name: "CDsv3", path: "Sources/CDsv3"),
-        // The Swift wrapper: Model, Session, Tokenizer, Trainer, Dsv3Error.
+        // The Swift wrapper: Model, Session, Tokenizer, Trainer, Grpo, Dsv3Error.
         .target(name: "Dsv3", dependencies: ["CDsv3"], path: "Sources/Dsv3"),
         // The binding scenario (bindings/testdata/expected.json) and API tests.
         .testTarget(name: "Dsv3Tests", dependencies: ["Dsv3"], path: "Tests/Dsv3Tests"),

@@ -2,8 +2,8 @@
 //
 // Every type here owns one C handle and frees it in deinit. Failed calls throw a Dsv3Error with
 // the C status and dsv3_last_error()'s message. Thread safety follows the C API: a Model may be
-// shared by any number of threads; a Session, Tokenizer or Trainer is used by one thread at a
-// time.
+// shared by any number of threads; a Session, Tokenizer, Trainer or Grpo is used by one thread at
+// a time.
 //
 // The C module is re-exported, so `import Dsv3` also gives the status constants
 // (DSV3_ERR_IO, ...) to compare with Dsv3Error.status.

@@ -292,6 +292,7 @@ _PROTOS = {
     "dsv3_trainer_model": (_S, [_H, P(_H)]),
     "dsv3_grpo_params_default": (_S, [P(GrpoParams)]),
     "dsv3_grpo_new": (_S, [_H, P(TrainParams), P(GrpoParams), P(_H)]),
+    "dsv3_grpo_load": (_S, [c_char_p, _H, P(TrainParams), P(GrpoParams), P(_H)]),
     "dsv3_grpo_free": (None, [_H]),
     "dsv3_grpo_add_reward": (_S, [_H, c_char_p, c_float, REWARD_FN, c_void_p]),
     "dsv3_grpo_set_stop_tokens": (_S, [_H, P(c_uint32), c_size_t]),

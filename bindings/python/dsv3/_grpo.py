@@ -161,9 +161,32 @@ class Grpo(Handle):
         out = c_void_p()
         with model._use() as ptr:
             _ffi.check(lib.dsv3_grpo_new(ptr, byref(tp), byref(gp), byref(out)))
-        super().__init__(out.value)
+        self._setup(out.value, gp.num_generations)
+
+    @classmethod
+    def load(
+        cls,
+        directory: Union[str, "os.PathLike[str]"],
+        reference: Optional[Model] = None,
+        **params: Any,
+    ) -> "Grpo":
+        """Resumes a checkpoint written by save(): the policy, its optimizer state and the step
+        count. `reference` is the frozen reference for beta > 0 (copied; None: the loaded policy).
+        Keyword arguments as for Grpo(); rewards are not saved: add them again."""
+        train, grpo = _split_params(params)
+        tp = _train_params(train)
+        gp = _grpo_params(grpo)
+        out = c_void_p()
+        with reference._use() if reference is not None else _null() as rptr:
+            _ffi.check(lib.dsv3_grpo_load(_ffi.path_bytes(directory), rptr, byref(tp), byref(gp), byref(out)))
+        self = cls.__new__(cls)
+        self._setup(out.value, gp.num_generations)
+        return self
+
+    def _setup(self, ptr: Optional[int], num_generations: int) -> None:
+        super().__init__(ptr)
         #: Completions per prompt (G).
-        self.num_generations: int = gp.num_generations
+        self.num_generations: int = num_generations
         self._rewards: List[str] = []
         self._callbacks: List[Any] = []  # the CFUNCTYPE objects C holds, alive as long as we are
         self._guard = _ffi.CallbackGuard()

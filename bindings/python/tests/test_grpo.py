@@ -255,6 +255,13 @@ def test_stop_tokens_snapshot_checkpoint_and_close(tmp_path):
     with dsv3.Trainer.load(tmp_path / "ckpt", schedule="constant", lr=1e-3) as resumed:
         with resumed.model() as snap, snap.session() as s:
             assert list(s.step(0, PROBE)) == want
+    # resume as a GRPO trainer: same policy, the step count carries over; rewards are added again
+    with dsv3.Grpo.load(tmp_path / "ckpt", num_generations=G, max_completion_length=5, lr=1e-3) as g2:
+        assert probe_logits(g2) == want
+        g2.add_reward("exact")
+        assert g2.step(PROMPTS, ANSWERS)["step"] == 3
+    with pytest.raises(Dsv3Error):
+        dsv3.Grpo.load(tmp_path / "missing")
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(Dsv3Error) as e:
         g.save(tmp_path / "file" / "ckpt")

@@ -39,7 +39,19 @@ macro_rules! ptx_modules {
     };
 }
 
-ptx_modules!("elementwise", "embed", "fp8gemm", "fp8quant", "gemm", "mla", "moe", "rmsnorm", "rope", "sampling");
+ptx_modules!(
+    "elementwise",
+    "embed",
+    "fp8gemm",
+    "fp8quant",
+    "gemm",
+    "mla",
+    "moe",
+    "rmsnorm",
+    "rope",
+    "sampling",
+    "train"
+);
 
 #[cfg(test)]
 mod tests {

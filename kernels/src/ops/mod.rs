@@ -9,6 +9,8 @@
 //! - [`gemm`]: `C = A · Wᵀ` in f32 / bf16 / FP8-weights, batched or grouped by rows.
 //! - [`mla`]: absorbed MLA attention over the latent cache, cache append.
 //! - [`moe`]: router, dispatch plan, combine. [`sampling`]: argmax, softmax.
+//! - [`train`]: AdamW (f32 master weights, f32 or bf16 moments) and the backward passes of
+//!   RMSNorm, SwiGLU, RoPE, the embedding and softmax cross-entropy.
 pub mod elementwise;
 pub mod fp8;
 pub mod gather;
@@ -18,6 +20,7 @@ pub mod moe;
 pub mod norm;
 pub mod rope;
 pub mod sampling;
+pub mod train;
 
 use crate::device::{cuda_err, Device};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -64,6 +67,18 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("moe", "moe_combine_bf16"),
     ("sampling", "argmax_rows_f32"),
     ("sampling", "softmax_rows_f32"),
+    ("train", "adamw_f32"),
+    ("train", "adamw_bf16m"),
+    ("train", "rmsnorm_bwd_f32"),
+    ("train", "rmsnorm_bwd_bf16"),
+    ("train", "swiglu_bwd_f32"),
+    ("train", "swiglu_bwd_bf16"),
+    ("train", "rope_bwd_f32"),
+    ("train", "rope_bwd_bf16"),
+    ("train", "embed_bwd_f32"),
+    ("train", "embed_bwd_bf16"),
+    ("train", "cross_entropy_f32"),
+    ("train", "cross_entropy_bf16"),
 ];
 
 /// One kernel argument, passed by value (device addresses as `u64`).

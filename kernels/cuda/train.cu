@@ -1,0 +1,185 @@
+// Training kernels: AdamW on f32 master weights (moments f32 or bf16, DeepSeek-V3's choice) and
+// the backward passes of RMSNorm, SwiGLU, RoPE/YaRN, the embedding (scatter-add) and softmax
+// cross-entropy, mirroring the CPU oracle (core/src/train/optim.rs, core/src/ops/*.rs).
+// AdamW and RoPE use explicitly rounded f32 operations (no FMA contraction) in the CPU's order,
+// so they match it bit for bit in f32; the reductions (RMSNorm statistics, dw and embedding
+// scatter-adds through atomics, log-sum-exp) sum in another order and match to rounding.
+#include "common.cuh"
+
+// ---- AdamW (core::train::optim::AdamW::step, per element):
+//   m = rnd(b1*m + (1-b1)*g); v = rnd(b2*v + (1-b2)*g*g)   (rnd: bf16 rounding with bf16 moments)
+//   p = p*decay - lr*(m/bc1) / (sqrt(v/bc2) + eps)
+// bc1 = 1 - b1^t, bc2 = 1 - b2^t and decay = 1 - lr*wd (or 1) come from the host, as core computes
+// them. grid: (ceil(n / 256)), block: 256.
+template <typename TM>
+__device__ void adamw(float* __restrict__ p, const float* __restrict__ g, TM* __restrict__ m, TM* __restrict__ v,
+                      long long n, float lr, float b1, float b2, float eps, float decay, float bc1, float bc2) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float gi = g[i];
+    TM mq = from_f32<TM>(__fadd_rn(__fmul_rn(b1, to_f32(m[i])), __fmul_rn(__fsub_rn(1.0f, b1), gi)));
+    TM vq = from_f32<TM>(__fadd_rn(__fmul_rn(b2, to_f32(v[i])), __fmul_rn(__fmul_rn(__fsub_rn(1.0f, b2), gi), gi)));
+    m[i] = mq;
+    v[i] = vq;
+    float mi = to_f32(mq), vi = to_f32(vq);
+    float mh = __fdiv_rn(mi, bc1), vh = __fdiv_rn(vi, bc2);
+    float upd = __fdiv_rn(__fmul_rn(lr, mh), __fadd_rn(__fsqrt_rn(vh), eps));
+    p[i] = __fsub_rn(__fmul_rn(p[i], decay), upd);
+}
+extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, long long n, float lr, float b1,
+                                     float b2, float eps, float decay, float bc1, float bc2) {
+    adamw<float>(p, g, m, v, n, lr, b1, b2, eps, decay, bc1, bc2);
+}
+extern "C" __global__ void adamw_bf16m(float* p, const float* g, bf16* m, bf16* v, long long n, float lr, float b1,
+                                       float b2, float eps, float decay, float bc1, float bc2) {
+    adamw<bf16>(p, g, m, v, n, lr, b1, b2, eps, decay, bc1, bc2);
+}
+
+// ---- RMSNorm backward (core::ops::norm::rmsnorm_backward): r = (mean(x²)+eps)^-½,
+// dx = r·w·dy − x·r³/d·Σ(w·dy·x), dw += Σ_rows dy·x·r (f32, atomics). grid: (rows), block: 256.
+template <typename T>
+__device__ void rmsnorm_bwd(const T* x, int ldx, const float* __restrict__ w, const T* dy, int lddy, T* dx, int lddx,
+                            float* __restrict__ dw, int d, float eps, int rows) {
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    const T* xr = x + (long long)r * ldx;
+    const T* dyr = dy + (long long)r * lddy;
+    T* dxr = dx + (long long)r * lddx;
+    float ss = 0.0f, dot = 0.0f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float xv = to_f32(xr[j]), dv = to_f32(dyr[j]);
+        ss += xv * xv;
+        dot += w[j] * dv * xv;
+    }
+    ss = block_sum(ss);
+    dot = block_sum(dot);
+    float inv = 1.0f / sqrtf(ss / (float)d + eps);
+    float c = inv * inv * inv * dot / (float)d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float xv = to_f32(xr[j]), dv = to_f32(dyr[j]);
+        atomicAdd(&dw[j], dv * xv * inv);
+        dxr[j] = from_f32<T>(inv * w[j] * dv - c * xv);
+    }
+}
+extern "C" __global__ void rmsnorm_bwd_f32(const float* x, int ldx, const float* w, const float* dy, int lddy,
+                                           float* dx, int lddx, float* dw, int d, float eps, int rows) {
+    rmsnorm_bwd<float>(x, ldx, w, dy, lddy, dx, lddx, dw, d, eps, rows);
+}
+extern "C" __global__ void rmsnorm_bwd_bf16(const bf16* x, int ldx, const float* w, const bf16* dy, int lddy,
+                                            bf16* dx, int lddx, float* dw, int d, float eps, int rows) {
+    rmsnorm_bwd<bf16>(x, ldx, w, dy, lddy, dx, lddx, dw, d, eps, rows);
+}
+
+// ---- SwiGLU backward over a fused gate|up row (the forward's layout, elementwise.cu):
+// s = σ(g); dgu[r, i] = da·u·s·(1 + g·(1 − s)); dgu[r, inter + i] = da·g·s
+// (core::ops::swiglu::swiglu_backward). grid: (ceil(inter / 256), rows), block: 256.
+template <typename T>
+__device__ void swiglu_bwd(const T* gu, int ld, const T* da, int ldda, T* dgu, int lddgu, int inter, int rows) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
+    if (i >= inter || r >= rows) return;
+    float g = to_f32(gu[(long long)r * ld + i]), u = to_f32(gu[(long long)r * ld + inter + i]);
+    float a = to_f32(da[(long long)r * ldda + i]);
+    float s = dsv3_sigmoid(g);
+    dgu[(long long)r * lddgu + i] = from_f32<T>(__fmul_rn(__fmul_rn(__fmul_rn(a, u), s), __fadd_rn(1.0f, __fmul_rn(g, __fsub_rn(1.0f, s)))));
+    dgu[(long long)r * lddgu + inter + i] = from_f32<T>(__fmul_rn(__fmul_rn(a, g), s));
+}
+extern "C" __global__ void swiglu_bwd_f32(const float* gu, int ld, const float* da, int ldda, float* dgu, int lddgu,
+                                          int inter, int rows) {
+    swiglu_bwd<float>(gu, ld, da, ldda, dgu, lddgu, inter, rows);
+}
+extern "C" __global__ void swiglu_bwd_bf16(const bf16* gu, int ld, const bf16* da, int ldda, bf16* dgu, int lddgu,
+                                           int inter, int rows) {
+    swiglu_bwd<bf16>(gu, ld, da, ldda, dgu, lddgu, inter, rows);
+}
+
+// ---- RoPE backward (core::ops::rope::Rope::apply_backward), in place over rope.cu's layout: the
+// gradient arrives de-interleaved (d[i] real, d[half + i] imaginary) and leaves interleaved:
+// dx[2i] = dre·c + dim·s, dx[2i+1] = dim·c − dre·s. grid: (rows, ceil(heads / 64)), block: 64.
+template <typename T>
+__device__ void rope_bwd(T* x, int rows, int ld_row, int heads, int ld_head, int offset, int half,
+                         const int* __restrict__ pos, const float* __restrict__ inv_freq, float attn_factor) {
+    int r = blockIdx.x, h = blockIdx.y * blockDim.x + threadIdx.x;
+    if (r >= rows || h >= heads || half > 128) return;
+    T* v = x + (long long)r * ld_row + (long long)h * ld_head + offset;
+    float buf[256];
+    for (int j = 0; j < 2 * half; j++) buf[j] = to_f32(v[j]);
+    float p = (float)pos[r];
+    for (int i = 0; i < half; i++) {
+        float a = __fmul_rn(p, inv_freq[i]);
+        float c = __fmul_rn((float)cos((double)a), attn_factor);
+        float s = __fmul_rn((float)sin((double)a), attn_factor);
+        float dre = buf[i], dim = buf[half + i];
+        v[2 * i] = from_f32<T>(__fadd_rn(__fmul_rn(dre, c), __fmul_rn(dim, s)));
+        v[2 * i + 1] = from_f32<T>(__fsub_rn(__fmul_rn(dim, c), __fmul_rn(dre, s)));
+    }
+}
+extern "C" __global__ void rope_bwd_f32(float* x, int rows, int ld_row, int heads, int ld_head, int offset, int half,
+                                        const int* pos, const float* inv_freq, float attn_factor) {
+    rope_bwd<float>(x, rows, ld_row, heads, ld_head, offset, half, pos, inv_freq, attn_factor);
+}
+extern "C" __global__ void rope_bwd_bf16(bf16* x, int rows, int ld_row, int heads, int ld_head, int offset, int half,
+                                         const int* pos, const float* inv_freq, float attn_factor) {
+    rope_bwd<bf16>(x, rows, ld_row, heads, ld_head, offset, half, pos, inv_freq, attn_factor);
+}
+
+// ---- Embedding backward: dtable[ids[t], :] += dy[t, :] (f32 atomics; ids outside [0, vocab)
+// are skipped). grid: (ceil(d / 256), tokens), block: 256.
+template <typename T>
+__device__ void embed_bwd(const int* __restrict__ ids, const T* dy, int lddy, float* dtable, int vocab, int d, int tokens) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+    if (j >= d || t >= tokens) return;
+    int id = ids[t];
+    if (id < 0 || id >= vocab) return;
+    atomicAdd(&dtable[(long long)id * d + j], to_f32(dy[(long long)t * lddy + j]));
+}
+extern "C" __global__ void embed_bwd_f32(const int* ids, const float* dy, int lddy, float* dtable, int vocab, int d,
+                                         int tokens) {
+    embed_bwd<float>(ids, dy, lddy, dtable, vocab, d, tokens);
+}
+extern "C" __global__ void embed_bwd_bf16(const int* ids, const bf16* dy, int lddy, float* dtable, int vocab, int d,
+                                          int tokens) {
+    embed_bwd<bf16>(ids, dy, lddy, dtable, vocab, d, tokens);
+}
+
+// ---- Softmax cross-entropy, forward and backward together (core::ops::loss::cross_entropy): per
+// row with weight wgt = mask ? mask[r] : 1 and lse = max + log(Σ exp(z − max)):
+// row_loss[r] = wgt·(lse − z[target]); dz = exp(z − lse)·wgt/denom, dz[target] −= wgt/denom; rows
+// with wgt == 0 (or denom == 0) get dz = 0 and loss 0. The host sums row_loss / denom.
+// grid: (rows), block: 256.
+template <typename T>
+__device__ void cross_entropy(const T* z, int ldz, const int* __restrict__ targets, const float* __restrict__ mask,
+                              float denom, T* dz, int lddz, float* __restrict__ row_loss, int vocab, int rows) {
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    const T* zr = z + (long long)r * ldz;
+    T* dr = dz + (long long)r * lddz;
+    float wgt = mask ? mask[r] : 1.0f;
+    if (wgt == 0.0f || denom == 0.0f) {
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) dr[j] = from_f32<T>(0.0f);
+        if (threadIdx.x == 0) row_loss[r] = 0.0f;
+        return;
+    }
+    float m = -__int_as_float(0x7f800000);
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, to_f32(zr[j]));
+    m = block_max(m);
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += dsv3_exp(to_f32(zr[j]) - m);
+    s = block_sum(s);
+    float lse = m + logf(s);
+    int t = targets[r];
+    float scale = __fdiv_rn(wgt, denom);
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        float g = __fdiv_rn(__fmul_rn(dsv3_exp(__fsub_rn(to_f32(zr[j]), lse)), wgt), denom);
+        if (j == t) g = __fsub_rn(g, scale);
+        dr[j] = from_f32<T>(g);
+    }
+    if (threadIdx.x == 0) row_loss[r] = (t >= 0 && t < vocab) ? wgt * (lse - to_f32(zr[t])) : __int_as_float(0x7fc00000);
+}
+extern "C" __global__ void cross_entropy_f32(const float* z, int ldz, const int* targets, const float* mask, float denom,
+                                             float* dz, int lddz, float* row_loss, int vocab, int rows) {
+    cross_entropy<float>(z, ldz, targets, mask, denom, dz, lddz, row_loss, vocab, rows);
+}
+extern "C" __global__ void cross_entropy_bf16(const bf16* z, int ldz, const int* targets, const float* mask, float denom,
+                                              bf16* dz, int lddz, float* row_loss, int vocab, int rows) {
+    cross_entropy<bf16>(z, ldz, targets, mask, denom, dz, lddz, row_loss, vocab, rows);
+}

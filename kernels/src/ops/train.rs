@@ -1,0 +1,300 @@
+//! Training kernels (`kernels/cuda/train.cu`): AdamW on f32 master weights (f32 or bf16 moments)
+//! and the backward passes of RMSNorm, SwiGLU, RoPE/YaRN, the embedding and softmax
+//! cross-entropy, mirroring `dsv3_core::train::optim` and `dsv3_core::ops`.
+use super::rope::RopeLayout;
+use super::{dim, int, launch, KArg};
+use crate::device::Device;
+use crate::tensor::{dptr, Act, DType};
+use cudarc::driver::CudaSlice;
+use dsv3_core::{Error, Result};
+use half::bf16;
+
+/// AdamW's moments: f32, or bf16 (DeepSeek-V3; rounded after every update as core's
+/// `AdamW::bf16_moments`).
+pub enum Moments {
+    F32 { m: CudaSlice<f32>, v: CudaSlice<f32> },
+    Bf16 { m: CudaSlice<bf16>, v: CudaSlice<bf16> },
+}
+
+/// One AdamW step's scalars, as `dsv3_core::train::optim::AdamW::step` computes them: `bc1 = 1 −
+/// β1^t`, `bc2 = 1 − β2^t` (core uses `libm::powf`; pass the same values for bit-exact agreement),
+/// `decay = 1 − lr·weight_decay` for decayed tensors, else 1.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub decay: f32,
+    pub bc1: f32,
+    pub bc2: f32,
+}
+
+/// `p[..n]` one AdamW step with gradient `g`, updating `moments`.
+pub fn adamw(
+    dev: &Device,
+    p: &mut CudaSlice<f32>,
+    g: &CudaSlice<f32>,
+    moments: &mut Moments,
+    n: usize,
+    s: &AdamStep,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let (ml, vl, k, mp, vp) = match moments {
+        Moments::F32 { m, v } => (m.len(), v.len(), "adamw_f32", dptr(dev, m, 0)?, dptr(dev, v, 0)?),
+        Moments::Bf16 { m, v } => (m.len(), v.len(), "adamw_bf16m", dptr(dev, m, 0)?, dptr(dev, v, 0)?),
+    };
+    if p.len() < n || g.len() < n || ml < n || vl < n {
+        return Err(Error::Input(format!("adamw: {n} parameters need p, g, m, v of at least {n}")));
+    }
+    let args = [
+        KArg::Ptr(dptr(dev, p, 0)?),
+        KArg::Ptr(dptr(dev, g, 0)?),
+        KArg::Ptr(mp),
+        KArg::Ptr(vp),
+        KArg::I64(n as i64),
+        KArg::F32(s.lr),
+        KArg::F32(s.beta1),
+        KArg::F32(s.beta2),
+        KArg::F32(s.eps),
+        KArg::F32(s.decay),
+        KArg::F32(s.bc1),
+        KArg::F32(s.bc2),
+    ];
+    launch(dev, "train", k, (dim(n.div_ceil(256), "adamw")?, 1, 1), 256, &args)
+}
+
+fn pick(dt: DType, f: &'static str, b: &'static str) -> &'static str {
+    match dt {
+        DType::F32 => f,
+        DType::Bf16 => b,
+    }
+}
+
+/// Backward of RMSNorm over `rows` rows of `x` (stride `ldx`) with weight `w` `[d]` and output
+/// gradient `dy` (stride `lddy`): writes `dx` (stride `lddx`) and adds into `dw` `[d]` (f32).
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward(
+    dev: &Device,
+    x: &Act,
+    ldx: usize,
+    w: &CudaSlice<f32>,
+    dy: &Act,
+    lddy: usize,
+    dx: &mut Act,
+    lddx: usize,
+    dw: &mut CudaSlice<f32>,
+    d: usize,
+    eps: f32,
+    rows: usize,
+) -> Result<()> {
+    if rows == 0 || d == 0 {
+        return Ok(());
+    }
+    if x.dtype() != dy.dtype() || x.dtype() != dx.dtype() || ldx < d || lddy < d || lddx < d {
+        return Err(Error::Input(format!("rmsnorm_backward: dtypes or strides (d {d}, {ldx}/{lddy}/{lddx})")));
+    }
+    if w.len() < d || dw.len() < d {
+        return Err(Error::Input(format!("rmsnorm_backward: w / dw shorter than d = {d}")));
+    }
+    x.check((rows - 1) * ldx + d, "rmsnorm_backward x")?;
+    dy.check((rows - 1) * lddy + d, "rmsnorm_backward dy")?;
+    dx.check((rows - 1) * lddx + d, "rmsnorm_backward dx")?;
+    let args = [
+        KArg::Ptr(x.ptr(dev, 0)?),
+        KArg::I32(int(ldx, "ldx")?),
+        KArg::Ptr(dptr(dev, w, 0)?),
+        KArg::Ptr(dy.ptr(dev, 0)?),
+        KArg::I32(int(lddy, "lddy")?),
+        KArg::Ptr(dx.ptr(dev, 0)?),
+        KArg::I32(int(lddx, "lddx")?),
+        KArg::Ptr(dptr(dev, dw, 0)?),
+        KArg::I32(int(d, "d")?),
+        KArg::F32(eps),
+        KArg::I32(int(rows, "rows")?),
+    ];
+    let k = pick(x.dtype(), "rmsnorm_bwd_f32", "rmsnorm_bwd_bf16");
+    launch(dev, "train", k, (dim(rows, "rmsnorm_backward rows")?, 1, 1), 256, &args)
+}
+
+/// Backward of SwiGLU over fused gate|up rows `gu` `[rows, ld]`: from `da` `[rows, ldda]` writes
+/// `dgu` `[rows, lddgu]` (the gate gradient in columns `[0, inter)`, the up gradient in
+/// `[inter, 2·inter)`).
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_backward(
+    dev: &Device,
+    gu: &Act,
+    ld: usize,
+    da: &Act,
+    ldda: usize,
+    dgu: &mut Act,
+    lddgu: usize,
+    inter: usize,
+    rows: usize,
+) -> Result<()> {
+    if rows == 0 || inter == 0 {
+        return Ok(());
+    }
+    if gu.dtype() != da.dtype() || gu.dtype() != dgu.dtype() || ld < 2 * inter || ldda < inter || lddgu < 2 * inter {
+        return Err(Error::Input(format!("swiglu_backward: dtypes or strides (inter {inter}, {ld}/{ldda}/{lddgu})")));
+    }
+    gu.check((rows - 1) * ld + 2 * inter, "swiglu_backward gu")?;
+    da.check((rows - 1) * ldda + inter, "swiglu_backward da")?;
+    dgu.check((rows - 1) * lddgu + 2 * inter, "swiglu_backward dgu")?;
+    let args = [
+        KArg::Ptr(gu.ptr(dev, 0)?),
+        KArg::I32(int(ld, "ld")?),
+        KArg::Ptr(da.ptr(dev, 0)?),
+        KArg::I32(int(ldda, "ldda")?),
+        KArg::Ptr(dgu.ptr(dev, 0)?),
+        KArg::I32(int(lddgu, "lddgu")?),
+        KArg::I32(int(inter, "inter")?),
+        KArg::I32(int(rows, "rows")?),
+    ];
+    let k = pick(gu.dtype(), "swiglu_bwd_f32", "swiglu_bwd_bf16");
+    launch(
+        dev,
+        "train",
+        k,
+        (dim(inter.div_ceil(256), "swiglu_backward")?, dim(rows, "swiglu_backward rows")?, 1),
+        256,
+        &args,
+    )
+}
+
+/// Backward of [`super::rope::rope`], in place over the same layout: the gradient of the rotated
+/// (de-interleaved) vectors becomes the gradient of the interleaved inputs.
+pub fn rope_backward(
+    dev: &Device,
+    x: &mut Act,
+    layout: RopeLayout,
+    pos: &CudaSlice<i32>,
+    inv_freq: &CudaSlice<f32>,
+    attention_factor: f32,
+) -> Result<()> {
+    let RopeLayout { rows, ld_row, heads, ld_head, offset, half } = layout;
+    if rows == 0 || heads == 0 {
+        return Ok(());
+    }
+    if half == 0 || half > 128 || inv_freq.len() < half || pos.len() < rows {
+        return Err(Error::Input(format!(
+            "rope_backward: half {half} (1..=128), {} freqs, {} positions",
+            inv_freq.len(),
+            pos.len()
+        )));
+    }
+    if heads > 1 && ld_head < offset + 2 * half {
+        return Err(Error::Input("rope_backward: heads overlap".into()));
+    }
+    x.check((rows - 1) * ld_row + (heads - 1) * ld_head + offset + 2 * half, "rope_backward x")?;
+    let args = [
+        KArg::Ptr(x.ptr(dev, 0)?),
+        KArg::I32(int(rows, "rows")?),
+        KArg::I32(int(ld_row, "ld_row")?),
+        KArg::I32(int(heads, "heads")?),
+        KArg::I32(int(ld_head, "ld_head")?),
+        KArg::I32(int(offset, "offset")?),
+        KArg::I32(int(half, "half")?),
+        KArg::Ptr(dptr(dev, pos, 0)?),
+        KArg::Ptr(dptr(dev, inv_freq, 0)?),
+        KArg::F32(attention_factor),
+    ];
+    let k = pick(x.dtype(), "rope_bwd_f32", "rope_bwd_bf16");
+    launch(
+        dev,
+        "train",
+        k,
+        (dim(rows, "rope_backward rows")?, dim(heads.div_ceil(64), "rope_backward heads")?, 1),
+        64,
+        &args,
+    )
+}
+
+/// Embedding backward: `dtable[ids[t], :] += dy[t, :]` for `tokens` rows of `dy` (stride `lddy`),
+/// `dtable` `[vocab, d]` f32 (ids outside `[0, vocab)` are skipped).
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_backward(
+    dev: &Device,
+    ids: &CudaSlice<i32>,
+    dy: &Act,
+    lddy: usize,
+    dtable: &mut CudaSlice<f32>,
+    vocab: usize,
+    d: usize,
+    tokens: usize,
+) -> Result<()> {
+    if tokens == 0 || d == 0 {
+        return Ok(());
+    }
+    if ids.len() < tokens || lddy < d || dtable.len() < vocab * d {
+        return Err(Error::Input(format!("embedding_backward: {tokens} ids, lddy {lddy}, table [{vocab}, {d}]")));
+    }
+    dy.check((tokens - 1) * lddy + d, "embedding_backward dy")?;
+    let args = [
+        KArg::Ptr(dptr(dev, ids, 0)?),
+        KArg::Ptr(dy.ptr(dev, 0)?),
+        KArg::I32(int(lddy, "lddy")?),
+        KArg::Ptr(dptr(dev, dtable, 0)?),
+        KArg::I32(int(vocab, "vocab")?),
+        KArg::I32(int(d, "d")?),
+        KArg::I32(int(tokens, "tokens")?),
+    ];
+    let k = pick(dy.dtype(), "embed_bwd_f32", "embed_bwd_bf16");
+    launch(
+        dev,
+        "train",
+        k,
+        (dim(d.div_ceil(256), "embedding_backward")?, dim(tokens, "embedding_backward tokens")?, 1),
+        256,
+        &args,
+    )
+}
+
+/// Softmax cross-entropy forward and backward (`dsv3_core::ops::loss::cross_entropy`) over `rows`
+/// rows of logits `z` `[rows, ldz]` (`vocab` columns): writes `dz` (stride `lddz`, same dtype) and
+/// `row_loss[r] = mask[r]·(lse − z[target])`; the loss is `Σ row_loss / denom`.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy(
+    dev: &Device,
+    z: &Act,
+    ldz: usize,
+    targets: &CudaSlice<i32>,
+    mask: Option<&CudaSlice<f32>>,
+    denom: f32,
+    dz: &mut Act,
+    lddz: usize,
+    row_loss: &mut CudaSlice<f32>,
+    vocab: usize,
+    rows: usize,
+) -> Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    if vocab == 0 || z.dtype() != dz.dtype() || ldz < vocab || lddz < vocab {
+        return Err(Error::Input(format!("cross_entropy: dtypes or strides (vocab {vocab}, {ldz}/{lddz})")));
+    }
+    if targets.len() < rows || row_loss.len() < rows || mask.is_some_and(|m| m.len() < rows) {
+        return Err(Error::Input(format!("cross_entropy: targets / mask / row_loss shorter than {rows} rows")));
+    }
+    z.check((rows - 1) * ldz + vocab, "cross_entropy z")?;
+    dz.check((rows - 1) * lddz + vocab, "cross_entropy dz")?;
+    let args = [
+        KArg::Ptr(z.ptr(dev, 0)?),
+        KArg::I32(int(ldz, "ldz")?),
+        KArg::Ptr(dptr(dev, targets, 0)?),
+        KArg::Ptr(match mask {
+            Some(m) => dptr(dev, m, 0)?,
+            None => 0,
+        }),
+        KArg::F32(denom),
+        KArg::Ptr(dz.ptr(dev, 0)?),
+        KArg::I32(int(lddz, "lddz")?),
+        KArg::Ptr(dptr(dev, row_loss, 0)?),
+        KArg::I32(int(vocab, "vocab")?),
+        KArg::I32(int(rows, "rows")?),
+    ];
+    let k = pick(z.dtype(), "cross_entropy_f32", "cross_entropy_bf16");
+    launch(dev, "train", k, (dim(rows, "cross_entropy rows")?, 1, 1), 256, &args)
+}

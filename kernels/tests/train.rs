@@ -1,0 +1,269 @@
+//! Training kernels against the CPU oracle on random data (ragged shapes, strided rows, poisoned
+//! outputs): AdamW bit for bit (f32 and bf16 moments, several steps), RMSNorm / SwiGLU / RoPE /
+//! embedding / cross-entropy backward (f32 to rounding, bf16 to its precision). Skip without a GPU.
+mod common;
+use common::*;
+use dsv3_core::config::{Config, RopeScaling};
+use dsv3_core::ops::rope::Rope;
+use dsv3_core::rng::Rng;
+use dsv3_kernels::ops::rope::RopeLayout;
+use dsv3_kernels::ops::train::{self, AdamStep, Moments};
+use dsv3_kernels::tensor::{download, upload};
+use dsv3_kernels::{Act, DType};
+
+const DTYPES: [(DType, f32); 2] = [(DType::F32, 1e-5), (DType::Bf16, BF16_RTOL)];
+
+fn as_dtype(x: &[f32], dt: DType) -> Vec<f32> {
+    if dt == DType::Bf16 {
+        bf16r(x)
+    } else {
+        x.to_vec()
+    }
+}
+
+#[test]
+fn adamw_matches_core_bit_for_bit_with_f32_and_bf16_moments() {
+    let Some(dev) = device("adamw_matches_core_bit_for_bit_with_f32_and_bf16_moments") else { return };
+    let mut rng = Rng::new(80);
+    let n = 1000 * 3 + 7;
+    let p0 = randn(&mut rng, n);
+    for bf16_moments in [false, true] {
+        let (b1, b2, eps, wd, lr) = (0.9f32, 0.95f32, 1e-8f32, 0.1f32, 3e-3f32);
+        // core/src/train/optim.rs AdamW::step, element by element
+        let round = |x: f32| if bf16_moments { half::bf16::from_f32(x).to_f32() } else { x };
+        let (mut p, mut m, mut v) = (p0.clone(), vec![0f32; n], vec![0f32; n]);
+        let mut pd = upload(&dev, &p0).unwrap();
+        let mut mom = if bf16_moments {
+            Moments::Bf16 {
+                m: upload(&dev, &vec![half::bf16::ZERO; n]).unwrap(),
+                v: upload(&dev, &vec![half::bf16::ZERO; n]).unwrap(),
+            }
+        } else {
+            Moments::F32 { m: upload(&dev, &vec![0f32; n]).unwrap(), v: upload(&dev, &vec![0f32; n]).unwrap() }
+        };
+        for t in 1..=3 {
+            let g: Vec<f32> = randn(&mut rng, n).iter().map(|x| x * 0.01).collect();
+            let (bc1, bc2) = (1.0 - b1.powf(t as f32), 1.0 - b2.powf(t as f32));
+            let decay = 1.0 - lr * wd;
+            for j in 0..n {
+                m[j] = round(b1 * m[j] + (1.0 - b1) * g[j]);
+                v[j] = round(b2 * v[j] + (1.0 - b2) * g[j] * g[j]);
+                let (mh, vh) = (m[j] / bc1, v[j] / bc2);
+                p[j] = p[j] * decay - lr * mh / (vh.sqrt() + eps);
+            }
+            let s = AdamStep { lr, beta1: b1, beta2: b2, eps, decay, bc1, bc2 };
+            train::adamw(&dev, &mut pd, &upload(&dev, &g).unwrap(), &mut mom, n, &s).unwrap();
+            let got = download(&dev, &pd).unwrap();
+            for j in 0..n {
+                assert_eq!(got[j].to_bits(), p[j].to_bits(), "adamw bf16 moments {bf16_moments} step {t} elem {j}");
+            }
+        }
+        let (gm, gv): (Vec<f32>, Vec<f32>) = match &mom {
+            Moments::F32 { m, v } => (download(&dev, m).unwrap(), download(&dev, v).unwrap()),
+            Moments::Bf16 { m, v } => (
+                download(&dev, m).unwrap().iter().map(|x| x.to_f32()).collect(),
+                download(&dev, v).unwrap().iter().map(|x| x.to_f32()).collect(),
+            ),
+        };
+        assert_eq!(gm, m, "first moments");
+        assert_eq!(gv, v, "second moments");
+    }
+}
+
+#[test]
+fn rmsnorm_backward_matches_cpu() {
+    let Some(dev) = device("rmsnorm_backward_matches_cpu") else { return };
+    let mut rng = Rng::new(81);
+    for &(rows, d, ld) in &[(1usize, 1usize, 1usize), (5, 67, 70), (33, 512, 576), (4, 7168, 7168)] {
+        let x = randn(&mut rng, rows * ld);
+        let dy = randn(&mut rng, rows * ld);
+        let w: Vec<f32> = (0..d).map(|_| 1.0 + 0.1 * rng.normal()).collect();
+        let dw0 = randn(&mut rng, d);
+        for (dt, rtol) in DTYPES {
+            let (xs, dys) = (as_dtype(&x, dt), as_dtype(&dy, dt));
+            let xd: Vec<f32> = (0..rows).flat_map(|r| xs[r * ld..r * ld + d].to_vec()).collect();
+            let dyd: Vec<f32> = (0..rows).flat_map(|r| dys[r * ld..r * ld + d].to_vec()).collect();
+            let (mut want_dx, mut want_dw) = (vec![0f32; rows * d], dw0.clone());
+            dsv3_core::ops::norm::rmsnorm_backward(&xd, &w, 1e-6, &dyd, &mut want_dx, &mut want_dw);
+            let mut dx = poisoned(&dev, dt, rows * d);
+            let mut dw = upload(&dev, &dw0).unwrap();
+            train::rmsnorm_backward(
+                &dev,
+                &Act::from_f32(&dev, dt, &x).unwrap(),
+                ld,
+                &upload(&dev, &w).unwrap(),
+                &Act::from_f32(&dev, dt, &dy).unwrap(),
+                ld,
+                &mut dx,
+                d,
+                &mut dw,
+                d,
+                1e-6,
+                rows,
+            )
+            .unwrap();
+            let what = format!("rmsnorm_backward {dt:?} [{rows}, {d}]/{ld}");
+            assert_close(&dx.to_f32(&dev).unwrap(), &want_dx, 1e-5, rtol, &format!("{what} dx"));
+            assert_close(&download(&dev, &dw).unwrap(), &want_dw, 1e-4, 1e-4, &format!("{what} dw"));
+        }
+    }
+}
+
+#[test]
+fn swiglu_backward_matches_cpu() {
+    let Some(dev) = device("swiglu_backward_matches_cpu") else { return };
+    let mut rng = Rng::new(82);
+    for &(rows, inter) in &[(1usize, 1usize), (3, 300), (17, 1408)] {
+        let gu = randn(&mut rng, rows * 2 * inter);
+        let da = randn(&mut rng, rows * inter);
+        for (dt, rtol) in DTYPES {
+            let (g, a) = (as_dtype(&gu, dt), as_dtype(&da, dt));
+            let mut want = vec![0f32; rows * 2 * inter];
+            for r in 0..rows {
+                let row = &g[r * 2 * inter..(r + 1) * 2 * inter];
+                let (dg, du) = want[r * 2 * inter..(r + 1) * 2 * inter].split_at_mut(inter);
+                dsv3_core::ops::swiglu::swiglu_backward(
+                    &row[..inter],
+                    &row[inter..],
+                    &a[r * inter..(r + 1) * inter],
+                    dg,
+                    du,
+                );
+            }
+            let mut out = poisoned(&dev, dt, rows * 2 * inter);
+            let (ga, aa) = (Act::from_f32(&dev, dt, &gu).unwrap(), Act::from_f32(&dev, dt, &da).unwrap());
+            train::swiglu_backward(&dev, &ga, 2 * inter, &aa, inter, &mut out, 2 * inter, inter, rows).unwrap();
+            assert_close(&out.to_f32(&dev).unwrap(), &want, 1e-6, rtol, &format!("swiglu_backward {dt:?}"));
+        }
+    }
+}
+
+fn cfg_with(dr: usize, scaling: RopeScaling) -> Config {
+    let text = format!(
+        r#"{{"model_type":"deepseek_v3","vocab_size":10,"hidden_size":8,"num_hidden_layers":1,
+        "num_attention_heads":1,"q_lora_rank":null,"kv_lora_rank":4,"qk_nope_head_dim":16,
+        "qk_rope_head_dim":{dr},"v_head_dim":4,"intermediate_size":8}}"#
+    );
+    let mut c = Config::from_json_str(&text, "test").unwrap();
+    c.rope_scaling = scaling;
+    c
+}
+
+#[test]
+fn rope_backward_matches_cpu() {
+    let Some(dev) = device("rope_backward_matches_cpu") else { return };
+    let yarn = RopeScaling::Yarn {
+        factor: 40.0,
+        original_max_position_embeddings: 4096.0,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        mscale: 1.0,
+        mscale_all_dim: 0.707,
+    };
+    let mut rng = Rng::new(83);
+    for (dr, scaling) in [(64usize, yarn), (16, RopeScaling::None), (2, RopeScaling::None)] {
+        let rope_cpu = Rope::new(&cfg_with(dr, scaling));
+        let half = dr / 2;
+        let (rows, heads, dn) = (11usize, 5usize, 16usize);
+        let ld_head = dn + dr;
+        let x = randn(&mut rng, rows * heads * ld_head);
+        let pos: Vec<i32> = (0..rows).map(|_| rng.below(200_000) as i32).collect();
+        for (dt, rtol) in DTYPES {
+            let mut want = as_dtype(&x, dt);
+            let (mut cs, mut sn, mut tmp) = (vec![0f32; half], vec![0f32; half], vec![0f32; dr]);
+            for (r, &p) in pos.iter().enumerate() {
+                rope_cpu.cos_sin(p as usize, &mut cs, &mut sn);
+                for h in 0..heads {
+                    let o = r * heads * ld_head + h * ld_head + dn;
+                    Rope::apply_backward(&mut want[o..o + dr], &cs, &sn, &mut tmp);
+                }
+            }
+            let mut xa = Act::from_f32(&dev, dt, &x).unwrap();
+            let layout = RopeLayout { rows, ld_row: heads * ld_head, heads, ld_head, offset: dn, half };
+            let inv = upload(&dev, &rope_cpu.inv_freq).unwrap();
+            train::rope_backward(&dev, &mut xa, layout, &upload(&dev, &pos).unwrap(), &inv, rope_cpu.attention_factor)
+                .unwrap();
+            let atol = if dt == DType::F32 { 2e-6 } else { 1e-2 };
+            assert_close(&xa.to_f32(&dev).unwrap(), &want, atol, rtol, &format!("rope_backward dr {dr} {dt:?}"));
+        }
+    }
+}
+
+#[test]
+fn embedding_backward_scatter_adds_repeated_ids() {
+    let Some(dev) = device("embedding_backward_scatter_adds_repeated_ids") else { return };
+    let mut rng = Rng::new(84);
+    for &(vocab, d, tokens) in &[(1usize, 1usize, 3usize), (50, 67, 200), (1000, 512, 33)] {
+        let dy = randn(&mut rng, tokens * d);
+        let mut ids: Vec<i32> = (0..tokens).map(|_| rng.below(vocab as u64) as i32).collect();
+        ids[0] = vocab as i32; // out of range: skipped
+        let t0 = randn(&mut rng, vocab * d);
+        for (dt, rtol) in DTYPES {
+            let dys = as_dtype(&dy, dt);
+            let mut want = t0.clone();
+            for (t, &id) in ids.iter().enumerate().skip(1) {
+                for j in 0..d {
+                    want[id as usize * d + j] += dys[t * d + j];
+                }
+            }
+            let mut table = upload(&dev, &t0).unwrap();
+            let dya = Act::from_f32(&dev, dt, &dy).unwrap();
+            train::embedding_backward(&dev, &upload(&dev, &ids).unwrap(), &dya, d, &mut table, vocab, d, tokens)
+                .unwrap();
+            assert_close(
+                &download(&dev, &table).unwrap(),
+                &want,
+                1e-5,
+                rtol.min(1e-5),
+                &format!("embedding_backward {dt:?}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_matches_cpu_with_mask() {
+    let Some(dev) = device("cross_entropy_matches_cpu_with_mask") else { return };
+    let mut rng = Rng::new(85);
+    for &(rows, vocab) in &[(1usize, 1usize), (7, 300), (33, 32000)] {
+        let z: Vec<f32> = randn(&mut rng, rows * vocab).iter().map(|x| 3.0 * x).collect();
+        let targets: Vec<u32> = (0..rows).map(|_| rng.below(vocab as u64) as u32).collect();
+        let mask: Vec<f32> = (0..rows).map(|r| if r % 3 == 1 { 0.0 } else { 1.0 }).collect();
+        for (dt, rtol) in DTYPES {
+            let zs = as_dtype(&z, dt);
+            for use_mask in [false, true] {
+                let m = use_mask.then_some(&mask[..]);
+                let denom = m.map_or(rows as f32, |m| m.iter().sum());
+                let mut want_dz = vec![0f32; rows * vocab];
+                let want_loss = dsv3_core::ops::loss::cross_entropy(&zs, &targets, m, None, &mut want_dz);
+                let mut dz = poisoned(&dev, dt, rows * vocab);
+                let mut rl = upload(&dev, &vec![f32::NAN; rows]).unwrap();
+                let t: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
+                let md = upload(&dev, &mask).unwrap();
+                let za = Act::from_f32(&dev, dt, &z).unwrap();
+                let mref = if use_mask { Some(&md) } else { None };
+                train::cross_entropy(
+                    &dev,
+                    &za,
+                    vocab,
+                    &upload(&dev, &t).unwrap(),
+                    mref,
+                    denom,
+                    &mut dz,
+                    vocab,
+                    &mut rl,
+                    vocab,
+                    rows,
+                )
+                .unwrap();
+                let what = format!("cross_entropy {dt:?} mask {use_mask} [{rows}, {vocab}]");
+                assert_close(&dz.to_f32(&dev).unwrap(), &want_dz, 1e-7, rtol, &format!("{what} dz"));
+                let loss = download(&dev, &rl).unwrap().iter().map(|&v| v as f64).sum::<f64>() / denom as f64;
+                assert!(
+                    ((loss as f32) - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0),
+                    "{what}: loss {loss} vs {want_loss}"
+                );
+            }
+        }
+    }
+}

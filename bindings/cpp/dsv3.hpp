@@ -569,6 +569,21 @@ public:
         generations_ = params.num_generations;
     }
 
+    /// Resumes a checkpoint written by save(): the policy, its optimizer state and the step count.
+    /// `reference` is the frozen reference for beta > 0 (copied; nullptr: the loaded policy).
+    /// Rewards are not saved: add them again.
+    static Grpo load(std::string_view dir, const Model* reference = nullptr, const TrainParams& train = TrainParams(),
+                     const GrpoParams& params = GrpoParams()) {
+        const std::string d = detail::c_string(dir, "dir");
+        dsv3_grpo* raw = nullptr;
+        detail::check(dsv3_grpo_load(d.c_str(), reference ? reference->get() : nullptr, &train, &params, &raw));
+        Grpo g;
+        g.h_.reset(raw);
+        g.state_ = std::make_unique<detail::GrpoState>();
+        g.generations_ = params.num_generations;
+        return g;
+    }
+
     /// Adds a reward with `weight`. Without `fn`, `name` is a built-in ("accuracy", "exact",
     /// "format", "language", "language-zh"); with `fn`, it is called once per completion and
     /// `name` labels its metrics. An exception `fn` throws fails the step (no optimizer step is

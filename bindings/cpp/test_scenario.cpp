@@ -354,6 +354,13 @@ int main() {
             std::filesystem::remove_all(gdir);
             grpo.save(gdir.string());
             EXPECT(std::filesystem::exists(gdir / "model.safetensors"));
+            {
+                // resumes as a GRPO trainer with its step count; rewards are added again
+                dsv3::Grpo resumed = dsv3::Grpo::load(gdir.string(), nullptr, gtp, gp);
+                resumed.add_reward("exact");
+                EXPECT(resumed.step(prompts, answers).step == 1);
+            }
+            EXPECT_ERROR(DSV3_ERR_IO, dsv3::Grpo::load((gdir / "missing").string()));
             std::filesystem::remove_all(gdir);
 
             // A move keeps the rewards working; the moved-from Grpo throws. The failed step was not

@@ -4,7 +4,7 @@
 use crate::device::{cuda_err, Device};
 use crate::ops::gemm::{gemm, GemmShape};
 use crate::ops::mla::{mla_decode, MlaCall, MlaWork};
-use crate::tensor::{upload, zeros, Act, DType, DWeight};
+use crate::tensor::{dptr, upload, zeros, Act, DType, DWeight};
 use cudarc::driver::sys::CUevent_flags;
 use dsv3_core::{Error, Result};
 
@@ -189,4 +189,210 @@ pub fn run_all(dev: &Device) -> Result<Vec<Line>> {
     println!("{l}");
     lines.push(l);
     Ok(lines)
+}
+
+/// cuBLASLt FP8 E4M3 GEMM with DeepSeek's block scaling — 128x128 blocks on the weight
+/// (`BLK128x128_32F`), 1x128 per token on the activations (`VEC128_32F`), f32 compute, bf16 out —
+/// TFLOP/s on `D[m,n] = A[m,k]·W[n,k]ᵀ`. `Ok(None)` (the reason printed) without libcublasLt or
+/// when it offers no algorithm (block scaling needs cuBLAS 12.9+ on sm_90). Timing only: the
+/// scale buffers hold ones in whatever layout cuBLASLt expects.
+pub fn cublaslt_fp8_blockwise_tflops(dev: &Device, m: usize, n: usize, k: usize) -> Result<Option<f64>> {
+    use cudarc::cublaslt::sys::{self as lt, cublasStatus_t::CUBLAS_STATUS_SUCCESS};
+    use std::ffi::c_void;
+    // SAFETY: only tries to dlopen the library
+    if !std::panic::catch_unwind(|| unsafe { lt::is_culib_present() }).unwrap_or(false) {
+        println!("  (cuBLASLt not found: no FP8 blockwise peer)");
+        return Ok(None);
+    }
+    let fail = |what: &str, s: lt::cublasStatus_t| Error::Io(format!("cuBLASLt {what}: {s:?}"));
+    let a = upload(dev, &(0..m * k).map(|i| (i * 37 % 120) as u8).collect::<Vec<u8>>())?;
+    let w = upload(dev, &(0..n * k).map(|i| (i * 53 % 120) as u8).collect::<Vec<u8>>())?;
+    let d = zeros::<half::bf16>(dev, m * n)?;
+    let kb = k.div_ceil(128);
+    let sa = upload(dev, &vec![1.0f32; 2 * (m.div_ceil(4) * 4) * kb])?;
+    let sw = upload(dev, &vec![1.0f32; 2 * n.div_ceil(128) * kb])?;
+    let ws_bytes = 32usize << 20;
+    let ws = zeros::<u8>(dev, ws_bytes)?;
+    let (pa, pw, pd) = (dptr(dev, &a, 0)?, dptr(dev, &w, 0)?, dptr(dev, &d, 0)?);
+    let (psa, psw, pws) = (dptr(dev, &sa, 0)?, dptr(dev, &sw, 0)?, dptr(dev, &ws, 0)?);
+    // Column-major view: D^T[n, m] = op(W)[n, k] · A^T[k, m]; cuBLASLt's "A" is W (transposed,
+    // K-major: the TN layout Hopper FP8 requires), its "B" is the activation.
+    // SAFETY: plain cuBLASLt calls on buffers sized above; every handle is created before use
+    // and destroyed after the timed loop.
+    unsafe {
+        let mut h: lt::cublasLtHandle_t = std::ptr::null_mut();
+        let s = lt::cublasLtCreate(&mut h);
+        if s != CUBLAS_STATUS_SUCCESS {
+            return Err(fail("create", s));
+        }
+        let mut desc: lt::cublasLtMatmulDesc_t = std::ptr::null_mut();
+        let s = lt::cublasLtMatmulDescCreate(
+            &mut desc,
+            lt::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            lt::cudaDataType_t::CUDA_R_32F,
+        );
+        if s != CUBLAS_STATUS_SUCCESS {
+            return Err(fail("matmul desc", s));
+        }
+        let set = |attr: lt::cublasLtMatmulDescAttributes_t, p: *const c_void, size: usize| {
+            let s = lt::cublasLtMatmulDescSetAttribute(desc, attr, p, size);
+            if s != CUBLAS_STATUS_SUCCESS {
+                Err(fail(&format!("set {attr:?}"), s))
+            } else {
+                Ok(())
+            }
+        };
+        use lt::cublasLtMatmulDescAttributes_t as A;
+        let (op_t, op_n) = (1i32, 0i32); // CUBLAS_OP_T, CUBLAS_OP_N
+        set(A::CUBLASLT_MATMUL_DESC_TRANSA, &op_t as *const i32 as *const c_void, 4)?;
+        set(A::CUBLASLT_MATMUL_DESC_TRANSB, &op_n as *const i32 as *const c_void, 4)?;
+        let blk = lt::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F as i32;
+        let vec = lt::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as i32;
+        set(A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &blk as *const i32 as *const c_void, 4)?;
+        set(A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &vec as *const i32 as *const c_void, 4)?;
+        set(A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &psw as *const u64 as *const c_void, 8)?;
+        set(A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &psa as *const u64 as *const c_void, 8)?;
+        let layout = |t: lt::cudaDataType_t, rows: usize, cols: usize, ld: usize| {
+            let mut l: lt::cublasLtMatrixLayout_t = std::ptr::null_mut();
+            let s = lt::cublasLtMatrixLayoutCreate(&mut l, t, rows as u64, cols as u64, ld as i64);
+            if s != CUBLAS_STATUS_SUCCESS {
+                Err(fail("matrix layout", s))
+            } else {
+                Ok(l)
+            }
+        };
+        use lt::cudaDataType_t::{CUDA_R_16BF, CUDA_R_8F_E4M3};
+        let la = layout(CUDA_R_8F_E4M3, k, n, k)?;
+        let lb = layout(CUDA_R_8F_E4M3, k, m, k)?;
+        let ld = layout(CUDA_R_16BF, n, m, n)?;
+        let mut pref: lt::cublasLtMatmulPreference_t = std::ptr::null_mut();
+        let s = lt::cublasLtMatmulPreferenceCreate(&mut pref);
+        if s != CUBLAS_STATUS_SUCCESS {
+            return Err(fail("preference", s));
+        }
+        let wsb = ws_bytes as u64;
+        lt::cublasLtMatmulPreferenceSetAttribute(
+            pref,
+            lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &wsb as *const u64 as *const c_void,
+            8,
+        );
+        let mut heur: lt::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
+        let mut found = 0i32;
+        let s = lt::cublasLtMatmulAlgoGetHeuristic(h, desc, la, lb, ld, ld, pref, 1, &mut heur, &mut found);
+        let result = if s != CUBLAS_STATUS_SUCCESS || found == 0 {
+            println!("  (cuBLASLt offers no FP8 blockwise algorithm for {m}x{n}x{k}: {s:?}, {found} found)");
+            Ok(None)
+        } else {
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            let stream = dev.stream.cu_stream() as lt::cudaStream_t;
+            let ms = time_ms(dev, 3, 10, || {
+                let s = lt::cublasLtMatmul(
+                    h,
+                    desc,
+                    &alpha as *const f32 as *const c_void,
+                    pw as *const c_void,
+                    la,
+                    pa as *const c_void,
+                    lb,
+                    &beta as *const f32 as *const c_void,
+                    pd as *const c_void,
+                    ld,
+                    pd as *mut c_void,
+                    ld,
+                    &heur.algo,
+                    pws as *mut c_void,
+                    ws_bytes,
+                    stream,
+                );
+                if s != CUBLAS_STATUS_SUCCESS {
+                    Err(fail("matmul", s))
+                } else {
+                    Ok(())
+                }
+            });
+            ms.map(|ms| Some(2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12))
+        };
+        lt::cublasLtMatmulPreferenceDestroy(pref);
+        for l in [la, lb, ld] {
+            lt::cublasLtMatrixLayoutDestroy(l);
+        }
+        lt::cublasLtMatmulDescDestroy(desc);
+        lt::cublasLtDestroy(h);
+        result
+    }
+}
+
+/// dsv3's FP8 GEMM (1x128 activations x 128x128 weights, bf16 out; wgmma on sm_90a, SIMT
+/// elsewhere) at `m x n x k`, printed next to cuBLASLt FP8 blockwise and cuBLAS bf16 from the same
+/// process. Returns (dsv3, cuBLASLt FP8, cuBLAS bf16) TFLOP/s (NaN where a peer is missing).
+pub fn fp8_gemm_line(dev: &Device, m: usize, n: usize, k: usize) -> Result<(f64, f64, f64)> {
+    use crate::ops::fp8::{fp8_gemm, BScales, Fp8Gemm, Fp8Kernel, Fp8Operand};
+    let kb = k.div_ceil(128);
+    let aq = upload(dev, &(0..m * k).map(|i| (i * 37 % 120) as u8).collect::<Vec<u8>>())?;
+    let wq = upload(dev, &(0..n * k).map(|i| (i * 53 % 120) as u8).collect::<Vec<u8>>())?;
+    let sa = upload(dev, &vec![0.01f32; m * kb])?;
+    let sw = upload(dev, &vec![0.01f32; n.div_ceil(128) * kb])?;
+    let mut d = Act::zeros(dev, DType::Bf16, m * n)?;
+    let g = Fp8Gemm {
+        m,
+        n,
+        k,
+        a: Fp8Operand { q: &aq, ld: k, scale: &sa, s_rs: kb, s_ks: 1 },
+        b: Fp8Operand { q: &wq, ld: k, scale: &sw, s_rs: kb, s_ks: 1 },
+        b_scales: BScales::Block128,
+        ldd: n,
+        accumulate: false,
+        groups: 1,
+        stride_b: 0,
+        stride_sb: 0,
+        grouped: None,
+    };
+    let ms = time_ms(dev, 3, 10, || fp8_gemm(dev, &g, &mut d, Fp8Kernel::Auto))?;
+    let ours = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
+    let lt = cublaslt_fp8_blockwise_tflops(dev, m, n, k)?.unwrap_or(f64::NAN);
+    let bf16 = cublas_bf16_tflops(dev, m, n, k)?.unwrap_or(f64::NAN);
+    println!(
+        "fp8 gemm {m:>5}x{n:>5}x{k:>5}  {ms:>8.3} ms  dsv3 {ours:>7.1} TFLOP/s  cuBLASLt fp8 blockwise {lt:>7.1} ({:>4.2}x)  cuBLAS bf16 {bf16:>6.1} ({:>4.2}x)",
+        ours / lt,
+        ours / bf16
+    );
+    Ok((ours, lt, bf16))
+}
+
+/// DeepGEMM's dense shapes (M = 4096 and M = 128 with its N x K pairs), plus the quantize kernels'
+/// bandwidth on a 4096 x 7168 bf16 activation against the device copy.
+pub fn run_fp8(dev: &Device) -> Result<()> {
+    use crate::ops::fp8::{quant_1x128, quant_t128, Fp8Out};
+    println!("{}", dev.name);
+    let copy = copy_bandwidth(dev, 1 << 30)?;
+    println!("device-to-device copy: {copy:.1} GB/s");
+    for m in [4096usize, 128] {
+        for (n, k) in [(7168usize, 2048usize), (2112, 7168), (24576, 1536), (7168, 16384), (4096, 7168)] {
+            fp8_gemm_line(dev, m, n, k)?;
+        }
+    }
+    let (rows, cols) = (4096usize, 7168usize);
+    let x = Act::from_f32(dev, DType::Bf16, &randn(rows * cols, 7))?;
+    let mut q = zeros::<u8>(dev, rows * cols)?;
+    let mut s = zeros::<f32>(dev, rows * cols.div_ceil(128))?;
+    let bytes = (rows * cols * 3 + rows * cols.div_ceil(128) * 4) as f64; // bf16 in, e4m3 out, scales
+    let ms =
+        time_ms(dev, 3, 20, || quant_1x128(dev, &x, cols, rows, cols, Fp8Out::dense(&mut q, &mut s, cols), false))?;
+    println!(
+        "quant_1x128 {rows}x{cols} bf16: {ms:.3} ms, {:.1} GB/s ({:.1}% of copy)",
+        bytes / (ms * 1e-3) / 1e9,
+        100.0 * bytes / (ms * 1e-3) / 1e9 / copy
+    );
+    let mut st = zeros::<f32>(dev, cols * rows.div_ceil(128))?;
+    let ms = time_ms(dev, 3, 20, || {
+        let out = Fp8Out { q: &mut q, ld: rows, scale: &mut st, s_rs: rows.div_ceil(128), s_cs: 1 };
+        quant_t128(dev, &x, cols, rows, cols, out, false)
+    })?;
+    println!(
+        "quant_t128 {rows}x{cols} bf16 (transposed): {ms:.3} ms, {:.1} GB/s ({:.1}% of copy)",
+        bytes / (ms * 1e-3) / 1e9,
+        100.0 * bytes / (ms * 1e-3) / 1e9 / copy
+    );
+    Ok(())
 }

@@ -135,6 +135,13 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float* d, uint64_t da, uin
         : "l"(da), "l"(db), "r"(scale_d));
 }
 
+// Pins the accumulator registers at this point of the program: arithmetic on them may not move
+// across the wgmma fence / wait (CUTLASS's warpgroup_fence_operand).
+__device__ __forceinline__ void fence_acc(float* d) {
+#pragma unroll
+    for (int i = 0; i < 64; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+
 // A shared-memory matrix descriptor, no swizzle: K-major core matrices of 8 rows x 16 bytes;
 // lbo = bytes between K-adjacent core matrices, sbo = bytes between 8-row groups.
 __device__ __forceinline__ uint64_t wg_desc(const void* smem, uint32_t lbo, uint32_t sbo) {
@@ -192,6 +199,7 @@ __device__ void fp8_gemm_wgmma(const Fp8GemmArgs& p) {
         // make the generic-proxy stores visible to wgmma's async proxy, then to every warp
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
+        fence_acc(acc);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
@@ -201,6 +209,7 @@ __device__ void fp8_gemm_wgmma(const Fp8GemmArgs& p) {
         }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        fence_acc(acc);
         // promote: out += (sa * sb) * acc
         float sa0 = row0 + ra < row_end ? p.sa[(long long)(row0 + ra) * p.sa_rs + (long long)kb * p.sa_ks] : 0.0f;
         float sa1 = row0 + ra + 8 < row_end ? p.sa[(long long)(row0 + ra + 8) * p.sa_rs + (long long)kb * p.sa_ks] : 0.0f;

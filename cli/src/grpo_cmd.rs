@@ -368,17 +368,7 @@ pub fn run(a: GrpoArgs) -> Result<()> {
             .count();
         Ok(Some(ok as f64 / ev.len() as f64))
     };
-    let bar = if a.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        let b = indicatif::ProgressBar::new(a.steps);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b.set_position(g.step.min(a.steps));
-        b
-    };
+    let bar = crate::progress::bar(a.steps, g.step, a.quiet);
     let mut reward_curve = Vec::new();
     let mut acc_curve = Vec::new();
     let mut eval_curve = Vec::new();

@@ -5,6 +5,7 @@ mod demo;
 mod grpo_cmd;
 mod pipeline_bench;
 mod plot;
+mod progress;
 mod quantize_cmd;
 mod schedule_cmd;
 mod train_cmd;

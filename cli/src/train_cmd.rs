@@ -256,17 +256,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .truncate(tr.step == 0)
         .open(&metrics_path)
         .map_err(|e| Error::Io(format!("{}: {e}", metrics_path.display())))?;
-    let bar = if a.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        let b = indicatif::ProgressBar::new(a.steps);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b.set_position(tr.step.min(a.steps));
-        b
-    };
+    let bar = crate::progress::bar(a.steps, tr.step, a.quiet);
     let mut curve: Vec<(f64, f64)> = Vec::new();
     let t_start = Instant::now();
     let save = |tr: &mut Trainer, loader: &Loader| {

@@ -2,38 +2,9 @@
 //! generate / info / init / bench, and clear errors (exit 1, no panic) on bad input.
 use dsv3_core::weights::file::read_safetensors;
 use dsv3_core::weights::write::{to_bytes, OutTensor};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
-}
-
-fn dsv3(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dsv3")).args(args).output().expect("running dsv3")
-}
-
-fn ok(args: &[&str]) -> (String, String) {
-    let o = dsv3(args);
-    let (out, err) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
-    assert!(o.status.success(), "dsv3 {args:?} failed:\n{out}\n{err}");
-    (out, err)
-}
-
-fn fails(args: &[&str]) -> String {
-    let o = dsv3(args);
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(o.status.code(), Some(1), "dsv3 {args:?} should fail with exit 1: {err}");
-    assert!(err.starts_with("error: ") && !err.contains("panicked"), "{err}");
-    err
-}
-
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dsv3-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
+use common::*;
+use std::path::Path;
 
 #[test]
 fn logits_contract_matches_hf_goldens() {

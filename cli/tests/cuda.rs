@@ -3,31 +3,11 @@
 //! generate / bench in bf16.
 use dsv3_core::weights::file::read_safetensors;
 use dsv3_core::weights::write::{to_bytes, OutTensor};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn fixture(name: &str) -> PathBuf {
-    // DSV3_FIXTURES / DSV3_BIN: the fixtures and the binary when this test runs on another machine
-    let root = std::env::var_os("DSV3_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"));
-    root.join(name)
-}
-
-fn dsv3(args: &[&str]) -> Output {
-    let bin = std::env::var_os("DSV3_BIN").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_BIN_EXE_dsv3").into());
-    Command::new(bin).args(args).output().expect("running dsv3")
-}
+mod common;
+use common::*;
 
 fn gpu() -> bool {
     dsv3_kernels::device_count().map(|n| n > 0).unwrap_or(false)
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let o = dsv3(args);
-    let (out, err) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
-    assert!(o.status.success(), "dsv3 {args:?} failed:\n{out}\n{err}");
-    out
 }
 
 #[test]
@@ -107,7 +87,7 @@ fn on_a_gpu_logits_match_the_cpu_and_generate_runs() {
             let mut args = vec!["logits", "--model", m.to_str().unwrap(), "--input", input.to_str().unwrap()];
             args.extend_from_slice(&["--out", out.to_str().unwrap()]);
             args.extend_from_slice(dev);
-            run_ok(&args);
+            ok(&args);
             outs.push(read_safetensors(&out).unwrap().get("logits").unwrap().to_f32().unwrap());
         }
         let worst = outs[0].iter().zip(&outs[1]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -115,7 +95,7 @@ fn on_a_gpu_logits_match_the_cpu_and_generate_runs() {
         assert!(worst < 1e-4, "{name}: GPU f32 logits differ from the CPU by {worst}");
     }
     let m = fixture("v3_group");
-    let out = run_ok(&[
+    let (out, _) = ok(&[
         "generate",
         "--model",
         m.to_str().unwrap(),
@@ -127,6 +107,6 @@ fn on_a_gpu_logits_match_the_cpu_and_generate_runs() {
         "cuda",
     ]);
     assert!(out.contains("[cuda]"), "{out}");
-    let out = run_ok(&["bench", "--model", m.to_str().unwrap(), "--device", "cuda", "--new-tokens", "8", "--json"]);
+    let (out, _) = ok(&["bench", "--model", m.to_str().unwrap(), "--device", "cuda", "--new-tokens", "8", "--json"]);
     assert!(out.contains("decode_tokens_per_s"), "{out}");
 }

@@ -3,11 +3,8 @@
 //! and clear errors for the preconditions.
 use serde_json::Value;
 use std::collections::HashMap;
-use std::process::{Command, Output};
-
-fn dsv3(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dsv3")).args(args).output().expect("running dsv3")
-}
+mod common;
+use common::*;
 
 fn schedule_json(kind: &str, pp: usize, m: usize, costs: Option<&str>) -> Value {
     let (pp, m) = (pp.to_string(), m.to_string());
@@ -18,14 +15,6 @@ fn schedule_json(kind: &str, pp: usize, m: usize, costs: Option<&str>) -> Value 
     let o = dsv3(&args);
     assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&o.stdout).expect("stdout is one JSON object")
-}
-
-fn fails(args: &[&str]) -> String {
-    let o = dsv3(args);
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(o.status.code(), Some(1), "dsv3 {args:?} should fail with exit 1: {err}");
-    assert!(err.starts_with("error: ") && !err.contains("panicked"), "{err}");
-    err
 }
 
 type Key = (u64, u64, u64);

@@ -115,7 +115,15 @@ pub unsafe extern "C" fn dsv3_grpo_params_default(params: *mut dsv3_grpo_params)
     })
 }
 
-fn grpo_config(p: &dsv3_grpo_params, eos: &[u32]) -> Result<GrpoTrainConfig, Fail> {
+/// The loop settings of `params` (NULL: the defaults); completions stop at `eos`.
+fn grpo_config(params: *const dsv3_grpo_params, eos: &[u32]) -> Result<GrpoTrainConfig, Fail> {
+    let mut def = std::mem::MaybeUninit::<dsv3_grpo_params>::uninit();
+    // SAFETY: the default writes every field; `params` is NULL or valid (header contract).
+    let def = unsafe {
+        dsv3_grpo_params_default(def.as_mut_ptr());
+        def.assume_init()
+    };
+    let p = unsafe { params.as_ref() }.unwrap_or(&def);
     check_size(p.struct_size, std::mem::size_of::<dsv3_grpo_params>(), "dsv3_grpo_params")?;
     let loss = GrpoConfig {
         epsilon_low: p.epsilon,
@@ -177,13 +185,8 @@ pub unsafe extern "C" fn dsv3_grpo_new(
         let out = nonnull_mut(out, "out")?;
         let (mut cfg, opt, _) = crate::train::config(train)?;
         cfg.bias_update_speed = 0.0;
-        let mut def = std::mem::MaybeUninit::<dsv3_grpo_params>::uninit();
-        dsv3_grpo_params_default(def.as_mut_ptr());
-        // SAFETY: the default writes every field.
-        let def = def.assume_init();
-        let p = params.as_ref().unwrap_or(&def);
         let eos = m.cfg.eos_token_ids.clone();
-        let g = GrpoTrainer::from_trainer(Trainer::new(m, opt, cfg), grpo_config(p, &eos)?)?;
+        let g = GrpoTrainer::from_trainer(Trainer::new(m, opt, cfg), grpo_config(params, &eos)?)?;
         *out = Box::into_raw(Box::new(dsv3_grpo { inner: g, rewards: Vec::new(), last: None }));
         Ok(())
     })
@@ -434,13 +437,8 @@ pub unsafe extern "C" fn dsv3_grpo_load(
         let (mut cfg, _, _) = crate::train::config(train)?;
         cfg.bias_update_speed = 0.0;
         let (t, state) = dsv3_core::train::checkpoint::load(Path::new(d), cfg)?;
-        let mut def = std::mem::MaybeUninit::<dsv3_grpo_params>::uninit();
-        dsv3_grpo_params_default(def.as_mut_ptr());
-        // SAFETY: the default writes every field.
-        let def = def.assume_init();
-        let p = params.as_ref().unwrap_or(&def);
         let eos = t.model.cfg.eos_token_ids.clone();
-        let mut g = GrpoTrainer::from_trainer(t, grpo_config(p, &eos)?)?;
+        let mut g = GrpoTrainer::from_trainer(t, grpo_config(params, &eos)?)?;
         g.step = state.get("grpo_step").and_then(|v| v.as_u64()).unwrap_or(0);
         if let (Some(r), true) = (reference.as_ref(), g.reference.is_some()) {
             let m = (*r.inner).clone();

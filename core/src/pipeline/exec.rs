@@ -360,16 +360,6 @@ pub fn train_step(tr: &mut Trainer, s: &Schedule, micro: &[MicroBatch]) -> Resul
     m.predicted = micro.iter().map(|mb| mb.seqs.iter().map(|s| s.len().saturating_sub(1)).sum::<usize>()).sum();
     m.expert_load = out.loads;
     tr.grad = out.grad;
-    let (grad_norm, lr) = tr.apply_gradients(&m.expert_load)?;
-    m.grad_norm = grad_norm;
-    m.lr = lr;
-    m.max_over_mean = m
-        .expert_load
-        .iter()
-        .map(|l| {
-            let mean = l.iter().sum::<u32>() as f32 / l.len().max(1) as f32;
-            l.iter().copied().max().unwrap_or(0) as f32 / mean.max(1e-9)
-        })
-        .collect();
+    tr.finish_step(&mut m)?;
     Ok((m, out.ranks))
 }

@@ -134,6 +134,13 @@ impl Trainer {
         m.loss = loss as f32;
         m.balance_loss = bal as f32;
         m.mtp_loss = mtp as f32;
+        self.finish_step(&mut m)?;
+        Ok(m)
+    }
+
+    /// Applies the accumulated gradients ([`Trainer::apply_gradients`] with `m.expert_load`) and
+    /// fills `m`'s gradient norm, learning rate and max/mean expert loads.
+    pub fn finish_step(&mut self, m: &mut StepMetrics) -> Result<()> {
         let (grad_norm, lr) = self.apply_gradients(&m.expert_load)?;
         m.grad_norm = grad_norm;
         m.lr = lr;
@@ -145,7 +152,7 @@ impl Trainer {
                 l.iter().copied().max().unwrap_or(0) as f32 / mean.max(1e-9)
             })
             .collect();
-        Ok(m)
+        Ok(())
     }
 
     /// Finishes an optimizer step over the gradients accumulated in `self.grad`: global-norm

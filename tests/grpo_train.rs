@@ -225,7 +225,7 @@ fn sharded_learning_pass_equals_one_grpo_pass() {
     let mut g = tr.trainer.model.zeros_like();
     let (want, _) = tr.trainer.model.grpo_pass(&r, &loss, &mut g).unwrap();
     assert!((out.loss - want.loss).abs() <= 1e-6 * want.loss.abs().max(1e-3), "{} vs {}", out.loss, want.loss);
-    assert_eq!(out.kl, want.kl);
+    assert!((out.kl - want.kl).abs() <= 1e-5 * want.kl.abs(), "{} vs {}", out.kl, want.kl);
     let (got, exp) = (weights(&mut tr.trainer.grad), weights(&mut g));
     let num: f64 = got.iter().zip(&exp).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
     let den: f64 = exp.iter().map(|b| (*b as f64).powi(2)).sum();

@@ -111,3 +111,43 @@ fn generation_is_seeded_streams_and_stops() {
     assert_eq!(c.tokens[1].len(), 1);
     assert_eq!(c.tokens[0].len(), 4);
 }
+
+#[test]
+fn grouped_generation_shares_the_prefill() {
+    use dsv3::infer::generate_grouped;
+    let model = load("v3_group", LoadOptions::default());
+    let (a, b) = ([1u32, 2, 3], [4u32, 5]);
+    // greedy: each group member equals plain generation of its prompt
+    let g = SamplingParams { max_new_tokens: 5, ..Default::default() };
+    let grouped = generate_grouped(&model, &[&a, &b], 3, &g, |_| true).unwrap();
+    let plain = generate(&model, &[&a, &b], &g, |_| true).unwrap();
+    assert_eq!(grouped.tokens.len(), 6);
+    for (i, t) in grouped.tokens.iter().enumerate() {
+        assert_eq!(t, &plain.tokens[i / 3], "row {i}");
+    }
+    // sampling: the rows of a group differ, and the same seed gives the same rows; the stream
+    // reports every row and one prefill of the unique prompts
+    let p = SamplingParams { temperature: 1.0, seed: 7, max_new_tokens: 6, ..Default::default() };
+    let mut prefill = 0;
+    let mut seen = [0usize; 6];
+    let s1 = generate_grouped(&model, &[&a, &b], 3, &p, |e| {
+        match e {
+            Event::PrefillDone { tokens } => prefill = tokens,
+            Event::Token { seq, .. } => seen[seq] += 1,
+        }
+        true
+    })
+    .unwrap();
+    assert_eq!(prefill, 5);
+    assert_eq!(seen, [6; 6]);
+    assert_eq!(s1, generate_grouped(&model, &[&a, &b], 3, &p, |_| true).unwrap());
+    assert!(s1.tokens[0] != s1.tokens[1] || s1.tokens[1] != s1.tokens[2], "{:?}", s1.tokens);
+    // a forked slot continues from the copied prefix exactly like the original
+    let mut sess = Session::new(&model, 2);
+    sess.step(&[(0, &a[..])]).unwrap();
+    sess.fork(0, 1).unwrap();
+    assert_eq!(sess.len(1), 3);
+    assert_eq!(sess.step(&[(0, &[7][..])]).unwrap(), sess.step(&[(1, &[7][..])]).unwrap());
+    assert!(sess.fork(0, 5).is_err() && sess.fork(9, 0).is_err());
+    assert!(generate_grouped(&model, &[&a], 0, &g, |_| true).is_err());
+}

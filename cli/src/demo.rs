@@ -333,14 +333,23 @@ fn grpo_stage(
         }
     }
     // plain generation of one step's batch (same prompts x G, same sampling settings), to compare
-    // the rollout rate with: what sampling costs beyond generating (decoding, rewards)
+    // the rollout rate with
     let prompts = task.grpo_prompts(a.prompts, &mut rng);
+    // (what `dsv3 generate` does: every row prefilled, no prefix sharing)
+    let rows: Vec<&[u32]> = prompts.iter().flat_map(|p| std::iter::repeat_n(&p.ids[..], a.group)).collect();
+    let params = SamplingParams {
+        temperature: a.temperature,
+        seed: a.seed,
+        max_new_tokens: g.cfg.max_completion_length,
+        stop_tokens: g.cfg.stop_tokens.clone(),
+        ..Default::default()
+    };
     let t0 = Instant::now();
-    let plain = dsv3_core::grpo::trainer::sample_completions(g.model(), &prompts, &g.cfg, a.seed)?;
-    let plain_rate = plain.iter().map(|c| c.0.len()).sum::<usize>() as f64 / t0.elapsed().as_secs_f64();
+    let plain = generate(g.model(), &rows, &params, |_| true)?;
+    let plain_rate = plain.tokens.iter().map(Vec::len).sum::<usize>() as f64 / t0.elapsed().as_secs_f64();
     println!(
         "GRPO time: sampling {:.1} s ({:.0}%), learning {:.1} s ({:.0}%); {} rollout tokens at {:.0} tokens/s \
-         (plain generation of the same batch of {}: {:.0} tokens/s)",
+         (plain batched generation of the same {} rows: {:.0} tokens/s)",
         t_sample,
         100.0 * t_sample / (t_sample + t_learn),
         t_learn,

@@ -11,7 +11,7 @@ use crate::error::{ierr, Result};
 use crate::grpo::loss::{GrpoConfig, LossType};
 use crate::grpo::pass::Rollouts;
 use crate::grpo::reward::Reward;
-use crate::infer::{generate, SamplingParams};
+use crate::infer::{generate_grouped, SamplingParams};
 use crate::model::Model;
 use crate::train::{AdamW, TrainConfig, Trainer};
 use alloc::format;
@@ -413,7 +413,7 @@ impl GrpoTrainer {
 }
 
 /// G completions per prompt (groups contiguous) with the loop's sampling settings: (tokens,
-/// ended with a stop token).
+/// ended with a stop token). Each prompt is prefilled once for its G samples.
 pub fn sample_completions(
     model: &Model,
     prompts: &[Prompt],
@@ -423,8 +423,7 @@ pub fn sample_completions(
     if prompts.is_empty() {
         return Err(ierr("a GRPO step needs at least one prompt"));
     }
-    let g = cfg.num_generations;
-    let rows: Vec<&[u32]> = prompts.iter().flat_map(|p| core::iter::repeat_n(&p.ids[..], g)).collect();
+    let rows: Vec<&[u32]> = prompts.iter().map(|p| &p.ids[..]).collect();
     let params = SamplingParams {
         temperature: cfg.loss.temperature,
         top_k: cfg.top_k,
@@ -433,7 +432,8 @@ pub fn sample_completions(
         max_new_tokens: cfg.max_completion_length,
         stop_tokens: cfg.stop_tokens.clone(),
     };
-    let out = generate(model, &rows, &params, |_| true)?;
+    // each prompt prefilled once, its cache shared by its G samples
+    let out = generate_grouped(model, &rows, cfg.num_generations, &params, |_| true)?;
     Ok(out.tokens.into_iter().zip(out.stopped).collect())
 }
 

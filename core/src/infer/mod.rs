@@ -5,6 +5,6 @@ pub mod generate;
 pub mod sampling;
 pub mod session;
 
-pub use generate::{generate, Event, GenerateOutput};
+pub use generate::{generate, generate_grouped, Event, GenerateOutput};
 pub use sampling::{Sampler, SamplingParams};
 pub use session::Session;

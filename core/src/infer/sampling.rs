@@ -63,11 +63,19 @@ impl Sampler {
             return Ok(argmax(logits) as u32);
         }
         let t = self.params.temperature;
+        if self.params.top_k == 0 && self.params.top_p >= 1.0 {
+            return Ok(self.sample_full(logits, t));
+        }
         let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / t)).collect();
-        cand.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(core::cmp::Ordering::Equal).then(a.0.cmp(&b.0)));
-        if self.params.top_k > 0 {
+        // most likely first, ties by id: a total order, so a partial selection gives the same top k
+        let order = |a: &(u32, f32), b: &(u32, f32)| {
+            b.1.partial_cmp(&a.1).unwrap_or(core::cmp::Ordering::Equal).then(a.0.cmp(&b.0))
+        };
+        if self.params.top_k > 0 && self.params.top_k < cand.len() {
+            cand.select_nth_unstable_by(self.params.top_k - 1, order);
             cand.truncate(self.params.top_k);
         }
+        cand.sort_by(order);
         let m = cand[0].1;
         let mut probs: Vec<f32> = cand.iter().map(|c| libm::expf(c.1 - m)).collect();
         let z: f32 = probs.iter().sum();
@@ -95,6 +103,26 @@ impl Sampler {
             }
         }
         Ok(cand[probs.len() - 1].0)
+    }
+}
+
+impl Sampler {
+    /// Plain temperature sampling over the whole vocabulary (no top-k / top-p): the inverse CDF
+    /// in token order, no sort (a sort per token dominated GRPO's rollouts at large batch).
+    fn sample_full(&mut self, logits: &[f32], t: f32) -> u32 {
+        let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) / t;
+        let probs: Vec<f32> = logits.iter().map(|&l| libm::expf(l / t - m)).collect();
+        let z: f32 = probs.iter().sum();
+        let target = self.rng.uniform() * z;
+        let mut cum = 0f32;
+        for (i, &p) in probs.iter().enumerate() {
+            cum += p;
+            if target < cum {
+                return i as u32;
+            }
+        }
+        // rounding left the target past the sum: the last token with any mass
+        probs.iter().rposition(|&p| p > 0.0).unwrap_or(0) as u32
     }
 }
 
@@ -132,5 +160,65 @@ mod tests {
         assert!((0..50).all(|_| s3.sample(&logits).unwrap() == 1));
         assert!(Sampler::new(SamplingParams { top_p: 0.0, ..Default::default() }).is_err());
         assert!(g.sample(&[f32::NAN, 1.0]).is_err());
+    }
+
+    #[test]
+    fn full_vocabulary_sampling_follows_the_softmax() {
+        // temperature only: frequencies match softmax(l / T); -inf never comes out
+        let logits = [1.0f32, 0.0, f32::NEG_INFINITY, 2.0, -1.0];
+        let t = 0.7f32;
+        let mut s = Sampler::new(SamplingParams { temperature: t, seed: 3, ..Default::default() }).unwrap();
+        let n = 40_000;
+        let mut counts = [0usize; 5];
+        for _ in 0..n {
+            counts[s.sample(&logits).unwrap() as usize] += 1;
+        }
+        let z: f64 = logits.iter().map(|&l| ((l / t) as f64).exp()).sum();
+        for (i, &c) in counts.iter().enumerate() {
+            let p = ((logits[i] / t) as f64).exp() / z;
+            let sd = (p * (1.0 - p) / n as f64).sqrt();
+            assert!((c as f64 / n as f64 - p).abs() <= 5.0 * sd + 1e-12, "token {i}: {c} of {n}, p {p}");
+        }
+        assert_eq!(counts[2], 0);
+    }
+
+    #[test]
+    fn top_k_by_selection_equals_a_full_sort() {
+        // the reference: sort everything, keep k, then the same inverse CDF
+        let reference = |logits: &[f32], p: &SamplingParams, rng: &mut Rng| -> u32 {
+            let mut c: Vec<(u32, f32)> =
+                logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
+            c.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+            c.truncate(p.top_k);
+            let m = c[0].1;
+            let mut probs: Vec<f32> = c.iter().map(|x| libm::expf(x.1 - m)).collect();
+            let z: f32 = probs.iter().sum();
+            probs.iter_mut().for_each(|q| *q /= z);
+            let u = rng.uniform();
+            let mut cum = 0f32;
+            for (i, &q) in probs.iter().enumerate() {
+                cum += q;
+                if u < cum {
+                    return c[i].0;
+                }
+            }
+            c[probs.len() - 1].0
+        };
+        let mut gen = Rng::new(11);
+        for case in 0..50u64 {
+            // ties included: values on a coarse grid
+            let logits: Vec<f32> = (0..300).map(|_| (gen.below(40) as f32) * 0.25).collect();
+            let p = SamplingParams {
+                temperature: 0.9,
+                top_k: 1 + (case as usize * 7) % 60,
+                seed: case,
+                ..Default::default()
+            };
+            let mut s = Sampler::new(p.clone()).unwrap();
+            let mut r = Rng::new(case);
+            for _ in 0..20 {
+                assert_eq!(s.sample(&logits).unwrap(), reference(&logits, &p, &mut r), "case {case}");
+            }
+        }
     }
 }

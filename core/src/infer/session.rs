@@ -62,6 +62,14 @@ impl<M: Deref<Target = Model>> Session<M> {
         Ok(())
     }
 
+    /// Makes slot `dst` a copy of slot `src` (its cached prefix), e.g. to sample several
+    /// continuations of one prompt prefilled once.
+    pub fn fork(&mut self, src: usize, dst: usize) -> Result<()> {
+        let c = self.slot(src)?.clone();
+        *self.slot(dst)? = c;
+        Ok(())
+    }
+
     fn slot(&mut self, s: usize) -> Result<&mut SeqCache> {
         let n = self.caches.len();
         self.caches.get_mut(s).ok_or_else(|| ierr(format!("slot {s} out of range (session has {n})")))

@@ -25,7 +25,7 @@ pub struct DemoArgs {
     pub steps: u64,
     /// GRPO steps after the supervised stage (0 = skip). Each samples `--group` answers to
     /// `--prompts` problems and takes one optimizer step.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 800)]
     pub grpo_steps: u64,
     /// GRPO: problems per step.
     #[arg(long, default_value_t = 32)]
@@ -239,8 +239,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
             "GRPO step",
             "percent",
             &[
-                plot::Series { label: "mean reward of sampled answers (x100)", color: "#1f77b4", points: grpo_curve },
-                plot::Series { label: "held-out greedy accuracy", color: "#d62728", points: eval_curve },
+                plot::Series { label: "sampled reward x100", color: "#1f77b4", points: grpo_curve },
+                plot::Series { label: "held-out accuracy", color: "#d62728", points: eval_curve },
             ],
         );
         std::fs::write(a.out.join("grpo.svg"), svg).map_err(|e| Error::Io(format!("{}: {e}", a.out.display())))?;

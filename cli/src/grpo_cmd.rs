@@ -4,7 +4,7 @@
 //! `dsv3 train`).
 use crate::plot;
 use dsv3_core::grpo::rejection::{rejection_sample, RejectionConfig};
-use dsv3_core::grpo::reward::{Accuracy, ExactMatch, Format, LanguageConsistency, Reward};
+use dsv3_core::grpo::reward::{builtin, Reward, BUILTIN_NAMES};
 use dsv3_core::grpo::{GrpoConfig, GrpoMetrics, GrpoTrainConfig, GrpoTrainer, LossType, Prompt, ScaleRewards};
 use dsv3_core::model::{LoadOptions, Model};
 use dsv3_core::rng::Rng;
@@ -151,18 +151,9 @@ pub struct RejectArgs {
     pub keep_truncated: bool,
 }
 
-/// A named reward function.
+/// A named built-in reward function.
 pub fn reward_fn(name: &str) -> Result<Box<dyn Reward>> {
-    Ok(match name {
-        "accuracy" => Box::new(Accuracy),
-        "exact" => Box::new(ExactMatch),
-        "format" => Box::new(Format),
-        "language" => Box::new(LanguageConsistency { ascii: true }),
-        "language-zh" => Box::new(LanguageConsistency { ascii: false }),
-        o => {
-            return Err(Error::Input(format!("unknown reward '{o}' (accuracy, exact, format, language, language-zh)")))
-        }
-    })
+    builtin(name).ok_or_else(|| Error::Input(format!("unknown reward '{name}' ({BUILTIN_NAMES})")))
 }
 
 /// `name[:weight],...` → reward functions with weights.

@@ -4,7 +4,7 @@
 use crate::model::dsv3_model;
 use crate::status::*;
 use crate::tokenizer::dsv3_tokenizer;
-use dsv3_core::grpo::reward::{Accuracy, ExactMatch, Format, LanguageConsistency, Reward};
+use dsv3_core::grpo::reward::{builtin, Reward, BUILTIN_NAMES};
 use dsv3_core::grpo::{GrpoConfig, GrpoMetrics, GrpoTrainConfig, GrpoTrainer, LossType, Prompt, ScaleRewards};
 use dsv3_core::model::linear::Precision;
 use dsv3_core::train::Trainer;
@@ -220,18 +220,10 @@ pub unsafe extern "C" fn dsv3_grpo_add_reward(
         if g.rewards.iter().any(|(r, _)| r.name() == name) {
             return Err(invalid(format!("a reward named '{name}' is already added (names label the metrics)")));
         }
-        let r: Box<dyn Reward> = match (callback, name) {
-            (Some(f), n) => Box::new(HostReward { name: n.to_string(), f, user: user_data }),
-            (None, "accuracy") => Box::new(Accuracy),
-            (None, "exact") => Box::new(ExactMatch),
-            (None, "format") => Box::new(Format),
-            (None, "language") => Box::new(LanguageConsistency { ascii: true }),
-            (None, "language-zh") => Box::new(LanguageConsistency { ascii: false }),
-            (None, o) => {
-                return Err(invalid(format!(
-                    "no built-in reward '{o}' (accuracy, exact, format, language, language-zh); pass a callback"
-                )))
-            }
+        let r: Box<dyn Reward> = match callback {
+            Some(f) => Box::new(HostReward { name: name.to_string(), f, user: user_data }),
+            None => builtin(name)
+                .ok_or_else(|| invalid(format!("no built-in reward '{name}' ({BUILTIN_NAMES}); pass a callback")))?,
         };
         g.rewards.push((r, weight));
         Ok(())

@@ -45,18 +45,26 @@ pub(crate) fn loss_mask(mask: &[f32], t: usize) -> Vec<f32> {
     mask.iter().enumerate().map(|(k, &m)| if k % t == 0 { 0.0 } else { m }).collect()
 }
 
+/// The loss over the whole batch from its policy log-probs `[N, T]`: advantages, the
+/// column-0-free mask, TRL's loss (a non-finite loss is an error). Returns the loss and the
+/// advantages.
+pub(crate) fn batch_loss(r: &Rollouts, logp: &[f32], cfg: &GrpoConfig) -> Result<(GrpoOutput, Vec<f32>)> {
+    let t = r.ids[0].len();
+    let adv = advantages(r.rewards, r.group_size, cfg.scale_rewards, cfg.std_eps)?;
+    let out = grpo_loss(logp, r.old_logps, r.ref_logps, &loss_mask(r.mask, t), &adv, cfg)?;
+    if !out.loss.is_finite() {
+        return Err(crate::Error::NonFinite(format!("GRPO loss is {}", out.loss)));
+    }
+    Ok((out, adv))
+}
+
 impl Model {
     /// The GRPO loss of `r` under `cfg` and its gradient into `grad`. Returns the loss output and
     /// the advantages.
     pub fn grpo_pass(&self, r: &Rollouts, cfg: &GrpoConfig, grad: &mut Model) -> Result<(GrpoOutput, Vec<f32>)> {
-        let (_, t) = check(r, cfg)?;
-        let adv = advantages(r.rewards, r.group_size, cfg.scale_rewards, cfg.std_eps)?;
+        check(r, cfg)?;
         let sc = self.score_rollouts(r.ids, r.mask, cfg.temperature)?;
-        let mask = loss_mask(r.mask, t);
-        let out = grpo_loss(&sc.logp, r.old_logps, r.ref_logps, &mask, &adv, cfg)?;
-        if !out.loss.is_finite() {
-            return Err(crate::Error::NonFinite(format!("GRPO loss is {}", out.loss)));
-        }
+        let (out, adv) = batch_loss(r, &sc.logp, cfg)?;
         self.backward_scored(sc, r.ids, &out.dlogp, cfg.temperature, grad);
         Ok((out, adv))
     }

@@ -122,7 +122,11 @@ pub struct LanguageConsistency {
 
 impl Reward for LanguageConsistency {
     fn name(&self) -> &str {
-        "language"
+        if self.ascii {
+            "language"
+        } else {
+            "language-zh"
+        }
     }
     fn score(&self, _prompt: &str, completion: &str, _answer: Option<&str>) -> Option<f32> {
         let cot = match (completion.find("<think>"), completion.find("</think>")) {
@@ -147,6 +151,23 @@ impl Reward for LanguageConsistency {
         Some(hits as f32 / words.len() as f32)
     }
 }
+
+/// The built-in reward named `name`: "accuracy", "exact", "format", "language" (English
+/// reasoning) or "language-zh"; `None` for any other name.
+pub fn builtin(name: &str) -> Option<alloc::boxed::Box<dyn Reward>> {
+    use alloc::boxed::Box;
+    Some(match name {
+        "accuracy" => Box::new(Accuracy),
+        "exact" => Box::new(ExactMatch),
+        "format" => Box::new(Format),
+        "language" => Box::new(LanguageConsistency { ascii: true }),
+        "language-zh" => Box::new(LanguageConsistency { ascii: false }),
+        _ => return None,
+    })
+}
+
+/// The names [`builtin`] knows, for error messages.
+pub const BUILTIN_NAMES: &str = "accuracy, exact, format, language, language-zh";
 
 /// `Σ_f w_f · r_f` over the functions that apply (TRL's `sum_then_normalize` with `nansum`);
 /// `None` when none applies.
@@ -198,5 +219,9 @@ mod tests {
         let both: [(&dyn Reward, f32); 2] = [(&acc, 1.0), (&f, 0.5)];
         assert_eq!(combined(&both, "", "<think>t</think><answer>4</answer>", Some("4")), Some(1.5));
         assert_eq!(combined(&[(&acc, 1.0)], "", "x", None), None);
+        for name in BUILTIN_NAMES.split(", ") {
+            assert_eq!(builtin(name).map(|r| String::from(r.name())).as_deref(), Some(name));
+        }
+        assert!(builtin("bogus").is_none());
     }
 }

@@ -340,7 +340,6 @@ impl GrpoTrainer {
         if k == 1 {
             return Ok(self.trainer.model.grpo_pass(r, cfg, &mut self.trainer.grad)?.0);
         }
-        let adv = crate::grpo::advantages(r.rewards, r.group_size, cfg.scale_rewards, cfg.std_eps)?;
         let per = n.div_ceil(k);
         let shards: Vec<(usize, usize)> = (0..n).step_by(per).map(|s| (s, (s + per).min(n))).collect();
         let model = &self.trainer.model;
@@ -349,11 +348,7 @@ impl GrpoTrainer {
         let scored: Vec<crate::grpo::pass::Scored> =
             crate::ops::par_map(&shards, usize::MAX, score).into_iter().collect::<Result<_>>()?;
         let logp: Vec<f32> = scored.iter().flat_map(|s| s.logp.iter().copied()).collect();
-        let mask = crate::grpo::pass::loss_mask(r.mask, t);
-        let out = crate::grpo::grpo_loss(&logp, r.old_logps, r.ref_logps, &mask, &adv, cfg)?;
-        if !out.loss.is_finite() {
-            return Err(crate::Error::NonFinite(format!("GRPO loss is {}", out.loss)));
-        }
+        let (out, _) = crate::grpo::pass::batch_loss(r, &logp, cfg)?;
         while self.shard_grads.len() < shards.len() {
             self.shard_grads.push(self.trainer.model.zeros_like());
         }

@@ -74,34 +74,19 @@ pub fn generate(cm: &CudaModel, prompt: &[u32], params: &SamplingParams, tk: Opt
     let t0 = Instant::now();
     let mut logits = sess.step(&[(0, prompt)])?;
     let t_prefill = t0.elapsed().as_secs_f64();
-    let mut generated: Vec<u32> = Vec::new();
-    let mut printed = 0usize;
+    let mut stream = crate::stream::Streamer::new(tk);
     let t1 = Instant::now();
     let mut out = std::io::stdout().lock();
-    while generated.len() < params.max_new_tokens {
+    while stream.generated.len() < params.max_new_tokens {
         let t = sampler.sample(&logits)?;
-        generated.push(t);
-        match tk {
-            Some(tk) => {
-                if let Ok(text) = tk.decode(&generated) {
-                    if text.len() > printed && text.is_char_boundary(printed) {
-                        let _ = write!(out, "{}", &text[printed..]);
-                        printed = text.len();
-                    }
-                }
-            }
-            None => {
-                let _ = write!(out, "{}{t}", if generated.len() > 1 { "," } else { "" });
-            }
-        }
-        let _ = out.flush();
-        if params.stop_tokens.contains(&t) || generated.len() == params.max_new_tokens {
+        stream.push(t, &mut out);
+        if params.stop_tokens.contains(&t) || stream.generated.len() == params.max_new_tokens {
             break;
         }
         logits = sess.step(&[(0, &[t])])?;
     }
     let dec = t1.elapsed().as_secs_f64();
-    let steps = generated.len().saturating_sub(1);
+    let steps = stream.generated.len().saturating_sub(1);
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -109,7 +94,7 @@ pub fn generate(cm: &CudaModel, prompt: &[u32], params: &SamplingParams, tk: Opt
         prompt.len(),
         t_prefill * 1e3,
         prompt.len() as f64 / t_prefill.max(1e-9),
-        generated.len(),
+        stream.generated.len(),
         dec * 1e3,
         steps as f64 / dec.max(1e-9)
     );

@@ -8,6 +8,7 @@ mod plot;
 mod progress;
 mod quantize_cmd;
 mod schedule_cmd;
+mod stream;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -17,7 +18,6 @@ use dsv3_core::weights::file::{read_safetensors, write_atomic};
 use dsv3_core::weights::write::{to_bytes, OutTensor};
 use dsv3_core::{Error, Result};
 use dsv3_ffi::tokenizer::Tok;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -538,31 +538,12 @@ fn write_grads(model: &mut Model, grad: &mut Model, loss: f32, out: &Path) -> Re
 fn cmd_generate(model: &Model, prompt: &[u32], params: &SamplingParams, tk: Option<&Tok>) -> Result<()> {
     let t0 = Instant::now();
     let mut t_prefill = 0.0;
-    let mut generated: Vec<u32> = Vec::new();
-    let mut printed = 0usize;
+    let mut stream = stream::Streamer::new(tk);
     let stdout = std::io::stdout();
     let out = generate(model, &[prompt], params, |ev| {
         match ev {
             Event::PrefillDone { .. } => t_prefill = t0.elapsed().as_secs_f64(),
-            Event::Token { token, .. } => {
-                generated.push(token);
-                let mut lock = stdout.lock();
-                match tk {
-                    Some(tk) => {
-                        // print the newly completed text (decoding the whole tail keeps UTF-8 intact)
-                        if let Ok(text) = tk.decode(&generated) {
-                            if text.len() > printed && text.is_char_boundary(printed) {
-                                let _ = write!(lock, "{}", &text[printed..]);
-                                printed = text.len();
-                            }
-                        }
-                    }
-                    None => {
-                        let _ = write!(lock, "{}{token}", if generated.len() > 1 { "," } else { "" });
-                    }
-                }
-                let _ = lock.flush();
-            }
+            Event::Token { token, .. } => stream.push(token, &mut stdout.lock()),
         }
         true
     })?;

@@ -141,3 +141,133 @@ extern "C" __global__ void __launch_bounds__(128) gemm_bf16_bf16(GemmArgs p) { g
 extern "C" __global__ void __launch_bounds__(128) gemm_bf16_f32(GemmArgs p) { gemm_tc<false, float>(p); }
 extern "C" __global__ void __launch_bounds__(128) gemm_fp8_bf16(GemmArgs p) { gemm_tc<true, bf16>(p); }
 extern "C" __global__ void __launch_bounds__(128) gemm_fp8_f32(GemmArgs p) { gemm_tc<true, float>(p); }
+
+// ---- Skinny GEMMs (few rows: decode steps, small expert groups), memory-bound on W. One warp
+// owns SK_COLS = 4 output columns; its lanes stride along K in chunks of 8 (16-byte loads of bf16
+// W, 8-byte of FP8 codes, 2x16 of f32), each lane keeping SK_ROWS x SK_COLS = 32 partial sums for
+// a tile of SK_ROWS = 8 rows; a transposing butterfly (31 shuffles) leaves lane l with the full
+// sum of (row l % 8, column l / 8). Rows are walked in tiles of 8, so W is re-read (from L2) once
+// per tile. A rows are read straight from global memory (small, shared by all warps through L1).
+// Needs K, lda, ldw and the batch/group strides to be multiples of 8 and 16-byte aligned bases
+// (the launcher checks). Batched (blockIdx.z) and grouped (blockIdx.y = group: rows
+// [row_offsets[g], row_offsets[g+1])) as the tiled kernels. FP8 weights: each 8-wide chunk lies
+// in one 128-wide K block, so its partial product is scaled by that block's scale before it is
+// added (DeepSeek's promotion, at a finer grain). grid: (ceil(n / (4 · SK_COLS)), groups, batch),
+// block: 128.
+#define SK_ROWS 8
+#define SK_COLS 4
+#define SK_WARPS 4
+
+__device__ __forceinline__ void sk_load8(const float* p, float* v) {
+    float4 a = *(const float4*)p, b = *(const float4*)(p + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void sk_load8(const bf16* p, float* v) {
+    uint4 u = *(const uint4*)p;
+    const __nv_bfloat162* h = (const __nv_bfloat162*)&u;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 f = __bfloat1622float2(h[i]);
+        v[2 * i] = f.x;
+        v[2 * i + 1] = f.y;
+    }
+}
+// E4M3 code to f32 without branches (the same values as e4m3_to_f32): the 7 bits below the sign
+// placed at f32 bit 20 read as 2^(e-127)·(1 + m/8) (e > 0) or m·2^-129 (e == 0); times 2^120
+// that is exactly 2^(e-7)·(1 + m/8) or m·2^-9. 0x7f is NaN.
+__device__ __forceinline__ float sk_e4m3(uint32_t b) {
+    uint32_t em = b & 0x7fu;
+    float v = __uint_as_float(em << 20) * 1.329227995784916e36f;  // 2^120
+    v = em == 0x7fu ? __int_as_float(0x7fc00000) : v;
+    return (b & 0x80u) ? -v : v;
+}
+__device__ __forceinline__ void sk_load8(const uint8_t* p, float* v) {
+    uint2 u = *(const uint2*)p;
+#pragma unroll
+    for (int i = 0; i < 8; i++) v[i] = sk_e4m3(((i < 4 ? u.x : u.y) >> (8 * (i & 3))) & 0xffu);
+}
+
+template <typename TA, typename TW, typename TC>
+__device__ void gemm_skinny(const GemmArgs& p) {
+    constexpr bool FP8 = sizeof(TW) == 1;
+    int g = 0, row0 = 0, row_end = p.m;
+    if (p.row_offsets) {
+        g = blockIdx.y;
+        if (g >= p.groups) return;
+        row0 = p.row_offsets[g];
+        row_end = p.row_offsets[g + 1];
+    }
+    long long b = blockIdx.z;
+    const TA* A = (const TA*)p.a + (p.row_offsets ? 0 : b * p.stride_a);
+    long long woff = p.row_offsets ? (long long)g * p.stride_w : b * p.stride_w;
+    long long soff = p.row_offsets ? (long long)g * p.stride_scale : b * p.stride_scale;
+    const TW* W = (const TW*)p.w + woff;
+    TC* C = (TC*)p.c + (p.row_offsets ? 0 : b * p.stride_c);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int col0 = (blockIdx.x * SK_WARPS + warp) * SK_COLS;
+    if (col0 >= p.n) return;
+    for (int r0 = row0; r0 < row_end; r0 += SK_ROWS) {
+        int nr = min(SK_ROWS, row_end - r0);
+        float acc[SK_COLS * SK_ROWS];
+#pragma unroll
+        for (int i = 0; i < SK_COLS * SK_ROWS; i++) acc[i] = 0.0f;
+        for (int k = lane * 8; k < p.k; k += 256) {
+            float w[SK_COLS][8];
+            float s[SK_COLS];
+#pragma unroll
+            for (int c = 0; c < SK_COLS; c++) {
+                int col = col0 + c;
+                s[c] = 1.0f;
+                if (col < p.n) {
+                    sk_load8(W + (long long)col * p.ldw + k, w[c]);
+                    if (FP8) s[c] = p.scale[soff + (long long)(col / 128) * p.scale_ld + k / 128];
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 8; j++) w[c][j] = 0.0f;
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < SK_ROWS; r++) {
+                if (r < nr) {
+                    float x[8];
+                    sk_load8(A + (long long)(r0 + r) * p.lda + k, x);
+#pragma unroll
+                    for (int c = 0; c < SK_COLS; c++) {
+                        float d = 0.0f;
+#pragma unroll
+                        for (int j = 0; j < 8; j++) d = fmaf(x[j], w[c][j], d);
+                        acc[c * SK_ROWS + r] = FP8 ? fmaf(s[c], d, acc[c * SK_ROWS + r]) : acc[c * SK_ROWS + r] + d;
+                    }
+                }
+            }
+        }
+        // transposing butterfly: after the step of width s, acc[i] (i < s) holds index i + (bits of
+        // lane above s); at the end acc[0] of lane l is the warp sum of index l = c * 8 + r
+#pragma unroll
+        for (int s = 16; s >= 1; s >>= 1) {
+            bool upper = lane & s;
+#pragma unroll
+            for (int i = 0; i < s; i++) {
+                float send = upper ? acc[i] : acc[i + s];
+                float keep = upper ? acc[i + s] : acc[i];
+                acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, s);
+            }
+        }
+        int c = lane / SK_ROWS, r = lane % SK_ROWS;
+        if (r < nr && col0 + c < p.n) gemm_store<TC>(p, C, r0 + r, col0 + c, acc[0]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) gemm_skinny_f32(GemmArgs p) { gemm_skinny<float, float, float>(p); }
+extern "C" __global__ void __launch_bounds__(128) gemm_skinny_bf16_bf16(GemmArgs p) {
+    gemm_skinny<bf16, bf16, bf16>(p);
+}
+extern "C" __global__ void __launch_bounds__(128) gemm_skinny_bf16_f32(GemmArgs p) {
+    gemm_skinny<bf16, bf16, float>(p);
+}
+extern "C" __global__ void __launch_bounds__(128) gemm_skinny_fp8_bf16(GemmArgs p) {
+    gemm_skinny<bf16, uint8_t, bf16>(p);
+}
+extern "C" __global__ void __launch_bounds__(128) gemm_skinny_fp8_f32(GemmArgs p) {
+    gemm_skinny<bf16, uint8_t, float>(p);
+}

@@ -6,88 +6,126 @@
 #define MOE_EMAX 512
 #define MOE_KMAX 16
 
-// Indices of the k largest of v[0..n) into out (descending; ties: lower index first).
-__device__ void topk_desc(const float* v, int n, int k, int* out) {
-    for (int j = 0; j < k; j++) {
-        int best = -1;
-        for (int i = 0; i < n; i++) {
-            bool taken = false;
-            for (int q = 0; q < j; q++) taken |= out[q] == i;
-            if (taken) continue;
-            if (best < 0 || v[i] > v[best]) best = i;
-        }
-        out[j] = best;
-    }
-}
-
-// Per token (one thread each): scores (sigmoid or softmax of the logits), selection on
+// Per token (one warp each): scores (sigmoid or softmax of the logits), selection on
 // scores + bias limited to the best groups (noaux_tc: group score = sum of its two best biased
 // scores, other groups -inf; group_limited_greedy: group max, others 0; greedy: plain top-k),
 // weights = chosen unbiased scores, normalized (norm: / (sum + 1e-20)) and times `scaling`.
+// Orders follow topk_desc (value descending, lower index first on ties) and the sums run in the
+// same order as the CPU router (softmax denominator and weight sum sequential), so the result is
+// those of a one-thread-per-token scan, bit for bit. Lane l holds experts l, l + 32, ...
 // logits [n, e] f32; bias [e] or null; idx_out [n, k] int; w_out [n, k] f32.
 // scoring: 0 sigmoid, 1 softmax. method: 0 noaux_tc, 1 greedy, 2 group_limited_greedy.
-// grid: (ceil(n / 64)), block: 64. e <= 512, k <= 16.
-extern "C" __global__ void moe_route(const float* __restrict__ logits, int n, int e, const float* __restrict__ bias,
-                                     int n_group, int topk_group, int k, int norm, float scaling, int scoring,
-                                     int method, int* __restrict__ idx_out, float* __restrict__ w_out) {
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= n || e > MOE_EMAX || k > MOE_KMAX || n_group < 1 || e % n_group) return;
-    float s[MOE_EMAX], sel[MOE_EMAX];
+// grid: (ceil(n / 4)), block: 128. e <= 512, k <= 16, n_group <= 64.
+#define MOE_PER_LANE (MOE_EMAX / 32)
+#define MOE_WARPS 4
+
+// Warp-wide best (value descending, index ascending) of each lane's candidate (v, i); i < 0 = none.
+__device__ __forceinline__ void warp_best(float& v, int& i) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+        int i2 = __shfl_xor_sync(0xffffffffu, i, o);
+        bool better = i2 >= 0 && (i < 0 || v2 > v || (v2 == v && i2 < i));
+        if (better) {
+            v = v2;
+            i = i2;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    moe_route(const float* __restrict__ logits, int n, int e, const float* __restrict__ bias, int n_group,
+              int topk_group, int k, int norm, float scaling, int scoring, int method, int* __restrict__ idx_out,
+              float* __restrict__ w_out) {
+    __shared__ float s_sh[MOE_WARPS][MOE_EMAX], b_sh[MOE_WARPS][MOE_EMAX];
+    __shared__ float gs_sh[MOE_WARPS][64];
+    __shared__ int top_sh[MOE_WARPS][MOE_KMAX];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int t = blockIdx.x * MOE_WARPS + warp;
+    if (t >= n || e > MOE_EMAX || k > MOE_KMAX || n_group < 1 || n_group > 64 || e % n_group) return;
+    float* s = s_sh[warp];
     const float* l = logits + (long long)t * e;
     if (scoring == 0) {
-        for (int i = 0; i < e; i++) s[i] = dsv3_sigmoid(l[i]);
+        for (int i = lane; i < e; i += 32) s[i] = dsv3_sigmoid(l[i]);
+        __syncwarp();
     } else {
         float m = -__int_as_float(0x7f800000);
-        for (int i = 0; i < e; i++) m = fmaxf(m, l[i]);
-        float z = 0.0f;
-        for (int i = 0; i < e; i++) {
-            s[i] = dsv3_exp(l[i] - m);
-            z += s[i];
-        }
+        for (int i = lane; i < e; i += 32) m = fmaxf(m, l[i]);
+        m = warp_max(m);
+        for (int i = lane; i < e; i += 32) s[i] = dsv3_exp(l[i] - m);
+        __syncwarp();
+        float z = 0.0f;  // every lane sums in index order (the CPU's order)
+        for (int i = 0; i < e; i++) z += s[i];
         float inv = 1.0f / z;
-        for (int i = 0; i < e; i++) s[i] *= inv;
+        __syncwarp();
+        for (int i = lane; i < e; i += 32) s[i] *= inv;
+        __syncwarp();
     }
-    for (int i = 0; i < e; i++) sel[i] = (method == 0 && bias) ? s[i] + bias[i] : s[i];
+    // selection scores (biased for noaux_tc) in shared memory: the group scans read them, the
+    // masking overwrites them, the top-k reads them (s keeps the unbiased scores)
+    float* sel = b_sh[warp];
+    for (int i = lane; i < e; i += 32) sel[i] = (method == 0 && bias) ? s[i] + bias[i] : s[i];
+    __syncwarp();
     if (method != 1) {
         int gsize = e / n_group;
-        float gs[64];
-        int top[MOE_KMAX > 64 ? MOE_KMAX : 64];
-        for (int g = 0; g < n_group && g < 64; g++) {
+        float* gs = gs_sh[warp];
+        for (int g = lane; g < n_group; g += 32) {
+            const float* v = sel + g * gsize;
             if (method == 0) {
-                int t2[2];
-                int kk = gsize < 2 ? gsize : 2;
-                topk_desc(sel + g * gsize, gsize, kk, t2);
-                float sum = 0.0f;
-                for (int q = 0; q < kk; q++) sum += sel[g * gsize + t2[q]];
+                // the two best in index order of first occurrence, as topk_desc(kk = 2)
+                int b0 = 0;
+                for (int q = 1; q < gsize; q++)
+                    if (v[q] > v[b0]) b0 = q;
+                float sum = 0.0f + v[b0];
+                if (gsize >= 2) {
+                    int b1 = -1;
+                    for (int q = 0; q < gsize; q++)
+                        if (q != b0 && (b1 < 0 || v[q] > v[b1])) b1 = q;
+                    sum += v[b1];
+                }
                 gs[g] = sum;
             } else {
                 float m = -__int_as_float(0x7f800000);
-                for (int q = 0; q < gsize; q++) m = fmaxf(m, sel[g * gsize + q]);
+                for (int q = 0; q < gsize; q++) m = fmaxf(m, v[q]);
                 gs[g] = m;
             }
         }
+        __syncwarp();
         int keep = topk_group < n_group ? topk_group : n_group;
-        topk_desc(gs, n_group, keep, top);
         float fill = method == 0 ? -__int_as_float(0x7f800000) : 0.0f;
-        for (int i = 0; i < e; i++) {
-            bool kept = false;
-            for (int q = 0; q < keep; q++) kept |= top[q] == i / gsize;
-            if (!kept) sel[i] = fill;
+        for (int i = lane; i < e; i += 32) {
+            int g = i / gsize, rank = 0;  // kept iff fewer than `keep` groups rank before g
+            for (int q = 0; q < n_group; q++) rank += gs[q] > gs[g] || (gs[q] == gs[g] && q < g);
+            if (rank >= keep) sel[i] = fill;
         }
+        __syncwarp();
     }
-    int idx[MOE_KMAX];
-    topk_desc(sel, e, k, idx);
-    float w[MOE_KMAX];
-    float denom = 0.0f;
-    for (int j = 0; j < k; j++) {
-        w[j] = s[idx[j]];
-        denom += w[j];
+    // top-k over the masked selection scores: k rounds of a warp-wide best, skipping taken ones
+    unsigned taken = 0;
+    int* top = top_sh[warp];
+    for (int q = 0; q < k; q++) {
+        float bv = 0.0f;
+        int bi = -1;
+#pragma unroll
+        for (int j = 0; j < MOE_PER_LANE; j++) {
+            int i = lane + 32 * j;
+            if (i < e && !(taken >> j & 1u) && (bi < 0 || sel[i] > bv)) {
+                bv = sel[i];
+                bi = i;
+            }
+        }
+        warp_best(bv, bi);
+        if (bi >= 0 && (bi & 31) == lane) taken |= 1u << (bi >> 5);
+        if (lane == 0) top[q] = bi;
     }
-    denom += 1e-20f;
-    for (int j = 0; j < k; j++) {
-        float v = norm ? w[j] / denom : w[j];
-        idx_out[(long long)t * k + j] = idx[j];
-        w_out[(long long)t * k + j] = v * scaling;
+    __syncwarp();
+    if (lane < k) {
+        float denom = 0.0f;  // summed in rank order by every writing lane
+        for (int j = 0; j < k; j++) denom += s[top[j]];
+        denom += 1e-20f;
+        float w = s[top[lane]];
+        float v = norm ? w / denom : w;
+        idx_out[(long long)t * k + lane] = top[lane];
+        w_out[(long long)t * k + lane] = v * scaling;
     }
 }
 

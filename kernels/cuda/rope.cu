@@ -2,26 +2,29 @@
 // in f64 rounded to f32, times the YaRN attention factor. Pairs (x[2i], x[2i+1]) in, the result
 // de-interleaved (real parts, then imaginary parts) as HF's rope_interleave path writes it.
 // x: [rows, heads] vectors of `2*half` values at x + row*ld_row + head*ld_head + offset.
-// grid: (rows, ceil(heads / 64)), block: 64 (one thread per (row, head)); half <= 128.
+// grid: (rows, heads), block: half rounded up to a warp (one thread per pair i; every thread
+// reads its pair before any writes, as the output overwrites the input in another order);
+// half <= 128.
 #include "common.cuh"
 
 template <typename T>
 __device__ void rope(T* x, int rows, int ld_row, int heads, int ld_head, int offset, int half,
                      const int* __restrict__ pos, const float* __restrict__ inv_freq, float attn_factor) {
-    int r = blockIdx.x, h = blockIdx.y * blockDim.x + threadIdx.x;
+    int r = blockIdx.x, h = blockIdx.y, i = threadIdx.x;
     if (r >= rows || h >= heads || half > 128) return;
     T* v = x + (long long)r * ld_row + (long long)h * ld_head + offset;
-    float buf[256];
-    for (int j = 0; j < 2 * half; j++) buf[j] = to_f32(v[j]);
-    float p = (float)pos[r];
-    for (int i = 0; i < half; i++) {
-        float a = __fmul_rn(p, inv_freq[i]);
-        float c = __fmul_rn((float)cos((double)a), attn_factor);
-        float s = __fmul_rn((float)sin((double)a), attn_factor);
-        float e = buf[2 * i], o = buf[2 * i + 1];
-        v[i] = from_f32<T>(__fsub_rn(__fmul_rn(e, c), __fmul_rn(o, s)));
-        v[half + i] = from_f32<T>(__fadd_rn(__fmul_rn(o, c), __fmul_rn(e, s)));
+    float e = 0.0f, o = 0.0f;
+    if (i < half) {
+        e = to_f32(v[2 * i]);
+        o = to_f32(v[2 * i + 1]);
     }
+    __syncthreads();
+    if (i >= half) return;
+    float a = __fmul_rn((float)pos[r], inv_freq[i]);
+    float c = __fmul_rn((float)cos((double)a), attn_factor);
+    float s = __fmul_rn((float)sin((double)a), attn_factor);
+    v[i] = from_f32<T>(__fsub_rn(__fmul_rn(e, c), __fmul_rn(o, s)));
+    v[half + i] = from_f32<T>(__fadd_rn(__fmul_rn(o, c), __fmul_rn(e, s)));
 }
 
 extern "C" __global__ void rope_f32(float* x, int rows, int ld_row, int heads, int ld_head, int offset, int half,

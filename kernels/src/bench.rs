@@ -2,7 +2,7 @@
 //! ceiling measured in the same run (device-to-device copy bandwidth) and, for GEMMs, cuBLAS on
 //! the same shape. Timed with CUDA events over repeated launches after a warm-up.
 use crate::device::{cuda_err, Device};
-use crate::ops::gemm::{gemm, GemmShape};
+use crate::ops::gemm::{gemm, gemm_via, GemmPath, GemmShape};
 use crate::ops::mla::{mla_decode, MlaCall, MlaWork};
 use crate::tensor::{dptr, upload, zeros, Act, DType, DWeight};
 use cudarc::driver::sys::CUevent_flags;
@@ -75,8 +75,11 @@ pub fn cublas_bf16_tflops(dev: &Device, m: usize, n: usize, k: usize) -> Result<
         return Ok(None);
     }
     let blas = CudaBlas::new(dev.stream.clone()).map_err(|e| cuda_err("cuBLAS", e))?;
-    let a = zeros::<half::bf16>(dev, m * k)?;
-    let w = zeros::<half::bf16>(dev, n * k)?;
+    // random operands (never time on zeros: power and clocks depend on the data)
+    let bf =
+        |n: usize, seed: u64| upload(dev, &randn(n, seed).iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>());
+    let a = bf(m * k, 11)?;
+    let w = bf(n * k, 12)?;
     let mut c = zeros::<half::bf16>(dev, m * n)?;
     let cfg = GemmConfig {
         transa: cublasOperation_t::CUBLAS_OP_T,
@@ -109,8 +112,18 @@ pub fn gemm_line(dev: &Device, m: usize, n: usize, k: usize, fp8: bool) -> Resul
     let ms = time_ms(dev, 3, 10, || gemm(dev, &a, &w, &mut c, &GemmShape::plain(m, k, n)))?;
     let tflops = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
     let peer = cublas_bf16_tflops(dev, m, n, k)?.unwrap_or(f64::NAN);
+    // few rows: the skinny kernel runs; show the tiled one's time and the weight bandwidth too
+    let skinny = m <= crate::ops::gemm::SKINNY_MAX_M && k.is_multiple_of(8);
+    let note = if skinny {
+        let plain = GemmShape::plain(m, k, n);
+        let tiled = time_ms(dev, 3, 10, || gemm_via(dev, &a, &w, &mut c, &plain, GemmPath::Tiled))?;
+        let wbytes = (n * k * if fp8 { 1 } else { 2 }) as f64;
+        format!(" skinny, W {:.0} GB/s (tiled {tiled:.3} ms)", wbytes / (ms * 1e-3) / 1e9)
+    } else {
+        String::new()
+    };
     Ok(Line {
-        name: format!("gemm {} {m}x{n}x{k}", if fp8 { "fp8-weights" } else { "bf16" }),
+        name: format!("gemm {} {m}x{n}x{k}{note}", if fp8 { "fp8-weights" } else { "bf16" }),
         ms,
         value: tflops,
         unit: "TFLOP/s",
@@ -173,7 +186,9 @@ pub fn run_all(dev: &Device) -> Result<Vec<Line>> {
     let copy = copy_bandwidth(dev, 1 << 30)?;
     println!("device-to-device copy: {copy:.1} GB/s (the bandwidth ceiling below)");
     let mut lines = Vec::new();
-    for (m, n, k) in [(8192, 8192, 8192), (4096, 7168, 2048), (128, 7168, 2048), (1, 32000, 512)] {
+    let shapes =
+        [(8192, 8192, 8192), (4096, 7168, 2048), (128, 7168, 2048), (1, 32000, 512), (32, 32000, 512), (1, 4096, 7168)];
+    for (m, n, k) in shapes {
         for fp8 in [false, true] {
             let l = gemm_line(dev, m, n, k, fp8)?;
             println!("{l}");

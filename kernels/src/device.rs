@@ -73,7 +73,14 @@ impl Device {
             .map_err(|e| cuda_err("SM count", e))? as usize;
         let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let name = format!("{gpu} (sm_{major}{minor}, {sms} SMs, PTX {arch:?})");
-        let stream = ctx.default_stream();
+        // Every op runs on this one stream, and a buffer is only ever used on the stream it was
+        // allocated on (the NCCL transport keeps its own buffers on its own stream), so cudarc's
+        // cross-stream event tracking (two events per buffer, one record per use) is not needed.
+        // SAFETY: set before any buffer of this context exists; see above for the invariant.
+        unsafe { ctx.disable_event_tracking() };
+        // A created stream, not the legacy default one: decode steps are captured into CUDA
+        // graphs, which the legacy stream cannot do.
+        let stream = ctx.new_stream().map_err(|e| cuda_err("creating a stream", e))?;
         Ok(Device {
             ctx,
             stream,

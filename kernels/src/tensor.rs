@@ -46,6 +46,14 @@ pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(dev: &Device, n: usize) -> Result<
     dev.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| cuda_err(&format!("allocating {n} elements"), e))
 }
 
+/// `n` elements left unwritten: for buffers a kernel overwrites in full before anything reads
+/// them (saves the memset, a node of its own in a captured CUDA graph).
+pub fn empty<T: DeviceRepr>(dev: &Device, n: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: the memory is only handed to kernels that write every element before any read
+    // (each such kernel's test runs it on a NaN-poisoned output); the host never reads it first.
+    unsafe { dev.stream.alloc::<T>(n.max(1)) }.map_err(|e| cuda_err(&format!("allocating {n} elements"), e))
+}
+
 /// An activation buffer.
 pub enum Act {
     F32(CudaSlice<f32>),
@@ -58,6 +66,14 @@ impl Act {
         Ok(match dtype {
             DType::F32 => Act::F32(zeros(dev, n)?),
             DType::Bf16 => Act::Bf16(zeros(dev, n)?),
+        })
+    }
+
+    /// `n` unwritten elements of `dtype` (see [`empty`]): only for outputs a kernel fills in full.
+    pub fn empty(dev: &Device, dtype: DType, n: usize) -> Result<Act> {
+        Ok(match dtype {
+            DType::F32 => Act::F32(empty(dev, n)?),
+            DType::Bf16 => Act::Bf16(empty(dev, n)?),
         })
     }
 

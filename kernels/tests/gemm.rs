@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use dsv3_core::fp8::format::E4M3_LUT;
 use dsv3_core::rng::Rng;
-use dsv3_kernels::ops::gemm::{gemm, GemmShape, Grouped, GEMM_BM};
+use dsv3_kernels::ops::gemm::{gemm, gemm_via, GemmPath, GemmShape, Grouped, GEMM_BM};
 use dsv3_kernels::tensor::upload;
 use dsv3_kernels::{Act, DType, DWeight};
 
@@ -27,7 +27,18 @@ fn check(got: &[f32], want: &[f32], k: usize, rtol: f32, what: &str) {
     assert_close(got, want, rtol * scale, rtol, what);
 }
 
-const SHAPES: [(usize, usize, usize); 5] = [(1, 1, 1), (7, 33, 45), (65, 130, 257), (64, 64, 128), (3, 200, 1000)];
+const SHAPES: [(usize, usize, usize); 7] =
+    [(1, 1, 1), (7, 33, 45), (65, 130, 257), (64, 64, 128), (3, 200, 1000), (1, 37, 8), (70, 21, 264)];
+
+/// The kernel families to check for a K: tiled always, skinny where K allows it (any row count:
+/// row tiles of 8 with a ragged last one).
+fn paths(k: usize) -> Vec<GemmPath> {
+    if k.is_multiple_of(8) {
+        vec![GemmPath::Tiled, GemmPath::Skinny]
+    } else {
+        vec![GemmPath::Tiled]
+    }
+}
 
 #[test]
 fn f32_and_bf16_gemms_match_the_reference() {
@@ -45,9 +56,17 @@ fn f32_and_bf16_gemms_match_the_reference() {
             let mut want = matmul_ref(&ar, &wr, m, n, k);
             let aa = Act::from_f32(&dev, dt, &a).unwrap();
             let ww = DWeight::from_f32(&dev, dt, 1, n, k, &w).unwrap();
-            let mut c = poisoned(&dev, out_dt, m * n);
-            gemm(&dev, &aa, &ww, &mut c, &GemmShape::plain(m, k, n)).unwrap();
-            check(&c.to_f32(&dev).unwrap(), &want, k, rtol, &format!("gemm {dt:?}->{out_dt:?} {m}x{n}x{k}"));
+            for path in paths(k) {
+                let mut c = poisoned(&dev, out_dt, m * n);
+                gemm_via(&dev, &aa, &ww, &mut c, &GemmShape::plain(m, k, n), path).unwrap();
+                check(
+                    &c.to_f32(&dev).unwrap(),
+                    &want,
+                    k,
+                    rtol,
+                    &format!("gemm {path:?} {dt:?}->{out_dt:?} {m}x{n}x{k}"),
+                );
+            }
             // accumulate + bias: C = prev + A·Wᵀ + b
             let prev_r = if out_dt == DType::Bf16 { bf16r(&prev) } else { prev.clone() };
             for i in 0..m {
@@ -55,11 +74,13 @@ fn f32_and_bf16_gemms_match_the_reference() {
                     want[i * n + j] += prev_r[i * n + j] + bias[j];
                 }
             }
-            let mut c = Act::from_f32(&dev, out_dt, &prev).unwrap();
             let b = upload(&dev, &bias).unwrap();
             let s = GemmShape { accumulate: true, bias: Some(&b), ..GemmShape::plain(m, k, n) };
-            gemm(&dev, &aa, &ww, &mut c, &s).unwrap();
-            check(&c.to_f32(&dev).unwrap(), &want, k, rtol, "gemm accumulate + bias");
+            for path in paths(k) {
+                let mut c = Act::from_f32(&dev, out_dt, &prev).unwrap();
+                gemm_via(&dev, &aa, &ww, &mut c, &s, path).unwrap();
+                check(&c.to_f32(&dev).unwrap(), &want, k, rtol, &format!("gemm {path:?} accumulate + bias"));
+            }
         }
     }
 }
@@ -83,18 +104,14 @@ fn batched_gemm_with_head_strides_matches() {
                 want[r * h * c + hh * c..r * h * c + (hh + 1) * c].copy_from_slice(&o[r * c..(r + 1) * c]);
             }
         }
-        let mut out = poisoned(&dev, dt, n * h * c);
         let s =
             GemmShape { lda: h * dq, stride_a: dq, ldc: h * c, stride_c: c, batch: h, ..GemmShape::plain(n, dn, c) };
-        gemm(
-            &dev,
-            &Act::from_f32(&dev, dt, &q).unwrap(),
-            &DWeight::from_f32(&dev, dt, h, c, dn, &w).unwrap(),
-            &mut out,
-            &s,
-        )
-        .unwrap();
-        check(&out.to_f32(&dev).unwrap(), &want, dn, rtol, &format!("batched {dt:?}"));
+        let (qa, wa) = (Act::from_f32(&dev, dt, &q).unwrap(), DWeight::from_f32(&dev, dt, h, c, dn, &w).unwrap());
+        for path in paths(dn) {
+            let mut out = poisoned(&dev, dt, n * h * c);
+            gemm_via(&dev, &qa, &wa, &mut out, &s, path).unwrap();
+            check(&out.to_f32(&dev).unwrap(), &want, dn, rtol, &format!("batched {path:?} {dt:?}"));
+        }
     }
 }
 
@@ -126,19 +143,22 @@ fn fp8_weight(rng: &mut Rng, g: usize, n: usize, k: usize) -> (Vec<u8>, Vec<f32>
 fn fp8_block_scaled_gemm_matches_dequantized_reference() {
     let Some(dev) = device("fp8_block_scaled_gemm_matches_dequantized_reference") else { return };
     let mut rng = Rng::new(12);
-    for (m, n, k) in [(1usize, 1usize, 1usize), (5, 130, 300), (70, 256, 512), (2, 7168 / 8, 2048)] {
+    for (m, n, k) in [(1usize, 1usize, 1usize), (5, 130, 300), (70, 256, 512), (2, 7168 / 8, 2048), (9, 200, 384)] {
         let a = randn(&mut rng, m * k);
         let (q, s, dense) = fp8_weight(&mut rng, 1, n, k);
         let want = matmul_ref(&bf16r(&a), &dense, m, n, k);
         let w = DWeight::from_fp8(&dev, 1, n, k, &q, &s).unwrap();
         let aa = Act::from_f32(&dev, DType::Bf16, &a).unwrap();
         for out_dt in [DType::F32, DType::Bf16] {
-            let mut c = poisoned(&dev, out_dt, m * n);
-            gemm(&dev, &aa, &w, &mut c, &GemmShape::plain(m, k, n)).unwrap();
             // values are ~1e-2·448·sqrt(k): compare relative to the output scale
             let amax = want.iter().fold(0f32, |x, v| x.max(v.abs())).max(1e-6);
             let rtol = if out_dt == DType::F32 { 1e-5 } else { BF16_RTOL };
-            assert_close(&c.to_f32(&dev).unwrap(), &want, rtol * amax, rtol, &format!("fp8 {m}x{n}x{k} -> {out_dt:?}"));
+            for path in paths(k) {
+                let mut c = poisoned(&dev, out_dt, m * n);
+                gemm_via(&dev, &aa, &w, &mut c, &GemmShape::plain(m, k, n), path).unwrap();
+                let what = format!("fp8 {path:?} {m}x{n}x{k} -> {out_dt:?}");
+                assert_close(&c.to_f32(&dev).unwrap(), &want, rtol * amax, rtol, &what);
+            }
         }
     }
 }
@@ -180,12 +200,16 @@ fn grouped_gemm_over_ragged_expert_rows_matches() {
         } else {
             DWeight::from_f32(&dev, dt, g, n, k, &w).unwrap()
         };
-        let mut c = poisoned(&dev, DType::F32, rows * n);
         let grouped = Grouped { row_offsets: &ro_d, tile_offsets: &to_d, max_tiles: rows.div_ceil(GEMM_BM) + g };
         let sh = GemmShape { grouped: Some(grouped), ..GemmShape::plain(rows, k, n) };
-        gemm(&dev, &Act::from_f32(&dev, dt, &a).unwrap(), &ww, &mut c, &sh).unwrap();
+        let aa = Act::from_f32(&dev, dt, &a).unwrap();
         let amax = want.iter().fold(0f32, |x, v| x.max(v.abs()));
-        assert_close(&c.to_f32(&dev).unwrap(), &want, 1e-5 * amax, 1e-5, &format!("grouped {dt:?} fp8={fp8}"));
+        for path in paths(k) {
+            let mut c = poisoned(&dev, DType::F32, rows * n);
+            gemm_via(&dev, &aa, &ww, &mut c, &sh, path).unwrap();
+            let what = format!("grouped {path:?} {dt:?} fp8={fp8}");
+            assert_close(&c.to_f32(&dev).unwrap(), &want, 1e-5 * amax, 1e-5, &what);
+        }
     }
 }
 

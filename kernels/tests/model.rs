@@ -44,10 +44,18 @@ fn f32_forward_matches_the_cpu_on_every_fixture() {
 #[test]
 fn session_prefill_and_batched_decode_match_the_cpu_session() {
     let Some(dev) = device("session_prefill_and_batched_decode_match_the_cpu_session") else { return };
+    // bf16: weights and every activation rounded to 8 bits of mantissa (relative error up to
+    // 2^-9 per rounding, some 30 roundings deep through 2-3 layers) and routers that pick
+    // another expert where two scores are within that noise (the f32 mode, same kernels, agrees
+    // with the CPU to ~1e-6: the gap is rounding alone). Measured on an H100: relative L2 up to
+    // 4.8e-2 (v3_group, 16 experts in 4 groups), largest single gap 7% of the largest logit.
+    const BF16_REL_L2: f64 = 0.08;
+    const BF16_MAX_OF_SCALE: f32 = 0.15;
+    let mut bf16_failures = Vec::new();
     for name in ["v3_group", "v2_lite", "v3_fp8"] {
         let model = load(name);
         let v = model.cfg.vocab_size;
-        for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::Bf16, 0.0)] {
+        for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::Bf16, f32::NAN)] {
             let cm = CudaModel::new(dev.clone(), &model, CudaOptions { dtype, keep_fp8: true }).unwrap();
             let mut gpu = CudaSession::new(&cm, 3, 40).unwrap();
             let mut cpu = Session::new(&model, 3);
@@ -57,10 +65,13 @@ fn session_prefill_and_batched_decode_match_the_cpu_session() {
             for step in 0..6 {
                 let scale = lc.iter().fold(0f32, |m, x| m.max(x.abs()));
                 let e = max_abs_diff(&lg, &lc);
-                // bf16: activations and weights rounded to 8 bits of mantissa through every layer;
-                // the logits stay within 5% of their largest magnitude on these small models
-                let bound = if dtype == DType::F32 { tol } else { 0.05 * scale };
-                assert!(e <= bound, "{name} {dtype:?} step {step}: logits differ by {e} (bound {bound})");
+                let rel = rel_l2(&lg, &lc);
+                eprintln!("{name} {dtype:?} step {step}: max |diff| {e:.3e} (largest logit {scale:.3}), relative L2 {rel:.3e}");
+                if dtype == DType::F32 {
+                    assert!(e <= tol, "{name} f32 step {step}: logits differ by {e} (bound {tol})");
+                } else if rel > BF16_REL_L2 || e > BF16_MAX_OF_SCALE * scale {
+                    bf16_failures.push(format!("{name} step {step}: relative L2 {rel:.3e}, max diff {e:.3e}"));
+                }
                 // feed the CPU's greedy choice to both so they stay on the same sequence
                 let next: Vec<[u32; 1]> =
                     (0..3).map(|b| [dsv3_core::infer::sampling::argmax(&lc[b * v..(b + 1) * v]) as u32]).collect();
@@ -78,6 +89,7 @@ fn session_prefill_and_batched_decode_match_the_cpu_session() {
             }
         }
     }
+    assert!(bf16_failures.is_empty(), "bf16 logits outside the bounds: {bf16_failures:#?}");
 }
 
 #[test]

@@ -257,6 +257,11 @@ fn cross_entropy_matches_cpu_with_mask() {
                 )
                 .unwrap();
                 let what = format!("cross_entropy {dt:?} mask {use_mask} [{rows}, {vocab}]");
+                // dz = exp(z - lse)·w/denom: its relative error is the error of lse, a sum of
+                // `vocab` exponentials that the CPU adds one by one and the GPU as a tree; in f32
+                // the sequential sum is off by ~sqrt(vocab)·2^-24 typically (1e-5 at 32000,
+                // measured 3.3e-5 on an H100), so the bound grows with the vocabulary.
+                let rtol = rtol.max(if vocab >= 1000 { 1e-4 } else { 0.0 });
                 assert_close(&dz.to_f32(&dev).unwrap(), &want_dz, 1e-7, rtol, &format!("{what} dz"));
                 let loss = download(&dev, &rl).unwrap().iter().map(|&v| v as f64).sum::<f64>() / denom as f64;
                 assert!(

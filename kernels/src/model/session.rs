@@ -3,15 +3,22 @@
 //! one batched forward per step, prefill and decode alike, no host round trip between layers.
 use super::weights::{DFfn, DLinear, DMlp, DQ};
 use super::CudaModel;
+use crate::device::cuda_err;
 use crate::ops::gemm::{gemm, GemmShape, Grouped};
 use crate::ops::mla::{MlaCall, MlaWork};
 use crate::ops::rope::RopeLayout;
 use crate::ops::{elementwise, gather, mla, moe, norm, rope};
 use crate::tensor::{upload, zeros, Act, DType};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice};
 use dsv3_core::{Error, Result};
 
 /// Sequences in flight on the device.
+///
+/// Decode steps (one new token per sequence) are captured into a CUDA graph per batch size the
+/// second time that batch size is seen, and replayed from then on: the step's row metadata goes
+/// into the graph's fixed buffers, one graph launch runs every layer and the head, one copy
+/// brings the logits back. `DSV3_CUDA_GRAPH=0` turns this off (every step launches its kernels).
 pub struct CudaSession<'m> {
     pub model: &'m CudaModel,
     /// Per layer `[slots, max_len, C + dr]`.
@@ -19,6 +26,22 @@ pub struct CudaSession<'m> {
     lens: Vec<usize>,
     slots: usize,
     max_len: usize,
+    use_graphs: bool,
+    /// Captured decode steps by batch size, and how often each batch size ran uncaptured.
+    graphs: std::collections::HashMap<usize, DecodeGraph>,
+    seen: std::collections::HashMap<usize, u32>,
+}
+
+/// A captured decode step for `n` sequences: its fixed row buffers and logits `[n, V]` f32.
+struct DecodeGraph {
+    graph: CudaGraph,
+    rows: Rows,
+    logits: CudaSlice<f32>,
+}
+
+/// Whether decode steps are captured into CUDA graphs (`DSV3_CUDA_GRAPH=0` turns it off).
+fn graphs_enabled() -> bool {
+    std::env::var("DSV3_CUDA_GRAPH").map_or(true, |v| v != "0")
 }
 
 /// Per-step row metadata on the device.
@@ -42,7 +65,16 @@ impl<'m> CudaSession<'m> {
         let caches = (0..model.layers.len())
             .map(|_| Act::zeros(&model.dev, model.dtype, slots * max_len * w))
             .collect::<Result<Vec<_>>>()?;
-        Ok(CudaSession { model, caches, lens: vec![0; slots], slots, max_len })
+        Ok(CudaSession {
+            model,
+            caches,
+            lens: vec![0; slots],
+            slots,
+            max_len,
+            use_graphs: graphs_enabled(),
+            graphs: Default::default(),
+            seen: Default::default(),
+        })
     }
 
     /// Tokens cached for slot `s`.
@@ -70,21 +102,30 @@ impl<'m> CudaSession<'m> {
     /// Feeds `(slot, new tokens)` pairs; returns the logits of the last new token of each pair,
     /// `[pairs, V]` (as `Session::step`). On an input error no cache is changed.
     pub fn step(&mut self, inputs: &[(usize, &[u32])]) -> Result<Vec<f32>> {
-        let (x, rows) = self.forward(inputs)?;
+        if self.use_graphs && inputs.iter().all(|(_, t)| t.len() == 1) {
+            self.check(inputs)?;
+            let n = inputs.len();
+            let count = self.seen.entry(n).or_insert(0);
+            if self.graphs.contains_key(&n) || *count >= 1 {
+                return self.decode_graphed(inputs);
+            }
+            *count += 1;
+        }
+        let (mut x, rows) = self.forward(inputs)?;
         let mut last = Vec::with_capacity(inputs.len());
         let mut end = 0;
         for (_, t) in inputs {
             end += t.len();
             last.push((end - 1) as i32);
         }
-        self.logits(&x, rows.n, &last)
+        self.logits(&mut x, rows.n, &last)
     }
 
     /// Like [`CudaSession::step`] but the logits of every new token, `[Σ len, V]`.
     pub fn step_all(&mut self, inputs: &[(usize, &[u32])]) -> Result<Vec<f32>> {
-        let (x, rows) = self.forward(inputs)?;
+        let (mut x, rows) = self.forward(inputs)?;
         let all: Vec<i32> = (0..rows.n as i32).collect();
-        self.logits(&x, rows.n, &all)
+        self.logits(&mut x, rows.n, &all)
     }
 
     fn check(&self, inputs: &[(usize, &[u32])]) -> Result<()> {
@@ -120,8 +161,8 @@ impl<'m> CudaSession<'m> {
         Ok(())
     }
 
-    fn rows(&self, inputs: &[(usize, &[u32])]) -> Result<Rows> {
-        let dev = &self.model.dev;
+    /// Host row metadata of a step: token ids, positions, slots, visible lengths.
+    fn host_rows(&self, inputs: &[(usize, &[u32])]) -> [Vec<i32>; 4] {
         let (mut ids, mut pos, mut slot, mut len) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for &(s, t) in inputs {
             for (i, &tok) in t.iter().enumerate() {
@@ -131,6 +172,12 @@ impl<'m> CudaSession<'m> {
                 len.push((self.lens[s] + i + 1) as i32);
             }
         }
+        [ids, pos, slot, len]
+    }
+
+    fn rows(&self, inputs: &[(usize, &[u32])]) -> Result<Rows> {
+        let dev = &self.model.dev;
+        let [ids, pos, slot, len] = self.host_rows(inputs);
         let max_visible = len.iter().copied().max().unwrap_or(0) as usize;
         Ok(Rows {
             n: ids.len(),
@@ -146,16 +193,78 @@ impl<'m> CudaSession<'m> {
     /// final norm) and the rows. The caches are appended to.
     fn forward(&mut self, inputs: &[(usize, &[u32])]) -> Result<(Act, Rows)> {
         self.check(inputs)?;
+        let rows = self.rows(inputs)?;
+        let x = self.layers(&rows)?;
+        for &(s, t) in inputs {
+            self.lens[s] += t.len();
+        }
+        Ok((x, rows))
+    }
+
+    /// A decode step through the captured graph for `inputs.len()` sequences (capturing it
+    /// first if this batch size has none yet). `inputs` are checked, one token each.
+    fn decode_graphed(&mut self, inputs: &[(usize, &[u32])]) -> Result<Vec<f32>> {
+        let dev = self.model.dev.clone();
+        let n = inputs.len();
+        let host = self.host_rows(inputs);
+        if !self.graphs.contains_key(&n) {
+            let g = self.capture(n)?;
+            self.graphs.insert(n, g);
+        }
+        let g = self.graphs.get_mut(&n).expect("inserted above");
+        for (buf, v) in [&mut g.rows.ids, &mut g.rows.pos, &mut g.rows.slot, &mut g.rows.len].into_iter().zip(&host) {
+            dev.stream.memcpy_htod(&v[..], buf).map_err(|e| cuda_err("uploading decode rows", e))?;
+        }
+        g.graph.launch().map_err(|e| cuda_err("launching the decode graph", e))?;
+        let out = dev.stream.clone_dtoh(&g.logits).map_err(|e| cuda_err("downloading logits", e))?;
+        for &(s, _) in inputs {
+            self.lens[s] += 1;
+        }
+        Ok(out)
+    }
+
+    /// Captures a decode step of `n` rows (all layers and the head) into a graph over fixed
+    /// row buffers. Attention splits depend on `max_len`, not on the step's lengths, so one
+    /// graph serves every step; temporaries are allocated and freed inside the graph.
+    fn capture(&mut self, n: usize) -> Result<DecodeGraph> {
+        let dev = self.model.dev.clone();
+        let v = self.model.cfg.vocab_size;
+        let rows = Rows {
+            ids: zeros(&dev, n)?,
+            pos: zeros(&dev, n)?,
+            slot: zeros(&dev, n)?,
+            len: zeros(&dev, n)?,
+            n,
+            max_visible: self.max_len,
+        };
+        let mut out = Act::F32(zeros::<f32>(&dev, n * v)?);
+        dev.sync()?;
+        dev.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(|e| cuda_err("beginning a graph capture", e))?;
+        let recorded = self.layers(&rows).and_then(|mut x| self.head(&mut x, n, None, &mut out));
+        // end the capture whatever happened, so the stream is usable again
+        let graph = dev.stream.end_capture(CUgraphInstantiate_flags(0));
+        recorded?;
+        let graph = graph
+            .map_err(|e| cuda_err("instantiating the decode graph", e))?
+            .ok_or_else(|| Error::Io("CUDA: the decode capture recorded nothing".into()))?;
+        let Act::F32(logits) = out else { unreachable!("allocated as f32") };
+        Ok(DecodeGraph { graph, rows, logits })
+    }
+
+    /// Runs the layers over `rows` (the caches are appended to); returns the residual stream
+    /// `[N, D]` before the final norm.
+    fn layers(&mut self, rows: &Rows) -> Result<Act> {
         let m = self.model;
         let dev = &*m.dev;
-        let rows = self.rows(inputs)?;
         let (n, d, dt) = (rows.n, m.cfg.hidden_size, m.dtype);
-        let mut x = Act::zeros(dev, dt, n * d)?;
+        let mut x = Act::empty(dev, dt, n * d)?;
         gather::gather_rows(dev, &m.embed, m.cfg.vocab_size, d, &rows.ids, n, d, &mut x, d)?;
-        let mut h = Act::zeros(dev, dt, n * d)?;
+        let mut h = Act::empty(dev, dt, n * d)?;
         for (l, layer) in m.layers.iter().enumerate() {
             norm::rmsnorm(dev, &mut x, 0, d, Some((&mut h, 0, d)), &layer.input_norm, d, m.eps, n)?;
-            self.attention(l, &h, &rows, &mut x)?;
+            self.attention(l, &h, rows, &mut x)?;
             norm::rmsnorm(dev, &mut x, 0, d, Some((&mut h, 0, d)), &layer.post_norm, d, m.eps, n)?;
             match &layer.ffn {
                 DFfn::Dense(mlp) => mlp_forward(m, mlp, &h, n, &mut x, true)?,
@@ -164,10 +273,7 @@ impl<'m> CudaSession<'m> {
                 }
             }
         }
-        for &(s, t) in inputs {
-            self.lens[s] += t.len();
-        }
-        Ok((x, rows))
+        Ok(x)
     }
 
     /// `x += o_proj(MLA(h))` for layer `l`, appending the new latents to its cache.
@@ -181,11 +287,11 @@ impl<'m> CudaSession<'m> {
         let dq = dn + dr;
         let dt = m.dtype;
         // queries [N, H·dq]
-        let mut q = Act::zeros(dev, dt, n * h * dq)?;
+        let mut q = Act::empty(dev, dt, n * h * dq)?;
         match &a.q {
             DQ::Lora { a: qa_l, norm: qn, b } => {
                 let rq = qa_l.w.n;
-                let mut qa = Act::zeros(dev, dt, n * rq)?;
+                let mut qa = Act::empty(dev, dt, n * rq)?;
                 linear(m, qa_l, hn, n, &mut qa, false)?;
                 norm::rmsnorm(dev, &mut qa, 0, rq, None, qn, rq, m.lora_eps, n)?;
                 linear(m, b, &qa, n, &mut q, false)?;
@@ -194,7 +300,7 @@ impl<'m> CudaSession<'m> {
         }
         // compressed kv [N, C + dr]: normalize the latent, rotate k_pe and q_pe, append
         let w = ck + dr;
-        let mut ckv = Act::zeros(dev, dt, n * w)?;
+        let mut ckv = Act::empty(dev, dt, n * w)?;
         linear(m, &a.kv_a, hn, n, &mut ckv, false)?;
         norm::rmsnorm(dev, &mut ckv, 0, w, None, &a.kv_norm, ck, m.lora_eps, n)?;
         let half = dr / 2;
@@ -204,7 +310,7 @@ impl<'m> CudaSession<'m> {
         rope::rope(dev, &mut q, ql, &rows.pos, &m.inv_freq, m.attention_factor)?;
         mla::cache_append(dev, &ckv, w, &mut self.caches[l], self.max_len, &rows.slot, &rows.pos, n, w)?;
         // absorbed queries q̃_h = q_nope_h · W_UK_h: [N, H, C]
-        let mut qt = Act::zeros(dev, dt, n * h * ck)?;
+        let mut qt = Act::empty(dev, dt, n * h * ck)?;
         let s =
             GemmShape { lda: h * dq, stride_a: dq, ldc: h * ck, stride_c: ck, batch: h, ..GemmShape::plain(n, dn, ck) };
         gemm(dev, &q, &a.w_uk, &mut qt, &s)?;
@@ -212,7 +318,7 @@ impl<'m> CudaSession<'m> {
         let blocks = n * h.div_ceil(crate::ops::mla::MLA_HB);
         let splits = (2 * dev.sms).div_ceil(blocks).clamp(1, rows.max_visible.div_ceil(256).max(1));
         let mut work = if splits > 1 { Some(MlaWork::new(dev, splits, n, h, ck)?) } else { None };
-        let mut ob = Act::zeros(dev, dt, n * h * ck)?;
+        let mut ob = Act::empty(dev, dt, n * h * ck)?;
         let call = MlaCall {
             n,
             h,
@@ -234,7 +340,7 @@ impl<'m> CudaSession<'m> {
         };
         mla::mla_decode(dev, &call, &mut ob, h * ck, work.as_mut())?;
         // O_h = ō_h · W_UV_hᵀ: [N, H·dv], then x += o_proj(O)
-        let mut oh = Act::zeros(dev, dt, n * h * dv)?;
+        let mut oh = Act::empty(dev, dt, n * h * dv)?;
         let s =
             GemmShape { lda: h * ck, stride_a: ck, ldc: h * dv, stride_c: dv, batch: h, ..GemmShape::plain(n, ck, dv) };
         gemm(dev, &ob, &a.w_uv, &mut oh, &s)?;
@@ -242,18 +348,30 @@ impl<'m> CudaSession<'m> {
     }
 
     /// Final norm and head for the rows `pick` of `x` (`[n, D]`): logits `[pick, V]` f32.
-    fn logits(&self, x: &Act, n: usize, pick: &[i32]) -> Result<Vec<f32>> {
+    fn logits(&self, x: &mut Act, n: usize, pick: &[i32]) -> Result<Vec<f32>> {
+        let dev = &*self.model.dev;
+        let ids = upload(dev, pick)?;
+        let mut out = Act::F32(crate::tensor::empty::<f32>(dev, pick.len() * self.model.cfg.vocab_size)?);
+        self.head(x, n, Some((&ids, pick.len())), &mut out)?;
+        out.to_f32(dev)
+    }
+
+    /// `out [r, V] = lm_head(norm(x[pick]))` for the `r` picked rows of `x` (`[n, D]`), or all
+    /// `n` rows when `pick` is `None`.
+    fn head(&self, x: &mut Act, n: usize, pick: Option<(&CudaSlice<i32>, usize)>, out: &mut Act) -> Result<()> {
         let m = self.model;
         let dev = &*m.dev;
-        let (d, v) = (m.cfg.hidden_size, m.cfg.vocab_size);
-        let r = pick.len();
-        let ids = upload(dev, pick)?;
-        let mut xs = Act::zeros(dev, m.dtype, r * d)?;
-        gather::gather_rows(dev, x, n, d, &ids, r, d, &mut xs, d)?;
-        norm::rmsnorm(dev, &mut xs, 0, d, None, &m.norm, d, m.eps, r)?;
-        let mut out = Act::F32(zeros::<f32>(dev, r * v)?);
-        linear(m, &m.lm_head, &xs, r, &mut out, false)?;
-        out.to_f32(dev)
+        let d = m.cfg.hidden_size;
+        let r = pick.map_or(n, |p| p.1);
+        let mut xs = Act::empty(dev, m.dtype, r * d)?;
+        match pick {
+            Some((ids, _)) => {
+                gather::gather_rows(dev, x, n, d, ids, r, d, &mut xs, d)?;
+                norm::rmsnorm(dev, &mut xs, 0, d, None, &m.norm, d, m.eps, r)?;
+            }
+            None => norm::rmsnorm(dev, x, 0, d, Some((&mut xs, 0, d)), &m.norm, d, m.eps, n)?,
+        }
+        linear(m, &m.lm_head, &xs, r, out, false)
     }
 }
 
@@ -267,9 +385,9 @@ fn linear(m: &CudaModel, l: &DLinear, x: &Act, n: usize, y: &mut Act, accumulate
 fn mlp_forward(m: &CudaModel, mlp: &DMlp, x: &Act, n: usize, out: &mut Act, accumulate: bool) -> Result<()> {
     let dev = &*m.dev;
     let i = mlp.inter;
-    let mut gu = Act::zeros(dev, m.dtype, n * 2 * i)?;
+    let mut gu = Act::empty(dev, m.dtype, n * 2 * i)?;
     gemm(dev, x, &mlp.gate_up, &mut gu, &GemmShape::plain(n, mlp.gate_up.k, 2 * i))?;
-    let mut act = Act::zeros(dev, m.dtype, n * i)?;
+    let mut act = Act::empty(dev, m.dtype, n * i)?;
     elementwise::swiglu(dev, &gu, 2 * i, &mut act, i, i, n)?;
     let s = GemmShape { accumulate, ..GemmShape::plain(n, i, mlp.down.n) };
     gemm(dev, &act, &mlp.down, out, &s)
@@ -289,32 +407,32 @@ fn moe_forward(
     let (rw, bias, cfg) = router;
     let (d, e, k) = (m.cfg.hidden_size, cfg.n_experts, cfg.top_k);
     // router logits in f32
-    let mut logits = Act::F32(zeros::<f32>(dev, n * e)?);
+    let mut logits = Act::F32(crate::tensor::empty::<f32>(dev, n * e)?);
     match m.dtype {
         DType::F32 => gemm(dev, h, rw, &mut logits, &GemmShape::plain(n, d, e))?,
         DType::Bf16 => {
-            let mut hf = Act::F32(zeros::<f32>(dev, n * d)?);
+            let mut hf = Act::F32(crate::tensor::empty::<f32>(dev, n * d)?);
             elementwise::cast(dev, h, &mut hf, n * d)?;
             gemm(dev, &hf, rw, &mut logits, &GemmShape::plain(n, d, e))?
         }
     }
     let Act::F32(logits) = logits else { unreachable!("allocated as f32") };
-    let mut idx = zeros::<i32>(dev, n * k)?;
-    let mut w = zeros::<f32>(dev, n * k)?;
+    let mut idx = crate::tensor::empty::<i32>(dev, n * k)?;
+    let mut w = crate::tensor::empty::<f32>(dev, n * k)?;
     moe::route(dev, &logits, n, bias, cfg, &mut idx, &mut w)?;
     let nk = n * k;
     let mut plan = moe::Plan::new(dev, e, nk)?;
     moe::plan(dev, &idx, n, k, e, &mut plan)?;
     // permuted rows [nk, D] -> gate|up [nk, 2I] -> act [nk, I] -> down [nk, D]
     let i = experts.inter;
-    let mut xe = Act::zeros(dev, m.dtype, nk * d)?;
+    let mut xe = Act::empty(dev, m.dtype, nk * d)?;
     gather::gather_rows(dev, h, n, d, &plan.src_row, nk, d, &mut xe, d)?;
     let grouped = || Grouped {
         row_offsets: &plan.row_offsets,
         tile_offsets: &plan.tile_offsets,
         max_tiles: moe::Plan::max_tiles(nk, e),
     };
-    let mut gu = Act::zeros(dev, m.dtype, nk * 2 * i)?;
+    let mut gu = Act::empty(dev, m.dtype, nk * 2 * i)?;
     gemm(
         dev,
         &xe,
@@ -322,13 +440,13 @@ fn moe_forward(
         &mut gu,
         &GemmShape { grouped: Some(grouped()), ..GemmShape::plain(nk, d, 2 * i) },
     )?;
-    let mut act = Act::zeros(dev, m.dtype, nk * i)?;
+    let mut act = Act::empty(dev, m.dtype, nk * i)?;
     elementwise::swiglu(dev, &gu, 2 * i, &mut act, i, i, nk)?;
-    let mut ye = Act::zeros(dev, m.dtype, nk * d)?;
+    let mut ye = Act::empty(dev, m.dtype, nk * d)?;
     gemm(dev, &act, &experts.down, &mut ye, &GemmShape { grouped: Some(grouped()), ..GemmShape::plain(nk, i, d) })?;
     let sh = match shared {
         Some(s) => {
-            let mut o = Act::zeros(dev, m.dtype, n * d)?;
+            let mut o = Act::empty(dev, m.dtype, n * d)?;
             mlp_forward(m, s, h, n, &mut o, false)?;
             Some(o)
         }

@@ -112,8 +112,24 @@ fn kernel_for(a: DType, w: &WeightBuf, c: DType) -> Result<&'static str> {
     })
 }
 
+/// Which GEMM kernel family runs a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmPath {
+    /// Skinny for few rows (see [`SKINNY_MAX_M`]) when the strides allow it, else tiled.
+    Auto,
+    /// The 64x64 tiled kernels.
+    Tiled,
+    /// The skinny kernels at any row count (an error when K or the strides are not multiples of 8).
+    Skinny,
+}
+
 /// `C (+)= A · Wᵀ (+ bias)` over the shape `s`; see [`GemmShape`].
 pub fn gemm(dev: &Device, a: &Act, w: &DWeight, c: &mut Act, s: &GemmShape) -> Result<()> {
+    gemm_via(dev, a, w, c, s, GemmPath::Auto)
+}
+
+/// [`gemm`] through a chosen kernel family (tests and benchmarks compare them).
+pub fn gemm_via(dev: &Device, a: &Act, w: &DWeight, c: &mut Act, s: &GemmShape, path: GemmPath) -> Result<()> {
     let (n, k) = (w.n, w.k);
     if s.m == 0 || n == 0 {
         return Ok(());
@@ -185,9 +201,53 @@ pub fn gemm(dev: &Device, a: &Act, w: &DWeight, c: &mut Act, s: &GemmShape) -> R
         scale_ld: int(sl, "scale_ld")?,
         pad: 0,
     };
+    let skinny = match path {
+        GemmPath::Auto => skinny_kernel(kernel, s, k, true),
+        GemmPath::Tiled => None,
+        GemmPath::Skinny => Some(skinny_kernel(kernel, s, k, false).ok_or_else(|| {
+            Error::Input(format!(
+                "gemm: the skinny kernels need K, lda and offsets divisible by 8 (k {k}, lda {})",
+                s.lda
+            ))
+        })?),
+    };
+    if let Some(sk) = skinny {
+        let gy = if s.grouped.is_some() { groups } else { 1 };
+        let grid = (dim(n.div_ceil(SKINNY_COLS), "gemm n")?, dim(gy, "gemm groups")?, dim(grid_z, "gemm batch")?);
+        return launch(dev, "gemm", sk, grid, 128, &[KArg::Gemm(args)]);
+    }
     let block = if kernel == "gemm_f32" { 256 } else { 128 };
     let grid = (dim(n.div_ceil(GEMM_BN), "gemm n")?, dim(grid_y, "gemm m")?, dim(grid_z, "gemm batch")?);
     launch(dev, "gemm", kernel, grid, block, &[KArg::Gemm(args)])
+}
+
+/// Output columns per block of the skinny kernels (4 warps x 4 columns).
+const SKINNY_COLS: usize = 16;
+/// Largest row count (all groups together when grouped) sent to the skinny kernels.
+pub const SKINNY_MAX_M: usize = 8;
+pub const SKINNY_MAX_M_GROUPED: usize = 256;
+
+/// The skinny (few-row, memory-bound) kernel for this call, if it qualifies: few rows, and K,
+/// the row strides and offsets multiples of 8 (16-byte vector loads). `DSV3_GEMM_SKINNY=0`
+/// turns them off (for comparisons).
+/// With `auto`, only for few rows and unless turned off.
+fn skinny_kernel(tiled: &str, s: &GemmShape, k: usize, auto: bool) -> Option<&'static str> {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let max_m = if s.grouped.is_some() { SKINNY_MAX_M_GROUPED } else { SKINNY_MAX_M };
+    if auto && (s.m > max_m || !*ON.get_or_init(|| std::env::var("DSV3_GEMM_SKINNY").map_or(true, |v| v != "0"))) {
+        return None;
+    }
+    if ![k, s.lda, s.a_off, s.stride_a].iter().all(|v| v.is_multiple_of(8)) {
+        return None;
+    }
+    Some(match tiled {
+        "gemm_f32" => "gemm_skinny_f32",
+        "gemm_bf16_bf16" => "gemm_skinny_bf16_bf16",
+        "gemm_bf16_f32" => "gemm_skinny_bf16_f32",
+        "gemm_fp8_bf16" => "gemm_skinny_fp8_bf16",
+        "gemm_fp8_f32" => "gemm_skinny_fp8_f32",
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

@@ -80,8 +80,8 @@ pub fn route(
         dev,
         "moe",
         "moe_route",
-        (dim(n.div_ceil(64), "moe_route")?, 1, 1),
-        64,
+        (dim(n.div_ceil(4), "moe_route")?, 1, 1),
+        128,
         &[
             KArg::Ptr(dptr(dev, logits, 0)?),
             KArg::I32(int(n, "n")?),

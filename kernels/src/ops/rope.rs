@@ -50,8 +50,8 @@ pub fn rope(
         dev,
         "rope",
         k,
-        (dim(rows, "rope rows")?, dim(heads.div_ceil(64), "rope heads")?, 1),
-        64,
+        (dim(rows, "rope rows")?, dim(heads, "rope heads")?, 1),
+        half.div_ceil(32) as u32 * 32,
         &[
             KArg::Ptr(x.ptr(dev, 0)?),
             KArg::I32(int(rows, "rows")?),

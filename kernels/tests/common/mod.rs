@@ -34,6 +34,14 @@ pub fn poisoned(dev: &Device, dtype: DType, n: usize) -> Act {
     Act::from_f32(dev, dtype, &vec![f32::NAN; n]).unwrap()
 }
 
+/// `‖a − b‖ / ‖b‖` (f64 sums).
+#[allow(dead_code)]
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let d: f64 = a.iter().zip(b).map(|(&x, &y)| ((x - y) as f64).powi(2)).sum();
+    let n: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
+    (d / n.max(f64::MIN_POSITIVE)).sqrt()
+}
+
 /// Largest `|a - b| / (atol + |b|)`-style error: max over i of `|a_i - b_i|`, failing on NaN.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");

@@ -70,20 +70,28 @@ pub fn generate(cm: &CudaModel, prompt: &[u32], params: &SamplingParams, tk: Opt
         return Err(Error::Input("the prompt needs at least one token".into()));
     }
     let mut sampler = Sampler::new(params.clone())?;
+    // greedy: the argmax runs on the device and only the token id comes back
+    let greedy = params.temperature == 0.0 || params.top_k == 1;
     let mut sess = CudaSession::new(cm, 1, prompt.len() + params.max_new_tokens)?;
+    let mut next = |sess: &mut CudaSession, toks: &[u32]| -> Result<u32> {
+        if greedy {
+            Ok(sess.step_greedy(&[(0, toks)])?[0])
+        } else {
+            sampler.sample(&sess.step(&[(0, toks)])?)
+        }
+    };
     let t0 = Instant::now();
-    let mut logits = sess.step(&[(0, prompt)])?;
+    let mut t = next(&mut sess, prompt)?;
     let t_prefill = t0.elapsed().as_secs_f64();
     let mut stream = crate::stream::Streamer::new(tk);
     let t1 = Instant::now();
     let mut out = std::io::stdout().lock();
     while stream.generated.len() < params.max_new_tokens {
-        let t = sampler.sample(&logits)?;
         stream.push(t, &mut out);
         if params.stop_tokens.contains(&t) || stream.generated.len() == params.max_new_tokens {
             break;
         }
-        logits = sess.step(&[(0, &[t])])?;
+        t = next(&mut sess, &[t])?;
     }
     let dec = t1.elapsed().as_secs_f64();
     let steps = stream.generated.len().saturating_sub(1);
@@ -123,14 +131,14 @@ pub fn bench(
         let mut sess = CudaSession::new(cm, batch, prompt_len + new_tokens)?;
         let t0 = Instant::now();
         let inputs: Vec<(usize, &[u32])> = prompts.iter().enumerate().map(|(i, p)| (i, &p[..])).collect();
-        let mut logits = sess.step(&inputs)?;
+        // greedy decode with the argmax on the device (only token ids cross back)
+        let mut toks = sess.step_greedy(&inputs)?;
         let pre = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         for _ in 0..new_tokens {
-            let next: Vec<[u32; 1]> =
-                (0..batch).map(|b| [dsv3_core::infer::sampling::argmax(&logits[b * v..(b + 1) * v]) as u32]).collect();
+            let next: Vec<[u32; 1]> = toks.iter().map(|&t| [t]).collect();
             let inputs: Vec<(usize, &[u32])> = next.iter().enumerate().map(|(i, t)| (i, &t[..])).collect();
-            logits = sess.step(&inputs)?;
+            toks = sess.step_greedy(&inputs)?;
         }
         best_pre = best_pre.min(pre);
         best_dec = best_dec.min(t1.elapsed().as_secs_f64());

@@ -146,14 +146,15 @@ extern "C" __global__ void __launch_bounds__(128) gemm_fp8_f32(GemmArgs p) { gem
 // owns SK_COLS = 4 output columns; its lanes stride along K in chunks of 8 (16-byte loads of bf16
 // W, 8-byte of FP8 codes, 2x16 of f32), each lane keeping SK_ROWS x SK_COLS = 32 partial sums for
 // a tile of SK_ROWS = 8 rows; a transposing butterfly (31 shuffles) leaves lane l with the full
-// sum of (row l % 8, column l / 8). Rows are walked in tiles of 8, so W is re-read (from L2) once
-// per tile. A rows are read straight from global memory (small, shared by all warps through L1).
+// sum of (row l % 8, column l / 8). Each block takes one 8-row tile, so W is read (from L2 after
+// the first) once per tile. A rows are read straight from global memory (small, shared by all
+// warps through L1).
 // Needs K, lda, ldw and the batch/group strides to be multiples of 8 and 16-byte aligned bases
 // (the launcher checks). Batched (blockIdx.z) and grouped (blockIdx.y = group: rows
 // [row_offsets[g], row_offsets[g+1])) as the tiled kernels. FP8 weights: each 8-wide chunk lies
 // in one 128-wide K block, so its partial product is scaled by that block's scale before it is
-// added (DeepSeek's promotion, at a finer grain). grid: (ceil(n / (4 · SK_COLS)), groups, batch),
-// block: 128.
+// added (DeepSeek's promotion, at a finer grain). grid: (ceil(n / (4 · SK_COLS)), ceil(m / 8),
+// batch), grouped (ceil(n / 16), groups, ceil(most rows of a group / 8)); block: 128.
 #define SK_ROWS 8
 #define SK_COLS 4
 #define SK_WARPS 4
@@ -190,14 +191,20 @@ __device__ __forceinline__ void sk_load8(const uint8_t* p, float* v) {
 template <typename TA, typename TW, typename TC>
 __device__ void gemm_skinny(const GemmArgs& p) {
     constexpr bool FP8 = sizeof(TW) == 1;
-    int g = 0, row0 = 0, row_end = p.m;
+    // this block's tile of SK_ROWS rows
+    int g = 0, r0, row_end;
+    long long b = 0;
     if (p.row_offsets) {
         g = blockIdx.y;
         if (g >= p.groups) return;
-        row0 = p.row_offsets[g];
+        r0 = p.row_offsets[g] + blockIdx.z * SK_ROWS;
         row_end = p.row_offsets[g + 1];
+    } else {
+        r0 = blockIdx.y * SK_ROWS;
+        row_end = p.m;
+        b = blockIdx.z;
     }
-    long long b = blockIdx.z;
+    if (r0 >= row_end) return;
     const TA* A = (const TA*)p.a + (p.row_offsets ? 0 : b * p.stride_a);
     long long woff = p.row_offsets ? (long long)g * p.stride_w : b * p.stride_w;
     long long soff = p.row_offsets ? (long long)g * p.stride_scale : b * p.stride_scale;
@@ -206,7 +213,7 @@ __device__ void gemm_skinny(const GemmArgs& p) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int col0 = (blockIdx.x * SK_WARPS + warp) * SK_COLS;
     if (col0 >= p.n) return;
-    for (int r0 = row0; r0 < row_end; r0 += SK_ROWS) {
+    {
         int nr = min(SK_ROWS, row_end - r0);
         float acc[SK_COLS * SK_ROWS];
 #pragma unroll

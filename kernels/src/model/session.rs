@@ -7,7 +7,7 @@ use crate::device::cuda_err;
 use crate::ops::gemm::{gemm, GemmShape, Grouped};
 use crate::ops::mla::{MlaCall, MlaWork};
 use crate::ops::rope::RopeLayout;
-use crate::ops::{elementwise, gather, mla, moe, norm, rope};
+use crate::ops::{elementwise, gather, mla, moe, norm, rope, sampling};
 use crate::tensor::{upload, zeros, Act, DType};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice};
@@ -32,11 +32,26 @@ pub struct CudaSession<'m> {
     seen: std::collections::HashMap<usize, u32>,
 }
 
-/// A captured decode step for `n` sequences: its fixed row buffers and logits `[n, V]` f32.
+/// A captured decode step for `n` sequences: its fixed row buffers, logits `[n, V]` f32 and
+/// their greedy choices `[n]`.
 struct DecodeGraph {
     graph: CudaGraph,
     rows: Rows,
     logits: CudaSlice<f32>,
+    greedy: CudaSlice<i32>,
+}
+
+/// What a step brings back to the host.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Logits,
+    Greedy,
+}
+
+/// A step's result on the host.
+enum Out {
+    Logits(Vec<f32>),
+    Greedy(Vec<u32>),
 }
 
 /// Whether decode steps are captured into CUDA graphs (`DSV3_CUDA_GRAPH=0` turns it off).
@@ -102,12 +117,28 @@ impl<'m> CudaSession<'m> {
     /// Feeds `(slot, new tokens)` pairs; returns the logits of the last new token of each pair,
     /// `[pairs, V]` (as `Session::step`). On an input error no cache is changed.
     pub fn step(&mut self, inputs: &[(usize, &[u32])]) -> Result<Vec<f32>> {
+        match self.step_to(inputs, Want::Logits)? {
+            Out::Logits(l) => Ok(l),
+            Out::Greedy(_) => unreachable!("asked for logits"),
+        }
+    }
+
+    /// Like [`CudaSession::step`] but returns the greedy (argmax, lowest id on ties) next token
+    /// of each pair, chosen on the device: only the ids cross back to the host.
+    pub fn step_greedy(&mut self, inputs: &[(usize, &[u32])]) -> Result<Vec<u32>> {
+        match self.step_to(inputs, Want::Greedy)? {
+            Out::Greedy(t) => Ok(t),
+            Out::Logits(_) => unreachable!("asked for tokens"),
+        }
+    }
+
+    fn step_to(&mut self, inputs: &[(usize, &[u32])], want: Want) -> Result<Out> {
         if self.use_graphs && inputs.iter().all(|(_, t)| t.len() == 1) {
             self.check(inputs)?;
             let n = inputs.len();
             let count = self.seen.entry(n).or_insert(0);
             if self.graphs.contains_key(&n) || *count >= 1 {
-                return self.decode_graphed(inputs);
+                return self.decode_graphed(inputs, want);
             }
             *count += 1;
         }
@@ -118,14 +149,29 @@ impl<'m> CudaSession<'m> {
             end += t.len();
             last.push((end - 1) as i32);
         }
-        self.logits(&mut x, rows.n, &last)
+        let dev = &*self.model.dev;
+        let v = self.model.cfg.vocab_size;
+        let ids = upload(dev, &last)?;
+        let mut out = Act::F32(crate::tensor::empty::<f32>(dev, last.len() * v)?);
+        self.head(&mut x, rows.n, Some((&ids, last.len())), &mut out)?;
+        let Act::F32(logits) = out else { unreachable!("allocated as f32") };
+        match want {
+            Want::Logits => Ok(Out::Logits(crate::tensor::download(dev, &logits)?)),
+            Want::Greedy => {
+                let mut g = crate::tensor::empty::<i32>(dev, last.len())?;
+                sampling::argmax_rows(dev, &logits, last.len(), v, &mut g)?;
+                Ok(Out::Greedy(greedy_ids(&crate::tensor::download(dev, &g)?, v)?))
+            }
+        }
     }
 
     /// Like [`CudaSession::step`] but the logits of every new token, `[Σ len, V]`.
     pub fn step_all(&mut self, inputs: &[(usize, &[u32])]) -> Result<Vec<f32>> {
         let (mut x, rows) = self.forward(inputs)?;
-        let all: Vec<i32> = (0..rows.n as i32).collect();
-        self.logits(&mut x, rows.n, &all)
+        let dev = &*self.model.dev;
+        let mut out = Act::F32(crate::tensor::empty::<f32>(dev, rows.n * self.model.cfg.vocab_size)?);
+        self.head(&mut x, rows.n, None, &mut out)?;
+        out.to_f32(dev)
     }
 
     fn check(&self, inputs: &[(usize, &[u32])]) -> Result<()> {
@@ -203,7 +249,7 @@ impl<'m> CudaSession<'m> {
 
     /// A decode step through the captured graph for `inputs.len()` sequences (capturing it
     /// first if this batch size has none yet). `inputs` are checked, one token each.
-    fn decode_graphed(&mut self, inputs: &[(usize, &[u32])]) -> Result<Vec<f32>> {
+    fn decode_graphed(&mut self, inputs: &[(usize, &[u32])], want: Want) -> Result<Out> {
         let dev = self.model.dev.clone();
         let n = inputs.len();
         let host = self.host_rows(inputs);
@@ -216,7 +262,15 @@ impl<'m> CudaSession<'m> {
             dev.stream.memcpy_htod(&v[..], buf).map_err(|e| cuda_err("uploading decode rows", e))?;
         }
         g.graph.launch().map_err(|e| cuda_err("launching the decode graph", e))?;
-        let out = dev.stream.clone_dtoh(&g.logits).map_err(|e| cuda_err("downloading logits", e))?;
+        let out = match want {
+            Want::Logits => {
+                Out::Logits(dev.stream.clone_dtoh(&g.logits).map_err(|e| cuda_err("downloading logits", e))?)
+            }
+            Want::Greedy => {
+                let ids = dev.stream.clone_dtoh(&g.greedy).map_err(|e| cuda_err("downloading tokens", e))?;
+                Out::Greedy(greedy_ids(&ids, self.model.cfg.vocab_size)?)
+            }
+        };
         for &(s, _) in inputs {
             self.lens[s] += 1;
         }
@@ -238,11 +292,16 @@ impl<'m> CudaSession<'m> {
             max_visible: self.max_len,
         };
         let mut out = Act::F32(zeros::<f32>(&dev, n * v)?);
+        let mut greedy = zeros::<i32>(&dev, n)?;
         dev.sync()?;
         dev.stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(|e| cuda_err("beginning a graph capture", e))?;
-        let recorded = self.layers(&rows).and_then(|mut x| self.head(&mut x, n, None, &mut out));
+        let recorded = self.layers(&rows).and_then(|mut x| {
+            self.head(&mut x, n, None, &mut out)?;
+            let Act::F32(l) = &out else { unreachable!("allocated as f32") };
+            sampling::argmax_rows(&dev, l, n, v, &mut greedy)
+        });
         // end the capture whatever happened, so the stream is usable again
         let graph = dev.stream.end_capture(CUgraphInstantiate_flags(0));
         recorded?;
@@ -250,7 +309,7 @@ impl<'m> CudaSession<'m> {
             .map_err(|e| cuda_err("instantiating the decode graph", e))?
             .ok_or_else(|| Error::Io("CUDA: the decode capture recorded nothing".into()))?;
         let Act::F32(logits) = out else { unreachable!("allocated as f32") };
-        Ok(DecodeGraph { graph, rows, logits })
+        Ok(DecodeGraph { graph, rows, logits, greedy })
     }
 
     /// Runs the layers over `rows` (the caches are appended to); returns the residual stream
@@ -347,15 +406,6 @@ impl<'m> CudaSession<'m> {
         linear(m, &a.o, &oh, n, x, true)
     }
 
-    /// Final norm and head for the rows `pick` of `x` (`[n, D]`): logits `[pick, V]` f32.
-    fn logits(&self, x: &mut Act, n: usize, pick: &[i32]) -> Result<Vec<f32>> {
-        let dev = &*self.model.dev;
-        let ids = upload(dev, pick)?;
-        let mut out = Act::F32(crate::tensor::empty::<f32>(dev, pick.len() * self.model.cfg.vocab_size)?);
-        self.head(x, n, Some((&ids, pick.len())), &mut out)?;
-        out.to_f32(dev)
-    }
-
     /// `out [r, V] = lm_head(norm(x[pick]))` for the `r` picked rows of `x` (`[n, D]`), or all
     /// `n` rows when `pick` is `None`.
     fn head(&self, x: &mut Act, n: usize, pick: Option<(&CudaSlice<i32>, usize)>, out: &mut Act) -> Result<()> {
@@ -373,6 +423,19 @@ impl<'m> CudaSession<'m> {
         }
         linear(m, &m.lm_head, &xs, r, out, false)
     }
+}
+
+/// Device argmax results as token ids (an id past the vocabulary means every logit was NaN).
+fn greedy_ids(ids: &[i32], vocab: usize) -> Result<Vec<u32>> {
+    ids.iter()
+        .map(|&t| {
+            usize::try_from(t)
+                .ok()
+                .filter(|&t| t < vocab)
+                .map(|t| t as u32)
+                .ok_or_else(|| Error::Input("the logits of a row are all NaN: no greedy token".into()))
+        })
+        .collect()
 }
 
 /// `y (+)= x · Wᵀ + b` for `n` rows.

@@ -118,12 +118,14 @@ pub struct Plan {
 impl Plan {
     /// Buffers for up to `max_nk` routed rows over `experts` experts.
     pub fn new(dev: &Device, experts: usize, max_nk: usize) -> Result<Plan> {
-        use crate::tensor::zeros;
+        // unwritten: `plan` fills every offset, and every routed row (the router writes all of
+        // them with valid experts) gets a permuted position and a source
+        use crate::tensor::empty;
         Ok(Plan {
-            row_offsets: zeros(dev, experts + 1)?,
-            tile_offsets: zeros(dev, experts + 1)?,
-            slot_of: zeros(dev, max_nk)?,
-            src_row: zeros(dev, max_nk)?,
+            row_offsets: empty(dev, experts + 1)?,
+            tile_offsets: empty(dev, experts + 1)?,
+            slot_of: empty(dev, max_nk)?,
+            src_row: empty(dev, max_nk)?,
         })
     }
 

@@ -19,7 +19,7 @@ pub fn argmax_rows(dev: &Device, x: &CudaSlice<f32>, rows: usize, n: usize, out:
         KArg::I32(int(n, "n")?),
         KArg::Ptr(dptr(dev, out, 0)?),
     ];
-    launch(dev, "sampling", "argmax_rows_f32", (dim(rows, "argmax")?, 1, 1), 256, &args)
+    launch(dev, "sampling", "argmax_rows_f32", (dim(rows, "argmax")?, 1, 1), 1024, &args)
 }
 
 /// `x[r, :] = softmax(x[r, :] / temperature)` in place for `x` `[rows, n]` f32.

@@ -266,6 +266,10 @@ __device__ void gemm_skinny(const GemmArgs& p) {
 }
 
 extern "C" __global__ void __launch_bounds__(128) gemm_skinny_f32(GemmArgs p) { gemm_skinny<float, float, float>(p); }
+// bf16 activations against f32 weights (the router in bf16 mode: no cast of the hidden states)
+extern "C" __global__ void __launch_bounds__(128) gemm_skinny_bf16_f32w(GemmArgs p) {
+    gemm_skinny<bf16, float, float>(p);
+}
 extern "C" __global__ void __launch_bounds__(128) gemm_skinny_bf16_bf16(GemmArgs p) {
     gemm_skinny<bf16, bf16, bf16>(p);
 }

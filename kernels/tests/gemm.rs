@@ -224,3 +224,21 @@ fn gemm_rejects_mismatched_dtypes_and_short_buffers() {
     let mut short = poisoned(&dev, DType::F32, 8);
     assert!(gemm(&dev, &a, &w, &mut short, &GemmShape::plain(3, 4, 3)).is_err(), "C too small");
 }
+
+#[test]
+fn bf16_activations_times_f32_weights_run_skinny_only() {
+    let Some(dev) = device("bf16_activations_times_f32_weights_run_skinny_only") else { return };
+    let mut rng = Rng::new(14);
+    for (m, n, k) in [(1usize, 16usize, 512usize), (5, 37, 64), (64, 9, 8)] {
+        let a = randn(&mut rng, m * k);
+        let w = randn(&mut rng, n * k);
+        let want = matmul_ref(&bf16r(&a), &w, m, n, k);
+        let aa = Act::from_f32(&dev, DType::Bf16, &a).unwrap();
+        let ww = DWeight::from_f32(&dev, DType::F32, 1, n, k, &w).unwrap();
+        let mut c = poisoned(&dev, DType::F32, m * n);
+        gemm_via(&dev, &aa, &ww, &mut c, &GemmShape::plain(m, k, n), GemmPath::Skinny).unwrap();
+        check(&c.to_f32(&dev).unwrap(), &want, k, 1e-5, &format!("bf16 x f32 {m}x{n}x{k}"));
+        let tiled = gemm_via(&dev, &aa, &ww, &mut c, &GemmShape::plain(m, k, n), GemmPath::Tiled);
+        assert!(tiled.is_err(), "the tiled kernels have no bf16 x f32 form");
+    }
+}

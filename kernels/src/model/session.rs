@@ -4,7 +4,7 @@
 use super::weights::{DFfn, DLinear, DMlp, DQ};
 use super::CudaModel;
 use crate::device::cuda_err;
-use crate::ops::gemm::{gemm, GemmShape, Grouped};
+use crate::ops::gemm::{gemm, gemm_via, GemmPath, GemmShape, Grouped};
 use crate::ops::mla::{MlaCall, MlaWork};
 use crate::ops::rope::RopeLayout;
 use crate::ops::{elementwise, gather, mla, moe, norm, rope, sampling};
@@ -473,6 +473,10 @@ fn moe_forward(
     let mut logits = Act::F32(crate::tensor::empty::<f32>(dev, n * e)?);
     match m.dtype {
         DType::F32 => gemm(dev, h, rw, &mut logits, &GemmShape::plain(n, d, e))?,
+        // few rows: the skinny kernel reads bf16 hidden states against the f32 router directly
+        DType::Bf16 if n <= crate::ops::gemm::SKINNY_MAX_M && d.is_multiple_of(8) => {
+            gemm_via(dev, h, rw, &mut logits, &GemmShape::plain(n, d, e), GemmPath::Skinny)?
+        }
         DType::Bf16 => {
             let mut hf = Act::F32(crate::tensor::empty::<f32>(dev, n * d)?);
             elementwise::cast(dev, h, &mut hf, n * d)?;

@@ -99,6 +99,8 @@ fn kernel_for(a: DType, w: &WeightBuf, c: DType) -> Result<&'static str> {
         (DType::Bf16, WeightBuf::Bf16(_), DType::F32) => "gemm_bf16_f32",
         (DType::Bf16, WeightBuf::Fp8 { .. }, DType::Bf16) => "gemm_fp8_bf16",
         (DType::Bf16, WeightBuf::Fp8 { .. }, DType::F32) => "gemm_fp8_f32",
+        // skinny kernels only (the router in bf16 mode); the tiled path refuses it below
+        (DType::Bf16, WeightBuf::F32(_), DType::F32) => "gemm_bf16a_f32w",
         _ => {
             return Err(Error::Input(format!(
                 "gemm: no kernel for A {a:?} x {} weights -> C {c:?} (f32 mode: all f32; bf16 mode: bf16 A)",
@@ -216,6 +218,13 @@ pub fn gemm_via(dev: &Device, a: &Act, w: &DWeight, c: &mut Act, s: &GemmShape, 
             ))
         })?),
     };
+    if skinny.is_none() && kernel == "gemm_bf16a_f32w" {
+        return Err(Error::Input(format!(
+            "gemm: bf16 activations x f32 weights only run in the skinny kernels (<= {SKINNY_MAX_M} rows, K % 8 == 0; \
+             got {} rows, k {k}): cast the activations to f32",
+            s.m
+        )));
+    }
     if let Some(sk) = skinny {
         // one block per 8-row tile: grouped, z walks the tiles of a group (at most all m rows)
         let tiles = s.m.div_ceil(8);
@@ -253,6 +262,7 @@ fn skinny_kernel(tiled: &str, s: &GemmShape, k: usize, auto: bool) -> Option<&'s
         "gemm_bf16_f32" => "gemm_skinny_bf16_f32",
         "gemm_fp8_bf16" => "gemm_skinny_fp8_bf16",
         "gemm_fp8_f32" => "gemm_skinny_fp8_f32",
+        "gemm_bf16a_f32w" => "gemm_skinny_bf16_f32w",
         _ => return None,
     })
 }

@@ -137,6 +137,402 @@ __device__ void mla_decode(const MlaArgs& p) {
 extern "C" __global__ void __launch_bounds__(MLA_THREADS) mla_decode_f32(MlaArgs p) { mla_decode<float>(p); }
 extern "C" __global__ void __launch_bounds__(MLA_THREADS) mla_decode_bf16(MlaArgs p) { mla_decode<bf16>(p); }
 
+// ---------------------------------------------------------------------------------------------
+// Tensor-core path (bf16): mla_decode_mma_*. FlashAttention-2 / FlashMLA structure with
+// mma.sync.m16n8k16 (bf16 in, f32 accumulate), ldmatrix and cp.async (all sm_80+).
+//
+// One CTA = one query row x MT*16 heads (MT m16 tiles; heads past h are zero queries, never
+// written) x one split of the row's cache. 4 warps (128 threads). Grid: (N * head_blocks, splits);
+// blockIdx.x = row * head_blocks + head_block, so the CTAs of one row (which read the same cache
+// rows) are adjacent in launch order and share the cache through L2.
+//
+// Per tile of T cache rows (staged by cp.async into an NS-stage shared-memory ring):
+//   S = Q·Kᵀ    (MT*16 x T, depth C+dr): warp w computes tokens [w*T/4, (w+1)*T/4) for all heads.
+//               Q (A operand) and K (B operand, .col = each token row contiguous along depth) both
+//               come from shared memory through non-transposed ldmatrix.
+//   softmax     online, in the log2 domain: s2 = s * scale * log2(e), p = 2^(s2 - m2) with one
+//               ex2.approx (MUFU) per element. dsv3_exp would be ~20 instructions per element;
+//               ex2.approx's relative error (~2^-22) is far below the bf16 rounding of P (2^-9),
+//               and the row max/sum are exchanged in the natural-log domain (m = m2 * ln 2) so the
+//               combine kernel (dsv3_exp) sees the same convention as the SIMT kernel. The row max
+//               over the tile needs every warp's tokens: partial maxima go through shared memory
+//               (sM), then every warp computes the same new max for every row it holds. P is
+//               rounded to bf16 into shared memory (sP); the running sum l adds the rounded values
+//               (so out = Σ p̂·v / Σ p̂ exactly for the weights the MMA used).
+//   O += P·V    V = the first C columns of the same tile, B operand row-major -> ldmatrix.trans.
+//               Warp w owns output columns [w*C/4, (w+1)*C/4) for all heads: 16 n8 tiles x MT m16
+//               tiles -> 64*MT f32 accumulators per thread.
+// Splitting S across warps by tokens (rather than each warp computing all of S redundantly)
+// costs two extra __syncthreads per tile but does 4x less S work (the S GEMM is as large as the
+// P·V GEMM); with 128 heads the kernel is compute-bound, so the split wins there, and with 16
+// heads it is memory-bound either way.
+//
+// Shared memory (dynamic, bytes; must match MmaVariant::smem_bytes in kernels/src/ops/mla.rs):
+//   sQ [M][RS] bf16, sKV [NS][T][RS] bf16, sP [M][T+8] bf16, sM [4][M] f32, sL [4][M] f32,
+//   M = 16*MT, RS = round_up(C+dr, 64). Rows of sQ/sKV are 128-byte multiples; element e of row r
+//   is stored at e ^ ((r & 7) << 3) (16-byte chunks XOR-swizzled within each 128 bytes), so the
+//   8 row addresses of every ldmatrix phase (8 consecutive rows, same logical chunk) hit 8
+//   different bank groups. sP rows are padded by 8 elements (80 or 144 bytes: conflict-free).
+//
+// Splits: the row's own length is partitioned (per = round_up(ceil(len / splits), T)), so every
+// split gets a share of the tokens whatever max_len is; p.split_len (used by the SIMT kernel) is
+// ignored. Any partition is valid for mla_combine. An empty split writes m = -inf, l = 0.
+// Rows past the split's end inside the last tile are zero-filled by cp.async (src-size 0, no
+// global read) and masked to -inf before the softmax.
+//
+// Shapes: bf16 only, C % 64 == 0, C <= 512, dr % 32 == 0, dr <= 128 (the launcher checks).
+#define MMA_THREADS 128
+
+extern __shared__ __align__(128) unsigned char mla_smem[];
+
+// The inline-PTX helpers; kernels/emu/mla_mma_emu.cpp (a CPU emulation of this kernel, no GPU
+// needed) defines DSV3_MMA_EMU and supplies its own versions of exactly these functions.
+#ifndef DSV3_MMA_EMU
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) { return (uint32_t)__cvta_generic_to_shared(ptr); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t addr, uint32_t (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+// d += a·b, a 16x16 (row), b 16x8 (col), bf16 in, f32 accumulate.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// 16 bytes global -> shared, bypassing L1; src_bytes < 16 zero-fills the rest (0: no read).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+#endif  // DSV3_MMA_EMU
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi, float& rlo, float& rhi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    rlo = __low2float(v);
+    rhi = __high2float(v);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+template <int MT, int T, int NS>
+__device__ __forceinline__ void mla_decode_mma(const MlaArgs& p) {
+    constexpr int M = 16 * MT;    // heads per CTA
+    constexpr int TW = T / 4;     // tokens per warp in S
+    constexpr int NTS = TW / 8;   // n8 tiles per warp in S
+    constexpr int PS = T + 8;     // sP row stride (elements)
+    constexpr int KCH = MT * NTS >= 4 ? 1 : 2;  // independent S accumulator chains (mma latency)
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    static_assert(T % 32 == 0 && NS >= 2, "tile of 32k tokens, >= 2 stages");
+
+    const int c = p.c, w = p.c + p.dr;
+    if (c % 64 != 0 || c > MLA_CMAX || p.dr % 32 != 0 || p.dr > MLA_RMAX) return;
+    const int hblocks = (p.h + M - 1) / M;
+    const int row = blockIdx.x / hblocks, h0 = (blockIdx.x % hblocks) * M, split = blockIdx.y;
+    if (row >= p.n) return;
+    const int nh = min(M, p.h - h0);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tq = lane & 3;  // mma groupID, thread in group
+
+    int len = max(0, min(p.row_len[row], p.max_len));
+    int per = (len + p.splits - 1) / p.splits;
+    per = (per + T - 1) / T * T;
+    const int t_begin = split * per, t_end = min(len, t_begin + per);
+
+    if (t_begin >= t_end) {  // nothing to attend to (uniform over the CTA)
+        if (p.splits == 1) {
+            for (int i = threadIdx.x; i < nh * c; i += MMA_THREADS) {
+                int hh = i / c, cc = i - hh * c;
+                ((bf16*)p.out)[(long long)row * p.ld_out + (long long)(h0 + hh) * c + cc] = __float2bfloat16_rn(0.0f);
+            }
+        } else if (threadIdx.x < nh) {
+            long long at = (((long long)split * p.n + row) * p.h + h0 + threadIdx.x) * 2;
+            p.part_ml[at] = NEG_INF;
+            p.part_ml[at + 1] = 0.0f;
+        }
+        return;
+    }
+
+    const int rs = (w + 63) & ~63;  // smem row stride (elements): 128-byte multiple
+    bf16* sQ = (bf16*)mla_smem;
+    bf16* sKV = sQ + M * rs;
+    bf16* sP = sKV + NS * T * rs;
+    float* sM = (float*)(sP + M * PS);
+    float* sL = sM + 4 * M;
+
+    const bf16* cache = (const bf16*)p.cache + (long long)p.row_slot[row] * p.slot_stride;
+    const int cw = w >> 3;  // 16-byte chunks per cache row
+    // tile `it` of the split -> stage `st`: warp w copies rows w, w+4, ...; rows past t_end are
+    // zero-filled (src-size 0, the source address clamped to a valid row)
+    auto load_tile = [&](int it, int st) {
+        const int t0 = t_begin + it * T;
+        bf16* dst = sKV + st * T * rs;
+        for (int r = warp; r < T; r += 4) {
+            const int t = t0 + r;
+            const bool ok = t < t_end;
+            const bf16* src = cache + (long long)(ok ? t : t_begin) * w;
+            const uint32_t drow = smem_u32(dst + r * rs);
+            const int xr = (r & 7) << 3;
+            for (int ch = lane; ch < cw; ch += 32) cp_async16(drow + (((ch << 3) ^ xr) << 1), src + (ch << 3), ok ? 16 : 0);
+        }
+    };
+
+    const int ntiles = (t_end - t_begin + T - 1) / T;
+#pragma unroll
+    for (int s = 0; s < NS - 1; s++) {
+        if (s < ntiles) load_tile(s, s);
+        cp_async_commit();
+    }
+
+    // Q -> sQ (once; zeros for heads past h), swizzled like the cache tiles
+    {
+        const bf16* qt = (const bf16*)p.qt;
+        const bf16* qpe = (const bf16*)p.qpe;
+        for (int hh = warp; hh < M; hh += 4) {
+            const bf16* qrow = qt + (long long)row * p.ld_qt + (long long)(h0 + hh) * c;
+            const bf16* prow = qpe + (long long)row * p.ld_qpe + (long long)(h0 + hh) * p.hs_qpe;
+            for (int j = lane; j < w; j += 32) {
+                bf16 v = __float2bfloat16_rn(0.0f);
+                if (hh < nh) v = j < c ? qrow[j] : prow[j - c];
+                sQ[hh * rs + (j ^ ((hh & 7) << 3))] = v;
+            }
+        }
+    }
+
+    // Per-lane ldmatrix offsets. Every ldmatrix below reads rows r with r % 8 == lane % 8, so the
+    // swizzle term is the per-lane constant xr; offsets are within 64-element (128-byte) groups.
+    const int xr = (lane & 7) << 3;
+    // Q (A, x4 = one m16 x k16 step s16 of a 64-group): rows lane&15, chunk s16*2 + lane/16
+    int qoff[4];
+#pragma unroll
+    for (int s16 = 0; s16 < 4; s16++) qoff[s16] = (s16 * 16 + (lane >> 4) * 8) ^ xr;
+    // K (B, x4 = one n8 tile x two k16 steps): rows lane&7, chunk q*4 + lane/8
+    int koff[2];
+#pragma unroll
+    for (int q = 0; q < 2; q++) koff[q] = (q * 32 + (lane >> 3) * 8) ^ xr;
+    const uint32_t qbase = smem_u32(sQ) + (uint32_t)((lane & 15) * rs) * 2u;
+    const int ntw = c >> 5;            // output n8 tiles per warp (C/4 columns)
+    const int col0 = warp * (c >> 2);  // first output column of this warp
+
+    float o[MT][16][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int j = 0; j < 16; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) o[mt][j][e] = 0.0f;
+    float m_run[MT][2], l_run[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) m_run[mt][hr] = NEG_INF, l_run[mt][hr] = 0.0f;
+    const float sl2 = p.scale * 1.4426950408889634f;
+
+    for (int it = 0; it < ntiles; it++) {
+        cp_async_wait<NS - 2>();  // tile it has landed (this thread's copies)
+        __syncthreads();          // ... everyone's; and everyone is done with tile it-1
+        {
+            const int nx = it + NS - 1;
+            if (nx < ntiles) load_tile(nx, nx % NS);
+            cp_async_commit();
+        }
+        const bf16* sK = sKV + (it % NS) * T * rs;
+        const uint32_t kvbase = smem_u32(sK);
+        const int t0 = t_begin + it * T;
+
+        // ---- S = Q·Kᵀ for this warp's TW tokens ----
+        float sacc[KCH][MT][NTS][4];
+#pragma unroll
+        for (int ch = 0; ch < KCH; ch++)
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int nt = 0; nt < NTS; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) sacc[ch][mt][nt][e] = 0.0f;
+        const uint32_t kbase = kvbase + (uint32_t)((warp * TW + (lane & 7)) * rs) * 2u;
+#pragma unroll 3
+        for (int g64 = 0; g64 < w; g64 += 64) {
+#pragma unroll
+            for (int q = 0; q < 2; q++) {
+                if (q == 1 && g64 + 64 > w) break;  // w % 64 == 32: half group at the end
+                uint32_t kb[NTS][4];
+#pragma unroll
+                for (int nt = 0; nt < NTS; nt++) ldsm_x4(kbase + (uint32_t)(nt * 8 * rs + g64 + koff[q]) * 2u, kb[nt]);
+#pragma unroll
+                for (int kk = 0; kk < 2; kk++) {
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        uint32_t a[4];
+                        ldsm_x4(qbase + (uint32_t)(mt * 16 * rs + g64 + qoff[q * 2 + kk]) * 2u, a);
+#pragma unroll
+                        for (int nt = 0; nt < NTS; nt++)
+                            mma_bf16_16816(sacc[kk % KCH][mt][nt], a, kb[nt][2 * kk], kb[nt][2 * kk + 1]);
+                    }
+                }
+            }
+        }
+
+        // ---- scale to log2 units, mask, partial row max over this warp's tokens ----
+        float s2[MT][NTS][4];
+        float mx[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            mx[mt][0] = mx[mt][1] = NEG_INF;
+#pragma unroll
+            for (int nt = 0; nt < NTS; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    float v = sacc[0][mt][nt][e];
+                    if (KCH == 2) v += sacc[KCH - 1][mt][nt][e];
+                    const int tok = t0 + warp * TW + nt * 8 + 2 * tq + (e & 1);
+                    v = tok < t_end ? v * sl2 : NEG_INF;
+                    s2[mt][nt][e] = v;
+                    mx[mt][e >> 1] = fmaxf(mx[mt][e >> 1], v);
+                }
+#pragma unroll
+            for (int hr = 0; hr < 2; hr++) {
+                mx[mt][hr] = fmaxf(mx[mt][hr], __shfl_xor_sync(0xffffffffu, mx[mt][hr], 1));
+                mx[mt][hr] = fmaxf(mx[mt][hr], __shfl_xor_sync(0xffffffffu, mx[mt][hr], 2));
+                if (tq == 0) sM[warp * M + mt * 16 + g + 8 * hr] = mx[mt][hr];
+            }
+        }
+        __syncthreads();
+
+        // ---- new row max (same in every warp), P = 2^(s2 - m) -> sP, l, rescale O ----
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            float alpha[2], mu[2];
+#pragma unroll
+            for (int hr = 0; hr < 2; hr++) {
+                const int r = mt * 16 + g + 8 * hr;
+                float mn = fmaxf(fmaxf(sM[r], sM[M + r]), fmaxf(sM[2 * M + r], sM[3 * M + r]));
+                mn = fmaxf(mn, m_run[mt][hr]);
+                mu[hr] = mn == NEG_INF ? 0.0f : mn;  // no finite score yet: avoid -inf - -inf
+                alpha[hr] = fast_exp2(m_run[mt][hr] - mu[hr]);
+                m_run[mt][hr] = mn;
+                l_run[mt][hr] *= alpha[hr];
+            }
+#pragma unroll
+            for (int nt = 0; nt < NTS; nt++) {
+                float r0, r1, r2, r3;
+                const uint32_t lo = pack_bf16x2(fast_exp2(s2[mt][nt][0] - mu[0]), fast_exp2(s2[mt][nt][1] - mu[0]), r0, r1);
+                const uint32_t hi = pack_bf16x2(fast_exp2(s2[mt][nt][2] - mu[1]), fast_exp2(s2[mt][nt][3] - mu[1]), r2, r3);
+                l_run[mt][0] += r0 + r1;
+                l_run[mt][1] += r2 + r3;
+                const int col = warp * TW + nt * 8 + 2 * tq;
+                *reinterpret_cast<uint32_t*>(sP + (mt * 16 + g) * PS + col) = lo;
+                *reinterpret_cast<uint32_t*>(sP + (mt * 16 + g + 8) * PS + col) = hi;
+            }
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                if (j < ntw) {
+                    o[mt][j][0] *= alpha[0];
+                    o[mt][j][1] *= alpha[0];
+                    o[mt][j][2] *= alpha[1];
+                    o[mt][j][3] *= alpha[1];
+                }
+            }
+        }
+        __syncthreads();
+
+        // ---- O += P·V over this warp's columns ----
+#pragma unroll
+        for (int kt = 0; kt < T / 16; kt++) {
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+                ldsm_x4(smem_u32(sP + (mt * 16 + (lane & 15)) * PS + kt * 16 + (lane >> 4) * 8), a[mt]);
+            // V rows kt*16 + (lane & 15) (lanes 0-7: k 0-7, 8-15: k 8-15, repeated for the second
+            // n8 tile), chunk lane/16: b[0],b[1] -> n8 tile 2jp, b[2],b[3] -> 2jp+1
+            const uint32_t vrow = kvbase + (uint32_t)((kt * 16 + (lane & 15)) * rs) * 2u;
+#pragma unroll
+            for (int jp = 0; jp < 8; jp++) {
+                if (2 * jp < ntw) {
+                    uint32_t b[4];
+                    ldsm_x4_t(vrow + (uint32_t)((col0 + jp * 16 + (lane >> 4) * 8) ^ xr) * 2u, b);
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        mma_bf16_16816(o[mt][2 * jp], a[mt], b[0], b[1]);
+                        mma_bf16_16816(o[mt][2 * jp + 1], a[mt], b[2], b[3]);
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- epilogue: l over the quad and the warps; write O (normalized or partial) ----
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            float l = l_run[mt][hr];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            if (tq == 0) sL[warp * M + mt * 16 + g + 8 * hr] = l;
+        }
+    __syncthreads();
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            const int hh = mt * 16 + g + 8 * hr;
+            if (hh >= nh) continue;
+            const float l = sL[hh] + sL[M + hh] + sL[2 * M + hh] + sL[3 * M + hh];
+            const int head = h0 + hh;
+            if (p.splits == 1) {
+                const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+                bf16* dst = (bf16*)p.out + (long long)row * p.ld_out + (long long)head * c + col0 + 2 * tq;
+#pragma unroll
+                for (int j = 0; j < 16; j++)
+                    if (j < ntw)
+                        *reinterpret_cast<__nv_bfloat162*>(dst + j * 8) =
+                            __floats2bfloat162_rn(o[mt][j][2 * hr] * inv, o[mt][j][2 * hr + 1] * inv);
+            } else {
+                float* dst = p.part_o + (((long long)split * p.n + row) * p.h + head) * c + col0 + 2 * tq;
+#pragma unroll
+                for (int j = 0; j < 16; j++)
+                    if (j < ntw) *reinterpret_cast<float2*>(dst + j * 8) = make_float2(o[mt][j][2 * hr], o[mt][j][2 * hr + 1]);
+                if (warp == 0 && tq == 0) {
+                    long long at = (((long long)split * p.n + row) * p.h + head) * 2;
+                    p.part_ml[at] = m_run[mt][hr] * 0.6931471805599453f;  // log2 units -> natural
+                    p.part_ml[at + 1] = l;
+                }
+            }
+        }
+}
+
+// Variants (heads per CTA = 16*MT, tile T tokens, NS stages); the launcher picks one by shape and
+// by the GPU's opt-in shared memory (kernels/src/ops/mla.rs, MMA_VARIANTS).
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_bf16(MlaArgs p) { mla_decode_mma<1, 32, 2>(p); }
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_m1s4_bf16(MlaArgs p) {
+    mla_decode_mma<1, 32, 4>(p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_m1t64_bf16(MlaArgs p) {
+    mla_decode_mma<1, 64, 2>(p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_m2t32_bf16(MlaArgs p) {
+    mla_decode_mma<2, 32, 2>(p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_m2t64_bf16(MlaArgs p) {
+    mla_decode_mma<2, 64, 2>(p);
+}
+
 // Merges the splits: ō = Σ_s e^{m_s - M} o_s / Σ_s e^{m_s - M} l_s. grid: (N, H), block: 256.
 template <typename T>
 __device__ void mla_combine(const MlaArgs& p) {

@@ -1,12 +1,15 @@
 //! Absorbed MLA attention over the latent cache and the MoE router / dispatch / combine against
 //! CPU references, on random data with ragged shapes (heads not a multiple of the head tile,
-//! cache lengths not a multiple of the chunk, several slots, split-K). Skip without a GPU.
+//! cache lengths not a multiple of the chunk, several slots, split-K, the SIMT and every
+//! tensor-core MLA kernel). Skip without a GPU.
 mod common;
 use common::*;
 use dsv3_core::config::{ScoringFunc, TopkMethod};
 use dsv3_core::model::moe::Router;
 use dsv3_core::rng::Rng;
-use dsv3_kernels::ops::mla::{cache_append, mla_decode, MlaCall, MlaWork};
+use dsv3_kernels::ops::mla::{
+    cache_append, mla_decode, mla_decode_with, mla_kernel, mma_fits, MlaCall, MlaKernel, MlaWork, MMA_VARIANTS,
+};
 use dsv3_kernels::ops::moe::{combine, plan, route, Plan, RouteCfg};
 use dsv3_kernels::tensor::{download, upload};
 use dsv3_kernels::{Act, DType};
@@ -28,26 +31,64 @@ fn attend(qt: &[f32], qpe: &[f32], cache: &[f32], len: usize, c: usize, dr: usiz
     (0..c).map(|j| (0..len).map(|t| p[t] * cache[t * w + j] as f64).sum::<f64>() / z).map(|v| v as f32).collect()
 }
 
+/// The kernels to run for `dt` at these shapes: what `mla_decode` picks, then (bf16) the SIMT
+/// kernel and every tensor-core variant this GPU runs, each explicitly.
+fn mla_kernels(dev: &dsv3_kernels::Device, dt: DType, c: usize, dr: usize) -> Vec<Option<MlaKernel>> {
+    let mut ks = vec![None];
+    if dt == DType::Bf16 {
+        ks.push(Some(MlaKernel::Simple));
+        ks.extend(MMA_VARIANTS.iter().filter(|v| mma_fits(dev, v, c, dr)).map(|v| Some(MlaKernel::Mma(*v))));
+    }
+    ks
+}
+
 #[test]
 fn mla_decode_matches_reference_with_and_without_splits() {
     let Some(dev) = device("mla_decode_matches_reference_with_and_without_splits") else { return };
+    if std::env::var("DSV3_MLA_SIMPLE").as_deref() != Ok("1") {
+        let k = mla_kernel(&dev, DType::Bf16, 16, 512, 64);
+        assert!(
+            matches!(k, MlaKernel::Mma(_)),
+            "bf16 at DeepSeek's shapes should take the tensor-core kernel, got {k:?}"
+        );
+    }
     let mut rng = Rng::new(20);
-    for &(h, c, dr, slots, max_len) in
-        &[(1usize, 32usize, 16usize, 1usize, 5usize), (13, 96, 32, 3, 301), (16, 512, 64, 2, 1030)]
-    {
+    // (heads, C, dr, max_len, row lengths): each row in its own slot (rows in reverse slot order),
+    // plus a causal prefill of 3 rows in slot 0. `None`: one random length per slot (3 slots).
+    // 16/128 heads at V3's C 512 / dr 64 and 5 heads (a partial head block) at C 128 / dr 32 take
+    // the tensor-core kernel in bf16; lengths straddle its 32/64-token tiles.
+    type Case = (usize, usize, usize, usize, Option<&'static [usize]>);
+    let cases: &[Case] = &[
+        (1, 32, 16, 5, None),
+        (13, 96, 32, 301, None),
+        (16, 512, 64, 1030, Some(&[1, 63, 65, 1030])),
+        (128, 512, 64, 1030, Some(&[1, 65, 1030])),
+        (5, 128, 32, 1100, Some(&[63, 1, 1030, 65])),
+    ];
+    for &(h, c, dr, max_len, lens) in cases {
         let w = c + dr;
-        let cache = randn(&mut rng, slots * max_len * w);
-        // rows: a decode row per slot at a ragged length, plus a causal prefill of 3 rows in slot 0
-        let mut row_slot = Vec::new();
-        let mut row_len = Vec::new();
-        for s in 0..slots {
-            row_slot.push(s as i32);
-            row_len.push(1 + rng.below(max_len as u64) as i32);
-        }
+        let (mut row_slot, mut row_len) = (Vec::new(), Vec::new());
+        let slots = match lens {
+            Some(l) => {
+                for (i, &len) in l.iter().enumerate() {
+                    row_slot.push((l.len() - 1 - i) as i32);
+                    row_len.push(len as i32);
+                }
+                l.len()
+            }
+            None => {
+                for s in 0..3 {
+                    row_slot.push(s);
+                    row_len.push(1 + rng.below(max_len as u64) as i32);
+                }
+                3
+            }
+        };
         for i in 0..3.min(max_len) {
             row_slot.push(0);
             row_len.push((i + 1) as i32);
         }
+        let cache = randn(&mut rng, slots * max_len * w);
         let n = row_slot.len();
         let dq = 8 + dr; // q rows [n, h, dn + dr] with the rope part at offset 8
         let qt = randn(&mut rng, n * h * c);
@@ -78,37 +119,47 @@ fn mla_decode_matches_reference_with_and_without_splits() {
                 Act::from_f32(&dev, dt, &q).unwrap(),
             );
             let (rs, rl) = (upload(&dev, &row_slot).unwrap(), upload(&dev, &row_len).unwrap());
-            for splits in [1usize, 3] {
-                let call = MlaCall {
-                    n,
-                    h,
-                    c,
-                    dr,
-                    qt: &qta,
-                    ld_qt: h * c,
-                    qpe: &qa,
-                    qpe_off: 8,
-                    ld_qpe: h * dq,
-                    hs_qpe: dq,
-                    cache: &ca,
-                    slots,
-                    max_len,
-                    row_slot: &rs,
-                    row_len: &rl,
-                    scale,
-                    splits,
-                };
-                let mut work = MlaWork::new(&dev, splits, n, h, c).unwrap();
-                let mut out = poisoned(&dev, dt, n * h * c);
-                mla_decode(&dev, &call, &mut out, h * c, Some(&mut work)).unwrap();
-                // outputs are convex combinations of cache values (|v| ~ 1)
-                assert_close(
-                    &out.to_f32(&dev).unwrap(),
-                    &want,
-                    rtol,
-                    rtol,
-                    &format!("mla h{h} c{c} {dt:?} splits {splits}"),
-                );
+            // 40 splits: more than the tiles of most rows (empty splits)
+            for kernel in mla_kernels(&dev, dt, c, dr) {
+                for splits in [1usize, 3, 40] {
+                    let call = MlaCall {
+                        n,
+                        h,
+                        c,
+                        dr,
+                        qt: &qta,
+                        ld_qt: h * c,
+                        qpe: &qa,
+                        qpe_off: 8,
+                        ld_qpe: h * dq,
+                        hs_qpe: dq,
+                        cache: &ca,
+                        slots,
+                        max_len,
+                        row_slot: &rs,
+                        row_len: &rl,
+                        scale,
+                        splits,
+                    };
+                    let mut work = MlaWork::new(&dev, splits, n, h, c).unwrap();
+                    let mut out = poisoned(&dev, dt, n * h * c);
+                    match kernel {
+                        None => mla_decode(&dev, &call, &mut out, h * c, Some(&mut work)).unwrap(),
+                        Some(k) => mla_decode_with(&dev, k, &call, &mut out, h * c, Some(&mut work)).unwrap(),
+                    }
+                    let name = kernel.unwrap_or_else(|| mla_kernel(&dev, dt, h, c, dr)).name();
+                    // outputs are convex combinations of cache values (|v| ~ 1)
+                    assert_close(
+                        &out.to_f32(&dev).unwrap(),
+                        &want,
+                        rtol,
+                        rtol,
+                        &format!(
+                            "mla h{h} c{c} dr{dr} {dt:?} {name}{} splits {splits}",
+                            if kernel.is_none() { " (auto)" } else { "" }
+                        ),
+                    );
+                }
             }
         }
     }

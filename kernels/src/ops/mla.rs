@@ -3,11 +3,20 @@
 //! The cache of one layer is `[slots, max_len, C + dr]` (normalized latent ‖ rotated rope key per
 //! token, 576 values for V3); a sequence owns a slot. Each query row `r` attends to the first
 //! `row_len[r]` entries of slot `row_slot[r]` (causal prefill: `row_len = position + 1`).
-use super::{dim, int, launch, KArg};
+//!
+//! Two decode kernels: the SIMT one (`mla_decode_{f32,bf16}`, any shape, `MLA_HB` heads per
+//! block) and, for bf16 at DeepSeek-like shapes, the tensor-core one (`mla_decode_mma_*`:
+//! mma.sync/ldmatrix/cp.async, 16 or 32 heads per block, see `kernels/cuda/mla.cu`).
+//! [`mla_kernel`] says which one [`mla_decode`] runs and [`mla_splits`] how many splits along
+//! the cache to ask for; `DSV3_MLA_SIMPLE=1` forces the SIMT kernel and `DSV3_MLA_MMA=<name>`
+//! (one of [`MMA_VARIANTS`]) a tensor-core variant (both read once per process).
+use super::{allow_dynamic_smem, dim, int, launch, launch_smem, KArg};
 use crate::device::Device;
 use crate::tensor::{dptr, Act, DType};
+use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use dsv3_core::{Error, Result};
+use std::sync::OnceLock;
 
 /// Heads per block (`MLA_HB`), the largest latent and rope widths the kernel takes.
 pub const MLA_HB: usize = 8;
@@ -67,7 +76,7 @@ pub struct MlaCall<'a> {
     pub row_len: &'a CudaSlice<i32>,
     /// Softmax scale.
     pub scale: f32,
-    /// Splits along the cache (flash-decoding); > 1 needs `work`.
+    /// Splits along the cache (flash-decoding; [`mla_splits`] suggests a count); > 1 needs `work`.
     pub splits: usize,
 }
 
@@ -87,9 +96,209 @@ impl MlaWork {
     }
 }
 
+/// Threads per block of the tensor-core kernels (`MMA_THREADS`).
+pub const MMA_THREADS: u32 = 128;
+/// The most splits [`mla_splits`] suggests.
+pub const MAX_SPLITS: usize = 64;
+
+/// A tensor-core variant of the bf16 decode kernel: `mla_decode_mma<m_tiles, tile, stages>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmaVariant {
+    /// Short name (`DSV3_MLA_MMA` picks a variant by it).
+    pub name: &'static str,
+    pub kernel: &'static str,
+    /// 16-head tiles per block: a block serves `16·m_tiles` heads of one query row.
+    pub m_tiles: usize,
+    /// Cache rows per shared-memory tile, and tiles in flight (cp.async stages).
+    pub tile: usize,
+    pub stages: usize,
+}
+
+/// Every tensor-core variant (all in `KERNELS`). Shared memory at C 512, dr 64: m1t32 92 KiB
+/// (every sm_80+ GPU, the 99 KiB ones included; two blocks per SM on H100), m1s4 (m1t32 with 4
+/// stages) 164 KiB and m1t64 165 KiB (H100), m2t32 112 KiB (A100; two blocks per SM on H100),
+/// m2t64 186 KiB (H100).
+pub const MMA_VARIANTS: &[MmaVariant] = &[
+    MmaVariant { name: "m1t32", kernel: "mla_decode_mma_bf16", m_tiles: 1, tile: 32, stages: 2 },
+    MmaVariant { name: "m1s4", kernel: "mla_decode_mma_m1s4_bf16", m_tiles: 1, tile: 32, stages: 4 },
+    MmaVariant { name: "m1t64", kernel: "mla_decode_mma_m1t64_bf16", m_tiles: 1, tile: 64, stages: 2 },
+    MmaVariant { name: "m2t32", kernel: "mla_decode_mma_m2t32_bf16", m_tiles: 2, tile: 32, stages: 2 },
+    MmaVariant { name: "m2t64", kernel: "mla_decode_mma_m2t64_bf16", m_tiles: 2, tile: 64, stages: 2 },
+];
+
+impl MmaVariant {
+    /// Heads per block.
+    pub fn heads(&self) -> usize {
+        16 * self.m_tiles
+    }
+
+    /// Dynamic shared memory in bytes (the layout in `kernels/cuda/mla.cu`): Q `[M][RS]`, the
+    /// cache ring `[stages][tile][RS]` and P `[M][tile + 8]` in bf16, two `[4][M]` f32 arrays;
+    /// `M` = heads per block, `RS` = `C + dr` rounded up to 64.
+    pub fn smem_bytes(&self, c: usize, dr: usize) -> usize {
+        let rs = (c + dr).div_ceil(64) * 64;
+        let m = self.heads();
+        2 * (m * rs + self.stages * self.tile * rs + m * (self.tile + 8)) + 4 * 8 * m
+    }
+
+    /// The shapes the tensor-core kernels take (bf16 only): C a multiple of 64 up to 512, dr a
+    /// multiple of 32 up to 128.
+    pub fn takes(c: usize, dr: usize) -> bool {
+        c > 0 && c.is_multiple_of(64) && c <= MLA_CMAX && dr.is_multiple_of(32) && dr <= MLA_RMAX
+    }
+
+    /// Blocks of this variant resident per SM at these shapes (the driver's occupancy
+    /// calculator); 1 when it cannot say.
+    pub fn blocks_per_sm(&self, dev: &Device, c: usize, dr: usize) -> usize {
+        let smem = self.smem_bytes(c, dr);
+        let Ok(f) = dev.function("mla", self.kernel) else { return 1 };
+        if allow_dynamic_smem(&f, smem as u32).is_err() {
+            return 1;
+        }
+        f.occupancy_max_active_blocks_per_multiprocessor(MMA_THREADS, smem, None).map_or(1, |b| (b as usize).max(1))
+    }
+}
+
+/// The decode kernel a call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlaKernel {
+    /// `mla_decode_{f32,bf16}`: SIMT, any shape, [`MLA_HB`] heads per block.
+    Simple,
+    /// A tensor-core variant (bf16 only).
+    Mma(MmaVariant),
+}
+
+impl MlaKernel {
+    /// Heads served by one block (a query row's cache is read `ceil(h / this)` times).
+    pub fn heads_per_block(&self) -> usize {
+        match self {
+            MlaKernel::Simple => MLA_HB,
+            MlaKernel::Mma(v) => v.heads(),
+        }
+    }
+
+    /// `"simple"` or the variant's name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MlaKernel::Simple => "simple",
+            MlaKernel::Mma(v) => v.name,
+        }
+    }
+}
+
+/// `DSV3_MLA_SIMPLE=1` (read once): always the SIMT kernel.
+fn env_simple() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    *V.get_or_init(|| std::env::var("DSV3_MLA_SIMPLE").is_ok_and(|v| v == "1"))
+}
+
+/// `DSV3_MLA_MMA=<variant name>` (read once): that tensor-core variant when it can run.
+fn env_variant() -> Option<&'static MmaVariant> {
+    static V: OnceLock<Option<&'static MmaVariant>> = OnceLock::new();
+    *V.get_or_init(|| {
+        let name = std::env::var("DSV3_MLA_MMA").ok()?;
+        let v = MMA_VARIANTS.iter().find(|v| v.name == name);
+        if v.is_none() {
+            let names: Vec<_> = MMA_VARIANTS.iter().map(|v| v.name).collect();
+            eprintln!("DSV3_MLA_MMA={name}: no such variant (one of {names:?}); ignored");
+        }
+        v
+    })
+}
+
+/// The most dynamic shared memory a block may opt into on `dev` (0 if the driver cannot say).
+fn max_smem_optin(dev: &Device) -> usize {
+    dev.ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_or(0, |v| v.max(0) as usize)
+}
+
+/// Whether tensor-core variant `v` can run on `dev` at these shapes (shared memory included).
+pub fn mma_fits(dev: &Device, v: &MmaVariant, c: usize, dr: usize) -> bool {
+    MmaVariant::takes(c, dr) && v.smem_bytes(c, dr) <= max_smem_optin(dev)
+}
+
+/// The kernel [`mla_decode`] runs for `dt` and these shapes: f32, odd shapes and
+/// `DSV3_MLA_SIMPLE=1` take the SIMT kernel; bf16 with C % 64 == 0 (<= 512) and dr % 32 == 0
+/// (<= 128) a tensor-core variant (every supported GPU is sm_80+, which has mma.sync, ldmatrix
+/// and cp.async): 16 heads per block for h <= 16, else 32, the largest tile the GPU's shared
+/// memory takes. `DSV3_MLA_MMA` overrides the variant where it fits.
+pub fn mla_kernel(dev: &Device, dt: DType, h: usize, c: usize, dr: usize) -> MlaKernel {
+    if dt != DType::Bf16 || env_simple() || !MmaVariant::takes(c, dr) {
+        return MlaKernel::Simple;
+    }
+    if let Some(v) = env_variant().filter(|v| mma_fits(dev, v, c, dr)) {
+        return MlaKernel::Mma(*v);
+    }
+    let order: &[&str] = if h <= 16 { &["m1t32", "m1t64"] } else { &["m2t64", "m2t32", "m1t32"] };
+    order
+        .iter()
+        .filter_map(|name| MMA_VARIANTS.iter().find(|v| v.name == *name))
+        .find(|v| mma_fits(dev, v, c, dr))
+        .map_or(MlaKernel::Simple, |v| MlaKernel::Mma(*v))
+}
+
+/// Splits along the cache to pass in [`MlaCall::splits`] (and size [`MlaWork`] for) when
+/// [`mla_decode`] attends `n` rows of `h` heads to at most `max_visible` entries each: the kernel
+/// it will run ([`mla_kernel`]), its blocks per SM, waves over the SMs and the combine's extra
+/// traffic. A pure function of the shapes and the GPU (graph-capture safe).
+pub fn mla_splits(dev: &Device, dt: DType, n: usize, h: usize, c: usize, dr: usize, max_visible: usize) -> usize {
+    mla_splits_for(dev, mla_kernel(dev, dt, h, c, dr), n, h, c, dr, max_visible)
+}
+
+/// [`mla_splits`] for a given kernel.
+pub fn mla_splits_for(
+    dev: &Device,
+    k: MlaKernel,
+    n: usize,
+    h: usize,
+    c: usize,
+    dr: usize,
+    max_visible: usize,
+) -> usize {
+    let blocks = (n * h.div_ceil(k.heads_per_block())).max(1);
+    let v = match k {
+        // the SIMT kernel: two blocks per SM, splits of at least 256 entries
+        MlaKernel::Simple => return (2 * dev.sms).div_ceil(blocks).clamp(1, max_visible.div_ceil(256).max(1)),
+        MlaKernel::Mma(v) => v,
+    };
+    let slots = (dev.sms * v.blocks_per_sm(dev, c, dr)).max(1);
+    let tiles = max_visible.div_ceil(v.tile).max(1);
+    // time ~ waves x (tiles per split + ~1 tile of per-block overhead: Q, pipeline fill,
+    // epilogue) + the combine's partial outputs (write + read, f32) in tile loads per slot
+    let tile_bytes = (v.tile * (c + dr) * 2) as f64;
+    let mut best = (f64::INFINITY, 1);
+    for s in 1..=tiles.min(MAX_SPLITS) {
+        let waves = (blocks * s).div_ceil(slots);
+        let combine = if s > 1 { (s * n * h * c * 8) as f64 / (slots as f64 * tile_bytes) } else { 0.0 };
+        let cost = (waves * (tiles.div_ceil(s) + 1)) as f64 + combine;
+        if cost < best.0 - 1e-9 {
+            best = (cost, s);
+        }
+    }
+    best.1
+}
+
 /// `out[r, hh, :c] = Σ_t softmax_t(s) · c_t` (the attention-weighted latent, before `W_UV`);
-/// `out` `[n, h, c]` with row stride `ld_out`.
+/// `out` `[n, h, c]` with row stride `ld_out`. Runs [`mla_kernel`]'s choice.
 pub fn mla_decode(dev: &Device, p: &MlaCall, out: &mut Act, ld_out: usize, work: Option<&mut MlaWork>) -> Result<()> {
+    let mut k = mla_kernel(dev, p.cache.dtype(), p.h, p.c, p.dr);
+    if !ld_out.is_multiple_of(2) || p.qt.dtype() != p.cache.dtype() || out.dtype() != p.cache.dtype() {
+        k = MlaKernel::Simple; // bf16 pairs are stored as 4-byte words; dtype errors reported there
+    }
+    mla_decode_with(dev, k, p, out, ld_out, work)
+}
+
+/// [`mla_decode`] with the kernel chosen by the caller (A/B comparisons, tests); a tensor-core
+/// variant that cannot run these shapes on this GPU is an error.
+pub fn mla_decode_with(
+    dev: &Device,
+    kernel: MlaKernel,
+    p: &MlaCall,
+    out: &mut Act,
+    ld_out: usize,
+    work: Option<&mut MlaWork>,
+) -> Result<()> {
     let MlaCall { n, h, c, dr, .. } = *p;
     if n == 0 || h == 0 {
         return Ok(());
@@ -146,8 +355,34 @@ pub fn mla_decode(dev: &Device, p: &MlaCall, out: &mut Act, ld_out: usize, work:
         DType::F32 => ("mla_decode_f32", "mla_combine_f32"),
         DType::Bf16 => ("mla_decode_bf16", "mla_combine_bf16"),
     };
-    let grid = (dim(n, "mla rows")?, dim(h.div_ceil(MLA_HB), "mla heads")?, dim(p.splits, "mla splits")?);
-    launch(dev, "mla", kd, grid, 256, &[KArg::Mla(args)])?;
+    match kernel {
+        MlaKernel::Simple => {
+            let grid = (dim(n, "mla rows")?, dim(h.div_ceil(MLA_HB), "mla heads")?, dim(p.splits, "mla splits")?);
+            launch(dev, "mla", kd, grid, 256, &[KArg::Mla(args)])?;
+        }
+        MlaKernel::Mma(v) => {
+            if dt != DType::Bf16 || !MmaVariant::takes(c, dr) || !ld_out.is_multiple_of(2) {
+                return Err(Error::Input(format!(
+                    "mla_decode: the tensor-core kernel takes bf16, C % 64 == 0 (<= {MLA_CMAX}), dr % 32 == 0 \
+                     (<= {MLA_RMAX}) and an even ld_out; got {dt:?}, C {c}, dr {dr}, ld_out {ld_out}"
+                )));
+            }
+            let smem = v.smem_bytes(c, dr);
+            let optin = max_smem_optin(dev);
+            if smem > optin {
+                return Err(Error::Unsupported(format!(
+                    "mla_decode: {} needs {smem} B of shared memory, the GPU allows {optin}",
+                    v.kernel
+                )));
+            }
+            if !args.cache.is_multiple_of(16) || !args.out.is_multiple_of(4) {
+                return Err(Error::Input("mla_decode: cache or output misaligned for the tensor-core kernel".into()));
+            }
+            // blockIdx.x = row * head_blocks + head_block: a row's blocks are launched together
+            let grid = (dim(n * h.div_ceil(v.heads()), "mla rows x head blocks")?, dim(p.splits, "mla splits")?, 1);
+            launch_smem(dev, "mla", v.kernel, grid, MMA_THREADS, smem as u32, &[KArg::Mla(args)])?;
+        }
+    }
     if p.splits > 1 {
         launch(dev, "mla", kc, (dim(n, "mla rows")?, dim(h, "mla heads")?, 1), 256, &[KArg::Mla(args)])?;
     }
@@ -205,5 +440,23 @@ mod tests {
         assert_eq!(std::mem::size_of::<super::MlaArgs>(), 8 * 8 + 8 + 12 * 4);
         assert_eq!(std::mem::offset_of!(super::MlaArgs, n), 72);
         assert_eq!(std::mem::offset_of!(super::MlaArgs, scale), 112);
+    }
+
+    #[test]
+    fn mma_variants_are_launchable_and_sized_like_the_kernel() {
+        use super::{MmaVariant, MMA_VARIANTS};
+        for v in MMA_VARIANTS {
+            assert!(crate::ops::KERNELS.contains(&("mla", v.kernel)), "{} not in KERNELS", v.kernel);
+            assert!(MMA_VARIANTS.iter().filter(|u| u.name == v.name).count() == 1);
+        }
+        // V3's shapes: the default 16-head variant fits the 99 KiB opt-in of sm_86/89/120 GPUs
+        let m1t32 = MMA_VARIANTS.iter().find(|v| v.name == "m1t32").unwrap();
+        assert_eq!(m1t32.kernel, "mla_decode_mma_bf16");
+        assert_eq!(m1t32.smem_bytes(512, 64), 93952);
+        assert!(m1t32.smem_bytes(512, 64) <= 99 * 1024);
+        // rows padded to 64 elements: C 128 + dr 32 -> 192
+        assert_eq!(m1t32.smem_bytes(128, 32), 2 * (16 * 192 + 2 * 32 * 192 + 16 * 40) + 4 * 8 * 16);
+        assert!(MmaVariant::takes(512, 64) && MmaVariant::takes(128, 32) && MmaVariant::takes(64, 0));
+        assert!(!MmaVariant::takes(96, 32) && !MmaVariant::takes(512, 16) && !MmaVariant::takes(576, 64));
     }
 }

@@ -23,7 +23,8 @@ pub mod sampling;
 pub mod train;
 
 use crate::device::{cuda_err, Device};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, DriverError, LaunchConfig, PushKernelArg};
 use dsv3_core::{Error, Result};
 
 /// Every `(module, kernel)` a launcher uses (checked against the embedded PTX in a unit test).
@@ -50,6 +51,7 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("gemm", "gemm_skinny_bf16_f32"),
     ("gemm", "gemm_skinny_fp8_bf16"),
     ("gemm", "gemm_skinny_fp8_f32"),
+    ("gemm", "gemm_skinny_bf16_f32w"),
     ("fp8quant", "quant_1x128_f32"),
     ("fp8quant", "quant_1x128_bf16"),
     ("fp8quant", "quant_block128_f32"),
@@ -62,6 +64,11 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("fp8gemm", "fp8_gemm_simt_f32"),
     ("mla", "mla_decode_f32"),
     ("mla", "mla_decode_bf16"),
+    ("mla", "mla_decode_mma_bf16"),
+    ("mla", "mla_decode_mma_m1s4_bf16"),
+    ("mla", "mla_decode_mma_m1t64_bf16"),
+    ("mla", "mla_decode_mma_m2t32_bf16"),
+    ("mla", "mla_decode_mma_m2t64_bf16"),
     ("mla", "mla_combine_f32"),
     ("mla", "mla_combine_bf16"),
     ("mla", "cache_append_f32"),
@@ -119,8 +126,29 @@ pub(crate) fn launch(
     block: u32,
     args: &[KArg],
 ) -> Result<()> {
+    launch_smem(dev, module, kernel, grid, block, 0, args)
+}
+
+/// Dynamic shared memory a kernel may use without opting in (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`).
+pub(crate) const DEFAULT_MAX_DYNAMIC_SMEM: u32 = 48 * 1024;
+
+/// [`launch`] with `smem` bytes of dynamic shared memory (`extern __shared__`). Above 48 KiB the
+/// kernel's limit is raised first (the caller checks the device's opt-in maximum).
+pub(crate) fn launch_smem(
+    dev: &Device,
+    module: &'static str,
+    kernel: &'static str,
+    grid: (u32, u32, u32),
+    block: u32,
+    smem: u32,
+    args: &[KArg],
+) -> Result<()> {
     let f = dev.function(module, kernel)?;
-    let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+    if smem > DEFAULT_MAX_DYNAMIC_SMEM {
+        allow_dynamic_smem(&f, smem)
+            .map_err(|e| cuda_err(&format!("allowing {smem} B of shared memory for {kernel}"), e))?;
+    }
+    let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
     let mut b = dev.stream.launch_builder(&f);
     for a in args {
         match a {
@@ -137,4 +165,10 @@ pub(crate) fn launch(
     // writes, and pass arguments in the kernel's declared order and types.
     unsafe { b.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {kernel}"), e))?;
     Ok(())
+}
+
+/// Lets `f` use `smem` bytes of dynamic shared memory (the function attribute; cheap, idempotent).
+pub(crate) fn allow_dynamic_smem(f: &CudaFunction, smem: u32) -> std::result::Result<(), DriverError> {
+    let v = i32::try_from(smem).unwrap_or(i32::MAX);
+    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, v)
 }

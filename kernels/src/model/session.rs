@@ -374,8 +374,9 @@ impl<'m> CudaSession<'m> {
             GemmShape { lda: h * dq, stride_a: dq, ldc: h * ck, stride_c: ck, batch: h, ..GemmShape::plain(n, dn, ck) };
         gemm(dev, &q, &a.w_uk, &mut qt, &s)?;
         // attention over the cache: ō [N, H, C]
-        let blocks = n * h.div_ceil(crate::ops::mla::MLA_HB);
-        let splits = (2 * dev.sms).div_ceil(blocks).clamp(1, rows.max_visible.div_ceil(256).max(1));
+        // in a captured decode max_visible is the capacity; the kernels split each row's own
+        // length, so the split count only has to suit the longest possible row
+        let splits = mla::mla_splits(dev, dt, n, h, ck, dr, rows.max_visible);
         let mut work = if splits > 1 { Some(MlaWork::new(dev, splits, n, h, ck)?) } else { None };
         let mut ob = Act::empty(dev, dt, n * h * ck)?;
         let call = MlaCall {

@@ -89,9 +89,11 @@ pub struct MlaWork {
 impl MlaWork {
     /// Scratch for up to `splits` splits of `n` rows, `h` heads, width `c`.
     pub fn new(dev: &Device, splits: usize, n: usize, h: usize, c: usize) -> Result<MlaWork> {
+        // unwritten: every split writes its (max, sum) for every row and head, and its partial
+        // output wherever the sum is non-zero (the combine reads nothing else)
         Ok(MlaWork {
-            part_o: crate::tensor::zeros(dev, splits * n * h * c)?,
-            part_ml: crate::tensor::zeros(dev, splits * n * h * 2)?,
+            part_o: crate::tensor::empty(dev, splits * n * h * c)?,
+            part_ml: crate::tensor::empty(dev, splits * n * h * 2)?,
         })
     }
 }

@@ -69,3 +69,14 @@ __device__ __forceinline__ float e4m3_to_f32(uint8_t b) {
     else v = ldexpf((float)(8 + m), (int)e - 10);
     return s ? -v : v;
 }
+
+// RoPE / YaRN of one pair (core/src/ops/rope.rs): angle = f32(pos) * inv_freq rounded to f32,
+// cos/sin of it in f64 rounded to f32, times the YaRN attention factor; (e, o) -> (re, im).
+__device__ __forceinline__ void rope_pair(float e, float o, int pos, float inv_freq, float attn_factor, float& re,
+                                          float& im) {
+    float a = __fmul_rn((float)pos, inv_freq);
+    float c = __fmul_rn((float)cos((double)a), attn_factor);
+    float s = __fmul_rn((float)sin((double)a), attn_factor);
+    re = __fsub_rn(__fmul_rn(e, c), __fmul_rn(o, s));
+    im = __fadd_rn(__fmul_rn(o, c), __fmul_rn(e, s));
+}

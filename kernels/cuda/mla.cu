@@ -559,6 +559,72 @@ __device__ void mla_combine(const MlaArgs& p) {
 extern "C" __global__ void mla_combine_f32(MlaArgs p) { mla_combine<float>(p); }
 extern "C" __global__ void mla_combine_bf16(MlaArgs p) { mla_combine<bf16>(p); }
 
+// The step between the projections and attention, fused (one launch instead of RMSNorm, two
+// RoPEs and the cache append): block (r, 0) normalizes row r's latent ckv[r, :C] (kv_a_layernorm,
+// statistics in f32 as rmsnorm.cu, the same reduction), rotates its k_pe ckv[r, C:C+dr] and writes
+// both to cache[slot[r], pos[r], :] (rows with a position outside the slot are skipped, as
+// cache_append does); block (r, 1 + h) rotates head h's q_pe in place in q (row stride ld_q,
+// head stride hs_q, rope part at offset q_off). The values equal the unfused ops' bit for bit.
+// grid: (N, 1 + H), block: 256. C <= 512 (two latent values per thread), dr / 2 <= 256.
+template <typename T>
+__device__ void mla_prep(const T* ckv, int ld_ckv, const float* __restrict__ kv_norm, float eps, T* q, int ld_q,
+                         int hs_q, int q_off, const int* __restrict__ pos, const float* __restrict__ inv_freq,
+                         float attn_factor, T* cache, long long slot_stride, const int* __restrict__ slot, int n,
+                         int c, int dr) {
+    int r = blockIdx.x, y = blockIdx.y, half = dr / 2;
+    if (r >= n) return;
+    if (y == 0) {
+        int w = c + dr;
+        int p = pos[r];
+        bool ok = p >= 0 && (long long)(p + 1) * w <= slot_stride;  // block-uniform
+        if (!ok) return;
+        const T* xr = ckv + (long long)r * ld_ckv;
+        T* dst = cache + (long long)slot[r] * slot_stride + (long long)p * w;
+        float s = 0.0f;
+        for (int j = threadIdx.x; j < c; j += blockDim.x) {
+            float v = to_f32(xr[j]);
+            s += v * v;
+        }
+        s = block_sum(s);
+        float inv = 1.0f / sqrtf(s / (float)c + eps);
+        for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = from_f32<T>(to_f32(xr[j]) * inv * kv_norm[j]);
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            float re, im;
+            rope_pair(to_f32(xr[c + 2 * i]), to_f32(xr[c + 2 * i + 1]), p, inv_freq[i], attn_factor, re, im);
+            dst[c + i] = from_f32<T>(re);
+            dst[c + half + i] = from_f32<T>(im);
+        }
+    } else {
+        T* v = q + (long long)r * ld_q + (long long)(y - 1) * hs_q + q_off;
+        int i = threadIdx.x;
+        float e = 0.0f, o = 0.0f;
+        if (i < half) {
+            e = to_f32(v[2 * i]);
+            o = to_f32(v[2 * i + 1]);
+        }
+        __syncthreads();
+        if (i >= half) return;
+        float re, im;
+        rope_pair(e, o, pos[r], inv_freq[i], attn_factor, re, im);
+        v[i] = from_f32<T>(re);
+        v[half + i] = from_f32<T>(im);
+    }
+}
+extern "C" __global__ void mla_prep_f32(const float* ckv, int ld_ckv, const float* kv_norm, float eps, float* q,
+                                        int ld_q, int hs_q, int q_off, const int* pos, const float* inv_freq,
+                                        float attn_factor, float* cache, long long slot_stride, const int* slot, int n,
+                                        int c, int dr) {
+    mla_prep<float>(ckv, ld_ckv, kv_norm, eps, q, ld_q, hs_q, q_off, pos, inv_freq, attn_factor, cache, slot_stride,
+                    slot, n, c, dr);
+}
+extern "C" __global__ void mla_prep_bf16(const bf16* ckv, int ld_ckv, const float* kv_norm, float eps, bf16* q,
+                                         int ld_q, int hs_q, int q_off, const int* pos, const float* inv_freq,
+                                         float attn_factor, bf16* cache, long long slot_stride, const int* slot, int n,
+                                         int c, int dr) {
+    mla_prep<bf16>(ckv, ld_ckv, kv_norm, eps, q, ld_q, hs_q, q_off, pos, inv_freq, attn_factor, cache, slot_stride,
+                   slot, n, c, dr);
+}
+
 // Appends rows of [C + dr] values to the cache: cache[slot[i], pos[i], :] = src[i, :].
 // grid: (N), block: 256.
 template <typename T>

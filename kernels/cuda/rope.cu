@@ -20,11 +20,10 @@ __device__ void rope(T* x, int rows, int ld_row, int heads, int ld_head, int off
     }
     __syncthreads();
     if (i >= half) return;
-    float a = __fmul_rn((float)pos[r], inv_freq[i]);
-    float c = __fmul_rn((float)cos((double)a), attn_factor);
-    float s = __fmul_rn((float)sin((double)a), attn_factor);
-    v[i] = from_f32<T>(__fsub_rn(__fmul_rn(e, c), __fmul_rn(o, s)));
-    v[half + i] = from_f32<T>(__fadd_rn(__fmul_rn(o, c), __fmul_rn(e, s)));
+    float re, im;
+    rope_pair(e, o, pos[r], inv_freq[i], attn_factor, re, im);
+    v[i] = from_f32<T>(re);
+    v[half + i] = from_f32<T>(im);
 }
 
 extern "C" __global__ void rope_f32(float* x, int rows, int ld_row, int heads, int ld_head, int offset, int half,

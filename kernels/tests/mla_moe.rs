@@ -8,9 +8,12 @@ use dsv3_core::config::{ScoringFunc, TopkMethod};
 use dsv3_core::model::moe::Router;
 use dsv3_core::rng::Rng;
 use dsv3_kernels::ops::mla::{
-    cache_append, mla_decode, mla_decode_with, mla_kernel, mma_fits, MlaCall, MlaKernel, MlaWork, MMA_VARIANTS,
+    cache_append, mla_decode, mla_decode_with, mla_kernel, mla_prep, mma_fits, MlaCall, MlaKernel, MlaWork, Prep,
+    MMA_VARIANTS,
 };
 use dsv3_kernels::ops::moe::{combine, plan, route, Plan, RouteCfg};
+use dsv3_kernels::ops::norm::rmsnorm;
+use dsv3_kernels::ops::rope::{rope, RopeLayout};
 use dsv3_kernels::tensor::{download, upload};
 use dsv3_kernels::{Act, DType};
 
@@ -281,4 +284,67 @@ fn dispatch_plan_and_combine_match_cpu() {
     let (ya, sa) = (Act::from_f32(&dev, DType::F32, &y).unwrap(), Act::from_f32(&dev, DType::F32, &shared).unwrap());
     combine(&dev, &ya, &p, &idx_d, &upload(&dev, &wts).unwrap(), Some(&sa), &mut x, n, k, d).unwrap();
     assert_close(&x.to_f32(&dev).unwrap(), &want, 1e-5, 1e-5, "combine");
+}
+
+#[test]
+fn fused_prep_equals_norm_rope_and_append_bit_for_bit() {
+    let Some(dev) = device("fused_prep_equals_norm_rope_and_append_bit_for_bit") else { return };
+    let mut rng = Rng::new(22);
+    // (heads, dn, C, dr): V3-like, and small odd ones
+    for &(h, dn, c, dr) in &[(8usize, 64usize, 512usize, 64usize), (3, 8, 96, 32), (1, 4, 40, 6)] {
+        let (slots, max_len, n) = (3usize, 9usize, 5usize);
+        let w = c + dr;
+        let dq = dn + dr;
+        let ckv = randn(&mut rng, n * w);
+        let q = randn(&mut rng, n * h * dq);
+        let norm: Vec<f32> = randn(&mut rng, c).iter().map(|v| 1.0 + 0.1 * v).collect();
+        let inv_freq: Vec<f32> = (0..dr / 2).map(|i| 10000f32.powf(-(2.0 * i as f32) / dr as f32)).collect();
+        // ragged positions; the last row's position is past max_len (skipped in the cache)
+        let (slot, pos) = ([2i32, 0, 1, 0, 1], [3i32, 0, 8, 1, 9]);
+        let (slot_d, pos_d) = (upload(&dev, &slot).unwrap(), upload(&dev, &pos).unwrap());
+        let (norm_d, freq_d) = (upload(&dev, &norm).unwrap(), upload(&dev, &inv_freq).unwrap());
+        for dt in [DType::F32, DType::Bf16] {
+            let fill = vec![7.0f32; slots * max_len * w];
+            // unfused: normalize in place, rotate k_pe and q_pe, append
+            let mut ckv_a = Act::from_f32(&dev, dt, &ckv).unwrap();
+            let mut q_a = Act::from_f32(&dev, dt, &q).unwrap();
+            let mut cache_a = Act::from_f32(&dev, dt, &fill).unwrap();
+            rmsnorm(&dev, &mut ckv_a, 0, w, None, &norm_d, c, 1e-6, n).unwrap();
+            let kl = RopeLayout { rows: n, ld_row: w, heads: 1, ld_head: w, offset: c, half: dr / 2 };
+            rope(&dev, &mut ckv_a, kl, &pos_d, &freq_d, 1.3).unwrap();
+            let ql = RopeLayout { rows: n, ld_row: h * dq, heads: h, ld_head: dq, offset: dn, half: dr / 2 };
+            rope(&dev, &mut q_a, ql, &pos_d, &freq_d, 1.3).unwrap();
+            cache_append(&dev, &ckv_a, w, &mut cache_a, max_len, &slot_d, &pos_d, n, w).unwrap();
+            // fused
+            let ckv_b = Act::from_f32(&dev, dt, &ckv).unwrap();
+            let mut q_b = Act::from_f32(&dev, dt, &q).unwrap();
+            let mut cache_b = Act::from_f32(&dev, dt, &fill).unwrap();
+            let p = Prep {
+                n,
+                c,
+                dr,
+                h,
+                ckv: &ckv_b,
+                ckv_off: 0,
+                ld_ckv: w,
+                kv_norm: &norm_d,
+                eps: 1e-6,
+                ld_q: h * dq,
+                hs_q: dq,
+                q_off: dn,
+                pos: &pos_d,
+                slot: &slot_d,
+                inv_freq: &freq_d,
+                attention_factor: 1.3,
+                max_len,
+            };
+            mla_prep(&dev, &p, &mut q_b, &mut cache_b).unwrap();
+            let what = format!("prep h{h} c{c} dr{dr} {dt:?}");
+            let (ca, cb) = (cache_a.to_f32(&dev).unwrap(), cache_b.to_f32(&dev).unwrap());
+            assert!(ca.iter().zip(&cb).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: cache differs");
+            assert_eq!(cb.iter().filter(|&&v| v == 7.0).count(), (slots * max_len - 4) * w, "{what}: rows written");
+            let (qa, qb) = (q_a.to_f32(&dev).unwrap(), q_b.to_f32(&dev).unwrap());
+            assert!(qa.iter().zip(&qb).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: queries differ");
+        }
+    }
 }

@@ -91,10 +91,10 @@ impl CudaModel {
         for l in &self.layers {
             let a = &l.attn;
             b += match &a.q {
-                weights::DQ::Lora { a, norm, b } => lin(a) + lin(b) + norm.len() * 4,
+                weights::DQ::Lora { a, norm, b, .. } => lin(a) + lin(b) + norm.len() * 4,
                 weights::DQ::Plain(q) => lin(q),
             };
-            b += lin(&a.kv_a) + lin(&a.o) + a.w_uk.bytes() + a.w_uv.bytes() + a.kv_norm.len() * 4;
+            b += a.kv_a.as_ref().map_or(0, lin) + lin(&a.o) + a.w_uk.bytes() + a.w_uv.bytes() + a.kv_norm.len() * 4;
             b += match &l.ffn {
                 weights::DFfn::Dense(m) => mlp(m),
                 weights::DFfn::Moe { router, experts, shared, .. } => {

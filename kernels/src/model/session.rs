@@ -6,8 +6,7 @@ use super::CudaModel;
 use crate::device::cuda_err;
 use crate::ops::gemm::{gemm, gemm_via, GemmPath, GemmShape, Grouped};
 use crate::ops::mla::{MlaCall, MlaWork};
-use crate::ops::rope::RopeLayout;
-use crate::ops::{elementwise, gather, mla, moe, norm, rope, sampling};
+use crate::ops::{elementwise, gather, mla, moe, norm, sampling};
 use crate::tensor::{upload, zeros, Act, DType};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice};
@@ -345,29 +344,59 @@ impl<'m> CudaSession<'m> {
             (rows.n, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
         let dq = dn + dr;
         let dt = m.dtype;
-        // queries [N, H·dq]
-        let mut q = Act::empty(dev, dt, n * h * dq)?;
-        match &a.q {
-            DQ::Lora { a: qa_l, norm: qn, b } => {
-                let rq = qa_l.w.n;
-                let mut qa = Act::empty(dev, dt, n * rq)?;
-                linear(m, qa_l, hn, n, &mut qa, false)?;
-                norm::rmsnorm(dev, &mut qa, 0, rq, None, qn, rq, m.lora_eps, n)?;
-                linear(m, b, &qa, n, &mut q, false)?;
-            }
-            DQ::Plain(p) => linear(m, p, hn, n, &mut q, false)?,
-        }
-        // compressed kv [N, C + dr]: normalize the latent, rotate k_pe and q_pe, append
+        // queries [N, H·dq] and the compressed kv [N, C + dr] (latent ‖ k_pe, normalized and
+        // rotated by mla_prep): with a LoRA, one GEMM writes q_a ‖ kv_a side by side
         let w = ck + dr;
-        let mut ckv = Act::empty(dev, dt, n * w)?;
-        linear(m, &a.kv_a, hn, n, &mut ckv, false)?;
-        norm::rmsnorm(dev, &mut ckv, 0, w, None, &a.kv_norm, ck, m.lora_eps, n)?;
-        let half = dr / 2;
-        let kl = RopeLayout { rows: n, ld_row: w, heads: 1, ld_head: w, offset: ck, half };
-        rope::rope(dev, &mut ckv, kl, &rows.pos, &m.inv_freq, m.attention_factor)?;
-        let ql = RopeLayout { rows: n, ld_row: h * dq, heads: h, ld_head: dq, offset: dn, half };
-        rope::rope(dev, &mut q, ql, &rows.pos, &m.inv_freq, m.attention_factor)?;
-        mla::cache_append(dev, &ckv, w, &mut self.caches[l], self.max_len, &rows.slot, &rows.pos, n, w)?;
+        let mut q = Act::empty(dev, dt, n * h * dq)?;
+        let (ckv_buf, ckv_off, ld_ckv);
+        match &a.q {
+            DQ::Lora { a: qa_l, rank: rq, fused_kv, norm: qn, b } => {
+                let rq = *rq;
+                let width = qa_l.w.n; // rq, or rq + w when fused
+                let mut qa = Act::empty(dev, dt, n * width)?;
+                linear(m, qa_l, hn, n, &mut qa, false)?;
+                if !fused_kv {
+                    let kv = a.kv_a.as_ref().ok_or_else(|| Error::Io("MLA layer without kv_a".into()))?;
+                    let mut ckv = Act::empty(dev, dt, n * w)?;
+                    linear(m, kv, hn, n, &mut ckv, false)?;
+                    norm::rmsnorm(dev, &mut qa, 0, rq, None, qn, rq, m.lora_eps, n)?;
+                    linear(m, b, &qa, n, &mut q, false)?;
+                    (ckv_buf, ckv_off, ld_ckv) = (ckv, 0, w);
+                } else {
+                    norm::rmsnorm(dev, &mut qa, 0, width, None, qn, rq, m.lora_eps, n)?;
+                    let s = GemmShape { lda: width, ..GemmShape::plain(n, rq, b.w.n) };
+                    gemm(dev, &qa, &b.w, &mut q, &GemmShape { bias: b.bias.as_ref(), ..s })?;
+                    (ckv_buf, ckv_off, ld_ckv) = (qa, rq, width);
+                }
+            }
+            DQ::Plain(p) => {
+                linear(m, p, hn, n, &mut q, false)?;
+                let kv = a.kv_a.as_ref().ok_or_else(|| Error::Io("MLA layer without kv_a".into()))?;
+                let mut ckv = Act::empty(dev, dt, n * w)?;
+                linear(m, kv, hn, n, &mut ckv, false)?;
+                (ckv_buf, ckv_off, ld_ckv) = (ckv, 0, w);
+            }
+        }
+        let prep = mla::Prep {
+            n,
+            c: ck,
+            dr,
+            h,
+            ckv: &ckv_buf,
+            ckv_off,
+            ld_ckv,
+            kv_norm: &a.kv_norm,
+            eps: m.lora_eps,
+            ld_q: h * dq,
+            hs_q: dq,
+            q_off: dn,
+            pos: &rows.pos,
+            slot: &rows.slot,
+            inv_freq: &m.inv_freq,
+            attention_factor: m.attention_factor,
+            max_len: self.max_len,
+        };
+        mla::mla_prep(dev, &prep, &mut q, &mut self.caches[l])?;
         // absorbed queries q̃_h = q_nope_h · W_UK_h: [N, H, C]
         let mut qt = Act::empty(dev, dt, n * h * ck)?;
         let s =

@@ -25,9 +25,12 @@ pub struct DMlp {
     pub inter: usize,
 }
 
+/// The query projection. With a LoRA, `q_a_proj` and `kv_a_proj_with_mqa` read the same input
+/// and are stored as one matrix (`fused_kv`: rows `[rank, rank + C + dr)` are `kv_a`), so one GEMM
+/// computes both; the fusion is skipped when only one of them stays FP8.
 #[allow(clippy::large_enum_variant)] // one per layer; boxing buys nothing
 pub enum DQ {
-    Lora { a: DLinear, norm: CudaSlice<f32>, b: DLinear },
+    Lora { a: DLinear, rank: usize, fused_kv: bool, norm: CudaSlice<f32>, b: DLinear },
     Plain(DLinear),
 }
 
@@ -35,7 +38,8 @@ pub enum DQ {
 /// (`[H, dv, C]`), `o_proj`.
 pub struct DMla {
     pub q: DQ,
-    pub kv_a: DLinear,
+    /// `None` when fused into the query LoRA's first matrix.
+    pub kv_a: Option<DLinear>,
     pub kv_norm: CudaSlice<f32>,
     pub w_uk: DWeight,
     pub w_uv: DWeight,
@@ -78,6 +82,31 @@ fn fp8_parts(l: &Linear, st: Storage) -> Option<(&[u8], &[f32])> {
         }
         _ => None,
     }
+}
+
+/// `q_a` and `kv_a` stacked into one `[rank + C + dr, D]` layer, when both stay dense or both stay
+/// FP8 with whole 128-row blocks; `None` otherwise.
+fn fused_qkv_a(dev: &Device, qa: &Linear, kva: &Linear, st: Storage) -> Result<Option<DLinear>> {
+    if qa.in_dim != kva.in_dim {
+        return Ok(None);
+    }
+    let (rows, d) = (qa.out_dim + kva.out_dim, qa.in_dim);
+    let w = match (fp8_parts(qa, st), fp8_parts(kva, st)) {
+        (Some((q1, s1)), Some((q2, s2))) if qa.out_dim.is_multiple_of(128) => {
+            DWeight::from_fp8(dev, 1, rows, d, &[q1, q2].concat(), &[s1, s2].concat())?
+        }
+        (None, None) => DWeight::from_f32(dev, st.dtype, 1, rows, d, &[qa.dense(), kva.dense()].concat())?,
+        _ => return Ok(None),
+    };
+    let bias = match (&qa.bias, &kva.bias) {
+        (None, None) => None,
+        (b1, b2) => {
+            let mut b = b1.clone().unwrap_or_else(|| vec![0.0; qa.out_dim]);
+            b.extend(b2.clone().unwrap_or_else(|| vec![0.0; kva.out_dim]));
+            Some(upload(dev, &b)?)
+        }
+    };
+    Ok(Some(DLinear { w, bias }))
 }
 
 pub fn linear(dev: &Device, l: &Linear, st: Storage) -> Result<DLinear> {
@@ -132,15 +161,22 @@ pub fn mlps(dev: &Device, mlps: &[&Mlp], st: Storage) -> Result<DMlp> {
 pub fn block(dev: &Device, b: &Block, dims: (usize, usize, usize, usize), st: Storage) -> Result<DBlock> {
     let (h, c, dn, dv) = dims;
     let a = &b.attn;
-    let q = match &a.q {
-        QProj::Lora { a, norm, b } => {
-            DQ::Lora { a: linear(dev, a, st)?, norm: upload(dev, norm)?, b: linear(dev, b, st)? }
+    let (q, kv_a) = match &a.q {
+        QProj::Lora { a: qa, norm, b } => {
+            let fused = fused_qkv_a(dev, qa, &a.kv_a, st)?;
+            let fused_kv = fused.is_some();
+            let kv_a = if fused_kv { None } else { Some(linear(dev, &a.kv_a, st)?) };
+            let a = match fused {
+                Some(f) => f,
+                None => linear(dev, qa, st)?,
+            };
+            (DQ::Lora { a, rank: qa.out_dim, fused_kv, norm: upload(dev, norm)?, b: linear(dev, b, st)? }, kv_a)
         }
-        QProj::Plain(l) => DQ::Plain(linear(dev, l, st)?),
+        QProj::Plain(l) => (DQ::Plain(linear(dev, l, st)?), Some(linear(dev, &a.kv_a, st)?)),
     };
     let attn = DMla {
         q,
-        kv_a: linear(dev, &a.kv_a, st)?,
+        kv_a,
         kv_norm: upload(dev, &a.kv_norm)?,
         w_uk: DWeight::from_f32(dev, st.dtype, h, c, dn, &a.w_uk_t)?,
         w_uv: DWeight::from_f32(dev, st.dtype, h, dv, c, &a.w_uv)?,

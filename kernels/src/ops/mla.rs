@@ -391,6 +391,90 @@ pub fn mla_decode_with(
     Ok(())
 }
 
+/// One step's queries and new latents before attention (`mla_prep_*`, one launch): for each of
+/// the `n` rows, normalize the latent `ckv[r, :c]` with `kv_norm` (RMSNorm, `eps`), rotate its
+/// `k_pe = ckv[r, c:c+dr]`, write both to `cache[slot[r], pos[r]]` (`[slots, max_len, c + dr]`;
+/// rows whose position is outside the slot are skipped), and rotate the `h` query heads' rope
+/// parts in place (`q` row stride `ld_q`, head stride `hs_q`, rope part at `q_off`). The same
+/// values as `norm::rmsnorm` + `rope::rope` (twice) + [`cache_append`].
+pub struct Prep<'a> {
+    pub n: usize,
+    pub c: usize,
+    pub dr: usize,
+    pub h: usize,
+    /// Row r's latent ‖ k_pe (unnormalized and unrotated) at `ckv_off + r·ld_ckv`.
+    pub ckv: &'a Act,
+    pub ckv_off: usize,
+    pub ld_ckv: usize,
+    pub kv_norm: &'a CudaSlice<f32>,
+    pub eps: f32,
+    pub ld_q: usize,
+    pub hs_q: usize,
+    pub q_off: usize,
+    pub pos: &'a CudaSlice<i32>,
+    pub slot: &'a CudaSlice<i32>,
+    pub inv_freq: &'a CudaSlice<f32>,
+    pub attention_factor: f32,
+    pub max_len: usize,
+}
+
+/// Runs [`Prep`] on `q` and `cache`.
+pub fn mla_prep(dev: &Device, p: &Prep, q: &mut Act, cache: &mut Act) -> Result<()> {
+    let Prep { n, c, dr, h, .. } = *p;
+    if n == 0 {
+        return Ok(());
+    }
+    let dt = p.ckv.dtype();
+    if q.dtype() != dt || cache.dtype() != dt {
+        return Err(Error::Input("mla_prep: ckv, q and the cache must share a dtype".into()));
+    }
+    if c == 0 || c > 512 || dr == 0 || !dr.is_multiple_of(2) || dr > 512 || h == 0 {
+        return Err(Error::Input(format!("mla_prep: C {c} (1..=512), even dr {dr} (<= 512), {h} heads")));
+    }
+    let w = c + dr;
+    if p.ld_ckv < w || p.kv_norm.len() < c || p.inv_freq.len() < dr / 2 || p.pos.len() < n || p.slot.len() < n {
+        return Err(Error::Input("mla_prep: strides, norm weight, frequencies or row arrays too small".into()));
+    }
+    if h > 1 && p.hs_q < p.q_off + dr {
+        return Err(Error::Input("mla_prep: query heads overlap".into()));
+    }
+    p.ckv.check(p.ckv_off + (n - 1) * p.ld_ckv + w, "mla_prep ckv")?;
+    q.check((n - 1) * p.ld_q + (h - 1) * p.hs_q + p.q_off + dr, "mla_prep q")?;
+    if !cache.len().is_multiple_of((p.max_len * w).max(1)) || cache.is_empty() {
+        return Err(Error::Input(format!("mla_prep: the cache is not [slots, {}, {w}]", p.max_len)));
+    }
+    let k = match dt {
+        DType::F32 => "mla_prep_f32",
+        DType::Bf16 => "mla_prep_bf16",
+    };
+    launch(
+        dev,
+        "mla",
+        k,
+        (dim(n, "mla_prep rows")?, dim(1 + h, "mla_prep heads")?, 1),
+        256,
+        &[
+            KArg::Ptr(p.ckv.ptr(dev, p.ckv_off)?),
+            KArg::I32(int(p.ld_ckv, "ld_ckv")?),
+            KArg::Ptr(dptr(dev, p.kv_norm, 0)?),
+            KArg::F32(p.eps),
+            KArg::Ptr(q.ptr(dev, 0)?),
+            KArg::I32(int(p.ld_q, "ld_q")?),
+            KArg::I32(int(p.hs_q, "hs_q")?),
+            KArg::I32(int(p.q_off, "q_off")?),
+            KArg::Ptr(dptr(dev, p.pos, 0)?),
+            KArg::Ptr(dptr(dev, p.inv_freq, 0)?),
+            KArg::F32(p.attention_factor),
+            KArg::Ptr(cache.ptr(dev, 0)?),
+            KArg::I64((p.max_len * w) as i64),
+            KArg::Ptr(dptr(dev, p.slot, 0)?),
+            KArg::I32(int(n, "n")?),
+            KArg::I32(int(c, "c")?),
+            KArg::I32(int(dr, "dr")?),
+        ],
+    )
+}
+
 /// Appends `n` rows of `w = C + dr` values (`src` `[n, ld_src]`) to the cache
 /// (`[slots, max_len, w]`): row i goes to slot `slot[i]`, position `pos[i]` (callers check both).
 #[allow(clippy::too_many_arguments)]

@@ -71,6 +71,8 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("mla", "mla_decode_mma_m2t64_bf16"),
     ("mla", "mla_combine_f32"),
     ("mla", "mla_combine_bf16"),
+    ("mla", "mla_prep_f32"),
+    ("mla", "mla_prep_bf16"),
     ("mla", "cache_append_f32"),
     ("mla", "cache_append_bf16"),
     ("moe", "moe_route"),

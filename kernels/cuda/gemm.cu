@@ -155,8 +155,6 @@ extern "C" __global__ void __launch_bounds__(128) gemm_fp8_f32(GemmArgs p) { gem
 // in one 128-wide K block, so its partial product is scaled by that block's scale before it is
 // added (DeepSeek's promotion, at a finer grain). grid: (ceil(n / (4 · SK_COLS)), ceil(m / 8),
 // batch), grouped (ceil(n / 16), groups, ceil(most rows of a group / 8)); block: 128.
-#define SK_ROWS 8
-#define SK_COLS 4
 #define SK_WARPS 4
 
 __device__ __forceinline__ void sk_load8(const float* p, float* v) {
@@ -188,19 +186,20 @@ __device__ __forceinline__ void sk_load8(const uint8_t* p, float* v) {
     for (int i = 0; i < 8; i++) v[i] = sk_e4m3(((i < 4 ? u.x : u.y) >> (8 * (i & 3))) & 0xffu);
 }
 
-template <typename TA, typename TW, typename TC>
+template <typename TA, typename TW, typename TC, int ROWS>
 __device__ void gemm_skinny(const GemmArgs& p) {
     constexpr bool FP8 = sizeof(TW) == 1;
-    // this block's tile of SK_ROWS rows
+    constexpr int COLS = 32 / ROWS;  // ROWS x COLS = 32 sums per lane, one per lane after the butterfly
+    // this block's tile of ROWS rows
     int g = 0, r0, row_end;
     long long b = 0;
     if (p.row_offsets) {
         g = blockIdx.y;
         if (g >= p.groups) return;
-        r0 = p.row_offsets[g] + blockIdx.z * SK_ROWS;
+        r0 = p.row_offsets[g] + blockIdx.z * ROWS;
         row_end = p.row_offsets[g + 1];
     } else {
-        r0 = blockIdx.y * SK_ROWS;
+        r0 = blockIdx.y * ROWS;
         row_end = p.m;
         b = blockIdx.z;
     }
@@ -211,74 +210,93 @@ __device__ void gemm_skinny(const GemmArgs& p) {
     const TW* W = (const TW*)p.w + woff;
     TC* C = (TC*)p.c + (p.row_offsets ? 0 : b * p.stride_c);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int col0 = (blockIdx.x * SK_WARPS + warp) * SK_COLS;
+    int col0 = (blockIdx.x * SK_WARPS + warp) * COLS;
     if (col0 >= p.n) return;
-    {
-        int nr = min(SK_ROWS, row_end - r0);
-        float acc[SK_COLS * SK_ROWS];
+    int nr = min(ROWS, row_end - r0);
+    float acc[32];
 #pragma unroll
-        for (int i = 0; i < SK_COLS * SK_ROWS; i++) acc[i] = 0.0f;
-        for (int k = lane * 8; k < p.k; k += 256) {
-            float w[SK_COLS][8];
-            float s[SK_COLS];
+    for (int i = 0; i < 32; i++) acc[i] = 0.0f;
+    for (int k = lane * 8; k < p.k; k += 256) {
+        if constexpr (ROWS == 1) {
+            // one row: its 8 values once, then the 32 columns one after another
+            float x[8];
+            sk_load8(A + (long long)r0 * p.lda + k, x);
 #pragma unroll
-            for (int c = 0; c < SK_COLS; c++) {
+            for (int c = 0; c < COLS; c++) {
+                int col = min(col0 + c, p.n - 1);  // columns past n repeat the last one, unstored
+                float w[8];
+                sk_load8(W + (long long)col * p.ldw + k, w);
+                float d = 0.0f;
+#pragma unroll
+                for (int j = 0; j < 8; j++) d = fmaf(x[j], w[j], d);
+                acc[c] = FP8 ? fmaf(p.scale[soff + (long long)(col / 128) * p.scale_ld + k / 128], d, acc[c]) : acc[c] + d;
+            }
+        } else {
+            // the columns' weights once, then each row of the tile against them
+            float w[COLS][8];
+            float sc[COLS];
+#pragma unroll
+            for (int c = 0; c < COLS; c++) {
                 int col = col0 + c;
-                s[c] = 1.0f;
+                sc[c] = 1.0f;
                 if (col < p.n) {
                     sk_load8(W + (long long)col * p.ldw + k, w[c]);
-                    if (FP8) s[c] = p.scale[soff + (long long)(col / 128) * p.scale_ld + k / 128];
+                    if (FP8) sc[c] = p.scale[soff + (long long)(col / 128) * p.scale_ld + k / 128];
                 } else {
 #pragma unroll
                     for (int j = 0; j < 8; j++) w[c][j] = 0.0f;
                 }
             }
 #pragma unroll
-            for (int r = 0; r < SK_ROWS; r++) {
+            for (int r = 0; r < ROWS; r++) {
                 if (r < nr) {
                     float x[8];
                     sk_load8(A + (long long)(r0 + r) * p.lda + k, x);
 #pragma unroll
-                    for (int c = 0; c < SK_COLS; c++) {
+                    for (int c = 0; c < COLS; c++) {
                         float d = 0.0f;
 #pragma unroll
                         for (int j = 0; j < 8; j++) d = fmaf(x[j], w[c][j], d);
-                        acc[c * SK_ROWS + r] = FP8 ? fmaf(s[c], d, acc[c * SK_ROWS + r]) : acc[c * SK_ROWS + r] + d;
+                        acc[c * ROWS + r] = FP8 ? fmaf(sc[c], d, acc[c * ROWS + r]) : acc[c * ROWS + r] + d;
                     }
                 }
             }
         }
-        // transposing butterfly: after the step of width s, acc[i] (i < s) holds index i + (bits of
-        // lane above s); at the end acc[0] of lane l is the warp sum of index l = c * 8 + r
-#pragma unroll
-        for (int s = 16; s >= 1; s >>= 1) {
-            bool upper = lane & s;
-#pragma unroll
-            for (int i = 0; i < s; i++) {
-                float send = upper ? acc[i] : acc[i + s];
-                float keep = upper ? acc[i + s] : acc[i];
-                acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, s);
-            }
-        }
-        int c = lane / SK_ROWS, r = lane % SK_ROWS;
-        if (r < nr && col0 + c < p.n) gemm_store<TC>(p, C, r0 + r, col0 + c, acc[0]);
     }
+    // transposing butterfly: after the step of width s, acc[i] (i < s) holds index i + (bits of
+    // lane above s); at the end acc[0] of lane l is the warp sum of index l = c * ROWS + r
+#pragma unroll
+    for (int s = 16; s >= 1; s >>= 1) {
+        bool upper = lane & s;
+#pragma unroll
+        for (int i = 0; i < s; i++) {
+            float send = upper ? acc[i] : acc[i + s];
+            float keep = upper ? acc[i + s] : acc[i];
+            acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, s);
+        }
+    }
+    int c = lane / ROWS, r = lane % ROWS;
+    if (r < nr && col0 + c < p.n) gemm_store<TC>(p, C, r0 + r, col0 + c, acc[0]);
 }
 
-extern "C" __global__ void __launch_bounds__(128) gemm_skinny_f32(GemmArgs p) { gemm_skinny<float, float, float>(p); }
+#define SKINNY8(name, TA, TW, TC)                                                                        \
+    extern "C" __global__ void __launch_bounds__(128) gemm_skinny_##name(GemmArgs p) {                     \
+        gemm_skinny<TA, TW, TC, 8>(p);                                                                    \
+    }
+#define SKINNY1(name, TA, TW, TC)                                                                        \
+    extern "C" __global__ void __launch_bounds__(128, 1) gemm_skinny1_##name(GemmArgs p) {                 \
+        gemm_skinny<TA, TW, TC, 1>(p);                                                                    \
+    }
+// 8-row tiles (4 columns per warp) and 1-row (32 columns per warp, for one row against a wide W;
+// not for f32 weights, whose 32 columns in flight would not fit the registers)
+SKINNY8(f32, float, float, float)
+SKINNY8(bf16_bf16, bf16, bf16, bf16)
+SKINNY8(bf16_f32, bf16, bf16, float)
+SKINNY8(fp8_bf16, bf16, uint8_t, bf16)
+SKINNY8(fp8_f32, bf16, uint8_t, float)
 // bf16 activations against f32 weights (the router in bf16 mode: no cast of the hidden states)
-extern "C" __global__ void __launch_bounds__(128) gemm_skinny_bf16_f32w(GemmArgs p) {
-    gemm_skinny<bf16, float, float>(p);
-}
-extern "C" __global__ void __launch_bounds__(128) gemm_skinny_bf16_bf16(GemmArgs p) {
-    gemm_skinny<bf16, bf16, bf16>(p);
-}
-extern "C" __global__ void __launch_bounds__(128) gemm_skinny_bf16_f32(GemmArgs p) {
-    gemm_skinny<bf16, bf16, float>(p);
-}
-extern "C" __global__ void __launch_bounds__(128) gemm_skinny_fp8_bf16(GemmArgs p) {
-    gemm_skinny<bf16, uint8_t, bf16>(p);
-}
-extern "C" __global__ void __launch_bounds__(128) gemm_skinny_fp8_f32(GemmArgs p) {
-    gemm_skinny<bf16, uint8_t, float>(p);
-}
+SKINNY8(bf16_f32w, bf16, float, float)
+SKINNY1(bf16_bf16, bf16, bf16, bf16)
+SKINNY1(bf16_f32, bf16, bf16, float)
+SKINNY1(fp8_bf16, bf16, uint8_t, bf16)
+SKINNY1(fp8_f32, bf16, uint8_t, float)

@@ -18,8 +18,10 @@ pub struct Device {
     /// `"NVIDIA H100 80GB HBM3 (sm_90, 132 SMs)"`-style description.
     pub name: String,
     pub sms: usize,
-    functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// A second stream for work that can run beside the main one ([`Device::fork`]).
+    side: Option<Arc<CudaStream>>,
+    functions: Arc<Mutex<HashMap<(&'static str, &'static str), CudaFunction>>>,
+    modules: Arc<Mutex<HashMap<&'static str, Arc<CudaModule>>>>,
 }
 
 /// Runs a driver call, turning a panic (a symbol missing from an old libcuda) into an error.
@@ -81,15 +83,46 @@ impl Device {
         // A created stream, not the legacy default one: decode steps are captured into CUDA
         // graphs, which the legacy stream cannot do.
         let stream = ctx.new_stream().map_err(|e| cuda_err("creating a stream", e))?;
+        let side = Some(ctx.new_stream().map_err(|e| cuda_err("creating a stream", e))?);
         Ok(Device {
             ctx,
             stream,
             arch,
             name,
             sms,
-            functions: Mutex::new(HashMap::new()),
-            modules: Mutex::new(HashMap::new()),
+            side,
+            functions: Arc::new(Mutex::new(HashMap::new())),
+            modules: Arc::new(Mutex::new(HashMap::new())),
         })
+    }
+
+    /// Forks independent work onto the side stream: returns a view of this device whose
+    /// launches go to the side stream, ordered after everything queued on the main stream so
+    /// far. Bring it back with [`Device::join`] before the main stream uses what it wrote.
+    /// Buffers the side work allocates are freed on the side stream; a buffer it writes for the
+    /// main stream must be allocated on the main stream before the fork (so its free follows
+    /// the main stream's last use). Works inside a CUDA graph capture (the fork and join become
+    /// graph edges, the two branches run concurrently).
+    pub fn fork(&self) -> Result<Device> {
+        let side = self.side.clone().ok_or_else(|| Error::Input("fork: already a side-stream view".into()))?;
+        let ev = self.stream.record_event(None).map_err(|e| cuda_err("recording a fork event", e))?;
+        side.wait(&ev).map_err(|e| cuda_err("waiting for a fork event", e))?;
+        Ok(Device {
+            ctx: self.ctx.clone(),
+            stream: side,
+            arch: self.arch,
+            name: self.name.clone(),
+            sms: self.sms,
+            side: None,
+            functions: self.functions.clone(),
+            modules: self.modules.clone(),
+        })
+    }
+
+    /// Orders the main stream after everything queued on `side` (from [`Device::fork`]).
+    pub fn join(&self, side: &Device) -> Result<()> {
+        let ev = side.stream.record_event(None).map_err(|e| cuda_err("recording a join event", e))?;
+        self.stream.wait(&ev).map_err(|e| cuda_err("waiting for a join event", e))
     }
 
     /// Kernel `kernel` of PTX module `module` (loading the module on first use).

@@ -27,17 +27,21 @@ fn check(got: &[f32], want: &[f32], k: usize, rtol: f32, what: &str) {
     assert_close(got, want, rtol * scale, rtol, what);
 }
 
-const SHAPES: [(usize, usize, usize); 7] =
-    [(1, 1, 1), (7, 33, 45), (65, 130, 257), (64, 64, 128), (3, 200, 1000), (1, 37, 8), (70, 21, 264)];
+const SHAPES: [(usize, usize, usize); 8] =
+    [(1, 1, 1), (7, 33, 45), (65, 130, 257), (64, 64, 128), (3, 200, 1000), (1, 37, 8), (70, 21, 264), (1, 4100, 264)];
 
 /// The kernel families to check for a K: tiled always, skinny where K allows it (any row count:
-/// row tiles of 8 with a ragged last one).
-fn paths(k: usize) -> Vec<GemmPath> {
-    if k.is_multiple_of(8) {
-        vec![GemmPath::Tiled, GemmPath::Skinny]
-    } else {
-        vec![GemmPath::Tiled]
+/// row tiles of 8 with a ragged last one), the one-row skinny form for single rows.
+fn paths_for(m: usize, k: usize, w: DType) -> Vec<GemmPath> {
+    match (k.is_multiple_of(8), m, w) {
+        (false, _, _) => vec![GemmPath::Tiled],
+        (true, 1, DType::Bf16) => vec![GemmPath::Tiled, GemmPath::Skinny, GemmPath::SkinnyRow],
+        (true, _, _) => vec![GemmPath::Tiled, GemmPath::Skinny],
     }
+}
+
+fn paths(k: usize) -> Vec<GemmPath> {
+    paths_for(2, k, DType::F32)
 }
 
 #[test]
@@ -56,7 +60,7 @@ fn f32_and_bf16_gemms_match_the_reference() {
             let mut want = matmul_ref(&ar, &wr, m, n, k);
             let aa = Act::from_f32(&dev, dt, &a).unwrap();
             let ww = DWeight::from_f32(&dev, dt, 1, n, k, &w).unwrap();
-            for path in paths(k) {
+            for path in paths_for(m, k, dt) {
                 let mut c = poisoned(&dev, out_dt, m * n);
                 gemm_via(&dev, &aa, &ww, &mut c, &GemmShape::plain(m, k, n), path).unwrap();
                 check(
@@ -76,7 +80,7 @@ fn f32_and_bf16_gemms_match_the_reference() {
             }
             let b = upload(&dev, &bias).unwrap();
             let s = GemmShape { accumulate: true, bias: Some(&b), ..GemmShape::plain(m, k, n) };
-            for path in paths(k) {
+            for path in paths_for(m, k, dt) {
                 let mut c = Act::from_f32(&dev, out_dt, &prev).unwrap();
                 gemm_via(&dev, &aa, &ww, &mut c, &s, path).unwrap();
                 check(&c.to_f32(&dev).unwrap(), &want, k, rtol, &format!("gemm {path:?} accumulate + bias"));
@@ -90,27 +94,35 @@ fn batched_gemm_with_head_strides_matches() {
     let Some(dev) = device("batched_gemm_with_head_strides_matches") else { return };
     // MLA's absorption: q [N, H·dq], head h's first dn values times W_UK_h [C, dn] -> [N, H·C]
     let mut rng = Rng::new(11);
-    let (n, h, dn, dq, c) = (9usize, 5usize, 24usize, 40usize, 70usize);
-    let q = randn(&mut rng, n * h * dq);
-    let w = randn(&mut rng, h * c * dn);
-    for (dt, rtol) in [(DType::F32, 1e-5), (DType::Bf16, BF16_RTOL)] {
-        let (qr, wr) = if dt == DType::Bf16 { (bf16r(&q), bf16r(&w)) } else { (q.clone(), w.clone()) };
-        let mut want = vec![0f32; n * h * c];
-        for hh in 0..h {
-            let a: Vec<f32> =
-                (0..n).flat_map(|r| qr[r * h * dq + hh * dq..r * h * dq + hh * dq + dn].to_vec()).collect();
-            let o = matmul_ref(&a, &wr[hh * c * dn..(hh + 1) * c * dn], n, c, dn);
-            for r in 0..n {
-                want[r * h * c + hh * c..r * h * c + (hh + 1) * c].copy_from_slice(&o[r * c..(r + 1) * c]);
+    for n in [9usize, 1] {
+        let (h, dn, dq, c) = (5usize, 24usize, 40usize, 70usize);
+        let q = randn(&mut rng, n * h * dq);
+        let w = randn(&mut rng, h * c * dn);
+        for (dt, rtol) in [(DType::F32, 1e-5), (DType::Bf16, BF16_RTOL)] {
+            let (qr, wr) = if dt == DType::Bf16 { (bf16r(&q), bf16r(&w)) } else { (q.clone(), w.clone()) };
+            let mut want = vec![0f32; n * h * c];
+            for hh in 0..h {
+                let a: Vec<f32> =
+                    (0..n).flat_map(|r| qr[r * h * dq + hh * dq..r * h * dq + hh * dq + dn].to_vec()).collect();
+                let o = matmul_ref(&a, &wr[hh * c * dn..(hh + 1) * c * dn], n, c, dn);
+                for r in 0..n {
+                    want[r * h * c + hh * c..r * h * c + (hh + 1) * c].copy_from_slice(&o[r * c..(r + 1) * c]);
+                }
             }
-        }
-        let s =
-            GemmShape { lda: h * dq, stride_a: dq, ldc: h * c, stride_c: c, batch: h, ..GemmShape::plain(n, dn, c) };
-        let (qa, wa) = (Act::from_f32(&dev, dt, &q).unwrap(), DWeight::from_f32(&dev, dt, h, c, dn, &w).unwrap());
-        for path in paths(dn) {
-            let mut out = poisoned(&dev, dt, n * h * c);
-            gemm_via(&dev, &qa, &wa, &mut out, &s, path).unwrap();
-            check(&out.to_f32(&dev).unwrap(), &want, dn, rtol, &format!("batched {path:?} {dt:?}"));
+            let s = GemmShape {
+                lda: h * dq,
+                stride_a: dq,
+                ldc: h * c,
+                stride_c: c,
+                batch: h,
+                ..GemmShape::plain(n, dn, c)
+            };
+            let (qa, wa) = (Act::from_f32(&dev, dt, &q).unwrap(), DWeight::from_f32(&dev, dt, h, c, dn, &w).unwrap());
+            for path in paths_for(n, dn, dt) {
+                let mut out = poisoned(&dev, dt, n * h * c);
+                gemm_via(&dev, &qa, &wa, &mut out, &s, path).unwrap();
+                check(&out.to_f32(&dev).unwrap(), &want, dn, rtol, &format!("batched {path:?} {dt:?}"));
+            }
         }
     }
 }
@@ -143,7 +155,9 @@ fn fp8_weight(rng: &mut Rng, g: usize, n: usize, k: usize) -> (Vec<u8>, Vec<f32>
 fn fp8_block_scaled_gemm_matches_dequantized_reference() {
     let Some(dev) = device("fp8_block_scaled_gemm_matches_dequantized_reference") else { return };
     let mut rng = Rng::new(12);
-    for (m, n, k) in [(1usize, 1usize, 1usize), (5, 130, 300), (70, 256, 512), (2, 7168 / 8, 2048), (9, 200, 384)] {
+    for (m, n, k) in
+        [(1usize, 1usize, 1usize), (5, 130, 300), (70, 256, 512), (2, 7168 / 8, 2048), (9, 200, 384), (1, 300, 256)]
+    {
         let a = randn(&mut rng, m * k);
         let (q, s, dense) = fp8_weight(&mut rng, 1, n, k);
         let want = matmul_ref(&bf16r(&a), &dense, m, n, k);
@@ -153,7 +167,7 @@ fn fp8_block_scaled_gemm_matches_dequantized_reference() {
             // values are ~1e-2·448·sqrt(k): compare relative to the output scale
             let amax = want.iter().fold(0f32, |x, v| x.max(v.abs())).max(1e-6);
             let rtol = if out_dt == DType::F32 { 1e-5 } else { BF16_RTOL };
-            for path in paths(k) {
+            for path in paths_for(m, k, DType::Bf16) {
                 let mut c = poisoned(&dev, out_dt, m * n);
                 gemm_via(&dev, &aa, &w, &mut c, &GemmShape::plain(m, k, n), path).unwrap();
                 let what = format!("fp8 {path:?} {m}x{n}x{k} -> {out_dt:?}");
@@ -235,9 +249,12 @@ fn bf16_activations_times_f32_weights_run_skinny_only() {
         let want = matmul_ref(&bf16r(&a), &w, m, n, k);
         let aa = Act::from_f32(&dev, DType::Bf16, &a).unwrap();
         let ww = DWeight::from_f32(&dev, DType::F32, 1, n, k, &w).unwrap();
+        for path in paths_for(m, k, DType::F32).into_iter().filter(|p| *p != GemmPath::Tiled) {
+            let mut c = poisoned(&dev, DType::F32, m * n);
+            gemm_via(&dev, &aa, &ww, &mut c, &GemmShape::plain(m, k, n), path).unwrap();
+            check(&c.to_f32(&dev).unwrap(), &want, k, 1e-5, &format!("bf16 x f32 {path:?} {m}x{n}x{k}"));
+        }
         let mut c = poisoned(&dev, DType::F32, m * n);
-        gemm_via(&dev, &aa, &ww, &mut c, &GemmShape::plain(m, k, n), GemmPath::Skinny).unwrap();
-        check(&c.to_f32(&dev).unwrap(), &want, k, 1e-5, &format!("bf16 x f32 {m}x{n}x{k}"));
         let tiled = gemm_via(&dev, &aa, &ww, &mut c, &GemmShape::plain(m, k, n), GemmPath::Tiled);
         assert!(tiled.is_err(), "the tiled kernels have no bf16 x f32 form");
     }

@@ -3,7 +3,7 @@
 //! one batched forward per step, prefill and decode alike, no host round trip between layers.
 use super::weights::{DFfn, DLinear, DMlp, DQ};
 use super::CudaModel;
-use crate::device::cuda_err;
+use crate::device::{cuda_err, Device};
 use crate::ops::gemm::{gemm, gemm_via, GemmPath, GemmShape, Grouped};
 use crate::ops::mla::{MlaCall, MlaWork};
 use crate::ops::{elementwise, gather, mla, moe, norm, sampling};
@@ -325,7 +325,7 @@ impl<'m> CudaSession<'m> {
             self.attention(l, &h, rows, &mut x)?;
             norm::rmsnorm(dev, &mut x, 0, d, Some((&mut h, 0, d)), &layer.post_norm, d, m.eps, n)?;
             match &layer.ffn {
-                DFfn::Dense(mlp) => mlp_forward(m, mlp, &h, n, &mut x, true)?,
+                DFfn::Dense(mlp) => mlp_forward(dev, m, mlp, &h, n, &mut x, true)?,
                 DFfn::Moe { router, bias, cfg, experts, shared } => {
                     moe_forward(m, (router, bias.as_ref(), cfg), experts, shared.as_ref(), &h, n, &mut x)?
                 }
@@ -474,9 +474,16 @@ fn linear(m: &CudaModel, l: &DLinear, x: &Act, n: usize, y: &mut Act, accumulate
     gemm(&m.dev, x, &l.w, y, &s)
 }
 
-/// A (non-grouped) SwiGLU MLP: `out (+)= down(silu(gate(x)) ⊙ up(x))`.
-fn mlp_forward(m: &CudaModel, mlp: &DMlp, x: &Act, n: usize, out: &mut Act, accumulate: bool) -> Result<()> {
-    let dev = &*m.dev;
+/// A (non-grouped) SwiGLU MLP on `dev`'s stream: `out (+)= down(silu(gate(x)) ⊙ up(x))`.
+fn mlp_forward(
+    dev: &Device,
+    m: &CudaModel,
+    mlp: &DMlp,
+    x: &Act,
+    n: usize,
+    out: &mut Act,
+    accumulate: bool,
+) -> Result<()> {
     let i = mlp.inter;
     let mut gu = Act::empty(dev, m.dtype, n * 2 * i)?;
     gemm(dev, x, &mlp.gate_up, &mut gu, &GemmShape::plain(n, mlp.gate_up.k, 2 * i))?;
@@ -499,55 +506,72 @@ fn moe_forward(
     let dev = &*m.dev;
     let (rw, bias, cfg) = router;
     let (d, e, k) = (m.cfg.hidden_size, cfg.n_experts, cfg.top_k);
-    // router logits in f32
-    let mut logits = Act::F32(crate::tensor::empty::<f32>(dev, n * e)?);
-    match m.dtype {
-        DType::F32 => gemm(dev, h, rw, &mut logits, &GemmShape::plain(n, d, e))?,
-        // few rows: the skinny kernel reads bf16 hidden states against the f32 router directly
-        DType::Bf16 if n <= crate::ops::gemm::SKINNY_MAX_M && d.is_multiple_of(8) => {
-            gemm_via(dev, h, rw, &mut logits, &GemmShape::plain(n, d, e), GemmPath::Skinny)?
-        }
-        DType::Bf16 => {
-            let mut hf = Act::F32(crate::tensor::empty::<f32>(dev, n * d)?);
-            elementwise::cast(dev, h, &mut hf, n * d)?;
-            gemm(dev, &hf, rw, &mut logits, &GemmShape::plain(n, d, e))?
-        }
-    }
-    let Act::F32(logits) = logits else { unreachable!("allocated as f32") };
-    let mut idx = crate::tensor::empty::<i32>(dev, n * k)?;
-    let mut w = crate::tensor::empty::<f32>(dev, n * k)?;
-    moe::route(dev, &logits, n, bias, cfg, &mut idx, &mut w)?;
-    let nk = n * k;
-    let mut plan = moe::Plan::new(dev, e, nk)?;
-    moe::plan(dev, &idx, n, k, e, &mut plan)?;
-    // permuted rows [nk, D] -> gate|up [nk, 2I] -> act [nk, I] -> down [nk, D]
-    let i = experts.inter;
-    let mut xe = Act::empty(dev, m.dtype, nk * d)?;
-    gather::gather_rows(dev, h, n, d, &plan.src_row, nk, d, &mut xe, d)?;
-    let grouped = || Grouped {
-        row_offsets: &plan.row_offsets,
-        tile_offsets: &plan.tile_offsets,
-        max_tiles: moe::Plan::max_tiles(nk, e),
-    };
-    let mut gu = Act::empty(dev, m.dtype, nk * 2 * i)?;
-    gemm(
-        dev,
-        &xe,
-        &experts.gate_up,
-        &mut gu,
-        &GemmShape { grouped: Some(grouped()), ..GemmShape::plain(nk, d, 2 * i) },
-    )?;
-    let mut act = Act::empty(dev, m.dtype, nk * i)?;
-    elementwise::swiglu(dev, &gu, 2 * i, &mut act, i, i, nk)?;
-    let mut ye = Act::empty(dev, m.dtype, nk * d)?;
-    gemm(dev, &act, &experts.down, &mut ye, &GemmShape { grouped: Some(grouped()), ..GemmShape::plain(nk, i, d) })?;
-    let sh = match shared {
+    // the shared expert does not depend on the routing: it runs on the side stream, beside the
+    // router, the dispatch and the routed experts. Its output belongs to the main stream, and the
+    // main stream joins the side one before anything returns (errors too), so no buffer is freed
+    // while the other stream may still use it.
+    let mut sh = None;
+    let mut sh_result = Ok(());
+    let side = match shared {
         Some(s) => {
             let mut o = Act::empty(dev, m.dtype, n * d)?;
-            mlp_forward(m, s, h, n, &mut o, false)?;
-            Some(o)
+            let side = dev.fork()?;
+            sh_result = mlp_forward(&side, m, s, h, n, &mut o, false);
+            sh = Some(o);
+            Some(side)
         }
         None => None,
     };
+    let routed = || -> Result<_> {
+        // router logits in f32
+        let mut logits = Act::F32(crate::tensor::empty::<f32>(dev, n * e)?);
+        match m.dtype {
+            DType::F32 => gemm(dev, h, rw, &mut logits, &GemmShape::plain(n, d, e))?,
+            // few rows: the skinny kernel reads bf16 hidden states against the f32 router directly
+            DType::Bf16 if n <= crate::ops::gemm::SKINNY_MAX_M && d.is_multiple_of(8) => {
+                gemm_via(dev, h, rw, &mut logits, &GemmShape::plain(n, d, e), GemmPath::Skinny)?
+            }
+            DType::Bf16 => {
+                let mut hf = Act::F32(crate::tensor::empty::<f32>(dev, n * d)?);
+                elementwise::cast(dev, h, &mut hf, n * d)?;
+                gemm(dev, &hf, rw, &mut logits, &GemmShape::plain(n, d, e))?
+            }
+        }
+        let Act::F32(logits) = logits else { unreachable!("allocated as f32") };
+        let mut idx = crate::tensor::empty::<i32>(dev, n * k)?;
+        let mut w = crate::tensor::empty::<f32>(dev, n * k)?;
+        moe::route(dev, &logits, n, bias, cfg, &mut idx, &mut w)?;
+        let nk = n * k;
+        let mut plan = moe::Plan::new(dev, e, nk)?;
+        moe::plan(dev, &idx, n, k, e, &mut plan)?;
+        // permuted rows [nk, D] -> gate|up [nk, 2I] -> act [nk, I] -> down [nk, D]
+        let i = experts.inter;
+        let mut xe = Act::empty(dev, m.dtype, nk * d)?;
+        gather::gather_rows(dev, h, n, d, &plan.src_row, nk, d, &mut xe, d)?;
+        let grouped = || Grouped {
+            row_offsets: &plan.row_offsets,
+            tile_offsets: &plan.tile_offsets,
+            max_tiles: moe::Plan::max_tiles(nk, e),
+        };
+        let mut gu = Act::empty(dev, m.dtype, nk * 2 * i)?;
+        gemm(
+            dev,
+            &xe,
+            &experts.gate_up,
+            &mut gu,
+            &GemmShape { grouped: Some(grouped()), ..GemmShape::plain(nk, d, 2 * i) },
+        )?;
+        let mut act = Act::empty(dev, m.dtype, nk * i)?;
+        elementwise::swiglu(dev, &gu, 2 * i, &mut act, i, i, nk)?;
+        let mut ye = Act::empty(dev, m.dtype, nk * d)?;
+        gemm(dev, &act, &experts.down, &mut ye, &GemmShape { grouped: Some(grouped()), ..GemmShape::plain(nk, i, d) })?;
+        Ok((ye, plan, idx, w))
+    };
+    let routed = routed();
+    if let Some(side) = &side {
+        dev.join(side)?;
+    }
+    sh_result?;
+    let (ye, plan, idx, w) = routed?;
     moe::combine(dev, &ye, &plan, &idx, &w, sh.as_ref(), x, n, k, d)
 }

@@ -123,6 +123,8 @@ pub enum GemmPath {
     Tiled,
     /// The skinny kernels at any row count (an error when K or the strides are not multiples of 8).
     Skinny,
+    /// The one-row skinny kernels (32 columns per warp; an error unless `m == 1`, not grouped).
+    SkinnyRow,
 }
 
 /// `C (+)= A · Wᵀ (+ bias)` over the shape `s`; see [`GemmShape`].
@@ -211,7 +213,7 @@ pub fn gemm_via(dev: &Device, a: &Act, w: &DWeight, c: &mut Act, s: &GemmShape, 
             s.m <= 8 || s.grouped.is_some() || n.div_ceil(GEMM_BN) * s.m.div_ceil(GEMM_BM) * s.batch < dev.sms
         }),
         GemmPath::Tiled => None,
-        GemmPath::Skinny => Some(skinny_kernel(kernel, s, k, false).ok_or_else(|| {
+        GemmPath::Skinny | GemmPath::SkinnyRow => Some(skinny_kernel(kernel, s, k, false).ok_or_else(|| {
             Error::Input(format!(
                 "gemm: the skinny kernels need K, lda and offsets divisible by 8 (k {k}, lda {})",
                 s.lda
@@ -226,6 +228,26 @@ pub fn gemm_via(dev: &Device, a: &Act, w: &DWeight, c: &mut Act, s: &GemmShape, 
         )));
     }
     if let Some(sk) = skinny {
+        // one row against many columns: the 1-row form (32 columns per warp)
+        let row = match (path, skinny_row_name(sk)) {
+            (GemmPath::SkinnyRow, Some(k1)) if s.m == 1 && s.grouped.is_none() => Some(k1),
+            (GemmPath::SkinnyRow, _) => {
+                return Err(Error::Input(format!(
+                    "gemm: the one-row kernels take m == 1, ungrouped, bf16 or FP8 weights (m {})",
+                    s.m
+                )))
+            }
+            (GemmPath::Auto, Some(k1))
+                if s.m == 1 && s.grouped.is_none() && n * s.batch >= SKINNY_ROW_MIN_COLS && k <= SKINNY_ROW_MAX_K =>
+            {
+                Some(k1)
+            }
+            _ => None,
+        };
+        if let Some(k1) = row {
+            let grid = (dim(n.div_ceil(4 * 32), "gemm n")?, 1, dim(grid_z, "gemm batch")?);
+            return launch(dev, "gemm", k1, grid, 128, &[KArg::Gemm(args)]);
+        }
         // one block per 8-row tile: grouped, z walks the tiles of a group (at most all m rows)
         let tiles = s.m.div_ceil(8);
         let (gy, gz) = if s.grouped.is_some() { (groups, tiles) } else { (tiles, grid_z) };
@@ -239,6 +261,24 @@ pub fn gemm_via(dev: &Device, a: &Act, w: &DWeight, c: &mut Act, s: &GemmShape, 
 
 /// Output columns per block of the skinny kernels (4 warps x 4 columns).
 const SKINNY_COLS: usize = 16;
+/// One-row calls with at least this many output columns (over the batch) take the 1-row kernels
+/// (32 blocks of 128 columns or more: enough to keep the GPU's memory system busy).
+pub const SKINNY_ROW_MIN_COLS: usize = 4096;
+/// ... and K up to this (a warp walks its 32 columns one after another: on an H100 1 x 32000 x 512
+/// takes 11 µs this way and 32 µs in 8-row tiles, but 1 x 4096 x 7168 60 µs against 36 µs).
+pub const SKINNY_ROW_MAX_K: usize = 2048;
+
+/// The 1-row form of an 8-row skinny kernel (`gemm_skinny_x` -> `gemm_skinny1_x`); none for f32
+/// weights.
+fn skinny_row_name(sk: &str) -> Option<&'static str> {
+    Some(match sk {
+        "gemm_skinny_bf16_bf16" => "gemm_skinny1_bf16_bf16",
+        "gemm_skinny_bf16_f32" => "gemm_skinny1_bf16_f32",
+        "gemm_skinny_fp8_bf16" => "gemm_skinny1_fp8_bf16",
+        "gemm_skinny_fp8_f32" => "gemm_skinny1_fp8_f32",
+        _ => return None,
+    })
+}
 /// Largest row count (all groups together when grouped) sent to the skinny kernels.
 pub const SKINNY_MAX_M: usize = 64;
 pub const SKINNY_MAX_M_GROUPED: usize = 256;

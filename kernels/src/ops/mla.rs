@@ -244,8 +244,13 @@ pub fn mla_kernel(dev: &Device, dt: DType, h: usize, c: usize, dr: usize) -> Mla
 /// [`mla_decode`] attends `n` rows of `h` heads to at most `max_visible` entries each: the kernel
 /// it will run ([`mla_kernel`]), its blocks per SM, waves over the SMs and the combine's extra
 /// traffic. A pure function of the shapes and the GPU (graph-capture safe).
+/// `DSV3_MLA_SPLITS=<s>` (read once) overrides the choice (measurements).
 pub fn mla_splits(dev: &Device, dt: DType, n: usize, h: usize, c: usize, dr: usize, max_visible: usize) -> usize {
-    mla_splits_for(dev, mla_kernel(dev, dt, h, c, dr), n, h, c, dr, max_visible)
+    static FORCED: OnceLock<Option<usize>> = OnceLock::new();
+    let forced = *FORCED.get_or_init(|| {
+        std::env::var("DSV3_MLA_SPLITS").ok().and_then(|v| v.parse().ok()).filter(|&s| (1..=MAX_SPLITS).contains(&s))
+    });
+    forced.unwrap_or_else(|| mla_splits_for(dev, mla_kernel(dev, dt, h, c, dr), n, h, c, dr, max_visible))
 }
 
 /// [`mla_splits`] for a given kernel.

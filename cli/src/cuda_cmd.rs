@@ -1,6 +1,6 @@
 //! `--device cuda[:N]` for `dsv3 logits`, `dsv3 generate` and `dsv3 bench`: the model runs on a GPU
 //! through dsv3-kernels. Without a driver or GPU these commands print a clear error and exit 1.
-use dsv3_core::infer::sampling::{Sampler, SamplingParams};
+use dsv3_core::infer::sampling::SamplingParams;
 use dsv3_core::{Error, Model, Result};
 use dsv3_ffi::tokenizer::Tok;
 use dsv3_kernels::model::{CudaModel, CudaOptions, CudaSession};
@@ -69,31 +69,13 @@ pub fn generate(cm: &CudaModel, prompt: &[u32], params: &SamplingParams, tk: Opt
     if prompt.is_empty() {
         return Err(Error::Input("the prompt needs at least one token".into()));
     }
-    let mut sampler = Sampler::new(params.clone())?;
-    // greedy: the argmax runs on the device and only the token id comes back
-    let greedy = params.temperature == 0.0 || params.top_k == 1;
-    let mut sess = CudaSession::new(cm, 1, prompt.len() + params.max_new_tokens)?;
-    let mut next = |sess: &mut CudaSession, toks: &[u32]| -> Result<u32> {
-        if greedy {
-            Ok(sess.step_greedy(&[(0, toks)])?[0])
-        } else {
-            sampler.sample(&sess.step(&[(0, toks)])?)
-        }
-    };
-    let t0 = Instant::now();
-    let mut t = next(&mut sess, prompt)?;
-    let t_prefill = t0.elapsed().as_secs_f64();
     let mut stream = crate::stream::Streamer::new(tk);
-    let t1 = Instant::now();
     let mut out = std::io::stdout().lock();
-    while stream.generated.len() < params.max_new_tokens {
+    let g = dsv3_kernels::model::generate(cm, prompt, params, |t| {
         stream.push(t, &mut out);
-        if params.stop_tokens.contains(&t) || stream.generated.len() == params.max_new_tokens {
-            break;
-        }
-        t = next(&mut sess, &[t])?;
-    }
-    let dec = t1.elapsed().as_secs_f64();
+        true
+    })?;
+    let (t_prefill, dec) = (g.prefill_s, g.decode_s);
     let steps = stream.generated.len().saturating_sub(1);
     let _ = writeln!(out);
     let _ = writeln!(

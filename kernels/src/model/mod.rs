@@ -5,6 +5,7 @@
 //! every GEMM, norm and softmax accumulating in f32; router in f32; logits f32) or [`DType::F32`]
 //! (everything f32: the mode that matches the CPU oracle to ~1e-4). Attention is the absorbed
 //! form over the `[C + dr]` latent cache in both modes.
+pub mod generate;
 pub mod session;
 pub mod weights;
 
@@ -13,6 +14,7 @@ use crate::tensor::{upload, Act, DType};
 use cudarc::driver::CudaSlice;
 use dsv3_core::config::LORA_NORM_EPS;
 use dsv3_core::{Config, Error, Model, Result};
+pub use generate::{generate, Generated};
 pub use session::CudaSession;
 use std::sync::Arc;
 use weights::{DBlock, DLinear, Storage};

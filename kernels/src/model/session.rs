@@ -108,6 +108,18 @@ impl<'m> CudaSession<'m> {
         Ok(())
     }
 
+    /// Keeps the first `len` tokens of slot `s` (their cache entries stay valid; later ones are
+    /// overwritten by the next steps). `len` past the slot's length is an error.
+    pub fn truncate(&mut self, s: usize, len: usize) -> Result<()> {
+        let n = self.slots;
+        let cur = self.lens.get_mut(s).ok_or_else(|| Error::Input(format!("slot {s} out of range ({n})")))?;
+        if len > *cur {
+            return Err(Error::Input(format!("slot {s} holds {} tokens: cannot truncate to {len}", *cur)));
+        }
+        *cur = len;
+        Ok(())
+    }
+
     /// Bytes of latent cache on the device.
     pub fn cache_bytes(&self) -> usize {
         self.caches.iter().map(|c| c.len() * c.dtype().size()).sum()

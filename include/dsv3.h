@@ -37,6 +37,9 @@
 // The ABI version: bumped when an existing function or struct changes incompatibly.
 #define DSV3_ABI_VERSION 1
 
+// The cache length a GPU session gets from dsv3_session_new: the model's positions, at most this.
+#define DSV3_DEFAULT_GPU_MAX_LEN 4096
+
 // The most sequence slots a session may have.
 #define DSV3_MAX_SLOTS (1 << 16)
 
@@ -192,9 +195,12 @@ typedef int32_t (*dsv3_progress_fn)(void *user_data, float fraction);
 typedef struct dsv3_model_params {
   // sizeof(dsv3_model_params), set by dsv3_model_params_default().
   size_t struct_size;
-  // 0 = CPU. 1 = CUDA (not in this build: DSV3_ERR_UNSUPPORTED).
+  // 0 = CPU. 1 + N = CUDA GPU N (1 = the first GPU): sessions and dsv3_generate run there;
+  // without a driver or GPU the load fails with DSV3_ERR_UNSUPPORTED. Trainers and GRPO made
+  // from such a model train on the CPU.
   int32_t device;
-  // Compute dtype: 0 = f32 (the CPU's), 1 = bf16 (CUDA only; not in this build).
+  // Compute dtype: 0 = f32 (the CPU's; on a GPU it matches the CPU to ~1e-4), 1 = bf16 (CUDA
+  // only: bf16 weights and activations, FP8 checkpoint weights kept FP8, f32 accumulation).
   int32_t dtype;
   // 0 = keep FP8 checkpoint weights as FP8 + block scales (~1 byte/parameter), 1 = dequantize to f32 at load.
   int32_t dequantize_fp8;
@@ -383,10 +389,22 @@ enum dsv3_status dsv3_model_config_json(const struct dsv3_model *model,
                                         size_t cap,
                                         size_t *needed);
 
-// Creates a session with `slots` (1..=DSV3_MAX_SLOTS) empty sequences on `model` (which may be freed afterwards).
+// Creates a session with `slots` (1..=DSV3_MAX_SLOTS) empty sequences on `model` (which may be
+// freed afterwards). On a GPU model (loaded with device >= 1) the session lives on the GPU with a
+// latent cache of min(max_position_embeddings, DSV3_DEFAULT_GPU_MAX_LEN) tokens per slot
+// (allocated now; dsv3_session_new_ex sets another length); a step past it fails with
+// DSV3_ERR_INVALID_ARGUMENT and changes nothing.
 enum dsv3_status dsv3_session_new(const struct dsv3_model *model,
                                   size_t slots,
                                   struct dsv3_session **out);
+
+// dsv3_session_new with the per-slot cache length of a GPU session: `max_len` tokens (prompt and
+// generated together; 0 = the default). CPU sessions grow as needed: there `max_len` is only
+// checked against the model's positions (0 = no limit).
+enum dsv3_status dsv3_session_new_ex(const struct dsv3_model *model,
+                                     size_t slots,
+                                     size_t max_len,
+                                     struct dsv3_session **out);
 
 // Frees a session. NULL is a no-op.
 void dsv3_session_free(struct dsv3_session *session);

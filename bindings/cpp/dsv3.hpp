@@ -156,8 +156,11 @@ inline int32_t dsv3_cpp_progress_trampoline(void* user_data, float fraction) noe
 
 /// How to load a model (defaults from dsv3_model_params_default: CPU, FP8 kept, absorbed MLA).
 struct LoadOptions {
-    /// 0 = CPU, 1 = CUDA (not in this build: DSV3_ERR_UNSUPPORTED).
+    /// 0 = CPU, 1 + N = CUDA GPU N (sessions and generate run there; DSV3_ERR_UNSUPPORTED
+    /// without a driver or GPU).
     int32_t device;
+    /// 0 = f32 (on a GPU: matches the CPU), 1 = bf16 (GPU only).
+    int32_t dtype;
     /// Dequantize FP8 checkpoint weights to f32 at load (else keep FP8 + block scales).
     bool dequantize_fp8;
     /// MLA formulation: 0 = absorbed, 1 = naive (same results).
@@ -169,6 +172,7 @@ struct LoadOptions {
         dsv3_model_params p;
         detail::check(dsv3_model_params_default(&p));
         device = p.device;
+        dtype = p.dtype;
         dequantize_fp8 = p.dequantize_fp8 != 0;
         attention = p.attention;
     }
@@ -284,6 +288,7 @@ public:
         dsv3_model_params params;
         detail::check(dsv3_model_params_default(&params));
         params.device = options.device;
+        params.dtype = options.dtype;
         params.dequantize_fp8 = options.dequantize_fp8 ? 1 : 0;
         params.attention = options.attention;
         detail::Callback<std::function<bool(float)>> cb{&options.progress, nullptr};
@@ -354,10 +359,11 @@ class Session {
 public:
     Session() noexcept = default;
 
-    /// A session with `slots` empty sequences on `model` (which may be destroyed afterwards).
-    explicit Session(const Model& model, size_t slots = 1) {
+    /// A session with `slots` empty sequences on `model` (which may be destroyed afterwards). On a
+    /// GPU model each slot caches up to `max_len` tokens (0 = min(max positions, 4096)).
+    explicit Session(const Model& model, size_t slots = 1, size_t max_len = 0) {
         dsv3_session* raw = nullptr;
-        detail::check(dsv3_session_new(model.get(), slots, &raw));
+        detail::check(dsv3_session_new_ex(model.get(), slots, max_len, &raw));
         h_.reset(raw);
         vocab_ = static_cast<size_t>(model.info().vocab_size);
     }

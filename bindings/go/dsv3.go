@@ -137,7 +137,15 @@ type Device int32
 
 const (
 	CPU  Device = 0
-	CUDA Device = 1 // not in this build: Load fails with ErrUnsupported
+	CUDA Device = 1 // the first GPU (CUDA + N is GPU N); Load fails with ErrUnsupported without a driver or GPU
+)
+
+// DType is the compute dtype on a GPU.
+type DType int32
+
+const (
+	F32  DType = 0 // the CPU's; on a GPU it matches the CPU to ~1e-4
+	BF16 DType = 1 // GPU only: bf16 weights and activations, FP8 checkpoints kept FP8
 )
 
 // Attention selects the MLA formulation (same results).
@@ -152,6 +160,7 @@ const (
 // kept as FP8, absorbed attention, no progress callback.
 type ModelOptions struct {
 	Device        Device
+	DType         DType
 	DequantizeFP8 bool // dequantize FP8 checkpoint weights to f32 at load
 	Attention     Attention
 	// Progress, if set, is called during loading with the fraction done in [0, 1]; returning
@@ -186,6 +195,7 @@ func Load(path string, opts *ModelOptions) (*Model, error) {
 	var cb *callback
 	if opts != nil {
 		p.device = C.int32_t(opts.Device)
+		p.dtype = C.int32_t(opts.DType)
 		p.dequantize_fp8 = 0
 		if opts.DequantizeFP8 {
 			p.dequantize_fp8 = 1

@@ -452,7 +452,7 @@ pub unsafe extern "C" fn dsv3_grpo_model(grpo: *const dsv3_grpo, out: *mut *mut 
         let out = nonnull_mut(out, "out")?;
         let mut m = g.inner.model().clone();
         m.set_precision(Precision::F32);
-        *out = Box::into_raw(Box::new(dsv3_model { inner: Arc::new(m), dir: Default::default() }));
+        *out = Box::into_raw(Box::new(dsv3_model { inner: Arc::new(m), dir: Default::default(), cuda: None }));
         Ok(())
     })
 }

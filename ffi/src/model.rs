@@ -9,6 +9,25 @@ use std::sync::Arc;
 pub struct dsv3_model {
     pub(crate) inner: Arc<Model>,
     pub(crate) dir: PathBuf,
+    /// The model's copy on a GPU when loaded with device >= 1 (sessions and generation run there;
+    /// trainers always train `inner` on the CPU).
+    pub(crate) cuda: Option<Arc<CudaShared>>,
+}
+
+/// A model on a GPU and the lock that serializes its GPU work: all of it goes through one CUDA
+/// stream, and a decode step being captured into a CUDA graph must not see another thread's
+/// launches, so calls on sessions of one GPU model from several threads take turns.
+pub(crate) struct CudaShared {
+    pub(crate) model: dsv3_kernels::model::CudaModel,
+    pub(crate) lock: std::sync::Mutex<()>,
+}
+
+impl CudaShared {
+    /// Runs `f` holding the model's GPU lock.
+    pub(crate) fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        f()
+    }
 }
 
 /// Called during loading with the fraction done in [0, 1]. Return 0 to continue, anything else
@@ -20,9 +39,12 @@ pub type dsv3_progress_fn = Option<extern "C" fn(user_data: *mut c_void, fractio
 pub struct dsv3_model_params {
     /// sizeof(dsv3_model_params), set by dsv3_model_params_default().
     pub struct_size: usize,
-    /// 0 = CPU. 1 = CUDA (not in this build: DSV3_ERR_UNSUPPORTED).
+    /// 0 = CPU. 1 + N = CUDA GPU N (1 = the first GPU): sessions and dsv3_generate run there;
+    /// without a driver or GPU the load fails with DSV3_ERR_UNSUPPORTED. Trainers and GRPO made
+    /// from such a model train on the CPU.
     pub device: i32,
-    /// Compute dtype: 0 = f32 (the CPU's), 1 = bf16 (CUDA only; not in this build).
+    /// Compute dtype: 0 = f32 (the CPU's; on a GPU it matches the CPU to ~1e-4), 1 = bf16 (CUDA
+    /// only: bf16 weights and activations, FP8 checkpoint weights kept FP8, f32 accumulation).
     pub dtype: i32,
     /// 0 = keep FP8 checkpoint weights as FP8 + block scales (~1 byte/parameter), 1 = dequantize to f32 at load.
     pub dequantize_fp8: i32,
@@ -66,28 +88,22 @@ pub unsafe extern "C" fn dsv3_model_load(
         let mut opts = LoadOptions::default();
         let mut progress: dsv3_progress_fn = None;
         let mut user = std::ptr::null_mut();
+        let (mut gpu, mut bf16) = (None, false);
         if let Some(p) = unsafe { params.as_ref() } {
             check_size(p.struct_size, std::mem::size_of::<dsv3_model_params>(), "dsv3_model_params")?;
-            match p.device {
-                0 => {}
-                1 => {
-                    return Err(Fail(
-                        DSV3_ERR_UNSUPPORTED,
-                        "device 1 (CUDA): this build has no CUDA backend yet".into(),
-                    ))
+            gpu = match p.device {
+                0 => None,
+                d if d >= 1 => Some((d - 1) as usize),
+                d => return Err(invalid(format!("device must be 0 (CPU) or 1 + N (CUDA GPU N), got {d}"))),
+            };
+            bf16 = match (p.dtype, gpu) {
+                (0, _) => false,
+                (1, Some(_)) => true,
+                (1, None) => {
+                    return Err(Fail(DSV3_ERR_UNSUPPORTED, "dtype 1 (bf16) runs on a GPU only (device >= 1)".into()))
                 }
-                d => return Err(invalid(format!("device must be 0 (CPU) or 1 (CUDA), got {d}"))),
-            }
-            match p.dtype {
-                0 => {}
-                1 => {
-                    return Err(Fail(
-                        DSV3_ERR_UNSUPPORTED,
-                        "dtype 1 (bf16) needs the CUDA backend, which this build does not have".into(),
-                    ))
-                }
-                d => return Err(invalid(format!("dtype must be 0 (f32) or 1 (bf16), got {d}"))),
-            }
+                (d, _) => return Err(invalid(format!("dtype must be 0 (f32) or 1 (bf16), got {d}"))),
+            };
             opts.fp8 = match p.dequantize_fp8 {
                 0 => Fp8Mode::Keep,
                 1 => Fp8Mode::Dequantize,
@@ -101,6 +117,11 @@ pub unsafe extern "C" fn dsv3_model_load(
             progress = p.progress;
             user = p.user_data;
         }
+        // open the GPU first: no driver or GPU is a clear error before any weight is read
+        let dev = match gpu {
+            Some(i) => Some(Arc::new(dsv3_kernels::Device::new(i)?)),
+            None => None,
+        };
         let dir = Path::new(path);
         let cfg = dsv3_core::weights::file::read_config(dir)?;
         let store = dsv3_core::weights::file::open_store(dir)?;
@@ -109,7 +130,16 @@ pub unsafe extern "C" fn dsv3_model_load(
             None => true,
         };
         let model = Model::from_store_with_progress(cfg, store, opts, &mut cb)?;
-        *out = Box::into_raw(Box::new(dsv3_model { inner: Arc::new(model), dir: dir.to_path_buf() }));
+        let cuda = match dev {
+            Some(dev) => {
+                let dtype = if bf16 { dsv3_kernels::DType::Bf16 } else { dsv3_kernels::DType::F32 };
+                let o = dsv3_kernels::model::CudaOptions { dtype, keep_fp8: bf16 };
+                let model = dsv3_kernels::model::CudaModel::new(dev, &model, o)?;
+                Some(Arc::new(CudaShared { model, lock: std::sync::Mutex::new(()) }))
+            }
+            None => None,
+        };
+        *out = Box::into_raw(Box::new(dsv3_model { inner: Arc::new(model), dir: dir.to_path_buf(), cuda }));
         Ok(())
     })
 }

@@ -1,16 +1,64 @@
 //! Inference: sessions (prefill and decode on token ids, with a latent KV cache per slot) and
 //! generation with sampling and a per-token callback.
-use crate::model::dsv3_model;
+use crate::model::{dsv3_model, CudaShared};
 use crate::status::*;
 use dsv3_core::infer::{generate, Event, SamplingParams, Session};
 use dsv3_core::model::Model;
+use dsv3_kernels::model::{CudaModel, CudaSession};
 use std::ffi::c_void;
 use std::sync::Arc;
 
 /// An inference session over a fixed number of sequence slots (opaque). One thread at a time.
 pub struct dsv3_session {
-    inner: Session<Arc<Model>>,
+    inner: Kind,
 }
+
+enum Kind {
+    Cpu(Session<Arc<Model>>),
+    /// On the model's GPU. `sess` borrows `shared.model`, which `shared` keeps alive: the session
+    /// is dropped first (under the GPU lock: freeing device memory is stream work too).
+    Cuda {
+        sess: Option<CudaSession<'static>>,
+        slots: usize,
+        shared: Arc<CudaShared>,
+    },
+}
+
+impl Drop for dsv3_session {
+    fn drop(&mut self) {
+        if let Kind::Cuda { sess, shared, .. } = &mut self.inner {
+            let _g = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+            drop(sess.take());
+        }
+    }
+}
+
+impl Kind {
+    fn slots(&self) -> usize {
+        match self {
+            Kind::Cpu(s) => s.slots(),
+            Kind::Cuda { slots, .. } => *slots,
+        }
+    }
+
+    fn vocab(&self) -> usize {
+        match self {
+            Kind::Cpu(s) => s.model().cfg.vocab_size,
+            Kind::Cuda { shared, .. } => shared.model.cfg.vocab_size,
+        }
+    }
+
+    /// Runs `f` on the GPU session holding the model's GPU lock.
+    fn cuda<T>(&mut self, f: impl FnOnce(&mut CudaSession<'static>) -> dsv3_core::Result<T>) -> Result<T, Fail> {
+        match self {
+            Kind::Cuda { sess: Some(s), shared, .. } => Ok(shared.with(|| f(s))?),
+            _ => Err(Fail(DSV3_ERR_INTERNAL, "not a GPU session".into())),
+        }
+    }
+}
+
+/// The cache length a GPU session gets from dsv3_session_new: the model's positions, at most this.
+pub const DSV3_DEFAULT_GPU_MAX_LEN: usize = 4096;
 
 fn tokens(ids: &[i32], vocab: usize) -> Result<Vec<u32>, Fail> {
     ids.iter()
@@ -27,22 +75,61 @@ fn tokens(ids: &[i32], vocab: usize) -> Result<Vec<u32>, Fail> {
 /// The most sequence slots a session may have.
 pub const DSV3_MAX_SLOTS: usize = 1 << 16;
 
-/// Creates a session with `slots` (1..=DSV3_MAX_SLOTS) empty sequences on `model` (which may be freed afterwards).
+/// Creates a session with `slots` (1..=DSV3_MAX_SLOTS) empty sequences on `model` (which may be
+/// freed afterwards). On a GPU model (loaded with device >= 1) the session lives on the GPU with a
+/// latent cache of min(max_position_embeddings, DSV3_DEFAULT_GPU_MAX_LEN) tokens per slot
+/// (allocated now; dsv3_session_new_ex sets another length); a step past it fails with
+/// DSV3_ERR_INVALID_ARGUMENT and changes nothing.
 #[no_mangle]
 pub unsafe extern "C" fn dsv3_session_new(
     model: *const dsv3_model,
     slots: usize,
     out: *mut *mut dsv3_session,
 ) -> dsv3_status {
-    guard("dsv3_session_new", || {
-        let m = nonnull(model, "model")?.inner.clone();
-        let out = nonnull_mut(out, "out")?;
-        if slots == 0 || slots > DSV3_MAX_SLOTS {
-            return Err(invalid(format!("slots must be in 1..={DSV3_MAX_SLOTS}, got {slots}")));
+    guard("dsv3_session_new", || new_session(model, slots, 0, out))
+}
+
+/// dsv3_session_new with the per-slot cache length of a GPU session: `max_len` tokens (prompt and
+/// generated together; 0 = the default). CPU sessions grow as needed: there `max_len` is only
+/// checked against the model's positions (0 = no limit).
+#[no_mangle]
+pub unsafe extern "C" fn dsv3_session_new_ex(
+    model: *const dsv3_model,
+    slots: usize,
+    max_len: usize,
+    out: *mut *mut dsv3_session,
+) -> dsv3_status {
+    guard("dsv3_session_new_ex", || new_session(model, slots, max_len, out))
+}
+
+fn new_session(
+    model: *const dsv3_model,
+    slots: usize,
+    max_len: usize,
+    out: *mut *mut dsv3_session,
+) -> Result<(), Fail> {
+    let m = nonnull(model, "model")?;
+    let out = nonnull_mut(out, "out")?;
+    if slots == 0 || slots > DSV3_MAX_SLOTS {
+        return Err(invalid(format!("slots must be in 1..={DSV3_MAX_SLOTS}, got {slots}")));
+    }
+    let positions = m.inner.cfg.max_position_embeddings;
+    if max_len > positions {
+        return Err(invalid(format!("max_len {max_len} exceeds the model's {positions} positions")));
+    }
+    let inner = match &m.cuda {
+        None => Kind::Cpu(Session::new(m.inner.clone(), slots)),
+        Some(shared) => {
+            let len = if max_len == 0 { positions.min(DSV3_DEFAULT_GPU_MAX_LEN) } else { max_len };
+            // SAFETY: `shared` (an Arc kept in the same variant) owns the model for as long as the
+            // session exists: Drop frees the session first.
+            let model: &'static CudaModel = unsafe { &*(&shared.model as *const CudaModel) };
+            let sess = shared.with(|| CudaSession::new(model, slots, len))?;
+            Kind::Cuda { sess: Some(sess), slots, shared: shared.clone() }
         }
-        *out = Box::into_raw(Box::new(dsv3_session { inner: Session::new(m, slots) }));
-        Ok(())
-    })
+    };
+    *out = Box::into_raw(Box::new(dsv3_session { inner }));
+    Ok(())
 }
 
 /// Frees a session. NULL is a no-op.
@@ -66,7 +153,7 @@ pub unsafe extern "C" fn dsv3_session_step(
 ) -> dsv3_status {
     guard("dsv3_session_step", || {
         let s = &mut nonnull_mut(session, "session")?.inner;
-        let v = s.model().cfg.vocab_size;
+        let v = s.vocab();
         if !logits.is_null() && cap < v {
             if let Some(nd) = unsafe { needed.as_mut() } {
                 *nd = v;
@@ -74,7 +161,10 @@ pub unsafe extern "C" fn dsv3_session_step(
             return Err(Fail(DSV3_ERR_BUFFER_TOO_SMALL, format!("logits need {v} floats, the buffer holds {cap}")));
         }
         let toks = tokens(slice(ids, n, "ids")?, v)?;
-        let out = s.step(&[(slot, &toks)])?;
+        let out = match s {
+            Kind::Cpu(c) => c.step(&[(slot, &toks)])?,
+            Kind::Cuda { .. } => s.cuda(|g| g.step(&[(slot, &toks)]))?,
+        };
         if !logits.is_null() {
             fill(&out, logits, cap, needed, "logits")?;
         } else if let Some(nd) = unsafe { needed.as_mut() } {
@@ -96,7 +186,10 @@ pub unsafe extern "C" fn dsv3_session_length(
         if slot >= s.slots() {
             return Err(invalid(format!("slot {slot} out of range (session has {})", s.slots())));
         }
-        *nonnull_mut(out, "out")? = s.len(slot);
+        *nonnull_mut(out, "out")? = match s {
+            Kind::Cpu(c) => c.len(slot),
+            Kind::Cuda { sess, .. } => sess.as_ref().map_or(0, |g| g.len(slot)),
+        };
         Ok(())
     })
 }
@@ -104,13 +197,19 @@ pub unsafe extern "C" fn dsv3_session_length(
 /// Empties `slot`.
 #[no_mangle]
 pub unsafe extern "C" fn dsv3_session_reset(session: *mut dsv3_session, slot: usize) -> dsv3_status {
-    guard("dsv3_session_reset", || Ok(nonnull_mut(session, "session")?.inner.reset(slot)?))
+    guard("dsv3_session_reset", || match &mut nonnull_mut(session, "session")?.inner {
+        Kind::Cpu(c) => Ok(c.reset(slot)?),
+        k => k.cuda(|g| g.reset(slot)),
+    })
 }
 
 /// Keeps the first `len` tokens of `slot`.
 #[no_mangle]
 pub unsafe extern "C" fn dsv3_session_truncate(session: *mut dsv3_session, slot: usize, len: usize) -> dsv3_status {
-    guard("dsv3_session_truncate", || Ok(nonnull_mut(session, "session")?.inner.truncate(slot, len)?))
+    guard("dsv3_session_truncate", || match &mut nonnull_mut(session, "session")?.inner {
+        Kind::Cpu(c) => Ok(c.truncate(slot, len)?),
+        k => k.cuda(|g| g.truncate(slot, len)),
+    })
 }
 
 /// Sampling settings. Initialize with dsv3_sampling_params_default().
@@ -190,12 +289,25 @@ pub unsafe extern "C" fn dsv3_generate(
             ));
         }
         let dst = slice_mut(out, cap, "out")?;
-        let res = generate(m, &[&prompt], &sp, |e| match (e, callback) {
-            (Event::Token { token, .. }, Some(f)) => f(user_data, token as i32) == 0,
-            _ => true,
-        })?;
-        let toks = &res.tokens[0];
-        for (d, &t) in dst.iter_mut().zip(toks) {
+        let toks = match &nonnull(model, "model")?.cuda {
+            None => {
+                let res = generate(m, &[&prompt], &sp, |e| match (e, callback) {
+                    (Event::Token { token, .. }, Some(f)) => f(user_data, token as i32) == 0,
+                    _ => true,
+                })?;
+                res.tokens.into_iter().next().unwrap_or_default()
+            }
+            Some(shared) => {
+                let g = shared.with(|| {
+                    dsv3_kernels::model::generate(&shared.model, &prompt, &sp, |t| match callback {
+                        Some(f) => f(user_data, t as i32) == 0,
+                        None => true,
+                    })
+                })?;
+                g.tokens
+            }
+        };
+        for (d, &t) in dst.iter_mut().zip(&toks) {
             *d = t as i32;
         }
         *n_out = toks.len();

@@ -343,7 +343,7 @@ pub unsafe extern "C" fn dsv3_trainer_model(trainer: *const dsv3_trainer, out: *
         let out = nonnull_mut(out, "out")?;
         let mut m = t.inner.model.clone();
         m.set_precision(Precision::F32);
-        *out = Box::into_raw(Box::new(dsv3_model { inner: Arc::new(m), dir: Default::default() }));
+        *out = Box::into_raw(Box::new(dsv3_model { inner: Arc::new(m), dir: Default::default(), cuda: None }));
         Ok(())
     })
 }

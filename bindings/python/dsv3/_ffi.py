@@ -263,6 +263,7 @@ _PROTOS = {
     "dsv3_model_get_info": (_S, [_H, P(ModelInfo)]),
     "dsv3_model_config_json": (_S, [_H, c_char_p, c_size_t, P(c_size_t)]),
     "dsv3_session_new": (_S, [_H, c_size_t, P(_H)]),
+    "dsv3_session_new_ex": (_S, [_H, c_size_t, c_size_t, P(_H)]),
     "dsv3_session_free": (None, [_H]),
     "dsv3_session_step": (_S, [_H, c_size_t, P(c_int32), c_size_t, P(c_float), c_size_t, P(c_size_t)]),
     "dsv3_session_length": (_S, [_H, c_size_t, P(c_size_t)]),

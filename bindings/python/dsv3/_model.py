@@ -77,10 +77,16 @@ class Model(Handle):
         progress: called with the fraction loaded in [0, 1]; returning False cancels the load
             (Dsv3Error with Status.CANCELLED). An exception it raises cancels the load and is
             re-raised here.
-        device / dtype: "cpu" / "f32" (CUDA and bf16 are not in this build: Status.UNSUPPORTED).
+        device: "cpu", "cuda" (the first GPU) or "cuda:N"; sessions and generate() then run on the
+            GPU (needs an NVIDIA driver; without one: Dsv3Error with Status.UNSUPPORTED). Trainers
+            made from the model train on the CPU.
+        dtype: "f32" (on a GPU: matches the CPU to ~1e-4) or "bf16" (GPU only).
         """
         p = _ffi.new_params(_ffi.ModelParams)
-        p.device = _choice(device, _DEVICES, "device")
+        if isinstance(device, str) and device.lower().startswith("cuda:"):
+            p.device = 1 + int(device[5:])
+        else:
+            p.device = _choice(device, _DEVICES, "device")
         p.dtype = _choice(dtype, _DTYPES, "dtype")
         p.dequantize_fp8 = 1 if dequantize_fp8 else 0
         p.attention = _choice(attention, _ATTENTION, "attention")
@@ -157,13 +163,16 @@ class Model(Handle):
             raise err
         return list(out[: n_out.value])
 
-    def session(self, slots: int = 1) -> "Session":
-        """An inference session with `slots` empty sequences."""
+    def session(self, slots: int = 1, max_len: int = 0) -> "Session":
+        """An inference session with `slots` empty sequences. On a GPU model each slot's latent
+        cache holds `max_len` tokens (0: min(max_position_embeddings, 4096)), allocated now; on the
+        CPU caches grow as needed."""
         vocab = self.info().vocab_size
         slots = _ffi.unsigned(slots, "slots")
+        max_len = _ffi.unsigned(max_len, "max_len")
         out = c_void_p()
         with self._use() as ptr:
-            _ffi.check(lib.dsv3_session_new(ptr, slots, byref(out)))
+            _ffi.check(lib.dsv3_session_new_ex(ptr, slots, max_len, byref(out)))
         return Session(out.value, slots, vocab)
 
     def tokenizer(self) -> "Any":

@@ -397,7 +397,7 @@ fn grpo_grad_contract_matches_trl() {
 
 #[test]
 fn grpo_and_rejection_sampling_on_user_data() {
-    let d = tmp("grpo");
+    let d = tmp("grpo-user-data");
     let model = d.join("m");
     ok(&["init", "--preset", "tiny", "--out", model.to_str().unwrap(), "--seed", "4"]);
     let data = d.join("p.jsonl");

@@ -155,6 +155,16 @@ extern "C" __global__ void __launch_bounds__(128) gemm_fp8_f32(GemmArgs p) { gem
 // in one 128-wide K block, so its partial product is scaled by that block's scale before it is
 // added (DeepSeek's promotion, at a finer grain). grid: (ceil(n / (4 · SK_COLS)), ceil(m / 8),
 // batch), grouped (ceil(n / 16), groups, ceil(most rows of a group / 8)); block: 128.
+//
+// Fused forms (gemm.cuh): a_rows (A row r read from row a_rows[r]: the MoE dispatch gather
+// folded in), norm_w (RMSNorm of the A rows folded in: every warp streams whole A rows anyway,
+// so each lane also sums x² of its chunks, multiplies norm_w into x as it loads, and the row's
+// 1/rms scales the finished sum), and SwiGLU (SWIGLU: W is gate|up [2n, k]; a warp's 32 sums are
+// ROWS rows x COLS/2 columns x {gate, up}, the gate of (r, j) ending in lane l < 16 and its up in
+// lane l + 16, one more shuffle pairs them: C[r, j] = silu(g) · u as elementwise.cu's swiglu,
+// with g and u first rounded to C's type as the unfused GEMM would store them). The SwiGLU forms
+// have 2 (8-row) or 16 (1-row) output columns per warp, so the same grid.x as the plain GEMM
+// over the 2n weight rows: ceil(n / 8), ceil(n / 64).
 #define SK_WARPS 4
 
 __device__ __forceinline__ void sk_load8(const float* p, float* v) {
@@ -186,10 +196,35 @@ __device__ __forceinline__ void sk_load8(const uint8_t* p, float* v) {
     for (int i = 0; i < 8; i++) v[i] = sk_e4m3(((i < 4 ? u.x : u.y) >> (8 * (i & 3))) & 0xffu);
 }
 
-template <typename TA, typename TW, typename TC, int ROWS>
-__device__ void gemm_skinny(const GemmArgs& p) {
+// The A row read for C row `row`: itself, or a_rows[row] (an index out of range reads row 0).
+__device__ __forceinline__ int sk_arow(const GemmArgs& p, int row) {
+    if (!p.a_rows) return row;
+    int s = p.a_rows[row];
+    return (unsigned)s < (unsigned)p.a_rows_m ? s : 0;
+}
+
+// Transposing butterfly over v[0 .. 2S): after the step of width s, v[i] (i < s) holds index
+// i + (the bits of lane at s and above, up to S) summed over the lanes that differ only in those
+// bits; after the step of width 1, v[0] of lane l is the sum of index l % 2S over them. One
+// instantiation per step, so every index is a constant and v stays in registers.
+template <int S>
+__device__ __forceinline__ void sk_butterfly(float* v, int lane) {
+    bool upper = lane & S;
+#pragma unroll
+    for (int i = 0; i < S; i++) {
+        float lo = v[i], hi = v[i + S];
+        float send = upper ? lo : hi;
+        float keep = upper ? hi : lo;
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, S);
+    }
+    if constexpr (S > 1) sk_butterfly<S / 2>(v, lane);
+}
+
+template <typename TA, typename TW, typename TC, int ROWS, bool SWIGLU, bool NORM>
+__device__ __forceinline__ void gemm_skinny_impl(const GemmArgs& p) {
     constexpr bool FP8 = sizeof(TW) == 1;
     constexpr int COLS = 32 / ROWS;  // ROWS x COLS = 32 sums per lane, one per lane after the butterfly
+    constexpr int OC = SWIGLU ? COLS / 2 : COLS;  // output columns per warp
     // this block's tile of ROWS rows
     int g = 0, r0, row_end;
     long long b = 0;
@@ -210,20 +245,36 @@ __device__ void gemm_skinny(const GemmArgs& p) {
     const TW* W = (const TW*)p.w + woff;
     TC* C = (TC*)p.c + (p.row_offsets ? 0 : b * p.stride_c);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int col0 = (blockIdx.x * SK_WARPS + warp) * COLS;
+    int col0 = (blockIdx.x * SK_WARPS + warp) * OC;
     if (col0 >= p.n) return;
     int nr = min(ROWS, row_end - r0);
-    float acc[32];
+    // the A row of each tile row (rows past nr are never read)
+    int arow[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) arow[r] = sk_arow(p, r0 + min(r, nr - 1));
+    float acc[32], ss[ROWS];
 #pragma unroll
     for (int i = 0; i < 32; i++) acc[i] = 0.0f;
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) ss[r] = 0.0f;
     for (int k = lane * 8; k < p.k; k += 256) {
+        float nw[8];  // the norm weights of this chunk
+        if (NORM) sk_load8(p.norm_w + k, nw);
         if constexpr (ROWS == 1) {
             // one row: its 8 values once, then the 32 columns one after another
             float x[8];
-            sk_load8(A + (long long)r0 * p.lda + k, x);
+            sk_load8(A + (long long)arow[0] * p.lda + k, x);
+            if (NORM) {
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    ss[0] = fmaf(x[j], x[j], ss[0]);
+                    x[j] *= nw[j];
+                }
+            }
 #pragma unroll
             for (int c = 0; c < COLS; c++) {
-                int col = min(col0 + c, p.n - 1);  // columns past n repeat the last one, unstored
+                // columns past n repeat the last one, unstored; SwiGLU: slots OC.. are the up rows
+                int col = min(col0 + (SWIGLU ? c % OC : c), p.n - 1) + (SWIGLU && c >= OC ? p.n : 0);
                 float w[8];
                 sk_load8(W + (long long)col * p.ldw + k, w);
                 float d = 0.0f;
@@ -237,9 +288,10 @@ __device__ void gemm_skinny(const GemmArgs& p) {
             float sc[COLS];
 #pragma unroll
             for (int c = 0; c < COLS; c++) {
-                int col = col0 + c;
+                int oc = col0 + (SWIGLU ? c % OC : c);
+                int col = oc + (SWIGLU && c >= OC ? p.n : 0);
                 sc[c] = 1.0f;
-                if (col < p.n) {
+                if (oc < p.n) {
                     sk_load8(W + (long long)col * p.ldw + k, w[c]);
                     if (FP8) sc[c] = p.scale[soff + (long long)(col / 128) * p.scale_ld + k / 128];
                 } else {
@@ -251,7 +303,14 @@ __device__ void gemm_skinny(const GemmArgs& p) {
             for (int r = 0; r < ROWS; r++) {
                 if (r < nr) {
                     float x[8];
-                    sk_load8(A + (long long)(r0 + r) * p.lda + k, x);
+                    sk_load8(A + (long long)arow[r] * p.lda + k, x);
+                    if (NORM) {
+#pragma unroll
+                        for (int j = 0; j < 8; j++) {
+                            ss[r] = fmaf(x[j], x[j], ss[r]);
+                            x[j] *= nw[j];
+                        }
+                    }
 #pragma unroll
                     for (int c = 0; c < COLS; c++) {
                         float d = 0.0f;
@@ -263,29 +322,69 @@ __device__ void gemm_skinny(const GemmArgs& p) {
             }
         }
     }
-    // transposing butterfly: after the step of width s, acc[i] (i < s) holds index i + (bits of
-    // lane above s); at the end acc[0] of lane l is the warp sum of index l = c * ROWS + r
-#pragma unroll
-    for (int s = 16; s >= 1; s >>= 1) {
-        bool upper = lane & s;
-#pragma unroll
-        for (int i = 0; i < s; i++) {
-            float send = upper ? acc[i] : acc[i + s];
-            float keep = upper ? acc[i + s] : acc[i];
-            acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, s);
-        }
-    }
+    // transposing butterfly: acc[0] of lane l ends as the warp sum of index l = c * ROWS + r
+    sk_butterfly<16>(acc, lane);
     int c = lane / ROWS, r = lane % ROWS;
-    if (r < nr && col0 + c < p.n) gemm_store<TC>(p, C, r0 + r, col0 + c, acc[0]);
+    float v = acc[0];
+    if (NORM) {
+        // the sums of x² over the warp: 8 rows, a butterfly over them (ss[0] of lane l: row l % 8)
+        // and the lanes holding the same row summed; one row, its sum over the lanes combined in
+        // the same tree (lane bits 4, 2, 1, 8, 16), so both forms give the same bits
+        static_assert(ROWS == 8 || ROWS == 1, "the norm's reduction covers 8-row and 1-row tiles");
+        if constexpr (ROWS == 8) {
+            sk_butterfly<4>(ss, lane);
+        } else {
+            ss[0] += __shfl_xor_sync(0xffffffffu, ss[0], 4);
+            ss[0] += __shfl_xor_sync(0xffffffffu, ss[0], 2);
+            ss[0] += __shfl_xor_sync(0xffffffffu, ss[0], 1);
+        }
+        ss[0] += __shfl_xor_sync(0xffffffffu, ss[0], 8);
+        ss[0] += __shfl_xor_sync(0xffffffffu, ss[0], 16);
+        v *= 1.0f / sqrtf(ss[0] / (float)p.k + p.norm_eps);  // rmsnorm.cu's inverse RMS
+    }
+    // a gathered row whose index is out of range: NaN, never another row's values
+    if (p.a_rows && r < nr && (unsigned)p.a_rows[r0 + r] >= (unsigned)p.a_rows_m) v = __int_as_float(0x7fc00000);
+    if constexpr (SWIGLU) {
+        float u = __shfl_xor_sync(0xffffffffu, v, 16);  // lane l < 16: the up sum of its (row, column)
+        int j = col0 + c;
+        if (c < OC && r < nr && j < p.n) {
+            float gv = v;
+            if (p.bias) {
+                gv += p.bias[j];
+                u += p.bias[p.n + j];
+            }
+            // as gemm_store would have stored them, then elementwise.cu's swiglu
+            gv = to_f32(from_f32<TC>(gv));
+            u = to_f32(from_f32<TC>(u));
+            C[(long long)(r0 + r) * p.ldc + j] = from_f32<TC>(gv * dsv3_sigmoid(gv) * u);
+        }
+    } else {
+        if (r < nr && col0 + c < p.n) gemm_store<TC>(p, C, r0 + r, col0 + c, v);
+    }
+}
+
+// The folded RMSNorm is a separate instantiation, so calls without it run the plain code.
+template <typename TA, typename TW, typename TC, int ROWS, bool SWIGLU>
+__device__ __forceinline__ void gemm_skinny(const GemmArgs& p) {
+    if (p.norm_w) gemm_skinny_impl<TA, TW, TC, ROWS, SWIGLU, true>(p);
+    else gemm_skinny_impl<TA, TW, TC, ROWS, SWIGLU, false>(p);
 }
 
 #define SKINNY8(name, TA, TW, TC)                                                                        \
     extern "C" __global__ void __launch_bounds__(128) gemm_skinny_##name(GemmArgs p) {                     \
-        gemm_skinny<TA, TW, TC, 8>(p);                                                                    \
+        gemm_skinny<TA, TW, TC, 8, false>(p);                                                             \
     }
 #define SKINNY1(name, TA, TW, TC)                                                                        \
     extern "C" __global__ void __launch_bounds__(128, 1) gemm_skinny1_##name(GemmArgs p) {                 \
-        gemm_skinny<TA, TW, TC, 1>(p);                                                                    \
+        gemm_skinny<TA, TW, TC, 1, false>(p);                                                             \
+    }
+#define SKINNY8_SWIGLU(name, TA, TW, TC)                                                                 \
+    extern "C" __global__ void __launch_bounds__(128) gemm_skinny_swiglu_##name(GemmArgs p) {              \
+        gemm_skinny<TA, TW, TC, 8, true>(p);                                                              \
+    }
+#define SKINNY1_SWIGLU(name, TA, TW, TC)                                                                 \
+    extern "C" __global__ void __launch_bounds__(128, 1) gemm_skinny1_swiglu_##name(GemmArgs p) {          \
+        gemm_skinny<TA, TW, TC, 1, true>(p);                                                              \
     }
 // 8-row tiles (4 columns per warp) and 1-row (32 columns per warp, for one row against a wide W;
 // not for f32 weights, whose 32 columns in flight would not fit the registers)
@@ -300,3 +399,9 @@ SKINNY1(bf16_bf16, bf16, bf16, bf16)
 SKINNY1(bf16_f32, bf16, bf16, float)
 SKINNY1(fp8_bf16, bf16, uint8_t, bf16)
 SKINNY1(fp8_f32, bf16, uint8_t, float)
+// gate|up GEMM + SwiGLU in one (C in the activation dtype: f32 mode, bf16 mode bf16 / FP8 weights)
+SKINNY8_SWIGLU(f32, float, float, float)
+SKINNY8_SWIGLU(bf16, bf16, bf16, bf16)
+SKINNY8_SWIGLU(fp8, bf16, uint8_t, bf16)
+SKINNY1_SWIGLU(bf16, bf16, bf16, bf16)
+SKINNY1_SWIGLU(fp8, bf16, uint8_t, bf16)

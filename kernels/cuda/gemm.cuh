@@ -7,6 +7,8 @@
 // being the first tile of group g (tiles of GEMM_BM rows). grid.y = tile_offsets[groups] or more.
 // FP8 weights: W holds E4M3 codes, scale the f32 block scales [ceil(n/128), scale_ld] (128x128
 // blocks); products are summed per 128-wide K block in f32 and then scaled into the accumulator.
+// The skinny kernels also take gathered A rows (a_rows), a folded RMSNorm of A (norm_w) and, in
+// their SwiGLU forms, a gate|up W [2n, k] with C [m, n] = silu(A·W[:n]ᵀ) ⊙ (A·W[n:]ᵀ).
 #pragma once
 #define GEMM_BM 64
 #define GEMM_BN 64
@@ -22,6 +24,14 @@ struct GemmArgs {
     long long stride_a, stride_w, stride_c, stride_scale;
     int m, n, k, lda, ldw, ldc;
     int groups, accumulate, scale_ld, pad;
+    // Skinny kernels only (the tiled ones are never launched with them set):
+    // a_rows [m] (or null): A row r is read from row a_rows[r] (a gathered operand without the
+    // copy); an index outside [0, a_rows_m) reads row 0 and writes NaN to that output row.
+    const int* a_rows;
+    // norm_w [k] (or null): A rows are RMS-normalized first, y = x · rsqrt(mean(x²) + norm_eps) · norm_w.
+    const float* norm_w;
+    float norm_eps;
+    int a_rows_m;
 };
 
 // Which rows this block computes: [row0, row_end), and the group (0 when not grouped).

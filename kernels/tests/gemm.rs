@@ -259,3 +259,328 @@ fn bf16_activations_times_f32_weights_run_skinny_only() {
         assert!(tiled.is_err(), "the tiled kernels have no bf16 x f32 form");
     }
 }
+
+// ---- the skinny kernels' fused forms: SwiGLU epilogue, gathered A rows, folded RMSNorm
+
+/// `C = A · Wᵀ` in f64 and, per element, `Σ |a·w|` (the scale of an f32 summation's error).
+fn matmul_abs(a: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> (Vec<f64>, Vec<f64>) {
+    let (mut c, mut s) = (vec![0f64; m * n], vec![0f64; m * n]);
+    for i in 0..m {
+        for j in 0..n {
+            for x in 0..k {
+                let p = a[i * k + x] as f64 * w[j * k + x] as f64;
+                c[i * n + j] += p;
+                s[i * n + j] += p.abs();
+            }
+        }
+    }
+    (c, s)
+}
+
+/// Rows `x` (`[rows, k]`) RMS-normalized in f64: `x · rsqrt(mean(x²) + eps) · g`.
+fn rmsnorm_ref(x: &[f32], g: &[f32], eps: f32, k: usize) -> Vec<f32> {
+    x.chunks(k)
+        .flat_map(|r| {
+            let inv = 1.0 / (r.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / k as f64 + eps as f64).sqrt();
+            r.iter().zip(g).map(move |(&v, &gv)| (v as f64 * inv * gv as f64) as f32).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Relative rounding of an output of `dt` (bf16: 2^-9, with a 2x margin).
+fn out_rounding(dt: DType) -> f64 {
+    if dt == DType::Bf16 {
+        1.0 / 256.0
+    } else {
+        1e-6
+    }
+}
+
+/// `got ≈ want` within the f32 summation bound `1e-5 · Σ|a·w|` plus the output rounding.
+fn assert_gemm_close(got: &[f32], want: &[f64], sabs: &[f64], dt: DType, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    for (i, ((&g, &w), &s)) in got.iter().zip(want).zip(sabs).enumerate() {
+        let tol = 1e-5 * s + out_rounding(dt) * w.abs() + 1e-30;
+        assert!(!g.is_nan() && (g as f64 - w).abs() <= tol, "{what}: element {i}: got {g}, want {w} (tol {tol:.3e})");
+    }
+}
+
+/// `got[r, j] ≈ silu(g) · u` for `g = gu[r, j]`, `u = gu[r, I + j]` (`[m, 2I]`, f64, with their
+/// `Σ|a·w|`): the bound carries the errors of g and u (f32 sums, rounding to the output dtype)
+/// through the derivative of silu(g)·u, plus the output's rounding.
+fn assert_swiglu_close(got: &[f32], gu: &[f64], sabs: &[f64], m: usize, i: usize, dt: DType, what: &str) {
+    let rr = out_rounding(dt);
+    for r in 0..m {
+        for j in 0..i {
+            let (g, u) = (gu[r * 2 * i + j], gu[r * 2 * i + i + j]);
+            let eg = 1e-5 * sabs[r * 2 * i + j] + rr * g.abs();
+            let eu = 1e-5 * sabs[r * 2 * i + i + j] + rr * u.abs();
+            let sig = 1.0 / (1.0 + (-g).exp());
+            let (silu, dsilu) = (g * sig, sig * (1.0 + g * (1.0 - sig)));
+            let want = silu * u;
+            let tol = (dsilu * u).abs() * eg + silu.abs() * eu + eg * eu + (rr + 1e-6) * want.abs() + 1e-30;
+            let x = got[r * i + j];
+            assert!(
+                !x.is_nan() && (x as f64 - want).abs() <= tol,
+                "{what}: row {r} col {j}: got {x}, want {want} (g {g}, u {u}, tol {tol:.3e})"
+            );
+        }
+    }
+}
+
+/// Weights of the three kinds (f32 mode, bf16, FP8 in bf16 mode) `[g, n, k]` and their values as
+/// the kernels see them (bf16-rounded, or E4M3 x block scale).
+fn weights_of(
+    dev: &dsv3_kernels::Device,
+    rng: &mut Rng,
+    kind: &str,
+    g: usize,
+    n: usize,
+    k: usize,
+) -> (DWeight, Vec<f32>) {
+    match kind {
+        "f32" => {
+            let w = randn(rng, g * n * k);
+            (DWeight::from_f32(dev, DType::F32, g, n, k, &w).unwrap(), w)
+        }
+        "bf16" => {
+            let w = randn(rng, g * n * k);
+            (DWeight::from_f32(dev, DType::Bf16, g, n, k, &w).unwrap(), bf16r(&w))
+        }
+        _ => {
+            let (q, s, dense) = fp8_weight(rng, g, n, k);
+            (DWeight::from_fp8(dev, g, n, k, &q, &s).unwrap(), dense)
+        }
+    }
+}
+
+/// The activation dtype of a weight kind.
+fn act_dtype(kind: &str) -> DType {
+    if kind == "f32" {
+        DType::F32
+    } else {
+        DType::Bf16
+    }
+}
+
+#[test]
+fn fused_swiglu_matches_gemm_then_swiglu() {
+    let Some(dev) = device("fused_swiglu_matches_gemm_then_swiglu") else { return };
+    let mut rng = Rng::new(15);
+    // I ragged against 8 (8-row) and 64 (1-row) outputs per block; FP8: the up half starts
+    // inside a 128-row scale block; K ragged against the 256-wide lane stride
+    for (m, i, k) in [(1usize, 37usize, 264usize), (5, 100, 296), (13, 21, 8), (1, 2100, 512)] {
+        for kind in ["f32", "bf16", "fp8"] {
+            let dt = act_dtype(kind);
+            let a = randn(&mut rng, m * k);
+            let ar = if dt == DType::Bf16 { bf16r(&a) } else { a.clone() };
+            let (w, wv) = weights_of(&dev, &mut rng, kind, 1, 2 * i, k);
+            let bias = randn(&mut rng, 2 * i);
+            let b = upload(&dev, &bias).unwrap();
+            let (mut gu, sabs) = matmul_abs(&ar, &wv, m, 2 * i, k);
+            for r in 0..m {
+                for j in 0..2 * i {
+                    gu[r * 2 * i + j] += bias[j] as f64;
+                }
+            }
+            let aa = Act::from_f32(&dev, dt, &a).unwrap();
+            let mut paths = vec![GemmPath::Auto, GemmPath::Skinny];
+            if m == 1 && kind != "f32" {
+                paths.push(GemmPath::SkinnyRow);
+            }
+            for path in paths {
+                let what = format!("swiglu {kind} {path:?} {m}x{i}x{k}");
+                let s = GemmShape { swiglu: true, bias: Some(&b), ..GemmShape::plain(m, k, i) };
+                let mut c = poisoned(&dev, dt, m * i);
+                gemm_via(&dev, &aa, &w, &mut c, &s, path).unwrap();
+                let fused = c.to_f32(&dev).unwrap();
+                assert_swiglu_close(&fused, &gu, &sabs, m, i, dt, &what);
+                // the unfused pair on the same kernel family: the same sums, the same SwiGLU math
+                let mut gu_d = poisoned(&dev, dt, m * 2 * i);
+                let sp = GemmShape { bias: Some(&b), ..GemmShape::plain(m, k, 2 * i) };
+                gemm_via(&dev, &aa, &w, &mut gu_d, &sp, path).unwrap();
+                let mut act = poisoned(&dev, dt, m * i);
+                dsv3_kernels::ops::elementwise::swiglu(&dev, &gu_d, 2 * i, &mut act, i, i, m).unwrap();
+                let unfused = act.to_f32(&dev).unwrap();
+                assert_swiglu_close(&unfused, &gu, &sabs, m, i, dt, &format!("{what} (gemm + swiglu)"));
+                let same = fused.iter().zip(&unfused).filter(|(x, y)| x.to_bits() == y.to_bits()).count();
+                eprintln!("{what}: {same} of {} outputs bit-equal to gemm + swiglu", fused.len());
+            }
+            // the tiled kernels have no SwiGLU form
+            let mut c = poisoned(&dev, dt, m * i);
+            let s = GemmShape { swiglu: true, ..GemmShape::plain(m, k, i) };
+            assert!(gemm_via(&dev, &aa, &w, &mut c, &s, GemmPath::Tiled).is_err(), "tiled SwiGLU must be refused");
+        }
+    }
+}
+
+/// Row offsets and 64-row tile offsets of `counts` rows per group.
+fn offsets(counts: &[usize]) -> (Vec<i32>, Vec<i32>) {
+    let (mut ro, mut to) = (vec![0i32], vec![0i32]);
+    for &c in counts {
+        ro.push(ro.last().unwrap() + c as i32);
+        to.push(to.last().unwrap() + c.div_ceil(GEMM_BM) as i32);
+    }
+    (ro, to)
+}
+
+#[test]
+fn gathered_rows_match_the_gathered_operand() {
+    let Some(dev) = device("gathered_rows_match_the_gathered_operand") else { return };
+    let mut rng = Rng::new(16);
+    let (n, k, src_m) = (45usize, 264usize, 7usize);
+    for kind in ["f32", "bf16", "fp8"] {
+        let dt = act_dtype(kind);
+        let a = randn(&mut rng, src_m * k);
+        let ar = if dt == DType::Bf16 { bf16r(&a) } else { a.clone() };
+        let aa = Act::from_f32(&dev, dt, &a).unwrap();
+        // plain: 11 rows read through indices (repeats, any order), row 4 out of range -> NaN
+        let m = 11usize;
+        let mut idx: Vec<i32> = (0..m).map(|_| rng.below(src_m as u64) as i32).collect();
+        idx[4] = src_m as i32;
+        let (w, wv) = weights_of(&dev, &mut rng, kind, 1, n, k);
+        let gathered: Vec<f32> =
+            idx.iter().flat_map(|&s| ar[(s.max(0) as usize % src_m) * k..][..k].to_vec()).collect();
+        let (want, sabs) = matmul_abs(&gathered, &wv, m, n, k);
+        let ids = upload(&dev, &idx).unwrap();
+        for path in [GemmPath::Auto, GemmPath::Skinny] {
+            let s = GemmShape { a_rows: Some(&ids), ..GemmShape::plain(m, k, n) };
+            let mut c = poisoned(&dev, DType::F32, m * n);
+            gemm_via(&dev, &aa, &w, &mut c, &s, path).unwrap();
+            let got = c.to_f32(&dev).unwrap();
+            assert!(got[4 * n..5 * n].iter().all(|v| v.is_nan()), "{kind}: an index out of range must give NaN");
+            let keep: Vec<usize> = (0..m * n).filter(|e| e / n != 4).collect();
+            let pick = |v: &[f64]| keep.iter().map(|&e| v[e]).collect::<Vec<_>>();
+            let gotk: Vec<f32> = keep.iter().map(|&e| got[e]).collect();
+            assert_gemm_close(&gotk, &pick(&want), &pick(&sabs), DType::F32, &format!("a_rows {kind} {path:?}"));
+        }
+        // one row through an index, the one-row kernel
+        if kind != "f32" {
+            let one = upload(&dev, &[5i32]).unwrap();
+            let s = GemmShape { a_rows: Some(&one), ..GemmShape::plain(1, k, n) };
+            let mut c = poisoned(&dev, DType::F32, n);
+            gemm_via(&dev, &aa, &w, &mut c, &s, GemmPath::SkinnyRow).unwrap();
+            let (want1, sabs1) = matmul_abs(&ar[5 * k..6 * k], &wv, 1, n, k);
+            assert_gemm_close(&c.to_f32(&dev).unwrap(), &want1, &sabs1, DType::F32, &format!("a_rows 1-row {kind}"));
+        }
+        // grouped (the MoE dispatch): empty and ragged groups, rows read through src_row
+        let counts = [0usize, 1, 8, 9, 0, 3];
+        let g = counts.len();
+        let rows: usize = counts.iter().sum();
+        let (ro, to) = offsets(&counts);
+        let src: Vec<i32> = (0..rows).map(|_| rng.below(src_m as u64) as i32).collect();
+        let (wg, wgv) = weights_of(&dev, &mut rng, kind, g, n, k);
+        let (ro_d, to_d, src_d) = (upload(&dev, &ro).unwrap(), upload(&dev, &to).unwrap(), upload(&dev, &src).unwrap());
+        let (mut want, mut sabs) = (vec![0f64; rows * n], vec![0f64; rows * n]);
+        for e in 0..g {
+            let (r0, r1) = (ro[e] as usize, ro[e + 1] as usize);
+            let xe: Vec<f32> = src[r0..r1].iter().flat_map(|&s| ar[s as usize * k..][..k].to_vec()).collect();
+            let (o, sa) = matmul_abs(&xe, &wgv[e * n * k..(e + 1) * n * k], r1 - r0, n, k);
+            want[r0 * n..r1 * n].copy_from_slice(&o);
+            sabs[r0 * n..r1 * n].copy_from_slice(&sa);
+        }
+        let grouped = Grouped { row_offsets: &ro_d, tile_offsets: &to_d, max_tiles: rows.div_ceil(GEMM_BM) + g };
+        let s = GemmShape { grouped: Some(grouped), a_rows: Some(&src_d), ..GemmShape::plain(rows, k, n) };
+        let mut c = poisoned(&dev, dt, rows * n);
+        gemm(&dev, &aa, &wg, &mut c, &s).unwrap();
+        assert_gemm_close(&c.to_f32(&dev).unwrap(), &want, &sabs, dt, &format!("grouped a_rows {kind}"));
+        // the tiled kernels refuse gathered rows
+        let s = GemmShape { a_rows: Some(&ids), ..GemmShape::plain(m, k, n) };
+        let mut c = poisoned(&dev, DType::F32, m * n);
+        assert!(gemm_via(&dev, &aa, &w, &mut c, &s, GemmPath::Tiled).is_err(), "tiled a_rows must be refused");
+    }
+}
+
+#[test]
+fn folded_norm_matches_rmsnorm_then_gemm() {
+    let Some(dev) = device("folded_norm_matches_rmsnorm_then_gemm") else { return };
+    let mut rng = Rng::new(17);
+    let eps = 1e-6f32;
+    for kind in ["f32", "bf16", "fp8"] {
+        let dt = act_dtype(kind);
+        for (m, n, k) in [(1usize, 300usize, 512usize), (5, 37, 264), (1, 4100, 264)] {
+            // rows of different scales (the norm undoes them)
+            let a: Vec<f32> = (0..m * k).map(|e| rng.normal() * (1 + e / k) as f32).collect();
+            let ar = if dt == DType::Bf16 { bf16r(&a) } else { a.clone() };
+            let g: Vec<f32> = (0..k).map(|_| 0.5 + rng.uniform()).collect();
+            let gd = upload(&dev, &g).unwrap();
+            let (w, wv) = weights_of(&dev, &mut rng, kind, 1, n, k);
+            let (want, sabs) = matmul_abs(&rmsnorm_ref(&ar, &g, eps, k), &wv, m, n, k);
+            let aa = Act::from_f32(&dev, dt, &a).unwrap();
+            let mut paths = vec![GemmPath::Auto, GemmPath::Skinny];
+            if m == 1 && kind != "f32" {
+                paths.push(GemmPath::SkinnyRow);
+            }
+            for out_dt in [DType::F32, dt] {
+                for &path in &paths {
+                    let s = GemmShape { norm: Some((&gd, eps)), ..GemmShape::plain(m, k, n) };
+                    let mut c = poisoned(&dev, out_dt, m * n);
+                    gemm_via(&dev, &aa, &w, &mut c, &s, path).unwrap();
+                    let got = c.to_f32(&dev).unwrap();
+                    let what = format!("norm {kind} {path:?} {m}x{n}x{k} -> {out_dt:?}");
+                    assert_gemm_close(&got, &want, &sabs, out_dt, &what);
+                    // against the unfused kernels: rmsnorm (h rounded to A's dtype) + GEMM
+                    let mut h = Act::from_f32(&dev, dt, &a).unwrap();
+                    dsv3_kernels::ops::norm::rmsnorm(&dev, &mut h, 0, k, None, &gd, k, eps, m).unwrap();
+                    let mut cu = poisoned(&dev, out_dt, m * n);
+                    gemm_via(&dev, &h, &w, &mut cu, &GemmShape::plain(m, k, n), path).unwrap();
+                    let unf = cu.to_f32(&dev).unwrap();
+                    let h_round = if dt == DType::Bf16 { 1.0 / 256.0 } else { 0.0 };
+                    for e in 0..m * n {
+                        let tol = 2.0 * (1e-5 * sabs[e] + out_rounding(out_dt) * want[e].abs()) + h_round * sabs[e];
+                        assert!(
+                            ((got[e] - unf[e]) as f64).abs() <= tol,
+                            "{what}: element {e}: fused {}, rmsnorm + gemm {} (tol {tol:.3e})",
+                            got[e],
+                            unf[e]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn moe_decode_fusion_matches_norm_gather_gemm_swiglu() {
+    let Some(dev) = device("moe_decode_fusion_matches_norm_gather_gemm_swiglu") else { return };
+    // the routed gate|up of a decode step: one GEMM reading token rows through src_row with the
+    // post-attention norm folded in and SwiGLU applied, over empty and ragged expert groups
+    let mut rng = Rng::new(18);
+    let (tokens, d, i, eps) = (6usize, 264usize, 100usize, 1e-6f32);
+    let counts = [2usize, 0, 1, 9, 0, 3, 1];
+    let g = counts.len();
+    let rows: usize = counts.iter().sum();
+    let (ro, to) = offsets(&counts);
+    let src: Vec<i32> = (0..rows).map(|_| rng.below(tokens as u64) as i32).collect();
+    let (ro_d, to_d, src_d) = (upload(&dev, &ro).unwrap(), upload(&dev, &to).unwrap(), upload(&dev, &src).unwrap());
+    for kind in ["f32", "bf16", "fp8"] {
+        let dt = act_dtype(kind);
+        let x: Vec<f32> = (0..tokens * d).map(|e| rng.normal() * (1 + e / d) as f32).collect();
+        let xr = if dt == DType::Bf16 { bf16r(&x) } else { x.clone() };
+        let nw: Vec<f32> = (0..d).map(|_| 0.5 + rng.uniform()).collect();
+        let nw_d = upload(&dev, &nw).unwrap();
+        let (w, wv) = weights_of(&dev, &mut rng, kind, g, 2 * i, d);
+        let h = rmsnorm_ref(&xr, &nw, eps, d);
+        let (mut gu, mut sabs) = (vec![0f64; rows * 2 * i], vec![0f64; rows * 2 * i]);
+        for e in 0..g {
+            let (r0, r1) = (ro[e] as usize, ro[e + 1] as usize);
+            let xe: Vec<f32> = src[r0..r1].iter().flat_map(|&s| h[s as usize * d..][..d].to_vec()).collect();
+            let (o, sa) = matmul_abs(&xe, &wv[e * 2 * i * d..(e + 1) * 2 * i * d], r1 - r0, 2 * i, d);
+            gu[r0 * 2 * i..r1 * 2 * i].copy_from_slice(&o);
+            sabs[r0 * 2 * i..r1 * 2 * i].copy_from_slice(&sa);
+        }
+        let grouped = Grouped { row_offsets: &ro_d, tile_offsets: &to_d, max_tiles: rows.div_ceil(GEMM_BM) + g };
+        let s = GemmShape {
+            grouped: Some(grouped),
+            a_rows: Some(&src_d),
+            norm: Some((&nw_d, eps)),
+            swiglu: true,
+            ..GemmShape::plain(rows, d, i)
+        };
+        let xa = Act::from_f32(&dev, dt, &x).unwrap();
+        let mut act = poisoned(&dev, dt, rows * i);
+        gemm(&dev, &xa, &w, &mut act, &s).unwrap();
+        assert_swiglu_close(&act.to_f32(&dev).unwrap(), &gu, &sabs, rows, i, dt, &format!("moe fused {kind}"));
+    }
+}

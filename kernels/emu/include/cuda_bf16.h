@@ -1,5 +1,5 @@
-// Host stand-in for <cuda_bf16.h> and the CUDA built-ins kernels/cuda/mla.cu uses, for the CPU
-// emulation in kernels/emu/mla_mma_emu.cpp (never used by the real build). Threads are fibers
+// Host stand-in for <cuda_bf16.h> and the CUDA built-ins kernels/cuda/mla.cu and gemm.cu use, for
+// the CPU emulations in kernels/emu/ (never used by the real build). Threads are fibers
 // (emu.h); warp collectives and __syncthreads are emulated there.
 #pragma once
 #include <cmath>
@@ -26,6 +26,16 @@ struct float2 {
     float x, y;
 };
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
+// vector types of the skinny GEMMs' 16- and 8-byte loads (x86 is little-endian, as the GPU)
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+struct alignas(16) uint4 {
+    uint32_t x, y, z, w;
+};
+struct alignas(8) uint2 {
+    uint32_t x, y;
+};
 
 inline float __int_as_float(int v) {
     float f;
@@ -36,6 +46,11 @@ inline int __float_as_int(float f) {
     int v;
     std::memcpy(&v, &f, 4);
     return v;
+}
+inline float __uint_as_float(uint32_t v) {
+    float f;
+    std::memcpy(&f, &v, 4);
+    return f;
 }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
     uint32_t u;
@@ -53,6 +68,7 @@ inline float __bfloat162float(__nv_bfloat16 b) {
 inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
     return __nv_bfloat162{__float2bfloat16_rn(a), __float2bfloat16_rn(b)};
 }
+inline float2 __bfloat1622float2(__nv_bfloat162 v) { return float2{__bfloat162float(v.x), __bfloat162float(v.y)}; }
 inline float __low2float(__nv_bfloat162 v) { return __bfloat162float(v.x); }
 inline float __high2float(__nv_bfloat162 v) { return __bfloat162float(v.y); }
 inline float __fadd_rn(float a, float b) { return a + b; }

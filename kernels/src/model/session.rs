@@ -4,7 +4,7 @@
 use super::weights::{DFfn, DLinear, DMlp, DQ};
 use super::CudaModel;
 use crate::device::{cuda_err, Device};
-use crate::ops::gemm::{gemm, gemm_via, GemmPath, GemmShape, Grouped};
+use crate::ops::gemm::{gemm, gemm_via, runs_skinny, GemmPath, GemmShape, Grouped};
 use crate::ops::mla::{MlaCall, MlaWork};
 use crate::ops::{elementwise, gather, mla, moe, norm, sampling};
 use crate::tensor::{upload, zeros, Act, DType};
@@ -56,6 +56,49 @@ enum Out {
 /// Whether decode steps are captured into CUDA graphs (`DSV3_CUDA_GRAPH=0` turns it off).
 fn graphs_enabled() -> bool {
     std::env::var("DSV3_CUDA_GRAPH").map_or(true, |v| v != "0")
+}
+
+/// Whether the decode-path fusions are on (read once; `DSV3_FUSE=0` restores the unfused
+/// kernels, for A/B timing and as a fallback): RMSNorms folded into the GEMMs that read them,
+/// SwiGLU in the gate|up GEMM, the MoE dispatch gather in the routed gate|up GEMM. Each applies
+/// where the GEMM runs in the skinny kernels (few rows: decode); prefill keeps the unfused path.
+fn fuse_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DSV3_FUSE").map_or(true, |v| v != "0"))
+}
+
+/// The rows a norm's consumers read: normalized (`Normed`), or the residual stream with the
+/// RMSNorm `(weight, eps)` folded into each consuming GEMM (the skinny kernels' `norm`).
+#[derive(Clone, Copy)]
+enum In<'a> {
+    Normed(&'a Act),
+    Fold(&'a Act, &'a CudaSlice<f32>, f32),
+}
+
+impl<'a> In<'a> {
+    fn act(self) -> &'a Act {
+        match self {
+            In::Normed(a) | In::Fold(a, ..) => a,
+        }
+    }
+
+    fn norm(self) -> Option<(&'a CudaSlice<f32>, f32)> {
+        match self {
+            In::Normed(_) => None,
+            In::Fold(_, w, eps) => Some((w, eps)),
+        }
+    }
+}
+
+/// `norm(x)` (`[n, D]`, weight `w`) into the scratch rows `h`, allocated on first use.
+fn normalize<'h>(m: &CudaModel, x: &mut Act, w: &CudaSlice<f32>, n: usize, h: &'h mut Option<Act>) -> Result<&'h Act> {
+    let d = m.cfg.hidden_size;
+    if h.is_none() {
+        *h = Some(Act::empty(&m.dev, m.dtype, n * d)?);
+    }
+    let hb = h.as_mut().expect("allocated above");
+    norm::rmsnorm(&m.dev, x, 0, d, Some((&mut *hb, 0, d)), w, d, m.eps, n)?;
+    Ok(hb)
 }
 
 /// Per-step row metadata on the device.
@@ -331,23 +374,98 @@ impl<'m> CudaSession<'m> {
         let (n, d, dt) = (rows.n, m.cfg.hidden_size, m.dtype);
         let mut x = Act::empty(dev, dt, n * d)?;
         gather::gather_rows(dev, &m.embed, m.cfg.vocab_size, d, &rows.ids, n, d, &mut x, d)?;
-        let mut h = Act::empty(dev, dt, n * d)?;
+        // normalized rows for the norms that are not folded into their GEMMs
+        let mut h = None;
         for (l, layer) in m.layers.iter().enumerate() {
-            norm::rmsnorm(dev, &mut x, 0, d, Some((&mut h, 0, d)), &layer.input_norm, d, m.eps, n)?;
-            self.attention(l, &h, rows, &mut x)?;
-            norm::rmsnorm(dev, &mut x, 0, d, Some((&mut h, 0, d)), &layer.post_norm, d, m.eps, n)?;
+            self.attention(l, &mut h, rows, &mut x)?;
             match &layer.ffn {
-                DFfn::Dense(mlp) => mlp_forward(dev, m, mlp, &h, n, &mut x, true)?,
-                DFfn::Moe { router, bias, cfg, experts, shared } => {
-                    moe_forward(m, (router, bias.as_ref(), cfg), experts, shared.as_ref(), &h, n, &mut x)?
-                }
+                DFfn::Dense(mlp) => dense_forward(m, mlp, &layer.post_norm, &mut h, n, &mut x)?,
+                DFfn::Moe { router, bias, cfg, experts, shared } => moe_forward(
+                    m,
+                    (router, bias.as_ref(), cfg),
+                    experts,
+                    shared.as_ref(),
+                    &layer.post_norm,
+                    &mut h,
+                    n,
+                    &mut x,
+                )?,
             }
         }
         Ok(x)
     }
 
-    /// `x += o_proj(MLA(h))` for layer `l`, appending the new latents to its cache.
-    fn attention(&mut self, l: usize, hn: &Act, rows: &Rows, x: &mut Act) -> Result<()> {
+    /// Whether layer `l`'s first attention GEMMs (q_a|kv_a, or q_a / q and kv_a) all take its
+    /// input norm folded in for `n` rows.
+    fn attention_folds(&self, l: usize, n: usize) -> bool {
+        let m = self.model;
+        let layer = &m.layers[l];
+        let a = &layer.attn;
+        let ok = |lin: &DLinear| {
+            let s = GemmShape {
+                bias: lin.bias.as_ref(),
+                norm: Some((&layer.input_norm, m.eps)),
+                ..GemmShape::plain(n, lin.w.k, lin.w.n)
+            };
+            runs_skinny(&m.dev, m.dtype, &lin.w, m.dtype, &s, GemmPath::Auto)
+        };
+        let kv_ok = || a.kv_a.as_ref().is_some_and(ok);
+        match &a.q {
+            DQ::Lora { a: qa, fused_kv, .. } => ok(qa) && (*fused_kv || kv_ok()),
+            DQ::Plain(p) => ok(p) && kv_ok(),
+        }
+    }
+
+    /// Layer `l`'s query and compressed-kv projections of `hn` (`n` rows): the queries
+    /// `[N, H·dq]` and the buffer holding the kv rows `(buffer, offset, row stride)`. With a
+    /// LoRA, one GEMM writes q_a ‖ kv_a side by side (the kv rows then lie in that buffer), and
+    /// q_a's RMSNorm folds into q_b where that GEMM runs skinny.
+    fn project(&self, l: usize, hn: In, n: usize) -> Result<(Act, Act, usize, usize)> {
+        let m = self.model;
+        let dev = &*m.dev;
+        let c = &m.cfg;
+        let a = &m.layers[l].attn;
+        let (h, dq, w) =
+            (c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim, c.kv_lora_rank + c.qk_rope_head_dim);
+        let dt = m.dtype;
+        let mut q = Act::empty(dev, dt, n * h * dq)?;
+        let kv_proj = || -> Result<Act> {
+            let kv = a.kv_a.as_ref().ok_or_else(|| Error::Io("MLA layer without kv_a".into()))?;
+            let mut ckv = Act::empty(dev, dt, n * w)?;
+            linear_in(m, kv, hn, n, &mut ckv)?;
+            Ok(ckv)
+        };
+        match &a.q {
+            DQ::Lora { a: qa_l, rank: rq, fused_kv, norm: qn, b } => {
+                let rq = *rq;
+                let width = qa_l.w.n; // rq, or rq + w when fused
+                let mut qa = Act::empty(dev, dt, n * width)?;
+                linear_in(m, qa_l, hn, n, &mut qa)?;
+                let ckv = if *fused_kv { None } else { Some(kv_proj()?) };
+                // q_b reads the q_a part of each row ([:rq] of `width`)
+                let sb = || GemmShape { lda: width, bias: b.bias.as_ref(), ..GemmShape::plain(n, rq, b.w.n) };
+                let sf = GemmShape { norm: Some((qn, m.lora_eps)), ..sb() };
+                if fuse_enabled() && runs_skinny(dev, dt, &b.w, dt, &sf, GemmPath::Auto) {
+                    gemm(dev, &qa, &b.w, &mut q, &sf)?;
+                } else {
+                    norm::rmsnorm(dev, &mut qa, 0, width, None, qn, rq, m.lora_eps, n)?;
+                    gemm(dev, &qa, &b.w, &mut q, &sb())?;
+                }
+                Ok(match ckv {
+                    Some(ckv) => (q, ckv, 0, w),
+                    None => (q, qa, rq, width),
+                })
+            }
+            DQ::Plain(p) => {
+                linear_in(m, p, hn, n, &mut q)?;
+                Ok((q, kv_proj()?, 0, w))
+            }
+        }
+    }
+
+    /// `x += o_proj(MLA(input_norm(x)))` for layer `l`, appending the new latents to its cache;
+    /// `hs` is the scratch for normalized rows (unused when the norm folds into the projections).
+    fn attention(&mut self, l: usize, hs: &mut Option<Act>, rows: &Rows, x: &mut Act) -> Result<()> {
         let m = self.model;
         let dev = &*m.dev;
         let c = &m.cfg;
@@ -356,39 +474,15 @@ impl<'m> CudaSession<'m> {
             (rows.n, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
         let dq = dn + dr;
         let dt = m.dtype;
-        // queries [N, H·dq] and the compressed kv [N, C + dr] (latent ‖ k_pe, normalized and
-        // rotated by mla_prep): with a LoRA, one GEMM writes q_a ‖ kv_a side by side
-        let w = ck + dr;
-        let mut q = Act::empty(dev, dt, n * h * dq)?;
-        let (ckv_buf, ckv_off, ld_ckv);
-        match &a.q {
-            DQ::Lora { a: qa_l, rank: rq, fused_kv, norm: qn, b } => {
-                let rq = *rq;
-                let width = qa_l.w.n; // rq, or rq + w when fused
-                let mut qa = Act::empty(dev, dt, n * width)?;
-                linear(m, qa_l, hn, n, &mut qa, false)?;
-                if !fused_kv {
-                    let kv = a.kv_a.as_ref().ok_or_else(|| Error::Io("MLA layer without kv_a".into()))?;
-                    let mut ckv = Act::empty(dev, dt, n * w)?;
-                    linear(m, kv, hn, n, &mut ckv, false)?;
-                    norm::rmsnorm(dev, &mut qa, 0, rq, None, qn, rq, m.lora_eps, n)?;
-                    linear(m, b, &qa, n, &mut q, false)?;
-                    (ckv_buf, ckv_off, ld_ckv) = (ckv, 0, w);
-                } else {
-                    norm::rmsnorm(dev, &mut qa, 0, width, None, qn, rq, m.lora_eps, n)?;
-                    let s = GemmShape { lda: width, ..GemmShape::plain(n, rq, b.w.n) };
-                    gemm(dev, &qa, &b.w, &mut q, &GemmShape { bias: b.bias.as_ref(), ..s })?;
-                    (ckv_buf, ckv_off, ld_ckv) = (qa, rq, width);
-                }
-            }
-            DQ::Plain(p) => {
-                linear(m, p, hn, n, &mut q, false)?;
-                let kv = a.kv_a.as_ref().ok_or_else(|| Error::Io("MLA layer without kv_a".into()))?;
-                let mut ckv = Act::empty(dev, dt, n * w)?;
-                linear(m, kv, hn, n, &mut ckv, false)?;
-                (ckv_buf, ckv_off, ld_ckv) = (ckv, 0, w);
-            }
-        }
+        // queries [N, H·dq] and the compressed kv (latent ‖ k_pe, normalized and rotated by
+        // mla_prep), the input norm folded into the projections when they run skinny
+        let input_norm = &m.layers[l].input_norm;
+        let hn = if fuse_enabled() && self.attention_folds(l, n) {
+            In::Fold(&*x, input_norm, m.eps)
+        } else {
+            In::Normed(normalize(m, x, input_norm, n, hs)?)
+        };
+        let (mut q, ckv_buf, ckv_off, ld_ckv) = self.project(l, hn, n)?;
         let prep = mla::Prep {
             n,
             c: ck,
@@ -449,12 +543,23 @@ impl<'m> CudaSession<'m> {
     }
 
     /// `out [r, V] = lm_head(norm(x[pick]))` for the `r` picked rows of `x` (`[n, D]`), or all
-    /// `n` rows when `pick` is `None`.
+    /// `n` rows when `pick` is `None`. Where the lm_head runs skinny, one GEMM reads the picked
+    /// rows and folds the norm in.
     fn head(&self, x: &mut Act, n: usize, pick: Option<(&CudaSlice<i32>, usize)>, out: &mut Act) -> Result<()> {
         let m = self.model;
         let dev = &*m.dev;
         let d = m.cfg.hidden_size;
         let r = pick.map_or(n, |p| p.1);
+        let lm = &m.lm_head;
+        let fused = GemmShape {
+            a_rows: pick.map(|p| p.0),
+            norm: Some((&m.norm, m.eps)),
+            bias: lm.bias.as_ref(),
+            ..GemmShape::plain(r, d, lm.w.n)
+        };
+        if fuse_enabled() && runs_skinny(dev, m.dtype, &lm.w, out.dtype(), &fused, GemmPath::Auto) {
+            return gemm(dev, x, &lm.w, out, &fused);
+        }
         let mut xs = Act::empty(dev, m.dtype, r * d)?;
         match pick {
             Some((ids, _)) => {
@@ -463,7 +568,7 @@ impl<'m> CudaSession<'m> {
             }
             None => norm::rmsnorm(dev, x, 0, d, Some((&mut xs, 0, d)), &m.norm, d, m.eps, n)?,
         }
-        linear(m, &m.lm_head, &xs, r, out, false)
+        linear(m, lm, &xs, r, out, false)
     }
 }
 
@@ -486,104 +591,183 @@ fn linear(m: &CudaModel, l: &DLinear, x: &Act, n: usize, y: &mut Act, accumulate
     gemm(&m.dev, x, &l.w, y, &s)
 }
 
-/// A (non-grouped) SwiGLU MLP on `dev`'s stream: `out (+)= down(silu(gate(x)) ⊙ up(x))`.
-fn mlp_forward(
-    dev: &Device,
-    m: &CudaModel,
-    mlp: &DMlp,
-    x: &Act,
-    n: usize,
-    out: &mut Act,
-    accumulate: bool,
-) -> Result<()> {
-    let i = mlp.inter;
-    let mut gu = Act::empty(dev, m.dtype, n * 2 * i)?;
-    gemm(dev, x, &mlp.gate_up, &mut gu, &GemmShape::plain(n, mlp.gate_up.k, 2 * i))?;
-    let mut act = Act::empty(dev, m.dtype, n * i)?;
-    elementwise::swiglu(dev, &gu, 2 * i, &mut act, i, i, n)?;
-    let s = GemmShape { accumulate, ..GemmShape::plain(n, i, mlp.down.n) };
-    gemm(dev, &act, &mlp.down, out, &s)
+/// `y = x · Wᵀ + b` for `n` rows of `x`, its norm folded in when it asks for that.
+fn linear_in(m: &CudaModel, l: &DLinear, x: In, n: usize, y: &mut Act) -> Result<()> {
+    let s = GemmShape { bias: l.bias.as_ref(), norm: x.norm(), ..GemmShape::plain(n, l.w.k, l.w.n) };
+    gemm(&m.dev, x.act(), &l.w, y, &s)
 }
 
-/// `x += Σ_k w_k · Expert_k(h) + Shared(h)` on device: route, plan, gather, grouped GEMMs, combine.
+/// The gate|up GEMM of `mlp` over `n` rows of `x` with SwiGLU fused in (output `[n, I]`).
+fn swiglu_shape<'a>(mlp: &DMlp, x: In<'a>, n: usize) -> GemmShape<'a> {
+    GemmShape { norm: x.norm(), swiglu: true, ..GemmShape::plain(n, mlp.gate_up.k, mlp.inter) }
+}
+
+/// `silu(gate(x)) ⊙ up(x)` of a (non-grouped) SwiGLU MLP on `dev`'s stream, `[n, I]`: one GEMM
+/// with the SwiGLU (and a folded norm) where it runs skinny, else GEMM + swiglu. A folded-norm
+/// input must be one that runs skinny (see [`swiglu_shape`]).
+fn mlp_act(dev: &Device, m: &CudaModel, mlp: &DMlp, x: In, n: usize) -> Result<Act> {
+    let i = mlp.inter;
+    let mut act = Act::empty(dev, m.dtype, n * i)?;
+    let fused = swiglu_shape(mlp, x, n);
+    if x.norm().is_some()
+        || (fuse_enabled() && runs_skinny(dev, m.dtype, &mlp.gate_up, m.dtype, &fused, GemmPath::Auto))
+    {
+        gemm(dev, x.act(), &mlp.gate_up, &mut act, &fused)?;
+    } else {
+        let mut gu = Act::empty(dev, m.dtype, n * 2 * i)?;
+        gemm(dev, x.act(), &mlp.gate_up, &mut gu, &GemmShape::plain(n, mlp.gate_up.k, 2 * i))?;
+        elementwise::swiglu(dev, &gu, 2 * i, &mut act, i, i, n)?;
+    }
+    Ok(act)
+}
+
+/// `out (+)= down(act)` of a (non-grouped) MLP on `dev`'s stream.
+fn mlp_down(dev: &Device, mlp: &DMlp, act: &Act, n: usize, out: &mut Act, accumulate: bool) -> Result<()> {
+    let s = GemmShape { accumulate, ..GemmShape::plain(n, mlp.inter, mlp.down.n) };
+    gemm(dev, act, &mlp.down, out, &s)
+}
+
+/// A dense layer's MLP: `x += MLP(post_norm(x))`, the norm folded into the gate|up GEMM where it
+/// runs skinny (`hs`: the scratch for normalized rows otherwise).
+fn dense_forward(
+    m: &CudaModel,
+    mlp: &DMlp,
+    post_norm: &CudaSlice<f32>,
+    hs: &mut Option<Act>,
+    n: usize,
+    x: &mut Act,
+) -> Result<()> {
+    let dev = &*m.dev;
+    let act = {
+        let fold = In::Fold(&*x, post_norm, m.eps);
+        let src = if fuse_enabled()
+            && runs_skinny(dev, m.dtype, &mlp.gate_up, m.dtype, &swiglu_shape(mlp, fold, n), GemmPath::Auto)
+        {
+            fold
+        } else {
+            In::Normed(normalize(m, x, post_norm, n, hs)?)
+        };
+        mlp_act(dev, m, mlp, src, n)?
+    };
+    mlp_down(dev, mlp, &act, n, x, true)
+}
+
+/// `x += Σ_k w_k · Expert_k(h) + Shared(h)` for `h = post_norm(x)` on device: route, plan,
+/// grouped GEMMs, combine. On the decode path (few rows, fusions on) the norm folds into the
+/// router, the shared expert's and the routed experts' gate|up GEMMs (all three read x), the
+/// routed one reads its rows through the plan's `src_row` (no gather) and both gate|up GEMMs
+/// apply the SwiGLU; otherwise `h` is computed into the scratch `hs` and the rows gathered.
+#[allow(clippy::too_many_arguments)]
 fn moe_forward(
     m: &CudaModel,
     router: (&crate::tensor::DWeight, Option<&CudaSlice<f32>>, &moe::RouteCfg),
     experts: &DMlp,
     shared: Option<&DMlp>,
-    h: &Act,
+    post_norm: &CudaSlice<f32>,
+    hs: &mut Option<Act>,
     n: usize,
     x: &mut Act,
 ) -> Result<()> {
     let dev = &*m.dev;
+    let dt = m.dtype;
     let (rw, bias, cfg) = router;
     let (d, e, k) = (m.cfg.hidden_size, cfg.n_experts, cfg.top_k);
+    let (nk, i) = (n * k, experts.inter);
+    let mut plan = moe::Plan::new(dev, e, nk)?;
+    let max_tiles = moe::Plan::max_tiles(nk, e);
+    // the router reads bf16 hidden states against its f32 weights in the skinny kernel (few rows)
+    let router_skinny = dt == DType::Bf16 && n <= crate::ops::gemm::SKINNY_MAX_M && d.is_multiple_of(8);
+    let router_path = if router_skinny { GemmPath::Skinny } else { GemmPath::Auto };
+    fn router_shape<'a>(x: In<'a>, n: usize, d: usize, e: usize) -> GemmShape<'a> {
+        GemmShape { norm: x.norm(), ..GemmShape::plain(n, d, e) }
+    }
+    // the routed gate|up + SwiGLU: permuted row r reads token row src_row[r]
+    fn routed_shape<'a>(experts: &DMlp, x: In<'a>, plan: &'a moe::Plan, nk: usize, max_tiles: usize) -> GemmShape<'a> {
+        let g = Grouped { row_offsets: &plan.row_offsets, tile_offsets: &plan.tile_offsets, max_tiles };
+        GemmShape { grouped: Some(g), a_rows: Some(&plan.src_row), ..swiglu_shape(experts, x, nk) }
+    }
+    let src = {
+        let fold = In::Fold(&*x, post_norm, m.eps);
+        let folds = fuse_enabled()
+            && (dt == DType::F32 || router_skinny)
+            && runs_skinny(dev, dt, rw, DType::F32, &router_shape(fold, n, d, e), router_path)
+            && runs_skinny(
+                dev,
+                dt,
+                &experts.gate_up,
+                dt,
+                &routed_shape(experts, fold, &plan, nk, max_tiles),
+                GemmPath::Auto,
+            )
+            && shared.is_none_or(|s| runs_skinny(dev, dt, &s.gate_up, dt, &swiglu_shape(s, fold, n), GemmPath::Auto));
+        if folds {
+            fold
+        } else {
+            In::Normed(normalize(m, x, post_norm, n, hs)?)
+        }
+    };
     // the shared expert does not depend on the routing: it runs on the side stream, beside the
     // router, the dispatch and the routed experts. Its output belongs to the main stream, and the
     // main stream joins the side one before anything returns (errors too), so no buffer is freed
-    // while the other stream may still use it.
+    // while the other stream may still use it. (Both streams only read x until the combine.)
     let mut sh = None;
     let mut sh_result = Ok(());
     let side = match shared {
         Some(s) => {
-            let mut o = Act::empty(dev, m.dtype, n * d)?;
+            let mut o = Act::empty(dev, dt, n * d)?;
             let side = dev.fork()?;
-            sh_result = mlp_forward(&side, m, s, h, n, &mut o, false);
+            sh_result = mlp_act(&side, m, s, src, n).and_then(|act| mlp_down(&side, s, &act, n, &mut o, false));
             sh = Some(o);
             Some(side)
         }
         None => None,
     };
-    let routed = || -> Result<_> {
+    let mut routed = || -> Result<_> {
         // router logits in f32
         let mut logits = Act::F32(crate::tensor::empty::<f32>(dev, n * e)?);
-        match m.dtype {
-            DType::F32 => gemm(dev, h, rw, &mut logits, &GemmShape::plain(n, d, e))?,
-            // few rows: the skinny kernel reads bf16 hidden states against the f32 router directly
-            DType::Bf16 if n <= crate::ops::gemm::SKINNY_MAX_M && d.is_multiple_of(8) => {
-                gemm_via(dev, h, rw, &mut logits, &GemmShape::plain(n, d, e), GemmPath::Skinny)?
-            }
-            DType::Bf16 => {
-                let mut hf = Act::F32(crate::tensor::empty::<f32>(dev, n * d)?);
-                elementwise::cast(dev, h, &mut hf, n * d)?;
-                gemm(dev, &hf, rw, &mut logits, &GemmShape::plain(n, d, e))?
-            }
+        if dt == DType::F32 || router_skinny {
+            gemm_via(dev, src.act(), rw, &mut logits, &router_shape(src, n, d, e), router_path)?;
+        } else {
+            let mut hf = Act::F32(crate::tensor::empty::<f32>(dev, n * d)?);
+            elementwise::cast(dev, src.act(), &mut hf, n * d)?;
+            gemm(dev, &hf, rw, &mut logits, &GemmShape::plain(n, d, e))?
         }
         let Act::F32(logits) = logits else { unreachable!("allocated as f32") };
         let mut idx = crate::tensor::empty::<i32>(dev, n * k)?;
         let mut w = crate::tensor::empty::<f32>(dev, n * k)?;
         moe::route(dev, &logits, n, bias, cfg, &mut idx, &mut w)?;
-        let nk = n * k;
-        let mut plan = moe::Plan::new(dev, e, nk)?;
         moe::plan(dev, &idx, n, k, e, &mut plan)?;
-        // permuted rows [nk, D] -> gate|up [nk, 2I] -> act [nk, I] -> down [nk, D]
-        let i = experts.inter;
-        let mut xe = Act::empty(dev, m.dtype, nk * d)?;
-        gather::gather_rows(dev, h, n, d, &plan.src_row, nk, d, &mut xe, d)?;
-        let grouped = || Grouped {
-            row_offsets: &plan.row_offsets,
-            tile_offsets: &plan.tile_offsets,
-            max_tiles: moe::Plan::max_tiles(nk, e),
-        };
-        let mut gu = Act::empty(dev, m.dtype, nk * 2 * i)?;
-        gemm(
-            dev,
-            &xe,
-            &experts.gate_up,
-            &mut gu,
-            &GemmShape { grouped: Some(grouped()), ..GemmShape::plain(nk, d, 2 * i) },
-        )?;
-        let mut act = Act::empty(dev, m.dtype, nk * i)?;
-        elementwise::swiglu(dev, &gu, 2 * i, &mut act, i, i, nk)?;
-        let mut ye = Act::empty(dev, m.dtype, nk * d)?;
-        gemm(dev, &act, &experts.down, &mut ye, &GemmShape { grouped: Some(grouped()), ..GemmShape::plain(nk, i, d) })?;
-        Ok((ye, plan, idx, w))
+        // permuted rows [nk, D] -> act [nk, I] (gate|up + SwiGLU) -> down [nk, D]
+        let mut act = Act::empty(dev, dt, nk * i)?;
+        let fused = routed_shape(experts, src, &plan, nk, max_tiles);
+        if src.norm().is_some()
+            || (fuse_enabled() && runs_skinny(dev, dt, &experts.gate_up, dt, &fused, GemmPath::Auto))
+        {
+            gemm(dev, src.act(), &experts.gate_up, &mut act, &fused)?;
+        } else {
+            let mut xe = Act::empty(dev, dt, nk * d)?;
+            gather::gather_rows(dev, src.act(), n, d, &plan.src_row, nk, d, &mut xe, d)?;
+            let mut gu = Act::empty(dev, dt, nk * 2 * i)?;
+            let g = Grouped { row_offsets: &plan.row_offsets, tile_offsets: &plan.tile_offsets, max_tiles };
+            gemm(
+                dev,
+                &xe,
+                &experts.gate_up,
+                &mut gu,
+                &GemmShape { grouped: Some(g), ..GemmShape::plain(nk, d, 2 * i) },
+            )?;
+            elementwise::swiglu(dev, &gu, 2 * i, &mut act, i, i, nk)?;
+        }
+        let mut ye = Act::empty(dev, dt, nk * d)?;
+        let g = Grouped { row_offsets: &plan.row_offsets, tile_offsets: &plan.tile_offsets, max_tiles };
+        gemm(dev, &act, &experts.down, &mut ye, &GemmShape { grouped: Some(g), ..GemmShape::plain(nk, i, d) })?;
+        Ok((ye, idx, w))
     };
     let routed = routed();
     if let Some(side) = &side {
         dev.join(side)?;
     }
     sh_result?;
-    let (ye, plan, idx, w) = routed?;
+    let (ye, idx, w) = routed?;
     moe::combine(dev, &ye, &plan, &idx, &w, sh.as_ref(), x, n, k, d)
 }

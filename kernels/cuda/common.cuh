@@ -80,3 +80,37 @@ __device__ __forceinline__ void rope_pair(float e, float o, int pos, float inv_f
     re = __fsub_rn(__fmul_rn(e, c), __fmul_rn(o, s));
     im = __fadd_rn(__fmul_rn(o, c), __fmul_rn(e, s));
 }
+
+// 1 / sqrt(mean(x[0..d)^2) + eps) of one row, the whole block summing (every thread must call it):
+// RMSNorm's statistic in f32 (core/src/ops/norm.rs), one reduction order for every kernel.
+template <typename T>
+__device__ __forceinline__ float row_inv_rms(const T* x, int d, float eps) {
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float v = to_f32(x[j]);
+        s += v * v;
+    }
+    s = block_sum(s);
+    return 1.0f / sqrtf(s / (float)d + eps);
+}
+
+// Rotates one head's rope vector v[0..2·half) in place, de-interleaved (pairs (v[2i], v[2i+1]) ->
+// (v[i], v[half+i])), one thread per pair: every thread reads its pair before any writes. Every
+// thread of the block must call it (it synchronizes); threads >= half only wait.
+template <typename T>
+__device__ __forceinline__ void rope_head_inplace(T* v, int half, int pos, const float* __restrict__ inv_freq,
+                                                  float attn_factor) {
+    int i = threadIdx.x;
+    float e = 0.0f, o = 0.0f;
+    if (i < half) {
+        e = to_f32(v[2 * i]);
+        o = to_f32(v[2 * i + 1]);
+    }
+    __syncthreads();
+    if (i >= half) return;
+    float re, im;
+    rope_pair(e, o, pos, inv_freq[i], attn_factor, re, im);
+    v[i] = from_f32<T>(re);
+    v[half + i] = from_f32<T>(im);
+}
+

@@ -580,13 +580,7 @@ __device__ void mla_prep(const T* ckv, int ld_ckv, const float* __restrict__ kv_
         if (!ok) return;
         const T* xr = ckv + (long long)r * ld_ckv;
         T* dst = cache + (long long)slot[r] * slot_stride + (long long)p * w;
-        float s = 0.0f;
-        for (int j = threadIdx.x; j < c; j += blockDim.x) {
-            float v = to_f32(xr[j]);
-            s += v * v;
-        }
-        s = block_sum(s);
-        float inv = 1.0f / sqrtf(s / (float)c + eps);
+        float inv = row_inv_rms(xr, c, eps);
         for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = from_f32<T>(to_f32(xr[j]) * inv * kv_norm[j]);
         for (int i = threadIdx.x; i < half; i += blockDim.x) {
             float re, im;
@@ -595,19 +589,8 @@ __device__ void mla_prep(const T* ckv, int ld_ckv, const float* __restrict__ kv_
             dst[c + half + i] = from_f32<T>(im);
         }
     } else {
-        T* v = q + (long long)r * ld_q + (long long)(y - 1) * hs_q + q_off;
-        int i = threadIdx.x;
-        float e = 0.0f, o = 0.0f;
-        if (i < half) {
-            e = to_f32(v[2 * i]);
-            o = to_f32(v[2 * i + 1]);
-        }
-        __syncthreads();
-        if (i >= half) return;
-        float re, im;
-        rope_pair(e, o, pos[r], inv_freq[i], attn_factor, re, im);
-        v[i] = from_f32<T>(re);
-        v[half + i] = from_f32<T>(im);
+        rope_head_inplace(q + (long long)r * ld_q + (long long)(y - 1) * hs_q + q_off, half, pos[r], inv_freq,
+                          attn_factor);
     }
 }
 extern "C" __global__ void mla_prep_f32(const float* ckv, int ld_ckv, const float* kv_norm, float eps, float* q,

@@ -9,13 +9,7 @@ __device__ void rmsnorm(const T* x, int ldx, T* y, int ldy, const float* __restr
     if (r >= rows) return;
     const T* xr = x + (long long)r * ldx;
     T* yr = y + (long long)r * ldy;
-    float s = 0.0f;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float v = to_f32(xr[j]);
-        s += v * v;
-    }
-    s = block_sum(s);
-    float inv = 1.0f / sqrtf(s / (float)d + eps);
+    float inv = row_inv_rms(xr, d, eps);
     for (int j = threadIdx.x; j < d; j += blockDim.x) yr[j] = from_f32<T>(to_f32(xr[j]) * inv * w[j]);
 }
 

@@ -10,20 +10,9 @@
 template <typename T>
 __device__ void rope(T* x, int rows, int ld_row, int heads, int ld_head, int offset, int half,
                      const int* __restrict__ pos, const float* __restrict__ inv_freq, float attn_factor) {
-    int r = blockIdx.x, h = blockIdx.y, i = threadIdx.x;
+    int r = blockIdx.x, h = blockIdx.y;
     if (r >= rows || h >= heads || half > 128) return;
-    T* v = x + (long long)r * ld_row + (long long)h * ld_head + offset;
-    float e = 0.0f, o = 0.0f;
-    if (i < half) {
-        e = to_f32(v[2 * i]);
-        o = to_f32(v[2 * i + 1]);
-    }
-    __syncthreads();
-    if (i >= half) return;
-    float re, im;
-    rope_pair(e, o, pos[r], inv_freq[i], attn_factor, re, im);
-    v[i] = from_f32<T>(re);
-    v[half + i] = from_f32<T>(im);
+    rope_head_inplace(x + (long long)r * ld_row + (long long)h * ld_head + offset, half, pos[r], inv_freq, attn_factor);
 }
 
 extern "C" __global__ void rope_f32(float* x, int rows, int ld_row, int heads, int ld_head, int offset, int half,

@@ -2,8 +2,10 @@
 
 /// How to load a model (dsv3_model_params).
 public struct ModelOptions {
-    /// 0 = CPU (f32); 1 = CUDA (not in this build: throws DSV3_ERR_UNSUPPORTED).
+    /// 0 = CPU; 1 + N = CUDA GPU N (throws DSV3_ERR_UNSUPPORTED without a driver or GPU).
     public var device: Int32
+    /// 0 = f32; 1 = bf16 (GPU only).
+    public var dtype: Int32
     /// false = keep FP8 checkpoint weights as FP8 + block scales; true = dequantize to f32 at load.
     public var dequantizeFP8: Bool
     /// false = absorbed MLA (the default); true = naive MLA. Same results.
@@ -12,9 +14,10 @@ public struct ModelOptions {
     /// false to cancel: the load then throws DSV3_ERR_CANCELLED.
     public var progress: ((Float) -> Bool)?
 
-    public init(device: Int32 = 0, dequantizeFP8: Bool = false, naiveAttention: Bool = false,
+    public init(device: Int32 = 0, dtype: Int32 = 0, dequantizeFP8: Bool = false, naiveAttention: Bool = false,
                 progress: ((Float) -> Bool)? = nil) {
         self.device = device
+        self.dtype = dtype
         self.dequantizeFP8 = dequantizeFP8
         self.naiveAttention = naiveAttention
         self.progress = progress
@@ -117,6 +120,7 @@ public final class Model {
         var params = dsv3_model_params()
         try check(dsv3_model_params_default(&params))
         params.device = options.device
+        params.dtype = options.dtype
         params.dequantize_fp8 = options.dequantizeFP8 ? 1 : 0
         params.attention = options.naiveAttention ? 1 : 0
         var out: OpaquePointer? = nil

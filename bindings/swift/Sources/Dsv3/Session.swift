@@ -10,14 +10,22 @@ public final class Session {
     /// The number of sequence slots.
     public let slots: Int
 
-    /// A session with `slots` empty sequences on `model`.
-    public init(model: Model, slots: Int = 1) throws {
+    /// A session with `slots` empty sequences on `model`. On a GPU model each slot caches up to
+    /// `maxLen` tokens (0 = min(max positions, 4096)); CPU caches grow as needed.
+    public init(model: Model, slots: Int = 1, maxLen: Int = 0) throws {
         guard slots > 0 else {
             throw invalidArgument("slots must be positive, got \(slots)")
         }
+        guard maxLen >= 0 else {
+            throw invalidArgument("maxLen must not be negative, got \(maxLen)")
+        }
         let vocab = model.info.vocabSize
         var out: OpaquePointer? = nil
-        try check(dsv3_session_new(model.handle, slots, &out))
+        if maxLen == 0 {
+            try check(dsv3_session_new(model.handle, slots, &out))
+        } else {
+            try check(dsv3_session_new_ex(model.handle, slots, maxLen, &out))
+        }
         self.handle = try unwrap(out, "dsv3_session_new")
         self.vocabSize = vocab
         self.slots = slots

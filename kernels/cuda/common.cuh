@@ -6,6 +6,12 @@
 
 typedef __nv_bfloat16 bf16;
 
+// Declares the kernel's dynamic shared memory (the CPU emulator, kernels/emu/include/emu.h, maps
+// it to its own buffer).
+#ifndef DSV3_EMU
+#define DSV3_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(bf16 v) { return __bfloat162float(v); }
 template <typename T> __device__ __forceinline__ T from_f32(float v);

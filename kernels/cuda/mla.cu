@@ -11,6 +11,7 @@
 // out [N, H, C] (row stride ld_out). Partials: part_o [splits, N, H, C] f32, part_ml [splits, N, H, 2].
 // grid: (N, ceil(H / MLA_HB), splits), block: 256. C <= 512, dr <= 128.
 #include "common.cuh"
+#include "mma.cuh"
 
 #define MLA_HB 8
 #define MLA_TC 8
@@ -183,46 +184,8 @@ extern "C" __global__ void __launch_bounds__(MLA_THREADS) mla_decode_bf16(MlaArg
 // Shapes: bf16 only, C % 64 == 0, C <= 512, dr % 32 == 0, dr <= 128 (the launcher checks).
 #define MMA_THREADS 128
 
-extern __shared__ __align__(128) unsigned char mla_smem[];
+DSV3_DYNAMIC_SMEM(mla_smem);
 
-// The inline-PTX helpers; kernels/emu/mla_mma_emu.cpp (a CPU emulation of this kernel, no GPU
-// needed) defines DSV3_MMA_EMU and supplies its own versions of exactly these functions.
-#ifndef DSV3_MMA_EMU
-__device__ __forceinline__ uint32_t smem_u32(const void* ptr) { return (uint32_t)__cvta_generic_to_shared(ptr); }
-
-__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t addr, uint32_t (&r)[4]) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-// d += a·b, a 16x16 (row), b 16x8 (col), bf16 in, f32 accumulate.
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// 16 bytes global -> shared, bypassing L1; src_bytes < 16 zero-fills the rest (0: no read).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-#endif  // DSV3_MMA_EMU
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi, float& rlo, float& rhi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     rlo = __low2float(v);

@@ -3,257 +3,20 @@
 //
 //   bash kernels/emu/run.sh
 //
-// The kernel source is compiled as host C++ (include/cuda_bf16.h stands in for CUDA). Each CUDA
-// thread is a fiber (ucontext); warp collectives (ldmatrix, mma.sync, shfl) complete when all 32
-// lanes of the warp arrive and are evaluated from the lanes' operands exactly as the PTX ISA
-// defines the fragments; __syncthreads is a block barrier; cp.async copies are deferred until the
-// cp.async.wait_group that covers them (so a missing wait or barrier reads stale or poisoned
-// shared memory). Shared memory is poisoned with NaNs before every block, a canary past the
-// launcher's smem size catches overruns, ldmatrix/cp.async addresses are bounds- and
-// alignment-checked, and cp.async sources must lie inside the cache. Outputs are compared with
-// an f64 reference (bf16 inputs) at the GPU test's tolerance; output rows carry sentinels.
-// Timing means nothing here.
-#define DSV3_MMA_EMU 1
-#include <cuda_bf16.h>
-#include <ucontext.h>
+// The kernel source runs on the emulator's runtime (include/emu.h: a fiber per CUDA thread,
+// ldmatrix/mma.sync/shuffles evaluated as the PTX ISA defines them, cp.async deferred to its
+// wait_group, shared memory poisoned with NaNs and guarded by a canary). Here cp.async may read
+// only the cache. Outputs are compared with an f64 reference (bf16 inputs) at the GPU test's
+// tolerance; output rows carry sentinels. Timing means nothing here.
+#include <emu.h>
 
 #include <cstdio>
-#include <functional>
 #include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
 
-extern unsigned char mla_smem[];
-static size_t g_smem_limit = 0;  // bytes the launcher would request for the running kernel
-static const unsigned char* g_src_lo = nullptr;  // cache bounds for cp.async sources
-static const unsigned char* g_src_hi = nullptr;
-
-[[noreturn]] static void fail(const std::string& m) {
-    std::fprintf(stderr, "EMU FAILURE: %s\n", m.c_str());
-    std::exit(1);
-}
-
-namespace emu {
-emu_dim3 block_idx, block_dim;
-constexpr int MAXT = 256;
-struct Pending {
-    uint32_t dst;
-    const unsigned char* src;
-    int bytes, group;
-};
-struct Fiber {
-    ucontext_t ctx;
-    std::vector<char> stack;
-    bool done = false, waiting = false;
-    std::vector<Pending> pending;
-    int committed = 0;
-};
-static Fiber fib[MAXT];
-static int nthreads = 0, cur = 0, block_arrived = 0;
-static ucontext_t sched;
-int cur_tid() { return cur; }
-
-enum Op { OP_LDSM = 1, OP_LDSM_T, OP_MMA, OP_SHFL };
-struct WarpX {
-    int arrived = 0;
-    int op[32], arg[32];
-    uint32_t u[32][6];
-    float f[32][4];
-    uint32_t ou[32][4];
-    float of[32][4];
-};
-static WarpX wx[MAXT / 32];
-
-static void wait_here() {
-    fib[cur].waiting = true;
-    swapcontext(&fib[cur].ctx, &sched);
-}
-
-static uint16_t smem16(uint32_t addr) {
-    if (addr + 2 > g_smem_limit) fail("shared read past the launcher's size: " + std::to_string(addr));
-    uint16_t v;
-    std::memcpy(&v, mla_smem + addr, 2);
-    return v;
-}
-static float bf(uint32_t bits16) { return __bfloat162float(__nv_bfloat16{(uint16_t)bits16}); }
-
-static void compute(WarpX& x, int op) {
-    if (op == OP_LDSM || op == OP_LDSM_T) {
-        for (int l = 0; l < 32; l++)
-            if (x.u[l][0] % 16 != 0) fail("ldmatrix row address not 16-byte aligned");
-        for (int l = 0; l < 32; l++)
-            for (int j = 0; j < 4; j++) {
-                uint32_t lo, hi;
-                if (op == OP_LDSM) {  // lane l: row l/4 of matrix j, elements 2(l%4), +1
-                    uint32_t a = x.u[8 * j + l / 4][0] + 4 * (l % 4);
-                    lo = smem16(a), hi = smem16(a + 2);
-                } else {  // .trans: column l/4, rows 2(l%4), +1
-                    int r0 = 2 * (l % 4), col = l / 4;
-                    lo = smem16(x.u[8 * j + r0][0] + 2 * col);
-                    hi = smem16(x.u[8 * j + r0 + 1][0] + 2 * col);
-                }
-                x.ou[l][j] = lo | (hi << 16);
-            }
-    } else if (op == OP_MMA) {  // m16n8k16 row.col: fragments as in the PTX ISA
-        double A[16][16], B[16][8], C[16][8];
-        for (int l = 0; l < 32; l++) {
-            int g = l / 4, t = l % 4;
-            const uint32_t* a = x.u[l];
-            for (int h = 0; h < 2; h++) {
-                A[g][2 * t + h] = bf(a[0] >> (16 * h));
-                A[g + 8][2 * t + h] = bf(a[1] >> (16 * h));
-                A[g][2 * t + 8 + h] = bf(a[2] >> (16 * h));
-                A[g + 8][2 * t + 8 + h] = bf(a[3] >> (16 * h));
-                B[2 * t + h][g] = bf(a[4] >> (16 * h));
-                B[2 * t + 8 + h][g] = bf(a[5] >> (16 * h));
-                C[g][2 * t + h] = x.f[l][h];
-                C[g + 8][2 * t + h] = x.f[l][2 + h];
-            }
-        }
-        for (int l = 0; l < 32; l++) {
-            int g = l / 4, t = l % 4;
-            for (int e = 0; e < 4; e++) {
-                int r = g + 8 * (e >> 1), cidx = 2 * t + (e & 1);
-                double s = C[r][cidx];
-                for (int k = 0; k < 16; k++) s += A[r][k] * B[k][cidx];
-                x.of[l][e] = (float)s;
-            }
-        }
-    } else if (op == OP_SHFL) {
-        for (int l = 0; l < 32; l++) {
-            if (x.arg[l] != x.arg[0]) fail("shfl masks differ across the warp");
-            x.of[l][0] = x.f[l ^ x.arg[l]][0];
-        }
-    }
-}
-
-static void collective(int op) {
-    int w = cur >> 5, lane = cur & 31;
-    WarpX& x = wx[w];
-    x.op[lane] = op;
-    if (++x.arrived == 32) {
-        x.arrived = 0;
-        for (int l = 0; l < 32; l++)
-            if (x.op[l] != op) fail("divergent warp collective");
-        compute(x, op);
-        for (int l = 0; l < 32; l++)
-            if (l != lane) fib[w * 32 + l].waiting = false;
-    } else {
-        wait_here();
-    }
-}
-
-float shfl_xor(float v, int mask) {
-    WarpX& x = wx[cur >> 5];
-    x.f[cur & 31][0] = v;
-    x.arg[cur & 31] = mask;
-    collective(OP_SHFL);
-    return x.of[cur & 31][0];
-}
-
-void sync_block() {
-    if (++block_arrived == nthreads) {
-        block_arrived = 0;
-        for (int t = 0; t < nthreads; t++)
-            if (t != cur) fib[t].waiting = false;
-    } else {
-        wait_here();
-    }
-}
-
-static std::function<void()> g_body;  // the kernel call, the same for every thread
-static void entry(int tid) {
-    g_body();
-    fib[tid].done = true;  // returns to sched through uc_link
-}
-
-static void run_block(int threads) {
-    nthreads = threads;
-    block_arrived = 0;
-    for (auto& x : wx) x.arrived = 0;
-    for (int t = 0; t < threads; t++) {
-        Fiber& f = fib[t];
-        f.done = f.waiting = false;
-        f.pending.clear();
-        f.committed = 0;
-        if (f.stack.empty()) f.stack.resize(1 << 18);
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = f.stack.data();
-        f.ctx.uc_stack.ss_size = f.stack.size();
-        f.ctx.uc_link = &sched;
-        makecontext(&f.ctx, (void (*)())entry, 1, t);
-    }
-    for (;;) {
-        bool all_done = true, progress = false;
-        for (int t = 0; t < threads; t++) {
-            if (fib[t].done) continue;
-            all_done = false;
-            if (fib[t].waiting) continue;
-            cur = t;
-            progress = true;
-            swapcontext(&sched, &fib[t].ctx);
-        }
-        if (all_done) break;
-        if (!progress) fail("deadlock: every live thread waits (barrier not reached by all?)");
-    }
-}
-}  // namespace emu
-
-// ---- the helpers mla.cu leaves to us under DSV3_MMA_EMU ----
-__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
-    return (uint32_t)((const unsigned char*)ptr - mla_smem);
-}
-__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
-    emu::WarpX& x = emu::wx[emu::cur >> 5];
-    x.u[emu::cur & 31][0] = addr;
-    emu::collective(emu::OP_LDSM);
-    for (int j = 0; j < 4; j++) r[j] = x.ou[emu::cur & 31][j];
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t addr, uint32_t (&r)[4]) {
-    emu::WarpX& x = emu::wx[emu::cur >> 5];
-    x.u[emu::cur & 31][0] = addr;
-    emu::collective(emu::OP_LDSM_T);
-    for (int j = 0; j < 4; j++) r[j] = x.ou[emu::cur & 31][j];
-}
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    emu::WarpX& x = emu::wx[emu::cur >> 5];
-    int l = emu::cur & 31;
-    for (int j = 0; j < 4; j++) x.u[l][j] = a[j], x.f[l][j] = d[j];
-    x.u[l][4] = b0;
-    x.u[l][5] = b1;
-    emu::collective(emu::OP_MMA);
-    for (int j = 0; j < 4; j++) d[j] = x.of[l][j];
-}
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
-    const unsigned char* s = (const unsigned char*)src;
-    if (dst % 16 != 0 || dst + 16 > g_smem_limit) fail("cp.async destination misaligned or past the smem size");
-    if ((uintptr_t)s % 16 != 0) fail("cp.async source not 16-byte aligned");
-    if (s < g_src_lo || s + 16 > g_src_hi) fail("cp.async source outside the cache");
-    if (src_bytes != 0 && src_bytes != 16) fail("cp.async src-size not 0/16");
-    emu::Fiber& f = emu::fib[emu::cur];
-    f.pending.push_back({dst, s, src_bytes, f.committed});
-}
-__device__ __forceinline__ void cp_async_commit() { emu::fib[emu::cur].committed++; }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    emu::Fiber& f = emu::fib[emu::cur];
-    std::vector<emu::Pending> keep;
-    for (auto& p : f.pending) {
-        if (p.group < f.committed - N) {
-            std::memset(mla_smem + p.dst, 0, 16);
-            std::memcpy(mla_smem + p.dst, p.src, p.bytes);
-        } else {
-            keep.push_back(p);
-        }
-    }
-    f.pending.swap(keep);
-}
-__device__ __forceinline__ float fast_exp2(float x) { return std::exp2(x); }
-
 #include "../cuda/mla.cu"
-
-alignas(128) unsigned char mla_smem[256 * 1024];
 
 // ---- driver ----
 struct Variant {
@@ -309,29 +72,20 @@ static int run_case(const Variant& v, int h, int c, int dr, int max_len, const s
     a.n = n, a.h = h, a.c = c, a.dr = dr, a.ld_qt = h * c, a.ld_qpe = h * dq, a.hs_qpe = dq, a.ld_out = ld_out;
     a.splits = splits, a.split_len = (max_len + splits - 1) / splits, a.scale = scale, a.max_len = max_len;
 
-    g_src_lo = (const unsigned char*)cache.data();
-    g_src_hi = g_src_lo + cache.size() * 2;
+    emu::clear_globals();
+    emu::allow_global(cache.data(), cache.size() * 2);  // cp.async reads only the cache
     const size_t smem = smem_bytes(v, c, dr);
     const int hb = (h + 16 * v.mt - 1) / (16 * v.mt);
     for (int y = 0; y < splits; y++)
         for (int x = 0; x < n * hb; x++) {
-            emu::block_idx = {(unsigned)x, (unsigned)y, 0};
-            emu::block_dim = {128, 1, 1};
-            g_smem_limit = smem;
-            std::memset(mla_smem, 0xff, smem);                      // NaN poison
-            std::memset(mla_smem + smem, 0x5a, sizeof(mla_smem) - smem);  // canary
-            emu::g_body = [&] { v.kernel(a); };
-            emu::run_block(128);
-            for (size_t i = smem; i < sizeof(mla_smem); i++)
-                if (mla_smem[i] != 0x5a) fail("shared memory written past the launcher's size");
+            emu::begin_smem(smem);  // NaN poison, canary after
+            emu::run_block({(unsigned)x, (unsigned)y, 0}, 128, [&] { v.kernel(a); });
+            emu::end_smem();
         }
     if (splits > 1) {
         for (int y = 0; y < h; y++)
             for (int x = 0; x < n; x++) {
-                emu::block_idx = {(unsigned)x, (unsigned)y, 0};
-                emu::block_dim = {256, 1, 1};
-                emu::g_body = [&] { mla_combine_bf16(a); };
-                emu::run_block(256);
+                emu::run_block({(unsigned)x, (unsigned)y, 0}, 256, [&] { mla_combine_bf16(a); });
             }
     }
     // reference (f64) and comparison

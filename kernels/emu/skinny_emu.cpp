@@ -5,10 +5,9 @@
 //
 //   bash kernels/emu/run.sh            (runs this and mla_mma_emu)
 //
-// The real gemm.cu is compiled as host C++ (include/ stands in for CUDA; include/mma.h only lets
-// the tiled WMMA kernels compile). Each CUDA thread is a fiber (ucontext); a shuffle completes when
-// all 32 lanes of the warp reach it with the same mask (a lane that left early is a deadlock,
-// reported). Blocks run one after another over the grid the launcher (kernels/src/ops/gemm.rs,
+// The real gemm.cu runs on the emulator's runtime (include/emu.h: a fiber per CUDA thread; a
+// shuffle completes when all 32 lanes of the warp reach it with the same mask, a lane that left
+// early is a reported deadlock; include/mma.h only lets the tiled WMMA kernels compile). Blocks run one after another over the grid the launcher (kernels/src/ops/gemm.rs,
 // gemm_via) computes, mirrored in launch() below with the same GemmArgs fields. Every device
 // buffer sits against a PROT_NONE guard page at both ends (an out-of-bounds read or write
 // faults and is reported), row tails / batch gaps / unowned rows of C carry sentinels that must
@@ -21,10 +20,9 @@
 //   on the host; the 1-row form = the 8-row form (same per-lane sums, same butterfly tree);
 // - the folded RMSNorm also against rmsnorm.cu's math on the host + the plain kernel.
 // Timing means nothing here.
-#include <cuda_bf16.h>
+#include <emu.h>
 #include <signal.h>
 #include <sys/mman.h>
-#include <ucontext.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -33,127 +31,6 @@
 #include <random>
 #include <string>
 #include <vector>
-
-[[noreturn]] static void fail(const std::string& m) {
-    std::fprintf(stderr, "EMU FAILURE: %s\n", m.c_str());
-    std::exit(1);
-}
-
-namespace emu {
-emu_dim3 block_idx, block_dim;
-constexpr int MAXT = 128;
-// Fibers start with makecontext/setcontext and switch with __builtin_setjmp/longjmp afterwards
-// (no signal-mask system call per switch, unlike swapcontext: every lane switches at every shuffle).
-// The functions around a switch are noipa: GCC's interprocedural register allocation would
-// otherwise keep caller-saved registers live across the call, which returns on another context.
-struct Fiber {
-    ucontext_t ctx;
-    std::vector<char> stack;
-    void* jb[5];
-    bool done = false, waiting = false, started = false;
-};
-static Fiber fib[MAXT];
-static int nthreads = 0, cur = 0, block_arrived = 0;
-static void* sched_jb[5];
-int cur_tid() { return cur; }
-struct WarpX {
-    int arrived = 0;
-    int mask[32];
-    float in[32], out[32];
-};
-static WarpX wx[MAXT / 32];
-static long long shuffles = 0;
-
-__attribute__((noinline, noipa)) static void jump_to(void** jb) { __builtin_longjmp(jb, 1); }
-
-__attribute__((noinline, noipa)) static void wait_here() {
-    fib[cur].waiting = true;
-    if (__builtin_setjmp(fib[cur].jb) == 0) jump_to(sched_jb);
-}
-
-float shfl_xor(float v, int mask) {
-    int w = cur >> 5, lane = cur & 31;
-    WarpX& x = wx[w];
-    x.in[lane] = v;
-    x.mask[lane] = mask;
-    if (++x.arrived == 32) {
-        x.arrived = 0;
-        shuffles++;
-        for (int l = 0; l < 32; l++) {
-            if (x.mask[l] != x.mask[0]) fail("shfl masks differ across the warp");
-            x.out[l] = x.in[l ^ x.mask[l]];
-        }
-        for (int l = 0; l < 32; l++)
-            if (l != lane) fib[w * 32 + l].waiting = false;
-    } else {
-        wait_here();
-    }
-    return x.out[lane];
-}
-
-void sync_block() {
-    if (++block_arrived == nthreads) {
-        block_arrived = 0;
-        for (int t = 0; t < nthreads; t++)
-            if (t != cur) fib[t].waiting = false;
-    } else {
-        wait_here();
-    }
-}
-
-static std::function<void()> g_body;
-static void entry(int tid) {
-    g_body();
-    fib[tid].done = true;
-    jump_to(sched_jb);
-}
-
-// scheduler state in globals: it lives across __builtin_setjmp returns
-static int s_t;
-static bool s_all_done, s_progress;
-
-__attribute__((noinline, noipa)) static void resume(int t) {
-    if (__builtin_setjmp(sched_jb) == 0) {
-        if (!fib[t].started) {
-            fib[t].started = true;
-            setcontext(&fib[t].ctx);
-        }
-        jump_to(fib[t].jb);
-    }
-}
-
-static void run_block(int threads) {
-    nthreads = threads;
-    block_arrived = 0;
-    for (auto& x : wx) x.arrived = 0;
-    for (int t = 0; t < threads; t++) {
-        Fiber& f = fib[t];
-        f.done = f.waiting = f.started = false;
-        if (f.stack.empty()) f.stack.resize(1 << 17);
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = f.stack.data();
-        f.ctx.uc_stack.ss_size = f.stack.size();
-        f.ctx.uc_link = nullptr;  // entry never returns: it jumps back to the scheduler
-        makecontext(&f.ctx, (void (*)())entry, 1, t);
-    }
-    for (;;) {
-        s_all_done = true;
-        s_progress = false;
-        for (s_t = 0; s_t < threads; s_t++) {
-            if (fib[s_t].done) continue;
-            s_all_done = false;
-            if (fib[s_t].waiting) continue;
-            cur = s_t;
-            s_progress = true;
-            resume(s_t);
-        }
-        if (s_all_done) break;
-        if (!s_progress) fail("deadlock: lanes wait in a shuffle or barrier that others never reach");
-    }
-    for (auto& x : wx)
-        if (x.arrived) fail("a shuffle was left incomplete");
-}
-}  // namespace emu
 
 #include "../cuda/gemm.cu"
 
@@ -449,10 +326,7 @@ static void launch(const Kernel& kn, const Problem& p, const Data& d, Bufs& B) {
     for (unsigned z = 0; z < gz; z++)
         for (unsigned y = 0; y < gy; y++)
             for (unsigned x = 0; x < gx; x++) {
-                emu::block_idx = {x, y, z};
-                emu::block_dim = {128, 1, 1};
-                emu::g_body = [&] { kn.fn(a); };
-                emu::run_block(128);
+                emu::run_block({x, y, z}, 128, [&] { kn.fn(a); });
             }
 }
 
@@ -812,6 +686,6 @@ int main(int argc, char** argv) {
     std::printf("folded RMSNorm vs rmsnorm + GEMM in f32: largest difference %.3g of the sum of |products|\n",
                 g_norm_f32_worst);
     std::printf("skinny GEMMs: %d runs, %lld outputs checked against the f64 reference, %lld warp shuffles: all match\n",
-                g_cases, g_checked, emu::shuffles);
+                g_cases, g_checked, emu::collectives);
     return 0;
 }

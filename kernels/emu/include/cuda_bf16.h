@@ -1,6 +1,6 @@
-// Host stand-in for <cuda_bf16.h> and the CUDA built-ins kernels/cuda/mla.cu and gemm.cu use, for
-// the CPU emulations in kernels/emu/ (never used by the real build). Threads are fibers
-// (emu.h); warp collectives and __syncthreads are emulated there.
+// Host stand-in for <cuda_bf16.h> and the CUDA built-ins the kernels use, for the CPU emulations
+// in kernels/emu/ (never used by the real build). Threads are fibers (emu.h, which includes this
+// first); warp collectives and __syncthreads are emulated there.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -10,7 +10,13 @@
 #define __global__
 #define __host__
 #define __forceinline__ inline
-#define __shared__
+// static __shared__ arrays: one instance shared by the block's threads (blocks run one at a time)
+#define __shared__ static
+// dynamic shared memory: the emulator's buffer (kernels/cuda/common.cuh declares it on the GPU)
+namespace emu {
+extern unsigned char dyn_smem[];
+}
+#define DSV3_DYNAMIC_SMEM(name) static unsigned char* const name = emu::dyn_smem
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 
@@ -82,13 +88,9 @@ struct emu_dim3 {
     unsigned x, y, z;
 };
 namespace emu {
-int cur_tid();
+inline int cur_tid();
 extern emu_dim3 block_idx, block_dim;
-float shfl_xor(float v, int mask);
-void sync_block();
 }  // namespace emu
 #define threadIdx (emu_dim3{(unsigned)emu::cur_tid(), 0u, 0u})
 #define blockIdx (emu::block_idx)
 #define blockDim (emu::block_dim)
-inline float __shfl_xor_sync(unsigned, float v, int mask) { return emu::shfl_xor(v, mask); }
-inline void __syncthreads() { emu::sync_block(); }

@@ -80,6 +80,39 @@ inline float __high2float(__nv_bfloat162 v) { return __bfloat162float(v.y); }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline uint32_t __float_as_uint(float f) {
+    uint32_t v;
+    std::memcpy(&v, &f, 4);
+    return v;
+}
+// shared/global atomics: a fiber runs until it reaches a collective or barrier, so a plain
+// read-modify-write is atomic here
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    unsigned o = *p;
+    *p = o + v;
+    return o;
+}
+inline int atomicAdd(int* p, int v) {
+    int o = *p;
+    *p = o + v;
+    return o;
+}
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    unsigned long long o = *p;
+    *p = o + v;
+    return o;
+}
+inline int atomicMin(int* p, int v) {
+    int o = *p;
+    if (v < o) *p = v;
+    return o;
+}
+inline int atomicMax(int* p, int v) {
+    int o = *p;
+    if (v > o) *p = v;
+    return o;
+}
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline long long min(long long a, long long b) { return a < b ? a : b; }

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds and runs the CPU emulations of CUDA kernels: the tensor-core MLA kernels
-# (mla_mma_emu.cpp) and the skinny GEMMs with their fused forms (skinny_emu.cpp). Needs a C++17
-# host compiler (g++ or clang++), no CUDA. Pass --quick for the short case lists; pass mla or
-# skinny (after --quick, if any) to run one of them.
+# (mla_mma_emu.cpp), the skinny GEMMs with their fused forms (skinny_emu.cpp) and the flash
+# prefill attention (flash_emu.cpp). Needs a C++17 host compiler (g++ or clang++), no CUDA. Pass
+# --quick for the short case lists; pass mla, skinny or flash (after --quick, if any) to run one.
 set -euo pipefail
 cd "$(dirname "$0")"
 CXX="${CXX:-$(command -v g++ || command -v clang++)}"
@@ -22,4 +22,8 @@ fi
 if [ "$which" = all ] || [ "$which" = skinny ]; then
   "$CXX" "${flags[@]}" skinny_emu.cpp -o "$out/skinny_emu"
   "$out/skinny_emu" "${quick[@]}"
+fi
+if [ "$which" = all ] || [ "$which" = flash ]; then
+  "$CXX" "${flags[@]}" flash_emu.cpp -o "$out/flash_emu"
+  "$out/flash_emu" "${quick[@]}"
 fi

@@ -40,6 +40,7 @@ macro_rules! ptx_modules {
 }
 
 ptx_modules!(
+    "attn",
     "elementwise",
     "embed",
     "fp8gemm",

@@ -8,9 +8,11 @@
 //!   promoted FP8 GEMM (wgmma on sm_90a) for Fprop, Dgrad, Wgrad and MoE groups.
 //! - [`gemm`]: `C = A · Wᵀ` in f32 / bf16 / FP8-weights, batched or grouped by rows.
 //! - [`mla`]: absorbed MLA attention over the latent cache, cache append.
+//! - [`attn`]: flash attention for prefill (causal, query-tiled, bf16 tensor cores).
 //! - [`moe`]: router, dispatch plan, combine. [`sampling`]: argmax, softmax.
 //! - [`train`]: AdamW (f32 master weights, f32 or bf16 moments) and the backward passes of
 //!   RMSNorm, SwiGLU, RoPE, the embedding and softmax cross-entropy.
+pub mod attn;
 pub mod elementwise;
 pub mod fp8;
 pub mod gather;
@@ -84,6 +86,11 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("mla", "mla_prep_bf16"),
     ("mla", "cache_append_f32"),
     ("mla", "cache_append_bf16"),
+    ("attn", "attn_fwd_m1d64"),
+    ("attn", "attn_fwd_m1d128"),
+    ("attn", "attn_fwd_m1d256"),
+    ("attn", "attn_fwd_m2d64"),
+    ("attn", "attn_fwd_m2d128"),
     ("moe", "moe_route"),
     ("moe", "moe_plan"),
     ("moe", "moe_combine_f32"),
@@ -113,6 +120,7 @@ pub(crate) enum KArg {
     Gemm(gemm::GemmArgs),
     Fp8Gemm(fp8::Fp8GemmArgs),
     Mla(mla::MlaArgs),
+    Attn(attn::AttnArgs),
 }
 
 /// A size as a kernel's `int`.
@@ -170,6 +178,7 @@ pub(crate) fn launch_smem(
             KArg::Gemm(v) => b.arg(v),
             KArg::Fp8Gemm(v) => b.arg(v),
             KArg::Mla(v) => b.arg(v),
+            KArg::Attn(v) => b.arg(v),
         };
     }
     // SAFETY: the launchers check every buffer length against the shapes the kernel reads and

@@ -183,3 +183,35 @@ extern "C" __global__ void cross_entropy_bf16(const bf16* z, int ldz, const int*
                                               bf16* dz, int lddz, float* row_loss, int vocab, int rows) {
     cross_entropy<bf16>(z, ldz, targets, mask, denom, dz, lddz, row_loss, vocab, rows);
 }
+
+// ---- Attention probabilities for training (core::model::mla::Mla::forward_train): scores
+// S [mats, T, T] (row stride ld, matrix stride mstride; mats = batch·heads), causal: query row i
+// sees keys t <= i. In place: P[i, t] = softmax_t(scale·S[i, t]) for t <= i, 0 above the
+// diagonal (core's softmax_inplace with −inf there). grid: (T, mats), block: 128.
+extern "C" __global__ void attn_softmax_causal_f32(float* s, int t_len, int ld, long long mstride, float scale) {
+    const int i = blockIdx.x;
+    float* row = s + (long long)blockIdx.y * mstride + (long long)i * ld;
+    float m = -__int_as_float(0x7f800000);
+    for (int t = threadIdx.x; t <= i; t += blockDim.x) m = fmaxf(m, row[t] * scale);
+    m = block_max(m);
+    float z = 0.0f;
+    for (int t = threadIdx.x; t <= i; t += blockDim.x) z += dsv3_exp(row[t] * scale - m);
+    z = block_sum(z);
+    const float inv = 1.0f / z;
+    for (int t = threadIdx.x; t < t_len; t += blockDim.x) row[t] = t <= i ? dsv3_exp(row[t] * scale - m) * inv : 0.0f;
+}
+
+// ---- Its backward (softmax_backward_inplace, then × scale): with P from the forward and the
+// probabilities' gradient dP, in place over dP: dS[i, t] = scale·P[i, t]·(dP[i, t] − Σ_u P[i, u]·dP[i, u])
+// (0 above the diagonal, where P is 0). Same layout and grid as the forward.
+extern "C" __global__ void attn_softmax_bwd_f32(const float* p, float* dp, int t_len, int ld, long long mstride,
+                                                float scale) {
+    const int i = blockIdx.x;
+    const long long off = (long long)blockIdx.y * mstride + (long long)i * ld;
+    const float* pr = p + off;
+    float* dr = dp + off;
+    float dot = 0.0f;
+    for (int t = threadIdx.x; t <= i; t += blockDim.x) dot += pr[t] * dr[t];
+    dot = block_sum(dot);
+    for (int t = threadIdx.x; t < t_len; t += blockDim.x) dr[t] = t <= i ? pr[t] * (dr[t] - dot) * scale : 0.0f;
+}

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Builds and runs the CPU emulations of CUDA kernels: the tensor-core MLA kernels
-# (mla_mma_emu.cpp), the skinny GEMMs with their fused forms (skinny_emu.cpp) and the flash
-# prefill attention (flash_emu.cpp). Needs a C++17 host compiler (g++ or clang++), no CUDA. Pass
-# --quick for the short case lists; pass mla, skinny or flash (after --quick, if any) to run one.
+# Builds and runs the CPU emulations of CUDA kernels, every kernels/emu/<name>_emu.cpp: the real
+# kernel source on the emulator's runtime (include/emu.h) against references (mla_mma: the
+# tensor-core MLA decode; skinny: the skinny GEMMs and their fused forms; flash: the prefill
+# attention; tiled: the tensor-core tiled GEMMs; sampling: on-device sampling; train: the MoE
+# training and attention softmax kernels). Needs a C++17 host compiler (g++ or clang++), no CUDA.
+#
+#   bash kernels/emu/run.sh [--quick] [NAME...]   NAME: a prefix of the emulations to run (all by default)
 set -euo pipefail
 cd "$(dirname "$0")"
 CXX="${CXX:-$(command -v g++ || command -v clang++)}"
@@ -11,19 +14,20 @@ if [ "${1:-}" = "--quick" ]; then
   quick=(--quick)
   shift
 fi
-which="${1:-all}"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 flags=(-std=c++17 -O2 -fno-strict-aliasing -w -Iinclude -I../cuda)
-if [ "$which" = all ] || [ "$which" = mla ]; then
-  "$CXX" "${flags[@]}" mla_mma_emu.cpp -o "$out/mla_mma_emu"
-  "$out/mla_mma_emu" "${quick[@]}"
-fi
-if [ "$which" = all ] || [ "$which" = skinny ]; then
-  "$CXX" "${flags[@]}" skinny_emu.cpp -o "$out/skinny_emu"
-  "$out/skinny_emu" "${quick[@]}"
-fi
-if [ "$which" = all ] || [ "$which" = flash ]; then
-  "$CXX" "${flags[@]}" flash_emu.cpp -o "$out/flash_emu"
-  "$out/flash_emu" "${quick[@]}"
-fi
+ran=0
+for src in *_emu.cpp; do
+  name="${src%_emu.cpp}"
+  if [ $# -gt 0 ]; then
+    want=0
+    for w in "$@"; do case "$name" in "$w"*) want=1 ;; esac; done
+    [ "$want" = 1 ] || continue
+  fi
+  echo "-- $name ($src)"
+  "$CXX" "${flags[@]}" "$src" -o "$out/$name"
+  "$out/$name" "${quick[@]}"
+  ran=$((ran + 1))
+done
+[ "$ran" -gt 0 ] || { echo "no emulation matches: $*" >&2; exit 2; }

@@ -81,6 +81,7 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline uint32_t __float_as_uint(float f) {
     uint32_t v;
     std::memcpy(&v, &f, 4);
@@ -100,6 +101,11 @@ inline int atomicAdd(int* p, int v) {
 }
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
     unsigned long long o = *p;
+    *p = o + v;
+    return o;
+}
+inline float atomicAdd(float* p, float v) {
+    float o = *p;
     *p = o + v;
     return o;
 }

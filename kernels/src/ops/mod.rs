@@ -10,8 +10,11 @@
 //! - [`mla`]: absorbed MLA attention over the latent cache, cache append.
 //! - [`attn`]: flash attention for prefill (causal, query-tiled, bf16 tensor cores).
 //! - [`moe`]: router, dispatch plan, combine. [`sampling`]: argmax, softmax.
+//! - [`moe_train`]: MoE backward (combine, dispatch, routing weights into the router logits), the
+//!   balance losses, expert loads and the auxiliary-loss-free bias update.
 //! - [`train`]: AdamW (f32 master weights, f32 or bf16 moments) and the backward passes of
-//!   RMSNorm, SwiGLU, RoPE, the embedding and softmax cross-entropy.
+//!   RMSNorm, SwiGLU, RoPE, the embedding and softmax cross-entropy; causal attention
+//!   probabilities and their backward.
 pub mod attn;
 pub mod elementwise;
 pub mod fp8;
@@ -19,6 +22,7 @@ pub mod gather;
 pub mod gemm;
 pub mod mla;
 pub mod moe;
+pub mod moe_train;
 pub mod norm;
 pub mod rope;
 pub mod sampling;
@@ -109,6 +113,16 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("train", "embed_bwd_bf16"),
     ("train", "cross_entropy_f32"),
     ("train", "cross_entropy_bf16"),
+    ("train", "attn_softmax_causal_f32"),
+    ("train", "attn_softmax_bwd_f32"),
+    ("moe_train", "moe_combine_bwd_f32"),
+    ("moe_train", "moe_combine_bwd_bf16"),
+    ("moe_train", "moe_dispatch_bwd_f32"),
+    ("moe_train", "moe_dispatch_bwd_bf16"),
+    ("moe_train", "moe_router_bwd"),
+    ("moe_train", "moe_expert_freq"),
+    ("moe_train", "moe_balance_bwd"),
+    ("moe_train", "moe_bias_update"),
 ];
 
 /// One kernel argument, passed by value (device addresses as `u64`).

@@ -298,3 +298,79 @@ pub fn cross_entropy(
     let k = pick(z.dtype(), "cross_entropy_f32", "cross_entropy_bf16");
     launch(dev, "train", k, (dim(rows, "cross_entropy rows")?, 1, 1), 256, &args)
 }
+
+/// Causal attention probabilities for training, in place: `mats` score matrices `[t, t]` (row
+/// stride `ld`, matrix stride `mstride`, f32) become `P[i, u] = softmax_u(scale·S[i, u])` over
+/// `u <= i`, 0 above the diagonal (`dsv3_core::model::mla::Mla::forward_train`).
+pub fn attn_softmax_causal(
+    dev: &Device,
+    s: &mut CudaSlice<f32>,
+    mats: usize,
+    t: usize,
+    ld: usize,
+    mstride: usize,
+    scale: f32,
+) -> Result<()> {
+    if mats == 0 || t == 0 {
+        return Ok(());
+    }
+    attn_check(s.len(), mats, t, ld, mstride, "attn_softmax_causal")?;
+    launch(
+        dev,
+        "train",
+        "attn_softmax_causal_f32",
+        (dim(t, "attn_softmax_causal rows")?, dim(mats, "attn_softmax_causal matrices")?, 1),
+        128,
+        &[
+            KArg::Ptr(dptr(dev, s, 0)?),
+            KArg::I32(int(t, "t")?),
+            KArg::I32(int(ld, "ld")?),
+            KArg::I64(mstride as i64),
+            KArg::F32(scale),
+        ],
+    )
+}
+
+/// Backward of [`attn_softmax_causal`] (softmax backward, then `× scale`), in place over the
+/// probabilities' gradient: `dP[i, u] ← scale·P[i, u]·(dP[i, u] − Σ_v P[i, v]·dP[i, v])`.
+#[allow(clippy::too_many_arguments)]
+pub fn attn_softmax_backward(
+    dev: &Device,
+    p: &CudaSlice<f32>,
+    dp: &mut CudaSlice<f32>,
+    mats: usize,
+    t: usize,
+    ld: usize,
+    mstride: usize,
+    scale: f32,
+) -> Result<()> {
+    if mats == 0 || t == 0 {
+        return Ok(());
+    }
+    attn_check(p.len().min(dp.len()), mats, t, ld, mstride, "attn_softmax_backward")?;
+    launch(
+        dev,
+        "train",
+        "attn_softmax_bwd_f32",
+        (dim(t, "attn_softmax_backward rows")?, dim(mats, "attn_softmax_backward matrices")?, 1),
+        128,
+        &[
+            KArg::Ptr(dptr(dev, p, 0)?),
+            KArg::Ptr(dptr(dev, dp, 0)?),
+            KArg::I32(int(t, "t")?),
+            KArg::I32(int(ld, "ld")?),
+            KArg::I64(mstride as i64),
+            KArg::F32(scale),
+        ],
+    )
+}
+
+fn attn_check(len: usize, mats: usize, t: usize, ld: usize, mstride: usize, what: &str) -> Result<()> {
+    if ld < t || (mats > 1 && mstride < (t - 1) * ld + t) {
+        return Err(Error::Input(format!("{what}: strides (t {t}, ld {ld}, matrix stride {mstride})")));
+    }
+    if len < (mats - 1) * mstride + (t - 1) * ld + t {
+        return Err(Error::Input(format!("{what}: buffer of {len} shorter than {mats} matrices of {t}x{t}")));
+    }
+    Ok(())
+}

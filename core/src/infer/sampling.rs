@@ -54,7 +54,8 @@ impl Sampler {
         Ok(Sampler { params, rng })
     }
 
-    /// Picks a token from one row of logits (`[V]`). NaN logits are an error.
+    /// Picks a token from one row of logits (`[V]`). NaN logits are an error. Draws one uniform
+    /// from the generator per sampled (non-greedy) token.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         if logits.iter().any(|x| x.is_nan()) {
             return Err(crate::Error::NonFinite("NaN in logits".into()));
@@ -62,68 +63,84 @@ impl Sampler {
         if self.params.temperature == 0.0 || self.params.top_k == 1 {
             return Ok(argmax(logits) as u32);
         }
-        let t = self.params.temperature;
-        if self.params.top_k == 0 && self.params.top_p >= 1.0 {
-            return Ok(self.sample_full(logits, t));
-        }
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / t)).collect();
-        // most likely first, ties by id: a total order, so a partial selection gives the same top k
-        let order = |a: &(u32, f32), b: &(u32, f32)| {
-            b.1.partial_cmp(&a.1).unwrap_or(core::cmp::Ordering::Equal).then(a.0.cmp(&b.0))
-        };
-        if self.params.top_k > 0 && self.params.top_k < cand.len() {
-            cand.select_nth_unstable_by(self.params.top_k - 1, order);
-            cand.truncate(self.params.top_k);
-        }
-        cand.sort_by(order);
-        let m = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|c| libm::expf(c.1 - m)).collect();
-        let z: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= z);
-        if self.params.top_p < 1.0 {
-            let mut cum = 0f32;
-            let mut keep = probs.len();
-            for (i, &p) in probs.iter().enumerate() {
-                cum += p;
-                if cum >= self.params.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            probs.truncate(keep);
-            let z: f32 = probs.iter().sum();
-            probs.iter_mut().for_each(|p| *p /= z);
-        }
         let u = self.rng.uniform();
-        let mut cum = 0f32;
-        for (i, &p) in probs.iter().enumerate() {
-            cum += p;
-            if u < cum {
-                return Ok(cand[i].0);
-            }
-        }
-        Ok(cand[probs.len() - 1].0)
+        sample_with(&self.params, logits, u)
+    }
+
+    /// The uniform the next sampled (non-greedy) token would use, drawn now: what a device
+    /// sampler passes to the GPU so it picks the token [`Sampler::sample`] would.
+    pub fn draw(&mut self) -> f32 {
+        self.rng.uniform()
     }
 }
 
-impl Sampler {
-    /// Plain temperature sampling over the whole vocabulary (no top-k / top-p): the inverse CDF
-    /// in token order, no sort (a sort per token dominated GRPO's rollouts at large batch).
-    fn sample_full(&mut self, logits: &[f32], t: f32) -> u32 {
-        let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) / t;
-        let probs: Vec<f32> = logits.iter().map(|&l| libm::expf(l / t - m)).collect();
-        let z: f32 = probs.iter().sum();
-        let target = self.rng.uniform() * z;
+/// [`Sampler::sample`] with its uniform given: the token it picks when its generator draws `u`
+/// (unused for greedy). NaN logits are an error.
+pub fn sample_with(params: &SamplingParams, logits: &[f32], u: f32) -> Result<u32> {
+    if logits.iter().any(|x| x.is_nan()) {
+        return Err(crate::Error::NonFinite("NaN in logits".into()));
+    }
+    if params.temperature == 0.0 || params.top_k == 1 {
+        return Ok(argmax(logits) as u32);
+    }
+    let t = params.temperature;
+    if params.top_k == 0 && params.top_p >= 1.0 {
+        return Ok(sample_full(logits, t, u));
+    }
+    let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / t)).collect();
+    // most likely first, ties by id: a total order, so a partial selection gives the same top k
+    let order = |a: &(u32, f32), b: &(u32, f32)| {
+        b.1.partial_cmp(&a.1).unwrap_or(core::cmp::Ordering::Equal).then(a.0.cmp(&b.0))
+    };
+    if params.top_k > 0 && params.top_k < cand.len() {
+        cand.select_nth_unstable_by(params.top_k - 1, order);
+        cand.truncate(params.top_k);
+    }
+    cand.sort_by(order);
+    let m = cand[0].1;
+    let mut probs: Vec<f32> = cand.iter().map(|c| libm::expf(c.1 - m)).collect();
+    let z: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= z);
+    if params.top_p < 1.0 {
         let mut cum = 0f32;
+        let mut keep = probs.len();
         for (i, &p) in probs.iter().enumerate() {
             cum += p;
-            if target < cum {
-                return i as u32;
+            if cum >= params.top_p {
+                keep = i + 1;
+                break;
             }
         }
-        // rounding left the target past the sum: the last token with any mass
-        probs.iter().rposition(|&p| p > 0.0).unwrap_or(0) as u32
+        probs.truncate(keep);
+        let z: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= z);
     }
+    let mut cum = 0f32;
+    for (i, &p) in probs.iter().enumerate() {
+        cum += p;
+        if u < cum {
+            return Ok(cand[i].0);
+        }
+    }
+    Ok(cand[probs.len() - 1].0)
+}
+
+/// Plain temperature sampling over the whole vocabulary (no top-k / top-p): the inverse CDF
+/// in token order, no sort (a sort per token dominated GRPO's rollouts at large batch).
+fn sample_full(logits: &[f32], t: f32, u: f32) -> u32 {
+    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) / t;
+    let probs: Vec<f32> = logits.iter().map(|&l| libm::expf(l / t - m)).collect();
+    let z: f32 = probs.iter().sum();
+    let target = u * z;
+    let mut cum = 0f32;
+    for (i, &p) in probs.iter().enumerate() {
+        cum += p;
+        if target < cum {
+            return i as u32;
+        }
+    }
+    // rounding left the target past the sum: the last token with any mass
+    probs.iter().rposition(|&p| p > 0.0).unwrap_or(0) as u32
 }
 
 /// Index of the largest value (first on ties).
@@ -160,6 +177,27 @@ mod tests {
         assert!((0..50).all(|_| s3.sample(&logits).unwrap() == 1));
         assert!(Sampler::new(SamplingParams { top_p: 0.0, ..Default::default() }).is_err());
         assert!(g.sample(&[f32::NAN, 1.0]).is_err());
+    }
+
+    #[test]
+    fn sample_with_is_the_sampler_given_its_draw() {
+        // the device sampler's contract: the same uniforms give the same tokens
+        let mut gen = Rng::new(4);
+        let logits: Vec<f32> = (0..500).map(|_| gen.normal() * 2.0).collect();
+        for p in [
+            SamplingParams { temperature: 0.8, seed: 1, ..Default::default() },
+            SamplingParams { temperature: 1.0, top_k: 20, top_p: 0.9, seed: 2, ..Default::default() },
+            SamplingParams { temperature: 0.0, seed: 3, ..Default::default() },
+        ] {
+            let mut s = Sampler::new(p.clone()).unwrap();
+            let mut d = Sampler::new(p.clone()).unwrap();
+            let greedy = p.temperature == 0.0;
+            for _ in 0..50 {
+                let u = if greedy { 0.0 } else { d.draw() };
+                assert_eq!(s.sample(&logits).unwrap(), sample_with(&p, &logits, u).unwrap());
+            }
+        }
+        assert!(sample_with(&SamplingParams::default(), &[1.0, f32::NAN], 0.5).is_err());
     }
 
     #[test]

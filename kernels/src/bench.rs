@@ -235,6 +235,7 @@ pub fn run_all(dev: &Device) -> Result<Vec<Line>> {
     let l = mla_line(dev, 1, 4096, 16, 512, 64, copy, None)?;
     println!("{l}");
     lines.push(l);
+    lines.extend(run_prefill_attn(dev)?);
     Ok(lines)
 }
 
@@ -448,4 +449,190 @@ pub fn run_fp8(dev: &Device) -> Result<()> {
         100.0 * bytes / (ms * 1e-3) / 1e9 / copy
     );
     Ok(())
+}
+
+/// One head shape of the prefill attention benchmark.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub name: &'static str,
+    pub h: usize,
+    pub c: usize,
+    pub dn: usize,
+    pub dr: usize,
+    pub dv: usize,
+}
+
+/// The 88M benchmark model's and DeepSeek-V3's attention shapes.
+pub const ATTN_SHAPES: [AttnShape; 2] = [
+    AttnShape { name: "88M", h: 8, c: 128, dn: 64, dr: 32, dv: 64 },
+    AttnShape { name: "V3", h: 128, c: 512, dn: 128, dr: 64, dv: 128 },
+];
+
+/// Prefill attention of `batch` fresh sequences of `t` tokens (causal) at shape `s`: the flash
+/// kernel (MHA form) and the per-row absorbed path it replaces, in the same run. Each kernel's
+/// TFLOP/s counts its own FLOPs per (query, key) pair and head, `2·(dk + dv)` for flash and
+/// `2·(C + dr) + 2·C` for the absorbed kernel, against `ceiling` (cuBLAS bf16 on a large GEMM in
+/// this run). The notes give each path's whole time: the flash path with its `kv_b` decompression
+/// GEMM (one per sequence), the absorbed one with its `q_nope·W_UK` and `ō·W_UVᵀ` GEMMs.
+pub fn prefill_attn_lines(dev: &Device, s: &AttnShape, batch: usize, t: usize, ceiling: f64) -> Result<Vec<Line>> {
+    use crate::ops::attn::{flash_attention, flash_variant, FlashCall, Segment};
+    let AttnShape { h, c, dn, dr, dv, .. } = *s;
+    let (dk, w, wkv, n) = (dn + dr, c + dr, h * (dn + dv), batch * t);
+    let bf = |len: usize, seed: u64| {
+        Act::from_f32(dev, DType::Bf16, &randn(len, seed).iter().map(|x| 0.5 * x).collect::<Vec<_>>())
+    };
+    let cache = bf(batch * t * w, 21)?;
+    let q = bf(n * h * dk, 22)?;
+    let kv_b = DWeight::from_f32(
+        dev,
+        DType::Bf16,
+        1,
+        wkv,
+        c,
+        &randn(wkv * c, 23).iter().map(|x| 0.05 * x).collect::<Vec<_>>(),
+    )?;
+    let w_uk = DWeight::from_f32(
+        dev,
+        DType::Bf16,
+        h,
+        c,
+        dn,
+        &randn(h * c * dn, 24).iter().map(|x| 0.05 * x).collect::<Vec<_>>(),
+    )?;
+    let w_uv = DWeight::from_f32(
+        dev,
+        DType::Bf16,
+        h,
+        dv,
+        c,
+        &randn(h * dv * c, 25).iter().map(|x| 0.05 * x).collect::<Vec<_>>(),
+    )?;
+    let pairs = batch * t * (t + 1) / 2;
+    let (iters, warm) = if pairs * h > 1 << 31 { (3, 1) } else { (10, 2) };
+    let label = format!("prefill attn {} b{batch} t{t}", s.name);
+    let mut lines = Vec::new();
+
+    // flash: kv_b decompression per sequence, then the kernel
+    let segs: Vec<Segment> =
+        (0..batch).map(|b| Segment { q_row0: b * t, nq: t, p0: 0, k_row0: b * t, pe_row0: b * t }).collect();
+    let mut kv = Act::empty(dev, DType::Bf16, n * wkv)?;
+    let decompress = |kv: &mut Act| -> Result<()> {
+        for b in 0..batch {
+            let shape = GemmShape { a_off: b * t * w, lda: w, c_off: b * t * wkv, ..GemmShape::plain(t, c, wkv) };
+            gemm(dev, &cache, &kv_b, kv, &shape)?;
+        }
+        Ok(())
+    };
+    let gemm_ms = time_ms(dev, warm, iters, || decompress(&mut kv))?;
+    let mut out = Act::empty(dev, DType::Bf16, n * h * dv)?;
+    let call = FlashCall {
+        h,
+        dn,
+        dr,
+        dv,
+        q: &q,
+        q_off: 0,
+        ld_q: h * dk,
+        hs_q: dk,
+        k: &kv,
+        k_off: 0,
+        ld_k: wkv,
+        hs_k: dn + dv,
+        kpe: &cache,
+        kpe_off: c,
+        ld_kpe: w,
+        v: &kv,
+        v_off: dn,
+        ld_v: wkv,
+        hs_v: dn + dv,
+        scale: 1.0 / (dk as f32).sqrt(),
+        segs: &segs,
+    };
+    let var = flash_variant(dev, &call).map_or("none", |v| v.name);
+    let flash_ms = time_ms(dev, warm, iters, || flash_attention(dev, &call, &mut out, 0, h * dv, dv))?;
+    let flash_tf = call.flops() / (flash_ms * 1e-3) / 1e12;
+    lines.push(Line {
+        name: format!("{label} flash {var}"),
+        ms: flash_ms,
+        value: flash_tf,
+        unit: "TFLOP/s",
+        ceiling,
+        ceiling_name: "cuBLAS bf16",
+        note: format!(
+            "+ kv_b GEMM {gemm_ms:.3} ms ({:.1} TFLOP/s) = {:.3} ms",
+            2.0 * (n * c * wkv) as f64 / (gemm_ms * 1e-3) / 1e12,
+            flash_ms + gemm_ms
+        ),
+    });
+
+    // the absorbed path, a query row at a time over its prefix (what prefill ran before)
+    let kernel = mla_kernel(dev, DType::Bf16, h, c, dr);
+    let slot: Vec<i32> = (0..n).map(|r| (r / t) as i32).collect();
+    let lens: Vec<i32> = (0..n).map(|r| (r % t + 1) as i32).collect();
+    let (rs, rl) = (upload(dev, &slot)?, upload(dev, &lens)?);
+    let splits = mla_splits_for(dev, kernel, n, h, c, dr, t);
+    let mut work = if splits > 1 { Some(MlaWork::new(dev, splits, n, h, c)?) } else { None };
+    let mut qt = Act::empty(dev, DType::Bf16, n * h * c)?;
+    let mut ob = Act::empty(dev, DType::Bf16, n * h * c)?;
+    let mut oh = Act::empty(dev, DType::Bf16, n * h * dv)?;
+    let sq = GemmShape { lda: h * dk, stride_a: dk, ldc: h * c, stride_c: c, batch: h, ..GemmShape::plain(n, dn, c) };
+    let so = GemmShape { lda: h * c, stride_a: c, ldc: h * dv, stride_c: dv, batch: h, ..GemmShape::plain(n, c, dv) };
+    let gemms_ms = time_ms(dev, warm, iters, || {
+        gemm(dev, &q, &w_uk, &mut qt, &sq)?;
+        gemm(dev, &ob, &w_uv, &mut oh, &so)
+    })?;
+    let mla = MlaCall {
+        n,
+        h,
+        c,
+        dr,
+        qt: &qt,
+        ld_qt: h * c,
+        qpe: &q,
+        qpe_off: dn,
+        ld_qpe: h * dk,
+        hs_qpe: dk,
+        cache: &cache,
+        slots: batch,
+        max_len: t,
+        row_slot: &rs,
+        row_len: &rl,
+        scale: 1.0 / (dk as f32).sqrt(),
+        splits,
+    };
+    let abs_ms = time_ms(dev, warm, iters, || mla_decode_with(dev, kernel, &mla, &mut ob, h * c, work.as_mut()))?;
+    let abs_flops = 2.0 * (pairs * h * (w + c)) as f64;
+    lines.push(Line {
+        name: format!("{label} absorbed per-row {} ({splits} splits)", kernel.name()),
+        ms: abs_ms,
+        value: abs_flops / (abs_ms * 1e-3) / 1e12,
+        unit: "TFLOP/s",
+        ceiling,
+        ceiling_name: "cuBLAS bf16",
+        note: format!(
+            "+ W_UK/W_UV GEMMs {gemms_ms:.3} ms = {:.3} ms; flash is {:.2}x faster (kernels), {:.2}x (with GEMMs)",
+            abs_ms + gemms_ms,
+            abs_ms / flash_ms,
+            (abs_ms + gemms_ms) / (flash_ms + gemm_ms)
+        ),
+    });
+    Ok(lines)
+}
+
+/// The prefill attention benchmark: both head shapes at batch 1, 4, 8 x 1,024-4,096 tokens,
+/// flash against the absorbed per-row path; the ceiling is cuBLAS bf16 at 8192^3 in this run
+/// (H100 datasheet: 989 TFLOP/s dense bf16).
+pub fn run_prefill_attn(dev: &Device) -> Result<Vec<Line>> {
+    let ceiling = cublas_bf16_tflops(dev, 8192, 8192, 8192)?.unwrap_or(f64::NAN);
+    println!("cuBLAS bf16 8192^3: {ceiling:.1} TFLOP/s (the TFLOP/s ceiling of the attention lines)");
+    let mut lines = Vec::new();
+    for s in &ATTN_SHAPES {
+        for (batch, t) in [(1usize, 1024usize), (1, 4096), (4, 2048), (8, 1024), (8, 4096)] {
+            for l in prefill_attn_lines(dev, s, batch, t, ceiling)? {
+                println!("{l}");
+                lines.push(l);
+            }
+        }
+    }
+    Ok(lines)
 }

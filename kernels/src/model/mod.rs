@@ -4,7 +4,9 @@
 //! Precision: [`DType::Bf16`] (weights bf16 or FP8 E4M3 + 128x128 scales, activations bf16,
 //! every GEMM, norm and softmax accumulating in f32; router in f32; logits f32) or [`DType::F32`]
 //! (everything f32: the mode that matches the CPU oracle to ~1e-4). Attention is the absorbed
-//! form over the `[C + dr]` latent cache in both modes.
+//! form over the `[C + dr]` latent cache in both modes, except bf16 prefill: slots with several
+//! new tokens run the MHA form (the cached latents decompressed by `kv_b_proj`, then the flash
+//! kernel `ops::attn`; [`session::Flash`], `DSV3_FLASH=0` turns it off).
 pub mod generate;
 pub mod session;
 pub mod weights;
@@ -97,6 +99,7 @@ impl CudaModel {
                 weights::DQ::Plain(q) => lin(q),
             };
             b += a.kv_a.as_ref().map_or(0, lin) + lin(&a.o) + a.w_uk.bytes() + a.w_uv.bytes() + a.kv_norm.len() * 4;
+            b += a.kv_b.as_ref().map_or(0, lin);
             b += match &l.ffn {
                 weights::DFfn::Dense(m) => mlp(m),
                 weights::DFfn::Moe { router, experts, shared, .. } => {

@@ -43,6 +43,9 @@ pub struct DMla {
     pub kv_norm: CudaSlice<f32>,
     pub w_uk: DWeight,
     pub w_uv: DWeight,
+    /// `kv_b_proj` `[H·(dn+dv), C]` (k_nope then v rows per head; FP8 kept as FP8) for the flash
+    /// prefill path, which decompresses the cached latents; bf16 mode only (`None` in f32 mode).
+    pub kv_b: Option<DLinear>,
     pub o: DLinear,
 }
 
@@ -180,6 +183,7 @@ pub fn block(dev: &Device, b: &Block, dims: (usize, usize, usize, usize), st: St
         kv_norm: upload(dev, &a.kv_norm)?,
         w_uk: DWeight::from_f32(dev, st.dtype, h, c, dn, &a.w_uk_t)?,
         w_uv: DWeight::from_f32(dev, st.dtype, h, dv, c, &a.w_uv)?,
+        kv_b: if st.dtype == DType::Bf16 { Some(linear(dev, &a.kv_b, st)?) } else { None },
         o: linear(dev, &a.o, st)?,
     };
     let ffn = match &b.ffn {

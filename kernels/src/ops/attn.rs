@@ -106,7 +106,9 @@ impl AttnVariant {
 /// The head dims the kernels take: `dn`, `dr`, `dv` multiples of 8, `dn + dr` and `dv` in
 /// `1..=256` (padded to 16 inside the kernel).
 pub fn flash_takes(dn: usize, dr: usize, dv: usize) -> bool {
-    [dn, dr, dv].iter().all(|d| d.is_multiple_of(8)) && (1..=ATTN_DMAX).contains(&(dn + dr)) && (1..=ATTN_DMAX).contains(&dv)
+    [dn, dr, dv].iter().all(|d| d.is_multiple_of(8))
+        && (1..=ATTN_DMAX).contains(&(dn + dr))
+        && (1..=ATTN_DMAX).contains(&dv)
 }
 
 /// The new query rows of one sequence and where its keys are.
@@ -197,7 +199,14 @@ pub fn flash_variant(dev: &Device, c: &FlashCall) -> Option<AttnVariant> {
 /// `out[row, head, :dv] = softmax(Q·Kᵀ·scale, causal) · V` for every query row of every segment
 /// (`out` bf16, element `(row, head)` at `o_off + row·ld_o + head·hs_o`). Other rows are not
 /// written. Runs [`flash_variant`]'s choice.
-pub fn flash_attention(dev: &Device, c: &FlashCall, out: &mut Act, o_off: usize, ld_o: usize, hs_o: usize) -> Result<()> {
+pub fn flash_attention(
+    dev: &Device,
+    c: &FlashCall,
+    out: &mut Act,
+    o_off: usize,
+    ld_o: usize,
+    hs_o: usize,
+) -> Result<()> {
     let v = flash_variant(dev, c).ok_or_else(|| {
         Error::Unsupported(format!(
             "flash attention: no kernel for dk {} + {}, dv {} on this GPU (multiples of 8, <= {ATTN_DMAX})",
@@ -284,10 +293,8 @@ pub fn flash_attention_with(
             var.kernel
         )));
     }
-    let seg_tab: Vec<i32> = segs
-        .iter()
-        .flat_map(|s| [s.q_row0, s.nq, s.p0, s.k_row0, s.pe_row0].map(|x| x as i32))
-        .collect();
+    let seg_tab: Vec<i32> =
+        segs.iter().flat_map(|s| [s.q_row0, s.nq, s.p0, s.k_row0, s.pe_row0].map(|x| x as i32)).collect();
     let tiles = tile_table(&segs, var.rows());
     let ntiles = tiles.len() / 2;
     let (seg_d, tiles_d) = (upload(dev, &seg_tab)?, upload(dev, &tiles)?);
@@ -358,7 +365,9 @@ mod tests {
         assert_eq!(m1d64.smem_bytes(96, 64), 2 * (64 * 128 + 2 * 64 * 192));
         // every variant fits the 99 KiB opt-in at V3's dims or takes larger dv only
         assert!(ATTN_VARIANTS.iter().filter(|v| v.takes(128, 64, 128)).all(|v| v.smem_bytes(192, 128) <= 163 * 1024));
-        assert!(flash_takes(64, 32, 64) && flash_takes(128, 64, 128) && flash_takes(16, 8, 16) && flash_takes(40, 0, 8));
+        assert!(
+            flash_takes(64, 32, 64) && flash_takes(128, 64, 128) && flash_takes(16, 8, 16) && flash_takes(40, 0, 8)
+        );
         assert!(!flash_takes(12, 4, 16) && !flash_takes(192, 72, 128) && !flash_takes(64, 32, 264));
     }
 

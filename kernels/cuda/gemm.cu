@@ -1,11 +1,14 @@
 // GEMMs C = A · Wᵀ (see gemm.cuh for the argument block, batching and grouping):
 // - gemm_f32: SIMT f32 (the f32 mode that matches the CPU oracle), 64x64 tiles, 4x4 per thread.
-// - gemm_bf16_*: bf16 tensor cores (WMMA 16x16x16, f32 accumulate), 64x64x32 tiles, 4 warps.
-// - gemm_fp8_*: the same with E4M3 weights dequantized in shared memory (exact in bf16) and
+// - gemm_mma_*: bf16 tensor cores (mma.sync m16n8k16, f32 accumulate), cp.async pipeline,
+//   ldmatrix from swizzled shared memory; the NT (A·Wᵀ), NN (A·B) and TN (Aᵀ·B) layouts.
+// - gemm_fp8_*: FP8 E4M3 weights dequantized in shared memory (exact in bf16), WMMA 16x16x16, and
 //   DeepSeek's per-128-K-block promotion: the block's f32 partial sum times its weight scale.
+// - gemm_skinny*: few rows (decode), memory-bound on W.
 // Output bf16 or f32; optional bias [n] (f32) and accumulate (C += result).
 #include "common.cuh"
 #include "gemm.cuh"
+#include "mma.cuh"
 #include <mma.h>
 using namespace nvcuda;
 
@@ -63,8 +66,9 @@ extern "C" __global__ void __launch_bounds__(256) gemm_f32(GemmArgs p) {
     }
 }
 
-// ---- bf16 / fp8 weights on tensor cores. 128 threads = 4 warps in 2x2, each warp 32x32 =
+// ---- FP8 weights on tensor cores (WMMA). 128 threads = 4 warps in 2x2, each warp 32x32 =
 // 2x2 WMMA fragments; BK = 32; operands staged in shared memory as bf16 (zero-padded edges).
+// (FP8 = false, plain bf16, is no longer instantiated: gemm_mma_* below replaced it.)
 #define TBK 32
 #define TLD (TBK + 8)
 
@@ -137,10 +141,297 @@ __device__ void gemm_tc(const GemmArgs& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) gemm_bf16_bf16(GemmArgs p) { gemm_tc<false, bf16>(p); }
-extern "C" __global__ void __launch_bounds__(128) gemm_bf16_f32(GemmArgs p) { gemm_tc<false, float>(p); }
 extern "C" __global__ void __launch_bounds__(128) gemm_fp8_bf16(GemmArgs p) { gemm_tc<true, bf16>(p); }
 extern "C" __global__ void __launch_bounds__(128) gemm_fp8_f32(GemmArgs p) { gemm_tc<true, float>(p); }
+
+// ---- bf16 on tensor cores: mma.sync.m16n8k16 (f32 accumulate), 256 threads = 8 warps in
+// WGM x WGN, a BM x BN block tile, warp tiles of (BM/WGM) x (BN/WGN) = MT m16 x NT n8 fragments.
+// K advances in GBK = 32 slices through a GM_STAGES-deep cp.async ring (one __syncthreads per
+// slice: the wait for slice kt, then the load of slice kt + STAGES - 1 into the stage slice kt - 1
+// used, which every warp has finished at that barrier).
+//
+// Operands in shared memory, per stage, as stored in global memory:
+//   K-major (A of NT/NN, B of NT: rows of the m or n index, K contiguous): [R][32] bf16, 64-byte
+//     rows of four 16-byte chunks; chunk c of row r sits at c ^ ((r >> 1) & 3), so the 8 row
+//     addresses of an ldmatrix phase (8 consecutive rows, one logical chunk) cover all 32 banks.
+//     Fragments by ldmatrix (non-transposed): A as [m][k] row-major, B as [n][k] = the .col
+//     operand.
+//   MN-major (A of TN stored [k][m], B of NN/TN stored [k][n]): [32][R], rows of R = 64 or 128
+//     elements; chunk c of row k at c ^ (k & 7) within each 8 chunks (128 bytes). Fragments by
+//     ldmatrix.trans (an 8x8 block stored k-major read as its transpose).
+// Global -> shared by cp.async.cg 16 bytes (flags & GEMM_VEC: the launcher checked the 16-byte
+// alignment of every row and chunk), zero-filled past the edges (src-size 0, no read); otherwise
+// element by element (any alignment, any K), stored to the same swizzled places.
+// The epilogue writes straight from the accumulators: (row, 2 adjacent columns) per register pair,
+// as one 4- or 8-byte store where aligned; bias, accumulate and bf16/f32 C as gemm_store.
+// Rows: plain and batched (blockIdx.y = BM-row tile, blockIdx.z = batch), grouped by rows for NT
+// and NN (BM == GEMM_BM: moe_plan's tiles), grouped by K for TN (blockIdx.z = group).
+#define GBK 32
+#define GM_STAGES 4
+#define GM_THREADS 256
+
+DSV3_DYNAMIC_SMEM(gemm_smem);
+
+// One operand slice [k0, k0 + GBK) into stage memory s. KMAJ: X[r][k] (r < rlim, k < kend; row
+// stride ld) into [R][GBK]; otherwise X[k][r] into [GBK][R].
+template <bool KMAJ, int R>
+__device__ __forceinline__ void gm_load(bf16* s, const bf16* X, long long ld, int r0, int rlim, int k0, int kend,
+                                        bool vec) {
+    constexpr int CH = R * GBK / 8;  // 16-byte chunks
+    static_assert(CH % GM_THREADS == 0, "whole chunks per thread");
+#pragma unroll
+    for (int it = 0; it < CH / GM_THREADS; it++) {
+        const int i = threadIdx.x + it * GM_THREADS;
+        int r, kk, soff;
+        if (KMAJ) {
+            r = i / (GBK / 8);
+            const int c = i % (GBK / 8);
+            kk = c * 8;
+            soff = r * GBK + ((c ^ ((r >> 1) & 3)) << 3);
+        } else {
+            kk = i / (R / 8);
+            const int c = i % (R / 8);
+            r = c * 8;
+            soff = kk * R + ((c ^ (kk & 7)) << 3);
+        }
+        const int gr = r0 + r, gk = k0 + kk;
+        bf16* dst = s + soff;
+        if (vec) {
+            const bool ok = gr < rlim && gk < kend;
+            const bf16* src = ok ? X + (KMAJ ? gr * ld + gk : gk * ld + gr) : X;
+            cp_async16(smem_u32(dst), src, ok ? 16 : 0);
+        } else {
+            const unsigned short* Xs = (const unsigned short*)X;
+            unsigned long long lo = 0, hi = 0;  // the 8 values, shifted in from the top
+#pragma unroll 1
+            for (int e = 0; e < 8; e++) {
+                const int er = KMAJ ? gr : gr + e, ek = KMAJ ? gk + e : gk;
+                const unsigned long long v = er < rlim && ek < kend ? Xs[KMAJ ? er * ld + ek : ek * ld + er] : 0u;
+                lo = (lo >> 16) | (hi << 48);
+                hi = (hi >> 16) | (v << 48);
+            }
+            uint4 u;
+            u.x = (uint32_t)lo, u.y = (uint32_t)(lo >> 32), u.z = (uint32_t)hi, u.w = (uint32_t)(hi >> 32);
+            *(uint4*)dst = u;
+        }
+    }
+}
+
+// C[row, c .. c+8) = v (+ bias) (+ C) for the columns below n; dst = &C[row, c]. One 16-byte
+// (bf16) or two (f32) stores when all 8 columns exist and dst is 16-byte aligned.
+template <typename TC>
+__device__ __forceinline__ void gm_store8(const GemmArgs& p, TC* dst, int c, float4 x0, float4 x1) {
+    float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+    const int nc = min(8, p.n - c);
+    if (nc == 8 && ((size_t)dst & 15) == 0) {
+        if (p.bias) {
+#pragma unroll
+            for (int e = 0; e < 8; e++) v[e] += p.bias[c + e];
+        }
+        if constexpr (sizeof(TC) == 4) {
+            float4* d = (float4*)dst;
+            if (p.accumulate) {
+                const float4 o0 = d[0], o1 = d[1];
+                v[0] = o0.x + v[0], v[1] = o0.y + v[1], v[2] = o0.z + v[2], v[3] = o0.w + v[3];
+                v[4] = o1.x + v[4], v[5] = o1.y + v[5], v[6] = o1.z + v[6], v[7] = o1.w + v[7];
+            }
+            float4 y0, y1;
+            y0.x = v[0], y0.y = v[1], y0.z = v[2], y0.w = v[3];
+            y1.x = v[4], y1.y = v[5], y1.z = v[6], y1.w = v[7];
+            d[0] = y0;
+            d[1] = y1;
+        } else {
+            uint4* d = (uint4*)dst;
+            uint4 u;
+            uint32_t* w = (uint32_t*)&u;
+            if (p.accumulate) {
+                const uint4 o = *d;
+                const __nv_bfloat162* h = (const __nv_bfloat162*)&o;
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const float2 f = __bfloat1622float2(h[e]);
+                    v[2 * e] = f.x + v[2 * e];
+                    v[2 * e + 1] = f.y + v[2 * e + 1];
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                __nv_bfloat162 b = __floats2bfloat162_rn(v[2 * e], v[2 * e + 1]);
+                w[e] = *(uint32_t*)&b;
+            }
+            *d = u;
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            if (e < nc) {
+                float x = v[e];
+                if (p.bias) x += p.bias[c + e];
+                if (p.accumulate) x = to_f32(dst[e]) + x;
+                dst[e] = from_f32<TC>(x);
+            }
+        }
+    }
+}
+
+// AK: A is K-major ([m][k]; else [k][m], TN). BK_: B is K-major ([n][k], NT; else [k][n]).
+template <int BM, int BN, int WGM, int WGN, bool AK, bool BK_>
+__device__ __forceinline__ void gemm_mma(const GemmArgs& p) {
+    constexpr int WTM = BM / WGM, WTN = BN / WGN;  // warp tile
+    constexpr int MT = WTM / 16, NT = WTN / 8;     // m16 and n8 fragments per warp
+    constexpr int A_ST = BM * GBK, B_ST = BN * GBK;  // elements per stage
+    static_assert(WGM * WGN * 32 == GM_THREADS && MT >= 1 && NT % 2 == 0, "8 warps, pairs of n8 tiles");
+    // rows, K range and operand bases of this block
+    int g = 0, row0, row_end, kbeg = 0, kend = p.k;
+    long long ba = blockIdx.z, bb = blockIdx.z, bc = blockIdx.z;  // batch index of A, B, C
+    if (p.row_offsets && AK) {  // NT / NN grouped by rows (tiles of GEMM_BM rows)
+        if (BM != GEMM_BM || !gemm_tile_rows(p, row0, row_end, g)) return;
+        ba = bc = 0;
+        bb = g;
+    } else {
+        row0 = blockIdx.y * BM;
+        row_end = p.m;
+        if (p.row_offsets) {  // TN grouped by K rows
+            g = blockIdx.z;
+            if (g >= p.groups) return;
+            kbeg = p.row_offsets[g];
+            kend = p.row_offsets[g + 1];
+            ba = bb = 0;
+            bc = g;
+        }
+        if (row0 >= row_end) return;
+    }
+    const int col0 = blockIdx.x * BN;
+    const bf16* A = (const bf16*)p.a + ba * p.stride_a;
+    const bf16* B = (const bf16*)p.w + bb * p.stride_w;
+    const long long c_off = bc * p.stride_c;  // elements
+    const bool vec = p.flags & GEMM_VEC;
+
+    bf16* sA = (bf16*)gemm_smem;
+    bf16* sB = sA + GM_STAGES * A_ST;
+    const int ktiles = kend > kbeg ? (kend - kbeg + GBK - 1) / GBK : 0;
+    auto load = [&](int kt) {
+        const int st = kt % GM_STAGES, k0 = kbeg + kt * GBK;
+        gm_load<AK, BM>(sA + st * A_ST, A, p.lda, row0, row_end, k0, kend, vec);
+        gm_load<BK_, BN>(sB + st * B_ST, B, p.ldw, col0, p.n, k0, kend, vec);
+    };
+#pragma unroll 1
+    for (int s = 0; s < GM_STAGES - 1; s++) {
+        if (s < ktiles) load(s);
+        cp_async_commit();
+    }
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wm0 = (warp / WGN) * WTM, wn0 = (warp % WGN) * WTN;
+    const int l8 = lane & 7, j4 = lane >> 3;  // row within an 8x8 matrix, which of the 4 matrices
+    // ldmatrix element offsets within a stage of this lane's row address: A fragment i (m16 x k16)
+    // and B fragment pair jp (two n8 x k16) at k16 step ks. Every row an ldmatrix phase reads has
+    // r % 8 == lane % 8, so the K-major swizzle term is per lane, and +16 rows keep it; in the
+    // MN-major tiles the XOR acts on the column bits 3-5, so it is applied per fragment.
+    // A K-major (x4: lanes 0-15 rows 0-15 at k 0-7, lanes 16-31 the same rows at k 8-15 = the
+    // fragment's a0..a3); MN-major (.trans: matrix j4 = k half j4 >> 1, m half j4 & 1).
+    // B K-major (x4: matrix j4 = n half j4 >> 1, k half j4 & 1 = b0, b1 of n8 tile 0, then of
+    // tile 1); MN-major (.trans) in the same order.
+    auto a_off = [&](int ks, int i) {
+        if (AK) {
+            const int r = wm0 + (lane & 15);
+            return (r + i * 16) * GBK + (((ks * 2 + (lane >> 4)) ^ ((r >> 1) & 3)) << 3);
+        }
+        const int k = ks * 16 + l8 + (j4 >> 1) * 8;
+        return k * BM + ((wm0 + i * 16 + (j4 & 1) * 8) ^ (l8 << 3));
+    };
+    auto b_off = [&](int ks, int jp) {
+        if (BK_) {
+            const int n = wn0 + l8 + (j4 >> 1) * 8;
+            return (n + jp * 16) * GBK + (((ks * 2 + (j4 & 1)) ^ ((n >> 1) & 3)) << 3);
+        }
+        const int k = ks * 16 + l8 + (j4 & 1) * 8;
+        return k * BN + ((wn0 + jp * 16 + (j4 >> 1) * 8) ^ (l8 << 3));
+    };
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int i = 0; i < MT; i++)
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+
+    const uint32_t sA0 = smem_u32(sA), sB0 = smem_u32(sB);
+    for (int kt = 0; kt < ktiles; kt++) {
+        cp_async_wait<GM_STAGES - 2>();
+        __syncthreads();
+        if (kt + GM_STAGES - 1 < ktiles) load(kt + GM_STAGES - 1);
+        cp_async_commit();
+        const int st = kt % GM_STAGES;
+        const uint32_t as = sA0 + st * A_ST * 2, bs = sB0 + st * B_ST * 2;
+#pragma unroll
+        for (int ks = 0; ks < GBK / 16; ks++) {
+            uint32_t af[MT][4], bfr[NT][2];
+#pragma unroll
+            for (int i = 0; i < MT; i++) {
+                if (AK) ldsm_x4(as + a_off(ks, i) * 2, af[i]);
+                else ldsm_x4_t(as + a_off(ks, i) * 2, af[i]);
+            }
+#pragma unroll
+            for (int jp = 0; jp < NT / 2; jp++) {
+                uint32_t r[4];
+                if (BK_) ldsm_x4(bs + b_off(ks, jp) * 2, r);
+                else ldsm_x4_t(bs + b_off(ks, jp) * 2, r);
+                bfr[2 * jp][0] = r[0];
+                bfr[2 * jp][1] = r[1];
+                bfr[2 * jp + 1][0] = r[2];
+                bfr[2 * jp + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int i = 0; i < MT; i++)
+#pragma unroll
+                for (int j = 0; j < NT; j++) mma_bf16_16816(acc[i][j], af[i], bfr[j][0], bfr[j][1]);
+        }
+    }
+
+    // epilogue: the accumulators through shared memory (f32 rows of BN + 8: the float2 stores of
+    // each half-warp cover all 32 banks), then C in 8-column pieces (16- or 32-byte stores)
+    cp_async_wait<0>();  // only empty groups are left; every stage has been read
+    __syncthreads();
+    constexpr int LDS = BN + 8;
+    float* sC = (float*)gemm_smem;
+    const int gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+    for (int i = 0; i < MT; i++)
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            float* d = sC + (wm0 + i * 16 + gq) * LDS + wn0 + j * 8 + 2 * tq;
+            *(float2*)d = make_float2(acc[i][j][0], acc[i][j][1]);
+            *(float2*)(d + 8 * LDS) = make_float2(acc[i][j][2], acc[i][j][3]);
+        }
+    __syncthreads();
+    const int rows = min(BM, row_end - row0);
+#pragma unroll 1
+    for (int i = threadIdx.x; i < rows * (BN / 8); i += GM_THREADS) {
+        const int r = i / (BN / 8), c = (i % (BN / 8)) * 8, gc = col0 + c;
+        if (gc >= p.n) continue;
+        const float4 x0 = *(const float4*)(sC + r * LDS + c), x1 = *(const float4*)(sC + r * LDS + c + 4);
+        const long long at = c_off + (long long)(row0 + r) * p.ldc + gc;
+        if (p.flags & GEMM_F32C) gm_store8<float>(p, (float*)p.c + at, gc, x0, x1);
+        else gm_store8<bf16>(p, (bf16*)p.c + at, gc, x0, x1);
+    }
+}
+
+// Shared memory per block (bytes): the larger of the stages, GM_STAGES x (BM + BN) x GBK x 2, and
+// the epilogue's BM x (BN + 8) x 4 (mirrored in ops/gemm.rs: mma_smem).
+// C is bf16, or f32 with flags & GEMM_F32C (one kernel for both: only the epilogue differs).
+#define GEMM_MMA(name, BM, BN, WGM, WGN, AK, BK_)                                                      \
+    extern "C" __global__ void __launch_bounds__(GM_THREADS, 2) gemm_mma_##name(GemmArgs p) {         \
+        gemm_mma<BM, BN, WGM, WGN, AK, BK_>(p);                                                       \
+    }
+// 128x128 (warp tiles 64x32) for large problems; 64x128 (32x32) for small ones and for grouped
+// rows (GEMM_BM == 64 is moe_plan's tile).
+GEMM_MMA(nt_l, 128, 128, 2, 4, true, true)
+GEMM_MMA(nt_s, 64, 128, 2, 4, true, true)
+GEMM_MMA(nn_l, 128, 128, 2, 4, true, false)
+GEMM_MMA(nn_s, 64, 128, 2, 4, true, false)
+GEMM_MMA(tn_l, 128, 128, 2, 4, false, false)
+GEMM_MMA(tn_s, 64, 128, 2, 4, false, false)
 
 // ---- Skinny GEMMs (few rows: decode steps, small expert groups), memory-bound on W. One warp
 // owns SK_COLS = 4 output columns; its lanes stride along K in chunks of 8 (16-byte loads of bf16

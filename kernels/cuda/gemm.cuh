@@ -1,6 +1,11 @@
 // The argument block every GEMM kernel takes (mirrored by kernels/src/ops/gemm.rs, #[repr(C)]).
 //
-// C[m, n] (+)= sum_k A[m, k] * W[n, k] (+ bias[n]): x · Wᵀ with both operands K-contiguous.
+// C[m, n] (+)= sum_k A[m, k] * W[n, k] (+ bias[n]): x · Wᵀ with both operands K-contiguous (NT).
+// The bf16 mma.sync kernels (gemm_mma_*) also take the transposed layouts of training, with `w`
+// as operand B and ldw its row stride: NN, C[m, n] = A[m, k] · B[k, n] (dX = dY · W), and TN,
+// C[m, n] = A[k, m]ᵀ · B[k, n] (A stored [k, m] with row stride lda; dW = dYᵀ · X). Grouped TN
+// groups the K rows instead: group g sums over k in [row_offsets[g], row_offsets[g+1]) into
+// C + g * stride_c (grid.z = groups; tile_offsets unused).
 // Batched: blockIdx.z picks batch b; A, W, C, scale advance by their batch strides.
 // Grouped (row_offsets != 0): group g owns rows [row_offsets[g], row_offsets[g+1]) of A and C,
 // its weight is W + g * stride_w; blockIdx.y walks the row tiles of all groups, tile_offsets[g]
@@ -12,6 +17,8 @@
 #pragma once
 #define GEMM_BM 64
 #define GEMM_BN 64
+#define GEMM_VEC 1
+#define GEMM_F32C 2
 
 struct GemmArgs {
     const void* a;
@@ -23,7 +30,10 @@ struct GemmArgs {
     const int* tile_offsets;
     long long stride_a, stride_w, stride_c, stride_scale;
     int m, n, k, lda, ldw, ldc;
-    int groups, accumulate, scale_ld, pad;
+    int groups, accumulate, scale_ld;
+    // mma kernels: GEMM_VEC, 16-byte cp.async loads allowed (the launcher checked the alignment);
+    // GEMM_F32C, C is f32 (else bf16)
+    int flags;
     // Skinny kernels only (the tiled ones are never launched with them set):
     // a_rows [m] (or null): A row r is read from row a_rows[r] (a gathered operand without the
     // copy); an index outside [0, a_rows_m) reads row 0 and writes NaN to that output row.

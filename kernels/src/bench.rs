@@ -2,7 +2,7 @@
 //! ceiling measured in the same run (device-to-device copy bandwidth) and, for GEMMs, cuBLAS on
 //! the same shape. Timed with CUDA events over repeated launches after a warm-up.
 use crate::device::{cuda_err, Device};
-use crate::ops::gemm::{gemm, gemm_via, GemmPath, GemmShape};
+use crate::ops::gemm::{gemm, gemm_mat_with, gemm_via, GemmPath, GemmShape, Layout, MatShape, Operand, Tile};
 use crate::ops::mla::{
     mla_decode_with, mla_kernel, mla_splits_for, mma_fits, MlaCall, MlaKernel, MlaWork, MMA_VARIANTS,
 };
@@ -74,7 +74,14 @@ fn randn(n: usize, seed: u64) -> Vec<f32> {
 
 /// cuBLAS bf16 GEMM (f32 compute) TFLOP/s on `C[m,n] = A[m,k]·W[n,k]ᵀ`; `None` without libcublas.
 pub fn cublas_bf16_tflops(dev: &Device, m: usize, n: usize, k: usize) -> Result<Option<f64>> {
-    use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+    cublas_bf16_layout_tflops(dev, Layout::NT, m, n, k)
+}
+
+/// cuBLAS bf16 GEMM (f32 compute, bf16 C) TFLOP/s on the row-major product of `layout` (see
+/// [`Layout`]: NT `A·Bᵀ`, NN `A·B`, TN `Aᵀ·B`); `None` without libcublas. Row-major `C = X·Y` is
+/// the column-major `Cᵀ = Yᵀ·Xᵀ`, so B goes first.
+pub fn cublas_bf16_layout_tflops(dev: &Device, layout: Layout, m: usize, n: usize, k: usize) -> Result<Option<f64>> {
+    use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
     // SAFETY: only tries to dlopen the library
     if !std::panic::catch_unwind(|| unsafe { cudarc::cublas::sys::is_culib_present() }).unwrap_or(false) {
         return Ok(None);
@@ -86,21 +93,65 @@ pub fn cublas_bf16_tflops(dev: &Device, m: usize, n: usize, k: usize) -> Result<
     let a = bf(m * k, 11)?;
     let w = bf(n * k, 12)?;
     let mut c = zeros::<half::bf16>(dev, m * n)?;
+    // (op of B, op of A, ld of B, ld of A) in column-major terms
+    let (tb, ta, ldb, lda) = match layout {
+        Layout::NT => (Op::CUBLAS_OP_T, Op::CUBLAS_OP_N, k, k),
+        Layout::NN => (Op::CUBLAS_OP_N, Op::CUBLAS_OP_N, n, k),
+        Layout::TN => (Op::CUBLAS_OP_N, Op::CUBLAS_OP_T, n, m),
+    };
     let cfg = GemmConfig {
-        transa: cublasOperation_t::CUBLAS_OP_T,
-        transb: cublasOperation_t::CUBLAS_OP_N,
+        transa: tb,
+        transb: ta,
         m: n as i32,
         n: m as i32,
         k: k as i32,
         alpha: half::bf16::ONE,
-        lda: k as i32,
-        ldb: k as i32,
+        lda: ldb as i32,
+        ldb: lda as i32,
         beta: half::bf16::ZERO,
         ldc: n as i32,
     };
     // SAFETY: buffers sized for the column-major view of the row-major product above
     let ms = time_ms(dev, 3, 10, || unsafe { blas.gemm(cfg, &w, &a, &mut c) }.map_err(|e| cuda_err("cuBLAS gemm", e)))?;
     Ok(Some(2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12))
+}
+
+/// The bf16 mma kernel in `layout` at `m x n x k` (`tile`: forced, or the launcher's choice),
+/// bf16 C (`f32_acc`: f32 C accumulated, the gradient form), against `peer` TFLOP/s (cuBLAS bf16
+/// in the same layout, [`cublas_bf16_layout_tflops`]).
+#[allow(clippy::too_many_arguments)]
+pub fn mma_line(
+    dev: &Device,
+    layout: Layout,
+    m: usize,
+    n: usize,
+    k: usize,
+    tile: Option<Tile>,
+    f32_acc: bool,
+    peer: f64,
+) -> Result<Line> {
+    let a = Act::from_f32(dev, DType::Bf16, &randn(m * k, 1))?;
+    let b = Act::from_f32(dev, DType::Bf16, &randn(n * k, 2))?;
+    let mut c = Act::zeros(dev, if f32_acc { DType::F32 } else { DType::Bf16 }, m * n)?;
+    let s = MatShape { accumulate: f32_acc, ..MatShape::plain(layout, m, n, k) };
+    let ms = time_ms(dev, 3, 10, || gemm_mat_with(dev, layout, &a, Operand::Act(&b), &mut c, &s, tile))?;
+    Ok(Line {
+        name: format!(
+            "mma {layout:?} {m}x{n}x{k}{}{}",
+            match tile {
+                None => "",
+                Some(Tile::Large) => " 128x128",
+                Some(Tile::Small) => " 64x128",
+            },
+            if f32_acc { " f32 C +=" } else { "" }
+        ),
+        ms,
+        value: 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12,
+        unit: "TFLOP/s",
+        ceiling: peer,
+        ceiling_name: "cuBLAS bf16",
+        note: String::new(),
+    })
 }
 
 /// dsv3's GEMM (bf16 or FP8 weights) at `m x n x k`, against cuBLAS bf16 on the same shape.
@@ -215,6 +266,30 @@ pub fn run_all(dev: &Device) -> Result<Vec<Line>> {
             println!("{l}");
             lines.push(l);
         }
+    }
+    // the bf16 mma kernel in every layout at prefill / training shapes (the 88M lm_head forward
+    // 2048 x 32000 x 512 and its backward NN 2048 x 512 x 32000, TN 32000 x 512 x 2048), the tile
+    // the launcher picks, then the other one (A/B)
+    let mma_shapes = [(8192, 8192, 8192), (4096, 7168, 2048), (8192, 512, 1408), (2048, 32000, 512)];
+    for (m, n, k) in mma_shapes {
+        for layout in [Layout::NT, Layout::NN, Layout::TN] {
+            let peer = cublas_bf16_layout_tflops(dev, layout, m, n, k)?.unwrap_or(f64::NAN);
+            for tile in [None, Some(Tile::Large), Some(Tile::Small)] {
+                let l = mma_line(dev, layout, m, n, k, tile, false, peer)?;
+                println!("{l}");
+                lines.push(l);
+            }
+        }
+    }
+    for (layout, m, n, k, f32_acc) in [
+        (Layout::NN, 2048, 512, 32000, false),
+        (Layout::TN, 32000, 512, 2048, false),
+        (Layout::TN, 32000, 512, 2048, true),
+    ] {
+        let peer = cublas_bf16_layout_tflops(dev, layout, m, n, k)?.unwrap_or(f64::NAN);
+        let l = mma_line(dev, layout, m, n, k, None, f32_acc, peer)?;
+        println!("{l}");
+        lines.push(l);
     }
     // the kernel mla_decode picks, then (A/B) every other tensor-core variant that fits and the
     // SIMT kernel

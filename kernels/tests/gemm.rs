@@ -2,11 +2,16 @@
 //! f32 accumulation: the only extra error is the bf16 output rounding), FP8 weights with
 //! 128x128 block scales (DeepSeek's per-128-K promotion), batched with strides, grouped by rows
 //! with empty and ragged groups, bias and accumulate. Ragged shapes (not multiples of the tiles).
+//! The bf16 mma kernels also in the NN (`dX = dY·W`) and TN (`dW = dYᵀ·X`) layouts: both tiles,
+//! batched with strides, grouped by expert (rows for NN, K for TN), the model's shapes.
 mod common;
 use common::*;
 use dsv3_core::fp8::format::E4M3_LUT;
 use dsv3_core::rng::Rng;
-use dsv3_kernels::ops::gemm::{gemm, gemm_via, GemmPath, GemmShape, Grouped, GEMM_BM};
+use dsv3_kernels::ops::gemm::{
+    gemm, gemm_mat, gemm_mat_with, gemm_nn, gemm_tn, gemm_via, GemmPath, GemmShape, Grouped, Layout, MatShape, Operand,
+    Tile, GEMM_BM,
+};
 use dsv3_kernels::tensor::upload;
 use dsv3_kernels::{Act, DType, DWeight};
 
@@ -583,4 +588,275 @@ fn moe_decode_fusion_matches_norm_gather_gemm_swiglu() {
         gemm(&dev, &xa, &w, &mut act, &s).unwrap();
         assert_swiglu_close(&act.to_f32(&dev).unwrap(), &gu, &sabs, rows, i, dt, &format!("moe fused {kind}"));
     }
+}
+
+// ---- the bf16 mma kernels in every layout (NT = the forward, NN = dX = dY·W, TN = dW = dYᵀ·X)
+
+/// `op(A)[r, ·] · op(B)[·, c]` over `kk` in `[k0, k1)` in f64, and the sum of `|products|`;
+/// operands as stored (row-major, `lda`/`ldb` apart, from `ao`/`bo`).
+#[allow(clippy::too_many_arguments)]
+fn mat_dot(
+    l: Layout,
+    a: &[f32],
+    b: &[f32],
+    (ao, lda): (usize, usize),
+    (bo, ldb): (usize, usize),
+    r: usize,
+    c: usize,
+    (k0, k1): (usize, usize),
+) -> (f64, f64) {
+    let (mut s, mut sa) = (0f64, 0f64);
+    for kk in k0..k1 {
+        let av = a[ao + if l == Layout::TN { kk * lda + r } else { r * lda + kk }] as f64;
+        let bv = b[bo + if l == Layout::NT { c * ldb + kk } else { kk * ldb + c }] as f64;
+        s += av * bv;
+        sa += (av * bv).abs();
+    }
+    (s, sa)
+}
+
+/// Stored sizes of A and B for one `m x n x k` product in layout `l` with leading dims.
+fn mat_lens(l: Layout, m: usize, n: usize, k: usize, lda: usize, ldb: usize) -> (usize, usize) {
+    let (ra, ca) = if l == Layout::TN { (k, m) } else { (m, k) };
+    let (rb, cb) = if l == Layout::NT { (n, k) } else { (k, n) };
+    ((ra.max(1) - 1) * lda + ca, (rb.max(1) - 1) * ldb + cb)
+}
+
+/// The rows to check of an `m`-row output: all of them up to 300, else 40 spread over every
+/// 64-row tile edge and the ragged end (the f64 reference of a whole 4096 x 7168 x 2048 product
+/// would take minutes).
+fn rows_to_check(m: usize, rng: &mut Rng) -> Vec<usize> {
+    if m <= 300 {
+        return (0..m).collect();
+    }
+    let mut r: Vec<usize> = vec![0, 63, 64, 127, 128, m - 1, m - 2, m / 2];
+    r.extend((0..32).map(|_| rng.below(m as u64) as usize));
+    r.sort();
+    r.dedup();
+    r
+}
+
+const LAYOUTS: [Layout; 3] = [Layout::NT, Layout::NN, Layout::TN];
+
+#[test]
+fn mma_gemm_layouts_match_the_reference() {
+    let Some(dev) = device("mma_gemm_layouts_match_the_reference") else { return };
+    let mut rng = Rng::new(20);
+    // ragged against the 128/64-row, 128-column and 32-K tiles; K or M/N not multiples of 8 (the
+    // element-by-element loads); the model's prefill and training shapes (rows sampled)
+    let shapes = [
+        (1usize, 1usize, 1usize),
+        (7, 33, 45),
+        (65, 130, 257),
+        (130, 136, 72),
+        (257, 264, 200),
+        (64, 128, 32),
+        (300, 520, 1000),
+        (2048, 32000, 512),
+        (4096, 7168, 2048),
+        (8192, 512, 1408),
+    ];
+    for (m, n, k) in shapes {
+        for l in LAYOUTS {
+            let s0 = MatShape::plain(l, m, n, k);
+            let (alen, blen) = mat_lens(l, m, n, k, s0.lda, s0.ldb);
+            let a = bf16r(&randn(&mut rng, alen));
+            let b = bf16r(&randn(&mut rng, blen));
+            let bias = randn(&mut rng, n);
+            let aa = Act::from_f32(&dev, DType::Bf16, &a).unwrap();
+            let bb = Act::from_f32(&dev, DType::Bf16, &b).unwrap();
+            let bd = upload(&dev, &bias).unwrap();
+            let rows = rows_to_check(m, &mut rng);
+            let big = m * n > 1 << 22;
+            for out_dt in [DType::Bf16, DType::F32] {
+                // tiles: both where small, the chosen one for the big shapes
+                let tiles: &[Option<Tile>] = if big { &[None] } else { &[Some(Tile::Large), Some(Tile::Small)] };
+                for &tile in tiles {
+                    // plain, then accumulate + bias on top of random C
+                    for acc in [false, true] {
+                        if big && acc && out_dt == DType::Bf16 {
+                            continue;
+                        }
+                        let prev = randn(&mut rng, m * n);
+                        let mut c = if acc {
+                            Act::from_f32(&dev, out_dt, &prev).unwrap()
+                        } else {
+                            poisoned(&dev, out_dt, m * n)
+                        };
+                        let s = MatShape {
+                            accumulate: acc,
+                            bias: if acc { Some(&bd) } else { None },
+                            ..MatShape::plain(l, m, n, k)
+                        };
+                        gemm_mat_with(&dev, l, &aa, Operand::Act(&bb), &mut c, &s, tile).unwrap();
+                        let got = c.to_f32(&dev).unwrap();
+                        let prev_r = if out_dt == DType::Bf16 { bf16r(&prev) } else { prev };
+                        let (mut want, mut sabs, mut gotv) = (vec![], vec![], vec![]);
+                        for &r in &rows {
+                            for j in 0..n {
+                                let (mut v, sa) = mat_dot(l, &a, &b, (0, s0.lda), (0, s0.ldb), r, j, (0, k));
+                                if acc {
+                                    v += prev_r[r * n + j] as f64 + bias[j] as f64;
+                                }
+                                want.push(v);
+                                sabs.push(
+                                    sa + if acc { (prev_r[r * n + j].abs() + bias[j].abs()) as f64 } else { 0.0 },
+                                );
+                                gotv.push(got[r * n + j]);
+                            }
+                        }
+                        let what = format!("mma {l:?} {m}x{n}x{k} {tile:?} acc={acc} -> {out_dt:?}");
+                        assert_gemm_close(&gotv, &want, &sabs, out_dt, &what);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn mma_gemm_batched_with_strides_matches() {
+    let Some(dev) = device("mma_gemm_batched_with_strides_matches") else { return };
+    let mut rng = Rng::new(21);
+    // operands inside wider rows at offsets, C with gaps between products, B shared (stride 0)
+    for l in LAYOUTS {
+        for (m, n, k, share_b) in [(40usize, 48usize, 64usize, false), (70, 136, 96, true), (9, 20, 13, false)] {
+            let batch = 3;
+            let (ca, cb) = (if l == Layout::TN { m } else { k }, if l == Layout::NT { k } else { n });
+            let (lda, ldb, ldc) = (ca + 8, cb + 16, n + 5);
+            let (alen, blen) = mat_lens(l, m, n, k, lda, ldb);
+            let (a_off, b_off, c_off) = (8usize, 16usize, 3usize);
+            let (sa, sb, sc) = (alen + 24, if share_b { 0 } else { blen + 8 }, m * ldc + 7);
+            let a = bf16r(&randn(&mut rng, a_off + 2 * sa + alen));
+            let b = bf16r(&randn(&mut rng, b_off + 2 * sb + blen));
+            let clen = c_off + 2 * sc + (m - 1) * ldc + n;
+            let s = MatShape {
+                a_off,
+                lda,
+                stride_a: sa,
+                b_off,
+                ldb,
+                stride_b: sb,
+                c_off,
+                ldc,
+                stride_c: sc,
+                batch,
+                ..MatShape::plain(l, m, n, k)
+            };
+            let aa = Act::from_f32(&dev, DType::Bf16, &a).unwrap();
+            let bb = Act::from_f32(&dev, DType::Bf16, &b).unwrap();
+            for out_dt in [DType::Bf16, DType::F32] {
+                let mut c = poisoned(&dev, out_dt, clen);
+                gemm_mat(&dev, l, &aa, Operand::Act(&bb), &mut c, &s).unwrap();
+                let got = c.to_f32(&dev).unwrap();
+                let mut written = vec![false; clen];
+                let (mut want, mut sabs, mut gotv) = (vec![], vec![], vec![]);
+                for bi in 0..batch {
+                    for r in 0..m {
+                        for j in 0..n {
+                            let at = c_off + bi * sc + r * ldc + j;
+                            written[at] = true;
+                            let (v, s1) =
+                                mat_dot(l, &a, &b, (a_off + bi * sa, lda), (b_off + bi * sb, ldb), r, j, (0, k));
+                            want.push(v);
+                            sabs.push(s1);
+                            gotv.push(got[at]);
+                        }
+                    }
+                }
+                let what = format!("mma batched {l:?} {m}x{n}x{k} -> {out_dt:?}");
+                assert_gemm_close(&gotv, &want, &sabs, out_dt, &what);
+                assert!(got.iter().zip(&written).all(|(v, w)| *w || v.is_nan()), "{what}: wrote outside the products");
+            }
+        }
+    }
+}
+
+#[test]
+fn mma_gemm_grouped_by_expert_matches() {
+    let Some(dev) = device("mma_gemm_grouped_by_expert_matches") else { return };
+    let mut rng = Rng::new(22);
+    // experts: empty, 1 row, a whole 64-row tile, a tile + 1, empty, 3 rows, 130
+    let counts = [0usize, 1, GEMM_BM, GEMM_BM + 1, 0, 3, 130];
+    let g = counts.len();
+    let rows: usize = counts.iter().sum();
+    let (ro, to) = offsets(&counts);
+    let (ro_d, to_d) = (upload(&dev, &ro).unwrap(), upload(&dev, &to).unwrap());
+    let (d_in, d_out) = (72usize, 136usize);
+    // the MoE backward of y_e = x_e · W_eᵀ (W_e [d_out, d_in]): dX = dY · W (NN, grouped by rows,
+    // one weight per expert) and dW_e += dY_eᵀ · X_e (TN, grouped by K, into f32)
+    let dy = bf16r(&randn(&mut rng, rows * d_out));
+    let x = bf16r(&randn(&mut rng, rows * d_in));
+    let w = bf16r(&randn(&mut rng, g * d_out * d_in));
+    let dya = Act::from_f32(&dev, DType::Bf16, &dy).unwrap();
+    let xa = Act::from_f32(&dev, DType::Bf16, &x).unwrap();
+    let wd = DWeight::from_f32(&dev, DType::Bf16, g, d_out, d_in, &w).unwrap();
+    // NN: dX [rows, d_in]
+    for out_dt in [DType::Bf16, DType::F32] {
+        let grouped = Grouped { row_offsets: &ro_d, tile_offsets: &to_d, max_tiles: rows.div_ceil(GEMM_BM) + g };
+        let s = MatShape {
+            stride_b: d_out * d_in,
+            batch: g,
+            grouped: Some(grouped),
+            ..MatShape::plain(Layout::NN, rows, d_in, d_out)
+        };
+        let mut c = poisoned(&dev, out_dt, rows * d_in);
+        gemm_nn(&dev, &dya, Operand::Weight(&wd), &mut c, &s).unwrap();
+        let got = c.to_f32(&dev).unwrap();
+        let (mut want, mut sabs) = (vec![0f64; rows * d_in], vec![0f64; rows * d_in]);
+        for e in 0..g {
+            for r in ro[e] as usize..ro[e + 1] as usize {
+                for j in 0..d_in {
+                    let (v, sa) = mat_dot(Layout::NN, &dy, &w, (0, d_out), (e * d_out * d_in, d_in), r, j, (0, d_out));
+                    want[r * d_in + j] = v;
+                    sabs[r * d_in + j] = sa;
+                }
+            }
+        }
+        assert_gemm_close(&got, &want, &sabs, out_dt, &format!("grouped NN (dX) -> {out_dt:?}"));
+    }
+    // TN: dW [g, d_out, d_in] += dYᵀ · X per expert, over its rows
+    let prev = randn(&mut rng, g * d_out * d_in);
+    let mut dw = Act::from_f32(&dev, DType::F32, &prev).unwrap();
+    let grouped = Grouped { row_offsets: &ro_d, tile_offsets: &ro_d, max_tiles: 0 };
+    let s = MatShape {
+        stride_c: d_out * d_in,
+        batch: g,
+        accumulate: true,
+        grouped: Some(grouped),
+        ..MatShape::plain(Layout::TN, d_out, d_in, rows)
+    };
+    gemm_tn(&dev, &dya, Operand::Act(&xa), &mut dw, &s).unwrap();
+    let got = dw.to_f32(&dev).unwrap();
+    let (mut want, mut sabs) = (vec![0f64; g * d_out * d_in], vec![0f64; g * d_out * d_in]);
+    for e in 0..g {
+        for r in 0..d_out {
+            for j in 0..d_in {
+                let at = e * d_out * d_in + r * d_in + j;
+                let (v, sa) =
+                    mat_dot(Layout::TN, &dy, &x, (0, d_out), (0, d_in), r, j, (ro[e] as usize, ro[e + 1] as usize));
+                want[at] = v + prev[at] as f64;
+                sabs[at] = sa + prev[at].abs() as f64;
+            }
+        }
+    }
+    assert_gemm_close(&got, &want, &sabs, DType::F32, "grouped TN (dW += dYᵀ·X, empty experts keep dW)");
+}
+
+#[test]
+fn mma_gemm_rejects_bad_operands() {
+    let Some(dev) = device("mma_gemm_rejects_bad_operands") else { return };
+    let a32 = Act::from_f32(&dev, DType::F32, &[1.0; 12]).unwrap();
+    let a = Act::from_f32(&dev, DType::Bf16, &[1.0; 12]).unwrap();
+    let mut c = poisoned(&dev, DType::F32, 16);
+    let s = MatShape::plain(Layout::NN, 3, 4, 4);
+    assert!(gemm_nn(&dev, &a32, Operand::Act(&a), &mut c, &s).is_err(), "f32 A");
+    assert!(gemm_nn(&dev, &a, Operand::Act(&a32), &mut c, &s).is_err(), "f32 B");
+    // B [4, 4] needs 16 elements, the buffer holds 12
+    assert!(gemm_nn(&dev, &a, Operand::Act(&a), &mut c, &s).is_err(), "short B");
+    let mut short = poisoned(&dev, DType::F32, 8);
+    let s = MatShape::plain(Layout::TN, 3, 3, 4);
+    assert!(gemm_tn(&dev, &a, Operand::Act(&a), &mut short, &s).is_err(), "short C");
+    let s = MatShape { lda: 2, ..MatShape::plain(Layout::TN, 3, 3, 4) };
+    assert!(gemm_tn(&dev, &a, Operand::Act(&a), &mut c, &s).is_err(), "lda < m");
 }

@@ -1,18 +1,24 @@
-//! GEMMs `C = A · Wᵀ` (`kernels/cuda/gemm.cu`): f32 SIMT, bf16 tensor cores, FP8 weights with
-//! 128x128 block scales promoted per 128-wide K block. Batched over `grid.z` with strides, or
-//! grouped by rows (MoE experts: group g owns rows `[row_offsets[g], row_offsets[g+1])` and
-//! weight matrix g). The skinny (few-row) kernels also fuse what sits around a GEMM on the decode
-//! path: gathered A rows ([`GemmShape::a_rows`]), an RMSNorm of A ([`GemmShape::norm`]) and the
-//! SwiGLU of a gate|up product ([`GemmShape::swiglu`]).
-use super::{dim, int, launch, KArg};
+//! GEMMs `C = A · Wᵀ` (`kernels/cuda/gemm.cu`): f32 SIMT, bf16 tensor cores (mma.sync with a
+//! cp.async pipeline), FP8 weights with 128x128 block scales promoted per 128-wide K block.
+//! Batched over `grid.z` with strides, or grouped by rows (MoE experts: group g owns rows
+//! `[row_offsets[g], row_offsets[g+1])` and weight matrix g). The skinny (few-row) kernels also
+//! fuse what sits around a GEMM on the decode path: gathered A rows ([`GemmShape::a_rows`]), an
+//! RMSNorm of A ([`GemmShape::norm`]) and the SwiGLU of a gate|up product ([`GemmShape::swiglu`]).
+//!
+//! The backward products of training take the other operand layouts of the same bf16 kernel
+//! ([`gemm_mat`], [`gemm_nn`], [`gemm_tn`], shapes in [`MatShape`]): NN `C = A · B` (`dX = dY · W`
+//! with W as stored, `[out, in]`) and TN `C = Aᵀ · B` (`dW = dYᵀ · X`, usually accumulated into an
+//! f32 gradient), plain, batched, or grouped by expert.
+use super::{dim, int, launch_smem, KArg};
 use crate::device::Device;
 use crate::tensor::{dptr, Act, DType, DWeight, WeightBuf};
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use dsv3_core::{Error, Result};
 
-/// Rows per block tile (the grouped mode's tile unit; `moe_plan` counts tiles of this size).
+/// Rows per block tile of grouped launches (the grouped mode's tile unit; `moe_plan` counts tiles
+/// of this size), and of the f32 and FP8-weight kernels.
 pub const GEMM_BM: usize = 64;
-/// Columns per block tile.
+/// Columns per block tile of the f32 and FP8-weight kernels (the bf16 mma kernels: 128).
 pub const GEMM_BN: usize = 64;
 
 /// The kernels' argument block (`kernels/cuda/gemm.cuh`, same field order and sizes).
@@ -39,7 +45,8 @@ pub struct GemmArgs {
     pub groups: i32,
     pub accumulate: i32,
     pub scale_ld: i32,
-    pub pad: i32,
+    /// mma kernels: [`FLAG_VEC`] | [`FLAG_F32C`].
+    pub flags: i32,
     /// `[m]` A row indices (0: none), rows of A they may name `a_rows_m`.
     pub a_rows: u64,
     /// `[k]` RMSNorm weight folded into A (0: none), and its epsilon.
@@ -47,6 +54,11 @@ pub struct GemmArgs {
     pub norm_eps: f32,
     pub a_rows_m: i32,
 }
+
+/// `GemmArgs::flags`: every operand row and chunk is 16-byte aligned (cp.async loads).
+const FLAG_VEC: i32 = 1;
+/// `GemmArgs::flags`: C is f32 (else bf16).
+const FLAG_F32C: i32 = 2;
 
 // SAFETY: plain integers, #[repr(C)], laid out as the CUDA struct.
 unsafe impl DeviceRepr for GemmArgs {}
@@ -120,7 +132,8 @@ impl<'a> GemmShape<'a> {
     }
 }
 
-/// The kernel for (A dtype, weight storage, C dtype).
+/// The kernel family for (A dtype, weight storage, C dtype): a tiled kernel's name, except
+/// `gemm_bf16_*`, which name the bf16 family (tiled: `gemm_mma_nt_*`; the skinny forms by name).
 fn kernel_for(a: DType, w: &WeightBuf, c: DType) -> Result<&'static str> {
     Ok(match (a, w, c) {
         (DType::F32, WeightBuf::F32(_), DType::F32) => "gemm_f32",
@@ -174,6 +187,8 @@ struct Choice {
     grid: (usize, usize, usize),
     block: u32,
     skinny: bool,
+    /// Dynamic shared memory (the mma kernels), bytes.
+    smem: u32,
 }
 
 /// Picks the kernel for a call and checks what does not need the operand buffers; `None` for
@@ -255,8 +270,20 @@ fn choose(dev: &Device, a: DType, w: &DWeight, c: DType, s: &GemmShape, path: Ge
                 s.m, s.lda
             )));
         }
+        if kernel == "gemm_bf16_bf16" || kernel == "gemm_bf16_f32" {
+            // the mma.sync kernel (NT); grouped rows in moe_plan's 64-row tiles
+            let t = mma_tile(dev, s.m, n, grid_z, s.grouped.is_some(), None);
+            let gy = if s.grouped.is_some() { grid_y } else { s.m.div_ceil(t.rows()) };
+            return Ok(Some(Choice {
+                kernel: mma_kernel(Layout::NT, t),
+                grid: (n.div_ceil(MMA_BN), gy, grid_z),
+                block: MMA_THREADS,
+                skinny: false,
+                smem: t.smem(),
+            }));
+        }
         let block = if kernel == "gemm_f32" { 256 } else { 128 };
-        return Ok(Some(Choice { kernel, grid: (n.div_ceil(GEMM_BN), grid_y, grid_z), block, skinny: false }));
+        return Ok(Some(Choice { kernel, grid: (n.div_ceil(GEMM_BN), grid_y, grid_z), block, skinny: false, smem: 0 }));
     };
     let sk = if s.swiglu {
         skinny_swiglu_name(sk).ok_or_else(|| {
@@ -293,12 +320,19 @@ fn choose(dev: &Device, a: DType, w: &DWeight, c: DType, s: &GemmShape, path: Ge
             grid: (n.div_ceil(per_block(4 * 32)), 1, grid_z),
             block: 128,
             skinny: true,
+            smem: 0,
         }));
     }
     // one block per 8-row tile: grouped, z walks the tiles of a group (at most all m rows)
     let tiles = s.m.div_ceil(8);
     let (gy, gz) = if s.grouped.is_some() { (groups, tiles) } else { (tiles, grid_z) };
-    Ok(Some(Choice { kernel: sk, grid: (n.div_ceil(per_block(SKINNY_COLS)), gy, gz), block: 128, skinny: true }))
+    Ok(Some(Choice {
+        kernel: sk,
+        grid: (n.div_ceil(per_block(SKINNY_COLS)), gy, gz),
+        block: 128,
+        skinny: true,
+        smem: 0,
+    }))
 }
 
 /// [`gemm`] through a chosen kernel family (tests and benchmarks compare them).
@@ -360,7 +394,9 @@ pub fn gemm_via(dev: &Device, a: &Act, w: &DWeight, c: &mut Act, s: &GemmShape, 
         groups: int(if s.grouped.is_some() { w.groups } else { 1 }, "groups")?,
         accumulate: s.accumulate as i32,
         scale_ld: int(sl, "scale_ld")?,
-        pad: 0,
+        // the mma kernels: W rows are k long, so A alone decides the 16-byte loads
+        flags: if [k, s.lda, s.a_off, s.stride_a].iter().all(|v| v.is_multiple_of(8)) { FLAG_VEC } else { 0 }
+            | if c.dtype() == DType::F32 { FLAG_F32C } else { 0 },
         a_rows: match s.a_rows {
             Some(r) => dptr(dev, r, 0)?,
             None => 0,
@@ -374,7 +410,279 @@ pub fn gemm_via(dev: &Device, a: &Act, w: &DWeight, c: &mut Act, s: &GemmShape, 
     };
     let (gx, gy, gz) = ch.grid;
     let grid = (dim(gx, "gemm n")?, dim(gy, "gemm rows")?, dim(gz, "gemm batch")?);
-    launch(dev, "gemm", ch.kernel, grid, ch.block, &[KArg::Gemm(args)])
+    launch_smem(dev, "gemm", ch.kernel, grid, ch.block, ch.smem, &[KArg::Gemm(args)])
+}
+
+// ---- the bf16 mma.sync kernels in every operand layout
+
+/// Operand layouts of the bf16 tensor-core GEMM (`gemm_mma_*`), all row-major in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `C[m, n] = A[m, k] · B[n, k]ᵀ`: the forward `x · Wᵀ` (what [`gemm`] runs).
+    NT,
+    /// `C[m, n] = A[m, k] · B[k, n]`: `dX = dY · W` with W as stored (`[out, in]`: k = out,
+    /// n = in).
+    NN,
+    /// `C[m, n] = A[k, m]ᵀ · B[k, n]`: `dW = dYᵀ · X` (A = dY `[tokens, out]`, B = X
+    /// `[tokens, in]`, k = tokens), usually accumulated into an f32 gradient.
+    TN,
+}
+
+/// Block tiles of the mma kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tile {
+    /// 128 x 128 (8 warps of 64 x 32): large problems.
+    Large,
+    /// 64 x 128 (8 warps of 32 x 32): small problems (more blocks) and grouped rows (moe_plan's
+    /// 64-row tiles).
+    Small,
+}
+
+/// Columns per block of the mma kernels (both tiles).
+pub const MMA_BN: usize = 128;
+const MMA_THREADS: u32 = 256;
+/// K slice and pipeline depth of the mma kernels (`GBK`, `GM_STAGES` in gemm.cu).
+const MMA_BK: usize = 32;
+const MMA_STAGES: usize = 4;
+
+impl Tile {
+    /// Rows per block.
+    pub fn rows(self) -> usize {
+        match self {
+            Tile::Large => 128,
+            Tile::Small => 64,
+        }
+    }
+    /// Dynamic shared memory (gemm.cu): the operand stages or the f32 epilogue tile, the larger.
+    pub fn smem(self) -> u32 {
+        let bm = self.rows();
+        (MMA_STAGES * (bm + MMA_BN) * MMA_BK * 2).max(bm * (MMA_BN + 8) * 4) as u32
+    }
+}
+
+/// The tile for `blocks` products of `m x n`: 128-row tiles once they fill every SM with one
+/// block (two fit per SM), else 64-row tiles (twice the blocks); grouped rows always 64.
+fn mma_tile(dev: &Device, m: usize, n: usize, blocks: usize, grouped_rows: bool, force: Option<Tile>) -> Tile {
+    if grouped_rows {
+        return Tile::Small;
+    }
+    force.unwrap_or(if m.div_ceil(128) * n.div_ceil(MMA_BN) * blocks >= dev.sms { Tile::Large } else { Tile::Small })
+}
+
+fn mma_kernel(l: Layout, t: Tile) -> &'static str {
+    match (l, t) {
+        (Layout::NT, Tile::Large) => "gemm_mma_nt_l",
+        (Layout::NT, Tile::Small) => "gemm_mma_nt_s",
+        (Layout::NN, Tile::Large) => "gemm_mma_nn_l",
+        (Layout::NN, Tile::Small) => "gemm_mma_nn_s",
+        (Layout::TN, Tile::Large) => "gemm_mma_tn_l",
+        (Layout::TN, Tile::Small) => "gemm_mma_tn_s",
+    }
+}
+
+/// Operand B of [`gemm_mat`]: an activation buffer, or a bf16 weight's storage (all its groups,
+/// `[groups, n, k]` contiguous; the [`MatShape`] says how it is read).
+#[derive(Clone, Copy)]
+pub enum Operand<'a> {
+    Act(&'a Act),
+    Weight(&'a DWeight),
+}
+
+/// The shape of a [`gemm_mat`] call; offsets, strides and leading dimensions in elements.
+///
+/// - A: `[m, k]` (NT, NN) or `[k, m]` (TN), rows `lda` apart, starting at `a_off`.
+/// - B: `[n, k]` (NT) or `[k, n]` (NN, TN), rows `ldb` apart, starting at `b_off`.
+/// - C: `[m, n]`, rows `ldc` apart, starting at `c_off`; bf16 or f32 (the buffer's dtype).
+///
+/// Batched (`grouped: None`): `batch` products, product `b` at `+ b·stride_*` of each operand
+/// (a stride of 0 shares that operand). Grouped (`batch` = the number of groups, offsets as
+/// `moe_plan` writes them):
+/// - NT, NN: by rows, as [`gemm`]: group g owns rows `[row_offsets[g], row_offsets[g+1])` of A
+///   and C (`m` = all rows) and reads B at `b_off + g·stride_b` (expert g's weight);
+///   `tile_offsets` counts [`GEMM_BM`]-row tiles, `max_tiles` bounds their total.
+/// - TN: by K: group g sums over `k` in `[row_offsets[g], row_offsets[g+1])` (rows of A and B;
+///   `k` = all rows) into C at `c_off + g·stride_c` (`dW_g = dY_gᵀ · X_g` for every expert in one
+///   launch; an empty group gives zeros, or leaves C as it was with `accumulate`).
+///   `tile_offsets` and `max_tiles` are unused.
+///
+/// The offsets are read on the device: they must be ascending and within `[0, m]` (rows) or
+/// `[0, k]` (TN). Operands whose contiguous dimension, leading dimensions, offsets and strides are
+/// all multiples of 8 are loaded 16 bytes at a time (cp.async); any other shape runs element by
+/// element (correct, slower).
+pub struct MatShape<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a_off: usize,
+    pub lda: usize,
+    pub stride_a: usize,
+    pub b_off: usize,
+    pub ldb: usize,
+    pub stride_b: usize,
+    pub c_off: usize,
+    pub ldc: usize,
+    pub stride_c: usize,
+    pub batch: usize,
+    /// Add into C instead of overwriting it.
+    pub accumulate: bool,
+    /// `[n]` f32 added to every row.
+    pub bias: Option<&'a CudaSlice<f32>>,
+    pub grouped: Option<Grouped<'a>>,
+}
+
+impl<'a> MatShape<'a> {
+    /// One product with dense operands in `layout`: `lda`, `ldb`, `ldc` their row lengths.
+    pub fn plain(layout: Layout, m: usize, n: usize, k: usize) -> MatShape<'a> {
+        let (lda, ldb) = match layout {
+            Layout::NT => (k, k),
+            Layout::NN => (k, n),
+            Layout::TN => (m, n),
+        };
+        MatShape {
+            m,
+            n,
+            k,
+            a_off: 0,
+            lda,
+            stride_a: 0,
+            b_off: 0,
+            ldb,
+            stride_b: 0,
+            c_off: 0,
+            ldc: n,
+            stride_c: 0,
+            batch: 1,
+            accumulate: false,
+            bias: None,
+            grouped: None,
+        }
+    }
+}
+
+/// `C (+)= A · B` (NN) on bf16 operands; see [`MatShape`].
+pub fn gemm_nn(dev: &Device, a: &Act, b: Operand, c: &mut Act, s: &MatShape) -> Result<()> {
+    gemm_mat(dev, Layout::NN, a, b, c, s)
+}
+
+/// `C (+)= Aᵀ · B` (TN) on bf16 operands; see [`MatShape`].
+pub fn gemm_tn(dev: &Device, a: &Act, b: Operand, c: &mut Act, s: &MatShape) -> Result<()> {
+    gemm_mat(dev, Layout::TN, a, b, c, s)
+}
+
+/// `C (+)= op(A) · op(B) (+ bias)` on the bf16 mma kernels in any [`Layout`]; see [`MatShape`].
+/// A and B bf16, C bf16 or f32. (Few-row NT products are faster through [`gemm`], which picks the
+/// skinny kernels for them.)
+pub fn gemm_mat(dev: &Device, layout: Layout, a: &Act, b: Operand, c: &mut Act, s: &MatShape) -> Result<()> {
+    gemm_mat_with(dev, layout, a, b, c, s, None)
+}
+
+/// [`gemm_mat`] with the block tile forced (`None`: chosen by grid fill; grouped NT/NN always
+/// take [`Tile::Small`]). For comparisons.
+pub fn gemm_mat_with(
+    dev: &Device,
+    layout: Layout,
+    a: &Act,
+    b: Operand,
+    c: &mut Act,
+    s: &MatShape,
+    tile: Option<Tile>,
+) -> Result<()> {
+    let (m, n, k) = (s.m, s.n, s.k);
+    if a.dtype() != DType::Bf16 {
+        return Err(Error::Input(format!("gemm {layout:?}: A must be bf16 (got {:?})", a.dtype())));
+    }
+    let (b_ptr, b_len) = match b {
+        Operand::Act(x) if x.dtype() == DType::Bf16 => (x.ptr(dev, 0)?, x.len()),
+        Operand::Weight(DWeight { buf: WeightBuf::Bf16(w), .. }) => (dptr(dev, w, 0)?, w.len()),
+        _ => return Err(Error::Input(format!("gemm {layout:?}: B must be bf16 (an activation or bf16 weights)"))),
+    };
+    if m == 0 || n == 0 || s.batch == 0 {
+        return Ok(());
+    }
+    // stored operands: A [ra, ca], B [rb, cb]
+    let (ra, ca) = if layout == Layout::TN { (k, m) } else { (m, k) };
+    let (rb, cb) = if layout == Layout::NT { (n, k) } else { (k, n) };
+    if s.lda < ca || s.ldb < cb || s.ldc < n {
+        return Err(Error::Input(format!(
+            "gemm {layout:?}: lda {} (>= {ca}), ldb {} (>= {cb}), ldc {} (>= n {n})",
+            s.lda, s.ldb, s.ldc
+        )));
+    }
+    if let Some(bias) = s.bias {
+        if bias.len() < n {
+            return Err(Error::Input(format!("gemm {layout:?}: bias of {} for n {n}", bias.len())));
+        }
+    }
+    // the last batch index of each operand
+    let last = s.batch - 1;
+    let (la, lb, lc) = match (&s.grouped, layout) {
+        (None, _) => (last, last, last),
+        (Some(_), Layout::TN) => (0, 0, last),
+        (Some(_), _) => (0, last, 0),
+    };
+    if let Some(g) = &s.grouped {
+        let need_tiles = if layout == Layout::TN { 0 } else { s.batch + 1 };
+        if g.row_offsets.len() < s.batch + 1 || g.tile_offsets.len() < need_tiles {
+            return Err(Error::Input(format!("gemm {layout:?}: grouped call needs [groups + 1] offsets")));
+        }
+    }
+    let extent = |off: usize, l: usize, stride: usize, rows: usize, ld: usize, cols: usize| {
+        off + l * stride + (rows - 1) * ld + cols
+    };
+    if ra > 0 && rb > 0 {
+        a.check(extent(s.a_off, la, s.stride_a, ra, s.lda, ca), "gemm A")?;
+        let need = extent(s.b_off, lb, s.stride_b, rb, s.ldb, cb);
+        if need > b_len {
+            return Err(Error::Input(format!("gemm B: {need} elements needed, buffer holds {b_len}")));
+        }
+    }
+    c.check(extent(s.c_off, lc, s.stride_c, m, s.ldc, n), "gemm C")?;
+    let vec = [ca, s.lda, s.a_off, s.stride_a, cb, s.ldb, s.b_off, s.stride_b].iter().all(|v| v.is_multiple_of(8));
+    let grouped_rows = s.grouped.is_some() && layout != Layout::TN;
+    let t = mma_tile(dev, m, n, if grouped_rows { 1 } else { s.batch }, grouped_rows, tile);
+    let (gy, gz) = match &s.grouped {
+        Some(g) if grouped_rows => (g.max_tiles.max(1), 1),
+        _ => (m.div_ceil(t.rows()), s.batch),
+    };
+    let (ro, to) = match &s.grouped {
+        Some(g) => {
+            let ro = dptr(dev, g.row_offsets, 0)?;
+            (ro, if layout == Layout::TN { ro } else { dptr(dev, g.tile_offsets, 0)? })
+        }
+        None => (0, 0),
+    };
+    let args = GemmArgs {
+        a: a.ptr(dev, s.a_off.min(a.len()))?,
+        w: b_ptr + (s.b_off.min(b_len) * 2) as u64,
+        c: c.ptr(dev, s.c_off)?,
+        bias: match s.bias {
+            Some(b) => dptr(dev, b, 0)?,
+            None => 0,
+        },
+        scale: 0,
+        row_offsets: ro,
+        tile_offsets: to,
+        stride_a: s.stride_a as i64,
+        stride_w: s.stride_b as i64,
+        stride_c: s.stride_c as i64,
+        stride_scale: 0,
+        m: int(m, "m")?,
+        n: int(n, "n")?,
+        k: int(k, "k")?,
+        lda: int(s.lda, "lda")?,
+        ldw: int(s.ldb, "ldb")?,
+        ldc: int(s.ldc, "ldc")?,
+        groups: int(if s.grouped.is_some() { s.batch } else { 1 }, "groups")?,
+        accumulate: s.accumulate as i32,
+        scale_ld: 0,
+        flags: if vec { FLAG_VEC } else { 0 } | if c.dtype() == DType::F32 { FLAG_F32C } else { 0 },
+        a_rows: 0,
+        norm_w: 0,
+        norm_eps: 0.0,
+        a_rows_m: 0,
+    };
+    let grid = (dim(n.div_ceil(MMA_BN), "gemm n")?, dim(gy, "gemm rows")?, dim(gz, "gemm batch")?);
+    launch_smem(dev, "gemm", mma_kernel(layout, t), grid, MMA_THREADS, t.smem(), &[KArg::Gemm(args)])
 }
 
 /// Output columns per block of the skinny kernels (4 warps x 4 columns).
@@ -447,11 +755,25 @@ mod tests {
         assert_eq!(std::mem::size_of::<super::GemmArgs>(), 7 * 8 + 4 * 8 + 10 * 4 + 2 * 8 + 2 * 4);
         assert_eq!(std::mem::offset_of!(super::GemmArgs, stride_a), 56);
         assert_eq!(std::mem::offset_of!(super::GemmArgs, m), 88);
-        assert_eq!(std::mem::offset_of!(super::GemmArgs, pad), 124);
+        assert_eq!(std::mem::offset_of!(super::GemmArgs, flags), 124);
         assert_eq!(std::mem::offset_of!(super::GemmArgs, a_rows), 128);
         assert_eq!(std::mem::offset_of!(super::GemmArgs, norm_w), 136);
         assert_eq!(std::mem::offset_of!(super::GemmArgs, norm_eps), 144);
         assert_eq!(std::mem::offset_of!(super::GemmArgs, a_rows_m), 148);
+    }
+
+    #[test]
+    fn every_mma_kernel_is_listed() {
+        use super::{mma_kernel, Layout, Tile};
+        for l in [Layout::NT, Layout::NN, Layout::TN] {
+            for t in [Tile::Large, Tile::Small] {
+                let k = mma_kernel(l, t);
+                assert!(crate::ops::KERNELS.contains(&("gemm", k)), "{k} not in KERNELS");
+            }
+        }
+        // gemm.cu's sizes: 4 stages of (BM + 128) x 32 bf16, or BM x 136 f32
+        assert_eq!(Tile::Large.smem(), 69632);
+        assert_eq!(Tile::Small.smem(), 49152);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! - [`norm`]: RMSNorm. [`rope`]: RoPE/YaRN. [`elementwise`]: SwiGLU, add, casts.
 //! - [`fp8`]: DeepSeek's FP8 recipe: quantization (1x128, 128x128, 128x1 transposed) and the
 //!   promoted FP8 GEMM (wgmma on sm_90a) for Fprop, Dgrad, Wgrad and MoE groups.
-//! - [`gemm`]: `C = A · Wᵀ` in f32 / bf16 / FP8-weights, batched or grouped by rows.
+//! - [`gemm`]: `C = A · Wᵀ` in f32 / bf16 / FP8-weights, batched or grouped by rows; bf16 also
+//!   `A · B` and `Aᵀ · B` (the backward products).
 //! - [`mla`]: absorbed MLA attention over the latent cache, cache append.
 //! - [`attn`]: flash attention for prefill (causal, query-tiled, bf16 tensor cores).
 //! - [`moe`]: router, dispatch plan, combine. [`sampling`]: argmax, softmax.
@@ -48,8 +49,12 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("elementwise", "cast_f32_bf16"),
     ("elementwise", "cast_bf16_f32"),
     ("gemm", "gemm_f32"),
-    ("gemm", "gemm_bf16_bf16"),
-    ("gemm", "gemm_bf16_f32"),
+    ("gemm", "gemm_mma_nt_l"),
+    ("gemm", "gemm_mma_nt_s"),
+    ("gemm", "gemm_mma_nn_l"),
+    ("gemm", "gemm_mma_nn_s"),
+    ("gemm", "gemm_mma_tn_l"),
+    ("gemm", "gemm_mma_tn_s"),
     ("gemm", "gemm_fp8_bf16"),
     ("gemm", "gemm_fp8_f32"),
     ("gemm", "gemm_skinny_f32"),

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of a device session, in two halves: the device machine has CUDA
+# but no Rust, so everything is built here and run there.
+#
+#   bash kernels/gpu_session.sh pack           here: release build, every GPU test executable,
+#                                              the benches; stripped and xz-packed into gpu/gpu.tar.xz
+#                                              (gpu/ is git-ignored; carry it to the device)
+#   bash kernels/gpu_session.sh test [NAME...] there: unpack, run the GPU tests (kernels tests, the
+#                                              CLI and C ABI GPU tests), one at a time; NAME limits
+#                                              them to those test files
+#   bash kernels/gpu_session.sh bench          there: the 88M decode bench (batch 1 and 32) and the
+#                                              kernel benches (GEMM vs cuBLAS, MLA vs the copy
+#                                              ceiling, flash prefill, FP8 GEMM vs cuBLASLt)
+#
+# A test that prints SKIP on the GPU machine is a failure of the session (only the no-GPU test
+# may skip). docs/PERF.md "CUDA backend" records what these printed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-}"
+shift || true
+
+pack() {
+  cargo build --release
+  cargo build --release -p dsv3-kernels --example kernel_bench --example fp8_bench
+  rm -rf gpu/bin && mkdir -p gpu/bin
+  cp target/release/dsv3 target/release/examples/kernel_bench target/release/examples/fp8_bench gpu/bin/
+  local exe
+  for f in kernels/tests/*.rs; do
+    t="$(basename "$f" .rs)"
+    exe="$(cargo test --release -p dsv3-kernels --test "$t" --no-run --message-format=json 2>/dev/null |
+      python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"): print(m["executable"])' | tail -1)"
+    [ -n "$exe" ] && cp "$exe" "gpu/bin/k_$t"
+  done
+  for pair in cli:cuda ffi:cuda; do
+    exe="$(cargo test --release -p "dsv3-${pair%%:*}" --test "${pair#*:}" --no-run --message-format=json 2>/dev/null |
+      python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"): print(m["executable"])' | tail -1)"
+    [ -n "$exe" ] && cp "$exe" "gpu/bin/${pair%%:*}_${pair#*:}"
+  done
+  strip gpu/bin/* 2>/dev/null || true
+  tar -C gpu -cJf gpu/gpu.tar.xz bin
+  rm -rf gpu/bin
+  ls -la gpu/gpu.tar.xz
+  echo "carry gpu/ and run: bash kernels/gpu_session.sh test && bash kernels/gpu_session.sh bench"
+}
+
+unpack() {
+  [ -d gpu/bin ] || tar -C gpu -xJf gpu/gpu.tar.xz
+  export DSV3_FIXTURES="$PWD/tests/fixtures" DSV3_BIN="$PWD/gpu/bin/dsv3"
+}
+
+run_tests() {
+  unpack
+  local fail=0 skips=0 out
+  for exe in gpu/bin/k_* gpu/bin/cli_cuda gpu/bin/ffi_cuda; do
+    [ -x "$exe" ] || continue
+    name="$(basename "$exe")"
+    if [ $# -gt 0 ]; then
+      want=0
+      for w in "$@"; do [ "$name" = "k_$w" ] || [ "$name" = "$w" ] && want=1; done
+      [ "$want" = 1 ] || continue
+    fi
+    echo "== $name"
+    if ! out="$("$exe" --test-threads 1 2>&1)"; then fail=1; fi
+    echo "$out" | grep -E "^test |test result|SKIP|panicked|FAILED|assert" | grep -v "\.\.\. ok$" || true
+    skips=$((skips + $(echo "$out" | grep -c "^SKIP" || true)))
+  done
+  echo "== GPU tests: $([ $fail = 0 ] && echo passed || echo FAILED), $skips SKIP line(s)"
+  return $fail
+}
+
+run_bench() {
+  unpack
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  gpu/bin/dsv3 init --preset bench-88m --out /tmp/m88 >/dev/null
+  for b in 1 32; do
+    gpu/bin/dsv3 bench --model /tmp/m88 --device cuda --prompt-len 128 --new-tokens 256 --batch "$b"
+  done
+  gpu/bin/kernel_bench
+  gpu/bin/fp8_bench
+}
+
+case "$mode" in
+  pack) pack ;;
+  test) run_tests "$@" ;;
+  bench) run_bench ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
+esac

@@ -32,6 +32,7 @@ static const Variant VARIANTS[] = {
     {"attn_fwd_m1d64", attn_fwd_m1d64, 1, 64, 64, 2},    {"attn_fwd_m1d128", attn_fwd_m1d128, 1, 128, 64, 2},
     {"attn_fwd_m1d256", attn_fwd_m1d256, 1, 256, 32, 2}, {"attn_fwd_m2d64", attn_fwd_m2d64, 2, 64, 64, 2},
     {"attn_fwd_m2d128", attn_fwd_m2d128, 2, 128, 32, 2},
+    {"attn_fwd_m2d64s3", attn_fwd_m2d64s3, 2, 64, 64, 3},   {"attn_fwd_m2d128s3", attn_fwd_m2d128s3, 2, 128, 32, 3},
 };
 // AttnVariant::smem_bytes in kernels/src/ops/attn.rs
 static size_t smem_bytes(const Variant& v, int dk, int dv) {
@@ -173,6 +174,9 @@ int main(int argc, char** argv) {
     bad += run_case(m1d128, 1, 40, 0, 120, 32, {{65, 2}}, rng);
     // dk 256 / dv 256, the largest
     bad += run_case(m1d256, 1, 192, 64, 256, 64, {{70, 3}}, rng);
+    // three-stage rings
+    bad += run_case(VARIANTS[5], 2, 64, 32, 64, 128, {{150, 0}, {70, 100}}, rng);
+    bad += run_case(VARIANTS[6], 1, 128, 64, 128, 512, {{140, 0}, {3, 70}}, rng);
     if (!quick) {
         for (const Variant& v : VARIANTS) {
             const int dv = std::min(v.dvt, 128);

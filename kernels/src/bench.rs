@@ -550,7 +550,9 @@ pub const ATTN_SHAPES: [AttnShape; 2] = [
 /// this run). The notes give each path's whole time: the flash path with its `kv_b` decompression
 /// GEMM (one per sequence), the absorbed one with its `q_nope·W_UK` and `ō·W_UVᵀ` GEMMs.
 pub fn prefill_attn_lines(dev: &Device, s: &AttnShape, batch: usize, t: usize, ceiling: f64) -> Result<Vec<Line>> {
-    use crate::ops::attn::{flash_attention, flash_variant, FlashCall, Segment};
+    use crate::ops::attn::{
+        flash_attention, flash_attention_with, flash_fits, flash_variant, FlashCall, Segment, ATTN_VARIANTS,
+    };
     let AttnShape { h, c, dn, dr, dv, .. } = *s;
     let (dk, w, wkv, n) = (dn + dr, c + dr, h * (dn + dv), batch * t);
     let bf = |len: usize, seed: u64| {
@@ -623,7 +625,8 @@ pub fn prefill_attn_lines(dev: &Device, s: &AttnShape, batch: usize, t: usize, c
         scale: 1.0 / (dk as f32).sqrt(),
         segs: &segs,
     };
-    let var = flash_variant(dev, &call).map_or("none", |v| v.name);
+    let auto = flash_variant(dev, &call);
+    let var = auto.map_or("none", |v| v.name);
     let flash_ms = time_ms(dev, warm, iters, || flash_attention(dev, &call, &mut out, 0, h * dv, dv))?;
     let flash_tf = call.flops() / (flash_ms * 1e-3) / 1e12;
     lines.push(Line {
@@ -639,6 +642,19 @@ pub fn prefill_attn_lines(dev: &Device, s: &AttnShape, batch: usize, t: usize, c
             flash_ms + gemm_ms
         ),
     });
+    // A/B: every other variant that runs these dims
+    for v in ATTN_VARIANTS.iter().filter(|v| Some(**v) != auto && flash_fits(dev, v, dn, dr, dv)) {
+        let ms = time_ms(dev, warm, iters, || flash_attention_with(dev, v, &call, &mut out, 0, h * dv, dv))?;
+        lines.push(Line {
+            name: format!("{label} flash {}", v.name),
+            ms,
+            value: call.flops() / (ms * 1e-3) / 1e12,
+            unit: "TFLOP/s",
+            ceiling,
+            ceiling_name: "cuBLAS bf16",
+            note: String::new(),
+        });
+    }
 
     // the absorbed path, a query row at a time over its prefix (what prefill ran before)
     let kernel = mla_kernel(dev, DType::Bf16, h, c, dr);

@@ -15,6 +15,7 @@ use crate::tensor::{dptr, upload, Act, DType};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::DeviceRepr;
 use dsv3_core::{Error, Result};
+use std::sync::OnceLock;
 
 /// The kernels' argument block (`struct AttnArgs` in `kernels/cuda/attn.cu`).
 #[repr(C)]
@@ -67,14 +68,34 @@ pub struct AttnVariant {
 }
 
 /// Every variant (all in `KERNELS`). Registers (ptxas, sm_90a, no spills): m1d64 121, m1d128
-/// 166, m1d256 218, m2d64 232, m2d128 244.
+/// 166, m1d256 218, m2d64 232, m2d128 244, m2d64s3 232, m2d128s3 244.
 pub const ATTN_VARIANTS: &[AttnVariant] = &[
     AttnVariant { name: "m1d64", kernel: "attn_fwd_m1d64", m_tiles: 1, dv_max: 64, tile: 64, stages: 2 },
     AttnVariant { name: "m1d128", kernel: "attn_fwd_m1d128", m_tiles: 1, dv_max: 128, tile: 64, stages: 2 },
     AttnVariant { name: "m1d256", kernel: "attn_fwd_m1d256", m_tiles: 1, dv_max: 256, tile: 32, stages: 2 },
     AttnVariant { name: "m2d64", kernel: "attn_fwd_m2d64", m_tiles: 2, dv_max: 64, tile: 64, stages: 2 },
     AttnVariant { name: "m2d128", kernel: "attn_fwd_m2d128", m_tiles: 2, dv_max: 128, tile: 32, stages: 2 },
+    AttnVariant { name: "m2d64s3", kernel: "attn_fwd_m2d64s3", m_tiles: 2, dv_max: 64, tile: 64, stages: 3 },
+    AttnVariant { name: "m2d128s3", kernel: "attn_fwd_m2d128s3", m_tiles: 2, dv_max: 128, tile: 32, stages: 3 },
 ];
+
+/// The variants [`flash_variant`] chooses among by default (the three-stage ones only through
+/// `DSV3_FLASH_VARIANT` until a GPU measurement says otherwise).
+const DEFAULT_VARIANTS: &[&str] = &["m1d64", "m1d128", "m1d256", "m2d64", "m2d128"];
+
+/// `DSV3_FLASH_VARIANT=<name>` (read once): that variant wherever it takes the call.
+fn env_variant() -> Option<&'static AttnVariant> {
+    static V: OnceLock<Option<&'static AttnVariant>> = OnceLock::new();
+    *V.get_or_init(|| {
+        let name = std::env::var("DSV3_FLASH_VARIANT").ok()?;
+        let v = ATTN_VARIANTS.iter().find(|v| v.name == name);
+        if v.is_none() {
+            let names: Vec<_> = ATTN_VARIANTS.iter().map(|v| v.name).collect();
+            eprintln!("DSV3_FLASH_VARIANT={name}: no such variant (one of {names:?}); ignored");
+        }
+        v
+    })
+}
 
 impl AttnVariant {
     /// Query rows per block.
@@ -183,15 +204,25 @@ fn max_smem_optin(dev: &Device) -> usize {
         .map_or(0, |v| v.max(0) as usize)
 }
 
+/// Whether variant `v` runs head dims `dn`, `dr`, `dv` on `dev` (its shared memory included).
+pub fn flash_fits(dev: &Device, v: &AttnVariant, dn: usize, dr: usize, dv: usize) -> bool {
+    v.takes(dn, dr, dv) && v.smem_bytes(dn + dr, dv) <= max_smem_optin(dev)
+}
+
 /// The variant [`flash_attention`] runs for this call on `dev`, `None` when none takes its dims
 /// (or fits the GPU's shared memory): the smallest `dv_max` that holds `dv`; 128 query rows per
-/// block when that still gives two blocks per SM, else 64.
+/// block when that still gives two blocks per SM, else 64. `DSV3_FLASH_VARIANT` overrides it
+/// where that variant takes the call.
 pub fn flash_variant(dev: &Device, c: &FlashCall) -> Option<AttnVariant> {
     let dk = c.dn + c.dr;
     let optin = max_smem_optin(dev);
     let fits = |v: &&AttnVariant| v.takes(c.dn, c.dr, c.dv) && v.smem_bytes(dk, c.dv) <= optin;
-    let dv_max = ATTN_VARIANTS.iter().filter(fits).map(|v| v.dv_max).min()?;
-    let mut cands: Vec<&AttnVariant> = ATTN_VARIANTS.iter().filter(fits).filter(|v| v.dv_max == dv_max).collect();
+    if let Some(v) = env_variant().filter(fits) {
+        return Some(*v);
+    }
+    let defaults = || ATTN_VARIANTS.iter().filter(|v| DEFAULT_VARIANTS.contains(&v.name)).filter(fits);
+    let dv_max = defaults().map(|v| v.dv_max).min()?;
+    let mut cands: Vec<&AttnVariant> = defaults().filter(|v| v.dv_max == dv_max).collect();
     cands.sort_by_key(|v| std::cmp::Reverse(v.m_tiles));
     cands.iter().find(|v| v.m_tiles == 1 || v.blocks(c.segs, c.h) >= 2 * dev.sms).or(cands.last()).map(|v| **v)
 }
@@ -357,6 +388,7 @@ mod tests {
             assert!(crate::ops::KERNELS.contains(&("attn", v.kernel)), "{} not in KERNELS", v.kernel);
             assert_eq!(v.kernel, format!("attn_fwd_{}", v.name));
         }
+        assert!(DEFAULT_VARIANTS.iter().all(|n| ATTN_VARIANTS.iter().any(|v| v.name == *n)));
         let m2d128 = ATTN_VARIANTS.iter().find(|v| v.name == "m2d128").unwrap();
         // V3: dk 192, dv 128: Q 128x192, 2 stages of 32 keys x (192 + 128)
         assert_eq!(m2d128.smem_bytes(192, 128), 2 * (128 * 192 + 2 * 32 * 320));

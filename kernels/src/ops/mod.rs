@@ -100,6 +100,8 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("attn", "attn_fwd_m1d256"),
     ("attn", "attn_fwd_m2d64"),
     ("attn", "attn_fwd_m2d128"),
+    ("attn", "attn_fwd_m2d64s3"),
+    ("attn", "attn_fwd_m2d128s3"),
     ("moe", "moe_route"),
     ("moe", "moe_plan"),
     ("moe", "moe_combine_f32"),

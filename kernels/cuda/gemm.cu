@@ -169,6 +169,7 @@ extern "C" __global__ void __launch_bounds__(128) gemm_fp8_f32(GemmArgs p) { gem
 #define GBK 32
 #define GM_STAGES 4
 #define GM_THREADS 256
+#define GM_BAND 8
 
 DSV3_DYNAMIC_SMEM(gemm_smem);
 
@@ -282,14 +283,20 @@ __device__ __forceinline__ void gemm_mma(const GemmArgs& p) {
     constexpr int A_ST = BM * GBK, B_ST = BN * GBK;  // elements per stage
     static_assert(WGM * WGN * 32 == GM_THREADS && MT >= 1 && NT % 2 == 0, "8 warps, pairs of n8 tiles");
     // rows, K range and operand bases of this block
-    int g = 0, row0, row_end, kbeg = 0, kend = p.k;
+    int g = 0, row0, row_end, kbeg = 0, kend = p.k, bx = blockIdx.x;
     long long ba = blockIdx.z, bb = blockIdx.z, bc = blockIdx.z;  // batch index of A, B, C
     if (p.row_offsets && AK) {  // NT / NN grouped by rows (tiles of GEMM_BM rows)
         if (BM != GEMM_BM || !gemm_tile_rows(p, row0, row_end, g)) return;
         ba = bc = 0;
         bb = g;
     } else {
-        row0 = blockIdx.y * BM;
+        // tile order: bands of GM_BAND row tiles, walked column by column, so the blocks running
+        // at once share fewer A and B tiles (L2 reuse); the grid is (ceil(n / BN), ceil(m / BM))
+        const int gx = (p.n + BN - 1) / BN, gy = (p.m + BM - 1) / BM;
+        const int id = blockIdx.y * gx + blockIdx.x, band = id / (GM_BAND * gx);
+        const int in = id - band * GM_BAND * gx, h = min(GM_BAND, gy - band * GM_BAND);
+        bx = in / h;
+        row0 = (band * GM_BAND + in % h) * BM;
         row_end = p.m;
         if (p.row_offsets) {  // TN grouped by K rows
             g = blockIdx.z;
@@ -301,7 +308,7 @@ __device__ __forceinline__ void gemm_mma(const GemmArgs& p) {
         }
         if (row0 >= row_end) return;
     }
-    const int col0 = blockIdx.x * BN;
+    const int col0 = bx * BN;
     const bf16* A = (const bf16*)p.a + ba * p.stride_a;
     const bf16* B = (const bf16*)p.w + bb * p.stride_w;
     const long long c_off = bc * p.stride_c;  // elements

@@ -412,6 +412,13 @@ int main(int argc, char** argv) {
         gp.accumulate = lay == TN;  // the gradient use: accumulate into f32
         gp.bias = lay != TN;
         bad += run_case(gp);
+        // more row tiles than a raster band (8): bands of 8, 8, 2 (64-row tiles) and 8, 1 (128), ragged
+        for (char cfg : {'s', 'l'}) {
+            if (quick && (lay != NT || cfg == 'l')) continue;
+            Problem tall{lay, 1096, 264, 32};
+            tall.cfg = cfg;
+            bad += run_case(tall);
+        }
         if (!quick) {
             Problem big{lay, 300, 264, 200};
             big.cfg = 'l';

@@ -32,17 +32,19 @@ __device__ __forceinline__ void warp_best(float& v, int& i) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-    moe_route(const float* __restrict__ logits, int n, int e, const float* __restrict__ bias, int n_group,
-              int topk_group, int k, int norm, float scaling, int scoring, int method, int* __restrict__ idx_out,
-              float* __restrict__ w_out) {
-    __shared__ float s_sh[MOE_WARPS][MOE_EMAX], b_sh[MOE_WARPS][MOE_EMAX];
-    __shared__ float gs_sh[MOE_WARPS][64];
-    __shared__ int top_sh[MOE_WARPS][MOE_KMAX];
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int t = blockIdx.x * MOE_WARPS + warp;
-    if (t >= n || e > MOE_EMAX || k > MOE_KMAX || n_group < 1 || n_group > 64 || e % n_group) return;
-    float* s = s_sh[warp];
+// Whether the routing settings are ones the kernels take (the launchers check them first).
+__device__ __forceinline__ bool route_ok(int e, int k, int n_group) {
+    return e <= MOE_EMAX && k <= MOE_KMAX && n_group >= 1 && n_group <= 64 && e % n_group == 0;
+}
+
+// Routes token t with the calling warp; s, sel ([MOE_EMAX]), gs ([64]) and top ([MOE_KMAX]) are the
+// warp's shared scratch.
+__device__ __forceinline__ void route_token(const float* __restrict__ logits, int t, int e,
+                                            const float* __restrict__ bias, int n_group, int topk_group, int k,
+                                            int norm, float scaling, int scoring, int method,
+                                            int* __restrict__ idx_out, float* __restrict__ w_out, float* s,
+                                            float* sel, float* gs, int* top) {
+    const int lane = threadIdx.x & 31;
     const float* l = logits + (long long)t * e;
     if (scoring == 0) {
         for (int i = lane; i < e; i += 32) s[i] = dsv3_sigmoid(l[i]);
@@ -62,12 +64,10 @@ extern "C" __global__ void __launch_bounds__(128)
     }
     // selection scores (biased for noaux_tc) in shared memory: the group scans read them, the
     // masking overwrites them, the top-k reads them (s keeps the unbiased scores)
-    float* sel = b_sh[warp];
     for (int i = lane; i < e; i += 32) sel[i] = (method == 0 && bias) ? s[i] + bias[i] : s[i];
     __syncwarp();
     if (method != 1) {
         int gsize = e / n_group;
-        float* gs = gs_sh[warp];
         for (int g = lane; g < n_group; g += 32) {
             const float* v = sel + g * gsize;
             if (method == 0) {
@@ -101,7 +101,6 @@ extern "C" __global__ void __launch_bounds__(128)
     }
     // top-k over the masked selection scores: k rounds of a warp-wide best, skipping taken ones
     unsigned taken = 0;
-    int* top = top_sh[warp];
     for (int q = 0; q < k; q++) {
         float bv = 0.0f;
         int bi = -1;
@@ -127,6 +126,21 @@ extern "C" __global__ void __launch_bounds__(128)
         idx_out[(long long)t * k + lane] = top[lane];
         w_out[(long long)t * k + lane] = v * scaling;
     }
+    __syncwarp();  // the scratch is reused by the warp's next token
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    moe_route(const float* __restrict__ logits, int n, int e, const float* __restrict__ bias, int n_group,
+              int topk_group, int k, int norm, float scaling, int scoring, int method, int* __restrict__ idx_out,
+              float* __restrict__ w_out) {
+    __shared__ float s_sh[MOE_WARPS][MOE_EMAX], b_sh[MOE_WARPS][MOE_EMAX];
+    __shared__ float gs_sh[MOE_WARPS][64];
+    __shared__ int top_sh[MOE_WARPS][MOE_KMAX];
+    int warp = threadIdx.x >> 5;
+    int t = blockIdx.x * MOE_WARPS + warp;
+    if (t >= n || !route_ok(e, k, n_group)) return;
+    route_token(logits, t, e, bias, n_group, topk_group, k, norm, scaling, scoring, method, idx_out, w_out, s_sh[warp],
+                b_sh[warp], gs_sh[warp], top_sh[warp]);
 }
 
 // The dispatch plan for nk = n * k routed rows: counts per expert, row_offsets [e + 1] (rows of
@@ -135,11 +149,12 @@ extern "C" __global__ void __launch_bounds__(128)
 // each permuted row copies). Order within an expert is arbitrary; results do not depend on it
 // (rows are independent in the GEMMs and moe_combine sums in a fixed order).
 // grid: (1), block: 1024. e <= 1024.
-extern "C" __global__ void moe_plan(const int* __restrict__ idx, int nk, int k, int e, int* __restrict__ row_offsets,
-                                    int* __restrict__ tile_offsets, int* __restrict__ slot_of,
-                                    int* __restrict__ src_row) {
-    __shared__ int cnt[1024], fill[1024];
-    if (e > 1024) return;
+//
+// The plan's body for the whole block; cnt and fill are shared [e].
+__device__ __forceinline__ void plan_block(const int* __restrict__ idx, int nk, int k, int e,
+                                           int* __restrict__ row_offsets, int* __restrict__ tile_offsets,
+                                           int* __restrict__ slot_of, int* __restrict__ src_row, int* cnt,
+                                           int* fill) {
     for (int i = threadIdx.x; i < e; i += blockDim.x) {
         cnt[i] = 0;
         fill[i] = 0;
@@ -173,6 +188,36 @@ extern "C" __global__ void moe_plan(const int* __restrict__ idx, int nk, int k, 
         }
         slot_of[j] = pos;
     }
+}
+extern "C" __global__ void moe_plan(const int* __restrict__ idx, int nk, int k, int e, int* __restrict__ row_offsets,
+                                    int* __restrict__ tile_offsets, int* __restrict__ slot_of,
+                                    int* __restrict__ src_row) {
+    __shared__ int cnt[1024], fill[1024];
+    if (e > 1024) return;
+    plan_block(idx, nk, k, e, row_offsets, tile_offsets, slot_of, src_row, cnt, fill);
+}
+
+// moe_route and moe_plan in one launch for few tokens (decode): one block, its 8 warps route
+// tokens warp, warp + 8, ... (the same per-token code, so the same results bit for bit), then
+// the block builds the plan from the routing it just wrote (global writes are visible to the
+// block after __syncthreads). grid: (1), block: 256. e <= 512.
+#define MOE_RP_WARPS 8
+extern "C" __global__ void __launch_bounds__(256)
+    moe_route_plan(const float* __restrict__ logits, int n, int e, const float* __restrict__ bias, int n_group,
+                   int topk_group, int k, int norm, float scaling, int scoring, int method, int* __restrict__ idx_out,
+                   float* __restrict__ w_out, int* __restrict__ row_offsets, int* __restrict__ tile_offsets,
+                   int* __restrict__ slot_of, int* __restrict__ src_row) {
+    __shared__ float s_sh[MOE_RP_WARPS][MOE_EMAX], b_sh[MOE_RP_WARPS][MOE_EMAX];
+    __shared__ float gs_sh[MOE_RP_WARPS][64];
+    __shared__ int top_sh[MOE_RP_WARPS][MOE_KMAX];
+    __shared__ int cnt[MOE_EMAX], fill[MOE_EMAX];
+    if (!route_ok(e, k, n_group)) return;
+    const int warp = threadIdx.x >> 5;
+    for (int t = warp; t < n; t += MOE_RP_WARPS)
+        route_token(logits, t, e, bias, n_group, topk_group, k, norm, scaling, scoring, method, idx_out, w_out,
+                    s_sh[warp], b_sh[warp], gs_sh[warp], top_sh[warp]);
+    __syncthreads();
+    plan_block(idx_out, n * k, k, e, row_offsets, tile_offsets, slot_of, src_row, cnt, fill);
 }
 
 // x[t, :] += shared[t, :] + Σ_q w[t, q] · y[slot_of[t, q], :], the routed terms added in

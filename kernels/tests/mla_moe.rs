@@ -11,7 +11,7 @@ use dsv3_kernels::ops::mla::{
     cache_append, mla_decode, mla_decode_with, mla_kernel, mla_prep, mma_fits, MlaCall, MlaKernel, MlaWork, Prep,
     MMA_VARIANTS,
 };
-use dsv3_kernels::ops::moe::{combine, plan, route, Plan, RouteCfg};
+use dsv3_kernels::ops::moe::{combine, plan, route, route_plan, Plan, RouteCfg};
 use dsv3_kernels::ops::norm::rmsnorm;
 use dsv3_kernels::ops::rope::{rope, RopeLayout};
 use dsv3_kernels::tensor::{download, upload};
@@ -234,6 +234,61 @@ fn router_matches_cpu_select_for_v3_and_v2() {
             }
         }
     }
+}
+
+#[test]
+fn fused_route_plan_equals_route_then_plan() {
+    let Some(dev) = device("fused_route_plan_equals_route_then_plan") else { return };
+    let mut rng = Rng::new(24);
+    for &(e, k, g, tg, v3, n) in &[
+        (16usize, 4usize, 4usize, 2usize, true, 1usize),
+        (16, 4, 4, 2, true, 16),
+        (256, 8, 8, 4, true, 5),
+        (64, 6, 1, 1, false, 64),
+        (160, 6, 8, 3, false, 9),
+    ] {
+        let r = router(&mut rng, e, k, g, tg, v3);
+        let cfg = RouteCfg::of(&r);
+        let logits = upload(&dev, &randn(&mut rng, n * e)).unwrap();
+        let bias = r.bias.as_ref().map(|b| upload(&dev, b).unwrap());
+        let run = |fused: bool| {
+            let mut idx = upload(&dev, &vec![-1i32; n * k]).unwrap();
+            let mut w = upload(&dev, &vec![f32::NAN; n * k]).unwrap();
+            let mut p = Plan::new(&dev, e, n * k).unwrap();
+            if fused {
+                route_plan(&dev, &logits, n, bias.as_ref(), &cfg, &mut idx, &mut w, &mut p).unwrap();
+            } else {
+                route(&dev, &logits, n, bias.as_ref(), &cfg, &mut idx, &mut w).unwrap();
+                plan(&dev, &idx, n, k, e, &mut p).unwrap();
+            }
+            let dl = |s: &cudarc::driver::CudaSlice<i32>| download(&dev, s).unwrap();
+            let (slot, src) = (dl(&p.slot_of), dl(&p.src_row));
+            (dl(&idx), download(&dev, &w).unwrap(), dl(&p.row_offsets), dl(&p.tile_offsets), slot, src)
+        };
+        let (i1, w1, ro1, to1, _, _) = run(false);
+        let (i2, w2, ro2, to2, slot, src) = run(true);
+        assert_eq!(i1, i2, "experts (E {e}, n {n})");
+        assert_eq!(
+            w1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            w2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!((ro1, to1), (ro2.clone(), to2), "plan offsets (E {e}, n {n})");
+        // rows within an expert may come in another order: each routed row still lands in its
+        // expert's range and points back to its token
+        for j in 0..n * k {
+            let s = slot[j] as usize;
+            let x = i2[j] as usize;
+            assert!(s >= ro2[x] as usize && s < ro2[x + 1] as usize && src[s] as usize == j / k, "row {j}");
+        }
+    }
+    let r = router(&mut rng, 16, 4, 4, 2, true);
+    let n = dsv3_kernels::ops::moe::ROUTE_PLAN_MAX + 1;
+    let mut idx = upload(&dev, &vec![0i32; n * 4]).unwrap();
+    let mut w = upload(&dev, &vec![0f32; n * 4]).unwrap();
+    let mut p = Plan::new(&dev, 16, n * 4).unwrap();
+    let logits = upload(&dev, &randn(&mut rng, n * 16)).unwrap();
+    let err = route_plan(&dev, &logits, n, None, &RouteCfg::of(&r), &mut idx, &mut w, &mut p).unwrap_err();
+    assert!(err.to_string().contains("at most"), "{err}");
 }
 
 #[test]

@@ -832,6 +832,11 @@ fn dense_forward(
     mlp_down(dev, mlp, &act, n, x, true)
 }
 
+/// Token counts up to which the router and the dispatch plan run as one launch
+/// (`moe::route_plan`, one block; `DSV3_FUSE=0` turns it off): decode steps. Above it the router's
+/// grid spreads the tokens over blocks.
+const ROUTE_PLAN_FUSED_MAX: usize = 16;
+
 /// `x += Σ_k w_k · Expert_k(h) + Shared(h)` for `h = post_norm(x)` on device: route, plan,
 /// grouped GEMMs, combine. On the decode path (few rows, fusions on) the norm folds into the
 /// router, the shared expert's and the routed experts' gate|up GEMMs (all three read x), the
@@ -915,8 +920,12 @@ fn moe_forward(
         let Act::F32(logits) = logits else { unreachable!("allocated as f32") };
         let mut idx = crate::tensor::empty::<i32>(dev, n * k)?;
         let mut w = crate::tensor::empty::<f32>(dev, n * k)?;
-        moe::route(dev, &logits, n, bias, cfg, &mut idx, &mut w)?;
-        moe::plan(dev, &idx, n, k, e, &mut plan)?;
+        if fuse_enabled() && n <= ROUTE_PLAN_FUSED_MAX && e <= moe::MOE_EMAX {
+            moe::route_plan(dev, &logits, n, bias, cfg, &mut idx, &mut w, &mut plan)?;
+        } else {
+            moe::route(dev, &logits, n, bias, cfg, &mut idx, &mut w)?;
+            moe::plan(dev, &idx, n, k, e, &mut plan)?;
+        }
         // permuted rows [nk, D] -> act [nk, I] (gate|up + SwiGLU) -> down [nk, D]
         let mut act = Act::empty(dev, dt, nk * i)?;
         let fused = routed_shape(experts, src, &plan, nk, max_tiles);

@@ -104,6 +104,7 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("attn", "attn_fwd_m2d128s3"),
     ("moe", "moe_route"),
     ("moe", "moe_plan"),
+    ("moe", "moe_route_plan"),
     ("moe", "moe_combine_f32"),
     ("moe", "moe_combine_bf16"),
     ("sampling", "argmax_rows_f32"),

@@ -55,27 +55,8 @@ pub fn route(
     if n == 0 {
         return Ok(());
     }
-    if e == 0 || e > MOE_EMAX || k == 0 || k > MOE_KMAX || k > e || cfg.n_group == 0 || e % cfg.n_group != 0 {
-        return Err(Error::Input(format!(
-            "moe route: {e} experts (<= {MOE_EMAX}), top-{k} (<= {MOE_KMAX}), {} groups",
-            cfg.n_group
-        )));
-    }
-    if cfg.n_group > 64 {
-        return Err(Error::Input("moe route: at most 64 expert groups".into()));
-    }
-    if logits.len() < n * e || idx.len() < n * k || w.len() < n * k || bias.is_some_and(|b| b.len() < e) {
-        return Err(Error::Input("moe route: buffer sizes".into()));
-    }
-    let scoring = match cfg.scoring {
-        ScoringFunc::Sigmoid => 0,
-        ScoringFunc::Softmax => 1,
-    };
-    let method = match cfg.method {
-        TopkMethod::NoauxTc => 0,
-        TopkMethod::Greedy => 1,
-        TopkMethod::GroupLimitedGreedy => 2,
-    };
+    check_route(cfg, n, logits, bias, idx, w)?;
+    let (scoring, method) = codes(cfg);
     launch(
         dev,
         "moe",
@@ -166,6 +147,71 @@ pub fn plan(dev: &Device, idx: &CudaSlice<i32>, n: usize, k: usize, experts: usi
     )
 }
 
+/// Most tokens [`route_plan`] takes (one block of 8 warps routes them one after another).
+pub const ROUTE_PLAN_MAX: usize = 64;
+
+/// [`route`] and [`plan`] in one launch, for up to [`ROUTE_PLAN_MAX`] tokens (decode steps): the
+/// same routing bit for bit, and a plan of the same offsets (the order of rows within an expert
+/// may differ, which no result depends on).
+#[allow(clippy::too_many_arguments)]
+pub fn route_plan(
+    dev: &Device,
+    logits: &CudaSlice<f32>,
+    n: usize,
+    bias: Option<&CudaSlice<f32>>,
+    cfg: &RouteCfg,
+    idx: &mut CudaSlice<i32>,
+    w: &mut CudaSlice<f32>,
+    plan: &mut Plan,
+) -> Result<()> {
+    let (e, k) = (cfg.n_experts, cfg.top_k);
+    if n == 0 {
+        return Ok(());
+    }
+    if n > ROUTE_PLAN_MAX {
+        return Err(Error::Input(format!("moe route_plan: {n} tokens (at most {ROUTE_PLAN_MAX}; use route + plan)")));
+    }
+    check_route(cfg, n, logits, bias, idx, w)?;
+    let nk = n * k;
+    if plan.slot_of.len() < nk
+        || plan.src_row.len() < nk
+        || plan.row_offsets.len() < e + 1
+        || plan.tile_offsets.len() < e + 1
+    {
+        return Err(Error::Input(format!("moe route_plan: plan buffers for {nk} rows over {e} experts")));
+    }
+    let (scoring, method) = codes(cfg);
+    launch(
+        dev,
+        "moe",
+        "moe_route_plan",
+        (1, 1, 1),
+        256,
+        &[
+            KArg::Ptr(dptr(dev, logits, 0)?),
+            KArg::I32(int(n, "n")?),
+            KArg::I32(int(e, "experts")?),
+            KArg::Ptr(match bias {
+                Some(b) => dptr(dev, b, 0)?,
+                None => 0,
+            }),
+            KArg::I32(int(cfg.n_group, "n_group")?),
+            KArg::I32(int(cfg.topk_group, "topk_group")?),
+            KArg::I32(int(k, "top_k")?),
+            KArg::I32(cfg.norm_topk_prob as i32),
+            KArg::F32(cfg.scaling),
+            KArg::I32(scoring),
+            KArg::I32(method),
+            KArg::Ptr(dptr(dev, idx, 0)?),
+            KArg::Ptr(dptr(dev, w, 0)?),
+            KArg::Ptr(dptr(dev, &plan.row_offsets, 0)?),
+            KArg::Ptr(dptr(dev, &plan.tile_offsets, 0)?),
+            KArg::Ptr(dptr(dev, &plan.slot_of, 0)?),
+            KArg::Ptr(dptr(dev, &plan.src_row, 0)?),
+        ],
+    )
+}
+
 /// `x[t] += shared[t] + Σ_q w[t,q] · y[slot_of[t,q]]` (routed terms in ascending expert order);
 /// `y` `[n·K, d]` expert outputs in permuted order, `shared` `[n, d]`, `x` `[n, d]`.
 #[allow(clippy::too_many_arguments)]
@@ -220,4 +266,43 @@ pub fn combine(
             KArg::I32(int(d, "d")?),
         ],
     )
+}
+
+/// The routing settings and buffers a router kernel takes.
+fn check_route(
+    cfg: &RouteCfg,
+    n: usize,
+    logits: &CudaSlice<f32>,
+    bias: Option<&CudaSlice<f32>>,
+    idx: &CudaSlice<i32>,
+    w: &CudaSlice<f32>,
+) -> Result<()> {
+    let (e, k) = (cfg.n_experts, cfg.top_k);
+    if e == 0 || e > MOE_EMAX || k == 0 || k > MOE_KMAX || k > e || cfg.n_group == 0 || e % cfg.n_group != 0 {
+        return Err(Error::Input(format!(
+            "moe route: {e} experts (<= {MOE_EMAX}), top-{k} (<= {MOE_KMAX}), {} groups",
+            cfg.n_group
+        )));
+    }
+    if cfg.n_group > 64 {
+        return Err(Error::Input("moe route: at most 64 expert groups".into()));
+    }
+    if logits.len() < n * e || idx.len() < n * k || w.len() < n * k || bias.is_some_and(|b| b.len() < e) {
+        return Err(Error::Input("moe route: buffer sizes".into()));
+    }
+    Ok(())
+}
+
+/// The kernels' codes for the scoring function and the top-k method.
+fn codes(cfg: &RouteCfg) -> (i32, i32) {
+    let scoring = match cfg.scoring {
+        ScoringFunc::Sigmoid => 0,
+        ScoringFunc::Softmax => 1,
+    };
+    let method = match cfg.method {
+        TopkMethod::NoauxTc => 0,
+        TopkMethod::Greedy => 1,
+        TopkMethod::GroupLimitedGreedy => 2,
+    };
+    (scoring, method)
 }

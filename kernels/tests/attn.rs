@@ -331,3 +331,18 @@ fn session_flash_prefill_matches_the_absorbed_path_and_the_cpu() {
     }
     assert!(failures.is_empty(), "bf16 flash prefill outside the bounds: {failures:#?}");
 }
+
+#[test]
+fn the_flash_rule_takes_fresh_prefills_and_long_chunks() {
+    // no GPU needed: the FLOP rule of the session's flash path
+    let m88 = dsv3_core::presets::preset("bench-88m").unwrap();
+    assert_eq!((m88.kv_lora_rank, m88.qk_nope_head_dim, m88.qk_rope_head_dim, m88.v_head_dim), (128, 64, 32, 64));
+    let mut v3 = m88.clone();
+    (v3.kv_lora_rank, v3.qk_nope_head_dim, v3.qk_rope_head_dim, v3.v_head_dim) = (512, 128, 64, 128);
+    for (c, threshold) in [(&m88, 128), (&v3, 171)] {
+        assert!(flash_wins(c, 0, 2) && flash_wins(c, 0, 4096));
+        // a chunk over a long prefix: about C·(dn+dv) / (2C + dr - dk - dv) new tokens
+        assert!(flash_wins(c, 1_000_000, threshold) && !flash_wins(c, 1_000_000, threshold - 1));
+        assert!(!flash_wins(c, 1000, 1));
+    }
+}

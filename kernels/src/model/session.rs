@@ -57,6 +57,11 @@ fn flash_default() -> Flash {
     }
 }
 
+/// The most bytes of decompressed keys/values (`[keys, H·(dn+dv)]` bf16) the flash path holds
+/// at once: slots are decompressed and attended in groups under it, and a slot alone above it
+/// runs the absorbed kernels (V3: 32K cached + new tokens; 88M: 1M).
+pub const FLASH_KV_BYTES: usize = 2 << 30;
+
 /// Whether the MHA form (decompress the `p0 + nq` cached latents, `2·C·(dn+dv)` FLOPs per key
 /// and head, then `2·(dk+dv)` per (query, key) pair) takes fewer FLOPs than the absorbed one
 /// (`q_nope·W_UK` and `ō·W_UVᵀ`, `2·C·(dn+dv)` per query and head, then `2·(2C+dr)` per pair)
@@ -663,15 +668,34 @@ impl<'m> CudaSession<'m> {
         rows.segs
             .iter()
             .filter(|s| s.nq > 1 && (self.flash == Flash::Always || flash_wins(c, s.p0, s.nq)))
+            .filter(|s| (s.p0 + s.nq) * c.num_attention_heads * (dn + dv) * 2 <= FLASH_KV_BYTES)
             .copied()
             .collect()
     }
 
-    /// Flash prefill attention of layer `l` for `segs` into their rows of `oh` (`[N, H·dv]`):
-    /// each slot's cached latents (its `p0 + nq` entries, the new ones included) decompressed by
-    /// `kv_b_proj` into `[keys, H, dn + dv]` (k_nope ‖ v per head), the rope keys read from the
-    /// cache, causal attention from position `p0`.
+    /// Flash prefill attention of layer `l` for `segs` into their rows of `oh` (`[N, H·dv]`), in
+    /// groups of slots whose decompressed keys/values fit [`FLASH_KV_BYTES`].
     fn flash_prefill(&self, l: usize, q: &Act, segs: &[RowSeg], oh: &mut Act) -> Result<()> {
+        let c = &self.model.cfg;
+        let per_key = c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim) * 2;
+        let mut start = 0;
+        while start < segs.len() {
+            let mut end = start + 1;
+            let mut bytes = (segs[start].p0 + segs[start].nq) * per_key;
+            while end < segs.len() && bytes + (segs[end].p0 + segs[end].nq) * per_key <= FLASH_KV_BYTES {
+                bytes += (segs[end].p0 + segs[end].nq) * per_key;
+                end += 1;
+            }
+            self.flash_group(l, q, &segs[start..end], oh)?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// [`Self::flash_prefill`] for one group: each slot's cached latents (its `p0 + nq` entries,
+    /// the new ones included) decompressed by `kv_b_proj` into `[keys, H, dn + dv]` (k_nope ‖ v
+    /// per head), the rope keys read from the cache, causal attention from position `p0`.
+    fn flash_group(&self, l: usize, q: &Act, segs: &[RowSeg], oh: &mut Act) -> Result<()> {
         let m = self.model;
         let dev = &*m.dev;
         let c = &m.cfg;

@@ -9,7 +9,7 @@
 //! segment sits at position `p0 + i` and sees keys `0..=p0 + i` of its sequence (chunked prefill
 //! over a cached prefix: `p0 > 0`). Each CTA serves `64·m` query rows of one segment and one head
 //! and loads each K/V tile once for all of them.
-use super::{allow_dynamic_smem, dim, int, launch_smem, KArg};
+use super::{dim, int, launch_smem, KArg};
 use crate::device::Device;
 use crate::tensor::{dptr, upload, Act, DType};
 use cudarc::driver::sys::CUdevice_attribute;
@@ -356,8 +356,6 @@ pub fn flash_attention_with(
     if [args.q, args.k, args.kpe, args.v].iter().any(|p| !p.is_multiple_of(16)) || !args.out.is_multiple_of(4) {
         return Err(Error::Input("flash attention: operands misaligned".into()));
     }
-    let f = dev.function("attn", var.kernel)?;
-    allow_dynamic_smem(&f, smem as u32).map_err(|e| crate::device::cuda_err("flash attention smem", e))?;
     launch_smem(
         dev,
         "attn",

@@ -10,7 +10,7 @@ use dsv3_core::rng::Rng;
 use dsv3_kernels::model::session::{flash_wins, Flash};
 use dsv3_kernels::model::{CudaModel, CudaOptions, CudaSession};
 use dsv3_kernels::ops::attn::{
-    flash_attention, flash_attention_with, flash_variant, FlashCall, Segment, ATTN_VARIANTS,
+    flash_attention, flash_attention_with, flash_fits, flash_variant, FlashCall, Segment, ATTN_VARIANTS,
 };
 use dsv3_kernels::{Act, DType};
 use std::path::Path;
@@ -149,7 +149,7 @@ fn flash_attention_matches_the_reference_on_ragged_chunked_segments() {
         };
         let auto = flash_variant(&dev, &call).expect("a variant takes these dims");
         let mut variants = vec![None];
-        variants.extend(ATTN_VARIANTS.iter().filter(|v| v.takes(dn, dr, dv)).map(Some));
+        variants.extend(ATTN_VARIANTS.iter().filter(|v| flash_fits(&dev, v, dn, dr, dv)).map(Some));
         for var in variants {
             let mut out = poisoned(&dev, DType::Bf16, k.rows * h * dv);
             match var {

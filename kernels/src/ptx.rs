@@ -48,6 +48,7 @@ ptx_modules!(
     "gemm",
     "mla",
     "moe",
+    "moe_train",
     "rmsnorm",
     "rope",
     "sampling",

@@ -145,7 +145,7 @@ extern "C" __global__ void __launch_bounds__(128) gemm_fp8_bf16(GemmArgs p) { ge
 extern "C" __global__ void __launch_bounds__(128) gemm_fp8_f32(GemmArgs p) { gemm_tc<true, float>(p); }
 
 // ---- bf16 on tensor cores: mma.sync.m16n8k16 (f32 accumulate), 256 threads = 8 warps in
-// WGM x WGN, a BM x BN block tile, warp tiles of (BM/WGM) x (BN/WGN) = MT m16 x NT n8 fragments.
+// WGM x WGN, a BM x BN block tile (128x256, 128x128 or 64x128), warp tiles of (BM/WGM) x (BN/WGN) = MT m16 x NT n8 fragments.
 // K advances in GBK = 32 slices through a GM_STAGES-deep cp.async ring (one __syncthreads per
 // slice: the wait for slice kt, then the load of slice kt + STAGES - 1 into the stage slice kt - 1
 // used, which every warp has finished at that barrier).
@@ -425,20 +425,24 @@ __device__ __forceinline__ void gemm_mma(const GemmArgs& p) {
 }
 
 // Shared memory per block (bytes): the larger of the stages, GM_STAGES x (BM + BN) x GBK x 2, and
-// the epilogue's BM x (BN + 8) x 4 (mirrored in ops/gemm.rs: mma_smem).
+// the epilogue's BM x (BN + 8) x 4 (mirrored in ops/gemm.rs: Tile::smem).
 // C is bf16, or f32 with flags & GEMM_F32C (one kernel for both: only the epilogue differs).
-#define GEMM_MMA(name, BM, BN, WGM, WGN, AK, BK_)                                                      \
-    extern "C" __global__ void __launch_bounds__(GM_THREADS, 2) gemm_mma_##name(GemmArgs p) {         \
+#define GEMM_MMA(name, BM, BN, WGM, WGN, AK, BK_, MINB)                                                \
+    extern "C" __global__ void __launch_bounds__(GM_THREADS, MINB) gemm_mma_##name(GemmArgs p) {      \
         gemm_mma<BM, BN, WGM, WGN, AK, BK_>(p);                                                       \
     }
-// 128x128 (warp tiles 64x32) for large problems; 64x128 (32x32) for small ones and for grouped
-// rows (GEMM_BM == 64 is moe_plan's tile).
-GEMM_MMA(nt_l, 128, 128, 2, 4, true, true)
-GEMM_MMA(nt_s, 64, 128, 2, 4, true, true)
-GEMM_MMA(nn_l, 128, 128, 2, 4, true, false)
-GEMM_MMA(nn_s, 64, 128, 2, 4, true, false)
-GEMM_MMA(tn_l, 128, 128, 2, 4, false, false)
-GEMM_MMA(tn_s, 64, 128, 2, 4, false, false)
+// w: 128x256 (warp tiles 64x64: 8 ldmatrix per 32 mma, the least shared-memory and L2 traffic
+// per FLOP; one block per SM) for large problems; l: 128x128 (64x32, two blocks per SM); s: 64x128
+// (32x32) for small problems and for grouped rows (GEMM_BM == 64 is moe_plan's tile).
+GEMM_MMA(nt_w, 128, 256, 2, 4, true, true, 1)
+GEMM_MMA(nt_l, 128, 128, 2, 4, true, true, 2)
+GEMM_MMA(nt_s, 64, 128, 2, 4, true, true, 2)
+GEMM_MMA(nn_w, 128, 256, 2, 4, true, false, 1)
+GEMM_MMA(nn_l, 128, 128, 2, 4, true, false, 2)
+GEMM_MMA(nn_s, 64, 128, 2, 4, true, false, 2)
+GEMM_MMA(tn_w, 128, 256, 2, 4, false, false, 1)
+GEMM_MMA(tn_l, 128, 128, 2, 4, false, false, 2)
+GEMM_MMA(tn_s, 64, 128, 2, 4, false, false, 2)
 
 // ---- Skinny GEMMs (few rows: decode steps, small expert groups), memory-bound on W. One warp
 // owns SK_COLS = 4 output columns; its lanes stride along K in chunks of 8 (16-byte loads of bf16

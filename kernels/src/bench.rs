@@ -140,6 +140,7 @@ pub fn mma_line(
             "mma {layout:?} {m}x{n}x{k}{}{}",
             match tile {
                 None => "",
+                Some(Tile::Wide) => " 128x256",
                 Some(Tile::Large) => " 128x128",
                 Some(Tile::Small) => " 64x128",
             },
@@ -274,7 +275,7 @@ pub fn run_all(dev: &Device) -> Result<Vec<Line>> {
     for (m, n, k) in mma_shapes {
         for layout in [Layout::NT, Layout::NN, Layout::TN] {
             let peer = cublas_bf16_layout_tflops(dev, layout, m, n, k)?.unwrap_or(f64::NAN);
-            for tile in [None, Some(Tile::Large), Some(Tile::Small)] {
+            for tile in [None, Some(Tile::Wide), Some(Tile::Large), Some(Tile::Small)] {
                 let l = mma_line(dev, layout, m, n, k, tile, false, peer)?;
                 println!("{l}");
                 lines.push(l);

@@ -670,7 +670,8 @@ fn mma_gemm_layouts_match_the_reference() {
             let big = m * n > 1 << 22;
             for out_dt in [DType::Bf16, DType::F32] {
                 // tiles: both where small, the chosen one for the big shapes
-                let tiles: &[Option<Tile>] = if big { &[None] } else { &[Some(Tile::Large), Some(Tile::Small)] };
+                let tiles: &[Option<Tile>] =
+                    if big { &[None] } else { &[Some(Tile::Wide), Some(Tile::Large), Some(Tile::Small)] };
                 for &tile in tiles {
                     // plain, then accumulate + bias on top of random C
                     for acc in [false, true] {

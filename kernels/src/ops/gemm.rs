@@ -276,7 +276,7 @@ fn choose(dev: &Device, a: DType, w: &DWeight, c: DType, s: &GemmShape, path: Ge
             let gy = if s.grouped.is_some() { grid_y } else { s.m.div_ceil(t.rows()) };
             return Ok(Some(Choice {
                 kernel: mma_kernel(Layout::NT, t),
-                grid: (n.div_ceil(MMA_BN), gy, grid_z),
+                grid: (n.div_ceil(t.cols()), gy, grid_z),
                 block: MMA_THREADS,
                 skinny: false,
                 smem: t.smem(),
@@ -428,18 +428,19 @@ pub enum Layout {
     TN,
 }
 
-/// Block tiles of the mma kernels.
+/// Block tiles of the mma kernels (8 warps each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tile {
-    /// 128 x 128 (8 warps of 64 x 32): large problems.
+    /// 128 x 256 (warp tiles 64 x 64: the least shared-memory and L2 traffic per FLOP; one block
+    /// per SM, 132 KiB of shared memory): large problems.
+    Wide,
+    /// 128 x 128 (warp tiles 64 x 32; two blocks per SM).
     Large,
-    /// 64 x 128 (8 warps of 32 x 32): small problems (more blocks) and grouped rows (moe_plan's
+    /// 64 x 128 (warp tiles 32 x 32): small problems (more blocks) and grouped rows (moe_plan's
     /// 64-row tiles).
     Small,
 }
 
-/// Columns per block of the mma kernels (both tiles).
-pub const MMA_BN: usize = 128;
 const MMA_THREADS: u32 = 256;
 /// K slice and pipeline depth of the mma kernels (`GBK`, `GM_STAGES` in gemm.cu).
 const MMA_BK: usize = 32;
@@ -449,32 +450,63 @@ impl Tile {
     /// Rows per block.
     pub fn rows(self) -> usize {
         match self {
-            Tile::Large => 128,
+            Tile::Wide | Tile::Large => 128,
             Tile::Small => 64,
+        }
+    }
+    /// Columns per block.
+    pub fn cols(self) -> usize {
+        match self {
+            Tile::Wide => 256,
+            Tile::Large | Tile::Small => 128,
         }
     }
     /// Dynamic shared memory (gemm.cu): the operand stages or the f32 epilogue tile, the larger.
     pub fn smem(self) -> u32 {
-        let bm = self.rows();
-        (MMA_STAGES * (bm + MMA_BN) * MMA_BK * 2).max(bm * (MMA_BN + 8) * 4) as u32
+        let (bm, bn) = (self.rows(), self.cols());
+        (MMA_STAGES * (bm + bn) * MMA_BK * 2).max(bm * (bn + 8) * 4) as u32
+    }
+    /// Blocks of this tile for `blocks` products of `m x n`.
+    fn blocks(self, m: usize, n: usize, blocks: usize) -> usize {
+        m.div_ceil(self.rows()) * n.div_ceil(self.cols()) * blocks
     }
 }
 
-/// The tile for `blocks` products of `m x n`: 128-row tiles once they fill every SM with one
-/// block (two fit per SM), else 64-row tiles (twice the blocks); grouped rows always 64.
+/// The most dynamic shared memory a block may opt into on `dev` (0 if the driver cannot say).
+fn max_smem_optin(dev: &Device) -> usize {
+    use cudarc::driver::sys::CUdevice_attribute;
+    dev.ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_or(0, |v| v.max(0) as usize)
+}
+
+/// The tile for `blocks` products of `m x n`: the largest whose blocks fill every SM once (a
+/// 128x128 block per SM is half its occupancy) and whose shared memory the device offers; grouped
+/// rows always 64-row tiles. `force` picks one (still subject to the shared memory).
 fn mma_tile(dev: &Device, m: usize, n: usize, blocks: usize, grouped_rows: bool, force: Option<Tile>) -> Tile {
     if grouped_rows {
         return Tile::Small;
     }
-    force.unwrap_or(if m.div_ceil(128) * n.div_ceil(MMA_BN) * blocks >= dev.sms { Tile::Large } else { Tile::Small })
+    let fits = |t: Tile| t.smem() as usize <= max_smem_optin(dev).max(48 * 1024);
+    let t = force.unwrap_or(if Tile::Wide.blocks(m, n, blocks) >= dev.sms {
+        Tile::Wide
+    } else if Tile::Large.blocks(m, n, blocks) >= dev.sms {
+        Tile::Large
+    } else {
+        Tile::Small
+    });
+    [t, Tile::Large, Tile::Small].into_iter().find(|&t| fits(t)).unwrap_or(Tile::Small)
 }
 
 fn mma_kernel(l: Layout, t: Tile) -> &'static str {
     match (l, t) {
+        (Layout::NT, Tile::Wide) => "gemm_mma_nt_w",
         (Layout::NT, Tile::Large) => "gemm_mma_nt_l",
         (Layout::NT, Tile::Small) => "gemm_mma_nt_s",
+        (Layout::NN, Tile::Wide) => "gemm_mma_nn_w",
         (Layout::NN, Tile::Large) => "gemm_mma_nn_l",
         (Layout::NN, Tile::Small) => "gemm_mma_nn_s",
+        (Layout::TN, Tile::Wide) => "gemm_mma_tn_w",
         (Layout::TN, Tile::Large) => "gemm_mma_tn_l",
         (Layout::TN, Tile::Small) => "gemm_mma_tn_s",
     }
@@ -681,7 +713,7 @@ pub fn gemm_mat_with(
         norm_eps: 0.0,
         a_rows_m: 0,
     };
-    let grid = (dim(n.div_ceil(MMA_BN), "gemm n")?, dim(gy, "gemm rows")?, dim(gz, "gemm batch")?);
+    let grid = (dim(n.div_ceil(t.cols()), "gemm n")?, dim(gy, "gemm rows")?, dim(gz, "gemm batch")?);
     launch_smem(dev, "gemm", mma_kernel(layout, t), grid, MMA_THREADS, t.smem(), &[KArg::Gemm(args)])
 }
 
@@ -766,12 +798,13 @@ mod tests {
     fn every_mma_kernel_is_listed() {
         use super::{mma_kernel, Layout, Tile};
         for l in [Layout::NT, Layout::NN, Layout::TN] {
-            for t in [Tile::Large, Tile::Small] {
+            for t in [Tile::Wide, Tile::Large, Tile::Small] {
                 let k = mma_kernel(l, t);
                 assert!(crate::ops::KERNELS.contains(&("gemm", k)), "{k} not in KERNELS");
             }
         }
-        // gemm.cu's sizes: 4 stages of (BM + 128) x 32 bf16, or BM x 136 f32
+        // gemm.cu's sizes: 4 stages of (BM + BN) x 32 bf16, or BM x (BN + 8) f32
+        assert_eq!(Tile::Wide.smem(), 135168);
         assert_eq!(Tile::Large.smem(), 69632);
         assert_eq!(Tile::Small.smem(), 49152);
     }

@@ -1,7 +1,10 @@
 //! [`generate`]: one prompt's continuation on the device, with the semantics of
-//! `dsv3_core::infer::generate` for a single row: greedy (temperature 0 or top-k 1) picks tokens
-//! on the device and brings back only their ids; sampling brings back the logits and samples on
-//! the host with the same `Sampler`. Used by `dsv3 generate --device cuda` and the C ABI.
+//! `dsv3_core::infer::generate` for a single row: greedy (temperature 0 or top-k 1) and sampling
+//! (temperature / top-k / top-p) pick tokens on the device and bring back only their ids; the
+//! sampler's uniforms come from the same seeded `Sampler` the CPU path uses, so a seed gives the
+//! CPU's tokens from the same logits (super::sample). Used by `dsv3 generate --device cuda` and
+//! the C ABI.
+use super::sample::next_row;
 use super::{CudaModel, CudaSession};
 use dsv3_core::infer::sampling::{Sampler, SamplingParams};
 use dsv3_core::{Error, Result};
@@ -41,7 +44,8 @@ pub fn generate(
         if greedy {
             Ok(sess.step_greedy(&[(0, toks)])?[0])
         } else {
-            sampler.sample(&sess.step(&[(0, toks)])?)
+            let row = next_row(&mut sampler);
+            Ok(sess.step_sample(&[(0, toks)], &[row])?[0])
         }
     };
     let t0 = Instant::now();

@@ -8,6 +8,7 @@
 //! new tokens run the MHA form (the cached latents decompressed by `kv_b_proj`, then the flash
 //! kernel `ops::attn`; [`session::Flash`], `DSV3_FLASH=0` turns it off).
 pub mod generate;
+pub mod sample;
 pub mod session;
 pub mod weights;
 

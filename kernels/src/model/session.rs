@@ -76,25 +76,30 @@ pub fn flash_wins(c: &dsv3_core::Config, p0: usize, nq: usize) -> bool {
 }
 
 /// A captured decode step for `n` sequences: its fixed row buffers, logits `[n, V]` f32 and
-/// their greedy choices `[n]`.
+/// their greedy choices `[n]`, and the device sampler's buffers when it was captured with one.
 struct DecodeGraph {
     graph: CudaGraph,
     rows: Rows,
     logits: CudaSlice<f32>,
     greedy: CudaSlice<i32>,
+    sample: Option<super::sample::SampleBufs>,
 }
 
 /// What a step brings back to the host.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Want {
+#[derive(Clone, Copy)]
+pub(super) enum Want<'a> {
     Logits,
     Greedy,
+    /// Tokens from the device sampler, with these encoded per-row parameters (super::sample).
+    Sample(&'a [f32]),
 }
 
 /// A step's result on the host.
-enum Out {
+pub(super) enum Out {
     Logits(Vec<f32>),
     Greedy(Vec<u32>),
+    /// The sampler's `[n, 2]` (token, status), and the logits when a row needs the host.
+    Sampled(Vec<i32>, Option<Vec<f32>>),
 }
 
 /// Whether decode steps are captured into CUDA graphs (`DSV3_CUDA_GRAPH=0` turns it off).
@@ -239,7 +244,7 @@ impl<'m> CudaSession<'m> {
     pub fn step(&mut self, inputs: &[(usize, &[u32])]) -> Result<Vec<f32>> {
         match self.step_to(inputs, Want::Logits)? {
             Out::Logits(l) => Ok(l),
-            Out::Greedy(_) => unreachable!("asked for logits"),
+            _ => unreachable!("asked for logits"),
         }
     }
 
@@ -248,11 +253,11 @@ impl<'m> CudaSession<'m> {
     pub fn step_greedy(&mut self, inputs: &[(usize, &[u32])]) -> Result<Vec<u32>> {
         match self.step_to(inputs, Want::Greedy)? {
             Out::Greedy(t) => Ok(t),
-            Out::Logits(_) => unreachable!("asked for tokens"),
+            _ => unreachable!("asked for tokens"),
         }
     }
 
-    fn step_to(&mut self, inputs: &[(usize, &[u32])], want: Want) -> Result<Out> {
+    pub(super) fn step_to(&mut self, inputs: &[(usize, &[u32])], want: Want) -> Result<Out> {
         if self.use_graphs && inputs.iter().all(|(_, t)| t.len() == 1) {
             self.check(inputs)?;
             let n = inputs.len();
@@ -282,6 +287,7 @@ impl<'m> CudaSession<'m> {
                 sampling::argmax_rows(dev, &logits, last.len(), v, &mut g)?;
                 Ok(Out::Greedy(greedy_ids(&crate::tensor::download(dev, &g)?, v)?))
             }
+            Want::Sample(prm) => super::sample::sample_now(dev, &logits, last.len(), v, prm),
         }
     }
 
@@ -380,13 +386,17 @@ impl<'m> CudaSession<'m> {
         let dev = self.model.dev.clone();
         let n = inputs.len();
         let host = self.host_rows(inputs);
-        if !self.graphs.contains_key(&n) {
-            let g = self.capture(n)?;
+        let sample = matches!(want, Want::Sample(_));
+        if self.graphs.get(&n).is_none_or(|g| sample && g.sample.is_none()) {
+            let g = self.capture(n, sample)?;
             self.graphs.insert(n, g);
         }
         let g = self.graphs.get_mut(&n).expect("inserted above");
         for (buf, v) in [&mut g.rows.ids, &mut g.rows.pos, &mut g.rows.slot, &mut g.rows.len].into_iter().zip(&host) {
             dev.stream.memcpy_htod(&v[..], buf).map_err(|e| cuda_err("uploading decode rows", e))?;
+        }
+        if let (Want::Sample(prm), Some(b)) = (want, &mut g.sample) {
+            b.upload(&dev, prm)?;
         }
         g.graph.launch().map_err(|e| cuda_err("launching the decode graph", e))?;
         let out = match want {
@@ -396,6 +406,10 @@ impl<'m> CudaSession<'m> {
             Want::Greedy => {
                 let ids = dev.stream.clone_dtoh(&g.greedy).map_err(|e| cuda_err("downloading tokens", e))?;
                 Out::Greedy(greedy_ids(&ids, self.model.cfg.vocab_size)?)
+            }
+            Want::Sample(_) => {
+                let b = g.sample.as_ref().expect("captured with the sampler above");
+                b.finish(&dev, &g.logits, n)?
             }
         };
         for &(s, _) in inputs {
@@ -407,7 +421,7 @@ impl<'m> CudaSession<'m> {
     /// Captures a decode step of `n` rows (all layers and the head) into a graph over fixed
     /// row buffers. Attention splits depend on `max_len`, not on the step's lengths, so one
     /// graph serves every step; temporaries are allocated and freed inside the graph.
-    fn capture(&mut self, n: usize) -> Result<DecodeGraph> {
+    fn capture(&mut self, n: usize, sample: bool) -> Result<DecodeGraph> {
         let dev = self.model.dev.clone();
         let v = self.model.cfg.vocab_size;
         let rows = Rows {
@@ -421,6 +435,7 @@ impl<'m> CudaSession<'m> {
         };
         let mut out = Act::F32(zeros::<f32>(&dev, n * v)?);
         let mut greedy = zeros::<i32>(&dev, n)?;
+        let mut sampler = if sample { Some(super::sample::SampleBufs::new(&dev, n, v)?) } else { None };
         dev.sync()?;
         dev.stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
@@ -428,7 +443,8 @@ impl<'m> CudaSession<'m> {
         let recorded = self.layers(&rows).and_then(|mut x| {
             self.head(&mut x, n, None, &mut out)?;
             let Act::F32(l) = &out else { unreachable!("allocated as f32") };
-            sampling::argmax_rows(&dev, l, n, v, &mut greedy)
+            sampling::argmax_rows(&dev, l, n, v, &mut greedy)?;
+            sampler.as_mut().map_or(Ok(()), |b| b.launch(&dev, l, n, v))
         });
         // end the capture whatever happened, so the stream is usable again
         let graph = dev.stream.end_capture(CUgraphInstantiate_flags(0));
@@ -437,7 +453,7 @@ impl<'m> CudaSession<'m> {
             .map_err(|e| cuda_err("instantiating the decode graph", e))?
             .ok_or_else(|| Error::Io("CUDA: the decode capture recorded nothing".into()))?;
         let Act::F32(logits) = out else { unreachable!("allocated as f32") };
-        Ok(DecodeGraph { graph, rows, logits, greedy })
+        Ok(DecodeGraph { graph, rows, logits, greedy, sample: sampler })
     }
 
     /// Runs the layers over `rows` (the caches are appended to); returns the residual stream

@@ -10,7 +10,8 @@
 //!   `A · B` and `Aᵀ · B` (the backward products).
 //! - [`mla`]: absorbed MLA attention over the latent cache, cache append.
 //! - [`attn`]: flash attention for prefill (causal, query-tiled, bf16 tensor cores).
-//! - [`moe`]: router, dispatch plan, combine. [`sampling`]: argmax, softmax.
+//! - [`moe`]: router, dispatch plan, combine. [`sampling`]: argmax, softmax, sampling
+//!   (temperature / top-k / top-p, as the CPU `Sampler`).
 //! - [`moe_train`]: MoE backward (combine, dispatch, routing weights into the router logits), the
 //!   balance losses, expert loads and the auxiliary-loss-free bias update.
 //! - [`train`]: AdamW (f32 master weights, f32 or bf16 moments) and the backward passes of
@@ -49,10 +50,13 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("elementwise", "cast_f32_bf16"),
     ("elementwise", "cast_bf16_f32"),
     ("gemm", "gemm_f32"),
+    ("gemm", "gemm_mma_nt_w"),
     ("gemm", "gemm_mma_nt_l"),
     ("gemm", "gemm_mma_nt_s"),
+    ("gemm", "gemm_mma_nn_w"),
     ("gemm", "gemm_mma_nn_l"),
     ("gemm", "gemm_mma_nn_s"),
+    ("gemm", "gemm_mma_tn_w"),
     ("gemm", "gemm_mma_tn_l"),
     ("gemm", "gemm_mma_tn_s"),
     ("gemm", "gemm_fp8_bf16"),
@@ -109,6 +113,7 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("moe", "moe_combine_bf16"),
     ("sampling", "argmax_rows_f32"),
     ("sampling", "softmax_rows_f32"),
+    ("sampling", "sample_rows_f32"),
     ("train", "adamw_f32"),
     ("train", "adamw_bf16m"),
     ("train", "rmsnorm_bwd_f32"),

@@ -49,6 +49,7 @@ ptx_modules!(
     "mla",
     "moe",
     "moe_train",
+    "optim",
     "rmsnorm",
     "rope",
     "sampling",

@@ -14,6 +14,7 @@
 //!   (temperature / top-k / top-p, as the CPU `Sampler`).
 //! - [`moe_train`]: MoE backward (combine, dispatch, routing weights into the router logits), the
 //!   balance losses, expert loads and the auxiliary-loss-free bias update.
+//! - [`optim`]: the optimizer step's global gradient norm (f64 sums of squares) and clip scale.
 //! - [`train`]: AdamW (f32 master weights, f32 or bf16 moments) and the backward passes of
 //!   RMSNorm, SwiGLU, RoPE, the embedding and softmax cross-entropy; causal attention
 //!   probabilities and their backward.
@@ -26,6 +27,7 @@ pub mod mla;
 pub mod moe;
 pub mod moe_train;
 pub mod norm;
+pub mod optim;
 pub mod rope;
 pub mod sampling;
 pub mod train;
@@ -136,6 +138,9 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("moe_train", "moe_expert_freq"),
     ("moe_train", "moe_balance_bwd"),
     ("moe_train", "moe_bias_update"),
+    ("optim", "sumsq_f32"),
+    ("optim", "sum_f64"),
+    ("optim", "scale_f32"),
 ];
 
 /// One kernel argument, passed by value (device addresses as `u64`).

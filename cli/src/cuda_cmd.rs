@@ -145,3 +145,103 @@ pub fn bench(
     }
     Ok(())
 }
+
+/// The dense bf16 tensor-core peak MFU is reported against: H100 SXM, 989.4 TFLOP/s (NVIDIA's
+/// datasheet figure without sparsity).
+pub const H100_BF16_PEAK_FLOPS: f64 = 989.4e12;
+
+/// Training FLOPs per token of a `seq_len`-token sequence: `6 × active parameters` (forward 2,
+/// backward 4; embedding lookups excluded, the head included, as `Model::active_params`) plus the
+/// attention products, causal: per layer and head `QKᵀ` and `P·V` over on average `(T + 1) / 2`
+/// keys, `2·(d_qk + d_v)` FLOPs per key forward, three times that for a training step.
+pub fn train_flops_per_token(model: &Model, seq_len: usize) -> f64 {
+    let c = &model.cfg;
+    let dqk = (c.qk_nope_head_dim + c.qk_rope_head_dim) as f64;
+    let dv = c.v_head_dim as f64;
+    let keys = (seq_len as f64 + 1.0) / 2.0;
+    let attn = 3.0 * 2.0 * (dqk + dv) * keys * (c.num_attention_heads * c.num_hidden_layers) as f64;
+    6.0 * model.active_params() as f64 + attn
+}
+
+/// `dsv3 bench --train --device cuda`: median time of `steps` `CudaTrainer` steps (AdamW as
+/// DeepSeek-V3, constant lr 1e-4, default clipping and balancing) on `batch` random sequences of
+/// `seq_len` tokens, after two warm-up steps; tokens/s and MFU.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_train(
+    dev: Arc<Device>,
+    dtype: DType,
+    model: Model,
+    batch: usize,
+    seq_len: usize,
+    steps: usize,
+    seed: u64,
+    json: bool,
+) -> Result<()> {
+    use dsv3_core::train::{AdamW, LrSchedule, MicroBatch, TrainConfig};
+    use dsv3_kernels::train::CudaTrainer;
+    if batch == 0 || seq_len < 2 {
+        return Err(Error::Input("--batch must be positive and --prompt-len >= 2".into()));
+    }
+    let flops_tok = train_flops_per_token(&model, seq_len);
+    let active = model.active_params();
+    let mut rng = dsv3_core::rng::Rng::new(seed);
+    let v = model.cfg.vocab_size as u64;
+    let cfg = TrainConfig { schedule: LrSchedule::Constant { lr: 1e-4 }, ..Default::default() };
+    let mut tr = CudaTrainer::from_model(dev.clone(), model, AdamW::deepseek_v3(), cfg, dtype)?;
+    let mut step = |rng: &mut dsv3_core::rng::Rng| -> Result<f64> {
+        let seqs = (0..batch).map(|_| (0..seq_len).map(|_| rng.below(v) as u32).collect()).collect();
+        let mb = [MicroBatch { seqs, mask: None }];
+        let t0 = Instant::now();
+        tr.train_step(&mb)?;
+        dev.sync()?;
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    for _ in 0..2 {
+        step(&mut rng)?; // warm-up: module loads, allocations
+    }
+    let mut times: Vec<f64> = (0..steps).map(|_| step(&mut rng)).collect::<Result<_>>()?;
+    times.sort_by(|a, b| a.total_cmp(b));
+    let med = times[times.len() / 2];
+    let tps = (batch * seq_len) as f64 / med;
+    let tflops = tps * flops_tok / 1e12;
+    let mfu = tps * flops_tok / H100_BF16_PEAK_FLOPS;
+    let name = &dev.name;
+    if json {
+        println!(
+            "{{\"device\":{name:?},\"dtype\":\"{dtype:?}\",\"batch\":{batch},\"seq_len\":{seq_len},\"steps\":{steps},\"step_ms\":{:.3},\"train_tokens_per_s\":{tps:.1},\"active_params\":{active},\"flops_per_token\":{flops_tok:.0},\"tflops\":{tflops:.2},\"mfu\":{mfu:.5},\"peak_tflops\":{:.1}}}",
+            med * 1e3,
+            H100_BF16_PEAK_FLOPS / 1e12
+        );
+    } else {
+        println!("{name}, {dtype:?}: train, batch {batch} x {seq_len} tokens, median of {steps} steps");
+        println!("step {:.2} ms, {tps:.1} tokens/s", med * 1e3);
+        println!(
+            "{tflops:.2} TFLOP/s ({:.3e} FLOPs/token: 6 x {active} active params + attention), MFU {:.2}% of {:.1} TFLOP/s (H100 SXM dense bf16 peak)",
+            flops_tok,
+            mfu * 100.0,
+            H100_BF16_PEAK_FLOPS / 1e12
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn train_flops_count_six_per_active_parameter_plus_causal_attention() {
+        let cfg = dsv3_core::presets::preset("tiny").unwrap();
+        let mut store = dsv3_core::weights::TensorStore::new();
+        let t = dsv3_core::weights::init::random_checkpoint(&cfg, 1, 0.02);
+        store.add_bytes(dsv3_core::weights::write::to_bytes(&t).unwrap(), "<init>").unwrap();
+        let m = Model::from_store(cfg, store, Default::default()).unwrap();
+        let c = &m.cfg;
+        let per_key = 6.0 * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) as f64;
+        let heads = (c.num_attention_heads * c.num_hidden_layers) as f64;
+        let f1 = train_flops_per_token(&m, 1);
+        assert_eq!(f1, 6.0 * m.active_params() as f64 + per_key * heads);
+        // T = 127: 64 keys on average
+        assert_eq!(train_flops_per_token(&m, 127) - f1, per_key * heads * 63.0);
+    }
+}

@@ -160,7 +160,8 @@ enum Cmd {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
-        /// Benchmark training steps (AdamW, f32) instead of inference: batch x prompt-len tokens per step.
+        /// Benchmark training steps (AdamW) instead of inference: batch x prompt-len tokens per step,
+        /// median of --repeat steps (f32 on the CPU; with --device cuda in --dtype, with MFU).
         #[arg(long)]
         train: bool,
         /// Benchmark pipeline schedules instead (1f1b, zb1p, dualpipe, dualpipev on the same model
@@ -360,13 +361,16 @@ fn run(cli: Cli) -> Result<()> {
             micro_batches,
         } => {
             if let Some(i) = dev.cuda()? {
-                if pipeline || train {
+                if pipeline {
                     return Err(Error::Input(
-                        "--device cuda benchmarks inference only (not --train / --pipeline)".into(),
+                        "--pipeline benchmarks the CPU executor; it does not combine with --device cuda".into(),
                     ));
                 }
                 let (d, o) = dev.open(i)?;
                 let model = load(&m)?;
+                if train {
+                    return cuda_cmd::bench_train(d, o.dtype, model, batch, prompt_len, repeat.max(1), seed, json);
+                }
                 let cm = cuda_cmd::upload(d, &model, o)?;
                 return cuda_cmd::bench(&cm, batch, prompt_len, new_tokens, repeat.max(1), seed, json);
             }

@@ -1,5 +1,8 @@
 //! `dsv3 train`: data loading, the training loop with a progress bar, metrics JSONL, periodic
-//! atomic checkpoints, and a loss-curve SVG at the end.
+//! atomic checkpoints, and a loss-curve SVG at the end. `--device cuda[:N]` runs the steps on a
+//! GPU (dsv3-kernels' `CudaTrainer`); checkpoints still go through core (`CudaTrainer::to_core`,
+//! then `checkpoint::save`), so they are the same files as the CPU path writes.
+use crate::cuda_cmd::DeviceArgs;
 use crate::plot;
 use dsv3_core::model::linear::Precision;
 use dsv3_core::model::{LoadOptions, Model};
@@ -9,6 +12,8 @@ use dsv3_core::train::data::{Dataset, Loader};
 use dsv3_core::train::{AdamW, LrSchedule, StepMetrics, TrainConfig, Trainer};
 use dsv3_core::{Error, Result};
 use dsv3_ffi::tokenizer::Tok;
+use dsv3_kernels::train::CudaTrainer;
+use dsv3_kernels::DType;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -105,6 +110,10 @@ pub struct TrainArgs {
     /// Pipeline ranks for `--pipeline`.
     #[arg(long, default_value_t = 2)]
     pub pp: usize,
+    /// `--device cuda[:N]` trains on a GPU; `--dtype bf16` (bf16 activations and GEMMs, f32
+    /// master weights and gradients) or f32 (the CPU oracle's math).
+    #[command(flatten)]
+    pub dev: DeviceArgs,
 }
 
 impl TrainArgs {
@@ -211,6 +220,23 @@ pub fn run(a: TrainArgs) -> Result<()> {
         dsv3_core::ops::set_threads(t).map_err(Error::Input)?;
     }
     let cfg = a.config()?;
+    let cuda = match a.dev.cuda()? {
+        Some(i) => {
+            if a.pipeline.is_some() {
+                return Err(Error::Input(
+                    "--pipeline runs on the CPU executor; it does not combine with --device cuda".into(),
+                ));
+            }
+            if cfg.precision != Precision::F32 {
+                return Err(Error::Input(
+                    "--precision is the CPU GEMM precision; with --device cuda use --dtype bf16|f32".into(),
+                ));
+            }
+            let (dev, o) = a.dev.open(i)?;
+            Some((dev, o.dtype))
+        }
+        None => None,
+    };
     let ckpt_dir = a.out.join("checkpoint");
     let (mut tr, user, model_dir) = match (&a.preset, &a.model, &a.resume) {
         (Some(p), _, _) => {
@@ -256,20 +282,29 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .truncate(tr.step == 0)
         .open(&metrics_path)
         .map_err(|e| Error::Io(format!("{}: {e}", metrics_path.display())))?;
+    let mut gpu = match cuda {
+        Some((dev, dtype)) => Some(upload(dev, &tr, dtype)?),
+        None => None,
+    };
     let bar = crate::progress::bar(a.steps, tr.step, a.quiet);
     let mut curve: Vec<(f64, f64)> = Vec::new();
     let t_start = Instant::now();
-    let save = |tr: &mut Trainer, loader: &Loader| {
+    let save = |tr: &mut Trainer, gpu: &Option<CudaTrainer>, loader: &Loader| {
+        if let Some(g) = gpu {
+            g.to_core(tr)?;
+        }
         checkpoint::save(tr, &ckpt_dir, serde_json::json!({"rng": loader.rng.state(), "seed": a.seed}), Fault::None)
     };
     let sched = pipeline_schedule(&a)?;
-    while tr.step < a.steps {
+    let step_of = |tr: &Trainer, gpu: &Option<CudaTrainer>| gpu.as_ref().map_or(tr.step, |g| g.step);
+    while step_of(&tr, &gpu) < a.steps {
         let n_micro = sched.as_ref().map_or(a.accumulate, |s| s.micro_batches);
         let micro: Vec<_> = (0..n_micro).map(|_| loader.next_batch()).collect();
         let t0 = Instant::now();
-        let m = match &sched {
-            Some(s) => dsv3_core::pipeline::exec::train_step(&mut tr, s, &micro)?.0,
-            None => tr.train_step(&micro)?,
+        let m = match (&sched, &mut gpu) {
+            (_, Some(g)) => g.train_step(&micro)?,
+            (Some(s), None) => dsv3_core::pipeline::exec::train_step(&mut tr, s, &micro)?.0,
+            (None, None) => tr.train_step(&micro)?,
         };
         let dt = t0.elapsed().as_secs_f64();
         let tps = m.tokens as f64 / dt;
@@ -280,19 +315,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let mtp = if m.mtp_loss > 0.0 { format!(" | mtp {:.4}", m.mtp_loss) } else { String::new() };
         let msg = format!("loss {:.4}{mtp} | {:.0} tok/s | lr {:.2e} | max/mean load {:.2}", m.loss, tps, m.lr, bal);
         if a.quiet {
-            if m.step % a.log_every.max(1) == 0 || tr.step == a.steps {
+            if m.step % a.log_every.max(1) == 0 || step_of(&tr, &gpu) == a.steps {
                 eprintln!("step {:>6} {msg}", m.step);
             }
         } else {
             bar.set_message(msg);
             bar.inc(1);
         }
-        if a.save_every > 0 && tr.step % a.save_every == 0 {
-            save(&mut tr, &loader)?;
+        if a.save_every > 0 && step_of(&tr, &gpu) % a.save_every == 0 {
+            save(&mut tr, &gpu, &loader)?;
         }
     }
     bar.finish();
-    save(&mut tr, &loader)?;
+    save(&mut tr, &gpu, &loader)?;
     let svg = plot::svg(
         "dsv3 train: loss",
         "step",
@@ -309,6 +344,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
         a.out.join("loss.svg").display()
     );
     Ok(())
+}
+
+/// Uploads the core trainer (model, optimizer state of a resumed run, step) to the GPU.
+fn upload(dev: std::sync::Arc<dsv3_kernels::Device>, tr: &Trainer, dtype: DType) -> Result<CudaTrainer> {
+    let t0 = Instant::now();
+    let g = CudaTrainer::new(dev, tr, dtype)?;
+    eprintln!(
+        "training on the GPU ({dtype:?}): {} tensors uploaded in {:.0} ms",
+        g.model.params.len(),
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(g)
 }
 
 /// The `--pipeline` schedule, with `--accumulate` raised to the schedule's minimum.

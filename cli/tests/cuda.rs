@@ -59,6 +59,125 @@ fn without_a_gpu_device_cuda_is_a_clear_error() {
     assert!(!out.exists(), "no output on failure");
 }
 
+/// `dsv3 train --device cuda` and `dsv3 bench --train --device cuda` without a GPU: a clear error,
+/// exit 1, no panic, nothing written; `--pipeline` with `--device cuda` is refused either way.
+#[test]
+fn train_on_cuda_without_a_gpu_is_a_clear_error() {
+    let m = fixture("v3_group");
+    let m = m.to_str().unwrap();
+    let d = std::env::temp_dir().join(format!("dsv3-cuda-train-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let data = d.join("data.txt");
+    std::fs::write(&data, "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20").unwrap();
+    let out = d.join("run");
+    let (data_s, out_s) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let train = ["train", "--preset", "tiny", "--data", data_s, "--out", out_s, "--steps", "2", "--seq-len", "8"];
+    let with = |extra: &[&'static str]| {
+        let mut v: Vec<&str> = train.to_vec();
+        v.extend_from_slice(extra);
+        v
+    };
+    let o = dsv3(&with(&["--device", "cuda", "--pipeline", "1f1b"]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--pipeline") && err.contains("--device cuda") && !err.contains("panicked"), "{err}");
+    let o = dsv3(&["bench", "--model", m, "--train", "--pipeline", "--device", "cuda"]);
+    assert_eq!(o.status.code(), Some(2), "clap: --train conflicts with --pipeline");
+    let o = dsv3(&with(&["--device", "cuda", "--precision", "fp8"]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--dtype"), "{err}");
+    let o = dsv3(&with(&["--device", "cuda", "--dtype", "fp4"]));
+    assert_eq!(o.status.code(), Some(1));
+    if gpu() {
+        let _ = writeln_skip("SKIP train_on_cuda_without_a_gpu_is_a_clear_error (no-GPU part): a GPU is present");
+        return;
+    }
+    for args in [
+        with(&["--device", "cuda"]),
+        with(&["--device", "cuda:1", "--dtype", "f32"]),
+        vec!["bench", "--model", m, "--train", "--device", "cuda", "--batch", "2", "--prompt-len", "8"],
+        vec!["bench", "--model", m, "--train", "--device", "cuda", "--dtype", "f32", "--json"],
+    ] {
+        let o = dsv3(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.starts_with("error: ") && !err.contains("panicked"), "{err}");
+        assert!(err.contains("CUDA") || err.contains("GPU"), "{err}");
+        assert!(o.stdout.is_empty(), "{args:?}: nothing on stdout");
+    }
+    assert!(!out.join("checkpoint").exists() && !out.join("metrics.jsonl").exists(), "no output on failure");
+}
+
+/// On a GPU: `dsv3 train --device cuda --dtype f32` writes the CPU path's files (metrics.jsonl,
+/// a checkpoint core loads, loss.svg), resumes, and its first losses track the CPU run's;
+/// `dsv3 bench --train --device cuda --json` reports tokens/s and MFU.
+#[test]
+fn on_a_gpu_train_matches_the_cpu_and_resumes() {
+    if !gpu() {
+        let _ = writeln_skip("SKIP on_a_gpu_train_matches_the_cpu_and_resumes: no CUDA GPU (driver or device missing)");
+        return;
+    }
+    let d = std::env::temp_dir().join(format!("dsv3-cuda-train-gpu-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let data = d.join("data.txt");
+    let text: String = (0..400).map(|i| format!("{} + {} = {}\n", i % 17, i % 5, i % 17 + i % 5)).collect();
+    std::fs::write(&data, text).unwrap();
+    let data_s = data.to_str().unwrap().to_string();
+    let run = |dir: &str, dev: &[&str], steps: &str, resume: bool| {
+        let out = d.join(dir);
+        let out_s = out.to_str().unwrap().to_string();
+        let mut args: Vec<String> = ["train", "--data", &data_s, "--out", &out_s, "--steps", steps, "--seq-len", "16"]
+            .iter()
+            .map(|x| x.to_string())
+            .collect();
+        args.extend(
+            ["--batch", "4", "--threads", "1", "--quiet", "--schedule", "constant", "--lr", "3e-3"].map(String::from),
+        );
+        if resume {
+            args.extend(["--resume".to_string(), out.join("checkpoint").to_str().unwrap().to_string()]);
+        } else {
+            args.extend(["--preset", "tiny", "--seed", "3"].map(String::from));
+        }
+        args.extend(dev.iter().map(|x| x.to_string()));
+        let refs: Vec<&str> = args.iter().map(|x| x.as_str()).collect();
+        ok(&refs);
+        let m = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        m.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let cpu = run("cpu", &["--device", "cpu"], "4", false);
+    let first = run("gpu", &["--device", "cuda", "--dtype", "f32"], "2", false);
+    assert_eq!(first.len(), 2);
+    assert!(d.join("gpu/checkpoint/model.safetensors").exists() && d.join("gpu/loss.svg").exists());
+    let gpu32 = run("gpu", &["--device", "cuda", "--dtype", "f32"], "4", true);
+    assert_eq!(gpu32.len(), 4, "resumed run appends to metrics.jsonl");
+    for (i, (a, b)) in cpu.iter().zip(&gpu32).enumerate() {
+        assert!((a - b).abs() <= 1e-3 * a.abs(), "step {i}: cpu loss {a}, gpu f32 loss {b}");
+    }
+    let bf = run("gpu_bf16", &["--device", "cuda", "--dtype", "bf16"], "3", false);
+    assert!(bf.iter().all(|x| x.is_finite()), "{bf:?}");
+    let (out, _) = ok(&[
+        "bench",
+        "--model",
+        fixture("v3_group").to_str().unwrap(),
+        "--train",
+        "--device",
+        "cuda",
+        "--batch",
+        "2",
+        "--prompt-len",
+        "32",
+        "--repeat",
+        "2",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["train_tokens_per_s"].as_f64().unwrap() > 0.0 && v["mfu"].as_f64().unwrap() > 0.0, "{out}");
+}
+
 fn writeln_skip(msg: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     writeln!(std::io::stderr(), "{msg}")

@@ -8,6 +8,8 @@
 //! - [`ops`]: host-side launchers, one file per kernel family.
 //! - [`model`]: [`model::CudaModel`], the model on device (prefill and batched decode over a
 //!   device latent cache).
+//! - [`train`]: training on the device ([`train::CudaTrainModel`]'s pass, [`train::CudaTrainer`]'s
+//!   optimizer step; `dsv3 train --device cuda`).
 //! - [`nccl`] (feature `nccl`, default): the pipeline `Transport` over NCCL point-to-point.
 //! - [`bench`]: kernel benchmarks against cuBLAS and the device-copy ceiling (`examples/kernel_bench.rs`).
 pub mod bench;
@@ -18,6 +20,7 @@ pub mod nccl;
 pub mod ops;
 pub mod ptx;
 pub mod tensor;
+pub mod train;
 
 pub use device::{device_count, driver_present, Device};
 pub use tensor::{Act, DType, DWeight};

@@ -1,0 +1,360 @@
+//! [`CudaTrainer`]: core `Trainer`'s optimizer step on the GPU (see `train/mod.rs`).
+//!
+//! One step, as `dsv3_core::train::Trainer::train_step`: the gradients are zeroed, each
+//! micro-batch runs one [`CudaTrainModel::pass`] with `scale = counted / total` (its share of the
+//! step's counted positions; one pass per micro-batch: the batch-wise auxiliary loss sees the
+//! whole micro-batch, as one device), then [`CudaTrainer::apply_gradients`]: the global gradient
+//! norm (f64 sums of squares on the device, one `f64` downloaded), an error without touching the
+//! weights when it is not finite, clipping (`g ← g·clip/norm` when the norm exceeds `clip`),
+//! AdamW at `cfg.schedule.at(step)` through `ops::train::adamw` (bias corrections computed as
+//! core's `AdamW::step` does, so f32 runs agree), weight decay only where `DParam::decays`, the
+//! auxiliary-loss-free bias update from the step's loads (`ops::moe_train::bias_update`, core's
+//! `update_biases` rule), [`CudaTrainModel::refresh`], `step += 1`.
+//!
+//! The optimizer state lives on the device (f32 or bf16 moments as `AdamW::bf16_moments`);
+//! [`CudaTrainer::to_core`] copies weights, router biases, moments and step counts into a core
+//! `Trainer` (for `dsv3_core::train::checkpoint::save`), and [`CudaTrainer::new`] uploads a
+//! resumed core trainer's moments.
+use super::{CudaTrainModel, TrainOptions};
+use crate::device::{cuda_err, Device};
+use crate::ops::moe_train::bias_update;
+use crate::ops::optim::{scale, sum_f64, sumsq_blocks, sumsq_partials};
+use crate::ops::train::{adamw, AdamStep, Moments};
+use crate::tensor::DType;
+use cudarc::driver::CudaSlice;
+use dsv3_core::model::block::Ffn;
+use dsv3_core::model::train::PassOptions;
+use dsv3_core::model::Model;
+use dsv3_core::train::{AdamW, MicroBatch, StepMetrics, TrainConfig, Trainer};
+use dsv3_core::{Error, Result};
+use half::bf16;
+use std::sync::Arc;
+
+/// Core `Trainer` on the device.
+pub struct CudaTrainer {
+    pub model: CudaTrainModel,
+    /// Hyper-parameters and the step count `t` (the moments live on the device: `m`, `v` stay
+    /// empty here; [`CudaTrainer::to_core`] downloads them).
+    pub opt: AdamW,
+    pub cfg: TrainConfig,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// AdamW moments, one per `model.params[i]`.
+    moments: Vec<Moments>,
+    /// For each `model.biases[j]`: the index of its MoE layer among the main MoE layers (the
+    /// order of a pass's `loads`).
+    bias_layer: Vec<usize>,
+    /// The gradient norm's partial sums: `partial_off[i]` is parameter `i`'s first slot.
+    partial: CudaSlice<f64>,
+    partial_off: Vec<usize>,
+    sumsq: CudaSlice<f64>,
+}
+
+/// The scalars of one AdamW update of a tensor, computed exactly as
+/// `dsv3_core::train::AdamW::step` does at its step `t` (already incremented) and learning rate
+/// `lr`: `bc1 = 1 − β1^t`, `bc2 = 1 − β2^t` with `libm::powf`, `decay = 1 − lr·wd` for decayed
+/// tensors, else 1.
+pub fn adam_scalars(opt: &AdamW, t: u64, lr: f32, decays: bool) -> AdamStep {
+    let (b1, b2) = (opt.beta1, opt.beta2);
+    AdamStep {
+        lr,
+        beta1: b1,
+        beta2: b2,
+        eps: opt.eps,
+        decay: if decays { 1.0 - lr * opt.weight_decay } else { 1.0 },
+        bc1: 1.0 - libm::powf(b1, t as f32),
+        bc2: 1.0 - libm::powf(b2, t as f32),
+    }
+}
+
+/// The clip factor core applies to every gradient (`clip / norm` when the norm exceeds `clip`).
+pub fn clip_factor(clip: Option<f32>, grad_norm: f32) -> Option<f32> {
+    match clip {
+        Some(c) if grad_norm > c => Some(c / grad_norm),
+        _ => None,
+    }
+}
+
+/// Per MoE layer: max load / mean load (`Trainer::finish_step`).
+pub fn max_over_mean(loads: &[Vec<u32>]) -> Vec<f32> {
+    loads
+        .iter()
+        .map(|l| {
+            let mean = l.iter().sum::<u32>() as f32 / l.len().max(1) as f32;
+            l.iter().copied().max().unwrap_or(0) as f32 / mean.max(1e-9)
+        })
+        .collect()
+}
+
+/// For each main MoE layer with a router correction bias, in layer order: its index among the
+/// main MoE layers.
+pub fn bias_layers(model: &Model) -> Vec<usize> {
+    model
+        .layers
+        .iter()
+        .filter_map(|l| match &l.ffn {
+            Ffn::Moe(m) => Some(m.router.bias.is_some()),
+            _ => None,
+        })
+        .enumerate()
+        .filter_map(|(i, has)| has.then_some(i))
+        .collect()
+}
+
+impl CudaTrainer {
+    /// Uploads core trainer `tr` (its model, made trainable by `Trainer::new`, the AdamW
+    /// hyper-parameters and moments of a resumed run, the step count) to `dev`; `dtype` as
+    /// [`TrainOptions`]. `tr.cfg.precision` is the CPU GEMM precision and must be f32 here (the
+    /// device's precision is `dtype`).
+    pub fn new(dev: Arc<Device>, tr: &Trainer, dtype: DType) -> Result<CudaTrainer> {
+        if tr.cfg.precision != dsv3_core::model::linear::Precision::F32 {
+            return Err(Error::Input(format!(
+                "GPU training computes in its --dtype; the CPU GEMM precision {:?} does not apply (use f32)",
+                tr.cfg.precision
+            )));
+        }
+        let model = CudaTrainModel::new(dev.clone(), &tr.model, TrainOptions { dtype })?;
+        let bias_layer = bias_layers(&tr.model);
+        if bias_layer.len() != model.biases.len() {
+            return Err(Error::Input(format!(
+                "GPU training: {} router biases on the device, {} MoE layers with one in the model",
+                model.biases.len(),
+                bias_layer.len()
+            )));
+        }
+        let mut opt = tr.opt.clone();
+        let resumed = !opt.m.is_empty();
+        if resumed {
+            let ok =
+                opt.names.len() == model.params.len()
+                    && opt.m.len() == model.params.len()
+                    && opt.v.len() == model.params.len()
+                    && model.params.iter().enumerate().all(|(i, p)| {
+                        opt.names[i] == p.name && opt.m[i].len() == p.w.len() && opt.v[i].len() == p.w.len()
+                    });
+            if !ok {
+                return Err(Error::Input("optimizer state belongs to another model".into()));
+            }
+        }
+        let s = &dev.stream;
+        let mut moments = Vec::with_capacity(model.params.len());
+        for (i, p) in model.params.iter().enumerate() {
+            let n = p.w.len();
+            let mo = match (opt.bf16_moments, resumed) {
+                (false, false) => Moments::F32 {
+                    m: s.alloc_zeros::<f32>(n).map_err(|e| cuda_err("alloc", e))?,
+                    v: s.alloc_zeros::<f32>(n).map_err(|e| cuda_err("alloc", e))?,
+                },
+                (false, true) => Moments::F32 {
+                    m: s.clone_htod(&opt.m[i]).map_err(|e| cuda_err("upload", e))?,
+                    v: s.clone_htod(&opt.v[i]).map_err(|e| cuda_err("upload", e))?,
+                },
+                (true, false) => Moments::Bf16 {
+                    m: s.alloc_zeros::<bf16>(n).map_err(|e| cuda_err("alloc", e))?,
+                    v: s.alloc_zeros::<bf16>(n).map_err(|e| cuda_err("alloc", e))?,
+                },
+                (true, true) => {
+                    // core keeps bf16 moments rounded in f32 vectors: the conversion is exact
+                    let to = |x: &[f32]| x.iter().map(|&y| bf16::from_f32(y)).collect::<Vec<_>>();
+                    Moments::Bf16 {
+                        m: s.clone_htod(&to(&opt.m[i])).map_err(|e| cuda_err("upload", e))?,
+                        v: s.clone_htod(&to(&opt.v[i])).map_err(|e| cuda_err("upload", e))?,
+                    }
+                }
+            };
+            moments.push(mo);
+        }
+        opt.names = model.params.iter().map(|p| p.name.clone()).collect();
+        opt.m = Vec::new();
+        opt.v = Vec::new();
+        let mut partial_off = Vec::with_capacity(model.params.len());
+        let mut total = 0;
+        for p in &model.params {
+            partial_off.push(total);
+            total += sumsq_blocks(p.g.len());
+        }
+        let partial = s.alloc_zeros::<f64>(total.max(1)).map_err(|e| cuda_err("alloc", e))?;
+        let sumsq = s.alloc_zeros::<f64>(1).map_err(|e| cuda_err("alloc", e))?;
+        Ok(CudaTrainer {
+            model,
+            opt,
+            cfg: tr.cfg.clone(),
+            step: tr.step,
+            moments,
+            bias_layer,
+            partial,
+            partial_off,
+            sumsq,
+        })
+    }
+
+    /// A fresh trainer: `Trainer::new(model, opt, cfg)` uploaded with [`CudaTrainer::new`].
+    pub fn from_model(dev: Arc<Device>, model: Model, opt: AdamW, cfg: TrainConfig, dtype: DType) -> Result<Self> {
+        CudaTrainer::new(dev, &Trainer::new(model, opt, cfg), dtype)
+    }
+
+    pub fn dev(&self) -> &Arc<Device> {
+        &self.model.dev
+    }
+
+    /// Zeroes every gradient.
+    pub fn zero_grads(&mut self) -> Result<()> {
+        let s = self.model.dev.stream.clone();
+        for p in self.model.params.iter_mut() {
+            s.memset_zeros(&mut p.g).map_err(|e| cuda_err("zeroing gradients", e))?;
+        }
+        Ok(())
+    }
+
+    /// One optimizer step over `micro` (`Trainer::train_step` on the device).
+    pub fn train_step(&mut self, micro: &[MicroBatch]) -> Result<StepMetrics> {
+        let total: f32 = micro.iter().map(MicroBatch::counted).sum();
+        if micro.is_empty() || total == 0.0 {
+            return Err(Error::Input("a training step needs at least one position to predict".into()));
+        }
+        self.zero_grads()?;
+        let mut m = StepMetrics { step: self.step, ..Default::default() };
+        let (mut loss, mut bal, mut mtp) = (0f64, 0f64, 0f64);
+        for mb in micro {
+            let w = mb.counted() / total;
+            if w == 0.0 {
+                continue;
+            }
+            let predicted: usize = mb.seqs.iter().map(|s| s.len().saturating_sub(1)).sum();
+            if let Some(mask) = &mb.mask {
+                if mask.len() != predicted {
+                    return Err(Error::Input(format!(
+                        "mask has {} entries, the batch predicts {predicted} positions",
+                        mask.len()
+                    )));
+                }
+            }
+            let opts = PassOptions {
+                scale: w,
+                seq_alpha: self.cfg.seq_aux_alpha,
+                aux_alpha: self.cfg.aux_loss_alpha,
+                mask: mb.mask.clone(),
+                mtp_lambda: self.cfg.mtp_lambda,
+            };
+            let seqs: Vec<&[u32]> = mb.seqs.iter().map(|s| &s[..]).collect();
+            let out = self.model.pass(&seqs, &opts)?;
+            loss += (out.ce_loss * w) as f64;
+            bal += (out.balance_loss * w) as f64;
+            mtp += (out.mtp_loss * w) as f64;
+            m.tokens += mb.seqs.iter().map(|s| s.len()).sum::<usize>();
+            m.predicted += out.predicted;
+            if m.expert_load.is_empty() {
+                m.expert_load = out.loads;
+            } else {
+                for (a, b) in m.expert_load.iter_mut().zip(&out.loads) {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                }
+            }
+        }
+        m.loss = loss as f32;
+        m.balance_loss = bal as f32;
+        m.mtp_loss = mtp as f32;
+        let (grad_norm, lr) = self.apply_gradients(&m.expert_load)?;
+        m.grad_norm = grad_norm;
+        m.lr = lr;
+        m.max_over_mean = max_over_mean(&m.expert_load);
+        Ok(m)
+    }
+
+    /// The global norm of the accumulated gradients (f64 sum of squares on the device; waits
+    /// for the stream).
+    pub fn grad_norm(&mut self) -> Result<f32> {
+        let dev = self.model.dev.clone();
+        let mut used = 0;
+        for (p, &off) in self.model.params.iter().zip(&self.partial_off) {
+            sumsq_partials(&dev, &p.g, p.g.len(), &mut self.partial, off)?;
+            used = off + sumsq_blocks(p.g.len());
+        }
+        sum_f64(&dev, &self.partial, used, &mut self.sumsq)?;
+        let mut sq = [0f64];
+        dev.stream.memcpy_dtoh(&self.sumsq, &mut sq).map_err(|e| cuda_err("download", e))?;
+        dev.sync()?;
+        Ok(sq[0].sqrt() as f32)
+    }
+
+    /// `Trainer::apply_gradients` on the device: clipping, AdamW, the bias update from `loads`
+    /// (tokens per expert per main MoE layer; empty = no update), refresh, `step += 1`. Returns
+    /// (gradient norm before clipping, learning rate). A non-finite norm is an error and leaves
+    /// the weights, moments and step untouched.
+    pub fn apply_gradients(&mut self, loads: &[Vec<u32>]) -> Result<(f32, f32)> {
+        let grad_norm = self.grad_norm()?;
+        if !grad_norm.is_finite() {
+            return Err(Error::NonFinite(format!("gradient norm is {grad_norm} at step {}", self.step)));
+        }
+        let dev = self.model.dev.clone();
+        if let Some(f) = clip_factor(self.cfg.clip_norm, grad_norm) {
+            for p in self.model.params.iter_mut() {
+                let n = p.g.len();
+                scale(&dev, &mut p.g, n, f)?;
+            }
+        }
+        let lr = self.cfg.schedule.at(self.step);
+        self.opt.t += 1;
+        for (p, mo) in self.model.params.iter_mut().zip(self.moments.iter_mut()) {
+            let s = adam_scalars(&self.opt, self.opt.t, lr, p.decays);
+            let n = p.w.len();
+            adamw(&dev, &mut p.w, &p.g, mo, n, &s)?;
+        }
+        self.update_biases(loads)?;
+        self.model.refresh()?;
+        self.step += 1;
+        Ok((grad_norm, lr))
+    }
+
+    /// Auxiliary-loss-free balancing (`Trainer::update_biases`): `b_i += γ·sign(mean − load_i)`
+    /// in each MoE layer with a bias, from the loads uploaded.
+    fn update_biases(&mut self, loads: &[Vec<u32>]) -> Result<()> {
+        let gamma = self.cfg.bias_update_speed;
+        if gamma == 0.0 {
+            return Ok(());
+        }
+        let dev = self.model.dev.clone();
+        for (bias, &li) in self.model.biases.iter_mut().zip(&self.bias_layer) {
+            let Some(load) = loads.get(li) else { continue };
+            let e = load.len();
+            if e == 0 || bias.len() != e {
+                return Err(Error::Input(format!("bias update: {e} loads for a bias of {}", bias.len())));
+            }
+            let li: Vec<i32> = load.iter().map(|&x| i32::try_from(x).unwrap_or(i32::MAX)).collect::<Vec<_>>();
+            let d = dev.stream.clone_htod(&li).map_err(|e| cuda_err("upload", e))?;
+            bias_update(&dev, &d, e, gamma, bias)?;
+        }
+        Ok(())
+    }
+
+    /// Copies the weights, router biases, AdamW state (names, moments, `t`) and step into core
+    /// trainer `tr` (same model structure), ready for `dsv3_core::train::checkpoint::save`.
+    pub fn to_core(&self, tr: &mut Trainer) -> Result<()> {
+        self.model.download(&mut tr.model)?;
+        tr.model.layers.iter_mut().for_each(|b| b.attn.refresh_absorbed());
+        tr.model.requantize();
+        let s = &self.model.dev.stream;
+        let (mut m, mut v) = (Vec::new(), Vec::new());
+        for mo in &self.moments {
+            match mo {
+                Moments::F32 { m: a, v: b } => {
+                    m.push(s.clone_dtoh(a).map_err(|e| cuda_err("download", e))?);
+                    v.push(s.clone_dtoh(b).map_err(|e| cuda_err("download", e))?);
+                }
+                Moments::Bf16 { m: a, v: b } => {
+                    let f = |x: Vec<bf16>| x.into_iter().map(bf16::to_f32).collect::<Vec<f32>>();
+                    m.push(f(s.clone_dtoh(a).map_err(|e| cuda_err("download", e))?));
+                    v.push(f(s.clone_dtoh(b).map_err(|e| cuda_err("download", e))?));
+                }
+            }
+        }
+        self.model.dev.sync()?;
+        let mut opt = self.opt.clone();
+        opt.m = m;
+        opt.v = v;
+        tr.opt = opt;
+        tr.cfg = self.cfg.clone();
+        tr.step = self.step;
+        Ok(())
+    }
+}

@@ -9,6 +9,9 @@
 //! - [`trainer`]: [`CudaTrainer`]: core `Trainer`'s step on the device (gradient accumulation
 //!   over micro-batches, global-norm clipping, AdamW, the auxiliary-loss-free bias update,
 //!   router statistics), used by `dsv3 train --device cuda`.
+mod block;
+pub mod layout;
+pub mod mm;
 pub mod pass;
 pub mod trainer;
 

@@ -1,10 +1,32 @@
 //! [`CudaTrainModel`]: the model's training pass on the GPU (see the module map in `train/mod.rs`).
 //!
-//! INTERFACE SKELETON: the bodies below are placeholders that return an error until the pass
-//! is implemented; the public API is the contract `trainer.rs` builds on.
-use crate::device::Device;
-use crate::tensor::DType;
+//! The pass mirrors `dsv3_core::model::Model::train_pass` (the CPU f32 oracle) layer for layer:
+//! embedding, per layer `h += MLA(norm(h)); h += FFN(norm(h))` with MLA in its naive form over
+//! whole sequences (explicit causal probabilities per sequence and head, batched GEMMs per head
+//! over runs of equal-length sequences), the final norm, logits and cross-entropy only at
+//! positions with a next token, then every backward in reverse order (see `train/block.rs`).
+//!
+//! Parameters live in one f32 arena of masters and one of gradients (every tensor at an aligned
+//! offset, in `Model::visit` order; [`super::layout::ArenaLayout`]); [`DParam`]'s `w` and `g`
+//! are views into them. bf16 mode keeps a bf16 copy of the masters for the tensor-core GEMMs
+//! ([`CudaTrainModel::refresh`] recasts it in one launch).
+//!
+//! Host round trips: none inside the pass in bf16 mode (the losses, balance-loss terms and
+//! expert loads are downloaded once at the end); f32 mode also downloads each MoE layer's
+//! dispatch offsets (its grouped products loop over the experts through cuBLAS).
+//!
+//! Not supported yet (a clear `Error::Unsupported`): the MTP loss (`mtp_lambda > 0` on a model
+//! with MTP modules loaded; with λ = 0 their tensors are held, downloaded and get zero gradients).
+use super::block::{loads, BalanceTerms, Cx, Dimsm, FfnW, LayerW};
+use super::layout::{ArenaLayout, BatchLayout};
+use super::mm::{dims, f32_of, rd, wr, ActView, Mm, View};
+use crate::device::{cuda_err, Device};
+use crate::ops::gemm::Layout::{NN, NT, TN};
+use crate::ops::moe_train::Spans;
+use crate::ops::{elementwise, gather, norm, train as tk};
+use crate::tensor::{download, upload, Act, DType};
 use cudarc::driver::CudaSlice;
+use dsv3_core::model::block::Ffn;
 use dsv3_core::model::train::{PassOptions, PassOutput};
 use dsv3_core::model::Model;
 use dsv3_core::{Error, Result};
@@ -19,6 +41,10 @@ pub struct TrainOptions {
 }
 
 /// One trainable tensor on the device, in `Model::visit` order with its checkpoint name.
+///
+/// `w` and `g` are views into the model's arenas ([`CudaTrainModel::masters`],
+/// [`CudaTrainModel::grads`]): write into them in place (kernels, `memcpy_htod`), never replace
+/// or drop them on their own (the model releases them).
 pub struct DParam {
     pub name: String,
     /// f32 master weights.
@@ -39,38 +65,375 @@ pub struct CudaTrainModel {
     /// layers only), updated by the auxiliary-loss-free rule.
     pub biases: Vec<CudaSlice<f32>>,
     pub opts: TrainOptions,
+    layout: ArenaLayout,
+    master: Act,
+    grad: Act,
+    /// bf16 working copy of `master` (bf16 mode).
+    wbf: Option<Act>,
+    mm: Mm,
+    layers: Vec<LayerW>,
+    dm: Dimsm,
+    embed: usize,
+    norm: usize,
+    head: usize,
+    inv_freq: CudaSlice<f32>,
+    attention_factor: f32,
+    mtp_modules: usize,
+}
+
+impl Drop for CudaTrainModel {
+    fn drop(&mut self) {
+        // the params are views into the arenas: release the handles without freeing
+        for p in self.params.drain(..) {
+            p.w.leak();
+            p.g.leak();
+        }
+    }
+}
+
+/// An owning-looking handle on `[off, off + len)` of `s` (released with `leak`, never freed).
+fn alias(dev: &Device, s: &CudaSlice<f32>, off: usize, len: usize) -> Result<CudaSlice<f32>> {
+    Ok(View::of(dev, s, off, len)?.take())
 }
 
 impl CudaTrainModel {
     /// Uploads `model` (made trainable: f32 weights, see `Model::make_trainable`).
     pub fn new(dev: Arc<Device>, model: &Model, opts: TrainOptions) -> Result<CudaTrainModel> {
-        let _ = (dev, model, opts);
-        Err(Error::Unsupported("GPU training pass: not implemented yet".into()))
+        let cfg = model.cfg.clone();
+        let dm = Dimsm::of(&cfg);
+        if dm.dr == 0 || !dm.dr.is_multiple_of(2) || dm.dr / 2 > 128 {
+            return Err(Error::Unsupported(format!("GPU training: qk_rope_head_dim {} (even, <= 256)", dm.dr)));
+        }
+        let (lay, host) = ArenaLayout::of(model)?;
+        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        let embed = lay.off("model.embed_tokens.weight", v * d)?;
+        let norm = lay.off("model.norm.weight", d)?;
+        let head = if cfg.tie_word_embeddings { embed } else { lay.off("lm_head.weight", v * d)? };
+        if lay.has("lm_head.bias") {
+            return Err(Error::Unsupported("GPU training: an lm_head bias".into()));
+        }
+        let mut n_bias = 0;
+        let mut layers = Vec::with_capacity(model.layers.len());
+        let mut biases = Vec::new();
+        for (i, b) in model.layers.iter().enumerate() {
+            layers.push(LayerW::of(&lay, &cfg, i, b, &mut n_bias)?);
+            if let Ffn::Moe(m) = &b.ffn {
+                if let Some(bias) = &m.router.bias {
+                    biases.push(upload(&dev, bias)?);
+                }
+            }
+        }
+        let master_s = upload(&dev, &host)?;
+        let grad_s = crate::tensor::zeros::<f32>(&dev, lay.total)?;
+        let mut params = Vec::with_capacity(lay.slots.len());
+        for s in &lay.slots {
+            params.push(DParam {
+                name: s.name.clone(),
+                w: alias(&dev, &master_s, s.off, s.len)?,
+                g: alias(&dev, &grad_s, s.off, s.len)?,
+                decays: s.decays,
+            });
+        }
+        let mm = Mm::new(&dev, opts.dtype)?;
+        let inv_freq = upload(&dev, &model.rope.inv_freq)?;
+        let mut m = CudaTrainModel {
+            dev: dev.clone(),
+            cfg,
+            params,
+            biases,
+            opts,
+            layout: lay,
+            master: Act::F32(master_s),
+            grad: Act::F32(grad_s),
+            wbf: None,
+            mm,
+            layers,
+            dm,
+            embed,
+            norm,
+            head,
+            inv_freq,
+            attention_factor: model.rope.attention_factor,
+            mtp_modules: model.mtp.len(),
+        };
+        if opts.dtype == DType::Bf16 {
+            m.wbf = Some(Act::empty(&dev, DType::Bf16, m.layout.total)?);
+        }
+        m.refresh()?;
+        Ok(m)
+    }
+
+    /// The f32 master arena (every tensor at its [`DParam`]'s place; padding between them zero).
+    pub fn masters(&self) -> &CudaSlice<f32> {
+        f32_of(&self.master).expect("f32 arena")
+    }
+
+    /// The f32 gradient arena (same layout as [`CudaTrainModel::masters`]): one buffer for
+    /// global-norm reductions.
+    pub fn grads(&self) -> &CudaSlice<f32> {
+        f32_of(&self.grad).expect("f32 arena")
+    }
+
+    /// The arenas' layout (each tensor's offset and length).
+    pub fn layout(&self) -> &ArenaLayout {
+        &self.layout
+    }
+
+    /// Zeroes every gradient (one memset over the gradient arena).
+    pub fn zero_grads(&mut self) -> Result<()> {
+        let g = super::mm::f32_of_mut(&mut self.grad)?;
+        self.dev.stream.memset_zeros(g).map_err(|e| cuda_err("zeroing the gradients", e))
     }
 
     /// One forward + backward over `seqs` with `opts`' loss terms: gradients (times
     /// `opts.scale`) accumulate into `params[i].g`. Same semantics and outputs as
     /// `Model::train_pass` (loss, balance loss, MTP loss, per-layer expert loads, positions).
+    /// A non-finite loss is an `Error::NonFinite`, found after the backward ran: the gradients
+    /// are then polluted (zero them before the next step).
     pub fn pass(&mut self, seqs: &[&[u32]], opts: &PassOptions) -> Result<PassOutput> {
-        let _ = (seqs, opts);
-        Err(Error::Unsupported("GPU training pass: not implemented yet".into()))
+        if opts.mtp_lambda > 0.0 && self.mtp_modules > 0 {
+            return Err(Error::Unsupported(
+                "GPU training: the MTP loss (mtp_lambda > 0) is not implemented yet".into(),
+            ));
+        }
+        let dev = &*self.dev;
+        let (v, d, eps) = (self.cfg.vocab_size, self.dm.d, self.dm.eps);
+        let dt = self.opts.dtype;
+        let b = BatchLayout::new(seqs, self.dm.h, v)?;
+        let (n, p) = (b.n, b.predicted());
+        if let Some(m) = &opts.mask {
+            if m.len() != p {
+                return Err(Error::Input(format!("mask of {} values for {p} predicted positions", m.len())));
+            }
+        }
+        let tokens = upload(dev, &b.tokens)?;
+        let pos = upload(dev, &b.pos)?;
+        let trows = upload(dev, &b.target_rows)?;
+        let targets = upload(dev, &b.targets)?;
+        let inv = upload(dev, &b.inv)?;
+        let mask = match &opts.mask {
+            Some(m) => Some(upload(dev, m)?),
+            None => None,
+        };
+        let max_k = self
+            .layers
+            .iter()
+            .map(|l| match &l.ffn {
+                FfnW::Moe(m) => m.cfg.top_k,
+                FfnW::Dense(_) => 1,
+            })
+            .max()
+            .unwrap_or(1);
+        let ones = Act::from_f32(dev, dt, &vec![1.0f32; n * max_k])?;
+        let seq_spans = Spans::new(dev, &b.lens)?;
+        let all_span = Spans::new(dev, &[n])?;
+        let master = f32_of(&self.master)?;
+        let wb = self.wbf.as_ref().unwrap_or(&self.master);
+        let cx = Cx {
+            dev,
+            mm: &self.mm,
+            dt,
+            master,
+            wb,
+            ones: &ones,
+            b: &b,
+            pos: &pos,
+            inv_freq: &self.inv_freq,
+            attention_factor: self.attention_factor,
+            dm: self.dm,
+            biases: &self.biases,
+            seq_spans: &seq_spans,
+            all_span: &all_span,
+            seq_alpha: opts.seq_alpha,
+            aux_alpha: opts.aux_alpha,
+            scale: opts.scale,
+        };
+        // forward
+        let mut x = Act::empty(dev, dt, n * d)?;
+        {
+            let table = ActView::of(dev, wb, self.embed, v * d)?;
+            gather::gather_rows(dev, &table, v, d, &tokens, n, d, &mut x, d)?;
+        }
+        let mut saved = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let (s, next) = cx.layer_fwd(l, x)?;
+            saved.push(s);
+            x = next;
+        }
+        let mut normed = Act::empty(dev, dt, n * d)?;
+        {
+            let wv = View::of(dev, master, self.norm, d)?;
+            norm::rmsnorm(dev, &mut x, 0, d, Some((&mut normed, 0, d)), &wv, d, eps, n)?;
+        }
+        let mut hp = Act::empty(dev, dt, p * d)?;
+        gather::gather_rows(dev, &normed, n, d, &trows, p, d, &mut hp, d)?;
+        drop(normed);
+        let mut logits = Act::empty(dev, DType::F32, p * v)?;
+        self.mm.run(dev, NT, dims(p, v, d), rd(&hp, 0, d), rd(wb, self.head, d), wr(&mut logits, 0, v), None)?;
+        // cross-entropy; its gradient scaled by opts.scale through the denominator
+        let counted: f32 = opts.mask.as_ref().map_or(p as f32, |m| m.iter().sum());
+        let denom = if counted == 0.0 { 0.0 } else { counted / opts.scale };
+        let mut dz = Act::empty(dev, DType::F32, p * v)?;
+        let mut row_loss = crate::tensor::empty::<f32>(dev, p)?;
+        tk::cross_entropy(dev, &logits, v, &targets, mask.as_ref(), denom, &mut dz, v, &mut row_loss, v, p)?;
+        drop(logits);
+        let dzb = match dt {
+            DType::Bf16 => {
+                let mut z = Act::empty(dev, dt, p * v)?;
+                elementwise::cast(dev, &dz, &mut z, p * v)?;
+                Some(z)
+            }
+            DType::F32 => None,
+        };
+        let dza = dzb.as_ref().unwrap_or(&dz);
+        // the head: dX = dZ·W (rows of the predicted positions; row p stays zero), dW += dZᵀ·X
+        let mut dhp = Act::zeros(dev, dt, (p + 1) * d)?;
+        self.mm.run(dev, NN, dims(p, d, v), rd(dza, 0, v), rd(wb, self.head, d), wr(&mut dhp, 0, d), None)?;
+        self.mm.run(
+            dev,
+            TN,
+            dims(v, d, p).acc(true),
+            rd(dza, 0, v),
+            rd(&hp, 0, d),
+            wr(&mut self.grad, self.head, d),
+            None,
+        )?;
+        drop((dz, dzb, hp));
+        let mut dnormed = Act::empty(dev, dt, n * d)?;
+        gather::gather_rows(dev, &dhp, p + 1, d, &inv, n, d, &mut dnormed, d)?;
+        drop(dhp);
+        let mut dres = Act::empty(dev, dt, n * d)?;
+        {
+            let wv = View::of(dev, master, self.norm, d)?;
+            let mut gv = View::of(dev, f32_of(&self.grad)?, self.norm, d)?;
+            tk::rmsnorm_backward(dev, &x, d, &wv, &dnormed, d, &mut dres, d, &mut gv, d, eps, n)?;
+        }
+        drop((dnormed, x));
+        // backward through the layers; balance terms kept per layer (reverse order)
+        let mut bal: Vec<BalanceTerms> = Vec::new();
+        let mut load_bufs = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            if let FfnW::Moe(m) = &l.ffn {
+                if let Some(lb) = loads(dev, &saved[i], m.cfg.n_experts, m.cfg.top_k, n)? {
+                    load_bufs.push(lb);
+                }
+            }
+        }
+        for (i, l) in self.layers.iter().enumerate().rev() {
+            let mut t = BalanceTerms::new();
+            let s = saved.pop().ok_or_else(|| Error::Input("GPU training: saved layers".into()))?;
+            debug_assert_eq!(saved.len(), i);
+            cx.layer_bwd(l, &s, &mut dres, &mut self.grad, &mut t)?;
+            bal.push(t);
+        }
+        {
+            let mut gv = View::of(dev, f32_of(&self.grad)?, self.embed, v * d)?;
+            tk::embedding_backward(dev, &tokens, &dres, d, &mut gv, v, d, n)?;
+        }
+        // the scalars, downloaded once
+        let rl = download(dev, &row_loss)?;
+        let mut loss = 0f64;
+        for &t in &rl {
+            loss += t as f64;
+        }
+        let ce_loss = if counted == 0.0 { 0.0 } else { (loss / counted as f64) as f32 };
+        let mut balance_loss = 0f32;
+        for terms in &bal {
+            let mut layer = 0f32;
+            for (buf, groups) in terms {
+                let t = download(dev, buf)?;
+                layer += t.iter().fold(0f32, |a, &b| a + b) / *groups as f32;
+            }
+            balance_loss += layer;
+        }
+        let mut out_loads = Vec::with_capacity(load_bufs.len());
+        for lb in &load_bufs {
+            out_loads.push(download(dev, lb)?.into_iter().map(|c| c.max(0) as u32).collect());
+        }
+        if !ce_loss.is_finite() {
+            return Err(Error::NonFinite(format!("loss is {ce_loss}")));
+        }
+        Ok(PassOutput { ce_loss, balance_loss, mtp_loss: 0.0, loads: out_loads, predicted: p })
     }
 
     /// After the masters changed (optimizer step, bias update): refreshes whatever is derived
-    /// from them (bf16 working copies).
+    /// from them (bf16 working copies; one cast over the arena).
     pub fn refresh(&mut self) -> Result<()> {
-        Err(Error::Unsupported("GPU training pass: not implemented yet".into()))
+        if let Some(w) = &mut self.wbf {
+            elementwise::cast(&self.dev, &self.master, w, self.layout.total)?;
+        }
+        Ok(())
     }
 
-    /// Copies the masters and router biases into `model` (same structure, trainable).
+    /// Copies the masters and router biases into `model` (same structure, trainable), and
+    /// refreshes what the CPU model derives from them (MLA's absorbed weights, a tied head).
     pub fn download(&self, model: &mut Model) -> Result<()> {
-        let _ = model;
-        Err(Error::Unsupported("GPU training pass: not implemented yet".into()))
+        let host = download(&self.dev, self.masters())?;
+        self.fill(model, &host)?;
+        let mut bi = 0;
+        for l in &mut model.layers {
+            if let Ffn::Moe(m) = &mut l.ffn {
+                if let Some(b) = &mut m.router.bias {
+                    let v = download(&self.dev, self.biases.get(bi).ok_or_else(|| Error::Input("bias count".into()))?)?;
+                    if v.len() != b.len() {
+                        return Err(Error::Input("router bias length".into()));
+                    }
+                    b.copy_from_slice(&v);
+                    bi += 1;
+                }
+            }
+        }
+        for l in &mut model.layers {
+            l.attn.refresh_absorbed();
+        }
+        for m in &mut model.mtp {
+            m.block.attn.refresh_absorbed();
+        }
+        if model.cfg.tie_word_embeddings {
+            if let dsv3_core::model::linear::Weight::F32(w) = &mut model.lm_head.weight {
+                if w.len() == model.embed.len() {
+                    w.copy_from_slice(&model.embed);
+                }
+            }
+        }
+        model.requantize();
+        Ok(())
     }
 
     /// Copies the gradients into `grad` (a `Model::zeros_like` of the same structure).
     pub fn download_grads(&self, grad: &mut Model) -> Result<()> {
-        let _ = grad;
-        Err(Error::Unsupported("GPU training pass: not implemented yet".into()))
+        let host = download(&self.dev, self.grads())?;
+        self.fill(grad, &host)
+    }
+
+    /// Writes arena contents `host` into `model`'s trainable tensors (by name, every one).
+    fn fill(&self, model: &mut Model, host: &[f32]) -> Result<()> {
+        let mut err: Option<Error> = None;
+        let mut seen = 0;
+        model.visit(&mut |name, t| {
+            if err.is_some() {
+                return;
+            }
+            match self.layout.get(name) {
+                Ok(s) if s.len == t.len() && s.off + s.len <= host.len() => {
+                    t.copy_from_slice(&host[s.off..s.off + s.len]);
+                    seen += 1;
+                }
+                Ok(s) => {
+                    err = Some(Error::Input(format!("'{name}': {} values here, {} on the device", t.len(), s.len)))
+                }
+                Err(e) => err = Some(e),
+            }
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        if seen != self.layout.slots.len() {
+            return Err(Error::Input(format!(
+                "the model has {seen} trainable tensors, the device {}",
+                self.layout.slots.len()
+            )));
+        }
+        Ok(())
     }
 }

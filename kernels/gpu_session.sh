@@ -8,12 +8,13 @@
 #   bash kernels/gpu_session.sh test [NAME...] there: unpack, run the GPU tests (kernels tests, the
 #                                              CLI and C ABI GPU tests), one at a time; NAME limits
 #                                              them to those test files
-#   bash kernels/gpu_session.sh bench          there: the 88M decode bench (batch 1 and 32) and the
+#   bash kernels/gpu_session.sh bench          there: the 88M decode bench (batch 1 and 32), its training
+#                                              step bench (bf16, f32) and the
 #                                              kernel benches (GEMM vs cuBLAS, MLA vs the copy
 #                                              ceiling, flash prefill, FP8 GEMM vs cuBLASLt)
 #
-# A test that prints SKIP on the GPU machine is a failure of the session (only the no-GPU test
-# may skip). docs/PERF.md "CUDA backend" records what these printed.
+# A test that prints SKIP on the GPU machine is a failure of the session (only the no-GPU parts of
+# tests may skip). docs/PERF.md "CUDA backend" records what these printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"
@@ -81,6 +82,11 @@ run_bench() {
   for b in 1 32; do
     gpu/bin/dsv3 bench --model /tmp/m88 --device cuda --prompt-len 128 --new-tokens 256 --batch "$b"
   done
+  # training steps (CudaTrainer: pass + AdamW), tokens/s and MFU
+  for dt in bf16 f32; do
+    gpu/bin/dsv3 bench --model /tmp/m88 --train --device cuda --dtype "$dt" --batch 8 --prompt-len 512 --repeat 5 ||
+      echo "training bench ($dt) failed"
+  done
   gpu/bin/kernel_bench
   gpu/bin/fp8_bench
 }
@@ -89,5 +95,5 @@ case "$mode" in
   pack) pack ;;
   test) run_tests "$@" ;;
   bench) run_bench ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  *) sed -n '2,17p' "$0"; exit 2 ;;
 esac

@@ -4,7 +4,7 @@
 //! micro-batch runs one [`CudaTrainModel::pass`] with `scale = counted / total` (its share of the
 //! step's counted positions; one pass per micro-batch: the batch-wise auxiliary loss sees the
 //! whole micro-batch, as one device), then [`CudaTrainer::apply_gradients`]: the global gradient
-//! norm (f64 sums of squares on the device, one `f64` downloaded), an error without touching the
+//! norm (f64 sums of squares over the gradient arena on the device, one `f64` downloaded), an error without touching the
 //! weights when it is not finite, clipping (`g ← g·clip/norm` when the norm exceeds `clip`),
 //! AdamW at `cfg.schedule.at(step)` through `ops::train::adamw` (bias corrections computed as
 //! core's `AdamW::step` does, so f32 runs agree), weight decay only where `DParam::decays`, the
@@ -44,9 +44,8 @@ pub struct CudaTrainer {
     /// For each `model.biases[j]`: the index of its MoE layer among the main MoE layers (the
     /// order of a pass's `loads`).
     bias_layer: Vec<usize>,
-    /// The gradient norm's partial sums: `partial_off[i]` is parameter `i`'s first slot.
+    /// The gradient norm's partial sums (one per chunk of the gradient arena) and their total.
     partial: CudaSlice<f64>,
-    partial_off: Vec<usize>,
     sumsq: CudaSlice<f64>,
 }
 
@@ -167,25 +166,10 @@ impl CudaTrainer {
         opt.names = model.params.iter().map(|p| p.name.clone()).collect();
         opt.m = Vec::new();
         opt.v = Vec::new();
-        let mut partial_off = Vec::with_capacity(model.params.len());
-        let mut total = 0;
-        for p in &model.params {
-            partial_off.push(total);
-            total += sumsq_blocks(p.g.len());
-        }
-        let partial = s.alloc_zeros::<f64>(total.max(1)).map_err(|e| cuda_err("alloc", e))?;
+        let partial =
+            s.alloc_zeros::<f64>(sumsq_blocks(model.grads().len()).max(1)).map_err(|e| cuda_err("alloc", e))?;
         let sumsq = s.alloc_zeros::<f64>(1).map_err(|e| cuda_err("alloc", e))?;
-        Ok(CudaTrainer {
-            model,
-            opt,
-            cfg: tr.cfg.clone(),
-            step: tr.step,
-            moments,
-            bias_layer,
-            partial,
-            partial_off,
-            sumsq,
-        })
+        Ok(CudaTrainer { model, opt, cfg: tr.cfg.clone(), step: tr.step, moments, bias_layer, partial, sumsq })
     }
 
     /// A fresh trainer: `Trainer::new(model, opt, cfg)` uploaded with [`CudaTrainer::new`].
@@ -197,13 +181,9 @@ impl CudaTrainer {
         &self.model.dev
     }
 
-    /// Zeroes every gradient.
+    /// Zeroes every gradient (one memset over the gradient arena).
     pub fn zero_grads(&mut self) -> Result<()> {
-        let s = self.model.dev.stream.clone();
-        for p in self.model.params.iter_mut() {
-            s.memset_zeros(&mut p.g).map_err(|e| cuda_err("zeroing gradients", e))?;
-        }
-        Ok(())
+        self.model.zero_grads()
     }
 
     /// One optimizer step over `micro` (`Trainer::train_step` on the device).
@@ -261,16 +241,15 @@ impl CudaTrainer {
         Ok(m)
     }
 
-    /// The global norm of the accumulated gradients (f64 sum of squares on the device; waits
-    /// for the stream).
+    /// The global norm of the accumulated gradients: f64 sums of squares over the gradient
+    /// arena (every tensor; the padding between them is zero), one fixed-order reduction, one
+    /// `f64` downloaded (waits for the stream).
     pub fn grad_norm(&mut self) -> Result<f32> {
         let dev = self.model.dev.clone();
-        let mut used = 0;
-        for (p, &off) in self.model.params.iter().zip(&self.partial_off) {
-            sumsq_partials(&dev, &p.g, p.g.len(), &mut self.partial, off)?;
-            used = off + sumsq_blocks(p.g.len());
-        }
-        sum_f64(&dev, &self.partial, used, &mut self.sumsq)?;
+        let g = self.model.grads();
+        let n = g.len();
+        sumsq_partials(&dev, g, n, &mut self.partial, 0)?;
+        sum_f64(&dev, &self.partial, sumsq_blocks(n), &mut self.sumsq)?;
         let mut sq = [0f64];
         dev.stream.memcpy_dtoh(&self.sumsq, &mut sq).map_err(|e| cuda_err("download", e))?;
         dev.sync()?;

@@ -265,6 +265,10 @@ impl CudaTrainer {
         if !grad_norm.is_finite() {
             return Err(Error::NonFinite(format!("gradient norm is {grad_norm} at step {}", self.step)));
         }
+        // checked and uploaded before anything changes, while the stream is idle (after the
+        // norm's download): a bad `loads` leaves the trainer as it was, and the upload does
+        // not wait for the AdamW launches
+        let bias_loads = self.bias_loads(loads)?;
         let dev = self.model.dev.clone();
         if let Some(f) = clip_factor(self.cfg.clip_norm, grad_norm) {
             for p in self.model.params.iter_mut() {
@@ -279,31 +283,39 @@ impl CudaTrainer {
             let n = p.w.len();
             adamw(&dev, &mut p.w, &p.g, mo, n, &s)?;
         }
-        self.update_biases(loads)?;
+        // auxiliary-loss-free balancing (`Trainer::update_biases`): b_i += γ·sign(mean − load_i)
+        for (j, load) in bias_loads {
+            let bias = &mut self.model.biases[j];
+            let e = bias.len();
+            bias_update(&dev, &load, e, self.cfg.bias_update_speed, bias)?;
+        }
         self.model.refresh()?;
         self.step += 1;
         Ok((grad_norm, lr))
     }
 
-    /// Auxiliary-loss-free balancing (`Trainer::update_biases`): `b_i += γ·sign(mean − load_i)`
-    /// in each MoE layer with a bias, from the loads uploaded.
-    fn update_biases(&mut self, loads: &[Vec<u32>]) -> Result<()> {
-        let gamma = self.cfg.bias_update_speed;
-        if gamma == 0.0 {
-            return Ok(());
+    /// The loads of each MoE layer with a bias (index into `model.biases`, loads `[E]` on the
+    /// device); none when the bias update is off (γ = 0) or `loads` is empty, as core's
+    /// `update_biases` (which zips the MoE layers with `loads`).
+    fn bias_loads(&self, loads: &[Vec<u32>]) -> Result<Vec<(usize, CudaSlice<i32>)>> {
+        let mut out = Vec::new();
+        if self.cfg.bias_update_speed == 0.0 {
+            return Ok(out);
         }
-        let dev = self.model.dev.clone();
-        for (bias, &li) in self.model.biases.iter_mut().zip(&self.bias_layer) {
+        let dev = &self.model.dev;
+        for (j, (bias, &li)) in self.model.biases.iter().zip(&self.bias_layer).enumerate() {
             let Some(load) = loads.get(li) else { continue };
-            let e = load.len();
-            if e == 0 || bias.len() != e {
-                return Err(Error::Input(format!("bias update: {e} loads for a bias of {}", bias.len())));
+            if load.is_empty() || bias.len() != load.len() {
+                return Err(Error::Input(format!(
+                    "bias update: {} loads for a bias of {} experts",
+                    load.len(),
+                    bias.len()
+                )));
             }
-            let li: Vec<i32> = load.iter().map(|&x| i32::try_from(x).unwrap_or(i32::MAX)).collect::<Vec<_>>();
-            let d = dev.stream.clone_htod(&li).map_err(|e| cuda_err("upload", e))?;
-            bias_update(&dev, &d, e, gamma, bias)?;
+            let l: Vec<i32> = load.iter().map(|&x| i32::try_from(x).unwrap_or(i32::MAX)).collect();
+            out.push((j, dev.stream.clone_htod(&l).map_err(|e| cuda_err("upload", e))?));
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Copies the weights, router biases, AdamW state (names, moments, `t`) and step into core

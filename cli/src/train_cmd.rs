@@ -250,11 +250,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         (None, Some(dir), _) => {
             let m = Model::load(dir, LoadOptions::default())?;
-            (
-                Trainer::new(m, AdamW::new(0.9, 0.95, 1e-8, a.weight_decay), cfg),
-                serde_json::Value::Null,
-                Some(dir.clone()),
-            )
+            (Trainer::new(m, a.adam()?, cfg), serde_json::Value::Null, Some(dir.clone()))
         }
         (None, None, Some(dir)) => {
             let (t, u) = checkpoint::load(dir, cfg)?;

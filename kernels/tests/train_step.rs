@@ -187,8 +187,9 @@ fn run_both(name: &str, bf16_moments: bool, steps: usize) -> (Trainer, CudaTrain
     for (((n, x), (_, y)), (_, w0)) in a.iter().zip(&b).zip(&init) {
         // Adam normalizes each element's step: elements with gradients near 0 may move
         // differently under a 1e-6 gradient change; the bulk of the update must agree
-        let e = max_abs_diff(x, y);
-        assert!(e < 2e-3, "{name}: {n} differs from the CPU by {e}");
+        // a few elements may flip their step's sign (gradients cancelling to ~0): count them
+        let far = x.iter().zip(y).filter(|(a, b)| (*a - *b).abs().is_nan() || (*a - *b).abs() > 1e-4).count();
+        assert!(far * 1000 <= x.len().max(1000), "{name}: {far} of {} elements of {n} differ by > 1e-4", x.len());
         let dx: Vec<f32> = x.iter().zip(w0).map(|(a, b)| a - b).collect();
         let dy: Vec<f32> = y.iter().zip(w0).map(|(a, b)| a - b).collect();
         let r = rel_l2(&dx, &dy);

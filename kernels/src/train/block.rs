@@ -27,7 +27,7 @@ pub(crate) struct LinW {
 }
 
 impl LinW {
-    fn of(lay: &ArenaLayout, prefix: &str, out: usize, inp: usize) -> Result<LinW> {
+    pub(crate) fn of(lay: &ArenaLayout, prefix: &str, out: usize, inp: usize) -> Result<LinW> {
         let bname = format!("{prefix}.bias");
         Ok(LinW {
             w: lay.off(&format!("{prefix}.weight"), out * inp)?,
@@ -290,7 +290,7 @@ impl Cx<'_> {
     }
 
     /// `y (+)= x·Wᵀ + b` for `m` rows.
-    fn lin(&self, x: Rd, m: usize, l: &LinW, y: Wr, acc: bool) -> Result<()> {
+    pub(crate) fn lin(&self, x: Rd, m: usize, l: &LinW, y: Wr, acc: bool) -> Result<()> {
         let d = dims(m, l.out, l.inp).acc(acc);
         match (l.bias, self.dt) {
             (None, _) => self.mm.run(self.dev, NT, d, x, self.wt(l.w, l.inp), y, None),
@@ -308,7 +308,7 @@ impl Cx<'_> {
     }
 
     /// Backward of [`Cx::lin`]: `dW += dyᵀ·x`, `db += Σ dy`, `dx (+)= dy·W`.
-    fn lin_bwd(&self, x: Rd, dy: Rd, m: usize, l: &LinW, g: &mut Act, dx: Option<(Wr, bool)>) -> Result<()> {
+    pub(crate) fn lin_bwd(&self, x: Rd, dy: Rd, m: usize, l: &LinW, g: &mut Act, dx: Option<(Wr, bool)>) -> Result<()> {
         self.mm.run(self.dev, TN, dims(l.out, l.inp, m).acc(true), dy, x, wr(g, l.w, l.inp), None)?;
         if let Some(b) = l.bias {
             self.mm.run(self.dev, TN, dims(l.out, 1, m).acc(true), dy, rd(self.ones, 0, 1), wr(g, b, 1), None)?;

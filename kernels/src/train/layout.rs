@@ -96,6 +96,16 @@ impl ArenaLayout {
     }
 }
 
+/// For `rows` rows of the previous depth, the index of the row of this depth fed by each (the
+/// inverse of `prev`), or `prev.len()` (a zero row) where none is.
+pub fn inverse(prev: &[i32], rows: usize) -> Vec<i32> {
+    let mut inv = vec![prev.len() as i32; rows];
+    for (j, &r) in prev.iter().enumerate() {
+        inv[r as usize] = j as i32;
+    }
+    inv
+}
+
 /// Consecutive sequences of one length (their rows contiguous): one attention batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Run {
@@ -163,19 +173,63 @@ impl BatchLayout {
         if b.targets.is_empty() {
             return Err(Error::Input("every sequence has fewer than 2 tokens: nothing to predict".into()));
         }
-        if i32::try_from(b.n).is_err() {
-            return Err(Error::Input(format!("{} tokens in one pass: too many", b.n)));
-        }
-        let p = b.targets.len();
-        b.inv = vec![p as i32; b.n];
-        for (i, &r) in b.target_rows.iter().enumerate() {
-            b.inv[r as usize] = i as i32;
-        }
-        for r in &mut b.runs {
-            r.p_off = b.p_total;
-            b.p_total += heads * r.seqs * r.len * r.len;
-        }
+        b.finish(heads)?;
         Ok(b)
+    }
+
+    /// The rows of MTP depth `k` (core's `mtp_pass`): for each sequence of length T the rows
+    /// i = 0..T−k, input token t_{i+k} at position k+i, target t_{i+k+1} where it exists. Also
+    /// returns, for each row, the row of the previous depth feeding it (main rows for k = 1).
+    pub fn mtp_level(seqs: &[&[u32]], k: usize, heads: usize) -> Result<(BatchLayout, Vec<i32>)> {
+        if k == 0 {
+            return Err(Error::Input("MTP depth 0".into()));
+        }
+        let mut b = BatchLayout::default();
+        let mut prev = Vec::new();
+        let (mut main_off, mut prev_off) = (0usize, 0usize);
+        for s in seqs {
+            let t = s.len();
+            let nr = t.saturating_sub(k);
+            let row0 = b.n;
+            for i in 0..nr {
+                prev.push((if k == 1 { main_off + i } else { prev_off + i }) as i32);
+                b.tokens.push(s[i + k] as i32);
+                b.pos.push((k + i) as i32);
+                if i + k + 1 < t {
+                    b.target_rows.push((row0 + i) as i32);
+                    b.targets.push(s[i + k + 1] as i32);
+                }
+            }
+            b.n += nr;
+            b.lens.push(nr);
+            if nr > 0 {
+                match b.runs.last_mut() {
+                    Some(r) if r.len == nr && r.row0 + r.seqs * r.len == row0 => r.seqs += 1,
+                    _ => b.runs.push(Run { row0, len: nr, seqs: 1, p_off: 0 }),
+                }
+            }
+            main_off += t;
+            prev_off += t.saturating_sub(k - 1);
+        }
+        b.finish(heads)?;
+        Ok((b, prev))
+    }
+
+    /// The inverse map of targets and the probabilities' offsets.
+    fn finish(&mut self, heads: usize) -> Result<()> {
+        if i32::try_from(self.n + 1).is_err() {
+            return Err(Error::Input(format!("{} tokens in one pass: too many", self.n)));
+        }
+        let p = self.targets.len();
+        self.inv = vec![p as i32; self.n];
+        for (i, &r) in self.target_rows.iter().enumerate() {
+            self.inv[r as usize] = i as i32;
+        }
+        for r in &mut self.runs {
+            r.p_off = self.p_total;
+            self.p_total += heads * r.seqs * r.len * r.len;
+        }
+        Ok(())
     }
 
     /// Predicted positions.
@@ -209,6 +263,32 @@ mod tests {
         assert_eq!(b.p_total, 38 + 16);
         assert!(BatchLayout::new(&[&[1u32][..], &[][..]], 2, 10).is_err());
         assert!(BatchLayout::new(&[&[1u32, 10][..]], 2, 10).is_err());
+    }
+
+    #[test]
+    fn mtp_levels_follow_core() {
+        let s: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4], vec![5, 6], vec![7, 8, 9]];
+        let refs: Vec<&[u32]> = s.iter().map(|v| &v[..]).collect();
+        let (l1, p1) = BatchLayout::mtp_level(&refs, 1, 1).unwrap();
+        assert_eq!(l1.tokens, vec![2, 3, 4, 6, 8, 9]);
+        assert_eq!(l1.pos, vec![1, 2, 3, 1, 1, 2]);
+        assert_eq!(l1.lens, vec![3, 1, 2]);
+        assert_eq!(p1, vec![0, 1, 2, 4, 6, 7]);
+        assert_eq!(l1.target_rows, vec![0, 1, 4]);
+        assert_eq!(l1.targets, vec![3, 4, 9]);
+        assert_eq!(inverse(&p1, 9), vec![0, 1, 2, 6, 3, 6, 4, 5, 6]);
+        let (l2, p2) = BatchLayout::mtp_level(&refs, 2, 1).unwrap();
+        assert_eq!(l2.tokens, vec![3, 4, 9]);
+        assert_eq!(l2.pos, vec![2, 3, 2]);
+        assert_eq!(l2.lens, vec![2, 0, 1]);
+        // rows of depth 1: sequence 0 at 0..3, sequence 1 at 3, sequence 2 at 4..6
+        assert_eq!(p2, vec![0, 1, 4]);
+        assert_eq!(l2.targets, vec![4]);
+        assert_eq!(l2.target_rows, vec![0]);
+        assert_eq!(
+            l2.runs,
+            vec![Run { row0: 0, len: 2, seqs: 1, p_off: 0 }, Run { row0: 2, len: 1, seqs: 1, p_off: 4 }]
+        );
     }
 
     #[test]

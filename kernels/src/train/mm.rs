@@ -369,6 +369,8 @@ impl Mm {
         chk(ext(a.off, a.st, ra, a.ld, ca), ab.len(), "A")?;
         chk(ext(b.off, b.st, rb, b.ld, cb_), bb.len(), "B")?;
         chk(ext(c.off, c.st, d.m, c.ld, d.n), cb.len(), "C")?;
+        // cuBLAS runs on the thread's current context (the launchers bind it themselves)
+        dev.ctx.bind_to_thread().map_err(|e| cuda_err("binding the context", e))?;
         use blas_sys::cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
         // (op of B, op of A) in column-major terms
         let (tb, ta) = match l {

@@ -12,6 +12,7 @@
 mod block;
 pub mod layout;
 pub mod mm;
+mod mtp;
 pub mod pass;
 pub mod trainer;
 

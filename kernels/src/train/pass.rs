@@ -15,11 +15,13 @@
 //! expert loads are downloaded once at the end); f32 mode also downloads each MoE layer's
 //! dispatch offsets (its grouped products loop over the experts through cuBLAS).
 //!
-//! Not supported yet (a clear `Error::Unsupported`): the MTP loss (`mtp_lambda > 0` on a model
-//! with MTP modules loaded; with λ = 0 their tensors are held, downloaded and get zero gradients).
+//! The MTP loss (`mtp_lambda > 0` on a model with MTP modules loaded) runs after the main head and
+//! before the main backward, as core's `mtp_pass` (`train/mtp.rs`); the MTP blocks' router
+//! biases stay as loaded (only the main layers' biases are in [`CudaTrainModel::biases`]).
 use super::block::{loads, BalanceTerms, Cx, Dimsm, FfnW, LayerW};
 use super::layout::{ArenaLayout, BatchLayout};
 use super::mm::{dims, f32_of, rd, wr, ActView, Mm, View};
+use super::mtp::{mtp_pass, MtpIn, MtpW};
 use crate::device::{cuda_err, Device};
 use crate::ops::gemm::Layout::{NN, NT, TN};
 use crate::ops::moe_train::Spans;
@@ -78,7 +80,9 @@ pub struct CudaTrainModel {
     head: usize,
     inv_freq: CudaSlice<f32>,
     attention_factor: f32,
-    mtp_modules: usize,
+    /// The MTP modules and their blocks' router biases (not updated by the trainer).
+    mtp: Vec<MtpW>,
+    mtp_biases: Vec<CudaSlice<f32>>,
 }
 
 impl Drop for CudaTrainModel {
@@ -88,6 +92,63 @@ impl Drop for CudaTrainModel {
             p.w.leak();
             p.g.leak();
         }
+    }
+}
+
+/// The output head over the predicted rows of a layout: logits, softmax cross-entropy, the
+/// head's weight gradient and the hidden states' gradient.
+pub(crate) struct Head<'a> {
+    pub dev: &'a Device,
+    pub mm: &'a Mm,
+    pub dt: DType,
+    pub wb: &'a Act,
+    pub head: usize,
+    pub vocab: usize,
+    pub d: usize,
+}
+
+impl Head<'_> {
+    /// For `normed` (`[n, D]`, rows of `b`): logits at `b`'s predicted rows, cross-entropy
+    /// against its targets (row weights `mask`, gradient `(softmax − onehot)·mask/denom`), the
+    /// head gradient into `grad`. Returns (gradient of `normed` `[n, D]`, zero at rows without a
+    /// target; the per-row losses `[P]`).
+    pub fn ce(
+        &self,
+        normed: &Act,
+        b: &BatchLayout,
+        mask: Option<&CudaSlice<f32>>,
+        denom: f32,
+        grad: &mut Act,
+    ) -> Result<(Act, CudaSlice<f32>)> {
+        let Head { dev, mm, dt, wb, head, vocab: v, d } = *self;
+        let (n, p) = (b.n, b.predicted());
+        let trows = upload(dev, &b.target_rows)?;
+        let targets = upload(dev, &b.targets)?;
+        let inv = upload(dev, &b.inv)?;
+        let mut hp = Act::empty(dev, dt, p * d)?;
+        gather::gather_rows(dev, normed, n, d, &trows, p, d, &mut hp, d)?;
+        let mut logits = Act::empty(dev, DType::F32, p * v)?;
+        mm.run(dev, NT, dims(p, v, d), rd(&hp, 0, d), rd(wb, head, d), wr(&mut logits, 0, v), None)?;
+        let mut dz = Act::empty(dev, DType::F32, p * v)?;
+        let mut row_loss = crate::tensor::empty::<f32>(dev, p)?;
+        tk::cross_entropy(dev, &logits, v, &targets, mask, denom, &mut dz, v, &mut row_loss, v, p)?;
+        drop(logits);
+        let dzb = match dt {
+            DType::Bf16 => {
+                let mut z = Act::empty(dev, dt, p * v)?;
+                elementwise::cast(dev, &dz, &mut z, p * v)?;
+                Some(z)
+            }
+            DType::F32 => None,
+        };
+        let dza = dzb.as_ref().unwrap_or(&dz);
+        // dX = dZ·W (rows of the predicted positions; row p stays zero), dW += dZᵀ·X
+        let mut dhp = Act::zeros(dev, dt, (p + 1) * d)?;
+        mm.run(dev, NN, dims(p, d, v), rd(dza, 0, v), rd(wb, head, d), wr(&mut dhp, 0, d), None)?;
+        mm.run(dev, TN, dims(v, d, p).acc(true), rd(dza, 0, v), rd(&hp, 0, d), wr(grad, head, d), None)?;
+        let mut dnormed = Act::empty(dev, dt, n * d)?;
+        gather::gather_rows(dev, &dhp, p + 1, d, &inv, n, d, &mut dnormed, d)?;
+        Ok((dnormed, row_loss))
     }
 }
 
@@ -123,6 +184,17 @@ impl CudaTrainModel {
                 }
             }
         }
+        let mut n_mtp_bias = 0;
+        let mut mtp = Vec::with_capacity(model.mtp.len());
+        let mut mtp_biases = Vec::new();
+        for (k, m) in model.mtp.iter().enumerate() {
+            mtp.push(MtpW::of(&lay, &cfg, k, m, &mut n_mtp_bias)?);
+            if let Ffn::Moe(moe) = &m.block.ffn {
+                if let Some(bias) = &moe.router.bias {
+                    mtp_biases.push(upload(&dev, bias)?);
+                }
+            }
+        }
         let master_s = upload(&dev, &host)?;
         let grad_s = crate::tensor::zeros::<f32>(&dev, lay.total)?;
         let mut params = Vec::with_capacity(lay.slots.len());
@@ -154,7 +226,8 @@ impl CudaTrainModel {
             head,
             inv_freq,
             attention_factor: model.rope.attention_factor,
-            mtp_modules: model.mtp.len(),
+            mtp,
+            mtp_biases,
         };
         if opts.dtype == DType::Bf16 {
             m.wbf = Some(Act::empty(&dev, DType::Bf16, m.layout.total)?);
@@ -191,11 +264,6 @@ impl CudaTrainModel {
     /// A non-finite loss is an `Error::NonFinite`, found after the backward ran: the gradients
     /// are then polluted (zero them before the next step).
     pub fn pass(&mut self, seqs: &[&[u32]], opts: &PassOptions) -> Result<PassOutput> {
-        if opts.mtp_lambda > 0.0 && self.mtp_modules > 0 {
-            return Err(Error::Unsupported(
-                "GPU training: the MTP loss (mtp_lambda > 0) is not implemented yet".into(),
-            ));
-        }
         let dev = &*self.dev;
         let (v, d, eps) = (self.cfg.vocab_size, self.dm.d, self.dm.eps);
         let dt = self.opts.dtype;
@@ -208,9 +276,6 @@ impl CudaTrainModel {
         }
         let tokens = upload(dev, &b.tokens)?;
         let pos = upload(dev, &b.pos)?;
-        let trows = upload(dev, &b.target_rows)?;
-        let targets = upload(dev, &b.targets)?;
-        let inv = upload(dev, &b.inv)?;
         let mask = match &opts.mask {
             Some(m) => Some(upload(dev, m)?),
             None => None,
@@ -265,43 +330,39 @@ impl CudaTrainModel {
             let wv = View::of(dev, master, self.norm, d)?;
             norm::rmsnorm(dev, &mut x, 0, d, Some((&mut normed, 0, d)), &wv, d, eps, n)?;
         }
-        let mut hp = Act::empty(dev, dt, p * d)?;
-        gather::gather_rows(dev, &normed, n, d, &trows, p, d, &mut hp, d)?;
-        drop(normed);
-        let mut logits = Act::empty(dev, DType::F32, p * v)?;
-        self.mm.run(dev, NT, dims(p, v, d), rd(&hp, 0, d), rd(wb, self.head, d), wr(&mut logits, 0, v), None)?;
         // cross-entropy; its gradient scaled by opts.scale through the denominator
         let counted: f32 = opts.mask.as_ref().map_or(p as f32, |m| m.iter().sum());
         let denom = if counted == 0.0 { 0.0 } else { counted / opts.scale };
-        let mut dz = Act::empty(dev, DType::F32, p * v)?;
-        let mut row_loss = crate::tensor::empty::<f32>(dev, p)?;
-        tk::cross_entropy(dev, &logits, v, &targets, mask.as_ref(), denom, &mut dz, v, &mut row_loss, v, p)?;
-        drop(logits);
-        let dzb = match dt {
-            DType::Bf16 => {
-                let mut z = Act::empty(dev, dt, p * v)?;
-                elementwise::cast(dev, &dz, &mut z, p * v)?;
-                Some(z)
-            }
-            DType::F32 => None,
+        let hd = Head { dev, mm: &self.mm, dt, wb, head: self.head, vocab: v, d };
+        let (mut dnormed, row_loss) = hd.ce(&normed, &b, mask.as_ref(), denom, &mut self.grad)?;
+        let mtp_out = if opts.mtp_lambda > 0.0 && !self.mtp.is_empty() {
+            let inp = MtpIn {
+                dev,
+                mm: &self.mm,
+                dt,
+                master,
+                wb,
+                ones: &ones,
+                inv_freq: &self.inv_freq,
+                attention_factor: self.attention_factor,
+                dm: self.dm,
+                biases: &self.mtp_biases,
+                embed: self.embed,
+                head: self.head,
+                vocab: v,
+                seqs,
+                normed: &normed,
+                n_main: n,
+                lambda: opts.mtp_lambda,
+                scale: opts.scale,
+                seq_alpha: opts.seq_alpha,
+                aux_alpha: opts.aux_alpha,
+            };
+            Some(mtp_pass(&inp, &self.mtp, &mut self.grad, &mut dnormed)?)
+        } else {
+            None
         };
-        let dza = dzb.as_ref().unwrap_or(&dz);
-        // the head: dX = dZ·W (rows of the predicted positions; row p stays zero), dW += dZᵀ·X
-        let mut dhp = Act::zeros(dev, dt, (p + 1) * d)?;
-        self.mm.run(dev, NN, dims(p, d, v), rd(dza, 0, v), rd(wb, self.head, d), wr(&mut dhp, 0, d), None)?;
-        self.mm.run(
-            dev,
-            TN,
-            dims(v, d, p).acc(true),
-            rd(dza, 0, v),
-            rd(&hp, 0, d),
-            wr(&mut self.grad, self.head, d),
-            None,
-        )?;
-        drop((dz, dzb, hp));
-        let mut dnormed = Act::empty(dev, dt, n * d)?;
-        gather::gather_rows(dev, &dhp, p + 1, d, &inv, n, d, &mut dnormed, d)?;
-        drop(dhp);
+        drop(normed);
         let mut dres = Act::empty(dev, dt, n * d)?;
         {
             let wv = View::of(dev, master, self.norm, d)?;
@@ -337,6 +398,26 @@ impl CudaTrainModel {
             loss += t as f64;
         }
         let ce_loss = if counted == 0.0 { 0.0 } else { (loss / counted as f64) as f32 };
+        let sum_terms = |terms: &BalanceTerms| -> Result<f32> {
+            let mut layer = 0f32;
+            for (buf, groups) in terms {
+                let t = download(dev, buf)?;
+                layer += t.iter().fold(0f32, |a, &b| a + b) / *groups as f32;
+            }
+            Ok(layer)
+        };
+        let (mut mtp_loss, mut mtp_bal) = (0f32, 0f32);
+        if let Some(mo) = &mtp_out {
+            // deepest depth first, as core adds them
+            for (rl, count, w) in &mo.ce {
+                let t = download(dev, rl)?;
+                let ce = (t.iter().fold(0f64, |a, &b| a + b as f64) / *count as f64) as f32;
+                mtp_loss += w * ce;
+            }
+            for terms in &mo.bal {
+                mtp_bal += sum_terms(terms)?;
+            }
+        }
         let mut balance_loss = 0f32;
         for terms in &bal {
             let mut layer = 0f32;
@@ -353,7 +434,8 @@ impl CudaTrainModel {
         if !ce_loss.is_finite() {
             return Err(Error::NonFinite(format!("loss is {ce_loss}")));
         }
-        Ok(PassOutput { ce_loss, balance_loss, mtp_loss: 0.0, loads: out_loads, predicted: p })
+        balance_loss += mtp_bal;
+        Ok(PassOutput { ce_loss, balance_loss, mtp_loss, loads: out_loads, predicted: p })
     }
 
     /// After the masters changed (optimizer step, bias update): refreshes whatever is derived

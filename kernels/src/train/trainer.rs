@@ -4,10 +4,11 @@
 //! micro-batch runs one [`CudaTrainModel::pass`] with `scale = counted / total` (its share of the
 //! step's counted positions; one pass per micro-batch: the batch-wise auxiliary loss sees the
 //! whole micro-batch, as one device), then [`CudaTrainer::apply_gradients`]: the global gradient
-//! norm (f64 sums of squares over the gradient arena on the device, one `f64` downloaded), an error without touching the
-//! weights when it is not finite, clipping (`g ← g·clip/norm` when the norm exceeds `clip`),
-//! AdamW at `cfg.schedule.at(step)` through `ops::train::adamw` (bias corrections computed as
-//! core's `AdamW::step` does, so f32 runs agree), weight decay only where `DParam::decays`, the
+//! norm (f64 sums of squares over the gradient arena on the device, one `f64` downloaded), an
+//! error without touching the weights when it is not finite, clipping (`g ← g·clip/norm` over the
+//! arena when the norm exceeds `clip`), AdamW at `cfg.schedule.at(step)` through
+//! `ops::train::adamw` (bias corrections computed as core's `AdamW::step` does, so f32 runs agree)
+//! in one launch per run of consecutive tensors with the same weight decay (`DParam::decays`), the
 //! auxiliary-loss-free bias update from the step's loads (`ops::moe_train::bias_update`, core's
 //! `update_biases` rule), [`CudaTrainModel::refresh`], `step += 1`.
 //!
@@ -21,6 +22,7 @@ use crate::ops::moe_train::bias_update;
 use crate::ops::optim::{scale, sum_f64, sumsq_blocks, sumsq_partials};
 use crate::ops::train::{adamw, AdamStep, Moments};
 use crate::tensor::DType;
+use crate::train::mm::View;
 use cudarc::driver::CudaSlice;
 use dsv3_core::model::block::Ffn;
 use dsv3_core::model::train::PassOptions;
@@ -39,14 +41,43 @@ pub struct CudaTrainer {
     pub cfg: TrainConfig,
     /// Optimizer steps taken.
     pub step: u64,
-    /// AdamW moments, one per `model.params[i]`.
-    moments: Vec<Moments>,
+    /// AdamW over the arenas: maximal runs of consecutive tensors with the same weight decay,
+    /// one launch each (padding between tensors is zero in masters, gradients and moments and
+    /// stays zero), with the runs' moments.
+    runs: Vec<OptRun>,
+    /// The whole gradient arena (the clip scale in one launch).
+    grad_all: View<f32>,
     /// For each `model.biases[j]`: the index of its MoE layer among the main MoE layers (the
     /// order of a pass's `loads`).
     bias_layer: Vec<usize>,
     /// The gradient norm's partial sums (one per chunk of the gradient arena) and their total.
     partial: CudaSlice<f64>,
     sumsq: CudaSlice<f64>,
+}
+
+/// Consecutive tensors `slots` (indices into `model.params`) at arena range `[off, off + len)`,
+/// all decayed or all not: one AdamW launch over views of the masters and gradients, with moments
+/// laid out as that range.
+struct OptRun {
+    slots: std::ops::Range<usize>,
+    off: usize,
+    len: usize,
+    decays: bool,
+    w: View<f32>,
+    g: View<f32>,
+    moments: Moments,
+}
+
+/// Maximal runs of consecutive slots with the same `decays`: `(first, end, decays)`.
+pub fn decay_runs(decays: &[bool]) -> Vec<(usize, usize, bool)> {
+    let mut out: Vec<(usize, usize, bool)> = Vec::new();
+    for (i, &d) in decays.iter().enumerate() {
+        match out.last_mut() {
+            Some(r) if r.2 == d => r.1 = i + 1,
+            _ => out.push((i, i + 1, d)),
+        }
+    }
+    out
 }
 
 /// The scalars of one AdamW update of a tensor, computed exactly as
@@ -136,40 +167,55 @@ impl CudaTrainer {
             }
         }
         let s = &dev.stream;
-        let mut moments = Vec::with_capacity(model.params.len());
-        for (i, p) in model.params.iter().enumerate() {
-            let n = p.w.len();
-            let mo = match (opt.bf16_moments, resumed) {
-                (false, false) => Moments::F32 {
-                    m: s.alloc_zeros::<f32>(n).map_err(|e| cuda_err("alloc", e))?,
-                    v: s.alloc_zeros::<f32>(n).map_err(|e| cuda_err("alloc", e))?,
-                },
-                (false, true) => Moments::F32 {
-                    m: s.clone_htod(&opt.m[i]).map_err(|e| cuda_err("upload", e))?,
-                    v: s.clone_htod(&opt.v[i]).map_err(|e| cuda_err("upload", e))?,
-                },
-                (true, false) => Moments::Bf16 {
-                    m: s.alloc_zeros::<bf16>(n).map_err(|e| cuda_err("alloc", e))?,
-                    v: s.alloc_zeros::<bf16>(n).map_err(|e| cuda_err("alloc", e))?,
-                },
-                (true, true) => {
-                    // core keeps bf16 moments rounded in f32 vectors: the conversion is exact
-                    let to = |x: &[f32]| x.iter().map(|&y| bf16::from_f32(y)).collect::<Vec<_>>();
-                    Moments::Bf16 {
-                        m: s.clone_htod(&to(&opt.m[i])).map_err(|e| cuda_err("upload", e))?,
-                        v: s.clone_htod(&to(&opt.v[i])).map_err(|e| cuda_err("upload", e))?,
-                    }
-                }
-            };
-            moments.push(mo);
+        let slots = &model.layout().slots;
+        if slots.len() != model.params.len() || slots.iter().zip(&model.params).any(|(a, p)| a.name != p.name) {
+            return Err(Error::Input("GPU training: the arena layout does not list the parameters".into()));
         }
+        let mut runs = Vec::new();
+        for (first, end, decays) in decay_runs(&slots.iter().map(|x| x.decays).collect::<Vec<_>>()) {
+            let off = slots[first].off;
+            let len = slots[end - 1].off + slots[end - 1].len - off;
+            // a resumed run's moments laid out as the arena range (padding zero)
+            let host = |all: &[Vec<f32>]| {
+                let mut h = vec![0f32; len];
+                for k in first..end {
+                    let o = slots[k].off - off;
+                    h[o..o + slots[k].len].copy_from_slice(&all[k]);
+                }
+                h
+            };
+            let up = |v: Vec<f32>| s.clone_htod(&v).map_err(|e| cuda_err("upload", e));
+            let up16 = |v: Vec<f32>| {
+                // core keeps bf16 moments rounded in f32 vectors: the conversion is exact
+                let b: Vec<bf16> = v.into_iter().map(bf16::from_f32).collect();
+                s.clone_htod(&b).map_err(|e| cuda_err("upload", e))
+            };
+            let zeros = || s.alloc_zeros::<f32>(len).map_err(|e| cuda_err("alloc", e));
+            let zeros16 = || s.alloc_zeros::<bf16>(len).map_err(|e| cuda_err("alloc", e));
+            let moments = match (opt.bf16_moments, resumed) {
+                (false, false) => Moments::F32 { m: zeros()?, v: zeros()? },
+                (false, true) => Moments::F32 { m: up(host(&opt.m))?, v: up(host(&opt.v))? },
+                (true, false) => Moments::Bf16 { m: zeros16()?, v: zeros16()? },
+                (true, true) => Moments::Bf16 { m: up16(host(&opt.m))?, v: up16(host(&opt.v))? },
+            };
+            runs.push(OptRun {
+                slots: first..end,
+                off,
+                len,
+                decays,
+                w: View::of(&dev, model.masters(), off, len)?,
+                g: View::of(&dev, model.grads(), off, len)?,
+                moments,
+            });
+        }
+        let grad_all = View::of(&dev, model.grads(), 0, model.grads().len())?;
         opt.names = model.params.iter().map(|p| p.name.clone()).collect();
         opt.m = Vec::new();
         opt.v = Vec::new();
         let partial =
             s.alloc_zeros::<f64>(sumsq_blocks(model.grads().len()).max(1)).map_err(|e| cuda_err("alloc", e))?;
         let sumsq = s.alloc_zeros::<f64>(1).map_err(|e| cuda_err("alloc", e))?;
-        Ok(CudaTrainer { model, opt, cfg: tr.cfg.clone(), step: tr.step, moments, bias_layer, partial, sumsq })
+        Ok(CudaTrainer { model, opt, cfg: tr.cfg.clone(), step: tr.step, runs, grad_all, bias_layer, partial, sumsq })
     }
 
     /// A fresh trainer: `Trainer::new(model, opt, cfg)` uploaded with [`CudaTrainer::new`].
@@ -271,17 +317,14 @@ impl CudaTrainer {
         let bias_loads = self.bias_loads(loads)?;
         let dev = self.model.dev.clone();
         if let Some(f) = clip_factor(self.cfg.clip_norm, grad_norm) {
-            for p in self.model.params.iter_mut() {
-                let n = p.g.len();
-                scale(&dev, &mut p.g, n, f)?;
-            }
+            let n = self.grad_all.len();
+            scale(&dev, &mut self.grad_all, n, f)?;
         }
         let lr = self.cfg.schedule.at(self.step);
         self.opt.t += 1;
-        for (p, mo) in self.model.params.iter_mut().zip(self.moments.iter_mut()) {
-            let s = adam_scalars(&self.opt, self.opt.t, lr, p.decays);
-            let n = p.w.len();
-            adamw(&dev, &mut p.w, &p.g, mo, n, &s)?;
+        for r in self.runs.iter_mut() {
+            let s = adam_scalars(&self.opt, self.opt.t, lr, r.decays);
+            adamw(&dev, &mut r.w, &r.g, &mut r.moments, r.len, &s)?;
         }
         // auxiliary-loss-free balancing (`Trainer::update_biases`): b_i += γ·sign(mean − load_i)
         for (j, load) in bias_loads {
@@ -326,17 +369,25 @@ impl CudaTrainer {
         tr.model.requantize();
         let s = &self.model.dev.stream;
         let (mut m, mut v) = (Vec::new(), Vec::new());
-        for mo in &self.moments {
-            match mo {
-                Moments::F32 { m: a, v: b } => {
-                    m.push(s.clone_dtoh(a).map_err(|e| cuda_err("download", e))?);
-                    v.push(s.clone_dtoh(b).map_err(|e| cuda_err("download", e))?);
-                }
+        let slots = &self.model.layout().slots;
+        for r in &self.runs {
+            let (a, b) = match &r.moments {
+                Moments::F32 { m: a, v: b } => (
+                    s.clone_dtoh(a).map_err(|e| cuda_err("download", e))?,
+                    s.clone_dtoh(b).map_err(|e| cuda_err("download", e))?,
+                ),
                 Moments::Bf16 { m: a, v: b } => {
                     let f = |x: Vec<bf16>| x.into_iter().map(bf16::to_f32).collect::<Vec<f32>>();
-                    m.push(f(s.clone_dtoh(a).map_err(|e| cuda_err("download", e))?));
-                    v.push(f(s.clone_dtoh(b).map_err(|e| cuda_err("download", e))?));
+                    (
+                        f(s.clone_dtoh(a).map_err(|e| cuda_err("download", e))?),
+                        f(s.clone_dtoh(b).map_err(|e| cuda_err("download", e))?),
+                    )
                 }
+            };
+            for k in r.slots.clone() {
+                let o = slots[k].off - r.off;
+                m.push(a[o..o + slots[k].len].to_vec());
+                v.push(b[o..o + slots[k].len].to_vec());
             }
         }
         self.model.dev.sync()?;

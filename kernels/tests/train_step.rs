@@ -81,7 +81,7 @@ fn assert_step_close(g: &StepMetrics, c: &StepMetrics, tol: f32, what: &str) {
     assert!(rel(g.loss, c.loss) <= tol, "{what}: loss {} vs CPU {}", g.loss, c.loss);
     assert!(rel(g.grad_norm, c.grad_norm) <= tol, "{what}: grad norm {} vs CPU {}", g.grad_norm, c.grad_norm);
     assert!(
-        (g.balance_loss - c.balance_loss).abs() <= tol * c.balance_loss.abs().max(1e-3),
+        (g.balance_loss - c.balance_loss).abs() <= tol * c.balance_loss.abs().max(1e-2),
         "{what}: balance loss {} vs CPU {}",
         g.balance_loss,
         c.balance_loss

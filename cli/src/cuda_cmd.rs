@@ -186,11 +186,7 @@ pub fn bench_train(
     let active = model.active_params();
     let mut rng = dsv3_core::rng::Rng::new(seed);
     let v = model.cfg.vocab_size as u64;
-    let mut cfg = TrainConfig { schedule: LrSchedule::Constant { lr: 1e-4 }, ..Default::default() };
-    if !model.mtp.is_empty() {
-        eprintln!("note: the GPU pass has no MTP loss yet; timing the main model's loss (MTP modules idle)");
-        cfg.mtp_lambda = 0.0;
-    }
+    let cfg = TrainConfig { schedule: LrSchedule::Constant { lr: 1e-4 }, ..Default::default() };
     let mut tr = CudaTrainer::from_model(dev.clone(), model, AdamW::deepseek_v3(), cfg, dtype)?;
     let mut step = |rng: &mut dsv3_core::rng::Rng| -> Result<f64> {
         let seqs = (0..batch).map(|_| (0..seq_len).map(|_| rng.below(v) as u32).collect()).collect();

@@ -25,7 +25,16 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A fixture, or `tiny_mtp`: the tiny preset with one MTP module (random weights).
 fn load(name: &str) -> Model {
+    if name == "tiny_mtp" {
+        let mut c = dsv3_core::presets::preset("tiny").unwrap();
+        c.num_nextn_predict_layers = 1;
+        let mut store = dsv3_core::weights::TensorStore::new();
+        let t = dsv3_core::weights::init::random_checkpoint(&c, 4, 0.02);
+        store.add_bytes(dsv3_core::weights::write::to_bytes(&t).unwrap(), "<init>").unwrap();
+        return Model::from_store(c, store, LoadOptions::default()).unwrap();
+    }
     Model::load(&fixture(name), LoadOptions::default()).unwrap()
 }
 
@@ -85,6 +94,12 @@ fn assert_step_close(g: &StepMetrics, c: &StepMetrics, tol: f32, what: &str) {
         "{what}: balance loss {} vs CPU {}",
         g.balance_loss,
         c.balance_loss
+    );
+    assert!(
+        (g.mtp_loss - c.mtp_loss).abs() <= tol * c.mtp_loss.abs().max(1e-2),
+        "{what}: MTP loss {} vs CPU {}",
+        g.mtp_loss,
+        c.mtp_loss
     );
     assert_eq!(g.lr, c.lr, "{what}: lr");
     assert_eq!((g.tokens, g.predicted), (c.tokens, c.predicted), "{what}: tokens");
@@ -163,6 +178,7 @@ fn host_step_scalars_match_core() {
     let with_bias = biases(&g).len();
     assert!(with_bias > 0, "v3_group has router correction biases");
     assert_eq!(bias_layers(&g).len(), with_bias);
+    assert_eq!(load("tiny_mtp").mtp.len(), 1, "the MTP case has its module");
 }
 
 fn core_trainer(name: &str, bf16_moments: bool) -> Trainer {
@@ -226,7 +242,8 @@ fn f32_steps_match_the_cpu_trainer() {
     if device("f32_steps_match_the_cpu_trainer").is_none() {
         return;
     }
-    for name in ["v3_tiny", "v3_group"] {
+    // tiny_mtp: the MTP loss (λ = 0.3) in the step, its modules' tensors in AdamW
+    for name in ["v3_tiny", "v3_group", "tiny_mtp"] {
         run_both(name, false, 3);
     }
 }

@@ -41,6 +41,7 @@ macro_rules! ptx_modules {
 
 ptx_modules!(
     "attn",
+    "attn_train",
     "elementwise",
     "embed",
     "fp8gemm",

@@ -10,6 +10,8 @@
 //!   `A · B` and `Aᵀ · B` (the backward products).
 //! - [`mla`]: absorbed MLA attention over the latent cache, cache append.
 //! - [`attn`]: flash attention for prefill (causal, query-tiled, bf16 tensor cores).
+//! - [`attn_train`]: flash attention for training: the forward with the log-sum-exp and the
+//!   deterministic FlashAttention-2 backward (dQ, dK, dV).
 //! - [`moe`]: router, dispatch plan, combine. [`sampling`]: argmax, softmax, sampling
 //!   (temperature / top-k / top-p, as the CPU `Sampler`).
 //! - [`moe_train`]: MoE backward (combine, dispatch, routing weights into the router logits), the
@@ -19,6 +21,7 @@
 //!   RMSNorm, SwiGLU, RoPE, the embedding and softmax cross-entropy; causal attention
 //!   probabilities and their backward.
 pub mod attn;
+pub mod attn_train;
 pub mod elementwise;
 pub mod fp8;
 pub mod gather;
@@ -108,6 +111,17 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("attn", "attn_fwd_m2d128"),
     ("attn", "attn_fwd_m2d64s3"),
     ("attn", "attn_fwd_m2d128s3"),
+    ("attn_train", "flash_fwd_train_bf16_k64v64"),
+    ("attn_train", "flash_bwd_dkdv_bf16_k64v64"),
+    ("attn_train", "flash_bwd_dq_bf16_k64v64"),
+    ("attn_train", "flash_fwd_train_bf16_k128v128"),
+    ("attn_train", "flash_bwd_dkdv_bf16_k128v128"),
+    ("attn_train", "flash_bwd_dq_bf16_k128v128"),
+    ("attn_train", "flash_fwd_train_bf16_k192v128"),
+    ("attn_train", "flash_bwd_dkdv_bf16_k192v128"),
+    ("attn_train", "flash_bwd_dq_bf16_k192v128"),
+    ("attn_train", "flash_bwd_preprocess"),
+    ("attn_train", "flash_bwd_dkpe_reduce"),
     ("moe", "moe_route"),
     ("moe", "moe_plan"),
     ("moe", "moe_route_plan"),
@@ -153,6 +167,7 @@ pub(crate) enum KArg {
     Fp8Gemm(fp8::Fp8GemmArgs),
     Mla(mla::MlaArgs),
     Attn(attn::AttnArgs),
+    AttnTrain(attn_train::FlashTrainArgs),
 }
 
 /// A size as a kernel's `int`.
@@ -211,6 +226,7 @@ pub(crate) fn launch_smem(
             KArg::Fp8Gemm(v) => b.arg(v),
             KArg::Mla(v) => b.arg(v),
             KArg::Attn(v) => b.arg(v),
+            KArg::AttnTrain(v) => b.arg(v),
         };
     }
     // SAFETY: the launchers check every buffer length against the shapes the kernel reads and

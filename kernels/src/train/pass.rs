@@ -197,6 +197,10 @@ impl CudaTrainModel {
         }
         let master_s = upload(&dev, &host)?;
         let grad_s = crate::tensor::zeros::<f32>(&dev, lay.total)?;
+        let mm = Mm::new(&dev, opts.dtype)?;
+        let inv_freq = upload(&dev, &model.rope.inv_freq)?;
+        // the parameter views last, after every fallible step: dropped on an error path they
+        // would free (parts of) the arenas (only `CudaTrainModel`'s Drop releases them)
         let mut params = Vec::with_capacity(lay.slots.len());
         for s in &lay.slots {
             params.push(DParam {
@@ -206,8 +210,6 @@ impl CudaTrainModel {
                 decays: s.decays,
             });
         }
-        let mm = Mm::new(&dev, opts.dtype)?;
-        let inv_freq = upload(&dev, &model.rope.inv_freq)?;
         let mut m = CudaTrainModel {
             dev: dev.clone(),
             cfg,

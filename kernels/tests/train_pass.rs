@@ -106,7 +106,7 @@ fn f32_pass_matches_the_cpu_oracle_on_every_fixture() {
     let Some(dev) = device("f32_pass_matches_the_cpu_oracle_on_every_fixture") else { return };
     for name in FIXTURES {
         let model = load(name);
-        let mut gm = CudaTrainModel::new(dev.clone(), &model, TrainOptions { dtype: DType::F32 }).unwrap();
+        let mut gm = CudaTrainModel::new(dev.clone(), &model, TrainOptions::new(DType::F32)).unwrap();
         for (ci, (case, passes)) in cases().into_iter().enumerate() {
             let (co, cg, go, gg) = run_case(&model, &mut gm, &passes, 100 + ci as u64);
             for (c, g) in co.iter().zip(&go) {
@@ -159,7 +159,7 @@ fn bf16_pass_is_close_to_the_cpu_oracle() {
     let mut failures = Vec::new();
     for name in FIXTURES {
         let model = load(name);
-        let mut gm = CudaTrainModel::new(dev.clone(), &model, TrainOptions { dtype: DType::Bf16 }).unwrap();
+        let mut gm = CudaTrainModel::new(dev.clone(), &model, TrainOptions::new(DType::Bf16)).unwrap();
         for (ci, (case, passes)) in cases().into_iter().enumerate() {
             let (co, cg, go, gg) = run_case(&model, &mut gm, &passes, 200 + ci as u64);
             for (c, g) in co.iter().zip(&go) {
@@ -199,7 +199,7 @@ fn download_round_trips_the_weights_and_biases() {
     for name in ["v3_group", "v3_qnull", "v2_lite"] {
         let model = load(name);
         for dtype in [DType::F32, DType::Bf16] {
-            let gm = CudaTrainModel::new(dev.clone(), &model, TrainOptions { dtype }).unwrap();
+            let gm = CudaTrainModel::new(dev.clone(), &model, TrainOptions::new(dtype)).unwrap();
             assert_eq!(
                 gm.params.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
                 tensors(&model).into_iter().map(|t| t.0).collect::<Vec<_>>()
@@ -235,7 +235,7 @@ fn download_round_trips_the_weights_and_biases() {
 fn zero_grads_clears_and_bad_inputs_are_errors() {
     let Some(dev) = device("zero_grads_clears_and_bad_inputs_are_errors") else { return };
     let model = load("v3_tiny");
-    let mut gm = CudaTrainModel::new(dev.clone(), &model, TrainOptions { dtype: DType::F32 }).unwrap();
+    let mut gm = CudaTrainModel::new(dev.clone(), &model, TrainOptions::new(DType::F32)).unwrap();
     let s = random_seqs(model.cfg.vocab_size, &[6, 4], 5);
     gm.pass(&refs(&s), &PassOptions::default()).unwrap();
     let g = dsv3_kernels::tensor::download(&dev, gm.grads()).unwrap();

@@ -230,6 +230,8 @@ pub(crate) struct Cx<'a> {
     pub seq_alpha: f32,
     pub aux_alpha: f32,
     pub scale: f32,
+    /// The FP8 copies of the FP8 linears (`TrainOptions::precision == Fp8`; `train/fp8.rs`).
+    pub fp8: Option<&'a super::fp8::Fp8Weights>,
 }
 
 /// A layer's saved activations.
@@ -292,6 +294,12 @@ impl Cx<'_> {
     /// `y (+)= x·Wᵀ + b` for `m` rows.
     pub(crate) fn lin(&self, x: Rd, m: usize, l: &LinW, y: Wr, acc: bool) -> Result<()> {
         let d = dims(m, l.out, l.inp).acc(acc);
+        if self.fp8_slot(l.w).is_some() {
+            return match l.bias {
+                Some(b) => self.fp8_lin_bias(x, d, l.w, l.inp, b, y),
+                None => self.wmm(NT, d, x, l.w, l.inp, y),
+            };
+        }
         match (l.bias, self.dt) {
             (None, _) => self.mm.run(self.dev, NT, d, x, self.wt(l.w, l.inp), y, None),
             (Some(b), DType::Bf16) => {
@@ -309,12 +317,12 @@ impl Cx<'_> {
 
     /// Backward of [`Cx::lin`]: `dW += dyᵀ·x`, `db += Σ dy`, `dx (+)= dy·W`.
     pub(crate) fn lin_bwd(&self, x: Rd, dy: Rd, m: usize, l: &LinW, g: &mut Act, dx: Option<(Wr, bool)>) -> Result<()> {
-        self.mm.run(self.dev, TN, dims(l.out, l.inp, m).acc(true), dy, x, wr(g, l.w, l.inp), None)?;
+        self.wgrad(dims(l.out, l.inp, m).acc(true), dy, x, wr(g, l.w, l.inp))?;
         if let Some(b) = l.bias {
             self.mm.run(self.dev, TN, dims(l.out, 1, m).acc(true), dy, rd(self.ones, 0, 1), wr(g, b, 1), None)?;
         }
         if let Some((dx, acc)) = dx {
-            self.mm.run(self.dev, NN, dims(m, l.inp, l.out).acc(acc), dy, self.wt(l.w, l.inp), dx, None)?;
+            self.wmm(NN, dims(m, l.inp, l.out).acc(acc), dy, l.w, l.inp, dx)?;
         }
         Ok(())
     }
@@ -572,11 +580,11 @@ impl Cx<'_> {
     fn mlp_fwd(&self, w: &MlpW, x: Rd, m: usize, out: Wr, acc: bool) -> Result<MlpSaved> {
         let (d, i) = (self.dm.d, w.inter);
         let mut gu = self.act(m * 2 * i)?;
-        self.mm.run(self.dev, NT, dims(m, i, d), x, self.wt(w.gate, d), wr(&mut gu, 0, 2 * i), None)?;
-        self.mm.run(self.dev, NT, dims(m, i, d), x, self.wt(w.up, d), wr(&mut gu, i, 2 * i), None)?;
+        self.wmm(NT, dims(m, i, d), x, w.gate, d, wr(&mut gu, 0, 2 * i))?;
+        self.wmm(NT, dims(m, i, d), x, w.up, d, wr(&mut gu, i, 2 * i))?;
         let mut a = self.act(m * i)?;
         elementwise::swiglu(self.dev, &gu, 2 * i, &mut a, i, i, m)?;
-        self.mm.run(self.dev, NT, dims(m, d, i).acc(acc), rd(&a, 0, i), self.wt(w.down, i), out, None)?;
+        self.wmm(NT, dims(m, d, i).acc(acc), rd(&a, 0, i), w.down, i, out)?;
         Ok(MlpSaved { gu, a })
     }
 
@@ -585,17 +593,17 @@ impl Cx<'_> {
     fn mlp_bwd(&self, w: &MlpW, x: Rd, m: usize, s: &MlpSaved, dy: Rd, g: &mut Act, dx: Wr, acc: bool) -> Result<()> {
         let (d, i) = (self.dm.d, w.inter);
         let mut da = self.act(m * i)?;
-        self.mm.run(self.dev, NN, dims(m, i, d), dy, self.wt(w.down, i), wr(&mut da, 0, i), None)?;
-        self.mm.run(self.dev, TN, dims(d, i, m).acc(true), dy, rd(&s.a, 0, i), wr(g, w.down, i), None)?;
+        self.wmm(NN, dims(m, i, d), dy, w.down, i, wr(&mut da, 0, i))?;
+        self.wgrad(dims(d, i, m).acc(true), dy, rd(&s.a, 0, i), wr(g, w.down, i))?;
         let mut dgu = self.act(m * 2 * i)?;
         tk::swiglu_backward(self.dev, &s.gu, 2 * i, &da, i, &mut dgu, 2 * i, i, m)?;
         let (dxb, dxo, dxl) = (dx.buf, dx.off, dx.ld);
         let dgr = rd(&dgu, 0, 2 * i);
         let dur = rd(&dgu, i, 2 * i);
-        self.mm.run(self.dev, NN, dims(m, d, i).acc(acc), dgr, self.wt(w.gate, d), wr(&mut *dxb, dxo, dxl), None)?;
-        self.mm.run(self.dev, NN, dims(m, d, i).acc(true), dur, self.wt(w.up, d), wr(dxb, dxo, dxl), None)?;
-        self.mm.run(self.dev, TN, dims(i, d, m).acc(true), dgr, x, wr(g, w.gate, d), None)?;
-        self.mm.run(self.dev, TN, dims(i, d, m).acc(true), dur, x, wr(g, w.up, d), None)
+        self.wmm(NN, dims(m, d, i).acc(acc), dgr, w.gate, d, wr(&mut *dxb, dxo, dxl))?;
+        self.wmm(NN, dims(m, d, i).acc(true), dur, w.up, d, wr(dxb, dxo, dxl))?;
+        self.wgrad(dims(i, d, m).acc(true), dgr, x, wr(g, w.gate, d))?;
+        self.wgrad(dims(i, d, m).acc(true), dur, x, wr(g, w.up, d))
     }
 
     /// MoE forward from `h2`: adds the shared and routed experts' outputs into `out`.
@@ -610,10 +618,15 @@ impl Cx<'_> {
         let bias = m.bias.map(|b| &self.biases[b]);
         moe::route(self.dev, f32_of(&logits)?, n, bias, &m.cfg, &mut idx, &mut w)?;
         let mut plan = Plan::new(self.dev, e, nk)?;
-        moe::plan(self.dev, &idx, n, k, e, &mut plan)?;
-        let host_ro = match self.dt {
-            DType::F32 => Some(download(self.dev, &plan.row_offsets)?),
-            DType::Bf16 => None,
+        let host_ro = if self.fp8.is_some() {
+            // FP8: core's row order per expert (the Wgrad's 128-token tiles), host offsets
+            Some(super::fp8::plan_in_token_order(self.dev, &idx, nk, k, e, &mut plan)?)
+        } else {
+            moe::plan(self.dev, &idx, n, k, e, &mut plan)?;
+            match self.dt {
+                DType::F32 => Some(download(self.dev, &plan.row_offsets)?),
+                DType::Bf16 => None,
+            }
         };
         let mut xe = self.act(nk * d)?;
         gather::gather_rows(self.dev, h2, n, d, &plan.src_row, nk, d, &mut xe, d)?;
@@ -624,16 +637,15 @@ impl Cx<'_> {
             host: host_ro.as_deref(),
             groups: e,
         };
-        let ex = &m.experts;
-        let wst = |off: usize, ld: usize| Rd { buf: self.wb, off, ld, st: ex.stride };
+        let (ex, st) = (&m.experts, m.experts.stride);
         let mut gu = self.act(nk * 2 * i)?;
         let dd = dims(nk, i, d);
-        self.mm.grouped(self.dev, NT, dd, rd(&xe, 0, d), wst(ex.gate, d), wr(&mut gu, 0, 2 * i), &gr)?;
-        self.mm.grouped(self.dev, NT, dd, rd(&xe, 0, d), wst(ex.up, d), wr(&mut gu, i, 2 * i), &gr)?;
+        self.gwmm(NT, dd, rd(&xe, 0, d), ex.gate, d, st, wr(&mut gu, 0, 2 * i), &gr)?;
+        self.gwmm(NT, dd, rd(&xe, 0, d), ex.up, d, st, wr(&mut gu, i, 2 * i), &gr)?;
         let mut a = self.act(nk * i)?;
         elementwise::swiglu(self.dev, &gu, 2 * i, &mut a, i, i, nk)?;
         let mut ye = self.act(nk * d)?;
-        self.mm.grouped(self.dev, NT, dims(nk, d, i), rd(&a, 0, i), wst(ex.down, i), wr(&mut ye, 0, d), &gr)?;
+        self.gwmm(NT, dims(nk, d, i), rd(&a, 0, i), ex.down, i, st, wr(&mut ye, 0, d), &gr)?;
         let (shared, sh) = match &m.shared {
             Some(sw) => {
                 let mut sh = self.act(n * d)?;
@@ -674,24 +686,23 @@ impl Cx<'_> {
             host: s.host_ro.as_deref(),
             groups: e,
         };
-        let ex = &m.experts;
-        let wst = |off: usize, ld: usize| Rd { buf: self.wb, off, ld, st: ex.stride };
+        let (ex, st) = (&m.experts, m.experts.stride);
         fn gst(g: &mut Act, off: usize, ld: usize, st: usize) -> Wr<'_> {
             Wr { buf: g, off, ld, st }
         }
         let mut dae = self.act(nk * i)?;
-        self.mm.grouped(self.dev, NN, dims(nk, i, d), rd(&dye, 0, d), wst(ex.down, i), wr(&mut dae, 0, i), &gr)?;
+        self.gwmm(NN, dims(nk, i, d), rd(&dye, 0, d), ex.down, i, st, wr(&mut dae, 0, i), &gr)?;
         let dwd = dims(d, i, nk).acc(true);
-        self.mm.grouped(self.dev, TN, dwd, rd(&dye, 0, d), rd(&s.e.a, 0, i), gst(g, ex.down, i, ex.stride), &gr)?;
+        self.gwgrad(dwd, rd(&dye, 0, d), rd(&s.e.a, 0, i), gst(g, ex.down, i, st), &gr)?;
         let mut dgu = self.act(nk * 2 * i)?;
         tk::swiglu_backward(self.dev, &s.e.gu, 2 * i, &dae, i, &mut dgu, 2 * i, i, nk)?;
         let mut dxe = self.act(nk * d)?;
         let (dgr, dur) = (rd(&dgu, 0, 2 * i), rd(&dgu, i, 2 * i));
-        self.mm.grouped(self.dev, NN, dims(nk, d, i), dgr, wst(ex.gate, d), wr(&mut dxe, 0, d), &gr)?;
-        self.mm.grouped(self.dev, NN, dims(nk, d, i).acc(true), dur, wst(ex.up, d), wr(&mut dxe, 0, d), &gr)?;
+        self.gwmm(NN, dims(nk, d, i), dgr, ex.gate, d, st, wr(&mut dxe, 0, d), &gr)?;
+        self.gwmm(NN, dims(nk, d, i).acc(true), dur, ex.up, d, st, wr(&mut dxe, 0, d), &gr)?;
         let dwg = dims(i, d, nk).acc(true);
-        self.mm.grouped(self.dev, TN, dwg, dgr, rd(&s.xe, 0, d), gst(g, ex.gate, d, ex.stride), &gr)?;
-        self.mm.grouped(self.dev, TN, dwg, dur, rd(&s.xe, 0, d), gst(g, ex.up, d, ex.stride), &gr)?;
+        self.gwgrad(dwg, dgr, rd(&s.xe, 0, d), gst(g, ex.gate, d, st), &gr)?;
+        self.gwgrad(dwg, dur, rd(&s.xe, 0, d), gst(g, ex.up, d, st), &gr)?;
         moe_train::dispatch_backward(self.dev, &dxe, &s.plan, dh2, n, k, d, m.shared.is_some())?;
         // through the routing weights and the balance losses into the router logits
         let logits = f32_of(&s.logits)?;

@@ -62,6 +62,8 @@ pub(crate) struct MtpIn<'a> {
     pub scale: f32,
     pub seq_alpha: f32,
     pub aux_alpha: f32,
+    /// The FP8 copies (FP8 precision): the MTP blocks' linears are FP8 as the decoder's.
+    pub fp8: Option<&'a super::fp8::Fp8Weights>,
 }
 
 /// The MTP pass's results, still on the device: per depth (deepest first) the head's per-row
@@ -112,6 +114,7 @@ fn cx_of<'a>(
         seq_alpha: inp.seq_alpha,
         aux_alpha: inp.aux_alpha,
         scale: inp.scale,
+        fp8: inp.fp8,
     }
 }
 

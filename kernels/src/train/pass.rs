@@ -19,6 +19,7 @@
 //! before the main backward, as core's `mtp_pass` (`train/mtp.rs`); the MTP blocks' router
 //! biases stay as loaded (only the main layers' biases are in [`CudaTrainModel::biases`]).
 use super::block::{loads, BalanceTerms, Cx, Dimsm, FfnW, LayerW};
+use super::fp8::{fp8_linears, Fp8Layout, Fp8Weights};
 use super::layout::{ArenaLayout, BatchLayout};
 use super::mm::{dims, f32_of, rd, wr, ActView, Mm, View};
 use super::mtp::{mtp_pass, MtpIn, MtpW};
@@ -29,6 +30,7 @@ use crate::ops::{elementwise, gather, norm, train as tk};
 use crate::tensor::{download, upload, Act, DType};
 use cudarc::driver::CudaSlice;
 use dsv3_core::model::block::Ffn;
+use dsv3_core::model::linear::Precision;
 use dsv3_core::model::train::{PassOptions, PassOutput};
 use dsv3_core::model::Model;
 use dsv3_core::{Error, Result};
@@ -40,6 +42,18 @@ pub struct TrainOptions {
     /// `F32`: f32 activations and GEMMs (the CPU oracle's math, to ~1e-4); `Bf16`: bf16
     /// activations and tensor-core GEMMs over bf16 copies of the f32 masters.
     pub dtype: DType,
+    /// GEMM precision of the decoder's linear layers (the set core's `Model::set_precision`
+    /// sets): `F32` runs them in the dtype's GEMMs; `Fp8` in DeepSeek-V3's FP8 recipe as core's
+    /// `Precision::Fp8` (`train/fp8.rs`), the other GEMMs staying in the dtype's. `Bf16` is
+    /// refused (the bf16 dtype is the GPU's bf16 mode).
+    pub precision: Precision,
+}
+
+impl TrainOptions {
+    /// `dtype` with the dtype's GEMMs everywhere.
+    pub fn new(dtype: DType) -> TrainOptions {
+        TrainOptions { dtype, precision: Precision::F32 }
+    }
 }
 
 /// One trainable tensor on the device, in `Model::visit` order with its checkpoint name.
@@ -83,6 +97,8 @@ pub struct CudaTrainModel {
     /// The MTP modules and their blocks' router biases (not updated by the trainer).
     mtp: Vec<MtpW>,
     mtp_biases: Vec<CudaSlice<f32>>,
+    /// FP8 precision: the FP8 linears' quantized copies (refreshed from the masters).
+    fp8: Option<Fp8Weights>,
 }
 
 impl Drop for CudaTrainModel {
@@ -162,6 +178,12 @@ impl CudaTrainModel {
     pub fn new(dev: Arc<Device>, model: &Model, opts: TrainOptions) -> Result<CudaTrainModel> {
         let cfg = model.cfg.clone();
         let dm = Dimsm::of(&cfg);
+        if opts.precision == Precision::Bf16 {
+            return Err(Error::Unsupported(
+                "GPU training: linear precision bf16 is the bf16 dtype's GEMMs (TrainOptions::dtype); use F32 or Fp8"
+                    .into(),
+            ));
+        }
         if dm.dr == 0 || !dm.dr.is_multiple_of(2) || dm.dr / 2 > 128 {
             return Err(Error::Unsupported(format!("GPU training: qk_rope_head_dim {} (even, <= 256)", dm.dr)));
         }
@@ -198,6 +220,10 @@ impl CudaTrainModel {
         let master_s = upload(&dev, &host)?;
         let grad_s = crate::tensor::zeros::<f32>(&dev, lay.total)?;
         let mm = Mm::new(&dev, opts.dtype)?;
+        let fp8 = match opts.precision {
+            Precision::Fp8 => Some(Fp8Weights::new(&dev, Fp8Layout::new(&lay, &fp8_linears(model))?)?),
+            _ => None,
+        };
         let inv_freq = upload(&dev, &model.rope.inv_freq)?;
         // the parameter views last, after every fallible step: dropped on an error path they
         // would free (parts of) the arenas (only `CudaTrainModel`'s Drop releases them)
@@ -230,6 +256,7 @@ impl CudaTrainModel {
             attention_factor: model.rope.attention_factor,
             mtp,
             mtp_biases,
+            fp8,
         };
         if opts.dtype == DType::Bf16 {
             m.wbf = Some(Act::empty(&dev, DType::Bf16, m.layout.total)?);
@@ -314,6 +341,7 @@ impl CudaTrainModel {
             seq_alpha: opts.seq_alpha,
             aux_alpha: opts.aux_alpha,
             scale: opts.scale,
+            fp8: self.fp8.as_ref(),
         };
         // forward
         let mut x = Act::empty(dev, dt, n * d)?;
@@ -359,6 +387,7 @@ impl CudaTrainModel {
                 scale: opts.scale,
                 seq_alpha: opts.seq_alpha,
                 aux_alpha: opts.aux_alpha,
+                fp8: self.fp8.as_ref(),
             };
             Some(mtp_pass(&inp, &self.mtp, &mut self.grad, &mut dnormed)?)
         } else {
@@ -441,12 +470,21 @@ impl CudaTrainModel {
     }
 
     /// After the masters changed (optimizer step, bias update): refreshes whatever is derived
-    /// from them (bf16 working copies; one cast over the arena).
+    /// from them (bf16 working copies: one cast over the arena; FP8 precision: the FP8 linears
+    /// re-quantized from the f32 masters in 128x128 blocks, W and Wᵀ, as core's `requantize`).
     pub fn refresh(&mut self) -> Result<()> {
         if let Some(w) = &mut self.wbf {
             elementwise::cast(&self.dev, &self.master, w, self.layout.total)?;
         }
+        if let Some(f) = &mut self.fp8 {
+            f.refresh(&self.dev, f32_of(&self.master)?)?;
+        }
         Ok(())
+    }
+
+    /// Device bytes of the FP8 linears' quantized copies (0 unless FP8 precision).
+    pub fn fp8_bytes(&self) -> usize {
+        self.fp8.as_ref().map_or(0, |f| f.layout.bytes())
     }
 
     /// Copies the masters and router biases into `model` (same structure, trainable), and

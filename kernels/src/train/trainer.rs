@@ -134,16 +134,19 @@ pub fn bias_layers(model: &Model) -> Vec<usize> {
 impl CudaTrainer {
     /// Uploads core trainer `tr` (its model, made trainable by `Trainer::new`, the AdamW
     /// hyper-parameters and moments of a resumed run, the step count) to `dev`; `dtype` as
-    /// [`TrainOptions`]. `tr.cfg.precision` is the CPU GEMM precision and must be f32 here (the
-    /// device's precision is `dtype`).
+    /// [`TrainOptions`]. `tr.cfg.precision`: `F32` (the dtype's GEMMs) or `Fp8` (the decoder's
+    /// linears in DeepSeek-V3's FP8 recipe, as core's; `TrainOptions::precision`); `Bf16` is the
+    /// CPU's bf16 emulation and is refused (use `dtype` bf16).
     pub fn new(dev: Arc<Device>, tr: &Trainer, dtype: DType) -> Result<CudaTrainer> {
-        if tr.cfg.precision != dsv3_core::model::linear::Precision::F32 {
-            return Err(Error::Input(format!(
-                "GPU training computes in its --dtype; the CPU GEMM precision {:?} does not apply (use f32)",
-                tr.cfg.precision
-            )));
+        use dsv3_core::model::linear::Precision;
+        if tr.cfg.precision == Precision::Bf16 {
+            return Err(Error::Input(
+                "GPU training computes in its --dtype; the CPU's bf16 GEMM precision does not apply (use f32 or fp8)"
+                    .into(),
+            ));
         }
-        let model = CudaTrainModel::new(dev.clone(), &tr.model, TrainOptions { dtype })?;
+        let opts = TrainOptions { dtype, precision: tr.cfg.precision };
+        let model = CudaTrainModel::new(dev.clone(), &tr.model, opts)?;
         let bias_layer = bias_layers(&tr.model);
         if bias_layer.len() != model.biases.len() {
             return Err(Error::Input(format!(

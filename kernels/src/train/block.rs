@@ -1,6 +1,7 @@
 //! One decoder layer of the GPU training pass, forward (keeping activations) and backward, as
 //! core's `Block::forward_train` / `Block::backward`: MLA in its naive form over whole sequences
-//! (explicit causal probabilities per sequence and head), the dense SwiGLU MLP, and DeepSeekMoE
+//! (explicit causal probabilities per sequence and head; in bf16 mode the flash kernels instead,
+//! `train/flash.rs`), the dense SwiGLU MLP, and DeepSeekMoE
 //! (router, grouped expert GEMMs over the dispatch plan, shared experts, balance losses).
 use super::layout::{ArenaLayout, BatchLayout};
 use super::mm::{copy, dims, f32_of, f32_of_mut, rd, wr, ActView, Groups, Mm, Rd, View, Wr};
@@ -244,6 +245,7 @@ pub(crate) struct Saved {
     ckv: Act,
     cn: Act,
     kv: Act,
+    /// The causal probabilities (f32), or with flash attention the log-sum-exp `[N, H]`.
     p: Act,
     pb: Option<Act>,
     attn: Act,
@@ -449,6 +451,13 @@ impl Cx<'_> {
         self.norm(&mut ckv, c + dr, &mut cn, c, a.kv_norm, c, LORA_NORM_EPS, n)?;
         let mut kv = self.act(n * w)?;
         self.lin(rd(&cn, 0, c), n, &a.kv_b, wr(&mut kv, 0, w), false)?;
+        if self.flash_attn() {
+            // flash attention (train/flash.rs): `p` keeps the log-sum-exp [N, H], no probabilities
+            let mut attn = self.act(n * h * dv)?;
+            let lse = self.flash_attn_fwd(&q, &kv, &ckv, &mut attn)?;
+            self.lin(rd(&attn, 0, h * dv), n, &a.o, wr(mid, 0, d), true)?;
+            return Ok((qa, qan, q, ckv, cn, kv, lse, None, attn));
+        }
         // scores S = q_nope·k_noneᵀ + q_pe·k_peᵀ per (sequence, head), then the causal softmax
         let mut p = Act::empty(self.dev, DType::F32, self.b.p_total)?;
         for r in &self.b.runs {
@@ -497,10 +506,43 @@ impl Cx<'_> {
 
     /// MLA backward: from `dmid` (the gradient of the attention output) writes `dh1`.
     fn mla_bwd(&self, a: &MlaW, s: &Saved, dmid: &Act, g: &mut Act, dh1: &mut Act) -> Result<()> {
-        let Dimsm { d, h, dn, dr, dv, c, scale, .. } = self.dm;
+        let Dimsm { d, h, dr, dv, c, .. } = self.dm;
         let (n, dq, w) = (self.b.n, self.dm.dq(), self.dm.w());
         let mut dattn = self.act(n * h * dv)?;
         self.lin_bwd(rd(&s.attn, 0, h * dv), rd(dmid, 0, d), n, &a.o, g, Some((wr(&mut dattn, 0, h * dv), false)))?;
+        let (mut dq_, dkv, mut dckv) = if self.flash_attn() {
+            self.flash_attn_bwd(&s.q, &s.kv, &s.ckv, &s.attn, &s.p, &dattn)?
+        } else {
+            self.explicit_attn_bwd(s, &dattn)?
+        };
+        // kv_b, kv_a_layernorm, RoPE of the shared key and of the queries
+        let mut dcn = self.act(n * c)?;
+        self.lin_bwd(rd(&s.cn, 0, c), rd(&dkv, 0, w), n, &a.kv_b, g, Some((wr(&mut dcn, 0, c), false)))?;
+        self.norm_bwd(&s.ckv, c + dr, &dcn, c, &mut dckv, c + dr, a.kv_norm, c, LORA_NORM_EPS, g)?;
+        tk::rope_backward(self.dev, &mut dckv, self.rope_k(), self.pos, self.inv_freq, self.attention_factor)?;
+        tk::rope_backward(self.dev, &mut dq_, self.rope_q(), self.pos, self.inv_freq, self.attention_factor)?;
+        self.lin_bwd(rd(&s.h1, 0, d), rd(&dckv, 0, c + dr), n, &a.kv_a, g, Some((wr(dh1, 0, d), false)))?;
+        match (&a.q, &s.qa, &s.qan) {
+            (QW::Lora { a: la, norm: nw, b: lb }, Some(qa), Some(qan)) => {
+                let rq = la.out;
+                let mut dqan = self.act(n * rq)?;
+                self.lin_bwd(rd(qan, 0, rq), rd(&dq_, 0, h * dq), n, lb, g, Some((wr(&mut dqan, 0, rq), false)))?;
+                let mut dqa = self.act(n * rq)?;
+                self.norm_bwd(qa, rq, &dqan, rq, &mut dqa, rq, *nw, rq, LORA_NORM_EPS, g)?;
+                self.lin_bwd(rd(&s.h1, 0, d), rd(&dqa, 0, rq), n, la, g, Some((wr(dh1, 0, d), true)))
+            }
+            (QW::Plain(l), _, _) => {
+                self.lin_bwd(rd(&s.h1, 0, d), rd(&dq_, 0, h * dq), n, l, g, Some((wr(dh1, 0, d), true)))
+            }
+            _ => Err(Error::Input("GPU training: query path mismatch".into())),
+        }
+    }
+
+    /// The explicit attention backward (the f32 oracle's path): from `dattn` returns `(dq, dkv,
+    /// dckv)` as [`Cx::flash_attn_bwd`], through the saved probabilities.
+    fn explicit_attn_bwd(&self, s: &Saved, dattn: &Act) -> Result<(Act, Act, Act)> {
+        let Dimsm { h, dn, dr, dv, c, scale, .. } = self.dm;
+        let (n, dq, w) = (self.b.n, self.dm.dq(), self.dm.w());
         let mut dp = Act::empty(self.dev, DType::F32, self.b.p_total)?;
         let mut dkv = self.act(n * w)?;
         let pa = s.pb.as_ref().unwrap_or(&s.p);
@@ -508,7 +550,7 @@ impl Cx<'_> {
             let (l, sq) = (r.len, r.seqs);
             for hh in 0..h {
                 let po = r.p_off + hh * sq * l * l;
-                let dos = Rd { buf: &dattn, off: r.row0 * h * dv + hh * dv, ld: h * dv, st: l * h * dv };
+                let dos = Rd { buf: dattn, off: r.row0 * h * dv + hh * dv, ld: h * dv, st: l * h * dv };
                 let vs = Rd { buf: &s.kv, off: r.row0 * w + hh * (dn + dv) + dn, ld: w, st: l * w };
                 // dP = dO·Vᵀ, dV = Pᵀ·dO
                 let dps = Wr { buf: &mut dp, off: po, ld: l, st: l * l };
@@ -553,27 +595,7 @@ impl Cx<'_> {
                 self.mm.run(self.dev, TN, dims(l, dr, l).batch(sq).acc(hh > 0), dss, qp, c4, None)?;
             }
         }
-        // kv_b, kv_a_layernorm, RoPE of the shared key and of the queries
-        let mut dcn = self.act(n * c)?;
-        self.lin_bwd(rd(&s.cn, 0, c), rd(&dkv, 0, w), n, &a.kv_b, g, Some((wr(&mut dcn, 0, c), false)))?;
-        self.norm_bwd(&s.ckv, c + dr, &dcn, c, &mut dckv, c + dr, a.kv_norm, c, LORA_NORM_EPS, g)?;
-        tk::rope_backward(self.dev, &mut dckv, self.rope_k(), self.pos, self.inv_freq, self.attention_factor)?;
-        tk::rope_backward(self.dev, &mut dq_, self.rope_q(), self.pos, self.inv_freq, self.attention_factor)?;
-        self.lin_bwd(rd(&s.h1, 0, d), rd(&dckv, 0, c + dr), n, &a.kv_a, g, Some((wr(dh1, 0, d), false)))?;
-        match (&a.q, &s.qa, &s.qan) {
-            (QW::Lora { a: la, norm: nw, b: lb }, Some(qa), Some(qan)) => {
-                let rq = la.out;
-                let mut dqan = self.act(n * rq)?;
-                self.lin_bwd(rd(qan, 0, rq), rd(&dq_, 0, h * dq), n, lb, g, Some((wr(&mut dqan, 0, rq), false)))?;
-                let mut dqa = self.act(n * rq)?;
-                self.norm_bwd(qa, rq, &dqan, rq, &mut dqa, rq, *nw, rq, LORA_NORM_EPS, g)?;
-                self.lin_bwd(rd(&s.h1, 0, d), rd(&dqa, 0, rq), n, la, g, Some((wr(dh1, 0, d), true)))
-            }
-            (QW::Plain(l), _, _) => {
-                self.lin_bwd(rd(&s.h1, 0, d), rd(&dq_, 0, h * dq), n, l, g, Some((wr(dh1, 0, d), true)))
-            }
-            _ => Err(Error::Input("GPU training: query path mismatch".into())),
-        }
+        Ok((dq_, dkv, dckv))
     }
 
     /// SwiGLU MLP forward over `m` rows of `x`: `out (+)= down(silu(gate(x))·up(x))`.

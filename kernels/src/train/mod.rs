@@ -13,6 +13,7 @@
 //!   over micro-batches, global-norm clipping, AdamW, the auxiliary-loss-free bias update,
 //!   router statistics), used by `dsv3 train --device cuda`.
 mod block;
+mod flash;
 pub mod fp8;
 pub mod layout;
 pub mod mm;

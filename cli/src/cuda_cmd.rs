@@ -164,12 +164,14 @@ pub fn train_flops_per_token(model: &Model, seq_len: usize) -> f64 {
 }
 
 /// `dsv3 bench --train --device cuda`: median time of `steps` `CudaTrainer` steps (AdamW as
-/// DeepSeek-V3, constant lr 1e-4, default clipping and balancing) on `batch` random sequences of
-/// `seq_len` tokens, after two warm-up steps; tokens/s and MFU.
+/// DeepSeek-V3, constant lr 1e-4, default clipping and balancing; the decoder's linears in
+/// `precision`: f32 = the dtype's GEMMs, or FP8) on `batch` random sequences of `seq_len` tokens,
+/// after two warm-up steps; tokens/s and MFU (against the bf16 dense peak, FP8 runs included).
 #[allow(clippy::too_many_arguments)]
 pub fn bench_train(
     dev: Arc<Device>,
     dtype: DType,
+    precision: dsv3_core::model::linear::Precision,
     model: Model,
     batch: usize,
     seq_len: usize,
@@ -186,7 +188,7 @@ pub fn bench_train(
     let active = model.active_params();
     let mut rng = dsv3_core::rng::Rng::new(seed);
     let v = model.cfg.vocab_size as u64;
-    let cfg = TrainConfig { schedule: LrSchedule::Constant { lr: 1e-4 }, ..Default::default() };
+    let cfg = TrainConfig { schedule: LrSchedule::Constant { lr: 1e-4 }, precision, ..Default::default() };
     let mut tr = CudaTrainer::from_model(dev.clone(), model, AdamW::deepseek_v3(), cfg, dtype)?;
     let mut step = |rng: &mut dsv3_core::rng::Rng| -> Result<f64> {
         let seqs = (0..batch).map(|_| (0..seq_len).map(|_| rng.below(v) as u32).collect()).collect();
@@ -208,12 +210,12 @@ pub fn bench_train(
     let name = &dev.name;
     if json {
         println!(
-            "{{\"device\":{name:?},\"dtype\":\"{dtype:?}\",\"batch\":{batch},\"seq_len\":{seq_len},\"steps\":{steps},\"step_ms\":{:.3},\"train_tokens_per_s\":{tps:.1},\"active_params\":{active},\"flops_per_token\":{flops_tok:.0},\"tflops\":{tflops:.2},\"mfu\":{mfu:.5},\"peak_tflops\":{:.1}}}",
+            "{{\"device\":{name:?},\"dtype\":\"{dtype:?}\",\"precision\":\"{precision:?}\",\"batch\":{batch},\"seq_len\":{seq_len},\"steps\":{steps},\"step_ms\":{:.3},\"train_tokens_per_s\":{tps:.1},\"active_params\":{active},\"flops_per_token\":{flops_tok:.0},\"tflops\":{tflops:.2},\"mfu\":{mfu:.5},\"peak_tflops\":{:.1}}}",
             med * 1e3,
             H100_BF16_PEAK_FLOPS / 1e12
         );
     } else {
-        println!("{name}, {dtype:?}: train, batch {batch} x {seq_len} tokens, median of {steps} steps");
+        println!("{name}, {dtype:?}, linears {precision:?}: train, batch {batch} x {seq_len} tokens, median of {steps} steps");
         println!("step {:.2} ms, {tps:.1} tokens/s", med * 1e3);
         println!(
             "{tflops:.2} TFLOP/s ({:.3e} FLOPs/token: 6 x {active} active params + attention), MFU {:.2}% of {:.1} TFLOP/s (H100 SXM dense bf16 peak)",

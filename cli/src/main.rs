@@ -164,6 +164,10 @@ enum Cmd {
         /// median of --repeat steps (f32 on the CPU; with --device cuda in --dtype, with MFU).
         #[arg(long)]
         train: bool,
+        /// With --train: GEMM precision of the decoder's linear layers, f32 or fp8 (DeepSeek-V3's
+        /// FP8 recipe: the FP8 kernels with --device cuda, the exact emulation on the CPU).
+        #[arg(long, default_value = "f32", requires = "train")]
+        precision: String,
         /// Benchmark pipeline schedules instead (1f1b, zb1p, dualpipe, dualpipev on the same model
         /// and batch): step time and per-rank idle fraction, measured and simulated. Each rank
         /// computes on one thread unless --threads is given.
@@ -356,10 +360,16 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             json,
             train,
+            precision,
             pipeline,
             pp,
             micro_batches,
         } => {
+            let precision = match precision.as_str() {
+                "f32" => dsv3_core::model::linear::Precision::F32,
+                "fp8" => dsv3_core::model::linear::Precision::Fp8,
+                o => return Err(Error::Input(format!("--precision must be f32 or fp8, got '{o}'"))),
+            };
             if let Some(i) = dev.cuda()? {
                 if pipeline {
                     return Err(Error::Input(
@@ -369,7 +379,17 @@ fn run(cli: Cli) -> Result<()> {
                 let (d, o) = dev.open(i)?;
                 let model = load(&m)?;
                 if train {
-                    return cuda_cmd::bench_train(d, o.dtype, model, batch, prompt_len, repeat.max(1), seed, json);
+                    return cuda_cmd::bench_train(
+                        d,
+                        o.dtype,
+                        precision,
+                        model,
+                        batch,
+                        prompt_len,
+                        repeat.max(1),
+                        seed,
+                        json,
+                    );
                 }
                 let cm = cuda_cmd::upload(d, &model, o)?;
                 return cuda_cmd::bench(&cm, batch, prompt_len, new_tokens, repeat.max(1), seed, json);
@@ -381,7 +401,7 @@ fn run(cli: Cli) -> Result<()> {
             if pipeline {
                 pipeline_bench::run(model, pp, micro_batches, batch, prompt_len, repeat.max(1), seed, json)
             } else if train {
-                cmd_bench_train(model, batch, prompt_len, repeat.max(1), seed, json)
+                cmd_bench_train(model, precision, batch, prompt_len, repeat.max(1), seed, json)
             } else {
                 cmd_bench(&model, batch, prompt_len, new_tokens, repeat.max(1), seed, json)
             }
@@ -697,14 +717,22 @@ fn cmd_bench(
     Ok(())
 }
 
-fn cmd_bench_train(model: Model, batch: usize, seq_len: usize, steps: usize, seed: u64, json: bool) -> Result<()> {
+fn cmd_bench_train(
+    model: Model,
+    precision: dsv3_core::model::linear::Precision,
+    batch: usize,
+    seq_len: usize,
+    steps: usize,
+    seed: u64,
+    json: bool,
+) -> Result<()> {
     use dsv3_core::train::{AdamW, LrSchedule, MicroBatch, TrainConfig, Trainer};
     if batch == 0 || seq_len < 2 {
         return Err(Error::Input("--batch must be positive and --prompt-len >= 2".into()));
     }
     let mut rng = dsv3_core::rng::Rng::new(seed);
     let v = model.cfg.vocab_size as u64;
-    let cfg = TrainConfig { schedule: LrSchedule::Constant { lr: 1e-4 }, ..Default::default() };
+    let cfg = TrainConfig { schedule: LrSchedule::Constant { lr: 1e-4 }, precision, ..Default::default() };
     let mut tr = Trainer::new(model, AdamW::deepseek_v3(), cfg);
     let mut step = |rng: &mut dsv3_core::rng::Rng| -> Result<f64> {
         let seqs = (0..batch).map(|_| (0..seq_len).map(|_| rng.below(v) as u32).collect()).collect();

@@ -77,7 +77,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.0)]
     pub aux_loss_alpha: f32,
     /// GEMM precision of the decoder's linear layers: f32, bf16, or fp8 (DeepSeek-V3's recipe,
-    /// emulated exactly on CPU). Master weights and gradients stay f32.
+    /// emulated exactly on CPU; with --device cuda the FP8 kernels, same recipe: f32 or fp8 there,
+    /// the GPU's bf16 being --dtype bf16). Master weights and gradients stay f32.
     #[arg(long, default_value = "f32")]
     pub precision: String,
     /// AdamW moment storage: f32 or bf16 (DeepSeek-V3).
@@ -227,9 +228,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     "--pipeline runs on the CPU executor; it does not combine with --device cuda".into(),
                 ));
             }
-            if cfg.precision != Precision::F32 {
+            if cfg.precision == Precision::Bf16 {
                 return Err(Error::Input(
-                    "--precision is the CPU GEMM precision; with --device cuda use --dtype bf16|f32".into(),
+                    "--precision bf16 is the CPU's bf16 GEMM emulation; with --device cuda use --dtype bf16 (with --precision f32 or fp8)".into(),
                 ));
             }
             let (dev, o) = a.dev.open(i)?;
@@ -346,8 +347,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
 fn upload(dev: std::sync::Arc<dsv3_kernels::Device>, tr: &Trainer, dtype: DType) -> Result<CudaTrainer> {
     let t0 = Instant::now();
     let g = CudaTrainer::new(dev, tr, dtype)?;
+    let fp8 = match g.model.fp8_bytes() {
+        0 => String::new(),
+        b => format!(", FP8 linears ({:.1} MB of FP8 weight copies)", b as f64 / 1e6),
+    };
     eprintln!(
-        "training on the GPU ({dtype:?}): {} tensors uploaded in {:.0} ms",
+        "training on the GPU ({dtype:?}{fp8}): {} tensors uploaded in {:.0} ms",
         g.model.params.len(),
         t0.elapsed().as_secs_f64() * 1e3
     );

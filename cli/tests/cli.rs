@@ -102,6 +102,12 @@ fn generate_info_and_bench() {
     let (b, _) = ok(&["bench", "--model", m, "--prompt-len", "4", "--new-tokens", "4", "--repeat", "1", "--json"]);
     let v: serde_json::Value = serde_json::from_str(b.trim()).unwrap();
     assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    // training steps with the decoder's linears in the FP8 recipe (CPU emulation)
+    let (b, _) =
+        ok(&["bench", "--model", m, "--train", "--precision", "fp8", "--prompt-len", "8", "--repeat", "1", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(b.trim()).unwrap();
+    assert!(v["train_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(fails(&["bench", "--model", m, "--train", "--precision", "bf8"]).contains("--precision must be f32 or fp8"));
 }
 
 #[test]

@@ -83,10 +83,17 @@ fn train_on_cuda_without_a_gpu_is_a_clear_error() {
     assert!(err.contains("--pipeline") && err.contains("--device cuda") && !err.contains("panicked"), "{err}");
     let o = dsv3(&["bench", "--model", m, "--train", "--pipeline", "--device", "cuda"]);
     assert_eq!(o.status.code(), Some(2), "clap: --train conflicts with --pipeline");
-    let o = dsv3(&with(&["--device", "cuda", "--precision", "fp8"]));
+    // the CPU's bf16 emulation is not a GPU precision (fp8 is: below, it gets as far as the GPU)
+    let o = dsv3(&with(&["--device", "cuda", "--precision", "bf16"]));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("--dtype"), "{err}");
+    let o = dsv3(&["bench", "--model", m, "--precision", "fp8", "--device", "cuda"]);
+    assert_eq!(o.status.code(), Some(2), "clap: --precision requires --train");
+    let o = dsv3(&["bench", "--model", m, "--train", "--precision", "bf16", "--device", "cuda"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--precision must be f32 or fp8"), "{err}");
     let o = dsv3(&with(&["--device", "cuda", "--dtype", "fp4"]));
     assert_eq!(o.status.code(), Some(1));
     if gpu() {
@@ -96,7 +103,9 @@ fn train_on_cuda_without_a_gpu_is_a_clear_error() {
     for args in [
         with(&["--device", "cuda"]),
         with(&["--device", "cuda:1", "--dtype", "f32"]),
+        with(&["--device", "cuda", "--precision", "fp8"]),
         vec!["bench", "--model", m, "--train", "--device", "cuda", "--batch", "2", "--prompt-len", "8"],
+        vec!["bench", "--model", m, "--train", "--device", "cuda", "--precision", "fp8"],
         vec!["bench", "--model", m, "--train", "--device", "cuda", "--dtype", "f32", "--json"],
     ] {
         let o = dsv3(&args);
@@ -159,6 +168,17 @@ fn on_a_gpu_train_matches_the_cpu_and_resumes() {
     }
     let bf = run("gpu_bf16", &["--device", "cuda", "--dtype", "bf16"], "3", false);
     assert!(bf.iter().all(|x| x.is_finite()), "{bf:?}");
+    // FP8 linears: f32 activations track the CPU's FP8 emulation; bf16 activations run
+    let cpu8 = run("cpu_fp8", &["--device", "cpu", "--precision", "fp8"], "2", false);
+    let gpu8 = run("gpu_fp8", &["--device", "cuda", "--dtype", "f32", "--precision", "fp8"], "2", false);
+    for (i, (a, b)) in cpu8.iter().zip(&gpu8).enumerate() {
+        assert!((a - b).abs() <= 5e-3 * a.abs(), "step {i}: cpu FP8 loss {a}, gpu f32+FP8 loss {b}");
+    }
+    let bf8 = run("gpu_bf16_fp8", &["--device", "cuda", "--dtype", "bf16", "--precision", "fp8"], "3", false);
+    assert!(bf8.iter().all(|x| x.is_finite()), "{bf8:?}");
+    for (i, (a, b)) in bf.iter().zip(&bf8).enumerate() {
+        assert!((a - b).abs() <= 3e-2 * a.abs(), "step {i}: bf16 loss {a}, bf16+FP8 loss {b}");
+    }
     let (out, _) = ok(&[
         "bench",
         "--model",
@@ -176,6 +196,26 @@ fn on_a_gpu_train_matches_the_cpu_and_resumes() {
     ]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert!(v["train_tokens_per_s"].as_f64().unwrap() > 0.0 && v["mfu"].as_f64().unwrap() > 0.0, "{out}");
+    let (out, _) = ok(&[
+        "bench",
+        "--model",
+        fixture("v3_group").to_str().unwrap(),
+        "--train",
+        "--precision",
+        "fp8",
+        "--device",
+        "cuda",
+        "--batch",
+        "2",
+        "--prompt-len",
+        "32",
+        "--repeat",
+        "2",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["precision"], "Fp8", "{out}");
+    assert!(v["train_tokens_per_s"].as_f64().unwrap() > 0.0, "{out}");
 }
 
 fn writeln_skip(msg: &str) -> std::io::Result<()> {

@@ -43,7 +43,7 @@ use crate::ops::fp8::{
     fp8_gemm, quant_1x128, quant_block128, quant_t128, BScales, Fp8BlockOut, Fp8Gemm, Fp8Kernel, Fp8Operand, Fp8Out,
 };
 use crate::ops::gemm::{Grouped, Layout, GEMM_BM};
-use crate::tensor::{empty, DType};
+use crate::tensor::{empty, Act, DType};
 use cudarc::driver::CudaSlice;
 use dsv3_core::model::block::Ffn;
 use dsv3_core::model::linear::Linear;
@@ -54,6 +54,8 @@ use dsv3_core::{Error, Result};
 use std::collections::HashMap;
 
 const T: usize = 128;
+// the grouped FP8 GEMM walks the dispatch plan's row tiles
+const _: () = assert!(crate::ops::fp8::FP8_BM == GEMM_BM);
 
 /// An FP8-eligible linear (or `groups` routed experts of one MoE layer): the weight's checkpoint
 /// name (expert 0's for experts), its shape `[out, inp]`, and for experts the name parts that
@@ -289,7 +291,7 @@ fn quant_tokens(dev: &Device, x: Rd, m: usize, cols: usize) -> Result<QOp> {
     Ok(QOp { q, s, ld: m, s_rs: tg })
 }
 
-/// The 1 + 3 arguments of one `fp8_gemm` D operand: a view of `c` from `c.off` over `m` rows.
+/// The `fp8_gemm` D operand: a view of `c` from `c.off` over `m` rows of `n` (row stride `c.ld`).
 fn d_view(dev: &Device, c: &Wr, m: usize, n: usize) -> Result<ActView> {
     ActView::of(dev, c.buf, c.off, (m - 1) * c.ld + n)
 }
@@ -439,16 +441,22 @@ impl Cx<'_> {
                 let bv = ActView::f32(self.dev, self.master, b, d.n)?;
                 self.mm.add_bias(self.dev, self.ones, &bv, d.m, d.n, Wr { buf, off, ld, st: 0 })
             }
-            // y += ones·b as a rank-1 product over the bf16 copy of the bias
-            DType::Bf16 => self.mm.run(
-                self.dev,
-                Layout::NN,
-                dims(d.m, d.n, 1).acc(true),
-                rd(self.ones, 0, 1),
-                rd(self.wb, b, d.n),
-                Wr { buf, off, ld, st: 0 },
-                None,
-            ),
+            // y += 1·0 + b: a rank-1 product with a zero row, the f32 bias in its epilogue (the
+            // non-FP8 bf16 path's bias, unrounded)
+            DType::Bf16 => {
+                let zero = Act::zeros(self.dev, DType::Bf16, d.n)?;
+                let bv = View::of(self.dev, self.master, b, d.n)?;
+                let c = Wr { buf, off, ld, st: 0 };
+                self.mm.run(
+                    self.dev,
+                    Layout::NN,
+                    dims(d.m, d.n, 1).acc(true),
+                    rd(self.ones, 0, 1),
+                    rd(&zero, 0, d.n),
+                    c,
+                    Some(&bv),
+                )
+            }
         }
     }
 
@@ -521,9 +529,6 @@ impl Cx<'_> {
             stride_sb: sl.blocks(),
             grouped,
         };
-        if g.is_none() && sl.groups != 1 {
-            return Err(Error::Input("FP8 linear: experts need a grouped product".into()));
-        }
         let mut dv = d_view(dev, &c, d.m, d.n)?;
         fp8_gemm(dev, &gm, &mut dv, Fp8Kernel::Auto)
     }

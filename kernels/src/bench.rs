@@ -711,9 +711,94 @@ pub fn prefill_attn_lines(dev: &Device, s: &AttnShape, batch: usize, t: usize, c
     Ok(lines)
 }
 
+/// Training flash attention (`ops::attn_train`) over `batch` sequences of `t` tokens at shape
+/// `s`, the pass's layout: the forward (O and the log-sum-exp) and the deterministic backward
+/// (preprocess, dK/dV, dQ, the rope key's reduction). TFLOP/s at FlashAttention-2's count:
+/// `2·(dk + dv)` per causal (query, key) pair and head forward, 2.5x that backward (this backward
+/// computes S and dP in both of its kernels, so it does more work than it is credited with).
+pub fn train_attn_lines(dev: &Device, s: &AttnShape, batch: usize, t: usize, ceiling: f64) -> Result<Vec<Line>> {
+    use crate::ops::attn::{FlashCall, Segment};
+    use crate::ops::attn_train::{
+        flash_train_backward, flash_train_fits, flash_train_forward, flash_train_variant, FlashGrads, Strided,
+        StridedMut,
+    };
+    let AttnShape { h, c, dn, dr, dv, .. } = *s;
+    if !flash_train_fits(dev, dn, dr, dv) {
+        return Ok(Vec::new());
+    }
+    let (dk, w, wkv, n) = (dn + dr, c + dr, h * (dn + dv), batch * t);
+    let bf = |len: usize, seed: u64| {
+        Act::from_f32(dev, DType::Bf16, &randn(len, seed).iter().map(|x| 0.5 * x).collect::<Vec<_>>())
+    };
+    let (q, kv, ckv, dout) = (bf(n * h * dk, 41)?, bf(n * wkv, 42)?, bf(n * w, 43)?, bf(n * h * dv, 44)?);
+    let segs: Vec<Segment> =
+        (0..batch).map(|b| Segment { q_row0: b * t, nq: t, p0: 0, k_row0: b * t, pe_row0: b * t }).collect();
+    let call = FlashCall {
+        h,
+        dn,
+        dr,
+        dv,
+        q: &q,
+        q_off: 0,
+        ld_q: h * dk,
+        hs_q: dk,
+        k: &kv,
+        k_off: 0,
+        ld_k: wkv,
+        hs_k: dn + dv,
+        kpe: &ckv,
+        kpe_off: c,
+        ld_kpe: w,
+        v: &kv,
+        v_off: dn,
+        ld_v: wkv,
+        hs_v: dn + dv,
+        scale: 1.0 / (dk as f32).sqrt(),
+        segs: &segs,
+    };
+    let mut o = Act::empty(dev, DType::Bf16, n * h * dv)?;
+    let mut lse = crate::tensor::zeros::<f32>(dev, n * h)?;
+    let mut dq = Act::empty(dev, DType::Bf16, n * h * dk)?;
+    let mut dkv = Act::empty(dev, DType::Bf16, n * wkv)?;
+    let mut dckv = Act::empty(dev, DType::Bf16, n * w)?;
+    let pairs = batch * t * (t + 1) / 2;
+    let (iters, warm) = if pairs * h > 1 << 31 { (3, 1) } else { (10, 2) };
+    let fwd_flops = 2.0 * (pairs * h * (dk + dv)) as f64;
+    let var = flash_train_variant(dn, dr, dv).map_or("none", |v| v.name);
+    let fwd_ms = time_ms(dev, warm, iters, || flash_train_forward(dev, &call, &mut o, 0, h * dv, dv, &mut lse))?;
+    let bwd_ms = time_ms(dev, warm, iters, || {
+        let g = FlashGrads {
+            dq: StridedMut { buf: &mut dq, off: 0, ld: h * dk, hs: dk },
+            dkv: &mut dkv,
+            dk_off: 0,
+            ld_dk: wkv,
+            hs_dk: dn + dv,
+            dv_off: dn,
+            ld_dv: wkv,
+            hs_dv: dn + dv,
+            dkpe: if dr > 0 { Some((&mut dckv, c, w)) } else { None },
+        };
+        let os = Strided { buf: &o, off: 0, ld: h * dv, hs: dv };
+        let ds = Strided { buf: &dout, off: 0, ld: h * dv, hs: dv };
+        flash_train_backward(dev, &call, os, ds, &lse, g)
+    })?;
+    let label = format!("train attn {} b{batch} t{t} {var}", s.name);
+    let line = |what: &str, ms: f64, flops: f64| Line {
+        name: format!("{label} {what}"),
+        ms,
+        value: flops / (ms * 1e-3) / 1e12,
+        unit: "TFLOP/s",
+        ceiling,
+        ceiling_name: "cuBLAS bf16",
+        note: String::new(),
+    };
+    Ok(vec![line("forward", fwd_ms, fwd_flops), line("backward", bwd_ms, 2.5 * fwd_flops)])
+}
+
 /// The prefill attention benchmark: both head shapes at batch 1, 4, 8 x 1,024-4,096 tokens,
-/// flash against the absorbed per-row path; the ceiling is cuBLAS bf16 at 8192^3 in this run
-/// (H100 datasheet: 989 TFLOP/s dense bf16).
+/// flash against the absorbed per-row path, then the training flash attention's forward and
+/// backward ([`train_attn_lines`]); the ceiling is cuBLAS bf16 at 8192^3 in this run (H100
+/// datasheet: 989 TFLOP/s dense bf16).
 pub fn run_prefill_attn(dev: &Device) -> Result<Vec<Line>> {
     let ceiling = cublas_bf16_tflops(dev, 8192, 8192, 8192)?.unwrap_or(f64::NAN);
     println!("cuBLAS bf16 8192^3: {ceiling:.1} TFLOP/s (the TFLOP/s ceiling of the attention lines)");
@@ -721,6 +806,13 @@ pub fn run_prefill_attn(dev: &Device) -> Result<Vec<Line>> {
     for s in &ATTN_SHAPES {
         for (batch, t) in [(1usize, 1024usize), (1, 4096), (4, 2048), (8, 1024), (8, 4096)] {
             for l in prefill_attn_lines(dev, s, batch, t, ceiling)? {
+                println!("{l}");
+                lines.push(l);
+            }
+        }
+        // the training flash attention (forward with lse, backward)
+        for (batch, t) in [(1usize, 4096usize), (4, 2048)] {
+            for l in train_attn_lines(dev, s, batch, t, ceiling)? {
                 println!("{l}");
                 lines.push(l);
             }

@@ -102,3 +102,31 @@ fn clipping_and_empty_steps() {
     assert!((after.sqrt() - 1e-3).abs() < 1e-6);
     assert!(tr.train_step(&[MicroBatch { seqs: vec![vec![1]], mask: None }]).is_err());
 }
+
+/// Tied embeddings: passes accumulating into one buffer add each pass's head gradient once,
+/// and after a step the head is the updated embedding again.
+#[test]
+fn tied_embeddings_accumulate_once_and_stay_tied() {
+    let mut cfg = load("v3_tiny", LoadOptions::default()).cfg.clone();
+    cfg.tie_word_embeddings = true;
+    let v = cfg.vocab_size as u32;
+    let mut model = dsv3::model::Model::random(cfg, 3, 0.05).unwrap();
+    model.make_trainable();
+    let s: Vec<Vec<u32>> = (0..4u32).map(|i| (0..9u32).map(|j| (i * 31 + j * 7 + 1) % v).collect()).collect();
+    let refs: Vec<&[u32]> = s.iter().map(|x| &x[..]).collect();
+    let mut once = model.zeros_like();
+    model.train_pass(&refs, &mut once, &PassOptions::default()).unwrap();
+    let mut twice = model.zeros_like();
+    for _ in 0..2 {
+        model.train_pass(&refs, &mut twice, &PassOptions::default()).unwrap();
+    }
+    for (a, b) in once.embed.iter().zip(&twice.embed) {
+        assert!((2.0 * a - b).abs() <= 1e-5 * (1.0 + a.abs()), "embedding gradient {b} is not twice {a}");
+    }
+    let mut tr = Trainer::new(model, AdamW::deepseek_v3(), TrainConfig::default());
+    let before = tr.model.embed.clone();
+    tr.train_step(&micro_batches(s.clone(), 2)).unwrap();
+    tr.train_step(&micro_batches(s, 2)).unwrap();
+    assert_ne!(tr.model.embed, before, "the embedding trained");
+    assert_eq!(tr.model.lm_head.dense(), tr.model.embed, "the tied head follows the embedding");
+}

@@ -148,10 +148,7 @@ impl Model {
         }
         let bal = Balance { seqs: trace.batch.seqs.clone(), scale: 1.0, ..Default::default() };
         self.train_backward(&hidden, &trace, &dnormed, grad, &bal);
-        if self.cfg.tie_word_embeddings {
-            let gl = grad.lm_head.dense();
-            grad.embed.iter_mut().zip(&gl).for_each(|(a, b)| *a += b);
-        }
+        self.fold_tied_head_grad(grad);
     }
 }
 

@@ -118,6 +118,37 @@ impl Model {
         });
     }
 
+    /// With tied embeddings, moves the head's gradient (accumulated in `grad.lm_head` by a pass)
+    /// into the embedding's and clears it, so the next pass into the same buffer does not add it
+    /// again (`visit`, and so every zeroing, skips the tied head). No-op when untied.
+    pub fn fold_tied_head_grad(&self, grad: &mut Model) {
+        if self.cfg.tie_word_embeddings {
+            let gl = grad.lm_head.dense();
+            grad.embed.iter_mut().zip(&gl).for_each(|(a, b)| *a += b);
+            grad.lm_head.visit("lm_head", &mut |_, t| t.fill(0.0));
+        }
+    }
+
+    /// With tied embeddings, makes the head's weights the embedding's again (after the
+    /// optimizer changed the embedding; the head is a copy, see [`Model::logits`]). No-op when
+    /// untied.
+    pub fn sync_tied_head(&mut self) {
+        if self.cfg.tie_word_embeddings {
+            let e = self.embed.clone();
+            let mut done = false;
+            self.lm_head.visit("lm_head", &mut |n, t| {
+                if n.ends_with(".weight") && t.len() == e.len() {
+                    t.copy_from_slice(&e);
+                    done = true;
+                }
+            });
+            if !done {
+                let (v, d) = (self.cfg.vocab_size, self.cfg.hidden_size);
+                self.lm_head = Linear::from_f32(v, d, e, None);
+            }
+        }
+    }
+
     /// Names of the main model's trainable tensors (no MTP), in [`Model::visit`] order.
     pub fn main_param_names(&mut self) -> Vec<String> {
         let prefixes: Vec<String> =
@@ -186,10 +217,7 @@ impl Model {
             (0.0, 0.0)
         };
         let balance_loss = self.train_backward(&hidden, &trace, &dnormed, grad, &bal) + mtp_bal;
-        if self.cfg.tie_word_embeddings {
-            let gl = grad.lm_head.dense();
-            grad.embed.iter_mut().zip(&gl).for_each(|(a, b)| *a += b);
-        }
+        self.fold_tied_head_grad(grad);
         let _ = v;
         let loads = trace
             .saved

@@ -176,6 +176,7 @@ impl Trainer {
         let lr = self.cfg.schedule.at(self.step);
         self.opt.step(&mut self.model, &mut self.grad, lr);
         self.update_biases(loads);
+        self.model.sync_tied_head();
         self.model.layers.iter_mut().for_each(|b| b.attn.refresh_absorbed());
         self.model.requantize();
         self.step += 1;

@@ -42,6 +42,12 @@ struct alignas(16) uint4 {
 struct alignas(8) uint2 {
     uint32_t x, y;
 };
+inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return uint4{x, y, z, w}; }
+// read-only global loads: plain loads here
+template <typename T>
+inline T __ldg(const T* p) {
+    return *p;
+}
 
 inline float __int_as_float(int v) {
     float f;

@@ -1,0 +1,233 @@
+// CPU emulation of the FP8 GEMMs of DeepSeek's training recipe (kernels/cuda/fp8gemm.cu): the
+// sm_90a wgmma kernels (fp8_gemm_wgmma_*: m64n128k32 e4m3 from no-swizzle K-major shared-memory
+// descriptors) and the SIMT form (fp8_gemm_simt_*), bf16 and f32 D, in the recipe's three forms —
+// Fprop/Dgrad (A 1x128 x B 128x128 blocks), Wgrad (1x128 x 1x128 along K, f32 D, accumulate) and
+// grouped-contiguous (MoE: moe_plan's 64-row tiles, empty and ragged groups) — with ragged m, n
+// and k (k not a multiple of 16 included), padded leading dimensions and both scale layouts, against
+// an f64 reference of the promoted product (core/src/fp8/gemm.rs: per 128-K group the exact
+// products summed, times sa·sb, added into the f32 result), without a GPU:
+//
+//   bash kernels/emu/run.sh fp8gemm          (--quick for the short list CI runs)
+//
+// The real fp8gemm.cu runs on the emulator's runtime (include/emu.h, a fiber per CUDA thread) with
+// the wgmma helpers of kernels/cuda/wgmma.cuh replaced by include/wgmma_emu.h (warpgroup
+// collectives, descriptors decoded as the PTX ISA defines them, results landing at wait_group,
+// accumulators poisoned while in flight, operands checked unchanged). fp8_gemm_wgmma_* was
+// verified on an H100, so its agreement here validates the emulated wgmma modes it uses. Buffers
+// sit against PROT_NONE guard pages; every D element a call does not own carries a sentinel that
+// must survive. Every case also runs with Hopper's limited (14-bit) accumulator model, where the
+// error grows but stays within the recipe's bound. Timing means nothing here.
+#include <emu.h>
+#include <wgmma_emu.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#define __CUDA_ARCH_FEAT_SM90_ALL 1
+#include "../cuda/fp8gemm.cu"
+
+// ---- guarded memory: the buffer ends (16-byte padded) at a PROT_NONE page, another precedes it
+struct GBuf {
+    unsigned char* base = nullptr;
+    size_t maplen = 0;
+    unsigned char* data = nullptr;
+    size_t bytes = 0;
+    explicit GBuf(size_t n) : bytes(n) {
+        const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+        size_t body = ((n + 15) / 16 * 16 + pg - 1) / pg * pg;
+        if (body == 0) body = pg;
+        maplen = body + 2 * pg;
+        void* p = mmap(nullptr, maplen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) fail("mmap");
+        base = (unsigned char*)p;
+        mprotect(base, pg, PROT_NONE);
+        mprotect(base + pg + body, pg, PROT_NONE);
+        data = base + pg + body - (n + 15) / 16 * 16;
+        std::memset(base + pg, 0xff, body);
+    }
+    GBuf(const GBuf&) = delete;
+    GBuf& operator=(const GBuf&) = delete;
+    ~GBuf() { munmap(base, maplen); }
+    template <typename T>
+    T* as() {
+        return (T*)data;
+    }
+};
+static void on_segv(int) {
+    const char m[] = "EMU FAILURE: out-of-bounds access (a guard page was touched)\n";
+    ssize_t r = write(2, m, sizeof(m) - 1);
+    (void)r;
+    _exit(1);
+}
+
+struct Problem {
+    const char* name;
+    int m, n, k;
+    bool b_block;      // 128x128 B scales (Fprop/Dgrad); else one per row of B (Wgrad)
+    bool f32d, accumulate;
+    std::vector<int> counts;  // grouped-contiguous: rows per group (empty: dense)
+    int lda_pad = 0, ldb_pad = 0, ldd_pad = 3;
+    bool sa_mcontig = true;   // A scales M-contiguous (sa_rs 1, sa_ks m) or row-major
+};
+
+enum Which { SIMT, WGMMA };
+static const char* which_name[] = {"simt", "wgmma"};
+
+struct Result {
+    double worst = 0;  // max |err| / bound
+    long long checked = 0;
+};
+
+static Result run(const Problem& P, Which which, std::mt19937& rng) {
+    const int m = P.m, n = P.n, k = P.k, kg = (k + 127) / 128;
+    const int groups = P.counts.empty() ? 1 : (int)P.counts.size();
+    const int lda = k + P.lda_pad, ldb = k + P.ldb_pad, ldd = n + P.ldd_pad;
+    const int b_rows = P.b_block ? (n + 127) / 128 : n;
+    const long long stride_b = (long long)n * ldb + 32, stride_sb = (long long)b_rows * kg + 1;
+    std::uniform_int_distribution<int> code(0, 253);
+    auto rcode = [&]() { int c = code(rng); return (uint8_t)(c >= 0x7f ? c + 1 : c); };  // no NaN codes
+    std::uniform_real_distribution<float> u(0.5f, 2.0f);
+    std::uniform_int_distribution<int> ex(-12, 2);
+    auto rscale = [&]() { return std::ldexp(u(rng), ex(rng)); };
+
+    GBuf A((size_t)m * lda), B((size_t)groups * stride_b), SA((size_t)m * kg * 4), SB((size_t)groups * stride_sb * 4);
+    GBuf D((size_t)m * ldd * (P.f32d ? 4 : 2));
+    for (size_t i = 0; i < A.bytes; i++) A.data[i] = rcode();
+    for (size_t i = 0; i < B.bytes; i++) B.data[i] = rcode();
+    for (size_t i = 0; i < SA.bytes / 4; i++) SA.as<float>()[i] = rscale();
+    for (size_t i = 0; i < SB.bytes / 4; i++) SB.as<float>()[i] = rscale();
+    const long long sa_rs = P.sa_mcontig ? 1 : kg, sa_ks = P.sa_mcontig ? m : 1;
+    const long long sb_rs = kg, sb_ks = 1;
+    // D: random initial values (accumulate) and sentinels where the call owns nothing
+    std::vector<int> owner(m, 0), row_offsets(groups + 1, 0), tile_offsets(groups + 1, 0);
+    if (!P.counts.empty()) {
+        for (int g = 0; g < groups; g++) {
+            row_offsets[g + 1] = row_offsets[g] + P.counts[g];
+            tile_offsets[g + 1] = tile_offsets[g] + (P.counts[g] + 63) / 64;
+            for (int r = row_offsets[g]; r < row_offsets[g + 1]; r++) owner[r] = g;
+        }
+        for (int r = row_offsets[groups]; r < m; r++) owner[r] = -1;  // rows past the groups
+    }
+    const float SENT = 1234.5f;
+    std::vector<double> d0((size_t)m * ldd);
+    for (int r = 0; r < m; r++)
+        for (int c = 0; c < ldd; c++) {
+            const bool own = owner[r] >= 0 && c < n;
+            const float v = own && P.accumulate ? std::ldexp(u(rng) - 1.25f, ex(rng) + 4) : SENT;
+            const size_t i = (size_t)r * ldd + c;
+            if (P.f32d) D.as<float>()[i] = v;
+            else D.as<bf16>()[i] = __float2bfloat16_rn(v);
+            d0[i] = P.f32d ? v : __bfloat162float(__float2bfloat16_rn(v));
+        }
+    GBuf RO((groups + 1) * 4), TO((groups + 1) * 4);
+    std::memcpy(RO.data, row_offsets.data(), RO.bytes);
+    std::memcpy(TO.data, tile_offsets.data(), TO.bytes);
+
+    Fp8GemmArgs p{};
+    p.a = A.data, p.b = B.data, p.d = D.data, p.sa = SA.as<float>(), p.sb = SB.as<float>();
+    p.row_offsets = P.counts.empty() ? nullptr : RO.as<int>();
+    p.tile_offsets = P.counts.empty() ? nullptr : TO.as<int>();
+    p.stride_b = stride_b, p.stride_sb = stride_sb;
+    p.sa_rs = sa_rs, p.sa_ks = sa_ks, p.sb_rs = sb_rs, p.sb_ks = sb_ks;
+    p.m = m, p.n = n, p.k = k, p.lda = lda, p.ldb = ldb, p.ldd = ldd;
+    p.groups = groups, p.accumulate = P.accumulate, p.b_block = P.b_block;
+
+    // the launcher's grid (kernels/src/ops/fp8.rs): grouped runs over the plan's 64-row tiles
+    const int tiles64 = P.counts.empty() ? (m + 63) / 64 : tile_offsets[groups] + 1;  // + 1: an extra block exits
+    void (*fn)(Fp8GemmArgs) = nullptr;
+    int bn = 0, threads = 0, gy = tiles64;
+    if (which == SIMT) fn = P.f32d ? fp8_gemm_simt_f32 : fp8_gemm_simt_bf16, bn = 64, threads = 256;
+    else fn = P.f32d ? fp8_gemm_wgmma_f32 : fp8_gemm_wgmma_bf16, bn = 128, threads = 128;
+    emu::begin_smem(0);
+    for (int by = 0; by < gy; by++)
+        for (int bx = 0; bx < (n + bn - 1) / bn; bx++) {
+            wg_emu::begin_block();
+            emu::run_block({(unsigned)bx, (unsigned)by, 0}, threads, [&] { fn(p); });
+            wg_emu::end_block();
+        }
+    emu::end_smem();
+
+    // f64 reference of the promoted product and the error bound
+    auto dec = [](uint8_t c) { return wg_emu::e4m3(c); };
+    Result res;
+    const double tol = wg_emu::acc_bits ? std::ldexp(1.0, -(wg_emu::acc_bits - 5)) : 3e-6;
+    int bad = 0;
+    for (int r = 0; r < m; r++)
+        for (int c = 0; c < ldd; c++) {
+            const size_t i = (size_t)r * ldd + c;
+            const double got = P.f32d ? D.as<float>()[i] : __bfloat162float(D.as<bf16>()[i]);
+            const int g = owner[r];
+            if (g < 0 || c >= n) {
+                if (got != d0[i]) {
+                    if (bad++ < 5) std::fprintf(stderr, "  D[%d][%d] (not the call's) overwritten: %g\n", r, c, got);
+                }
+                continue;
+            }
+            const uint8_t* Bg = B.data + g * stride_b;
+            const float* SBg = SB.as<float>() + g * stride_sb;
+            double ref = P.accumulate ? d0[i] : 0.0, bound = std::fabs(ref);
+            for (int kb = 0; kb < kg; kb++) {
+                double part = 0, apart = 0;
+                for (int kk = kb * 128; kk < std::min(k, kb * 128 + 128); kk++) {
+                    const double pr = dec(A.data[(size_t)r * lda + kk]) * dec(Bg[(size_t)c * ldb + kk]);
+                    part += pr, apart += std::fabs(pr);
+                }
+                const double s = (double)SA.as<float>()[r * sa_rs + kb * sa_ks] *
+                                 SBg[(P.b_block ? c / 128 : c) * sb_rs + kb * sb_ks];
+                ref += s * part, bound += s * apart;
+            }
+            double lim = tol * bound + 1e-30;
+            if (!P.f32d) lim += std::ldexp(std::fabs(ref), -8);
+            const double e = std::fabs(got - ref) / lim;
+            if (!(e <= 1.0)) {
+                if (bad++ < 5) std::fprintf(stderr, "  D[%d][%d]: got %.9g want %.9g (bound %.3g)\n", r, c, got, ref, lim);
+            }
+            res.worst = std::max(res.worst, std::isnan(e) ? 1e30 : e);
+            res.checked++;
+        }
+    if (bad) fail(std::string(P.name) + " (" + which_name[which] + "): " + std::to_string(bad) + " bad D elements");
+    return res;
+}
+
+int main(int argc, char** argv) {
+    const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+    signal(SIGSEGV, on_segv);
+    std::mt19937 rng(8);
+    std::vector<Problem> ps = {
+        // name, m, n, k, b_block, f32d, accumulate, counts, pads
+        {"fprop", 200, 300, 400, true, false, false, {}, 16, 0, 3, true},
+        {"dgrad-k-ragged", 70, 130, 300, true, true, false, {}, 5, 3, 1, false},
+        {"wgrad-acc", 129, 257, 520, false, true, true, {}, 0, 16, 2, true},
+        {"grouped", 0, 200, 384, true, false, false, {70, 0, 130, 5, 64}, 0, 0, 3, true},
+        {"grouped-wgrad", 0, 136, 130, false, true, true, {1, 65, 0, 128}, 8, 8, 0, false},
+        {"tiny", 1, 1, 1, true, false, false, {}, 0, 0, 0, true},
+    };
+    for (auto& p : ps)
+        if (!p.counts.empty()) {
+            p.m = 7;  // rows past the last group: never written
+            for (int c : p.counts) p.m += c;
+        }
+    if (quick) ps = {ps[0], ps[3], ps[4], ps[5]};
+    for (int bits : {0, 14}) {
+        if (quick && bits) ps = {ps[0]};
+        wg_emu::acc_bits = bits;
+        for (const Problem& p : ps)
+            for (Which w : {WGMMA, SIMT}) {
+                if (bits && w == SIMT) continue;
+                const long long before = wg_emu::mmas;
+                Result r = run(p, w, rng);
+                std::printf("%-15s %-5s %4dx%-4dx%-4d %s%s%s acc=%s: %lld D checked, worst err/bound %.3f, %lld wgmma\n",
+                            p.name, which_name[w], p.m, p.n, p.k, p.b_block ? "B128x128" : "B1x128",
+                            p.f32d ? " f32" : " bf16", p.accumulate ? " +=" : "", bits ? "14-bit" : "exact", r.checked,
+                            r.worst, wg_emu::mmas - before);
+            }
+    }
+    std::printf("fp8gemm: all cases agree with the f64 reference\n");
+    return 0;
+}

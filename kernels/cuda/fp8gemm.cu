@@ -13,9 +13,18 @@
 //   scale-d = 0) and then promoted into f32 registers. Operands staged in shared memory in the
 //   no-swizzle core-matrix layout by ordinary loads (no TMA / mbarrier pipeline / warp
 //   specialization yet: the simple, correct first version). On sm_80 the entry traps.
+// - fp8_gemm_wgmma2_*: sm_90a, the pipelined form (emulator-verified, not yet run on a GPU): 256
+//   threads = 2 consumer warpgroups on a 128x128 block tile (warpgroup w: 64-row tile 2·blockIdx.y
+//   + w, its own group in the grouped mode, so B is staged once per distinct group), operands
+//   streamed by cp.async into a 4-stage ring of 128-K groups (the same no-swizzle layout and
+//   descriptors as fp8_gemm_wgmma, the mode the H100 run validated), loads issued 3 groups ahead
+//   and landing while the MMAs run; per group 4 wgmmas, wait_group 0, promotion (scales loaded
+//   under the MMAs); the two warpgroups' MMAs and promotions interleave. Needs k, lda, ldb (and stride_b) multiples
+//   of 16 (the launcher falls back to fp8_gemm_wgmma otherwise).
 // - fp8_gemm_simt_*: any arch (the sm_80 path and a cross-check): f32 SIMT over decoded E4M3
 //   values (products exact in f32), 64x64 tiles, the same promotion.
 #include "common.cuh"
+#include "mma.cuh"
 #include "wgmma.cuh"
 #include <stdint.h>
 
@@ -215,3 +224,161 @@ __device__ void fp8_gemm_wgmma(const Fp8GemmArgs& p) {
 }
 extern "C" __global__ void __launch_bounds__(128) fp8_gemm_wgmma_bf16(Fp8GemmArgs p) { fp8_gemm_wgmma<bf16>(p); }
 extern "C" __global__ void __launch_bounds__(128) fp8_gemm_wgmma_f32(Fp8GemmArgs p) { fp8_gemm_wgmma<float>(p); }
+
+// ---- sm_90a, pipelined: 2 consumer warpgroups, cp.async ring 3 groups ahead, DeepGEMM's
+// per-group wgmma -> wait_group 0 -> promote (the other warpgroup's MMAs fill the promotion). A
+// wait_group 1 form with two accumulator sets (promotion of group k-1 under group k's MMAs) needs
+// 192 accumulator registers: ptxas then caps at 255 and serializes the wgmmas (C7514), so not that.
+#define FP8V2_STAGES 4
+#define FP8V2_A_BYTES (128 * 128)            // 2 x 64 rows x 128 K (warpgroup w at w * 8192)
+#define FP8V2_B_BYTES (128 * 128)            // 128 columns x 128 K
+#define FP8V2_STAGE_BYTES (FP8V2_A_BYTES + 2 * FP8V2_B_BYTES)  // B of warpgroup 1 when its group differs
+#define FP8V2_SMEM (FP8V2_STAGES * FP8V2_STAGE_BYTES)
+
+// Rows of 64-row tile t: [row0, row_end) of group g.
+__device__ __forceinline__ bool fp8_tile64(const Fp8GemmArgs& p, int t, int& row0, int& row_end, int& g) {
+    if (p.row_offsets) {
+        if (t >= p.tile_offsets[p.groups]) return false;
+        int lo = 0, hi = p.groups - 1;
+        while (lo < hi) {
+            int mid = (lo + hi + 1) >> 1;
+            if (p.tile_offsets[mid] <= t) lo = mid; else hi = mid - 1;
+        }
+        g = lo;
+        row0 = p.row_offsets[g] + (t - p.tile_offsets[g]) * FP8_BM;
+        row_end = p.row_offsets[g + 1];
+        return row0 < row_end;
+    }
+    g = 0;
+    row0 = t * FP8_BM;
+    row_end = p.m;
+    return row0 < row_end;
+}
+
+// Two adjacent columns (c, c + 1) of row `row`; c + 1 may be past n.
+template <typename TD>
+__device__ __forceinline__ void fp8_store2(const Fp8GemmArgs& p, int row, int c, float v0, float v1) {
+    if (c + 1 < p.n && ((((long long)row * p.ldd + c) & 1) == 0)) {
+        TD* dst = (TD*)p.d + (long long)row * p.ldd + c;
+        if (p.accumulate) {
+            v0 += to_f32(dst[0]);
+            v1 += to_f32(dst[1]);
+        }
+        if constexpr (sizeof(TD) == 4) {
+            *(float2*)dst = make_float2(v0, v1);
+        } else {
+            *(__nv_bfloat162*)dst = __floats2bfloat162_rn(v0, v1);
+        }
+        return;
+    }
+    if (c < p.n) fp8_store<TD>(p, row, c, v0);
+    if (c + 1 < p.n) fp8_store<TD>(p, row, c + 1, v1);
+}
+
+template <typename TD>
+__device__ void fp8_gemm_wgmma2(const Fp8GemmArgs& p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    DSV3_DYNAMIC_SMEM(smem);
+    const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, warp = (tid >> 5) & 3;
+    int r0a, rea, ga, r0b, reb, gb;
+    if (!fp8_tile64(p, blockIdx.y * 2, r0a, rea, ga)) return;  // the whole block (uniform)
+    if (!fp8_tile64(p, blockIdx.y * 2 + 1, r0b, reb, gb)) r0b = reb = 0, gb = ga;  // warpgroup 1 idle
+    const bool two_b = gb != ga;
+    const uint8_t* Ba = p.b + (long long)ga * p.stride_b;
+    const uint8_t* Bb = p.b + (long long)gb * p.stride_b;
+    const int col0 = blockIdx.x * 128;
+    const int nkb = (p.k + 127) >> 7;
+    const uint32_t sbase = smem_u32(smem);
+
+    // Stage kb's operands (every thread; an empty commit group past the end keeps the count).
+    // Per 32 consecutive indices: 8 rows x 4 chunks of 16 bytes (64 contiguous bytes of a row
+    // from global; 8 distinct 16-byte bank groups per 8 lanes in shared memory).
+    auto load = [&](int kb) {
+        if (kb < nkb) {
+            const uint32_t st = sbase + (kb % FP8V2_STAGES) * FP8V2_STAGE_BYTES;
+            const int k0 = kb * 128;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int idx = tid + j * 256, c = idx >> 5, l = idx & 31;
+                const int r = (c >> 1) * 8 + (l & 7), kc = (c & 1) * 4 + (l >> 3);
+                const bool kok = k0 + kc * 16 < p.k;
+                // A: rows r < 64 of warpgroup 0's tile, the rest of warpgroup 1's
+                const int w = r >> 6, rr = r & 63;
+                const int grow = (w ? r0b : r0a) + rr;
+                const bool aok = kok && grow < (w ? reb : rea);
+                cp_async16(st + w * 8192 + kc * 1024 + rr * 16,
+                           aok ? p.a + (long long)grow * p.lda + k0 + kc * 16 : p.a, aok ? 16 : 0);
+                // B (columns col0 + r) of warpgroup 0's group, and of warpgroup 1's if it differs
+                const bool bok = kok && col0 + r < p.n;
+                const long long boff = (long long)(col0 + r) * p.ldb + k0 + kc * 16;
+                cp_async16(st + FP8V2_A_BYTES + kc * 2048 + r * 16, bok ? Ba + boff : p.b, bok ? 16 : 0);
+                if (two_b)
+                    cp_async16(st + FP8V2_A_BYTES + FP8V2_B_BYTES + kc * 2048 + r * 16, bok ? Bb + boff : p.b,
+                               bok ? 16 : 0);
+            }
+        }
+        cp_async_commit();
+    };
+
+    // this warpgroup's rows and scales
+    const int row0 = wg ? r0b : r0a, row_end = wg ? reb : rea;
+    const float* SB = p.sb + (long long)(wg ? gb : ga) * p.stride_sb;
+    const int ra = warp * 16 + (lane >> 2);  // accumulator rows ra and ra + 8
+    const bool ok0 = row0 + ra < row_end, ok1 = row0 + ra + 8 < row_end;
+    const float* sa0p = p.sa + (long long)(row0 + ra) * p.sa_rs;
+    const float* sa1p = p.sa + (long long)(row0 + ra + 8) * p.sa_rs;
+    const uint32_t a_off = wg * 8192, b_off = FP8V2_A_BYTES + ((two_b && wg) ? FP8V2_B_BYTES : 0);
+
+    float acc[64], out[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) out[i] = 0.0f;
+
+    for (int s = 0; s < FP8V2_STAGES - 1; s++) load(s);
+    for (int kb = 0; kb < nkb; kb++) {
+        // wait for group kb's operands; refill the slot group kb - 1 used (its wgmmas were waited)
+        cp_async_wait<FP8V2_STAGES - 2>();
+        fence_proxy_async();  // this thread's cp.async writes -> the async proxy
+        __syncthreads();      // everyone's writes landed; everyone's group kb - 1 wgmmas are done
+        load(kb + FP8V2_STAGES - 1);
+        const uint32_t st = (kb % FP8V2_STAGES) * FP8V2_STAGE_BYTES;
+        fence_acc(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            const uint64_t da = wg_desc(smem + st + a_off + kk * 2 * 1024, 1024, 128);
+            const uint64_t db = wg_desc(smem + st + b_off + kk * 2 * 2048, 2048, 128);
+            wgmma_m64n128k32_e4m3(acc, da, db, kk > 0);
+        }
+        wgmma_commit();
+        // this group's scales while the MMAs run
+        const float sa0 = ok0 ? sa0p[(long long)kb * p.sa_ks] : 0.0f;
+        const float sa1 = ok1 ? sa1p[(long long)kb * p.sa_ks] : 0.0f;
+        const float sbb = p.b_block ? SB[(long long)(col0 >> 7) * p.sb_rs + (long long)kb * p.sb_ks] : 0.0f;
+        wgmma_wait<0>();
+        fence_acc(acc);
+        // promote: out += (sa * sb) * acc
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int c = col0 + j * 8 + (lane & 3) * 2 + e;
+                const float sb = p.b_block ? sbb : (c < p.n ? fp8_sb(p, SB, c, kb) : 0.0f);
+                out[j * 4 + e] += (sa0 * sb) * acc[j * 4 + e];
+                out[j * 4 + 2 + e] += (sa1 * sb) * acc[j * 4 + 2 + e];
+            }
+        }
+    }
+
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        const int c = col0 + j * 8 + (lane & 3) * 2;
+        if (c >= p.n) continue;
+        if (ok0) fp8_store2<TD>(p, row0 + ra, c, out[j * 4], out[j * 4 + 1]);
+        if (ok1) fp8_store2<TD>(p, row0 + ra + 8, c, out[j * 4 + 2], out[j * 4 + 3]);
+    }
+#else
+    __trap();  // sm_90a only
+#endif
+}
+extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_wgmma2_bf16(Fp8GemmArgs p) { fp8_gemm_wgmma2<bf16>(p); }
+extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_wgmma2_f32(Fp8GemmArgs p) { fp8_gemm_wgmma2<float>(p); }

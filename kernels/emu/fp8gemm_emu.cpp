@@ -1,6 +1,7 @@
 // CPU emulation of the FP8 GEMMs of DeepSeek's training recipe (kernels/cuda/fp8gemm.cu): the
 // sm_90a wgmma kernels (fp8_gemm_wgmma_*: m64n128k32 e4m3 from no-swizzle K-major shared-memory
-// descriptors) and the SIMT form (fp8_gemm_simt_*), bf16 and f32 D, in the recipe's three forms —
+// descriptors; fp8_gemm_wgmma2_*: the pipelined form, 2 warpgroups fed by a 4-stage cp.async ring,
+// on the cases its 16-byte alignment admits) and the SIMT form (fp8_gemm_simt_*), bf16 and f32 D, in the recipe's three forms —
 // Fprop/Dgrad (A 1x128 x B 128x128 blocks), Wgrad (1x128 x 1x128 along K, f32 D, accumulate) and
 // grouped-contiguous (MoE: moe_plan's 64-row tiles, empty and ragged groups) — with ragged m, n
 // and k (k not a multiple of 16 included), padded leading dimensions and both scale layouts, against
@@ -15,7 +16,8 @@
 // accumulators poisoned while in flight, operands checked unchanged). fp8_gemm_wgmma_* was
 // verified on an H100, so its agreement here validates the emulated wgmma modes it uses. Buffers
 // sit against PROT_NONE guard pages; every D element a call does not own carries a sentinel that
-// must survive. Every case also runs with Hopper's limited (14-bit) accumulator model, where the
+// must survive; cp.async copies land at their wait in half the blocks and also at issue in the
+// other half (a ring slot refilled too early shows). Every case also runs with Hopper's limited (14-bit) accumulator model, where the
 // error grows but stays within the recipe's bound. Timing means nothing here.
 #include <emu.h>
 #include <wgmma_emu.h>
@@ -76,8 +78,15 @@ struct Problem {
     bool sa_mcontig = true;   // A scales M-contiguous (sa_rs 1, sa_ks m) or row-major
 };
 
-enum Which { SIMT, WGMMA };
-static const char* which_name[] = {"simt", "wgmma"};
+enum Which { SIMT, WGMMA, WGMMA2 };
+static const char* which_name[] = {"simt", "wgmma", "wgmma2"};
+
+// the launcher's rule for fp8_gemm_wgmma2 (kernels/src/ops/fp8.rs): 16-byte cp.async of every chunk
+static bool v2_ok(const Problem& P) {
+    const int ldb = P.k + P.ldb_pad, n = P.n;
+    const long long stride_b = (long long)n * ldb + 32;
+    return P.k % 16 == 0 && (P.k + P.lda_pad) % 16 == 0 && ldb % 16 == 0 && (P.counts.empty() || stride_b % 16 == 0);
+}
 
 struct Result {
     double worst = 0;  // max |err| / bound
@@ -142,16 +151,26 @@ static Result run(const Problem& P, Which which, std::mt19937& rng) {
     const int tiles64 = P.counts.empty() ? (m + 63) / 64 : tile_offsets[groups] + 1;  // + 1: an extra block exits
     void (*fn)(Fp8GemmArgs) = nullptr;
     int bn = 0, threads = 0, gy = tiles64;
+    size_t smem = 0;
     if (which == SIMT) fn = P.f32d ? fp8_gemm_simt_f32 : fp8_gemm_simt_bf16, bn = 64, threads = 256;
-    else fn = P.f32d ? fp8_gemm_wgmma_f32 : fp8_gemm_wgmma_bf16, bn = 128, threads = 128;
-    emu::begin_smem(0);
+    else if (which == WGMMA) fn = P.f32d ? fp8_gemm_wgmma_f32 : fp8_gemm_wgmma_bf16, bn = 128, threads = 128;
+    else {
+        fn = P.f32d ? fp8_gemm_wgmma2_f32 : fp8_gemm_wgmma2_bf16, bn = 128, threads = 256;
+        gy = (tiles64 + 1) / 2, smem = FP8V2_SMEM;
+        emu::allow_global(A.data, A.bytes);  // cp.async may read the operands only
+        emu::allow_global(B.data, B.bytes);
+    }
     for (int by = 0; by < gy; by++)
         for (int bx = 0; bx < (n + bn - 1) / bn; bx++) {
+            emu::cp_async_eager = (bx + by) & 1;  // both cp.async timings, alternating by block
+            emu::begin_smem(smem);  // NaN (E4M3 0xff) before every block
             wg_emu::begin_block();
             emu::run_block({(unsigned)bx, (unsigned)by, 0}, threads, [&] { fn(p); });
             wg_emu::end_block();
+            emu::end_smem();
         }
-    emu::end_smem();
+    emu::clear_globals();
+    emu::cp_async_eager = false;
 
     // f64 reference of the promoted product and the error bound
     auto dec = [](uint8_t c) { return wg_emu::e4m3(c); };
@@ -207,19 +226,26 @@ int main(int argc, char** argv) {
         {"grouped", 0, 200, 384, true, false, false, {70, 0, 130, 5, 64}, 0, 0, 3, true},
         {"grouped-wgrad", 0, 136, 130, false, true, true, {1, 65, 0, 128}, 8, 8, 0, false},
         {"tiny", 1, 1, 1, true, false, false, {}, 0, 0, 0, true},
+        // aligned for wgmma2: a long K (the ring wraps), odd 64-row tile counts (warpgroup 1 idle),
+        // groups that split a block between two experts (two B tiles staged)
+        {"fprop-longk", 130, 260, 1040, true, false, false, {}, 0, 16, 1, true},
+        {"grouped-2b", 0, 264, 272, true, true, false, {64, 1, 63, 0, 129, 64}, 16, 0, 0, true},
+        {"grouped-wgrad16", 0, 130, 400, false, true, true, {3, 64, 0, 100}, 0, 0, 5, false},
     };
     for (auto& p : ps)
         if (!p.counts.empty()) {
             p.m = 7;  // rows past the last group: never written
             for (int c : p.counts) p.m += c;
         }
-    if (quick) ps = {ps[0], ps[3], ps[4], ps[5]};
+    if (quick) ps = {ps[0], ps[3], ps[4], ps[5], ps[7], ps[6]};
     for (int bits : {0, 14}) {
         if (quick && bits) ps = {ps[0]};
         wg_emu::acc_bits = bits;
         for (const Problem& p : ps)
-            for (Which w : {WGMMA, SIMT}) {
+            for (Which w : {WGMMA, WGMMA2, SIMT}) {
                 if (bits && w == SIMT) continue;
+                if (w == WGMMA2 && !v2_ok(p)) continue;
+                if (quick && w == SIMT && &p != &ps[0]) continue;
                 const long long before = wg_emu::mmas;
                 Result r = run(p, w, rng);
                 std::printf("%-15s %-5s %4dx%-4dx%-4d %s%s%s acc=%s: %lld D checked, worst err/bound %.3f, %lld wgmma\n",

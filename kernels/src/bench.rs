@@ -447,8 +447,9 @@ pub fn cublaslt_fp8_blockwise_tflops(dev: &Device, m: usize, n: usize, k: usize)
     }
 }
 
-/// dsv3's FP8 GEMM (1x128 activations x 128x128 weights, bf16 out; wgmma on sm_90a, SIMT
-/// elsewhere) at `m x n x k`, printed next to cuBLASLt FP8 blockwise and cuBLAS bf16 from the same
+/// dsv3's FP8 GEMM (1x128 activations x 128x128 weights, bf16 out; the kernel `Fp8Kernel::Auto`
+/// picks: fp8_gemm_wgmma2 on sm_90a, SIMT elsewhere; on sm_90a the first form fp8_gemm_wgmma is
+/// timed too) at `m x n x k`, printed next to cuBLASLt FP8 blockwise and cuBLAS bf16 from the same
 /// process. Returns (dsv3, cuBLASLt FP8, cuBLAS bf16) TFLOP/s (NaN where a peer is missing).
 pub fn fp8_gemm_line(dev: &Device, m: usize, n: usize, k: usize) -> Result<(f64, f64, f64)> {
     use crate::ops::fp8::{fp8_gemm, BScales, Fp8Gemm, Fp8Kernel, Fp8Operand};
@@ -474,6 +475,13 @@ pub fn fp8_gemm_line(dev: &Device, m: usize, n: usize, k: usize) -> Result<(f64,
     };
     let ms = time_ms(dev, 3, 10, || fp8_gemm(dev, &g, &mut d, Fp8Kernel::Auto))?;
     let ours = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
+    // on sm_90a also the first wgmma form (A/B of the pipelined fp8_gemm_wgmma2, which Auto runs)
+    let v1 = if dev.arch == crate::ptx::Arch::Sm90a {
+        let ms1 = time_ms(dev, 3, 10, || fp8_gemm(dev, &g, &mut d, Fp8Kernel::Wgmma))?;
+        format!("  (fp8_gemm_wgmma v1 {:>7.1})", 2.0 * (m * n * k) as f64 / (ms1 * 1e-3) / 1e12)
+    } else {
+        String::new()
+    };
     // a failing peer is reported, not fatal: dsv3's own numbers still print
     let lt = cublaslt_fp8_blockwise_tflops(dev, m, n, k)
         .unwrap_or_else(|e| {
@@ -483,7 +491,7 @@ pub fn fp8_gemm_line(dev: &Device, m: usize, n: usize, k: usize) -> Result<(f64,
         .unwrap_or(f64::NAN);
     let bf16 = cublas_bf16_tflops(dev, m, n, k)?.unwrap_or(f64::NAN);
     println!(
-        "fp8 gemm {m:>5}x{n:>5}x{k:>5}  {ms:>8.3} ms  dsv3 {ours:>7.1} TFLOP/s  cuBLASLt fp8 blockwise {lt:>7.1} ({:>4.2}x)  cuBLAS bf16 {bf16:>6.1} ({:>4.2}x)",
+        "fp8 gemm {m:>5}x{n:>5}x{k:>5}  {ms:>8.3} ms  dsv3 {ours:>7.1} TFLOP/s  cuBLASLt fp8 blockwise {lt:>7.1} ({:>4.2}x)  cuBLAS bf16 {bf16:>6.1} ({:>4.2}x){v1}",
         ours / lt,
         ours / bf16
     );

@@ -3,15 +3,16 @@
 //! shapes, strided rows), and the promoted FP8 GEMM in its three forms (Fprop/Dgrad 1x128 x
 //! 128x128, Wgrad 1x128 x 1x128 along tokens with f32 accumulate, grouped-contiguous MoE) against
 //! core's exact emulation and an f64 reference of the unquantized inputs with DeepGEMM's measure
-//! `1 - 2·Σxy/Σ(x²+y²) < 1e-3`. Both kernels (wgmma on sm_90a, SIMT anywhere). Skip without a GPU.
+//! `1 - 2·Σxy/Σ(x²+y²) < 1e-3`. Every kernel (SIMT anywhere; on sm_90a fp8_gemm_wgmma and the
+//! pipelined fp8_gemm_wgmma2 where its 16-byte alignment holds). Skip without a GPU.
 mod common;
 use common::*;
 use dsv3_core::fp8::gemm::{calc_diff, fp8_gemm as cpu_fp8_gemm};
 use dsv3_core::fp8::quant::{quantize_unchecked, QTensor, ScaleLayout};
 use dsv3_core::rng::Rng;
 use dsv3_kernels::ops::fp8::{
-    fp8_gemm, quant_1x128, quant_block128, quant_t128, BScales, Fp8BlockOut, Fp8Gemm, Fp8Kernel, Fp8Operand, Fp8Out,
-    FP8_BM,
+    fp8_gemm, quant_1x128, quant_block128, quant_t128, wgmma2_fits, BScales, Fp8BlockOut, Fp8Gemm, Fp8Kernel,
+    Fp8Operand, Fp8Out, FP8_BM,
 };
 use dsv3_kernels::ops::gemm::Grouped;
 use dsv3_kernels::ptx::Arch;
@@ -164,13 +165,19 @@ fn matmul_f64(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
     c
 }
 
-/// The kernels this device runs: SIMT everywhere, wgmma on sm_90a.
+/// The kernels this device runs: SIMT everywhere, both wgmma forms on sm_90a.
 fn kernels(dev: &Device) -> Vec<Fp8Kernel> {
     if dev.arch == Arch::Sm90a {
-        vec![Fp8Kernel::Simt, Fp8Kernel::Wgmma]
+        vec![Fp8Kernel::Simt, Fp8Kernel::Wgmma, Fp8Kernel::Wgmma2]
     } else {
         vec![Fp8Kernel::Simt]
     }
+}
+
+/// Whether `which` can run `g` (the pipelined kernel needs 16-byte aligned K chunks; device
+/// allocations are aligned).
+fn runs(which: Fp8Kernel, g: &Fp8Gemm) -> bool {
+    which != Fp8Kernel::Wgmma2 || wgmma2_fits(g, 0, 0)
 }
 
 /// Uploads a CPU-quantized tensor as a GEMM operand's buffers (codes, scales in the CPU layout).
@@ -188,8 +195,9 @@ fn check_gemm(got: &[f32], emu: &[f32], exact: &[f64], tol: f32, what: &str) {
     assert!(d < 1e-3, "{what}: calc_diff {d:e} vs the f64 reference (want < 1e-3)");
 }
 
-const GSHAPES: [(usize, usize, usize); 6] =
-    [(1, 1, 1), (7, 33, 45), (65, 130, 257), (64, 128, 128), (3, 200, 1000), (130, 257, 384)];
+// the last four have k % 16 == 0 (fp8_gemm_wgmma2 runs them; 1040: its 4-stage ring wraps)
+const GSHAPES: [(usize, usize, usize); 7] =
+    [(1, 1, 1), (7, 33, 45), (65, 130, 257), (64, 128, 128), (3, 200, 1008), (130, 257, 384), (200, 300, 1040)];
 
 #[test]
 fn fp8_gemm_fprop_1x128_by_128x128_matches_emulation_and_f64() {
@@ -221,6 +229,9 @@ fn fp8_gemm_fprop_1x128_by_128x128_matches_emulation_and_f64() {
                     stride_sb: 0,
                     grouped: None,
                 };
+                if !runs(which, &g) {
+                    continue;
+                }
                 let mut d = poisoned(&dev, out_dt, m * n);
                 fp8_gemm(&dev, &g, &mut d, which).unwrap();
                 let tol = if out_dt == DType::Bf16 { BF16_RTOL } else { 2e-3 };
@@ -240,7 +251,9 @@ fn fp8_gemm_wgrad_along_tokens_accumulates_into_f32() {
     let Some(dev) = device("fp8_gemm_wgrad_along_tokens_accumulates_into_f32") else { return };
     let mut rng = Rng::new(74);
     // dW[out, in] += dYᵀ·X over T tokens, both operands quantized 128x1 along tokens by the GPU
-    for (t, n_out, n_in) in [(1usize, 3usize, 5usize), (130, 64, 200), (300, 129, 70), (512, 256, 128)] {
+    for (t, n_out, n_in) in
+        [(1usize, 3usize, 5usize), (130, 64, 200), (300, 129, 70), (512, 256, 128), (1024, 130, 200)]
+    {
         let dy = randn(&mut rng, t * n_out);
         let x = randn(&mut rng, t * n_in);
         let prev = randn(&mut rng, n_out * n_in);
@@ -276,6 +289,9 @@ fn fp8_gemm_wgrad_along_tokens_accumulates_into_f32() {
                 stride_sb: 0,
                 grouped: None,
             };
+            if !runs(which, &g) {
+                continue;
+            }
             let mut d = Act::from_f32(&dev, DType::F32, &prev).unwrap();
             fp8_gemm(&dev, &g, &mut d, which).unwrap();
             check_gemm(&d.to_f32(&dev).unwrap(), &emu, &exact, 2e-3, &format!("wgrad {which:?} T={t} {n_out}x{n_in}"));
@@ -344,6 +360,7 @@ fn fp8_gemm_grouped_contiguous_with_empty_and_ragged_groups() {
             // one more tile than needed: the extra block must exit
             grouped: Some(Grouped { row_offsets: &rod, tile_offsets: &tod, max_tiles: to[g] as usize + 1 }),
         };
+        assert!(runs(which, &gm), "the grouped case is aligned for every kernel");
         let mut d = poisoned(&dev, DType::F32, m * n);
         fp8_gemm(&dev, &gm, &mut d, which).unwrap();
         check_gemm(&d.to_f32(&dev).unwrap(), &emu, &exact, 2e-3, &format!("grouped {which:?}"));

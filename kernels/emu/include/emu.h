@@ -17,7 +17,8 @@
 //   alignment-checked. Static __shared__ arrays become function statics (one per block: blocks
 //   run one after another).
 // - cp.async copies are deferred until the cp.async.wait_group that covers them, so a missing wait
-//   or barrier reads stale or poisoned shared memory. Their sources must be 16-byte aligned and
+//   or barrier reads stale or poisoned shared memory (emu::cp_async_eager: they also land at issue,
+//   so a refill of a buffer still being read shows). Their sources must be 16-byte aligned and
 //   inside a region registered with allow_global() (when any is registered).
 // Timing means nothing here.
 #pragma once
@@ -269,6 +270,10 @@ struct Region {
     const unsigned char *lo, *hi;
 };
 static std::vector<Region> globals;
+// cp.async copies land at issue as well as at their wait (default: only at the wait). The two
+// extremes of the hardware's timing: deferred catches a missing wait, eager catches a copy into a
+// buffer still being read (a ring slot refilled too early).
+static bool cp_async_eager = false;
 inline void allow_global(const void* p, size_t bytes) {
     globals.push_back({(const unsigned char*)p, (const unsigned char*)p + bytes});
 }
@@ -338,6 +343,10 @@ inline void cp_async16(uint32_t dst, const void* src, int src_bytes) {
     }
     emu::Fiber& f = emu::fib[emu::cur];
     f.pending.push_back({dst, s, src_bytes, f.committed});
+    if (emu::cp_async_eager) {  // also land now (the wait lands the same bytes again)
+        std::memset(emu::dyn_smem + dst, 0, 16);
+        if (src_bytes) std::memcpy(emu::dyn_smem + dst, s, src_bytes);
+    }
 }
 inline void cp_async_commit() { emu::fib[emu::cur].committed++; }
 template <int N>

@@ -1,14 +1,15 @@
 //! DeepSeek's FP8 training recipe on the device: quantization (`kernels/cuda/fp8quant.cu`, bit for
 //! bit as `dsv3_core::fp8::quant`) and the promoted FP8 GEMM (`kernels/cuda/fp8gemm.cu`: wgmma on
-//! sm_90a, a SIMT fallback elsewhere) in its three forms — Fprop/Dgrad (A 1x128 x B 128x128),
+//! sm_90a, pipelined where the operands allow it, a SIMT fallback elsewhere) in its three forms — Fprop/Dgrad (A 1x128 x B 128x128),
 //! Wgrad (1x128 x 1x128 along tokens, f32 accumulate) and grouped-contiguous (MoE experts).
 use super::gemm::Grouped;
-use super::{dim, int, launch, KArg};
+use super::{dim, int, launch, launch_smem, KArg};
 use crate::device::Device;
 use crate::ptx::Arch;
 use crate::tensor::{dptr, Act, DType};
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use dsv3_core::{Error, Result};
+use std::sync::OnceLock;
 
 /// Rows per tile of the FP8 GEMMs (the grouped mode's tile unit: the same as `moe_plan`'s).
 pub const FP8_BM: usize = 64;
@@ -232,12 +233,43 @@ pub enum BScales {
 /// Which kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fp8Kernel {
-    /// wgmma on sm_90a, SIMT elsewhere.
+    /// sm_90a: `fp8_gemm_wgmma2_*` where its alignment holds ([`wgmma2_fits`]), else
+    /// `fp8_gemm_wgmma_*`; SIMT elsewhere. `DSV3_FP8_KERNEL=v1` keeps sm_90a on `fp8_gemm_wgmma_*`,
+    /// `=simt` forces the SIMT kernel.
     Auto,
-    /// `fp8_gemm_wgmma_*` (sm_90a only).
+    /// `fp8_gemm_wgmma_*` (sm_90a only): one warpgroup per 64x128 tile, synchronous per 128-K group
+    /// (the first form; verified on an H100).
     Wgmma,
+    /// `fp8_gemm_wgmma2_*` (sm_90a only): 2 warpgroups per 128x128 tile fed by a 4-stage cp.async
+    /// ring. Emulator-verified (kernels/emu/fp8gemm_emu.cpp), not yet run on a GPU.
+    Wgmma2,
     /// `fp8_gemm_simt_*` (any GPU).
     Simt,
+}
+
+/// Dynamic shared memory of `fp8_gemm_wgmma2_*`: 4 stages of A (128 x 128) and two B tiles (128 x 128).
+pub const FP8_WGMMA2_SMEM: u32 = 4 * (128 * 128 + 2 * 128 * 128);
+
+/// Whether `fp8_gemm_wgmma2_*` can run `g`: 16-byte cp.async of every 16-byte chunk of A and B
+/// (k, the leading dimensions, the grouped weight stride and the base addresses multiples of 16).
+pub fn wgmma2_fits(g: &Fp8Gemm, a_ptr: u64, b_ptr: u64) -> bool {
+    g.k.is_multiple_of(16)
+        && g.a.ld.is_multiple_of(16)
+        && g.b.ld.is_multiple_of(16)
+        && (g.groups == 1 || g.stride_b.is_multiple_of(16))
+        && a_ptr.is_multiple_of(16)
+        && b_ptr.is_multiple_of(16)
+}
+
+/// `DSV3_FP8_KERNEL`: `v1` (sm_90a keeps `fp8_gemm_wgmma_*`), `simt`, or unset / anything else (Auto).
+fn forced_kernel() -> Option<Fp8Kernel> {
+    static V: OnceLock<Option<Fp8Kernel>> = OnceLock::new();
+    *V.get_or_init(|| match std::env::var("DSV3_FP8_KERNEL").as_deref() {
+        Ok("v1") | Ok("wgmma") => Some(Fp8Kernel::Wgmma),
+        Ok("v2") | Ok("wgmma2") => Some(Fp8Kernel::Wgmma2),
+        Ok("simt") => Some(Fp8Kernel::Simt),
+        _ => None,
+    })
 }
 
 /// One FP8 GEMM `D[m, n] (+)= Σ_kb sa·sb·Σ A[m, k]·B[n, k]`. Grouped (MoE, `grouped: Some`): `m`
@@ -298,25 +330,42 @@ pub fn fp8_gemm(dev: &Device, g: &Fp8Gemm, d: &mut Act, which: Fp8Kernel) -> Res
         }
         None => (0, 0, m.div_ceil(FP8_BM)),
     };
-    let wgmma = match which {
-        Fp8Kernel::Auto => dev.arch == Arch::Sm90a,
-        Fp8Kernel::Wgmma => {
-            if dev.arch != Arch::Sm90a {
-                return Err(Error::Unsupported("fp8_gemm: the wgmma kernel needs sm_90a (H100/H200)".into()));
+    let (a_ptr, b_ptr) = (dptr(dev, g.a.q, 0)?, dptr(dev, g.b.q, 0)?);
+    let fits2 = wgmma2_fits(g, a_ptr, b_ptr);
+    let sm90 = dev.arch == Arch::Sm90a;
+    let chosen = match which {
+        Fp8Kernel::Auto => match forced_kernel() {
+            Some(Fp8Kernel::Simt) => Fp8Kernel::Simt,
+            Some(Fp8Kernel::Wgmma) if sm90 => Fp8Kernel::Wgmma,
+            _ if sm90 && fits2 => Fp8Kernel::Wgmma2,
+            _ if sm90 => Fp8Kernel::Wgmma,
+            _ => Fp8Kernel::Simt,
+        },
+        Fp8Kernel::Wgmma | Fp8Kernel::Wgmma2 => {
+            if !sm90 {
+                return Err(Error::Unsupported("fp8_gemm: the wgmma kernels need sm_90a (H100/H200)".into()));
             }
-            true
+            if which == Fp8Kernel::Wgmma2 && !fits2 {
+                return Err(Error::Input(
+                    "fp8_gemm: fp8_gemm_wgmma2 needs k, lda, ldb, stride_b and the operand addresses multiples of 16"
+                        .into(),
+                ));
+            }
+            which
         }
-        Fp8Kernel::Simt => false,
+        Fp8Kernel::Simt => Fp8Kernel::Simt,
     };
-    let kernel = match (wgmma, d.dtype()) {
-        (true, DType::Bf16) => "fp8_gemm_wgmma_bf16",
-        (true, DType::F32) => "fp8_gemm_wgmma_f32",
-        (false, DType::Bf16) => "fp8_gemm_simt_bf16",
-        (false, DType::F32) => "fp8_gemm_simt_f32",
+    let kernel = match (chosen, d.dtype()) {
+        (Fp8Kernel::Wgmma2, DType::Bf16) => "fp8_gemm_wgmma2_bf16",
+        (Fp8Kernel::Wgmma2, DType::F32) => "fp8_gemm_wgmma2_f32",
+        (Fp8Kernel::Wgmma, DType::Bf16) => "fp8_gemm_wgmma_bf16",
+        (Fp8Kernel::Wgmma, DType::F32) => "fp8_gemm_wgmma_f32",
+        (_, DType::Bf16) => "fp8_gemm_simt_bf16",
+        (_, DType::F32) => "fp8_gemm_simt_f32",
     };
     let args = Fp8GemmArgs {
-        a: dptr(dev, g.a.q, 0)?,
-        b: dptr(dev, g.b.q, 0)?,
+        a: a_ptr,
+        b: b_ptr,
         d: d.ptr(dev, 0)?,
         sa: dptr(dev, g.a.scale, 0)?,
         sb: dptr(dev, g.b.scale, 0)?,
@@ -339,9 +388,18 @@ pub fn fp8_gemm(dev: &Device, g: &Fp8Gemm, d: &mut Act, which: Fp8Kernel) -> Res
         b_block: (g.b_scales == BScales::Block128) as i32,
         pad: 0,
     };
-    let (bn, block) = if wgmma { (128, 128) } else { (64, 256) };
-    let grid = (dim(n.div_ceil(bn), "fp8_gemm n")?, dim(grid_y, "fp8_gemm m")?, 1);
-    launch(dev, "fp8gemm", kernel, grid, block, &[KArg::Fp8Gemm(args)])
+    match chosen {
+        // 128-row blocks: warpgroup w takes 64-row tile 2·blockIdx.y + w
+        Fp8Kernel::Wgmma2 => {
+            let grid = (dim(n.div_ceil(128), "fp8_gemm n")?, dim(grid_y.div_ceil(2), "fp8_gemm m")?, 1);
+            launch_smem(dev, "fp8gemm", kernel, grid, 256, FP8_WGMMA2_SMEM, &[KArg::Fp8Gemm(args)])
+        }
+        _ => {
+            let (bn, block) = if chosen == Fp8Kernel::Wgmma { (128, 128) } else { (64, 256) };
+            let grid = (dim(n.div_ceil(bn), "fp8_gemm n")?, dim(grid_y, "fp8_gemm m")?, 1);
+            launch(dev, "fp8gemm", kernel, grid, block, &[KArg::Fp8Gemm(args)])
+        }
+    }
 }
 
 #[cfg(test)]

@@ -89,6 +89,8 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("fp8quant", "quant_t128_bf16"),
     ("fp8gemm", "fp8_gemm_wgmma_bf16"),
     ("fp8gemm", "fp8_gemm_wgmma_f32"),
+    ("fp8gemm", "fp8_gemm_wgmma2_bf16"),
+    ("fp8gemm", "fp8_gemm_wgmma2_f32"),
     ("fp8gemm", "fp8_gemm_simt_bf16"),
     ("fp8gemm", "fp8_gemm_simt_f32"),
     ("mla", "mla_decode_f32"),

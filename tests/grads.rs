@@ -250,3 +250,30 @@ fn finite_differences_of_the_grpo_objective() {
         fd_check_with(&model, grad, &seqs, &objective, 1.0);
     }
 }
+
+/// Sequences longer than the training attention's causal row block (64 rows, several blocks,
+/// a ragged last one): the training pass's loss equals the inference path's (which does not
+/// block), and its gradients pass the finite-difference check (one dense layer: no routing).
+#[test]
+fn long_sequences_cross_causal_blocks() {
+    let mut rng = dsv3::rng::Rng::new(5);
+    let long: Vec<Vec<u32>> = [150usize, 70].iter().map(|&t| (0..t).map(|_| rng.below(37) as u32).collect()).collect();
+    let seqs: Vec<&[u32]> = long.iter().map(|s| &s[..]).collect();
+    let model = random_model(V3, 11, 0.15);
+    let mut g = model.zeros_like();
+    let ce = model.train_pass(&seqs, &mut g, &PassOptions::default()).unwrap().ce_loss as f64;
+    let (mut sum, mut cnt) = (0f64, 0usize);
+    for s in &seqs {
+        let logits = model.forward(&[s]).unwrap();
+        for (i, row) in logits.chunks_exact(37).take(s.len() - 1).enumerate() {
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+            sum += lse - row[s[i + 1] as usize] as f64;
+            cnt += 1;
+        }
+    }
+    let want = sum / cnt as f64;
+    assert!((ce - want).abs() < 1e-4 * want.abs(), "training loss {ce} vs inference {want}");
+    let dense = V3.replace(r#""num_hidden_layers":2"#, r#""num_hidden_layers":1"#);
+    fd_check(&dense, &seqs, &PassOptions::default());
+}

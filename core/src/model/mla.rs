@@ -21,6 +21,10 @@ use alloc::format;
 use alloc::vec;
 use alloc::vec::Vec;
 
+/// Query rows per causal block of the training attention: a block of rows only multiplies the
+/// keys up to its last row, which skips ~3/8 of the S x S products at S = 256.
+const ATTN_ROW_BLOCK: usize = 64;
+
 /// Which MLA formulation computes attention (both give the same result).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttnForm {
@@ -349,17 +353,22 @@ impl Mla {
             let sl = r.len();
             let q0 = r.start * h * dq + hh * dq;
             let k0 = r.start * w + hh * (dn + dv);
+            // causal: row block [i0, i1) only needs keys [0, i1); the rest of p stays 0
             let mut p = vec![0f32; sl * sl];
-            matmul_t(sl, sl, dn, &q_all[q0..], h * dq, &kv_all[k0..], w, &mut p, sl, false);
-            matmul_t(sl, sl, dr, &q_all[q0 + dn..], h * dq, &kpe_all[r.start * dr..], dr, &mut p, sl, true);
-            for (i, row) in p.chunks_exact_mut(sl).enumerate() {
-                for (t, v) in row.iter_mut().enumerate() {
-                    *v = if t <= i { *v * scale } else { f32::NEG_INFINITY };
-                }
-                softmax_inplace(row);
-            }
             let mut o = vec![0f32; sl * dv];
-            matmul_strided(sl, dv, sl, &p, sl, 1, &kv_all[k0 + dn..], w, 1, &mut o, dv, false);
+            for i0 in (0..sl).step_by(ATTN_ROW_BLOCK) {
+                let i1 = (i0 + ATTN_ROW_BLOCK).min(sl);
+                let (qb, pb) = (q0 + i0 * h * dq, &mut p[i0 * sl..]);
+                matmul_t(i1 - i0, i1, dn, &q_all[qb..], h * dq, &kv_all[k0..], w, pb, sl, false);
+                matmul_t(i1 - i0, i1, dr, &q_all[qb + dn..], h * dq, &kpe_all[r.start * dr..], dr, pb, sl, true);
+                for (i, row) in (i0..i1).zip(pb.chunks_exact_mut(sl)) {
+                    row[..=i].iter_mut().for_each(|v| *v *= scale);
+                    softmax_inplace(&mut row[..=i]);
+                    row[i + 1..i1].fill(0.0);
+                }
+                let (pb, ob) = (&p[i0 * sl..], &mut o[i0 * dv..]);
+                matmul_strided(i1 - i0, dv, i1, pb, sl, 1, &kv_all[k0 + dn..], w, 1, ob, dv, false);
+            }
             (p, o)
         });
         for (&(qi, hh), (p, o)) in tasks.iter().zip(results) {
@@ -399,18 +408,36 @@ impl Mla {
             let o0 = r.start * h * dv + hh * dv;
             let (mut dqh, mut dkvh, mut dpe) = (vec![0f32; sl * dq], vec![0f32; sl * (dn + dv)], vec![0f32; sl * dr]);
             // dP = dO·Vᵀ, dV = Pᵀ·dO
+            // causal blocks, as in the forward: P and dS are 0 above the diagonal, so query rows
+            // [i0, i1) see keys [0, i1) and key rows [t0, t1) are seen by queries [t0, sl)
             let mut dp = vec![0f32; sl * sl];
-            matmul_t(sl, sl, dv, &dattn[o0..], h * dv, &sv.kv[k0 + dn..], w, &mut dp, sl, false);
-            matmul_strided(sl, dv, sl, p, 1, sl, &dattn[o0..], h * dv, 1, &mut dkvh[dn..], dn + dv, false);
-            for (prow, drow) in p.chunks_exact(sl).zip(dp.chunks_exact_mut(sl)) {
-                softmax_backward_inplace(prow, drow);
-                drow.iter_mut().for_each(|v| *v *= scale);
+            let (bs, ld) = (ATTN_ROW_BLOCK, h * dq);
+            for i0 in (0..sl).step_by(bs) {
+                let i1 = (i0 + bs).min(sl);
+                let (ob, db) = (&dattn[o0 + i0 * h * dv..], &mut dp[i0 * sl..]);
+                matmul_t(i1 - i0, i1, dv, ob, h * dv, &sv.kv[k0 + dn..], w, db, sl, false);
+                for (i, (prow, drow)) in (i0..i1).zip(p[i0 * sl..].chunks_exact(sl).zip(db.chunks_exact_mut(sl))) {
+                    softmax_backward_inplace(&prow[..=i], &mut drow[..=i]);
+                    drow[..=i].iter_mut().for_each(|v| *v *= scale);
+                    drow[i + 1..i1].fill(0.0);
+                }
+                // dQ = dS·K (the rope key is shared by all heads: its gradient is summed below)
+                let (dsb, dqb) = (&dp[i0 * sl..], &mut dqh[i0 * dq..]);
+                matmul_strided(i1 - i0, dn, i1, dsb, sl, 1, &sv.kv[k0..], w, 1, dqb, dq, false);
+                let kpe = &sv.kpe[r.start * dr..];
+                matmul_strided(i1 - i0, dr, i1, dsb, sl, 1, kpe, dr, 1, &mut dqb[dn..], dq, false);
             }
-            // dQ = dS·K, dK = dSᵀ·Q (the rope key is shared by all heads: summed below)
-            matmul_strided(sl, dn, sl, &dp, sl, 1, &sv.kv[k0..], w, 1, &mut dqh, dq, false);
-            matmul_strided(sl, dr, sl, &dp, sl, 1, &sv.kpe[r.start * dr..], dr, 1, &mut dqh[dn..], dq, false);
-            matmul_strided(sl, dn, sl, &dp, 1, sl, &sv.q[q0..], h * dq, 1, &mut dkvh, dn + dv, false);
-            matmul_strided(sl, dr, sl, &dp, 1, sl, &sv.q[q0 + dn..], h * dq, 1, &mut dpe, dr, false);
+            for t0 in (0..sl).step_by(bs) {
+                let t1 = (t0 + bs).min(sl);
+                let (m, kk, c0) = (t1 - t0, sl - t0, t0 * sl + t0);
+                // dV = Pᵀ·dO, dK = dSᵀ·Q
+                let (dob, dkb) = (&dattn[o0 + t0 * h * dv..], &mut dkvh[t0 * (dn + dv)..]);
+                matmul_strided(m, dv, kk, &p[c0..], 1, sl, dob, h * dv, 1, &mut dkb[dn..], dn + dv, false);
+                let qb = q0 + t0 * ld;
+                matmul_strided(m, dn, kk, &dp[c0..], 1, sl, &sv.q[qb..], ld, 1, dkb, dn + dv, false);
+                let pb = &mut dpe[t0 * dr..];
+                matmul_strided(m, dr, kk, &dp[c0..], 1, sl, &sv.q[qb + dn..], ld, 1, pb, dr, false);
+            }
             (dqh, dkvh, dpe)
         });
         for (&(qi, hh), (dqh, dkvh, dpe)) in tasks.iter().zip(results) {

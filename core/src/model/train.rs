@@ -13,6 +13,39 @@ use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 
+/// A raw view of one trainable tensor (see [`Model::tensor_views`]).
+#[derive(Clone, Copy, Debug)]
+pub struct TensorView {
+    pub ptr: *mut f32,
+    pub len: usize,
+}
+
+// SAFETY: a view is only dereferenced (`TensorView::slice`) by code that holds the owning model
+// mutably and hands disjoint views to different threads.
+unsafe impl Send for TensorView {}
+unsafe impl Sync for TensorView {}
+
+/// Elements per piece when tensor-wide element-wise work is split over threads.
+pub const PIECE: usize = 1 << 15;
+
+impl TensorView {
+    /// The viewed elements.
+    ///
+    /// # Safety
+    /// The owning tensor must be alive and not otherwise borrowed while the slice is used.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self) -> &mut [f32] {
+        core::slice::from_raw_parts_mut(self.ptr, self.len)
+    }
+
+    /// Consecutive sub-views of at most `n` elements.
+    pub fn pieces(self, n: usize) -> impl Iterator<Item = TensorView> {
+        (0..self.len.div_ceil(n))
+            // SAFETY: offsets stay inside the viewed tensor.
+            .map(move |i| TensorView { ptr: unsafe { self.ptr.add(i * n) }, len: n.min(self.len - i * n) })
+    }
+}
+
 impl Model {
     /// Sets the GEMM precision of every linear layer inside the decoder layers and MTP blocks
     /// (attention projections, dense MLPs, experts, shared experts). The embedding, lm_head,
@@ -107,15 +140,31 @@ impl Model {
     /// Adds `other`'s trainable tensors into `self` (same structure), e.g. to reduce
     /// per-thread gradient buffers.
     pub fn add_from(&mut self, other: &mut Model) {
-        let mut flat: Vec<f32> = Vec::new();
-        other.visit(&mut |_, t| flat.extend_from_slice(t));
-        let mut i = 0;
-        self.visit(&mut |_, t| {
-            for v in t.iter_mut() {
-                *v += flat[i];
-                i += 1;
-            }
+        let (mine, theirs) = (self.tensor_views(), other.tensor_views());
+        assert_eq!(mine.len(), theirs.len(), "add_from: models of different structure");
+        let pieces: Vec<(TensorView, TensorView)> = mine
+            .iter()
+            .zip(&theirs)
+            .flat_map(|((_, a), (_, b))| {
+                assert_eq!(a.len, b.len, "add_from: tensors of different sizes");
+                a.pieces(PIECE).zip(b.pieces(PIECE))
+            })
+            .collect();
+        crate::ops::par_map(&pieces, usize::MAX, |(a, b)| {
+            // SAFETY: the views come from two distinct models borrowed mutably for this call;
+            // pieces are disjoint.
+            let (a, b) = unsafe { (a.slice(), b.slice()) };
+            a.iter_mut().zip(b.iter()).for_each(|(x, y)| *x += *y);
         });
+    }
+
+    /// Raw views of the trainable tensors in [`Model::visit`] order, with their names, so that
+    /// several models' tensors can be walked together (and in parallel). The views stay valid
+    /// while `self` is neither moved, dropped nor reshaped; each names a distinct tensor.
+    pub fn tensor_views(&mut self) -> Vec<(String, TensorView)> {
+        let mut v = Vec::new();
+        self.visit(&mut |n, t| v.push((String::from(n), TensorView { ptr: t.as_mut_ptr(), len: t.len() })));
+        v
     }
 
     /// With tied embeddings, moves the head's gradient (accumulated in `grad.lm_head` by a pass)

@@ -161,20 +161,14 @@ impl Trainer {
     /// (gradient norm before clipping, learning rate). A non-finite norm is an error and leaves
     /// the weights untouched.
     pub fn apply_gradients(&mut self, loads: &[Vec<u32>]) -> Result<(f32, f32)> {
-        let mut sq = 0f64;
-        self.grad.visit(&mut |_, g| sq += g.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>());
-        let grad_norm = libm::sqrt(sq) as f32;
+        let grad_norm = grad_norm(&mut self.grad);
         if !grad_norm.is_finite() {
             return Err(crate::Error::NonFinite(alloc::format!("gradient norm is {grad_norm} at step {}", self.step)));
         }
-        if let Some(c) = self.cfg.clip_norm {
-            if grad_norm > c {
-                let f = c / grad_norm;
-                self.grad.visit(&mut |_, g| g.iter_mut().for_each(|x| *x *= f));
-            }
-        }
+        let clip = self.cfg.clip_norm.filter(|&c| grad_norm > c).map(|c| c / grad_norm);
         let lr = self.cfg.schedule.at(self.step);
-        self.opt.step(&mut self.model, &mut self.grad, lr);
+        // clipping (g *= c/‖g‖) happens inside the optimizer's pass
+        self.opt.step_scaled(&mut self.model, &mut self.grad, lr, clip);
         self.update_biases(loads);
         self.model.sync_tied_head();
         self.model.layers.iter_mut().for_each(|b| b.attn.refresh_absorbed());
@@ -224,17 +218,24 @@ impl Trainer {
             let o = mk(&shards[0].0, &shards[0].1);
             return self.model.train_pass(&shards[0].0, &mut self.grad, &o);
         }
-        while self.shard_grads.len() < shards.len() {
+        while self.shard_grads.len() + 1 < shards.len() {
             self.shard_grads.push(self.model.zeros_like());
         }
+        // the first shard accumulates straight into the step's gradient (passes add to theirs),
+        // the others into zeroed buffers that are added to it afterwards
         let model = &self.model;
-        let run = |(seqs, mask): &Shard, g: &mut Model| {
-            g.visit(&mut |_, t| t.fill(0.0));
+        let run = |i: usize, (seqs, mask): &Shard, g: &mut Model| {
+            if i > 0 {
+                g.visit(&mut |_, t| t.fill(0.0));
+            }
             model.train_pass(seqs, g, &mk(seqs, mask))
         };
-        let outs =
-            run_shards(&shards, &mut self.shard_grads[..shards.len()], &run).into_iter().collect::<Result<Vec<_>>>()?;
-        for b in self.shard_grads[..shards.len()].iter_mut() {
+        let mut bufs: Vec<&mut Model> = Vec::with_capacity(shards.len());
+        bufs.push(&mut self.grad);
+        bufs.extend(self.shard_grads[..shards.len() - 1].iter_mut());
+        let outs = run_shards(&shards, &mut bufs, &run).into_iter().collect::<Result<Vec<_>>>()?;
+        drop(bufs);
+        for b in self.shard_grads[..shards.len() - 1].iter_mut() {
             self.grad.add_from(b);
         }
         // combine: losses weighted by each shard's share of counted positions
@@ -284,22 +285,36 @@ impl Trainer {
     }
 }
 
+/// The global L2 norm of `grad`'s trainable tensors (f64 sums per piece, added in order, so
+/// the result does not depend on the thread count).
+pub fn grad_norm(grad: &mut Model) -> f32 {
+    use crate::model::train::PIECE;
+    let pieces: Vec<_> = grad.tensor_views().into_iter().flat_map(|(_, t)| t.pieces(PIECE)).collect();
+    let sums = crate::ops::par_map(&pieces, usize::MAX, |t| {
+        // SAFETY: `grad` is borrowed mutably for this call and only read here.
+        let t = unsafe { t.slice() };
+        t.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>()
+    });
+    libm::sqrt(sums.iter().sum::<f64>()) as f32
+}
+
 /// A data-parallel shard of a micro-batch: its sequences and its slice of the loss mask.
 type Shard<'a> = (Vec<&'a [u32]>, Option<Vec<f32>>);
 
-/// Runs `run` on each shard with its buffer: in parallel under `std`, in order otherwise.
-fn run_shards<S: Sync, F>(shards: &[S], bufs: &mut [Model], run: &F) -> Vec<Result<PassOutput>>
+/// Runs `run` on each shard (with its index) and its buffer: in parallel under `std`, in order
+/// otherwise.
+fn run_shards<S: Sync, F>(shards: &[S], bufs: &mut [&mut Model], run: &F) -> Vec<Result<PassOutput>>
 where
-    F: Fn(&S, &mut Model) -> Result<PassOutput> + Sync,
+    F: Fn(usize, &S, &mut Model) -> Result<PassOutput> + Sync,
 {
     #[cfg(feature = "std")]
     {
         use rayon::prelude::*;
-        shards.par_iter().zip(bufs.par_iter_mut()).map(|(s, g)| run(s, g)).collect()
+        shards.par_iter().zip(bufs.par_iter_mut()).enumerate().map(|(i, (s, g))| run(i, s, g)).collect()
     }
     #[cfg(not(feature = "std"))]
     {
-        shards.iter().zip(bufs.iter_mut()).map(|(s, g)| run(s, g)).collect()
+        shards.iter().zip(bufs.iter_mut()).enumerate().map(|(i, (s, g))| run(i, s, g)).collect()
     }
 }
 

@@ -6,30 +6,30 @@ const LOG2E: f32 = core::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_145_75;
 const LN2_LO: f32 = 1.428_606_8e-6;
 
-/// `e^x` in f32.
+/// `e^x` in f32. Branch-free (the out-of-range cases are selects), so loops over it vectorize.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    if x.is_nan() {
-        return x;
-    }
-    if x < -87.3 {
-        return 0.0;
-    }
-    if x > 88.7 {
-        return f32::INFINITY;
-    }
+    // compute on x clamped to the finite range (NaN passes through), fix the edges at the end
+    let xc = x.clamp(-87.3, 88.7);
     // n = round(x / ln2) with the 1.5·2^23 trick
-    let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let n = (xc * LOG2E + 12_582_912.0) - 12_582_912.0;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
     // exp(r) on |r| <= ln2/2
     let p = 1.0
         + r * (1.0 + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
-    let bits = ((n as i32 + 127) as u32) << 23;
-    // n in [-126, 128): 2^n as a normal float; n = 128 (x near 88.7) overflows to inf via two steps
-    if n >= 127.0 {
-        return p * f32::from_bits(((n as i32 + 126) as u32) << 23) * 2.0;
+    // n in [-126, 127): 2^n as a normal float; n = 127, 128 (x near 88.7) as 2^(n−1)·2
+    let ni = n as i32;
+    let hi = (ni >= 127) as i32;
+    let y = p * f32::from_bits(((ni - hi + 127) as u32) << 23) * (1 + hi) as f32;
+    if x < -87.3 {
+        0.0
+    } else if x > 88.7 {
+        f32::INFINITY
+    } else if x.is_nan() {
+        x
+    } else {
+        y
     }
-    p * f32::from_bits(bits)
 }
 
 /// Logistic sigmoid `1 / (1 + e^{-x})`.

@@ -234,7 +234,7 @@ unsafe fn kernel_dispatch(
 }
 
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
-fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     use core::sync::atomic::{AtomicU8, Ordering};
     static CACHE: AtomicU8 = AtomicU8::new(0);
     match CACHE.load(Ordering::Relaxed) {
@@ -249,7 +249,7 @@ fn has_avx2_fma() -> bool {
 }
 
 #[cfg(all(target_arch = "x86_64", not(feature = "std")))]
-fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     cfg!(all(target_feature = "avx2", target_feature = "fma"))
 }
 

@@ -1,5 +1,32 @@
 //! CPU f32 kernels. Each function documents its shapes; all are the reference the GPU backend
 //! is tested against.
+/// Defines `fn $name($args)` that runs `$body` (element-wise loops written so that LLVM
+/// vectorizes them) compiled for AVX2+FMA when the CPU has it (checked at run time under `std`),
+/// and for the build's baseline otherwise. The body is the same code in both, and Rust never
+/// contracts `a·b + c` into an FMA, so both give the same bits; only the vector width differs.
+macro_rules! avx2_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($a: $t),*) {
+            #[inline(always)]
+            fn body($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide($($a: $t),*) {
+                    body($($a),*)
+                }
+                if crate::ops::gemm::has_avx2_fma() {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    return unsafe { wide($($a),*) };
+                }
+            }
+            body($($a),*)
+        }
+    };
+}
+pub(crate) use avx2_dispatch;
+
 pub mod fastmath;
 pub mod gemm;
 pub mod loss;

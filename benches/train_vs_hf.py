@@ -2,14 +2,16 @@
 """Training throughput of dsv3 vs HF transformers + torch AdamW, side by side in one run.
 
     python3 benches/train_vs_hf.py [--device auto|cpu|cuda] [--preset P] [--threads 2] [--batch B]
-                                   [--seq-len T] [--steps N]
+                                   [--seq-len T] [--steps N] [--rounds R]
 
 Same random checkpoint for both (`dsv3 init --preset ... --seed 1`), random token batches, AdamW
 (betas 0.9/0.95, weight decay 0.1), one optimizer step per batch; median step time after warm-up.
 
 CPU (default without CUDA; bench-4m, batch 8 x 256): f32. dsv3 runs `dsv3 bench --train`; HF runs
 `model(ids, labels=ids).loss.backward(); opt.step()` with `torch.set_num_threads(--threads)` when
-torch and transformers import.
+torch and transformers import. The two alternate for --rounds rounds (HF's model stays loaded) and
+the ratio is given per round and as their median, since a shared machine's speed drifts by tens of
+percent over minutes.
 
 CUDA (default when torch sees a GPU, or --device cuda; bench-88m, batch 8 x 512): dsv3 runs
 `dsv3 bench --train --device cuda --dtype bf16` (f32 master weights and gradients, bf16 activations
@@ -37,7 +39,9 @@ def torch_cuda():
         return False
 
 
-def hf_train(model, a):
+def hf_trainer(model, a):
+    """HF on the CPU: returns (measure, info), measure() times --steps steps after one warm-up step and
+    returns their median; the model and optimizer stay loaded between calls (rounds)."""
     try:
         import torch
         import transformers
@@ -49,20 +53,23 @@ def hf_train(model, a):
     m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     m.train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    times = []
-    for i in range(a.steps + 1):
-        ids = torch.randint(0, m.config.vocab_size, (a.batch, a.seq_len))
-        t0 = time.perf_counter()
-        loss = m(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i > 0:
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    med = times[len(times) // 2]
-    return {"step_ms": med * 1e3, "train_tokens_per_s": a.batch * a.seq_len / med}, \
-        f"torch {torch.__version__}, transformers {transformers.__version__}, {a.threads} threads"
+
+    def measure():
+        times = []
+        for i in range(a.steps + 1):
+            ids = torch.randint(0, m.config.vocab_size, (a.batch, a.seq_len))
+            t0 = time.perf_counter()
+            loss = m(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i > 0:
+                times.append(time.perf_counter() - t0)
+        times.sort()
+        med = times[len(times) // 2]
+        return {"step_ms": med * 1e3, "train_tokens_per_s": a.batch * a.seq_len / med}
+
+    return measure, f"torch {torch.__version__}, transformers {transformers.__version__}, {a.threads} threads"
 
 
 def hf_train_cuda(model, a, compile_):
@@ -108,6 +115,9 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=None, help="default: 256 on CPU, 512 on CUDA")
     p.add_argument("--steps", type=int, default=None, help="default: 5 on CPU, 10 on CUDA")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="CPU: alternate dsv3 and HF this many times (a shared machine's speed drifts; "
+                        "each round's ratio compares runs taken minutes apart at most)")
     a = p.parse_args()
     cuda = a.device == "cuda" or (a.device == "auto" and torch_cuda())
     a.preset = a.preset or ("bench-88m" if cuda else "bench-4m")
@@ -120,18 +130,25 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         run([exe, "init", "--preset", a.preset, "--out", d, "--seed", "1"])
         if not cuda:
-            ours = json.loads(run([exe, "bench", "--model", d, "--train", "--batch", str(a.batch), "--prompt-len",
-                                   str(a.seq_len), "--repeat", str(a.steps), "--threads", str(a.threads), "--json"]))
-            hf, info = hf_train(d, a)
+            measure, info = hf_trainer(d, a)
             print(f"preset {a.preset}; batch {a.batch} x {a.seq_len} tokens; {a.threads} threads; "
-                  f"median of {a.steps} steps")
-            print(f"{'engine':<16}{'step ms':>10}{'tokens/s':>12}")
-            print(f"{'dsv3':<16}{ours['step_ms']:>10.1f}{ours['train_tokens_per_s']:>12.1f}")
-            if hf is None:
-                print(info)
-                return
-            print(f"{'HF + AdamW':<16}{hf['step_ms']:>10.1f}{hf['train_tokens_per_s']:>12.1f}   ({info})")
-            print(f"speed-up: {ours['train_tokens_per_s'] / hf['train_tokens_per_s']:.2f}x")
+                  f"median of {a.steps} steps per round; {a.rounds} round(s), dsv3 and HF alternating")
+            print(f"{'round':<7}{'engine':<16}{'step ms':>10}{'tokens/s':>12}")
+            ratios = []
+            for r in range(a.rounds):
+                ours = json.loads(run([exe, "bench", "--model", d, "--train", "--batch", str(a.batch), "--prompt-len",
+                                       str(a.seq_len), "--repeat", str(a.steps), "--threads", str(a.threads),
+                                       "--json"]))
+                print(f"{r + 1:<7}{'dsv3':<16}{ours['step_ms']:>10.1f}{ours['train_tokens_per_s']:>12.1f}")
+                if measure is None:
+                    continue
+                hf = measure()
+                print(f"{r + 1:<7}{'HF + AdamW':<16}{hf['step_ms']:>10.1f}{hf['train_tokens_per_s']:>12.1f}")
+                ratios.append(ours["train_tokens_per_s"] / hf["train_tokens_per_s"])
+            print(info)
+            if ratios:
+                print(f"speed-up per round: {', '.join(f'{x:.2f}x' for x in ratios)}; "
+                      f"median {sorted(ratios)[len(ratios) // 2]:.2f}x")
             return
         common = [exe, "bench", "--model", d, "--train", "--device", "cuda", "--batch", str(a.batch),
                   "--prompt-len", str(a.seq_len), "--repeat", str(a.steps), "--json"]

@@ -9,9 +9,12 @@
 #                                              CLI and C ABI GPU tests), one at a time; NAME limits
 #                                              them to those test files
 #   bash kernels/gpu_session.sh bench          there: the 88M decode bench (batch 1 and 32), its training
-#                                              step bench (bf16, f32) and the
+#                                              step bench (bf16, f32, bf16 + FP8 linears) and the
 #                                              kernel benches (GEMM vs cuBLAS, MLA vs the copy
 #                                              ceiling, flash prefill, FP8 GEMM vs cuBLASLt)
+#   bash kernels/gpu_session.sh peers          there: the same runs next to HF transformers on the GPU
+#                                              (benches/train_vs_hf.py --device cuda: the training
+#                                              step vs HF eager and torch.compile, bf16)
 #
 # A test that prints SKIP on the GPU machine is a failure of the session (only the no-GPU parts of
 # tests may skip). docs/PERF.md "CUDA backend" records what these printed.
@@ -87,13 +90,21 @@ run_bench() {
     gpu/bin/dsv3 bench --model /tmp/m88 --train --device cuda --dtype "$dt" --batch 8 --prompt-len 512 --repeat 5 ||
       echo "training bench ($dt) failed"
   done
+  gpu/bin/dsv3 bench --model /tmp/m88 --train --device cuda --dtype bf16 --precision fp8 --batch 8 --prompt-len 512 \
+    --repeat 5 || echo "training bench (bf16 + fp8) failed"
   gpu/bin/kernel_bench
   gpu/bin/fp8_bench
+}
+
+run_peers() {
+  unpack
+  DSV3_BIN="$PWD/gpu/bin/dsv3" python3 benches/train_vs_hf.py --device cuda
 }
 
 case "$mode" in
   pack) pack ;;
   test) run_tests "$@" ;;
   bench) run_bench ;;
-  *) sed -n '2,17p' "$0"; exit 2 ;;
+  peers) run_peers ;;
+  *) sed -n '2,20p' "$0"; exit 2 ;;
 esac

@@ -22,10 +22,15 @@ fn flash_enabled() -> bool {
 
 impl Cx<'_> {
     /// Whether this pass runs attention on the flash kernels: bf16 mode, not switched off, the
-    /// head dims taken and fitting the GPU's shared memory. The same answer forward and backward.
+    /// head dims taken and fitting the GPU's shared memory, and the rope key's column offset in
+    /// `ckv` (`kv_lora_rank`) a multiple of 8 (the kernels' 16-byte loads; the launchers refuse
+    /// it otherwise). The same answer forward and backward.
     pub(super) fn flash_attn(&self) -> bool {
         let dm = &self.dm;
-        self.dt == DType::Bf16 && flash_enabled() && flash_train_fits(self.dev, dm.dn, dm.dr, dm.dv)
+        self.dt == DType::Bf16
+            && flash_enabled()
+            && dm.c.is_multiple_of(8)
+            && flash_train_fits(self.dev, dm.dn, dm.dr, dm.dv)
     }
 
     /// One segment per sequence (causal within it; query, key and rope rows the same).

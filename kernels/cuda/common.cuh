@@ -12,6 +12,12 @@ typedef __nv_bfloat16 bf16;
 #define DSV3_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
 
+// CUDA caps gridDim.y and gridDim.z at 65535 (gridDim.x at 2^31 - 1). Row counts that can pass
+// that (tokens, routed rows, heads x sequences) either sit in y capped at 65535 with the kernel
+// walking them grid-stride (for (r = blockIdx.y; r < rows; r += gridDim.y); the launchers'
+// ops::grid_y), or, for tile counts, spread over y and z, the tile being tile_yz() (ops::split_yz).
+__device__ __forceinline__ int tile_yz() { return (int)(blockIdx.y + gridDim.y * blockIdx.z); }
+
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(bf16 v) { return __bfloat162float(v); }
 template <typename T> __device__ __forceinline__ T from_f32(float v);

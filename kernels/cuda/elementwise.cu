@@ -2,13 +2,15 @@
 #include "common.cuh"
 
 // out[r, i] = silu(gu[r, i]) * gu[r, inter + i] (core/src/ops/swiglu.rs).
-// grid: (ceil(inter / 256), rows), block: 256.
+// grid: (ceil(inter / 256), min(rows, 65535)), block: 256; rows grid-stride over y.
 template <typename T>
 __device__ void swiglu(const T* __restrict__ gu, int ld, T* __restrict__ out, int ldo, int inter, int rows) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
-    if (i >= inter || r >= rows) return;
-    float g = to_f32(gu[(long long)r * ld + i]), u = to_f32(gu[(long long)r * ld + inter + i]);
-    out[(long long)r * ldo + i] = from_f32<T>(g * dsv3_sigmoid(g) * u);
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= inter) return;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        float g = to_f32(gu[(long long)r * ld + i]), u = to_f32(gu[(long long)r * ld + inter + i]);
+        out[(long long)r * ldo + i] = from_f32<T>(g * dsv3_sigmoid(g) * u);
+    }
 }
 extern "C" __global__ void swiglu_f32(const float* gu, int ld, float* out, int ldo, int inter, int rows) {
     swiglu<float>(gu, ld, out, ldo, inter, rows);

@@ -5,8 +5,10 @@
 // - Wgrad: A and B both 1x128 along K = tokens (b_block = 0: one B scale per row of B), f32 D with
 //   accumulate = 1 (dW += dYᵀ X across micro-batches).
 // - grouped-contiguous (MoE experts, row_offsets != 0): group g owns rows [row_offsets[g],
-//   row_offsets[g+1]) of A and D and uses B + g * stride_b, sb + g * stride_sb; blockIdx.y walks
+//   row_offsets[g+1]) of A and D and uses B + g * stride_b, sb + g * stride_sb; the grid walks
 //   the 64-row tiles of all groups (tile_offsets as moe_plan writes them, GEMM_BM = 64).
+// Row tiles (grouped or not) are blockIdx.y + gridDim.y * blockIdx.z (tile_yz(): past 65535 tiles,
+// CUDA's grid.y limit, the launcher spreads them over z; fp8_gemm_wgmma2's 128-row block tiles too).
 // Kernels:
 // - fp8_gemm_wgmma_*: sm_90a, one warpgroup per 64x128 tile, wgmma.mma_async m64n128k32 e4m3 with
 //   the 128-K group accumulated in the wgmma accumulator (4 instructions, the first with
@@ -47,7 +49,7 @@ struct Fp8GemmArgs {
 // Rows of this block's tile: [row0, row_end) of group g (as gemm.cuh's gemm_tile_rows).
 __device__ __forceinline__ bool fp8_tile_rows(const Fp8GemmArgs& p, int& row0, int& row_end, int& g) {
     if (p.row_offsets) {
-        int t = blockIdx.y;
+        int t = tile_yz();
         if (t >= p.tile_offsets[p.groups]) return false;
         int lo = 0, hi = p.groups - 1;
         while (lo < hi) {
@@ -60,7 +62,7 @@ __device__ __forceinline__ bool fp8_tile_rows(const Fp8GemmArgs& p, int& row0, i
         return row0 < row_end;
     }
     g = 0;
-    row0 = blockIdx.y * FP8_BM;
+    row0 = tile_yz() * FP8_BM;
     row_end = p.m;
     return row0 < row_end;
 }
@@ -281,8 +283,8 @@ __device__ void fp8_gemm_wgmma2(const Fp8GemmArgs& p) {
     DSV3_DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, warp = (tid >> 5) & 3;
     int r0a, rea, ga, r0b, reb, gb;
-    if (!fp8_tile64(p, blockIdx.y * 2, r0a, rea, ga)) return;  // the whole block (uniform)
-    if (!fp8_tile64(p, blockIdx.y * 2 + 1, r0b, reb, gb)) r0b = reb = 0, gb = ga;  // warpgroup 1 idle
+    if (!fp8_tile64(p, tile_yz() * 2, r0a, rea, ga)) return;  // the whole block (uniform)
+    if (!fp8_tile64(p, tile_yz() * 2 + 1, r0b, reb, gb)) r0b = reb = 0, gb = ga;  // warpgroup 1 idle
     const bool two_b = gb != ga;
     const uint8_t* Ba = p.b + (long long)ga * p.stride_b;
     const uint8_t* Bb = p.b + (long long)gb * p.stride_b;

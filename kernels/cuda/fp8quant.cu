@@ -9,17 +9,19 @@
 #include "common.cuh"
 #include "fp8.cuh"
 
-// grid: (ceil(cols / 128), rows), block: 128. x[r * ldx + c]; q[r * ldq + c];
+// grid: (ceil(cols / 128), min(rows, 65535)), block: 128, rows grid-stride over y. x[r * ldx + c]; q[r * ldq + c];
 // scale[r * s_rs + b * s_cs] (s_rs = ceil(cols/128), s_cs = 1 is the CPU's layout; s_rs = 1,
 // s_cs = rows is DeepGEMM's M-contiguous layout).
 template <typename T>
 __device__ void quant_1x128(const T* __restrict__ x, long long ldx, uint8_t* __restrict__ q, long long ldq,
                             float* __restrict__ scale, long long s_rs, long long s_cs, int rows, int cols, int pow2) {
-    int r = blockIdx.y, c = blockIdx.x * 128 + threadIdx.x;
-    float v = (c < cols) ? to_f32(x[(long long)r * ldx + c]) : 0.0f;
-    float s = fp8_scale(block_max(fabsf(v)), pow2);
-    if (c < cols) q[(long long)r * ldq + c] = encode_e4m3(__fdiv_rn(v, s));
-    if (threadIdx.x == 0) scale[(long long)r * s_rs + (long long)blockIdx.x * s_cs] = s;
+    const int c = blockIdx.x * 128 + threadIdx.x;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {  // uniform over the block (block_max syncs)
+        float v = (c < cols) ? to_f32(x[(long long)r * ldx + c]) : 0.0f;
+        float s = fp8_scale(block_max(fabsf(v)), pow2);
+        if (c < cols) q[(long long)r * ldq + c] = encode_e4m3(__fdiv_rn(v, s));
+        if (threadIdx.x == 0) scale[(long long)r * s_rs + (long long)blockIdx.x * s_cs] = s;
+    }
 }
 extern "C" __global__ void __launch_bounds__(128) quant_1x128_f32(const float* x, long long ldx, uint8_t* q,
     long long ldq, float* scale, long long s_rs, long long s_cs, int rows, int cols, int pow2) {
@@ -73,7 +75,8 @@ extern "C" __global__ void __launch_bounds__(256) quant_block128_bf16(const bf16
     quant_block128<bf16>(x, ldx, q, scale, qt, scale_t, rows, cols, pow2);
 }
 
-// grid: (ceil(cols / 32), ceil(rows / 128)), block: 256 (32 columns x 8 row lanes). x [rows, cols]
+// grid: (ceil(cols / 32), min(ceil(rows / 128), 65535)), block: 256 (32 columns x 8 row lanes),
+// 128-row blocks grid-stride over y. x [rows, cols]
 // (stride ldx); per column c and 128-row block b: scale s = fp8_scale(amax of x[128b.., c]);
 // qt[c * ldq + r] = e4m3(x[r, c] / s) (ldq >= rows), scale_t[c * s_rs + b * s_cs] = s (s_rs =
 // ceil(rows/128), s_cs = 1 is QValues::transposed()'s layout of the CPU's 128x1 scales).
@@ -83,32 +86,36 @@ __device__ void quant_t128(const T* __restrict__ x, long long ldx, uint8_t* __re
     __shared__ float tile[128][33];
     __shared__ float part[8][32];
     __shared__ float sc[32];
-    int c0 = blockIdx.x * 32, r0 = blockIdx.y * 128;
-    int lx = threadIdx.x & 31, ly = threadIdx.x >> 5;
-    float m = 0.0f;
-    for (int rr = ly; rr < 128; rr += 8) {
-        int r = r0 + rr, c = c0 + lx;
-        float v = (r < rows && c < cols) ? to_f32(x[(long long)r * ldx + c]) : 0.0f;
-        tile[rr][lx] = v;
-        m = fmaxf(m, fabsf(v));
-    }
-    part[ly][lx] = m;
-    __syncthreads();
-    if (ly == 0) {
-        for (int j = 1; j < 8; j++) m = fmaxf(m, part[j][lx]);
-        float s = fp8_scale(m, pow2);
-        sc[lx] = s;
-        if (c0 + lx < cols) scale_t[(long long)(c0 + lx) * s_rs + (long long)blockIdx.y * s_cs] = s;
-    }
-    __syncthreads();
-    // write: each warp covers one column's 128 rows as 32 lanes x 4 consecutive rows
-    for (int cc = ly; cc < 32; cc += 8) {
-        int c = c0 + cc;
-        if (c >= cols) continue;
-        for (int j = 0; j < 4; j++) {
-            int rr = lx * 4 + j, r = r0 + rr;
-            if (r < rows) qt[(long long)c * ldq + r] = encode_e4m3(__fdiv_rn(tile[rr][cc], sc[cc]));
+    const int c0 = blockIdx.x * 32, rblocks = (rows + 127) / 128;
+    const int lx = threadIdx.x & 31, ly = threadIdx.x >> 5;
+    for (int b = blockIdx.y; b < rblocks; b += gridDim.y) {  // uniform over the block
+        const int r0 = b * 128;
+        float m = 0.0f;
+        for (int rr = ly; rr < 128; rr += 8) {
+            int r = r0 + rr, c = c0 + lx;
+            float v = (r < rows && c < cols) ? to_f32(x[(long long)r * ldx + c]) : 0.0f;
+            tile[rr][lx] = v;
+            m = fmaxf(m, fabsf(v));
         }
+        part[ly][lx] = m;
+        __syncthreads();
+        if (ly == 0) {
+            for (int j = 1; j < 8; j++) m = fmaxf(m, part[j][lx]);
+            float s = fp8_scale(m, pow2);
+            sc[lx] = s;
+            if (c0 + lx < cols) scale_t[(long long)(c0 + lx) * s_rs + (long long)b * s_cs] = s;
+        }
+        __syncthreads();
+        // write: each warp covers one column's 128 rows as 32 lanes x 4 consecutive rows
+        for (int cc = ly; cc < 32; cc += 8) {
+            int c = c0 + cc;
+            if (c >= cols) continue;
+            for (int j = 0; j < 4; j++) {
+                int rr = lx * 4 + j, r = r0 + rr;
+                if (r < rows) qt[(long long)c * ldq + r] = encode_e4m3(__fdiv_rn(tile[rr][cc], sc[cc]));
+            }
+        }
+        __syncthreads();  // tile, part and sc are refilled by the next row block
     }
 }
 extern "C" __global__ void __launch_bounds__(256) quant_t128_f32(const float* x, long long ldx, uint8_t* qt,

@@ -8,8 +8,9 @@
 // C + g * stride_c (grid.z = groups; tile_offsets unused).
 // Batched: blockIdx.z picks batch b; A, W, C, scale advance by their batch strides.
 // Grouped (row_offsets != 0): group g owns rows [row_offsets[g], row_offsets[g+1]) of A and C,
-// its weight is W + g * stride_w; blockIdx.y walks the row tiles of all groups, tile_offsets[g]
-// being the first tile of group g (tiles of GEMM_BM rows). grid.y = tile_offsets[groups] or more.
+// its weight is W + g * stride_w; the grid's y and z walk the row tiles of all groups (tile
+// blockIdx.y + gridDim.y * blockIdx.z: more than 65535 tiles spill into z), tile_offsets[g] being
+// the first tile of group g (tiles of GEMM_BM rows). grid.y * grid.z >= tile_offsets[groups].
 // FP8 weights: W holds E4M3 codes, scale the f32 block scales [ceil(n/128), scale_ld] (128x128
 // blocks); products are summed per 128-wide K block in f32 and then scaled into the accumulator.
 // The skinny kernels also take gathered A rows (a_rows), a folded RMSNorm of A (norm_w) and, in
@@ -47,7 +48,7 @@ struct GemmArgs {
 // Which rows this block computes: [row0, row_end), and the group (0 when not grouped).
 __device__ __forceinline__ bool gemm_tile_rows(const GemmArgs& p, int& row0, int& row_end, int& g) {
     if (p.row_offsets) {
-        int t = blockIdx.y;
+        int t = tile_yz();
         if (t >= p.tile_offsets[p.groups]) return false;
         int lo = 0, hi = p.groups - 1;  // last g with tile_offsets[g] <= t
         while (lo < hi) {

@@ -72,16 +72,20 @@ extern "C" __global__ void rmsnorm_bwd_bf16(const bf16* x, int ldx, const float*
 
 // ---- SwiGLU backward over a fused gate|up row (the forward's layout, elementwise.cu):
 // s = σ(g); dgu[r, i] = da·u·s·(1 + g·(1 − s)); dgu[r, inter + i] = da·g·s
-// (core::ops::swiglu::swiglu_backward). grid: (ceil(inter / 256), rows), block: 256.
+// (core::ops::swiglu::swiglu_backward). grid: (ceil(inter / 256), min(rows, 65535)), block: 256;
+// rows grid-stride over y.
 template <typename T>
 __device__ void swiglu_bwd(const T* gu, int ld, const T* da, int ldda, T* dgu, int lddgu, int inter, int rows) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
-    if (i >= inter || r >= rows) return;
-    float g = to_f32(gu[(long long)r * ld + i]), u = to_f32(gu[(long long)r * ld + inter + i]);
-    float a = to_f32(da[(long long)r * ldda + i]);
-    float s = dsv3_sigmoid(g);
-    dgu[(long long)r * lddgu + i] = from_f32<T>(__fmul_rn(__fmul_rn(__fmul_rn(a, u), s), __fadd_rn(1.0f, __fmul_rn(g, __fsub_rn(1.0f, s)))));
-    dgu[(long long)r * lddgu + inter + i] = from_f32<T>(__fmul_rn(__fmul_rn(a, g), s));
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= inter) return;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        float g = to_f32(gu[(long long)r * ld + i]), u = to_f32(gu[(long long)r * ld + inter + i]);
+        float a = to_f32(da[(long long)r * ldda + i]);
+        float s = dsv3_sigmoid(g);
+        dgu[(long long)r * lddgu + i] =
+            from_f32<T>(__fmul_rn(__fmul_rn(__fmul_rn(a, u), s), __fadd_rn(1.0f, __fmul_rn(g, __fsub_rn(1.0f, s)))));
+        dgu[(long long)r * lddgu + inter + i] = from_f32<T>(__fmul_rn(__fmul_rn(a, g), s));
+    }
 }
 extern "C" __global__ void swiglu_bwd_f32(const float* gu, int ld, const float* da, int ldda, float* dgu, int lddgu,
                                           int inter, int rows) {
@@ -123,14 +127,15 @@ extern "C" __global__ void rope_bwd_bf16(bf16* x, int rows, int ld_row, int head
 }
 
 // ---- Embedding backward: dtable[ids[t], :] += dy[t, :] (f32 atomics; ids outside [0, vocab)
-// are skipped). grid: (ceil(d / 256), tokens), block: 256.
+// are skipped). grid: (ceil(d / 256), min(tokens, 65535)), block: 256; tokens grid-stride over y.
 template <typename T>
 __device__ void embed_bwd(const int* __restrict__ ids, const T* dy, int lddy, float* dtable, int vocab, int d, int tokens) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
-    if (j >= d || t >= tokens) return;
-    int id = ids[t];
-    if (id < 0 || id >= vocab) return;
-    atomicAdd(&dtable[(long long)id * d + j], to_f32(dy[(long long)t * lddy + j]));
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    for (int t = blockIdx.y; t < tokens; t += gridDim.y) {
+        int id = ids[t];
+        if (id >= 0 && id < vocab) atomicAdd(&dtable[(long long)id * d + j], to_f32(dy[(long long)t * lddy + j]));
+    }
 }
 extern "C" __global__ void embed_bwd_f32(const int* ids, const float* dy, int lddy, float* dtable, int vocab, int d,
                                          int tokens) {
@@ -187,31 +192,37 @@ extern "C" __global__ void cross_entropy_bf16(const bf16* z, int ldz, const int*
 // ---- Attention probabilities for training (core::model::mla::Mla::forward_train): scores
 // S [mats, T, T] (row stride ld, matrix stride mstride; mats = batch·heads), causal: query row i
 // sees keys t <= i. In place: P[i, t] = softmax_t(scale·S[i, t]) for t <= i, 0 above the
-// diagonal (core's softmax_inplace with −inf there). grid: (T, mats), block: 128.
-extern "C" __global__ void attn_softmax_causal_f32(float* s, int t_len, int ld, long long mstride, float scale) {
+// diagonal (core's softmax_inplace with −inf there). grid: (T, min(mats, 65535)), block: 128;
+// matrices grid-stride over y (the loop is uniform over the block: its barriers stay uniform).
+extern "C" __global__ void attn_softmax_causal_f32(float* s, int t_len, int ld, long long mstride, int mats,
+                                                   float scale) {
     const int i = blockIdx.x;
-    float* row = s + (long long)blockIdx.y * mstride + (long long)i * ld;
-    float m = -__int_as_float(0x7f800000);
-    for (int t = threadIdx.x; t <= i; t += blockDim.x) m = fmaxf(m, row[t] * scale);
-    m = block_max(m);
-    float z = 0.0f;
-    for (int t = threadIdx.x; t <= i; t += blockDim.x) z += dsv3_exp(row[t] * scale - m);
-    z = block_sum(z);
-    const float inv = 1.0f / z;
-    for (int t = threadIdx.x; t < t_len; t += blockDim.x) row[t] = t <= i ? dsv3_exp(row[t] * scale - m) * inv : 0.0f;
+    for (int mat = blockIdx.y; mat < mats; mat += gridDim.y) {
+        float* row = s + (long long)mat * mstride + (long long)i * ld;
+        float m = -__int_as_float(0x7f800000);
+        for (int t = threadIdx.x; t <= i; t += blockDim.x) m = fmaxf(m, row[t] * scale);
+        m = block_max(m);
+        float z = 0.0f;
+        for (int t = threadIdx.x; t <= i; t += blockDim.x) z += dsv3_exp(row[t] * scale - m);
+        z = block_sum(z);
+        const float inv = 1.0f / z;
+        for (int t = threadIdx.x; t < t_len; t += blockDim.x) row[t] = t <= i ? dsv3_exp(row[t] * scale - m) * inv : 0.0f;
+    }
 }
 
 // ---- Its backward (softmax_backward_inplace, then × scale): with P from the forward and the
 // probabilities' gradient dP, in place over dP: dS[i, t] = scale·P[i, t]·(dP[i, t] − Σ_u P[i, u]·dP[i, u])
 // (0 above the diagonal, where P is 0). Same layout and grid as the forward.
 extern "C" __global__ void attn_softmax_bwd_f32(const float* p, float* dp, int t_len, int ld, long long mstride,
-                                                float scale) {
+                                                int mats, float scale) {
     const int i = blockIdx.x;
-    const long long off = (long long)blockIdx.y * mstride + (long long)i * ld;
-    const float* pr = p + off;
-    float* dr = dp + off;
-    float dot = 0.0f;
-    for (int t = threadIdx.x; t <= i; t += blockDim.x) dot += pr[t] * dr[t];
-    dot = block_sum(dot);
-    for (int t = threadIdx.x; t < t_len; t += blockDim.x) dr[t] = t <= i ? pr[t] * (dr[t] - dot) * scale : 0.0f;
+    for (int mat = blockIdx.y; mat < mats; mat += gridDim.y) {
+        const long long off = (long long)mat * mstride + (long long)i * ld;
+        const float* pr = p + off;
+        float* dr = dp + off;
+        float dot = 0.0f;
+        for (int t = threadIdx.x; t <= i; t += blockDim.x) dot += pr[t] * dr[t];
+        dot = block_sum(dot);
+        for (int t = threadIdx.x; t < t_len; t += blockDim.x) dr[t] = t <= i ? pr[t] * (dr[t] - dot) * scale : 0.0f;
+    }
 }

@@ -160,15 +160,22 @@ static Result run(const Problem& P, Which which, std::mt19937& rng) {
         emu::allow_global(A.data, A.bytes);  // cp.async may read the operands only
         emu::allow_global(B.data, B.bytes);
     }
-    for (int by = 0; by < gy; by++)
-        for (int bx = 0; bx < (n + bn - 1) / bn; bx++) {
-            emu::cp_async_eager = (bx + by) & 1;  // both cp.async timings, alternating by block
-            emu::begin_smem(smem);  // NaN (E4M3 0xff) before every block
-            wg_emu::begin_block();
-            emu::run_block({(unsigned)bx, (unsigned)by, 0}, threads, [&] { fn(p); });
-            wg_emu::end_block();
-            emu::end_smem();
-        }
+    // the row tiles over grid y and z (ops::split_yz: y up to 65535, z the rest; the kernels' tile is
+    // blockIdx.y + gridDim.y * blockIdx.z). Grouped cases cap y at 3 here so z > 1 runs cheaply.
+    const unsigned cap = P.counts.empty() ? 65535u : 3u;
+    const unsigned gyy = std::min((unsigned)gy, cap), gz = (gy + gyy - 1) / gyy;
+    emu::set_grid({(unsigned)((n + bn - 1) / bn), gyy, gz});
+    for (unsigned bz = 0; bz < gz; bz++)
+        for (unsigned by = 0; by < gyy; by++)
+            for (int bx = 0; bx < (n + bn - 1) / bn; bx++) {
+                emu::cp_async_eager = (bx + by + bz) & 1;  // both cp.async timings, alternating by block
+                emu::begin_smem(smem);  // NaN (E4M3 0xff) before every block
+                wg_emu::begin_block();
+                emu::run_block({(unsigned)bx, by, bz}, threads, [&] { fn(p); });
+                wg_emu::end_block();
+                emu::end_smem();
+            }
+    emu::end_grid();
     emu::clear_globals();
     emu::cp_async_eager = false;
 

@@ -3,7 +3,7 @@
 # kernel source on the emulator's runtime (include/emu.h) against references (mla_mma: the
 # tensor-core MLA decode; skinny: the skinny GEMMs and their fused forms; flash: the prefill
 # attention; attn_train: the training flash attention (forward with lse, backward); tiled: the tensor-core tiled GEMMs; fp8gemm: the FP8 GEMMs (wgmma and SIMT); sampling: on-device sampling; train: the MoE
-# training and attention softmax kernels; optim: the optimizer step's gradient norm and clip scale). Needs a C++17 host compiler (g++ or clang++), no CUDA.
+# training and attention softmax kernels; optim: the optimizer step's gradient norm and clip scale; fp8quant: the FP8 quantization kernels' grid-stride rows). Needs a C++17 host compiler (g++ or clang++), no CUDA.
 #
 #   bash kernels/emu/run.sh [--quick] [NAME...]   NAME: a prefix of the emulations to run (all by default)
 set -euo pipefail

@@ -278,8 +278,12 @@ static int run_case(const Problem& p) {
     a.flags = (vec ? GEMM_VEC : 0) | (p.f32c ? GEMM_F32C : 0);
     unsigned gx = (p.n + L.bn - 1) / L.bn, gy, gz;
     if (g && p.lay != TN) {
-        gy = (unsigned)((p.m + GEMM_BM - 1) / GEMM_BM + r.groups);  // max_tiles as the session sizes it
-        gz = 1;
+        // max_tiles as the session sizes it, over grid y and z as ops::split_yz spreads it (y up to
+        // 65535, z the rest; the kernel's tile is blockIdx.y + gridDim.y * blockIdx.z). Capped at 2
+        // here so the z spill runs cheaply (y * z past the last tile: those blocks exit).
+        const unsigned tiles = (unsigned)((p.m + GEMM_BM - 1) / GEMM_BM + r.groups), cap = 2;
+        gy = std::min(tiles, cap);
+        gz = (tiles + gy - 1) / gy;
     } else {
         gy = (p.m + L.bm - 1) / L.bm;
         gz = g ? r.groups : p.batch;
@@ -287,6 +291,7 @@ static int run_case(const Problem& p) {
     emu::clear_globals();
     emu::allow_global(A.data, r.a_len * 2);
     emu::allow_global(B.data, r.b_len * 2);
+    emu::set_grid({gx, gy, gz});
     for (unsigned z = 0; z < gz; z++)
         for (unsigned y = 0; y < gy; y++)
             for (unsigned x = 0; x < gx; x++) {
@@ -295,6 +300,7 @@ static int run_case(const Problem& p) {
                 emu::run_block({x, y, z}, GM_THREADS, [&] { L.fn(a); });
                 emu::end_smem();
             }
+    emu::end_grid();
     // check
     g_cases++;
     int bad = 0;

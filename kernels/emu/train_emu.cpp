@@ -232,18 +232,14 @@ static void attn_case(int mats, int t, int ld_pad, int mstride_pad) {
                 dp[o] = u <= i ? randn() : NAN;
             }
     std::vector<float> s0 = s, dp0 = dp;
-    for (int m = 0; m < mats; m++)
-        for (int i = 0; i < t; i++)
-            emu::run_block({(unsigned)i, (unsigned)m, 0}, 128,
-                           [&] { attn_softmax_causal_f32(s.data(), t, ld, ms, scale); });
+    // the launcher's grid (kernels/src/ops/train.rs): (T, min(mats, 65535)), matrices grid-stride
+    const emu_dim3 grid{(unsigned)t, (unsigned)std::min(mats, 65535), 1};
+    emu::launch(grid, 128, [&] { attn_softmax_causal_f32(s.data(), t, ld, ms, mats, scale); });
     std::vector<float> p = s;
-    for (int m = 0; m < mats; m++)
-        for (int i = 0; i < t; i++)
-            emu::run_block({(unsigned)i, (unsigned)m, 0}, 128,
-                           [&] { attn_softmax_bwd_f32(p.data(), dp.data(), t, ld, ms, scale); });
+    emu::launch(grid, 128, [&] { attn_softmax_bwd_f32(p.data(), dp.data(), t, ld, ms, mats, scale); });
     for (int m = 0; m < mats; m++)
         for (int i = 0; i < t; i++) {
-            size_t o = m * ms + (size_t)i * ld;
+            size_t o = (size_t)m * ms + (size_t)i * ld;
             double mx = -INFINITY, z = 0, dot = 0;
             for (int u = 0; u <= i; u++) mx = std::max(mx, (double)s0[o + u] * scale);
             std::vector<double> pr(t, 0.0);
@@ -276,6 +272,7 @@ int main(int argc, char** argv) {
     attn_case(3, 5, 2, 7);
     attn_case(2, 37, 0, 0);
     if (!quick) attn_case(2, 150, 3, 1);
+    attn_case(65537, 2, 1, 0);  // heads x sequences past CUDA's 65535 grid.y: the y cap and its stride
     std::printf(g_bad ? "FAILED (%d of %d checks)\n" : "training kernels: %d checks against the oracle's math: all match\n",
                 g_bad ? g_bad : g_checked, g_checked);
     return g_bad ? 1 : 0;

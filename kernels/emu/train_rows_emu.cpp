@@ -14,6 +14,7 @@
 
 #include "../cuda/train.cu"
 #include "../cuda/rope.cu"
+#include "../cuda/elementwise.cu"
 
 static std::mt19937 rng(7);
 static float randn() {
@@ -61,10 +62,12 @@ static void swiglu_case(int rows, int inter, int ld, int ldda, int lddgu) {
         for (int i = 0; i < 2 * inter; i++) gu[r * ld + i] = 2 * randn();
         for (int i = 0; i < inter; i++) da[r * ldda + i] = randn();
     }
-    for (int r = 0; r < rows; r++)
-        for (unsigned bx = 0; bx < (unsigned)((inter + 255) / 256); bx++)
-            emu::run_block({bx, (unsigned)r, 0}, 256,
-                           [&] { swiglu_bwd_f32(gu.data(), ld, da.data(), ldda, dgu.data(), lddgu, inter, rows); });
+    // the launchers' grid (ops::train::swiglu_backward, ops::elementwise::swiglu): rows capped at
+    // 65535 in y, walked grid-stride
+    const emu_dim3 grid{(unsigned)((inter + 255) / 256), (unsigned)std::min(rows, 65535), 1};
+    emu::launch(grid, 256, [&] { swiglu_bwd_f32(gu.data(), ld, da.data(), ldda, dgu.data(), lddgu, inter, rows); });
+    std::vector<float> fwd(rows * ldda, 777.0f);
+    emu::launch(grid, 256, [&] { swiglu_f32(gu.data(), ld, fwd.data(), ldda, inter, rows); });
     for (int r = 0; r < rows; r++)
         for (int i = 0; i < inter; i++) {
             double g = gu[r * ld + i], u = gu[r * ld + inter + i], a = da[r * ldda + i];
@@ -72,6 +75,7 @@ static void swiglu_case(int rows, int inter, int ld, int ldda, int lddgu) {
             // d/dg (g·σ(g)·u) and d/du
             check(dgu[r * lddgu + i], a * u * s * (1 + g * (1 - s)), 1e-5, 1e-4, "swiglu_bwd dg");
             check(dgu[r * lddgu + inter + i], a * g * s, 1e-5, 1e-4, "swiglu_bwd du");
+            check(fwd[(size_t)r * ldda + i], g * s * u, 1e-5, 1e-4, "swiglu forward");
         }
     std::printf("swiglu bwd       rows %-3d inter %-4d ok so far (%d bad)\n", rows, inter, g_bad);
 }
@@ -131,14 +135,16 @@ static void embed_case(int tokens, int vocab, int d, int lddy) {
     std::vector<float> dy(tokens * lddy), t(vocab * d);
     for (auto& v : dy) v = randn();
     for (auto& v : t) v = randn();
+    if (tokens > 1000)  // thousands of atomics per entry: multiples of 1/64, so every f32 partial sum is exact
+        for (auto* w : {&dy, &t})
+            for (auto& v : *w) v = std::round(v * 64) / 64;
     std::vector<double> want(t.begin(), t.end());
     for (int k = 0; k < tokens; k++)
         if (ids[k] >= 0 && ids[k] < vocab)
             for (int j = 0; j < d; j++) want[(size_t)ids[k] * d + j] += dy[k * lddy + j];
-    for (int k = 0; k < tokens; k++)
-        for (unsigned bx = 0; bx < (unsigned)((d + 255) / 256); bx++)
-            emu::run_block({bx, (unsigned)k, 0}, 256,
-                           [&] { embed_bwd_f32(ids.data(), dy.data(), lddy, t.data(), vocab, d, tokens); });
+    // the launcher's grid (ops::train::embedding_backward): tokens capped at 65535 in y, grid-stride
+    const emu_dim3 grid{(unsigned)((d + 255) / 256), (unsigned)std::min(tokens, 65535), 1};
+    emu::launch(grid, 256, [&] { embed_bwd_f32(ids.data(), dy.data(), lddy, t.data(), vocab, d, tokens); });
     for (size_t i = 0; i < t.size(); i++) check(t[i], want[i], 1e-5, 1e-5, "embed_bwd");
     std::printf("embedding bwd    tokens %-3d vocab %-4d d %-3d ok so far (%d bad)\n", tokens, vocab, d, g_bad);
 }
@@ -185,6 +191,10 @@ int main(int argc, char** argv) {
     if (!quick) rope_case(3, 70, 40, 8, 16, 0.9f);
     embed_case(9, 11, 300, 301);
     embed_case(4, 3, 8, 8);
+    // row counts past CUDA's 65535 grid.y (batch 8 x 8192 tokens and more): the y cap and its
+    // stride, tiny rows so the 65535 blocks stay cheap
+    swiglu_case(65536 + 7, 3, 6, 3, 7);
+    embed_case(65536 + 9, 5, 2, 3);
     ce_case(4, 700, 703, false, 4.0f);
     ce_case(5, 300, 300, true, 2.25f);
     ce_case(2, 50, 50, false, 0.0f);

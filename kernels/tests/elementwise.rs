@@ -125,7 +125,8 @@ fn rope_and_yarn_match_cpu_on_every_head() {
 fn swiglu_add_and_cast_match_cpu() {
     let Some(dev) = device("swiglu_add_and_cast_match_cpu") else { return };
     let mut rng = Rng::new(4);
-    for &(rows, inter) in &[(1usize, 1usize), (3, 300), (17, 1408)] {
+    // 65539 rows: past CUDA's 65535 grid.y (the launcher caps y, the kernel walks rows grid-stride)
+    for &(rows, inter) in &[(1usize, 1usize), (3, 300), (17, 1408), (65536 + 3, 2)] {
         let gu = randn(&mut rng, rows * 2 * inter);
         for (dt, rtol) in DTYPES {
             let gin = if dt == DType::Bf16 { bf16r(&gu) } else { gu.clone() };

@@ -48,6 +48,10 @@ fn assert_codes(got: &[u8], want: &[u8], what: &str) {
 }
 
 const QSHAPES: [(usize, usize); 6] = [(1, 1), (3, 127), (5, 128), (7, 300), (130, 257), (257, 1024)];
+/// Row counts past CUDA's 65535 grid.y: quant_1x128 walks its rows grid-stride over y capped at
+/// 65535 (one block row per token), quant_t128 its 128-row blocks (65536 of them).
+const QSHAPES_1X128_TALL: [(usize, usize); 1] = [(65536 + 3, 5)];
+const QSHAPES_T128_TALL: [(usize, usize); 1] = [(65536 * 128 + 1, 1)];
 const DTYPES: [DType; 2] = [DType::F32, DType::Bf16];
 
 /// The CPU's view of what a buffer of `dt` holds.
@@ -63,7 +67,7 @@ fn as_dtype(x: &[f32], dt: DType) -> Vec<f32> {
 fn quant_1x128_matches_cpu_bit_for_bit() {
     let Some(dev) = device("quant_1x128_matches_cpu_bit_for_bit") else { return };
     let mut rng = Rng::new(70);
-    for (rows, cols) in QSHAPES {
+    for (rows, cols) in QSHAPES.into_iter().chain(QSHAPES_1X128_TALL) {
         let ldx = cols + 3;
         let x = spread(&mut rng, rows, ldx);
         for dt in DTYPES {
@@ -123,7 +127,7 @@ fn quant_block128_and_its_transpose_match_cpu_bit_for_bit() {
 fn quant_t128_matches_cpu_128x1_transposed_bit_for_bit() {
     let Some(dev) = device("quant_t128_matches_cpu_128x1_transposed_bit_for_bit") else { return };
     let mut rng = Rng::new(72);
-    for (rows, cols) in QSHAPES {
+    for (rows, cols) in QSHAPES.into_iter().chain(QSHAPES_T128_TALL) {
         // per-column magnitudes (the 128x1 tiles run down the columns)
         let x = {
             let t = spread(&mut rng, cols, rows);

@@ -184,7 +184,9 @@ fn combine_and_dispatch_backward_match_the_cpu() {
 fn causal_attention_softmax_and_backward_match_core() {
     let Some(dev) = device("causal_attention_softmax_and_backward_match_core") else { return };
     let mut rng = Rng::new(94);
-    for (mats, t, ld_pad, ms_pad) in [(3, 5, 2, 7), (2, 37, 0, 0), (4, 130, 3, 1)] {
+    // 65539 matrices (heads x sequences): past CUDA's 65535 grid.y (the launcher caps y, the
+    // kernels walk the matrices grid-stride)
+    for (mats, t, ld_pad, ms_pad) in [(3, 5, 2, 7), (2, 37, 0, 0), (4, 130, 3, 1), (65536 + 3, 2, 1, 0)] {
         let ld = t + ld_pad;
         let ms = (t - 1) * ld + t + ms_pad;
         let len = (mats - 1) * ms + (t - 1) * ld + t;

@@ -113,7 +113,8 @@ fn rmsnorm_backward_matches_cpu() {
 fn swiglu_backward_matches_cpu() {
     let Some(dev) = device("swiglu_backward_matches_cpu") else { return };
     let mut rng = Rng::new(82);
-    for &(rows, inter) in &[(1usize, 1usize), (3, 300), (17, 1408)] {
+    // 65539 rows: past CUDA's 65535 grid.y (the launcher caps y, the kernel walks rows grid-stride)
+    for &(rows, inter) in &[(1usize, 1usize), (3, 300), (17, 1408), (65536 + 3, 2)] {
         let gu = randn(&mut rng, rows * 2 * inter);
         let da = randn(&mut rng, rows * inter);
         for (dt, rtol) in DTYPES {
@@ -193,11 +194,21 @@ fn rope_backward_matches_cpu() {
 fn embedding_backward_scatter_adds_repeated_ids() {
     let Some(dev) = device("embedding_backward_scatter_adds_repeated_ids") else { return };
     let mut rng = Rng::new(84);
-    for &(vocab, d, tokens) in &[(1usize, 1usize, 3usize), (50, 67, 200), (1000, 512, 33)] {
-        let dy = randn(&mut rng, tokens * d);
+    // 65541 tokens: past CUDA's 65535 grid.y (the launcher caps y, the kernel walks tokens
+    // grid-stride); thousands of atomics per entry, so there values are multiples of 1/64 below 4
+    // (exact in bf16, every f32 partial sum exact whatever the atomics' order)
+    for &(vocab, d, tokens) in &[(1usize, 1usize, 3usize), (50, 67, 200), (1000, 512, 33), (7, 2, 65536 + 5)] {
+        let exact = |v: Vec<f32>| -> Vec<f32> {
+            if tokens > 1000 {
+                v.into_iter().map(|x| (x * 64.0).round().clamp(-255.0, 255.0) / 64.0).collect()
+            } else {
+                v
+            }
+        };
+        let dy = exact(randn(&mut rng, tokens * d));
         let mut ids: Vec<i32> = (0..tokens).map(|_| rng.below(vocab as u64) as i32).collect();
         ids[0] = vocab as i32; // out of range: skipped
-        let t0 = randn(&mut rng, vocab * d);
+        let t0 = exact(randn(&mut rng, vocab * d));
         for (dt, rtol) in DTYPES {
             let dys = as_dtype(&dy, dt);
             let mut want = t0.clone();

@@ -21,6 +21,7 @@ extern unsigned char dyn_smem[];
 #define __launch_bounds__(...)
 
 using std::isnan;
+using std::isinf;
 
 struct __nv_bfloat16 {
     uint16_t bits;
@@ -135,7 +136,10 @@ struct emu_dim3 {
 namespace emu {
 inline int cur_tid();
 extern emu_dim3 block_idx, block_dim;
+inline const emu_dim3& grid_dim_read();
 }  // namespace emu
 #define threadIdx (emu_dim3{(unsigned)emu::cur_tid(), 0u, 0u})
 #define blockIdx (emu::block_idx)
 #define blockDim (emu::block_dim)
+// gridDim is only known inside emu::launch (run_block alone reads it as a failure)
+#define gridDim (emu::grid_dim_read())

@@ -39,6 +39,11 @@
 
 namespace emu {
 emu_dim3 block_idx, block_dim;
+emu_dim3 grid_dim{0, 0, 0};  // set by launch() for its blocks; 0: unknown (run_block alone)
+inline const emu_dim3& grid_dim_read() {
+    if (grid_dim.x == 0) fail("gridDim read by a kernel run with run_block outside emu::launch");
+    return grid_dim;
+}
 constexpr int MAXT = 1024;
 constexpr size_t DYN_SMEM_BYTES = 256 * 1024;
 alignas(1024) unsigned char dyn_smem[DYN_SMEM_BYTES];
@@ -192,10 +197,15 @@ inline void sync_block() {
 }
 
 static std::function<void()> g_body;  // the kernel call, the same for every thread
-inline void entry(int tid) {
-    g_body();
-    fib[tid].done = true;
-    jump_to(sched_jb);
+// A fiber's life: the body for one block, then parked until run_block resumes it for the next
+// block (fibers are created once, so a block costs no context set-up or signal-mask system calls).
+__attribute__((noinline, noipa)) inline void entry(int tid) {
+    volatile int t = tid;
+    for (;;) {
+        g_body();
+        fib[t].done = true;
+        if (__builtin_setjmp(fib[t].jb) == 0) jump_to(sched_jb);
+    }
 }
 
 // scheduler state in globals: it lives across __builtin_setjmp returns
@@ -223,9 +233,10 @@ inline void run_block(emu_dim3 idx, int threads, const std::function<void()>& bo
     for (auto& x : wx) x.arrived = 0;
     for (int t = 0; t < threads; t++) {
         Fiber& f = fib[t];
-        f.done = f.waiting = f.started = false;
+        f.done = f.waiting = false;
         f.pending.clear();
         f.committed = 0;
+        if (f.started) continue;  // parked in entry() after an earlier block: resumed at its jb
         if (f.stack.empty()) f.stack.resize(1 << 18);
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = f.stack.data();
@@ -251,6 +262,28 @@ inline void run_block(emu_dim3 idx, int threads, const std::function<void()>& bo
         if (x.arrived) fail("a warp collective was left incomplete");
     for (int t = 0; t < threads; t++)
         if (!fib[t].pending.empty()) fail("cp.async copies never waited for");
+}
+
+// A kernel launch: every block of `grid` (x fastest, then y, then z; one after another) with
+// `threads` threads, gridDim set for them. Refuses what CUDA refuses: an empty grid, gridDim.x
+// above 2^31 - 1, gridDim.y or gridDim.z above 65535 (a launcher that puts a large count there
+// fails here as it would on the GPU), more than 1024 threads.
+// set_grid: the same checks and gridDim, for drivers that run the blocks themselves (per-block
+// set-up around run_block); end_grid() after them.
+inline void set_grid(emu_dim3 grid) {
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0) fail("launch: empty grid");
+    if (grid.x > 2147483647u) fail("launch: gridDim.x = " + std::to_string(grid.x) + " exceeds CUDA's 2^31 - 1");
+    if (grid.y > 65535u) fail("launch: gridDim.y = " + std::to_string(grid.y) + " exceeds CUDA's 65535");
+    if (grid.z > 65535u) fail("launch: gridDim.z = " + std::to_string(grid.z) + " exceeds CUDA's 65535");
+    grid_dim = grid;
+}
+inline void end_grid() { grid_dim = {0, 0, 0}; }
+inline void launch(emu_dim3 grid, int threads, const std::function<void()>& body) {
+    set_grid(grid);
+    for (unsigned z = 0; z < grid.z; z++)
+        for (unsigned y = 0; y < grid.y; y++)
+            for (unsigned x = 0; x < grid.x; x++) run_block({x, y, z}, threads, body);
+    end_grid();
 }
 
 // Dynamic shared memory for the next launch: `bytes` of NaN, a canary after them.

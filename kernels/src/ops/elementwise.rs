@@ -1,5 +1,5 @@
 //! Elementwise kernels (`kernels/cuda/elementwise.cu`): SwiGLU over fused gate|up rows, add, casts.
-use super::{dim, int, launch, KArg};
+use super::{dim, grid_y, int, launch, KArg};
 use crate::device::Device;
 use crate::tensor::{Act, DType};
 use dsv3_core::{Error, Result};
@@ -23,7 +23,7 @@ pub fn swiglu(dev: &Device, gu: &Act, ld: usize, out: &mut Act, ldo: usize, inte
         dev,
         "elementwise",
         k,
-        (dim(inter.div_ceil(256), "swiglu")?, dim(rows, "swiglu rows")?, 1),
+        (dim(inter.div_ceil(256), "swiglu")?, grid_y(rows, "swiglu rows")?, 1),
         256,
         &[
             KArg::Ptr(gu.ptr(dev, 0)?),

@@ -3,7 +3,7 @@
 //! sm_90a, pipelined where the operands allow it, a SIMT fallback elsewhere) in its three forms — Fprop/Dgrad (A 1x128 x B 128x128),
 //! Wgrad (1x128 x 1x128 along tokens, f32 accumulate) and grouped-contiguous (MoE experts).
 use super::gemm::Grouped;
-use super::{dim, int, launch, launch_smem, KArg};
+use super::{dim, grid_y, int, launch, launch_smem, split_yz, KArg};
 use crate::device::Device;
 use crate::ptx::Arch;
 use crate::tensor::{dptr, Act, DType};
@@ -76,7 +76,7 @@ pub fn quant_1x128(dev: &Device, x: &Act, ldx: usize, rows: usize, cols: usize, 
         KArg::I32(int(cols, "cols")?),
         KArg::I32(pow2 as i32),
     ];
-    launch(dev, "fp8quant", k, (dim(cols.div_ceil(128), "quant cols")?, dim(rows, "quant rows")?, 1), 128, &args)
+    launch(dev, "fp8quant", k, (dim(cols.div_ceil(128), "quant cols")?, grid_y(rows, "quant rows")?, 1), 128, &args)
 }
 
 /// 128x1 quantization along the rows (tokens) of `x` `[rows, cols]`, written transposed: `out` gets
@@ -109,7 +109,7 @@ pub fn quant_t128(dev: &Device, x: &Act, ldx: usize, rows: usize, cols: usize, o
         dev,
         "fp8quant",
         k,
-        (dim(cols.div_ceil(32), "quant cols")?, dim(rows.div_ceil(128), "quant rows")?, 1),
+        (dim(cols.div_ceil(32), "quant cols")?, grid_y(rows.div_ceil(128), "quant rows")?, 1),
         256,
         &args,
     )
@@ -321,7 +321,8 @@ pub fn fp8_gemm(dev: &Device, g: &Fp8Gemm, d: &mut Act, which: Fp8Kernel) -> Res
         return Err(Error::Input(format!("fp8_gemm: operand buffers too small for [{m}, {k}] x [{n}, {k}]")));
     }
     d.check((m - 1) * g.ldd + n, "fp8_gemm D")?;
-    let (ro, to, grid_y) = match &g.grouped {
+    // 64-row tiles (grouped: the plan's bound), spread over grid y and z (tile_yz() in the kernels)
+    let (ro, to, tiles) = match &g.grouped {
         Some(gr) => {
             if gr.row_offsets.len() < g.groups + 1 || gr.tile_offsets.len() < g.groups + 1 {
                 return Err(Error::Input("fp8_gemm: grouped call needs [groups + 1] offsets".into()));
@@ -389,14 +390,16 @@ pub fn fp8_gemm(dev: &Device, g: &Fp8Gemm, d: &mut Act, which: Fp8Kernel) -> Res
         pad: 0,
     };
     match chosen {
-        // 128-row blocks: warpgroup w takes 64-row tile 2·blockIdx.y + w
+        // 128-row blocks: warpgroup w takes 64-row tile 2·tile_yz() + w
         Fp8Kernel::Wgmma2 => {
-            let grid = (dim(n.div_ceil(128), "fp8_gemm n")?, dim(grid_y.div_ceil(2), "fp8_gemm m")?, 1);
+            let (gy, gz) = split_yz(tiles.div_ceil(2));
+            let grid = (dim(n.div_ceil(128), "fp8_gemm n")?, dim(gy, "fp8_gemm m")?, dim(gz, "fp8_gemm m")?);
             launch_smem(dev, "fp8gemm", kernel, grid, 256, FP8_WGMMA2_SMEM, &[KArg::Fp8Gemm(args)])
         }
         _ => {
             let (bn, block) = if chosen == Fp8Kernel::Wgmma { (128, 128) } else { (64, 256) };
-            let grid = (dim(n.div_ceil(bn), "fp8_gemm n")?, dim(grid_y, "fp8_gemm m")?, 1);
+            let (gy, gz) = split_yz(tiles);
+            let grid = (dim(n.div_ceil(bn), "fp8_gemm n")?, dim(gy, "fp8_gemm m")?, dim(gz, "fp8_gemm m")?);
             launch(dev, "fp8gemm", kernel, grid, block, &[KArg::Fp8Gemm(args)])
         }
     }

@@ -9,7 +9,7 @@
 //! ([`gemm_mat`], [`gemm_nn`], [`gemm_tn`], shapes in [`MatShape`]): NN `C = A · B` (`dX = dY · W`
 //! with W as stored, `[out, in]`) and TN `C = Aᵀ · B` (`dW = dYᵀ · X`, usually accumulated into an
 //! f32 gradient), plain, batched, or grouped by expert.
-use super::{dim, int, launch_smem, KArg};
+use super::{dim, int, launch_smem, split_yz, KArg};
 use crate::device::Device;
 use crate::tensor::{dptr, Act, DType, DWeight, WeightBuf};
 use cudarc::driver::{CudaSlice, DeviceRepr};
@@ -230,7 +230,9 @@ fn choose(dev: &Device, a: DType, w: &DWeight, c: DType, s: &GemmShape, path: Ge
             if s.batch != 1 || g.row_offsets.len() < w.groups + 1 || g.tile_offsets.len() < w.groups + 1 {
                 return Err(Error::Input("gemm: grouped call needs batch 1 and [groups + 1] offsets".into()));
             }
-            (w.groups, g.max_tiles.max(1), 1)
+            // the row tiles over grid y and z (tile_yz() in gemm.cuh): past 65535 tiles z takes the rest
+            let (y, z) = split_yz(g.max_tiles.max(1));
+            (w.groups, y, z)
         }
         None => {
             if s.batch == 0 || (w.groups != 1 && w.groups != s.batch) {
@@ -673,7 +675,8 @@ pub fn gemm_mat_with(
     let grouped_rows = s.grouped.is_some() && layout != Layout::TN;
     let t = mma_tile(dev, m, n, if grouped_rows { 1 } else { s.batch }, grouped_rows, tile);
     let (gy, gz) = match &s.grouped {
-        Some(g) if grouped_rows => (g.max_tiles.max(1), 1),
+        // the row tiles over grid y and z (tile_yz() in gemm.cuh): past 65535 tiles z takes the rest
+        Some(g) if grouped_rows => split_yz(g.max_tiles.max(1)),
         _ => (m.div_ceil(t.rows()), s.batch),
     };
     let (ro, to) = match &s.grouped {

@@ -177,12 +177,50 @@ pub(crate) fn int(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Input(format!("{what} = {v} does not fit a 32-bit kernel argument")))
 }
 
+/// CUDA's largest `gridDim.x` (2^31 − 1).
+pub const MAX_GRID_X: usize = i32::MAX as usize;
+/// CUDA's largest `gridDim.y` and `gridDim.z`.
+pub const MAX_GRID_YZ: usize = 65535;
+/// CUDA's largest block.
+pub const MAX_BLOCK: u32 = 1024;
+
 /// A grid dimension.
 pub(crate) fn dim(v: usize, what: &str) -> Result<u32> {
     if v == 0 {
         return Err(Error::Input(format!("{what}: empty launch")));
     }
     u32::try_from(v).map_err(|_| Error::Input(format!("{what}: grid of {v} blocks is too large")))
+}
+
+/// `grid.y` for a kernel that walks its `v` rows grid-stride over y (`for (r = blockIdx.y; r <
+/// rows; r += gridDim.y)`): `v` capped at [`MAX_GRID_YZ`].
+pub(crate) fn grid_y(v: usize, what: &str) -> Result<u32> {
+    dim(v.min(MAX_GRID_YZ), what)
+}
+
+/// `tiles` row tiles spread over `(grid.y, grid.z)` for the kernels that index them as
+/// `blockIdx.y + gridDim.y · blockIdx.z` (`tile_yz()` in `kernels/cuda/common.cuh`): y up to
+/// [`MAX_GRID_YZ`], z the rest (`y · z >= tiles`; the blocks past the last tile exit). Beyond
+/// 65535² tiles z is too large and the launch is refused ([`check_launch`]).
+pub(crate) fn split_yz(tiles: usize) -> (usize, usize) {
+    let y = tiles.clamp(1, MAX_GRID_YZ);
+    (y, tiles.div_ceil(y).max(1))
+}
+
+/// Refuses a launch CUDA would refuse for its geometry (an empty grid, `grid.x` > 2^31 − 1,
+/// `grid.y` or `grid.z` > 65535, a block of 0 or more than 1024 threads) with an
+/// [`Error::Input`] naming the kernel, instead of the driver's bare `CUDA_ERROR_INVALID_VALUE`.
+pub(crate) fn check_launch(kernel: &str, grid: (u32, u32, u32), block: u32) -> Result<()> {
+    let (x, y, z) = (grid.0 as usize, grid.1 as usize, grid.2 as usize);
+    if x == 0 || y == 0 || z == 0 || block == 0 {
+        return Err(Error::Input(format!("{kernel}: empty launch (grid {grid:?}, block {block})")));
+    }
+    if x > MAX_GRID_X || y > MAX_GRID_YZ || z > MAX_GRID_YZ || block > MAX_BLOCK {
+        return Err(Error::Input(format!(
+            "{kernel}: grid {grid:?} x block {block} exceeds CUDA's limits (grid.x <= {MAX_GRID_X},              grid.y and grid.z <= {MAX_GRID_YZ}, block <= {MAX_BLOCK}): the problem is too large for one launch"
+        )));
+    }
+    Ok(())
 }
 
 /// Enqueues `module::kernel` on the device stream.
@@ -211,6 +249,7 @@ pub(crate) fn launch_smem(
     smem: u32,
     args: &[KArg],
 ) -> Result<()> {
+    check_launch(kernel, grid, block)?;
     let f = dev.function(module, kernel)?;
     if smem > DEFAULT_MAX_DYNAMIC_SMEM {
         allow_dynamic_smem(&f, smem)
@@ -241,4 +280,43 @@ pub(crate) fn launch_smem(
 pub(crate) fn allow_dynamic_smem(f: &CudaFunction, smem: u32) -> std::result::Result<(), DriverError> {
     let v = i32::try_from(smem).unwrap_or(i32::MAX);
     f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_helpers_stay_within_cudas_limits() {
+        // rows grid-stride over y: capped at 65535
+        assert_eq!(grid_y(65536, "t").unwrap(), 65535);
+        assert_eq!(grid_y(7, "t").unwrap(), 7);
+        assert!(grid_y(0, "t").is_err());
+        // tiles over y and z: y * z covers them, both within the limit
+        for tiles in [1usize, 65535, 65536, 131328, 8_388_608, 65535 * 65535] {
+            let (y, z) = split_yz(tiles);
+            assert!(y <= MAX_GRID_YZ && z <= MAX_GRID_YZ && y * z >= tiles && y * (z - 1) < tiles, "{tiles}");
+        }
+        assert_eq!(split_yz(0), (1, 1));
+    }
+
+    #[test]
+    fn launches_past_the_limits_are_refused_with_an_error() {
+        assert!(check_launch("k", (1, 65535, 65535), 1024).is_ok());
+        assert!(check_launch("k", (i32::MAX as u32, 1, 1), 256).is_ok());
+        for (grid, block) in [
+            ((1, 65536, 1), 256),
+            ((1, 1, 65536), 256),
+            ((1u32 << 31, 1, 1), 256),
+            ((1, 1, 1), 1025),
+            ((0, 1, 1), 256),
+            ((1, 1, 1), 0),
+        ] {
+            let e = check_launch("swiglu_bwd_f32", grid, block).unwrap_err();
+            assert!(matches!(e, Error::Input(ref m) if m.contains("swiglu_bwd_f32")), "{grid:?}: {e}");
+        }
+        // the grid of 65535 x 65536 tiles is past y * z: refused at launch, not wrapped
+        let (y, z) = split_yz(65535 * 65536);
+        assert!(check_launch("k", (1, y as u32, z as u32), 128).is_err());
+    }
 }

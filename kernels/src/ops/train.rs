@@ -2,7 +2,7 @@
 //! and the backward passes of RMSNorm, SwiGLU, RoPE/YaRN, the embedding and softmax
 //! cross-entropy, mirroring `dsv3_core::train::optim` and `dsv3_core::ops`.
 use super::rope::RopeLayout;
-use super::{dim, int, launch, KArg};
+use super::{dim, grid_y, int, launch, KArg};
 use crate::device::Device;
 use crate::tensor::{dptr, Act, DType};
 use cudarc::driver::CudaSlice;
@@ -158,7 +158,7 @@ pub fn swiglu_backward(
         dev,
         "train",
         k,
-        (dim(inter.div_ceil(256), "swiglu_backward")?, dim(rows, "swiglu_backward rows")?, 1),
+        (dim(inter.div_ceil(256), "swiglu_backward")?, grid_y(rows, "swiglu_backward rows")?, 1),
         256,
         &args,
     )
@@ -246,7 +246,7 @@ pub fn embedding_backward(
         dev,
         "train",
         k,
-        (dim(d.div_ceil(256), "embedding_backward")?, dim(tokens, "embedding_backward tokens")?, 1),
+        (dim(d.div_ceil(256), "embedding_backward")?, grid_y(tokens, "embedding_backward tokens")?, 1),
         256,
         &args,
     )
@@ -319,13 +319,14 @@ pub fn attn_softmax_causal(
         dev,
         "train",
         "attn_softmax_causal_f32",
-        (dim(t, "attn_softmax_causal rows")?, dim(mats, "attn_softmax_causal matrices")?, 1),
+        (dim(t, "attn_softmax_causal rows")?, grid_y(mats, "attn_softmax_causal matrices")?, 1),
         128,
         &[
             KArg::Ptr(dptr(dev, s, 0)?),
             KArg::I32(int(t, "t")?),
             KArg::I32(int(ld, "ld")?),
             KArg::I64(mstride as i64),
+            KArg::I32(int(mats, "mats")?),
             KArg::F32(scale),
         ],
     )
@@ -352,7 +353,7 @@ pub fn attn_softmax_backward(
         dev,
         "train",
         "attn_softmax_bwd_f32",
-        (dim(t, "attn_softmax_backward rows")?, dim(mats, "attn_softmax_backward matrices")?, 1),
+        (dim(t, "attn_softmax_backward rows")?, grid_y(mats, "attn_softmax_backward matrices")?, 1),
         128,
         &[
             KArg::Ptr(dptr(dev, p, 0)?),
@@ -360,6 +361,7 @@ pub fn attn_softmax_backward(
             KArg::I32(int(t, "t")?),
             KArg::I32(int(ld, "ld")?),
             KArg::I64(mstride as i64),
+            KArg::I32(int(mats, "mats")?),
             KArg::F32(scale),
         ],
     )

@@ -1,0 +1,108 @@
+// CPU emulation of the FP8 quantization kernels that walk their rows grid-stride
+// (kernels/cuda/fp8quant.cu: quant_1x128_* per token, quant_t128_* along the tokens, transposed)
+// on the launcher's grid (kernels/src/ops/fp8.rs: the row count capped at 65535 in grid.y),
+// against a plain host loop over the same rounding helpers (fp8.cuh's fp8_scale, encode_e4m3:
+// their match with the CPU oracle is the GPU tests' part, kernels/tests/fp8.rs). Bit for bit,
+// NaN-filled padding and scale slots untouched past the tensor. Without a GPU:
+//
+//   bash kernels/emu/run.sh fp8quant
+//
+// Cases: ragged shapes, a row count past 65535 for quant_1x128 (tiny rows keep it cheap), and
+// forced small grid.y (2, 3) so the grid-stride loops take several turns (quant_t128 would need
+// 8.4M rows to pass 65535 row blocks). Timing means nothing here.
+#include <emu.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../cuda/fp8quant.cu"
+
+static std::mt19937 rng(13);
+static float randn() {
+    static std::normal_distribution<float> nd;
+    return nd(rng);
+}
+static int g_bad = 0, g_checked = 0;
+static void check(bool ok, const std::string& what) {
+    g_checked++;
+    if (!ok && g_bad++ < 10) std::fprintf(stderr, "  %s\n", what.c_str());
+}
+static bool same(float a, float b) { return std::memcmp(&a, &b, 4) == 0; }
+
+static std::vector<float> input(int rows, int cols, int ldx) {
+    std::vector<float> x((size_t)rows * ldx, NAN);
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) x[(size_t)r * ldx + c] = randn() * (1 + r % 5) * (c % 7 == 3 ? 40.0f : 1.0f);
+    return x;
+}
+
+// grid_y: 0 = the launcher's min(rows, 65535), else forced
+static void q1x128_case(int rows, int cols, int ldx, int pow2, unsigned grid_y) {
+    const int cb = (cols + 127) / 128, ldq = cols + 3;
+    std::vector<float> x = input(rows, cols, ldx);
+    std::vector<uint8_t> q((size_t)rows * ldq, 0xAB);
+    std::vector<float> sc((size_t)rows * cb + 1, NAN);
+    const unsigned gy = grid_y ? grid_y : (unsigned)std::min(rows, 65535);
+    emu::launch({(unsigned)cb, gy, 1}, 128,
+                [&] { quant_1x128_f32(x.data(), ldx, q.data(), ldq, sc.data(), cb, 1, rows, cols, pow2); });
+    for (int r = 0; r < rows; r++)
+        for (int b = 0; b < cb; b++) {
+            float amax = 0.0f;
+            for (int c = b * 128; c < std::min(cols, b * 128 + 128); c++) amax = std::max(amax, std::fabs(x[(size_t)r * ldx + c]));
+            const float s = fp8_scale(amax, pow2);
+            check(same(sc[(size_t)r * cb + b], s), "quant_1x128 scale row " + std::to_string(r));
+            for (int c = b * 128; c < std::min(cols, b * 128 + 128); c++)
+                check(q[(size_t)r * ldq + c] == encode_e4m3(__fdiv_rn(x[(size_t)r * ldx + c], s)),
+                      "quant_1x128 code row " + std::to_string(r) + " col " + std::to_string(c));
+            if (b == cb - 1)
+                for (int c = cols; c < ldq; c++) check(q[(size_t)r * ldq + c] == 0xAB, "quant_1x128 padding written");
+        }
+    check(std::isnan(sc[(size_t)rows * cb]), "quant_1x128 scale past the tensor written");
+    std::printf("quant_1x128      rows %-6d cols %-4d pow2 %d grid.y %-5u ok so far (%d bad)\n", rows, cols, pow2, gy,
+                g_bad);
+}
+
+static void qt128_case(int rows, int cols, int ldx, int pow2, unsigned grid_y) {
+    const int rb = (rows + 127) / 128, ldq = rows + 5;
+    std::vector<float> x = input(rows, cols, ldx);
+    std::vector<uint8_t> qt((size_t)cols * ldq, 0xAB);
+    std::vector<float> sc((size_t)cols * rb + 1, NAN);
+    const unsigned gy = grid_y ? grid_y : (unsigned)std::min(rb, 65535);
+    emu::launch({(unsigned)((cols + 31) / 32), gy, 1}, 256,
+                [&] { quant_t128_f32(x.data(), ldx, qt.data(), ldq, sc.data(), rb, 1, rows, cols, pow2); });
+    for (int c = 0; c < cols; c++)
+        for (int b = 0; b < rb; b++) {
+            float amax = 0.0f;
+            for (int r = b * 128; r < std::min(rows, b * 128 + 128); r++) amax = std::max(amax, std::fabs(x[(size_t)r * ldx + c]));
+            const float s = fp8_scale(amax, pow2);
+            check(same(sc[(size_t)c * rb + b], s), "quant_t128 scale col " + std::to_string(c));
+            for (int r = b * 128; r < std::min(rows, b * 128 + 128); r++)
+                check(qt[(size_t)c * ldq + r] == encode_e4m3(__fdiv_rn(x[(size_t)r * ldx + c], s)),
+                      "quant_t128 code col " + std::to_string(c) + " row " + std::to_string(r));
+        }
+    for (int c = 0; c < cols; c++)
+        for (int r = rows; r < ldq; r++) check(qt[(size_t)c * ldq + r] == 0xAB, "quant_t128 padding written");
+    check(std::isnan(sc[(size_t)cols * rb]), "quant_t128 scale past the tensor written");
+    std::printf("quant_t128       rows %-6d cols %-4d pow2 %d grid.y %-5u ok so far (%d bad)\n", rows, cols, pow2, gy,
+                g_bad);
+}
+
+int main(int argc, char** argv) {
+    const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+    q1x128_case(5, 300, 301, 0, 0);
+    q1x128_case(7, 128, 128, 1, 3);   // grid-stride: 3 blocks in y walk 7 rows
+    q1x128_case(65536 + 5, 3, 3, 0, 0);  // tokens past CUDA's 65535 grid.y: the launcher caps y
+    if (!quick) q1x128_case(9, 1000, 1003, 1, 2);
+    qt128_case(300, 70, 71, 0, 0);
+    qt128_case(700, 33, 40, 1, 2);  // 6 row blocks over grid.y 2 (the shared tiles refilled per turn)
+    qt128_case(129, 5, 5, 0, 1);
+    if (!quick) qt128_case(1100, 64, 64, 0, 3);
+    std::printf(g_bad ? "FAILED (%d of %d checks)\n" : "fp8quant kernels: %d checks bit for bit: all match\n",
+                g_bad ? g_bad : g_checked, g_checked);
+    return g_bad ? 1 : 0;
+}

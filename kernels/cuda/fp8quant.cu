@@ -32,20 +32,33 @@ extern "C" __global__ void __launch_bounds__(128) quant_1x128_bf16(const bf16* x
     quant_1x128<bf16>(x, ldx, q, ldq, scale, s_rs, s_cs, rows, cols, pow2);
 }
 
-// grid: (ceil(cols / 128), ceil(rows / 128)), block: 256. x [rows, cols] (stride ldx) -> q [rows, cols]
+// grid: (ceil(cols / 128), ceil(rows / 128), batch), block: 256. x [rows, cols] (stride ldx) -> q [rows, cols]
 // (stride cols), scale [ceil(rows/128), ceil(cols/128)]; when qt != 0 also qt [cols, rows] (stride
-// rows) and scale_t [ceil(cols/128), ceil(rows/128)].
+// rows) and scale_t [ceil(cols/128), ceil(rows/128)]. Batched over blockIdx.z (the experts of a
+// grouped weight in one launch): matrix z reads x + z * bx and writes its outputs packed one after
+// the other (codes at z * rows * cols, scales at z * ceil(rows/128) * ceil(cols/128)).
 template <typename T>
 __device__ void quant_block128(const T* __restrict__ x, long long ldx, uint8_t* __restrict__ q, float* __restrict__ scale,
-                               uint8_t* __restrict__ qt, float* __restrict__ scale_t, int rows, int cols, int pow2) {
+                               uint8_t* __restrict__ qt, float* __restrict__ scale_t, int rows, int cols, int pow2,
+                               long long bx) {
     int r0 = blockIdx.y * 128, c0 = blockIdx.x * 128;
+    int cb = (cols + 127) / 128, rb = (rows + 127) / 128;
+    {
+        const long long z = blockIdx.z, nc = (long long)rows * cols, ns = (long long)rb * cb;
+        x += z * bx;
+        q += z * nc;
+        scale += z * ns;
+        if (qt) {
+            qt += z * nc;
+            scale_t += z * ns;
+        }
+    }
     float m = 0.0f;
     for (int i = threadIdx.x; i < 128 * 128; i += 256) {
         int r = r0 + (i >> 7), c = c0 + (i & 127);
         if (r < rows && c < cols) m = fmaxf(m, fabsf(to_f32(x[(long long)r * ldx + c])));
     }
     float s = fp8_scale(block_max(m), pow2);
-    int cb = (cols + 127) / 128, rb = (rows + 127) / 128;
     if (threadIdx.x == 0) {
         scale[(long long)blockIdx.y * cb + blockIdx.x] = s;
         if (qt) scale_t[(long long)blockIdx.x * rb + blockIdx.y] = s;
@@ -67,12 +80,12 @@ __device__ void quant_block128(const T* __restrict__ x, long long ldx, uint8_t* 
     }
 }
 extern "C" __global__ void __launch_bounds__(256) quant_block128_f32(const float* x, long long ldx, uint8_t* q,
-    float* scale, uint8_t* qt, float* scale_t, int rows, int cols, int pow2) {
-    quant_block128<float>(x, ldx, q, scale, qt, scale_t, rows, cols, pow2);
+    float* scale, uint8_t* qt, float* scale_t, int rows, int cols, int pow2, long long bx) {
+    quant_block128<float>(x, ldx, q, scale, qt, scale_t, rows, cols, pow2, bx);
 }
 extern "C" __global__ void __launch_bounds__(256) quant_block128_bf16(const bf16* x, long long ldx, uint8_t* q,
-    float* scale, uint8_t* qt, float* scale_t, int rows, int cols, int pow2) {
-    quant_block128<bf16>(x, ldx, q, scale, qt, scale_t, rows, cols, pow2);
+    float* scale, uint8_t* qt, float* scale_t, int rows, int cols, int pow2, long long bx) {
+    quant_block128<bf16>(x, ldx, q, scale, qt, scale_t, rows, cols, pow2, bx);
 }
 
 // grid: (ceil(cols / 32), min(ceil(rows / 128), 65535)), block: 256 (32 columns x 8 row lanes),

@@ -1,5 +1,6 @@
 // CPU emulation of the FP8 quantization kernels that walk their rows grid-stride
 // (kernels/cuda/fp8quant.cu: quant_1x128_* per token, quant_t128_* along the tokens, transposed)
+// and quant_block128_* batched over grid.z (weights, with their transpose)
 // on the launcher's grid (kernels/src/ops/fp8.rs: the row count capped at 65535 in grid.y),
 // against a plain host loop over the same rounding helpers (fp8.cuh's fp8_scale, encode_e4m3:
 // their match with the CPU oracle is the GPU tests' part, kernels/tests/fp8.rs). Bit for bit,
@@ -92,6 +93,45 @@ static void qt128_case(int rows, int cols, int ldx, int pow2, unsigned grid_y) {
                 g_bad);
 }
 
+// quant_block128 batched over grid.z (the experts of a grouped weight in one launch, the training
+// pass's Fp8Weights::refresh): matrix z at x + z * bx, outputs packed per matrix, with the transpose.
+static void qb128_case(int rows, int cols, int ldx, int batch, long long bx, int pow2) {
+    const int rb = (rows + 127) / 128, cb = (cols + 127) / 128;
+    const size_t nc = (size_t)rows * cols, ns = (size_t)rb * cb;
+    std::vector<float> x((size_t)(batch - 1) * bx + (size_t)rows * ldx, NAN);
+    for (int z = 0; z < batch; z++)
+        for (int r = 0; r < rows; r++)
+            for (int c = 0; c < cols; c++)
+                x[(size_t)z * bx + (size_t)r * ldx + c] = randn() * (1 + (r / 128 + z) % 4) * (c % 11 == 5 ? 30.0f : 1.0f);
+    std::vector<uint8_t> q(batch * nc + 3, 0xAB), qt(batch * nc + 3, 0xAB);
+    std::vector<float> sc(batch * ns + 1, NAN), st(batch * ns + 1, NAN);
+    emu::launch({(unsigned)cb, (unsigned)rb, (unsigned)batch}, 256, [&] {
+        quant_block128_f32(x.data(), ldx, q.data(), sc.data(), qt.data(), st.data(), rows, cols, pow2, bx);
+    });
+    for (int z = 0; z < batch; z++)
+        for (int br = 0; br < rb; br++)
+            for (int bc = 0; bc < cb; bc++) {
+                float amax = 0.0f;
+                for (int r = br * 128; r < std::min(rows, br * 128 + 128); r++)
+                    for (int c = bc * 128; c < std::min(cols, bc * 128 + 128); c++)
+                        amax = std::max(amax, std::fabs(x[(size_t)z * bx + (size_t)r * ldx + c]));
+                const float s = fp8_scale(amax, pow2);
+                const std::string at = "matrix " + std::to_string(z) + " block " + std::to_string(br) + "," + std::to_string(bc);
+                check(same(sc[z * ns + (size_t)br * cb + bc], s), "quant_block128 scale " + at);
+                check(same(st[z * ns + (size_t)bc * rb + br], s), "quant_block128 transposed scale " + at);
+                for (int r = br * 128; r < std::min(rows, br * 128 + 128); r++)
+                    for (int c = bc * 128; c < std::min(cols, bc * 128 + 128); c++) {
+                        const uint8_t want = encode_e4m3(__fdiv_rn(x[(size_t)z * bx + (size_t)r * ldx + c], s));
+                        check(q[z * nc + (size_t)r * cols + c] == want, "quant_block128 code " + at);
+                        check(qt[z * nc + (size_t)c * rows + r] == want, "quant_block128 transposed code " + at);
+                    }
+            }
+    check(q[batch * nc] == 0xAB && qt[batch * nc] == 0xAB, "quant_block128 codes past the batch written");
+    check(std::isnan(sc[batch * ns]) && std::isnan(st[batch * ns]), "quant_block128 scales past the batch written");
+    std::printf("quant_block128   rows %-6d cols %-4d pow2 %d batch %-3d ok so far (%d bad)\n", rows, cols, pow2, batch,
+                g_bad);
+}
+
 int main(int argc, char** argv) {
     const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
     q1x128_case(5, 300, 301, 0, 0);
@@ -102,6 +142,9 @@ int main(int argc, char** argv) {
     qt128_case(700, 33, 40, 1, 2);  // 6 row blocks over grid.y 2 (the shared tiles refilled per turn)
     qt128_case(129, 5, 5, 0, 1);
     if (!quick) qt128_case(1100, 64, 64, 0, 3);
+    qb128_case(300, 200, 203, 3, 300 * 203 + 17, 0);  // ragged blocks, padded rows, gaps between matrices
+    qb128_case(128, 256, 256, 1, 0, 1);
+    if (!quick) qb128_case(257, 130, 130, 4, 257 * 130, 1);
     std::printf(g_bad ? "FAILED (%d of %d checks)\n" : "fp8quant kernels: %d checks bit for bit: all match\n",
                 g_bad ? g_bad : g_checked, g_checked);
     return g_bad ? 1 : 0;

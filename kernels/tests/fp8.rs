@@ -11,8 +11,8 @@ use dsv3_core::fp8::gemm::{calc_diff, fp8_gemm as cpu_fp8_gemm};
 use dsv3_core::fp8::quant::{quantize_unchecked, QTensor, ScaleLayout};
 use dsv3_core::rng::Rng;
 use dsv3_kernels::ops::fp8::{
-    fp8_gemm, quant_1x128, quant_block128, quant_t128, wgmma2_fits, BScales, Fp8BlockOut, Fp8Gemm, Fp8Kernel,
-    Fp8Operand, Fp8Out, FP8_BM,
+    fp8_gemm, quant_1x128, quant_block128, quant_block128_batch, quant_t128, wgmma2_fits, BScales, Fp8BlockOut,
+    Fp8Gemm, Fp8Kernel, Fp8Operand, Fp8Out, FP8_BM,
 };
 use dsv3_kernels::ops::gemm::Grouped;
 use dsv3_kernels::ptx::Arch;
@@ -119,6 +119,47 @@ fn quant_block128_and_its_transpose_match_cpu_bit_for_bit() {
                 );
                 assert_bits(&download(&dev, &st).unwrap()[..ns], &want_t.scales, &format!("{what} transposed"));
             }
+        }
+    }
+}
+
+/// The batched form (one launch over the experts of a grouped weight, as the training pass's
+/// FP8 refresh runs it): matrix z at `x[z·bx..]` with padded rows and gaps between matrices,
+/// outputs packed per matrix, equal bit for bit to core's per-matrix quantization.
+#[test]
+fn quant_block128_batch_equals_per_matrix_quantization() {
+    let Some(dev) = device("quant_block128_batch_equals_per_matrix_quantization") else { return };
+    let mut rng = Rng::new(73);
+    for (rows, cols, batch) in [(300usize, 200usize, 3usize), (128, 256, 5), (1, 1, 2), (257, 130, 4)] {
+        let (ldx, gap) = (cols + 3, 17);
+        let bx = rows * ldx + gap;
+        let mats: Vec<Vec<f32>> = (0..batch).map(|_| spread(&mut rng, rows, cols)).collect();
+        let mut x = vec![f32::NAN; (batch - 1) * bx + rows * ldx];
+        for (z, m) in mats.iter().enumerate() {
+            for r in 0..rows {
+                x[z * bx + r * ldx..z * bx + r * ldx + cols].copy_from_slice(&m[r * cols..(r + 1) * cols]);
+            }
+        }
+        let (nc, ns) = (rows * cols, rows.div_ceil(128) * cols.div_ceil(128));
+        let (mut q, mut s) = (poisoned_u8(&dev, batch * nc), poisoned_f32(&dev, batch * ns));
+        let (mut qt, mut st) = (poisoned_u8(&dev, batch * nc), poisoned_f32(&dev, batch * ns));
+        let out = Fp8BlockOut { q: &mut q, scale: &mut s, transposed: Some((&mut qt, &mut st)) };
+        let xd = Act::from_f32(&dev, DType::F32, &x).unwrap();
+        quant_block128_batch(&dev, &xd, ldx, rows, cols, batch, bx, out, false).unwrap();
+        let (q, s, qt, st) = (
+            download(&dev, &q).unwrap(),
+            download(&dev, &s).unwrap(),
+            download(&dev, &qt).unwrap(),
+            download(&dev, &st).unwrap(),
+        );
+        for (z, m) in mats.iter().enumerate() {
+            let want = quantize_unchecked(m, rows, cols, ScaleLayout::Block128, false);
+            let want_t = want.transposed();
+            let what = format!("quant_block128_batch [{rows}, {cols}] matrix {z} of {batch}");
+            assert_codes(&q[z * nc..(z + 1) * nc], &want.codes, &what);
+            assert_bits(&s[z * ns..(z + 1) * ns], &want.scales, &what);
+            assert_codes(&qt[z * nc..(z + 1) * nc], &want_t.codes, &format!("{what} transposed"));
+            assert_bits(&st[z * ns..(z + 1) * ns], &want_t.scales, &format!("{what} transposed"));
         }
     }
 }

@@ -136,20 +136,40 @@ pub fn quant_block128(
     out: Fp8BlockOut,
     pow2: bool,
 ) -> Result<()> {
-    if rows == 0 || cols == 0 {
+    quant_block128_batch(dev, x, ldx, rows, cols, 1, 0, out, pow2)
+}
+
+/// [`quant_block128`] of `batch` weights in one launch (the experts of a grouped weight): matrix
+/// `z` is `x[z·bx + r·ldx + c]`; its outputs are packed one after the other in `out` (codes at
+/// `z·rows·cols`, scales at `z·ceil(rows/128)·ceil(cols/128)`, the same for the transpose), so
+/// `out` holds `batch` times [`quant_block128`]'s outputs. Bit-identical to `batch` separate calls.
+#[allow(clippy::too_many_arguments)]
+pub fn quant_block128_batch(
+    dev: &Device,
+    x: &Act,
+    ldx: usize,
+    rows: usize,
+    cols: usize,
+    batch: usize,
+    bx: usize,
+    out: Fp8BlockOut,
+    pow2: bool,
+) -> Result<()> {
+    if rows == 0 || cols == 0 || batch == 0 {
         return Ok(());
     }
-    x.check((rows - 1) * ldx + cols, "quant_block128 x")?;
+    x.check((batch - 1) * bx + (rows - 1) * ldx + cols, "quant_block128 x")?;
     let ns = rows.div_ceil(128) * cols.div_ceil(128);
-    if ldx < cols || out.q.len() < rows * cols || out.scale.len() < ns {
+    if ldx < cols || out.q.len() < batch * rows * cols || out.scale.len() < batch * ns {
         return Err(Error::Input(format!(
-            "quant_block128: [{rows}, {cols}] (ldx {ldx}) needs {} codes, {ns} scales",
-            rows * cols
+            "quant_block128: {batch} x [{rows}, {cols}] (ldx {ldx}) needs {} codes, {} scales",
+            batch * rows * cols,
+            batch * ns
         )));
     }
     let (qt, st) = match &out.transposed {
         Some((q, s)) => {
-            if q.len() < rows * cols || s.len() < ns {
+            if q.len() < batch * rows * cols || s.len() < batch * ns {
                 return Err(Error::Input("quant_block128: transposed outputs too small".into()));
             }
             (dptr(dev, q, 0)?, dptr(dev, s, 0)?)
@@ -167,12 +187,13 @@ pub fn quant_block128(
         KArg::I32(int(rows, "rows")?),
         KArg::I32(int(cols, "cols")?),
         KArg::I32(pow2 as i32),
+        KArg::I64(bx as i64),
     ];
     launch(
         dev,
         "fp8quant",
         k,
-        (dim(cols.div_ceil(128), "quant cols")?, dim(rows.div_ceil(128), "quant rows")?, 1),
+        (dim(cols.div_ceil(128), "quant cols")?, dim(rows.div_ceil(128), "quant rows")?, dim(batch, "quant batch")?),
         256,
         &args,
     )

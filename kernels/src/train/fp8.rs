@@ -40,7 +40,8 @@ use super::layout::ArenaLayout;
 use super::mm::{dims, rd, ActView, Dims, Groups, Rd, View, Wr};
 use crate::device::{cuda_err, Device};
 use crate::ops::fp8::{
-    fp8_gemm, quant_1x128, quant_block128, quant_t128, BScales, Fp8BlockOut, Fp8Gemm, Fp8Kernel, Fp8Operand, Fp8Out,
+    fp8_gemm, quant_1x128, quant_block128_batch, quant_t128, BScales, Fp8BlockOut, Fp8Gemm, Fp8Kernel, Fp8Operand,
+    Fp8Out,
 };
 use crate::ops::gemm::{Grouped, Layout, GEMM_BM};
 use crate::tensor::{empty, Act, DType};
@@ -226,17 +227,20 @@ impl Fp8Weights {
     /// Quantizes every slot from the f32 masters (128x128 blocks, W and Wᵀ): after each change of
     /// the masters (core: `Model::requantize`).
     pub fn refresh(&mut self, dev: &Device, master: &CudaSlice<f32>) -> Result<()> {
+        // one launch per slot: its groups (experts) are the launch's z (packed outputs at
+        // g·codes / g·blocks, the slot's layout)
         for sl in &self.layout.slots {
-            let (nc, nb) = (sl.codes(), sl.blocks());
-            for g in 0..sl.groups {
-                let x = ActView::f32(dev, master, sl.src + g * sl.src_stride, nc)?;
-                let mut q = View::of(dev, &self.codes, sl.q + g * nc, nc)?;
-                let mut s = View::of(dev, &self.scales, sl.s + g * nb, nb)?;
-                let mut qt = View::of(dev, &self.codes, sl.qt + g * nc, nc)?;
-                let mut st = View::of(dev, &self.scales, sl.st + g * nb, nb)?;
-                let out = Fp8BlockOut { q: &mut q, scale: &mut s, transposed: Some((&mut qt, &mut st)) };
-                quant_block128(dev, &x, sl.inp, sl.out, sl.inp, out, false)?;
+            let (nc, nb, g) = (sl.codes(), sl.blocks(), sl.groups);
+            if g == 0 {
+                continue;
             }
+            let x = ActView::f32(dev, master, sl.src, (g - 1) * sl.src_stride + nc)?;
+            let mut q = View::of(dev, &self.codes, sl.q, g * nc)?;
+            let mut s = View::of(dev, &self.scales, sl.s, g * nb)?;
+            let mut qt = View::of(dev, &self.codes, sl.qt, g * nc)?;
+            let mut st = View::of(dev, &self.scales, sl.st, g * nb)?;
+            let out = Fp8BlockOut { q: &mut q, scale: &mut s, transposed: Some((&mut qt, &mut st)) };
+            quant_block128_batch(dev, &x, sl.inp, sl.out, sl.inp, g, sl.src_stride, out, false)?;
         }
         Ok(())
     }

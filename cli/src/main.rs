@@ -755,6 +755,7 @@ fn cmd_bench_train(
     let mut rng = dsv3_core::rng::Rng::new(seed);
     let v = model.cfg.vocab_size as u64;
     let cfg = TrainConfig { schedule: LrSchedule::Constant { lr: 1e-4 }, precision, ..Default::default() };
+    let flops_tok = cuda_cmd::train_flops_per_token(&model, seq_len);
     let mut tr = Trainer::new(model, AdamW::deepseek_v3(), cfg);
     let mut step = |rng: &mut dsv3_core::rng::Rng| -> Result<f64> {
         let seqs = (0..batch).map(|_| (0..seq_len).map(|_| rng.below(v) as u32).collect()).collect();
@@ -768,11 +769,22 @@ fn cmd_bench_train(
     let med = times[times.len() / 2];
     let tps = (batch * seq_len) as f64 / med;
     let threads = dsv3_core::ops::threads();
+    // the step's arithmetic rate (6 x active parameters + causal attention per token, as the GPU's MFU)
+    let gflops = tps * flops_tok / 1e9;
     if json {
-        println!("{{\"batch\":{batch},\"seq_len\":{seq_len},\"threads\":{threads},\"step_ms\":{:.2},\"train_tokens_per_s\":{tps:.1}}}", med * 1e3);
+        println!(
+            "{{\"batch\":{batch},\"seq_len\":{seq_len},\"threads\":{threads},\"step_ms\":{:.2},\"best_step_ms\":{:.2},\"train_tokens_per_s\":{tps:.1},\"flops_per_token\":{flops_tok:.0},\"gflops\":{gflops:.1}}}",
+            med * 1e3,
+            times[0] * 1e3
+        );
     } else {
         println!("train: batch {batch} x {seq_len} tokens, {threads} threads, median of {steps} steps");
-        println!("step {:.1} ms, {tps:.1} tokens/s", med * 1e3);
+        println!(
+            "step {:.1} ms (best {:.1}), {tps:.1} tokens/s, {gflops:.1} GFLOP/s ({:.1} MFLOP/token)",
+            med * 1e3,
+            times[0] * 1e3,
+            flops_tok / 1e6
+        );
     }
     Ok(())
 }

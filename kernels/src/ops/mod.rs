@@ -217,7 +217,8 @@ pub(crate) fn check_launch(kernel: &str, grid: (u32, u32, u32), block: u32) -> R
     }
     if x > MAX_GRID_X || y > MAX_GRID_YZ || z > MAX_GRID_YZ || block > MAX_BLOCK {
         return Err(Error::Input(format!(
-            "{kernel}: grid {grid:?} x block {block} exceeds CUDA's limits (grid.x <= {MAX_GRID_X},              grid.y and grid.z <= {MAX_GRID_YZ}, block <= {MAX_BLOCK}): the problem is too large for one launch"
+            "{kernel}: grid {grid:?} x block {block} exceeds CUDA's limits (grid.x <= {MAX_GRID_X}, \
+             grid.y and grid.z <= {MAX_GRID_YZ}, block <= {MAX_BLOCK}): the problem is too large for one launch"
         )));
     }
     Ok(())

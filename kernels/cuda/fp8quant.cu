@@ -6,6 +6,8 @@
 //   transposed codes and scales (the Dgrad operand Wᵀ; a block's scale is unchanged by transpose).
 // - quant_t128_*: 128x1 tiles along the rows (tokens) written transposed: X [rows, cols] becomes
 //   codes [cols, rows] with 1x128 scales along the new K (= tokens): the Wgrad operands.
+// - quant_t128_groups_*: quant_t128 of every expert's rows in one launch (the MoE experts' Wgrad
+//   operands), each expert's tokens in its own 128-aligned segment of one transposed output.
 #include "common.cuh"
 #include "fp8.cuh"
 
@@ -138,4 +140,73 @@ extern "C" __global__ void __launch_bounds__(256) quant_t128_f32(const float* x,
 extern "C" __global__ void __launch_bounds__(256) quant_t128_bf16(const bf16* x, long long ldx, uint8_t* qt,
     long long ldq, float* scale_t, long long s_rs, long long s_cs, int rows, int cols, int pow2) {
     quant_t128<bf16>(x, ldx, qt, ldq, scale_t, s_rs, s_cs, rows, cols, pow2);
+}
+
+// quant_t128 of G groups (MoE experts) in one launch. offs = [ro[0..G], seg[0..G]] (2G + 2 ints):
+// group e's rows [ro[e], ro[e+1]) of x (stride ldx), its tokens written transposed at columns
+// [seg[e], seg[e] + n_e) of qt (n_e = ro[e+1] - ro[e]; seg[e] a multiple of 128, seg[e+1] >=
+// seg[e] + n_e, the host's t128_segments: n_e rounded up to 128), zero codes in the segment's
+// padding up to seg[e+1]. Token block b (columns [128b, 128b + 128)) belongs to the group with
+// seg[e] <= 128b < seg[e+1]; its scale of column c at scale_t[c * s_rs + b * s_cs]. So the
+// segment of group e, read from column seg[e] (scales from block seg[e]/128), holds exactly
+// quant_t128's output of the group's rows alone. grid: (ceil(cols / 32), min(nb, 65535)), block:
+// 256, nb = seg[G] / 128 token blocks grid-stride over y. ldq >= seg[G].
+template <typename T>
+__device__ void quant_t128_groups(const T* __restrict__ x, long long ldx, uint8_t* __restrict__ qt, long long ldq,
+                                  float* __restrict__ scale_t, long long s_rs, long long s_cs,
+                                  const int* __restrict__ offs, int groups, int cols, int pow2) {
+    __shared__ float tile[128][33];
+    __shared__ float part[8][32];
+    __shared__ float sc[32];
+    const int* ro = offs;
+    const int* seg = offs + groups + 1;
+    const int c0 = blockIdx.x * 32, nb = seg[groups] / 128;
+    const int lx = threadIdx.x & 31, ly = threadIdx.x >> 5;
+    for (int b = blockIdx.y; b < nb; b += gridDim.y) {  // uniform over the block
+        // the last group starting at or before token column 128b: a non-empty one (an empty group
+        // shares its start with the next)
+        const int p = b * 128;
+        int lo = 0, hi = groups - 1;
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) >> 1;
+            if (seg[mid] <= p) lo = mid;
+            else hi = mid - 1;
+        }
+        const int r0 = ro[lo] + (p - seg[lo]);      // the block's first row of x
+        const int n = min(128, ro[lo + 1] - r0);    // its rows (the rest is the segment's padding)
+        float m = 0.0f;
+        for (int rr = ly; rr < 128; rr += 8) {
+            int c = c0 + lx;
+            float v = (rr < n && c < cols) ? to_f32(x[(long long)(r0 + rr) * ldx + c]) : 0.0f;
+            tile[rr][lx] = v;
+            m = fmaxf(m, fabsf(v));
+        }
+        part[ly][lx] = m;
+        __syncthreads();
+        if (ly == 0) {
+            for (int j = 1; j < 8; j++) m = fmaxf(m, part[j][lx]);
+            float s = fp8_scale(m, pow2);
+            sc[lx] = s;
+            if (c0 + lx < cols) scale_t[(long long)(c0 + lx) * s_rs + (long long)b * s_cs] = s;
+        }
+        __syncthreads();
+        // write: each warp covers one column's 128 tokens as 32 lanes x 4 consecutive tokens
+        for (int cc = ly; cc < 32; cc += 8) {
+            int c = c0 + cc;
+            if (c >= cols) continue;
+            for (int j = 0; j < 4; j++) {
+                int rr = lx * 4 + j;
+                qt[(long long)c * ldq + p + rr] = rr < n ? encode_e4m3(__fdiv_rn(tile[rr][cc], sc[cc])) : (uint8_t)0;
+            }
+        }
+        __syncthreads();  // tile, part and sc are refilled by the next token block
+    }
+}
+extern "C" __global__ void __launch_bounds__(256) quant_t128_groups_f32(const float* x, long long ldx, uint8_t* qt,
+    long long ldq, float* scale_t, long long s_rs, long long s_cs, const int* offs, int groups, int cols, int pow2) {
+    quant_t128_groups<float>(x, ldx, qt, ldq, scale_t, s_rs, s_cs, offs, groups, cols, pow2);
+}
+extern "C" __global__ void __launch_bounds__(256) quant_t128_groups_bf16(const bf16* x, long long ldx, uint8_t* qt,
+    long long ldq, float* scale_t, long long s_rs, long long s_cs, const int* offs, int groups, int cols, int pow2) {
+    quant_t128_groups<bf16>(x, ldx, qt, ldq, scale_t, s_rs, s_cs, offs, groups, cols, pow2);
 }

@@ -1,6 +1,7 @@
 // CPU emulation of the FP8 quantization kernels that walk their rows grid-stride
 // (kernels/cuda/fp8quant.cu: quant_1x128_* per token, quant_t128_* along the tokens, transposed)
-// and quant_block128_* batched over grid.z (weights, with their transpose)
+// and quant_block128_* batched over grid.z (weights, with their transpose), and
+// quant_t128_groups_* (every MoE expert's Wgrad operand in one launch, 128-aligned segments)
 // on the launcher's grid (kernels/src/ops/fp8.rs: the row count capped at 65535 in grid.y),
 // against a plain host loop over the same rounding helpers (fp8.cuh's fp8_scale, encode_e4m3:
 // their match with the CPU oracle is the GPU tests' part, kernels/tests/fp8.rs). Bit for bit,
@@ -10,7 +11,10 @@
 //
 // Cases: ragged shapes, a row count past 65535 for quant_1x128 (tiny rows keep it cheap), and
 // forced small grid.y (2, 3) so the grid-stride loops take several turns (quant_t128 would need
-// 8.4M rows to pass 65535 row blocks). Timing means nothing here.
+// 8.4M rows to pass 65535 row blocks). quant_t128_groups is compared bit for bit against the
+// existing quant_t128 kernel run per expert (f32 and bf16 inputs; empty experts, counts not
+// multiples of 128, experts over 128 tokens, a first row past 0, forced small grid.y), its
+// segment padding zero and everything past the segments untouched. Timing means nothing here.
 #include <emu.h>
 
 #include <algorithm>
@@ -19,6 +23,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../cuda/fp8quant.cu"
@@ -132,6 +137,67 @@ static void qb128_case(int rows, int cols, int ldx, int batch, long long bx, int
                 g_bad);
 }
 
+// quant_t128_groups (one launch over the experts' rows; segments 128-aligned, as the launcher's
+// t128_segments) against quant_t128 run per expert on its rows alone, bit for bit. T: float or bf16.
+template <typename T>
+static void qt128_groups_case(const std::vector<int>& counts, int first, int cols, int ldx, int pow2, unsigned grid_y) {
+    const int G = (int)counts.size();
+    std::vector<int> offs(2 * G + 2);
+    offs[0] = first;
+    offs[G + 1] = 0;
+    for (int e = 0; e < G; e++) {
+        offs[e + 1] = offs[e] + counts[e];
+        offs[G + 2 + e] = offs[G + 1 + e] + (counts[e] + 127) / 128 * 128;
+    }
+    const int rows = offs[G], total = offs[2 * G + 1], nb = total / 128, ldq = total + 7;
+    // never zeros: the random input of every case, NaN in the row padding and before `first`
+    std::vector<float> xf = input(rows, cols, ldx);
+    for (int r = 0; r < first; r++)
+        for (int c = 0; c < ldx; c++) xf[(size_t)r * ldx + c] = NAN;
+    std::vector<T> x(xf.size());
+    for (size_t i = 0; i < xf.size(); i++) x[i] = from_f32<T>(xf[i]);
+    std::vector<uint8_t> qt((size_t)cols * ldq, 0xAB);
+    std::vector<float> sc((size_t)cols * nb + 1, NAN);
+    const unsigned gy = grid_y ? grid_y : (unsigned)std::max(1, std::min(nb, 65535));
+    if (nb > 0)
+        emu::launch({(unsigned)((cols + 31) / 32), gy, 1}, 256, [&] {
+            if constexpr (std::is_same<T, float>::value)
+                quant_t128_groups_f32(x.data(), ldx, qt.data(), ldq, sc.data(), nb, 1, offs.data(), G, cols, pow2);
+            else
+                quant_t128_groups_bf16(x.data(), ldx, qt.data(), ldq, sc.data(), nb, 1, offs.data(), G, cols, pow2);
+        });
+    for (int e = 0; e < G; e++) {
+        const int n = counts[e], rb = (n + 127) / 128, s0 = offs[G + 1 + e];
+        const std::string at = "quant_t128_groups expert " + std::to_string(e) + " (" + std::to_string(n) + " rows)";
+        if (n == 0) continue;
+        // the existing kernel on this expert's rows alone: codes [cols, n], scales [cols, rb]
+        std::vector<uint8_t> qe((size_t)cols * n, 0xCD);
+        std::vector<float> se((size_t)cols * rb, NAN);
+        const T* xe = x.data() + (size_t)offs[e] * ldx;
+        emu::launch({(unsigned)((cols + 31) / 32), (unsigned)std::min(rb, 65535), 1}, 256, [&] {
+            if constexpr (std::is_same<T, float>::value)
+                quant_t128_f32(xe, ldx, qe.data(), n, se.data(), rb, 1, n, cols, pow2);
+            else
+                quant_t128_bf16(xe, ldx, qe.data(), n, se.data(), rb, 1, n, cols, pow2);
+        });
+        for (int c = 0; c < cols; c++) {
+            for (int b = 0; b < rb; b++)
+                check(same(sc[(size_t)c * nb + s0 / 128 + b], se[(size_t)c * rb + b]),
+                      at + " scale col " + std::to_string(c) + " block " + std::to_string(b));
+            for (int t = 0; t < n; t++)
+                check(qt[(size_t)c * ldq + s0 + t] == qe[(size_t)c * n + t],
+                      at + " code col " + std::to_string(c) + " token " + std::to_string(t));
+            for (int t = n; t < offs[G + 2 + e] - s0; t++)
+                check(qt[(size_t)c * ldq + s0 + t] == 0, at + " segment padding not zero");
+        }
+    }
+    for (int c = 0; c < cols; c++)
+        for (int t = total; t < ldq; t++) check(qt[(size_t)c * ldq + t] == 0xAB, "quant_t128_groups past the segments written");
+    check(std::isnan(sc[(size_t)cols * nb]), "quant_t128_groups scale past the tensor written");
+    std::printf("quant_t128_groups %-4s experts %-3d rows %-5d segments %-5d cols %-4d pow2 %d grid.y %-4u ok so far (%d bad)\n",
+                std::is_same<T, float>::value ? "f32" : "bf16", G, rows, total, cols, pow2, gy, g_bad);
+}
+
 int main(int argc, char** argv) {
     const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
     q1x128_case(5, 300, 301, 0, 0);
@@ -145,6 +211,17 @@ int main(int argc, char** argv) {
     qb128_case(300, 200, 203, 3, 300 * 203 + 17, 0);  // ragged blocks, padded rows, gaps between matrices
     qb128_case(128, 256, 256, 1, 0, 1);
     if (!quick) qb128_case(257, 130, 130, 4, 257 * 130, 1);
+    // experts: empty ones (first, middle, last), counts below / at / past 128 and ragged
+    qt128_groups_case<float>({0, 5, 128, 0, 300, 1, 129, 0}, 0, 70, 71, 0, 0);
+    qt128_groups_case<bf16>({3, 0, 257, 127, 0}, 2, 33, 40, 1, 0);  // rows start past 0 (x's row 2)
+    qt128_groups_case<float>({200, 0, 0, 61, 400}, 0, 64, 64, 0, 2);  // 9 token blocks over grid.y 2
+    qt128_groups_case<float>({0, 0}, 0, 5, 5, 0, 0);  // no rows at all: nothing launched, nothing written
+    if (!quick) {
+        qt128_groups_case<bf16>({1000, 1, 0, 333, 128, 256, 7}, 0, 97, 100, 0, 3);
+        std::vector<int> many(40);
+        for (int e = 0; e < 40; e++) many[e] = (e * 37) % 11 == 0 ? 0 : (e * 53) % 190;
+        qt128_groups_case<float>(many, 1, 40, 41, 1, 0);
+    }
     std::printf(g_bad ? "FAILED (%d of %d checks)\n" : "fp8quant kernels: %d checks bit for bit: all match\n",
                 g_bad ? g_bad : g_checked, g_checked);
     return g_bad ? 1 : 0;

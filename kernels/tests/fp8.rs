@@ -11,8 +11,8 @@ use dsv3_core::fp8::gemm::{calc_diff, fp8_gemm as cpu_fp8_gemm};
 use dsv3_core::fp8::quant::{quantize_unchecked, QTensor, ScaleLayout};
 use dsv3_core::rng::Rng;
 use dsv3_kernels::ops::fp8::{
-    fp8_gemm, quant_1x128, quant_block128, quant_block128_batch, quant_t128, wgmma2_fits, BScales, Fp8BlockOut,
-    Fp8Gemm, Fp8Kernel, Fp8Operand, Fp8Out, FP8_BM,
+    fp8_gemm, quant_1x128, quant_block128, quant_block128_batch, quant_t128, quant_t128_groups, t128_segments,
+    wgmma2_fits, BScales, Fp8BlockOut, Fp8Gemm, Fp8Kernel, Fp8Operand, Fp8Out, FP8_BM,
 };
 use dsv3_kernels::ops::gemm::Grouped;
 use dsv3_kernels::ptx::Arch;
@@ -194,6 +194,72 @@ fn quant_t128_matches_cpu_128x1_transposed_bit_for_bit() {
                 let codes: Vec<u8> = (0..cols).flat_map(|c| gq[c * ldq..c * ldq + rows].to_vec()).collect();
                 assert_codes(&codes, &want.codes, &what);
                 assert_bits(&download(&dev, &s).unwrap()[..cols * rb], &want.scales, &what);
+            }
+        }
+    }
+}
+
+/// The MoE experts' Wgrad operands in one launch (`quant_t128_groups`, as the FP8 training pass's
+/// expert Wgrad runs it): each expert's 128-aligned segment (codes from column `seg[e]`, scales
+/// from token block `seg[e]/128`) equals `quant_t128` of the expert's rows alone bit for bit;
+/// the segments' padding is zero and everything past them stays poisoned. Empty experts (first,
+/// middle, last), counts below, at and past 128, rows starting past row 0, strided rows.
+#[test]
+fn quant_t128_groups_equals_per_expert_quant_t128() {
+    let Some(dev) = device("quant_t128_groups_equals_per_expert_quant_t128") else { return };
+    let mut rng = Rng::new(76);
+    let cases: [(&[usize], usize, usize); 4] = [
+        (&[0, 5, 128, 0, 300, 1, 129, 0], 0, 70),
+        (&[3, 0, 257, 127, 0], 2, 33),
+        (&[1000, 1, 0, 333, 128, 256, 7], 0, 300),
+        (&[0, 0], 0, 5),
+    ];
+    for (counts, first, cols) in cases {
+        let mut ro = vec![first as i32];
+        for &n in counts {
+            ro.push(ro.last().unwrap() + n as i32);
+        }
+        let (rows, ldx) = (*ro.last().unwrap() as usize, cols + 3);
+        let x = spread(&mut rng, rows.max(1), ldx);
+        let seg = t128_segments(&ro).unwrap();
+        let total = seg[counts.len()];
+        assert!(seg.iter().all(|s| s % 128 == 0));
+        let (tb, ldq) = (total / 128, total + 16);
+        for dt in DTYPES {
+            for pow2 in [false, true] {
+                let what = format!("quant_t128_groups {dt:?} pow2 {pow2} {counts:?} from row {first}, {cols} cols");
+                let xd = Act::from_f32(&dev, dt, &x).unwrap();
+                let (mut q, mut s) = (poisoned_u8(&dev, cols * ldq), poisoned_f32(&dev, cols * tb + 1));
+                let out = Fp8Out { q: &mut q, ld: ldq, scale: &mut s, s_rs: tb, s_cs: 1 };
+                quant_t128_groups(&dev, &xd, ldx, &ro, cols, out, pow2).unwrap();
+                let (gq, gs) = (download(&dev, &q).unwrap(), download(&dev, &s).unwrap());
+                for (e, &n) in counts.iter().enumerate() {
+                    if n == 0 {
+                        continue;
+                    }
+                    // quant_t128 of the expert's rows alone
+                    let r0 = ro[e] as usize;
+                    let xe = Act::from_f32(&dev, dt, &x[r0 * ldx..(r0 + n) * ldx]).unwrap();
+                    let rb = n.div_ceil(128);
+                    let (mut qe, mut se) = (poisoned_u8(&dev, cols * n), poisoned_f32(&dev, cols * rb));
+                    let oe = Fp8Out { q: &mut qe, ld: n, scale: &mut se, s_rs: rb, s_cs: 1 };
+                    quant_t128(&dev, &xe, ldx, n, cols, oe, pow2).unwrap();
+                    let (wq, ws) = (download(&dev, &qe).unwrap(), download(&dev, &se).unwrap());
+                    let (s0, b0) = (seg[e], seg[e] / 128);
+                    let codes: Vec<u8> = (0..cols).flat_map(|c| gq[c * ldq + s0..c * ldq + s0 + n].to_vec()).collect();
+                    let scales: Vec<f32> = (0..cols).flat_map(|c| gs[c * tb + b0..c * tb + b0 + rb].to_vec()).collect();
+                    assert_codes(&codes, &wq, &format!("{what}: expert {e}"));
+                    assert_bits(&scales, &ws, &format!("{what}: expert {e}"));
+                    for c in 0..cols {
+                        let pad = &gq[c * ldq + s0 + n..c * ldq + seg[e + 1]];
+                        assert!(pad.iter().all(|&b| b == 0), "{what}: expert {e} column {c}: padding not zero");
+                    }
+                }
+                for c in 0..cols {
+                    let past = &gq[c * ldq + total..(c + 1) * ldq];
+                    assert!(past.iter().all(|&b| b == 0x7f), "{what}: column {c}: written past the segments");
+                }
+                assert!(gs[cols * tb].is_nan(), "{what}: scale past the tensor written");
             }
         }
     }

@@ -20,8 +20,10 @@ use dsv3_core::model::train::PassOptions;
 use dsv3_core::model::{LoadOptions, Model};
 use dsv3_core::rng::Rng;
 use dsv3_core::train::{AdamW, LrSchedule, MicroBatch, TrainConfig, Trainer};
+use dsv3_kernels::train::fp8::fp8_expert_wgrad;
+use dsv3_kernels::train::mm::{dims, rd, Wr};
 use dsv3_kernels::train::{CudaTrainModel, CudaTrainer, TrainOptions};
-use dsv3_kernels::DType;
+use dsv3_kernels::{Act, DType};
 use std::path::Path;
 
 const FIXTURES: [&str; 8] =
@@ -290,4 +292,66 @@ fn fp8_and_bf16_training_losses_stay_close() {
     }
     assert!(f8[4..].iter().sum::<f32>() < f8[..4].iter().sum::<f32>(), "FP8 loss does not fall: {f8:?}");
     assert!(bf[4..].iter().sum::<f32>() < bf[..4].iter().sum::<f32>(), "bf16 loss does not fall: {bf:?}");
+}
+
+/// The FP8 expert Wgrad's two forms (`fp8_expert_wgrad`: every expert's operands quantized in one
+/// `quant_t128_groups` launch each, then a GEMM per expert over its segment; or `quant_t128` per
+/// expert, which `DSV3_FP8_WGRAD_BATCH=0` keeps in the pass) give the same gradients bit for bit
+/// (the GEMMs read the same operand bits), f32 and bf16 activations, accumulating or not, with
+/// empty experts (their gradients and the gaps between experts untouched), ragged counts, strided
+/// rows and routed rows past the last expert's.
+#[test]
+fn fp8_expert_wgrad_batched_equals_per_expert() {
+    let Some(dev) = device("fp8_expert_wgrad_batched_equals_per_expert") else { return };
+    let mut rng = Rng::new(77);
+    let cases: [(&[usize], usize, usize, bool); 3] = [
+        (&[0, 5, 130, 0, 300, 1, 128, 0], 70, 200, true),
+        (&[256, 0, 17, 129], 129, 64, false),
+        (&[0, 0, 0], 16, 16, true),
+    ];
+    for dtype in [DType::F32, DType::Bf16] {
+        for (counts, out, inp, acc) in cases {
+            let g = counts.len();
+            let mut ro = vec![0i32];
+            for &n in counts {
+                ro.push(ro.last().unwrap() + n as i32);
+            }
+            let t = *ro.last().unwrap() as usize + 3;
+            let (ldy, ldx, st, off) = (out + 2, inp + 5, out * inp + 7, 3);
+            let dy = Act::from_f32(&dev, dtype, &randn(&mut rng, t * ldy)).unwrap();
+            let x = Act::from_f32(&dev, dtype, &randn(&mut rng, t * ldx)).unwrap();
+            let prev = randn(&mut rng, off + g * st);
+            let run = |batched: bool| -> Vec<f32> {
+                let mut c = Act::from_f32(&dev, DType::F32, &prev).unwrap();
+                let cw = Wr { buf: &mut c, off, ld: inp, st };
+                let d = dims(out, inp, t).acc(acc);
+                fp8_expert_wgrad(&dev, d, rd(&dy, 0, ldy), rd(&x, 0, ldx), cw, &ro, batched).unwrap();
+                c.to_f32(&dev).unwrap()
+            };
+            let (got, want) = (run(true), run(false));
+            let what = format!("{dtype:?} {counts:?} [{out}, {inp}] acc {acc}");
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{what}: element {i}: batched {a:e}, per expert {b:e}");
+            }
+            let mut changed = vec![0usize; g];
+            for (i, (&a, &p)) in got.iter().zip(&prev).enumerate() {
+                let e = i.saturating_sub(off) / st;
+                let inside = i >= off && (i - off) % st < out * inp;
+                if !inside || counts[e] == 0 {
+                    assert_eq!(a.to_bits(), p.to_bits(), "{what}: element {i} (no expert rows there) written");
+                } else {
+                    assert!(a.is_finite(), "{what}: element {i} of expert {e}: {a}");
+                    changed[e] += (a != p) as usize;
+                }
+            }
+            for (e, &n) in counts.iter().enumerate() {
+                assert!(
+                    n == 0 || changed[e] * 2 > out * inp,
+                    "{what}: expert {e}: {} of {} changed",
+                    changed[e],
+                    out * inp
+                );
+            }
+        }
+    }
 }

@@ -426,6 +426,71 @@ pub fn fp8_gemm(dev: &Device, g: &Fp8Gemm, d: &mut Act, which: Fp8Kernel) -> Res
     }
 }
 
+/// Token-column segments of [`quant_t128_groups`] for the host row offsets `ro` `[G + 1]`: group
+/// `e`'s `n_e = ro[e+1] − ro[e]` tokens at columns `[seg[e], seg[e] + n_e)`, `seg[e + 1] = seg[e] +
+/// n_e` rounded up to 128 (so every segment starts on a 128-token block); `seg[G]` is the output's
+/// token columns. `ro` must be non-decreasing from `ro[0] >= 0`.
+pub fn t128_segments(ro: &[i32]) -> Result<Vec<usize>> {
+    if ro.is_empty() || ro[0] < 0 || ro.windows(2).any(|w| w[1] < w[0]) {
+        return Err(Error::Input(format!("quant_t128_groups: row offsets must be non-decreasing from >= 0: {ro:?}")));
+    }
+    let mut seg = vec![0usize; ro.len()];
+    for e in 1..ro.len() {
+        seg[e] = seg[e - 1] + ((ro[e] - ro[e - 1]) as usize).next_multiple_of(128);
+    }
+    Ok(seg)
+}
+
+/// [`quant_t128`] of `G = ro.len() − 1` row groups (the experts of a MoE layer) in one launch:
+/// group `e`'s rows `[ro[e], ro[e+1])` of `x` (row stride `ldx`; `ro` the host's offsets) written
+/// transposed into one output of `seg[G]` token columns ([`t128_segments`], `out.ld >= seg[G]`):
+/// its codes at columns `[seg[e], seg[e] + n_e)`, zero codes in the segment's padding up to
+/// `seg[e+1]`, its 1x128 scales at token blocks `seg[e]/128..` (column c, block b at
+/// `scale[c·s_rs + b·s_cs]`). Read from column `seg[e]` (codes, row stride `out.ld`) and block
+/// `seg[e]/128` (scales), group `e`'s segment is bit for bit [`quant_t128`] of its rows alone.
+/// Uploads the `2G + 2` offsets per call. EMULATOR-VERIFIED, NOT YET RUN ON A GPU.
+pub fn quant_t128_groups(
+    dev: &Device,
+    x: &Act,
+    ldx: usize,
+    ro: &[i32],
+    cols: usize,
+    out: Fp8Out,
+    pow2: bool,
+) -> Result<()> {
+    let seg = t128_segments(ro)?;
+    let (g, total) = (ro.len() - 1, seg[ro.len() - 1]);
+    if total == 0 || cols == 0 {
+        return Ok(());
+    }
+    x.check((ro[g] as usize - 1) * ldx + cols, "quant_t128_groups x")?;
+    if ldx < cols {
+        return Err(Error::Input(format!("quant_t128_groups: ldx {ldx} < cols {cols}")));
+    }
+    out.check(cols, total, "quant_t128_groups (transposed output)")?;
+    let mut table = ro.to_vec();
+    for &s in &seg {
+        table.push(int(s, "quant_t128_groups segment")?);
+    }
+    let table = crate::tensor::upload(dev, &table)?;
+    let k = quant_kernel(x, "quant_t128_groups_f32", "quant_t128_groups_bf16");
+    let args = [
+        KArg::Ptr(x.ptr(dev, 0)?),
+        KArg::I64(ldx as i64),
+        KArg::Ptr(dptr(dev, out.q, 0)?),
+        KArg::I64(out.ld as i64),
+        KArg::Ptr(dptr(dev, out.scale, 0)?),
+        KArg::I64(out.s_rs as i64),
+        KArg::I64(out.s_cs as i64),
+        KArg::Ptr(dptr(dev, &table, 0)?),
+        KArg::I32(int(g, "groups")?),
+        KArg::I32(int(cols, "cols")?),
+        KArg::I32(pow2 as i32),
+    ];
+    let grid = (dim(cols.div_ceil(32), "quant cols")?, grid_y(total / 128, "quant token blocks")?, 1);
+    launch(dev, "fp8quant", k, grid, 256, &args)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

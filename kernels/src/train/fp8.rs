@@ -26,12 +26,19 @@
 //!
 //! MoE experts: Fprop and Dgrad are single grouped-contiguous `fp8_gemm` calls over the dispatch
 //! plan (rows per expert, 64-row tiles, expert weights at a uniform stride in the FP8 copies).
-//! Wgrad loops over the experts with the host's row offsets (its 128-token tiles start at each
-//! expert's first row, as core's per-expert `Linear::backward`; neither `quant_t128` nor
-//! `fp8_gemm` groups along K). For those tiles to hold the tokens core puts in them, the FP8
-//! pass builds the dispatch plan on the host in token order ([`token_order_plan`]: core's
-//! `per[e]` order; `moe_plan`'s order within an expert is arbitrary), one download of the
-//! routing and one upload per MoE layer.
+//! Wgrad ([`fp8_expert_wgrad`]) uses the host's row offsets: its 128-token tiles start at each
+//! expert's first row, as core's per-expert `Linear::backward`. dY and X are quantized once each
+//! for all experts (`quant_t128_groups`: expert e's tokens transposed into a 128-aligned segment
+//! of one buffer, zero padded, bit for bit `quant_t128` of its rows alone; segments from
+//! `t128_segments` of the host offsets), then one `fp8_gemm` per expert reads its segment through
+//! strides (codes from column `seg[e]` with row stride `seg[E]`, scales from token block
+//! `seg[e]/128`; `fp8_gemm` does not group along K): 2 + E launches per projection.
+//! EMULATOR-VERIFIED, NOT YET RUN ON A GPU; `DSV3_FP8_WGRAD_BATCH=0` keeps the first form
+//! (`quant_t128` twice per expert, each with its own buffers, then the GEMM: 3·E launches), which
+//! gives the same bits. For the tiles to hold the tokens core puts in them, the FP8 pass builds
+//! the dispatch plan on the host in token order ([`token_order_plan`]: core's `per[e]` order;
+//! `moe_plan`'s order within an expert is arbitrary), one download of the routing and one upload
+//! per MoE layer.
 //!
 //! Activation quantization buffers are allocated per call (the pass allocates its activations
 //! the same way).
@@ -40,8 +47,8 @@ use super::layout::ArenaLayout;
 use super::mm::{dims, rd, ActView, Dims, Groups, Rd, View, Wr};
 use crate::device::{cuda_err, Device};
 use crate::ops::fp8::{
-    fp8_gemm, quant_1x128, quant_block128_batch, quant_t128, BScales, Fp8BlockOut, Fp8Gemm, Fp8Kernel, Fp8Operand,
-    Fp8Out,
+    fp8_gemm, quant_1x128, quant_block128_batch, quant_t128, quant_t128_groups, t128_segments, BScales, Fp8BlockOut,
+    Fp8Gemm, Fp8Kernel, Fp8Operand, Fp8Out,
 };
 use crate::ops::gemm::{Grouped, Layout, GEMM_BM};
 use crate::tensor::{empty, Act, DType};
@@ -53,6 +60,7 @@ use dsv3_core::model::mlp::Mlp;
 use dsv3_core::model::Model;
 use dsv3_core::{Error, Result};
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
 const T: usize = 128;
 // the grouped FP8 GEMM walks the dispatch plan's row tiles
@@ -402,14 +410,15 @@ impl Cx<'_> {
         match self.fp8_slot(c.off) {
             Some((_, sl)) => {
                 self.fp8_shape(sl, d.m, d.n, c.ld, None)?;
-                self.fp8_wgrad(d, dy, x, c, 0)
+                fp8_wgrad(self.dev, d, dy, x, c)
             }
             None => self.mm.run(self.dev, Layout::TN, d, dy, x, c, None),
         }
     }
 
     /// [`Cx::wgrad`] grouped by expert: `d.k` all routed rows, expert `e`'s rows
-    /// `[ro[e], ro[e+1])` into its gradient at `c.off + e·c.st`.
+    /// `[ro[e], ro[e+1])` into its gradient at `c.off + e·c.st` ([`fp8_expert_wgrad`]; batched
+    /// unless `DSV3_FP8_WGRAD_BATCH=0`).
     pub(crate) fn gwgrad(&self, d: Dims, dy: Rd, x: Rd, c: Wr, g: &Groups) -> Result<()> {
         let Some((_, sl)) = self.fp8_slot(c.off) else {
             return self.mm.grouped(self.dev, Layout::TN, d, dy, x, c, g);
@@ -419,20 +428,7 @@ impl Cx<'_> {
         if ro.len() < g.groups + 1 {
             return Err(Error::Input("FP8 expert Wgrad: offsets shorter than groups + 1".into()));
         }
-        for e in 0..g.groups {
-            let (r0, r1) = (ro[e] as usize, ro[e + 1] as usize);
-            if r1 < r0 || r1 > d.k {
-                return Err(Error::Input(format!("FP8 expert Wgrad: bad group offsets {r0}..{r1} of {}", d.k)));
-            }
-            if r0 == r1 {
-                continue; // core skips an expert without rows (its gradient untouched)
-            }
-            let dye = Rd { off: dy.off + r0 * dy.ld, st: 0, ..dy };
-            let xe = Rd { off: x.off + r0 * x.ld, st: 0, ..x };
-            let ce = Wr { buf: &mut *c.buf, off: c.off, ld: c.ld, st: c.st };
-            self.fp8_wgrad(Dims { k: r1 - r0, ..d }, dye, xe, ce, e)?;
-        }
-        Ok(())
+        fp8_expert_wgrad(self.dev, d, dy, x, c, &ro[..g.groups + 1], wgrad_batched())
     }
 
     /// `y (+)= x·Wᵀ + b` of an FP8 linear with a bias: the FP8 product, then the bias in the
@@ -536,37 +532,134 @@ impl Cx<'_> {
         let mut dv = d_view(dev, &c, d.m, d.n)?;
         fp8_gemm(dev, &gm, &mut dv, Fp8Kernel::Auto)
     }
+}
 
-    /// Wgrad of group `e`: `dW_e (+)= Q(dyᵀ)·Q(xᵀ)` over `d.k` tokens into `c.off + e·c.st`.
-    fn fp8_wgrad(&self, d: Dims, dy: Rd, x: Rd, c: Wr, e: usize) -> Result<()> {
-        let dev = self.dev;
-        let (out, inp, t) = (d.m, d.n, d.k);
-        if t == 0 || out == 0 || inp == 0 {
-            return Ok(());
-        }
-        let qa = quant_tokens(dev, dy, t, out)?;
-        let qb = quant_tokens(dev, x, t, inp)?;
-        let gm = Fp8Gemm {
-            m: out,
-            n: inp,
-            k: t,
-            a: qa.operand(),
-            b: qb.operand(),
-            b_scales: BScales::Tile1x128,
-            ldd: c.ld,
-            accumulate: d.acc,
-            groups: 1,
-            stride_b: 0,
-            stride_sb: 0,
-            grouped: None,
-        };
-        let ce = Wr { buf: &mut *c.buf, off: c.off + e * c.st, ld: c.ld, st: 0 };
-        let mut dv = d_view(dev, &ce, out, inp)?;
-        if dv.dtype() != DType::F32 {
-            return Err(Error::Input("FP8 Wgrad: the gradient must be f32".into()));
-        }
-        fp8_gemm(dev, &gm, &mut dv, Fp8Kernel::Auto)
+/// `DSV3_FP8_WGRAD_BATCH=0`: the expert Wgrad quantizes per expert (the first form: two
+/// `quant_t128` launches and allocations per expert) instead of once per operand for all experts.
+fn wgrad_batched() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    *V.get_or_init(|| std::env::var("DSV3_FP8_WGRAD_BATCH").as_deref() != Ok("0"))
+}
+
+/// The f32 gradient view of `c` over `[out, inp]` for `fp8_gemm`.
+fn wgrad_d(dev: &Device, c: &Wr, out: usize, inp: usize) -> Result<ActView> {
+    let dv = d_view(dev, c, out, inp)?;
+    if dv.dtype() != DType::F32 {
+        return Err(Error::Input("FP8 Wgrad: the gradient must be f32".into()));
     }
+    Ok(dv)
+}
+
+/// The Wgrad `fp8_gemm` `[out, inp]` over `t` tokens (both operands 1x128 along the tokens).
+fn wgrad_gemm<'a>(
+    out: usize,
+    inp: usize,
+    t: usize,
+    a: Fp8Operand<'a>,
+    b: Fp8Operand<'a>,
+    c: &Wr,
+    acc: bool,
+) -> Fp8Gemm<'a> {
+    Fp8Gemm {
+        m: out,
+        n: inp,
+        k: t,
+        a,
+        b,
+        b_scales: BScales::Tile1x128,
+        ldd: c.ld,
+        accumulate: acc,
+        groups: 1,
+        stride_b: 0,
+        stride_sb: 0,
+        grouped: None,
+    }
+}
+
+/// Wgrad of one FP8 linear: `dW (+)= Q(dyᵀ)·Q(xᵀ)` over `d.k` tokens (`d.m` = out, `d.n` = inp)
+/// into the f32 gradient `c` from `c.off`.
+fn fp8_wgrad(dev: &Device, d: Dims, dy: Rd, x: Rd, c: Wr) -> Result<()> {
+    let (out, inp, t) = (d.m, d.n, d.k);
+    if t == 0 || out == 0 || inp == 0 {
+        return Ok(());
+    }
+    let qa = quant_tokens(dev, dy, t, out)?;
+    let qb = quant_tokens(dev, x, t, inp)?;
+    let gm = wgrad_gemm(out, inp, t, qa.operand(), qb.operand(), &c, d.acc);
+    let mut dv = wgrad_d(dev, &c, out, inp)?;
+    fp8_gemm(dev, &gm, &mut dv, Fp8Kernel::Auto)
+}
+
+/// FP8 Wgrad of grouped weights (the routed experts of a MoE layer): `d.k` routed rows of `dy`
+/// (`d.m` = out columns) and `x` (`d.n` = inp), expert `e`'s rows `[ro[e], ro[e+1])` (host
+/// offsets, `G = ro.len() − 1` experts), `dW_e (+)= Q(dy_eᵀ)·Q(x_eᵀ)` into the f32 gradient at
+/// `c.off + e·c.st`; an expert without rows is untouched (core skips it). Each expert's 128-token
+/// tiles start at its first row (core's per-expert `Linear::backward`).
+///
+/// `batched`: each operand quantized for all experts in one `quant_t128_groups` launch (expert
+/// `e`'s tokens in a 128-aligned segment of one buffer, `t128_segments`), then one `fp8_gemm` per
+/// expert over views of its segment (codes from column `seg[e]` with row stride `seg[G]`, scales
+/// from token block `seg[e]/128`): the GEMMs read bit for bit the operands of the per-expert form
+/// (`!batched`: `quant_t128` per expert and operand). EMULATOR-VERIFIED (the quantization), NOT
+/// YET RUN ON A GPU.
+pub fn fp8_expert_wgrad(dev: &Device, d: Dims, dy: Rd, x: Rd, c: Wr, ro: &[i32], batched: bool) -> Result<()> {
+    let groups = ro.len().saturating_sub(1);
+    for e in 0..groups {
+        let (r0, r1) = (ro[e], ro[e + 1]);
+        if r0 < 0 || r1 < r0 || r1 as usize > d.k {
+            return Err(Error::Input(format!("FP8 expert Wgrad: bad group offsets {r0}..{r1} of {}", d.k)));
+        }
+    }
+    let (out, inp) = (d.m, d.n);
+    if !batched {
+        for e in 0..groups {
+            let (r0, r1) = (ro[e] as usize, ro[e + 1] as usize);
+            if r0 == r1 {
+                continue; // core skips an expert without rows (its gradient untouched)
+            }
+            let dye = Rd { off: dy.off + r0 * dy.ld, st: 0, ..dy };
+            let xe = Rd { off: x.off + r0 * x.ld, st: 0, ..x };
+            let ce = Wr { buf: &mut *c.buf, off: c.off + e * c.st, ld: c.ld, st: 0 };
+            fp8_wgrad(dev, Dims { k: r1 - r0, ..d }, dye, xe, ce)?;
+        }
+        return Ok(());
+    }
+    let seg = t128_segments(ro)?;
+    let total = seg[groups];
+    if total == 0 || out == 0 || inp == 0 {
+        return Ok(());
+    }
+    let tb = total / T;
+    let rows = ro[groups] as usize;
+    // codes [cols, total] (expert e's tokens at columns seg[e]..), scales [cols, total/128]
+    let quant = |v: Rd, cols: usize| -> Result<(CudaSlice<u8>, CudaSlice<f32>)> {
+        let xv = ActView::of(dev, v.buf, v.off, (rows - 1) * v.ld + cols)?;
+        let mut q = empty::<u8>(dev, cols * total)?;
+        let mut s = empty::<f32>(dev, cols * tb)?;
+        let o = Fp8Out { q: &mut q, ld: total, scale: &mut s, s_rs: tb, s_cs: 1 };
+        quant_t128_groups(dev, &xv, v.ld, ro, cols, o, false)?;
+        Ok((q, s))
+    };
+    let (aq, asc) = quant(dy, out)?;
+    let (bq, bsc) = quant(x, inp)?;
+    for e in 0..groups {
+        let t = (ro[e + 1] - ro[e]) as usize;
+        if t == 0 {
+            continue; // core skips an expert without rows (its gradient untouched)
+        }
+        let (s0, b0, kg) = (seg[e], seg[e] / T, t.div_ceil(T));
+        let (aqe, ase) =
+            (View::of(dev, &aq, s0, (out - 1) * total + t)?, View::of(dev, &asc, b0, (out - 1) * tb + kg)?);
+        let (bqe, bse) =
+            (View::of(dev, &bq, s0, (inp - 1) * total + t)?, View::of(dev, &bsc, b0, (inp - 1) * tb + kg)?);
+        let a = Fp8Operand { q: &aqe, ld: total, scale: &ase, s_rs: tb, s_ks: 1 };
+        let b = Fp8Operand { q: &bqe, ld: total, scale: &bse, s_rs: tb, s_ks: 1 };
+        let ce = Wr { buf: &mut *c.buf, off: c.off + e * c.st, ld: c.ld, st: 0 };
+        let gm = wgrad_gemm(out, inp, t, a, b, &ce, d.acc);
+        let mut dv = wgrad_d(dev, &ce, out, inp)?;
+        fp8_gemm(dev, &gm, &mut dv, Fp8Kernel::Auto)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -693,6 +786,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn t128_segments_start_every_expert_on_a_128_token_block() {
+        // the batched expert Wgrad's segments: counts rounded up to 128, empty experts zero-width
+        let seg = t128_segments(&[0, 0, 5, 133, 133, 261, 262, 390]).unwrap();
+        assert_eq!(seg, [0, 0, 128, 256, 256, 384, 512, 640]);
+        assert_eq!(t128_segments(&[7, 7]).unwrap(), [0, 0]);
+        assert_eq!(t128_segments(&[3, 131]).unwrap(), [0, 128]);
+        assert!(t128_segments(&[]).is_err());
+        assert!(t128_segments(&[-1, 4]).is_err());
+        assert!(t128_segments(&[0, 9, 8]).is_err());
     }
 
     fn randn(rng: &mut Rng, n: usize) -> Vec<f32> {

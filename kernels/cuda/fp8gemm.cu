@@ -23,6 +23,11 @@
 //   and landing while the MMAs run; per group 4 wgmmas, wait_group 0, promotion (scales loaded
 //   under the MMAs); the two warpgroups' MMAs and promotions interleave. Needs k, lda, ldb (and stride_b) multiples
 //   of 16 (the launcher falls back to fp8_gemm_wgmma otherwise).
+// - fp8_gemm_tma_*: sm_90a, DeepGEMM's structure (emulator-verified, not yet run on a GPU; the
+//   section at the end of this file): TMA loads into an mbarrier-guarded 4-stage ring, a producer
+//   warp and 2 consumer warpgroups (warp-specialized), persistent over the block tiles, 128-byte
+//   swizzled operands. The launcher's Auto choice on sm_90a where lda, ldb and stride_b are
+//   multiples of 16 (DSV3_FP8_KERNEL=v2 / v1 / simt pick the others).
 // - fp8_gemm_simt_*: any arch (the sm_80 path and a cross-check): f32 SIMT over decoded E4M3
 //   values (products exact in f32), 64x64 tiles, the same promotion.
 #include "common.cuh"
@@ -384,3 +389,160 @@ __device__ void fp8_gemm_wgmma2(const Fp8GemmArgs& p) {
 }
 extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_wgmma2_bf16(Fp8GemmArgs p) { fp8_gemm_wgmma2<bf16>(p); }
 extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_wgmma2_f32(Fp8GemmArgs p) { fp8_gemm_wgmma2<float>(p); }
+
+// ---- sm_90a, TMA + mbarrier pipeline, warp-specialized, persistent (DeepGEMM's structure):
+// 288 threads = 2 consumer warpgroups (as fp8_gemm_wgmma2: warpgroup w computes 64-row tile
+// 2·mt + w of 128-row block tile mt, its own group in the grouped mode) + 1 producer warp whose
+// first thread issues every load. Operands arrive by TMA (cp.async.bulk.tensor from the tensor
+// maps of A [m, k] and B [groups, n, k], boxes of 128 K bytes x 64 / 128 rows, 128-byte swizzle,
+// zero fill past m, n and k) into a 4-stage ring of 128-K groups; per stage a "full" mbarrier
+// (the producer's arrive.expect_tx plus the TMA transaction bytes) and an "empty" one (one arrival
+// per consumer warp after its wgmmas were waited). Consumers: per group 4 wgmma m64n128k32 from
+// 128B-swizzled descriptors, wait_group 0, release the stage, promote with sa·sb into f32
+// registers; the epilogue stores from registers while the producer already streams the next
+// tile's groups. Persistent: gridDim.x blocks (at most one per SM) walk the block tiles
+// t = blockIdx.x + i·gridDim.x, column tile fastest. Needs lda, ldb, stride_b and the operand base
+// addresses multiples of 16 (TMA's global stride and address rules); k and n any.
+// EMULATOR-VERIFIED (kernels/emu/fp8gemm_emu.cpp with include/tma_emu.h), NOT YET RUN ON A GPU.
+#include "tma.cuh"
+#define FP8T_STAGES 4
+#define FP8T_STAGE_BYTES (3 * 16384)  // A (2 x 64 rows x 128 K) | B of warpgroup 0's group | B of warpgroup 1's
+#define FP8T_BARS (FP8T_STAGES * FP8T_STAGE_BYTES)    // full[s] at +8s, empty[s] at +32 + 8s
+#define FP8T_SMEM (FP8T_BARS + 2 * FP8T_STAGES * 8 + 1024)  // + slack to align the ring to 1024 B
+#define FP8T_THREADS 288
+
+struct Fp8TmaArgs {
+    TmaDesc ta;  // A: uint8 dims {k, m}, stride lda, box {128, 64}, 128B swizzle
+    TmaDesc tb;  // B: uint8 dims {k, n, groups}, strides {ldb, stride_b}, box {128, 128, 1}, 128B swizzle
+    Fp8GemmArgs p;
+};
+
+// Block tile t of the persistent walk: 64-row tiles 2·mt and 2·mt + 1 (the second may be absent),
+// column tile col0.
+struct Fp8TmaTile {
+    int col0, r0a, rea, ga, r0b, reb, gb;
+    bool act1, two_b;
+};
+__device__ __forceinline__ Fp8TmaTile fp8_tma_tile(const Fp8GemmArgs& p, int t, int ntiles) {
+    Fp8TmaTile x;
+    const int mt = t / ntiles;
+    x.col0 = (t - mt * ntiles) * 128;
+    fp8_tile64(p, 2 * mt, x.r0a, x.rea, x.ga);
+    x.act1 = fp8_tile64(p, 2 * mt + 1, x.r0b, x.reb, x.gb);
+    if (!x.act1) x.r0b = x.reb = 0, x.gb = x.ga;
+    x.two_b = x.act1 && x.gb != x.ga;
+    return x;
+}
+
+template <typename TD>
+__device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    const Fp8GemmArgs& p = q.p;
+    DSV3_DYNAMIC_SMEM(smem_raw);
+    const uint32_t raw = smem_u32(smem_raw);
+    const uint32_t sbase = (raw + 1023) & ~1023u;  // the 128B swizzle needs 1024-byte aligned boxes
+    unsigned char* smem = smem_raw + (sbase - raw);
+    const uint32_t bars = sbase + FP8T_BARS;
+    const int tid = threadIdx.x;
+    const int tiles64 = p.row_offsets ? p.tile_offsets[p.groups] : (p.m + FP8_BM - 1) / FP8_BM;
+    const int ntiles = (p.n + 127) >> 7, tiles = ((tiles64 + 1) >> 1) * ntiles;
+    const int nkb = (p.k + 127) >> 7;
+    if (tid == 0) {
+        for (int s = 0; s < FP8T_STAGES; s++) {
+            mbar_init(bars + 8 * s, 1);        // full: the producer's arrive.expect_tx (+ the TMA bytes)
+            mbar_init(bars + 32 + 8 * s, 8);   // empty: one arrival per consumer warp
+        }
+        mbar_fence_init();
+    }
+    __syncthreads();  // the last block-wide barrier: the producer warp's idle lanes leave below
+
+    if (tid >= 256) {  // ---- producer warp
+        if (tid != 256) return;
+        tma_prefetch_desc(&q.ta);
+        tma_prefetch_desc(&q.tb);
+        int it = 0;
+        for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+            const Fp8TmaTile x = fp8_tma_tile(p, t, ntiles);
+            const uint32_t bytes = 8192u * (x.act1 ? 2u : 1u) + 16384u * (x.two_b ? 2u : 1u);
+            for (int kb = 0; kb < nkb; kb++, it++) {
+                const int s = it % FP8T_STAGES;
+                const uint32_t st = sbase + s * FP8T_STAGE_BYTES, full = bars + 8 * s;
+                mbar_wait(bars + 32 + 8 * s, ((it / FP8T_STAGES) & 1) ^ 1);  // the consumers freed it
+                mbar_arrive_expect_tx(full, bytes);
+                tma_load_2d(st, &q.ta, full, kb * 128, x.r0a);
+                if (x.act1) tma_load_2d(st + 8192, &q.ta, full, kb * 128, x.r0b);
+                tma_load_3d(st + 16384, &q.tb, full, kb * 128, x.col0, x.ga);
+                if (x.two_b) tma_load_3d(st + 32768, &q.tb, full, kb * 128, x.col0, x.gb);
+            }
+        }
+        return;
+    }
+
+    // ---- consumers: warpgroup wg, accumulator rows ra and ra + 8 of its 64-row tile
+    const int wg = tid >> 7, lane = tid & 31, warp = (tid >> 5) & 3;
+    const int ra = warp * 16 + (lane >> 2);
+    float acc[64], out[64];
+    int it = 0;
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        const Fp8TmaTile x = fp8_tma_tile(p, t, ntiles);
+        const bool active = wg == 0 || x.act1;
+        const int row0 = wg ? x.r0b : x.r0a, row_end = wg ? x.reb : x.rea, col0 = x.col0;
+        const float* SB = p.sb + (long long)(wg ? x.gb : x.ga) * p.stride_sb;
+        const bool ok0 = row0 + ra < row_end, ok1 = row0 + ra + 8 < row_end;
+        const float* sa0p = p.sa + (long long)(row0 + ra) * p.sa_rs;
+        const float* sa1p = p.sa + (long long)(row0 + ra + 8) * p.sa_rs;
+        const uint32_t a_off = wg * 8192, b_off = 16384 + ((x.two_b && wg) ? 16384 : 0);
+#pragma unroll
+        for (int i = 0; i < 64; i++) out[i] = 0.0f;
+        for (int kb = 0; kb < nkb; kb++, it++) {
+            const int s = it % FP8T_STAGES;
+            mbar_wait(bars + 8 * s, (it / FP8T_STAGES) & 1);  // group kb's operands landed
+            // (an idle warpgroup 1 multiplies whatever its A slot holds and discards it: a branch
+            // around the wgmmas makes ptxas serialize them, C7518)
+            const unsigned char* st = smem + s * FP8T_STAGE_BYTES;
+            fence_acc(acc);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+                wgmma_m64n128k32_e4m3(acc, wg_desc_sw128(st + a_off + kk * 32), wg_desc_sw128(st + b_off + kk * 32),
+                                      kk > 0);
+            wgmma_commit();
+            // this group's scales while the MMAs run
+            const float sa0 = ok0 ? sa0p[(long long)kb * p.sa_ks] : 0.0f;
+            const float sa1 = ok1 ? sa1p[(long long)kb * p.sa_ks] : 0.0f;
+            const float sbb = p.b_block ? SB[(long long)(col0 >> 7) * p.sb_rs + (long long)kb * p.sb_ks] : 0.0f;
+            wgmma_wait<0>();
+            fence_acc(acc);
+            if (lane == 0) mbar_arrive(bars + 32 + 8 * s);  // this warp is done with the stage
+            if (!active) continue;
+            // promote: out += (sa * sb) * acc
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int c = col0 + j * 8 + (lane & 3) * 2 + e;
+                    const float sb = p.b_block ? sbb : (c < p.n ? fp8_sb(p, SB, c, kb) : 0.0f);
+                    out[j * 4 + e] += (sa0 * sb) * acc[j * 4 + e];
+                    out[j * 4 + 2 + e] += (sa1 * sb) * acc[j * 4 + 2 + e];
+                }
+            }
+        }
+        if (!active) continue;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            const int c = col0 + j * 8 + (lane & 3) * 2;
+            if (c >= p.n) continue;
+            if (ok0) fp8_store2<TD>(p, row0 + ra, c, out[j * 4], out[j * 4 + 1]);
+            if (ok1) fp8_store2<TD>(p, row0 + ra + 8, c, out[j * 4 + 2], out[j * 4 + 3]);
+        }
+    }
+#else
+    __trap();  // sm_90a only
+#endif
+}
+extern "C" __global__ void __launch_bounds__(FP8T_THREADS, 1) fp8_gemm_tma_bf16(const __grid_constant__ Fp8TmaArgs q) {
+    fp8_gemm_tma<bf16>(q);
+}
+extern "C" __global__ void __launch_bounds__(FP8T_THREADS, 1) fp8_gemm_tma_f32(const __grid_constant__ Fp8TmaArgs q) {
+    fp8_gemm_tma<float>(q);
+}

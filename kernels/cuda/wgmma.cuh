@@ -1,7 +1,7 @@
 // The inline-PTX helpers of the sm_90a wgmma kernels (fp8gemm.cu): wgmma.mma_async m64n128k32
 // e4m3 x e4m3 -> f32 from shared-memory descriptors, wgmma.fence / commit_group / wait_group, the
-// async-proxy fence, the accumulator fence (CUTLASS's warpgroup_fence_operand) and the no-swizzle
-// K-major shared-memory matrix descriptor. The CPU emulator (kernels/emu/include/emu.h with
+// async-proxy fence, the accumulator fence (CUTLASS's warpgroup_fence_operand) and the K-major
+// shared-memory matrix descriptors (no swizzle; 128-byte swizzle). The CPU emulator (kernels/emu/include/emu.h with
 // include/wgmma_emu.h) defines DSV3_EMU and supplies its own versions of exactly these functions,
 // evaluated as the PTX ISA defines them (kernels/emu/fp8gemm_emu.cpp).
 #pragma once
@@ -46,5 +46,14 @@ __device__ __forceinline__ uint64_t wg_desc(const void* smem, uint32_t lbo, uint
     uint32_t addr = (uint32_t)__cvta_generic_to_shared(smem);
     return (uint64_t)((addr & 0x3ffff) >> 4) | ((uint64_t)((lbo >> 4) & 0x3fff) << 16) |
            ((uint64_t)((sbo >> 4) & 0x3fff) << 32);
+}
+// A shared-memory matrix descriptor for a K-major operand in the 128-byte swizzle mode (what a TMA
+// box of 128-byte rows with CU_TENSOR_MAP_SWIZZLE_128B writes): row r's 128 bytes at r·128 from a
+// 1024-byte aligned base, 16-byte chunk j stored at chunk j ^ (r % 8); 8-row groups 1024 B apart
+// (SBO), LBO unused, layout type 1 (bits 62-63). The k32 steps inside the 128-byte row advance the
+// start address by 32 bytes (the swizzle applies to the computed address, as DeepGEMM/CUTLASS do).
+__device__ __forceinline__ uint64_t wg_desc_sw128(const void* smem) {
+    uint32_t addr = (uint32_t)__cvta_generic_to_shared(smem);
+    return (uint64_t)((addr & 0x3ffff) >> 4) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
 }
 #endif

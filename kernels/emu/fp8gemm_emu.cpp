@@ -1,7 +1,9 @@
 // CPU emulation of the FP8 GEMMs of DeepSeek's training recipe (kernels/cuda/fp8gemm.cu): the
 // sm_90a wgmma kernels (fp8_gemm_wgmma_*: m64n128k32 e4m3 from no-swizzle K-major shared-memory
 // descriptors; fp8_gemm_wgmma2_*: the pipelined form, 2 warpgroups fed by a 4-stage cp.async ring,
-// on the cases its 16-byte alignment admits) and the SIMT form (fp8_gemm_simt_*), bf16 and f32 D, in the recipe's three forms —
+// on the cases its 16-byte alignment admits; fp8_gemm_tma_*: TMA boxes with the 128-byte swizzle
+// into an mbarrier ring, a producer warp, persistent blocks — 1 to 4 of them, so blocks walk
+// several tiles — on include/tma_emu.h, where its 16-byte leading dimensions admit) and the SIMT form (fp8_gemm_simt_*), bf16 and f32 D, in the recipe's three forms —
 // Fprop/Dgrad (A 1x128 x B 128x128 blocks), Wgrad (1x128 x 1x128 along K, f32 D, accumulate) and
 // grouped-contiguous (MoE: moe_plan's 64-row tiles, empty and ragged groups) — with ragged m, n
 // and k (k not a multiple of 16 included), padded leading dimensions and both scale layouts, against
@@ -21,6 +23,7 @@
 // error grows but stays within the recipe's bound. Timing means nothing here.
 #include <emu.h>
 #include <wgmma_emu.h>
+#include <tma_emu.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -78,8 +81,8 @@ struct Problem {
     bool sa_mcontig = true;   // A scales M-contiguous (sa_rs 1, sa_ks m) or row-major
 };
 
-enum Which { SIMT, WGMMA, WGMMA2 };
-static const char* which_name[] = {"simt", "wgmma", "wgmma2"};
+enum Which { SIMT, WGMMA, WGMMA2, TMA };
+static const char* which_name[] = {"simt", "wgmma", "wgmma2", "tma"};
 
 // the launcher's rule for fp8_gemm_wgmma2 (kernels/src/ops/fp8.rs): 16-byte cp.async of every chunk
 static bool v2_ok(const Problem& P) {
@@ -87,6 +90,13 @@ static bool v2_ok(const Problem& P) {
     const long long stride_b = (long long)n * ldb + 32;
     return P.k % 16 == 0 && (P.k + P.lda_pad) % 16 == 0 && ldb % 16 == 0 && (P.counts.empty() || stride_b % 16 == 0);
 }
+// the launcher's rule for fp8_gemm_tma (tma_fits): TMA's 16-byte global strides (k may be ragged)
+static bool tma_ok(const Problem& P) {
+    const int ldb = P.k + P.ldb_pad, n = P.n;
+    const long long stride_b = (long long)n * ldb + 32;
+    return (P.k + P.lda_pad) % 16 == 0 && ldb % 16 == 0 && (P.counts.empty() || stride_b % 16 == 0);
+}
+static int tma_sms = 3;  // persistent blocks (the launcher: min(tiles, SMs)); cases vary it
 
 struct Result {
     double worst = 0;  // max |err| / bound
@@ -160,6 +170,32 @@ static Result run(const Problem& P, Which which, std::mt19937& rng) {
         emu::allow_global(A.data, A.bytes);  // cp.async may read the operands only
         emu::allow_global(B.data, B.bytes);
     }
+    if (which == TMA) {
+        // the launcher (kernels/src/ops/fp8.rs): tensor maps of A [m, k] and B [groups, n, k]
+        // (128 x 64 and 128 x 128 boxes, 128B swizzle), min(block tiles, SMs) persistent blocks
+        Fp8TmaArgs q{};
+        const long long da[2] = {k, m}, sa_[1] = {lda}, ba[2] = {128, 64};
+        const long long db[3] = {k, n, groups}, sb_[2] = {ldb, stride_b}, bb[3] = {128, 128, 1};
+        q.ta = emu_tma::encode(A.data, 2, da, sa_, ba, true);
+        q.tb = emu_tma::encode(B.data, 3, db, sb_, bb, true);
+        q.p = p;
+        emu::allow_global(A.data, A.bytes);  // TMA may read the operands only
+        emu::allow_global(B.data, B.bytes);
+        const int block_tiles = (tiles64 + 1) / 2 * ((n + 127) / 128);
+        const unsigned grid = (unsigned)std::max(1, std::min(block_tiles, tma_sms));
+        void (*tf)(Fp8TmaArgs) = P.f32d ? fp8_gemm_tma_f32 : fp8_gemm_tma_bf16;
+        emu::set_grid({grid, 1, 1});
+        for (unsigned bx = 0; bx < grid; bx++) {
+            emu::cp_async_eager = bx & 1;  // TMA boxes land at the wait, or also at issue
+            emu::begin_smem(FP8T_SMEM);
+            wg_emu::begin_block();
+            emu_tma::begin_block();
+            emu::run_block({bx, 0, 0}, FP8T_THREADS, [&] { tf(q); });
+            emu_tma::end_block();
+            wg_emu::end_block();
+            emu::end_smem();
+        }
+    } else {
     // the row tiles over grid y and z (ops::split_yz: y up to 65535, z the rest; the kernels' tile is
     // blockIdx.y + gridDim.y * blockIdx.z). Grouped cases cap y at 3 here so z > 1 runs cheaply.
     const unsigned cap = P.counts.empty() ? 65535u : 3u;
@@ -175,6 +211,7 @@ static Result run(const Problem& P, Which which, std::mt19937& rng) {
                 wg_emu::end_block();
                 emu::end_smem();
             }
+    }
     emu::end_grid();
     emu::clear_globals();
     emu::cp_async_eager = false;
@@ -238,20 +275,26 @@ int main(int argc, char** argv) {
         {"fprop-longk", 130, 260, 1040, true, false, false, {}, 0, 16, 1, true},
         {"grouped-2b", 0, 264, 272, true, true, false, {64, 1, 63, 0, 129, 64}, 16, 0, 0, true},
         {"grouped-wgrad16", 0, 130, 400, false, true, true, {3, 64, 0, 100}, 0, 0, 5, false},
+        // TMA: k not a multiple of 16 with 16-byte leading dimensions (the box's K past k and the
+        // padding bytes read as zero), more block tiles than persistent blocks
+        {"fprop-kragged", 200, 390, 300, true, false, false, {}, 20, 4, 2, true},
+        {"grouped-kragged", 0, 140, 200, true, true, false, {0, 66, 129, 1}, 8, 8, 1, false},
     };
     for (auto& p : ps)
         if (!p.counts.empty()) {
             p.m = 7;  // rows past the last group: never written
             for (int c : p.counts) p.m += c;
         }
-    if (quick) ps = {ps[0], ps[3], ps[4], ps[5], ps[7], ps[6]};
+    if (quick) ps = {ps[0], ps[3], ps[4], ps[5], ps[7], ps[6], ps[9], ps[10]};
     for (int bits : {0, 14}) {
         if (quick && bits) ps = {ps[0]};
         wg_emu::acc_bits = bits;
         for (const Problem& p : ps)
-            for (Which w : {WGMMA, WGMMA2, SIMT}) {
+            for (Which w : {WGMMA, WGMMA2, TMA, SIMT}) {
                 if (bits && w == SIMT) continue;
                 if (w == WGMMA2 && !v2_ok(p)) continue;
+                if (w == TMA && !tma_ok(p)) continue;
+                tma_sms = 1 + (int)(rng() % 4);
                 if (quick && w == SIMT && &p != &ps[0]) continue;
                 const long long before = wg_emu::mmas;
                 Result r = run(p, w, rng);

@@ -16,7 +16,7 @@ if [ "${1:-}" = "--quick" ]; then
 fi
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
-flags=(-std=c++17 -O2 -fno-strict-aliasing -w -Iinclude -I../cuda)
+flags=(-std=c++17 -O2 -fno-strict-aliasing -w -Wno-psabi -Iinclude -I../cuda)
 ran=0
 for src in *_emu.cpp; do
   name="${src%_emu.cpp}"

@@ -448,8 +448,8 @@ pub fn cublaslt_fp8_blockwise_tflops(dev: &Device, m: usize, n: usize, k: usize)
 }
 
 /// dsv3's FP8 GEMM (1x128 activations x 128x128 weights, bf16 out; the kernel `Fp8Kernel::Auto`
-/// picks: fp8_gemm_wgmma2 on sm_90a, SIMT elsewhere; on sm_90a the first form fp8_gemm_wgmma is
-/// timed too) at `m x n x k`, printed next to cuBLASLt FP8 blockwise and cuBLAS bf16 from the same
+/// picks: fp8_gemm_tma on sm_90a, SIMT elsewhere; on sm_90a fp8_gemm_wgmma2 and the first form
+/// fp8_gemm_wgmma are timed too) at `m x n x k`, printed next to cuBLASLt FP8 blockwise and cuBLAS bf16 from the same
 /// process. Returns (dsv3, cuBLASLt FP8, cuBLAS bf16) TFLOP/s (NaN where a peer is missing).
 pub fn fp8_gemm_line(dev: &Device, m: usize, n: usize, k: usize) -> Result<(f64, f64, f64)> {
     use crate::ops::fp8::{fp8_gemm, BScales, Fp8Gemm, Fp8Kernel, Fp8Operand};
@@ -475,13 +475,17 @@ pub fn fp8_gemm_line(dev: &Device, m: usize, n: usize, k: usize) -> Result<(f64,
     };
     let ms = time_ms(dev, 3, 10, || fp8_gemm(dev, &g, &mut d, Fp8Kernel::Auto))?;
     let ours = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
-    // on sm_90a also the first wgmma form (A/B of the pipelined fp8_gemm_wgmma2, which Auto runs)
-    let v1 = if dev.arch == crate::ptx::Arch::Sm90a {
-        let ms1 = time_ms(dev, 3, 10, || fp8_gemm(dev, &g, &mut d, Fp8Kernel::Wgmma))?;
-        format!("  (fp8_gemm_wgmma v1 {:>7.1})", 2.0 * (m * n * k) as f64 / (ms1 * 1e-3) / 1e12)
-    } else {
-        String::new()
-    };
+    // on sm_90a also the earlier forms (A/B of the TMA kernel fp8_gemm_tma, which Auto runs):
+    // the cp.async-pipelined fp8_gemm_wgmma2 and the first form fp8_gemm_wgmma
+    let mut v1 = String::new();
+    if dev.arch == crate::ptx::Arch::Sm90a {
+        for (name, which) in [("wgmma2", Fp8Kernel::Wgmma2), ("wgmma v1", Fp8Kernel::Wgmma)] {
+            match time_ms(dev, 3, 10, || fp8_gemm(dev, &g, &mut d, which)) {
+                Ok(ms1) => v1 += &format!("  ({name} {:>7.1})", 2.0 * (m * n * k) as f64 / (ms1 * 1e-3) / 1e12),
+                Err(e) => v1 += &format!("  ({name} failed: {e})"),
+            }
+        }
+    }
     // a failing peer is reported, not fatal: dsv3's own numbers still print
     let lt = cublaslt_fp8_blockwise_tflops(dev, m, n, k)
         .unwrap_or_else(|e| {

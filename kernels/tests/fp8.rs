@@ -3,8 +3,9 @@
 //! shapes, strided rows), and the promoted FP8 GEMM in its three forms (Fprop/Dgrad 1x128 x
 //! 128x128, Wgrad 1x128 x 1x128 along tokens with f32 accumulate, grouped-contiguous MoE) against
 //! core's exact emulation and an f64 reference of the unquantized inputs with DeepGEMM's measure
-//! `1 - 2·Σxy/Σ(x²+y²) < 1e-3`. Every kernel (SIMT anywhere; on sm_90a fp8_gemm_wgmma and the
-//! pipelined fp8_gemm_wgmma2 where its 16-byte alignment holds). Skip without a GPU.
+//! `1 - 2·Σxy/Σ(x²+y²) < 1e-3`. Every kernel (SIMT anywhere; on sm_90a fp8_gemm_wgmma, the
+//! pipelined fp8_gemm_wgmma2 and the TMA fp8_gemm_tma where their 16-byte alignment holds). Skip
+//! without a GPU.
 mod common;
 use common::*;
 use dsv3_core::fp8::gemm::{calc_diff, fp8_gemm as cpu_fp8_gemm};
@@ -12,7 +13,7 @@ use dsv3_core::fp8::quant::{quantize_unchecked, QTensor, ScaleLayout};
 use dsv3_core::rng::Rng;
 use dsv3_kernels::ops::fp8::{
     fp8_gemm, quant_1x128, quant_block128, quant_block128_batch, quant_t128, quant_t128_groups, t128_segments,
-    wgmma2_fits, BScales, Fp8BlockOut, Fp8Gemm, Fp8Kernel, Fp8Operand, Fp8Out, FP8_BM,
+    tma_fits, wgmma2_fits, BScales, Fp8BlockOut, Fp8Gemm, Fp8Kernel, Fp8Operand, Fp8Out, FP8_BM,
 };
 use dsv3_kernels::ops::gemm::Grouped;
 use dsv3_kernels::ptx::Arch;
@@ -279,16 +280,20 @@ fn matmul_f64(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
 /// The kernels this device runs: SIMT everywhere, both wgmma forms on sm_90a.
 fn kernels(dev: &Device) -> Vec<Fp8Kernel> {
     if dev.arch == Arch::Sm90a {
-        vec![Fp8Kernel::Simt, Fp8Kernel::Wgmma, Fp8Kernel::Wgmma2]
+        vec![Fp8Kernel::Simt, Fp8Kernel::Wgmma, Fp8Kernel::Wgmma2, Fp8Kernel::Tma]
     } else {
         vec![Fp8Kernel::Simt]
     }
 }
 
-/// Whether `which` can run `g` (the pipelined kernel needs 16-byte aligned K chunks; device
-/// allocations are aligned).
+/// Whether `which` can run `g` (the pipelined kernel needs 16-byte aligned K chunks, the TMA one
+/// 16-byte leading dimensions; device allocations are aligned).
 fn runs(which: Fp8Kernel, g: &Fp8Gemm) -> bool {
-    which != Fp8Kernel::Wgmma2 || wgmma2_fits(g, 0, 0)
+    match which {
+        Fp8Kernel::Wgmma2 => wgmma2_fits(g, 0, 0),
+        Fp8Kernel::Tma => tma_fits(g, 0, 0),
+        _ => true,
+    }
 }
 
 /// Uploads a CPU-quantized tensor as a GEMM operand's buffers (codes, scales in the CPU layout).

@@ -19,6 +19,7 @@ extern unsigned char dyn_smem[];
 #define DSV3_DYNAMIC_SMEM(name) static unsigned char* const name = emu::dyn_smem
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
+#define __grid_constant__
 
 using std::isnan;
 using std::isinf;

@@ -7,8 +7,12 @@
 //   read through shared-memory matrix descriptors in the one mode the kernels use and that the
 //   hardware-verified fp8_gemm_wgmma validates: no swizzle, K-major, 8-row x 16-byte core matrices,
 //   element (r, k) at start + (k / 16)·LBO + (r / 8)·SBO + (r % 8)·16 + k % 16 (start, LBO, SBO
-//   encoded >> 4 in bits 0-13, 16-29, 32-45). Any other bit set (swizzle mode, base offset,
-//   reserved) is reported as not emulated. E4M3 codes decode exactly (0x7f / 0xff NaN).
+//   encoded >> 4 in bits 0-13, 16-29, 32-45); and the 128-byte swizzle (layout type 1 in bits
+//   62-63, fp8_gemm_tma's TMA-written operands): row r's 128-byte line at start + (r/8)·SBO +
+//   (r%8)·128, the k32 step 32 bytes into the line, the physical byte at the linear address with
+//   bits [4, 7) XOR bits [7, 10) (CUTLASS's Swizzle<3,4,3>; the pattern 1024-byte aligned, SBO
+//   1024). Other layouts or bits (64B/32B swizzle, base offset, reserved) are reported as not
+//   emulated. E4M3 codes decode exactly (0x7f / 0xff NaN).
 // - Accumulator fragment (f32, per thread t of the warpgroup, warp w = t / 32, lane l):
 //   d[4i + e] is D[16w + l/4 + 8·(e >> 1)][8i + 2·(l % 4) + (e & 1)], i < N / 8.
 // - Arithmetic: D = (scale-d ? C : 0) + Σ_{k<32} A·B with the 32 products summed exactly and one
@@ -90,12 +94,32 @@ inline double e4m3(uint8_t c) {
 // rows x 32 bytes of a K-major operand through descriptor `desc`
 inline std::vector<uint8_t> read_operand(uint64_t desc, int rows) {
     if (desc & ((3ull << 14) | (3ull << 30) | (0xffffull << 46)))
-        fail("wgmma descriptor: swizzle / base offset / reserved bits set (only no-swizzle K-major is emulated)");
+        fail("wgmma descriptor: base offset / reserved bits set (not emulated)");
+    const int layout = (int)(desc >> 62);
+    if (layout != 0 && layout != 1)
+        fail("wgmma descriptor: 64B / 32B swizzle (only no swizzle and 128B swizzle are emulated)");
     const uint32_t start = (uint32_t)(desc & 0x3fff) << 4, lbo = (uint32_t)((desc >> 16) & 0x3fff) << 4,
                    sbo = (uint32_t)((desc >> 32) & 0x3fff) << 4;
     const unsigned char* base = win_base();
     const size_t size = win_size();
     std::vector<uint8_t> v((size_t)rows * 32);
+    if (layout == 1) {
+        // 128B swizzle, K-major: row r's 128-byte line at start + (r/8)·SBO + (r%8)·128 (the k32
+        // step: start advanced by 32 bytes inside the line), the physical address the linear one
+        // with bits [4, 7) XOR bits [7, 10). Base offset 0: the start's line bits [7, 10) must be 0
+        // (the 8-line pattern 1024-byte aligned); the 32 bytes must stay inside the line.
+        if ((start >> 7) & 7) fail("wgmma 128B-swizzle descriptor: pattern not 1024-byte aligned (base offset)");
+        if ((start & 127) + 32 > 128) fail("wgmma 128B-swizzle descriptor: the k32 step crosses the 128-byte line");
+        if (sbo != 1024) fail("wgmma 128B-swizzle descriptor: SBO " + std::to_string(sbo) + " (8 lines of 128 B = 1024)");
+        for (int r = 0; r < rows; r++)
+            for (int kb = 0; kb < 32; kb++) {
+                const uint32_t lin = start + (r / 8) * sbo + (r % 8) * 128 + kb;
+                const uint32_t at = lin ^ (((lin >> 7) & 7) << 4);
+                if (at + 1 > size) fail("wgmma operand past the shared memory: " + std::to_string(at));
+                v[(size_t)r * 32 + kb] = base[at];
+            }
+        return v;
+    }
     for (int r = 0; r < rows; r++)
         for (int kc = 0; kc < 2; kc++) {
             const size_t at = (size_t)start + kc * lbo + (r / 8) * sbo + (r % 8) * 16;

@@ -2,6 +2,8 @@
 //! bit as `dsv3_core::fp8::quant`) and the promoted FP8 GEMM (`kernels/cuda/fp8gemm.cu`: wgmma on
 //! sm_90a, pipelined where the operands allow it, a SIMT fallback elsewhere) in its three forms — Fprop/Dgrad (A 1x128 x B 128x128),
 //! Wgrad (1x128 x 1x128 along tokens, f32 accumulate) and grouped-contiguous (MoE experts).
+use super::fp8_tma::launch_tma;
+pub use super::fp8_tma::tma_fits;
 use super::gemm::Grouped;
 use super::{dim, grid_y, int, launch, launch_smem, split_yz, KArg};
 use crate::device::Device;
@@ -254,9 +256,10 @@ pub enum BScales {
 /// Which kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fp8Kernel {
-    /// sm_90a: `fp8_gemm_wgmma2_*` where its alignment holds ([`wgmma2_fits`]), else
-    /// `fp8_gemm_wgmma_*`; SIMT elsewhere. `DSV3_FP8_KERNEL=v1` keeps sm_90a on `fp8_gemm_wgmma_*`,
-    /// `=simt` forces the SIMT kernel.
+    /// sm_90a: `fp8_gemm_tma_*` where TMA's alignment holds ([`tma_fits`]), else
+    /// `fp8_gemm_wgmma2_*` where its alignment holds ([`wgmma2_fits`]), else `fp8_gemm_wgmma_*`;
+    /// SIMT elsewhere. `DSV3_FP8_KERNEL=v2` keeps sm_90a off the TMA kernel (wgmma2, else v1),
+    /// `=v1` on `fp8_gemm_wgmma_*`, `=simt` forces the SIMT kernel.
     Auto,
     /// `fp8_gemm_wgmma_*` (sm_90a only): one warpgroup per 64x128 tile, synchronous per 128-K group
     /// (the first form; verified on an H100).
@@ -264,6 +267,9 @@ pub enum Fp8Kernel {
     /// `fp8_gemm_wgmma2_*` (sm_90a only): 2 warpgroups per 128x128 tile fed by a 4-stage cp.async
     /// ring. Emulator-verified (kernels/emu/fp8gemm_emu.cpp), not yet run on a GPU.
     Wgmma2,
+    /// `fp8_gemm_tma_*` (sm_90a only): TMA + mbarrier ring, a producer warp and 2 consumer
+    /// warpgroups, persistent ([`super::fp8_tma`]). Emulator-verified, not yet run on a GPU.
+    Tma,
     /// `fp8_gemm_simt_*` (any GPU).
     Simt,
 }
@@ -288,6 +294,7 @@ fn forced_kernel() -> Option<Fp8Kernel> {
     *V.get_or_init(|| match std::env::var("DSV3_FP8_KERNEL").as_deref() {
         Ok("v1") | Ok("wgmma") => Some(Fp8Kernel::Wgmma),
         Ok("v2") | Ok("wgmma2") => Some(Fp8Kernel::Wgmma2),
+        Ok("tma") => Some(Fp8Kernel::Tma),
         Ok("simt") => Some(Fp8Kernel::Simt),
         _ => None,
     })
@@ -354,16 +361,20 @@ pub fn fp8_gemm(dev: &Device, g: &Fp8Gemm, d: &mut Act, which: Fp8Kernel) -> Res
     };
     let (a_ptr, b_ptr) = (dptr(dev, g.a.q, 0)?, dptr(dev, g.b.q, 0)?);
     let fits2 = wgmma2_fits(g, a_ptr, b_ptr);
+    let fits_tma = tma_fits(g, a_ptr, b_ptr);
     let sm90 = dev.arch == Arch::Sm90a;
     let chosen = match which {
         Fp8Kernel::Auto => match forced_kernel() {
             Some(Fp8Kernel::Simt) => Fp8Kernel::Simt,
             Some(Fp8Kernel::Wgmma) if sm90 => Fp8Kernel::Wgmma,
+            Some(Fp8Kernel::Wgmma2) if sm90 && fits2 => Fp8Kernel::Wgmma2,
+            Some(Fp8Kernel::Wgmma2) if sm90 => Fp8Kernel::Wgmma,
+            _ if sm90 && fits_tma => Fp8Kernel::Tma,
             _ if sm90 && fits2 => Fp8Kernel::Wgmma2,
             _ if sm90 => Fp8Kernel::Wgmma,
             _ => Fp8Kernel::Simt,
         },
-        Fp8Kernel::Wgmma | Fp8Kernel::Wgmma2 => {
+        Fp8Kernel::Wgmma | Fp8Kernel::Wgmma2 | Fp8Kernel::Tma => {
             if !sm90 {
                 return Err(Error::Unsupported("fp8_gemm: the wgmma kernels need sm_90a (H100/H200)".into()));
             }
@@ -373,11 +384,18 @@ pub fn fp8_gemm(dev: &Device, g: &Fp8Gemm, d: &mut Act, which: Fp8Kernel) -> Res
                         .into(),
                 ));
             }
+            if which == Fp8Kernel::Tma && !fits_tma {
+                return Err(Error::Input(
+                    "fp8_gemm: fp8_gemm_tma needs lda, ldb, stride_b and the operand addresses multiples of 16".into(),
+                ));
+            }
             which
         }
         Fp8Kernel::Simt => Fp8Kernel::Simt,
     };
     let kernel = match (chosen, d.dtype()) {
+        (Fp8Kernel::Tma, DType::Bf16) => "fp8_gemm_tma_bf16",
+        (Fp8Kernel::Tma, DType::F32) => "fp8_gemm_tma_f32",
         (Fp8Kernel::Wgmma2, DType::Bf16) => "fp8_gemm_wgmma2_bf16",
         (Fp8Kernel::Wgmma2, DType::F32) => "fp8_gemm_wgmma2_f32",
         (Fp8Kernel::Wgmma, DType::Bf16) => "fp8_gemm_wgmma_bf16",
@@ -411,6 +429,8 @@ pub fn fp8_gemm(dev: &Device, g: &Fp8Gemm, d: &mut Act, which: Fp8Kernel) -> Res
         pad: 0,
     };
     match chosen {
+        // persistent: min(block tiles, SMs) blocks walk the 128 x 128 block tiles
+        Fp8Kernel::Tma => launch_tma(dev, kernel, g, args, tiles),
         // 128-row blocks: warpgroup w takes 64-row tile 2·tile_yz() + w
         Fp8Kernel::Wgmma2 => {
             let (gy, gz) = split_yz(tiles.div_ceil(2));

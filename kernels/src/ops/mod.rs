@@ -24,6 +24,7 @@ pub mod attn;
 pub mod attn_train;
 pub mod elementwise;
 pub mod fp8;
+pub mod fp8_tma;
 pub mod gather;
 pub mod gemm;
 pub mod mla;
@@ -167,6 +168,7 @@ pub(crate) enum KArg {
     F32(f32),
     Gemm(gemm::GemmArgs),
     Fp8Gemm(fp8::Fp8GemmArgs),
+    Fp8Tma(Box<fp8_tma::Fp8TmaArgs>),
     Mla(mla::MlaArgs),
     Attn(attn::AttnArgs),
     AttnTrain(attn_train::FlashTrainArgs),
@@ -266,6 +268,7 @@ pub(crate) fn launch_smem(
             KArg::F32(v) => b.arg(v),
             KArg::Gemm(v) => b.arg(v),
             KArg::Fp8Gemm(v) => b.arg(v),
+            KArg::Fp8Tma(v) => b.arg(v.as_ref()),
             KArg::Mla(v) => b.arg(v),
             KArg::Attn(v) => b.arg(v),
             KArg::AttnTrain(v) => b.arg(v),

@@ -1,0 +1,123 @@
+//! The TMA form of the FP8 GEMM, `fp8_gemm_tma_*` (kernels/cuda/fp8gemm.cu; sm_90a): DeepGEMM's
+//! structure — a producer warp streaming 128-K groups of A and B by TMA (tensor maps, 128-byte
+//! swizzle, zero fill past m, n and k) into a 4-stage ring guarded by mbarriers, two consumer
+//! warpgroups on wgmma m64n128k32 with the per-128-K promotion, persistent over the block tiles.
+//! The tensor maps are encoded here with the driver's `cuTensorMapEncodeTiled` and passed in the
+//! kernel's `__grid_constant__` argument block ([`Fp8TmaArgs`]). Emulator-verified
+//! (kernels/emu/fp8gemm_emu.cpp), not yet run on a GPU; [`super::fp8::fp8_gemm`] picks it.
+use super::fp8::{Fp8Gemm, Fp8GemmArgs};
+use super::{dim, launch_smem, KArg};
+use crate::device::{cuda_err, Device};
+use cudarc::driver::sys::{
+    self, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion,
+    CUtensorMapSwizzle,
+};
+use cudarc::driver::DeviceRepr;
+use dsv3_core::Result;
+
+/// Threads of `fp8_gemm_tma_*`: 2 consumer warpgroups and 1 producer warp.
+pub const FP8_TMA_THREADS: u32 = 288;
+/// Dynamic shared memory of `fp8_gemm_tma_*`: 4 stages of A (2 x 64 x 128) and two B tiles
+/// (128 x 128), 8 mbarriers, and 1 KiB of slack to align the ring to 1024 bytes.
+pub const FP8_TMA_SMEM: u32 = 4 * 3 * 16384 + 2 * 4 * 8 + 1024;
+
+/// The argument block of `fp8_gemm_tma_*` (`struct Fp8TmaArgs` in fp8gemm.cu): the tensor maps
+/// of A and B (each a 128-byte, 64-byte aligned `CUtensorMap`) and the common FP8 GEMM arguments.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy)]
+pub struct Fp8TmaArgs {
+    pub ta: [u64; 16],
+    pub tb: [u64; 16],
+    pub p: Fp8GemmArgs,
+}
+
+// SAFETY: plain integers, #[repr(C)], laid out as the CUDA struct (offsets 0, 128, 256).
+unsafe impl DeviceRepr for Fp8TmaArgs {}
+
+/// Whether `fp8_gemm_tma_*` can run `g`: TMA's global strides (lda, ldb, the grouped weight
+/// stride) and base addresses must be multiples of 16 bytes; k, m and n may be anything.
+pub fn tma_fits(g: &Fp8Gemm, a_ptr: u64, b_ptr: u64) -> bool {
+    g.a.ld.is_multiple_of(16)
+        && g.b.ld.is_multiple_of(16)
+        && (g.groups == 1 || g.stride_b.is_multiple_of(16))
+        && a_ptr.is_multiple_of(16)
+        && b_ptr.is_multiple_of(16)
+}
+
+/// A uint8 tensor map over `dims` (innermost first) with byte `strides` for the outer dims,
+/// boxes of `boxd`, 128-byte swizzle, zero fill out of bounds.
+fn encode(base: u64, dims: &[u64], strides: &[u64], boxd: &[u32]) -> Result<[u64; 16]> {
+    let rank = dims.len();
+    debug_assert!(strides.len() + 1 == rank && boxd.len() == rank);
+    let elem = [1u32; 3];
+    let mut map = CUtensorMap { opaque: [0; 16] };
+    // SAFETY: every array holds `rank` (strides: rank - 1) entries; the driver writes 128 bytes
+    // into `map`; the base address is a live device allocation (the launcher's operand).
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map,
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            rank as u32,
+            base as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxd.as_ptr(),
+            elem.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(cuda_err(&format!("cuTensorMapEncodeTiled (dims {dims:?}, strides {strides:?}, box {boxd:?})"), r));
+    }
+    Ok(map.opaque)
+}
+
+/// Launches `fp8_gemm_tma_<kernel suffix>` for `g` with the common arguments `p` already built
+/// by `fp8_gemm` (which checked the buffers); `tiles64` is the bound on 64-row tiles (grouped:
+/// the plan's `max_tiles`).
+pub(crate) fn launch_tma(
+    dev: &Device,
+    kernel: &'static str,
+    g: &Fp8Gemm,
+    p: Fp8GemmArgs,
+    tiles64: usize,
+) -> Result<()> {
+    let ta = encode(p.a, &[g.k as u64, g.m as u64], &[g.a.ld as u64], &[128, 64])?;
+    let stride_b = if g.groups > 1 { g.stride_b } else { g.n * g.b.ld };
+    let tb =
+        encode(p.b, &[g.k as u64, g.n as u64, g.groups as u64], &[g.b.ld as u64, stride_b as u64], &[128, 128, 1])?;
+    let block_tiles = tiles64.div_ceil(2) * g.n.div_ceil(128);
+    let grid = block_tiles.min(dev.sms.max(1));
+    launch_smem(
+        dev,
+        "fp8gemm",
+        kernel,
+        (dim(grid, "fp8_gemm_tma blocks")?, 1, 1),
+        FP8_TMA_THREADS,
+        FP8_TMA_SMEM,
+        &[KArg::Fp8Tma(Box::new(Fp8TmaArgs { ta, tb, p }))],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fp8_tma_args_match_the_cuda_struct_layout() {
+        use super::Fp8TmaArgs;
+        assert_eq!(std::mem::align_of::<Fp8TmaArgs>(), 64);
+        assert_eq!(std::mem::offset_of!(Fp8TmaArgs, tb), 128);
+        assert_eq!(std::mem::offset_of!(Fp8TmaArgs, p), 256);
+        // 256 + 144 bytes of Fp8GemmArgs, padded to the 64-byte alignment
+        assert_eq!(std::mem::size_of::<Fp8TmaArgs>(), 448);
+    }
+
+    #[test]
+    fn shared_memory_fits_the_h100_and_the_ring_layout() {
+        // 4 stages x 48 KiB + 8 mbarriers + 1 KiB of alignment slack, under the 227 KiB opt-in limit
+        assert_eq!(super::FP8_TMA_SMEM, 196_608 + 64 + 1024);
+        const { assert!(super::FP8_TMA_SMEM <= 232_448) };
+    }
+}

@@ -400,8 +400,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_wgmma2_f32(Fp8Gemm
 // per consumer warp after its wgmmas were waited). Consumers: per group 4 wgmma m64n128k32 from
 // 128B-swizzled descriptors, wait_group 0, release the stage, promote with sa·sb into f32
 // registers; the epilogue stores from registers while the producer already streams the next
-// tile's groups. Persistent: gridDim.x blocks (at most one per SM) walk the block tiles
-// t = blockIdx.x + i·gridDim.x, column tile fastest. Needs lda, ldb, stride_b and the operand base
+// tile's groups. Persistent: gridDim.x blocks (at most one per SM) walk the work units
+// u = blockIdx.x + i·gridDim.x (block tile u / splits, column tile fastest). Split-K (dense calls
+// whose tiles leave SMs idle, e.g. M = 128): unit u also takes K-group range u % splits and writes
+// f32 partials that fp8_splitk_reduce_* sums into D. Needs lda, ldb, stride_b and the operand base
 // addresses multiples of 16 (TMA's global stride and address rules); k and n any.
 // EMULATOR-VERIFIED (kernels/emu/fp8gemm_emu.cpp with include/tma_emu.h), NOT YET RUN ON A GPU.
 #include "tma.cuh"
@@ -415,6 +417,11 @@ struct Fp8TmaArgs {
     TmaDesc ta;  // A: uint8 dims {k, m}, stride lda, box {128, 64}, 128B swizzle
     TmaDesc tb;  // B: uint8 dims {k, n, groups}, strides {ldb, stride_b}, box {128, 128, 1}, 128B swizzle
     Fp8GemmArgs p;
+    // split-K (splits > 1; not grouped): work unit u = tile (u / splits), K groups
+    // [s·nkb/splits, (s+1)·nkb/splits) of s = u % splits; each writes its f32 partial sums to
+    // work[(s·m + row)·n + col] and fp8_splitk_reduce_* adds them into D in split order
+    float* work;
+    int splits, pad;
 };
 
 // Block tile t of the persistent walk: 64-row tiles 2·mt and 2·mt + 1 (the second may be absent),
@@ -445,7 +452,8 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
     const uint32_t bars = sbase + FP8T_BARS;
     const int tid = threadIdx.x;
     const int tiles64 = p.row_offsets ? p.tile_offsets[p.groups] : (p.m + FP8_BM - 1) / FP8_BM;
-    const int ntiles = (p.n + 127) >> 7, tiles = ((tiles64 + 1) >> 1) * ntiles;
+    const int ntiles = (p.n + 127) >> 7, splits = q.splits;
+    const int units = ((tiles64 + 1) >> 1) * ntiles * splits;
     const int nkb = (p.k + 127) >> 7;
     if (tid == 0) {
         for (int s = 0; s < FP8T_STAGES; s++) {
@@ -461,10 +469,12 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
         tma_prefetch_desc(&q.ta);
         tma_prefetch_desc(&q.tb);
         int it = 0;
-        for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        for (int u = blockIdx.x; u < units; u += gridDim.x) {
+            const int t = u / splits, sp = u - t * splits;
             const Fp8TmaTile x = fp8_tma_tile(p, t, ntiles);
             const uint32_t bytes = 8192u * (x.act1 ? 2u : 1u) + 16384u * (x.two_b ? 2u : 1u);
-            for (int kb = 0; kb < nkb; kb++, it++) {
+            const int kb1 = (int)((long long)(sp + 1) * nkb / splits);
+            for (int kb = (int)((long long)sp * nkb / splits); kb < kb1; kb++, it++) {
                 const int s = it % FP8T_STAGES;
                 const uint32_t st = sbase + s * FP8T_STAGE_BYTES, full = bars + 8 * s;
                 mbar_wait(bars + 32 + 8 * s, ((it / FP8T_STAGES) & 1) ^ 1);  // the consumers freed it
@@ -483,7 +493,8 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
     const int ra = warp * 16 + (lane >> 2);
     float acc[64], out[64];
     int it = 0;
-    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+    for (int u = blockIdx.x; u < units; u += gridDim.x) {
+        const int t = u / splits, sp = u - t * splits;
         const Fp8TmaTile x = fp8_tma_tile(p, t, ntiles);
         const bool active = wg == 0 || x.act1;
         const int row0 = wg ? x.r0b : x.r0a, row_end = wg ? x.reb : x.rea, col0 = x.col0;
@@ -494,7 +505,8 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
         const uint32_t a_off = wg * 8192, b_off = 16384 + ((x.two_b && wg) ? 16384 : 0);
 #pragma unroll
         for (int i = 0; i < 64; i++) out[i] = 0.0f;
-        for (int kb = 0; kb < nkb; kb++, it++) {
+        const int kb1 = (int)((long long)(sp + 1) * nkb / splits);
+        for (int kb = (int)((long long)sp * nkb / splits); kb < kb1; kb++, it++) {
             const int s = it % FP8T_STAGES;
             mbar_wait(bars + 8 * s, (it / FP8T_STAGES) & 1);  // group kb's operands landed
             // (an idle warpgroup 1 multiplies whatever its A slot holds and discards it: a branch
@@ -528,6 +540,20 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
             }
         }
         if (!active) continue;
+        if (splits > 1) {  // this split's partial sums (f32) into the work buffer
+            float* w = q.work + (long long)sp * p.m * p.n;
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                const int c = col0 + j * 8 + (lane & 3) * 2;
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    if (c + e >= p.n) continue;
+                    if (ok0) w[(long long)(row0 + ra) * p.n + c + e] = out[j * 4 + e];
+                    if (ok1) w[(long long)(row0 + ra + 8) * p.n + c + e] = out[j * 4 + 2 + e];
+                }
+            }
+            continue;
+        }
 #pragma unroll
         for (int j = 0; j < 16; j++) {
             const int c = col0 + j * 8 + (lane & 3) * 2;
@@ -545,4 +571,27 @@ extern "C" __global__ void __launch_bounds__(FP8T_THREADS, 1) fp8_gemm_tma_bf16(
 }
 extern "C" __global__ void __launch_bounds__(FP8T_THREADS, 1) fp8_gemm_tma_f32(const __grid_constant__ Fp8TmaArgs q) {
     fp8_gemm_tma<float>(q);
+}
+
+// Split-K's second pass: D[r, c] (+)= sum_s work[s][r][c], the splits added in order (one thread
+// per element, grid-stride over m·n).
+template <typename TD>
+__device__ void fp8_splitk_reduce(const float* work, int splits, int m, int n, TD* d, int ldd, int accumulate) {
+    const long long total = (long long)m * n;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        float v = 0.0f;
+        for (int s = 0; s < splits; s++) v += work[(long long)s * total + i];
+        const long long r = i / n, c = i - r * n;
+        TD* dst = d + r * ldd + c;
+        if (accumulate) v += to_f32(*dst);
+        *dst = from_f32<TD>(v);
+    }
+}
+extern "C" __global__ void fp8_splitk_reduce_bf16(const float* work, int splits, int m, int n, bf16* d, int ldd,
+                                                  int accumulate) {
+    fp8_splitk_reduce<bf16>(work, splits, m, n, d, ldd, accumulate);
+}
+extern "C" __global__ void fp8_splitk_reduce_f32(const float* work, int splits, int m, int n, float* d, int ldd,
+                                                 int accumulate) {
+    fp8_splitk_reduce<float>(work, splits, m, n, d, ldd, accumulate);
 }

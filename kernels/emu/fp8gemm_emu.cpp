@@ -3,7 +3,8 @@
 // descriptors; fp8_gemm_wgmma2_*: the pipelined form, 2 warpgroups fed by a 4-stage cp.async ring,
 // on the cases its 16-byte alignment admits; fp8_gemm_tma_*: TMA boxes with the 128-byte swizzle
 // into an mbarrier ring, a producer warp, persistent blocks — 1 to 4 of them, so blocks walk
-// several tiles — on include/tma_emu.h, where its 16-byte leading dimensions admit) and the SIMT form (fp8_gemm_simt_*), bf16 and f32 D, in the recipe's three forms —
+// several tiles — on include/tma_emu.h, where its 16-byte leading dimensions admit, also with
+// split-K and its reduce pass on the dense cases) and the SIMT form (fp8_gemm_simt_*), bf16 and f32 D, in the recipe's three forms —
 // Fprop/Dgrad (A 1x128 x B 128x128 blocks), Wgrad (1x128 x 1x128 along K, f32 D, accumulate) and
 // grouped-contiguous (MoE: moe_plan's 64-row tiles, empty and ragged groups) — with ragged m, n
 // and k (k not a multiple of 16 included), padded leading dimensions and both scale layouts, against
@@ -81,8 +82,8 @@ struct Problem {
     bool sa_mcontig = true;   // A scales M-contiguous (sa_rs 1, sa_ks m) or row-major
 };
 
-enum Which { SIMT, WGMMA, WGMMA2, TMA };
-static const char* which_name[] = {"simt", "wgmma", "wgmma2", "tma"};
+enum Which { SIMT, WGMMA, WGMMA2, TMA, TMA_SPLITK };
+static const char* which_name[] = {"simt", "wgmma", "wgmma2", "tma", "tma-splitk"};
 
 // the launcher's rule for fp8_gemm_wgmma2 (kernels/src/ops/fp8.rs): 16-byte cp.async of every chunk
 static bool v2_ok(const Problem& P) {
@@ -170,7 +171,7 @@ static Result run(const Problem& P, Which which, std::mt19937& rng) {
         emu::allow_global(A.data, A.bytes);  // cp.async may read the operands only
         emu::allow_global(B.data, B.bytes);
     }
-    if (which == TMA) {
+    if (which == TMA || which == TMA_SPLITK) {
         // the launcher (kernels/src/ops/fp8.rs): tensor maps of A [m, k] and B [groups, n, k]
         // (128 x 64 and 128 x 128 boxes, 128B swizzle), min(block tiles, SMs) persistent blocks
         Fp8TmaArgs q{};
@@ -179,9 +180,14 @@ static Result run(const Problem& P, Which which, std::mt19937& rng) {
         q.ta = emu_tma::encode(A.data, 2, da, sa_, ba, true);
         q.tb = emu_tma::encode(B.data, 3, db, sb_, bb, true);
         q.p = p;
+        // split-K (dense only, as the launcher): 2..4 splits of the K groups, partials in a work buffer
+        const int splits = which == TMA_SPLITK ? std::min(kg, 2 + (int)(rng() % 3)) : 1;
+        GBuf W((size_t)splits * m * n * 4);
+        for (size_t i = 0; i < W.bytes / 4; i++) W.as<float>()[i] = NAN;  // every partial must be written
+        q.work = W.as<float>(), q.splits = splits;
         emu::allow_global(A.data, A.bytes);  // TMA may read the operands only
         emu::allow_global(B.data, B.bytes);
-        const int block_tiles = (tiles64 + 1) / 2 * ((n + 127) / 128);
+        const int block_tiles = (tiles64 + 1) / 2 * ((n + 127) / 128) * splits;
         const unsigned grid = (unsigned)std::max(1, std::min(block_tiles, tma_sms));
         void (*tf)(Fp8TmaArgs) = P.f32d ? fp8_gemm_tma_f32 : fp8_gemm_tma_bf16;
         emu::set_grid({grid, 1, 1});
@@ -194,6 +200,13 @@ static Result run(const Problem& P, Which which, std::mt19937& rng) {
             emu_tma::end_block();
             wg_emu::end_block();
             emu::end_smem();
+        }
+        emu::end_grid();
+        if (splits > 1) {  // the reduce pass: 2 blocks of 64 threads, grid-stride
+            emu::launch({2, 1, 1}, 64, [&] {
+                if (P.f32d) fp8_splitk_reduce_f32(q.work, splits, m, n, D.as<float>(), ldd, P.accumulate);
+                else fp8_splitk_reduce_bf16(q.work, splits, m, n, D.as<bf16>(), ldd, P.accumulate);
+            });
         }
     } else {
     // the row tiles over grid y and z (ops::split_yz: y up to 65535, z the rest; the kernels' tile is
@@ -279,21 +292,24 @@ int main(int argc, char** argv) {
         // padding bytes read as zero), more block tiles than persistent blocks
         {"fprop-kragged", 200, 390, 300, true, false, false, {}, 20, 4, 2, true},
         {"grouped-kragged", 0, 140, 200, true, true, false, {0, 66, 129, 1}, 8, 8, 1, false},
+        // Wgrad form (f32 D, +=) with 16-byte leading dimensions: TMA and its split-K
+        {"wgrad-tma", 150, 200, 700, false, true, true, {}, 4, 20, 2, false},
     };
     for (auto& p : ps)
         if (!p.counts.empty()) {
             p.m = 7;  // rows past the last group: never written
             for (int c : p.counts) p.m += c;
         }
-    if (quick) ps = {ps[0], ps[3], ps[4], ps[5], ps[7], ps[6], ps[9], ps[10]};
+    if (quick) ps = {ps[0], ps[3], ps[4], ps[5], ps[7], ps[6], ps[9], ps[10], ps[11]};
     for (int bits : {0, 14}) {
         if (quick && bits) ps = {ps[0]};
         wg_emu::acc_bits = bits;
         for (const Problem& p : ps)
-            for (Which w : {WGMMA, WGMMA2, TMA, SIMT}) {
+            for (Which w : {WGMMA, WGMMA2, TMA, TMA_SPLITK, SIMT}) {
                 if (bits && w == SIMT) continue;
                 if (w == WGMMA2 && !v2_ok(p)) continue;
-                if (w == TMA && !tma_ok(p)) continue;
+                if ((w == TMA || w == TMA_SPLITK) && !tma_ok(p)) continue;
+                if (w == TMA_SPLITK && (!p.counts.empty() || (p.k + 127) / 128 < 2)) continue;
                 tma_sms = 1 + (int)(rng() % 4);
                 if (quick && w == SIMT && &p != &ps[0]) continue;
                 const long long before = wg_emu::mmas;

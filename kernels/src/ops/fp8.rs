@@ -430,7 +430,7 @@ pub fn fp8_gemm(dev: &Device, g: &Fp8Gemm, d: &mut Act, which: Fp8Kernel) -> Res
     };
     match chosen {
         // persistent: min(block tiles, SMs) blocks walk the 128 x 128 block tiles
-        Fp8Kernel::Tma => launch_tma(dev, kernel, g, args, tiles),
+        Fp8Kernel::Tma => launch_tma(dev, kernel, d.dtype(), g, args, tiles),
         // 128-row blocks: warpgroup w takes 64-row tile 2·tile_yz() + w
         Fp8Kernel::Wgmma2 => {
             let (gy, gz) = split_yz(tiles.div_ceil(2));

@@ -6,14 +6,16 @@
 //! kernel's `__grid_constant__` argument block ([`Fp8TmaArgs`]). Emulator-verified
 //! (kernels/emu/fp8gemm_emu.cpp), not yet run on a GPU; [`super::fp8::fp8_gemm`] picks it.
 use super::fp8::{Fp8Gemm, Fp8GemmArgs};
-use super::{dim, launch_smem, KArg};
+use super::{dim, int, launch, launch_smem, KArg};
 use crate::device::{cuda_err, Device};
+use crate::tensor::{dptr, empty, DType};
 use cudarc::driver::sys::{
     self, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion,
     CUtensorMapSwizzle,
 };
 use cudarc::driver::DeviceRepr;
 use dsv3_core::Result;
+use std::sync::OnceLock;
 
 /// Threads of `fp8_gemm_tma_*`: 2 consumer warpgroups and 1 producer warp.
 pub const FP8_TMA_THREADS: u32 = 288;
@@ -29,6 +31,10 @@ pub struct Fp8TmaArgs {
     pub ta: [u64; 16],
     pub tb: [u64; 16],
     pub p: Fp8GemmArgs,
+    /// Split-K's f32 partials `[splits, m, n]` (0 when `splits == 1`).
+    pub work: u64,
+    pub splits: i32,
+    pub pad: i32,
 }
 
 // SAFETY: plain integers, #[repr(C)], laid out as the CUDA struct (offsets 0, 128, 256).
@@ -75,12 +81,30 @@ fn encode(base: u64, dims: &[u64], strides: &[u64], boxd: &[u32]) -> Result<[u64
     Ok(map.opaque)
 }
 
+/// Splits along K for `tiles` block tiles of `kgroups` 128-K groups on `sms` SMs: 1 when the
+/// tiles alone fill at least half the SMs; else enough splits to fill them, each at least 2
+/// K groups, at most 16. `DSV3_FP8_SPLITK=<n>` forces n (1: off), capped at `kgroups`.
+pub fn splitk_for(tiles: usize, kgroups: usize, sms: usize) -> usize {
+    static FORCED: OnceLock<Option<usize>> = OnceLock::new();
+    let forced = *FORCED.get_or_init(|| std::env::var("DSV3_FP8_SPLITK").ok().and_then(|v| v.parse().ok()));
+    if let Some(s) = forced {
+        return s.clamp(1, kgroups.max(1));
+    }
+    if tiles == 0 || tiles * 2 > sms {
+        return 1;
+    }
+    (sms / tiles).min(kgroups / 2).clamp(1, 16)
+}
+
 /// Launches `fp8_gemm_tma_<kernel suffix>` for `g` with the common arguments `p` already built
-/// by `fp8_gemm` (which checked the buffers); `tiles64` is the bound on 64-row tiles (grouped:
-/// the plan's `max_tiles`).
+/// by `fp8_gemm` (which checked the buffers; `dt` is D's type); `tiles64` is the bound on 64-row
+/// tiles (grouped: the plan's `max_tiles`). Dense calls with too few tiles to fill the GPU split
+/// K ([`splitk_for`]): the partials go to a temporary `[splits, m, n]` f32 buffer and
+/// `fp8_splitk_reduce_*` adds them into D in split order.
 pub(crate) fn launch_tma(
     dev: &Device,
     kernel: &'static str,
+    dt: DType,
     g: &Fp8Gemm,
     p: Fp8GemmArgs,
     tiles64: usize,
@@ -90,7 +114,14 @@ pub(crate) fn launch_tma(
     let tb =
         encode(p.b, &[g.k as u64, g.n as u64, g.groups as u64], &[g.b.ld as u64, stride_b as u64], &[128, 128, 1])?;
     let block_tiles = tiles64.div_ceil(2) * g.n.div_ceil(128);
-    let grid = block_tiles.min(dev.sms.max(1));
+    let splits = if g.grouped.is_some() { 1 } else { splitk_for(block_tiles, g.k.div_ceil(128), dev.sms) };
+    let work = if splits > 1 { Some(empty::<f32>(dev, splits * g.m * g.n)?) } else { None };
+    let work_ptr = match &work {
+        Some(w) => dptr(dev, w, 0)?,
+        None => 0,
+    };
+    let grid = (block_tiles * splits).min(dev.sms.max(1));
+    let args = Fp8TmaArgs { ta, tb, p, work: work_ptr, splits: int(splits, "splits")?, pad: 0 };
     launch_smem(
         dev,
         "fp8gemm",
@@ -98,7 +129,32 @@ pub(crate) fn launch_tma(
         (dim(grid, "fp8_gemm_tma blocks")?, 1, 1),
         FP8_TMA_THREADS,
         FP8_TMA_SMEM,
-        &[KArg::Fp8Tma(Box::new(Fp8TmaArgs { ta, tb, p }))],
+        &[KArg::Fp8Tma(Box::new(args))],
+    )?;
+    if splits == 1 {
+        return Ok(());
+    }
+    let reduce = match dt {
+        DType::Bf16 => "fp8_splitk_reduce_bf16",
+        DType::F32 => "fp8_splitk_reduce_f32",
+    };
+    let blocks = (g.m * g.n).div_ceil(256).min(dev.sms.max(1) * 8);
+    // `work` is freed when it drops below, stream-ordered after both launches
+    launch(
+        dev,
+        "fp8gemm",
+        reduce,
+        (dim(blocks, "fp8 split-K reduce")?, 1, 1),
+        256,
+        &[
+            KArg::Ptr(work_ptr),
+            KArg::I32(args.splits),
+            KArg::I32(p.m),
+            KArg::I32(p.n),
+            KArg::Ptr(p.d),
+            KArg::I32(p.ldd),
+            KArg::I32(p.accumulate),
+        ],
     )
 }
 
@@ -110,8 +166,28 @@ mod tests {
         assert_eq!(std::mem::align_of::<Fp8TmaArgs>(), 64);
         assert_eq!(std::mem::offset_of!(Fp8TmaArgs, tb), 128);
         assert_eq!(std::mem::offset_of!(Fp8TmaArgs, p), 256);
-        // 256 + 144 bytes of Fp8GemmArgs, padded to the 64-byte alignment
+        // 256 + 144 bytes of Fp8GemmArgs + work, splits, pad, padded to the 64-byte alignment
+        assert_eq!(std::mem::offset_of!(Fp8TmaArgs, work), 400);
+        assert_eq!(std::mem::offset_of!(Fp8TmaArgs, splits), 408);
         assert_eq!(std::mem::size_of::<Fp8TmaArgs>(), 448);
+    }
+
+    #[test]
+    fn split_k_only_when_the_tiles_leave_sms_idle() {
+        if std::env::var("DSV3_FP8_SPLITK").is_ok() {
+            return;
+        }
+        use super::splitk_for;
+        // M = 4096 x N = 7168: 32 x 56 block tiles fill 132 SMs
+        assert_eq!(splitk_for(32 * 56, 16, 132), 1);
+        // M = 128, N = 2112, K = 7168: 17 tiles -> 7 splits of 56 K groups
+        assert_eq!(splitk_for(17, 56, 132), 7);
+        // M = 128, N = 7168, K = 2048: 56 tiles -> 2 splits
+        assert_eq!(splitk_for(56, 16, 132), 2);
+        // too few K groups to split (each split keeps >= 2)
+        assert_eq!(splitk_for(1, 3, 132), 1);
+        assert_eq!(splitk_for(1, 1000, 132), 16);
+        assert_eq!(splitk_for(0, 8, 132), 1);
     }
 
     #[test]

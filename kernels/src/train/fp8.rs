@@ -34,8 +34,10 @@
 //! strides (codes from column `seg[e]` with row stride `seg[E]`, scales from token block
 //! `seg[e]/128`; `fp8_gemm` does not group along K): 2 + E launches per projection.
 //! EMULATOR-VERIFIED, NOT YET RUN ON A GPU; `DSV3_FP8_WGRAD_BATCH=0` keeps the first form
-//! (`quant_t128` twice per expert, each with its own buffers, then the GEMM: 3·E launches), which
-//! gives the same bits. For the tiles to hold the tokens core puts in them, the FP8 pass builds
+//! (`quant_t128` twice per expert, each with its own buffers, then the GEMM: 3·E launches) with
+//! the same operand bits (the products too while both run unsplit: the batched form's 16-byte
+//! aligned segments admit `fp8_gemm_tma`'s split-K for experts with many tokens and few output
+//! tiles, which sums the 128-token groups in another f32 order). For the tiles to hold the tokens core puts in them, the FP8 pass builds
 //! the dispatch plan on the host in token order ([`token_order_plan`]: core's `per[e]` order;
 //! `moe_plan`'s order within an expert is arbitrary), one download of the routing and one upload
 //! per MoE layer.
@@ -600,8 +602,9 @@ fn fp8_wgrad(dev: &Device, d: Dims, dy: Rd, x: Rd, c: Wr) -> Result<()> {
 /// `e`'s tokens in a 128-aligned segment of one buffer, `t128_segments`), then one `fp8_gemm` per
 /// expert over views of its segment (codes from column `seg[e]` with row stride `seg[G]`, scales
 /// from token block `seg[e]/128`): the GEMMs read bit for bit the operands of the per-expert form
-/// (`!batched`: `quant_t128` per expert and operand). EMULATOR-VERIFIED (the quantization), NOT
-/// YET RUN ON A GPU.
+/// (`!batched`: `quant_t128` per expert and operand; the products agree bit for bit unless the
+/// batched form's aligned segments let `fp8_gemm_tma` split K, see the module doc).
+/// EMULATOR-VERIFIED (the quantization), NOT YET RUN ON A GPU.
 pub fn fp8_expert_wgrad(dev: &Device, d: Dims, dy: Rd, x: Rd, c: Wr, ro: &[i32], batched: bool) -> Result<()> {
     let groups = ro.len().saturating_sub(1);
     for e in 0..groups {

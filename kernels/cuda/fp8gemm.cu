@@ -282,6 +282,36 @@ __device__ __forceinline__ void fp8_store2(const Fp8GemmArgs& p, int row, int c,
     if (c + 1 < p.n) fp8_store<TD>(p, row, c + 1, v1);
 }
 
+// One 128-K group promoted into this thread's f32 outputs: out += (sa·sb)·acc over its m64n128
+// accumulator fragment (rows ra, ra + 8; columns col0 + 8j + 2·(lane % 4) + e), sb the block scale
+// sbb or (Wgrad) column c's scale.
+__device__ __forceinline__ void fp8_promote(const Fp8GemmArgs& p, const float* SB, int col0, int lane, int kb,
+                                            float sa0, float sa1, float sbb, const float* acc, float* out) {
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int c = col0 + j * 8 + (lane & 3) * 2 + e;
+            const float sb = p.b_block ? sbb : (c < p.n ? fp8_sb(p, SB, c, kb) : 0.0f);
+            out[j * 4 + e] += (sa0 * sb) * acc[j * 4 + e];
+            out[j * 4 + 2 + e] += (sa1 * sb) * acc[j * 4 + 2 + e];
+        }
+    }
+}
+
+// Stores this thread's fragment (rows r and r + 8 where ok0 / ok1) into D, column pairs at once.
+template <typename TD>
+__device__ __forceinline__ void fp8_store_frag(const Fp8GemmArgs& p, int r, bool ok0, bool ok1, int col0, int lane,
+                                               const float* out) {
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        const int c = col0 + j * 8 + (lane & 3) * 2;
+        if (c >= p.n) continue;
+        if (ok0) fp8_store2<TD>(p, r, c, out[j * 4], out[j * 4 + 1]);
+        if (ok1) fp8_store2<TD>(p, r + 8, c, out[j * 4 + 2], out[j * 4 + 3]);
+    }
+}
+
 template <typename TD>
 __device__ void fp8_gemm_wgmma2(const Fp8GemmArgs& p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -363,26 +393,9 @@ __device__ void fp8_gemm_wgmma2(const Fp8GemmArgs& p) {
         const float sbb = p.b_block ? SB[(long long)(col0 >> 7) * p.sb_rs + (long long)kb * p.sb_ks] : 0.0f;
         wgmma_wait<0>();
         fence_acc(acc);
-        // promote: out += (sa * sb) * acc
-#pragma unroll
-        for (int j = 0; j < 16; j++) {
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const int c = col0 + j * 8 + (lane & 3) * 2 + e;
-                const float sb = p.b_block ? sbb : (c < p.n ? fp8_sb(p, SB, c, kb) : 0.0f);
-                out[j * 4 + e] += (sa0 * sb) * acc[j * 4 + e];
-                out[j * 4 + 2 + e] += (sa1 * sb) * acc[j * 4 + 2 + e];
-            }
-        }
+        fp8_promote(p, SB, col0, lane, kb, sa0, sa1, sbb, acc, out);
     }
-
-#pragma unroll
-    for (int j = 0; j < 16; j++) {
-        const int c = col0 + j * 8 + (lane & 3) * 2;
-        if (c >= p.n) continue;
-        if (ok0) fp8_store2<TD>(p, row0 + ra, c, out[j * 4], out[j * 4 + 1]);
-        if (ok1) fp8_store2<TD>(p, row0 + ra + 8, c, out[j * 4 + 2], out[j * 4 + 3]);
-    }
+    fp8_store_frag<TD>(p, row0 + ra, ok0, ok1, col0, lane, out);
 #else
     __trap();  // sm_90a only
 #endif
@@ -526,18 +539,7 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
             wgmma_wait<0>();
             fence_acc(acc);
             if (lane == 0) mbar_arrive(bars + 32 + 8 * s);  // this warp is done with the stage
-            if (!active) continue;
-            // promote: out += (sa * sb) * acc
-#pragma unroll
-            for (int j = 0; j < 16; j++) {
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int c = col0 + j * 8 + (lane & 3) * 2 + e;
-                    const float sb = p.b_block ? sbb : (c < p.n ? fp8_sb(p, SB, c, kb) : 0.0f);
-                    out[j * 4 + e] += (sa0 * sb) * acc[j * 4 + e];
-                    out[j * 4 + 2 + e] += (sa1 * sb) * acc[j * 4 + 2 + e];
-                }
-            }
+            if (active) fp8_promote(p, SB, col0, lane, kb, sa0, sa1, sbb, acc, out);
         }
         if (!active) continue;
         if (splits > 1) {  // this split's partial sums (f32) into the work buffer
@@ -554,13 +556,7 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
             }
             continue;
         }
-#pragma unroll
-        for (int j = 0; j < 16; j++) {
-            const int c = col0 + j * 8 + (lane & 3) * 2;
-            if (c >= p.n) continue;
-            if (ok0) fp8_store2<TD>(p, row0 + ra, c, out[j * 4], out[j * 4 + 1]);
-            if (ok1) fp8_store2<TD>(p, row0 + ra + 8, c, out[j * 4 + 2], out[j * 4 + 3]);
-        }
+        fp8_store_frag<TD>(p, row0 + ra, ok0, ok1, col0, lane, out);
     }
 #else
     __trap();  // sm_90a only

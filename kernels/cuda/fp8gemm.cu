@@ -416,7 +416,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_wgmma2_f32(Fp8Gemm
 // tile's groups. Persistent: gridDim.x blocks (at most one per SM) walk the work units
 // u = blockIdx.x + i·gridDim.x (block tile u / splits, column tile fastest). Split-K (dense calls
 // whose tiles leave SMs idle, e.g. M = 128): unit u also takes K-group range u % splits and writes
-// f32 partials that fp8_splitk_reduce_* sums into D. Needs lda, ldb, stride_b and the operand base
+// f32 partials that fp8_splitk_reduce_* sums into D. K-grouped (k_seg; the MoE expert Wgrad):
+// units walk (group, tile), each over its group's 128-K segment into its own D. Needs lda, ldb, stride_b and the operand base
 // addresses multiples of 16 (TMA's global stride and address rules); k and n any.
 // EMULATOR-VERIFIED (kernels/emu/fp8gemm_emu.cpp with include/tma_emu.h), NOT YET RUN ON A GPU.
 #include "tma.cuh"
@@ -434,7 +435,12 @@ struct Fp8TmaArgs {
     // [s·nkb/splits, (s+1)·nkb/splits) of s = u % splits; each writes its f32 partial sums to
     // work[(s·m + row)·n + col] and fp8_splitk_reduce_* adds them into D in split order
     float* work;
-    int splits, pad;
+    // K-grouped (k_seg != null; the MoE expert Wgrad): kgroups groups, group e over the 128-K
+    // groups [k_seg[e] / 128, k_seg[e+1] / 128) (segment starts multiples of 128; an empty group
+    // leaves its D untouched) into D + e·stride_d; splits must be 1
+    const int* k_seg;
+    long long stride_d;
+    int splits, kgroups;
 };
 
 // Block tile t of the persistent walk: 64-row tiles 2·mt and 2·mt + 1 (the second may be absent),
@@ -443,6 +449,23 @@ struct Fp8TmaTile {
     int col0, r0a, rea, ga, r0b, reb, gb;
     bool act1, two_b;
 };
+// Work unit u: K group range [kb0, kb1) (split-K or K-grouped), its K group e and block tile t.
+__device__ __forceinline__ void fp8_tma_unit(const Fp8TmaArgs& q, int u, int tiles_per, int nkb, int& e, int& t,
+                                             int& kb0, int& kb1) {
+    const int per = tiles_per * q.splits;
+    e = u / per;
+    const int ue = u - e * per;
+    t = ue / q.splits;
+    const int sp = ue - t * q.splits;
+    if (q.k_seg) {
+        kb0 = q.k_seg[e] >> 7;
+        kb1 = q.k_seg[e + 1] >> 7;
+    } else {
+        kb0 = (int)((long long)sp * nkb / q.splits);
+        kb1 = (int)((long long)(sp + 1) * nkb / q.splits);
+    }
+}
+
 __device__ __forceinline__ Fp8TmaTile fp8_tma_tile(const Fp8GemmArgs& p, int t, int ntiles) {
     Fp8TmaTile x;
     const int mt = t / ntiles;
@@ -465,8 +488,8 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
     const uint32_t bars = sbase + FP8T_BARS;
     const int tid = threadIdx.x;
     const int tiles64 = p.row_offsets ? p.tile_offsets[p.groups] : (p.m + FP8_BM - 1) / FP8_BM;
-    const int ntiles = (p.n + 127) >> 7, splits = q.splits;
-    const int units = ((tiles64 + 1) >> 1) * ntiles * splits;
+    const int ntiles = (p.n + 127) >> 7, splits = q.splits, tiles_per = ((tiles64 + 1) >> 1) * ntiles;
+    const int units = tiles_per * splits * (q.k_seg ? q.kgroups : 1);
     const int nkb = (p.k + 127) >> 7;
     if (tid == 0) {
         for (int s = 0; s < FP8T_STAGES; s++) {
@@ -483,11 +506,12 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
         tma_prefetch_desc(&q.tb);
         int it = 0;
         for (int u = blockIdx.x; u < units; u += gridDim.x) {
-            const int t = u / splits, sp = u - t * splits;
+            int e, t, kb0, kb1;
+            fp8_tma_unit(q, u, tiles_per, nkb, e, t, kb0, kb1);
+            if (q.k_seg && kb0 >= kb1) continue;  // an empty K group: nothing to load
             const Fp8TmaTile x = fp8_tma_tile(p, t, ntiles);
             const uint32_t bytes = 8192u * (x.act1 ? 2u : 1u) + 16384u * (x.two_b ? 2u : 1u);
-            const int kb1 = (int)((long long)(sp + 1) * nkb / splits);
-            for (int kb = (int)((long long)sp * nkb / splits); kb < kb1; kb++, it++) {
+            for (int kb = kb0; kb < kb1; kb++, it++) {
                 const int s = it % FP8T_STAGES;
                 const uint32_t st = sbase + s * FP8T_STAGE_BYTES, full = bars + 8 * s;
                 mbar_wait(bars + 32 + 8 * s, ((it / FP8T_STAGES) & 1) ^ 1);  // the consumers freed it
@@ -507,7 +531,10 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
     float acc[64], out[64];
     int it = 0;
     for (int u = blockIdx.x; u < units; u += gridDim.x) {
-        const int t = u / splits, sp = u - t * splits;
+        int e, t, kb0, kb1;
+        fp8_tma_unit(q, u, tiles_per, nkb, e, t, kb0, kb1);
+        if (q.k_seg && kb0 >= kb1) continue;  // an empty K group: its D untouched
+        const int sp = u % splits;
         const Fp8TmaTile x = fp8_tma_tile(p, t, ntiles);
         const bool active = wg == 0 || x.act1;
         const int row0 = wg ? x.r0b : x.r0a, row_end = wg ? x.reb : x.rea, col0 = x.col0;
@@ -518,8 +545,7 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
         const uint32_t a_off = wg * 8192, b_off = 16384 + ((x.two_b && wg) ? 16384 : 0);
 #pragma unroll
         for (int i = 0; i < 64; i++) out[i] = 0.0f;
-        const int kb1 = (int)((long long)(sp + 1) * nkb / splits);
-        for (int kb = (int)((long long)sp * nkb / splits); kb < kb1; kb++, it++) {
+        for (int kb = kb0; kb < kb1; kb++, it++) {
             const int s = it % FP8T_STAGES;
             mbar_wait(bars + 8 * s, (it / FP8T_STAGES) & 1);  // group kb's operands landed
             // (an idle warpgroup 1 multiplies whatever its A slot holds and discards it: a branch
@@ -556,7 +582,13 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
             }
             continue;
         }
-        fp8_store_frag<TD>(p, row0 + ra, ok0, ok1, col0, lane, out);
+        if (q.k_seg) {  // group e's D
+            Fp8GemmArgs pe = p;
+            pe.d = (void*)((TD*)p.d + (long long)e * q.stride_d);
+            fp8_store_frag<TD>(pe, row0 + ra, ok0, ok1, col0, lane, out);
+        } else {
+            fp8_store_frag<TD>(p, row0 + ra, ok0, ok1, col0, lane, out);
+        }
     }
 #else
     __trap();  // sm_90a only

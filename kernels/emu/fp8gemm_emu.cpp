@@ -4,7 +4,8 @@
 // on the cases its 16-byte alignment admits; fp8_gemm_tma_*: TMA boxes with the 128-byte swizzle
 // into an mbarrier ring, a producer warp, persistent blocks — 1 to 4 of them, so blocks walk
 // several tiles — on include/tma_emu.h, where its 16-byte leading dimensions admit, also with
-// split-K and its reduce pass on the dense cases) and the SIMT form (fp8_gemm_simt_*), bf16 and f32 D, in the recipe's three forms —
+// split-K and its reduce pass on the dense cases, and K-grouped over 128-aligned expert token
+// segments with empty experts, run_kgrouped) and the SIMT form (fp8_gemm_simt_*), bf16 and f32 D, in the recipe's three forms —
 // Fprop/Dgrad (A 1x128 x B 128x128 blocks), Wgrad (1x128 x 1x128 along K, f32 D, accumulate) and
 // grouped-contiguous (MoE: moe_plan's 64-row tiles, empty and ragged groups) — with ragged m, n
 // and k (k not a multiple of 16 included), padded leading dimensions and both scale layouts, against
@@ -271,6 +272,97 @@ static Result run(const Problem& P, Which which, std::mt19937& rng) {
     return res;
 }
 
+// K-grouped Wgrad (fp8_gemm_tma with k_seg, the MoE expert Wgrad): A = dYᵀ codes [m, total] and
+// B = Xᵀ codes [n, total] with expert e's tokens in the 128-aligned segment [seg[e], seg[e+1])
+// (zero codes in the padding, as quant_t128_groups writes them), 1x128 scales along the tokens,
+// D_e (f32, +=) at e·stride_d; empty experts' D untouched. Against the f64 reference per expert.
+static void run_kgrouped(const std::vector<int>& counts, int m, int n, std::mt19937& rng) {
+    const int E = (int)counts.size();
+    std::vector<int> seg(E + 1, 0);
+    for (int e = 0; e < E; e++) seg[e + 1] = seg[e] + (counts[e] + 127) / 128 * 128;
+    const int total = std::max(seg[E], 128), tb = total / 128, ld = total + 16;
+    const long long stride_d = (long long)m * n + 5;
+    std::uniform_int_distribution<int> code(0, 253);
+    auto rcode = [&]() { int c = code(rng); return (uint8_t)(c >= 0x7f ? c + 1 : c); };
+    std::uniform_real_distribution<float> u(0.5f, 2.0f);
+    std::uniform_int_distribution<int> ex(-12, 2);
+    GBuf A((size_t)m * ld), B((size_t)n * ld), SA((size_t)m * tb * 4), SB((size_t)n * tb * 4), D((size_t)E * stride_d * 4);
+    auto fill = [&](GBuf& q, int rows) {  // expert tokens random, segment padding zero, past total random
+        for (int r = 0; r < rows; r++)
+            for (int c = 0; c < ld; c++) {
+                bool pad = false;
+                for (int e = 0; e < E; e++) pad = pad || (c >= seg[e] + counts[e] && c < seg[e + 1]);
+                q.data[(size_t)r * ld + c] = pad ? 0 : rcode();
+            }
+    };
+    fill(A, m), fill(B, n);
+    for (size_t i = 0; i < SA.bytes / 4; i++) SA.as<float>()[i] = std::ldexp(u(rng), ex(rng));
+    for (size_t i = 0; i < SB.bytes / 4; i++) SB.as<float>()[i] = std::ldexp(u(rng), ex(rng));
+    std::vector<double> d0(D.bytes / 4);
+    for (size_t i = 0; i < d0.size(); i++) d0[i] = D.as<float>()[i] = std::ldexp(u(rng) - 1.25f, ex(rng) + 4);
+    GBuf KS((E + 1) * 4);
+    std::memcpy(KS.data, seg.data(), KS.bytes);
+
+    Fp8GemmArgs p{};
+    p.a = A.data, p.b = B.data, p.d = D.data, p.sa = SA.as<float>(), p.sb = SB.as<float>();
+    p.sa_rs = tb, p.sa_ks = 1, p.sb_rs = tb, p.sb_ks = 1;
+    p.m = m, p.n = n, p.k = total, p.lda = ld, p.ldb = ld, p.ldd = n;
+    p.groups = 1, p.accumulate = 1, p.b_block = 0;
+    Fp8TmaArgs q{};
+    const long long da[2] = {total, m}, sa_[1] = {ld}, ba[2] = {128, 64};
+    const long long db[3] = {total, n, 1}, sb_[2] = {ld, (long long)n * ld}, bb[3] = {128, 128, 1};
+    q.ta = emu_tma::encode(A.data, 2, da, sa_, ba, true);
+    q.tb = emu_tma::encode(B.data, 3, db, sb_, bb, true);
+    q.p = p, q.splits = 1, q.k_seg = KS.as<int>(), q.kgroups = E, q.stride_d = stride_d;
+    emu::allow_global(A.data, A.bytes);
+    emu::allow_global(B.data, B.bytes);
+    const int units = (m + 127) / 128 * ((n + 127) / 128) * E;
+    const unsigned grid = (unsigned)std::min(units, 1 + (int)(rng() % 4));
+    emu::set_grid({grid, 1, 1});
+    for (unsigned bx = 0; bx < grid; bx++) {
+        emu::cp_async_eager = bx & 1;
+        emu::begin_smem(FP8T_SMEM);
+        wg_emu::begin_block();
+        emu_tma::begin_block();
+        emu::run_block({bx, 0, 0}, FP8T_THREADS, [&] { fp8_gemm_tma_f32(q); });
+        emu_tma::end_block();
+        wg_emu::end_block();
+        emu::end_smem();
+    }
+    emu::end_grid();
+    emu::clear_globals();
+    emu::cp_async_eager = false;
+
+    const double tol = wg_emu::acc_bits ? std::ldexp(1.0, -(wg_emu::acc_bits - 5)) : 3e-6;
+    int bad = 0;
+    double worst = 0;
+    for (size_t i = 0; i < d0.size(); i++) {
+        const long long e = (long long)i / stride_d, w = (long long)i % stride_d;
+        const double got = D.as<float>()[i];
+        if (w >= (long long)m * n || counts[e] == 0) {
+            if (got != d0[i] && bad++ < 5) std::fprintf(stderr, "  D[%zu] (no expert rows there) written: %g\n", i, got);
+            continue;
+        }
+        const int r = (int)(w / n), c = (int)(w % n);
+        double ref = d0[i], bound = std::fabs(ref);
+        for (int kb = seg[e] / 128; kb < seg[e + 1] / 128; kb++) {
+            double part = 0, apart = 0;
+            for (int kk = kb * 128; kk < kb * 128 + 128; kk++) {
+                const double pr = wg_emu::e4m3(A.data[(size_t)r * ld + kk]) * wg_emu::e4m3(B.data[(size_t)c * ld + kk]);
+                part += pr, apart += std::fabs(pr);
+            }
+            const double sc = (double)SA.as<float>()[r * tb + kb] * SB.as<float>()[c * tb + kb];
+            ref += sc * part, bound += sc * apart;
+        }
+        const double err = std::fabs(got - ref) / (tol * bound + 1e-30);
+        if (!(err <= 1.0) && bad++ < 5) std::fprintf(stderr, "  D_%lld[%d][%d]: got %.9g want %.9g\n", e, r, c, got, ref);
+        worst = std::max(worst, std::isnan(err) ? 1e30 : err);
+    }
+    if (bad) fail("k-grouped Wgrad (tma): " + std::to_string(bad) + " bad D elements");
+    std::printf("kgrouped-wgrad  tma    %d experts, %4dx%-4d total K %d acc=%s: worst err/bound %.3f\n", E, m, n, total,
+                wg_emu::acc_bits ? "14-bit" : "exact", worst);
+}
+
 int main(int argc, char** argv) {
     const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
     signal(SIGSEGV, on_segv);
@@ -319,6 +411,11 @@ int main(int argc, char** argv) {
                             p.f32d ? " f32" : " bf16", p.accumulate ? " +=" : "", bits ? "14-bit" : "exact", r.checked,
                             r.worst, wg_emu::mmas - before);
             }
+    }
+    for (int bits : {0, 14}) {
+        wg_emu::acc_bits = bits;
+        run_kgrouped({0, 5, 300, 0, 128, 129, 1, 0}, 150, 200, rng);
+        if (!quick) run_kgrouped({0, 0}, 64, 128, rng);
     }
     std::printf("fp8gemm: all cases agree with the f64 reference\n");
     return 0;

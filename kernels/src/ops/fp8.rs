@@ -300,6 +300,13 @@ fn forced_kernel() -> Option<Fp8Kernel> {
     })
 }
 
+/// Whether `Fp8Kernel::Auto` may run the TMA kernels on `dev` (sm_90a, and `DSV3_FP8_KERNEL`
+/// not forcing another kernel): the K-grouped expert Wgrad ([`super::fp8_tma::fp8_gemm_kgrouped`])
+/// asks before it replaces its per-expert GEMMs.
+pub fn tma_allowed(dev: &Device) -> bool {
+    dev.arch == Arch::Sm90a && matches!(forced_kernel(), None | Some(Fp8Kernel::Tma))
+}
+
 /// One FP8 GEMM `D[m, n] (+)= Σ_kb sa·sb·Σ A[m, k]·B[n, k]`. Grouped (MoE, `grouped: Some`): `m`
 /// is the total rows, group g's B is `b.q` at `g·stride_b` with scales at `g·stride_sb`.
 pub struct Fp8Gemm<'a> {
@@ -325,41 +332,17 @@ fn need_scales(rows: usize, s_rs: usize, kgroups: usize, s_ks: usize) -> usize {
 
 /// Runs `g` into `d` (bf16 or f32) with kernel `which`.
 pub fn fp8_gemm(dev: &Device, g: &Fp8Gemm, d: &mut Act, which: Fp8Kernel) -> Result<()> {
-    let (m, n, k) = (g.m, g.n, g.k);
+    let (m, n) = (g.m, g.n);
     if m == 0 || n == 0 {
         return Ok(());
     }
-    if k == 0 || g.a.ld < k || g.b.ld < k || g.ldd < n || g.groups == 0 {
-        return Err(Error::Input(format!(
-            "fp8_gemm: k {k}, lda {}, ldb {} (>= k), ldd {} (>= n {n}), groups {}",
-            g.a.ld, g.b.ld, g.ldd, g.groups
-        )));
-    }
-    let kg = k.div_ceil(128);
-    let b_rows = match g.b_scales {
-        BScales::Block128 => n.div_ceil(128),
-        BScales::Tile1x128 => n,
-    };
-    let gl = g.groups - 1;
-    if g.a.q.len() < (m - 1) * g.a.ld + k
-        || g.a.scale.len() < need_scales(m, g.a.s_rs, kg, g.a.s_ks)
-        || g.b.q.len() < gl * g.stride_b + (n - 1) * g.b.ld + k
-        || g.b.scale.len() < gl * g.stride_sb + need_scales(b_rows, g.b.s_rs, kg, g.b.s_ks)
-    {
-        return Err(Error::Input(format!("fp8_gemm: operand buffers too small for [{m}, {k}] x [{n}, {k}]")));
-    }
-    d.check((m - 1) * g.ldd + n, "fp8_gemm D")?;
+    let args = gemm_args(dev, g, d)?;
     // 64-row tiles (grouped: the plan's bound), spread over grid y and z (tile_yz() in the kernels)
-    let (ro, to, tiles) = match &g.grouped {
-        Some(gr) => {
-            if gr.row_offsets.len() < g.groups + 1 || gr.tile_offsets.len() < g.groups + 1 {
-                return Err(Error::Input("fp8_gemm: grouped call needs [groups + 1] offsets".into()));
-            }
-            (dptr(dev, gr.row_offsets, 0)?, dptr(dev, gr.tile_offsets, 0)?, gr.max_tiles.max(1))
-        }
-        None => (0, 0, m.div_ceil(FP8_BM)),
+    let tiles = match &g.grouped {
+        Some(gr) => gr.max_tiles.max(1),
+        None => m.div_ceil(FP8_BM),
     };
-    let (a_ptr, b_ptr) = (dptr(dev, g.a.q, 0)?, dptr(dev, g.b.q, 0)?);
+    let (a_ptr, b_ptr) = (args.a, args.b);
     let fits2 = wgmma2_fits(g, a_ptr, b_ptr);
     let fits_tma = tma_fits(g, a_ptr, b_ptr);
     let sm90 = dev.arch == Arch::Sm90a;
@@ -403,9 +386,60 @@ pub fn fp8_gemm(dev: &Device, g: &Fp8Gemm, d: &mut Act, which: Fp8Kernel) -> Res
         (_, DType::Bf16) => "fp8_gemm_simt_bf16",
         (_, DType::F32) => "fp8_gemm_simt_f32",
     };
-    let args = Fp8GemmArgs {
-        a: a_ptr,
-        b: b_ptr,
+    match chosen {
+        // persistent: min(block tiles, SMs) blocks walk the 128 x 128 block tiles
+        Fp8Kernel::Tma => launch_tma(dev, kernel, d.dtype(), g, args, tiles),
+        // 128-row blocks: warpgroup w takes 64-row tile 2·tile_yz() + w
+        Fp8Kernel::Wgmma2 => {
+            let (gy, gz) = split_yz(tiles.div_ceil(2));
+            let grid = (dim(n.div_ceil(128), "fp8_gemm n")?, dim(gy, "fp8_gemm m")?, dim(gz, "fp8_gemm m")?);
+            launch_smem(dev, "fp8gemm", kernel, grid, 256, FP8_WGMMA2_SMEM, &[KArg::Fp8Gemm(args)])
+        }
+        _ => {
+            let (bn, block) = if chosen == Fp8Kernel::Wgmma { (128, 128) } else { (64, 256) };
+            let (gy, gz) = split_yz(tiles);
+            let grid = (dim(n.div_ceil(bn), "fp8_gemm n")?, dim(gy, "fp8_gemm m")?, dim(gz, "fp8_gemm m")?);
+            launch(dev, "fp8gemm", kernel, grid, block, &[KArg::Fp8Gemm(args)])
+        }
+    }
+}
+
+/// `g`'s operands and D checked against its shapes, and the kernels' argument block for it
+/// (`g.m`, `g.n` > 0).
+pub(crate) fn gemm_args(dev: &Device, g: &Fp8Gemm, d: &Act) -> Result<Fp8GemmArgs> {
+    let (m, n, k) = (g.m, g.n, g.k);
+    if k == 0 || g.a.ld < k || g.b.ld < k || g.ldd < n || g.groups == 0 {
+        return Err(Error::Input(format!(
+            "fp8_gemm: k {k}, lda {}, ldb {} (>= k), ldd {} (>= n {n}), groups {}",
+            g.a.ld, g.b.ld, g.ldd, g.groups
+        )));
+    }
+    let kg = k.div_ceil(128);
+    let b_rows = match g.b_scales {
+        BScales::Block128 => n.div_ceil(128),
+        BScales::Tile1x128 => n,
+    };
+    let gl = g.groups - 1;
+    if g.a.q.len() < (m - 1) * g.a.ld + k
+        || g.a.scale.len() < need_scales(m, g.a.s_rs, kg, g.a.s_ks)
+        || g.b.q.len() < gl * g.stride_b + (n - 1) * g.b.ld + k
+        || g.b.scale.len() < gl * g.stride_sb + need_scales(b_rows, g.b.s_rs, kg, g.b.s_ks)
+    {
+        return Err(Error::Input(format!("fp8_gemm: operand buffers too small for [{m}, {k}] x [{n}, {k}]")));
+    }
+    d.check((m - 1) * g.ldd + n, "fp8_gemm D")?;
+    let (ro, to) = match &g.grouped {
+        Some(gr) => {
+            if gr.row_offsets.len() < g.groups + 1 || gr.tile_offsets.len() < g.groups + 1 {
+                return Err(Error::Input("fp8_gemm: grouped call needs [groups + 1] offsets".into()));
+            }
+            (dptr(dev, gr.row_offsets, 0)?, dptr(dev, gr.tile_offsets, 0)?)
+        }
+        None => (0, 0),
+    };
+    Ok(Fp8GemmArgs {
+        a: dptr(dev, g.a.q, 0)?,
+        b: dptr(dev, g.b.q, 0)?,
         d: d.ptr(dev, 0)?,
         sa: dptr(dev, g.a.scale, 0)?,
         sb: dptr(dev, g.b.scale, 0)?,
@@ -427,23 +461,7 @@ pub fn fp8_gemm(dev: &Device, g: &Fp8Gemm, d: &mut Act, which: Fp8Kernel) -> Res
         accumulate: g.accumulate as i32,
         b_block: (g.b_scales == BScales::Block128) as i32,
         pad: 0,
-    };
-    match chosen {
-        // persistent: min(block tiles, SMs) blocks walk the 128 x 128 block tiles
-        Fp8Kernel::Tma => launch_tma(dev, kernel, d.dtype(), g, args, tiles),
-        // 128-row blocks: warpgroup w takes 64-row tile 2·tile_yz() + w
-        Fp8Kernel::Wgmma2 => {
-            let (gy, gz) = split_yz(tiles.div_ceil(2));
-            let grid = (dim(n.div_ceil(128), "fp8_gemm n")?, dim(gy, "fp8_gemm m")?, dim(gz, "fp8_gemm m")?);
-            launch_smem(dev, "fp8gemm", kernel, grid, 256, FP8_WGMMA2_SMEM, &[KArg::Fp8Gemm(args)])
-        }
-        _ => {
-            let (bn, block) = if chosen == Fp8Kernel::Wgmma { (128, 128) } else { (64, 256) };
-            let (gy, gz) = split_yz(tiles);
-            let grid = (dim(n.div_ceil(bn), "fp8_gemm n")?, dim(gy, "fp8_gemm m")?, dim(gz, "fp8_gemm m")?);
-            launch(dev, "fp8gemm", kernel, grid, block, &[KArg::Fp8Gemm(args)])
-        }
-    }
+    })
 }
 
 /// Token-column segments of [`quant_t128_groups`] for the host row offsets `ro` `[G + 1]`: group

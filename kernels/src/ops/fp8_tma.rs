@@ -33,8 +33,13 @@ pub struct Fp8TmaArgs {
     pub p: Fp8GemmArgs,
     /// Split-K's f32 partials `[splits, m, n]` (0 when `splits == 1`).
     pub work: u64,
+    /// K-grouped (the MoE expert Wgrad): `[kgroups + 1]` segment starts along K (multiples of
+    /// 128), 0 when not grouped along K.
+    pub k_seg: u64,
+    /// D elements between the K groups' outputs.
+    pub stride_d: i64,
     pub splits: i32,
-    pub pad: i32,
+    pub kgroups: i32,
 }
 
 // SAFETY: plain integers, #[repr(C)], laid out as the CUDA struct (offsets 0, 128, 256).
@@ -121,7 +126,8 @@ pub(crate) fn launch_tma(
         None => 0,
     };
     let grid = (block_tiles * splits).min(dev.sms.max(1));
-    let args = Fp8TmaArgs { ta, tb, p, work: work_ptr, splits: int(splits, "splits")?, pad: 0 };
+    let args =
+        Fp8TmaArgs { ta, tb, p, work: work_ptr, k_seg: 0, stride_d: 0, splits: int(splits, "splits")?, kgroups: 1 };
     launch_smem(
         dev,
         "fp8gemm",
@@ -158,6 +164,78 @@ pub(crate) fn launch_tma(
     )
 }
 
+/// The K-grouped FP8 GEMM (sm_90a, `fp8_gemm_tma_*` with `k_seg`; the MoE expert Wgrad in one
+/// launch): `g` spans all groups along K (`g.k` = the segments' total, operands 1x128 along K,
+/// `g.groups == 1`, not grouped by rows), group `e` multiplies the 128-K groups
+/// `[k_seg[e]/128, k_seg[e+1]/128)` into `D + e·stride_d` (`d` covers all `kgroups` outputs);
+/// an empty group leaves its D untouched. `k_seg` (device, `[kgroups + 1]`, multiples of 128)
+/// must match `seg` (the same values on the host, checked here). Errors where it cannot run
+/// (not sm_90a, TMA's 16-byte rules); the caller falls back to one `fp8_gemm` per group.
+pub fn fp8_gemm_kgrouped(
+    dev: &Device,
+    g: &Fp8Gemm,
+    d: &mut crate::tensor::Act,
+    k_seg: &cudarc::driver::CudaSlice<i32>,
+    seg: &[usize],
+    stride_d: usize,
+) -> Result<()> {
+    let kgroups = seg.len().saturating_sub(1);
+    if dev.arch != crate::ptx::Arch::Sm90a {
+        return Err(dsv3_core::Error::Unsupported("fp8_gemm_kgrouped: needs sm_90a (H100/H200)".into()));
+    }
+    if kgroups == 0
+        || k_seg.len() < kgroups + 1
+        || g.grouped.is_some()
+        || g.groups != 1
+        || seg.iter().any(|s| s % 128 != 0)
+        || seg.windows(2).any(|w| w[1] < w[0])
+        || seg[kgroups] > g.k
+        || stride_d < (g.m - 1) * g.ldd + g.n
+    {
+        return Err(dsv3_core::Error::Input(format!(
+            "fp8_gemm_kgrouped: {kgroups} groups, segments {seg:?} (multiples of 128 within k = {}), stride_d {stride_d}",
+            g.k
+        )));
+    }
+    if g.m == 0 || g.n == 0 || seg[kgroups] == 0 {
+        return Ok(());
+    }
+    // every group's output inside d; the rest is fp8_gemm's validation of the whole-K call
+    d.check((kgroups - 1) * stride_d + (g.m - 1) * g.ldd + g.n, "fp8_gemm_kgrouped D")?;
+    let p = super::fp8::gemm_args(dev, g, d)?;
+    if !tma_fits(g, p.a, p.b) {
+        return Err(dsv3_core::Error::Input(
+            "fp8_gemm_kgrouped: lda, ldb and the addresses must be multiples of 16".into(),
+        ));
+    }
+    let kernel = match d.dtype() {
+        DType::Bf16 => "fp8_gemm_tma_bf16",
+        DType::F32 => "fp8_gemm_tma_f32",
+    };
+    let ta = encode(p.a, &[g.k as u64, g.m as u64], &[g.a.ld as u64], &[128, 64])?;
+    let tb = encode(p.b, &[g.k as u64, g.n as u64, 1], &[g.b.ld as u64, (g.n * g.b.ld) as u64], &[128, 128, 1])?;
+    let units = g.m.div_ceil(128) * g.n.div_ceil(128) * kgroups;
+    let args = Fp8TmaArgs {
+        ta,
+        tb,
+        p,
+        work: 0,
+        k_seg: dptr(dev, k_seg, 0)?,
+        stride_d: stride_d as i64,
+        splits: 1,
+        kgroups: int(kgroups, "kgroups")?,
+    };
+    launch_smem(
+        dev,
+        "fp8gemm",
+        kernel,
+        (dim(units.min(dev.sms.max(1)), "fp8_gemm_kgrouped blocks")?, 1, 1),
+        FP8_TMA_THREADS,
+        FP8_TMA_SMEM,
+        &[KArg::Fp8Tma(Box::new(args))],
+    )
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -166,9 +244,12 @@ mod tests {
         assert_eq!(std::mem::align_of::<Fp8TmaArgs>(), 64);
         assert_eq!(std::mem::offset_of!(Fp8TmaArgs, tb), 128);
         assert_eq!(std::mem::offset_of!(Fp8TmaArgs, p), 256);
-        // 256 + 144 bytes of Fp8GemmArgs + work, splits, pad, padded to the 64-byte alignment
+        // 256 + 144 bytes of Fp8GemmArgs + work, k_seg, stride_d, splits, kgroups, padded to 64
         assert_eq!(std::mem::offset_of!(Fp8TmaArgs, work), 400);
-        assert_eq!(std::mem::offset_of!(Fp8TmaArgs, splits), 408);
+        assert_eq!(std::mem::offset_of!(Fp8TmaArgs, k_seg), 408);
+        assert_eq!(std::mem::offset_of!(Fp8TmaArgs, stride_d), 416);
+        assert_eq!(std::mem::offset_of!(Fp8TmaArgs, splits), 424);
+        assert_eq!(std::mem::offset_of!(Fp8TmaArgs, kgroups), 428);
         assert_eq!(std::mem::size_of::<Fp8TmaArgs>(), 448);
     }
 

@@ -30,14 +30,16 @@
 //! expert's first row, as core's per-expert `Linear::backward`. dY and X are quantized once each
 //! for all experts (`quant_t128_groups`: expert e's tokens transposed into a 128-aligned segment
 //! of one buffer, zero padded, bit for bit `quant_t128` of its rows alone; segments from
-//! `t128_segments` of the host offsets), then one `fp8_gemm` per expert reads its segment through
-//! strides (codes from column `seg[e]` with row stride `seg[E]`, scales from token block
-//! `seg[e]/128`; `fp8_gemm` does not group along K): 2 + E launches per projection.
-//! EMULATOR-VERIFIED, NOT YET RUN ON A GPU; `DSV3_FP8_WGRAD_BATCH=0` keeps the first form
-//! (`quant_t128` twice per expert, each with its own buffers, then the GEMM: 3·E launches) with
-//! the same operand bits (the products too while both run unsplit: the batched form's 16-byte
-//! aligned segments admit `fp8_gemm_tma`'s split-K for experts with many tokens and few output
-//! tiles, which sums the 128-token groups in another f32 order). For the tiles to hold the tokens core puts in them, the FP8 pass builds
+//! `t128_segments` of the host offsets), then on sm_90a one K-grouped `fp8_gemm_tma` launch
+//! multiplies every expert's segment into its gradient (`fp8_gemm_kgrouped`: 3 launches per
+//! projection), elsewhere (or with `DSV3_FP8_KERNEL` forcing another kernel) one `fp8_gemm` per
+//! expert reads its segment through strides (codes from column `seg[e]` with row stride `seg[E]`,
+//! scales from token block `seg[e]/128`; 2 + E launches). EMULATOR-VERIFIED, NOT YET RUN ON A GPU;
+//! `DSV3_FP8_WGRAD_BATCH=0` keeps the first form (`quant_t128` twice per expert, each with its own
+//! buffers, then the GEMM: 3·E launches) with the same operand bits (the products too while both
+//! run unsplit: the per-expert GEMMs over the aligned segments admit `fp8_gemm_tma`'s split-K for
+//! experts with many tokens and few output tiles, which sums the 128-token groups in another f32
+//! order; the K-grouped launch never splits). For the tiles to hold the tokens core puts in them, the FP8 pass builds
 //! the dispatch plan on the host in token order ([`token_order_plan`]: core's `per[e]` order;
 //! `moe_plan`'s order within an expert is arbitrary), one download of the routing and one upload
 //! per MoE layer.
@@ -49,11 +51,13 @@ use super::layout::ArenaLayout;
 use super::mm::{dims, rd, ActView, Dims, Groups, Rd, View, Wr};
 use crate::device::{cuda_err, Device};
 use crate::ops::fp8::{
-    fp8_gemm, quant_1x128, quant_block128_batch, quant_t128, quant_t128_groups, t128_segments, BScales, Fp8BlockOut,
-    Fp8Gemm, Fp8Kernel, Fp8Operand, Fp8Out,
+    fp8_gemm, quant_1x128, quant_block128_batch, quant_t128, quant_t128_groups, t128_segments, tma_allowed, BScales,
+    Fp8BlockOut, Fp8Gemm, Fp8Kernel, Fp8Operand, Fp8Out,
 };
+use crate::ops::fp8_tma::fp8_gemm_kgrouped;
 use crate::ops::gemm::{Grouped, Layout, GEMM_BM};
-use crate::tensor::{empty, Act, DType};
+use crate::ops::int;
+use crate::tensor::{empty, upload, Act, DType};
 use cudarc::driver::CudaSlice;
 use dsv3_core::model::block::Ffn;
 use dsv3_core::model::linear::Linear;
@@ -599,9 +603,10 @@ fn fp8_wgrad(dev: &Device, d: Dims, dy: Rd, x: Rd, c: Wr) -> Result<()> {
 /// tiles start at its first row (core's per-expert `Linear::backward`).
 ///
 /// `batched`: each operand quantized for all experts in one `quant_t128_groups` launch (expert
-/// `e`'s tokens in a 128-aligned segment of one buffer, `t128_segments`), then one `fp8_gemm` per
-/// expert over views of its segment (codes from column `seg[e]` with row stride `seg[G]`, scales
-/// from token block `seg[e]/128`): the GEMMs read bit for bit the operands of the per-expert form
+/// `e`'s tokens in a 128-aligned segment of one buffer, `t128_segments`), then one K-grouped
+/// `fp8_gemm_tma` launch over all segments where [`tma_allowed`], else one `fp8_gemm` per expert
+/// over views of its segment (codes from column `seg[e]` with row stride `seg[G]`, scales from
+/// token block `seg[e]/128`): the GEMMs read bit for bit the operands of the per-expert form
 /// (`!batched`: `quant_t128` per expert and operand; the products agree bit for bit unless the
 /// batched form's aligned segments let `fp8_gemm_tma` split K, see the module doc).
 /// EMULATOR-VERIFIED (the quantization), NOT YET RUN ON A GPU.
@@ -645,6 +650,19 @@ pub fn fp8_expert_wgrad(dev: &Device, d: Dims, dy: Rd, x: Rd, c: Wr, ro: &[i32],
     };
     let (aq, asc) = quant(dy, out)?;
     let (bq, bsc) = quant(x, inp)?;
+    if tma_allowed(dev) {
+        // one launch for every expert: fp8_gemm_tma grouped along K over the segments
+        let a = Fp8Operand { q: &aq, ld: total, scale: &asc, s_rs: tb, s_ks: 1 };
+        let b = Fp8Operand { q: &bq, ld: total, scale: &bsc, s_rs: tb, s_ks: 1 };
+        let gm = wgrad_gemm(out, inp, total, a, b, &c, d.acc);
+        let mut dv = ActView::of(dev, c.buf, c.off, (groups - 1) * c.st + (out - 1) * c.ld + inp)?;
+        if dv.dtype() != DType::F32 {
+            return Err(Error::Input("FP8 Wgrad: the gradient must be f32".into()));
+        }
+        let seg_i32 = seg.iter().map(|&v| int(v, "FP8 Wgrad segment")).collect::<Result<Vec<i32>>>()?;
+        let seg_dev = upload(dev, &seg_i32)?;
+        return fp8_gemm_kgrouped(dev, &gm, &mut dv, &seg_dev, &seg, c.st);
+    }
     for e in 0..groups {
         let t = (ro[e + 1] - ro[e]) as usize;
         if t == 0 {

@@ -15,6 +15,11 @@
 #   bash kernels/gpu_session.sh peers          there: the same runs next to HF transformers on the GPU
 #                                              (benches/train_vs_hf.py --device cuda: the training
 #                                              step vs HF eager and torch.compile, bf16)
+#   bash kernels/gpu_session.sh triage         there: the test files of the code never yet run on a
+#                                              GPU, each with its default kernels and with every
+#                                              fallback switch (DSV3_FP8_KERNEL=v2/v1, DSV3_FP8_SPLITK=1,
+#                                              DSV3_FP8_WGRAD_BATCH=0, DSV3_TRAIN_FLASH=0): a PASS/FAIL
+#                                              table that says which new kernel breaks, if one does
 #
 # A test that prints SKIP on the GPU machine is a failure of the session (only the no-GPU parts of
 # tests may skip). docs/PERF.md "CUDA backend" records what these printed.
@@ -78,7 +83,7 @@ run_tests() {
       [ "$rc" = 124 ] && echo "TIMEOUT: $name ran past 300 s (a hung kernel? retry with DSV3_FP8_KERNEL=v2 / DSV3_TRAIN_FLASH=0)"
     fi
     echo "$out" | grep -E "^test |test result|SKIP|panicked|FAILED|assert" | grep -v "\.\.\. ok$" || true
-    skips=$((skips + $(echo "$out" | grep -c "^SKIP" || true)))
+    skips=$((skips + $(echo "$out" | grep -c "SKIP " || true)))
   done
   echo "== GPU tests: $([ $fail = 0 ] && echo passed || echo FAILED), $skips SKIP line(s)"
   return $fail
@@ -102,6 +107,42 @@ run_bench() {
   timeout 300 gpu/bin/fp8_bench || echo "fp8_bench failed or timed out (DSV3_FP8_KERNEL=v2 times the cp.async kernel)"
 }
 
+# One test binary under an environment, a line of the table; the failures' first lines after it.
+triage_one() {
+  local exe="$1" env_desc="$2" rc=0 out t0
+  shift 2
+  [ -x "gpu/bin/$exe" ] || { printf '%-16s %-34s %s\n' "$exe" "$env_desc" "MISSING"; return; }
+  t0=$(date +%s)
+  out="$(env "$@" timeout 300 "gpu/bin/$exe" --test-threads 1 2>&1)" || rc=$?
+  local verdict=PASS
+  [ "$rc" = 0 ] || verdict="FAIL (rc $rc)"
+  [ "$rc" = 124 ] && verdict="TIMEOUT (300 s: a hung kernel?)"
+  echo "$out" | grep -q "SKIP " && verdict="$verdict, SKIP lines"
+  printf '%-16s %-34s %-30s %4ss\n' "$exe" "$env_desc" "$verdict" "$(($(date +%s) - t0))"
+  [ "$rc" = 0 ] || echo "$out" | grep -E "panicked|FAILED|assert" | head -6 | sed 's/^/    /'
+}
+
+run_triage() {
+  unpack
+  echo "== triage: never-run-on-a-GPU code, default vs each fallback"
+  triage_one k_fp8 "default (Auto: fp8_gemm_tma)"
+  triage_one k_fp8 "DSV3_FP8_SPLITK=1" DSV3_FP8_SPLITK=1
+  for t in train_fp8 train_step; do
+    triage_one "k_$t" "default"
+    triage_one "k_$t" "DSV3_FP8_KERNEL=v2" DSV3_FP8_KERNEL=v2
+    triage_one "k_$t" "DSV3_FP8_KERNEL=v1" DSV3_FP8_KERNEL=v1
+    triage_one "k_$t" "DSV3_FP8_WGRAD_BATCH=0" DSV3_FP8_WGRAD_BATCH=0
+  done
+  for t in attn_train train_pass; do
+    triage_one "k_$t" "default"
+    triage_one "k_$t" "DSV3_TRAIN_FLASH=0" DSV3_TRAIN_FLASH=0
+  done
+  for t in gemm sampling train; do
+    triage_one "k_$t" "default"
+  done
+  triage_one cli_cuda "default"
+}
+
 run_peers() {
   unpack
   DSV3_BIN="$PWD/gpu/bin/dsv3" python3 benches/train_vs_hf.py --device cuda
@@ -112,5 +153,6 @@ case "$mode" in
   test) run_tests "$@" ;;
   bench) run_bench ;;
   peers) run_peers ;;
-  *) sed -n '2,20p' "$0"; exit 2 ;;
+  triage) run_triage ;;
+  *) sed -n '2,25p' "$0"; exit 2 ;;
 esac

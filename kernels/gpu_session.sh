@@ -15,6 +15,11 @@
 #   bash kernels/gpu_session.sh peers          there: the same runs next to HF transformers on the GPU
 #                                              (benches/train_vs_hf.py --device cuda: the training
 #                                              step vs HF eager and torch.compile, bf16)
+#   bash kernels/gpu_session.sh curves [STEPS] there: issue 7's FP8 vs bf16 loss curves: the bench-88m
+#                                              model trained STEPS (300) steps on the GPU in bf16 and in
+#                                              bf16 + FP8 linears (same seed, data, schedule), plotted
+#                                              together with final-loss gaps; SVG + metrics in
+#                                              $OUT/curves (or gpu/curves) for docs/FP8.md
 #   bash kernels/gpu_session.sh triage         there: the test files of the code never yet run on a
 #                                              GPU, each with its default kernels and with every
 #                                              fallback switch (DSV3_FP8_KERNEL=v2/v1, DSV3_FP8_SPLITK=1,
@@ -143,6 +148,28 @@ run_triage() {
   triage_one cli_cuda "default"
 }
 
+run_curves() {
+  unpack
+  local steps="${1:-300}" out="${OUT:-gpu}/curves"
+  mkdir -p "$out"
+  # the engine's sources as byte tokens (u32 ids < 256; bench-88m has no tokenizer)
+  find core/src cli/src kernels/src -name '*.rs' | sort | xargs cat |
+    python3 -c 'import array, sys; array.array("I", list(sys.stdin.buffer.read())).tofile(open(sys.argv[1], "wb"))' "$out/corpus.u32"
+  for p in bf16 fp8; do
+    rm -rf "$out/$p"
+    local prec=()
+    [ "$p" = fp8 ] && prec=(--precision fp8)
+    timeout 900 gpu/bin/dsv3 train --preset bench-88m --data "$out/corpus.u32" --out "$out/$p" --device cuda \
+      --dtype bf16 "${prec[@]}" --steps "$steps" --batch 8 --seq-len 512 --lr 1e-3 --warmup 30 --seed 7 \
+      --quiet --log-every 50 || echo "curves: the $p run failed"
+  done
+  gpu/bin/dsv3 plot --metrics "$out/bf16/metrics.jsonl,$out/fp8/metrics.jsonl" --labels bf16,fp8 --tail 50 \
+    --title "bench-88m on the GPU: bf16 vs bf16 + FP8 linears (same seed and data)" --out "$out/fp8_gpu_loss.svg" ||
+    echo "curves: plot failed"
+  rm -rf "$out/corpus.u32" "$out"/*/checkpoint  # keep $OUT small: metrics, curves, SVG
+  ls -la "$out"
+}
+
 run_peers() {
   unpack
   DSV3_BIN="$PWD/gpu/bin/dsv3" python3 benches/train_vs_hf.py --device cuda
@@ -154,5 +181,6 @@ case "$mode" in
   bench) run_bench ;;
   peers) run_peers ;;
   triage) run_triage ;;
-  *) sed -n '2,25p' "$0"; exit 2 ;;
+  curves) run_curves "$@" ;;
+  *) sed -n '2,30p' "$0"; exit 2 ;;
 esac

@@ -574,10 +574,10 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
             for (int j = 0; j < 16; j++) {
                 const int c = col0 + j * 8 + (lane & 3) * 2;
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    if (c + e >= p.n) continue;
-                    if (ok0) w[(long long)(row0 + ra) * p.n + c + e] = out[j * 4 + e];
-                    if (ok1) w[(long long)(row0 + ra + 8) * p.n + c + e] = out[j * 4 + 2 + e];
+                for (int h = 0; h < 2; h++) {
+                    if (c + h >= p.n) continue;
+                    if (ok0) w[(long long)(row0 + ra) * p.n + c + h] = out[j * 4 + h];
+                    if (ok1) w[(long long)(row0 + ra + 8) * p.n + c + h] = out[j * 4 + 2 + h];
                 }
             }
             continue;

@@ -95,42 +95,55 @@ extern "C" __global__ void __launch_bounds__(256) quant_block128_bf16(const bf16
 // (stride ldx); per column c and 128-row block b: scale s = fp8_scale(amax of x[128b.., c]);
 // qt[c * ldq + r] = e4m3(x[r, c] / s) (ldq >= rows), scale_t[c * s_rs + b * s_cs] = s (s_rs =
 // ceil(rows/128), s_cs = 1 is QValues::transposed()'s layout of the CPU's 128x1 scales).
+// One block of 128 tokens along x's rows for columns [c0, c0 + 32) (all 256 threads call it):
+// rows [r0, r0 + n) of x (n <= 128; the rest reads as 0), each column's scale at
+// scale_t[c * s_rs + b * s_cs], its codes at qt[c * ldq + q0 + rr] for rr < n and zero codes for
+// n <= rr < wn (a caller's padding).
 template <typename T>
-__device__ void quant_t128(const T* __restrict__ x, long long ldx, uint8_t* __restrict__ qt, long long ldq,
-                           float* __restrict__ scale_t, long long s_rs, long long s_cs, int rows, int cols, int pow2) {
+__device__ __forceinline__ void quant_t128_block(const T* __restrict__ x, long long ldx, int r0, int n,
+                                                 uint8_t* __restrict__ qt, long long ldq, long long q0, int wn,
+                                                 float* __restrict__ scale_t, long long s_rs, long long s_cs, int b,
+                                                 int c0, int cols, int pow2) {
     __shared__ float tile[128][33];
     __shared__ float part[8][32];
     __shared__ float sc[32];
-    const int c0 = blockIdx.x * 32, rblocks = (rows + 127) / 128;
     const int lx = threadIdx.x & 31, ly = threadIdx.x >> 5;
+    float m = 0.0f;
+    for (int rr = ly; rr < 128; rr += 8) {
+        const int c = c0 + lx;
+        const float v = (rr < n && c < cols) ? to_f32(x[(long long)(r0 + rr) * ldx + c]) : 0.0f;
+        tile[rr][lx] = v;
+        m = fmaxf(m, fabsf(v));
+    }
+    part[ly][lx] = m;
+    __syncthreads();
+    if (ly == 0) {
+        for (int j = 1; j < 8; j++) m = fmaxf(m, part[j][lx]);
+        float s = fp8_scale(m, pow2);
+        sc[lx] = s;
+        if (c0 + lx < cols) scale_t[(long long)(c0 + lx) * s_rs + (long long)b * s_cs] = s;
+    }
+    __syncthreads();
+    // write: each warp covers one column's 128 tokens as 32 lanes x 4 consecutive tokens
+    for (int cc = ly; cc < 32; cc += 8) {
+        const int c = c0 + cc;
+        if (c >= cols) continue;
+        for (int j = 0; j < 4; j++) {
+            const int rr = lx * 4 + j;
+            if (rr < n) qt[(long long)c * ldq + q0 + rr] = encode_e4m3(__fdiv_rn(tile[rr][cc], sc[cc]));
+            else if (rr < wn) qt[(long long)c * ldq + q0 + rr] = 0;
+        }
+    }
+    __syncthreads();  // tile, part and sc are refilled by the next block
+}
+
+template <typename T>
+__device__ void quant_t128(const T* __restrict__ x, long long ldx, uint8_t* __restrict__ qt, long long ldq,
+                           float* __restrict__ scale_t, long long s_rs, long long s_cs, int rows, int cols, int pow2) {
+    const int c0 = blockIdx.x * 32, rblocks = (rows + 127) / 128;
     for (int b = blockIdx.y; b < rblocks; b += gridDim.y) {  // uniform over the block
-        const int r0 = b * 128;
-        float m = 0.0f;
-        for (int rr = ly; rr < 128; rr += 8) {
-            int r = r0 + rr, c = c0 + lx;
-            float v = (r < rows && c < cols) ? to_f32(x[(long long)r * ldx + c]) : 0.0f;
-            tile[rr][lx] = v;
-            m = fmaxf(m, fabsf(v));
-        }
-        part[ly][lx] = m;
-        __syncthreads();
-        if (ly == 0) {
-            for (int j = 1; j < 8; j++) m = fmaxf(m, part[j][lx]);
-            float s = fp8_scale(m, pow2);
-            sc[lx] = s;
-            if (c0 + lx < cols) scale_t[(long long)(c0 + lx) * s_rs + (long long)b * s_cs] = s;
-        }
-        __syncthreads();
-        // write: each warp covers one column's 128 rows as 32 lanes x 4 consecutive rows
-        for (int cc = ly; cc < 32; cc += 8) {
-            int c = c0 + cc;
-            if (c >= cols) continue;
-            for (int j = 0; j < 4; j++) {
-                int rr = lx * 4 + j, r = r0 + rr;
-                if (r < rows) qt[(long long)c * ldq + r] = encode_e4m3(__fdiv_rn(tile[rr][cc], sc[cc]));
-            }
-        }
-        __syncthreads();  // tile, part and sc are refilled by the next row block
+        const int r0 = b * 128, n = min(128, rows - r0);
+        quant_t128_block(x, ldx, r0, n, qt, ldq, r0, n, scale_t, s_rs, s_cs, b, c0, cols, pow2);
     }
 }
 extern "C" __global__ void __launch_bounds__(256) quant_t128_f32(const float* x, long long ldx, uint8_t* qt,
@@ -155,13 +168,9 @@ template <typename T>
 __device__ void quant_t128_groups(const T* __restrict__ x, long long ldx, uint8_t* __restrict__ qt, long long ldq,
                                   float* __restrict__ scale_t, long long s_rs, long long s_cs,
                                   const int* __restrict__ offs, int groups, int cols, int pow2) {
-    __shared__ float tile[128][33];
-    __shared__ float part[8][32];
-    __shared__ float sc[32];
     const int* ro = offs;
     const int* seg = offs + groups + 1;
     const int c0 = blockIdx.x * 32, nb = seg[groups] / 128;
-    const int lx = threadIdx.x & 31, ly = threadIdx.x >> 5;
     for (int b = blockIdx.y; b < nb; b += gridDim.y) {  // uniform over the block
         // the last group starting at or before token column 128b: a non-empty one (an empty group
         // shares its start with the next)
@@ -174,32 +183,7 @@ __device__ void quant_t128_groups(const T* __restrict__ x, long long ldx, uint8_
         }
         const int r0 = ro[lo] + (p - seg[lo]);      // the block's first row of x
         const int n = min(128, ro[lo + 1] - r0);    // its rows (the rest is the segment's padding)
-        float m = 0.0f;
-        for (int rr = ly; rr < 128; rr += 8) {
-            int c = c0 + lx;
-            float v = (rr < n && c < cols) ? to_f32(x[(long long)(r0 + rr) * ldx + c]) : 0.0f;
-            tile[rr][lx] = v;
-            m = fmaxf(m, fabsf(v));
-        }
-        part[ly][lx] = m;
-        __syncthreads();
-        if (ly == 0) {
-            for (int j = 1; j < 8; j++) m = fmaxf(m, part[j][lx]);
-            float s = fp8_scale(m, pow2);
-            sc[lx] = s;
-            if (c0 + lx < cols) scale_t[(long long)(c0 + lx) * s_rs + (long long)b * s_cs] = s;
-        }
-        __syncthreads();
-        // write: each warp covers one column's 128 tokens as 32 lanes x 4 consecutive tokens
-        for (int cc = ly; cc < 32; cc += 8) {
-            int c = c0 + cc;
-            if (c >= cols) continue;
-            for (int j = 0; j < 4; j++) {
-                int rr = lx * 4 + j;
-                qt[(long long)c * ldq + p + rr] = rr < n ? encode_e4m3(__fdiv_rn(tile[rr][cc], sc[cc])) : (uint8_t)0;
-            }
-        }
-        __syncthreads();  // tile, part and sc are refilled by the next token block
+        quant_t128_block(x, ldx, r0, n, qt, ldq, p, 128, scale_t, s_rs, s_cs, b, c0, cols, pow2);
     }
 }
 extern "C" __global__ void __launch_bounds__(256) quant_t128_groups_f32(const float* x, long long ldx, uint8_t* qt,

@@ -282,6 +282,16 @@ __device__ __forceinline__ void fp8_store2(const Fp8GemmArgs& p, int row, int c,
     if (c + 1 < p.n) fp8_store<TD>(p, row, c + 1, v1);
 }
 
+// The scales of 128-K group kb for this thread's rows (sa0p / sa1p: rows ra and ra + 8, valid where
+// ok0 / ok1) and, with 128x128 B blocks, the block scale of columns col0..col0+127 (sbb).
+__device__ __forceinline__ void fp8_group_scales(const Fp8GemmArgs& p, const float* SB, const float* sa0p,
+                                                 const float* sa1p, bool ok0, bool ok1, int col0, int kb, float& sa0,
+                                                 float& sa1, float& sbb) {
+    sa0 = ok0 ? sa0p[(long long)kb * p.sa_ks] : 0.0f;
+    sa1 = ok1 ? sa1p[(long long)kb * p.sa_ks] : 0.0f;
+    sbb = p.b_block ? SB[(long long)(col0 >> 7) * p.sb_rs + (long long)kb * p.sb_ks] : 0.0f;
+}
+
 // One 128-K group promoted into this thread's f32 outputs: out += (sa·sb)·acc over its m64n128
 // accumulator fragment (rows ra, ra + 8; columns col0 + 8j + 2·(lane % 4) + e), sb the block scale
 // sbb or (Wgrad) column c's scale.
@@ -388,9 +398,8 @@ __device__ void fp8_gemm_wgmma2(const Fp8GemmArgs& p) {
         }
         wgmma_commit();
         // this group's scales while the MMAs run
-        const float sa0 = ok0 ? sa0p[(long long)kb * p.sa_ks] : 0.0f;
-        const float sa1 = ok1 ? sa1p[(long long)kb * p.sa_ks] : 0.0f;
-        const float sbb = p.b_block ? SB[(long long)(col0 >> 7) * p.sb_rs + (long long)kb * p.sb_ks] : 0.0f;
+        float sa0, sa1, sbb;
+        fp8_group_scales(p, SB, sa0p, sa1p, ok0, ok1, col0, kb, sa0, sa1, sbb);
         wgmma_wait<0>();
         fence_acc(acc);
         fp8_promote(p, SB, col0, lane, kb, sa0, sa1, sbb, acc, out);
@@ -559,9 +568,8 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
                                       kk > 0);
             wgmma_commit();
             // this group's scales while the MMAs run
-            const float sa0 = ok0 ? sa0p[(long long)kb * p.sa_ks] : 0.0f;
-            const float sa1 = ok1 ? sa1p[(long long)kb * p.sa_ks] : 0.0f;
-            const float sbb = p.b_block ? SB[(long long)(col0 >> 7) * p.sb_rs + (long long)kb * p.sb_ks] : 0.0f;
+            float sa0, sa1, sbb;
+            fp8_group_scales(p, SB, sa0p, sa1p, ok0, ok1, col0, kb, sa0, sa1, sbb);
             wgmma_wait<0>();
             fence_acc(acc);
             if (lane == 0) mbar_arrive(bars + 32 + 8 * s);  // this warp is done with the stage

@@ -47,6 +47,22 @@ impl<'a> Fp8Out<'a> {
     }
 }
 
+impl Fp8Out<'_> {
+    /// The quantize kernels' leading arguments: the input and its row stride, then this output
+    /// (codes, their row stride, scales, the scales' strides).
+    fn lead_args(&self, dev: &Device, x: &Act, ldx: usize) -> Result<Vec<KArg>> {
+        Ok(vec![
+            KArg::Ptr(x.ptr(dev, 0)?),
+            KArg::I64(ldx as i64),
+            KArg::Ptr(dptr(dev, self.q, 0)?),
+            KArg::I64(self.ld as i64),
+            KArg::Ptr(dptr(dev, self.scale, 0)?),
+            KArg::I64(self.s_rs as i64),
+            KArg::I64(self.s_cs as i64),
+        ])
+    }
+}
+
 fn quant_kernel(x: &Act, f32_name: &'static str, bf16_name: &'static str) -> &'static str {
     match x.dtype() {
         DType::F32 => f32_name,
@@ -66,18 +82,8 @@ pub fn quant_1x128(dev: &Device, x: &Act, ldx: usize, rows: usize, cols: usize, 
     }
     out.check(rows, cols, "quant_1x128")?;
     let k = quant_kernel(x, "quant_1x128_f32", "quant_1x128_bf16");
-    let args = [
-        KArg::Ptr(x.ptr(dev, 0)?),
-        KArg::I64(ldx as i64),
-        KArg::Ptr(dptr(dev, out.q, 0)?),
-        KArg::I64(out.ld as i64),
-        KArg::Ptr(dptr(dev, out.scale, 0)?),
-        KArg::I64(out.s_rs as i64),
-        KArg::I64(out.s_cs as i64),
-        KArg::I32(int(rows, "rows")?),
-        KArg::I32(int(cols, "cols")?),
-        KArg::I32(pow2 as i32),
-    ];
+    let mut args = out.lead_args(dev, x, ldx)?;
+    args.extend([KArg::I32(int(rows, "rows")?), KArg::I32(int(cols, "cols")?), KArg::I32(pow2 as i32)]);
     launch(dev, "fp8quant", k, (dim(cols.div_ceil(128), "quant cols")?, grid_y(rows, "quant rows")?, 1), 128, &args)
 }
 
@@ -95,18 +101,8 @@ pub fn quant_t128(dev: &Device, x: &Act, ldx: usize, rows: usize, cols: usize, o
     }
     out.check(cols, rows, "quant_t128 (transposed output)")?;
     let k = quant_kernel(x, "quant_t128_f32", "quant_t128_bf16");
-    let args = [
-        KArg::Ptr(x.ptr(dev, 0)?),
-        KArg::I64(ldx as i64),
-        KArg::Ptr(dptr(dev, out.q, 0)?),
-        KArg::I64(out.ld as i64),
-        KArg::Ptr(dptr(dev, out.scale, 0)?),
-        KArg::I64(out.s_rs as i64),
-        KArg::I64(out.s_cs as i64),
-        KArg::I32(int(rows, "rows")?),
-        KArg::I32(int(cols, "cols")?),
-        KArg::I32(pow2 as i32),
-    ];
+    let mut args = out.lead_args(dev, x, ldx)?;
+    args.extend([KArg::I32(int(rows, "rows")?), KArg::I32(int(cols, "cols")?), KArg::I32(pow2 as i32)]);
     launch(
         dev,
         "fp8quant",
@@ -512,19 +508,13 @@ pub fn quant_t128_groups(
     }
     let table = crate::tensor::upload(dev, &table)?;
     let k = quant_kernel(x, "quant_t128_groups_f32", "quant_t128_groups_bf16");
-    let args = [
-        KArg::Ptr(x.ptr(dev, 0)?),
-        KArg::I64(ldx as i64),
-        KArg::Ptr(dptr(dev, out.q, 0)?),
-        KArg::I64(out.ld as i64),
-        KArg::Ptr(dptr(dev, out.scale, 0)?),
-        KArg::I64(out.s_rs as i64),
-        KArg::I64(out.s_cs as i64),
+    let mut args = out.lead_args(dev, x, ldx)?;
+    args.extend([
         KArg::Ptr(dptr(dev, &table, 0)?),
         KArg::I32(int(g, "groups")?),
         KArg::I32(int(cols, "cols")?),
         KArg::I32(pow2 as i32),
-    ];
+    ]);
     let grid = (dim(cols.div_ceil(32), "quant cols")?, grid_y(total / 128, "quant token blocks")?, 1);
     launch(dev, "fp8quant", k, grid, 256, &args)
 }

@@ -100,6 +100,23 @@ static bool tma_ok(const Problem& P) {
 }
 static int tma_sms = 3;  // persistent blocks (the launcher: min(tiles, SMs)); cases vary it
 
+// fp8_gemm_tma's persistent blocks 0..grid-1, each on fresh (NaN) shared memory, with the wgmma and
+// TMA/mbarrier end-of-block checks; TMA boxes land at the wait, in odd blocks also at issue.
+static void run_tma(void (*kernel)(Fp8TmaArgs), const Fp8TmaArgs& q, unsigned grid) {
+    emu::set_grid({grid, 1, 1});
+    for (unsigned bx = 0; bx < grid; bx++) {
+        emu::cp_async_eager = bx & 1;
+        emu::begin_smem(FP8T_SMEM);
+        wg_emu::begin_block();
+        emu_tma::begin_block();
+        emu::run_block({bx, 0, 0}, FP8T_THREADS, [&] { kernel(q); });
+        emu_tma::end_block();
+        wg_emu::end_block();
+        emu::end_smem();
+    }
+    emu::end_grid();
+}
+
 struct Result {
     double worst = 0;  // max |err| / bound
     long long checked = 0;
@@ -190,19 +207,7 @@ static Result run(const Problem& P, Which which, std::mt19937& rng) {
         emu::allow_global(B.data, B.bytes);
         const int block_tiles = (tiles64 + 1) / 2 * ((n + 127) / 128) * splits;
         const unsigned grid = (unsigned)std::max(1, std::min(block_tiles, tma_sms));
-        void (*tf)(Fp8TmaArgs) = P.f32d ? fp8_gemm_tma_f32 : fp8_gemm_tma_bf16;
-        emu::set_grid({grid, 1, 1});
-        for (unsigned bx = 0; bx < grid; bx++) {
-            emu::cp_async_eager = bx & 1;  // TMA boxes land at the wait, or also at issue
-            emu::begin_smem(FP8T_SMEM);
-            wg_emu::begin_block();
-            emu_tma::begin_block();
-            emu::run_block({bx, 0, 0}, FP8T_THREADS, [&] { tf(q); });
-            emu_tma::end_block();
-            wg_emu::end_block();
-            emu::end_smem();
-        }
-        emu::end_grid();
+        run_tma(P.f32d ? fp8_gemm_tma_f32 : fp8_gemm_tma_bf16, q, grid);
         if (splits > 1) {  // the reduce pass: 2 blocks of 64 threads, grid-stride
             emu::launch({2, 1, 1}, 64, [&] {
                 if (P.f32d) fp8_splitk_reduce_f32(q.work, splits, m, n, D.as<float>(), ldd, P.accumulate);
@@ -318,18 +323,7 @@ static void run_kgrouped(const std::vector<int>& counts, int m, int n, std::mt19
     emu::allow_global(B.data, B.bytes);
     const int units = (m + 127) / 128 * ((n + 127) / 128) * E;
     const unsigned grid = (unsigned)std::min(units, 1 + (int)(rng() % 4));
-    emu::set_grid({grid, 1, 1});
-    for (unsigned bx = 0; bx < grid; bx++) {
-        emu::cp_async_eager = bx & 1;
-        emu::begin_smem(FP8T_SMEM);
-        wg_emu::begin_block();
-        emu_tma::begin_block();
-        emu::run_block({bx, 0, 0}, FP8T_THREADS, [&] { fp8_gemm_tma_f32(q); });
-        emu_tma::end_block();
-        wg_emu::end_block();
-        emu::end_smem();
-    }
-    emu::end_grid();
+    run_tma(fp8_gemm_tma_f32, q, grid);
     emu::clear_globals();
     emu::cp_async_eager = false;
 

@@ -100,6 +100,8 @@ run_bench() {
   gpu/bin/dsv3 init --preset bench-88m --out /tmp/m88 >/dev/null
   for b in 1 32; do
     gpu/bin/dsv3 bench --model /tmp/m88 --device cuda --prompt-len 128 --new-tokens 256 --batch "$b"
+    # the depth-split MLA decode (not yet the default: kernel_bench below compares every variant)
+    DSV3_MLA_MMA=d1t32 gpu/bin/dsv3 bench --model /tmp/m88 --device cuda --prompt-len 128 --new-tokens 256 --batch "$b"
   done
   # training steps (CudaTrainer: pass + AdamW), tokens/s and MFU
   for dt in bf16 f32; do
@@ -145,7 +147,10 @@ run_triage() {
   for t in gemm sampling train; do
     triage_one "k_$t" "default"
   done
+  # mla_moe runs every MLA decode variant explicitly (the depth-split d1* ones included)
+  triage_one k_mla_moe "default (every MLA variant)"
   triage_one cli_cuda "default"
+  triage_one cli_cuda "DSV3_MLA_MMA=d1t32" DSV3_MLA_MMA=d1t32
 }
 
 run_curves() {

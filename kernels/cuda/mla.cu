@@ -193,6 +193,127 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi, float& rlo, 
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// ---- pieces shared by the tensor-core variants (mla_decode_mma and mla_decode_mmad) ----
+
+// This CTA's tokens [t_begin, t_end) of its row: the row's own length partitioned into splits of
+// a whole number of T-token tiles.
+template <int T>
+__device__ __forceinline__ void mma_split_range(const MlaArgs& p, int row, int split, int& t_begin, int& t_end) {
+    const int len = max(0, min(p.row_len[row], p.max_len));
+    int per = (len + p.splits - 1) / p.splits;
+    per = (per + T - 1) / T * T;
+    t_begin = split * per;
+    t_end = min(len, t_begin + per);
+}
+
+// An empty split (uniform over the CTA): a zero output row (one split) or m = -inf, l = 0.
+__device__ __forceinline__ void mma_empty_split(const MlaArgs& p, int row, int h0, int nh, int split) {
+    const int c = p.c;
+    if (p.splits == 1) {
+        for (int i = threadIdx.x; i < nh * c; i += MMA_THREADS) {
+            int hh = i / c, cc = i - hh * c;
+            ((bf16*)p.out)[(long long)row * p.ld_out + (long long)(h0 + hh) * c + cc] = __float2bfloat16_rn(0.0f);
+        }
+    } else if (threadIdx.x < nh) {
+        long long at = (((long long)split * p.n + row) * p.h + h0 + threadIdx.x) * 2;
+        p.part_ml[at] = -__int_as_float(0x7f800000);
+        p.part_ml[at + 1] = 0.0f;
+    }
+}
+
+// Cache rows [t0, t0 + T) of the split into a ring stage `dst` ([T][rs], swizzled): warp w copies
+// rows w, w+4, ...; rows at or past t_end are zero-filled (src-size 0, the source address clamped
+// to the split's first row).
+template <int T>
+__device__ __forceinline__ void mma_load_tile(const bf16* cache, int w, int rs, bf16* dst, int t0, int t_begin,
+                                              int t_end, int warp, int lane) {
+    const int cw = w >> 3;  // 16-byte chunks per cache row
+    for (int r = warp; r < T; r += 4) {
+        const int t = t0 + r;
+        const bool ok = t < t_end;
+        const bf16* src = cache + (long long)(ok ? t : t_begin) * w;
+        const uint32_t drow = smem_u32(dst + r * rs);
+        const int xr = (r & 7) << 3;
+        for (int ch = lane; ch < cw; ch += 32) cp_async16(drow + (((ch << 3) ^ xr) << 1), src + (ch << 3), ok ? 16 : 0);
+    }
+}
+
+// Q of the CTA's M heads -> sQ [M][rs] (zeros for heads past nh), swizzled like the cache tiles.
+template <int M>
+__device__ __forceinline__ void mma_stage_q(const MlaArgs& p, bf16* sQ, int rs, int row, int h0, int nh, int warp,
+                                            int lane) {
+    const int c = p.c, w = p.c + p.dr;
+    const bf16* qt = (const bf16*)p.qt;
+    const bf16* qpe = (const bf16*)p.qpe;
+    for (int hh = warp; hh < M; hh += 4) {
+        const bf16* qrow = qt + (long long)row * p.ld_qt + (long long)(h0 + hh) * c;
+        const bf16* prow = qpe + (long long)row * p.ld_qpe + (long long)(h0 + hh) * p.hs_qpe;
+        for (int j = lane; j < w; j += 32) {
+            bf16 v = __float2bfloat16_rn(0.0f);
+            if (hh < nh) v = j < c ? qrow[j] : prow[j - c];
+            sQ[hh * rs + (j ^ ((hh & 7) << 3))] = v;
+        }
+    }
+}
+
+// O += P·V over this warp's output columns [col0, col0 + 8·ntw): P from sP [16·MT][T + 8] bf16,
+// V = the first C columns of the ring stage at kvbase (rows kt·16 + (lane & 15), ldmatrix.trans;
+// lanes 0-7: k 0-7, 8-15: k 8-15, repeated for the second n8 tile; chunk lane/16: b[0], b[1] ->
+// n8 tile 2jp, b[2], b[3] -> 2jp + 1).
+template <int MT, int T>
+__device__ __forceinline__ void mma_pv(float (&o)[MT][16][4], const bf16* sP, uint32_t kvbase, int rs, int col0,
+                                       int ntw, int xr, int lane) {
+    constexpr int PS = T + 8;
+#pragma unroll
+    for (int kt = 0; kt < T / 16; kt++) {
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+            ldsm_x4(smem_u32(sP + (mt * 16 + (lane & 15)) * PS + kt * 16 + (lane >> 4) * 8), a[mt]);
+        const uint32_t vrow = kvbase + (uint32_t)((kt * 16 + (lane & 15)) * rs) * 2u;
+#pragma unroll
+        for (int jp = 0; jp < 8; jp++) {
+            if (2 * jp < ntw) {
+                uint32_t b[4];
+                ldsm_x4_t(vrow + (uint32_t)((col0 + jp * 16 + (lane >> 4) * 8) ^ xr) * 2u, b);
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma_bf16_16816(o[mt][2 * jp], a[mt], b[0], b[1]);
+                    mma_bf16_16816(o[mt][2 * jp + 1], a[mt], b[2], b[3]);
+                }
+            }
+        }
+    }
+}
+
+// Writes this thread's part of head `head`'s output (fragment row half hr of m16 tile o16): one
+// split: O / l in bf16; several: the unnormalized f32 partial, and (m in natural-log units, l)
+// from the thread with `ml_writer`.
+__device__ __forceinline__ void mma_store_head(const MlaArgs& p, const float (&o16)[16][4], int hr, int row, int head,
+                                               int split, int col0, int ntw, int tq, float m2, float l,
+                                               bool ml_writer) {
+    const int c = p.c;
+    if (p.splits == 1) {
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        bf16* dst = (bf16*)p.out + (long long)row * p.ld_out + (long long)head * c + col0 + 2 * tq;
+#pragma unroll
+        for (int j = 0; j < 16; j++)
+            if (j < ntw)
+                *reinterpret_cast<__nv_bfloat162*>(dst + j * 8) =
+                    __floats2bfloat162_rn(o16[j][2 * hr] * inv, o16[j][2 * hr + 1] * inv);
+    } else {
+        float* dst = p.part_o + (((long long)split * p.n + row) * p.h + head) * c + col0 + 2 * tq;
+#pragma unroll
+        for (int j = 0; j < 16; j++)
+            if (j < ntw) *reinterpret_cast<float2*>(dst + j * 8) = make_float2(o16[j][2 * hr], o16[j][2 * hr + 1]);
+        if (ml_writer) {
+            long long at = (((long long)split * p.n + row) * p.h + head) * 2;
+            p.part_ml[at] = m2 * 0.6931471805599453f;  // log2 units -> natural
+            p.part_ml[at + 1] = l;
+        }
+    }
+}
+
 template <int MT, int T, int NS>
 __device__ __forceinline__ void mla_decode_mma(const MlaArgs& p) {
     constexpr int M = 16 * MT;    // heads per CTA
@@ -212,22 +333,10 @@ __device__ __forceinline__ void mla_decode_mma(const MlaArgs& p) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, tq = lane & 3;  // mma groupID, thread in group
 
-    int len = max(0, min(p.row_len[row], p.max_len));
-    int per = (len + p.splits - 1) / p.splits;
-    per = (per + T - 1) / T * T;
-    const int t_begin = split * per, t_end = min(len, t_begin + per);
-
+    int t_begin, t_end;
+    mma_split_range<T>(p, row, split, t_begin, t_end);
     if (t_begin >= t_end) {  // nothing to attend to (uniform over the CTA)
-        if (p.splits == 1) {
-            for (int i = threadIdx.x; i < nh * c; i += MMA_THREADS) {
-                int hh = i / c, cc = i - hh * c;
-                ((bf16*)p.out)[(long long)row * p.ld_out + (long long)(h0 + hh) * c + cc] = __float2bfloat16_rn(0.0f);
-            }
-        } else if (threadIdx.x < nh) {
-            long long at = (((long long)split * p.n + row) * p.h + h0 + threadIdx.x) * 2;
-            p.part_ml[at] = NEG_INF;
-            p.part_ml[at + 1] = 0.0f;
-        }
+        mma_empty_split(p, row, h0, nh, split);
         return;
     }
 
@@ -239,43 +348,13 @@ __device__ __forceinline__ void mla_decode_mma(const MlaArgs& p) {
     float* sL = sM + 4 * M;
 
     const bf16* cache = (const bf16*)p.cache + (long long)p.row_slot[row] * p.slot_stride;
-    const int cw = w >> 3;  // 16-byte chunks per cache row
-    // tile `it` of the split -> stage `st`: warp w copies rows w, w+4, ...; rows past t_end are
-    // zero-filled (src-size 0, the source address clamped to a valid row)
-    auto load_tile = [&](int it, int st) {
-        const int t0 = t_begin + it * T;
-        bf16* dst = sKV + st * T * rs;
-        for (int r = warp; r < T; r += 4) {
-            const int t = t0 + r;
-            const bool ok = t < t_end;
-            const bf16* src = cache + (long long)(ok ? t : t_begin) * w;
-            const uint32_t drow = smem_u32(dst + r * rs);
-            const int xr = (r & 7) << 3;
-            for (int ch = lane; ch < cw; ch += 32) cp_async16(drow + (((ch << 3) ^ xr) << 1), src + (ch << 3), ok ? 16 : 0);
-        }
-    };
-
     const int ntiles = (t_end - t_begin + T - 1) / T;
 #pragma unroll
     for (int s = 0; s < NS - 1; s++) {
-        if (s < ntiles) load_tile(s, s);
+        if (s < ntiles) mma_load_tile<T>(cache, w, rs, sKV + s * T * rs, t_begin + s * T, t_begin, t_end, warp, lane);
         cp_async_commit();
     }
-
-    // Q -> sQ (once; zeros for heads past h), swizzled like the cache tiles
-    {
-        const bf16* qt = (const bf16*)p.qt;
-        const bf16* qpe = (const bf16*)p.qpe;
-        for (int hh = warp; hh < M; hh += 4) {
-            const bf16* qrow = qt + (long long)row * p.ld_qt + (long long)(h0 + hh) * c;
-            const bf16* prow = qpe + (long long)row * p.ld_qpe + (long long)(h0 + hh) * p.hs_qpe;
-            for (int j = lane; j < w; j += 32) {
-                bf16 v = __float2bfloat16_rn(0.0f);
-                if (hh < nh) v = j < c ? qrow[j] : prow[j - c];
-                sQ[hh * rs + (j ^ ((hh & 7) << 3))] = v;
-            }
-        }
-    }
+    mma_stage_q<M>(p, sQ, rs, row, h0, nh, warp, lane);  // read after the first tile's barrier
 
     // Per-lane ldmatrix offsets. Every ldmatrix below reads rows r with r % 8 == lane % 8, so the
     // swizzle term is the per-lane constant xr; offsets are within 64-element (128-byte) groups.
@@ -311,7 +390,8 @@ __device__ __forceinline__ void mla_decode_mma(const MlaArgs& p) {
         __syncthreads();          // ... everyone's; and everyone is done with tile it-1
         {
             const int nx = it + NS - 1;
-            if (nx < ntiles) load_tile(nx, nx % NS);
+            if (nx < ntiles)
+                mma_load_tile<T>(cache, w, rs, sKV + (nx % NS) * T * rs, t_begin + nx * T, t_begin, t_end, warp, lane);
             cp_async_commit();
         }
         const bf16* sK = sKV + (it % NS) * T * rs;
@@ -415,28 +495,7 @@ __device__ __forceinline__ void mla_decode_mma(const MlaArgs& p) {
         __syncthreads();
 
         // ---- O += P·V over this warp's columns ----
-#pragma unroll
-        for (int kt = 0; kt < T / 16; kt++) {
-            uint32_t a[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++)
-                ldsm_x4(smem_u32(sP + (mt * 16 + (lane & 15)) * PS + kt * 16 + (lane >> 4) * 8), a[mt]);
-            // V rows kt*16 + (lane & 15) (lanes 0-7: k 0-7, 8-15: k 8-15, repeated for the second
-            // n8 tile), chunk lane/16: b[0],b[1] -> n8 tile 2jp, b[2],b[3] -> 2jp+1
-            const uint32_t vrow = kvbase + (uint32_t)((kt * 16 + (lane & 15)) * rs) * 2u;
-#pragma unroll
-            for (int jp = 0; jp < 8; jp++) {
-                if (2 * jp < ntw) {
-                    uint32_t b[4];
-                    ldsm_x4_t(vrow + (uint32_t)((col0 + jp * 16 + (lane >> 4) * 8) ^ xr) * 2u, b);
-#pragma unroll
-                    for (int mt = 0; mt < MT; mt++) {
-                        mma_bf16_16816(o[mt][2 * jp], a[mt], b[0], b[1]);
-                        mma_bf16_16816(o[mt][2 * jp + 1], a[mt], b[2], b[3]);
-                    }
-                }
-            }
-        }
+        mma_pv<MT, T>(o, sP, kvbase, rs, col0, ntw, xr, lane);
     }
 
     // ---- epilogue: l over the quad and the warps; write O (normalized or partial) ----
@@ -457,31 +516,223 @@ __device__ __forceinline__ void mla_decode_mma(const MlaArgs& p) {
             const int hh = mt * 16 + g + 8 * hr;
             if (hh >= nh) continue;
             const float l = sL[hh] + sL[M + hh] + sL[2 * M + hh] + sL[3 * M + hh];
-            const int head = h0 + hh;
-            if (p.splits == 1) {
-                const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-                bf16* dst = (bf16*)p.out + (long long)row * p.ld_out + (long long)head * c + col0 + 2 * tq;
-#pragma unroll
-                for (int j = 0; j < 16; j++)
-                    if (j < ntw)
-                        *reinterpret_cast<__nv_bfloat162*>(dst + j * 8) =
-                            __floats2bfloat162_rn(o[mt][j][2 * hr] * inv, o[mt][j][2 * hr + 1] * inv);
-            } else {
-                float* dst = p.part_o + (((long long)split * p.n + row) * p.h + head) * c + col0 + 2 * tq;
-#pragma unroll
-                for (int j = 0; j < 16; j++)
-                    if (j < ntw) *reinterpret_cast<float2*>(dst + j * 8) = make_float2(o[mt][j][2 * hr], o[mt][j][2 * hr + 1]);
-                if (warp == 0 && tq == 0) {
-                    long long at = (((long long)split * p.n + row) * p.h + head) * 2;
-                    p.part_ml[at] = m_run[mt][hr] * 0.6931471805599453f;  // log2 units -> natural
-                    p.part_ml[at + 1] = l;
-                }
-            }
+            mma_store_head(p, o[mt], hr, row, h0 + hh, split, col0, ntw, tq, m_run[mt][hr], l, warp == 0 && tq == 0);
         }
 }
 
-// Variants (heads per CTA = 16*MT, tile T tokens, NS stages); the launcher picks one by shape and
-// by the GPU's opt-in shared memory (kernels/src/ops/mla.rs, MMA_VARIANTS).
+// ---------------------------------------------------------------------------------------------
+// Depth-split variant (bf16, 16 heads per CTA): mla_decode_mmad_*. Same grid, splits, cache ring,
+// swizzle, P·V and outputs as mla_decode_mma<1, T, NS>; the S GEMM is split across the 4 warps
+// along the depth C + dr instead of the tokens. In mla_decode_mma every warp reads all of Q from
+// shared memory again for every tile (4 x 18 KiB per 32-token tile at d 576: more shared-memory
+// traffic than the tile itself, and the memory-bound 16-head case ran at 68% of the copy ceiling
+// on the H100). Here warp w holds Q's A fragments of its k16 steps [w·KS/4, (w+1)·KS/4)
+// (KS = (C + dr)/16, at most 10 per warp: 40 registers) from the start, and per tile:
+//   1. S_w = Q[:, depth_w]·K[tile, depth_w]ᵀ for all T tokens (T/8 independent accumulator
+//      chains) -> sS[w] (f32, rows padded to T + 8: the float2 stores are conflict-free)
+//   2. softmax: thread t owns head row t/8 and tokens (t % 8)·T/8 + [0, T/8): it sums the 4
+//      partials (fixed order w = 0..3), scales to log2 units, masks past the split, takes the row
+//      max over its 8 lanes (shuffles) and the running max, writes P = 2^(s - m) rounded to bf16
+//      to sP and alpha = 2^(m_old - m) to sA, and keeps a per-thread partial row sum l of the
+//      rounded P (rescaled by alpha every tile; summed over the 8 lanes at the end)
+//   3. every warp rescales its O by sA and runs O += P·V over its C/4 columns (mma_pv)
+// Three barriers per tile, as in mla_decode_mma. The S sums run in another order than
+// mla_decode_mma's, so the two agree to f32 rounding of S (both within the tests' bf16 tolerance).
+//
+// Shared memory (must match MmaVariant::smem_bytes): a union of sQ [16][RS] bf16 (read once into
+// the fragments) and sS [4][16][T+8] f32, rounded up to 128 bytes, then sKV [NS][T][RS] bf16,
+// sP [16][T+8] bf16, and sA, sMr, sL [16] f32 each.
+template <int T, int NS>
+__device__ __forceinline__ void mla_decode_mmad(const MlaArgs& p) {
+    constexpr int M = 16;          // heads per CTA
+    constexpr int PS = T + 8;      // sS and sP row stride (elements)
+    constexpr int NT8 = T / 8;     // n8 tiles of S (every warp: all T tokens)
+    constexpr int QMAX = 10;       // k16 steps per warp at most: (MLA_CMAX + MLA_RMAX) / 16 / 4
+    constexpr int TPT = T / 8;     // tokens per thread in the softmax
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    static_assert(T % 32 == 0 && T <= 64 && NS >= 2, "tile of 32 or 64 tokens, >= 2 stages");
+    static_assert((MLA_CMAX + MLA_RMAX) / 16 <= 4 * QMAX, "Q fragments per warp");
+
+    const int c = p.c, w = p.c + p.dr;
+    if (c % 64 != 0 || c > MLA_CMAX || p.dr % 32 != 0 || p.dr > MLA_RMAX) return;
+    const int hblocks = (p.h + M - 1) / M;
+    const int row = blockIdx.x / hblocks, h0 = (blockIdx.x % hblocks) * M, split = blockIdx.y;
+    if (row >= p.n) return;
+    const int nh = min(M, p.h - h0);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tq = lane & 3;
+
+    int t_begin, t_end;
+    mma_split_range<T>(p, row, split, t_begin, t_end);
+    if (t_begin >= t_end) {
+        mma_empty_split(p, row, h0, nh, split);
+        return;
+    }
+
+    const int rs = (w + 63) & ~63;
+    const int ubytes = (max(M * rs * 2, 4 * M * PS * 4) + 127) & ~127;
+    bf16* sQ = (bf16*)mla_smem;
+    float* sS = (float*)mla_smem;  // aliases sQ once the fragments are in registers
+    bf16* sKV = (bf16*)(mla_smem + ubytes);
+    bf16* sP = sKV + NS * T * rs;
+    float* sA = (float*)(sP + M * PS);
+    float* sMr = sA + M;
+    float* sL = sMr + M;
+
+    const bf16* cache = (const bf16*)p.cache + (long long)p.row_slot[row] * p.slot_stride;
+    const int ntiles = (t_end - t_begin + T - 1) / T;
+#pragma unroll
+    for (int s = 0; s < NS - 1; s++) {
+        if (s < ntiles) mma_load_tile<T>(cache, w, rs, sKV + s * T * rs, t_begin + s * T, t_begin, t_end, warp, lane);
+        cp_async_commit();
+    }
+    mma_stage_q<M>(p, sQ, rs, row, h0, nh, warp, lane);
+    __syncthreads();
+
+    // this warp's k16 steps of Q as A fragments (rows lane & 15, chunk lane / 16); every ldmatrix
+    // here reads rows r with r % 8 == lane % 8, so the swizzle is the per-lane constant xr
+    const int xr = (lane & 7) << 3;
+    const int ks = w >> 4, kb0 = warp * ks / 4, nks = (warp + 1) * ks / 4 - kb0;
+    auto swz = [&](int e) { return (e & ~63) | ((e & 63) ^ xr); };
+    uint32_t qf[QMAX][4];
+    {
+        const uint32_t qbase = smem_u32(sQ) + (uint32_t)((lane & 15) * rs) * 2u;
+#pragma unroll
+        for (int s = 0; s < QMAX; s++) {
+            if (s < nks) {
+                ldsm_x4(qbase + (uint32_t)swz((kb0 + s) * 16 + (lane >> 4) * 8) * 2u, qf[s]);
+            } else {
+                qf[s][0] = qf[s][1] = qf[s][2] = qf[s][3] = 0u;
+            }
+        }
+    }
+    // K (B, x4 = two n8 token tiles x one k16 step): token rows (lane / 16)·8 + lane % 8 of the
+    // pair, k chunk (lane / 8) % 2 -> b[0], b[1] for the first tile, b[2], b[3] for the second
+    const uint32_t krow = (uint32_t)((((lane >> 4) << 3) + (lane & 7)) * rs) * 2u;
+    const int kh = ((lane >> 3) & 1) * 8;
+    const int ntw = c >> 5, col0 = warp * (c >> 2);
+    const int sr = threadIdx.x >> 3, sj = (threadIdx.x & 7) * TPT;  // softmax row and first token
+
+    float o[1][16][4];
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[0][j][e] = 0.0f;
+    float m_run = NEG_INF, l_part = 0.0f;
+    const float sl2 = p.scale * 1.4426950408889634f;
+
+    for (int it = 0; it < ntiles; it++) {
+        cp_async_wait<NS - 2>();
+        __syncthreads();  // tile it landed; tile it-1's P·V done (sP, sA, the stage); qf loaded (sS)
+        {
+            const int nx = it + NS - 1;
+            if (nx < ntiles)
+                mma_load_tile<T>(cache, w, rs, sKV + (nx % NS) * T * rs, t_begin + nx * T, t_begin, t_end, warp, lane);
+            cp_async_commit();
+        }
+        const uint32_t kvbase = smem_u32(sKV + (it % NS) * T * rs);
+        const int t0 = t_begin + it * T;
+
+        // ---- 1. partial S over this warp's depth, all T tokens ----
+        float sacc[NT8][4];
+#pragma unroll
+        for (int nt = 0; nt < NT8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) sacc[nt][e] = 0.0f;
+#pragma unroll
+        for (int s = 0; s < QMAX; s++) {
+            if (s < nks) {
+                const uint32_t ko = kvbase + krow + (uint32_t)swz((kb0 + s) * 16 + kh) * 2u;
+#pragma unroll
+                for (int np = 0; np < NT8 / 2; np++) {
+                    uint32_t kb[4];
+                    ldsm_x4(ko + (uint32_t)(np * 16 * rs) * 2u, kb);
+                    mma_bf16_16816(sacc[2 * np], qf[s], kb[0], kb[1]);
+                    mma_bf16_16816(sacc[2 * np + 1], qf[s], kb[2], kb[3]);
+                }
+            }
+        }
+        {
+            float* sw = sS + warp * M * PS;
+#pragma unroll
+            for (int nt = 0; nt < NT8; nt++) {
+                const int col = nt * 8 + 2 * tq;
+                *reinterpret_cast<float2*>(sw + g * PS + col) = make_float2(sacc[nt][0], sacc[nt][1]);
+                *reinterpret_cast<float2*>(sw + (g + 8) * PS + col) = make_float2(sacc[nt][2], sacc[nt][3]);
+            }
+        }
+        __syncthreads();
+
+        // ---- 2. softmax of row sr, tokens sj + [0, TPT) ----
+        {
+            float sv[TPT];
+            float mx = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < TPT; j += 4) {
+                float4 a = *reinterpret_cast<const float4*>(sS + sr * PS + sj + j);
+#pragma unroll
+                for (int ww = 1; ww < 4; ww++) {
+                    const float4 b = *reinterpret_cast<const float4*>(sS + (ww * M + sr) * PS + sj + j);
+                    a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w;
+                }
+                sv[j] = a.x, sv[j + 1] = a.y, sv[j + 2] = a.z, sv[j + 3] = a.w;
+            }
+#pragma unroll
+            for (int j = 0; j < TPT; j++) {
+                sv[j] = t0 + sj + j < t_end ? sv[j] * sl2 : NEG_INF;
+                mx = fmaxf(mx, sv[j]);
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            const float mn = fmaxf(m_run, mx);
+            const float mu = mn == NEG_INF ? 0.0f : mn;  // no finite score yet: avoid -inf - -inf
+            const float alpha = fast_exp2(m_run - mu);
+            m_run = mn;
+            l_part *= alpha;
+#pragma unroll
+            for (int j = 0; j < TPT; j += 2) {
+                float r0, r1;
+                const uint32_t pp = pack_bf16x2(fast_exp2(sv[j] - mu), fast_exp2(sv[j + 1] - mu), r0, r1);
+                l_part += r0 + r1;
+                *reinterpret_cast<uint32_t*>(sP + sr * PS + sj + j) = pp;
+            }
+            if ((threadIdx.x & 7) == 0) sA[sr] = alpha;
+        }
+        __syncthreads();
+
+        // ---- 3. rescale O, O += P·V over this warp's columns ----
+        {
+            const float a0 = sA[g], a1 = sA[g + 8];
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                if (j < ntw) {
+                    o[0][j][0] *= a0;
+                    o[0][j][1] *= a0;
+                    o[0][j][2] *= a1;
+                    o[0][j][3] *= a1;
+                }
+            }
+        }
+        mma_pv<1, T>(o, sP, kvbase, rs, col0, ntw, xr, lane);
+    }
+
+    // ---- epilogue: l over the row's 8 lanes; write O (normalized or partial) ----
+    l_part += __shfl_xor_sync(0xffffffffu, l_part, 1);
+    l_part += __shfl_xor_sync(0xffffffffu, l_part, 2);
+    l_part += __shfl_xor_sync(0xffffffffu, l_part, 4);
+    if ((threadIdx.x & 7) == 0) sL[sr] = l_part, sMr[sr] = m_run;
+    __syncthreads();
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        const int hh = g + 8 * hr;
+        if (hh >= nh) continue;
+        mma_store_head(p, o[0], hr, row, h0 + hh, split, col0, ntw, tq, sMr[hh], sL[hh], warp == 0 && tq == 0);
+    }
+}
+
+// Variants (heads per CTA = 16*MT, tile T tokens, NS stages; d: depth-split S); the launcher picks
+// one by shape and by the GPU's opt-in shared memory (kernels/src/ops/mla.rs, MMA_VARIANTS).
 extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_bf16(MlaArgs p) { mla_decode_mma<1, 32, 2>(p); }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_m1s4_bf16(MlaArgs p) {
     mla_decode_mma<1, 32, 4>(p);
@@ -494,6 +745,15 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_m2t32_b
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_m2t64_bf16(MlaArgs p) {
     mla_decode_mma<2, 64, 2>(p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mmad_t32_bf16(MlaArgs p) {
+    mla_decode_mmad<32, 2>(p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mmad_s3_bf16(MlaArgs p) {
+    mla_decode_mmad<32, 3>(p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mmad_t64_bf16(MlaArgs p) {
+    mla_decode_mmad<64, 2>(p);
 }
 
 // Merges the splits: ō = Σ_s e^{m_s - M} o_s / Σ_s e^{m_s - M} l_s. grid: (N, H), block: 256.

@@ -23,6 +23,7 @@ struct Variant {
     const char* name;
     void (*kernel)(MlaArgs);
     int mt, t, ns;
+    bool depth;  // mla_decode_mmad (depth-split S)
 };
 static const Variant VARIANTS[] = {
     {"mla_decode_mma_bf16 (m1t32)", mla_decode_mma_bf16, 1, 32, 2},
@@ -30,10 +31,17 @@ static const Variant VARIANTS[] = {
     {"mla_decode_mma_m1t64_bf16", mla_decode_mma_m1t64_bf16, 1, 64, 2},
     {"mla_decode_mma_m2t32_bf16", mla_decode_mma_m2t32_bf16, 2, 32, 2},
     {"mla_decode_mma_m2t64_bf16", mla_decode_mma_m2t64_bf16, 2, 64, 2},
+    {"mla_decode_mmad_t32_bf16", mla_decode_mmad_t32_bf16, 1, 32, 2, true},
+    {"mla_decode_mmad_s3_bf16", mla_decode_mmad_s3_bf16, 1, 32, 3, true},
+    {"mla_decode_mmad_t64_bf16", mla_decode_mmad_t64_bf16, 1, 64, 2, true},
 };
 // MmaVariant::smem_bytes in kernels/src/ops/mla.rs
 static size_t smem_bytes(const Variant& v, int c, int dr) {
     size_t rs = (size_t)((c + dr + 63) / 64 * 64), m = 16 * v.mt;
+    if (v.depth) {
+        const size_t u = (std::max(2 * m * rs, 16 * m * (v.t + 8)) + 127) / 128 * 128;
+        return u + 2 * (v.ns * v.t * rs + m * (v.t + 8)) + 4 * 3 * m;
+    }
     return 2 * (m * rs + v.ns * v.t * rs + m * (v.t + 8)) + 4 * 8 * m;
 }
 
@@ -140,6 +148,9 @@ int main(int argc, char** argv) {
             bad += run_case(v, 16, 512, 64, 1030, {1, 63, 65, 1030}, splits, rng);
             bad += run_case(v, 5, 128, 32, 1100, {65, 1, 1030, 63}, splits, rng);
             if (!quick) bad += run_case(v, 40, 256, 32, 300, {0, 97, 300}, splits, rng);
+            // uneven depth splits over the warps: 64 + 32 (6 k16 steps), 64 + 0 (4)
+            if (!quick || v.depth) bad += run_case(v, 17, 64, 32, 130, {130, 2, 64}, splits, rng);
+            if (!quick || v.depth) bad += run_case(v, 3, 64, 0, 70, {70, 33}, splits, rng);
         }
         if (!quick) bad += run_case(v, 128, 512, 64, 200, {200, 33}, 3, rng);
     }

@@ -103,7 +103,9 @@ pub const MMA_THREADS: u32 = 128;
 /// The most splits [`mla_splits`] suggests.
 pub const MAX_SPLITS: usize = 64;
 
-/// A tensor-core variant of the bf16 decode kernel: `mla_decode_mma<m_tiles, tile, stages>`.
+/// A tensor-core variant of the bf16 decode kernel: `mla_decode_mma<m_tiles, tile, stages>`, or
+/// with `depth_split` `mla_decode_mmad<tile, stages>` (16 heads; S split over the warps along the
+/// depth, Q's fragments in registers instead of re-read from shared memory every tile).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmaVariant {
     /// Short name (`DSV3_MLA_MMA` picks a variant by it).
@@ -114,21 +116,34 @@ pub struct MmaVariant {
     /// Cache rows per shared-memory tile, and tiles in flight (cp.async stages).
     pub tile: usize,
     pub stages: usize,
+    /// `mla_decode_mmad` (m_tiles 1).
+    pub depth_split: bool,
 }
 
 /// Every tensor-core variant (all in `KERNELS`). Shared memory at C 512, dr 64: m1t32 92 KiB
 /// (every sm_80+ GPU, the 99 KiB ones included; two blocks per SM on H100), m1s4 (m1t32 with 4
 /// stages) 164 KiB and m1t64 165 KiB (H100), m2t32 112 KiB (A100; two blocks per SM on H100),
-/// m2t64 186 KiB (H100).
+/// m2t64 186 KiB (H100); the depth-split d1t32 91 KiB (two blocks per SM on H100), d1s3 (3
+/// stages) 127 KiB, d1t64 164 KiB.
 pub const MMA_VARIANTS: &[MmaVariant] = &[
-    MmaVariant { name: "m1t32", kernel: "mla_decode_mma_bf16", m_tiles: 1, tile: 32, stages: 2 },
-    MmaVariant { name: "m1s4", kernel: "mla_decode_mma_m1s4_bf16", m_tiles: 1, tile: 32, stages: 4 },
-    MmaVariant { name: "m1t64", kernel: "mla_decode_mma_m1t64_bf16", m_tiles: 1, tile: 64, stages: 2 },
-    MmaVariant { name: "m2t32", kernel: "mla_decode_mma_m2t32_bf16", m_tiles: 2, tile: 32, stages: 2 },
-    MmaVariant { name: "m2t64", kernel: "mla_decode_mma_m2t64_bf16", m_tiles: 2, tile: 64, stages: 2 },
+    MmaVariant::mma("m1t32", "mla_decode_mma_bf16", 1, 32, 2),
+    MmaVariant::mma("m1s4", "mla_decode_mma_m1s4_bf16", 1, 32, 4),
+    MmaVariant::mma("m1t64", "mla_decode_mma_m1t64_bf16", 1, 64, 2),
+    MmaVariant::mma("m2t32", "mla_decode_mma_m2t32_bf16", 2, 32, 2),
+    MmaVariant::mma("m2t64", "mla_decode_mma_m2t64_bf16", 2, 64, 2),
+    MmaVariant::depth("d1t32", "mla_decode_mmad_t32_bf16", 32, 2),
+    MmaVariant::depth("d1s3", "mla_decode_mmad_s3_bf16", 32, 3),
+    MmaVariant::depth("d1t64", "mla_decode_mmad_t64_bf16", 64, 2),
 ];
 
 impl MmaVariant {
+    const fn mma(name: &'static str, kernel: &'static str, m_tiles: usize, tile: usize, stages: usize) -> Self {
+        MmaVariant { name, kernel, m_tiles, tile, stages, depth_split: false }
+    }
+    const fn depth(name: &'static str, kernel: &'static str, tile: usize, stages: usize) -> Self {
+        MmaVariant { name, kernel, m_tiles: 1, tile, stages, depth_split: true }
+    }
+
     /// Heads per block.
     pub fn heads(&self) -> usize {
         16 * self.m_tiles
@@ -136,11 +151,18 @@ impl MmaVariant {
 
     /// Dynamic shared memory in bytes (the layout in `kernels/cuda/mla.cu`): Q `[M][RS]`, the
     /// cache ring `[stages][tile][RS]` and P `[M][tile + 8]` in bf16, two `[4][M]` f32 arrays;
-    /// `M` = heads per block, `RS` = `C + dr` rounded up to 64.
+    /// `M` = heads per block, `RS` = `C + dr` rounded up to 64. Depth-split: Q shares its space
+    /// with the S partials `[4][M][tile + 8]` f32 (rounded up to 128 bytes), and three `[M]` f32
+    /// arrays instead of the two `[4][M]`.
     pub fn smem_bytes(&self, c: usize, dr: usize) -> usize {
         let rs = (c + dr).div_ceil(64) * 64;
         let m = self.heads();
-        2 * (m * rs + self.stages * self.tile * rs + m * (self.tile + 8)) + 4 * 8 * m
+        let ring_p = 2 * (self.stages * self.tile * rs + m * (self.tile + 8));
+        if self.depth_split {
+            (2 * m * rs).max(16 * m * (self.tile + 8)).div_ceil(128) * 128 + ring_p + 4 * 3 * m
+        } else {
+            2 * m * rs + ring_p + 4 * 8 * m
+        }
     }
 
     /// The shapes the tensor-core kernels take (bf16 only): C a multiple of 64 up to 512, dr a
@@ -547,6 +569,13 @@ mod tests {
         assert!(m1t32.smem_bytes(512, 64) <= 99 * 1024);
         // rows padded to 64 elements: C 128 + dr 32 -> 192
         assert_eq!(m1t32.smem_bytes(128, 32), 2 * (16 * 192 + 2 * 32 * 192 + 16 * 40) + 4 * 8 * 16);
+        // depth-split at V3's shapes: Q (18 KiB) holds the S partials (10 KiB); two blocks per SM
+        let d1t32 = MMA_VARIANTS.iter().find(|v| v.name == "d1t32").unwrap();
+        assert!(d1t32.depth_split && d1t32.heads() == 16);
+        assert_eq!(d1t32.smem_bytes(512, 64), 18432 + 2 * (2 * 32 * 576 + 16 * 40) + 4 * 3 * 16);
+        assert!(2 * d1t32.smem_bytes(512, 64) <= 227 * 1024);
+        // small depth: the S partials are the larger part of the union (16·16·40 = 10240 bytes)
+        assert_eq!(d1t32.smem_bytes(64, 0), 10240 + 2 * (2 * 32 * 64 + 16 * 40) + 4 * 3 * 16);
         assert!(MmaVariant::takes(512, 64) && MmaVariant::takes(128, 32) && MmaVariant::takes(64, 0));
         assert!(!MmaVariant::takes(96, 32) && !MmaVariant::takes(512, 16) && !MmaVariant::takes(576, 64));
     }

@@ -108,6 +108,9 @@ run_bench() {
     gpu/bin/dsv3 bench --model /tmp/m88 --train --device cuda --dtype "$dt" --batch 8 --prompt-len 512 --repeat 5 ||
       echo "training bench ($dt) failed"
   done
+  # the bf16 products on cuBLAS instead of the mma kernels (DSV3_TRAIN_GEMM=cublas), same step
+  DSV3_TRAIN_GEMM=cublas gpu/bin/dsv3 bench --model /tmp/m88 --train --device cuda --dtype bf16 --batch 8 \
+    --prompt-len 512 --repeat 5 || echo "training bench (bf16, cuBLAS products) failed"
   gpu/bin/dsv3 bench --model /tmp/m88 --train --device cuda --dtype bf16 --precision fp8 --batch 8 --prompt-len 512 \
     --repeat 5 || echo "training bench (bf16 + fp8) failed"
   gpu/bin/kernel_bench
@@ -144,6 +147,10 @@ run_triage() {
     triage_one "k_$t" "default"
     triage_one "k_$t" "DSV3_TRAIN_FLASH=0" DSV3_TRAIN_FLASH=0
   done
+  for t in train_pass train_step; do
+    triage_one "k_$t" "DSV3_TRAIN_GEMM=cublas" DSV3_TRAIN_GEMM=cublas
+  done
+  # gemm: the mma kernels' layouts and the training products on cuBLAS
   for t in gemm sampling train; do
     triage_one "k_$t" "default"
   done

@@ -208,14 +208,18 @@ pub fn bench_train(
     let tflops = tps * flops_tok / 1e12;
     let mfu = tps * flops_tok / H100_BF16_PEAK_FLOPS;
     let name = &dev.name;
+    // the engine of the non-FP8 products (DSV3_TRAIN_GEMM; f32 mode is always cuBLAS)
+    let gemm = if dtype == DType::F32 || dsv3_kernels::train::mm::train_gemm_cublas() { "cublas" } else { "mma" };
     if json {
         println!(
-            "{{\"device\":{name:?},\"dtype\":\"{dtype:?}\",\"precision\":\"{precision:?}\",\"batch\":{batch},\"seq_len\":{seq_len},\"steps\":{steps},\"step_ms\":{:.3},\"train_tokens_per_s\":{tps:.1},\"active_params\":{active},\"flops_per_token\":{flops_tok:.0},\"tflops\":{tflops:.2},\"mfu\":{mfu:.5},\"peak_tflops\":{:.1}}}",
+            "{{\"device\":{name:?},\"dtype\":\"{dtype:?}\",\"precision\":\"{precision:?}\",\"gemm\":\"{gemm}\",\"batch\":{batch},\"seq_len\":{seq_len},\"steps\":{steps},\"step_ms\":{:.3},\"train_tokens_per_s\":{tps:.1},\"active_params\":{active},\"flops_per_token\":{flops_tok:.0},\"tflops\":{tflops:.2},\"mfu\":{mfu:.5},\"peak_tflops\":{:.1}}}",
             med * 1e3,
             H100_BF16_PEAK_FLOPS / 1e12
         );
     } else {
-        println!("{name}, {dtype:?}, linears {precision:?}: train, batch {batch} x {seq_len} tokens, median of {steps} steps");
+        println!(
+            "{name}, {dtype:?}, linears {precision:?}, products on {gemm}: train, batch {batch} x {seq_len} tokens, median of {steps} steps"
+        );
         println!("step {:.2} ms, {tps:.1} tokens/s", med * 1e3);
         println!(
             "{tflops:.2} TFLOP/s ({:.3e} FLOPs/token: 6 x {active} active params + attention), MFU {:.2}% of {:.1} TFLOP/s (H100 SXM dense bf16 peak)",

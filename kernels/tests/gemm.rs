@@ -861,3 +861,126 @@ fn mma_gemm_rejects_bad_operands() {
     let s = MatShape { lda: 2, ..MatShape::plain(Layout::TN, 3, 3, 4) };
     assert!(gemm_tn(&dev, &a, Operand::Act(&a), &mut c, &s).is_err(), "lda < m");
 }
+
+/// The training products on cuBLAS (`DSV3_TRAIN_GEMM=cublas`: `Mm::with_cublas(.., true)`, bf16
+/// operands, bf16 or f32 C, f32 compute): every layout plain and accumulating, batched with
+/// strides, and grouped by expert with host offsets (NN by rows; TN by K, with empty experts
+/// zeroed or kept), against the f64 reference at the mma kernels' bounds.
+#[test]
+fn train_products_on_cublas_match_the_reference() {
+    use dsv3_kernels::train::mm::{dims, Groups, Mm, Rd, Wr};
+    let Some(dev) = device("train_products_on_cublas_match_the_reference") else { return };
+    let mm = Mm::with_cublas(&dev, DType::Bf16, true).unwrap();
+    assert!(mm.bf16_on_cublas());
+    let mut rng = Rng::new(23);
+    for l in LAYOUTS {
+        for (m, n, k, batch) in [(7usize, 33usize, 45usize, 1usize), (130, 136, 72, 1), (40, 48, 64, 3)] {
+            let (ca, cb) = (if l == Layout::TN { m } else { k }, if l == Layout::NT { k } else { n });
+            let (lda, ldb, ldc) = (ca + 8, cb + 16, n + 5);
+            let (alen, blen) = mat_lens(l, m, n, k, lda, ldb);
+            let (sa, sb, sc) = (alen + 24, if batch > 1 { blen + 8 } else { 0 }, m * ldc + 7);
+            let a = bf16r(&randn(&mut rng, batch * sa));
+            let b = bf16r(&randn(&mut rng, (batch - 1) * sb + blen));
+            let clen = (batch - 1) * sc + (m - 1) * ldc + n;
+            let aa = Act::from_f32(&dev, DType::Bf16, &a).unwrap();
+            let bb = Act::from_f32(&dev, DType::Bf16, &b).unwrap();
+            for out_dt in [DType::Bf16, DType::F32] {
+                for acc in [false, true] {
+                    let prev = randn(&mut rng, clen);
+                    let mut c =
+                        if acc { Act::from_f32(&dev, out_dt, &prev).unwrap() } else { poisoned(&dev, out_dt, clen) };
+                    let (ra, rb) = (Rd { buf: &aa, off: 0, ld: lda, st: sa }, Rd { buf: &bb, off: 0, ld: ldb, st: sb });
+                    let cw = Wr { buf: &mut c, off: 0, ld: ldc, st: sc };
+                    mm.run(&dev, l, dims(m, n, k).batch(batch).acc(acc), ra, rb, cw, None).unwrap();
+                    let got = c.to_f32(&dev).unwrap();
+                    let prev_r = if out_dt == DType::Bf16 { bf16r(&prev) } else { prev };
+                    let (mut want, mut sabs, mut gotv) = (vec![], vec![], vec![]);
+                    let mut written = vec![false; clen];
+                    for bi in 0..batch {
+                        for r in 0..m {
+                            for j in 0..n {
+                                let at = bi * sc + r * ldc + j;
+                                written[at] = true;
+                                let (mut v, mut s1) = mat_dot(l, &a, &b, (bi * sa, lda), (bi * sb, ldb), r, j, (0, k));
+                                if acc {
+                                    v += prev_r[at] as f64;
+                                    s1 += prev_r[at].abs() as f64;
+                                }
+                                want.push(v);
+                                sabs.push(s1);
+                                gotv.push(got[at]);
+                            }
+                        }
+                    }
+                    let what = format!("cuBLAS {l:?} {m}x{n}x{k} x{batch} acc={acc} -> {out_dt:?}");
+                    assert_gemm_close(&gotv, &want, &sabs, out_dt, &what);
+                    if !acc {
+                        assert!(got.iter().zip(&written).all(|(v, w)| *w || v.is_nan()), "{what}: wrote outside C");
+                    }
+                }
+            }
+        }
+    }
+    // grouped by expert with host offsets: empty experts, ragged counts
+    let counts = [0usize, 1, 64, 65, 0, 3, 130];
+    let g = counts.len();
+    let rows: usize = counts.iter().sum();
+    let (ro, to) = offsets(&counts);
+    let (ro_d, to_d) = (upload(&dev, &ro).unwrap(), upload(&dev, &to).unwrap());
+    let gr = Groups {
+        row_offsets: &ro_d,
+        tile_offsets: &to_d,
+        max_tiles: rows.div_ceil(GEMM_BM) + g,
+        host: Some(&ro),
+        groups: g,
+    };
+    let (d_in, d_out) = (72usize, 136usize);
+    let dy = bf16r(&randn(&mut rng, rows * d_out));
+    let x = bf16r(&randn(&mut rng, rows * d_in));
+    let w = bf16r(&randn(&mut rng, g * d_out * d_in));
+    let (dya, xa, wa) = (
+        Act::from_f32(&dev, DType::Bf16, &dy).unwrap(),
+        Act::from_f32(&dev, DType::Bf16, &x).unwrap(),
+        Act::from_f32(&dev, DType::Bf16, &w).unwrap(),
+    );
+    // NN: dX [rows, d_in] = dY_e · W_e
+    let mut c = poisoned(&dev, DType::Bf16, rows * d_in);
+    let (ra, rb) = (Rd { buf: &dya, off: 0, ld: d_out, st: 0 }, Rd { buf: &wa, off: 0, ld: d_in, st: d_out * d_in });
+    mm.grouped(&dev, Layout::NN, dims(rows, d_in, d_out), ra, rb, Wr { buf: &mut c, off: 0, ld: d_in, st: 0 }, &gr)
+        .unwrap();
+    let got = c.to_f32(&dev).unwrap();
+    let (mut want, mut sabs) = (vec![0f64; rows * d_in], vec![0f64; rows * d_in]);
+    for e in 0..g {
+        for r in ro[e] as usize..ro[e + 1] as usize {
+            for j in 0..d_in {
+                let (v, sa) = mat_dot(Layout::NN, &dy, &w, (0, d_out), (e * d_out * d_in, d_in), r, j, (0, d_out));
+                want[r * d_in + j] = v;
+                sabs[r * d_in + j] = sa;
+            }
+        }
+    }
+    assert_gemm_close(&got, &want, &sabs, DType::Bf16, "cuBLAS grouped NN (dX)");
+    // TN: dW_e (+)= dY_eᵀ · X_e into f32; without accumulation an empty expert's dW is zeroed
+    for acc in [false, true] {
+        let prev = randn(&mut rng, g * d_out * d_in);
+        let mut dw = Act::from_f32(&dev, DType::F32, &prev).unwrap();
+        let (ra, rb) = (Rd { buf: &dya, off: 0, ld: d_out, st: 0 }, Rd { buf: &xa, off: 0, ld: d_in, st: 0 });
+        let cw = Wr { buf: &mut dw, off: 0, ld: d_in, st: d_out * d_in };
+        mm.grouped(&dev, Layout::TN, dims(d_out, d_in, rows).acc(acc), ra, rb, cw, &gr).unwrap();
+        let got = dw.to_f32(&dev).unwrap();
+        let (mut want, mut sabs) = (vec![0f64; g * d_out * d_in], vec![0f64; g * d_out * d_in]);
+        for e in 0..g {
+            for r in 0..d_out {
+                for j in 0..d_in {
+                    let at = e * d_out * d_in + r * d_in + j;
+                    let span = (ro[e] as usize, ro[e + 1] as usize);
+                    let (v, sa) = mat_dot(Layout::TN, &dy, &x, (0, d_out), (0, d_in), r, j, span);
+                    let p = if acc { prev[at] as f64 } else { 0.0 };
+                    want[at] = v + p;
+                    sabs[at] = sa + p.abs();
+                }
+            }
+        }
+        assert_gemm_close(&got, &want, &sabs, DType::F32, &format!("cuBLAS grouped TN (dW) acc={acc}"));
+    }
+}

@@ -645,9 +645,11 @@ impl Cx<'_> {
             Some(super::fp8::plan_in_token_order(self.dev, &idx, nk, k, e, &mut plan)?)
         } else {
             moe::plan(self.dev, &idx, n, k, e, &mut plan)?;
-            match self.dt {
-                DType::F32 => Some(download(self.dev, &plan.row_offsets)?),
-                DType::Bf16 => None,
+            // cuBLAS products (f32 mode, DSV3_TRAIN_GEMM=cublas) loop over the experts on the host
+            if self.dt == DType::F32 || self.mm.bf16_on_cublas() {
+                Some(download(self.dev, &plan.row_offsets)?)
+            } else {
+                None
             }
         };
         let mut xe = self.act(nk * d)?;

@@ -2,9 +2,11 @@
 //!
 //! [`Mm`] runs `C (+)= op(A)·op(B)` in the three row-major layouts of [`Layout`] (NT: `x·Wᵀ`,
 //! NN: `dY·W`, TN: `dYᵀ·X`), plain, batched with strides, or grouped by expert: in bf16 mode on
-//! the mma.sync kernels ([`gemm_mat`]; bf16 operands, bf16 or f32 C), in f32 mode through cuBLAS
-//! SGEMM (strided batched; grouped products loop over the experts with the row offsets on the
-//! host). [`View`] and [`ActView`] are non-owning handles to part of a buffer (an arena's tensor),
+//! the mma.sync kernels ([`gemm_mat`]; bf16 operands, bf16 or f32 C) or, with
+//! `DSV3_TRAIN_GEMM=cublas`, cuBLAS (`cublasGemmStridedBatchedEx`: bf16 operands, bf16 or f32 C,
+//! f32 accumulation; products with a bias epilogue and grouped products without host offsets stay
+//! on the mma kernels), in f32 mode through cuBLAS SGEMM (strided batched; grouped products loop
+//! over the experts with the row offsets on the host). [`View`] and [`ActView`] are non-owning handles to part of a buffer (an arena's tensor),
 //! for launchers that take whole buffers.
 use crate::device::{cuda_err, Device};
 use crate::ops::gemm::{gemm_mat, Grouped, Layout, MatShape, Operand};
@@ -164,7 +166,42 @@ pub struct Groups<'a> {
 /// The products' engine for one dtype.
 pub struct Mm {
     pub dt: DType,
+    /// f32 mode: always (pedantic math: the CPU oracle's products); bf16 mode: with
+    /// [`train_gemm_cublas`].
     blas: Option<CudaBlas>,
+}
+
+/// `DSV3_TRAIN_GEMM` (read once): `cublas` runs bf16 training products on cuBLAS instead of the
+/// mma kernels (`mma`, the default); anything else is reported and ignored.
+pub fn train_gemm_cublas() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| match std::env::var("DSV3_TRAIN_GEMM").as_deref().map(str::trim) {
+        Ok("cublas") => true,
+        Ok("mma") | Ok("") | Err(_) => false,
+        Ok(v) => {
+            eprintln!("DSV3_TRAIN_GEMM={v}: expected cublas or mma; using mma");
+            false
+        }
+    })
+}
+
+/// Opens cuBLAS on the device stream (`what`: the mode that needs it, for the error).
+fn open_blas(dev: &Device, what: &str) -> Result<CudaBlas> {
+    // SAFETY: only tries to dlopen the library
+    let present = std::panic::catch_unwind(|| unsafe { blas_sys::is_culib_present() }).unwrap_or(false);
+    if !present {
+        return Err(Error::Unsupported(format!("{what} needs cuBLAS (libcublas.so), which could not be loaded")));
+    }
+    CudaBlas::new(dev.stream.clone()).map_err(|e| cuda_err("cuBLAS handle", e))
+}
+
+/// A device operand's address at element `off` and its cuBLAS type.
+fn blas_ptr(dev: &Device, a: &Act, off: usize) -> Result<(u64, blas_sys::cudaDataType)> {
+    use blas_sys::cudaDataType::{CUDA_R_16BF, CUDA_R_32F};
+    Ok(match a {
+        Act::F32(s) => (dptr(dev, s, off.min(s.len()))?, CUDA_R_32F),
+        Act::Bf16(s) => (dptr(dev, s, off.min(s.len()))?, CUDA_R_16BF),
+    })
 }
 
 /// Stored operand shape `[rows, cols]` of A and B in `l` for `m x n x k`.
@@ -175,19 +212,19 @@ fn stored(l: Layout, m: usize, n: usize, k: usize) -> ((usize, usize), (usize, u
 }
 
 impl Mm {
-    /// bf16 mode needs nothing; f32 mode opens cuBLAS on the device stream.
+    /// bf16 mode: the mma kernels, or cuBLAS with `DSV3_TRAIN_GEMM=cublas` ([`Mm::with_cublas`]);
+    /// f32 mode opens cuBLAS on the device stream.
     pub fn new(dev: &Device, dt: DType) -> Result<Mm> {
+        Mm::with_cublas(dev, dt, train_gemm_cublas())
+    }
+
+    /// [`Mm::new`] with the bf16 engine chosen by the caller (`cublas`; f32 mode always uses it).
+    pub fn with_cublas(dev: &Device, dt: DType, cublas: bool) -> Result<Mm> {
         let blas = match dt {
+            DType::Bf16 if cublas => Some(open_blas(dev, "DSV3_TRAIN_GEMM=cublas")?),
             DType::Bf16 => None,
             DType::F32 => {
-                // SAFETY: only tries to dlopen the library
-                let present = std::panic::catch_unwind(|| unsafe { blas_sys::is_culib_present() }).unwrap_or(false);
-                if !present {
-                    return Err(Error::Unsupported(
-                        "GPU training in f32 mode needs cuBLAS (libcublas.so), which could not be loaded".into(),
-                    ));
-                }
-                let b = CudaBlas::new(dev.stream.clone()).map_err(|e| cuda_err("cuBLAS handle", e))?;
+                let b = open_blas(dev, "GPU training in f32 mode")?;
                 // no TF32: the f32 mode is the CPU oracle's math
                 // SAFETY: a valid handle
                 unsafe { blas_sys::cublasSetMathMode(*b.handle(), blas_sys::cublasMath_t::CUBLAS_PEDANTIC_MATH) }
@@ -197,6 +234,11 @@ impl Mm {
             }
         };
         Ok(Mm { dt, blas })
+    }
+
+    /// Whether bf16 products run on cuBLAS (grouped ones then want host offsets in [`Groups`]).
+    pub fn bf16_on_cublas(&self) -> bool {
+        self.dt == DType::Bf16 && self.blas.is_some()
     }
 
     /// `C (+)= op(A)·op(B)` (+ `bias` `[n]` on every row: bf16 mode only, f32 mode adds it with
@@ -216,6 +258,12 @@ impl Mm {
             return Ok(());
         }
         match self.dt {
+            DType::Bf16 if self.blas.is_some() && bias.is_none() => {
+                if d.k == 0 {
+                    return Err(Error::Input("train mm: k = 0".into()));
+                }
+                self.blas_gemm(dev, l, d, a, b, c)
+            }
             DType::Bf16 => {
                 let s = MatShape {
                     m: d.m,
@@ -244,7 +292,7 @@ impl Mm {
                 if bias.is_some() {
                     return Err(Error::Input("train mm: f32 bias goes through add_bias".into()));
                 }
-                self.sgemm(dev, l, d, a, b, c)
+                self.blas_gemm(dev, l, d, a, b, c)
             }
         }
     }
@@ -258,7 +306,7 @@ impl Mm {
             return Ok(());
         }
         match self.dt {
-            DType::Bf16 => {
+            DType::Bf16 if self.blas.is_none() || g.host.is_none() => {
                 let s = MatShape {
                     m: d.m,
                     n: d.n,
@@ -283,7 +331,8 @@ impl Mm {
                 };
                 gemm_mat(dev, l, a.buf, Operand::Act(b.buf), c.buf, &s)
             }
-            DType::F32 => {
+            // f32 mode, and bf16 on cuBLAS with host offsets: one product per non-empty expert
+            _ => {
                 let ro =
                     g.host.ok_or_else(|| Error::Input("train mm: f32 grouped product without host offsets".into()))?;
                 if ro.len() < g.groups + 1 {
@@ -298,8 +347,9 @@ impl Mm {
                     if l == Layout::TN {
                         if rows == 0 {
                             if !d.acc {
-                                self.sgemm_zero(
+                                self.blas_zero(
                                     dev,
+                                    a.buf.dtype(),
                                     d.m,
                                     d.n,
                                     Wr { buf: &mut *c.buf, off: c.off + e * c.st, ld: c.ld, st: 0 },
@@ -310,7 +360,7 @@ impl Mm {
                         let ae = Rd { off: a.off + r0 * a.ld, st: 0, ..a };
                         let be = Rd { off: b.off + r0 * b.ld, st: 0, ..b };
                         let ce = Wr { buf: &mut *c.buf, off: c.off + e * c.st, ld: c.ld, st: 0 };
-                        self.sgemm(dev, l, Dims { k: rows, batch: 1, ..d }, ae, be, ce)?;
+                        self.blas_gemm(dev, l, Dims { k: rows, batch: 1, ..d }, ae, be, ce)?;
                     } else {
                         if rows == 0 {
                             continue;
@@ -318,7 +368,7 @@ impl Mm {
                         let ae = Rd { off: a.off + r0 * a.ld, st: 0, ..a };
                         let be = Rd { off: b.off + e * b.st, st: 0, ..b };
                         let ce = Wr { buf: &mut *c.buf, off: c.off + r0 * c.ld, ld: c.ld, st: 0 };
-                        self.sgemm(dev, l, Dims { m: rows, batch: 1, ..d }, ae, be, ce)?;
+                        self.blas_gemm(dev, l, Dims { m: rows, batch: 1, ..d }, ae, be, ce)?;
                     }
                 }
                 Ok(())
@@ -328,25 +378,29 @@ impl Mm {
 
     /// f32 mode: `C[m, n] += 1·bias` on every row (a rank-1 product with `ones` `[≥ m]`).
     pub fn add_bias(&self, dev: &Device, ones: &Act, bias: &Act, m: usize, n: usize, c: Wr) -> Result<()> {
-        self.sgemm(dev, Layout::NN, dims(m, n, 1).acc(true), rd(ones, 0, 1), rd(bias, 0, n), c)
+        self.blas_gemm(dev, Layout::NN, dims(m, n, 1).acc(true), rd(ones, 0, 1), rd(bias, 0, n), c)
     }
 
-    fn sgemm_zero(&self, dev: &Device, m: usize, n: usize, c: Wr) -> Result<()> {
-        // C = 0·C through a product with k = 1 and beta 0 (cuBLAS never reads C then)
-        let z = crate::tensor::zeros::<f32>(dev, m.max(n))?;
-        let z = Act::F32(z);
-        self.sgemm(dev, Layout::NN, dims(m, n, 1), rd(&z, 0, 1), rd(&z, 0, n), c)
+    /// `C = 0` through a product with k = 1 and beta 0 (cuBLAS never reads C then); operands of
+    /// dtype `dt`.
+    fn blas_zero(&self, dev: &Device, dt: DType, m: usize, n: usize, c: Wr) -> Result<()> {
+        let z = Act::zeros(dev, dt, m.max(n))?;
+        self.blas_gemm(dev, Layout::NN, dims(m, n, 1), rd(&z, 0, 1), rd(&z, 0, n), c)
     }
 
-    /// cuBLAS SGEMM (strided batched): row-major `C = X·Y` is column-major `Cᵀ = Yᵀ·Xᵀ`.
-    fn sgemm(&self, dev: &Device, l: Layout, d: Dims, a: Rd, b: Rd, c: Wr) -> Result<()> {
+    /// cuBLAS (strided batched): row-major `C = X·Y` is column-major `Cᵀ = Yᵀ·Xᵀ`. f32 operands
+    /// and C: SGEMM (under the handle's pedantic math mode in f32 mode); bf16 operands, bf16 or
+    /// f32 C: GemmEx with f32 compute.
+    fn blas_gemm(&self, dev: &Device, l: Layout, d: Dims, a: Rd, b: Rd, c: Wr) -> Result<()> {
         let blas = self.blas.as_ref().ok_or_else(|| Error::Input("train mm: no cuBLAS handle".into()))?;
         if d.m == 0 || d.n == 0 || d.batch == 0 {
             return Ok(());
         }
-        let (Act::F32(ab), Act::F32(bb), Act::F32(cb)) = (a.buf, b.buf, &*c.buf) else {
-            return Err(Error::Input("train mm: f32 mode needs f32 operands".into()));
-        };
+        let f32_only = matches!((a.buf, b.buf, &*c.buf), (Act::F32(_), Act::F32(_), Act::F32(_)));
+        if !f32_only && !matches!((a.buf, b.buf), (Act::Bf16(_), Act::Bf16(_))) {
+            return Err(Error::Input("train mm: cuBLAS takes f32 operands and C, or bf16 operands".into()));
+        }
+        let (ab, bb, cb) = (a.buf.len(), b.buf.len(), c.buf.len());
         let ((ra, ca), (rb, cb_)) = stored(l, d.m, d.n, d.k);
         if a.ld < ca.max(1) || b.ld < cb_.max(1) || c.ld < d.n {
             return Err(Error::Input(format!("train mm {l:?}: lda {}, ldb {}, ldc {} for {d:?}", a.ld, b.ld, c.ld)));
@@ -366,9 +420,9 @@ impl Mm {
                 Ok(())
             }
         };
-        chk(ext(a.off, a.st, ra, a.ld, ca), ab.len(), "A")?;
-        chk(ext(b.off, b.st, rb, b.ld, cb_), bb.len(), "B")?;
-        chk(ext(c.off, c.st, d.m, c.ld, d.n), cb.len(), "C")?;
+        chk(ext(a.off, a.st, ra, a.ld, ca), ab, "A")?;
+        chk(ext(b.off, b.st, rb, b.ld, cb_), bb, "B")?;
+        chk(ext(c.off, c.st, d.m, c.ld, d.n), cb, "C")?;
         // cuBLAS runs on the thread's current context (the launchers bind it themselves)
         dev.ctx.bind_to_thread().map_err(|e| cuda_err("binding the context", e))?;
         use blas_sys::cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
@@ -380,9 +434,40 @@ impl Mm {
         };
         let i = |v: usize, what: &str| crate::ops::int(v, what);
         let (alpha, beta) = (1.0f32, if d.acc { 1.0f32 } else { 0.0 });
-        let ap = dptr(dev, ab, a.off.min(ab.len()))?;
-        let bp = dptr(dev, bb, b.off.min(bb.len()))?;
-        let cp = dptr(dev, cb, c.off)?;
+        let (ap, at) = blas_ptr(dev, a.buf, a.off)?;
+        let (bp, bt) = blas_ptr(dev, b.buf, b.off)?;
+        let (cp, ct) = blas_ptr(dev, c.buf, c.off)?;
+        if !f32_only {
+            // SAFETY: as below; alpha and beta are f32 for the f32 compute type
+            return unsafe {
+                blas::gemm_strided_batched_ex(
+                    *blas.handle(),
+                    tb,
+                    ta,
+                    i(d.n, "n")?,
+                    i(d.m, "m")?,
+                    i(d.k, "k")?,
+                    &alpha as *const f32 as *const std::ffi::c_void,
+                    bp as *const std::ffi::c_void,
+                    bt,
+                    i(b.ld, "ldb")?,
+                    b.st as i64,
+                    ap as *const std::ffi::c_void,
+                    at,
+                    i(a.ld, "lda")?,
+                    a.st as i64,
+                    &beta as *const f32 as *const std::ffi::c_void,
+                    cp as *mut std::ffi::c_void,
+                    ct,
+                    i(c.ld, "ldc")?,
+                    c.st as i64,
+                    i(d.batch, "batch")?,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| cuda_err("cuBLAS GemmEx (bf16)", e));
+        }
         // SAFETY: every operand's extent is checked against its buffer above; the handle runs on
         // the device stream.
         unsafe {

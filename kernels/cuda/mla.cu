@@ -195,17 +195,6 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi, float& rlo, 
 
 // ---- pieces shared by the tensor-core variants (mla_decode_mma and mla_decode_mmad) ----
 
-// This CTA's tokens [t_begin, t_end) of its row: the row's own length partitioned into splits of
-// a whole number of T-token tiles.
-template <int T>
-__device__ __forceinline__ void mma_split_range(const MlaArgs& p, int row, int split, int& t_begin, int& t_end) {
-    const int len = max(0, min(p.row_len[row], p.max_len));
-    int per = (len + p.splits - 1) / p.splits;
-    per = (per + T - 1) / T * T;
-    t_begin = split * per;
-    t_end = min(len, t_begin + per);
-}
-
 // An empty split (uniform over the CTA): a zero output row (one split) or m = -inf, l = 0.
 __device__ __forceinline__ void mma_empty_split(const MlaArgs& p, int row, int h0, int nh, int split) {
     const int c = p.c;
@@ -219,6 +208,34 @@ __device__ __forceinline__ void mma_empty_split(const MlaArgs& p, int row, int h
         p.part_ml[at] = -__int_as_float(0x7f800000);
         p.part_ml[at + 1] = 0.0f;
     }
+}
+
+// A tensor-core CTA's work: query row, first head and head count (blockIdx.x = row * head blocks
+// + head block), split (blockIdx.y) and its tokens [t_begin, t_end) (the row's own length
+// partitioned into splits of a whole number of T-token tiles); the thread's warp, lane and mma
+// coordinates (groupID g, thread in group tq). False (nothing more to do) for unsupported shapes,
+// rows past n and empty splits (whose outputs it writes).
+struct MmaCta {
+    int row, h0, nh, split, t_begin, t_end, warp, lane, g, tq;
+};
+template <int M, int T>
+__device__ __forceinline__ bool mma_cta(const MlaArgs& p, MmaCta& t) {
+    if (p.c % 64 != 0 || p.c > MLA_CMAX || p.dr % 32 != 0 || p.dr > MLA_RMAX) return false;
+    const int hblocks = (p.h + M - 1) / M;
+    t.row = blockIdx.x / hblocks, t.h0 = (blockIdx.x % hblocks) * M, t.split = blockIdx.y;
+    if (t.row >= p.n) return false;
+    t.nh = min(M, p.h - t.h0);
+    t.warp = threadIdx.x >> 5, t.lane = threadIdx.x & 31, t.g = t.lane >> 2, t.tq = t.lane & 3;
+    const int len = max(0, min(p.row_len[t.row], p.max_len));
+    int per = (len + p.splits - 1) / p.splits;
+    per = (per + T - 1) / T * T;
+    t.t_begin = t.split * per;
+    t.t_end = min(len, t.t_begin + per);
+    if (t.t_begin >= t.t_end) {  // nothing to attend to (uniform over the CTA)
+        mma_empty_split(p, t.row, t.h0, t.nh, t.split);
+        return false;
+    }
+    return true;
 }
 
 // Cache rows [t0, t0 + T) of the split into a ring stage `dst` ([T][rs], swizzled): warp w copies
@@ -254,6 +271,22 @@ __device__ __forceinline__ void mma_stage_q(const MlaArgs& p, bf16* sQ, int rs, 
             sQ[hh * rs + (j ^ ((hh & 7) << 3))] = v;
         }
     }
+}
+
+// The pipeline's start: tiles 0 .. NS-2 of the split in flight (one commit group each, empty past
+// the last tile) and Q staged into sQ (read only after a barrier). Returns the split's tile count.
+template <int M, int T, int NS>
+__device__ __forceinline__ int mma_prologue(const MlaArgs& p, const MmaCta& t, const bf16* cache, bf16* sQ, bf16* sKV,
+                                            int rs) {
+    const int w = p.c + p.dr, ntiles = (t.t_end - t.t_begin + T - 1) / T;
+#pragma unroll
+    for (int s = 0; s < NS - 1; s++) {
+        if (s < ntiles)
+            mma_load_tile<T>(cache, w, rs, sKV + s * T * rs, t.t_begin + s * T, t.t_begin, t.t_end, t.warp, t.lane);
+        cp_async_commit();
+    }
+    mma_stage_q<M>(p, sQ, rs, t.row, t.h0, t.nh, t.warp, t.lane);
+    return ntiles;
 }
 
 // O += P·V over this warp's output columns [col0, col0 + 8·ntw): P from sP [16·MT][T + 8] bf16,
@@ -324,21 +357,10 @@ __device__ __forceinline__ void mla_decode_mma(const MlaArgs& p) {
     const float NEG_INF = -__int_as_float(0x7f800000);
     static_assert(T % 32 == 0 && NS >= 2, "tile of 32k tokens, >= 2 stages");
 
-    const int c = p.c, w = p.c + p.dr;
-    if (c % 64 != 0 || c > MLA_CMAX || p.dr % 32 != 0 || p.dr > MLA_RMAX) return;
-    const int hblocks = (p.h + M - 1) / M;
-    const int row = blockIdx.x / hblocks, h0 = (blockIdx.x % hblocks) * M, split = blockIdx.y;
-    if (row >= p.n) return;
-    const int nh = min(M, p.h - h0);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, tq = lane & 3;  // mma groupID, thread in group
-
-    int t_begin, t_end;
-    mma_split_range<T>(p, row, split, t_begin, t_end);
-    if (t_begin >= t_end) {  // nothing to attend to (uniform over the CTA)
-        mma_empty_split(p, row, h0, nh, split);
-        return;
-    }
+    MmaCta t;
+    if (!mma_cta<M, T>(p, t)) return;
+    const int c = p.c, w = p.c + p.dr, row = t.row, h0 = t.h0, nh = t.nh, split = t.split;
+    const int warp = t.warp, lane = t.lane, g = t.g, tq = t.tq, t_begin = t.t_begin, t_end = t.t_end;
 
     const int rs = (w + 63) & ~63;  // smem row stride (elements): 128-byte multiple
     bf16* sQ = (bf16*)mla_smem;
@@ -348,13 +370,7 @@ __device__ __forceinline__ void mla_decode_mma(const MlaArgs& p) {
     float* sL = sM + 4 * M;
 
     const bf16* cache = (const bf16*)p.cache + (long long)p.row_slot[row] * p.slot_stride;
-    const int ntiles = (t_end - t_begin + T - 1) / T;
-#pragma unroll
-    for (int s = 0; s < NS - 1; s++) {
-        if (s < ntiles) mma_load_tile<T>(cache, w, rs, sKV + s * T * rs, t_begin + s * T, t_begin, t_end, warp, lane);
-        cp_async_commit();
-    }
-    mma_stage_q<M>(p, sQ, rs, row, h0, nh, warp, lane);  // read after the first tile's barrier
+    const int ntiles = mma_prologue<M, T, NS>(p, t, cache, sQ, sKV, rs);  // sQ read after a barrier
 
     // Per-lane ldmatrix offsets. Every ldmatrix below reads rows r with r % 8 == lane % 8, so the
     // swizzle term is the per-lane constant xr; offsets are within 64-element (128-byte) groups.
@@ -553,21 +569,10 @@ __device__ __forceinline__ void mla_decode_mmad(const MlaArgs& p) {
     static_assert(T % 32 == 0 && T <= 64 && NS >= 2, "tile of 32 or 64 tokens, >= 2 stages");
     static_assert((MLA_CMAX + MLA_RMAX) / 16 <= 4 * QMAX, "Q fragments per warp");
 
-    const int c = p.c, w = p.c + p.dr;
-    if (c % 64 != 0 || c > MLA_CMAX || p.dr % 32 != 0 || p.dr > MLA_RMAX) return;
-    const int hblocks = (p.h + M - 1) / M;
-    const int row = blockIdx.x / hblocks, h0 = (blockIdx.x % hblocks) * M, split = blockIdx.y;
-    if (row >= p.n) return;
-    const int nh = min(M, p.h - h0);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, tq = lane & 3;
-
-    int t_begin, t_end;
-    mma_split_range<T>(p, row, split, t_begin, t_end);
-    if (t_begin >= t_end) {
-        mma_empty_split(p, row, h0, nh, split);
-        return;
-    }
+    MmaCta t;
+    if (!mma_cta<M, T>(p, t)) return;
+    const int c = p.c, w = p.c + p.dr, row = t.row, h0 = t.h0, nh = t.nh, split = t.split;
+    const int warp = t.warp, lane = t.lane, g = t.g, tq = t.tq, t_begin = t.t_begin, t_end = t.t_end;
 
     const int rs = (w + 63) & ~63;
     const int ubytes = (max(M * rs * 2, 4 * M * PS * 4) + 127) & ~127;
@@ -580,13 +585,7 @@ __device__ __forceinline__ void mla_decode_mmad(const MlaArgs& p) {
     float* sL = sMr + M;
 
     const bf16* cache = (const bf16*)p.cache + (long long)p.row_slot[row] * p.slot_stride;
-    const int ntiles = (t_end - t_begin + T - 1) / T;
-#pragma unroll
-    for (int s = 0; s < NS - 1; s++) {
-        if (s < ntiles) mma_load_tile<T>(cache, w, rs, sKV + s * T * rs, t_begin + s * T, t_begin, t_end, warp, lane);
-        cp_async_commit();
-    }
-    mma_stage_q<M>(p, sQ, rs, row, h0, nh, warp, lane);
+    const int ntiles = mma_prologue<M, T, NS>(p, t, cache, sQ, sKV, rs);
     __syncthreads();
 
     // this warp's k16 steps of Q as A fragments (rows lane & 15, chunk lane / 16); every ldmatrix

@@ -773,6 +773,50 @@ fn mma_gemm_batched_with_strides_matches() {
     }
 }
 
+/// f64 reference of the grouped `dX = dY_e·W_e` (NN by rows; `dy` `[rows, d_out]`, `w`
+/// `[g, d_out, d_in]`, expert e's rows `ro[e]..ro[e + 1]`): values and `Σ|a·w|`.
+fn grouped_nn_ref(dy: &[f32], w: &[f32], ro: &[i32], d_in: usize, d_out: usize) -> (Vec<f64>, Vec<f64>) {
+    let rows = ro[ro.len() - 1] as usize;
+    let (mut want, mut sabs) = (vec![0f64; rows * d_in], vec![0f64; rows * d_in]);
+    for e in 0..ro.len() - 1 {
+        for r in ro[e] as usize..ro[e + 1] as usize {
+            for j in 0..d_in {
+                let (v, sa) = mat_dot(Layout::NN, dy, w, (0, d_out), (e * d_out * d_in, d_in), r, j, (0, d_out));
+                want[r * d_in + j] = v;
+                sabs[r * d_in + j] = sa;
+            }
+        }
+    }
+    (want, sabs)
+}
+
+/// f64 reference of the grouped `dW_e (+)= dY_eᵀ·X_e` (TN by K; `[g, d_out, d_in]`, on top of
+/// `prev` when given): values and `Σ|a·w|`.
+fn grouped_tn_ref(
+    dy: &[f32],
+    x: &[f32],
+    ro: &[i32],
+    d_out: usize,
+    d_in: usize,
+    prev: Option<&[f32]>,
+) -> (Vec<f64>, Vec<f64>) {
+    let g = ro.len() - 1;
+    let (mut want, mut sabs) = (vec![0f64; g * d_out * d_in], vec![0f64; g * d_out * d_in]);
+    for e in 0..g {
+        for r in 0..d_out {
+            for j in 0..d_in {
+                let at = e * d_out * d_in + r * d_in + j;
+                let span = (ro[e] as usize, ro[e + 1] as usize);
+                let (v, sa) = mat_dot(Layout::TN, dy, x, (0, d_out), (0, d_in), r, j, span);
+                let p = prev.map_or(0.0, |p| p[at] as f64);
+                want[at] = v + p;
+                sabs[at] = sa + p.abs();
+            }
+        }
+    }
+    (want, sabs)
+}
+
 #[test]
 fn mma_gemm_grouped_by_expert_matches() {
     let Some(dev) = device("mma_gemm_grouped_by_expert_matches") else { return };
@@ -804,16 +848,7 @@ fn mma_gemm_grouped_by_expert_matches() {
         let mut c = poisoned(&dev, out_dt, rows * d_in);
         gemm_nn(&dev, &dya, Operand::Weight(&wd), &mut c, &s).unwrap();
         let got = c.to_f32(&dev).unwrap();
-        let (mut want, mut sabs) = (vec![0f64; rows * d_in], vec![0f64; rows * d_in]);
-        for e in 0..g {
-            for r in ro[e] as usize..ro[e + 1] as usize {
-                for j in 0..d_in {
-                    let (v, sa) = mat_dot(Layout::NN, &dy, &w, (0, d_out), (e * d_out * d_in, d_in), r, j, (0, d_out));
-                    want[r * d_in + j] = v;
-                    sabs[r * d_in + j] = sa;
-                }
-            }
-        }
+        let (want, sabs) = grouped_nn_ref(&dy, &w, &ro, d_in, d_out);
         assert_gemm_close(&got, &want, &sabs, out_dt, &format!("grouped NN (dX) -> {out_dt:?}"));
     }
     // TN: dW [g, d_out, d_in] += dYᵀ · X per expert, over its rows
@@ -829,18 +864,7 @@ fn mma_gemm_grouped_by_expert_matches() {
     };
     gemm_tn(&dev, &dya, Operand::Act(&xa), &mut dw, &s).unwrap();
     let got = dw.to_f32(&dev).unwrap();
-    let (mut want, mut sabs) = (vec![0f64; g * d_out * d_in], vec![0f64; g * d_out * d_in]);
-    for e in 0..g {
-        for r in 0..d_out {
-            for j in 0..d_in {
-                let at = e * d_out * d_in + r * d_in + j;
-                let (v, sa) =
-                    mat_dot(Layout::TN, &dy, &x, (0, d_out), (0, d_in), r, j, (ro[e] as usize, ro[e + 1] as usize));
-                want[at] = v + prev[at] as f64;
-                sabs[at] = sa + prev[at].abs() as f64;
-            }
-        }
-    }
+    let (want, sabs) = grouped_tn_ref(&dy, &x, &ro, d_out, d_in, Some(&prev));
     assert_gemm_close(&got, &want, &sabs, DType::F32, "grouped TN (dW += dYᵀ·X, empty experts keep dW)");
 }
 
@@ -949,16 +973,7 @@ fn train_products_on_cublas_match_the_reference() {
     mm.grouped(&dev, Layout::NN, dims(rows, d_in, d_out), ra, rb, Wr { buf: &mut c, off: 0, ld: d_in, st: 0 }, &gr)
         .unwrap();
     let got = c.to_f32(&dev).unwrap();
-    let (mut want, mut sabs) = (vec![0f64; rows * d_in], vec![0f64; rows * d_in]);
-    for e in 0..g {
-        for r in ro[e] as usize..ro[e + 1] as usize {
-            for j in 0..d_in {
-                let (v, sa) = mat_dot(Layout::NN, &dy, &w, (0, d_out), (e * d_out * d_in, d_in), r, j, (0, d_out));
-                want[r * d_in + j] = v;
-                sabs[r * d_in + j] = sa;
-            }
-        }
-    }
+    let (want, sabs) = grouped_nn_ref(&dy, &w, &ro, d_in, d_out);
     assert_gemm_close(&got, &want, &sabs, DType::Bf16, "cuBLAS grouped NN (dX)");
     // TN: dW_e (+)= dY_eᵀ · X_e into f32; without accumulation an empty expert's dW is zeroed
     for acc in [false, true] {
@@ -968,19 +983,7 @@ fn train_products_on_cublas_match_the_reference() {
         let cw = Wr { buf: &mut dw, off: 0, ld: d_in, st: d_out * d_in };
         mm.grouped(&dev, Layout::TN, dims(d_out, d_in, rows).acc(acc), ra, rb, cw, &gr).unwrap();
         let got = dw.to_f32(&dev).unwrap();
-        let (mut want, mut sabs) = (vec![0f64; g * d_out * d_in], vec![0f64; g * d_out * d_in]);
-        for e in 0..g {
-            for r in 0..d_out {
-                for j in 0..d_in {
-                    let at = e * d_out * d_in + r * d_in + j;
-                    let span = (ro[e] as usize, ro[e + 1] as usize);
-                    let (v, sa) = mat_dot(Layout::TN, &dy, &x, (0, d_out), (0, d_in), r, j, span);
-                    let p = if acc { prev[at] as f64 } else { 0.0 };
-                    want[at] = v + p;
-                    sabs[at] = sa + p.abs();
-                }
-            }
-        }
+        let (want, sabs) = grouped_tn_ref(&dy, &x, &ro, d_out, d_in, acc.then_some(&prev[..]));
         assert_gemm_close(&got, &want, &sabs, DType::F32, &format!("cuBLAS grouped TN (dW) acc={acc}"));
     }
 }

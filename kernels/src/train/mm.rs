@@ -388,9 +388,9 @@ impl Mm {
         self.blas_gemm(dev, Layout::NN, dims(m, n, 1), rd(&z, 0, 1), rd(&z, 0, n), c)
     }
 
-    /// cuBLAS (strided batched): row-major `C = X·Y` is column-major `Cᵀ = Yᵀ·Xᵀ`. f32 operands
-    /// and C: SGEMM (under the handle's pedantic math mode in f32 mode); bf16 operands, bf16 or
-    /// f32 C: GemmEx with f32 compute.
+    /// cuBLAS `GemmStridedBatchedEx`: row-major `C = X·Y` is column-major `Cᵀ = Yᵀ·Xᵀ`. f32
+    /// operands and C: f32 pedantic compute (SGEMM without TF32); bf16 operands, bf16 or f32 C:
+    /// f32 compute.
     fn blas_gemm(&self, dev: &Device, l: Layout, d: Dims, a: Rd, b: Rd, c: Wr) -> Result<()> {
         let blas = self.blas.as_ref().ok_or_else(|| Error::Input("train mm: no cuBLAS handle".into()))?;
         if d.m == 0 || d.n == 0 || d.batch == 0 {
@@ -437,62 +437,43 @@ impl Mm {
         let (ap, at) = blas_ptr(dev, a.buf, a.off)?;
         let (bp, bt) = blas_ptr(dev, b.buf, b.off)?;
         let (cp, ct) = blas_ptr(dev, c.buf, c.off)?;
-        if !f32_only {
-            // SAFETY: as below; alpha and beta are f32 for the f32 compute type
-            return unsafe {
-                blas::gemm_strided_batched_ex(
-                    *blas.handle(),
-                    tb,
-                    ta,
-                    i(d.n, "n")?,
-                    i(d.m, "m")?,
-                    i(d.k, "k")?,
-                    &alpha as *const f32 as *const std::ffi::c_void,
-                    bp as *const std::ffi::c_void,
-                    bt,
-                    i(b.ld, "ldb")?,
-                    b.st as i64,
-                    ap as *const std::ffi::c_void,
-                    at,
-                    i(a.ld, "lda")?,
-                    a.st as i64,
-                    &beta as *const f32 as *const std::ffi::c_void,
-                    cp as *mut std::ffi::c_void,
-                    ct,
-                    i(c.ld, "ldc")?,
-                    c.st as i64,
-                    i(d.batch, "batch")?,
-                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
-            .map_err(|e| cuda_err("cuBLAS GemmEx (bf16)", e));
-        }
-        // SAFETY: every operand's extent is checked against its buffer above; the handle runs on
-        // the device stream.
+        // f32: no TF32 or other reduced-precision paths (the CPU oracle's math); bf16: f32 compute
+        let compute = if f32_only {
+            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC
+        } else {
+            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
+        let vp = |p: u64| p as *const std::ffi::c_void;
+        // SAFETY: every operand's extent is checked against its buffer above; alpha and beta are
+        // f32 as both compute types want; the handle runs on the device stream.
         unsafe {
-            blas::sgemm_strided_batched(
+            blas::gemm_strided_batched_ex(
                 *blas.handle(),
                 tb,
                 ta,
                 i(d.n, "n")?,
                 i(d.m, "m")?,
                 i(d.k, "k")?,
-                &alpha,
-                bp as *const f32,
+                &alpha as *const f32 as *const std::ffi::c_void,
+                vp(bp),
+                bt,
                 i(b.ld, "ldb")?,
                 b.st as i64,
-                ap as *const f32,
+                vp(ap),
+                at,
                 i(a.ld, "lda")?,
                 a.st as i64,
-                &beta,
-                cp as *mut f32,
+                &beta as *const f32 as *const std::ffi::c_void,
+                cp as *mut std::ffi::c_void,
+                ct,
                 i(c.ld, "ldc")?,
                 c.st as i64,
                 i(d.batch, "batch")?,
+                compute,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| cuda_err("cuBLAS sgemm", e))
+        .map_err(|e| cuda_err("cuBLAS GemmStridedBatchedEx", e))
     }
 }
 

@@ -23,8 +23,10 @@
 #   bash kernels/gpu_session.sh triage         there: the test files of the code never yet run on a
 #                                              GPU, each with its default kernels and with every
 #                                              fallback switch (DSV3_FP8_KERNEL=v2/v1, DSV3_FP8_SPLITK=1,
-#                                              DSV3_FP8_WGRAD_BATCH=0, DSV3_TRAIN_FLASH=0): a PASS/FAIL
-#                                              table that says which new kernel breaks, if one does
+#                                              DSV3_FP8_WGRAD_BATCH=0, DSV3_TRAIN_FLASH=0) and the opt-in
+#                                              ones (DSV3_TRAIN_GEMM=cublas, DSV3_MLA_MMA=d1t32,
+#                                              DSV3_PDL=1): a PASS/FAIL table that says which new
+#                                              kernel breaks, if one does
 #
 # A test that prints SKIP on the GPU machine is a failure of the session (only the no-GPU parts of
 # tests may skip). docs/PERF.md "CUDA backend" records what these printed.
@@ -102,6 +104,8 @@ run_bench() {
     gpu/bin/dsv3 bench --model /tmp/m88 --device cuda --prompt-len 128 --new-tokens 256 --batch "$b"
     # the depth-split MLA decode (not yet the default: kernel_bench below compares every variant)
     DSV3_MLA_MMA=d1t32 gpu/bin/dsv3 bench --model /tmp/m88 --device cuda --prompt-len 128 --new-tokens 256 --batch "$b"
+    # programmatic dependent launch (kernel launch latency overlapped; off by default until measured)
+    DSV3_PDL=1 gpu/bin/dsv3 bench --model /tmp/m88 --device cuda --prompt-len 128 --new-tokens 256 --batch "$b"
   done
   # training steps (CudaTrainer: pass + AdamW), tokens/s and MFU
   for dt in bf16 f32; do
@@ -158,6 +162,11 @@ run_triage() {
   triage_one k_mla_moe "default (every MLA variant)"
   triage_one cli_cuda "default"
   triage_one cli_cuda "DSV3_MLA_MMA=d1t32" DSV3_MLA_MMA=d1t32
+  # programmatic dependent launch: every kernel launched with the attribute (graphs included)
+  for t in model mla_moe train_step; do
+    triage_one "k_$t" "DSV3_PDL=1" DSV3_PDL=1
+  done
+  triage_one cli_cuda "DSV3_PDL=1" DSV3_PDL=1
 }
 
 run_curves() {

@@ -128,17 +128,19 @@ pub fn bench(
     let pre_tps = (batch * prompt_len) as f64 / best_pre;
     let dec_tps = (batch * new_tokens) as f64 / best_dec;
     let name = &cm.dev.name;
+    let pdl = dsv3_kernels::ops::pdl_enabled(&cm.dev);
     if json {
         println!(
-            "{{\"device\":{:?},\"dtype\":\"{:?}\",\"batch\":{batch},\"prompt_len\":{prompt_len},\"new_tokens\":{new_tokens},\"prefill_tokens_per_s\":{pre_tps:.1},\"decode_tokens_per_s\":{dec_tps:.1},\"decode_ms_per_step\":{:.4}}}",
+            "{{\"device\":{:?},\"dtype\":\"{:?}\",\"pdl\":{pdl},\"batch\":{batch},\"prompt_len\":{prompt_len},\"new_tokens\":{new_tokens},\"prefill_tokens_per_s\":{pre_tps:.1},\"decode_tokens_per_s\":{dec_tps:.1},\"decode_ms_per_step\":{:.4}}}",
             name,
             cm.dtype,
             best_dec * 1e3 / new_tokens as f64
         );
     } else {
         println!(
-            "{name}, {:?}: batch {batch}, prompt {prompt_len}, {new_tokens} new tokens (best of {repeat})",
-            cm.dtype
+            "{name}, {:?}{}: batch {batch}, prompt {prompt_len}, {new_tokens} new tokens (best of {repeat})",
+            cm.dtype,
+            if pdl { ", programmatic dependent launch" } else { "" }
         );
         println!("prefill  {pre_tps:>10.1} tokens/s");
         println!("decode   {dec_tps:>10.1} tokens/s  ({:.3} ms/step)", best_dec * 1e3 / new_tokens as f64);

@@ -294,11 +294,11 @@ __device__ __forceinline__ void attn_fwd(const AttnArgs& p) {
 
 // Variants: attn_fwd_m<MW>d<DVT>[s<NS>] = <query rows per CTA / 64> x <largest dv> [x stages]
 // (kernels/src/ops/attn.rs, ATTN_VARIANTS, picks one by dv and grid fill).
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_fwd_m1d64(AttnArgs p) { attn_fwd<1, 64, 64, 2>(p); }
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_fwd_m1d128(AttnArgs p) { attn_fwd<1, 128, 64, 2>(p); }
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_fwd_m1d256(AttnArgs p) { attn_fwd<1, 256, 32, 2>(p); }
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_fwd_m2d64(AttnArgs p) { attn_fwd<2, 64, 64, 2>(p); }
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_fwd_m2d128(AttnArgs p) { attn_fwd<2, 128, 32, 2>(p); }
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_fwd_m1d64(AttnArgs p) { DSV3_PDL(); attn_fwd<1, 64, 64, 2>(p); }
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_fwd_m1d128(AttnArgs p) { DSV3_PDL(); attn_fwd<1, 128, 64, 2>(p); }
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_fwd_m1d256(AttnArgs p) { DSV3_PDL(); attn_fwd<1, 256, 32, 2>(p); }
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_fwd_m2d64(AttnArgs p) { DSV3_PDL(); attn_fwd<2, 64, 64, 2>(p); }
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_fwd_m2d128(AttnArgs p) { DSV3_PDL(); attn_fwd<2, 128, 32, 2>(p); }
 // three-stage rings (A/B: DSV3_FLASH_VARIANT, kernel_bench attn)
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_fwd_m2d64s3(AttnArgs p) { attn_fwd<2, 64, 64, 3>(p); }
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_fwd_m2d128s3(AttnArgs p) { attn_fwd<2, 128, 32, 3>(p); }
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_fwd_m2d64s3(AttnArgs p) { DSV3_PDL(); attn_fwd<2, 64, 64, 3>(p); }
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_fwd_m2d128s3(AttnArgs p) { DSV3_PDL(); attn_fwd<2, 128, 32, 3>(p); }

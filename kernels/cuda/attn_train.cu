@@ -714,17 +714,17 @@ __device__ __forceinline__ void ft_dkpe_reduce(const FlashTrainArgs& p) {
 // over shared memory); the backward kernels keep 16 x DKT (and 16 x DVT) accumulators per thread.
 #define FT_VARIANT(NAME, DKT, DVT, FBN, BMQ, QBN)                                                                       \
     extern "C" __global__ void __launch_bounds__(FT_THREADS) flash_fwd_train_bf16_##NAME(FlashTrainArgs p) {          \
-        ft_fwd<DVT, FBN, 2>(p);                                                                                      \
+        DSV3_PDL(); ft_fwd<DVT, FBN, 2>(p);                                                                          \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(FT_THREADS) flash_bwd_dkdv_bf16_##NAME(FlashTrainArgs p) {           \
-        ft_bwd_dkdv<DKT, DVT, BMQ, 2>(p);                                                                            \
+        DSV3_PDL(); ft_bwd_dkdv<DKT, DVT, BMQ, 2>(p);                                                                \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(FT_THREADS) flash_bwd_dq_bf16_##NAME(FlashTrainArgs p) {             \
-        ft_bwd_dq<DKT, DVT, QBN, 2>(p);                                                                              \
+        DSV3_PDL(); ft_bwd_dq<DKT, DVT, QBN, 2>(p);                                                                  \
     }
 FT_VARIANT(k64v64, 64, 64, 64, 64, 64)
 FT_VARIANT(k128v128, 128, 128, 64, 32, 64)
 FT_VARIANT(k192v128, 192, 128, 64, 32, 32)
 
-extern "C" __global__ void __launch_bounds__(FT_THREADS) flash_bwd_preprocess(FlashTrainArgs p) { ft_preprocess(p); }
-extern "C" __global__ void __launch_bounds__(FT_THREADS) flash_bwd_dkpe_reduce(FlashTrainArgs p) { ft_dkpe_reduce(p); }
+extern "C" __global__ void __launch_bounds__(FT_THREADS) flash_bwd_preprocess(FlashTrainArgs p) { DSV3_PDL(); ft_preprocess(p); }
+extern "C" __global__ void __launch_bounds__(FT_THREADS) flash_bwd_dkpe_reduce(FlashTrainArgs p) { DSV3_PDL(); ft_dkpe_reduce(p); }

@@ -12,6 +12,20 @@ typedef __nv_bfloat16 bf16;
 #define DSV3_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
 
+// Programmatic dependent launch (sm_90+; kernels/src/ops/mod.rs, DSV3_PDL=1): every kernel starts
+// with DSV3_PDL(). griddepcontrol.wait blocks until the grids this one depends on have completed
+// and their memory is visible (it returns at once for a kernel launched without the programmatic
+// attribute), so nothing is read or written before the predecessor is done, exactly as with
+// plain stream order; launch_dependents then lets the next kernel's blocks be scheduled (and run
+// up to their own wait) while this grid runs: the launch latency and prologue between dependent
+// kernels overlap. A no-op for sm_80 and in the CPU emulator. ops::tests checks that every
+// kernel's sm_90a PTX waits before its first global memory access.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(DSV3_EMU)
+#define DSV3_PDL() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;\n" ::: "memory")
+#else
+#define DSV3_PDL() ((void)0)
+#endif
+
 // CUDA caps gridDim.y and gridDim.z at 65535 (gridDim.x at 2^31 - 1). Row counts that can pass
 // that (tokens, routed rows, heads x sequences) either sit in y capped at 65535 with the kernel
 // walking them grid-stride (for (r = blockIdx.y; r < rows; r += gridDim.y); the launchers'

@@ -21,9 +21,11 @@ __device__ void gather_rows(const T* __restrict__ table, int rows, int ld_table,
 
 extern "C" __global__ void gather_rows_f32(const float* table, int rows, int ld_table, const int* ids, float* out,
                                            int ld_out, int n, int d) {
+    DSV3_PDL();
     gather_rows<float>(table, rows, ld_table, ids, out, ld_out, n, d);
 }
 extern "C" __global__ void gather_rows_bf16(const bf16* table, int rows, int ld_table, const int* ids, bf16* out,
                                             int ld_out, int n, int d) {
+    DSV3_PDL();
     gather_rows<bf16>(table, rows, ld_table, ids, out, ld_out, n, d);
 }

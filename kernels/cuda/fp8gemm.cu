@@ -136,8 +136,8 @@ __device__ void fp8_gemm_simt(const Fp8GemmArgs& p) {
         }
     }
 }
-extern "C" __global__ void __launch_bounds__(256) fp8_gemm_simt_bf16(Fp8GemmArgs p) { fp8_gemm_simt<bf16>(p); }
-extern "C" __global__ void __launch_bounds__(256) fp8_gemm_simt_f32(Fp8GemmArgs p) { fp8_gemm_simt<float>(p); }
+extern "C" __global__ void __launch_bounds__(256) fp8_gemm_simt_bf16(Fp8GemmArgs p) { DSV3_PDL(); fp8_gemm_simt<bf16>(p); }
+extern "C" __global__ void __launch_bounds__(256) fp8_gemm_simt_f32(Fp8GemmArgs p) { DSV3_PDL(); fp8_gemm_simt<float>(p); }
 
 // ---- sm_90a wgmma.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -229,8 +229,8 @@ __device__ void fp8_gemm_wgmma(const Fp8GemmArgs& p) {
     __trap();  // sm_90a only: the launcher picks fp8_gemm_simt_* elsewhere
 #endif
 }
-extern "C" __global__ void __launch_bounds__(128) fp8_gemm_wgmma_bf16(Fp8GemmArgs p) { fp8_gemm_wgmma<bf16>(p); }
-extern "C" __global__ void __launch_bounds__(128) fp8_gemm_wgmma_f32(Fp8GemmArgs p) { fp8_gemm_wgmma<float>(p); }
+extern "C" __global__ void __launch_bounds__(128) fp8_gemm_wgmma_bf16(Fp8GemmArgs p) { DSV3_PDL(); fp8_gemm_wgmma<bf16>(p); }
+extern "C" __global__ void __launch_bounds__(128) fp8_gemm_wgmma_f32(Fp8GemmArgs p) { DSV3_PDL(); fp8_gemm_wgmma<float>(p); }
 
 // ---- sm_90a, pipelined: 2 consumer warpgroups, cp.async ring 3 groups ahead, DeepGEMM's
 // per-group wgmma -> wait_group 0 -> promote (the other warpgroup's MMAs fill the promotion). A
@@ -409,8 +409,8 @@ __device__ void fp8_gemm_wgmma2(const Fp8GemmArgs& p) {
     __trap();  // sm_90a only
 #endif
 }
-extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_wgmma2_bf16(Fp8GemmArgs p) { fp8_gemm_wgmma2<bf16>(p); }
-extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_wgmma2_f32(Fp8GemmArgs p) { fp8_gemm_wgmma2<float>(p); }
+extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_wgmma2_bf16(Fp8GemmArgs p) { DSV3_PDL(); fp8_gemm_wgmma2<bf16>(p); }
+extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_wgmma2_f32(Fp8GemmArgs p) { DSV3_PDL(); fp8_gemm_wgmma2<float>(p); }
 
 // ---- sm_90a, TMA + mbarrier pipeline, warp-specialized, persistent (DeepGEMM's structure):
 // 288 threads = 2 consumer warpgroups (as fp8_gemm_wgmma2: warpgroup w computes 64-row tile
@@ -603,9 +603,11 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
 #endif
 }
 extern "C" __global__ void __launch_bounds__(FP8T_THREADS, 1) fp8_gemm_tma_bf16(const __grid_constant__ Fp8TmaArgs q) {
+    DSV3_PDL();
     fp8_gemm_tma<bf16>(q);
 }
 extern "C" __global__ void __launch_bounds__(FP8T_THREADS, 1) fp8_gemm_tma_f32(const __grid_constant__ Fp8TmaArgs q) {
+    DSV3_PDL();
     fp8_gemm_tma<float>(q);
 }
 
@@ -625,9 +627,11 @@ __device__ void fp8_splitk_reduce(const float* work, int splits, int m, int n, T
 }
 extern "C" __global__ void fp8_splitk_reduce_bf16(const float* work, int splits, int m, int n, bf16* d, int ldd,
                                                   int accumulate) {
+    DSV3_PDL();
     fp8_splitk_reduce<bf16>(work, splits, m, n, d, ldd, accumulate);
 }
 extern "C" __global__ void fp8_splitk_reduce_f32(const float* work, int splits, int m, int n, float* d, int ldd,
                                                  int accumulate) {
+    DSV3_PDL();
     fp8_splitk_reduce<float>(work, splits, m, n, d, ldd, accumulate);
 }

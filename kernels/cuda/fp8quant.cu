@@ -27,10 +27,12 @@ __device__ void quant_1x128(const T* __restrict__ x, long long ldx, uint8_t* __r
 }
 extern "C" __global__ void __launch_bounds__(128) quant_1x128_f32(const float* x, long long ldx, uint8_t* q,
     long long ldq, float* scale, long long s_rs, long long s_cs, int rows, int cols, int pow2) {
+    DSV3_PDL();
     quant_1x128<float>(x, ldx, q, ldq, scale, s_rs, s_cs, rows, cols, pow2);
 }
 extern "C" __global__ void __launch_bounds__(128) quant_1x128_bf16(const bf16* x, long long ldx, uint8_t* q,
     long long ldq, float* scale, long long s_rs, long long s_cs, int rows, int cols, int pow2) {
+    DSV3_PDL();
     quant_1x128<bf16>(x, ldx, q, ldq, scale, s_rs, s_cs, rows, cols, pow2);
 }
 
@@ -83,10 +85,12 @@ __device__ void quant_block128(const T* __restrict__ x, long long ldx, uint8_t* 
 }
 extern "C" __global__ void __launch_bounds__(256) quant_block128_f32(const float* x, long long ldx, uint8_t* q,
     float* scale, uint8_t* qt, float* scale_t, int rows, int cols, int pow2, long long bx) {
+    DSV3_PDL();
     quant_block128<float>(x, ldx, q, scale, qt, scale_t, rows, cols, pow2, bx);
 }
 extern "C" __global__ void __launch_bounds__(256) quant_block128_bf16(const bf16* x, long long ldx, uint8_t* q,
     float* scale, uint8_t* qt, float* scale_t, int rows, int cols, int pow2, long long bx) {
+    DSV3_PDL();
     quant_block128<bf16>(x, ldx, q, scale, qt, scale_t, rows, cols, pow2, bx);
 }
 
@@ -148,10 +152,12 @@ __device__ void quant_t128(const T* __restrict__ x, long long ldx, uint8_t* __re
 }
 extern "C" __global__ void __launch_bounds__(256) quant_t128_f32(const float* x, long long ldx, uint8_t* qt,
     long long ldq, float* scale_t, long long s_rs, long long s_cs, int rows, int cols, int pow2) {
+    DSV3_PDL();
     quant_t128<float>(x, ldx, qt, ldq, scale_t, s_rs, s_cs, rows, cols, pow2);
 }
 extern "C" __global__ void __launch_bounds__(256) quant_t128_bf16(const bf16* x, long long ldx, uint8_t* qt,
     long long ldq, float* scale_t, long long s_rs, long long s_cs, int rows, int cols, int pow2) {
+    DSV3_PDL();
     quant_t128<bf16>(x, ldx, qt, ldq, scale_t, s_rs, s_cs, rows, cols, pow2);
 }
 
@@ -188,9 +194,11 @@ __device__ void quant_t128_groups(const T* __restrict__ x, long long ldx, uint8_
 }
 extern "C" __global__ void __launch_bounds__(256) quant_t128_groups_f32(const float* x, long long ldx, uint8_t* qt,
     long long ldq, float* scale_t, long long s_rs, long long s_cs, const int* offs, int groups, int cols, int pow2) {
+    DSV3_PDL();
     quant_t128_groups<float>(x, ldx, qt, ldq, scale_t, s_rs, s_cs, offs, groups, cols, pow2);
 }
 extern "C" __global__ void __launch_bounds__(256) quant_t128_groups_bf16(const bf16* x, long long ldx, uint8_t* qt,
     long long ldq, float* scale_t, long long s_rs, long long s_cs, const int* offs, int groups, int cols, int pow2) {
+    DSV3_PDL();
     quant_t128_groups<bf16>(x, ldx, qt, ldq, scale_t, s_rs, s_cs, offs, groups, cols, pow2);
 }

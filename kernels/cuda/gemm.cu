@@ -22,6 +22,7 @@ __device__ __forceinline__ void gemm_store(const GemmArgs& p, TC* c, int row, in
 
 // ---- f32 SIMT: block 256 threads = 16x16, each thread 4 rows x 4 cols; BK = 16.
 extern "C" __global__ void __launch_bounds__(256) gemm_f32(GemmArgs p) {
+    DSV3_PDL();
     int row0, row_end, g;
     if (!gemm_tile_rows(p, row0, row_end, g)) return;
     long long b = blockIdx.z;
@@ -141,8 +142,8 @@ __device__ void gemm_tc(const GemmArgs& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) gemm_fp8_bf16(GemmArgs p) { gemm_tc<true, bf16>(p); }
-extern "C" __global__ void __launch_bounds__(128) gemm_fp8_f32(GemmArgs p) { gemm_tc<true, float>(p); }
+extern "C" __global__ void __launch_bounds__(128) gemm_fp8_bf16(GemmArgs p) { DSV3_PDL(); gemm_tc<true, bf16>(p); }
+extern "C" __global__ void __launch_bounds__(128) gemm_fp8_f32(GemmArgs p) { DSV3_PDL(); gemm_tc<true, float>(p); }
 
 // ---- bf16 on tensor cores: mma.sync.m16n8k16 (f32 accumulate), 256 threads = 8 warps in
 // WGM x WGN, a BM x BN block tile (128x256, 128x128 or 64x128), warp tiles of (BM/WGM) x (BN/WGN) = MT m16 x NT n8 fragments.
@@ -429,7 +430,7 @@ __device__ __forceinline__ void gemm_mma(const GemmArgs& p) {
 // C is bf16, or f32 with flags & GEMM_F32C (one kernel for both: only the epilogue differs).
 #define GEMM_MMA(name, BM, BN, WGM, WGN, AK, BK_, MINB)                                                \
     extern "C" __global__ void __launch_bounds__(GM_THREADS, MINB) gemm_mma_##name(GemmArgs p) {      \
-        gemm_mma<BM, BN, WGM, WGN, AK, BK_>(p);                                                       \
+        DSV3_PDL(); gemm_mma<BM, BN, WGM, WGN, AK, BK_>(p);                                           \
     }
 // w: 128x256 (warp tiles 64x64: 8 ldmatrix per 32 mma, the least shared-memory and L2 traffic
 // per FLOP; one block per SM) for large problems; l: 128x128 (64x32, two blocks per SM); s: 64x128
@@ -674,19 +675,19 @@ __device__ __forceinline__ void gemm_skinny(const GemmArgs& p) {
 
 #define SKINNY8(name, TA, TW, TC)                                                                        \
     extern "C" __global__ void __launch_bounds__(128) gemm_skinny_##name(GemmArgs p) {                     \
-        gemm_skinny<TA, TW, TC, 8, false>(p);                                                             \
+        DSV3_PDL(); gemm_skinny<TA, TW, TC, 8, false>(p);                                                 \
     }
 #define SKINNY1(name, TA, TW, TC)                                                                        \
     extern "C" __global__ void __launch_bounds__(128, 1) gemm_skinny1_##name(GemmArgs p) {                 \
-        gemm_skinny<TA, TW, TC, 1, false>(p);                                                             \
+        DSV3_PDL(); gemm_skinny<TA, TW, TC, 1, false>(p);                                                 \
     }
 #define SKINNY8_SWIGLU(name, TA, TW, TC)                                                                 \
     extern "C" __global__ void __launch_bounds__(128) gemm_skinny_swiglu_##name(GemmArgs p) {              \
-        gemm_skinny<TA, TW, TC, 8, true>(p);                                                              \
+        DSV3_PDL(); gemm_skinny<TA, TW, TC, 8, true>(p);                                                  \
     }
 #define SKINNY1_SWIGLU(name, TA, TW, TC)                                                                 \
     extern "C" __global__ void __launch_bounds__(128, 1) gemm_skinny1_swiglu_##name(GemmArgs p) {          \
-        gemm_skinny<TA, TW, TC, 1, true>(p);                                                              \
+        DSV3_PDL(); gemm_skinny<TA, TW, TC, 1, true>(p);                                                  \
     }
 // 8-row tiles (4 columns per warp) and 1-row (32 columns per warp, for one row against a wide W;
 // not for f32 weights, whose 32 columns in flight would not fit the registers)

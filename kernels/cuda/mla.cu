@@ -135,8 +135,8 @@ __device__ void mla_decode(const MlaArgs& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(MLA_THREADS) mla_decode_f32(MlaArgs p) { mla_decode<float>(p); }
-extern "C" __global__ void __launch_bounds__(MLA_THREADS) mla_decode_bf16(MlaArgs p) { mla_decode<bf16>(p); }
+extern "C" __global__ void __launch_bounds__(MLA_THREADS) mla_decode_f32(MlaArgs p) { DSV3_PDL(); mla_decode<float>(p); }
+extern "C" __global__ void __launch_bounds__(MLA_THREADS) mla_decode_bf16(MlaArgs p) { DSV3_PDL(); mla_decode<bf16>(p); }
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core path (bf16): mla_decode_mma_*. FlashAttention-2 / FlashMLA structure with
@@ -732,26 +732,33 @@ __device__ __forceinline__ void mla_decode_mmad(const MlaArgs& p) {
 
 // Variants (heads per CTA = 16*MT, tile T tokens, NS stages; d: depth-split S); the launcher picks
 // one by shape and by the GPU's opt-in shared memory (kernels/src/ops/mla.rs, MMA_VARIANTS).
-extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_bf16(MlaArgs p) { mla_decode_mma<1, 32, 2>(p); }
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_bf16(MlaArgs p) { DSV3_PDL(); mla_decode_mma<1, 32, 2>(p); }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_m1s4_bf16(MlaArgs p) {
+    DSV3_PDL();
     mla_decode_mma<1, 32, 4>(p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_m1t64_bf16(MlaArgs p) {
+    DSV3_PDL();
     mla_decode_mma<1, 64, 2>(p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_m2t32_bf16(MlaArgs p) {
+    DSV3_PDL();
     mla_decode_mma<2, 32, 2>(p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_m2t64_bf16(MlaArgs p) {
+    DSV3_PDL();
     mla_decode_mma<2, 64, 2>(p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mmad_t32_bf16(MlaArgs p) {
+    DSV3_PDL();
     mla_decode_mmad<32, 2>(p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mmad_s3_bf16(MlaArgs p) {
+    DSV3_PDL();
     mla_decode_mmad<32, 3>(p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mmad_t64_bf16(MlaArgs p) {
+    DSV3_PDL();
     mla_decode_mmad<64, 2>(p);
 }
 
@@ -778,8 +785,8 @@ __device__ void mla_combine(const MlaArgs& p) {
     }
 }
 
-extern "C" __global__ void mla_combine_f32(MlaArgs p) { mla_combine<float>(p); }
-extern "C" __global__ void mla_combine_bf16(MlaArgs p) { mla_combine<bf16>(p); }
+extern "C" __global__ void mla_combine_f32(MlaArgs p) { DSV3_PDL(); mla_combine<float>(p); }
+extern "C" __global__ void mla_combine_bf16(MlaArgs p) { DSV3_PDL(); mla_combine<bf16>(p); }
 
 // The step between the projections and attention, fused (one launch instead of RMSNorm, two
 // RoPEs and the cache append): block (r, 0) normalizes row r's latent ckv[r, :C] (kv_a_layernorm,
@@ -819,6 +826,7 @@ extern "C" __global__ void mla_prep_f32(const float* ckv, int ld_ckv, const floa
                                         int ld_q, int hs_q, int q_off, const int* pos, const float* inv_freq,
                                         float attn_factor, float* cache, long long slot_stride, const int* slot, int n,
                                         int c, int dr) {
+    DSV3_PDL();
     mla_prep<float>(ckv, ld_ckv, kv_norm, eps, q, ld_q, hs_q, q_off, pos, inv_freq, attn_factor, cache, slot_stride,
                     slot, n, c, dr);
 }
@@ -826,6 +834,7 @@ extern "C" __global__ void mla_prep_bf16(const bf16* ckv, int ld_ckv, const floa
                                          int ld_q, int hs_q, int q_off, const int* pos, const float* inv_freq,
                                          float attn_factor, bf16* cache, long long slot_stride, const int* slot, int n,
                                          int c, int dr) {
+    DSV3_PDL();
     mla_prep<bf16>(ckv, ld_ckv, kv_norm, eps, q, ld_q, hs_q, q_off, pos, inv_freq, attn_factor, cache, slot_stride,
                    slot, n, c, dr);
 }
@@ -842,9 +851,11 @@ __device__ void cache_append(const T* src, int ld_src, T* cache, long long slot_
 }
 extern "C" __global__ void cache_append_f32(const float* src, int ld_src, float* cache, long long slot_stride,
                                             const int* slot, const int* pos, int n, int w) {
+    DSV3_PDL();
     cache_append<float>(src, ld_src, cache, slot_stride, slot, pos, n, w);
 }
 extern "C" __global__ void cache_append_bf16(const bf16* src, int ld_src, bf16* cache, long long slot_stride,
                                              const int* slot, const int* pos, int n, int w) {
+    DSV3_PDL();
     cache_append<bf16>(src, ld_src, cache, slot_stride, slot, pos, n, w);
 }

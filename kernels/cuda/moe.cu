@@ -133,6 +133,7 @@ extern "C" __global__ void __launch_bounds__(128)
     moe_route(const float* __restrict__ logits, int n, int e, const float* __restrict__ bias, int n_group,
               int topk_group, int k, int norm, float scaling, int scoring, int method, int* __restrict__ idx_out,
               float* __restrict__ w_out) {
+    DSV3_PDL();
     __shared__ float s_sh[MOE_WARPS][MOE_EMAX], b_sh[MOE_WARPS][MOE_EMAX];
     __shared__ float gs_sh[MOE_WARPS][64];
     __shared__ int top_sh[MOE_WARPS][MOE_KMAX];
@@ -192,6 +193,7 @@ __device__ __forceinline__ void plan_block(const int* __restrict__ idx, int nk, 
 extern "C" __global__ void moe_plan(const int* __restrict__ idx, int nk, int k, int e, int* __restrict__ row_offsets,
                                     int* __restrict__ tile_offsets, int* __restrict__ slot_of,
                                     int* __restrict__ src_row) {
+    DSV3_PDL();
     __shared__ int cnt[1024], fill[1024];
     if (e > 1024) return;
     plan_block(idx, nk, k, e, row_offsets, tile_offsets, slot_of, src_row, cnt, fill);
@@ -207,6 +209,7 @@ extern "C" __global__ void __launch_bounds__(256)
                    int topk_group, int k, int norm, float scaling, int scoring, int method, int* __restrict__ idx_out,
                    float* __restrict__ w_out, int* __restrict__ row_offsets, int* __restrict__ tile_offsets,
                    int* __restrict__ slot_of, int* __restrict__ src_row) {
+    DSV3_PDL();
     __shared__ float s_sh[MOE_RP_WARPS][MOE_EMAX], b_sh[MOE_RP_WARPS][MOE_EMAX];
     __shared__ float gs_sh[MOE_RP_WARPS][64];
     __shared__ int top_sh[MOE_RP_WARPS][MOE_KMAX];
@@ -250,9 +253,11 @@ __device__ void moe_combine(const T* __restrict__ y, const int* __restrict__ slo
 }
 extern "C" __global__ void moe_combine_f32(const float* y, const int* slot_of, const int* idx, const float* w,
                                            const float* shared, float* x, int n, int k, int d) {
+    DSV3_PDL();
     moe_combine<float>(y, slot_of, idx, w, shared, x, n, k, d);
 }
 extern "C" __global__ void moe_combine_bf16(const bf16* y, const int* slot_of, const int* idx, const float* w,
                                             const bf16* shared, bf16* x, int n, int k, int d) {
+    DSV3_PDL();
     moe_combine<bf16>(y, slot_of, idx, w, shared, x, n, k, d);
 }

@@ -89,11 +89,13 @@ __device__ void combine_bwd(const T* __restrict__ dy, const T* __restrict__ ye, 
 extern "C" __global__ void __launch_bounds__(128)
     moe_combine_bwd_f32(const float* dy, const float* ye, const int* slot_of, const float* w, int nk, int k, int d,
                         float* dye, float* dw) {
+    DSV3_PDL();
     combine_bwd<float>(dy, ye, slot_of, w, nk, k, d, dye, dw);
 }
 extern "C" __global__ void __launch_bounds__(128)
     moe_combine_bwd_bf16(const bf16* dy, const bf16* ye, const int* slot_of, const float* w, int nk, int k, int d,
                          bf16* dye, float* dw) {
+    DSV3_PDL();
     combine_bwd<bf16>(dy, ye, slot_of, w, nk, k, d, dye, dw);
 }
 
@@ -113,10 +115,12 @@ __device__ void dispatch_bwd(const T* __restrict__ dxe, const int* __restrict__ 
 }
 extern "C" __global__ void moe_dispatch_bwd_f32(const float* dxe, const int* slot_of, int n, int k, int d, float* dx,
                                                 int accumulate) {
+    DSV3_PDL();
     dispatch_bwd<float>(dxe, slot_of, n, k, d, dx, accumulate);
 }
 extern "C" __global__ void moe_dispatch_bwd_bf16(const bf16* dxe, const int* slot_of, int n, int k, int d, bf16* dx,
                                                  int accumulate) {
+    DSV3_PDL();
     dispatch_bwd<bf16>(dxe, slot_of, n, k, d, dx, accumulate);
 }
 
@@ -127,6 +131,7 @@ extern "C" __global__ void moe_dispatch_bwd_bf16(const bf16* dxe, const int* slo
 extern "C" __global__ void __launch_bounds__(128)
     moe_router_bwd(const float* __restrict__ logits, const int* __restrict__ idx, const float* __restrict__ dw, int n,
                    int e, int k, int norm_topk, float scaling, int scoring, float* __restrict__ dlogits) {
+    DSV3_PDL();
     __shared__ float s_sc[MT_WARPS][MT_EMAX], s_ds[MT_WARPS][MT_EMAX];
     __shared__ float s_tmp[MT_WARPS];
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -159,6 +164,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // counts load[s, i]. span_start [S + 1]. grid: (S), block: 256.
 extern "C" __global__ void moe_expert_freq(const int* __restrict__ idx, const int* __restrict__ span_start, int e,
                                            int k, float* __restrict__ f, int* __restrict__ load) {
+    DSV3_PDL();
     __shared__ int cnt[MT_EMAX];
     const int s = blockIdx.x;
     const int r0 = span_start[s], r1 = span_start[s + 1];
@@ -184,6 +190,7 @@ extern "C" __global__ void __launch_bounds__(128)
     moe_balance_bwd(const float* __restrict__ logits, const int* __restrict__ row_span,
                     const int* __restrict__ span_start, const float* __restrict__ f, int n, int e, int scoring,
                     float alpha, float scale, int groups, float* __restrict__ row_loss, float* __restrict__ dlogits) {
+    DSV3_PDL();
     __shared__ float s_sc[MT_WARPS][MT_EMAX], s_ds[MT_WARPS][MT_EMAX];
     __shared__ float s_tmp[MT_WARPS][3];
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -214,6 +221,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // ---- auxiliary-loss-free bias update (trainer's update_biases): mean = Σ load / E;
 // bias[i] += γ·sign(mean − load[i]). grid: (1), block: 256.
 extern "C" __global__ void moe_bias_update(const int* __restrict__ load, int e, float gamma, float* __restrict__ bias) {
+    DSV3_PDL();
     __shared__ float s_mean;
     if (threadIdx.x == 0) {
         unsigned long long tot = 0;

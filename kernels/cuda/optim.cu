@@ -20,6 +20,7 @@ __device__ __forceinline__ double block_sum_f64(double v) {
 // i ∈ [b·chunk, min((b+1)·chunk, n)). grid: (ceil(n / chunk)), block: 256 (a power of two).
 extern "C" __global__ void sumsq_f32(const float* __restrict__ x, long long n, long long chunk,
                                      double* __restrict__ partial) {
+    DSV3_PDL();
     long long lo = (long long)blockIdx.x * chunk;
     long long hi = lo + chunk < n ? lo + chunk : n;
     double acc = 0.0;
@@ -33,6 +34,7 @@ extern "C" __global__ void sumsq_f32(const float* __restrict__ x, long long n, l
 
 // ---- out[0] = Σ partial[0..n) (f64, fixed order). grid: (1), block: 1024 (a power of two).
 extern "C" __global__ void sum_f64(const double* __restrict__ partial, int n, double* __restrict__ out) {
+    DSV3_PDL();
     double acc = 0.0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
     double t = block_sum_f64(acc);
@@ -41,6 +43,7 @@ extern "C" __global__ void sum_f64(const double* __restrict__ partial, int n, do
 
 // ---- clipping: x[i] ← x[i]·f (f32, rounded as core's `*x *= f`). grid: (ceil(n / 256)), block: 256.
 extern "C" __global__ void scale_f32(float* __restrict__ x, long long n, float f) {
+    DSV3_PDL();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] = __fmul_rn(x[i], f);
 }

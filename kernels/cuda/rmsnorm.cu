@@ -15,9 +15,11 @@ __device__ void rmsnorm(const T* x, int ldx, T* y, int ldy, const float* __restr
 
 extern "C" __global__ void rmsnorm_f32(const float* x, int ldx, float* y, int ldy, const float* w, int d, float eps,
                                        int rows) {
+    DSV3_PDL();
     rmsnorm<float>(x, ldx, y, ldy, w, d, eps, rows);
 }
 extern "C" __global__ void rmsnorm_bf16(const bf16* x, int ldx, bf16* y, int ldy, const float* w, int d, float eps,
                                         int rows) {
+    DSV3_PDL();
     rmsnorm<bf16>(x, ldx, y, ldy, w, d, eps, rows);
 }

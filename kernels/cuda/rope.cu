@@ -17,9 +17,11 @@ __device__ void rope(T* x, int rows, int ld_row, int heads, int ld_head, int off
 
 extern "C" __global__ void rope_f32(float* x, int rows, int ld_row, int heads, int ld_head, int offset, int half,
                                     const int* pos, const float* inv_freq, float attn_factor) {
+    DSV3_PDL();
     rope<float>(x, rows, ld_row, heads, ld_head, offset, half, pos, inv_freq, attn_factor);
 }
 extern "C" __global__ void rope_bf16(bf16* x, int rows, int ld_row, int heads, int ld_head, int offset, int half,
                                      const int* pos, const float* inv_freq, float attn_factor) {
+    DSV3_PDL();
     rope<bf16>(x, rows, ld_row, heads, ld_head, offset, half, pos, inv_freq, attn_factor);
 }

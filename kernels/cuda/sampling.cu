@@ -14,6 +14,7 @@ __device__ __forceinline__ void am_take(float v, int j, float& best, int& bi) {
 }
 extern "C" __global__ void __launch_bounds__(1024)
     argmax_rows_f32(const float* __restrict__ x, int rows, int n, int* __restrict__ out) {
+    DSV3_PDL();
     int r = blockIdx.x;
     if (r >= rows) return;
     const float* xr = x + (long long)r * n;
@@ -59,6 +60,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 // x[r, :] = softmax(x[r, :] / temperature) in place (core/src/ops/softmax.rs; -inf -> 0).
 // grid: (rows), block: 256.
 extern "C" __global__ void softmax_rows_f32(float* x, int rows, int n, float temperature) {
+    DSV3_PDL();
     int r = blockIdx.x;
     if (r >= rows) return;
     float* xr = x + (long long)r * n;
@@ -435,6 +437,7 @@ __device__ __forceinline__ void smp_argmax(float& best, int& bi) {
 extern "C" __global__ void __launch_bounds__(SMP_T) sample_rows_f32(const float* __restrict__ x, int rows, int n,
                                                                       const float* __restrict__ prm,
                                                                       float* __restrict__ ebuf, int* __restrict__ out) {
+    DSV3_PDL();
     __shared__ SmpSeq s;
     __shared__ unsigned long long cand[SMP_CAP];
     __shared__ uint32_t cnt[SMP_NB];

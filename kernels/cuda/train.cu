@@ -28,10 +28,12 @@ __device__ void adamw(float* __restrict__ p, const float* __restrict__ g, TM* __
 }
 extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, long long n, float lr, float b1,
                                      float b2, float eps, float decay, float bc1, float bc2) {
+    DSV3_PDL();
     adamw<float>(p, g, m, v, n, lr, b1, b2, eps, decay, bc1, bc2);
 }
 extern "C" __global__ void adamw_bf16m(float* p, const float* g, bf16* m, bf16* v, long long n, float lr, float b1,
                                        float b2, float eps, float decay, float bc1, float bc2) {
+    DSV3_PDL();
     adamw<bf16>(p, g, m, v, n, lr, b1, b2, eps, decay, bc1, bc2);
 }
 
@@ -63,10 +65,12 @@ __device__ void rmsnorm_bwd(const T* x, int ldx, const float* __restrict__ w, co
 }
 extern "C" __global__ void rmsnorm_bwd_f32(const float* x, int ldx, const float* w, const float* dy, int lddy,
                                            float* dx, int lddx, float* dw, int d, float eps, int rows) {
+    DSV3_PDL();
     rmsnorm_bwd<float>(x, ldx, w, dy, lddy, dx, lddx, dw, d, eps, rows);
 }
 extern "C" __global__ void rmsnorm_bwd_bf16(const bf16* x, int ldx, const float* w, const bf16* dy, int lddy,
                                             bf16* dx, int lddx, float* dw, int d, float eps, int rows) {
+    DSV3_PDL();
     rmsnorm_bwd<bf16>(x, ldx, w, dy, lddy, dx, lddx, dw, d, eps, rows);
 }
 
@@ -89,10 +93,12 @@ __device__ void swiglu_bwd(const T* gu, int ld, const T* da, int ldda, T* dgu, i
 }
 extern "C" __global__ void swiglu_bwd_f32(const float* gu, int ld, const float* da, int ldda, float* dgu, int lddgu,
                                           int inter, int rows) {
+    DSV3_PDL();
     swiglu_bwd<float>(gu, ld, da, ldda, dgu, lddgu, inter, rows);
 }
 extern "C" __global__ void swiglu_bwd_bf16(const bf16* gu, int ld, const bf16* da, int ldda, bf16* dgu, int lddgu,
                                            int inter, int rows) {
+    DSV3_PDL();
     swiglu_bwd<bf16>(gu, ld, da, ldda, dgu, lddgu, inter, rows);
 }
 
@@ -119,10 +125,12 @@ __device__ void rope_bwd(T* x, int rows, int ld_row, int heads, int ld_head, int
 }
 extern "C" __global__ void rope_bwd_f32(float* x, int rows, int ld_row, int heads, int ld_head, int offset, int half,
                                         const int* pos, const float* inv_freq, float attn_factor) {
+    DSV3_PDL();
     rope_bwd<float>(x, rows, ld_row, heads, ld_head, offset, half, pos, inv_freq, attn_factor);
 }
 extern "C" __global__ void rope_bwd_bf16(bf16* x, int rows, int ld_row, int heads, int ld_head, int offset, int half,
                                          const int* pos, const float* inv_freq, float attn_factor) {
+    DSV3_PDL();
     rope_bwd<bf16>(x, rows, ld_row, heads, ld_head, offset, half, pos, inv_freq, attn_factor);
 }
 
@@ -139,10 +147,12 @@ __device__ void embed_bwd(const int* __restrict__ ids, const T* dy, int lddy, fl
 }
 extern "C" __global__ void embed_bwd_f32(const int* ids, const float* dy, int lddy, float* dtable, int vocab, int d,
                                          int tokens) {
+    DSV3_PDL();
     embed_bwd<float>(ids, dy, lddy, dtable, vocab, d, tokens);
 }
 extern "C" __global__ void embed_bwd_bf16(const int* ids, const bf16* dy, int lddy, float* dtable, int vocab, int d,
                                           int tokens) {
+    DSV3_PDL();
     embed_bwd<bf16>(ids, dy, lddy, dtable, vocab, d, tokens);
 }
 
@@ -182,10 +192,12 @@ __device__ void cross_entropy(const T* z, int ldz, const int* __restrict__ targe
 }
 extern "C" __global__ void cross_entropy_f32(const float* z, int ldz, const int* targets, const float* mask, float denom,
                                              float* dz, int lddz, float* row_loss, int vocab, int rows) {
+    DSV3_PDL();
     cross_entropy<float>(z, ldz, targets, mask, denom, dz, lddz, row_loss, vocab, rows);
 }
 extern "C" __global__ void cross_entropy_bf16(const bf16* z, int ldz, const int* targets, const float* mask, float denom,
                                               bf16* dz, int lddz, float* row_loss, int vocab, int rows) {
+    DSV3_PDL();
     cross_entropy<bf16>(z, ldz, targets, mask, denom, dz, lddz, row_loss, vocab, rows);
 }
 
@@ -196,6 +208,7 @@ extern "C" __global__ void cross_entropy_bf16(const bf16* z, int ldz, const int*
 // matrices grid-stride over y (the loop is uniform over the block: its barriers stay uniform).
 extern "C" __global__ void attn_softmax_causal_f32(float* s, int t_len, int ld, long long mstride, int mats,
                                                    float scale) {
+    DSV3_PDL();
     const int i = blockIdx.x;
     for (int mat = blockIdx.y; mat < mats; mat += gridDim.y) {
         float* row = s + (long long)mat * mstride + (long long)i * ld;
@@ -215,6 +228,7 @@ extern "C" __global__ void attn_softmax_causal_f32(float* s, int t_len, int ld, 
 // (0 above the diagonal, where P is 0). Same layout and grid as the forward.
 extern "C" __global__ void attn_softmax_bwd_f32(const float* p, float* dp, int t_len, int ld, long long mstride,
                                                 int mats, float scale) {
+    DSV3_PDL();
     const int i = blockIdx.x;
     for (int mat = blockIdx.y; mat < mats; mat += gridDim.y) {
         const long long off = (long long)mat * mstride + (long long)i * ld;

@@ -261,6 +261,9 @@ pub(crate) fn launch_smem(
         allow_dynamic_smem(&f, smem)
             .map_err(|e| cuda_err(&format!("allowing {smem} B of shared memory for {kernel}"), e))?;
     }
+    if pdl_enabled(dev) {
+        return launch_pdl(dev, &f, kernel, grid, block, smem, args);
+    }
     let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
     let mut b = dev.stream.launch_builder(&f);
     for a in args {
@@ -283,6 +286,81 @@ pub(crate) fn launch_smem(
     Ok(())
 }
 
+/// `DSV3_PDL=1` (read once): launches on sm_90a with programmatic dependent launch.
+fn pdl_requested() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("DSV3_PDL").is_ok_and(|v| v.trim() == "1"))
+}
+
+/// Whether launches on `dev` carry the programmatic-stream-serialization attribute: asked for
+/// (`DSV3_PDL=1`) on an sm_90a device (where the kernels' `DSV3_PDL()` is `griddepcontrol`; their
+/// sm_80 PTX has no wait, so elsewhere it stays off).
+pub fn pdl_enabled(dev: &Device) -> bool {
+    dev.arch == crate::ptx::Arch::Sm90a && pdl_requested()
+}
+
+/// [`launch_smem`] through `cuLaunchKernelEx` with `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`:
+/// the kernel may be scheduled before the previous kernel on the stream has finished; every
+/// kernel's first statement (`DSV3_PDL()`, `griddepcontrol.wait`) then waits for it, so the
+/// results are those of plain stream order (kernels/cuda/common.cuh). Captured into a CUDA graph
+/// it becomes a programmatic edge.
+fn launch_pdl(
+    dev: &Device,
+    f: &CudaFunction,
+    kernel: &str,
+    grid: (u32, u32, u32),
+    block: u32,
+    smem: u32,
+    args: &[KArg],
+) -> Result<()> {
+    use cudarc::driver::sys;
+    use std::ffi::c_void;
+    fn p<T>(v: &T) -> *mut c_void {
+        v as *const T as *mut c_void
+    }
+    // pointers to the argument values, as cuLaunchKernel wants them (valid for the call: `args`
+    // outlives it)
+    let mut params: Vec<*mut c_void> = args
+        .iter()
+        .map(|a| match a {
+            KArg::Ptr(v) => p(v),
+            KArg::I32(v) => p(v),
+            KArg::I64(v) => p(v),
+            KArg::F32(v) => p(v),
+            KArg::Gemm(v) => p(v),
+            KArg::Fp8Gemm(v) => p(v),
+            KArg::Fp8Tma(v) => p(v.as_ref()),
+            KArg::Mla(v) => p(v),
+            KArg::Attn(v) => p(v),
+            KArg::AttnTrain(v) => p(v),
+        })
+        .collect();
+    // SAFETY: a plain-old-data struct of the driver API; zero is a valid bit pattern
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let cfg = sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: grid.2,
+        blockDimX: block,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem,
+        hStream: dev.stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    dev.ctx.bind_to_thread().map_err(|e| cuda_err("binding the context", e))?;
+    // SAFETY: as in launch_smem (arguments checked by the launchers, in the kernel's order and
+    // types); `params` and `attr` live through the call; a driver without cuLaunchKernelEx makes
+    // the binding panic, which `guard` turns into an error.
+    let r = crate::device::guard("cuLaunchKernelEx", || unsafe {
+        sys::cuLaunchKernelEx(&cfg, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut())
+    })?;
+    r.result().map_err(|e| cuda_err(&format!("launching {kernel} (programmatic dependent launch)"), e))
+}
+
 /// Lets `f` use `smem` bytes of dynamic shared memory (the function attribute; cheap, idempotent).
 pub(crate) fn allow_dynamic_smem(f: &CudaFunction, smem: u32) -> std::result::Result<(), DriverError> {
     let v = i32::try_from(smem).unwrap_or(i32::MAX);
@@ -292,6 +370,43 @@ pub(crate) fn allow_dynamic_smem(f: &CudaFunction, smem: u32) -> std::result::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The instructions of `kernel`'s body in `ptx` (from its `.entry` to the next entry).
+    fn entry_body<'a>(ptx: &'a str, kernel: &str) -> &'a str {
+        let at = ptx.find(&format!(".entry {kernel}(")).unwrap_or_else(|| panic!("{kernel} not in its PTX"));
+        let rest = &ptx[at + 7..];
+        &rest[..rest.find(".entry ").unwrap_or(rest.len())]
+    }
+
+    #[test]
+    fn every_sm90a_kernel_waits_for_its_predecessor_before_touching_memory() {
+        // DSV3_PDL=1 launches every kernel with programmatic dependent launch: each must run
+        // griddepcontrol.wait before any load or store other than its parameters (shared memory
+        // included: a conservative textual check on the PTX, whose first block holds the wait)
+        let mem = ["ld.", "st.", "atom.", "red.", "cp.", "prefetch", "tex.", "suld", "sust", "mbarrier", "wgmma"];
+        for (m, k) in KERNELS {
+            let src = crate::ptx::source(crate::ptx::Arch::Sm90a, m).unwrap();
+            let body = entry_body(src, k);
+            let wait = body.find("griddepcontrol.wait").unwrap_or_else(|| panic!("{m}::{k}: no griddepcontrol.wait"));
+            let first_mem = body
+                .lines()
+                .map(str::trim_start)
+                .filter(|l| !l.starts_with("ld.param") && !l.starts_with("//"))
+                .filter(|l| {
+                    mem.iter()
+                        .any(|p| l.starts_with(p) || l.split_whitespace().nth(1).is_some_and(|i| i.starts_with(p)))
+                })
+                .map(|l| body.find(l).unwrap())
+                .min();
+            if let Some(pos) = first_mem {
+                assert!(wait < pos, "{m}::{k}: a memory access before griddepcontrol.wait");
+            }
+            assert!(body.contains("griddepcontrol.launch_dependents"), "{m}::{k}: never triggers its dependents");
+            // sm_80 PTX (JIT on other GPUs, where PDL stays off) has neither
+            let src80 = crate::ptx::source(crate::ptx::Arch::Sm80, m).unwrap();
+            assert!(!entry_body(src80, k).contains("griddepcontrol"), "{m}::{k}: griddepcontrol in sm_80 PTX");
+        }
+    }
 
     #[test]
     fn grid_helpers_stay_within_cudas_limits() {

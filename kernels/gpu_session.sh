@@ -103,7 +103,9 @@ run_bench() {
   for b in 1 32; do
     gpu/bin/dsv3 bench --model /tmp/m88 --device cuda --prompt-len 128 --new-tokens 256 --batch "$b"
     # the depth-split MLA decode (not yet the default: kernel_bench below compares every variant)
-    DSV3_MLA_MMA=d1t32 gpu/bin/dsv3 bench --model /tmp/m88 --device cuda --prompt-len 128 --new-tokens 256 --batch "$b"
+    for v in d1t32 d1w8; do
+      DSV3_MLA_MMA=$v gpu/bin/dsv3 bench --model /tmp/m88 --device cuda --prompt-len 128 --new-tokens 256 --batch "$b"
+    done
     # programmatic dependent launch (kernel launch latency overlapped; off by default until measured)
     DSV3_PDL=1 gpu/bin/dsv3 bench --model /tmp/m88 --device cuda --prompt-len 128 --new-tokens 256 --batch "$b"
   done

@@ -199,7 +199,7 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi, float& rlo, 
 __device__ __forceinline__ void mma_empty_split(const MlaArgs& p, int row, int h0, int nh, int split) {
     const int c = p.c;
     if (p.splits == 1) {
-        for (int i = threadIdx.x; i < nh * c; i += MMA_THREADS) {
+        for (int i = threadIdx.x; i < nh * c; i += blockDim.x) {
             int hh = i / c, cc = i - hh * c;
             ((bf16*)p.out)[(long long)row * p.ld_out + (long long)(h0 + hh) * c + cc] = __float2bfloat16_rn(0.0f);
         }
@@ -238,14 +238,14 @@ __device__ __forceinline__ bool mma_cta(const MlaArgs& p, MmaCta& t) {
     return true;
 }
 
-// Cache rows [t0, t0 + T) of the split into a ring stage `dst` ([T][rs], swizzled): warp w copies
-// rows w, w+4, ...; rows at or past t_end are zero-filled (src-size 0, the source address clamped
-// to the split's first row).
-template <int T>
+// Cache rows [t0, t0 + T) of the split into a ring stage `dst` ([T][rs], swizzled): warp w of NW
+// copies rows w, w+NW, ...; rows at or past t_end are zero-filled (src-size 0, the source address
+// clamped to the split's first row).
+template <int T, int NW>
 __device__ __forceinline__ void mma_load_tile(const bf16* cache, int w, int rs, bf16* dst, int t0, int t_begin,
                                               int t_end, int warp, int lane) {
     const int cw = w >> 3;  // 16-byte chunks per cache row
-    for (int r = warp; r < T; r += 4) {
+    for (int r = warp; r < T; r += NW) {
         const int t = t0 + r;
         const bool ok = t < t_end;
         const bf16* src = cache + (long long)(ok ? t : t_begin) * w;
@@ -255,14 +255,15 @@ __device__ __forceinline__ void mma_load_tile(const bf16* cache, int w, int rs, 
     }
 }
 
-// Q of the CTA's M heads -> sQ [M][rs] (zeros for heads past nh), swizzled like the cache tiles.
-template <int M>
+// Q of the CTA's M heads -> sQ [M][rs] (zeros for heads past nh), swizzled like the cache tiles;
+// warp w of NW stages heads w, w+NW, ...
+template <int M, int NW>
 __device__ __forceinline__ void mma_stage_q(const MlaArgs& p, bf16* sQ, int rs, int row, int h0, int nh, int warp,
                                             int lane) {
     const int c = p.c, w = p.c + p.dr;
     const bf16* qt = (const bf16*)p.qt;
     const bf16* qpe = (const bf16*)p.qpe;
-    for (int hh = warp; hh < M; hh += 4) {
+    for (int hh = warp; hh < M; hh += NW) {
         const bf16* qrow = qt + (long long)row * p.ld_qt + (long long)(h0 + hh) * c;
         const bf16* prow = qpe + (long long)row * p.ld_qpe + (long long)(h0 + hh) * p.hs_qpe;
         for (int j = lane; j < w; j += 32) {
@@ -275,17 +276,18 @@ __device__ __forceinline__ void mma_stage_q(const MlaArgs& p, bf16* sQ, int rs, 
 
 // The pipeline's start: tiles 0 .. NS-2 of the split in flight (one commit group each, empty past
 // the last tile) and Q staged into sQ (read only after a barrier). Returns the split's tile count.
-template <int M, int T, int NS>
+template <int M, int T, int NS, int NW>
 __device__ __forceinline__ int mma_prologue(const MlaArgs& p, const MmaCta& t, const bf16* cache, bf16* sQ, bf16* sKV,
                                             int rs) {
     const int w = p.c + p.dr, ntiles = (t.t_end - t.t_begin + T - 1) / T;
 #pragma unroll
     for (int s = 0; s < NS - 1; s++) {
         if (s < ntiles)
-            mma_load_tile<T>(cache, w, rs, sKV + s * T * rs, t.t_begin + s * T, t.t_begin, t.t_end, t.warp, t.lane);
+            mma_load_tile<T, NW>(cache, w, rs, sKV + s * T * rs, t.t_begin + s * T, t.t_begin, t.t_end, t.warp,
+                                 t.lane);
         cp_async_commit();
     }
-    mma_stage_q<M>(p, sQ, rs, t.row, t.h0, t.nh, t.warp, t.lane);
+    mma_stage_q<M, NW>(p, sQ, rs, t.row, t.h0, t.nh, t.warp, t.lane);
     return ntiles;
 }
 
@@ -293,8 +295,8 @@ __device__ __forceinline__ int mma_prologue(const MlaArgs& p, const MmaCta& t, c
 // V = the first C columns of the ring stage at kvbase (rows kt·16 + (lane & 15), ldmatrix.trans;
 // lanes 0-7: k 0-7, 8-15: k 8-15, repeated for the second n8 tile; chunk lane/16: b[0], b[1] ->
 // n8 tile 2jp, b[2], b[3] -> 2jp + 1).
-template <int MT, int T>
-__device__ __forceinline__ void mma_pv(float (&o)[MT][16][4], const bf16* sP, uint32_t kvbase, int rs, int col0,
+template <int MT, int T, int NJ>
+__device__ __forceinline__ void mma_pv(float (&o)[MT][NJ][4], const bf16* sP, uint32_t kvbase, int rs, int col0,
                                        int ntw, int xr, int lane) {
     constexpr int PS = T + 8;
 #pragma unroll
@@ -305,7 +307,7 @@ __device__ __forceinline__ void mma_pv(float (&o)[MT][16][4], const bf16* sP, ui
             ldsm_x4(smem_u32(sP + (mt * 16 + (lane & 15)) * PS + kt * 16 + (lane >> 4) * 8), a[mt]);
         const uint32_t vrow = kvbase + (uint32_t)((kt * 16 + (lane & 15)) * rs) * 2u;
 #pragma unroll
-        for (int jp = 0; jp < 8; jp++) {
+        for (int jp = 0; jp < NJ / 2; jp++) {
             if (2 * jp < ntw) {
                 uint32_t b[4];
                 ldsm_x4_t(vrow + (uint32_t)((col0 + jp * 16 + (lane >> 4) * 8) ^ xr) * 2u, b);
@@ -322,7 +324,8 @@ __device__ __forceinline__ void mma_pv(float (&o)[MT][16][4], const bf16* sP, ui
 // Writes this thread's part of head `head`'s output (fragment row half hr of m16 tile o16): one
 // split: O / l in bf16; several: the unnormalized f32 partial, and (m in natural-log units, l)
 // from the thread with `ml_writer`.
-__device__ __forceinline__ void mma_store_head(const MlaArgs& p, const float (&o16)[16][4], int hr, int row, int head,
+template <int NJ>
+__device__ __forceinline__ void mma_store_head(const MlaArgs& p, const float (&o16)[NJ][4], int hr, int row, int head,
                                                int split, int col0, int ntw, int tq, float m2, float l,
                                                bool ml_writer) {
     const int c = p.c;
@@ -330,14 +333,14 @@ __device__ __forceinline__ void mma_store_head(const MlaArgs& p, const float (&o
         const float inv = l > 0.0f ? 1.0f / l : 0.0f;
         bf16* dst = (bf16*)p.out + (long long)row * p.ld_out + (long long)head * c + col0 + 2 * tq;
 #pragma unroll
-        for (int j = 0; j < 16; j++)
+        for (int j = 0; j < NJ; j++)
             if (j < ntw)
                 *reinterpret_cast<__nv_bfloat162*>(dst + j * 8) =
                     __floats2bfloat162_rn(o16[j][2 * hr] * inv, o16[j][2 * hr + 1] * inv);
     } else {
         float* dst = p.part_o + (((long long)split * p.n + row) * p.h + head) * c + col0 + 2 * tq;
 #pragma unroll
-        for (int j = 0; j < 16; j++)
+        for (int j = 0; j < NJ; j++)
             if (j < ntw) *reinterpret_cast<float2*>(dst + j * 8) = make_float2(o16[j][2 * hr], o16[j][2 * hr + 1]);
         if (ml_writer) {
             long long at = (((long long)split * p.n + row) * p.h + head) * 2;
@@ -370,7 +373,7 @@ __device__ __forceinline__ void mla_decode_mma(const MlaArgs& p) {
     float* sL = sM + 4 * M;
 
     const bf16* cache = (const bf16*)p.cache + (long long)p.row_slot[row] * p.slot_stride;
-    const int ntiles = mma_prologue<M, T, NS>(p, t, cache, sQ, sKV, rs);  // sQ read after a barrier
+    const int ntiles = mma_prologue<M, T, NS, 4>(p, t, cache, sQ, sKV, rs);  // sQ read after a barrier
 
     // Per-lane ldmatrix offsets. Every ldmatrix below reads rows r with r % 8 == lane % 8, so the
     // swizzle term is the per-lane constant xr; offsets are within 64-element (128-byte) groups.
@@ -407,7 +410,8 @@ __device__ __forceinline__ void mla_decode_mma(const MlaArgs& p) {
         {
             const int nx = it + NS - 1;
             if (nx < ntiles)
-                mma_load_tile<T>(cache, w, rs, sKV + (nx % NS) * T * rs, t_begin + nx * T, t_begin, t_end, warp, lane);
+                mma_load_tile<T, 4>(cache, w, rs, sKV + (nx % NS) * T * rs, t_begin + nx * T, t_begin, t_end, warp,
+                                    lane);
             cp_async_commit();
         }
         const bf16* sK = sKV + (it % NS) * T * rs;
@@ -511,7 +515,7 @@ __device__ __forceinline__ void mla_decode_mma(const MlaArgs& p) {
         __syncthreads();
 
         // ---- O += P·V over this warp's columns ----
-        mma_pv<MT, T>(o, sP, kvbase, rs, col0, ntw, xr, lane);
+        mma_pv<MT, T, 16>(o, sP, kvbase, rs, col0, ntw, xr, lane);
     }
 
     // ---- epilogue: l over the quad and the warps; write O (normalized or partial) ----
@@ -537,37 +541,41 @@ __device__ __forceinline__ void mla_decode_mma(const MlaArgs& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Depth-split variant (bf16, 16 heads per CTA): mla_decode_mmad_*. Same grid, splits, cache ring,
-// swizzle, P·V and outputs as mla_decode_mma<1, T, NS>; the S GEMM is split across the 4 warps
-// along the depth C + dr instead of the tokens. In mla_decode_mma every warp reads all of Q from
-// shared memory again for every tile (4 x 18 KiB per 32-token tile at d 576: more shared-memory
-// traffic than the tile itself, and the memory-bound 16-head case ran at 68% of the copy ceiling
-// on the H100). Here warp w holds Q's A fragments of its k16 steps [w·KS/4, (w+1)·KS/4)
-// (KS = (C + dr)/16, at most 10 per warp: 40 registers) from the start, and per tile:
+// Depth-split variant (bf16, 16 heads per CTA, NW = 4 or 8 warps): mla_decode_mmad_*. Same grid,
+// splits, cache ring, swizzle, P·V and outputs as mla_decode_mma<1, T, NS>; the S GEMM is split
+// across the warps along the depth C + dr instead of the tokens. In mla_decode_mma every warp reads
+// all of Q from shared memory again for every tile (4 x 18 KiB per 32-token tile at d 576: more
+// shared-memory traffic than the tile itself, and the memory-bound 16-head case ran at 68% of the
+// copy ceiling on the H100). Here warp w holds Q's A fragments of its k16 steps
+// [w·KS/NW, (w+1)·KS/NW) (KS = (C + dr)/16: at most 10 per warp with 4 warps, 40 registers; 5 with
+// 8) from the start, and per tile:
 //   1. S_w = Q[:, depth_w]·K[tile, depth_w]ᵀ for all T tokens (T/8 independent accumulator
 //      chains) -> sS[w] (f32, rows padded to T + 8: the float2 stores are conflict-free)
-//   2. softmax: thread t owns head row t/8 and tokens (t % 8)·T/8 + [0, T/8): it sums the 4
-//      partials (fixed order w = 0..3), scales to log2 units, masks past the split, takes the row
-//      max over its 8 lanes (shuffles) and the running max, writes P = 2^(s - m) rounded to bf16
-//      to sP and alpha = 2^(m_old - m) to sA, and keeps a per-thread partial row sum l of the
-//      rounded P (rescaled by alpha every tile; summed over the 8 lanes at the end)
-//   3. every warp rescales its O by sA and runs O += P·V over its C/4 columns (mma_pv)
+//   2. softmax: the 2·NW lanes of a head row (thread t: row t / (2·NW), tokens
+//      (t % (2·NW))·TPT + [0, TPT), TPT = T / (2·NW)) sum the NW partials (fixed order
+//      w = 0..NW-1), scale to log2 units, mask past the split, take the row max over the row's
+//      lanes (shuffles) and the running max, write P = 2^(s - m) rounded to bf16 to sP and
+//      alpha = 2^(m_old - m) to sA, and keep per-thread partial row sums l of the rounded P
+//      (rescaled by alpha every tile; summed over the row's lanes at the end)
+//   3. every warp rescales its O by sA and runs O += P·V over its C/NW columns (mma_pv)
 // Three barriers per tile, as in mla_decode_mma. The S sums run in another order than
 // mla_decode_mma's, so the two agree to f32 rounding of S (both within the tests' bf16 tolerance).
+// 8 warps: twice the warps per SM to hide ldmatrix/mma latency, half the registers per thread.
 //
 // Shared memory (must match MmaVariant::smem_bytes): a union of sQ [16][RS] bf16 (read once into
-// the fragments) and sS [4][16][T+8] f32, rounded up to 128 bytes, then sKV [NS][T][RS] bf16,
+// the fragments) and sS [NW][16][T+8] f32, rounded up to 128 bytes, then sKV [NS][T][RS] bf16,
 // sP [16][T+8] bf16, and sA, sMr, sL [16] f32 each.
-template <int T, int NS>
+template <int T, int NS, int NW>
 __device__ __forceinline__ void mla_decode_mmad(const MlaArgs& p) {
-    constexpr int M = 16;          // heads per CTA
-    constexpr int PS = T + 8;      // sS and sP row stride (elements)
-    constexpr int NT8 = T / 8;     // n8 tiles of S (every warp: all T tokens)
-    constexpr int QMAX = 10;       // k16 steps per warp at most: (MLA_CMAX + MLA_RMAX) / 16 / 4
-    constexpr int TPT = T / 8;     // tokens per thread in the softmax
+    constexpr int M = 16;                                     // heads per CTA
+    constexpr int PS = T + 8;                                 // sS and sP row stride (elements)
+    constexpr int NT8 = T / 8;                                // n8 tiles of S (every warp: all T tokens)
+    constexpr int QMAX = ((MLA_CMAX + MLA_RMAX) / 16 + NW - 1) / NW;  // k16 steps per warp at most
+    constexpr int LPR = 2 * NW;                               // softmax lanes per head row
+    constexpr int TPT = T / LPR;                              // tokens per thread in the softmax
     const float NEG_INF = -__int_as_float(0x7f800000);
     static_assert(T % 32 == 0 && T <= 64 && NS >= 2, "tile of 32 or 64 tokens, >= 2 stages");
-    static_assert((MLA_CMAX + MLA_RMAX) / 16 <= 4 * QMAX, "Q fragments per warp");
+    static_assert((NW == 4 || NW == 8) && TPT % 2 == 0, "4 or 8 warps, an even token count per thread");
 
     MmaCta t;
     if (!mma_cta<M, T>(p, t)) return;
@@ -575,7 +583,7 @@ __device__ __forceinline__ void mla_decode_mmad(const MlaArgs& p) {
     const int warp = t.warp, lane = t.lane, g = t.g, tq = t.tq, t_begin = t.t_begin, t_end = t.t_end;
 
     const int rs = (w + 63) & ~63;
-    const int ubytes = (max(M * rs * 2, 4 * M * PS * 4) + 127) & ~127;
+    const int ubytes = (max(M * rs * 2, NW * M * PS * 4) + 127) & ~127;
     bf16* sQ = (bf16*)mla_smem;
     float* sS = (float*)mla_smem;  // aliases sQ once the fragments are in registers
     bf16* sKV = (bf16*)(mla_smem + ubytes);
@@ -585,13 +593,13 @@ __device__ __forceinline__ void mla_decode_mmad(const MlaArgs& p) {
     float* sL = sMr + M;
 
     const bf16* cache = (const bf16*)p.cache + (long long)p.row_slot[row] * p.slot_stride;
-    const int ntiles = mma_prologue<M, T, NS>(p, t, cache, sQ, sKV, rs);
+    const int ntiles = mma_prologue<M, T, NS, NW>(p, t, cache, sQ, sKV, rs);
     __syncthreads();
 
     // this warp's k16 steps of Q as A fragments (rows lane & 15, chunk lane / 16); every ldmatrix
     // here reads rows r with r % 8 == lane % 8, so the swizzle is the per-lane constant xr
     const int xr = (lane & 7) << 3;
-    const int ks = w >> 4, kb0 = warp * ks / 4, nks = (warp + 1) * ks / 4 - kb0;
+    const int ks = w >> 4, kb0 = warp * ks / NW, nks = (warp + 1) * ks / NW - kb0;
     auto swz = [&](int e) { return (e & ~63) | ((e & 63) ^ xr); };
     uint32_t qf[QMAX][4];
     {
@@ -609,12 +617,13 @@ __device__ __forceinline__ void mla_decode_mmad(const MlaArgs& p) {
     // pair, k chunk (lane / 8) % 2 -> b[0], b[1] for the first tile, b[2], b[3] for the second
     const uint32_t krow = (uint32_t)((((lane >> 4) << 3) + (lane & 7)) * rs) * 2u;
     const int kh = ((lane >> 3) & 1) * 8;
-    const int ntw = c >> 5, col0 = warp * (c >> 2);
-    const int sr = threadIdx.x >> 3, sj = (threadIdx.x & 7) * TPT;  // softmax row and first token
+    const int ntw = c / (8 * NW), col0 = warp * (c / NW);  // output n8 tiles and first column of this warp
+    const int sr = threadIdx.x / LPR, sj = (threadIdx.x % LPR) * TPT;  // softmax row and first token
 
-    float o[1][16][4];
+    constexpr int NJ = 64 / NW;  // output n8 tiles per warp at most (C <= 512)
+    float o[1][NJ][4];
 #pragma unroll
-    for (int j = 0; j < 16; j++)
+    for (int j = 0; j < NJ; j++)
 #pragma unroll
         for (int e = 0; e < 4; e++) o[0][j][e] = 0.0f;
     float m_run = NEG_INF, l_part = 0.0f;
@@ -626,7 +635,8 @@ __device__ __forceinline__ void mla_decode_mmad(const MlaArgs& p) {
         {
             const int nx = it + NS - 1;
             if (nx < ntiles)
-                mma_load_tile<T>(cache, w, rs, sKV + (nx % NS) * T * rs, t_begin + nx * T, t_begin, t_end, warp, lane);
+                mma_load_tile<T, NW>(cache, w, rs, sKV + (nx % NS) * T * rs, t_begin + nx * T, t_begin, t_end, warp,
+                                     lane);
             cp_async_commit();
         }
         const uint32_t kvbase = smem_u32(sKV + (it % NS) * T * rs);
@@ -667,23 +677,22 @@ __device__ __forceinline__ void mla_decode_mmad(const MlaArgs& p) {
             float sv[TPT];
             float mx = NEG_INF;
 #pragma unroll
-            for (int j = 0; j < TPT; j += 4) {
-                float4 a = *reinterpret_cast<const float4*>(sS + sr * PS + sj + j);
+            for (int j = 0; j < TPT; j += 2) {
+                float2 a = *reinterpret_cast<const float2*>(sS + sr * PS + sj + j);
 #pragma unroll
-                for (int ww = 1; ww < 4; ww++) {
-                    const float4 b = *reinterpret_cast<const float4*>(sS + (ww * M + sr) * PS + sj + j);
-                    a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w;
+                for (int ww = 1; ww < NW; ww++) {
+                    const float2 b = *reinterpret_cast<const float2*>(sS + (ww * M + sr) * PS + sj + j);
+                    a.x += b.x, a.y += b.y;
                 }
-                sv[j] = a.x, sv[j + 1] = a.y, sv[j + 2] = a.z, sv[j + 3] = a.w;
+                sv[j] = a.x, sv[j + 1] = a.y;
             }
 #pragma unroll
             for (int j = 0; j < TPT; j++) {
                 sv[j] = t0 + sj + j < t_end ? sv[j] * sl2 : NEG_INF;
                 mx = fmaxf(mx, sv[j]);
             }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+#pragma unroll
+            for (int x = 1; x < LPR; x <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, x));
             const float mn = fmaxf(m_run, mx);
             const float mu = mn == NEG_INF ? 0.0f : mn;  // no finite score yet: avoid -inf - -inf
             const float alpha = fast_exp2(m_run - mu);
@@ -696,7 +705,7 @@ __device__ __forceinline__ void mla_decode_mmad(const MlaArgs& p) {
                 l_part += r0 + r1;
                 *reinterpret_cast<uint32_t*>(sP + sr * PS + sj + j) = pp;
             }
-            if ((threadIdx.x & 7) == 0) sA[sr] = alpha;
+            if (threadIdx.x % LPR == 0) sA[sr] = alpha;
         }
         __syncthreads();
 
@@ -704,7 +713,7 @@ __device__ __forceinline__ void mla_decode_mmad(const MlaArgs& p) {
         {
             const float a0 = sA[g], a1 = sA[g + 8];
 #pragma unroll
-            for (int j = 0; j < 16; j++) {
+            for (int j = 0; j < NJ; j++) {
                 if (j < ntw) {
                     o[0][j][0] *= a0;
                     o[0][j][1] *= a0;
@@ -713,14 +722,13 @@ __device__ __forceinline__ void mla_decode_mmad(const MlaArgs& p) {
                 }
             }
         }
-        mma_pv<1, T>(o, sP, kvbase, rs, col0, ntw, xr, lane);
+        mma_pv<1, T, NJ>(o, sP, kvbase, rs, col0, ntw, xr, lane);
     }
 
-    // ---- epilogue: l over the row's 8 lanes; write O (normalized or partial) ----
-    l_part += __shfl_xor_sync(0xffffffffu, l_part, 1);
-    l_part += __shfl_xor_sync(0xffffffffu, l_part, 2);
-    l_part += __shfl_xor_sync(0xffffffffu, l_part, 4);
-    if ((threadIdx.x & 7) == 0) sL[sr] = l_part, sMr[sr] = m_run;
+    // ---- epilogue: l over the row's lanes; write O (normalized or partial) ----
+#pragma unroll
+    for (int x = 1; x < LPR; x <<= 1) l_part += __shfl_xor_sync(0xffffffffu, l_part, x);
+    if (threadIdx.x % LPR == 0) sL[sr] = l_part, sMr[sr] = m_run;
     __syncthreads();
 #pragma unroll
     for (int hr = 0; hr < 2; hr++) {
@@ -730,37 +738,24 @@ __device__ __forceinline__ void mla_decode_mmad(const MlaArgs& p) {
     }
 }
 
-// Variants (heads per CTA = 16*MT, tile T tokens, NS stages; d: depth-split S); the launcher picks
-// one by shape and by the GPU's opt-in shared memory (kernels/src/ops/mla.rs, MMA_VARIANTS).
-extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_bf16(MlaArgs p) { DSV3_PDL(); mla_decode_mma<1, 32, 2>(p); }
-extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_m1s4_bf16(MlaArgs p) {
-    DSV3_PDL();
-    mla_decode_mma<1, 32, 4>(p);
-}
-extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_m1t64_bf16(MlaArgs p) {
-    DSV3_PDL();
-    mla_decode_mma<1, 64, 2>(p);
-}
-extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_m2t32_bf16(MlaArgs p) {
-    DSV3_PDL();
-    mla_decode_mma<2, 32, 2>(p);
-}
-extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mma_m2t64_bf16(MlaArgs p) {
-    DSV3_PDL();
-    mla_decode_mma<2, 64, 2>(p);
-}
-extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mmad_t32_bf16(MlaArgs p) {
-    DSV3_PDL();
-    mla_decode_mmad<32, 2>(p);
-}
-extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mmad_s3_bf16(MlaArgs p) {
-    DSV3_PDL();
-    mla_decode_mmad<32, 3>(p);
-}
-extern "C" __global__ void __launch_bounds__(MMA_THREADS) mla_decode_mmad_t64_bf16(MlaArgs p) {
-    DSV3_PDL();
-    mla_decode_mmad<64, 2>(p);
-}
+// Variants (heads per CTA = 16*MT, tile T tokens, NS stages; mmad: depth-split S with NW warps);
+// the launcher picks one by shape and by the GPU's opt-in shared memory (kernels/src/ops/mla.rs,
+// MMA_VARIANTS). MLA_MMA(name, threads, body<...>) defines one kernel.
+#define MLA_MMA(name, THREADS, ...)                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS) name(MlaArgs p) {          \
+        DSV3_PDL();                                                                  \
+        __VA_ARGS__(p);                                                              \
+    }
+MLA_MMA(mla_decode_mma_bf16, MMA_THREADS, mla_decode_mma<1, 32, 2>)
+MLA_MMA(mla_decode_mma_m1s4_bf16, MMA_THREADS, mla_decode_mma<1, 32, 4>)
+MLA_MMA(mla_decode_mma_m1t64_bf16, MMA_THREADS, mla_decode_mma<1, 64, 2>)
+MLA_MMA(mla_decode_mma_m2t32_bf16, MMA_THREADS, mla_decode_mma<2, 32, 2>)
+MLA_MMA(mla_decode_mma_m2t64_bf16, MMA_THREADS, mla_decode_mma<2, 64, 2>)
+MLA_MMA(mla_decode_mmad_t32_bf16, MMA_THREADS, mla_decode_mmad<32, 2, 4>)
+MLA_MMA(mla_decode_mmad_s3_bf16, MMA_THREADS, mla_decode_mmad<32, 3, 4>)
+MLA_MMA(mla_decode_mmad_t64_bf16, MMA_THREADS, mla_decode_mmad<64, 2, 4>)
+MLA_MMA(mla_decode_mmad_w8_bf16, 2 * MMA_THREADS, mla_decode_mmad<32, 2, 8>)
+MLA_MMA(mla_decode_mmad_w8s3_bf16, 2 * MMA_THREADS, mla_decode_mmad<32, 3, 8>)
 
 // Merges the splits: ō = Σ_s e^{m_s - M} o_s / Σ_s e^{m_s - M} l_s. grid: (N, H), block: 256.
 template <typename T>

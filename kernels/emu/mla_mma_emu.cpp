@@ -23,7 +23,8 @@ struct Variant {
     const char* name;
     void (*kernel)(MlaArgs);
     int mt, t, ns;
-    bool depth;  // mla_decode_mmad (depth-split S)
+    bool depth;     // mla_decode_mmad (depth-split S)
+    int warps = 4;  // threads / 32
 };
 static const Variant VARIANTS[] = {
     {"mla_decode_mma_bf16 (m1t32)", mla_decode_mma_bf16, 1, 32, 2},
@@ -34,12 +35,14 @@ static const Variant VARIANTS[] = {
     {"mla_decode_mmad_t32_bf16", mla_decode_mmad_t32_bf16, 1, 32, 2, true},
     {"mla_decode_mmad_s3_bf16", mla_decode_mmad_s3_bf16, 1, 32, 3, true},
     {"mla_decode_mmad_t64_bf16", mla_decode_mmad_t64_bf16, 1, 64, 2, true},
+    {"mla_decode_mmad_w8_bf16", mla_decode_mmad_w8_bf16, 1, 32, 2, true, 8},
+    {"mla_decode_mmad_w8s3_bf16", mla_decode_mmad_w8s3_bf16, 1, 32, 3, true, 8},
 };
 // MmaVariant::smem_bytes in kernels/src/ops/mla.rs
 static size_t smem_bytes(const Variant& v, int c, int dr) {
     size_t rs = (size_t)((c + dr + 63) / 64 * 64), m = 16 * v.mt;
     if (v.depth) {
-        const size_t u = (std::max(2 * m * rs, 16 * m * (v.t + 8)) + 127) / 128 * 128;
+        const size_t u = (std::max(2 * m * rs, 4 * (size_t)v.warps * m * (v.t + 8)) + 127) / 128 * 128;
         return u + 2 * (v.ns * v.t * rs + m * (v.t + 8)) + 4 * 3 * m;
     }
     return 2 * (m * rs + v.ns * v.t * rs + m * (v.t + 8)) + 4 * 8 * m;
@@ -87,7 +90,7 @@ static int run_case(const Variant& v, int h, int c, int dr, int max_len, const s
     for (int y = 0; y < splits; y++)
         for (int x = 0; x < n * hb; x++) {
             emu::begin_smem(smem);  // NaN poison, canary after
-            emu::run_block({(unsigned)x, (unsigned)y, 0}, 128, [&] { v.kernel(a); });
+            emu::run_block({(unsigned)x, (unsigned)y, 0}, 32 * v.warps, [&] { v.kernel(a); });
             emu::end_smem();
         }
     if (splits > 1) {

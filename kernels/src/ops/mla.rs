@@ -98,7 +98,8 @@ impl MlaWork {
     }
 }
 
-/// Threads per block of the tensor-core kernels (`MMA_THREADS`).
+/// Threads per block of the tensor-core kernels (`MMA_THREADS`; the 8-warp depth-split variants
+/// twice that: [`MmaVariant::threads`]).
 pub const MMA_THREADS: u32 = 128;
 /// The most splits [`mla_splits`] suggests.
 pub const MAX_SPLITS: usize = 64;
@@ -118,13 +119,15 @@ pub struct MmaVariant {
     pub stages: usize,
     /// `mla_decode_mmad` (m_tiles 1).
     pub depth_split: bool,
+    /// Warps per block (4; 8 for the `d1w8*` depth-split variants).
+    pub warps: usize,
 }
 
 /// Every tensor-core variant (all in `KERNELS`). Shared memory at C 512, dr 64: m1t32 92 KiB
 /// (every sm_80+ GPU, the 99 KiB ones included; two blocks per SM on H100), m1s4 (m1t32 with 4
 /// stages) 164 KiB and m1t64 165 KiB (H100), m2t32 112 KiB (A100; two blocks per SM on H100),
 /// m2t64 186 KiB (H100); the depth-split d1t32 91 KiB (two blocks per SM on H100), d1s3 (3
-/// stages) 127 KiB, d1t64 164 KiB.
+/// stages) 127 KiB, d1t64 164 KiB; with 8 warps d1w8 93 KiB (two blocks per SM), d1w8s3 129 KiB.
 pub const MMA_VARIANTS: &[MmaVariant] = &[
     MmaVariant::mma("m1t32", "mla_decode_mma_bf16", 1, 32, 2),
     MmaVariant::mma("m1s4", "mla_decode_mma_m1s4_bf16", 1, 32, 4),
@@ -134,14 +137,16 @@ pub const MMA_VARIANTS: &[MmaVariant] = &[
     MmaVariant::depth("d1t32", "mla_decode_mmad_t32_bf16", 32, 2),
     MmaVariant::depth("d1s3", "mla_decode_mmad_s3_bf16", 32, 3),
     MmaVariant::depth("d1t64", "mla_decode_mmad_t64_bf16", 64, 2),
+    MmaVariant { warps: 8, ..MmaVariant::depth("d1w8", "mla_decode_mmad_w8_bf16", 32, 2) },
+    MmaVariant { warps: 8, ..MmaVariant::depth("d1w8s3", "mla_decode_mmad_w8s3_bf16", 32, 3) },
 ];
 
 impl MmaVariant {
     const fn mma(name: &'static str, kernel: &'static str, m_tiles: usize, tile: usize, stages: usize) -> Self {
-        MmaVariant { name, kernel, m_tiles, tile, stages, depth_split: false }
+        MmaVariant { name, kernel, m_tiles, tile, stages, depth_split: false, warps: 4 }
     }
     const fn depth(name: &'static str, kernel: &'static str, tile: usize, stages: usize) -> Self {
-        MmaVariant { name, kernel, m_tiles: 1, tile, stages, depth_split: true }
+        MmaVariant { name, kernel, m_tiles: 1, tile, stages, depth_split: true, warps: 4 }
     }
 
     /// Heads per block.
@@ -149,17 +154,22 @@ impl MmaVariant {
         16 * self.m_tiles
     }
 
+    /// Threads per block.
+    pub fn threads(&self) -> u32 {
+        32 * self.warps as u32
+    }
+
     /// Dynamic shared memory in bytes (the layout in `kernels/cuda/mla.cu`): Q `[M][RS]`, the
     /// cache ring `[stages][tile][RS]` and P `[M][tile + 8]` in bf16, two `[4][M]` f32 arrays;
     /// `M` = heads per block, `RS` = `C + dr` rounded up to 64. Depth-split: Q shares its space
-    /// with the S partials `[4][M][tile + 8]` f32 (rounded up to 128 bytes), and three `[M]` f32
-    /// arrays instead of the two `[4][M]`.
+    /// with the S partials `[warps][M][tile + 8]` f32 (rounded up to 128 bytes), and three `[M]`
+    /// f32 arrays instead of the two `[4][M]`.
     pub fn smem_bytes(&self, c: usize, dr: usize) -> usize {
         let rs = (c + dr).div_ceil(64) * 64;
         let m = self.heads();
         let ring_p = 2 * (self.stages * self.tile * rs + m * (self.tile + 8));
         if self.depth_split {
-            (2 * m * rs).max(16 * m * (self.tile + 8)).div_ceil(128) * 128 + ring_p + 4 * 3 * m
+            (2 * m * rs).max(4 * self.warps * m * (self.tile + 8)).div_ceil(128) * 128 + ring_p + 4 * 3 * m
         } else {
             2 * m * rs + ring_p + 4 * 8 * m
         }
@@ -179,7 +189,7 @@ impl MmaVariant {
         if allow_dynamic_smem(&f, smem as u32).is_err() {
             return 1;
         }
-        f.occupancy_max_active_blocks_per_multiprocessor(MMA_THREADS, smem, None).map_or(1, |b| (b as usize).max(1))
+        f.occupancy_max_active_blocks_per_multiprocessor(self.threads(), smem, None).map_or(1, |b| (b as usize).max(1))
     }
 }
 
@@ -409,7 +419,7 @@ pub fn mla_decode_with(
             }
             // blockIdx.x = row * head_blocks + head_block: a row's blocks are launched together
             let grid = (dim(n * h.div_ceil(v.heads()), "mla rows x head blocks")?, dim(p.splits, "mla splits")?, 1);
-            launch_smem(dev, "mla", v.kernel, grid, MMA_THREADS, smem as u32, &[KArg::Mla(args)])?;
+            launch_smem(dev, "mla", v.kernel, grid, v.threads(), smem as u32, &[KArg::Mla(args)])?;
         }
     }
     if p.splits > 1 {
@@ -574,6 +584,11 @@ mod tests {
         assert!(d1t32.depth_split && d1t32.heads() == 16);
         assert_eq!(d1t32.smem_bytes(512, 64), 18432 + 2 * (2 * 32 * 576 + 16 * 40) + 4 * 3 * 16);
         assert!(2 * d1t32.smem_bytes(512, 64) <= 227 * 1024);
+        // 8 warps: the S partials (8·16·40·4 = 20480 bytes) outgrow Q
+        let d1w8 = MMA_VARIANTS.iter().find(|v| v.name == "d1w8").unwrap();
+        assert_eq!((d1w8.threads(), d1t32.threads()), (256, 128));
+        assert_eq!(d1w8.smem_bytes(512, 64), 20480 + 2 * (2 * 32 * 576 + 16 * 40) + 4 * 3 * 16);
+        assert!(2 * d1w8.smem_bytes(512, 64) <= 227 * 1024);
         // small depth: the S partials are the larger part of the union (16·16·40 = 10240 bytes)
         assert_eq!(d1t32.smem_bytes(64, 0), 10240 + 2 * (2 * 32 * 64 + 16 * 40) + 4 * 3 * 16);
         assert!(MmaVariant::takes(512, 64) && MmaVariant::takes(128, 32) && MmaVariant::takes(64, 0));

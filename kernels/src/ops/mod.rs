@@ -104,6 +104,8 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("mla", "mla_decode_mmad_t32_bf16"),
     ("mla", "mla_decode_mmad_s3_bf16"),
     ("mla", "mla_decode_mmad_t64_bf16"),
+    ("mla", "mla_decode_mmad_w8_bf16"),
+    ("mla", "mla_decode_mmad_w8s3_bf16"),
     ("mla", "mla_combine_f32"),
     ("mla", "mla_combine_bf16"),
     ("mla", "mla_prep_f32"),

@@ -8,10 +8,11 @@
 #   bash kernels/gpu_session.sh test [NAME...] there: unpack, run the GPU tests (kernels tests, the
 #                                              CLI and C ABI GPU tests), one at a time; NAME limits
 #                                              them to those test files
-#   bash kernels/gpu_session.sh bench          there: the 88M decode bench (batch 1 and 32), its training
+#   bash kernels/gpu_session.sh bench [GROUP]  there: the 88M decode bench (batch 1 and 32), its training
 #                                              step bench (bf16, f32, bf16 + FP8 linears) and the
 #                                              kernel benches (GEMM vs cuBLAS, MLA vs the copy
-#                                              ceiling, flash prefill, FP8 GEMM vs cuBLASLt)
+#                                              ceiling, flash prefill, FP8 GEMM vs cuBLASLt); GROUP:
+#                                              decode, train or kernels (all by default)
 #   bash kernels/gpu_session.sh peers          there: the same runs next to HF transformers on the GPU
 #                                              (benches/train_vs_hf.py --device cuda: the training
 #                                              step vs HF eager and torch.compile, bf16)
@@ -20,13 +21,14 @@
 #                                              bf16 + FP8 linears (same seed, data, schedule), plotted
 #                                              together with final-loss gaps; SVG + metrics in
 #                                              $OUT/curves (or gpu/curves) for docs/FP8.md
-#   bash kernels/gpu_session.sh triage         there: the test files of the code never yet run on a
+#   bash kernels/gpu_session.sh triage [GROUP] there: the test files of the code never yet run on a
 #                                              GPU, each with its default kernels and with every
 #                                              fallback switch (DSV3_FP8_KERNEL=v2/v1, DSV3_FP8_SPLITK=1,
 #                                              DSV3_FP8_WGRAD_BATCH=0, DSV3_TRAIN_FLASH=0) and the opt-in
 #                                              ones (DSV3_TRAIN_GEMM=cublas, DSV3_MLA_MMA=d1t32,
 #                                              DSV3_PDL=1): a PASS/FAIL table that says which new
-#                                              kernel breaks, if one does
+#                                              kernel breaks, if one does; GROUP: fp8, train or infer
+#                                              (all three by default, within a 540 s budget)
 #
 # A test that prints SKIP on the GPU machine is a failure of the session (only the no-GPU parts of
 # tests may skip). docs/PERF.md "CUDA backend" records what these printed.
@@ -96,79 +98,120 @@ run_tests() {
   return $fail
 }
 
+# bench [GROUP...]: decode (the 88M decode, batch 1 and 32, defaults and opt-ins), train (its
+# training step: bf16, f32, bf16 on cuBLAS, bf16 + FP8 linears), kernels (kernel_bench, fp8_bench);
+# all three by default (split them over calls to stay under the device tool's 600 s per command).
 run_bench() {
   unpack
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   gpu/bin/dsv3 init --preset bench-88m --out /tmp/m88 >/dev/null
+  local groups=("$@")
+  [ ${#groups[@]} -gt 0 ] || groups=(decode train kernels)
+  for grp in "${groups[@]}"; do
+    case "$grp" in
+      decode) bench_decode ;;
+      train) bench_train ;;
+      kernels)
+        gpu/bin/kernel_bench
+        timeout 300 gpu/bin/fp8_bench || echo "fp8_bench failed or timed out (DSV3_FP8_KERNEL=v2 times the cp.async kernel)"
+        ;;
+      *) echo "unknown bench group: $grp (decode, train, kernels)" >&2; return 2 ;;
+    esac
+  done
+}
+
+bench_decode() {
+  local dec=(gpu/bin/dsv3 bench --model /tmp/m88 --device cuda --prompt-len 128 --new-tokens 256)
   for b in 1 32; do
-    gpu/bin/dsv3 bench --model /tmp/m88 --device cuda --prompt-len 128 --new-tokens 256 --batch "$b"
-    # the depth-split MLA decode (not yet the default: kernel_bench below compares every variant)
+    "${dec[@]}" --batch "$b"
+    # the depth-split MLA decode (not yet the default: kernel_bench compares every variant)
     for v in d1t32 d1w8; do
-      DSV3_MLA_MMA=$v gpu/bin/dsv3 bench --model /tmp/m88 --device cuda --prompt-len 128 --new-tokens 256 --batch "$b"
+      DSV3_MLA_MMA=$v "${dec[@]}" --batch "$b"
     done
     # programmatic dependent launch (kernel launch latency overlapped; off by default until measured)
-    DSV3_PDL=1 gpu/bin/dsv3 bench --model /tmp/m88 --device cuda --prompt-len 128 --new-tokens 256 --batch "$b"
+    DSV3_PDL=1 "${dec[@]}" --batch "$b"
   done
-  # training steps (CudaTrainer: pass + AdamW), tokens/s and MFU
+}
+
+# training steps (CudaTrainer: pass + AdamW), tokens/s and MFU
+bench_train() {
+  local tr=(gpu/bin/dsv3 bench --model /tmp/m88 --train --device cuda --batch 8 --prompt-len 512 --repeat 5)
   for dt in bf16 f32; do
-    gpu/bin/dsv3 bench --model /tmp/m88 --train --device cuda --dtype "$dt" --batch 8 --prompt-len 512 --repeat 5 ||
-      echo "training bench ($dt) failed"
+    "${tr[@]}" --dtype "$dt" || echo "training bench ($dt) failed"
   done
   # the bf16 products on cuBLAS instead of the mma kernels (DSV3_TRAIN_GEMM=cublas), same step
-  DSV3_TRAIN_GEMM=cublas gpu/bin/dsv3 bench --model /tmp/m88 --train --device cuda --dtype bf16 --batch 8 \
-    --prompt-len 512 --repeat 5 || echo "training bench (bf16, cuBLAS products) failed"
-  gpu/bin/dsv3 bench --model /tmp/m88 --train --device cuda --dtype bf16 --precision fp8 --batch 8 --prompt-len 512 \
-    --repeat 5 || echo "training bench (bf16 + fp8) failed"
-  gpu/bin/kernel_bench
-  timeout 300 gpu/bin/fp8_bench || echo "fp8_bench failed or timed out (DSV3_FP8_KERNEL=v2 times the cp.async kernel)"
+  DSV3_TRAIN_GEMM=cublas "${tr[@]}" --dtype bf16 || echo "training bench (bf16, cuBLAS products) failed"
+  "${tr[@]}" --dtype bf16 --precision fp8 || echo "training bench (bf16 + fp8) failed"
+  DSV3_PDL=1 "${tr[@]}" --dtype bf16 || echo "training bench (bf16, PDL) failed"
 }
 
 # One test binary under an environment, a line of the table; the failures' first lines after it.
+# TRIAGE_TIMEOUT (150 s) bounds each run; once TRIAGE_BUDGET (540 s, under the device tool's 600 s
+# per command) is spent, the remaining runs are listed as NOT RUN (run them with a group argument).
 triage_one() {
-  local exe="$1" env_desc="$2" rc=0 out t0
+  local exe="$1" env_desc="$2" rc=0 out t0 limit="${TRIAGE_TIMEOUT:-150}"
   shift 2
+  if [ $(($(date +%s) - triage_t0)) -ge "${TRIAGE_BUDGET:-540}" ]; then
+    printf '%-16s %-34s %s\n' "$exe" "$env_desc" "NOT RUN (budget spent)"
+    return
+  fi
   [ -x "gpu/bin/$exe" ] || { printf '%-16s %-34s %s\n' "$exe" "$env_desc" "MISSING"; return; }
   t0=$(date +%s)
-  out="$(env "$@" timeout 300 "gpu/bin/$exe" --test-threads 1 2>&1)" || rc=$?
+  out="$(env "$@" timeout "$limit" "gpu/bin/$exe" --test-threads 1 2>&1)" || rc=$?
   local verdict=PASS
   [ "$rc" = 0 ] || verdict="FAIL (rc $rc)"
-  [ "$rc" = 124 ] && verdict="TIMEOUT (300 s: a hung kernel?)"
+  [ "$rc" = 124 ] && verdict="TIMEOUT ($limit s: a hung kernel?)"
   echo "$out" | grep -q "SKIP " && verdict="$verdict, SKIP lines"
   printf '%-16s %-34s %-30s %4ss\n' "$exe" "$env_desc" "$verdict" "$(($(date +%s) - t0))"
   [ "$rc" = 0 ] || echo "$out" | grep -E "panicked|FAILED|assert" | head -6 | sed 's/^/    /'
 }
 
+# triage [GROUP...]: fp8 (the FP8 GEMM and FP8 training), train (the training pass and step, their
+# kernels and switches), infer (MLA variants, decode with PDL, sampling, the CLI); all three in that
+# order by default. Each run: the defaults, then the fallback and opt-in switches.
 run_triage() {
   unpack
-  echo "== triage: never-run-on-a-GPU code, default vs each fallback"
-  triage_one k_fp8 "default (Auto: fp8_gemm_tma)"
-  triage_one k_fp8 "DSV3_FP8_SPLITK=1" DSV3_FP8_SPLITK=1
-  for t in train_fp8 train_step; do
-    triage_one "k_$t" "default"
-    triage_one "k_$t" "DSV3_FP8_KERNEL=v2" DSV3_FP8_KERNEL=v2
-    triage_one "k_$t" "DSV3_FP8_KERNEL=v1" DSV3_FP8_KERNEL=v1
-    triage_one "k_$t" "DSV3_FP8_WGRAD_BATCH=0" DSV3_FP8_WGRAD_BATCH=0
+  triage_t0=$(date +%s)
+  local groups=("$@")
+  [ ${#groups[@]} -gt 0 ] || groups=(fp8 train infer)
+  echo "== triage (${groups[*]}): never-run-on-a-GPU code, defaults vs each fallback and opt-in switch"
+  for grp in "${groups[@]}"; do
+    case "$grp" in
+      fp8)
+        triage_one k_fp8 "default (Auto: fp8_gemm_tma)"
+        triage_one k_fp8 "DSV3_FP8_SPLITK=1" DSV3_FP8_SPLITK=1
+        triage_one k_train_fp8 "default"
+        triage_one k_train_fp8 "DSV3_FP8_KERNEL=v2" DSV3_FP8_KERNEL=v2
+        triage_one k_train_fp8 "DSV3_FP8_KERNEL=v1" DSV3_FP8_KERNEL=v1
+        triage_one k_train_fp8 "DSV3_FP8_WGRAD_BATCH=0" DSV3_FP8_WGRAD_BATCH=0
+        ;;
+      train)
+        triage_one k_train_step "default"
+        triage_one k_train_step "DSV3_FP8_KERNEL=v2" DSV3_FP8_KERNEL=v2
+        triage_one k_train_step "DSV3_TRAIN_GEMM=cublas" DSV3_TRAIN_GEMM=cublas
+        triage_one k_train_step "DSV3_PDL=1" DSV3_PDL=1
+        triage_one k_train_pass "default"
+        triage_one k_train_pass "DSV3_TRAIN_FLASH=0" DSV3_TRAIN_FLASH=0
+        triage_one k_train_pass "DSV3_TRAIN_GEMM=cublas" DSV3_TRAIN_GEMM=cublas
+        triage_one k_attn_train "default"
+        triage_one k_attn_train "DSV3_TRAIN_FLASH=0" DSV3_TRAIN_FLASH=0
+        # gemm: the mma kernels' layouts and the training products on cuBLAS
+        triage_one k_gemm "default"
+        triage_one k_train "default"
+        ;;
+      infer)
+        # mla_moe runs every MLA decode variant explicitly (the depth-split d1* ones included)
+        triage_one k_mla_moe "default (every MLA variant)"
+        triage_one k_mla_moe "DSV3_PDL=1" DSV3_PDL=1
+        triage_one k_model "DSV3_PDL=1" DSV3_PDL=1
+        triage_one k_sampling "default"
+        triage_one cli_cuda "default"
+        triage_one cli_cuda "DSV3_MLA_MMA=d1t32" DSV3_MLA_MMA=d1t32
+        triage_one cli_cuda "DSV3_PDL=1" DSV3_PDL=1
+        ;;
+      *) echo "unknown triage group: $grp (fp8, train, infer)" >&2; return 2 ;;
+    esac
   done
-  for t in attn_train train_pass; do
-    triage_one "k_$t" "default"
-    triage_one "k_$t" "DSV3_TRAIN_FLASH=0" DSV3_TRAIN_FLASH=0
-  done
-  for t in train_pass train_step; do
-    triage_one "k_$t" "DSV3_TRAIN_GEMM=cublas" DSV3_TRAIN_GEMM=cublas
-  done
-  # gemm: the mma kernels' layouts and the training products on cuBLAS
-  for t in gemm sampling train; do
-    triage_one "k_$t" "default"
-  done
-  # mla_moe runs every MLA decode variant explicitly (the depth-split d1* ones included)
-  triage_one k_mla_moe "default (every MLA variant)"
-  triage_one cli_cuda "default"
-  triage_one cli_cuda "DSV3_MLA_MMA=d1t32" DSV3_MLA_MMA=d1t32
-  # programmatic dependent launch: every kernel launched with the attribute (graphs included)
-  for t in model mla_moe train_step; do
-    triage_one "k_$t" "DSV3_PDL=1" DSV3_PDL=1
-  done
-  triage_one cli_cuda "DSV3_PDL=1" DSV3_PDL=1
 }
 
 run_curves() {
@@ -201,9 +244,9 @@ run_peers() {
 case "$mode" in
   pack) pack ;;
   test) run_tests "$@" ;;
-  bench) run_bench ;;
+  bench) run_bench "$@" ;;
   peers) run_peers ;;
-  triage) run_triage ;;
+  triage) run_triage "$@" ;;
   curves) run_curves "$@" ;;
   *) sed -n '2,30p' "$0"; exit 2 ;;
 esac

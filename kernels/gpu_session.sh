@@ -24,7 +24,8 @@
 #   bash kernels/gpu_session.sh triage [GROUP] there: the test files of the code never yet run on a
 #                                              GPU, each with its default kernels and with every
 #                                              fallback switch (DSV3_FP8_KERNEL=v2/v1, DSV3_FP8_SPLITK=1,
-#                                              DSV3_FP8_WGRAD_BATCH=0, DSV3_TRAIN_FLASH=0) and the opt-in
+#                                              DSV3_FP8_WGRAD_BATCH=0, DSV3_FP8_QUANT=v1,
+#                                              DSV3_TRAIN_FLASH=0) and the opt-in
 #                                              ones (DSV3_TRAIN_GEMM=cublas, DSV3_MLA_MMA=d1t32,
 #                                              DSV3_PDL=1): a PASS/FAIL table that says which new
 #                                              kernel breaks, if one does; GROUP: fp8, train or infer
@@ -184,6 +185,7 @@ run_triage() {
         triage_one k_train_fp8 "DSV3_FP8_KERNEL=v2" DSV3_FP8_KERNEL=v2
         triage_one k_train_fp8 "DSV3_FP8_KERNEL=v1" DSV3_FP8_KERNEL=v1
         triage_one k_train_fp8 "DSV3_FP8_WGRAD_BATCH=0" DSV3_FP8_WGRAD_BATCH=0
+        triage_one k_train_fp8 "DSV3_FP8_QUANT=v1" DSV3_FP8_QUANT=v1
         ;;
       train)
         triage_one k_train_step "default"

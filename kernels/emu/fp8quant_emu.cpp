@@ -9,6 +9,7 @@
 //
 //   bash kernels/emu/run.sh fp8quant
 //
+// quant_1x128w_* (a warp per group) is compared bit for bit against quant_1x128_* on the same input.
 // Cases: ragged shapes, a row count past 65535 for quant_1x128 (tiny rows keep it cheap), and
 // forced small grid.y (2, 3) so the grid-stride loops take several turns (quant_t128 would need
 // 8.4M rows to pass 65535 row blocks). quant_t128_groups is compared bit for bit against the
@@ -71,6 +72,41 @@ static void q1x128_case(int rows, int cols, int ldx, int pow2, unsigned grid_y) 
     check(std::isnan(sc[(size_t)rows * cb]), "quant_1x128 scale past the tensor written");
     std::printf("quant_1x128      rows %-6d cols %-4d pow2 %d grid.y %-5u ok so far (%d bad)\n", rows, cols, pow2, gy,
                 g_bad);
+}
+
+// quant_1x128w (a warp per 128-column group) against quant_1x128 (a block per group) on the same
+// input, bit for bit: codes, scales, padding and the slot past the scales untouched. T: float or
+// bf16; ldx, ldq and the offsets of x and q choose the vector path (all multiples of 4) or the
+// element path; `blocks` forces a small grid so the grid-stride loop takes several turns.
+template <typename T>
+static void q1x128w_case(int rows, int cols, int ldx, int ldq, int x_off, int q_off, int pow2, unsigned blocks) {
+    const int cb = (cols + 127) / 128;
+    std::vector<float> xf = input(rows, cols, ldx);
+    if (rows > 1 && cols > 5) xf[(size_t)1 * ldx + 5] = NAN;  // a NaN input: its code and its group's scale
+    std::vector<T> x(xf.size() + x_off);
+    for (size_t i = 0; i < xf.size(); i++) x[i + x_off] = from_f32<T>(xf[i]);
+    std::vector<uint8_t> q1((size_t)rows * ldq + q_off, 0xAB), q2(q1);
+    std::vector<float> s1((size_t)rows * cb + 1, NAN), s2(s1);
+    const T* xp = x.data() + x_off;
+    emu::launch({(unsigned)cb, (unsigned)std::min(rows, 65535), 1}, 128, [&] {
+        if constexpr (std::is_same<T, float>::value)
+            quant_1x128_f32(xp, ldx, q1.data() + q_off, ldq, s1.data(), cb, 1, rows, cols, pow2);
+        else
+            quant_1x128_bf16(xp, ldx, q1.data() + q_off, ldq, s1.data(), cb, 1, rows, cols, pow2);
+    });
+    const long long groups = (long long)rows * cb;
+    const unsigned gx = blocks ? blocks : (unsigned)std::min<long long>((groups + 7) / 8, 132 * 8);
+    emu::launch({gx, 1, 1}, 256, [&] {
+        if constexpr (std::is_same<T, float>::value)
+            quant_1x128w_f32(xp, ldx, q2.data() + q_off, ldq, s2.data(), cb, 1, rows, cols, pow2);
+        else
+            quant_1x128w_bf16(xp, ldx, q2.data() + q_off, ldq, s2.data(), cb, 1, rows, cols, pow2);
+    });
+    for (size_t i = 0; i < q1.size(); i++) check(q1[i] == q2[i], "quant_1x128w code byte " + std::to_string(i));
+    for (size_t i = 0; i < s1.size(); i++) check(same(s1[i], s2[i]), "quant_1x128w scale " + std::to_string(i));
+    check(std::isnan(s2[(size_t)rows * cb]), "quant_1x128w scale past the tensor written");
+    std::printf("quant_1x128w %-4s rows %-6d cols %-4d ldx %-4d ldq %-4d offs %d/%d pow2 %d blocks %-4u ok so far (%d bad)\n",
+                std::is_same<T, float>::value ? "f32" : "bf16", rows, cols, ldx, ldq, x_off, q_off, pow2, gx, g_bad);
 }
 
 static void qt128_case(int rows, int cols, int ldx, int pow2, unsigned grid_y) {
@@ -204,6 +240,16 @@ int main(int argc, char** argv) {
     q1x128_case(7, 128, 128, 1, 3);   // grid-stride: 3 blocks in y walk 7 rows
     q1x128_case(65536 + 5, 3, 3, 0, 0);  // tokens past CUDA's 65535 grid.y: the launcher caps y
     if (!quick) q1x128_case(9, 1000, 1003, 1, 2);
+    // the warp-per-group form: vector path (everything 4-aligned), element path (odd ldx, ldq or
+    // offsets), ragged cols (a partial last group and a partial last lane), grid-stride turns
+    q1x128w_case<float>(7, 300, 300, 300, 0, 0, 0, 0);
+    q1x128w_case<bf16>(7, 300, 304, 304, 0, 0, 1, 0);
+    q1x128w_case<bf16>(5, 301, 305, 303, 0, 0, 0, 0);
+    q1x128w_case<float>(6, 256, 260, 256, 1, 0, 0, 0);  // x offset by one element: element path
+    q1x128w_case<bf16>(6, 256, 256, 256, 0, 2, 1, 0);   // q offset by two bytes: element path
+    q1x128w_case<float>(33, 130, 132, 132, 0, 0, 1, 3);  // 66 groups over 3 blocks of 8 warps
+    q1x128w_case<bf16>(65536 + 5, 3, 4, 4, 0, 0, 0, 0);  // many rows, a one-lane group
+    if (!quick) q1x128w_case<float>(9, 1000, 1003, 1001, 0, 0, 1, 2);
     qt128_case(300, 70, 71, 0, 0);
     qt128_case(700, 33, 40, 1, 2);  // 6 row blocks over grid.y 2 (the shared tiles refilled per turn)
     qt128_case(129, 5, 5, 0, 1);

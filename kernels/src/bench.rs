@@ -505,7 +505,7 @@ pub fn fp8_gemm_line(dev: &Device, m: usize, n: usize, k: usize) -> Result<(f64,
 /// DeepGEMM's dense shapes (M = 4096 and M = 128 with its N x K pairs), plus the quantize kernels'
 /// bandwidth on a 4096 x 7168 bf16 activation against the device copy.
 pub fn run_fp8(dev: &Device) -> Result<()> {
-    use crate::ops::fp8::{quant_1x128, quant_t128, Fp8Out};
+    use crate::ops::fp8::{quant_1x128_form, quant_t128, Fp8Out};
     println!("{}", dev.name);
     let copy = copy_bandwidth(dev, 1 << 30)?;
     println!("device-to-device copy: {copy:.1} GB/s");
@@ -519,13 +519,17 @@ pub fn run_fp8(dev: &Device) -> Result<()> {
     let mut q = zeros::<u8>(dev, rows * cols)?;
     let mut s = zeros::<f32>(dev, rows * cols.div_ceil(128))?;
     let bytes = (rows * cols * 3 + rows * cols.div_ceil(128) * 4) as f64; // bf16 in, e4m3 out, scales
-    let ms =
-        time_ms(dev, 3, 20, || quant_1x128(dev, &x, cols, rows, cols, Fp8Out::dense(&mut q, &mut s, cols), false))?;
-    println!(
-        "quant_1x128 {rows}x{cols} bf16: {ms:.3} ms, {:.1} GB/s ({:.1}% of copy)",
-        bytes / (ms * 1e-3) / 1e9,
-        100.0 * bytes / (ms * 1e-3) / 1e9 / copy
-    );
+                                                                          // the warp-per-group kernel quant_1x128 runs, then the block-per-group one (DSV3_FP8_QUANT=v1)
+    for (warp, name) in [(true, "quant_1x128w"), (false, "quant_1x128 (v1)")] {
+        let ms = time_ms(dev, 3, 20, || {
+            quant_1x128_form(dev, &x, cols, rows, cols, Fp8Out::dense(&mut q, &mut s, cols), false, warp)
+        })?;
+        println!(
+            "{name} {rows}x{cols} bf16: {ms:.3} ms, {:.1} GB/s ({:.1}% of copy)",
+            bytes / (ms * 1e-3) / 1e9,
+            100.0 * bytes / (ms * 1e-3) / 1e9 / copy
+        );
+    }
     let mut st = zeros::<f32>(dev, cols * rows.div_ceil(128))?;
     let ms = time_ms(dev, 3, 20, || {
         let out = Fp8Out { q: &mut q, ld: rows, scale: &mut st, s_rs: rows.div_ceil(128), s_cs: 1 };

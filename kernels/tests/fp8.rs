@@ -12,8 +12,8 @@ use dsv3_core::fp8::gemm::{calc_diff, fp8_gemm as cpu_fp8_gemm};
 use dsv3_core::fp8::quant::{quantize_unchecked, QTensor, ScaleLayout};
 use dsv3_core::rng::Rng;
 use dsv3_kernels::ops::fp8::{
-    fp8_gemm, quant_1x128, quant_block128, quant_block128_batch, quant_t128, quant_t128_groups, t128_segments,
-    tma_fits, wgmma2_fits, BScales, Fp8BlockOut, Fp8Gemm, Fp8Kernel, Fp8Operand, Fp8Out, FP8_BM,
+    fp8_gemm, quant_1x128, quant_1x128_form, quant_block128, quant_block128_batch, quant_t128, quant_t128_groups,
+    t128_segments, tma_fits, wgmma2_fits, BScales, Fp8BlockOut, Fp8Gemm, Fp8Kernel, Fp8Operand, Fp8Out, FP8_BM,
 };
 use dsv3_kernels::ops::gemm::Grouped;
 use dsv3_kernels::ptx::Arch;
@@ -64,32 +64,46 @@ fn as_dtype(x: &[f32], dt: DType) -> Vec<f32> {
     }
 }
 
+/// Both forms (`quant_1x128_form`: the warp-per-group kernel `quant_1x128` runs, and the
+/// block-per-group v1), with rows 4-element aligned (the warp kernel's vector loads and 4-byte
+/// code stores) and not (its element path).
 #[test]
 fn quant_1x128_matches_cpu_bit_for_bit() {
     let Some(dev) = device("quant_1x128_matches_cpu_bit_for_bit") else { return };
     let mut rng = Rng::new(70);
     for (rows, cols) in QSHAPES.into_iter().chain(QSHAPES_1X128_TALL) {
-        let ldx = cols + 3;
-        let x = spread(&mut rng, rows, ldx);
-        for dt in DTYPES {
-            for pow2 in [false, true] {
-                let xs = as_dtype(&x, dt);
-                let dense: Vec<f32> = (0..rows).flat_map(|r| xs[r * ldx..r * ldx + cols].to_vec()).collect();
-                let want = quantize_unchecked(&dense, rows, cols, ScaleLayout::Tile1x128, pow2);
-                // codes with a padded row stride (the padding must stay poisoned), scales M-contiguous
-                let (ldq, kg) = (cols + 5, cols.div_ceil(128));
-                let mut q = poisoned_u8(&dev, rows * ldq);
-                let mut s = poisoned_f32(&dev, rows * kg);
-                let out = Fp8Out { q: &mut q, ld: ldq, scale: &mut s, s_rs: 1, s_cs: rows };
-                quant_1x128(&dev, &Act::from_f32(&dev, dt, &x).unwrap(), ldx, rows, cols, out, pow2).unwrap();
-                let (gq, gs) = (download(&dev, &q).unwrap(), download(&dev, &s).unwrap());
-                let what = format!("quant_1x128 {dt:?} pow2 {pow2} [{rows}, {cols}]");
-                let codes: Vec<u8> = (0..rows).flat_map(|r| gq[r * ldq..r * ldq + cols].to_vec()).collect();
-                assert_codes(&codes, &want.codes, &what);
-                assert!((0..rows).all(|r| gq[r * ldq + cols..(r + 1) * ldq].iter().all(|&b| b == 0x7f)), "{what}: pad");
-                let scales: Vec<f32> =
-                    (0..rows).flat_map(|r| (0..kg).map(move |b| (r, b))).map(|(r, b)| gs[b * rows + r]).collect();
-                assert_bits(&scales, &want.scales, &what);
+        for aligned in [false, true] {
+            let (ldx, ldq) = if aligned {
+                (cols.next_multiple_of(4) + 4, cols.next_multiple_of(4) + 8)
+            } else {
+                (cols + 3, cols + 5)
+            };
+            let x = spread(&mut rng, rows, ldx);
+            for dt in DTYPES {
+                for (pow2, warp) in [(false, true), (true, true), (false, false), (true, false)] {
+                    let xs = as_dtype(&x, dt);
+                    let dense: Vec<f32> = (0..rows).flat_map(|r| xs[r * ldx..r * ldx + cols].to_vec()).collect();
+                    let want = quantize_unchecked(&dense, rows, cols, ScaleLayout::Tile1x128, pow2);
+                    // codes with a padded row stride (the padding must stay poisoned), scales M-contiguous
+                    let kg = cols.div_ceil(128);
+                    let mut q = poisoned_u8(&dev, rows * ldq);
+                    let mut s = poisoned_f32(&dev, rows * kg);
+                    let out = Fp8Out { q: &mut q, ld: ldq, scale: &mut s, s_rs: 1, s_cs: rows };
+                    let xa = Act::from_f32(&dev, dt, &x).unwrap();
+                    quant_1x128_form(&dev, &xa, ldx, rows, cols, out, pow2, warp).unwrap();
+                    let (gq, gs) = (download(&dev, &q).unwrap(), download(&dev, &s).unwrap());
+                    let what =
+                        format!("quant_1x128 warp={warp} {dt:?} pow2 {pow2} [{rows}, {cols}] ldx {ldx} ldq {ldq}");
+                    let codes: Vec<u8> = (0..rows).flat_map(|r| gq[r * ldq..r * ldq + cols].to_vec()).collect();
+                    assert_codes(&codes, &want.codes, &what);
+                    assert!(
+                        (0..rows).all(|r| gq[r * ldq + cols..(r + 1) * ldq].iter().all(|&b| b == 0x7f)),
+                        "{what}: pad"
+                    );
+                    let scales: Vec<f32> =
+                        (0..rows).flat_map(|r| (0..kg).map(move |b| (r, b))).map(|(r, b)| gs[b * rows + r]).collect();
+                    assert_bits(&scales, &want.scales, &what);
+                }
             }
         }
     }

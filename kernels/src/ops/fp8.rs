@@ -70,9 +70,35 @@ fn quant_kernel(x: &Act, f32_name: &'static str, bf16_name: &'static str) -> &'s
     }
 }
 
+/// `DSV3_FP8_QUANT=v1` (read once): [`quant_1x128`] runs `quant_1x128_*` (a 128-thread block per
+/// 128-column group, the form measured on the H100) instead of `quant_1x128w_*` (a warp per group,
+/// bit for bit the same output; EMULATOR-VERIFIED, NOT YET RUN ON A GPU).
+fn quant_v1() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("DSV3_FP8_QUANT").is_ok_and(|v| v.trim() == "v1"))
+}
+
 /// Per-token 1x128 quantization of `x` `[rows, cols]` (row stride `ldx`): activations and
-/// activation gradients (`pow2`: power-of-two scales).
+/// activation gradients (`pow2`: power-of-two scales). A warp per 128-column group
+/// (`quant_1x128w_*`: vector loads and 4-byte code stores where rows are 4-element aligned, the
+/// amax by shuffles), blocks of 8 warps, at most 8 blocks per SM walking the groups grid-stride.
 pub fn quant_1x128(dev: &Device, x: &Act, ldx: usize, rows: usize, cols: usize, out: Fp8Out, pow2: bool) -> Result<()> {
+    quant_1x128_form(dev, x, ldx, rows, cols, out, pow2, !quant_v1())
+}
+
+/// [`quant_1x128`] with the kernel chosen by the caller (`warp`: `quant_1x128w_*`, else the
+/// block-per-group `quant_1x128_*`; the same output bit for bit): for benchmarks and tests.
+#[allow(clippy::too_many_arguments)]
+pub fn quant_1x128_form(
+    dev: &Device,
+    x: &Act,
+    ldx: usize,
+    rows: usize,
+    cols: usize,
+    out: Fp8Out,
+    pow2: bool,
+    warp: bool,
+) -> Result<()> {
     if rows == 0 || cols == 0 {
         return Ok(());
     }
@@ -81,10 +107,16 @@ pub fn quant_1x128(dev: &Device, x: &Act, ldx: usize, rows: usize, cols: usize, 
         return Err(Error::Input(format!("quant_1x128: ldx {ldx} < cols {cols}")));
     }
     out.check(rows, cols, "quant_1x128")?;
-    let k = quant_kernel(x, "quant_1x128_f32", "quant_1x128_bf16");
     let mut args = out.lead_args(dev, x, ldx)?;
     args.extend([KArg::I32(int(rows, "rows")?), KArg::I32(int(cols, "cols")?), KArg::I32(pow2 as i32)]);
-    launch(dev, "fp8quant", k, (dim(cols.div_ceil(128), "quant cols")?, grid_y(rows, "quant rows")?, 1), 128, &args)
+    if !warp {
+        let k = quant_kernel(x, "quant_1x128_f32", "quant_1x128_bf16");
+        let grid = (dim(cols.div_ceil(128), "quant cols")?, grid_y(rows, "quant rows")?, 1);
+        return launch(dev, "fp8quant", k, grid, 128, &args);
+    }
+    let k = quant_kernel(x, "quant_1x128w_f32", "quant_1x128w_bf16");
+    let blocks = (rows * cols.div_ceil(128)).div_ceil(8).min(dev.sms.max(1) * 8);
+    launch(dev, "fp8quant", k, (dim(blocks, "quant groups")?, 1, 1), 256, &args)
 }
 
 /// 128x1 quantization along the rows (tokens) of `x` `[rows, cols]`, written transposed: `out` gets

@@ -84,6 +84,8 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("gemm", "gemm_skinny1_swiglu_fp8"),
     ("fp8quant", "quant_1x128_f32"),
     ("fp8quant", "quant_1x128_bf16"),
+    ("fp8quant", "quant_1x128w_f32"),
+    ("fp8quant", "quant_1x128w_bf16"),
     ("fp8quant", "quant_block128_f32"),
     ("fp8quant", "quant_block128_bf16"),
     ("fp8quant", "quant_t128_f32"),

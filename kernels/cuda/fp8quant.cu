@@ -190,14 +190,24 @@ __device__ __forceinline__ void quant_t128_block(const T* __restrict__ x, long l
         if (c0 + lx < cols) scale_t[(long long)(c0 + lx) * s_rs + (long long)b * s_cs] = s;
     }
     __syncthreads();
-    // write: each warp covers one column's 128 tokens as 32 lanes x 4 consecutive tokens
+    // write: each warp covers one column's 128 tokens as 32 lanes x 4 consecutive tokens, as one
+    // 32-bit store where the output rows and q0 are 4-byte aligned (`vec`, uniform) and all 4 lie
+    // before wn, else byte by byte (the same bytes either way)
+    const bool vec = ldq % 4 == 0 && q0 % 4 == 0 && (uintptr_t)qt % 4 == 0;
     for (int cc = ly; cc < 32; cc += 8) {
         const int c = c0 + cc;
         if (c >= cols) continue;
+        uint8_t* dst = qt + (long long)c * ldq + q0 + lx * 4;
+        uint32_t word = 0;
+#pragma unroll
         for (int j = 0; j < 4; j++) {
             const int rr = lx * 4 + j;
-            if (rr < n) qt[(long long)c * ldq + q0 + rr] = encode_e4m3(__fdiv_rn(tile[rr][cc], sc[cc]));
-            else if (rr < wn) qt[(long long)c * ldq + q0 + rr] = 0;
+            if (rr < n) word |= (uint32_t)encode_e4m3(__fdiv_rn(tile[rr][cc], sc[cc])) << (8 * j);
+        }
+        if (vec && lx * 4 + 4 <= wn) {
+            *reinterpret_cast<uint32_t*>(dst) = word;
+        } else {
+            for (int j = 0; j < 4 && lx * 4 + j < wn; j++) dst[j] = (uint8_t)(word >> (8 * j));
         }
     }
     __syncthreads();  // tile, part and sc are refilled by the next block

@@ -109,8 +109,10 @@ static void q1x128w_case(int rows, int cols, int ldx, int ldq, int x_off, int q_
                 std::is_same<T, float>::value ? "f32" : "bf16", rows, cols, ldx, ldq, x_off, q_off, pow2, gx, g_bad);
 }
 
-static void qt128_case(int rows, int cols, int ldx, int pow2, unsigned grid_y) {
-    const int rb = (rows + 127) / 128, ldq = rows + 5;
+// ldq_pad: the transposed output's row padding (5: byte stores; a multiple of 4 with rows % 4 == 0:
+// the 32-bit stores)
+static void qt128_case(int rows, int cols, int ldx, int pow2, unsigned grid_y, int ldq_pad = 5) {
+    const int rb = (rows + 127) / 128, ldq = rows + ldq_pad;
     std::vector<float> x = input(rows, cols, ldx);
     std::vector<uint8_t> qt((size_t)cols * ldq, 0xAB);
     std::vector<float> sc((size_t)cols * rb + 1, NAN);
@@ -176,7 +178,8 @@ static void qb128_case(int rows, int cols, int ldx, int batch, long long bx, int
 // quant_t128_groups (one launch over the experts' rows; segments 128-aligned, as the launcher's
 // t128_segments) against quant_t128 run per expert on its rows alone, bit for bit. T: float or bf16.
 template <typename T>
-static void qt128_groups_case(const std::vector<int>& counts, int first, int cols, int ldx, int pow2, unsigned grid_y) {
+static void qt128_groups_case(const std::vector<int>& counts, int first, int cols, int ldx, int pow2, unsigned grid_y,
+                              int ldq_pad = 7) {
     const int G = (int)counts.size();
     std::vector<int> offs(2 * G + 2);
     offs[0] = first;
@@ -185,7 +188,7 @@ static void qt128_groups_case(const std::vector<int>& counts, int first, int col
         offs[e + 1] = offs[e] + counts[e];
         offs[G + 2 + e] = offs[G + 1 + e] + (counts[e] + 127) / 128 * 128;
     }
-    const int rows = offs[G], total = offs[2 * G + 1], nb = total / 128, ldq = total + 7;
+    const int rows = offs[G], total = offs[2 * G + 1], nb = total / 128, ldq = total + ldq_pad;
     // never zeros: the random input of every case, NaN in the row padding and before `first`
     std::vector<float> xf = input(rows, cols, ldx);
     for (int r = 0; r < first; r++)
@@ -254,6 +257,8 @@ int main(int argc, char** argv) {
     qt128_case(700, 33, 40, 1, 2);  // 6 row blocks over grid.y 2 (the shared tiles refilled per turn)
     qt128_case(129, 5, 5, 0, 1);
     if (!quick) qt128_case(1100, 64, 64, 0, 3);
+    qt128_case(256, 40, 40, 1, 0, 4);  // 4-byte aligned output rows: the 32-bit code stores
+    qt128_case(301, 9, 12, 0, 2, 3);   // rows + 3 = 304: aligned rows, a ragged last block
     qb128_case(300, 200, 203, 3, 300 * 203 + 17, 0);  // ragged blocks, padded rows, gaps between matrices
     qb128_case(128, 256, 256, 1, 0, 1);
     if (!quick) qb128_case(257, 130, 130, 4, 257 * 130, 1);
@@ -262,6 +267,7 @@ int main(int argc, char** argv) {
     qt128_groups_case<bf16>({3, 0, 257, 127, 0}, 2, 33, 40, 1, 0);  // rows start past 0 (x's row 2)
     qt128_groups_case<float>({200, 0, 0, 61, 400}, 0, 64, 64, 0, 2);  // 9 token blocks over grid.y 2
     qt128_groups_case<float>({0, 0}, 0, 5, 5, 0, 0);  // no rows at all: nothing launched, nothing written
+    qt128_groups_case<bf16>({3, 0, 257, 127, 0}, 0, 33, 40, 1, 0, 8);  // aligned output rows (32-bit stores)
     if (!quick) {
         qt128_groups_case<bf16>({1000, 1, 0, 333, 128, 256, 7}, 0, 97, 100, 0, 3);
         std::vector<int> many(40);

@@ -195,19 +195,21 @@ fn quant_t128_matches_cpu_128x1_transposed_bit_for_bit() {
             }
             x
         };
-        for dt in DTYPES {
+        // output rows 4-byte aligned (the 32-bit code stores) and not (byte stores)
+        for (dt, ldq) in DTYPES.into_iter().flat_map(|dt| [(dt, rows + 16), (dt, rows.next_multiple_of(4) + 16)]) {
             for pow2 in [false, true] {
                 let want = quantize_unchecked(&as_dtype(&x, dt), rows, cols, ScaleLayout::Tile128x1, pow2).transposed();
                 assert_eq!(want.layout, ScaleLayout::Tile1x128);
-                let (ldq, rb) = (rows + 16, rows.div_ceil(128));
+                let rb = rows.div_ceil(128);
                 let mut q = poisoned_u8(&dev, cols * ldq);
                 let mut s = poisoned_f32(&dev, cols * rb);
                 let out = Fp8Out { q: &mut q, ld: ldq, scale: &mut s, s_rs: rb, s_cs: 1 };
                 quant_t128(&dev, &Act::from_f32(&dev, dt, &x).unwrap(), cols, rows, cols, out, pow2).unwrap();
                 let gq = download(&dev, &q).unwrap();
-                let what = format!("quant_t128 {dt:?} pow2 {pow2} [{rows}, {cols}]");
+                let what = format!("quant_t128 {dt:?} pow2 {pow2} [{rows}, {cols}] ldq {ldq}");
                 let codes: Vec<u8> = (0..cols).flat_map(|c| gq[c * ldq..c * ldq + rows].to_vec()).collect();
                 assert_codes(&codes, &want.codes, &what);
+                assert!((0..cols).all(|c| gq[c * ldq + rows..(c + 1) * ldq].iter().all(|&b| b == 0x7f)), "{what}: pad");
                 assert_bits(&download(&dev, &s).unwrap()[..cols * rb], &want.scales, &what);
             }
         }

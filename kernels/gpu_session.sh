@@ -25,11 +25,11 @@
 #                                              GPU, each with its default kernels and with every
 #                                              fallback switch (DSV3_FP8_KERNEL=v2/v1, DSV3_FP8_SPLITK=1,
 #                                              DSV3_FP8_WGRAD_BATCH=0, DSV3_FP8_QUANT=v1,
-#                                              DSV3_TRAIN_FLASH=0) and the opt-in
-#                                              ones (DSV3_TRAIN_GEMM=cublas, DSV3_MLA_MMA=d1t32,
-#                                              DSV3_PDL=1): a PASS/FAIL table that says which new
-#                                              kernel breaks, if one does; GROUP: fp8, train or infer
-#                                              (all three by default, within a 540 s budget)
+#                                              DSV3_TRAIN_FLASH=0) and the opt-in ones
+#                                              (DSV3_TRAIN_GEMM=cublas, DSV3_MLA_MMA=d1t32, DSV3_PDL=1,
+#                                              DSV3_MLA_COMBINE=fused): a PASS/FAIL table that says
+#                                              which new kernel breaks, if one does; GROUP: fp8, train
+#                                              or infer (all three by default, within a 540 s budget)
 #
 # A test that prints SKIP on the GPU machine is a failure of the session (only the no-GPU parts of
 # tests may skip). docs/PERF.md "CUDA backend" records what these printed.
@@ -131,6 +131,9 @@ bench_decode() {
     done
     # programmatic dependent launch (kernel launch latency overlapped; off by default until measured)
     DSV3_PDL=1 "${dec[@]}" --batch "$b"
+    # the split merge inside the MLA kernel, alone and with PDL (both off by default until measured)
+    DSV3_MLA_COMBINE=fused "${dec[@]}" --batch "$b"
+    DSV3_MLA_COMBINE=fused DSV3_PDL=1 "${dec[@]}" --batch "$b"
   done
 }
 
@@ -205,6 +208,8 @@ run_triage() {
         # mla_moe runs every MLA decode variant explicitly (the depth-split d1* ones included)
         triage_one k_mla_moe "default (every MLA variant)"
         triage_one k_mla_moe "DSV3_PDL=1" DSV3_PDL=1
+        triage_one k_mla_moe "DSV3_MLA_COMBINE=fused" DSV3_MLA_COMBINE=fused
+        triage_one k_model "DSV3_MLA_COMBINE=fused" DSV3_MLA_COMBINE=fused
         triage_one k_model "DSV3_PDL=1" DSV3_PDL=1
         triage_one k_sampling "default"
         triage_one cli_cuda "default"

@@ -33,7 +33,36 @@ struct MlaArgs {
     int n, h, c, dr, ld_qt, ld_qpe, hs_qpe, ld_out, splits, split_len;
     float scale;
     int max_len;  // row_len values are clamped to it
+    // Tensor-core kernels with several splits: when set, the last CTA of each (row, head block) to
+    // finish merges the splits itself (mma_fused_combine) instead of mla_combine; one counter per
+    // CTA column blockIdx.x, zero between launches (the merging CTA re-arms it).
+    int* counters;
 };
+
+// Merges the splits of row `row`, head `head` into out: ō = Σ_s e^{m_s - M} o_s / Σ_s e^{m_s - M} l_s,
+// columns tid, tid + nthr, ... The partials are read through L2 (ld.global.cg): in the fused merge
+// other CTAs of the same launch wrote them.
+template <typename T>
+__device__ __forceinline__ void mla_combine_head(const MlaArgs& p, int row, int head, int tid, int nthr) {
+    float m = -__int_as_float(0x7f800000);
+    for (int s = 0; s < p.splits; s++) m = fmaxf(m, __ldcg(p.part_ml + (((long long)s * p.n + row) * p.h + head) * 2));
+    float l = 0.0f;
+    for (int s = 0; s < p.splits; s++) {
+        long long at = (((long long)s * p.n + row) * p.h + head) * 2;
+        const float ls = __ldcg(p.part_ml + at + 1);
+        if (ls > 0.0f) l += dsv3_exp(__ldcg(p.part_ml + at) - m) * ls;
+    }
+    for (int cc = tid; cc < p.c; cc += nthr) {
+        float v = 0.0f;
+        for (int s = 0; s < p.splits; s++) {
+            long long at = (((long long)s * p.n + row) * p.h + head) * 2;
+            if (__ldcg(p.part_ml + at + 1) > 0.0f)
+                v += dsv3_exp(__ldcg(p.part_ml + at) - m) *
+                     __ldcg(p.part_o + (((long long)s * p.n + row) * p.h + head) * p.c + cc);
+        }
+        ((T*)p.out)[(long long)row * p.ld_out + (long long)head * p.c + cc] = from_f32<T>(l > 0.0f ? v / l : 0.0f);
+    }
+}
 
 template <typename T>
 __device__ void mla_decode(const MlaArgs& p) {
@@ -210,6 +239,26 @@ __device__ __forceinline__ void mma_empty_split(const MlaArgs& p, int row, int h
     }
 }
 
+// The split merge inside the decode kernel (p.counters set, several splits): each CTA, after its
+// partials are written, makes them visible device-wide and counts itself in its column's counter;
+// the one that completes the count merges the column's heads (M per CTA; the row and heads from
+// blockIdx.x as in mma_cta) with mla_combine_head, the same arithmetic as mla_combine, and
+// re-arms the counter for the next launch (graph replays). Uniform over the CTA; empty splits
+// arrive too.
+template <int M>
+__device__ __forceinline__ void mma_fused_combine(const MlaArgs& p) {
+    __shared__ int last;
+    __threadfence();  // this CTA's partials before its arrival
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(p.counters + blockIdx.x, 1) == p.splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();  // every other CTA's partials before the reads
+    const int hblocks = (p.h + M - 1) / M, row = blockIdx.x / hblocks, h0 = (blockIdx.x % hblocks) * M;
+    for (int head = h0; head < min(h0 + M, p.h); head++) mla_combine_head<bf16>(p, row, head, threadIdx.x, blockDim.x);
+    if (threadIdx.x == 0) p.counters[blockIdx.x] = 0;
+}
+
 // A tensor-core CTA's work: query row, first head and head count (blockIdx.x = row * head blocks
 // + head block), split (blockIdx.y) and its tokens [t_begin, t_end) (the row's own length
 // partitioned into splits of a whole number of T-token tiles); the thread's warp, lane and mma
@@ -233,6 +282,7 @@ __device__ __forceinline__ bool mma_cta(const MlaArgs& p, MmaCta& t) {
     t.t_end = min(len, t.t_begin + per);
     if (t.t_begin >= t.t_end) {  // nothing to attend to (uniform over the CTA)
         mma_empty_split(p, t.row, t.h0, t.nh, t.split);
+        if (p.splits > 1 && p.counters) mma_fused_combine<M>(p);
         return false;
     }
     return true;
@@ -538,6 +588,7 @@ __device__ __forceinline__ void mla_decode_mma(const MlaArgs& p) {
             const float l = sL[hh] + sL[M + hh] + sL[2 * M + hh] + sL[3 * M + hh];
             mma_store_head(p, o[mt], hr, row, h0 + hh, split, col0, ntw, tq, m_run[mt][hr], l, warp == 0 && tq == 0);
         }
+    if (p.splits > 1 && p.counters) mma_fused_combine<M>(p);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -736,48 +787,35 @@ __device__ __forceinline__ void mla_decode_mmad(const MlaArgs& p) {
         if (hh >= nh) continue;
         mma_store_head(p, o[0], hr, row, h0 + hh, split, col0, ntw, tq, sMr[hh], sL[hh], warp == 0 && tq == 0);
     }
+    if (p.splits > 1 && p.counters) mma_fused_combine<M>(p);
 }
 
 // Variants (heads per CTA = 16*MT, tile T tokens, NS stages; mmad: depth-split S with NW warps);
 // the launcher picks one by shape and by the GPU's opt-in shared memory (kernels/src/ops/mla.rs,
-// MMA_VARIANTS). MLA_MMA(name, threads, body<...>) defines one kernel.
-#define MLA_MMA(name, THREADS, ...)                                                  \
-    extern "C" __global__ void __launch_bounds__(THREADS) name(MlaArgs p) {          \
+// MMA_VARIANTS). MLA_MMA(name, (launch bounds), body<...>) defines one kernel (d1t32 asks for two
+// blocks per SM: ptxas then keeps it at <= 256 registers without spilling).
+#define MLA_MMA(name, BOUNDS, ...)                                                   \
+    extern "C" __global__ void __launch_bounds__ BOUNDS name(MlaArgs p) {            \
         DSV3_PDL();                                                                  \
         __VA_ARGS__(p);                                                              \
     }
-MLA_MMA(mla_decode_mma_bf16, MMA_THREADS, mla_decode_mma<1, 32, 2>)
-MLA_MMA(mla_decode_mma_m1s4_bf16, MMA_THREADS, mla_decode_mma<1, 32, 4>)
-MLA_MMA(mla_decode_mma_m1t64_bf16, MMA_THREADS, mla_decode_mma<1, 64, 2>)
-MLA_MMA(mla_decode_mma_m2t32_bf16, MMA_THREADS, mla_decode_mma<2, 32, 2>)
-MLA_MMA(mla_decode_mma_m2t64_bf16, MMA_THREADS, mla_decode_mma<2, 64, 2>)
-MLA_MMA(mla_decode_mmad_t32_bf16, MMA_THREADS, mla_decode_mmad<32, 2, 4>)
-MLA_MMA(mla_decode_mmad_s3_bf16, MMA_THREADS, mla_decode_mmad<32, 3, 4>)
-MLA_MMA(mla_decode_mmad_t64_bf16, MMA_THREADS, mla_decode_mmad<64, 2, 4>)
-MLA_MMA(mla_decode_mmad_w8_bf16, 2 * MMA_THREADS, mla_decode_mmad<32, 2, 8>)
-MLA_MMA(mla_decode_mmad_w8s3_bf16, 2 * MMA_THREADS, mla_decode_mmad<32, 3, 8>)
+MLA_MMA(mla_decode_mma_bf16, (MMA_THREADS), mla_decode_mma<1, 32, 2>)
+MLA_MMA(mla_decode_mma_m1s4_bf16, (MMA_THREADS), mla_decode_mma<1, 32, 4>)
+MLA_MMA(mla_decode_mma_m1t64_bf16, (MMA_THREADS), mla_decode_mma<1, 64, 2>)
+MLA_MMA(mla_decode_mma_m2t32_bf16, (MMA_THREADS), mla_decode_mma<2, 32, 2>)
+MLA_MMA(mla_decode_mma_m2t64_bf16, (MMA_THREADS), mla_decode_mma<2, 64, 2>)
+MLA_MMA(mla_decode_mmad_t32_bf16, (MMA_THREADS, 2), mla_decode_mmad<32, 2, 4>)
+MLA_MMA(mla_decode_mmad_s3_bf16, (MMA_THREADS), mla_decode_mmad<32, 3, 4>)
+MLA_MMA(mla_decode_mmad_t64_bf16, (MMA_THREADS), mla_decode_mmad<64, 2, 4>)
+MLA_MMA(mla_decode_mmad_w8_bf16, (2 * MMA_THREADS), mla_decode_mmad<32, 2, 8>)
+MLA_MMA(mla_decode_mmad_w8s3_bf16, (2 * MMA_THREADS), mla_decode_mmad<32, 3, 8>)
 
 // Merges the splits: ō = Σ_s e^{m_s - M} o_s / Σ_s e^{m_s - M} l_s. grid: (N, H), block: 256.
 template <typename T>
 __device__ void mla_combine(const MlaArgs& p) {
     int row = blockIdx.x, head = blockIdx.y;
     if (row >= p.n || head >= p.h) return;
-    float m = -__int_as_float(0x7f800000);
-    for (int s = 0; s < p.splits; s++) m = fmaxf(m, p.part_ml[(((long long)s * p.n + row) * p.h + head) * 2]);
-    float l = 0.0f;
-    for (int s = 0; s < p.splits; s++) {
-        long long at = (((long long)s * p.n + row) * p.h + head) * 2;
-        if (p.part_ml[at + 1] > 0.0f) l += dsv3_exp(p.part_ml[at] - m) * p.part_ml[at + 1];
-    }
-    for (int cc = threadIdx.x; cc < p.c; cc += blockDim.x) {
-        float v = 0.0f;
-        for (int s = 0; s < p.splits; s++) {
-            long long at = (((long long)s * p.n + row) * p.h + head) * 2;
-            if (p.part_ml[at + 1] > 0.0f)
-                v += dsv3_exp(p.part_ml[at] - m) * p.part_o[(((long long)s * p.n + row) * p.h + head) * p.c + cc];
-        }
-        ((T*)p.out)[(long long)row * p.ld_out + (long long)head * p.c + cc] = from_f32<T>(l > 0.0f ? v / l : 0.0f);
-    }
+    mla_combine_head<T>(p, row, head, threadIdx.x, blockDim.x);
 }
 
 extern "C" __global__ void mla_combine_f32(MlaArgs p) { DSV3_PDL(); mla_combine<float>(p); }

@@ -51,8 +51,11 @@ static size_t smem_bytes(const Variant& v, int c, int dr) {
 static uint16_t b16(float f) { return __float2bfloat16_rn(f).bits; }
 static float f16(uint16_t b) { return __bfloat162float(__nv_bfloat16{b}); }
 
+// fused: the split merge inside the decode kernel (MlaArgs::counters) instead of mla_combine; the
+// splits then run last to first, so the merging CTA is split 0's, and the counters must be zero
+// (re-armed) afterwards.
 static int run_case(const Variant& v, int h, int c, int dr, int max_len, const std::vector<int>& lens, int splits,
-                    std::mt19937& rng) {
+                    std::mt19937& rng, bool fused = false) {
     const int w = c + dr, n = (int)lens.size(), slots = n, dq = 8 + dr, sent = 64;
     std::normal_distribution<float> nd;
     std::vector<uint16_t> cache((size_t)slots * max_len * w), qt((size_t)n * h * c), q((size_t)n * h * dq);
@@ -87,13 +90,18 @@ static int run_case(const Variant& v, int h, int c, int dr, int max_len, const s
     emu::allow_global(cache.data(), cache.size() * 2);  // cp.async reads only the cache
     const size_t smem = smem_bytes(v, c, dr);
     const int hb = (h + 16 * v.mt - 1) / (16 * v.mt);
-    for (int y = 0; y < splits; y++)
+    std::vector<int> counters((size_t)n * hb, 0);
+    a.counters = fused ? counters.data() : nullptr;
+    for (int i = 0; i < splits; i++)
         for (int x = 0; x < n * hb; x++) {
+            const int y = fused ? splits - 1 - i : i;
             emu::begin_smem(smem);  // NaN poison, canary after
             emu::run_block({(unsigned)x, (unsigned)y, 0}, 32 * v.warps, [&] { v.kernel(a); });
             emu::end_smem();
         }
-    if (splits > 1) {
+    for (int cnt : counters)
+        if (cnt != 0) fail("fused merge: a counter left at " + std::to_string(cnt) + " (not re-armed)");
+    if (splits > 1 && !fused) {
         for (int y = 0; y < h; y++)
             for (int x = 0; x < n; x++) {
                 emu::run_block({(unsigned)x, (unsigned)y, 0}, 256, [&] { mla_combine_bf16(a); });
@@ -135,7 +143,7 @@ static int run_case(const Variant& v, int h, int c, int dr, int max_len, const s
         for (int j = h * c; j < ld_out; j++)
             if (out[(size_t)r * ld_out + j] != SENT) fail("output written past h*c (sentinel clobbered)");
     }
-    std::printf("%-30s h%-3d c%-3d dr%-3d splits %-2d lens", v.name, h, c, dr, splits);
+    std::printf("%-30s h%-3d c%-3d dr%-3d splits %-2d%s lens", v.name, h, c, dr, splits, fused ? " fused" : "");
     for (int l : lens) std::printf(" %d", l);
     std::printf(": max |err| %.3g%s\n", worst, bad ? "  FAILED" : "");
     std::fflush(stdout);
@@ -156,6 +164,11 @@ int main(int argc, char** argv) {
             if (!quick || v.depth) bad += run_case(v, 3, 64, 0, 70, {70, 33}, splits, rng);
         }
         if (!quick) bad += run_case(v, 128, 512, 64, 200, {200, 33}, 3, rng);
+        // the merge inside the kernel (DSV3_MLA_COMBINE=fused): empty splits, several head blocks
+        for (int splits : {3, 40}) {
+            bad += run_case(v, 16, 512, 64, 1030, {1, 63, 65, 1030}, splits, rng, true);
+            bad += run_case(v, 40, 256, 32, 300, {0, 97, 300}, splits, rng, true);
+        }
     }
     std::printf(bad ? "FAILED (%d bad elements)\n" : "all cases match the f64 reference\n", bad);
     return bad ? 1 : 0;

@@ -336,6 +336,13 @@ inline int __shfl_sync(unsigned, int v, int src) { return (int)emu::shfl((uint32
 inline unsigned __shfl_sync(unsigned, unsigned v, int src) { return emu::shfl(v, src, emu::SHFL_IDX); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::collective(emu::OP_SYNCWARP); }
 inline void __syncthreads() { emu::sync_block(); }
+// Blocks run one after another here, so every other block's writes are already in memory: the
+// fence has nothing to order, and a load through L2 is a plain load.
+inline void __threadfence() {}
+template <typename T>
+inline T __ldcg(const T* p) {
+    return *p;
+}
 
 // ---- the inline-PTX helpers of kernels/cuda/mma.cuh (which leaves them to us under DSV3_EMU)
 inline uint32_t smem_u32(const void* ptr) {

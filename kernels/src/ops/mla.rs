@@ -48,6 +48,9 @@ pub struct MlaArgs {
     pub split_len: i32,
     pub scale: f32,
     pub max_len: i32,
+    /// Tensor-core kernels, several splits: the fused merge's counters (one per CTA column, zero
+    /// between launches; [`MlaWork::counters`]), or 0 for the separate `mla_combine` launch.
+    pub counters: u64,
 }
 
 // SAFETY: plain integers and floats, #[repr(C)], laid out as the CUDA struct.
@@ -84,6 +87,9 @@ pub struct MlaCall<'a> {
 pub struct MlaWork {
     pub part_o: CudaSlice<f32>,
     pub part_ml: CudaSlice<f32>,
+    /// The fused merge's arrival counters (`DSV3_MLA_COMBINE=fused`): `n·h` zeros (at least one
+    /// per CTA column of any variant); every launch leaves them zero again.
+    pub counters: CudaSlice<i32>,
 }
 
 impl MlaWork {
@@ -94,6 +100,7 @@ impl MlaWork {
         Ok(MlaWork {
             part_o: crate::tensor::empty(dev, splits * n * h * c)?,
             part_ml: crate::tensor::empty(dev, splits * n * h * 2)?,
+            counters: crate::tensor::zeros(dev, n * h)?,
         })
     }
 }
@@ -218,6 +225,15 @@ impl MlaKernel {
             MlaKernel::Mma(v) => v.name,
         }
     }
+}
+
+/// `DSV3_MLA_COMBINE=fused` (read once): the tensor-core kernels merge their splits themselves
+/// (the last CTA of each row and head block, `mma_fused_combine` in mla.cu; the same arithmetic as
+/// `mla_combine`) instead of a separate `mla_combine` launch: one launch fewer per layer and
+/// decode step. EMULATOR-VERIFIED, NOT YET RUN ON A GPU; off by default until measured.
+fn fused_combine() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    *V.get_or_init(|| std::env::var("DSV3_MLA_COMBINE").is_ok_and(|v| v.trim() == "fused"))
 }
 
 /// `DSV3_MLA_SIMPLE=1` (read once): always the SIMT kernel.
@@ -360,10 +376,16 @@ pub fn mla_decode_with(
     p.cache.check(p.slots * p.max_len * (c + dr), "mla cache")?;
     out.check((n - 1) * ld_out + h * c, "mla out")?;
     let split_len = p.max_len.div_ceil(p.splits);
-    let (po, pm) = match (&work, p.splits) {
-        (_, 1) => (0, 0),
+    let (po, pm, cnt) = match (&work, p.splits) {
+        (_, 1) => (0, 0, 0),
         (Some(w), s) if w.part_o.len() >= s * n * h * c && w.part_ml.len() >= s * n * h * 2 => {
-            (dptr(dev, &w.part_o, 0)?, dptr(dev, &w.part_ml, 0)?)
+            // the merge inside the tensor-core kernel: counters for its n·ceil(h / heads) CTA columns
+            let fused = match kernel {
+                MlaKernel::Mma(v) => fused_combine() && w.counters.len() >= n * h.div_ceil(v.heads()),
+                MlaKernel::Simple => false,
+            };
+            let cnt = if fused { dptr(dev, &w.counters, 0)? } else { 0 };
+            (dptr(dev, &w.part_o, 0)?, dptr(dev, &w.part_ml, 0)?, cnt)
         }
         _ => return Err(Error::Input(format!("mla_decode: {} splits need scratch (MlaWork) that large", p.splits))),
     };
@@ -389,6 +411,7 @@ pub fn mla_decode_with(
         split_len: int(split_len, "split_len")?,
         scale: p.scale,
         max_len: int(p.max_len, "max_len")?,
+        counters: cnt,
     };
     let (kd, kc) = match dt {
         DType::F32 => ("mla_decode_f32", "mla_combine_f32"),
@@ -422,7 +445,7 @@ pub fn mla_decode_with(
             launch_smem(dev, "mla", v.kernel, grid, v.threads(), smem as u32, &[KArg::Mla(args)])?;
         }
     }
-    if p.splits > 1 {
+    if p.splits > 1 && args.counters == 0 {
         launch(dev, "mla", kc, (dim(n, "mla rows")?, dim(h, "mla heads")?, 1), 256, &[KArg::Mla(args)])?;
     }
     Ok(())
@@ -560,9 +583,10 @@ pub fn cache_append(
 mod tests {
     #[test]
     fn mla_args_match_the_cuda_struct_layout() {
-        assert_eq!(std::mem::size_of::<super::MlaArgs>(), 8 * 8 + 8 + 12 * 4);
+        assert_eq!(std::mem::size_of::<super::MlaArgs>(), 8 * 8 + 8 + 12 * 4 + 8);
         assert_eq!(std::mem::offset_of!(super::MlaArgs, n), 72);
         assert_eq!(std::mem::offset_of!(super::MlaArgs, scale), 112);
+        assert_eq!(std::mem::offset_of!(super::MlaArgs, counters), 120);
     }
 
     #[test]

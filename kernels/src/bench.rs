@@ -519,7 +519,8 @@ pub fn run_fp8(dev: &Device) -> Result<()> {
     let mut q = zeros::<u8>(dev, rows * cols)?;
     let mut s = zeros::<f32>(dev, rows * cols.div_ceil(128))?;
     let bytes = (rows * cols * 3 + rows * cols.div_ceil(128) * 4) as f64; // bf16 in, e4m3 out, scales
-                                                                          // the warp-per-group kernel quant_1x128 runs, then the block-per-group one (DSV3_FP8_QUANT=v1)
+
+    // the warp-per-group kernel quant_1x128 runs, then the block-per-group one (DSV3_FP8_QUANT=v1)
     for (warp, name) in [(true, "quant_1x128w"), (false, "quant_1x128 (v1)")] {
         let ms = time_ms(dev, 3, 20, || {
             quant_1x128_form(dev, &x, cols, rows, cols, Fp8Out::dense(&mut q, &mut s, cols), false, warp)

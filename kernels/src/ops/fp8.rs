@@ -75,7 +75,7 @@ fn quant_kernel(x: &Act, f32_name: &'static str, bf16_name: &'static str) -> &'s
 /// bit for bit the same output; EMULATOR-VERIFIED, NOT YET RUN ON A GPU).
 fn quant_v1() -> bool {
     static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *V.get_or_init(|| std::env::var("DSV3_FP8_QUANT").is_ok_and(|v| v.trim() == "v1"))
+    super::env_is(&V, "DSV3_FP8_QUANT", "v1")
 }
 
 /// Per-token 1x128 quantization of `x` `[rows, cols]` (row stride `ldx`): activations and

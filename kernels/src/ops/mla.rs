@@ -233,7 +233,7 @@ impl MlaKernel {
 /// decode step. EMULATOR-VERIFIED, NOT YET RUN ON A GPU; off by default until measured.
 fn fused_combine() -> bool {
     static V: OnceLock<bool> = OnceLock::new();
-    *V.get_or_init(|| std::env::var("DSV3_MLA_COMBINE").is_ok_and(|v| v.trim() == "fused"))
+    super::env_is(&V, "DSV3_MLA_COMBINE", "fused")
 }
 
 /// `DSV3_MLA_SIMPLE=1` (read once): always the SIMT kernel.

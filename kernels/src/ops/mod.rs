@@ -290,10 +290,16 @@ pub(crate) fn launch_smem(
     Ok(())
 }
 
+/// Whether environment variable `var` is `want` (surrounding blanks ignored), read once into
+/// `cell` (the caller's static: one per switch).
+pub(crate) fn env_is(cell: &'static std::sync::OnceLock<bool>, var: &str, want: &str) -> bool {
+    *cell.get_or_init(|| std::env::var(var).is_ok_and(|v| v.trim() == want))
+}
+
 /// `DSV3_PDL=1` (read once): launches on sm_90a with programmatic dependent launch.
 fn pdl_requested() -> bool {
     static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *V.get_or_init(|| std::env::var("DSV3_PDL").is_ok_and(|v| v.trim() == "1"))
+    env_is(&V, "DSV3_PDL", "1")
 }
 
 /// Whether launches on `dev` carry the programmatic-stream-serialization attribute: asked for

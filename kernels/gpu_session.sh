@@ -167,7 +167,8 @@ triage_one() {
   [ "$rc" = 124 ] && verdict="TIMEOUT ($limit s: a hung kernel?)"
   echo "$out" | grep -q "SKIP " && verdict="$verdict, SKIP lines"
   printf '%-16s %-34s %-30s %4ss\n' "$exe" "$env_desc" "$verdict" "$(($(date +%s) - t0))"
-  [ "$rc" = 0 ] || echo "$out" | grep -E "panicked|FAILED|assert" | head -6 | sed 's/^/    /'
+  # (a run killed by its timeout may print no such line: grep's status must not end the triage)
+  [ "$rc" = 0 ] || { echo "$out" | grep -E "panicked|FAILED|assert" | head -6 | sed 's/^/    /' || true; }
 }
 
 # triage [GROUP...]: fp8 (the FP8 GEMM and FP8 training), train (the training pass and step, their

@@ -262,11 +262,13 @@ __device__ __forceinline__ bool fp8_tile64(const Fp8GemmArgs& p, int t, int& row
     return row0 < row_end;
 }
 
-// Two adjacent columns (c, c + 1) of row `row`; c + 1 may be past n.
+// Two adjacent columns (c, c + 1) of row `row`; c + 1 may be past n. One paired store where the
+// address is aligned to the pair (D may start anywhere in a flat buffer, a Wgrad into an expert's
+// slice of the gradient arena: an even element index alone is not enough), else two.
 template <typename TD>
 __device__ __forceinline__ void fp8_store2(const Fp8GemmArgs& p, int row, int c, float v0, float v1) {
-    if (c + 1 < p.n && ((((long long)row * p.ldd + c) & 1) == 0)) {
-        TD* dst = (TD*)p.d + (long long)row * p.ldd + c;
+    TD* dst = (TD*)p.d + (long long)row * p.ldd + c;
+    if (c + 1 < p.n && ((uintptr_t)dst & (2 * sizeof(TD) - 1)) == 0) {
         if (p.accumulate) {
             v0 += to_f32(dst[0]);
             v1 += to_f32(dst[1]);

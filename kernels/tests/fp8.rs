@@ -18,6 +18,7 @@ use dsv3_kernels::ops::fp8::{
 use dsv3_kernels::ops::gemm::Grouped;
 use dsv3_kernels::ptx::Arch;
 use dsv3_kernels::tensor::{download, upload};
+use dsv3_kernels::train::mm::ActView;
 use dsv3_kernels::{Act, DType, Device};
 
 /// Random values over many magnitudes: rows (and columns) scaled by 1e-7..1e3, so amax floors,
@@ -426,7 +427,23 @@ fn fp8_gemm_wgrad_along_tokens_accumulates_into_f32() {
             }
             let mut d = Act::from_f32(&dev, DType::F32, &prev).unwrap();
             fp8_gemm(&dev, &g, &mut d, which).unwrap();
-            check_gemm(&d.to_f32(&dev).unwrap(), &emu, &exact, 2e-3, &format!("wgrad {which:?} T={t} {n_out}x{n_in}"));
+            let what = format!("wgrad {which:?} T={t} {n_out}x{n_in}");
+            check_gemm(&d.to_f32(&dev).unwrap(), &emu, &exact, 2e-3, &what);
+            // D at an odd element of a larger buffer (a parameter's gradient inside the flat
+            // gradient arena: 4-byte, not 8-byte aligned): the same values, nothing around it
+            // touched (the paired f32 stores must not fault on it: the H100 faulted with
+            // CUDA_ERROR_MISALIGNED_ADDRESS before fp8_store2 checked the address)
+            let mut big = prev.clone();
+            big.insert(0, 7.0);
+            big.push(9.0);
+            let arena = Act::from_f32(&dev, DType::F32, &big).unwrap();
+            {
+                let mut dv = ActView::of(&dev, &arena, 1, prev.len()).unwrap();
+                fp8_gemm(&dev, &g, &mut dv, which).unwrap();
+            }
+            let got = arena.to_f32(&dev).unwrap();
+            assert_eq!((got[0], got[got.len() - 1]), (7.0, 9.0), "{what}: odd-offset D wrote outside its view");
+            check_gemm(&got[1..got.len() - 1], &emu, &exact, 2e-3, &format!("{what}, D at an odd offset"));
         }
     }
 }

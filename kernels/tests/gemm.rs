@@ -678,7 +678,9 @@ fn mma_gemm_layouts_match_the_reference() {
                         if big && acc && out_dt == DType::Bf16 {
                             continue;
                         }
-                        let prev = randn(&mut rng, m * n);
+                        // (C's previous values only where accumulated: the big shapes' host-side
+                        // work kept this test past 120 s on the H100 machine)
+                        let prev = if acc { randn(&mut rng, m * n) } else { Vec::new() };
                         let mut c = if acc {
                             Act::from_f32(&dev, out_dt, &prev).unwrap()
                         } else {

@@ -3,7 +3,8 @@
 //! (`Model::set_precision(Precision::Fp8)` then `Model::train_pass`), and FP8 training steps
 //! against core's FP8 `Trainer` and against the GPU's bf16 steps. Skip without a GPU.
 //!
-//! Tolerances (NOT YET MEASURED ON A GPU: first guesses, printed for calibration). Both sides
+//! Tolerances (first guesses, printed for calibration; the bf16 dtype's measured on the H100,
+//! 2026-11-24, see fp8_pass_vs_cpu). Both sides
 //! quantize with the same rule (kernels/tests/fp8.rs: the quantize kernels are core's bit for bit)
 //! and promote every 128 K; what differs is the f32 summation order, and on sm_90a the tensor
 //! cores' in-group accumulation, which kernels/tests/fp8.rs bounds at 2e-3 of a GEMM's largest
@@ -174,6 +175,15 @@ fn fp8_pass_vs_cpu(dtype: DType, loss_tol: f32, global_tol: f64, tensor_tol: f64
             if (go.balance_loss - co.balance_loss).abs() > loss_tol * co.balance_loss.abs().max(1e-2) {
                 failures.push(format!("{what}: balance loss {} vs CPU {}", go.balance_loss, co.balance_loss));
             }
+            // bf16 dtype: the GPU quantizes bf16-rounded activations, the CPU f32 ones, so codes
+            // near an E4M3 boundary differ: a perturbation of the recipe's own size, and the
+            // bounds scale with it (H100, 2026-11-24: routing-equal cases at 0.2..1.25x the
+            // recipe's global effect, worst tensors up to 3.6x)
+            let (global_tol, tensor_tol) = if dtype == DType::Bf16 {
+                (global_tol.max(1.5 * recipe), tensor_tol.max(4.0 * recipe))
+            } else {
+                (global_tol, tensor_tol)
+            };
             if !(global <= global_tol && worst.1 <= tensor_tol) {
                 failures.push(format!("{what}: gradients global {global:.3e}, worst {} {:.3e}", worst.0, worst.1));
             }
@@ -184,7 +194,11 @@ fn fp8_pass_vs_cpu(dtype: DType, loss_tol: f32, global_tol: f64, tensor_tol: f64
             }
         }
     }
-    assert!(routing_differs * 4 <= n_cases, "{routing_differs} of {n_cases} cases routed differently");
+    // FP8's 2^-3 code steps flip the near-ties of these small random routers often (the H100's
+    // bf16 run: 25 of 36 cases, the CPU's own f32 vs FP8 gradients 3e-2..8e-1 apart); at least a
+    // quarter of the cases must route as the CPU does, or the gradient bounds check too little
+    eprintln!("{test}: {routing_differs} of {n_cases} cases routed differently from the CPU");
+    assert!(routing_differs * 4 <= 3 * n_cases, "{routing_differs} of {n_cases} cases routed differently");
     assert!(failures.is_empty(), "FP8 pass outside the bounds: {failures:#?}");
 }
 

@@ -149,23 +149,38 @@ fn f32_pass_matches_the_cpu_oracle_on_every_fixture() {
 #[test]
 fn bf16_pass_is_close_to_the_cpu_oracle() {
     let Some(dev) = device("bf16_pass_is_close_to_the_cpu_oracle") else { return };
-    // bf16 activations and GEMM operands (2^-9 relative per rounding, ~20 roundings deep) and
-    // routers that may pick another expert for a near-tie: the per-tensor bound is loose, the
-    // global one (all gradients as one vector) tighter. NOT YET MEASURED ON A GPU: the bounds
-    // are a first guess (the f32 mode carries the exactness claim).
+    // bf16 activations and GEMM operands (2^-9 relative per rounding, ~20 roundings deep): the
+    // per-tensor bound is loose, the global one (all gradients as one vector) tighter. A router
+    // near-tie may pick another expert in bf16: that expert's gradients (and everything upstream
+    // of it) then differ wholesale, so a case whose expert loads differ from the CPU's is counted
+    // and checked on its loss alone. Measured on the H100 (2026-11-24): routing-equal cases at a
+    // global relative L2 of 5e-3..7e-2 (the MTP and group-limited fixtures highest), worst
+    // tensors up to 1.0e-1; the routing flips at 0.6..196 on one expert's tensors.
     const BF16_LOSS: f32 = 2e-2;
-    const BF16_GLOBAL: f64 = 5e-2;
+    const BF16_GLOBAL: f64 = 1e-1;
     const BF16_TENSOR: f64 = 0.3;
     let mut failures = Vec::new();
+    let (mut n_cases, mut routing_differs) = (0, 0);
     for name in FIXTURES {
         let model = load(name);
         let mut gm = CudaTrainModel::new(dev.clone(), &model, TrainOptions::new(DType::Bf16)).unwrap();
         for (ci, (case, passes)) in cases().into_iter().enumerate() {
             let (co, cg, go, gg) = run_case(&model, &mut gm, &passes, 200 + ci as u64);
+            n_cases += 1;
             for (c, g) in co.iter().zip(&go) {
                 if rel(g.ce_loss, c.ce_loss) > BF16_LOSS {
                     failures.push(format!("{name} {case}: loss {} vs CPU {}", g.ce_loss, c.ce_loss));
                 }
+            }
+            if co.iter().zip(&go).any(|(c, g)| c.loads != g.loads) {
+                routing_differs += 1;
+                let loads = |o: &[PassOutput]| o.iter().map(|p| p.loads.clone()).collect::<Vec<_>>();
+                eprintln!(
+                    "{name} {case}: expert loads differ (a routing near-tie; gradients not compared): {:?} vs {:?}",
+                    loads(&go),
+                    loads(&co)
+                );
+                continue;
             }
             let (mut all_g, mut all_c) = (Vec::new(), Vec::new());
             let mut worst = (0f64, String::new());
@@ -190,7 +205,10 @@ fn bf16_pass_is_close_to_the_cpu_oracle() {
             }
         }
     }
-    assert!(failures.is_empty(), "bf16 gradients outside the bounds: {failures:#?}");
+    eprintln!("bf16 pass: {routing_differs} of {n_cases} cases routed differently from the CPU");
+    // the gradient comparison must not become vacuous: most cases route as the CPU does
+    assert!(routing_differs * 2 <= n_cases, "{routing_differs} of {n_cases} cases routed differently");
+    assert!(failures.is_empty(), "bf16 pass outside the bounds: {failures:#?}");
 }
 
 #[test]

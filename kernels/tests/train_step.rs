@@ -224,11 +224,17 @@ fn run_both(name: &str, bf16_moments: bool, steps: usize) -> (Trainer, CudaTrain
         assert!(r < 1e-2, "{name}: {n}'s update differs from the CPU's by {r} (relative L2)");
     }
     assert_eq!(back.opt.names, cpu.opt.names);
+    // Adam's normalized steps carry the sub-1e-4 gradient differences of one step into weights
+    // that differ at a few elements, so later steps' gradients (and the moments) drift apart more;
+    // bf16 moments round both sides' values to 2^-8 steps, where a near-midpoint value may round
+    // either way. H100 (2026-11-24): f32 moments up to 1.01e-3 after 2 steps (v3_group's
+    // post_attention_layernorm), bf16 moments 1.7e-3.
+    let tol = if bf16_moments { 5e-3 } else { 3e-3 };
     for (i, n) in cpu.opt.names.iter().enumerate() {
         let r = rel_l2(&back.opt.m[i], &cpu.opt.m[i]);
-        assert!(r < 1e-3, "{name}: first moment of {n}: {r}");
+        assert!(r < tol, "{name}: first moment of {n}: {r}");
         let r = rel_l2(&back.opt.v[i], &cpu.opt.v[i]);
-        assert!(r < 1e-3, "{name}: second moment of {n}: {r}");
+        assert!(r < tol, "{name}: second moment of {n}: {r}");
         if bf16_moments {
             let exact = |v: &[f32]| v.iter().all(|&x| half::bf16::from_f32(x).to_f32() == x);
             assert!(exact(&back.opt.m[i]) && exact(&back.opt.v[i]), "{name}: {n}'s moments are not bf16 values");

@@ -434,9 +434,9 @@ pub enum Layout {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tile {
     /// 128 x 256 (warp tiles 64 x 64: the least shared-memory and L2 traffic per FLOP; one block
-    /// per SM, 132 KiB of shared memory): large problems.
+    /// per SM, 132 KiB of shared memory). Only when forced: slower than `Large` on the H100.
     Wide,
-    /// 128 x 128 (warp tiles 64 x 32; two blocks per SM).
+    /// 128 x 128 (warp tiles 64 x 32; two blocks per SM): large problems.
     Large,
     /// 64 x 128 (warp tiles 32 x 32): small problems (more blocks) and grouped rows (moe_plan's
     /// 64-row tiles).
@@ -482,21 +482,17 @@ fn max_smem_optin(dev: &Device) -> usize {
         .map_or(0, |v| v.max(0) as usize)
 }
 
-/// The tile for `blocks` products of `m x n`: the largest whose blocks fill every SM once (a
-/// 128x128 block per SM is half its occupancy) and whose shared memory the device offers; grouped
-/// rows always 64-row tiles. `force` picks one (still subject to the shared memory).
+/// The tile for `blocks` products of `m x n`: 128x128 where its blocks fill every SM once, else
+/// 64x128; grouped rows always 64-row tiles. The 128x256 tile only when forced: the H100 measured
+/// it slower than 128x128 at every training shape (8192³ NT 228 vs 281 TFLOP/s, 4096x7168x2048
+/// 219 vs 268, 2048x32000x512 188 vs 232; kernel_bench, docs/PERF.md). `force` picks one (still
+/// subject to the shared memory the device offers).
 fn mma_tile(dev: &Device, m: usize, n: usize, blocks: usize, grouped_rows: bool, force: Option<Tile>) -> Tile {
     if grouped_rows {
         return Tile::Small;
     }
     let fits = |t: Tile| t.smem() as usize <= max_smem_optin(dev).max(48 * 1024);
-    let t = force.unwrap_or(if Tile::Wide.blocks(m, n, blocks) >= dev.sms {
-        Tile::Wide
-    } else if Tile::Large.blocks(m, n, blocks) >= dev.sms {
-        Tile::Large
-    } else {
-        Tile::Small
-    });
+    let t = force.unwrap_or(if Tile::Large.blocks(m, n, blocks) >= dev.sms { Tile::Large } else { Tile::Small });
     [t, Tile::Large, Tile::Small].into_iter().find(|&t| fits(t)).unwrap_or(Tile::Small)
 }
 

@@ -280,7 +280,9 @@ pub fn mla_kernel(dev: &Device, dt: DType, h: usize, c: usize, dr: usize) -> Mla
     if let Some(v) = env_variant().filter(|v| mma_fits(dev, v, c, dr)) {
         return MlaKernel::Mma(*v);
     }
-    let order: &[&str] = if h <= 16 { &["m1t32", "m1t64"] } else { &["m2t64", "m2t32", "m1t32"] };
+    // h <= 16: the depth-split 8-warp kernel, measured at 84.5% of the copy ceiling on the H100
+    // (FlashMLA's b128 len4096 h16 shape; m1t32 65%, d1t32 75%: kernel_bench, docs/PERF.md)
+    let order: &[&str] = if h <= 16 { &["d1w8", "m1t32", "m1t64"] } else { &["m2t64", "m2t32", "m1t32"] };
     order
         .iter()
         .filter_map(|name| MMA_VARIANTS.iter().find(|v| v.name == *name))

@@ -26,7 +26,7 @@
 #                                              fallback switch (DSV3_FP8_KERNEL=v2/v1, DSV3_FP8_SPLITK=1,
 #                                              DSV3_FP8_WGRAD_BATCH=0, DSV3_FP8_QUANT=v1,
 #                                              DSV3_TRAIN_FLASH=0) and the opt-in ones
-#                                              (DSV3_TRAIN_GEMM=cublas, DSV3_MLA_MMA=d1t32, DSV3_PDL=1,
+#                                              (DSV3_TRAIN_GEMM=mma, DSV3_MLA_MMA=m1t32, DSV3_PDL=1,
 #                                              DSV3_MLA_COMBINE=fused): a PASS/FAIL table that says
 #                                              which new kernel breaks, if one does; GROUP: fp8, train
 #                                              or infer (all three by default, within a 540 s budget)
@@ -125,8 +125,8 @@ bench_decode() {
   local dec=(gpu/bin/dsv3 bench --model /tmp/m88 --device cuda --prompt-len 128 --new-tokens 256)
   for b in 1 32; do
     "${dec[@]}" --batch "$b"
-    # the depth-split MLA decode (not yet the default: kernel_bench compares every variant)
-    for v in d1t32 d1w8; do
+    # the earlier MLA decode defaults beside d1w8 (kernel_bench compares every variant)
+    for v in m1t32 d1t32; do
       DSV3_MLA_MMA=$v "${dec[@]}" --batch "$b"
     done
     # programmatic dependent launch (kernel launch latency overlapped; off by default until measured)
@@ -143,8 +143,8 @@ bench_train() {
   for dt in bf16 f32; do
     "${tr[@]}" --dtype "$dt" || echo "training bench ($dt) failed"
   done
-  # the bf16 products on cuBLAS instead of the mma kernels (DSV3_TRAIN_GEMM=cublas), same step
-  DSV3_TRAIN_GEMM=cublas "${tr[@]}" --dtype bf16 || echo "training bench (bf16, cuBLAS products) failed"
+  # the dense bf16 products on the mma kernels instead of cuBLAS (DSV3_TRAIN_GEMM=mma), same step
+  DSV3_TRAIN_GEMM=mma "${tr[@]}" --dtype bf16 || echo "training bench (bf16, mma products) failed"
   "${tr[@]}" --dtype bf16 --precision fp8 || echo "training bench (bf16 + fp8) failed"
   DSV3_PDL=1 "${tr[@]}" --dtype bf16 || echo "training bench (bf16, PDL) failed"
 }
@@ -194,11 +194,11 @@ run_triage() {
       train)
         triage_one k_train_step "default"
         triage_one k_train_step "DSV3_FP8_KERNEL=v2" DSV3_FP8_KERNEL=v2
-        triage_one k_train_step "DSV3_TRAIN_GEMM=cublas" DSV3_TRAIN_GEMM=cublas
+        triage_one k_train_step "DSV3_TRAIN_GEMM=mma" DSV3_TRAIN_GEMM=mma
         triage_one k_train_step "DSV3_PDL=1" DSV3_PDL=1
         triage_one k_train_pass "default"
         triage_one k_train_pass "DSV3_TRAIN_FLASH=0" DSV3_TRAIN_FLASH=0
-        triage_one k_train_pass "DSV3_TRAIN_GEMM=cublas" DSV3_TRAIN_GEMM=cublas
+        triage_one k_train_pass "DSV3_TRAIN_GEMM=mma" DSV3_TRAIN_GEMM=mma
         triage_one k_attn_train "default"
         triage_one k_attn_train "DSV3_TRAIN_FLASH=0" DSV3_TRAIN_FLASH=0
         # gemm: the mma kernels' layouts and the training products on cuBLAS
@@ -214,7 +214,7 @@ run_triage() {
         triage_one k_model "DSV3_PDL=1" DSV3_PDL=1
         triage_one k_sampling "default"
         triage_one cli_cuda "default"
-        triage_one cli_cuda "DSV3_MLA_MMA=d1t32" DSV3_MLA_MMA=d1t32
+        triage_one cli_cuda "DSV3_MLA_MMA=m1t32" DSV3_MLA_MMA=m1t32
         triage_one cli_cuda "DSV3_PDL=1" DSV3_PDL=1
         ;;
       *) echo "unknown triage group: $grp (fp8, train, infer)" >&2; return 2 ;;

@@ -210,8 +210,15 @@ pub fn bench_train(
     let tflops = tps * flops_tok / 1e12;
     let mfu = tps * flops_tok / H100_BF16_PEAK_FLOPS;
     let name = &dev.name;
-    // the engine of the non-FP8 products (DSV3_TRAIN_GEMM; f32 mode is always cuBLAS)
-    let gemm = if dtype == DType::F32 || dsv3_kernels::train::mm::train_gemm_cublas() { "cublas" } else { "mma" };
+    // the engine of the non-FP8 products (DSV3_TRAIN_GEMM; f32 mode is always cuBLAS; in bf16
+    // mode the routed experts' grouped products stay on the mma kernels)
+    let gemm = if dtype == DType::F32 {
+        "cublas"
+    } else if dsv3_kernels::train::mm::train_gemm_cublas() {
+        "cublas+mma-experts"
+    } else {
+        "mma"
+    };
     if json {
         println!(
             "{{\"device\":{name:?},\"dtype\":\"{dtype:?}\",\"precision\":\"{precision:?}\",\"gemm\":\"{gemm}\",\"batch\":{batch},\"seq_len\":{seq_len},\"steps\":{steps},\"step_ms\":{:.3},\"train_tokens_per_s\":{tps:.1},\"active_params\":{active},\"flops_per_token\":{flops_tok:.0},\"tflops\":{tflops:.2},\"mfu\":{mfu:.5},\"peak_tflops\":{:.1}}}",

@@ -67,9 +67,29 @@ impl core::fmt::Display for Line {
     }
 }
 
+/// `n` standard normal values, generated in 4M-value chunks on all cores (the benchmarks' large
+/// operands, e.g. the 300M-value MLA cache, took most of a GPU session's minutes on one core);
+/// chunk `i` from seed `seed + i`, so the values depend on `n` and `seed` only.
 fn randn(n: usize, seed: u64) -> Vec<f32> {
-    let mut r = dsv3_core::rng::Rng::new(seed);
-    (0..n).map(|_| r.normal()).collect()
+    const CHUNK: usize = 1 << 22;
+    let mut out = vec![0f32; n];
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).max(1);
+    let chunks: Vec<(usize, &mut [f32])> = out.chunks_mut(CHUNK).enumerate().collect();
+    let per = chunks.len().div_ceil(threads).max(1);
+    let mut chunks = chunks.into_iter();
+    std::thread::scope(|sc| loop {
+        let batch: Vec<(usize, &mut [f32])> = chunks.by_ref().take(per).collect();
+        if batch.is_empty() {
+            break;
+        }
+        sc.spawn(move || {
+            for (i, c) in batch {
+                let mut r = dsv3_core::rng::Rng::new(seed.wrapping_add(i as u64));
+                c.iter_mut().for_each(|v| *v = r.normal());
+            }
+        });
+    });
+    out
 }
 
 /// cuBLAS bf16 GEMM (f32 compute) TFLOP/s on `C[m,n] = A[m,k]·W[n,k]ᵀ`; `None` without libcublas.
@@ -206,14 +226,47 @@ pub fn mla_line(
     copy_gbs: f64,
     kernel: Option<MlaKernel>,
 ) -> Result<Line> {
+    mla_line_on(dev, &MlaBench::new(dev, batch, len, h, c, dr)?, copy_gbs, kernel)
+}
+
+/// The random inputs of [`mla_line`]'s shape, made once for every kernel timed on it.
+pub struct MlaBench {
+    batch: usize,
+    len: usize,
+    h: usize,
+    c: usize,
+    dr: usize,
+    cache: Act,
+    qt: Act,
+    qpe: Act,
+    rs: cudarc::driver::CudaSlice<i32>,
+    rl: cudarc::driver::CudaSlice<i32>,
+}
+
+impl MlaBench {
+    /// `batch` rows of `h` heads, each attending `len` cached entries of width `c + dr` (bf16).
+    pub fn new(dev: &Device, batch: usize, len: usize, h: usize, c: usize, dr: usize) -> Result<MlaBench> {
+        let slot: Vec<i32> = (0..batch as i32).collect();
+        Ok(MlaBench {
+            batch,
+            len,
+            h,
+            c,
+            dr,
+            cache: Act::from_f32(dev, DType::Bf16, &randn(batch * len * (c + dr), 3))?,
+            qt: Act::from_f32(dev, DType::Bf16, &randn(batch * h * c, 4))?,
+            qpe: Act::from_f32(dev, DType::Bf16, &randn(batch * h * dr, 5))?,
+            rs: upload(dev, &slot)?,
+            rl: upload(dev, &vec![len as i32; batch])?,
+        })
+    }
+}
+
+/// [`mla_line`] on inputs made beforehand.
+pub fn mla_line_on(dev: &Device, b: &MlaBench, copy_gbs: f64, kernel: Option<MlaKernel>) -> Result<Line> {
+    let (batch, len, h, c, dr) = (b.batch, b.len, b.h, b.c, b.dr);
     let w = c + dr;
     let kernel = kernel.unwrap_or_else(|| mla_kernel(dev, DType::Bf16, h, c, dr));
-    let cache = Act::from_f32(dev, DType::Bf16, &randn(batch * len * w, 3))?;
-    let qt = Act::from_f32(dev, DType::Bf16, &randn(batch * h * c, 4))?;
-    let qpe = Act::from_f32(dev, DType::Bf16, &randn(batch * h * dr, 5))?;
-    let slot: Vec<i32> = (0..batch as i32).collect();
-    let lens = vec![len as i32; batch];
-    let (rs, rl) = (upload(dev, &slot)?, upload(dev, &lens)?);
     let splits = mla_splits_for(dev, kernel, batch, h, c, dr, len);
     let mut work = MlaWork::new(dev, splits, batch, h, c)?;
     let mut out = Act::zeros(dev, DType::Bf16, batch * h * c)?;
@@ -222,17 +275,17 @@ pub fn mla_line(
         h,
         c,
         dr,
-        qt: &qt,
+        qt: &b.qt,
         ld_qt: h * c,
-        qpe: &qpe,
+        qpe: &b.qpe,
         qpe_off: 0,
         ld_qpe: h * dr,
         hs_qpe: dr,
-        cache: &cache,
+        cache: &b.cache,
         slots: batch,
         max_len: len,
-        row_slot: &rs,
-        row_len: &rl,
+        row_slot: &b.rs,
+        row_len: &b.rl,
         scale: 0.1,
         splits,
     };
@@ -302,8 +355,9 @@ pub fn run_all(dev: &Device) -> Result<Vec<Line>> {
             .map(|v| MlaKernel::Mma(*v))
             .chain([MlaKernel::Simple])
             .filter(|k| *k != auto);
+        let inputs = MlaBench::new(dev, 128, 4096, h, 512, 64)?;
         for k in [auto].into_iter().chain(others) {
-            let l = mla_line(dev, 128, 4096, h, 512, 64, copy, Some(k))?;
+            let l = mla_line_on(dev, &inputs, copy, Some(k))?;
             println!("{l}");
             lines.push(l);
         }

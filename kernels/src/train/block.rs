@@ -645,8 +645,11 @@ impl Cx<'_> {
             Some(super::fp8::plan_in_token_order(self.dev, &idx, nk, k, e, &mut plan)?)
         } else {
             moe::plan(self.dev, &idx, n, k, e, &mut plan)?;
-            // cuBLAS products (f32 mode, DSV3_TRAIN_GEMM=cublas) loop over the experts on the host
-            if self.dt == DType::F32 || self.mm.bf16_on_cublas() {
+            // f32 mode's cuBLAS products loop over the experts on the host; bf16 mode keeps the
+            // experts on the grouped mma kernels (one launch, device offsets, no sync) also where
+            // its dense products run on cuBLAS: one cuBLAS call per expert and product would cost
+            // more in launches than it saves at these per-expert sizes (88M: ~1k rows x 512 x 256)
+            if self.dt == DType::F32 {
                 Some(download(self.dev, &plan.row_offsets)?)
             } else {
                 None

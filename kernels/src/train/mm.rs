@@ -2,12 +2,13 @@
 //!
 //! [`Mm`] runs `C (+)= op(A)·op(B)` in the three row-major layouts of [`Layout`] (NT: `x·Wᵀ`,
 //! NN: `dY·W`, TN: `dYᵀ·X`), plain, batched with strides, or grouped by expert: in bf16 mode on
-//! the mma.sync kernels ([`gemm_mat`]; bf16 operands, bf16 or f32 C) or, with
-//! `DSV3_TRAIN_GEMM=cublas`, cuBLAS (`cublasGemmStridedBatchedEx`: bf16 operands, bf16 or f32 C,
-//! f32 accumulation; products with a bias epilogue and grouped products without host offsets stay
-//! on the mma kernels), in f32 mode through cuBLAS SGEMM (strided batched; grouped products loop
-//! over the experts with the row offsets on the host). [`View`] and [`ActView`] are non-owning handles to part of a buffer (an arena's tensor),
-//! for launchers that take whole buffers.
+//! cuBLAS where it loads (`cublasGemmStridedBatchedEx`: bf16 operands, bf16 or f32 C, f32
+//! accumulation; products with a bias epilogue and grouped products without host offsets go to
+//! the mma kernels) or, with `DSV3_TRAIN_GEMM=mma`, the mma.sync kernels ([`gemm_mat`]; bf16
+//! operands, bf16 or f32 C); in f32 mode through cuBLAS SGEMM (strided batched; grouped products
+//! loop over the experts with the row offsets on the host). [`View`] and [`ActView`] are
+//! non-owning handles to part of a buffer (an arena's tensor), for launchers that take whole
+//! buffers.
 use crate::device::{cuda_err, Device};
 use crate::ops::gemm::{gemm_mat, Grouped, Layout, MatShape, Operand};
 use crate::tensor::{dptr, Act, DType};
@@ -171,25 +172,33 @@ pub struct Mm {
     blas: Option<CudaBlas>,
 }
 
-/// `DSV3_TRAIN_GEMM` (read once): `cublas` runs bf16 training products on cuBLAS instead of the
-/// mma kernels (`mma`, the default); anything else is reported and ignored.
+/// `DSV3_TRAIN_GEMM` (read once): `mma` keeps the bf16 training products on the mma kernels,
+/// `cublas` puts them on cuBLAS; unset (the default), cuBLAS where libcublas loads, else the mma
+/// kernels. The H100 measured cuBLAS 2.2-3.5x faster than the mma kernels at every training
+/// shape (kernel_bench, 2026-11-24: 8192x512x1408 NT 627 vs 243 TFLOP/s, 2048x32000x512 610 vs
+/// 232; docs/PERF.md). Anything else is reported and treated as unset.
 pub fn train_gemm_cublas() -> bool {
     static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *V.get_or_init(|| match std::env::var("DSV3_TRAIN_GEMM").as_deref().map(str::trim) {
         Ok("cublas") => true,
-        Ok("mma") | Ok("") | Err(_) => false,
+        Ok("mma") => false,
+        Ok("") | Err(_) => cublas_loadable(),
         Ok(v) => {
-            eprintln!("DSV3_TRAIN_GEMM={v}: expected cublas or mma; using mma");
-            false
+            eprintln!("DSV3_TRAIN_GEMM={v}: expected cublas or mma; using the default");
+            cublas_loadable()
         }
     })
 }
 
+/// Whether libcublas can be loaded.
+fn cublas_loadable() -> bool {
+    // SAFETY: only tries to dlopen the library
+    std::panic::catch_unwind(|| unsafe { blas_sys::is_culib_present() }).unwrap_or(false)
+}
+
 /// Opens cuBLAS on the device stream (`what`: the mode that needs it, for the error).
 fn open_blas(dev: &Device, what: &str) -> Result<CudaBlas> {
-    // SAFETY: only tries to dlopen the library
-    let present = std::panic::catch_unwind(|| unsafe { blas_sys::is_culib_present() }).unwrap_or(false);
-    if !present {
+    if !cublas_loadable() {
         return Err(Error::Unsupported(format!("{what} needs cuBLAS (libcublas.so), which could not be loaded")));
     }
     CudaBlas::new(dev.stream.clone()).map_err(|e| cuda_err("cuBLAS handle", e))
@@ -212,8 +221,8 @@ fn stored(l: Layout, m: usize, n: usize, k: usize) -> ((usize, usize), (usize, u
 }
 
 impl Mm {
-    /// bf16 mode: the mma kernels, or cuBLAS with `DSV3_TRAIN_GEMM=cublas` ([`Mm::with_cublas`]);
-    /// f32 mode opens cuBLAS on the device stream.
+    /// bf16 mode: cuBLAS, or the mma kernels ([`train_gemm_cublas`], [`Mm::with_cublas`]); f32
+    /// mode opens cuBLAS on the device stream.
     pub fn new(dev: &Device, dt: DType) -> Result<Mm> {
         Mm::with_cublas(dev, dt, train_gemm_cublas())
     }
@@ -221,7 +230,9 @@ impl Mm {
     /// [`Mm::new`] with the bf16 engine chosen by the caller (`cublas`; f32 mode always uses it).
     pub fn with_cublas(dev: &Device, dt: DType, cublas: bool) -> Result<Mm> {
         let blas = match dt {
-            DType::Bf16 if cublas => Some(open_blas(dev, "DSV3_TRAIN_GEMM=cublas")?),
+            DType::Bf16 if cublas => {
+                Some(open_blas(dev, "bf16 training products on cuBLAS (DSV3_TRAIN_GEMM=mma: without)")?)
+            }
             DType::Bf16 => None,
             DType::F32 => {
                 let b = open_blas(dev, "GPU training in f32 mode")?;
@@ -236,7 +247,8 @@ impl Mm {
         Ok(Mm { dt, blas })
     }
 
-    /// Whether bf16 products run on cuBLAS (grouped ones then want host offsets in [`Groups`]).
+    /// Whether bf16 products run on cuBLAS (grouped ones too where [`Groups`] has host offsets;
+    /// the training pass passes none in bf16 mode, so its experts stay on the mma kernels).
     pub fn bf16_on_cublas(&self) -> bool {
         self.dt == DType::Bf16 && self.blas.is_some()
     }

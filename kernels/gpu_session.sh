@@ -30,6 +30,13 @@
 #                                              DSV3_MLA_COMBINE=fused): a PASS/FAIL table that says
 #                                              which new kernel breaks, if one does; GROUP: fp8, train
 #                                              or infer (all three by default, within a 540 s budget)
+#   bash kernels/gpu_session.sh next           there: everything the 2026-11-24 run left to check, in
+#                                              one device command (<= 560 s; logs in $OUT): the
+#                                              fixed and recalibrated tests (FP8 Wgrad alignment,
+#                                              flash reproducibility, bf16/FP8 passes, moments), the
+#                                              88M decode (d1w8 default vs m1t32, PDL, fused merge),
+#                                              the training step (cuBLAS vs mma products, FP8),
+#                                              fp8_bench, then the loss curves in the time left
 #
 # A test that prints SKIP on the GPU machine is a failure of the session (only the no-GPU parts of
 # tests may skip). docs/PERF.md "CUDA backend" records what these printed.
@@ -249,6 +256,78 @@ run_peers() {
   DSV3_BIN="$PWD/gpu/bin/dsv3" python3 benches/train_vs_hf.py --device cuda
 }
 
+# next: one device command for what the 2026-11-24 run left unchecked (see the header); each
+# part bounded by timeout, every log under $OUT (at most 8 files come back).
+run_next() {
+  unpack
+  local out="${OUT:-gpu/out}" t0
+  mkdir -p "$out"
+  t0=$(date +%s)
+  el() { echo $(($(date +%s) - t0)); }
+  one() {
+    local lim=$1
+    shift
+    echo "=== $* [${E:-}] at $(el)s"
+    # shellcheck disable=SC2086 # E holds VAR=value words
+    env ${E:-} timeout "$lim" "$@" 2>&1
+    echo "=== rc $?"
+  }
+  {
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
+    one 60 gpu/bin/k_fp8 --test-threads 1
+    one 60 gpu/bin/k_attn_train --test-threads 1
+    one 90 gpu/bin/k_train_pass --test-threads 1 --nocapture
+    E=DSV3_TRAIN_GEMM=mma one 60 gpu/bin/k_train_pass --test-threads 1 bf16_pass
+    one 60 gpu/bin/k_train_step --test-threads 1
+    one 90 gpu/bin/k_train_fp8 --test-threads 1 --nocapture
+    one 60 gpu/bin/k_gemm --test-threads 1 --skip mma_gemm_layouts_match_the_reference
+    one 60 gpu/bin/k_mla_moe --test-threads 1
+    one 60 gpu/bin/k_model --test-threads 1
+    one 60 gpu/bin/cli_cuda --test-threads 1
+  } >"$out/tests.log"
+  echo "tests done at $(el)s"
+  gpu/bin/dsv3 init --preset bench-88m --out /tmp/m88 >/dev/null
+  local dec=(gpu/bin/dsv3 bench --model /tmp/m88 --device cuda --prompt-len 128 --new-tokens 256)
+  {
+    for b in 1 32; do
+      one 40 "${dec[@]}" --batch "$b"
+      E=DSV3_MLA_MMA=m1t32 one 40 "${dec[@]}" --batch "$b"
+      E=DSV3_PDL=1 one 40 "${dec[@]}" --batch "$b"
+      E=DSV3_MLA_COMBINE=fused one 40 "${dec[@]}" --batch "$b"
+      E="DSV3_MLA_COMBINE=fused DSV3_PDL=1" one 40 "${dec[@]}" --batch "$b"
+    done
+  } >"$out/decode.log"
+  echo "decode done at $(el)s"
+  local tr=(gpu/bin/dsv3 bench --model /tmp/m88 --train --device cuda --batch 8 --prompt-len 512 --repeat 5)
+  {
+    one 60 "${tr[@]}" --dtype bf16
+    E=DSV3_TRAIN_GEMM=mma one 60 "${tr[@]}" --dtype bf16
+    one 60 "${tr[@]}" --dtype bf16 --precision fp8
+    E=DSV3_PDL=1 one 60 "${tr[@]}" --dtype bf16
+  } >"$out/train.log"
+  echo "train done at $(el)s"
+  one 100 gpu/bin/fp8_bench >"$out/fp8bench.log"
+  echo "fp8 done at $(el)s"
+  local left=$((540 - $(el)))
+  if [ "$left" -gt 60 ]; then
+    find core/src cli/src kernels/src -name '*.rs' | sort | xargs cat |
+      python3 -c 'import array, sys; array.array("I", list(sys.stdin.buffer.read())).tofile(open(sys.argv[1], "wb"))' /tmp/corpus.u32
+    for p in bf16 fp8; do
+      local prec=()
+      [ "$p" = fp8 ] && prec=(--precision fp8)
+      rm -rf "/tmp/c_$p"
+      timeout $((left / 2 - 5)) gpu/bin/dsv3 train --preset bench-88m --data /tmp/corpus.u32 --out "/tmp/c_$p" \
+        --device cuda --dtype bf16 "${prec[@]}" --steps 300 --batch 8 --seq-len 512 --lr 1e-3 --warmup 30 --seed 7 \
+        --quiet --log-every 50 >>"$out/curves.log" 2>&1
+      cp "/tmp/c_$p/metrics.jsonl" "$out/$p.jsonl" 2>/dev/null
+    done
+    gpu/bin/dsv3 plot --metrics "$out/bf16.jsonl,$out/fp8.jsonl" --labels bf16,fp8 --tail 50 \
+      --title "bench-88m on the GPU: bf16 vs bf16 + FP8 linears (same seed and data)" \
+      --out "$out/fp8_gpu_loss.svg" >>"$out/curves.log" 2>&1
+  fi
+  echo "all done at $(el)s"
+}
+
 case "$mode" in
   pack) pack ;;
   test) run_tests "$@" ;;
@@ -256,5 +335,6 @@ case "$mode" in
   peers) run_peers ;;
   triage) run_triage "$@" ;;
   curves) run_curves "$@" ;;
-  *) sed -n '2,30p' "$0"; exit 2 ;;
+  next) run_next ;;
+  *) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 2 ;;
 esac

@@ -667,7 +667,11 @@ pub fn gemm_mat_with(
         }
     }
     c.check(extent(s.c_off, lc, s.stride_c, m, s.ldc, n), "gemm C")?;
-    let vec = [ca, s.lda, s.a_off, s.stride_a, cb, s.ldb, s.b_off, s.stride_b].iter().all(|v| v.is_multiple_of(8));
+    // 16-byte cp.async where every row and chunk is aligned: the element counts, and the buffers'
+    // own addresses (a view into an arena may start at any element)
+    let vec = [ca, s.lda, s.a_off, s.stride_a, cb, s.ldb, s.b_off, s.stride_b].iter().all(|v| v.is_multiple_of(8))
+        && a.ptr(dev, 0)?.is_multiple_of(16)
+        && b_ptr.is_multiple_of(16);
     let grouped_rows = s.grouped.is_some() && layout != Layout::TN;
     let t = mma_tile(dev, m, n, if grouped_rows { 1 } else { s.batch }, grouped_rows, tile);
     let (gy, gz) = match &s.grouped {

@@ -40,6 +40,15 @@
 #include "../cuda/fp8gemm.cu"
 
 // ---- guarded memory: the buffer ends (16-byte padded) at a PROT_NONE page, another precedes it
+// A pointer into a buffer, read as typed elements (D at an offset into its GBuf).
+struct BufAt {
+    unsigned char* data;
+    template <typename T>
+    T* as() {
+        return (T*)data;
+    }
+};
+
 struct GBuf {
     unsigned char* base = nullptr;
     size_t maplen = 0;
@@ -81,6 +90,7 @@ struct Problem {
     std::vector<int> counts;  // grouped-contiguous: rows per group (empty: dense)
     int lda_pad = 0, ldb_pad = 0, ldd_pad = 3;
     bool sa_mcontig = true;   // A scales M-contiguous (sa_rs 1, sa_ks m) or row-major
+    int d_off = 0;            // D starts this many elements into its buffer (a gradient arena's slice)
 };
 
 enum Which { SIMT, WGMMA, WGMMA2, TMA, TMA_SPLITK };
@@ -135,7 +145,9 @@ static Result run(const Problem& P, Which which, std::mt19937& rng) {
     auto rscale = [&]() { return std::ldexp(u(rng), ex(rng)); };
 
     GBuf A((size_t)m * lda), B((size_t)groups * stride_b), SA((size_t)m * kg * 4), SB((size_t)groups * stride_sb * 4);
-    GBuf D((size_t)m * ldd * (P.f32d ? 4 : 2));
+    const size_t esz = P.f32d ? 4 : 2;
+    GBuf Dbuf(((size_t)m * ldd + P.d_off) * esz);
+    BufAt D{Dbuf.data + P.d_off * esz};
     for (size_t i = 0; i < A.bytes; i++) A.data[i] = rcode();
     for (size_t i = 0; i < B.bytes; i++) B.data[i] = rcode();
     for (size_t i = 0; i < SA.bytes / 4; i++) SA.as<float>()[i] = rscale();
@@ -380,13 +392,18 @@ int main(int argc, char** argv) {
         {"grouped-kragged", 0, 140, 200, true, true, false, {0, 66, 129, 1}, 8, 8, 1, false},
         // Wgrad form (f32 D, +=) with 16-byte leading dimensions: TMA and its split-K
         {"wgrad-tma", 150, 200, 700, false, true, true, {}, 4, 20, 2, false},
+        // D one f32 into its buffer (4-byte aligned: a parameter's slice of the gradient arena;
+        // the H100 faulted on the paired stores until fp8_store2 checked the address), and bf16 D
+        // one element in (2-byte aligned)
+        {"wgrad-d-odd", 150, 200, 300, false, true, true, {}, 4, 20, 0, false, 1},
+        {"fprop-d-odd", 70, 130, 256, true, false, false, {}, 0, 0, 0, true, 1},
     };
     for (auto& p : ps)
         if (!p.counts.empty()) {
             p.m = 7;  // rows past the last group: never written
             for (int c : p.counts) p.m += c;
         }
-    if (quick) ps = {ps[0], ps[3], ps[4], ps[5], ps[7], ps[6], ps[9], ps[10], ps[11]};
+    if (quick) ps = {ps[0], ps[3], ps[4], ps[5], ps[7], ps[6], ps[9], ps[10], ps[11], ps[12], ps[13]};
     for (int bits : {0, 14}) {
         if (quick && bits) ps = {ps[0]};
         wg_emu::acc_bits = bits;

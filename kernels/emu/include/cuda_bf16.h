@@ -27,10 +27,13 @@ using std::isinf;
 struct __nv_bfloat16 {
     uint16_t bits;
 };
-struct __nv_bfloat162 {
+// the GPU's alignments (4 and 8 bytes): run.sh builds with -fsanitize=alignment, so a paired
+// store or load at an address the GPU would fault on (CUDA_ERROR_MISALIGNED_ADDRESS) stops the
+// emulation here too
+struct alignas(4) __nv_bfloat162 {
     __nv_bfloat16 x, y;
 };
-struct float2 {
+struct alignas(8) float2 {
     float x, y;
 };
 inline float2 make_float2(float x, float y) { return float2{x, y}; }

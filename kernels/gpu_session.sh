@@ -267,10 +267,11 @@ run_next() {
   one() {
     local lim=$1
     shift
+    local rc=0
     echo "=== $* [${E:-}] at $(el)s"
     # shellcheck disable=SC2086 # E holds VAR=value words
-    env ${E:-} timeout "$lim" "$@" 2>&1
-    echo "=== rc $?"
+    env ${E:-} timeout "$lim" "$@" 2>&1 || rc=$?
+    echo "=== rc $rc"
   }
   {
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
@@ -318,12 +319,12 @@ run_next() {
       rm -rf "/tmp/c_$p"
       timeout $((left / 2 - 5)) gpu/bin/dsv3 train --preset bench-88m --data /tmp/corpus.u32 --out "/tmp/c_$p" \
         --device cuda --dtype bf16 "${prec[@]}" --steps 300 --batch 8 --seq-len 512 --lr 1e-3 --warmup 30 --seed 7 \
-        --quiet --log-every 50 >>"$out/curves.log" 2>&1
-      cp "/tmp/c_$p/metrics.jsonl" "$out/$p.jsonl" 2>/dev/null
+        --quiet --log-every 50 >>"$out/curves.log" 2>&1 || echo "curves: the $p run ended with $?" >>"$out/curves.log"
+      cp "/tmp/c_$p/metrics.jsonl" "$out/$p.jsonl" 2>/dev/null || true
     done
     gpu/bin/dsv3 plot --metrics "$out/bf16.jsonl,$out/fp8.jsonl" --labels bf16,fp8 --tail 50 \
       --title "bench-88m on the GPU: bf16 vs bf16 + FP8 linears (same seed and data)" \
-      --out "$out/fp8_gpu_loss.svg" >>"$out/curves.log" 2>&1
+      --out "$out/fp8_gpu_loss.svg" >>"$out/curves.log" 2>&1 || echo "curves: plot failed" >>"$out/curves.log"
   fi
   echo "all done at $(el)s"
 }

@@ -15,7 +15,7 @@
 //   scale-d = 0) and then promoted into f32 registers. Operands staged in shared memory in the
 //   no-swizzle core-matrix layout by ordinary loads (no TMA / mbarrier pipeline / warp
 //   specialization yet: the simple, correct first version). On sm_80 the entry traps.
-// - fp8_gemm_wgmma2_*: sm_90a, the pipelined form (emulator-verified, not yet run on a GPU): 256
+// - fp8_gemm_wgmma2_*: sm_90a, the pipelined form (correct on the H100, not yet timed): 256
 //   threads = 2 consumer warpgroups on a 128x128 block tile (warpgroup w: 64-row tile 2·blockIdx.y
 //   + w, its own group in the grouped mode, so B is staged once per distinct group), operands
 //   streamed by cp.async into a 4-stage ring of 128-K groups (the same no-swizzle layout and
@@ -23,7 +23,7 @@
 //   and landing while the MMAs run; per group 4 wgmmas, wait_group 0, promotion (scales loaded
 //   under the MMAs); the two warpgroups' MMAs and promotions interleave. Needs k, lda, ldb (and stride_b) multiples
 //   of 16 (the launcher falls back to fp8_gemm_wgmma otherwise).
-// - fp8_gemm_tma_*: sm_90a, DeepGEMM's structure (emulator-verified, not yet run on a GPU; the
+// - fp8_gemm_tma_*: sm_90a, DeepGEMM's structure (correct on the H100, not yet timed; the
 //   section at the end of this file): TMA loads into an mbarrier-guarded 4-stage ring, a producer
 //   warp and 2 consumer warpgroups (warp-specialized), persistent over the block tiles, 128-byte
 //   swizzled operands. The launcher's Auto choice on sm_90a where lda, ldb and stride_b are
@@ -430,7 +430,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_wgmma2_f32(Fp8Gemm
 // f32 partials that fp8_splitk_reduce_* sums into D. K-grouped (k_seg; the MoE expert Wgrad):
 // units walk (group, tile), each over its group's 128-K segment into its own D. Needs lda, ldb, stride_b and the operand base
 // addresses multiples of 16 (TMA's global stride and address rules); k and n any.
-// EMULATOR-VERIFIED (kernels/emu/fp8gemm_emu.cpp with include/tma_emu.h), NOT YET RUN ON A GPU.
+// EMULATOR-VERIFIED (kernels/emu/fp8gemm_emu.cpp with include/tma_emu.h); dense and grouped forms
+// correct on the H100 (kernels/tests/fp8.rs, 2026-11-24), the K-grouped form not yet run there.
 #include "tma.cuh"
 #define FP8T_STAGES 4
 #define FP8T_STAGE_BYTES (3 * 16384)  // A (2 x 64 rows x 128 K) | B of warpgroup 0's group | B of warpgroup 1's

@@ -72,7 +72,7 @@ fn quant_kernel(x: &Act, f32_name: &'static str, bf16_name: &'static str) -> &'s
 
 /// `DSV3_FP8_QUANT=v1` (read once): [`quant_1x128`] runs `quant_1x128_*` (a 128-thread block per
 /// 128-column group, the form measured on the H100) instead of `quant_1x128w_*` (a warp per group,
-/// bit for bit the same output; EMULATOR-VERIFIED, NOT YET RUN ON A GPU).
+/// bit for bit the same output; bit for bit core's on the H100, kernels/tests/fp8.rs, not yet timed).
 fn quant_v1() -> bool {
     static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     super::env_is(&V, "DSV3_FP8_QUANT", "v1")
@@ -293,10 +293,11 @@ pub enum Fp8Kernel {
     /// (the first form; verified on an H100).
     Wgmma,
     /// `fp8_gemm_wgmma2_*` (sm_90a only): 2 warpgroups per 128x128 tile fed by a 4-stage cp.async
-    /// ring. Emulator-verified (kernels/emu/fp8gemm_emu.cpp), not yet run on a GPU.
+    /// ring. Correct on the H100 (kernels/tests/fp8.rs, 2026-11-24), not yet timed.
     Wgmma2,
     /// `fp8_gemm_tma_*` (sm_90a only): TMA + mbarrier ring, a producer warp and 2 consumer
-    /// warpgroups, persistent ([`super::fp8_tma`]). Emulator-verified, not yet run on a GPU.
+    /// warpgroups, persistent ([`super::fp8_tma`]). Correct on the H100 (kernels/tests/fp8.rs,
+    /// 2026-11-24), not yet timed.
     Tma,
     /// `fp8_gemm_simt_*` (any GPU).
     Simt,
@@ -514,7 +515,8 @@ pub fn t128_segments(ro: &[i32]) -> Result<Vec<usize>> {
 /// `seg[e+1]`, its 1x128 scales at token blocks `seg[e]/128..` (column c, block b at
 /// `scale[c·s_rs + b·s_cs]`). Read from column `seg[e]` (codes, row stride `out.ld`) and block
 /// `seg[e]/128` (scales), group `e`'s segment is bit for bit [`quant_t128`] of its rows alone.
-/// Uploads the `2G + 2` offsets per call. EMULATOR-VERIFIED, NOT YET RUN ON A GPU.
+/// Uploads the `2G + 2` offsets per call. Bit for bit `quant_t128` per expert on the H100
+/// (kernels/tests/fp8.rs, 2026-11-24).
 pub fn quant_t128_groups(
     dev: &Device,
     x: &Act,

@@ -4,7 +4,9 @@
 //! warpgroups on wgmma m64n128k32 with the per-128-K promotion, persistent over the block tiles.
 //! The tensor maps are encoded here with the driver's `cuTensorMapEncodeTiled` and passed in the
 //! kernel's `__grid_constant__` argument block ([`Fp8TmaArgs`]). Emulator-verified
-//! (kernels/emu/fp8gemm_emu.cpp), not yet run on a GPU; [`super::fp8::fp8_gemm`] picks it.
+//! (kernels/emu/fp8gemm_emu.cpp) and correct on the H100 (kernels/tests/fp8.rs, dense and
+//! grouped, with and without split-K; 2026-11-24), not yet timed; [`super::fp8::fp8_gemm`] picks it.
+//! The K-grouped mode (the expert Wgrad) has not run on a GPU yet.
 use super::fp8::{Fp8Gemm, Fp8GemmArgs};
 use super::{dim, int, launch, launch_smem, KArg};
 use crate::device::{cuda_err, Device};

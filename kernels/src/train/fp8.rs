@@ -34,7 +34,8 @@
 //! multiplies every expert's segment into its gradient (`fp8_gemm_kgrouped`: 3 launches per
 //! projection), elsewhere (or with `DSV3_FP8_KERNEL` forcing another kernel) one `fp8_gemm` per
 //! expert reads its segment through strides (codes from column `seg[e]` with row stride `seg[E]`,
-//! scales from token block `seg[e]/128`; 2 + E launches). EMULATOR-VERIFIED, NOT YET RUN ON A GPU;
+//! scales from token block `seg[e]/128`; 2 + E launches). The quantization is bit for bit right on
+//! the H100; the Wgrad through it hit a misaligned store there (fixed, not yet re-run);
 //! `DSV3_FP8_WGRAD_BATCH=0` keeps the first form (`quant_t128` twice per expert, each with its own
 //! buffers, then the GEMM: 3·E launches) with the same operand bits (the products too while both
 //! run unsplit: the per-expert GEMMs over the aligned segments admit `fp8_gemm_tma`'s split-K for
@@ -609,7 +610,8 @@ fn fp8_wgrad(dev: &Device, d: Dims, dy: Rd, x: Rd, c: Wr) -> Result<()> {
 /// token block `seg[e]/128`): the GEMMs read bit for bit the operands of the per-expert form
 /// (`!batched`: `quant_t128` per expert and operand; the products agree bit for bit unless the
 /// batched form's aligned segments let `fp8_gemm_tma` split K, see the module doc).
-/// EMULATOR-VERIFIED (the quantization), NOT YET RUN ON A GPU.
+/// The quantization checked on the H100; this function's GEMMs faulted there on a 4-byte aligned
+/// gradient slice (`fp8_store2`, fixed 2026-11-24, not yet re-run on a GPU).
 pub fn fp8_expert_wgrad(dev: &Device, d: Dims, dy: Rd, x: Rd, c: Wr, ro: &[i32], batched: bool) -> Result<()> {
     let groups = ro.len().saturating_sub(1);
     for e in 0..groups {

@@ -129,16 +129,28 @@ pub fn bench(
     let dec_tps = (batch * new_tokens) as f64 / best_dec;
     let name = &cm.dev.name;
     let pdl = dsv3_kernels::ops::pdl_enabled(&cm.dev);
+    // the MLA decode kernel the steps ran (mla_kernel's choice or DSV3_MLA_MMA) and whether it
+    // merged its splits itself (DSV3_MLA_COMBINE=fused): the numbers say which variant they time
+    let c = &cm.cfg;
+    let mla = dsv3_kernels::ops::mla::mla_kernel(
+        &cm.dev,
+        cm.dtype,
+        c.num_attention_heads,
+        c.kv_lora_rank,
+        c.qk_rope_head_dim,
+    );
+    let fused = dsv3_kernels::ops::mla::fused_combine() && matches!(mla, dsv3_kernels::ops::mla::MlaKernel::Mma(_));
+    let mla_desc = format!("{}{}", mla.name(), if fused { "+fused-merge" } else { "" });
     if json {
         println!(
-            "{{\"device\":{:?},\"dtype\":\"{:?}\",\"pdl\":{pdl},\"batch\":{batch},\"prompt_len\":{prompt_len},\"new_tokens\":{new_tokens},\"prefill_tokens_per_s\":{pre_tps:.1},\"decode_tokens_per_s\":{dec_tps:.1},\"decode_ms_per_step\":{:.4}}}",
+            "{{\"device\":{:?},\"dtype\":\"{:?}\",\"pdl\":{pdl},\"mla\":\"{mla_desc}\",\"batch\":{batch},\"prompt_len\":{prompt_len},\"new_tokens\":{new_tokens},\"prefill_tokens_per_s\":{pre_tps:.1},\"decode_tokens_per_s\":{dec_tps:.1},\"decode_ms_per_step\":{:.4}}}",
             name,
             cm.dtype,
             best_dec * 1e3 / new_tokens as f64
         );
     } else {
         println!(
-            "{name}, {:?}{}: batch {batch}, prompt {prompt_len}, {new_tokens} new tokens (best of {repeat})",
+            "{name}, {:?}, MLA {mla_desc}{}: batch {batch}, prompt {prompt_len}, {new_tokens} new tokens (best of {repeat})",
             cm.dtype,
             if pdl { ", programmatic dependent launch" } else { "" }
         );

@@ -232,7 +232,7 @@ impl MlaKernel {
 /// `mla_combine`) instead of a separate `mla_combine` launch: one launch fewer per layer and
 /// decode step. Correct on the H100 (k_mla_moe and k_model under it, 2026-11-24), not yet timed;
 /// off by default until measured.
-fn fused_combine() -> bool {
+pub fn fused_combine() -> bool {
     static V: OnceLock<bool> = OnceLock::new();
     super::env_is(&V, "DSV3_MLA_COMBINE", "fused")
 }

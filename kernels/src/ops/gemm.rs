@@ -488,11 +488,24 @@ fn max_smem_optin(dev: &Device) -> usize {
 /// 219 vs 268, 2048x32000x512 188 vs 232; kernel_bench, docs/PERF.md). `force` picks one (still
 /// subject to the shared memory the device offers).
 fn mma_tile(dev: &Device, m: usize, n: usize, blocks: usize, grouped_rows: bool, force: Option<Tile>) -> Tile {
+    tile_for(dev.sms, max_smem_optin(dev).max(48 * 1024), m, n, blocks, grouped_rows, force)
+}
+
+/// [`mma_tile`] on a GPU of `sms` SMs offering `smem` bytes of shared memory per block.
+fn tile_for(
+    sms: usize,
+    smem: usize,
+    m: usize,
+    n: usize,
+    blocks: usize,
+    grouped_rows: bool,
+    force: Option<Tile>,
+) -> Tile {
     if grouped_rows {
         return Tile::Small;
     }
-    let fits = |t: Tile| t.smem() as usize <= max_smem_optin(dev).max(48 * 1024);
-    let t = force.unwrap_or(if Tile::Large.blocks(m, n, blocks) >= dev.sms { Tile::Large } else { Tile::Small });
+    let fits = |t: Tile| t.smem() as usize <= smem;
+    let t = force.unwrap_or(if Tile::Large.blocks(m, n, blocks) >= sms { Tile::Large } else { Tile::Small });
     [t, Tile::Large, Tile::Small].into_iter().find(|&t| fits(t)).unwrap_or(Tile::Small)
 }
 
@@ -810,6 +823,26 @@ mod tests {
         assert_eq!(Tile::Wide.smem(), 135168);
         assert_eq!(Tile::Large.smem(), 69632);
         assert_eq!(Tile::Small.smem(), 49152);
+    }
+
+    #[test]
+    fn the_auto_tile_is_128x128_where_it_fills_the_gpu_and_never_128x256() {
+        use super::{tile_for, Tile};
+        let h100 = (132, 227 * 1024);
+        // the H100's training shapes (kernel_bench 2026-11-24: 128x128 beat 128x256 at each)
+        for (m, n) in [(8192, 8192), (4096, 7168), (8192, 512), (2048, 32000)] {
+            assert_eq!(tile_for(h100.0, h100.1, m, n, 1, false, None), Tile::Large, "{m}x{n}");
+        }
+        // too few 128x128 blocks to fill 132 SMs: 64x128
+        assert_eq!(tile_for(h100.0, h100.1, 2048, 512, 1, false, None), Tile::Small);
+        // batched: the blocks of every product count
+        assert_eq!(tile_for(h100.0, h100.1, 2048, 512, 4, false, None), Tile::Large);
+        // grouped rows: always 64-row tiles; forced: as asked where the shared memory allows
+        assert_eq!(tile_for(h100.0, h100.1, 8192, 8192, 1, true, None), Tile::Small);
+        assert_eq!(tile_for(h100.0, h100.1, 64, 64, 1, false, Some(Tile::Wide)), Tile::Wide);
+        // a 99 KiB GPU (sm_86/89): 128x256 does not fit, falls back to 128x128
+        assert_eq!(tile_for(84, 99 * 1024, 8192, 8192, 1, false, Some(Tile::Wide)), Tile::Large);
+        assert_eq!(tile_for(84, 48 * 1024, 8192, 8192, 1, false, None), Tile::Small);
     }
 
     #[test]

@@ -281,14 +281,20 @@ pub fn mla_kernel(dev: &Device, dt: DType, h: usize, c: usize, dr: usize) -> Mla
     if let Some(v) = env_variant().filter(|v| mma_fits(dev, v, c, dr)) {
         return MlaKernel::Mma(*v);
     }
+    default_variant(max_smem_optin(dev), h, c, dr).map_or(MlaKernel::Simple, MlaKernel::Mma)
+}
+
+/// [`mla_kernel`]'s choice without the switches, on a GPU offering `smem` bytes of shared memory
+/// per block: the first of its order of preference that fits.
+fn default_variant(smem: usize, h: usize, c: usize, dr: usize) -> Option<MmaVariant> {
     // h <= 16: the depth-split 8-warp kernel, measured at 84.5% of the copy ceiling on the H100
     // (FlashMLA's b128 len4096 h16 shape; m1t32 65%, d1t32 75%: kernel_bench, docs/PERF.md)
     let order: &[&str] = if h <= 16 { &["d1w8", "m1t32", "m1t64"] } else { &["m2t64", "m2t32", "m1t32"] };
     order
         .iter()
         .filter_map(|name| MMA_VARIANTS.iter().find(|v| v.name == *name))
-        .find(|v| mma_fits(dev, v, c, dr))
-        .map_or(MlaKernel::Simple, |v| MlaKernel::Mma(*v))
+        .find(|v| MmaVariant::takes(c, dr) && v.smem_bytes(c, dr) <= smem)
+        .copied()
 }
 
 /// Splits along the cache to pass in [`MlaCall::splits`] (and size [`MlaWork`] for) when
@@ -585,6 +591,28 @@ pub fn cache_append(
 #[cfg(test)]
 mod tests {
     #[test]
+    fn the_default_mla_kernel_is_the_measured_fastest_that_fits() {
+        use super::default_variant;
+        let h100 = 227 * 1024;
+        // the H100 (2026-11-24): d1w8 for <= 16 heads (84.5% of copy), m2t64 for many
+        for h in [1, 8, 16] {
+            assert_eq!(default_variant(h100, h, 512, 64).unwrap().name, "d1w8", "h {h}");
+        }
+        assert_eq!(default_variant(h100, 128, 512, 64).unwrap().name, "m2t64");
+        // a 99 KiB GPU still runs d1w8 (93 KiB); whatever is picked fits the shared memory
+        assert_eq!(default_variant(99 * 1024, 16, 512, 64).unwrap().name, "d1w8");
+        for smem in [48 * 1024, 99 * 1024, h100] {
+            for h in [16, 128] {
+                if let Some(v) = default_variant(smem, h, 512, 64) {
+                    assert!(v.smem_bytes(512, 64) <= smem, "{} at {smem}", v.name);
+                }
+            }
+        }
+        // shapes the tensor-core kernels do not take: none (the SIMT kernel)
+        assert!(default_variant(h100, 16, 500, 64).is_none());
+    }
+
+    #[test]
     fn mla_args_match_the_cuda_struct_layout() {
         assert_eq!(std::mem::size_of::<super::MlaArgs>(), 8 * 8 + 8 + 12 * 4 + 8);
         assert_eq!(std::mem::offset_of!(super::MlaArgs, n), 72);
@@ -599,7 +627,7 @@ mod tests {
             assert!(crate::ops::KERNELS.contains(&("mla", v.kernel)), "{} not in KERNELS", v.kernel);
             assert!(MMA_VARIANTS.iter().filter(|u| u.name == v.name).count() == 1);
         }
-        // V3's shapes: the default 16-head variant fits the 99 KiB opt-in of sm_86/89/120 GPUs
+        // V3's shapes: m1t32 (the 16-head default before d1w8) fits the 99 KiB opt-in of sm_86/89/120 GPUs
         let m1t32 = MMA_VARIANTS.iter().find(|v| v.name == "m1t32").unwrap();
         assert_eq!(m1t32.kernel, "mla_decode_mma_bf16");
         assert_eq!(m1t32.smem_bytes(512, 64), 93952);

@@ -266,7 +266,12 @@ fn max_smem_optin(dev: &Device) -> usize {
 
 /// Whether tensor-core variant `v` can run on `dev` at these shapes (shared memory included).
 pub fn mma_fits(dev: &Device, v: &MmaVariant, c: usize, dr: usize) -> bool {
-    MmaVariant::takes(c, dr) && v.smem_bytes(c, dr) <= max_smem_optin(dev)
+    fits_smem(v, c, dr, max_smem_optin(dev))
+}
+
+/// Whether `v` takes these shapes within `smem` bytes of shared memory per block.
+fn fits_smem(v: &MmaVariant, c: usize, dr: usize, smem: usize) -> bool {
+    MmaVariant::takes(c, dr) && v.smem_bytes(c, dr) <= smem
 }
 
 /// The kernel [`mla_decode`] runs for `dt` and these shapes: f32, odd shapes and
@@ -293,7 +298,7 @@ fn default_variant(smem: usize, h: usize, c: usize, dr: usize) -> Option<MmaVari
     order
         .iter()
         .filter_map(|name| MMA_VARIANTS.iter().find(|v| v.name == *name))
-        .find(|v| MmaVariant::takes(c, dr) && v.smem_bytes(c, dr) <= smem)
+        .find(|v| fits_smem(v, c, dr, smem))
         .copied()
 }
 

@@ -229,26 +229,35 @@ run_triage() {
   done
 }
 
-run_curves() {
-  unpack
-  local steps="${1:-300}" out="${OUT:-gpu}/curves"
-  mkdir -p "$out"
+# curves_into DIR STEPS LIMIT: the bench-88m model trained STEPS steps on the GPU in bf16 and in
+# bf16 + FP8 linears (same seed, data, schedule; each run at most LIMIT s) into DIR/bf16 and
+# DIR/fp8, plotted together into DIR/fp8_gpu_loss.svg; only the metrics and the plot are kept.
+curves_into() {
+  local dir="$1" steps="$2" limit="$3"
+  mkdir -p "$dir"
   # the engine's sources as byte tokens (u32 ids < 256; bench-88m has no tokenizer)
   find core/src cli/src kernels/src -name '*.rs' | sort | xargs cat |
-    python3 -c 'import array, sys; array.array("I", list(sys.stdin.buffer.read())).tofile(open(sys.argv[1], "wb"))' "$out/corpus.u32"
+    python3 -c 'import array, sys; array.array("I", list(sys.stdin.buffer.read())).tofile(open(sys.argv[1], "wb"))' "$dir/corpus.u32"
   for p in bf16 fp8; do
-    rm -rf "$out/$p"
+    rm -rf "${dir:?}/$p"
     local prec=()
     [ "$p" = fp8 ] && prec=(--precision fp8)
-    timeout 900 gpu/bin/dsv3 train --preset bench-88m --data "$out/corpus.u32" --out "$out/$p" --device cuda \
+    timeout "$limit" gpu/bin/dsv3 train --preset bench-88m --data "$dir/corpus.u32" --out "$dir/$p" --device cuda \
       --dtype bf16 "${prec[@]}" --steps "$steps" --batch 8 --seq-len 512 --lr 1e-3 --warmup 30 --seed 7 \
-      --quiet --log-every 50 || echo "curves: the $p run failed"
+      --quiet --log-every 50 || echo "curves: the $p run ended with $?"
   done
-  gpu/bin/dsv3 plot --metrics "$out/bf16/metrics.jsonl,$out/fp8/metrics.jsonl" --labels bf16,fp8 --tail 50 \
-    --title "bench-88m on the GPU: bf16 vs bf16 + FP8 linears (same seed and data)" --out "$out/fp8_gpu_loss.svg" ||
+  gpu/bin/dsv3 plot --metrics "$dir/bf16/metrics.jsonl,$dir/fp8/metrics.jsonl" --labels bf16,fp8 --tail 50 \
+    --title "bench-88m on the GPU: bf16 vs bf16 + FP8 linears (same seed and data)" --out "$dir/fp8_gpu_loss.svg" ||
     echo "curves: plot failed"
-  rm -rf "$out/corpus.u32" "$out"/*/checkpoint  # keep $OUT small: metrics, curves, SVG
-  ls -la "$out"
+  # keep $OUT small (the device tool returns 8 files): metrics and the plot
+  rm -f "$dir/corpus.u32"
+  find "$dir/bf16" "$dir/fp8" -mindepth 1 ! -name metrics.jsonl -exec rm -rf {} + 2>/dev/null || true
+}
+
+run_curves() {
+  unpack
+  curves_into "${OUT:-gpu}/curves" "${1:-300}" 900
+  ls -laR "${OUT:-gpu}/curves"
 }
 
 run_peers() {
@@ -311,20 +320,7 @@ run_next() {
   echo "fp8 done at $(el)s"
   local left=$((540 - $(el)))
   if [ "$left" -gt 60 ]; then
-    find core/src cli/src kernels/src -name '*.rs' | sort | xargs cat |
-      python3 -c 'import array, sys; array.array("I", list(sys.stdin.buffer.read())).tofile(open(sys.argv[1], "wb"))' /tmp/corpus.u32
-    for p in bf16 fp8; do
-      local prec=()
-      [ "$p" = fp8 ] && prec=(--precision fp8)
-      rm -rf "/tmp/c_$p"
-      timeout $((left / 2 - 5)) gpu/bin/dsv3 train --preset bench-88m --data /tmp/corpus.u32 --out "/tmp/c_$p" \
-        --device cuda --dtype bf16 "${prec[@]}" --steps 300 --batch 8 --seq-len 512 --lr 1e-3 --warmup 30 --seed 7 \
-        --quiet --log-every 50 >>"$out/curves.log" 2>&1 || echo "curves: the $p run ended with $?" >>"$out/curves.log"
-      cp "/tmp/c_$p/metrics.jsonl" "$out/$p.jsonl" 2>/dev/null || true
-    done
-    gpu/bin/dsv3 plot --metrics "$out/bf16.jsonl,$out/fp8.jsonl" --labels bf16,fp8 --tail 50 \
-      --title "bench-88m on the GPU: bf16 vs bf16 + FP8 linears (same seed and data)" \
-      --out "$out/fp8_gpu_loss.svg" >>"$out/curves.log" 2>&1 || echo "curves: plot failed" >>"$out/curves.log"
+    curves_into "$out/curves" 300 $((left / 2 - 5)) >"$out/curves.log" 2>&1
   fi
   echo "all done at $(el)s"
 }

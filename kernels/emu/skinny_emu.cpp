@@ -7,7 +7,7 @@
 //
 // The real gemm.cu runs on the emulator's runtime (include/emu.h: a fiber per CUDA thread; a
 // shuffle completes when all 32 lanes of the warp reach it with the same mask, a lane that left
-// early is a reported deadlock; include/mma.h only lets the tiled WMMA kernels compile). Blocks run one after another over the grid the launcher (kernels/src/ops/gemm.rs,
+// early is a reported deadlock; include/mma.h emulates the WMMA fragments of the tiled FP8-weight kernel; the CUDA driver stand-in, driver.cpp, runs it). Blocks run one after another over the grid the launcher (kernels/src/ops/gemm.rs,
 // gemm_via) computes, mirrored in launch() below with the same GemmArgs fields. Every device
 // buffer sits against a PROT_NONE guard page at both ends (an out-of-bounds read or write
 // faults and is reported), row tails / batch gaps / unowned rows of C carry sentinels that must

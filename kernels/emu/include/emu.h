@@ -32,8 +32,10 @@
 #include <string>
 #include <vector>
 
+// what was running (the driver of kernels/emu/driver.cpp names the kernel), printed with a failure
+static std::string fail_context;
 [[noreturn]] inline void fail(const std::string& m) {
-    std::fprintf(stderr, "EMU FAILURE: %s\n", m.c_str());
+    std::fprintf(stderr, "EMU FAILURE: %s%s\n", m.c_str(), fail_context.c_str());
     std::exit(1);
 }
 

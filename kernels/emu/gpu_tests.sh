@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU tests on the CPU: builds kernels/emu/driver.cpp into a stand-in libcuda.so (the CUDA
+# driver API over the CPU emulator; no GPU, no CUDA) and runs the GPU test files against it, so the
+# host code, launchers and kernels are exercised end to end where no GPU is lent.
+#
+#   bash kernels/emu/gpu_tests.sh build                   only build target/emu-driver/libcuda.so
+#   bash kernels/emu/gpu_tests.sh [TEST...] [-- ARGS...]  run kernels/tests/TEST.rs, or PKG:TEST (cli:cuda,
+#                                                         ffi:cuda: the CLI's and the C ABI's GPU tests);
+#                                                         all of them by default; with cargo test
+#                                                         --release; ARGS go to the test binaries (a
+#                                                         test name filter, --nocapture)
+#   DSV3_EMU_SM=80 bash kernels/emu/gpu_tests.sh ...      the same as an sm_80 GPU (its PTX and kernels)
+#
+# Slow (every thread is a fiber, every MMA evaluated in f64): the tiny fixtures take seconds to
+# minutes per test. Timings printed by tests or benches mean nothing here. A kernel misuse the
+# emulator catches prints "EMU FAILURE: ... (in kernel NAME ...)" and ends the test process.
+set -euo pipefail
+cd "$(dirname "$0")"
+root="$(cd ../.. && pwd)"
+out="$root/target/emu-driver"
+mkdir -p "$out"
+CXX="${CXX:-$(command -v g++ || command -v clang++)}"
+
+build() {
+  grep -ho '\.entry [A-Za-z0-9_]*' ../ptx/sm_90a/*.ptx | awk '{print "R(" $2 ")"}' | sort -u >"$out/emu_kernels.inc.new"
+  if ! cmp -s "$out/emu_kernels.inc.new" "$out/emu_kernels.inc" 2>/dev/null; then mv "$out/emu_kernels.inc.new" "$out/emu_kernels.inc"; fi
+  rm -f "$out/emu_kernels.inc.new"
+  local flags=(-std=c++17 -O2 -g -fPIC -shared -fno-strict-aliasing -w -Wno-psabi -Iinclude -I../cuda -I"$out")
+  echo 'int main() { return 0; }' >"$out/probe.cpp"
+  if "$CXX" -fsanitize=alignment -fno-sanitize-recover=alignment "$out/probe.cpp" -o "$out/probe" 2>/dev/null; then
+    flags+=(-fsanitize=alignment -fno-sanitize-recover=alignment)
+  fi
+  local deps=(driver.cpp include/*.h ../cuda/*.cu ../cuda/*.cuh "$out/emu_kernels.inc")
+  local stale=0
+  [ -f "$out/libcuda.so" ] || stale=1
+  for d in "${deps[@]}"; do [ "$d" -nt "$out/libcuda.so" ] && stale=1; done
+  if [ "$stale" = 1 ]; then
+    echo "building $out/libcuda.so (the CPU emulator as a CUDA driver)"
+    "$CXX" "${flags[@]}" driver.cpp -o "$out/libcuda.so.tmp"
+    mv "$out/libcuda.so.tmp" "$out/libcuda.so"
+  fi
+  ln -sf libcuda.so "$out/libcuda.so.1"
+  ln -sf libcuda.so "$out/libcublas.so"  # the cuBLAS GEMMs live in the same library (one state)
+}
+
+build
+[ "${1:-}" = "build" ] && exit 0
+tests=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do tests+=("$1"); shift; done
+[ "${1:-}" = "--" ] && shift
+if [ ${#tests[@]} -eq 0 ]; then
+  for f in ../tests/*.rs; do tests+=("$(basename "$f" .rs)"); done
+  tests+=(cli:cuda ffi:cuda)
+fi
+export LD_LIBRARY_PATH="$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export DSV3_FIXTURES="${DSV3_FIXTURES:-$root/tests/fixtures}"
+cd "$root"
+rc=0
+for t in "${tests[@]}"; do
+  pkg=kernels
+  case "$t" in *:*) pkg="${t%%:*}" t="${t#*:}" ;; esac
+  echo "== dsv3-$pkg --test $t (on the CPU emulator)"
+  cargo test --release -q -p "dsv3-$pkg" --test "$t" -- --test-threads=1 "$@" || rc=1
+done
+exit $rc

@@ -233,7 +233,7 @@ pub fn bench_train(
     };
     if json {
         println!(
-            "{{\"device\":{name:?},\"dtype\":\"{dtype:?}\",\"precision\":\"{precision:?}\",\"gemm\":\"{gemm}\",\"batch\":{batch},\"seq_len\":{seq_len},\"steps\":{steps},\"step_ms\":{:.3},\"train_tokens_per_s\":{tps:.1},\"active_params\":{active},\"flops_per_token\":{flops_tok:.0},\"tflops\":{tflops:.2},\"mfu\":{mfu:.5},\"peak_tflops\":{:.1}}}",
+            "{{\"device\":{name:?},\"dtype\":\"{dtype:?}\",\"precision\":\"{precision:?}\",\"gemm\":\"{gemm}\",\"batch\":{batch},\"seq_len\":{seq_len},\"steps\":{steps},\"step_ms\":{:.3},\"train_tokens_per_s\":{tps:.1},\"active_params\":{active},\"flops_per_token\":{flops_tok:.0},\"tflops\":{tflops},\"mfu\":{mfu},\"peak_tflops\":{:.1}}}",
             med * 1e3,
             H100_BF16_PEAK_FLOPS / 1e12
         );

@@ -13,7 +13,6 @@ use dsv3_kernels::ops::attn_train::{
 };
 use dsv3_kernels::tensor::{download, zeros};
 use dsv3_kernels::{Act, DType, Device};
-use std::time::Instant;
 
 struct Case {
     h: usize,
@@ -310,59 +309,4 @@ fn flash_train_rejects_bad_calls() {
         let r = flash_train_backward(&dev, &good, os, ds, &lse, g);
         assert!(matches!(r, Err(dsv3_core::Error::Input(_))), "backward case {case_}: {r:?}");
     }
-}
-
-/// Times the forward and the backward at V3's head dims (16 heads, 2 x 2048 tokens) and prints
-/// TFLOP/s: the forward's FLOPs are 2·(dk + dv) per causal (query, key) pair and head, the
-/// backward's counted as FlashAttention-2 counts them, 2.5x the forward's (this backward
-/// computes S and dP twice, so its own work is more).
-#[test]
-fn flash_train_timing() {
-    let Some(dev) = device("flash_train_timing") else { return };
-    let mut rng = Rng::new(9);
-    let (h, t, batch) = (16usize, 2048usize, 2usize);
-    let k = case(&mut rng, h, (128, 64, 128), 512, &vec![(t, 0); batch]);
-    let b = bufs(&dev, &k);
-    let c = call(&k, &b);
-    let mut o = Act::empty(&dev, DType::Bf16, k.n * h * 128).unwrap();
-    let mut lse = zeros::<f32>(&dev, k.n * h).unwrap();
-    let mut dq = Act::empty(&dev, DType::Bf16, k.n * k.ld_q).unwrap();
-    let mut dkv = Act::empty(&dev, DType::Bf16, k.keys * k.ld_kv).unwrap();
-    let mut dckv = Act::empty(&dev, DType::Bf16, k.keys * (512 + 64)).unwrap();
-    let pairs = (batch * t * (t + 1) / 2 * h) as f64;
-    let fwd_flops = 2.0 * pairs * (192.0 + 128.0);
-    let time = |f: &mut dyn FnMut()| {
-        f();
-        dev.sync().unwrap();
-        let t0 = Instant::now();
-        for _ in 0..5 {
-            f();
-        }
-        dev.sync().unwrap();
-        t0.elapsed().as_secs_f64() / 5.0
-    };
-    let tf = time(&mut || flash_train_forward(&dev, &c, &mut o, 0, h * 128, 128, &mut lse).unwrap());
-    let tb = time(&mut || {
-        let g = FlashGrads {
-            dq: StridedMut { buf: &mut dq, off: 0, ld: k.ld_q, hs: 192 },
-            dkv: &mut dkv,
-            dk_off: 0,
-            ld_dk: k.ld_kv,
-            hs_dk: 256,
-            dv_off: 128,
-            ld_dv: k.ld_kv,
-            hs_dv: 256,
-            dkpe: Some((&mut dckv, 512, 576)),
-        };
-        let os = Strided { buf: &o, off: 0, ld: h * 128, hs: 128 };
-        let ds = Strided { buf: &b.dout, off: 0, ld: h * 128, hs: 128 };
-        flash_train_backward(&dev, &c, os, ds, &lse, g).unwrap()
-    });
-    eprintln!(
-        "flash train V3 dims h{h} {batch}x{t}: forward {:.3} ms ({:.1} TFLOP/s), backward {:.3} ms ({:.1} TFLOP/s at 2.5x the forward's FLOPs)",
-        tf * 1e3,
-        fwd_flops / tf / 1e12,
-        tb * 1e3,
-        2.5 * fwd_flops / tb / 1e12
-    );
 }

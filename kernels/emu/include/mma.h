@@ -34,25 +34,22 @@ template <typename F, typename V>
 void fill_fragment(F& f, V v) {
     for (float& e : f.x) e = wmma_to_f(v);
 }
-// A, row-major in memory: element (r, k) at p[r·ld + k]
-template <typename T, typename P>
-void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const P* p, unsigned ld) {
+// Lane l's 8 elements of a fragment, flat tile index i read from p[at(i)]
+template <typename F, typename P, typename At>
+void load_frag(F& f, const P* p, At at) {
     __syncwarp();
-    for (int e = 0; e < 8; e++) {
-        const int i = 8 * wmma_lane() + e, r = i / 16, k = i % 16;
-        f.x[e] = wmma_to_f(p[(size_t)r * ld + k]);
-    }
+    for (int e = 0; e < 8; e++) f.x[e] = wmma_to_f(p[at(8 * wmma_lane() + e)]);
     __syncwarp();
 }
-// B, column-major in memory: element (k, n) at p[n·ld + k]
+// A, row-major in memory: element (r, k) = flat i = 16r + k at p[r·ld + k]
+template <typename T, typename P>
+void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const P* p, unsigned ld) {
+    load_frag(f, p, [ld](int i) { return (size_t)(i / 16) * ld + i % 16; });
+}
+// B, column-major in memory: element (k, n) = flat i = 16k + n at p[n·ld + k]
 template <typename T, typename P>
 void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const P* p, unsigned ld) {
-    __syncwarp();
-    for (int e = 0; e < 8; e++) {
-        const int i = 8 * wmma_lane() + e, k = i / 16, n = i % 16;
-        f.x[e] = wmma_to_f(p[(size_t)n * ld + k]);
-    }
-    __syncwarp();
+    load_frag(f, p, [ld](int i) { return (size_t)(i % 16) * ld + i / 16; });
 }
 template <typename TA, typename TB>
 void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, TA, row_major>& a,

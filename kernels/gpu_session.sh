@@ -286,6 +286,8 @@ run_next() {
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
     one 60 gpu/bin/k_fp8 --test-threads 1
     one 60 gpu/bin/k_attn_train --test-threads 1
+    one 60 gpu/bin/k_attn --test-threads 1 --nocapture
+    one 30 gpu/bin/k_elementwise --test-threads 1
     one 90 gpu/bin/k_train_pass --test-threads 1 --nocapture
     E=DSV3_TRAIN_GEMM=mma one 60 gpu/bin/k_train_pass --test-threads 1 bf16_pass
     one 60 gpu/bin/k_train_step --test-threads 1

@@ -13,7 +13,8 @@
 //   kernels/ptx/sm_90a). A launch copies its arguments (as the driver does) and runs the grid
 //   block by block, a fiber per thread, with the emulator's checks (warp collectives, barriers,
 //   wgmma/TMA/mbarrier use, shared memory bounds and the launch's dynamic shared memory size:
-//   more than 48 KiB needs CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES first, as on a GPU).
+//   more than 48 KiB needs CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES first, and a block larger
+//   than the kernel's __launch_bounds__ (its PTX .maxntid) does not launch, as on a GPU).
 // - Memory: device pointers are host pointers. Every allocation is poisoned with 0xff bytes (NaN
 //   in f32 and bf16: a kernel that reads memory nobody wrote sees NaN) and followed by a canary that
 //   is checked after every launch and copy and at free (a write past the end of a buffer is
@@ -113,9 +114,11 @@ struct Func {
     std::string name;
     std::function<Op(void**)> bind;  // the launch's arguments copied into a runnable call
     int max_dyn_smem = 48 * 1024;
+    int max_threads = 1024;  // __launch_bounds__: a larger block fails to launch, as on a GPU
 };
 struct Module {
     std::vector<std::string> entries;
+    std::map<std::string, int> maxntid;  // an entry's __launch_bounds__ (PTX .maxntid), if any
     std::map<std::string, std::unique_ptr<Func>> funcs;
 };
 
@@ -269,6 +272,11 @@ CUresult launch(Func* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, uns
     if (!f) return E_INVALID_HANDLE;
     if (extra) return E_NOT_SUPPORTED;
     if (by != 1 || bz != 1 || bx == 0 || bx > 1024) return E_INVALID_VALUE;
+    if ((int)bx > f->max_threads) {
+        std::fprintf(stderr, "EMU: %s launched with %u threads, above its __launch_bounds__ %d\n", f->name.c_str(), bx,
+                     f->max_threads);
+        return E_LAUNCH_OUT_OF_RESOURCES;
+    }
     if (bx % 32) fail(f->name + ": the emulator runs blocks of whole warps only (" + std::to_string(bx) + " threads)");
     if (gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535) return E_INVALID_VALUE;
     if ((int)smem > f->max_dyn_smem) {
@@ -553,6 +561,10 @@ API CUresult cuModuleLoadData(void** mod, const void* image) {
         std::string name = ptx.substr(b, e - b);
         while (!name.empty() && name.back() == ' ') name.pop_back();
         m->entries.push_back(name);
+        // the directives between the parameter list and the body: .maxntid X, 1, 1
+        const size_t body = ptx.find('{', e), mx = ptx.find(".maxntid", e);
+        if (mx != std::string::npos && body != std::string::npos && mx < body)
+            m->maxntid[name] = std::atoi(ptx.c_str() + mx + 8);
     }
     *mod = m;
     return OK;
@@ -577,6 +589,8 @@ API CUresult cuModuleGetFunction(void** f, void* mod, const char* name) {
             return E_NOT_FOUND;
         }
         slot.reset(new Func{name, k->second});
+        auto mx = m->maxntid.find(name);
+        if (mx != m->maxntid.end()) slot->max_threads = mx->second;
     }
     *f = slot.get();
     return OK;
@@ -594,7 +608,7 @@ API CUresult cuFuncGetAttribute(int* v, int attr, void* f) {
     LOCK;
     if (!f) return E_INVALID_HANDLE;
     switch (attr) {
-        case 0: *v = 1024; break;                             // max threads per block
+        case 0: *v = ((Func*)f)->max_threads; break;          // max threads per block
         case 4: *v = 64; break;                               // registers
         case 8: *v = ((Func*)f)->max_dyn_smem; break;
         default: *v = 0;

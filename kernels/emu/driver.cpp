@@ -38,7 +38,6 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <set>
 #include <string>
 #include <tuple>
 #include <unordered_map>
@@ -151,22 +150,21 @@ int sm = [] {
 }();
 constexpr size_t CANARY = 256;
 constexpr unsigned char CANARY_BYTE = 0xa5;
-struct Alloc {
-    size_t bytes;
-    bool host;
-};
-std::map<uintptr_t, Alloc> allocs;
+std::map<uintptr_t, size_t> allocs;  // address -> bytes
 std::string last_kernel = "(none)";
 int primary_ctx_tag = 0;
 void* current_ctx = nullptr;
 
+// Fails if the canary after the `bytes`-byte buffer at `p` was overwritten (`when`: where found).
+void check_canary(uintptr_t p, size_t bytes, const std::string& when) {
+    const unsigned char* c = (const unsigned char*)p + bytes;
+    for (size_t i = 0; i < CANARY; i++)
+        if (c[i] != CANARY_BYTE)
+            fail("a write past the end of a " + std::to_string(bytes) + "-byte buffer (found " + when + ")");
+}
+
 void check_canaries(const std::string& after) {
-    for (auto& [p, a] : allocs) {
-        const unsigned char* c = (const unsigned char*)p + a.bytes;
-        for (size_t i = 0; i < CANARY; i++)
-            if (c[i] != CANARY_BYTE)
-                fail("a write past the end of a " + std::to_string(a.bytes) + "-byte buffer (found after " + after + ")");
-    }
+    for (auto& [p, bytes] : allocs) check_canary(p, bytes, "after " + after);
 }
 
 // The allocation holding [p, p + n), or fail.
@@ -175,17 +173,17 @@ void check_range(CUdeviceptr p, size_t n, const char* what) {
     auto it = allocs.upper_bound((uintptr_t)p);
     if (it == allocs.begin()) fail(std::string(what) + ": address outside every allocation");
     --it;
-    if ((uintptr_t)p + n > it->first + it->second.bytes)
+    if ((uintptr_t)p + n > it->first + it->second)
         fail(std::string(what) + ": " + std::to_string(n) + " bytes at offset " + std::to_string((uintptr_t)p - it->first) +
-             " run past the end of a " + std::to_string(it->second.bytes) + "-byte buffer");
+             " run past the end of a " + std::to_string(it->second) + "-byte buffer");
 }
 
-void* alloc(size_t bytes, bool host) {
+void* alloc(size_t bytes) {
     void* p = nullptr;
     if (posix_memalign(&p, 256, bytes + CANARY) != 0) return nullptr;
     std::memset(p, 0xff, bytes);
     std::memset((char*)p + bytes, CANARY_BYTE, CANARY);
-    allocs[(uintptr_t)p] = {bytes, host};
+    allocs[(uintptr_t)p] = bytes;
     return p;
 }
 
@@ -193,9 +191,7 @@ CUresult release(void* p) {
     if (!p) return OK;
     auto it = allocs.find((uintptr_t)p);
     if (it == allocs.end()) return E_INVALID_VALUE;
-    const unsigned char* c = (const unsigned char*)p + it->second.bytes;
-    for (size_t i = 0; i < CANARY; i++)
-        if (c[i] != CANARY_BYTE) fail("a write past the end of a buffer (found at its free, after " + last_kernel + ")");
+    check_canary(it->first, it->second, "at its free, after " + last_kernel);
     allocs.erase(it);
     std::free(p);
     return OK;
@@ -454,7 +450,7 @@ API CUresult cuGetErrorName(CUresult e, const char** s) {
 // ---- memory
 API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     LOCK;
-    void* q = alloc(bytes, false);
+    void* q = alloc(bytes);
     if (!q) return E_OUT_OF_MEMORY;
     *p = (CUdeviceptr)q;
     return OK;
@@ -464,7 +460,7 @@ API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
 // be), and a free inside the capture is left to the graph's end.
 API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void* s) {
     LOCK;
-    void* q = alloc(bytes, false);
+    void* q = alloc(bytes);
     if (!q) return E_OUT_OF_MEMORY;
     *p = (CUdeviceptr)q;
     Stream* st = (Stream*)s;
@@ -490,7 +486,7 @@ API CUresult cuMemFreeAsync(CUdeviceptr p, void* s) {
 }
 API CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
     LOCK;
-    *p = alloc(bytes, true);
+    *p = alloc(bytes);
     return *p ? OK : E_OUT_OF_MEMORY;
 }
 API CUresult cuMemAllocHost_v2(void** p, size_t bytes) { return cuMemHostAlloc(p, bytes, 0); }
@@ -522,8 +518,7 @@ API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, vo
 }
 API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) { return cuMemcpyDtoDAsync_v2(dst, src, n, nullptr); }
 API CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, void* s) {
-    LOCK;
-    return issue(s, [dst, src, n] { std::memmove((void*)dst, (const void*)src, n); });
+    return cuMemcpyDtoDAsync_v2(dst, src, n, s);
 }
 API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void* s) {
     LOCK;

@@ -176,9 +176,8 @@ fn fp8_pass_vs_cpu(dtype: DType, loss_tol: f32, global_tol: f64, tensor_tol: f64
             } else {
                 (global_tol, tensor_tol)
             };
-            let near = |g: f32, c: f32, tol: f32| (g - c).abs() <= tol * c.abs();
-            let tight = near(go.ce_loss, co.ce_loss, loss_tol)
-                && near(go.mtp_loss, co.mtp_loss, loss_tol)
+            let tight = rel(go.ce_loss, co.ce_loss) <= loss_tol
+                && rel(go.mtp_loss, co.mtp_loss) <= loss_tol
                 && (go.balance_loss - co.balance_loss).abs() <= loss_tol * co.balance_loss.abs().max(1e-2)
                 && global <= global_tol
                 && worst.1 <= tensor_tol

@@ -13,7 +13,7 @@ torch and transformers import. The two alternate for --rounds rounds (HF's model
 the ratio is given per round and as their median, since a shared machine's speed drifts by tens of
 percent over minutes.
 
-CUDA (default when torch sees a GPU, or --device cuda; bench-88m, batch 8 x 512): dsv3 runs
+CUDA (default when torch sees a GPU, or --device cuda; bench-88m, batch 8 x 1024: issue 7's shape): dsv3 runs
 `dsv3 bench --train --device cuda --dtype bf16` (f32 master weights and gradients, bf16 activations
 and GEMMs); HF runs the same step with f32 parameters under `torch.autocast(bfloat16)` and
 `torch.optim.AdamW(fused=True)`, eagerly and through `torch.compile`. Tokens/s and MFU (the FLOPs
@@ -113,7 +113,7 @@ def main():
     p.add_argument("--preset", default=None, help="default: bench-4m on CPU, bench-88m on CUDA")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=None, help="default: 256 on CPU, 512 on CUDA")
+    p.add_argument("--seq-len", type=int, default=None, help="default: 256 on CPU, 1024 on CUDA")
     p.add_argument("--steps", type=int, default=None, help="default: 5 on CPU, 10 on CUDA")
     p.add_argument("--rounds", type=int, default=3,
                    help="CPU: alternate dsv3 and HF this many times (a shared machine's speed drifts; "
@@ -121,7 +121,7 @@ def main():
     a = p.parse_args()
     cuda = a.device == "cuda" or (a.device == "auto" and torch_cuda())
     a.preset = a.preset or ("bench-88m" if cuda else "bench-4m")
-    a.seq_len = a.seq_len or (512 if cuda else 256)
+    a.seq_len = a.seq_len or (1024 if cuda else 256)
     a.steps = a.steps or (10 if cuda else 5)
     exe = os.environ.get("DSV3_BIN")  # a prebuilt binary (the GPU machine has no Rust: gpu/bin/dsv3)
     if not exe:

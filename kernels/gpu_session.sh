@@ -146,7 +146,7 @@ bench_decode() {
 
 # training steps (CudaTrainer: pass + AdamW), tokens/s and MFU
 bench_train() {
-  local tr=(gpu/bin/dsv3 bench --model /tmp/m88 --train --device cuda --batch 8 --prompt-len 512 --repeat 5)
+  local tr=(gpu/bin/dsv3 bench --model /tmp/m88 --train --device cuda --batch 8 --prompt-len 1024 --repeat 5)
   for dt in bf16 f32; do
     "${tr[@]}" --dtype "$dt" || echo "training bench ($dt) failed"
   done
@@ -292,6 +292,7 @@ run_next() {
     E=DSV3_TRAIN_GEMM=mma one 60 gpu/bin/k_train_pass --test-threads 1 bf16_pass
     one 60 gpu/bin/k_train_step --test-threads 1
     one 90 gpu/bin/k_train_fp8 --test-threads 1 --nocapture
+    one 30 gpu/bin/k_moe_train --test-threads 1
     one 60 gpu/bin/k_gemm --test-threads 1 --skip mma_gemm_layouts_match_the_reference
     one 60 gpu/bin/k_mla_moe --test-threads 1
     one 60 gpu/bin/k_model --test-threads 1
@@ -310,7 +311,7 @@ run_next() {
     done
   } >"$out/decode.log"
   echo "decode done at $(el)s"
-  local tr=(gpu/bin/dsv3 bench --model /tmp/m88 --train --device cuda --batch 8 --prompt-len 512 --repeat 5)
+  local tr=(gpu/bin/dsv3 bench --model /tmp/m88 --train --device cuda --batch 8 --prompt-len 1024 --repeat 5)
   {
     one 60 "${tr[@]}" --dtype bf16
     E=DSV3_TRAIN_GEMM=mma one 60 "${tr[@]}" --dtype bf16

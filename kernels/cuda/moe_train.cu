@@ -1,6 +1,7 @@
-// DeepSeekMoE training on device: the backward of moe.cu's combine and dispatch, the gradient of
-// the routing weights into the router logits, the balance losses (DeepSeek-V3's complementary
-// sequence-wise loss, or a conventional auxiliary loss) and the auxiliary-loss-free bias update,
+// DeepSeekMoE training on device: the dispatch plan in token order (at the end), the backward of
+// moe.cu's combine and dispatch, the gradient of the routing weights into the router logits, the
+// balance losses (DeepSeek-V3's complementary sequence-wise loss, or a conventional auxiliary
+// loss) and the auxiliary-loss-free bias update,
 // mirroring the CPU oracle (core/src/model/moe.rs: Moe::backward, Router::weights_backward,
 // Router::balance_loss, Router::loads; core/src/train/trainer.rs: update_biases).
 //
@@ -234,4 +235,114 @@ extern "C" __global__ void moe_bias_update(const int* __restrict__ load, int e, 
         float sg = diff > 0.0f ? 1.0f : (diff < 0.0f ? -1.0f : 0.0f);
         bias[j] += gamma * sg;
     }
+}
+
+// ---- the dispatch plan in token order, on device (training): moe.cu's plan (row_offsets,
+// tile_offsets, slot_of, src_row) with each expert's rows in token order, as the CPU's
+// Moe::dispatch lists them (per[e]: by expert, then by token), so the plan is deterministic (the
+// grouped Wgrad sums an expert's rows in a fixed order) and an expert's 128-token FP8 Wgrad tiles
+// hold the tokens the CPU's hold. Also the 128-aligned token segments of the FP8 expert Wgrad
+// (quant_t128_groups / fp8_gemm_kgrouped): t128 = [ro[0..e], seg[0..e]] with seg[x + 1] = seg[x]
+// + ceil(count_x / 128) * 128. Three launches over chunks of MP_CHUNK routed rows:
+//   moe_plan_count   hist[c, x] = rows of chunk c routed to expert x
+//   moe_plan_offsets the offsets, then hist[c, x] = ro[x] + rows routed to x in chunks before c
+//   moe_plan_place   routed row j of chunk c, the r-th of its chunk routed to x, goes to
+//                    hist[c, x] + r; an expert outside [0, e) gets slot -1 (no row)
+#define MP_CHUNK 256
+
+// chunk c's experts in shared memory (-1: none); returns this thread's
+__device__ __forceinline__ int mp_load_chunk(const int* __restrict__ idx, int nk, int e, int* v) {
+    const int j = blockIdx.x * MP_CHUNK + threadIdx.x;
+    int x = j < nk ? idx[j] : -1;
+    if (x < 0 || x >= e) x = -1;
+    v[threadIdx.x] = x;
+    __syncthreads();
+    return x;
+}
+
+// grid: (chunks), block: MP_CHUNK. hist [chunks, e].
+extern "C" __global__ void __launch_bounds__(MP_CHUNK)
+    moe_plan_count(const int* __restrict__ idx, int nk, int e, int* __restrict__ hist) {
+    DSV3_PDL();
+    __shared__ int v[MP_CHUNK];
+    int* h = hist + (long long)blockIdx.x * e;
+    for (int i = threadIdx.x; i < e; i += MP_CHUNK) h[i] = 0;
+    const int x = mp_load_chunk(idx, nk, e, v);  // its barrier orders the zeros before the counts
+    if (x < 0) return;
+    for (int i = threadIdx.x + 1; i < MP_CHUNK; i++)
+        if (v[i] == x) return;  // not the chunk's last row routed to x
+    int r = 1;
+    for (int i = 0; i < threadIdx.x; i++) r += v[i] == x;
+    h[x] = r;
+}
+
+// grid: (1), block: 1024 (a warp per expert, e <= 1024). tile_rows: the grouped GEMM's row tile.
+extern "C" __global__ void __launch_bounds__(1024)
+    moe_plan_offsets(int* __restrict__ hist, int chunks, int e, int tile_rows, int* __restrict__ row_offsets,
+                     int* __restrict__ tile_offsets, int* __restrict__ t128) {
+    DSV3_PDL();
+    __shared__ int cnt[1024];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    if (e > 1024) return;
+    for (int x = warp; x < e; x += warps) {
+        int s = 0;
+        for (int c = lane; c < chunks; c += 32) s += hist[(long long)c * e + x];
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) cnt[x] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int r = 0, tl = 0, sg = 0;
+        for (int x = 0; x < e; x++) {
+            const int c = cnt[x];
+            row_offsets[x] = r;
+            tile_offsets[x] = tl;
+            t128[x] = r;
+            t128[e + 1 + x] = sg;
+            cnt[x] = r;
+            r += c;
+            tl += (c + tile_rows - 1) / tile_rows;
+            sg += (c + 127) / 128 * 128;
+        }
+        row_offsets[e] = r;
+        tile_offsets[e] = tl;
+        t128[e] = r;
+        t128[2 * e + 1] = sg;
+    }
+    __syncthreads();
+    // exclusive scan over the chunks, 32 at a time, from the expert's first row
+    for (int x = warp; x < e; x += warps) {
+        int base = cnt[x];
+        for (int c0 = 0; c0 < chunks; c0 += 32) {
+            const int c = c0 + lane;
+            const int h = c < chunks ? hist[(long long)c * e + x] : 0;
+            int inc = h;
+            for (int o = 1; o < 32; o <<= 1) {
+                const int t = __shfl_up_sync(0xffffffffu, inc, o);
+                if (lane >= o) inc += t;
+            }
+            if (c < chunks) hist[(long long)c * e + x] = base + inc - h;
+            base += __shfl_sync(0xffffffffu, inc, 31);
+        }
+    }
+}
+
+// grid: (chunks), block: MP_CHUNK. k: routed rows per token (row j is token j / k's).
+extern "C" __global__ void __launch_bounds__(MP_CHUNK)
+    moe_plan_place(const int* __restrict__ idx, int nk, int k, int e, const int* __restrict__ hist,
+                   int* __restrict__ slot_of, int* __restrict__ src_row) {
+    DSV3_PDL();
+    __shared__ int v[MP_CHUNK];
+    const int x = mp_load_chunk(idx, nk, e, v);
+    const int j = blockIdx.x * MP_CHUNK + threadIdx.x;
+    if (j >= nk) return;
+    if (x < 0) {
+        slot_of[j] = -1;
+        return;
+    }
+    int r = 0;
+    for (int i = 0; i < threadIdx.x; i++) r += v[i] == x;
+    const int pos = hist[(long long)blockIdx.x * e + x] + r;
+    slot_of[j] = pos;
+    src_row[pos] = j / k;
 }

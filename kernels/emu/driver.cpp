@@ -230,6 +230,22 @@ struct CoverageAtExit {
         }
     }
 } coverage_at_exit;
+// Driver and cuBLAS calls per entry point (counted where the entry point takes the lock). With
+// DSV3_EMU_PROFILE=FILE each process appends "launch NAME N" (kernels run, graph replays
+// included) and "call NAME N" lines to FILE at exit: the host round trips (cuStreamSynchronize,
+// cuMemcpyDtoHAsync_v2), allocations and launches of a run, where no profiler is at hand.
+std::map<std::string, long long> api_calls;
+struct ProfileAtExit {
+    ~ProfileAtExit() {
+        const char* f = std::getenv("DSV3_EMU_PROFILE");
+        if (!f || !*f) return;
+        if (FILE* o = std::fopen(f, "a")) {
+            for (auto& [k, n] : launches) std::fprintf(o, "launch %s %lld\n", k.c_str(), n);
+            for (auto& [k, n] : api_calls) std::fprintf(o, "call %s %lld\n", k.c_str(), n);
+            std::fclose(o);
+        }
+    }
+} profile_at_exit;
 
 void run_grid(const std::string& name, const Op& body, emu_dim3 grid, unsigned threads, size_t smem) {
     last_kernel = name;
@@ -325,7 +341,9 @@ int attribute(int a) {
 
 using namespace drv;
 #define API extern "C" __attribute__((visibility("default")))
-#define LOCK std::lock_guard<std::recursive_mutex> lock_(mu)
+#define LOCK                                     \
+    std::lock_guard<std::recursive_mutex> lock_(mu); \
+    api_calls[__func__]++
 #define NEED_INIT \
     if (!inited) return E_NOT_INITIALIZED
 

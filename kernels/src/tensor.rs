@@ -41,6 +41,31 @@ pub fn download<T: DeviceRepr + Default + Clone>(dev: &Device, s: &CudaSlice<T>)
     dev.stream.clone_dtoh(s).map_err(|e| cuda_err("download", e))
 }
 
+/// Downloads every buffer of `bufs` with one host round trip: device-to-device copies into one
+/// staging buffer, then one download (the training pass's per-step scalars: one wait for the
+/// stream instead of one per buffer).
+pub fn download_all<T: DeviceRepr + Default + Clone>(dev: &Device, bufs: &[&CudaSlice<T>]) -> Result<Vec<Vec<T>>> {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    if total == 0 {
+        return Ok(bufs.iter().map(|_| Vec::new()).collect());
+    }
+    let mut stage = empty::<T>(dev, total)?;
+    let mut at = 0;
+    for b in bufs {
+        let n = b.len();
+        dev.stream.memcpy_dtod(*b, &mut stage.slice_mut(at..at + n)).map_err(|e| cuda_err("gathering downloads", e))?;
+        at += n;
+    }
+    let host = download(dev, &stage)?;
+    let mut out = Vec::with_capacity(bufs.len());
+    let mut at = 0;
+    for b in bufs {
+        out.push(host[at..at + b.len()].to_vec());
+        at += b.len();
+    }
+    Ok(out)
+}
+
 /// `n` zeroed elements.
 pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(dev: &Device, n: usize) -> Result<CudaSlice<T>> {
     dev.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| cuda_err(&format!("allocating {n} elements"), e))

@@ -961,6 +961,7 @@ fn train_products_on_cublas_match_the_reference() {
         tile_offsets: &to_d,
         max_tiles: rows.div_ceil(GEMM_BM) + g,
         host: Some(&ro),
+        t128: None,
         groups: g,
     };
     let (d_in, d_out) = (72usize, 136usize);

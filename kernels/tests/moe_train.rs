@@ -7,6 +7,7 @@ use dsv3_core::config::{ScoringFunc, TopkMethod};
 use dsv3_core::model::moe::Router;
 use dsv3_core::ops::softmax::{softmax_backward_inplace, softmax_inplace};
 use dsv3_core::rng::Rng;
+use dsv3_kernels::ops::fp8::t128_segments;
 use dsv3_kernels::ops::moe::{self, Plan, RouteCfg};
 use dsv3_kernels::ops::{moe_train, train};
 use dsv3_kernels::tensor::{download, upload};
@@ -213,5 +214,58 @@ fn causal_attention_softmax_and_backward_match_core() {
                 assert_close(&ds[o..o + t], &d, 1e-6, 1e-4, &format!("dS m{m} row {i} (t {t})"));
             }
         }
+    }
+}
+
+/// The training pass's dispatch plan on the device (`moe_train::plan_token_order`) is the host's
+/// token-order plan exactly (every offset, slot and source row: each expert's rows in token
+/// order) with `t128` = the offsets and `t128_segments` of them: one token, ragged chunk counts,
+/// more than a chunk's rows on one expert (skewed routing), empty experts, routed rows with no
+/// valid expert (slot −1), top-1 and 256 experts; outputs poisoned before.
+#[test]
+fn token_order_plan_on_device_matches_the_host() {
+    let Some(dev) = device("token_order_plan_on_device_matches_the_host") else { return };
+    let mut rng = Rng::new(31);
+    for (n, k, e, skew, invalid) in [
+        (1usize, 1usize, 1usize, false, false),
+        (29, 4, 16, false, true),
+        (300, 2, 5, true, false),
+        (700, 8, 256, false, true),
+        (1030, 6, 64, true, true),
+        (2048, 4, 16, false, false),
+    ] {
+        let mut idx = Vec::with_capacity(n * k);
+        for _ in 0..n {
+            let mut chosen: Vec<i32> = Vec::new();
+            while chosen.len() < k.min(e) {
+                // skewed: expert 0 on most tokens (runs of > 256 rows of one expert)
+                let x = if skew && !chosen.contains(&0) && rng.below(8) != 0 { 0 } else { rng.below(e as u64) as i32 };
+                if !chosen.contains(&x) {
+                    chosen.push(x);
+                }
+            }
+            chosen.resize(k, -1);
+            if invalid && rng.below(9) == 0 {
+                chosen[rng.below(k as u64) as usize] = if rng.below(2) == 0 { -1 } else { e as i32 };
+            }
+            idx.extend(chosen);
+        }
+        let nk = n * k;
+        let (ro, to, slot_of, src_row) = moe_train::token_order_plan_host(&idx, k, e);
+        let poison = |len: usize| upload(&dev, &vec![i32::MIN; len]).unwrap();
+        let mut plan =
+            Plan { row_offsets: poison(e + 1), tile_offsets: poison(e + 1), slot_of: poison(nk), src_row: poison(nk) };
+        let mut t128 = poison(2 * e + 2);
+        let didx = upload(&dev, &idx).unwrap();
+        moe_train::plan_token_order(&dev, &didx, n, k, e, &mut plan, &mut t128).unwrap();
+        let what = format!("n {n} k {k} e {e} skew {skew} invalid {invalid}");
+        assert_eq!(download(&dev, &plan.row_offsets).unwrap(), ro, "{what}: row offsets");
+        assert_eq!(download(&dev, &plan.tile_offsets).unwrap(), to, "{what}: tile offsets");
+        assert_eq!(download(&dev, &plan.slot_of).unwrap(), slot_of, "{what}: slots");
+        let rows = ro[e] as usize;
+        assert_eq!(download(&dev, &plan.src_row).unwrap()[..rows], src_row[..rows], "{what}: source rows");
+        let mut want = ro.clone();
+        want.extend(t128_segments(&ro).unwrap().iter().map(|&s| s as i32));
+        assert_eq!(download(&dev, &t128).unwrap(), want, "{what}: t128");
     }
 }

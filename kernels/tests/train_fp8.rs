@@ -21,7 +21,9 @@ use dsv3_core::model::train::PassOptions;
 use dsv3_core::model::{LoadOptions, Model};
 use dsv3_core::rng::Rng;
 use dsv3_core::train::{AdamW, LrSchedule, MicroBatch, TrainConfig, Trainer};
-use dsv3_kernels::train::fp8::fp8_expert_wgrad;
+use dsv3_kernels::ops::fp8::t128_segments;
+use dsv3_kernels::tensor::upload;
+use dsv3_kernels::train::fp8::{fp8_expert_wgrad, ExpertRows};
 use dsv3_kernels::train::mm::{dims, rd, Wr};
 use dsv3_kernels::train::{CudaTrainModel, CudaTrainer, TrainOptions};
 use dsv3_kernels::{Act, DType};
@@ -331,9 +333,11 @@ fn fp8_and_bf16_training_losses_stay_close() {
     assert!(bf[4..].iter().sum::<f32>() < bf[..4].iter().sum::<f32>(), "bf16 loss does not fall: {bf:?}");
 }
 
-/// The FP8 expert Wgrad's two forms (`fp8_expert_wgrad`: every expert's operands quantized in one
-/// `quant_t128_groups` launch each, then a GEMM per expert over its segment; or `quant_t128` per
-/// expert, which `DSV3_FP8_WGRAD_BATCH=0` keeps in the pass) give the same gradients bit for bit
+/// The FP8 expert Wgrad's forms (`fp8_expert_wgrad`: every expert's operands quantized in one
+/// `quant_t128_groups` launch each, then one K-grouped GEMM on sm_90a, else a GEMM per expert over
+/// its segment; or `quant_t128` per expert, which `DSV3_FP8_WGRAD_BATCH=0` keeps in the pass),
+/// from host row offsets or from the training pass's device table (`ExpertRows::Device`: on
+/// sm_90a nothing read back, operands sized by an upper bound) give the same gradients bit for bit
 /// (the GEMMs read the same operand bits), f32 and bf16 activations, accumulating or not, with
 /// empty experts (their gradients and the gaps between experts untouched), ragged counts, strided
 /// rows and routed rows past the last expert's.
@@ -360,18 +364,30 @@ fn fp8_expert_wgrad_batched_equals_per_expert() {
             let dy = Act::from_f32(&dev, dtype, &randn(&mut rng, t * ldy)).unwrap();
             let x = Act::from_f32(&dev, dtype, &randn(&mut rng, t * ldx)).unwrap();
             let prev = randn(&mut rng, off + g * st);
-            let run = |batched: bool| -> Vec<f32> {
+            // the device table of the training pass (moe_train::plan_token_order's t128)
+            let mut table = ro.clone();
+            table.extend(t128_segments(&ro).unwrap().iter().map(|&s| s as i32));
+            let table = upload(&dev, &table).unwrap();
+            let run = |rows: ExpertRows, batched: bool| -> Vec<f32> {
                 let mut c = Act::from_f32(&dev, DType::F32, &prev).unwrap();
                 let cw = Wr { buf: &mut c, off, ld: inp, st };
                 let d = dims(out, inp, t).acc(acc);
-                fp8_expert_wgrad(&dev, d, rd(&dy, 0, ldy), rd(&x, 0, ldx), cw, &ro, batched).unwrap();
+                fp8_expert_wgrad(&dev, d, rd(&dy, 0, ldy), rd(&x, 0, ldx), cw, rows, batched).unwrap();
                 c.to_f32(&dev).unwrap()
             };
-            let (got, want) = (run(true), run(false));
+            let want = run(ExpertRows::Host(&ro), false);
             let what = format!("{dtype:?} {counts:?} [{out}, {inp}] acc {acc}");
-            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(a.to_bits(), b.to_bits(), "{what}: element {i}: batched {a:e}, per expert {b:e}");
+            let on_device = ExpertRows::Device { t128: &table, groups: g };
+            for (form, got) in [("batched", run(ExpertRows::Host(&ro), true)), ("device table", run(on_device, true))] {
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{what}: element {i}: {form} {a:e}, per expert {b:e}");
+                }
             }
+            let got = run(on_device, false);
+            assert!(
+                got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{what}: per expert from the table"
+            );
             let mut changed = vec![0usize; g];
             for (i, (&a, &p)) in got.iter().zip(&prev).enumerate() {
                 let e = i.saturating_sub(off) / st;

@@ -531,21 +531,51 @@ pub fn quant_t128_groups(
     if total == 0 || cols == 0 {
         return Ok(());
     }
-    x.check((ro[g] as usize - 1) * ldx + cols, "quant_t128_groups x")?;
-    if ldx < cols {
-        return Err(Error::Input(format!("quant_t128_groups: ldx {ldx} < cols {cols}")));
-    }
-    out.check(cols, total, "quant_t128_groups (transposed output)")?;
     let mut table = ro.to_vec();
     for &s in &seg {
         table.push(int(s, "quant_t128_groups segment")?);
     }
     let table = crate::tensor::upload(dev, &table)?;
+    quant_t128_groups_table(dev, x, ldx, &table, g, ro[g] as usize, total, cols, out, pow2)
+}
+
+/// [`quant_t128_groups`] from the table `t128` on the device (`[2G + 2]`: the row offsets, then
+/// the segments, as `ops::moe_train::plan_token_order` writes it; nothing read back): `rows`
+/// bounds the offsets (x holds `rows` rows) and `total` the segments (`out` holds `total` token
+/// columns); the launch covers `total / 128` token blocks, those past the table's last segment
+/// exit.
+#[allow(clippy::too_many_arguments)]
+pub fn quant_t128_groups_table(
+    dev: &Device,
+    x: &Act,
+    ldx: usize,
+    t128: &cudarc::driver::CudaSlice<i32>,
+    groups: usize,
+    rows: usize,
+    total: usize,
+    cols: usize,
+    out: Fp8Out,
+    pow2: bool,
+) -> Result<()> {
+    if total == 0 || cols == 0 || rows == 0 {
+        return Ok(());
+    }
+    if groups == 0 || t128.len() < 2 * groups + 2 || !total.is_multiple_of(128) {
+        return Err(Error::Input(format!(
+            "quant_t128_groups: {groups} groups, a table of {} (2G + 2), {total} token columns (a multiple of 128)",
+            t128.len()
+        )));
+    }
+    x.check((rows - 1) * ldx + cols, "quant_t128_groups x")?;
+    if ldx < cols {
+        return Err(Error::Input(format!("quant_t128_groups: ldx {ldx} < cols {cols}")));
+    }
+    out.check(cols, total, "quant_t128_groups (transposed output)")?;
     let k = quant_kernel(x, "quant_t128_groups_f32", "quant_t128_groups_bf16");
     let mut args = out.lead_args(dev, x, ldx)?;
     args.extend([
-        KArg::Ptr(dptr(dev, &table, 0)?),
-        KArg::I32(int(g, "groups")?),
+        KArg::Ptr(dptr(dev, t128, 0)?),
+        KArg::I32(int(groups, "groups")?),
         KArg::I32(int(cols, "cols")?),
         KArg::I32(pow2 as i32),
     ]);

@@ -166,43 +166,58 @@ pub(crate) fn launch_tma(
     )
 }
 
+/// The K segments of [`fp8_gemm_kgrouped`]: `groups + 1` offsets (multiples of 128,
+/// non-decreasing, the last within the GEMM's `k`) on the device at `dev[off..]`, and the same
+/// values on the host where the caller has them (then checked here). Without them the kernel
+/// trusts the device table (`ops::moe_train::plan_token_order` builds it so); a wrong one can
+/// make wrong products but no access outside the operands (TMA fills past `k` with zeros) or D.
+pub struct KSegments<'a> {
+    pub dev: &'a cudarc::driver::CudaSlice<i32>,
+    pub off: usize,
+    pub groups: usize,
+    pub host: Option<&'a [usize]>,
+}
+
 /// The K-grouped FP8 GEMM (sm_90a, `fp8_gemm_tma_*` with `k_seg`; the MoE expert Wgrad in one
-/// launch): `g` spans all groups along K (`g.k` = the segments' total, operands 1x128 along K,
-/// `g.groups == 1`, not grouped by rows), group `e` multiplies the 128-K groups
+/// launch): `g` spans all groups along K (`g.k` = the segments' total or more, operands 1x128
+/// along K, `g.groups == 1`, not grouped by rows), group `e` multiplies the 128-K groups
 /// `[k_seg[e]/128, k_seg[e+1]/128)` into `D + e·stride_d` (`d` covers all `kgroups` outputs);
-/// an empty group leaves its D untouched. `k_seg` (device, `[kgroups + 1]`, multiples of 128)
-/// must match `seg` (the same values on the host, checked here). Errors where it cannot run
-/// (not sm_90a, TMA's 16-byte rules); the caller falls back to one `fp8_gemm` per group.
+/// an empty group leaves its D untouched. Errors where it cannot run (not sm_90a, TMA's 16-byte
+/// rules); the caller falls back to one `fp8_gemm` per group.
 pub fn fp8_gemm_kgrouped(
     dev: &Device,
     g: &Fp8Gemm,
     d: &mut crate::tensor::Act,
-    k_seg: &cudarc::driver::CudaSlice<i32>,
-    seg: &[usize],
+    segs: KSegments,
     stride_d: usize,
 ) -> Result<()> {
-    let kgroups = seg.len().saturating_sub(1);
+    let kgroups = segs.groups;
+    let k_seg = segs.dev;
     if g.m == 0 || g.n == 0 {
         return Ok(());
     }
     if dev.arch != crate::ptx::Arch::Sm90a {
         return Err(dsv3_core::Error::Unsupported("fp8_gemm_kgrouped: needs sm_90a (H100/H200)".into()));
     }
+    let host_ok = |seg: &[usize]| {
+        seg.len() == kgroups + 1
+            && seg.iter().all(|s| s % 128 == 0)
+            && seg.windows(2).all(|w| w[1] >= w[0])
+            && seg[kgroups] <= g.k
+    };
     if kgroups == 0
-        || k_seg.len() < kgroups + 1
+        || k_seg.len() < segs.off + kgroups + 1
         || g.grouped.is_some()
         || g.groups != 1
-        || seg.iter().any(|s| s % 128 != 0)
-        || seg.windows(2).any(|w| w[1] < w[0])
-        || seg[kgroups] > g.k
+        || segs.host.is_some_and(|seg| !host_ok(seg))
         || (kgroups > 1 && stride_d < (g.m - 1) * g.ldd + g.n)
     {
         return Err(dsv3_core::Error::Input(format!(
-            "fp8_gemm_kgrouped: {kgroups} groups, segments {seg:?} (multiples of 128 within k = {}), stride_d {stride_d}",
-            g.k
+            "fp8_gemm_kgrouped: {kgroups} groups, segments {:?} (multiples of 128 within k = {}), stride_d {stride_d}",
+            segs.host, g.k
         )));
     }
-    if seg[kgroups] == 0 {
+    if segs.host.is_some_and(|seg| seg[kgroups] == 0) || g.k == 0 {
         return Ok(());
     }
     // every group's output inside d; the rest is fp8_gemm's validation of the whole-K call
@@ -225,7 +240,7 @@ pub fn fp8_gemm_kgrouped(
         tb,
         p,
         work: 0,
-        k_seg: dptr(dev, k_seg, 0)?,
+        k_seg: dptr(dev, k_seg, segs.off)?,
         stride_d: stride_d as i64,
         splits: 1,
         kgroups: int(kgroups, "kgroups")?,

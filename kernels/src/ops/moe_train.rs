@@ -1,6 +1,7 @@
-//! DeepSeekMoE training on device (`kernels/cuda/moe_train.cu`): the backward of the combine and
-//! dispatch ([`super::moe`]), the routing weights' gradient into the router logits, the balance
-//! losses and the auxiliary-loss-free bias update, mirroring `dsv3_core::model::moe`
+//! DeepSeekMoE training on device (`kernels/cuda/moe_train.cu`): the dispatch plan in token order
+//! ([`plan_token_order`]), the backward of the combine and dispatch ([`super::moe`]), the routing
+//! weights' gradient into the router logits, the balance losses and the auxiliary-loss-free bias
+//! update, mirroring `dsv3_core::model::moe`
 //! (`Moe::backward`, `Router::weights_backward`, `Router::balance_loss`, `Router::loads`) and the
 //! trainer's bias rule `b_i += γ·sign(mean load − load_i)`.
 use super::moe::{Plan, RouteCfg, MOE_EMAX, MOE_KMAX};
@@ -301,6 +302,116 @@ pub fn balance_loss(
     Ok(terms.iter().fold(0f32, |a, &b| a + b) / groups as f32)
 }
 
+/// Rows per chunk of the token-order plan's kernels (`MP_CHUNK` in moe_train.cu).
+const PLAN_CHUNK: usize = 256;
+
+/// The dispatch plan of the `n·k` routed rows `idx` (`[n, k]`, device) in token order, on the
+/// device (three launches, no host round trip): [`super::moe::plan`]'s layout with each expert's
+/// rows in the order of core's `Moe::dispatch` (`per[e]`: by expert, then by token) where `plan`
+/// leaves that order arbitrary. So the grouped products that sum over an expert's rows (the
+/// Wgrad) sum them in a fixed order, and the FP8 expert Wgrad's 128-token tiles hold the tokens
+/// core's hold. Also writes `t128` (`[2e + 2]`): the row offsets, then the 128-aligned token
+/// segments of the FP8 expert Wgrad (`seg[0] = 0`, `seg[x + 1] = seg[x] + ceil(count_x / 128)·128`,
+/// as `ops::fp8::t128_segments` of the offsets), the table `quant_t128_groups` and
+/// `fp8_gemm_kgrouped` read. A routed row whose expert is outside `[0, e)` gets slot −1.
+pub fn plan_token_order(
+    dev: &Device,
+    idx: &CudaSlice<i32>,
+    n: usize,
+    k: usize,
+    e: usize,
+    plan: &mut Plan,
+    t128: &mut CudaSlice<i32>,
+) -> Result<()> {
+    let nk = n * k;
+    if e == 0 || e > 1024 || idx.len() < nk || plan.slot_of.len() < nk || plan.src_row.len() < nk {
+        return Err(Error::Input(format!("moe token-order plan: {e} experts (<= 1024), {nk} routed rows")));
+    }
+    if plan.row_offsets.len() < e + 1 || plan.tile_offsets.len() < e + 1 || t128.len() < 2 * e + 2 {
+        return Err(Error::Input("moe token-order plan: offsets need e + 1 entries, t128 2e + 2".into()));
+    }
+    let chunks = nk.div_ceil(PLAN_CHUNK);
+    // chunk by expert counts, then the chunks' first positions (every entry written by the count)
+    let hist = crate::tensor::empty::<i32>(dev, (chunks * e).max(1))?;
+    let (nk_i, e_i, chunks_i) = (int(nk, "routed rows")?, int(e, "experts")?, int(chunks, "plan chunks")?);
+    if chunks > 0 {
+        launch(
+            dev,
+            "moe_train",
+            "moe_plan_count",
+            (dim(chunks, "plan chunks")?, 1, 1),
+            PLAN_CHUNK as u32,
+            &[KArg::Ptr(dptr(dev, idx, 0)?), KArg::I32(nk_i), KArg::I32(e_i), KArg::Ptr(dptr(dev, &hist, 0)?)],
+        )?;
+    }
+    launch(
+        dev,
+        "moe_train",
+        "moe_plan_offsets",
+        (1, 1, 1),
+        1024,
+        &[
+            KArg::Ptr(dptr(dev, &hist, 0)?),
+            KArg::I32(chunks_i),
+            KArg::I32(e_i),
+            KArg::I32(int(super::gemm::GEMM_BM, "tile rows")?),
+            KArg::Ptr(dptr(dev, &plan.row_offsets, 0)?),
+            KArg::Ptr(dptr(dev, &plan.tile_offsets, 0)?),
+            KArg::Ptr(dptr(dev, t128, 0)?),
+        ],
+    )?;
+    if chunks == 0 {
+        return Ok(());
+    }
+    launch(
+        dev,
+        "moe_train",
+        "moe_plan_place",
+        (dim(chunks, "plan chunks")?, 1, 1),
+        PLAN_CHUNK as u32,
+        &[
+            KArg::Ptr(dptr(dev, idx, 0)?),
+            KArg::I32(nk_i),
+            KArg::I32(int(k, "top-k")?),
+            KArg::I32(e_i),
+            KArg::Ptr(dptr(dev, &hist, 0)?),
+            KArg::Ptr(dptr(dev, &plan.slot_of, 0)?),
+            KArg::Ptr(dptr(dev, &plan.src_row, 0)?),
+        ],
+    )
+}
+
+/// [`plan_token_order`] on the host (its reference in the tests): the routed rows in core's order (`Moe::dispatch`'s `per[e]`: by expert, then by token), as
+/// `moe_plan` lays them out: `row_offsets` and `tile_offsets` (`GEMM_BM`-row tiles) `[e + 1]`,
+/// `slot_of[j]` (permuted position of routed row `j = t·k + q`, −1 for an invalid expert) and
+/// `src_row[pos]` (its token). `idx` is `[n·k]`.
+pub fn token_order_plan_host(idx: &[i32], k: usize, e: usize) -> (Vec<i32>, Vec<i32>, Vec<i32>, Vec<i32>) {
+    let nk = idx.len();
+    let mut cnt = vec![0usize; e];
+    for &x in idx {
+        if x >= 0 && (x as usize) < e {
+            cnt[x as usize] += 1;
+        }
+    }
+    let (mut ro, mut to) = (vec![0i32; e + 1], vec![0i32; e + 1]);
+    for i in 0..e {
+        ro[i + 1] = ro[i] + cnt[i] as i32;
+        to[i + 1] = to[i] + cnt[i].div_ceil(super::gemm::GEMM_BM) as i32;
+    }
+    let mut fill: Vec<i32> = ro[..e].to_vec();
+    let mut slot_of = vec![-1i32; nk];
+    let mut src_row = vec![0i32; nk];
+    for (j, &x) in idx.iter().enumerate() {
+        if x >= 0 && (x as usize) < e {
+            let pos = fill[x as usize];
+            fill[x as usize] += 1;
+            slot_of[j] = pos;
+            src_row[pos as usize] = (j / k) as i32;
+        }
+    }
+    (ro, to, slot_of, src_row)
+}
+
 /// Tokens routed to each expert over all `n` rows of `idx` (`[n, k]`): `load` `[E]` on the device.
 pub fn expert_loads(dev: &Device, idx: &CudaSlice<i32>, n: usize, e: usize, k: usize) -> Result<CudaSlice<i32>> {
     let spans = Spans::new(dev, &[n])?;
@@ -332,4 +443,56 @@ pub fn bias_update(dev: &Device, load: &CudaSlice<i32>, e: usize, gamma: f32, bi
             KArg::Ptr(dptr(dev, bias, 0)?),
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gemm::GEMM_BM;
+    use dsv3_core::rng::Rng;
+
+    #[test]
+    fn token_order_plan_is_cores_dispatch_order() {
+        let mut rng = Rng::new(3);
+        for (n, k, e) in [(1usize, 1usize, 1usize), (37, 2, 5), (300, 4, 3), (70, 6, 16)] {
+            // distinct experts per token, as the router picks them; one invalid entry
+            let mut idx = Vec::with_capacity(n * k);
+            for _ in 0..n {
+                let mut chosen: Vec<i32> = Vec::new();
+                while chosen.len() < k.min(e) {
+                    let x = rng.below(e as u64) as i32;
+                    if !chosen.contains(&x) {
+                        chosen.push(x);
+                    }
+                }
+                chosen.resize(k, -1);
+                idx.extend(chosen);
+            }
+            let (ro, to, slot_of, src_row) = token_order_plan_host(&idx, k, e);
+            // core: per[e] = the tokens routed to e, in token order
+            let mut per: Vec<Vec<i32>> = vec![Vec::new(); e];
+            for (j, &x) in idx.iter().enumerate() {
+                if x >= 0 {
+                    per[x as usize].push((j / k) as i32);
+                }
+            }
+            let mut tile = 0;
+            for x in 0..e {
+                assert_eq!(ro[x + 1] - ro[x], per[x].len() as i32);
+                assert_eq!(&src_row[ro[x] as usize..ro[x + 1] as usize], &per[x][..]);
+                assert_eq!(to[x], tile);
+                tile += per[x].len().div_ceil(GEMM_BM) as i32;
+            }
+            assert_eq!(to[e], tile);
+            for (j, &x) in idx.iter().enumerate() {
+                if x < 0 {
+                    assert_eq!(slot_of[j], -1);
+                } else {
+                    let p = slot_of[j] as usize;
+                    assert!(p >= ro[x as usize] as usize && p < ro[x as usize + 1] as usize);
+                    assert_eq!(src_row[p], (j / k) as i32);
+                }
+            }
+        }
+    }
 }

@@ -264,6 +264,8 @@ struct MoeSaved {
     idx: CudaSlice<i32>,
     w: CudaSlice<f32>,
     plan: Plan,
+    /// The plan's row offsets and FP8 Wgrad segments (`moe_train::plan_token_order`).
+    t128: CudaSlice<i32>,
     host_ro: Option<Vec<i32>>,
     xe: Act,
     e: MlpSaved,
@@ -639,22 +641,17 @@ impl Cx<'_> {
         let mut w = empty::<f32>(self.dev, nk)?;
         let bias = m.bias.map(|b| &self.biases[b]);
         moe::route(self.dev, f32_of(&logits)?, n, bias, &m.cfg, &mut idx, &mut w)?;
+        // each expert's rows in token order (core's dispatch order: a fixed order for the Wgrad
+        // sums, the FP8 Wgrad's 128-token tiles as core's), built on the device
         let mut plan = Plan::new(self.dev, e, nk)?;
-        let host_ro = if self.fp8.is_some() {
-            // FP8: core's row order per expert (the Wgrad's 128-token tiles), host offsets
-            Some(super::fp8::plan_in_token_order(self.dev, &idx, nk, k, e, &mut plan)?)
-        } else {
-            moe::plan(self.dev, &idx, n, k, e, &mut plan)?;
-            // f32 mode's cuBLAS products loop over the experts on the host; bf16 mode keeps the
-            // experts on the grouped mma kernels (one launch, device offsets, no sync) also where
-            // its dense products run on cuBLAS: one cuBLAS call per expert and product would cost
-            // more in launches than it saves at these per-expert sizes (88M: ~1k rows x 512 x 256)
-            if self.dt == DType::F32 {
-                Some(download(self.dev, &plan.row_offsets)?)
-            } else {
-                None
-            }
-        };
+        let mut t128 = empty::<i32>(self.dev, 2 * e + 2)?;
+        moe_train::plan_token_order(self.dev, &idx, n, k, e, &mut plan, &mut t128)?;
+        // f32 mode's cuBLAS products loop over the experts on the host; bf16 mode keeps the
+        // experts on the grouped mma kernels (one launch, device offsets, no sync) also where its
+        // dense products run on cuBLAS: one cuBLAS call per expert and product would cost more in
+        // launches than it saves at these per-expert sizes (88M: ~1k rows x 512 x 256); the FP8
+        // expert products read the device offsets and `t128`
+        let host_ro = if self.dt == DType::F32 { Some(download(self.dev, &plan.row_offsets)?) } else { None };
         let mut xe = self.act(nk * d)?;
         gather::gather_rows(self.dev, h2, n, d, &plan.src_row, nk, d, &mut xe, d)?;
         let gr = Groups {
@@ -662,6 +659,7 @@ impl Cx<'_> {
             tile_offsets: &plan.tile_offsets,
             max_tiles: Plan::max_tiles(nk, e),
             host: host_ro.as_deref(),
+            t128: Some(&t128),
             groups: e,
         };
         let (ex, st) = (&m.experts, m.experts.stride);
@@ -682,7 +680,7 @@ impl Cx<'_> {
             None => (None, None),
         };
         moe::combine(self.dev, &ye, &plan, &idx, &w, sh.as_ref(), out, n, k, d)?;
-        Ok(MoeSaved { logits, idx, w, plan, host_ro, xe, e: MlpSaved { gu, a }, ye, shared })
+        Ok(MoeSaved { logits, idx, w, plan, t128, host_ro, xe, e: MlpSaved { gu, a }, ye, shared })
     }
 
     /// MoE backward: from `dy` (the layer output's gradient) writes `dh2`.
@@ -711,6 +709,7 @@ impl Cx<'_> {
             tile_offsets: &s.plan.tile_offsets,
             max_tiles: Plan::max_tiles(nk, e),
             host: s.host_ro.as_deref(),
+            t128: Some(&s.t128),
             groups: e,
         };
         let (ex, st) = (&m.experts, m.experts.stride);

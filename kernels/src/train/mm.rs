@@ -155,12 +155,14 @@ impl Dims {
     }
 }
 
-/// Expert groups of a grouped product: device offsets (bf16 mode) and their host copy (f32 mode).
+/// Expert groups of a grouped product: device offsets, their host copy (f32 mode) and the FP8
+/// expert Wgrad's table (`ops::moe_train::plan_token_order`'s `t128`).
 pub struct Groups<'a> {
     pub row_offsets: &'a CudaSlice<i32>,
     pub tile_offsets: &'a CudaSlice<i32>,
     pub max_tiles: usize,
     pub host: Option<&'a [i32]>,
+    pub t128: Option<&'a CudaSlice<i32>>,
     pub groups: usize,
 }
 

@@ -27,7 +27,7 @@ use crate::device::{cuda_err, Device};
 use crate::ops::gemm::Layout::{NN, NT, TN};
 use crate::ops::moe_train::Spans;
 use crate::ops::{elementwise, gather, norm, train as tk};
-use crate::tensor::{download, upload, Act, DType};
+use crate::tensor::{download, download_all, upload, Act, DType};
 use cudarc::driver::CudaSlice;
 use dsv3_core::model::block::Ffn;
 use dsv3_core::model::linear::Precision;
@@ -422,50 +422,55 @@ impl CudaTrainModel {
             let mut gv = View::of(dev, f32_of(&self.grad)?, self.embed, v * d)?;
             tk::embedding_backward(dev, &tokens, &dres, d, &mut gv, v, d, n)?;
         }
-        // the scalars, downloaded once
-        let rl = download(dev, &row_loss)?;
+        // the scalars, downloaded together (one wait for the stream): the row losses, the MTP
+        // depths' row losses and balance terms, the layers' balance terms, then the loads
+        let mtp_ce: &[(CudaSlice<f32>, usize, f32)] = mtp_out.as_ref().map_or(&[], |mo| &mo.ce);
+        let mtp_bal: &[BalanceTerms] = mtp_out.as_ref().map_or(&[], |mo| &mo.bal);
+        let mut f32_bufs: Vec<&CudaSlice<f32>> = vec![&row_loss];
+        f32_bufs.extend(mtp_ce.iter().map(|(rl, _, _)| rl));
+        for terms in mtp_bal.iter().chain(&bal) {
+            f32_bufs.extend(terms.iter().map(|(buf, _)| buf));
+        }
+        let mut host = download_all(dev, &f32_bufs)?.into_iter();
+        let mut next = || host.next().ok_or_else(|| Error::Input("GPU training: downloaded scalars".into()));
+        let rl = next()?;
         let mut loss = 0f64;
         for &t in &rl {
             loss += t as f64;
         }
         let ce_loss = if counted == 0.0 { 0.0 } else { (loss / counted as f64) as f32 };
-        let sum_terms = |terms: &BalanceTerms| -> Result<f32> {
+        let mut mtp_loss = 0f32;
+        // deepest depth first, as core adds them
+        for (_, count, w) in mtp_ce {
+            let t = next()?;
+            let ce = (t.iter().fold(0f64, |a, &b| a + b as f64) / *count as f64) as f32;
+            mtp_loss += w * ce;
+        }
+        let mut sum_terms = |terms: &BalanceTerms| -> Result<f32> {
             let mut layer = 0f32;
-            for (buf, groups) in terms {
-                let t = download(dev, buf)?;
+            for (_, groups) in terms {
+                let t = next()?;
                 layer += t.iter().fold(0f32, |a, &b| a + b) / *groups as f32;
             }
             Ok(layer)
         };
-        let (mut mtp_loss, mut mtp_bal) = (0f32, 0f32);
-        if let Some(mo) = &mtp_out {
-            // deepest depth first, as core adds them
-            for (rl, count, w) in &mo.ce {
-                let t = download(dev, rl)?;
-                let ce = (t.iter().fold(0f64, |a, &b| a + b as f64) / *count as f64) as f32;
-                mtp_loss += w * ce;
-            }
-            for terms in &mo.bal {
-                mtp_bal += sum_terms(terms)?;
-            }
+        let mut mtp_bal_loss = 0f32;
+        for terms in mtp_bal {
+            mtp_bal_loss += sum_terms(terms)?;
         }
         let mut balance_loss = 0f32;
         for terms in &bal {
-            let mut layer = 0f32;
-            for (buf, groups) in terms {
-                let t = download(dev, buf)?;
-                layer += t.iter().fold(0f32, |a, &b| a + b) / *groups as f32;
-            }
-            balance_loss += layer;
+            balance_loss += sum_terms(terms)?;
         }
-        let mut out_loads = Vec::with_capacity(load_bufs.len());
-        for lb in &load_bufs {
-            out_loads.push(download(dev, lb)?.into_iter().map(|c| c.max(0) as u32).collect());
-        }
+        let load_refs: Vec<&CudaSlice<i32>> = load_bufs.iter().collect();
+        let out_loads: Vec<Vec<u32>> = download_all(dev, &load_refs)?
+            .into_iter()
+            .map(|l| l.into_iter().map(|c| c.max(0) as u32).collect())
+            .collect();
         if !ce_loss.is_finite() {
             return Err(Error::NonFinite(format!("loss is {ce_loss}")));
         }
-        balance_loss += mtp_bal;
+        balance_loss += mtp_bal_loss;
         Ok(PassOutput { ce_loss, balance_loss, mtp_loss, loads: out_loads, predicted: p })
     }
 

@@ -293,6 +293,7 @@ run_next() {
     one 60 gpu/bin/k_train_step --test-threads 1
     one 90 gpu/bin/k_train_fp8 --test-threads 1 --nocapture
     one 30 gpu/bin/k_moe_train --test-threads 1
+    one 20 gpu/bin/k_device --test-threads 1
     one 60 gpu/bin/k_gemm --test-threads 1 --skip mma_gemm_layouts_match_the_reference
     one 60 gpu/bin/k_mla_moe --test-threads 1
     one 60 gpu/bin/k_model --test-threads 1

@@ -502,6 +502,30 @@ API CUresult cuMemFreeAsync(CUdeviceptr p, void* s) {
     }
     return release((void*)p);
 }
+// The default memory pool: one handle, its release threshold kept (the engine raises it).
+struct MemPool {
+    unsigned long long release_threshold = 0;
+} default_pool;
+API CUresult cuDeviceGetDefaultMemPool(void** pool, CUdevice d) {
+    LOCK;
+    if (d != 0) return E_INVALID_VALUE;
+    *pool = &default_pool;
+    return OK;
+}
+API CUresult cuMemPoolSetAttribute(void* pool, int attr, void* v) {
+    LOCK;
+    if (pool != &default_pool || !v) return E_INVALID_VALUE;
+    if (attr != 4) return E_NOT_SUPPORTED;  // CU_MEMPOOL_ATTR_RELEASE_THRESHOLD
+    std::memcpy(&default_pool.release_threshold, v, 8);
+    return OK;
+}
+API CUresult cuMemPoolGetAttribute(void* pool, int attr, void* v) {
+    LOCK;
+    if (pool != &default_pool || !v) return E_INVALID_VALUE;
+    if (attr != 4) return E_NOT_SUPPORTED;
+    std::memcpy(v, &default_pool.release_threshold, 8);
+    return OK;
+}
 API CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
     LOCK;
     *p = alloc(bytes);

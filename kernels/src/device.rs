@@ -54,7 +54,54 @@ pub fn device_count() -> Result<usize> {
     Ok(n.max(0) as usize)
 }
 
+/// The default memory pool of `ctx`'s device (where cudarc's stream-ordered allocations come from).
+fn default_pool(ctx: &CudaContext) -> Result<cudarc::driver::sys::CUmemoryPool> {
+    // SAFETY: the device of a live context
+    guard("cuDeviceGetDefaultMemPool", || unsafe {
+        cudarc::driver::result::device::get_default_mem_pool(ctx.cu_device())
+    })?
+    .map_err(|e| cuda_err("the default memory pool", e))
+}
+
+/// Keeps the memory the stream-ordered allocator has reserved. The default pool's release
+/// threshold is 0, which hands every unused byte back to the OS at each stream, event or context
+/// synchronization: each training step (whose scalars' download synchronizes) and each generate
+/// call would map its activations' memory anew. As PyTorch's caching allocator, the pool now keeps
+/// what it has reserved (peak use stays reserved until the process ends).
+fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::{result::mem_pool, sys::CUmemPool_attribute};
+    let pool = default_pool(ctx)?;
+    let mut keep = u64::MAX;
+    // SAFETY: a valid pool; the release threshold's value type is cuuint64_t
+    guard("cuMemPoolSetAttribute", || unsafe {
+        mem_pool::set_attribute(
+            pool,
+            CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut keep as *mut u64).cast(),
+        )
+    })?
+    .map_err(|e| cuda_err("the memory pool's release threshold", e))
+}
+
 impl Device {
+    /// Bytes the stream-ordered allocator's pool keeps reserved through synchronizations (its
+    /// release threshold; `u64::MAX` once opened, where the driver has pools).
+    pub fn pool_release_threshold(&self) -> Result<u64> {
+        use cudarc::driver::{result::mem_pool, sys::CUmemPool_attribute};
+        let pool = default_pool(&self.ctx)?;
+        let mut v = 0u64;
+        // SAFETY: a valid pool; the release threshold's value type is cuuint64_t
+        guard("cuMemPoolGetAttribute", || unsafe {
+            mem_pool::get_attribute(
+                pool,
+                CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut v as *mut u64).cast(),
+            )
+        })?
+        .map_err(|e| cuda_err("the memory pool's release threshold", e))?;
+        Ok(v)
+    }
+
     /// Opens GPU `ordinal`. Errors (never panics) when there is no driver, no such GPU, or its
     /// compute capability is below 8.0.
     pub fn new(ordinal: usize) -> Result<Device> {
@@ -80,6 +127,8 @@ impl Device {
         // cross-stream event tracking (two events per buffer, one record per use) is not needed.
         // SAFETY: set before any buffer of this context exists; see above for the invariant.
         unsafe { ctx.disable_event_tracking() };
+        // best effort: a driver without memory pools allocates without them anyway
+        let _ = keep_pool_memory(&ctx);
         // A created stream, not the legacy default one: decode steps are captured into CUDA
         // graphs, which the legacy stream cannot do.
         let stream = ctx.new_stream().map_err(|e| cuda_err("creating a stream", e))?;

@@ -2,8 +2,9 @@
 // the backward passes of RMSNorm, SwiGLU, RoPE/YaRN, the embedding (scatter-add) and softmax
 // cross-entropy, mirroring the CPU oracle (core/src/train/optim.rs, core/src/ops/*.rs).
 // AdamW and RoPE use explicitly rounded f32 operations (no FMA contraction) in the CPU's order,
-// so they match it bit for bit in f32; the reductions (RMSNorm statistics, dw and embedding
-// scatter-adds through atomics, log-sum-exp) sum in another order and match to rounding.
+// so they match it bit for bit in f32; the reductions (RMSNorm statistics and dw, the embedding
+// gradient's sums per id, log-sum-exp) sum in another order and match to rounding. No kernel here
+// uses floating-point atomics: the results are the same bits from run to run.
 #include "common.cuh"
 
 // ---- AdamW (core::train::optim::AdamW::step, per element):
@@ -38,40 +39,57 @@ extern "C" __global__ void adamw_bf16m(float* p, const float* g, bf16* m, bf16* 
 }
 
 // ---- RMSNorm backward (core::ops::norm::rmsnorm_backward): r = (mean(x²)+eps)^-½,
-// dx = r·w·dy − x·r³/d·Σ(w·dy·x), dw += Σ_rows dy·x·r (f32, atomics). grid: (rows), block: 256.
+// dx = r·w·dy − x·r³/d·Σ(w·dy·x), dw += Σ_rows dy·x·r (f32). Deterministic and without atomics:
+// block b takes rows [b·per, b·per + per) in order and writes its columns' sums to part[b, :]
+// (each thread owns columns j, j + blockDim.x, ...: no two threads touch one partial), then
+// rmsnorm_dw_reduce adds the blocks' partials to dw in block order. grid: (ceil(rows / per)),
+// block: 256; part [gridDim.x, d].
 template <typename T>
 __device__ void rmsnorm_bwd(const T* x, int ldx, const float* __restrict__ w, const T* dy, int lddy, T* dx, int lddx,
-                            float* __restrict__ dw, int d, float eps, int rows) {
-    int r = blockIdx.x;
-    if (r >= rows) return;
-    const T* xr = x + (long long)r * ldx;
-    const T* dyr = dy + (long long)r * lddy;
-    T* dxr = dx + (long long)r * lddx;
-    float ss = 0.0f, dot = 0.0f;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float xv = to_f32(xr[j]), dv = to_f32(dyr[j]);
-        ss += xv * xv;
-        dot += w[j] * dv * xv;
-    }
-    ss = block_sum(ss);
-    dot = block_sum(dot);
-    float inv = 1.0f / sqrtf(ss / (float)d + eps);
-    float c = inv * inv * inv * dot / (float)d;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float xv = to_f32(xr[j]), dv = to_f32(dyr[j]);
-        atomicAdd(&dw[j], dv * xv * inv);
-        dxr[j] = from_f32<T>(inv * w[j] * dv - c * xv);
+                            float* __restrict__ part, int d, float eps, int rows, int per) {
+    const int r0 = blockIdx.x * per, r1 = min(rows, r0 + per);
+    float* pb = part + (long long)blockIdx.x * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) pb[j] = 0.0f;
+    for (int r = r0; r < r1; r++) {  // uniform over the block (block_sum syncs)
+        const T* xr = x + (long long)r * ldx;
+        const T* dyr = dy + (long long)r * lddy;
+        T* dxr = dx + (long long)r * lddx;
+        float ss = 0.0f, dot = 0.0f;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+            float xv = to_f32(xr[j]), dv = to_f32(dyr[j]);
+            ss += xv * xv;
+            dot += w[j] * dv * xv;
+        }
+        ss = block_sum(ss);
+        dot = block_sum(dot);
+        float inv = 1.0f / sqrtf(ss / (float)d + eps);
+        float c = inv * inv * inv * dot / (float)d;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+            float xv = to_f32(xr[j]), dv = to_f32(dyr[j]);
+            pb[j] += dv * xv * inv;
+            dxr[j] = from_f32<T>(inv * w[j] * dv - c * xv);
+        }
     }
 }
-extern "C" __global__ void rmsnorm_bwd_f32(const float* x, int ldx, const float* w, const float* dy, int lddy,
-                                           float* dx, int lddx, float* dw, int d, float eps, int rows) {
+extern "C" __global__ void __launch_bounds__(256) rmsnorm_bwd_f32(const float* x, int ldx, const float* w,
+    const float* dy, int lddy, float* dx, int lddx, float* part, int d, float eps, int rows, int per) {
     DSV3_PDL();
-    rmsnorm_bwd<float>(x, ldx, w, dy, lddy, dx, lddx, dw, d, eps, rows);
+    rmsnorm_bwd<float>(x, ldx, w, dy, lddy, dx, lddx, part, d, eps, rows, per);
 }
-extern "C" __global__ void rmsnorm_bwd_bf16(const bf16* x, int ldx, const float* w, const bf16* dy, int lddy,
-                                            bf16* dx, int lddx, float* dw, int d, float eps, int rows) {
+extern "C" __global__ void __launch_bounds__(256) rmsnorm_bwd_bf16(const bf16* x, int ldx, const float* w,
+    const bf16* dy, int lddy, bf16* dx, int lddx, float* part, int d, float eps, int rows, int per) {
     DSV3_PDL();
-    rmsnorm_bwd<bf16>(x, ldx, w, dy, lddy, dx, lddx, dw, d, eps, rows);
+    rmsnorm_bwd<bf16>(x, ldx, w, dy, lddy, dx, lddx, part, d, eps, rows, per);
+}
+// dw[j] += Σ_b part[b, j] (b = 0, 1, ... in order). grid: (ceil(d / 256)), block: 256.
+extern "C" __global__ void __launch_bounds__(256)
+    rmsnorm_dw_reduce(const float* __restrict__ part, int blocks, int d, float* __restrict__ dw) {
+    DSV3_PDL();
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    float s = 0.0f;
+    for (int b = 0; b < blocks; b++) s += part[(long long)b * d + j];
+    dw[j] += s;
 }
 
 // ---- SwiGLU backward over a fused gate|up row (the forward's layout, elementwise.cu):
@@ -134,26 +152,40 @@ extern "C" __global__ void rope_bwd_bf16(bf16* x, int rows, int ld_row, int head
     rope_bwd<bf16>(x, rows, ld_row, heads, ld_head, offset, half, pos, inv_freq, attn_factor);
 }
 
-// ---- Embedding backward: dtable[ids[t], :] += dy[t, :] (f32 atomics; ids outside [0, vocab)
-// are skipped). grid: (ceil(d / 256), min(tokens, 65535)), block: 256; tokens grid-stride over y.
+// ---- Embedding backward: dtable[id, :] += Σ_{t: ids[t] = id} dy[t, :], deterministic and
+// without atomics: the host groups the tokens by id (EmbedRows: rows = [order [m], start [S + 1],
+// id [S]]: segment s lists its tokens order[start[s] .. start[s + 1]) in token order, all with
+// id[s], distinct ids), each thread sums one column of a segment's rows in four interleaved f32
+// partials (combined in a fixed order) and adds it to the table once.
+// grid: (ceil(d / 256), min(S, 65535)), block: 256; segments grid-stride over y.
 template <typename T>
-__device__ void embed_bwd(const int* __restrict__ ids, const T* dy, int lddy, float* dtable, int vocab, int d, int tokens) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
+__device__ void embed_bwd(const int* __restrict__ rows, int m, int segs, const T* dy, int lddy, float* dtable, int d) {
+    const int* order = rows;
+    const int* start = rows + m;
+    const int* id = start + segs + 1;
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= d) return;
-    for (int t = blockIdx.y; t < tokens; t += gridDim.y) {
-        int id = ids[t];
-        if (id >= 0 && id < vocab) atomicAdd(&dtable[(long long)id * d + j], to_f32(dy[(long long)t * lddy + j]));
+    for (int s = blockIdx.y; s < segs; s += gridDim.y) {
+        const int i0 = start[s], i1 = start[s + 1];
+        float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        int i = i0;
+        for (; i + 4 <= i1; i += 4) {
+#pragma unroll
+            for (int u = 0; u < 4; u++) a[u] += to_f32(dy[(long long)order[i + u] * lddy + j]);
+        }
+        for (int u = 0; i < i1; i++, u++) a[u] += to_f32(dy[(long long)order[i] * lddy + j]);
+        dtable[(long long)id[s] * d + j] += (a[0] + a[1]) + (a[2] + a[3]);
     }
 }
-extern "C" __global__ void embed_bwd_f32(const int* ids, const float* dy, int lddy, float* dtable, int vocab, int d,
-                                         int tokens) {
+extern "C" __global__ void __launch_bounds__(256) embed_bwd_f32(const int* rows, int m, int segs, const float* dy,
+                                                                int lddy, float* dtable, int d) {
     DSV3_PDL();
-    embed_bwd<float>(ids, dy, lddy, dtable, vocab, d, tokens);
+    embed_bwd<float>(rows, m, segs, dy, lddy, dtable, d);
 }
-extern "C" __global__ void embed_bwd_bf16(const int* ids, const bf16* dy, int lddy, float* dtable, int vocab, int d,
-                                          int tokens) {
+extern "C" __global__ void __launch_bounds__(256) embed_bwd_bf16(const int* rows, int m, int segs, const bf16* dy,
+                                                                 int lddy, float* dtable, int d) {
     DSV3_PDL();
-    embed_bwd<bf16>(ids, dy, lddy, dtable, vocab, d, tokens);
+    embed_bwd<bf16>(rows, m, segs, dy, lddy, dtable, d);
 }
 
 // ---- Softmax cross-entropy, forward and backward together (core::ops::loss::cross_entropy): per

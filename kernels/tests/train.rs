@@ -74,7 +74,11 @@ fn adamw_matches_core_bit_for_bit_with_f32_and_bf16_moments() {
 fn rmsnorm_backward_matches_cpu() {
     let Some(dev) = device("rmsnorm_backward_matches_cpu") else { return };
     let mut rng = Rng::new(81);
-    for &(rows, d, ld) in &[(1usize, 1usize, 1usize), (5, 67, 70), (33, 512, 576), (4, 7168, 7168)] {
+    // the larger row counts give each block several rows (about two blocks per SM), the last
+    // block fewer
+    for &(rows, d, ld) in
+        &[(1usize, 1usize, 1usize), (5, 67, 70), (33, 512, 576), (4, 7168, 7168), (1000, 256, 256), (2111, 128, 130)]
+    {
         let x = randn(&mut rng, rows * ld);
         let dy = randn(&mut rng, rows * ld);
         let w: Vec<f32> = (0..d).map(|_| 1.0 + 0.1 * rng.normal()).collect();
@@ -85,26 +89,24 @@ fn rmsnorm_backward_matches_cpu() {
             let dyd: Vec<f32> = (0..rows).flat_map(|r| dys[r * ld..r * ld + d].to_vec()).collect();
             let (mut want_dx, mut want_dw) = (vec![0f32; rows * d], dw0.clone());
             dsv3_core::ops::norm::rmsnorm_backward(&xd, &w, 1e-6, &dyd, &mut want_dx, &mut want_dw);
-            let mut dx = poisoned(&dev, dt, rows * d);
-            let mut dw = upload(&dev, &dw0).unwrap();
-            train::rmsnorm_backward(
-                &dev,
-                &Act::from_f32(&dev, dt, &x).unwrap(),
-                ld,
-                &upload(&dev, &w).unwrap(),
-                &Act::from_f32(&dev, dt, &dy).unwrap(),
-                ld,
-                &mut dx,
-                d,
-                &mut dw,
-                d,
-                1e-6,
-                rows,
-            )
-            .unwrap();
+            let (xa, dya, wd) = (
+                Act::from_f32(&dev, dt, &x).unwrap(),
+                Act::from_f32(&dev, dt, &dy).unwrap(),
+                upload(&dev, &w).unwrap(),
+            );
+            let run = || {
+                let mut dx = poisoned(&dev, dt, rows * d);
+                let mut dw = upload(&dev, &dw0).unwrap();
+                train::rmsnorm_backward(&dev, &xa, ld, &wd, &dya, ld, &mut dx, d, &mut dw, d, 1e-6, rows).unwrap();
+                (dx.to_f32(&dev).unwrap(), download(&dev, &dw).unwrap())
+            };
+            let (dx, dw) = run();
             let what = format!("rmsnorm_backward {dt:?} [{rows}, {d}]/{ld}");
-            assert_close(&dx.to_f32(&dev).unwrap(), &want_dx, 1e-5, rtol, &format!("{what} dx"));
-            assert_close(&download(&dev, &dw).unwrap(), &want_dw, 1e-4, 1e-4, &format!("{what} dw"));
+            assert_close(&dx, &want_dx, 1e-5, rtol, &format!("{what} dx"));
+            assert_close(&dw, &want_dw, 1e-4, 1e-4, &format!("{what} dw"));
+            // deterministic: the same bits again (dw's sums in a fixed order, no atomics)
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(bits(&run().1), bits(&dw), "{what}: dw differs between two runs");
         }
     }
 }
@@ -190,14 +192,17 @@ fn rope_backward_matches_cpu() {
     }
 }
 
+/// The embedding's gradient (`train::embedding_backward` over `EmbedRows`): every id's rows summed
+/// and added once, ids out of range left out, more ids than CUDA's 65535 grid.y, thousands of
+/// rows for one id (the values then multiples of 1/64 below 4: exact in bf16, every partial sum
+/// exact in any order), ids past `vocab` or negative skipped; the same bits from run to run.
 #[test]
-fn embedding_backward_scatter_adds_repeated_ids() {
-    let Some(dev) = device("embedding_backward_scatter_adds_repeated_ids") else { return };
+fn embedding_backward_sums_each_ids_rows() {
+    let Some(dev) = device("embedding_backward_sums_each_ids_rows") else { return };
     let mut rng = Rng::new(84);
-    // 65541 tokens: past CUDA's 65535 grid.y (the launcher caps y, the kernel walks tokens
-    // grid-stride); thousands of atomics per entry, so there values are multiples of 1/64 below 4
-    // (exact in bf16, every f32 partial sum exact whatever the atomics' order)
-    for &(vocab, d, tokens) in &[(1usize, 1usize, 3usize), (50, 67, 200), (1000, 512, 33), (7, 2, 65536 + 5)] {
+    for &(vocab, d, tokens) in
+        &[(1usize, 1usize, 3usize), (50, 67, 200), (1000, 512, 33), (7, 2, 65536 + 5), (70000, 3, 70010)]
+    {
         let exact = |v: Vec<f32>| -> Vec<f32> {
             if tokens > 1000 {
                 v.into_iter().map(|x| (x * 64.0).round().clamp(-255.0, 255.0) / 64.0).collect()
@@ -206,28 +211,44 @@ fn embedding_backward_scatter_adds_repeated_ids() {
             }
         };
         let dy = exact(randn(&mut rng, tokens * d));
-        let mut ids: Vec<i32> = (0..tokens).map(|_| rng.below(vocab as u64) as i32).collect();
+        let mut ids: Vec<i32> = if vocab > tokens {
+            // a permutation's prefix: nearly every id once (> 65535 segments)
+            let mut all: Vec<i32> = (0..vocab as i32).collect();
+            for i in (1..all.len()).rev() {
+                all.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            all.truncate(tokens);
+            all
+        } else {
+            (0..tokens).map(|_| rng.below(vocab as u64) as i32).collect()
+        };
         ids[0] = vocab as i32; // out of range: skipped
+        if tokens > 2 {
+            ids[2] = -1;
+        }
         let t0 = exact(randn(&mut rng, vocab * d));
         for (dt, rtol) in DTYPES {
             let dys = as_dtype(&dy, dt);
             let mut want = t0.clone();
-            for (t, &id) in ids.iter().enumerate().skip(1) {
-                for j in 0..d {
-                    want[id as usize * d + j] += dys[t * d + j];
+            for (t, &id) in ids.iter().enumerate() {
+                if id >= 0 && (id as usize) < vocab {
+                    for j in 0..d {
+                        want[id as usize * d + j] += dys[t * d + j];
+                    }
                 }
             }
-            let mut table = upload(&dev, &t0).unwrap();
             let dya = Act::from_f32(&dev, dt, &dy).unwrap();
-            train::embedding_backward(&dev, &upload(&dev, &ids).unwrap(), &dya, d, &mut table, vocab, d, tokens)
-                .unwrap();
-            assert_close(
-                &download(&dev, &table).unwrap(),
-                &want,
-                1e-5,
-                rtol.min(1e-5),
-                &format!("embedding_backward {dt:?}"),
-            );
+            let run = || {
+                let mut table = upload(&dev, &t0).unwrap();
+                let rows = train::EmbedRows::new(&dev, &ids, vocab).unwrap();
+                train::embedding_backward(&dev, &rows, &dya, d, &mut table, vocab, d).unwrap();
+                download(&dev, &table).unwrap()
+            };
+            let got = run();
+            let what = format!("embedding_backward {dt:?} vocab {vocab} d {d} tokens {tokens}");
+            assert_close(&got, &want, 1e-5, rtol.min(1e-5), &what);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(bits(&run()), bits(&got), "{what}: differs between two runs");
         }
     }
 }

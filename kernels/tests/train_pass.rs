@@ -289,3 +289,44 @@ fn zero_grads_clears_and_bad_inputs_are_errors() {
     let bad_mask = PassOptions { mask: Some(vec![1.0; 2]), ..PassOptions::default() };
     assert!(gm.pass(&refs(&s), &bad_mask).is_err(), "mask length");
 }
+
+/// The training pass is bit-reproducible: two runs of the same micro-batches from the same
+/// weights give the same losses, expert loads and gradients bit for bit, in bf16 and with FP8
+/// linears (the MoE dispatch plan in token order, RMSNorm's dw and the embedding gradient summed
+/// in a fixed order, no floating-point atomics anywhere in the pass). On a GPU this is what the
+/// check is for (the CPU emulator runs blocks one at a time, so atomics would agree there too).
+#[test]
+fn the_pass_is_bit_reproducible() {
+    use dsv3_core::model::linear::Precision;
+    let Some(dev) = device("the_pass_is_bit_reproducible") else { return };
+    for name in ["v3_group", "v2_lite"] {
+        let model = load(name);
+        let v = model.cfg.vocab_size;
+        for precision in [Precision::F32, Precision::Fp8] {
+            let opts = TrainOptions { dtype: DType::Bf16, precision };
+            let mut gm = CudaTrainModel::new(dev.clone(), &model, opts).unwrap();
+            let pass = PassOptions { seq_alpha: 0.01, mtp_lambda: 0.3, ..PassOptions::default() };
+            let mut run = || {
+                gm.zero_grads().unwrap();
+                let mut outs = Vec::new();
+                for (j, lens) in [vec![40usize, 33, 57], vec![9, 64]].iter().enumerate() {
+                    let s = random_seqs(v, lens, 500 + j as u64);
+                    outs.push(gm.pass(&refs(&s), &pass).unwrap());
+                }
+                let g = dsv3_kernels::tensor::download(&dev, gm.grads()).unwrap();
+                (outs, g.iter().map(|x| x.to_bits()).collect::<Vec<u32>>())
+            };
+            let (o1, g1) = run();
+            let (o2, g2) = run();
+            let what = format!("{name} bf16 {precision:?}");
+            for (a, b) in o1.iter().zip(&o2) {
+                assert_eq!(a.ce_loss.to_bits(), b.ce_loss.to_bits(), "{what}: loss");
+                assert_eq!(a.balance_loss.to_bits(), b.balance_loss.to_bits(), "{what}: balance loss");
+                assert_eq!(a.mtp_loss.to_bits(), b.mtp_loss.to_bits(), "{what}: MTP loss");
+                assert_eq!(a.loads, b.loads, "{what}: expert loads");
+            }
+            let diff = g1.iter().zip(&g2).filter(|(a, b)| a != b).count();
+            assert_eq!(diff, 0, "{what}: {diff} of {} gradient values differ between two runs", g1.len());
+        }
+    }
+}

@@ -102,6 +102,12 @@ pub fn rmsnorm_backward(
     x.check((rows - 1) * ldx + d, "rmsnorm_backward x")?;
     dy.check((rows - 1) * lddy + d, "rmsnorm_backward dy")?;
     dx.check((rows - 1) * lddx + d, "rmsnorm_backward dx")?;
+    // `per` consecutive rows a block (about two blocks per SM), its column sums into one row of
+    // `part`; then the partials into dw in block order: deterministic, no atomics (one launch
+    // per row with d f32 atomics each was 8k-way contention on every dw element at 8k rows)
+    let per = rows.div_ceil((2 * dev.sms).max(1));
+    let blocks = rows.div_ceil(per);
+    let part = crate::tensor::empty::<f32>(dev, blocks * d)?;
     let args = [
         KArg::Ptr(x.ptr(dev, 0)?),
         KArg::I32(int(ldx, "ldx")?),
@@ -110,13 +116,21 @@ pub fn rmsnorm_backward(
         KArg::I32(int(lddy, "lddy")?),
         KArg::Ptr(dx.ptr(dev, 0)?),
         KArg::I32(int(lddx, "lddx")?),
-        KArg::Ptr(dptr(dev, dw, 0)?),
+        KArg::Ptr(dptr(dev, &part, 0)?),
         KArg::I32(int(d, "d")?),
         KArg::F32(eps),
         KArg::I32(int(rows, "rows")?),
+        KArg::I32(int(per, "rows per block")?),
     ];
     let k = pick(x.dtype(), "rmsnorm_bwd_f32", "rmsnorm_bwd_bf16");
-    launch(dev, "train", k, (dim(rows, "rmsnorm_backward rows")?, 1, 1), 256, &args)
+    launch(dev, "train", k, (dim(blocks, "rmsnorm_backward blocks")?, 1, 1), 256, &args)?;
+    let args = [
+        KArg::Ptr(dptr(dev, &part, 0)?),
+        KArg::I32(int(blocks, "blocks")?),
+        KArg::I32(int(d, "d")?),
+        KArg::Ptr(dptr(dev, dw, 0)?),
+    ];
+    launch(dev, "train", "rmsnorm_dw_reduce", (dim(d.div_ceil(256), "rmsnorm dw columns")?, 1, 1), 256, &args)
 }
 
 /// Backward of SwiGLU over fused gate|up rows `gu` `[rows, ld]`: from `da` `[rows, ldda]` writes
@@ -212,41 +226,79 @@ pub fn rope_backward(
     )
 }
 
-/// Embedding backward: `dtable[ids[t], :] += dy[t, :]` for `tokens` rows of `dy` (stride `lddy`),
-/// `dtable` `[vocab, d]` f32 (ids outside `[0, vocab)` are skipped).
-#[allow(clippy::too_many_arguments)]
+/// The tokens of a batch grouped by id, for [`embedding_backward`]: built on the host from the
+/// ids (the training pass has them there before it uploads them), one upload. Segment `s` lists
+/// the tokens of one id in token order; ids outside `[0, vocab)` are left out.
+pub struct EmbedRows {
+    /// `[order [m], start [S + 1], id [S]]` (the kernel's layout).
+    table: CudaSlice<i32>,
+    /// Tokens the ids were given for (`dy` rows).
+    tokens: usize,
+    /// `m`: the tokens with an id in range.
+    rows: usize,
+    segments: usize,
+}
+
+impl EmbedRows {
+    pub fn new(dev: &Device, ids: &[i32], vocab: usize) -> Result<EmbedRows> {
+        let mut order: Vec<i32> = Vec::with_capacity(ids.len());
+        for (t, &id) in ids.iter().enumerate() {
+            if id >= 0 && (id as usize) < vocab {
+                order.push(int(t, "token index")?);
+            }
+        }
+        order.sort_by_key(|&t| ids[t as usize]); // stable: token order within an id
+        let (mut start, mut seg_id) = (Vec::new(), Vec::new());
+        for (i, &t) in order.iter().enumerate() {
+            let id = ids[t as usize];
+            if seg_id.last() != Some(&id) {
+                start.push(int(i, "segment start")?);
+                seg_id.push(id);
+            }
+        }
+        start.push(int(order.len(), "segment end")?);
+        let (rows, segments) = (order.len(), seg_id.len());
+        order.extend(start);
+        order.extend(seg_id);
+        Ok(EmbedRows { table: crate::tensor::upload(dev, &order)?, tokens: ids.len(), rows, segments })
+    }
+}
+
+/// Embedding backward: `dtable[ids[t], :] += dy[t, :]` for the tokens of `rows` (their ids
+/// grouped on the host, [`EmbedRows`]; `dy` has a row per token, stride `lddy`), `dtable`
+/// `[vocab, d]` f32. Each id's rows are summed in token order and added once: deterministic, no
+/// atomics.
 pub fn embedding_backward(
     dev: &Device,
-    ids: &CudaSlice<i32>,
+    rows: &EmbedRows,
     dy: &Act,
     lddy: usize,
     dtable: &mut CudaSlice<f32>,
     vocab: usize,
     d: usize,
-    tokens: usize,
 ) -> Result<()> {
-    if tokens == 0 || d == 0 {
+    if rows.segments == 0 || d == 0 {
         return Ok(());
     }
-    if ids.len() < tokens || lddy < d || dtable.len() < vocab * d {
-        return Err(Error::Input(format!("embedding_backward: {tokens} ids, lddy {lddy}, table [{vocab}, {d}]")));
+    if lddy < d || dtable.len() < vocab * d {
+        return Err(Error::Input(format!("embedding_backward: lddy {lddy}, table [{vocab}, {d}]")));
     }
-    dy.check((tokens - 1) * lddy + d, "embedding_backward dy")?;
+    dy.check((rows.tokens - 1) * lddy + d, "embedding_backward dy")?;
     let args = [
-        KArg::Ptr(dptr(dev, ids, 0)?),
+        KArg::Ptr(dptr(dev, &rows.table, 0)?),
+        KArg::I32(int(rows.rows, "embedding rows")?),
+        KArg::I32(int(rows.segments, "embedding ids")?),
         KArg::Ptr(dy.ptr(dev, 0)?),
         KArg::I32(int(lddy, "lddy")?),
         KArg::Ptr(dptr(dev, dtable, 0)?),
-        KArg::I32(int(vocab, "vocab")?),
         KArg::I32(int(d, "d")?),
-        KArg::I32(int(tokens, "tokens")?),
     ];
     let k = pick(dy.dtype(), "embed_bwd_f32", "embed_bwd_bf16");
     launch(
         dev,
         "train",
         k,
-        (dim(d.div_ceil(256), "embedding_backward")?, grid_y(tokens, "embedding_backward tokens")?, 1),
+        (dim(d.div_ceil(256), "embedding_backward")?, grid_y(rows.segments, "embedding_backward ids")?, 1),
         256,
         &args,
     )

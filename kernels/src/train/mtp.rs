@@ -76,7 +76,6 @@ pub(crate) struct MtpOut {
 struct Level {
     b: BatchLayout,
     prev: Vec<i32>,
-    tokens: CudaSlice<i32>,
     pos: CudaSlice<i32>,
     seq_spans: Spans,
     all_span: Spans,
@@ -162,7 +161,7 @@ pub(crate) fn mtp_pass(inp: &MtpIn, mods: &[MtpW], grad: &mut Act, dnormed: &mut
             let hw = View::of(dev, inp.master, m.head_norm, d)?;
             norm::rmsnorm(dev, &mut out, 0, d, Some((&mut normed, 0, d)), &hw, d, eps, n)?;
         }
-        levels.push(Level { b, prev, tokens, pos, seq_spans, all_span, emb, hin, cat, saved, out, normed });
+        levels.push(Level { b, prev, pos, seq_spans, all_span, emb, hin, cat, saved, out, normed });
     }
     let mut res = MtpOut { ce: Vec::new(), bal: Vec::new() };
     let w = inp.lambda / depth as f32;
@@ -218,7 +217,7 @@ pub(crate) fn mtp_pass(inp: &MtpIn, mods: &[MtpW], grad: &mut Act, dnormed: &mut
         }
         {
             let mut gv = View::of(dev, super::mm::f32_of(grad)?, inp.embed, v * d)?;
-            tk::embedding_backward(dev, &lv.tokens, &demb, d, &mut gv, v, d, n)?;
+            tk::embedding_backward(dev, &tk::EmbedRows::new(dev, &lv.b.tokens, v)?, &demb, d, &mut gv, v, d)?;
         }
         if k == 1 {
             let inv = upload(dev, &inverse(&lv.prev, inp.n_main))?;

@@ -420,7 +420,7 @@ impl CudaTrainModel {
         }
         {
             let mut gv = View::of(dev, f32_of(&self.grad)?, self.embed, v * d)?;
-            tk::embedding_backward(dev, &tokens, &dres, d, &mut gv, v, d, n)?;
+            tk::embedding_backward(dev, &tk::EmbedRows::new(dev, &b.tokens, v)?, &dres, d, &mut gv, v, d)?;
         }
         // the scalars, downloaded together (one wait for the stream): the row losses, the MTP
         // depths' row losses and balance terms, the layers' balance terms, then the loads

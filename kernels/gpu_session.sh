@@ -33,7 +33,8 @@
 #   bash kernels/gpu_session.sh next           there: everything the 2026-11-24 run left to check, in
 #                                              one device command (<= 560 s; logs in $OUT): the
 #                                              fixed and recalibrated tests (FP8 Wgrad alignment,
-#                                              flash reproducibility, bf16/FP8 passes, moments), the
+#                                              flash reproducibility, bf16/FP8 passes, moments; the
+#                                              device plan, pool, deterministic pass), the
 #                                              88M decode (d1w8 default vs m1t32, PDL, fused merge),
 #                                              the training step (cuBLAS vs mma products, FP8),
 #                                              fp8_bench, then the loss curves in the time left
@@ -294,6 +295,7 @@ run_next() {
     one 90 gpu/bin/k_train_fp8 --test-threads 1 --nocapture
     one 30 gpu/bin/k_moe_train --test-threads 1
     one 20 gpu/bin/k_device --test-threads 1
+    one 30 gpu/bin/k_train --test-threads 1
     one 60 gpu/bin/k_gemm --test-threads 1 --skip mma_gemm_layouts_match_the_reference
     one 60 gpu/bin/k_mla_moe --test-threads 1
     one 60 gpu/bin/k_model --test-threads 1

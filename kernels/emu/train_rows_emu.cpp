@@ -36,9 +36,15 @@ static void rmsnorm_case(int rows, int d, int ldx, int lddy, int lddx) {
     for (int j = 0; j < d; j++) w[j] = randn(), dw[j] = randn();
     std::vector<float> dw0 = dw;
     const float eps = 1e-6f;
-    for (int r = 0; r < rows; r++)
-        emu::run_block({(unsigned)r, 0, 0}, 256,
-                       [&] { rmsnorm_bwd_f32(x.data(), ldx, w.data(), dy.data(), lddy, dx.data(), lddx, dw.data(), d, eps, rows); });
+    // the launcher's split (ops::train::rmsnorm_backward): `per` rows a block for 2 x 132 blocks,
+    // the blocks' partials then summed into dw in block order
+    const int per = (rows + 263) / 264, blocks = (rows + per - 1) / per;
+    std::vector<float> part((size_t)blocks * d, NAN);
+    for (int b = 0; b < blocks; b++)
+        emu::run_block({(unsigned)b, 0, 0}, 256, [&] {
+            rmsnorm_bwd_f32(x.data(), ldx, w.data(), dy.data(), lddy, dx.data(), lddx, part.data(), d, eps, rows, per);
+        });
+    emu::launch({(unsigned)((d + 255) / 256), 1, 1}, 256, [&] { rmsnorm_dw_reduce(part.data(), blocks, d, dw.data()); });
     std::vector<double> dwr(d, 0.0);
     for (int r = 0; r < rows; r++) {
         double ss = 0, dot = 0;
@@ -135,16 +141,29 @@ static void embed_case(int tokens, int vocab, int d, int lddy) {
     std::vector<float> dy(tokens * lddy), t(vocab * d);
     for (auto& v : dy) v = randn();
     for (auto& v : t) v = randn();
-    if (tokens > 1000)  // thousands of atomics per entry: multiples of 1/64, so every f32 partial sum is exact
+    if (tokens > 1000)  // thousands of rows per id: multiples of 1/64, so every f32 partial sum is exact
         for (auto* w : {&dy, &t})
             for (auto& v : *w) v = std::round(v * 64) / 64;
     std::vector<double> want(t.begin(), t.end());
     for (int k = 0; k < tokens; k++)
         if (ids[k] >= 0 && ids[k] < vocab)
             for (int j = 0; j < d; j++) want[(size_t)ids[k] * d + j] += dy[k * lddy + j];
-    // the launcher's grid (ops::train::embedding_backward): tokens capped at 65535 in y, grid-stride
-    const emu_dim3 grid{(unsigned)((d + 255) / 256), (unsigned)std::min(tokens, 65535), 1};
-    emu::launch(grid, 256, [&] { embed_bwd_f32(ids.data(), dy.data(), lddy, t.data(), vocab, d, tokens); });
+    // the host's grouping (ops::train::EmbedRows): [order, start, id], tokens by id in token order
+    std::vector<int> order;
+    for (int k = 0; k < tokens; k++)
+        if (ids[k] >= 0 && ids[k] < vocab) order.push_back(k);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return ids[a] < ids[b]; });
+    std::vector<int> start, seg_id;
+    for (size_t i = 0; i < order.size(); i++)
+        if (seg_id.empty() || seg_id.back() != ids[order[i]]) start.push_back((int)i), seg_id.push_back(ids[order[i]]);
+    start.push_back((int)order.size());
+    const int m = (int)order.size(), segs = (int)seg_id.size();
+    std::vector<int> rows(order);
+    rows.insert(rows.end(), start.begin(), start.end());
+    rows.insert(rows.end(), seg_id.begin(), seg_id.end());
+    // the launcher's grid (ops::train::embedding_backward): ids capped at 65535 in y, grid-stride
+    const emu_dim3 grid{(unsigned)((d + 255) / 256), (unsigned)std::min(std::max(segs, 1), 65535), 1};
+    if (segs > 0) emu::launch(grid, 256, [&] { embed_bwd_f32(rows.data(), m, segs, dy.data(), lddy, t.data(), d); });
     for (size_t i = 0; i < t.size(); i++) check(t[i], want[i], 1e-5, 1e-5, "embed_bwd");
     std::printf("embedding bwd    tokens %-3d vocab %-4d d %-3d ok so far (%d bad)\n", tokens, vocab, d, g_bad);
 }
@@ -183,6 +202,7 @@ int main(int argc, char** argv) {
     const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
     rmsnorm_case(5, 37, 40, 37, 41);
     rmsnorm_case(3, 512, 512, 1024, 512);
+    rmsnorm_case(1000, 33, 35, 33, 34);  // 4 rows a block, the last block fewer
     if (!quick) rmsnorm_case(4, 1000, 1003, 1000, 1001);
     swiglu_case(4, 300, 600, 300, 600);
     swiglu_case(3, 17, 40, 20, 34);
@@ -195,6 +215,7 @@ int main(int argc, char** argv) {
     // stride, tiny rows so the 65535 blocks stay cheap
     swiglu_case(65536 + 7, 3, 6, 3, 7);
     embed_case(65536 + 9, 5, 2, 3);
+    embed_case(70010, 70000, 3, 3);  // more ids than grid.y's 65535
     ce_case(4, 700, 703, false, 4.0f);
     ce_case(5, 300, 300, true, 2.25f);
     ce_case(2, 50, 50, false, 0.0f);

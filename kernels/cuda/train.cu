@@ -12,11 +12,15 @@
 //   p = p*decay - lr*(m/bc1) / (sqrt(v/bc2) + eps)
 // bc1 = 1 - b1^t, bc2 = 1 - b2^t and decay = 1 - lr*wd (or 1) come from the host, as core computes
 // them. grid: (ceil(n / 256)), block: 256.
+// dmask (optional): one byte per 64 elements, 0 where the tensor there is not decayed (its
+// decay is 1): the whole parameter arena in one launch (tensors start at multiples of 64).
 template <typename TM>
 __device__ void adamw(float* __restrict__ p, const float* __restrict__ g, TM* __restrict__ m, TM* __restrict__ v,
-                      long long n, float lr, float b1, float b2, float eps, float decay, float bc1, float bc2) {
+                      long long n, float lr, float b1, float b2, float eps, float decay, float bc1, float bc2,
+                      const unsigned char* __restrict__ dmask) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
+    if (dmask && !dmask[i >> 6]) decay = 1.0f;
     float gi = g[i];
     TM mq = from_f32<TM>(__fadd_rn(__fmul_rn(b1, to_f32(m[i])), __fmul_rn(__fsub_rn(1.0f, b1), gi)));
     TM vq = from_f32<TM>(__fadd_rn(__fmul_rn(b2, to_f32(v[i])), __fmul_rn(__fmul_rn(__fsub_rn(1.0f, b2), gi), gi)));
@@ -28,14 +32,15 @@ __device__ void adamw(float* __restrict__ p, const float* __restrict__ g, TM* __
     p[i] = __fsub_rn(__fmul_rn(p[i], decay), upd);
 }
 extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, long long n, float lr, float b1,
-                                     float b2, float eps, float decay, float bc1, float bc2) {
+                                     float b2, float eps, float decay, float bc1, float bc2, const unsigned char* dmask) {
     DSV3_PDL();
-    adamw<float>(p, g, m, v, n, lr, b1, b2, eps, decay, bc1, bc2);
+    adamw<float>(p, g, m, v, n, lr, b1, b2, eps, decay, bc1, bc2, dmask);
 }
 extern "C" __global__ void adamw_bf16m(float* p, const float* g, bf16* m, bf16* v, long long n, float lr, float b1,
-                                       float b2, float eps, float decay, float bc1, float bc2) {
+                                       float b2, float eps, float decay, float bc1, float bc2,
+                                       const unsigned char* dmask) {
     DSV3_PDL();
-    adamw<bf16>(p, g, m, v, n, lr, b1, b2, eps, decay, bc1, bc2);
+    adamw<bf16>(p, g, m, v, n, lr, b1, b2, eps, decay, bc1, bc2, dmask);
 }
 
 // ---- RMSNorm backward (core::ops::norm::rmsnorm_backward): r = (mean(x²)+eps)^-½,

@@ -217,35 +217,30 @@ const bool reverse_order = [] {
     const char* v = std::getenv("DSV3_EMU_ORDER");
     return v && std::string(v) == "reverse";
 }();
-// Launches per kernel; with DSV3_EMU_COVERAGE=FILE each process appends "name count" lines to FILE
-// at exit (gpu_tests.sh --coverage lists the kernels no test launched).
-std::map<std::string, long long> launches;
-struct CoverageAtExit {
-    ~CoverageAtExit() {
-        const char* f = std::getenv("DSV3_EMU_COVERAGE");
-        if (!f || !*f) return;
-        if (FILE* o = std::fopen(f, "a")) {
+// Launches per kernel, and driver and cuBLAS calls per entry point (counted where the entry
+// point takes the lock). At exit each process appends, with DSV3_EMU_COVERAGE=FILE, "name count"
+// lines of the launches (gpu_tests.sh --coverage lists the kernels no test launched), and with
+// DSV3_EMU_PROFILE=FILE "launch NAME N" (kernels run, graph replays included) and "call NAME N"
+// lines: the host round trips (cuStreamSynchronize, cuMemcpyDtoHAsync_v2), allocations and
+// launches of a run, where no profiler is at hand.
+std::map<std::string, long long> launches, api_calls;
+struct CountsAtExit {
+    static FILE* open(const char* var) {
+        const char* f = std::getenv(var);
+        return f && *f ? std::fopen(f, "a") : nullptr;
+    }
+    ~CountsAtExit() {
+        if (FILE* o = open("DSV3_EMU_COVERAGE")) {
             for (auto& [k, n] : launches) std::fprintf(o, "%s %lld\n", k.c_str(), n);
             std::fclose(o);
         }
-    }
-} coverage_at_exit;
-// Driver and cuBLAS calls per entry point (counted where the entry point takes the lock). With
-// DSV3_EMU_PROFILE=FILE each process appends "launch NAME N" (kernels run, graph replays
-// included) and "call NAME N" lines to FILE at exit: the host round trips (cuStreamSynchronize,
-// cuMemcpyDtoHAsync_v2), allocations and launches of a run, where no profiler is at hand.
-std::map<std::string, long long> api_calls;
-struct ProfileAtExit {
-    ~ProfileAtExit() {
-        const char* f = std::getenv("DSV3_EMU_PROFILE");
-        if (!f || !*f) return;
-        if (FILE* o = std::fopen(f, "a")) {
+        if (FILE* o = open("DSV3_EMU_PROFILE")) {
             for (auto& [k, n] : launches) std::fprintf(o, "launch %s %lld\n", k.c_str(), n);
             for (auto& [k, n] : api_calls) std::fprintf(o, "call %s %lld\n", k.c_str(), n);
             std::fclose(o);
         }
     }
-} profile_at_exit;
+} counts_at_exit;
 
 void run_grid(const std::string& name, const Op& body, emu_dim3 grid, unsigned threads, size_t smem) {
     last_kernel = name;

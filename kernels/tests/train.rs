@@ -27,7 +27,10 @@ fn adamw_matches_core_bit_for_bit_with_f32_and_bf16_moments() {
     let mut rng = Rng::new(80);
     let n = 1000 * 3 + 7;
     let p0 = randn(&mut rng, n);
-    for bf16_moments in [false, true] {
+    // with and without the decay mask (64 elements a byte; chunks 3, 7.. and the ragged last one
+    // undecayed: the trainer's one launch over tensors with and without weight decay)
+    let mask: Vec<u8> = (0..n.div_ceil(64)).map(|c| (c % 4 != 3 && c != n / 64) as u8).collect();
+    for (bf16_moments, masked) in [(false, false), (true, false), (false, true), (true, true)] {
         let (b1, b2, eps, wd, lr) = (0.9f32, 0.95f32, 1e-8f32, 0.1f32, 3e-3f32);
         // core/src/train/optim.rs AdamW::step, element by element
         let round = |x: f32| if bf16_moments { half::bf16::from_f32(x).to_f32() } else { x };
@@ -49,13 +52,20 @@ fn adamw_matches_core_bit_for_bit_with_f32_and_bf16_moments() {
                 m[j] = round(b1 * m[j] + (1.0 - b1) * g[j]);
                 v[j] = round(b2 * v[j] + (1.0 - b2) * g[j] * g[j]);
                 let (mh, vh) = (m[j] / bc1, v[j] / bc2);
-                p[j] = p[j] * decay - lr * mh / (vh.sqrt() + eps);
+                let dj = if masked && mask[j / 64] == 0 { 1.0 } else { decay };
+                p[j] = p[j] * dj - lr * mh / (vh.sqrt() + eps);
             }
             let s = AdamStep { lr, beta1: b1, beta2: b2, eps, decay, bc1, bc2 };
-            train::adamw(&dev, &mut pd, &upload(&dev, &g).unwrap(), &mut mom, n, &s).unwrap();
+            let dmask = upload(&dev, &mask).unwrap();
+            let mk = if masked { Some(&dmask) } else { None };
+            train::adamw(&dev, &mut pd, &upload(&dev, &g).unwrap(), &mut mom, n, &s, mk).unwrap();
             let got = download(&dev, &pd).unwrap();
             for j in 0..n {
-                assert_eq!(got[j].to_bits(), p[j].to_bits(), "adamw bf16 moments {bf16_moments} step {t} elem {j}");
+                assert_eq!(
+                    got[j].to_bits(),
+                    p[j].to_bits(),
+                    "adamw bf16 moments {bf16_moments} mask {masked} step {t} elem {j}"
+                );
             }
         }
         let (gm, gv): (Vec<f32>, Vec<f32>) = match &mom {

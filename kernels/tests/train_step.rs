@@ -12,7 +12,8 @@ use dsv3_core::rng::Rng;
 use dsv3_core::train::checkpoint::{self, Fault};
 use dsv3_core::train::{AdamW, LrSchedule, MicroBatch, StepMetrics, TrainConfig, Trainer};
 use dsv3_kernels::ops::train::AdamStep;
-use dsv3_kernels::train::trainer::{adam_scalars, bias_layers, clip_factor, decay_runs, max_over_mean};
+use dsv3_kernels::train::layout::ArenaLayout;
+use dsv3_kernels::train::trainer::{adam_scalars, bias_layers, clip_factor, decay_mask, max_over_mean};
 use dsv3_kernels::train::CudaTrainer;
 use dsv3_kernels::DType;
 use std::path::{Path, PathBuf};
@@ -162,18 +163,20 @@ fn host_step_scalars_match_core() {
     assert_eq!(clip_factor(Some(1.0), 1.0), None);
     assert_eq!(clip_factor(None, 5.0), None);
     assert_eq!(max_over_mean(&[vec![1, 3], vec![0, 0]]), vec![1.5, 0.0]);
-    assert_eq!(
-        decay_runs(&[false, true, true, false, true]),
-        vec![(0, 1, false), (1, 3, true), (3, 4, false), (4, 5, true)]
-    );
-    assert!(decay_runs(&[]).is_empty());
-    // the optimizer's launches on a fixture: one per run of equally decayed tensors
+    // the optimizer's one launch on a fixture: every 64-element chunk marked as its tensor's decay
     let mut t = load("v3_group");
     t.make_trainable();
-    let mut d = Vec::new();
-    t.visit(&mut |n, _| d.push(AdamW::decays(n)));
-    let runs = decay_runs(&d);
-    assert!(runs.len() < d.len() && runs.iter().map(|r| r.1 - r.0).sum::<usize>() == d.len());
+    let (lay, _) = ArenaLayout::of(&t).unwrap();
+    let mask = decay_mask(&lay.slots);
+    let last = lay.slots.last().unwrap();
+    assert_eq!(mask.len(), (last.off + last.len).div_ceil(64));
+    for sl in &lay.slots {
+        assert_eq!(sl.decays, AdamW::decays(&sl.name));
+        let chunks = &mask[sl.off / 64..(sl.off + sl.len).div_ceil(64)];
+        assert!(chunks.iter().all(|&m| m == sl.decays as u8), "{}: chunks {chunks:?}", sl.name);
+    }
+    assert!(mask.contains(&0) && mask.contains(&1), "v3_group has decayed and undecayed tensors");
+    assert!(decay_mask(&[]).is_empty());
     let g = load("v3_group");
     let with_bias = biases(&g).len();
     assert!(with_bias > 0, "v3_group has router correction biases");

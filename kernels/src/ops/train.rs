@@ -30,7 +30,12 @@ pub struct AdamStep {
     pub bc2: f32,
 }
 
-/// `p[..n]` one AdamW step with gradient `g`, updating `moments`.
+/// Elements per byte of [`adamw`]'s decay mask (`dmask[i >> 6]` in train.cu).
+pub const DECAY_CHUNK: usize = 64;
+
+/// `p[..n]` one AdamW step with gradient `g`, updating `moments`. `decay_mask`: one byte per
+/// [`DECAY_CHUNK`] elements, 0 where the tensor there is not decayed (`s.decay` applies where
+/// it is 1; without a mask, everywhere): the whole parameter arena in one launch.
 pub fn adamw(
     dev: &Device,
     p: &mut CudaSlice<f32>,
@@ -38,9 +43,16 @@ pub fn adamw(
     moments: &mut Moments,
     n: usize,
     s: &AdamStep,
+    decay_mask: Option<&CudaSlice<u8>>,
 ) -> Result<()> {
     if n == 0 {
         return Ok(());
+    }
+    if decay_mask.is_some_and(|d| d.len() < n.div_ceil(DECAY_CHUNK)) {
+        return Err(Error::Input(format!(
+            "adamw: a decay mask shorter than {} for {n} parameters",
+            n.div_ceil(DECAY_CHUNK)
+        )));
     }
     let (ml, vl, k, mp, vp) = match moments {
         Moments::F32 { m, v } => (m.len(), v.len(), "adamw_f32", dptr(dev, m, 0)?, dptr(dev, v, 0)?),
@@ -62,6 +74,10 @@ pub fn adamw(
         KArg::F32(s.decay),
         KArg::F32(s.bc1),
         KArg::F32(s.bc2),
+        KArg::Ptr(match decay_mask {
+            Some(d) => dptr(dev, d, 0)?,
+            None => 0,
+        }),
     ];
     launch(dev, "train", k, (dim(n.div_ceil(256), "adamw")?, 1, 1), 256, &args)
 }

@@ -613,6 +613,15 @@ pub fn fp8_expert_wgrad(dev: &Device, d: Dims, dy: Rd, x: Rd, c: Wr, rows: Exper
     }
     let tb = total / T;
     let rows = ro[groups] as usize;
+    if tma_allowed(dev) {
+        // one launch for every expert: fp8_gemm_tma grouped along K over the segments, from the
+        // table the training pass builds on the device
+        let mut table = ro.to_vec();
+        for &s in &seg {
+            table.push(int(s, "FP8 Wgrad segment")?);
+        }
+        return expert_wgrad_from_table(dev, d, dy, x, c, &upload(dev, &table)?, groups);
+    }
     // codes [cols, total] (expert e's tokens at columns seg[e]..), scales [cols, total/128]
     let quant = |v: Rd, cols: usize| -> Result<(CudaSlice<u8>, CudaSlice<f32>)> {
         let xv = ActView::of(dev, v.buf, v.off, (rows - 1) * v.ld + cols)?;
@@ -624,20 +633,6 @@ pub fn fp8_expert_wgrad(dev: &Device, d: Dims, dy: Rd, x: Rd, c: Wr, rows: Exper
     };
     let (aq, asc) = quant(dy, out)?;
     let (bq, bsc) = quant(x, inp)?;
-    if tma_allowed(dev) {
-        // one launch for every expert: fp8_gemm_tma grouped along K over the segments
-        let a = Fp8Operand { q: &aq, ld: total, scale: &asc, s_rs: tb, s_ks: 1 };
-        let b = Fp8Operand { q: &bq, ld: total, scale: &bsc, s_rs: tb, s_ks: 1 };
-        let gm = wgrad_gemm(out, inp, total, a, b, &c, d.acc);
-        let mut dv = ActView::of(dev, c.buf, c.off, (groups - 1) * c.st + (out - 1) * c.ld + inp)?;
-        if dv.dtype() != DType::F32 {
-            return Err(Error::Input("FP8 Wgrad: the gradient must be f32".into()));
-        }
-        let seg_i32 = seg.iter().map(|&v| int(v, "FP8 Wgrad segment")).collect::<Result<Vec<i32>>>()?;
-        let seg_dev = upload(dev, &seg_i32)?;
-        let segs = KSegments { dev: &seg_dev, off: 0, groups, host: Some(&seg) };
-        return fp8_gemm_kgrouped(dev, &gm, &mut dv, segs, c.st);
-    }
     for e in 0..groups {
         let t = (ro[e + 1] - ro[e]) as usize;
         if t == 0 {

@@ -20,7 +20,7 @@ use super::{CudaTrainModel, TrainOptions};
 use crate::device::{cuda_err, Device};
 use crate::ops::moe_train::bias_update;
 use crate::ops::optim::{scale, sum_f64, sumsq_blocks, sumsq_partials};
-use crate::ops::train::{adamw, AdamStep, Moments};
+use crate::ops::train::{adamw, AdamStep, Moments, DECAY_CHUNK};
 use crate::tensor::DType;
 use crate::train::mm::View;
 use cudarc::driver::CudaSlice;
@@ -41,9 +41,10 @@ pub struct CudaTrainer {
     pub cfg: TrainConfig,
     /// Optimizer steps taken.
     pub step: u64,
-    /// AdamW over the arenas: maximal runs of consecutive tensors with the same weight decay,
-    /// one launch each (padding between tensors is zero in masters, gradients and moments and
-    /// stays zero), with the runs' moments.
+    /// AdamW over the arenas: one run of every tensor, one launch (a per-64-element mask says
+    /// which are decayed; padding between tensors is zero in masters, gradients and moments and
+    /// stays zero), with the run's moments. (Until 2026-11-24 one launch per maximal run of
+    /// tensors with the same decay: 67 a step on bench-88m's structure.)
     runs: Vec<OptRun>,
     /// The whole gradient arena (the clip scale in one launch).
     grad_all: View<f32>,
@@ -55,29 +56,33 @@ pub struct CudaTrainer {
     sumsq: CudaSlice<f64>,
 }
 
-/// Consecutive tensors `slots` (indices into `model.params`) at arena range `[off, off + len)`,
-/// all decayed or all not: one AdamW launch over views of the masters and gradients, with moments
-/// laid out as that range.
+/// Consecutive tensors `slots` (indices into `model.params`) at arena range `[off, off + len)`:
+/// one AdamW launch over views of the masters and gradients, with moments laid out as that range.
 struct OptRun {
     slots: std::ops::Range<usize>,
     off: usize,
     len: usize,
-    decays: bool,
+    /// One byte per 64 elements of the range: 1 where the tensor is decayed.
+    decay_mask: CudaSlice<u8>,
     w: View<f32>,
     g: View<f32>,
     moments: Moments,
 }
 
-/// Maximal runs of consecutive slots with the same `decays`: `(first, end, decays)`.
-pub fn decay_runs(decays: &[bool]) -> Vec<(usize, usize, bool)> {
-    let mut out: Vec<(usize, usize, bool)> = Vec::new();
-    for (i, &d) in decays.iter().enumerate() {
-        match out.last_mut() {
-            Some(r) if r.2 == d => r.1 = i + 1,
-            _ => out.push((i, i + 1, d)),
-        }
+/// The AdamW decay mask of consecutive arena tensors `slots` (from `slots[0].off` to the end of
+/// the last): one byte per [`DECAY_CHUNK`] elements, 1 where the tensor there (its padding
+/// included) is decayed (`AdamW::decays`), else 0. Tensors start at multiples of `ALIGN` (a
+/// multiple of the chunk), so no chunk holds two.
+pub fn decay_mask(slots: &[super::layout::Slot]) -> Vec<u8> {
+    const _: () = assert!(super::layout::ALIGN.is_multiple_of(DECAY_CHUNK));
+    let Some(first) = slots.first() else { return Vec::new() };
+    let last = &slots[slots.len() - 1];
+    let mut mask = vec![0u8; (last.off + last.len - first.off).div_ceil(DECAY_CHUNK)];
+    for sl in slots {
+        let c0 = (sl.off - first.off) / DECAY_CHUNK;
+        mask[c0..c0 + sl.len.div_ceil(DECAY_CHUNK)].fill(sl.decays as u8);
     }
-    out
+    mask
 }
 
 /// The scalars of one AdamW update of a tensor, computed exactly as
@@ -175,7 +180,9 @@ impl CudaTrainer {
             return Err(Error::Input("GPU training: the arena layout does not list the parameters".into()));
         }
         let mut runs = Vec::new();
-        for (first, end, decays) in decay_runs(&slots.iter().map(|x| x.decays).collect::<Vec<_>>()) {
+        // every tensor in one run (one AdamW launch), the decayed ones marked per 64 elements
+        if !slots.is_empty() {
+            let (first, end) = (0, slots.len());
             let off = slots[first].off;
             let len = slots[end - 1].off + slots[end - 1].len - off;
             // a resumed run's moments laid out as the arena range (padding zero)
@@ -201,11 +208,12 @@ impl CudaTrainer {
                 (true, false) => Moments::Bf16 { m: zeros16()?, v: zeros16()? },
                 (true, true) => Moments::Bf16 { m: up16(host(&opt.m))?, v: up16(host(&opt.v))? },
             };
+            let mask = decay_mask(&slots[first..end]);
             runs.push(OptRun {
                 slots: first..end,
                 off,
                 len,
-                decays,
+                decay_mask: s.clone_htod(&mask).map_err(|e| cuda_err("upload", e))?,
                 w: View::of(&dev, model.masters(), off, len)?,
                 g: View::of(&dev, model.grads(), off, len)?,
                 moments,
@@ -326,8 +334,8 @@ impl CudaTrainer {
         let lr = self.cfg.schedule.at(self.step);
         self.opt.t += 1;
         for r in self.runs.iter_mut() {
-            let s = adam_scalars(&self.opt, self.opt.t, lr, r.decays);
-            adamw(&dev, &mut r.w, &r.g, &mut r.moments, r.len, &s)?;
+            let s = adam_scalars(&self.opt, self.opt.t, lr, true);
+            adamw(&dev, &mut r.w, &r.g, &mut r.moments, r.len, &s, Some(&r.decay_mask))?;
         }
         // auxiliary-loss-free balancing (`Trainer::update_biases`): b_i += γ·sign(mean − load_i)
         for (j, load) in bias_loads {

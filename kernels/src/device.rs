@@ -63,43 +63,37 @@ fn default_pool(ctx: &CudaContext) -> Result<cudarc::driver::sys::CUmemoryPool> 
     .map_err(|e| cuda_err("the default memory pool", e))
 }
 
+/// The release threshold of `ctx`'s default pool: sets it to `set` if given, returns it.
+fn pool_threshold(ctx: &CudaContext, set: Option<u64>) -> Result<u64> {
+    use cudarc::driver::{result::mem_pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD as ATTR};
+    let pool = default_pool(ctx)?;
+    let mut v = set.unwrap_or(0);
+    // SAFETY: a valid pool; the release threshold's value type is cuuint64_t
+    guard("cuMemPool{Set,Get}Attribute", || unsafe {
+        let p = (&mut v as *mut u64).cast();
+        match set {
+            Some(_) => mem_pool::set_attribute(pool, ATTR, p),
+            None => mem_pool::get_attribute(pool, ATTR, p),
+        }
+    })?
+    .map_err(|e| cuda_err("the memory pool's release threshold", e))?;
+    Ok(v)
+}
+
 /// Keeps the memory the stream-ordered allocator has reserved. The default pool's release
 /// threshold is 0, which hands every unused byte back to the OS at each stream, event or context
 /// synchronization: each training step (whose scalars' download synchronizes) and each generate
 /// call would map its activations' memory anew. As PyTorch's caching allocator, the pool now keeps
 /// what it has reserved (peak use stays reserved until the process ends).
-fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
-    use cudarc::driver::{result::mem_pool, sys::CUmemPool_attribute};
-    let pool = default_pool(ctx)?;
-    let mut keep = u64::MAX;
-    // SAFETY: a valid pool; the release threshold's value type is cuuint64_t
-    guard("cuMemPoolSetAttribute", || unsafe {
-        mem_pool::set_attribute(
-            pool,
-            CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut keep as *mut u64).cast(),
-        )
-    })?
-    .map_err(|e| cuda_err("the memory pool's release threshold", e))
+fn keep_pool_memory(ctx: &CudaContext) -> Result<u64> {
+    pool_threshold(ctx, Some(u64::MAX))
 }
 
 impl Device {
     /// Bytes the stream-ordered allocator's pool keeps reserved through synchronizations (its
     /// release threshold; `u64::MAX` once opened, where the driver has pools).
     pub fn pool_release_threshold(&self) -> Result<u64> {
-        use cudarc::driver::{result::mem_pool, sys::CUmemPool_attribute};
-        let pool = default_pool(&self.ctx)?;
-        let mut v = 0u64;
-        // SAFETY: a valid pool; the release threshold's value type is cuuint64_t
-        guard("cuMemPoolGetAttribute", || unsafe {
-            mem_pool::get_attribute(
-                pool,
-                CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut v as *mut u64).cast(),
-            )
-        })?
-        .map_err(|e| cuda_err("the memory pool's release threshold", e))?;
-        Ok(v)
+        pool_threshold(&self.ctx, None)
     }
 
     /// Opens GPU `ordinal`. Errors (never panics) when there is no driver, no such GPU, or its

@@ -166,16 +166,14 @@ pub(crate) fn launch_tma(
     )
 }
 
-/// The K segments of [`fp8_gemm_kgrouped`]: `groups + 1` offsets (multiples of 128,
-/// non-decreasing, the last within the GEMM's `k`) on the device at `dev[off..]`, and the same
-/// values on the host where the caller has them (then checked here). Without them the kernel
-/// trusts the device table (`ops::moe_train::plan_token_order` builds it so); a wrong one can
+/// The K segments of [`fp8_gemm_kgrouped`]: `groups + 1` offsets on the device at `dev[off..]`
+/// (multiples of 128, non-decreasing, the last within the GEMM's `k`: as
+/// `ops::moe_train::plan_token_order` builds them). The kernel trusts them; a wrong table can
 /// make wrong products but no access outside the operands (TMA fills past `k` with zeros) or D.
 pub struct KSegments<'a> {
     pub dev: &'a cudarc::driver::CudaSlice<i32>,
     pub off: usize,
     pub groups: usize,
-    pub host: Option<&'a [usize]>,
 }
 
 /// The K-grouped FP8 GEMM (sm_90a, `fp8_gemm_tma_*` with `k_seg`; the MoE expert Wgrad in one
@@ -199,25 +197,19 @@ pub fn fp8_gemm_kgrouped(
     if dev.arch != crate::ptx::Arch::Sm90a {
         return Err(dsv3_core::Error::Unsupported("fp8_gemm_kgrouped: needs sm_90a (H100/H200)".into()));
     }
-    let host_ok = |seg: &[usize]| {
-        seg.len() == kgroups + 1
-            && seg.iter().all(|s| s % 128 == 0)
-            && seg.windows(2).all(|w| w[1] >= w[0])
-            && seg[kgroups] <= g.k
-    };
     if kgroups == 0
         || k_seg.len() < segs.off + kgroups + 1
         || g.grouped.is_some()
         || g.groups != 1
-        || segs.host.is_some_and(|seg| !host_ok(seg))
         || (kgroups > 1 && stride_d < (g.m - 1) * g.ldd + g.n)
     {
         return Err(dsv3_core::Error::Input(format!(
-            "fp8_gemm_kgrouped: {kgroups} groups, segments {:?} (multiples of 128 within k = {}), stride_d {stride_d}",
-            segs.host, g.k
+            "fp8_gemm_kgrouped: {kgroups} groups (a table of {} from {}), stride_d {stride_d}",
+            k_seg.len(),
+            segs.off
         )));
     }
-    if segs.host.is_some_and(|seg| seg[kgroups] == 0) || g.k == 0 {
+    if g.k == 0 {
         return Ok(());
     }
     // every group's output inside d; the rest is fp8_gemm's validation of the whole-K call

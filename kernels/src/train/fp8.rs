@@ -689,7 +689,7 @@ fn expert_wgrad_from_table(
     if dv.dtype() != DType::F32 {
         return Err(Error::Input("FP8 Wgrad: the gradient must be f32".into()));
     }
-    let segs = KSegments { dev: t128, off: groups + 1, groups, host: None };
+    let segs = KSegments { dev: t128, off: groups + 1, groups };
     fp8_gemm_kgrouped(dev, &gm, &mut dv, segs, c.st)
 }
 

@@ -41,11 +41,11 @@ pub struct CudaTrainer {
     pub cfg: TrainConfig,
     /// Optimizer steps taken.
     pub step: u64,
-    /// AdamW over the arenas: one run of every tensor, one launch (a per-64-element mask says
-    /// which are decayed; padding between tensors is zero in masters, gradients and moments and
-    /// stays zero), with the run's moments. (Until 2026-11-24 one launch per maximal run of
-    /// tensors with the same decay: 67 a step on bench-88m's structure.)
-    runs: Vec<OptRun>,
+    /// AdamW over the arenas: every tensor in one launch (a per-64-element mask says which are
+    /// decayed; padding between tensors is zero in masters, gradients and moments and stays
+    /// zero), with the moments (none for a model without parameters). Until 2026-11-24 one
+    /// launch per maximal run of tensors with the same decay: 67 a step on bench-88m's structure.
+    adam: Option<OptRun>,
     /// The whole gradient arena (the clip scale in one launch).
     grad_all: View<f32>,
     /// For each `model.biases[j]`: the index of its MoE layer among the main MoE layers (the
@@ -179,7 +179,7 @@ impl CudaTrainer {
         if slots.len() != model.params.len() || slots.iter().zip(&model.params).any(|(a, p)| a.name != p.name) {
             return Err(Error::Input("GPU training: the arena layout does not list the parameters".into()));
         }
-        let mut runs = Vec::new();
+        let mut adam = None;
         // every tensor in one run (one AdamW launch), the decayed ones marked per 64 elements
         if !slots.is_empty() {
             let (first, end) = (0, slots.len());
@@ -209,7 +209,7 @@ impl CudaTrainer {
                 (true, true) => Moments::Bf16 { m: up16(host(&opt.m))?, v: up16(host(&opt.v))? },
             };
             let mask = decay_mask(&slots[first..end]);
-            runs.push(OptRun {
+            adam = Some(OptRun {
                 slots: first..end,
                 off,
                 len,
@@ -226,7 +226,7 @@ impl CudaTrainer {
         let partial =
             s.alloc_zeros::<f64>(sumsq_blocks(model.grads().len()).max(1)).map_err(|e| cuda_err("alloc", e))?;
         let sumsq = s.alloc_zeros::<f64>(1).map_err(|e| cuda_err("alloc", e))?;
-        Ok(CudaTrainer { model, opt, cfg: tr.cfg.clone(), step: tr.step, runs, grad_all, bias_layer, partial, sumsq })
+        Ok(CudaTrainer { model, opt, cfg: tr.cfg.clone(), step: tr.step, adam, grad_all, bias_layer, partial, sumsq })
     }
 
     /// A fresh trainer: `Trainer::new(model, opt, cfg)` uploaded with [`CudaTrainer::new`].
@@ -333,7 +333,7 @@ impl CudaTrainer {
         }
         let lr = self.cfg.schedule.at(self.step);
         self.opt.t += 1;
-        for r in self.runs.iter_mut() {
+        if let Some(r) = self.adam.as_mut() {
             let s = adam_scalars(&self.opt, self.opt.t, lr, true);
             adamw(&dev, &mut r.w, &r.g, &mut r.moments, r.len, &s, Some(&r.decay_mask))?;
         }
@@ -381,7 +381,7 @@ impl CudaTrainer {
         let s = &self.model.dev.stream;
         let (mut m, mut v) = (Vec::new(), Vec::new());
         let slots = &self.model.layout().slots;
-        for r in &self.runs {
+        if let Some(r) = &self.adam {
             let (a, b) = match &r.moments {
                 Moments::F32 { m: a, v: b } => (
                     s.clone_dtoh(a).map_err(|e| cuda_err("download", e))?,

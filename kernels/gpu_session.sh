@@ -36,7 +36,8 @@
 #                                              flash reproducibility, bf16/FP8 passes, moments; the
 #                                              device plan, pool, deterministic pass), the
 #                                              88M decode (d1w8 default vs m1t32, PDL, fused merge),
-#                                              the training step (cuBLAS vs mma products, FP8),
+#                                              the training step (cuBLAS vs mma products, FP8;
+#                                              with --profile, its GPU time by kernel),
 #                                              fp8_bench, then the loss curves in the time left
 #
 # A test that prints SKIP on the GPU machine is a failure of the session (only the no-GPU parts of
@@ -311,14 +312,16 @@ run_next() {
       E=DSV3_PDL=1 one 40 "${dec[@]}" --batch "$b"
       E=DSV3_MLA_COMBINE=fused one 40 "${dec[@]}" --batch "$b"
       E="DSV3_MLA_COMBINE=fused DSV3_PDL=1" one 40 "${dec[@]}" --batch "$b"
+      # where a decode step's time goes, kernel by kernel (uncaptured, so its numbers are not the above)
+      E=DSV3_CUDA_GRAPH=0 one 40 "${dec[@]}" --batch "$b" --new-tokens 64 --repeat 1 --profile
     done
   } >"$out/decode.log"
   echo "decode done at $(el)s"
   local tr=(gpu/bin/dsv3 bench --model /tmp/m88 --train --device cuda --batch 8 --prompt-len 1024 --repeat 5)
   {
-    one 60 "${tr[@]}" --dtype bf16
+    one 60 "${tr[@]}" --dtype bf16 --profile
     E=DSV3_TRAIN_GEMM=mma one 60 "${tr[@]}" --dtype bf16
-    one 60 "${tr[@]}" --dtype bf16 --precision fp8
+    one 60 "${tr[@]}" --dtype bf16 --precision fp8 --profile
     E=DSV3_PDL=1 one 60 "${tr[@]}" --dtype bf16
   } >"$out/train.log"
   echo "train done at $(el)s"

@@ -91,7 +91,15 @@ pub fn generate(cm: &CudaModel, prompt: &[u32], params: &SamplingParams, tk: Opt
     Ok(())
 }
 
-/// `dsv3 bench --device cuda`: prefill and greedy decode throughput of `batch` random prompts.
+/// Steps a `--profile` of `dsv3 bench --train --device cuda` times (after the timed ones).
+pub const PROFILE_TRAIN_STEPS: usize = 2;
+
+/// Rows of the `--profile` table (the rest are summed in one more).
+const PROFILE_TOP: usize = 30;
+
+/// `dsv3 bench --device cuda`: prefill and greedy decode throughput of `batch` random prompts;
+/// with `profile`, then the GPU time by kernel of one more run's decode steps.
+#[allow(clippy::too_many_arguments)]
 pub fn bench(
     cm: &CudaModel,
     batch: usize,
@@ -100,6 +108,7 @@ pub fn bench(
     repeat: usize,
     seed: u64,
     json: bool,
+    profile: bool,
 ) -> Result<()> {
     if batch == 0 || prompt_len == 0 || new_tokens == 0 {
         return Err(Error::Input("--batch, --prompt-len and --new-tokens must be positive".into()));
@@ -109,18 +118,28 @@ pub fn bench(
     let prompts: Vec<Vec<u32>> =
         (0..batch).map(|_| (0..prompt_len).map(|_| rng.below(v as u64) as u32).collect()).collect();
     let (mut best_pre, mut best_dec) = (f64::INFINITY, f64::INFINITY);
-    for _ in 0..repeat {
+    let mut prof = None;
+    for r in 0..repeat + usize::from(profile) {
+        // the run past `repeat` is the profiled one (its times are not counted)
+        let profiled = r == repeat;
         let mut sess = CudaSession::new(cm, batch, prompt_len + new_tokens)?;
         let t0 = Instant::now();
         let inputs: Vec<(usize, &[u32])> = prompts.iter().enumerate().map(|(i, p)| (i, &p[..])).collect();
         // greedy decode with the argmax on the device (only token ids cross back)
         let mut toks = sess.step_greedy(&inputs)?;
         let pre = t0.elapsed().as_secs_f64();
+        if profiled {
+            cm.dev.profile_begin()?;
+        }
         let t1 = Instant::now();
         for _ in 0..new_tokens {
             let next: Vec<[u32; 1]> = toks.iter().map(|&t| [t]).collect();
             let inputs: Vec<(usize, &[u32])> = next.iter().enumerate().map(|(i, t)| (i, &t[..])).collect();
             toks = sess.step_greedy(&inputs)?;
+        }
+        if profiled {
+            prof = Some(cm.dev.profile_end()?);
+            continue;
         }
         best_pre = best_pre.min(pre);
         best_dec = best_dec.min(t1.elapsed().as_secs_f64());
@@ -143,10 +162,11 @@ pub fn bench(
     let mla_desc = format!("{}{}", mla.name(), if fused { "+fused-merge" } else { "" });
     if json {
         println!(
-            "{{\"device\":{:?},\"dtype\":\"{:?}\",\"pdl\":{pdl},\"mla\":\"{mla_desc}\",\"batch\":{batch},\"prompt_len\":{prompt_len},\"new_tokens\":{new_tokens},\"prefill_tokens_per_s\":{pre_tps:.1},\"decode_tokens_per_s\":{dec_tps:.1},\"decode_ms_per_step\":{:.4}}}",
+            "{{\"device\":{:?},\"dtype\":\"{:?}\",\"pdl\":{pdl},\"mla\":\"{mla_desc}\",\"batch\":{batch},\"prompt_len\":{prompt_len},\"new_tokens\":{new_tokens},\"prefill_tokens_per_s\":{pre_tps:.1},\"decode_tokens_per_s\":{dec_tps:.1},\"decode_ms_per_step\":{:.4}{}}}",
             name,
             cm.dtype,
-            best_dec * 1e3 / new_tokens as f64
+            best_dec * 1e3 / new_tokens as f64,
+            profile_field(prof.as_ref(), new_tokens)
         );
     } else {
         println!(
@@ -156,8 +176,19 @@ pub fn bench(
         );
         println!("prefill  {pre_tps:>10.1} tokens/s");
         println!("decode   {dec_tps:>10.1} tokens/s  ({:.3} ms/step)", best_dec * 1e3 / new_tokens as f64);
+        if let Some(p) = &prof {
+            print!("decode steps, {}", p.table(new_tokens, PROFILE_TOP));
+            if dsv3_kernels::model::session::graphs_enabled() {
+                println!("(each decode step ran as one CUDA graph: DSV3_CUDA_GRAPH=0 breaks it down by kernel)");
+            }
+        }
     }
     Ok(())
+}
+
+/// `,"profile":{...}` for a JSON line, or nothing.
+fn profile_field(p: Option<&dsv3_kernels::profile::Profile>, per: usize) -> String {
+    p.map_or(String::new(), |p| format!(",\"profile\":{}", p.json(per)))
 }
 
 /// The dense bf16 tensor-core peak MFU is reported against: H100 SXM, 989.4 TFLOP/s (NVIDIA's
@@ -192,6 +223,7 @@ pub fn bench_train(
     steps: usize,
     seed: u64,
     json: bool,
+    profile: bool,
 ) -> Result<()> {
     use dsv3_core::train::{AdamW, LrSchedule, MicroBatch, TrainConfig};
     use dsv3_kernels::train::CudaTrainer;
@@ -216,6 +248,15 @@ pub fn bench_train(
         step(&mut rng)?; // warm-up: module loads, allocations
     }
     let mut times: Vec<f64> = (0..steps).map(|_| step(&mut rng)).collect::<Result<_>>()?;
+    let prof = if profile {
+        dev.profile_begin()?;
+        for _ in 0..PROFILE_TRAIN_STEPS {
+            step(&mut rng)?;
+        }
+        Some(dev.profile_end()?)
+    } else {
+        None
+    };
     times.sort_by(|a, b| a.total_cmp(b));
     let med = times[times.len() / 2];
     let tps = (batch * seq_len) as f64 / med;
@@ -233,9 +274,10 @@ pub fn bench_train(
     };
     if json {
         println!(
-            "{{\"device\":{name:?},\"dtype\":\"{dtype:?}\",\"precision\":\"{precision:?}\",\"gemm\":\"{gemm}\",\"batch\":{batch},\"seq_len\":{seq_len},\"steps\":{steps},\"step_ms\":{:.3},\"train_tokens_per_s\":{tps:.1},\"active_params\":{active},\"flops_per_token\":{flops_tok:.0},\"tflops\":{tflops},\"mfu\":{mfu},\"peak_tflops\":{:.1}}}",
+            "{{\"device\":{name:?},\"dtype\":\"{dtype:?}\",\"precision\":\"{precision:?}\",\"gemm\":\"{gemm}\",\"batch\":{batch},\"seq_len\":{seq_len},\"steps\":{steps},\"step_ms\":{:.3},\"train_tokens_per_s\":{tps:.1},\"active_params\":{active},\"flops_per_token\":{flops_tok:.0},\"tflops\":{tflops},\"mfu\":{mfu},\"peak_tflops\":{:.1}{}}}",
             med * 1e3,
-            H100_BF16_PEAK_FLOPS / 1e12
+            H100_BF16_PEAK_FLOPS / 1e12,
+            profile_field(prof.as_ref(), PROFILE_TRAIN_STEPS)
         );
     } else {
         println!(
@@ -248,6 +290,9 @@ pub fn bench_train(
             mfu * 100.0,
             H100_BF16_PEAK_FLOPS / 1e12
         );
+        if let Some(p) = &prof {
+            print!("{}", p.table(PROFILE_TRAIN_STEPS, PROFILE_TOP));
+        }
     }
     Ok(())
 }

@@ -168,6 +168,12 @@ enum Cmd {
         /// FP8 recipe: the FP8 kernels with --device cuda, the exact emulation on the CPU).
         #[arg(long, default_value = "f32", requires = "train")]
         precision: String,
+        /// With --device cuda: after the timed runs, time every kernel launch of one more run (the
+        /// decode steps; with --train, 2 more steps) and print the GPU time by kernel (in --json, a
+        /// "profile" field). A decode step captured in a CUDA graph is one span; DSV3_CUDA_GRAPH=0
+        /// breaks it down by kernel.
+        #[arg(long)]
+        profile: bool,
         /// Benchmark pipeline schedules instead (1f1b, zb1p, dualpipe, dualpipev on the same model
         /// and batch): step time and per-rank idle fraction, measured and simulated. Each rank
         /// computes on one thread unless --threads is given.
@@ -386,13 +392,18 @@ fn run(cli: Cli) -> Result<()> {
             pipeline,
             pp,
             micro_batches,
+            profile,
         } => {
             let precision = match precision.as_str() {
                 "f32" => dsv3_core::model::linear::Precision::F32,
                 "fp8" => dsv3_core::model::linear::Precision::Fp8,
                 o => return Err(Error::Input(format!("--precision must be f32 or fp8, got '{o}'"))),
             };
-            if let Some(i) = dev.cuda()? {
+            let cuda = dev.cuda()?;
+            if profile && cuda.is_none() {
+                return Err(Error::Input("--profile times GPU kernels: it needs --device cuda".into()));
+            }
+            if let Some(i) = cuda {
                 if pipeline {
                     return Err(Error::Input(
                         "--pipeline benchmarks the CPU executor; it does not combine with --device cuda".into(),
@@ -411,10 +422,11 @@ fn run(cli: Cli) -> Result<()> {
                         repeat.max(1),
                         seed,
                         json,
+                        profile,
                     );
                 }
                 let cm = cuda_cmd::upload(d, &model, o)?;
-                return cuda_cmd::bench(&cm, batch, prompt_len, new_tokens, repeat.max(1), seed, json);
+                return cuda_cmd::bench(&cm, batch, prompt_len, new_tokens, repeat.max(1), seed, json, profile);
             }
             if pipeline && m.threads.is_none() {
                 rayon_threads(1)?;

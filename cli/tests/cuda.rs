@@ -96,6 +96,10 @@ fn train_on_cuda_without_a_gpu_is_a_clear_error() {
     assert!(err.contains("--precision must be f32 or fp8"), "{err}");
     let o = dsv3(&with(&["--device", "cuda", "--dtype", "fp4"]));
     assert_eq!(o.status.code(), Some(1));
+    let o = dsv3(&["bench", "--model", m, "--train", "--profile"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--profile") && err.contains("--device cuda"), "{err}");
     if gpu() {
         let _ = writeln_skip("SKIP train_on_cuda_without_a_gpu_is_a_clear_error (no-GPU part): a GPU is present");
         return;
@@ -193,9 +197,11 @@ fn on_a_gpu_train_matches_the_cpu_and_resumes() {
         "--repeat",
         "2",
         "--json",
+        "--profile",
     ]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert!(v["train_tokens_per_s"].as_f64().unwrap() > 0.0 && v["mfu"].as_f64().unwrap() > 0.0, "{out}");
+    check_profile(&v["profile"], "rmsnorm", &out);
     let (out, _) = ok(&[
         "bench",
         "--model",
@@ -216,6 +222,40 @@ fn on_a_gpu_train_matches_the_cpu_and_resumes() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["precision"], "Fp8", "{out}");
     assert!(v["train_tokens_per_s"].as_f64().unwrap() > 0.0, "{out}");
+    assert!(v.get("profile").is_none(), "no profile unless asked: {out}");
+    // the text table
+    let (out, _) = ok(&[
+        "bench",
+        "--model",
+        fixture("v3_group").to_str().unwrap(),
+        "--train",
+        "--precision",
+        "fp8",
+        "--device",
+        "cuda",
+        "--batch",
+        "1",
+        "--prompt-len",
+        "16",
+        "--repeat",
+        "1",
+        "--profile",
+    ]);
+    assert!(out.contains("GPU time by kernel, per step (2 steps profiled)"), "{out}");
+    assert!(out.contains("us/call") && out.contains("  fp8_"), "{out}");
+}
+
+/// A `--profile` field of `dsv3 bench --json`: kernels with their calls and times, one of them
+/// `expect`, busy time within the wall time.
+fn check_profile(p: &serde_json::Value, expect: &str, out: &str) {
+    let ks = p["kernels"].as_array().unwrap_or_else(|| panic!("no profile.kernels: {out}"));
+    assert!(!ks.is_empty(), "{out}");
+    assert!(ks.iter().any(|k| k["name"].as_str().is_some_and(|n| n.starts_with(expect))), "{expect}: {out}");
+    for k in ks {
+        assert!(k["calls"].as_f64().unwrap() > 0.0 && k["ms"].as_f64().unwrap() >= 0.0, "{out}");
+    }
+    let (busy, wall) = (p["busy_ms"].as_f64().unwrap(), p["wall_ms"].as_f64().unwrap());
+    assert!(busy >= 0.0 && busy <= wall + 1e-6, "{out}");
 }
 
 fn writeln_skip(msg: &str) -> std::io::Result<()> {
@@ -266,6 +306,10 @@ fn on_a_gpu_logits_match_the_cpu_and_generate_runs() {
         "cuda",
     ]);
     assert!(out.contains("[cuda]"), "{out}");
-    let (out, _) = ok(&["bench", "--model", m.to_str().unwrap(), "--device", "cuda", "--new-tokens", "8", "--json"]);
+    let (out, _) =
+        ok(&["bench", "--model", m.to_str().unwrap(), "--device", "cuda", "--new-tokens", "8", "--json", "--profile"]);
     assert!(out.contains("decode_tokens_per_s"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    // the captured steps are one span each
+    check_profile(&v["profile"], "decode graph", &out);
 }

@@ -20,8 +20,18 @@ pub struct Device {
     pub sms: usize,
     /// A second stream for work that can run beside the main one ([`Device::fork`]).
     side: Option<Arc<CudaStream>>,
-    functions: Arc<Mutex<HashMap<(&'static str, &'static str), CudaFunction>>>,
+    functions: Arc<Mutex<HashMap<(&'static str, &'static str), Loaded>>>,
     modules: Arc<Mutex<HashMap<&'static str, Arc<CudaModule>>>>,
+    /// The profiling window, shared with the side-stream views (crate::profile).
+    pub(crate) profile: Arc<crate::profile::Recorder>,
+}
+
+/// A loaded kernel and the dynamic shared memory it has been allowed so far (the attribute is
+/// set once per size increase, not per launch).
+#[derive(Clone)]
+struct Loaded {
+    f: CudaFunction,
+    smem_allowed: u32,
 }
 
 /// Runs a driver call, turning a panic (a symbol missing from an old libcuda) into an error.
@@ -136,6 +146,7 @@ impl Device {
             side,
             functions: Arc::new(Mutex::new(HashMap::new())),
             modules: Arc::new(Mutex::new(HashMap::new())),
+            profile: Arc::new(crate::profile::Recorder::default()),
         })
     }
 
@@ -159,6 +170,7 @@ impl Device {
             side: None,
             functions: self.functions.clone(),
             modules: self.modules.clone(),
+            profile: self.profile.clone(),
         })
     }
 
@@ -170,10 +182,30 @@ impl Device {
 
     /// Kernel `kernel` of PTX module `module` (loading the module on first use).
     pub fn function(&self, module: &'static str, kernel: &'static str) -> Result<CudaFunction> {
+        self.function_with_smem(module, kernel, 0)
+    }
+
+    /// [`Device::function`] allowed `smem` bytes of dynamic shared memory: above the default 48
+    /// KiB the function attribute is raised the first time a size needs it (the caller checks the
+    /// device's opt-in maximum), not at every launch.
+    pub fn function_with_smem(&self, module: &'static str, kernel: &'static str, smem: u32) -> Result<CudaFunction> {
         let mut fns = self.functions.lock().map_err(|_| Error::Io("CUDA: function cache poisoned".into()))?;
-        if let Some(f) = fns.get(&(module, kernel)) {
-            return Ok(f.clone());
+        let loaded = match fns.get_mut(&(module, kernel)) {
+            Some(l) => l,
+            None => {
+                let f = self.load_function(module, kernel)?;
+                fns.entry((module, kernel)).or_insert(Loaded { f, smem_allowed: crate::ops::DEFAULT_MAX_DYNAMIC_SMEM })
+            }
+        };
+        if smem > loaded.smem_allowed {
+            crate::ops::allow_dynamic_smem(&loaded.f, smem)
+                .map_err(|e| cuda_err(&format!("allowing {smem} B of shared memory for {kernel}"), e))?;
+            loaded.smem_allowed = smem;
         }
+        Ok(loaded.f.clone())
+    }
+
+    fn load_function(&self, module: &'static str, kernel: &'static str) -> Result<CudaFunction> {
         let m = {
             let mut mods = self.modules.lock().map_err(|_| Error::Io("CUDA: module cache poisoned".into()))?;
             match mods.get(module) {
@@ -190,9 +222,7 @@ impl Device {
                 }
             }
         };
-        let f = m.load_function(kernel).map_err(|e| cuda_err(&format!("kernel '{kernel}' in '{module}'"), e))?;
-        fns.insert((module, kernel), f.clone());
-        Ok(f)
+        m.load_function(kernel).map_err(|e| cuda_err(&format!("kernel '{kernel}' in '{module}'"), e))
     }
 
     /// Waits for all work queued on the stream.

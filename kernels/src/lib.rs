@@ -11,6 +11,7 @@
 //! - [`train`]: training on the device ([`train::CudaTrainModel`]'s pass, [`train::CudaTrainer`]'s
 //!   optimizer step; `dsv3 train --device cuda`).
 //! - [`nccl`] (feature `nccl`, default): the pipeline `Transport` over NCCL point-to-point.
+//! - [`profile`]: GPU time by kernel (`Device::profile_begin` / `profile_end`).
 //! - [`bench`]: kernel benchmarks against cuBLAS and the device-copy ceiling (`examples/kernel_bench.rs`).
 pub mod bench;
 pub mod device;
@@ -18,6 +19,7 @@ pub mod model;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod ops;
+pub mod profile;
 pub mod ptx;
 pub mod tensor;
 pub mod train;

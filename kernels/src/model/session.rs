@@ -104,7 +104,7 @@ pub(super) enum Out {
 }
 
 /// Whether decode steps are captured into CUDA graphs (`DSV3_CUDA_GRAPH=0` turns it off).
-fn graphs_enabled() -> bool {
+pub fn graphs_enabled() -> bool {
     std::env::var("DSV3_CUDA_GRAPH").map_or(true, |v| v != "0")
 }
 
@@ -399,7 +399,9 @@ impl<'m> CudaSession<'m> {
         if let (Want::Sample(prm), Some(b)) = (want, &mut g.sample) {
             b.upload(&dev, prm)?;
         }
+        let mark = crate::profile::start(&dev)?;
         g.graph.launch().map_err(|e| cuda_err("launching the decode graph", e))?;
+        crate::profile::finish(&dev, mark, || format!("decode graph ({n} sequences)").into())?;
         let out = match want {
             Want::Logits => {
                 Out::Logits(dev.stream.clone_dtoh(&g.logits).map_err(|e| cuda_err("downloading logits", e))?)

@@ -264,16 +264,28 @@ pub(crate) fn launch_smem(
     args: &[KArg],
 ) -> Result<()> {
     check_launch(kernel, grid, block)?;
-    let f = dev.function(module, kernel)?;
-    if smem > DEFAULT_MAX_DYNAMIC_SMEM {
-        allow_dynamic_smem(&f, smem)
-            .map_err(|e| cuda_err(&format!("allowing {smem} B of shared memory for {kernel}"), e))?;
-    }
+    let f = dev.function_with_smem(module, kernel, smem)?;
+    let mark = crate::profile::start(dev)?;
     if pdl_enabled(dev) {
-        return launch_pdl(dev, &f, kernel, grid, block, smem, args);
+        launch_pdl(dev, &f, kernel, grid, block, smem, args)?;
+    } else {
+        launch_plain(dev, &f, kernel, grid, block, smem, args)?;
     }
+    crate::profile::finish(dev, mark, || kernel.into())
+}
+
+/// `cuLaunchKernel` through cudarc's builder.
+fn launch_plain(
+    dev: &Device,
+    f: &CudaFunction,
+    kernel: &str,
+    grid: (u32, u32, u32),
+    block: u32,
+    smem: u32,
+    args: &[KArg],
+) -> Result<()> {
     let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
-    let mut b = dev.stream.launch_builder(&f);
+    let mut b = dev.stream.launch_builder(f);
     for a in args {
         match a {
             KArg::Ptr(v) => b.arg(v),

@@ -458,6 +458,7 @@ impl Mm {
             blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
         };
         let vp = |p: u64| p as *const std::ffi::c_void;
+        let mark = crate::profile::start(dev)?;
         // SAFETY: every operand's extent is checked against its buffer above; alpha and beta are
         // f32 as both compute types want; the handle runs on the device stream.
         unsafe {
@@ -487,7 +488,12 @@ impl Mm {
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| cuda_err("cuBLAS GemmStridedBatchedEx", e))
+        .map_err(|e| cuda_err("cuBLAS GemmStridedBatchedEx", e))?;
+        crate::profile::finish(dev, mark, || {
+            let ty = if f32_only { "f32" } else { "bf16" };
+            let batch = if d.batch > 1 { format!("x{}", d.batch) } else { String::new() };
+            format!("cublas {ty} {l:?} {}x{}x{}{batch}{}", d.m, d.n, d.k, if d.acc { " +=" } else { "" }).into()
+        })
     }
 }
 

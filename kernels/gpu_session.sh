@@ -26,7 +26,8 @@
 #                                              fallback switch (DSV3_FP8_KERNEL=v2/v1, DSV3_FP8_SPLITK=1,
 #                                              DSV3_FP8_WGRAD_BATCH=0, DSV3_FP8_QUANT=v1,
 #                                              DSV3_TRAIN_FLASH=0) and the opt-in ones
-#                                              (DSV3_TRAIN_GEMM=mma, DSV3_MLA_MMA=m1t32, DSV3_PDL=1,
+#                                              (DSV3_TRAIN_GEMM=mma, DSV3_BF16_GROUPED=mma,
+#                                              DSV3_MLA_MMA=m1t32, DSV3_PDL=1,
 #                                              DSV3_MLA_COMBINE=fused): a PASS/FAIL table that says
 #                                              which new kernel breaks, if one does; GROUP: fp8, train
 #                                              or infer (all three by default, within a 540 s budget)
@@ -36,8 +37,10 @@
 #                                              flash reproducibility, bf16/FP8 passes, moments; the
 #                                              device plan, pool, deterministic pass), the
 #                                              88M decode (d1w8 default vs m1t32, PDL, fused merge),
-#                                              the training step (cuBLAS vs mma products, FP8;
-#                                              with --profile, its GPU time by kernel),
+#                                              the training step (cuBLAS vs mma products, FP8,
+#                                              the experts on wgmma+TMA vs mma.sync; with
+#                                              --profile, its GPU time by kernel), the grouped
+#                                              expert GEMM bench (kernel_bench grouped),
 #                                              fp8_bench, then the loss curves in the time left
 #
 # A test that prints SKIP on the GPU machine is a failure of the session (only the no-GPU parts of
@@ -208,6 +211,7 @@ run_triage() {
         triage_one k_train_pass "default"
         triage_one k_train_pass "DSV3_TRAIN_FLASH=0" DSV3_TRAIN_FLASH=0
         triage_one k_train_pass "DSV3_TRAIN_GEMM=mma" DSV3_TRAIN_GEMM=mma
+        triage_one k_train_pass "DSV3_BF16_GROUPED=mma" DSV3_BF16_GROUPED=mma
         triage_one k_attn_train "default"
         triage_one k_attn_train "DSV3_TRAIN_FLASH=0" DSV3_TRAIN_FLASH=0
         # gemm: the mma kernels' layouts and the training products on cuBLAS
@@ -298,6 +302,7 @@ run_next() {
     one 20 gpu/bin/k_device --test-threads 1
     one 30 gpu/bin/k_train --test-threads 1
     one 60 gpu/bin/k_gemm --test-threads 1 --skip mma_gemm_layouts_match_the_reference
+    E=DSV3_BF16_GROUPED=mma one 60 gpu/bin/k_gemm --test-threads 1 grouped
     one 60 gpu/bin/k_mla_moe --test-threads 1
     one 60 gpu/bin/k_model --test-threads 1
     one 60 gpu/bin/cli_cuda --test-threads 1
@@ -323,8 +328,10 @@ run_next() {
     E=DSV3_TRAIN_GEMM=mma one 60 "${tr[@]}" --dtype bf16
     one 60 "${tr[@]}" --dtype bf16 --precision fp8 --profile
     E=DSV3_PDL=1 one 60 "${tr[@]}" --dtype bf16
+    E=DSV3_BF16_GROUPED=mma one 60 "${tr[@]}" --dtype bf16
   } >"$out/train.log"
   echo "train done at $(el)s"
+  one 60 gpu/bin/kernel_bench grouped >"$out/grouped.log"
   one 100 gpu/bin/fp8_bench >"$out/fp8bench.log"
   echo "fp8 done at $(el)s"
   local left=$((540 - $(el)))

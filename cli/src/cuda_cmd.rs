@@ -264,13 +264,17 @@ pub fn bench_train(
     let mfu = tps * flops_tok / H100_BF16_PEAK_FLOPS;
     let name = &dev.name;
     // the engine of the non-FP8 products (DSV3_TRAIN_GEMM; f32 mode is always cuBLAS; in bf16
-    // mode the routed experts' grouped products stay on the mma kernels)
+    // mode the routed experts' grouped products run on the engine's kernels, DSV3_BF16_GROUPED)
     let gemm = if dtype == DType::F32 {
         "cublas"
-    } else if dsv3_kernels::train::mm::train_gemm_cublas() {
-        "cublas+mma-experts"
     } else {
-        "mma"
+        // the experts' forward and input-gradient products (their weight gradients stay on mma)
+        match (dsv3_kernels::train::mm::train_gemm_cublas(), dsv3_kernels::ops::gemm_tma::enabled(&dev)) {
+            (true, true) => "cublas+wgmma-experts",
+            (true, false) => "cublas+mma-experts",
+            (false, true) => "mma+wgmma-experts",
+            (false, false) => "mma",
+        }
     };
     if json {
         println!(

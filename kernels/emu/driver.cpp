@@ -52,6 +52,7 @@
 #include "../cuda/fp8gemm.cu"
 #include "../cuda/fp8quant.cu"
 #include "../cuda/gemm.cu"
+#include "../cuda/gemm_tma.cu"
 #include "../cuda/mla.cu"
 #include "../cuda/moe.cu"
 #include "../cuda/moe_train.cu"

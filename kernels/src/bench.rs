@@ -175,6 +175,66 @@ pub fn mma_line(
     })
 }
 
+/// The MoE experts' grouped bf16 product in `layout` (NT: the forward `x_e·W_eᵀ`, NN: the
+/// backward `dY_e·W_e`) over `rows` routed rows split unevenly among `experts` (the counts of a
+/// random top-k routing: each row to an expert drawn with weights 1..=2), `n x k` per expert: the
+/// kernel `gemm_mat` picks (`gemm_tma_grouped_bf16` on sm_90a; `mma` forces the mma.sync kernel),
+/// against cuBLAS bf16 on one dense `rows x n x k` product (the same FLOPs with a single weight:
+/// what a perfect grouped GEMM could reach).
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_line(
+    dev: &Device,
+    layout: Layout,
+    rows: usize,
+    experts: usize,
+    n: usize,
+    k: usize,
+    mma: bool,
+    peer: f64,
+) -> Result<Line> {
+    use crate::ops::gemm::{Grouped, GEMM_BM};
+    let mut rng = dsv3_core::rng::Rng::new(5);
+    let weights: Vec<u64> = (0..experts).map(|e| 1 + (e as u64 * 7919) % 2).collect();
+    let total: u64 = weights.iter().sum();
+    let mut counts = vec![0usize; experts];
+    for _ in 0..rows {
+        let mut r = rng.below(total);
+        let mut e = 0;
+        while r >= weights[e] {
+            r -= weights[e];
+            e += 1;
+        }
+        counts[e] += 1;
+    }
+    let (mut ro, mut to) = (vec![0i32], vec![0i32]);
+    for &c in &counts {
+        ro.push(ro[ro.len() - 1] + c as i32);
+        to.push(to[to.len() - 1] + c.div_ceil(GEMM_BM) as i32);
+    }
+    let (ro_d, to_d) = (upload(dev, &ro)?, upload(dev, &to)?);
+    let a = Act::from_f32(dev, DType::Bf16, &randn(rows * k, 1))?;
+    let w = DWeight::from_f32(dev, DType::Bf16, experts, n, k, &randn(experts * n * k, 2))?;
+    let mut c = Act::zeros(dev, DType::Bf16, rows * n)?;
+    let grouped = Grouped { row_offsets: &ro_d, tile_offsets: &to_d, max_tiles: rows.div_ceil(GEMM_BM) + experts };
+    let s = MatShape { stride_b: n * k, batch: experts, grouped: Some(grouped), ..MatShape::plain(layout, rows, n, k) };
+    let tile = if mma { Some(Tile::Small) } else { None };
+    let ms = time_ms(dev, 3, 10, || gemm_mat_with(dev, layout, &a, Operand::Weight(&w), &mut c, &s, tile))?;
+    // which kernels ran (the profile of one more call)
+    dev.profile_begin()?;
+    gemm_mat_with(dev, layout, &a, Operand::Weight(&w), &mut c, &s, tile)?;
+    let kernel: Vec<String> = dev.profile_end()?.kernels.into_iter().map(|k| k.name).collect();
+    let kernel = kernel.join(" + ");
+    Ok(Line {
+        name: format!("grouped {layout:?} {rows}x{n}x{k} / {experts} ({kernel})"),
+        ms,
+        value: 2.0 * (rows * n * k) as f64 / (ms * 1e-3) / 1e12,
+        unit: "TFLOP/s",
+        ceiling: peer,
+        ceiling_name: "cuBLAS bf16 dense",
+        note: String::new(),
+    })
+}
+
 /// dsv3's GEMM (bf16 or FP8 weights) at `m x n x k`, against cuBLAS bf16 on the same shape.
 pub fn gemm_line(dev: &Device, m: usize, n: usize, k: usize, fp8: bool) -> Result<Line> {
     let a = Act::from_f32(dev, DType::Bf16, &randn(m * k, 1))?;
@@ -345,6 +405,7 @@ pub fn run_all(dev: &Device) -> Result<Vec<Line>> {
         println!("{l}");
         lines.push(l);
     }
+    lines.extend(run_grouped(dev, 32768)?);
     // the kernel mla_decode picks, then (A/B) every other tensor-core variant that fits and the
     // SIMT kernel
     for h in [16usize, 128] {
@@ -366,6 +427,24 @@ pub fn run_all(dev: &Device) -> Result<Vec<Line>> {
     println!("{l}");
     lines.push(l);
     lines.extend(run_prefill_attn(dev)?);
+    Ok(lines)
+}
+
+/// The 88M model's expert products over `rows` routed rows (issue 7's 8 x 1024 tokens, top-4 of
+/// 16 experts: 32768): forward gate|up and down (NT), their input gradients (NN); the launcher's
+/// kernel (wgmma + TMA on sm_90a), then the mma.sync kernel (`kernel_bench grouped [ROWS]`).
+pub fn run_grouped(dev: &Device, rows: usize) -> Result<Vec<Line>> {
+    let mut lines = Vec::new();
+    for (layout, n, k) in
+        [(Layout::NT, 512, 512), (Layout::NT, 512, 256), (Layout::NN, 512, 512), (Layout::NN, 256, 512)]
+    {
+        let peer = cublas_bf16_layout_tflops(dev, Layout::NT, rows, n, k)?.unwrap_or(f64::NAN);
+        for mma in [false, true] {
+            let l = grouped_line(dev, layout, rows, 16, n, k, mma, peer)?;
+            println!("{l}");
+            lines.push(l);
+        }
+    }
     Ok(lines)
 }
 

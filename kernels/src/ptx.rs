@@ -47,6 +47,7 @@ ptx_modules!(
     "fp8gemm",
     "fp8quant",
     "gemm",
+    "gemm_tma",
     "mla",
     "moe",
     "moe_train",

@@ -993,3 +993,84 @@ fn train_products_on_cublas_match_the_reference() {
         assert_gemm_close(&got, &want, &sabs, DType::F32, &format!("cuBLAS grouped TN (dW) acc={acc}"));
     }
 }
+
+/// The experts' grouped bf16 products on wgmma + TMA (`gemm_tma_grouped_bf16`, which `gemm_mat`
+/// picks for row-grouped NT / NN on sm_90a; the mma.sync kernel elsewhere): ragged and empty
+/// experts (two experts in one 128-row block tile, a tile + 1 row), K not a multiple of the 64-K
+/// slice, N not a multiple of 128, bias, bf16 and f32 C, accumulate; NN through the transposed
+/// weight; and more block tiles than SMs (the persistent walk). The profile says which kernel ran.
+#[test]
+fn grouped_products_on_wgmma_tma_match_the_reference() {
+    let Some(dev) = device("grouped_products_on_wgmma_tma_match_the_reference") else { return };
+    let tma = dev.arch == dsv3_kernels::ptx::Arch::Sm90a && std::env::var("DSV3_BF16_GROUPED").as_deref() != Ok("mma");
+    let mut rng = Rng::new(31);
+    // (expert rows, k, n): ragged; one slice of K with more block tiles than SMs
+    let big = dev.sms * 64 + 64 * 3 + 17;
+    let cases: [(Vec<usize>, usize, usize); 2] =
+        [(vec![0, 1, GEMM_BM, GEMM_BM + 1, 0, 3, 130, 40], 200, 200), (vec![big / 2, 0, big - big / 2], 16, 256)];
+    for (counts, k, n) in cases {
+        let g = counts.len();
+        let rows: usize = counts.iter().sum();
+        let (ro, to) = offsets(&counts);
+        let (ro_d, to_d) = (upload(&dev, &ro).unwrap(), upload(&dev, &to).unwrap());
+        let x = bf16r(&randn(&mut rng, rows * k));
+        let w = bf16r(&randn(&mut rng, g * n * k));
+        let bias = randn(&mut rng, n);
+        let xa = Act::from_f32(&dev, DType::Bf16, &x).unwrap();
+        let wd = DWeight::from_f32(&dev, DType::Bf16, g, n, k, &w).unwrap();
+        let bias_d = upload(&dev, &bias).unwrap();
+        // the reference: each expert's rows times its weight, + bias
+        let (mut want, mut sabs) = (vec![0f64; rows * n], vec![0f64; rows * n]);
+        for e in 0..g {
+            let (r0, r1) = (ro[e] as usize, ro[e + 1] as usize);
+            let (c, s) = matmul_abs(&x[r0 * k..r1 * k], &w[e * n * k..(e + 1) * n * k], r1 - r0, n, k);
+            for i in 0..(r1 - r0) * n {
+                want[r0 * n + i] = c[i] + bias[i % n] as f64;
+                sabs[r0 * n + i] = s[i] + (bias[i % n] as f64).abs();
+            }
+        }
+        for (out_dt, acc) in [(DType::Bf16, false), (DType::F32, true)] {
+            let prev = randn(&mut rng, rows * n);
+            let mut c =
+                if acc { Act::from_f32(&dev, out_dt, &prev).unwrap() } else { poisoned(&dev, out_dt, rows * n) };
+            let grouped = Grouped { row_offsets: &ro_d, tile_offsets: &to_d, max_tiles: rows.div_ceil(GEMM_BM) + g };
+            let s = MatShape {
+                stride_b: n * k,
+                batch: g,
+                accumulate: acc,
+                bias: Some(&bias_d),
+                grouped: Some(grouped),
+                ..MatShape::plain(Layout::NT, rows, n, k)
+            };
+            dev.profile_begin().unwrap();
+            gemm_mat(&dev, Layout::NT, &xa, Operand::Weight(&wd), &mut c, &s).unwrap();
+            let ran: Vec<String> = dev.profile_end().unwrap().kernels.into_iter().map(|k| k.name).collect();
+            let want_kernel = if tma { "gemm_tma_grouped_bf16" } else { "gemm_mma_nt_s" };
+            assert_eq!(ran, vec![want_kernel.to_string()], "{counts:?}");
+            let mut wc = want.clone();
+            if acc {
+                wc.iter_mut().zip(&prev).for_each(|(v, p)| *v += *p as f64);
+            }
+            let got = c.to_f32(&dev).unwrap();
+            assert_gemm_close(&got, &wc, &sabs, out_dt, &format!("grouped NT {counts:?} k {k} n {n} -> {out_dt:?}"));
+        }
+        // NN: dX [rows, n] = dY [rows, k] · W_e [k, n] (W stored [g][k][n], as the expert weight
+        // [d_out = k, d_in = n] of the backward)
+        let mut c = poisoned(&dev, DType::Bf16, rows * n);
+        let grouped = Grouped { row_offsets: &ro_d, tile_offsets: &to_d, max_tiles: rows.div_ceil(GEMM_BM) + g };
+        let s =
+            MatShape { stride_b: n * k, batch: g, grouped: Some(grouped), ..MatShape::plain(Layout::NN, rows, n, k) };
+        dev.profile_begin().unwrap();
+        gemm_nn(&dev, &xa, Operand::Weight(&wd), &mut c, &s).unwrap();
+        let mut ran: Vec<String> = dev.profile_end().unwrap().kernels.into_iter().map(|k| k.name).collect();
+        ran.sort();
+        let want_kernels: Vec<String> = if tma {
+            vec!["gemm_tma_grouped_bf16".into(), "transpose_groups_bf16".into()]
+        } else {
+            vec!["gemm_mma_nn_s".into()]
+        };
+        assert_eq!(ran, want_kernels);
+        let (want_nn, sabs_nn) = grouped_nn_ref(&x, &w, &ro, n, k);
+        assert_gemm_close(&c.to_f32(&dev).unwrap(), &want_nn, &sabs_nn, DType::Bf16, &format!("grouped NN {counts:?}"));
+    }
+}

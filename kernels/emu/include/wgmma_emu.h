@@ -2,7 +2,9 @@
 // helpers of kernels/cuda/wgmma.cuh, evaluated as the PTX ISA defines them, with the checks a
 // misuse would need to fail on the GPU:
 //
-// - wgmma.mma_async .m64nNk32 .f32.e4m3.e4m3 (N = 128, 256): a warpgroup collective (the 128
+// - wgmma.mma_async .m64nNk32 .f32.e4m3.e4m3 (N = 128, 256) and .m64n128k16 .f32.bf16.bf16 (both
+//   operands K-major, no transpose; 32 bytes of each row per instruction as in the e4m3 form, so
+//   the same descriptor modes; products of bf16 values exact in f64): a warpgroup collective (the 128
 //   threads 128w..128w+127 must all arrive with the same descriptors, N and scale-d). A and B are
 //   read through shared-memory matrix descriptors in the one mode the kernels use and that the
 //   hardware-verified fp8_gemm_wgmma validates: no swizzle, K-major, 8-row x 16-byte core matrices,
@@ -49,9 +51,10 @@ constexpr size_t STATIC_WINDOW = 0x40000;
 inline unsigned char* win_base() { return window == 2 ? static_base : emu::dyn_smem; }
 inline size_t win_size() { return window == 2 ? STATIC_WINDOW : emu::smem_limit; }
 
-enum Kind { K_FENCE = 1, K_MMA, K_COMMIT, K_WAIT };
+enum Kind { K_FENCE = 1, K_MMA, K_COMMIT, K_WAIT, K_MMA_BF16 };
 struct Mma {
     int n, group;
+    bool bf16;                       // bf16 x bf16 k16 (else e4m3 x e4m3 k32)
     uint64_t da, db;
     std::vector<uint8_t> a, b;       // operands as read at issue (m64 x k32, n x k32)
     float* d[128];                   // each thread's accumulator registers
@@ -155,29 +158,39 @@ inline float accumulate(double c, const double* p, int cnt) {
     return (float)s;
 }
 
+// element k of a 32-byte operand row: an E4M3 code (k < 32) or a little-endian bf16 (k < 16)
+inline double elem(const std::vector<uint8_t>& v, size_t row, int k, bool bf16) {
+    if (!bf16) return e4m3(v[row * 32 + k]);
+    const uint32_t bits = (uint32_t)v[row * 32 + 2 * k] | ((uint32_t)v[row * 32 + 2 * k + 1] << 8);
+    const uint32_t f = bits << 16;
+    float x;
+    std::memcpy(&x, &f, 4);
+    return (double)x;
+}
+
 inline void compute(Mma& op, const Group& g, bool scale_d) {
-    const int n = op.n, per = n / 2;
+    const int n = op.n, per = n / 2, kn = op.bf16 ? 16 : 32;
     op.res.assign((size_t)128 * per, 0.0f);
     double A[64][32], p[32];
     std::vector<double> B((size_t)n * 32);
     for (int r = 0; r < 64; r++)
-        for (int k = 0; k < 32; k++) A[r][k] = e4m3(op.a[r * 32 + k]);
+        for (int k = 0; k < kn; k++) A[r][k] = elem(op.a, r, k, op.bf16);
     for (int c = 0; c < n; c++)
-        for (int k = 0; k < 32; k++) B[(size_t)c * 32 + k] = e4m3(op.b[(size_t)c * 32 + k]);
+        for (int k = 0; k < kn; k++) B[(size_t)c * 32 + k] = elem(op.b, c, k, op.bf16);
     for (int t = 0; t < 128; t++) {
         const int w = t / 32, l = t % 32;
         // C: the registers, or the result of an earlier pending MMA into the same registers
         const float* cin = op.d[t];
         for (auto it = g.pending.rbegin(); it != g.pending.rend(); ++it)
             if (&*it != &op && it->d[t] == op.d[t]) {
-                if (it->n != n) fail("wgmma chain with different N on the same registers");
+                if (it->n != n || it->bf16 != op.bf16) fail("wgmma chain with different N or types on the same registers");
                 cin = &it->res[(size_t)t * per];
                 break;
             }
         for (int i = 0; i < per; i++) {
             const int r = 16 * w + l / 4 + 8 * ((i & 3) >> 1), c = 8 * (i / 4) + 2 * (l % 4) + (i & 1);
-            for (int k = 0; k < 32; k++) p[k] = A[r][k] * B[(size_t)c * 32 + k];
-            op.res[(size_t)t * per + i] = accumulate(scale_d ? (double)cin[i] : 0.0, p, 32);
+            for (int k = 0; k < kn; k++) p[k] = A[r][k] * B[(size_t)c * 32 + k];
+            op.res[(size_t)t * per + i] = accumulate(scale_d ? (double)cin[i] : 0.0, p, kn);
         }
     }
 }
@@ -225,12 +238,12 @@ inline void collective(int kind, int n, int arg, uint64_t da, uint64_t db, float
             fail("warpgroup threads in different wgmma operations or with different operands");
     if (kind == K_FENCE) {
         g.fenced = true;
-    } else if (kind == K_MMA) {
+    } else if (kind == K_MMA || kind == K_MMA_BF16) {
         if (!g.fenced) fail("wgmma.mma_async without a wgmma.fence since the last wait_group");
         if (window == 0) fail("wgmma descriptor built without __cvta_generic_to_shared");
         g.pending.emplace_back();
         Mma& op = g.pending.back();
-        op.n = n, op.group = -1, op.da = da, op.db = db;
+        op.n = n, op.group = -1, op.da = da, op.db = db, op.bf16 = kind == K_MMA_BF16;
         for (int i = 0; i < 128; i++) op.d[i] = g.d[i];
         op.a = read_operand(da, 64);
         op.b = read_operand(db, n);
@@ -271,6 +284,9 @@ inline void wgmma_m64n128k32_e4m3(float* d, uint64_t da, uint64_t db, int scale_
 }
 inline void wgmma_m64n256k32_e4m3(float* d, uint64_t da, uint64_t db, int scale_d) {
     wg_emu::collective(wg_emu::K_MMA, 256, scale_d != 0, da, db, d);
+}
+inline void wgmma_m64n128k16_bf16(float* d, uint64_t da, uint64_t db, int scale_d) {
+    wg_emu::collective(wg_emu::K_MMA_BF16, 128, scale_d != 0, da, db, d);
 }
 inline void fence_acc(float*) {}
 inline void fence_proxy_async() {}

@@ -59,7 +59,7 @@ pub fn tma_fits(g: &Fp8Gemm, a_ptr: u64, b_ptr: u64) -> bool {
 
 /// A uint8 tensor map over `dims` (innermost first) with byte `strides` for the outer dims,
 /// boxes of `boxd`, 128-byte swizzle, zero fill out of bounds.
-fn encode(base: u64, dims: &[u64], strides: &[u64], boxd: &[u32]) -> Result<[u64; 16]> {
+pub(crate) fn encode_u8(base: u64, dims: &[u64], strides: &[u64], boxd: &[u32]) -> Result<[u64; 16]> {
     let rank = dims.len();
     debug_assert!(strides.len() + 1 == rank && boxd.len() == rank);
     let elem = [1u32; 3];
@@ -116,10 +116,10 @@ pub(crate) fn launch_tma(
     p: Fp8GemmArgs,
     tiles64: usize,
 ) -> Result<()> {
-    let ta = encode(p.a, &[g.k as u64, g.m as u64], &[g.a.ld as u64], &[128, 64])?;
+    let ta = encode_u8(p.a, &[g.k as u64, g.m as u64], &[g.a.ld as u64], &[128, 64])?;
     let stride_b = if g.groups > 1 { g.stride_b } else { g.n * g.b.ld };
     let tb =
-        encode(p.b, &[g.k as u64, g.n as u64, g.groups as u64], &[g.b.ld as u64, stride_b as u64], &[128, 128, 1])?;
+        encode_u8(p.b, &[g.k as u64, g.n as u64, g.groups as u64], &[g.b.ld as u64, stride_b as u64], &[128, 128, 1])?;
     let block_tiles = tiles64.div_ceil(2) * g.n.div_ceil(128);
     let splits = if g.grouped.is_some() { 1 } else { splitk_for(block_tiles, g.k.div_ceil(128), dev.sms) };
     let work = if splits > 1 { Some(empty::<f32>(dev, splits * g.m * g.n)?) } else { None };
@@ -224,8 +224,8 @@ pub fn fp8_gemm_kgrouped(
         DType::Bf16 => "fp8_gemm_tma_bf16",
         DType::F32 => "fp8_gemm_tma_f32",
     };
-    let ta = encode(p.a, &[g.k as u64, g.m as u64], &[g.a.ld as u64], &[128, 64])?;
-    let tb = encode(p.b, &[g.k as u64, g.n as u64, 1], &[g.b.ld as u64, (g.n * g.b.ld) as u64], &[128, 128, 1])?;
+    let ta = encode_u8(p.a, &[g.k as u64, g.m as u64], &[g.a.ld as u64], &[128, 64])?;
+    let tb = encode_u8(p.b, &[g.k as u64, g.n as u64, 1], &[g.b.ld as u64, (g.n * g.b.ld) as u64], &[128, 128, 1])?;
     let units = g.m.div_ceil(128) * g.n.div_ceil(128) * kgroups;
     let args = Fp8TmaArgs {
         ta,

@@ -729,6 +729,11 @@ pub fn gemm_mat_with(
         norm_eps: 0.0,
         a_rows_m: 0,
     };
+    if let (Some(g), None) = (&s.grouped, tile) {
+        if k > 0 && super::gemm_tma::fits(dev, layout, s, args.a, args.w) {
+            return super::gemm_tma::grouped(dev, layout, s, args, g.max_tiles);
+        }
+    }
     let grid = (dim(n.div_ceil(t.cols()), "gemm n")?, dim(gy, "gemm rows")?, dim(gz, "gemm batch")?);
     launch_smem(dev, "gemm", mma_kernel(layout, t), grid, MMA_THREADS, t.smem(), &[KArg::Gemm(args)])
 }

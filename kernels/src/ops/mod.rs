@@ -7,7 +7,8 @@
 //! - [`fp8`]: DeepSeek's FP8 recipe: quantization (1x128, 128x128, 128x1 transposed) and the
 //!   promoted FP8 GEMM (wgmma on sm_90a) for Fprop, Dgrad, Wgrad and MoE groups.
 //! - [`gemm`]: `C = A · Wᵀ` in f32 / bf16 / FP8-weights, batched or grouped by rows; bf16 also
-//!   `A · B` and `Aᵀ · B` (the backward products).
+//!   `A · B` and `Aᵀ · B` (the backward products). [`gemm_tma`]: the experts' grouped bf16
+//!   products on wgmma + TMA (sm_90a).
 //! - [`mla`]: absorbed MLA attention over the latent cache, cache append.
 //! - [`attn`]: flash attention for prefill (causal, query-tiled, bf16 tensor cores).
 //! - [`attn_train`]: flash attention for training: the forward with the log-sum-exp and the
@@ -27,6 +28,7 @@ pub mod fp8;
 pub mod fp8_tma;
 pub mod gather;
 pub mod gemm;
+pub mod gemm_tma;
 pub mod mla;
 pub mod moe;
 pub mod moe_train;
@@ -56,6 +58,8 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("elementwise", "cast_f32_bf16"),
     ("elementwise", "cast_bf16_f32"),
     ("gemm", "gemm_f32"),
+    ("gemm_tma", "gemm_tma_grouped_bf16"),
+    ("gemm_tma", "transpose_groups_bf16"),
     ("gemm", "gemm_mma_nt_w"),
     ("gemm", "gemm_mma_nt_l"),
     ("gemm", "gemm_mma_nt_s"),
@@ -180,6 +184,7 @@ pub(crate) enum KArg {
     Gemm(gemm::GemmArgs),
     Fp8Gemm(fp8::Fp8GemmArgs),
     Fp8Tma(Box<fp8_tma::Fp8TmaArgs>),
+    GemmTma(Box<gemm_tma::GemmTmaArgs>),
     Mla(mla::MlaArgs),
     Attn(attn::AttnArgs),
     AttnTrain(attn_train::FlashTrainArgs),
@@ -295,6 +300,7 @@ fn launch_plain(
             KArg::Gemm(v) => b.arg(v),
             KArg::Fp8Gemm(v) => b.arg(v),
             KArg::Fp8Tma(v) => b.arg(v.as_ref()),
+            KArg::GemmTma(v) => b.arg(v.as_ref()),
             KArg::Mla(v) => b.arg(v),
             KArg::Attn(v) => b.arg(v),
             KArg::AttnTrain(v) => b.arg(v),
@@ -356,6 +362,7 @@ fn launch_pdl(
             KArg::Gemm(v) => p(v),
             KArg::Fp8Gemm(v) => p(v),
             KArg::Fp8Tma(v) => p(v.as_ref()),
+            KArg::GemmTma(v) => p(v.as_ref()),
             KArg::Mla(v) => p(v),
             KArg::Attn(v) => p(v),
             KArg::AttnTrain(v) => p(v),

@@ -1,0 +1,213 @@
+// bf16 GEMM on sm_90a's wgmma with TMA operands, grouped by rows (the MoE experts' products of
+// training): C[r, n] (+)= sum_k A[r, k] · W_g[n, k] for the rows r of group g, both operands
+// K-contiguous (NT), f32 accumulation, C bf16 or f32 (GemmArgs: row_offsets / tile_offsets as
+// moe_plan writes them in 64-row tiles, W_g = W + g·stride_w, GEMM_F32C, accumulate, bias).
+// The NN product of the backward (dX = dY·W_g) runs here too, on Wᵀ from transpose_groups_bf16
+// (ops/gemm_tma.rs).
+//
+// The structure of fp8_gemm_tma (fp8gemm.cu, correct on the H100), byte for byte the same shared
+// layout: 288 threads = 2 consumer warpgroups + 1 producer warp. Block tile = 64-row tiles 2·mt
+// and 2·mt + 1 (one per consumer warpgroup, each in its own group, so a stage holds B of both
+// groups when they differ) x 128 columns. The producer's first thread streams 64-K slices (128
+// bytes a row) of A and B by TMA (uint8 tensor maps over the bf16 bytes: dims {2k, rows}, boxes
+// {128, 64} / {128, 128, 1}, 128-byte swizzle, zero fill past k, m and n) into a 4-stage ring:
+// "full" mbarrier per stage (arrive.expect_tx + the TMA bytes), "empty" one (an arrival per
+// consumer warp). A consumer warpgroup issues 4 wgmma m64n128k16 per slice into one accumulator
+// over the whole K (no promotion: bf16 products accumulate in f32 in the tensor core), keeps one
+// slice's MMAs in flight (wait_group 1 releases the slice before), and stores from registers.
+// Persistent: gridDim.x blocks walk the block tiles u = blockIdx.x + i·gridDim.x, column tile
+// fastest. Needs k > 0, lda, ldw (and stride_w) multiples of 8 elements, A and W 16-byte aligned.
+// EMULATOR-VERIFIED (kernels/emu, wgmma_emu.h's bf16 form); not yet run on a GPU.
+#include "common.cuh"
+#include "gemm.cuh"
+#include "mma.cuh"
+#include "tma.cuh"
+#include "wgmma.cuh"
+
+#define GT_STAGES 4
+#define GT_STAGE_BYTES (3 * 16384)  // A (2 x 64 rows x 128 B) | B of warpgroup 0's group | B of warpgroup 1's
+#define GT_BARS (GT_STAGES * GT_STAGE_BYTES)  // full[s] at +8s, empty[s] at +32 + 8s
+
+struct GemmTmaArgs {
+    TmaDesc ta;  // A: uint8 dims {2k, m}, stride 2·lda, box {128, 64}, 128B swizzle
+    TmaDesc tb;  // W: uint8 dims {2k, n, groups}, strides {2·ldw, 2·stride_w}, box {128, 128, 1}
+    GemmArgs p;
+};
+
+// Rows [row0, row_end) of group g in 64-row tile t (false: no such tile).
+__device__ __forceinline__ bool gt_tile64(const GemmArgs& p, int t, int& row0, int& row_end, int& g) {
+    if (t >= p.tile_offsets[p.groups]) return false;
+    int lo = 0, hi = p.groups - 1;  // the last g with tile_offsets[g] <= t
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (p.tile_offsets[mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    g = lo;
+    row0 = p.row_offsets[g] + (t - p.tile_offsets[g]) * GEMM_BM;
+    row_end = p.row_offsets[g + 1];
+    return row0 < row_end;
+}
+
+struct GtTile {
+    int col0, r0a, rea, ga, r0b, reb, gb;
+    bool act0, act1, two_b;
+};
+__device__ __forceinline__ GtTile gt_tile(const GemmArgs& p, int u, int ntiles) {
+    GtTile x;
+    const int mt = u / ntiles;
+    x.col0 = (u - mt * ntiles) * 128;
+    x.act0 = gt_tile64(p, 2 * mt, x.r0a, x.rea, x.ga);
+    if (!x.act0) x.r0a = x.rea = 0, x.ga = 0;
+    x.act1 = x.act0 && gt_tile64(p, 2 * mt + 1, x.r0b, x.reb, x.gb);
+    if (!x.act1) x.r0b = x.reb = 0, x.gb = x.ga;
+    x.two_b = x.act1 && x.gb != x.ga;
+    return x;
+}
+
+// C[row, c], C[row, c + 1] (+ bias) (+ C): one paired store where the address allows it.
+template <typename TC>
+__device__ __forceinline__ void gt_store2(const GemmArgs& p, int row, int c, float v0, float v1) {
+    TC* dst = (TC*)p.c + (long long)row * p.ldc + c;
+    if (p.bias) {
+        v0 += p.bias[c];
+        if (c + 1 < p.n) v1 += p.bias[c + 1];
+    }
+    if (c + 1 < p.n && ((uintptr_t)dst & (2 * sizeof(TC) - 1)) == 0) {
+        if (p.accumulate) {
+            v0 += to_f32(dst[0]);
+            v1 += to_f32(dst[1]);
+        }
+        if constexpr (sizeof(TC) == 4) {
+            *(float2*)dst = make_float2(v0, v1);
+        } else {
+            *(__nv_bfloat162*)dst = __floats2bfloat162_rn(v0, v1);
+        }
+        return;
+    }
+    if (p.accumulate) v0 += to_f32(dst[0]);
+    dst[0] = from_f32<TC>(v0);
+    if (c + 1 < p.n) {
+        if (p.accumulate) v1 += to_f32(dst[1]);
+        dst[1] = from_f32<TC>(v1);
+    }
+}
+
+template <typename TC>
+__device__ void gemm_tma_grouped(const GemmTmaArgs& q) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    const GemmArgs& p = q.p;
+    DSV3_DYNAMIC_SMEM(smem_raw);
+    const uint32_t raw = smem_u32(smem_raw);
+    const uint32_t sbase = (raw + 1023) & ~1023u;  // 128B-swizzled boxes need 1024-byte alignment
+    unsigned char* smem = smem_raw + (sbase - raw);
+    const uint32_t bars = sbase + GT_BARS;
+    const int tid = threadIdx.x;
+    const int tiles64 = p.tile_offsets[p.groups];
+    const int ntiles = (p.n + 127) >> 7, units = ((tiles64 + 1) >> 1) * ntiles;
+    const int nks = (p.k + 63) >> 6;  // 64-K slices
+    if (tid == 0) {
+        for (int s = 0; s < GT_STAGES; s++) {
+            mbar_init(bars + 8 * s, 1);       // full: the producer's arrive.expect_tx (+ the TMA bytes)
+            mbar_init(bars + 32 + 8 * s, 8);  // empty: one arrival per consumer warp
+        }
+        mbar_fence_init();
+    }
+    __syncthreads();  // the last block-wide barrier: the producer warp's idle lanes leave below
+
+    if (tid >= 256) {  // ---- producer warp
+        if (tid != 256) return;
+        tma_prefetch_desc(&q.ta);
+        tma_prefetch_desc(&q.tb);
+        int it = 0;
+        for (int u = blockIdx.x; u < units; u += gridDim.x) {
+            const GtTile x = gt_tile(p, u, ntiles);
+            if (!x.act0) continue;
+            const uint32_t bytes = 8192u * (x.act1 ? 2u : 1u) + 16384u * (x.two_b ? 2u : 1u);
+            for (int ks = 0; ks < nks; ks++, it++) {
+                const int s = it % GT_STAGES;
+                const uint32_t st = sbase + s * GT_STAGE_BYTES, full = bars + 8 * s;
+                mbar_wait(bars + 32 + 8 * s, ((it / GT_STAGES) & 1) ^ 1);  // the consumers freed it
+                mbar_arrive_expect_tx(full, bytes);
+                tma_load_2d(st, &q.ta, full, ks * 128, x.r0a);
+                if (x.act1) tma_load_2d(st + 8192, &q.ta, full, ks * 128, x.r0b);
+                tma_load_3d(st + 16384, &q.tb, full, ks * 128, x.col0, x.ga);
+                if (x.two_b) tma_load_3d(st + 32768, &q.tb, full, ks * 128, x.col0, x.gb);
+            }
+        }
+        return;
+    }
+
+    // ---- consumers: warpgroup wg, accumulator rows ra and ra + 8 of its 64-row tile
+    const int wg = tid >> 7, lane = tid & 31, warp = (tid >> 5) & 3;
+    const int ra = warp * 16 + (lane >> 2);
+    float acc[64];
+    int it = 0;
+    for (int u = blockIdx.x; u < units; u += gridDim.x) {
+        const GtTile x = gt_tile(p, u, ntiles);
+        if (!x.act0) continue;  // past the last tile (the producer skips it too)
+        const bool active = wg == 0 || x.act1;
+        const int row0 = wg ? x.r0b : x.r0a, row_end = wg ? x.reb : x.rea;
+        const uint32_t a_off = wg * 8192, b_off = 16384 + ((x.two_b && wg) ? 16384 : 0);
+        // (an idle warpgroup 1 multiplies whatever its A slot holds and discards it: a branch
+        // around the wgmmas makes ptxas serialize them, C7518)
+        for (int ks = 0; ks < nks; ks++, it++) {
+            const int s = it % GT_STAGES;
+            mbar_wait(bars + 8 * s, (it / GT_STAGES) & 1);  // slice ks landed
+            const unsigned char* st = smem + s * GT_STAGE_BYTES;
+            fence_acc(acc);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+                wgmma_m64n128k16_bf16(acc, wg_desc_sw128(st + a_off + kk * 32), wg_desc_sw128(st + b_off + kk * 32),
+                                      ks > 0 || kk > 0);
+            wgmma_commit();
+            // the previous slice's MMAs are done: its stage goes back to the producer
+            wgmma_wait<1>();
+            fence_acc(acc);
+            if (ks > 0 && lane == 0) mbar_arrive(bars + 32 + 8 * ((it - 1) % GT_STAGES));
+        }
+        wgmma_wait<0>();
+        fence_acc(acc);
+        if (lane == 0) mbar_arrive(bars + 32 + 8 * ((it - 1) % GT_STAGES));
+        if (!active) continue;
+        const bool ok0 = row0 + ra < row_end, ok1 = row0 + ra + 8 < row_end;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            const int c = x.col0 + j * 8 + (lane & 3) * 2;
+            if (c >= p.n) continue;
+            if (ok0) gt_store2<TC>(p, row0 + ra, c, acc[j * 4], acc[j * 4 + 1]);
+            if (ok1) gt_store2<TC>(p, row0 + ra + 8, c, acc[j * 4 + 2], acc[j * 4 + 3]);
+        }
+    }
+#else
+    __trap();  // sm_90a only
+#endif
+}
+extern "C" __global__ void __launch_bounds__(288, 1) gemm_tma_grouped_bf16(const __grid_constant__ GemmTmaArgs q) {
+    DSV3_PDL();
+    if (q.p.flags & GEMM_F32C) gemm_tma_grouped<float>(q);
+    else gemm_tma_grouped<bf16>(q);
+}
+
+// Wᵀ per group for the NN product: dst[g][c][r] = src[g][r][c] (src rows of ld_src, dst rows of
+// ld_dst elements; groups g at g·stride_src / g·stride_dst), 32x32 tiles through shared memory
+// (rows x cols of src: grid (ceil(cols/32), ceil(rows/32), groups), 32 x 8 threads).
+extern "C" __global__ void __launch_bounds__(256) transpose_groups_bf16(const bf16* __restrict__ src, long long ld_src,
+                                                                      long long stride_src, int rows, int cols,
+                                                                      bf16* __restrict__ dst, long long ld_dst,
+                                                                      long long stride_dst) {
+    DSV3_PDL();
+    __shared__ bf16 t[32][33];
+    const bf16* S = src + (long long)blockIdx.z * stride_src;
+    bf16* D = dst + (long long)blockIdx.z * stride_dst;
+    const int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32, tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    for (int i = ty; i < 32; i += 8) {
+        const int r = r0 + i, c = c0 + tx;
+        if (r < rows && c < cols) t[i][tx] = S[(long long)r * ld_src + c];
+    }
+    __syncthreads();
+    for (int i = ty; i < 32; i += 8) {
+        const int c = c0 + i, r = r0 + tx;
+        if (r < rows && c < cols) D[(long long)c * ld_dst + r] = t[tx][i];
+    }
+}

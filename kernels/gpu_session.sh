@@ -288,6 +288,15 @@ run_next() {
     env ${E:-} timeout "$lim" "$@" 2>&1 || rc=$?
     echo "=== rc $rc"
   }
+  # the wgmma + TMA grouped bf16 GEMM first: it has never run on a GPU, and the training tests
+  # and benches below use it; if it fails (or hangs), the rest of the session keeps the experts on
+  # the mma.sync kernel instead of losing every later run to it
+  local grc=0
+  timeout 60 gpu/bin/k_gemm --test-threads 1 grouped_products_on_wgmma_tma >"$out/grouped_first.log" 2>&1 || grc=$?
+  if [ "$grc" != 0 ]; then
+    echo "gemm_tma_grouped_bf16 FAILED (rc $grc, $out/grouped_first.log): DSV3_BF16_GROUPED=mma for the rest"
+    export DSV3_BF16_GROUPED=mma
+  fi
   {
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
     one 60 gpu/bin/k_fp8 --test-threads 1

@@ -45,21 +45,24 @@ struct GemmArgs {
     int a_rows_m;
 };
 
+// Grouped rows: the rows [row0, row_end) of group g that GEMM_BM-row tile t covers (false: past
+// the last tile).
+__device__ __forceinline__ bool gemm_group_tile(const GemmArgs& p, int t, int& row0, int& row_end, int& g) {
+    if (t >= p.tile_offsets[p.groups]) return false;
+    int lo = 0, hi = p.groups - 1;  // last g with tile_offsets[g] <= t
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (p.tile_offsets[mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    g = lo;
+    row0 = p.row_offsets[g] + (t - p.tile_offsets[g]) * GEMM_BM;
+    row_end = p.row_offsets[g + 1];
+    return row0 < row_end;
+}
+
 // Which rows this block computes: [row0, row_end), and the group (0 when not grouped).
 __device__ __forceinline__ bool gemm_tile_rows(const GemmArgs& p, int& row0, int& row_end, int& g) {
-    if (p.row_offsets) {
-        int t = tile_yz();
-        if (t >= p.tile_offsets[p.groups]) return false;
-        int lo = 0, hi = p.groups - 1;  // last g with tile_offsets[g] <= t
-        while (lo < hi) {
-            int mid = (lo + hi + 1) >> 1;
-            if (p.tile_offsets[mid] <= t) lo = mid; else hi = mid - 1;
-        }
-        g = lo;
-        row0 = p.row_offsets[g] + (t - p.tile_offsets[g]) * GEMM_BM;
-        row_end = p.row_offsets[g + 1];
-        return row0 < row_end;
-    }
+    if (p.row_offsets) return gemm_group_tile(p, tile_yz(), row0, row_end, g);
     g = 0;
     row0 = blockIdx.y * GEMM_BM;
     row_end = p.m;

@@ -34,20 +34,6 @@ struct GemmTmaArgs {
     GemmArgs p;
 };
 
-// Rows [row0, row_end) of group g in 64-row tile t (false: no such tile).
-__device__ __forceinline__ bool gt_tile64(const GemmArgs& p, int t, int& row0, int& row_end, int& g) {
-    if (t >= p.tile_offsets[p.groups]) return false;
-    int lo = 0, hi = p.groups - 1;  // the last g with tile_offsets[g] <= t
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (p.tile_offsets[mid] <= t) lo = mid; else hi = mid - 1;
-    }
-    g = lo;
-    row0 = p.row_offsets[g] + (t - p.tile_offsets[g]) * GEMM_BM;
-    row_end = p.row_offsets[g + 1];
-    return row0 < row_end;
-}
-
 struct GtTile {
     int col0, r0a, rea, ga, r0b, reb, gb;
     bool act0, act1, two_b;
@@ -56,9 +42,9 @@ __device__ __forceinline__ GtTile gt_tile(const GemmArgs& p, int u, int ntiles) 
     GtTile x;
     const int mt = u / ntiles;
     x.col0 = (u - mt * ntiles) * 128;
-    x.act0 = gt_tile64(p, 2 * mt, x.r0a, x.rea, x.ga);
+    x.act0 = gemm_group_tile(p, 2 * mt, x.r0a, x.rea, x.ga);
     if (!x.act0) x.r0a = x.rea = 0, x.ga = 0;
-    x.act1 = x.act0 && gt_tile64(p, 2 * mt + 1, x.r0b, x.reb, x.gb);
+    x.act1 = x.act0 && gemm_group_tile(p, 2 * mt + 1, x.r0b, x.reb, x.gb);
     if (!x.act1) x.r0b = x.reb = 0, x.gb = x.ga;
     x.two_b = x.act1 && x.gb != x.ga;
     return x;

@@ -729,8 +729,9 @@ pub fn gemm_mat_with(
         norm_eps: 0.0,
         a_rows_m: 0,
     };
+    // grouped NT / NN on sm_90a: the wgmma + TMA kernel (unless a tile is forced)
     if let (Some(g), None) = (&s.grouped, tile) {
-        if k > 0 && super::gemm_tma::fits(dev, layout, s, args.a, args.w) {
+        if super::gemm_tma::fits(dev, layout, s, args.a, args.w) {
             return super::gemm_tma::grouped(dev, layout, s, args, g.max_tiles);
         }
     }

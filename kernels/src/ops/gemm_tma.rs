@@ -65,8 +65,8 @@ pub fn fits(dev: &Device, layout: Layout, s: &MatShape, a_ptr: u64, b_ptr: u64) 
 /// `stride_b` apart) is first transposed into `[groups][n][k]`.
 pub(crate) fn grouped(dev: &Device, layout: Layout, s: &MatShape, mut p: GemmArgs, max_tiles: usize) -> Result<()> {
     let (n, k, groups) = (s.n, s.k, s.batch);
-    let _wt; // NN: Wᵀ, alive until the launch is queued (its free is stream-ordered after it)
-    if layout == Layout::NN {
+    // NN: Wᵀ, alive until the launch is queued (its free is stream-ordered after it)
+    let _wt = if layout == Layout::NN {
         let wt = empty::<u16>(dev, groups * n * k)?;
         launch(
             dev,
@@ -88,10 +88,10 @@ pub(crate) fn grouped(dev: &Device, layout: Layout, s: &MatShape, mut p: GemmArg
         p.w = dptr(dev, &wt, 0)?;
         p.ldw = int(k, "k")?;
         p.stride_w = (n * k) as i64;
-        _wt = Some(wt);
+        Some(wt)
     } else {
-        _wt = None;
-    }
+        None
+    };
     let e = 2u64; // bytes per element
     let ta = encode_u8(p.a, &[k as u64 * e, s.m as u64], &[p.lda as u64 * e], &[128, 64])?;
     let tb = encode_u8(

@@ -196,18 +196,19 @@ extern "C" __global__ void __launch_bounds__(256) embed_bwd_bf16(const int* rows
 // ---- Softmax cross-entropy, forward and backward together (core::ops::loss::cross_entropy): per
 // row with weight wgt = mask ? mask[r] : 1 and lse = max + log(Σ exp(z − max)):
 // row_loss[r] = wgt·(lse − z[target]); dz = exp(z − lse)·wgt/denom, dz[target] −= wgt/denom; rows
-// with wgt == 0 (or denom == 0) get dz = 0 and loss 0. The host sums row_loss / denom.
+// with wgt == 0 (or denom == 0) get dz = 0 and loss 0. The host sums row_loss / denom. dz may be
+// narrower than z (f32 logits, bf16 gradient: the f32 gradient rounded once, as a cast would).
 // grid: (rows), block: 256.
-template <typename T>
+template <typename T, typename G>
 __device__ void cross_entropy(const T* z, int ldz, const int* __restrict__ targets, const float* __restrict__ mask,
-                              float denom, T* dz, int lddz, float* __restrict__ row_loss, int vocab, int rows) {
+                              float denom, G* dz, int lddz, float* __restrict__ row_loss, int vocab, int rows) {
     int r = blockIdx.x;
     if (r >= rows) return;
     const T* zr = z + (long long)r * ldz;
-    T* dr = dz + (long long)r * lddz;
+    G* dr = dz + (long long)r * lddz;
     float wgt = mask ? mask[r] : 1.0f;
     if (wgt == 0.0f || denom == 0.0f) {
-        for (int j = threadIdx.x; j < vocab; j += blockDim.x) dr[j] = from_f32<T>(0.0f);
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) dr[j] = from_f32<G>(0.0f);
         if (threadIdx.x == 0) row_loss[r] = 0.0f;
         return;
     }
@@ -223,19 +224,24 @@ __device__ void cross_entropy(const T* z, int ldz, const int* __restrict__ targe
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
         float g = __fdiv_rn(__fmul_rn(dsv3_exp(__fsub_rn(to_f32(zr[j]), lse)), wgt), denom);
         if (j == t) g = __fsub_rn(g, scale);
-        dr[j] = from_f32<T>(g);
+        dr[j] = from_f32<G>(g);
     }
     if (threadIdx.x == 0) row_loss[r] = (t >= 0 && t < vocab) ? wgt * (lse - to_f32(zr[t])) : __int_as_float(0x7fc00000);
 }
 extern "C" __global__ void cross_entropy_f32(const float* z, int ldz, const int* targets, const float* mask, float denom,
                                              float* dz, int lddz, float* row_loss, int vocab, int rows) {
     DSV3_PDL();
-    cross_entropy<float>(z, ldz, targets, mask, denom, dz, lddz, row_loss, vocab, rows);
+    cross_entropy<float, float>(z, ldz, targets, mask, denom, dz, lddz, row_loss, vocab, rows);
 }
 extern "C" __global__ void cross_entropy_bf16(const bf16* z, int ldz, const int* targets, const float* mask, float denom,
                                               bf16* dz, int lddz, float* row_loss, int vocab, int rows) {
     DSV3_PDL();
-    cross_entropy<bf16>(z, ldz, targets, mask, denom, dz, lddz, row_loss, vocab, rows);
+    cross_entropy<bf16, bf16>(z, ldz, targets, mask, denom, dz, lddz, row_loss, vocab, rows);
+}
+extern "C" __global__ void cross_entropy_f32_bf16(const float* z, int ldz, const int* targets, const float* mask,
+                                                  float denom, bf16* dz, int lddz, float* row_loss, int vocab, int rows) {
+    DSV3_PDL();
+    cross_entropy<float, bf16>(z, ldz, targets, mask, denom, dz, lddz, row_loss, vocab, rows);
 }
 
 // ---- Attention probabilities for training (core::model::mla::Mla::forward_train): scores

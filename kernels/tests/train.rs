@@ -310,6 +310,31 @@ fn cross_entropy_matches_cpu_with_mask() {
                     ((loss as f32) - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0),
                     "{what}: loss {loss} vs {want_loss}"
                 );
+                if dt == DType::F32 {
+                    // f32 logits with a bf16 gradient (the bf16 training head): the f32
+                    // gradient rounded to nearest even, bit for bit, and the same losses
+                    let f32_dz = dz.to_f32(&dev).unwrap();
+                    let mut dzb = poisoned(&dev, DType::Bf16, rows * vocab);
+                    let mut rlb = upload(&dev, &vec![f32::NAN; rows]).unwrap();
+                    let td = upload(&dev, &t).unwrap();
+                    train::cross_entropy(&dev, &za, vocab, &td, mref, denom, &mut dzb, vocab, &mut rlb, vocab, rows)
+                        .unwrap();
+                    let want: Vec<u16> = f32_dz.iter().map(|&g| half::bf16::from_f32(g).to_bits()).collect();
+                    let got: Vec<u16> =
+                        dzb.to_f32(&dev).unwrap().iter().map(|&g| half::bf16::from_f32(g).to_bits()).collect();
+                    assert_eq!(got, want, "{what}: bf16 gradient from f32 logits");
+                    let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                    assert_eq!(
+                        bits(download(&dev, &rlb).unwrap()),
+                        bits(download(&dev, &rl).unwrap()),
+                        "{what}: row losses"
+                    );
+                    // bf16 logits with an f32 gradient: refused
+                    let zb = Act::from_f32(&dev, DType::Bf16, &z).unwrap();
+                    let err =
+                        train::cross_entropy(&dev, &zb, vocab, &td, mref, denom, &mut dz, vocab, &mut rlb, vocab, rows);
+                    assert!(err.is_err(), "{what}: bf16 logits with an f32 gradient accepted");
+                }
             }
         }
     }

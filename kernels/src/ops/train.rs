@@ -321,7 +321,9 @@ pub fn embedding_backward(
 }
 
 /// Softmax cross-entropy forward and backward (`dsv3_core::ops::loss::cross_entropy`) over `rows`
-/// rows of logits `z` `[rows, ldz]` (`vocab` columns): writes `dz` (stride `lddz`, same dtype) and
+/// rows of logits `z` `[rows, ldz]` (`vocab` columns): writes `dz` (stride `lddz`; the dtype of
+/// `z`, or bf16 from f32 logits: the f32 gradient rounded once, bit for bit what a cast of the f32
+/// result gives, without its extra pass over the logits' size) and
 /// `row_loss[r] = mask[r]·(lse − z[target])`; the loss is `Σ row_loss / denom`.
 #[allow(clippy::too_many_arguments)]
 pub fn cross_entropy(
@@ -340,7 +342,15 @@ pub fn cross_entropy(
     if rows == 0 {
         return Ok(());
     }
-    if vocab == 0 || z.dtype() != dz.dtype() || ldz < vocab || lddz < vocab {
+    let k = match (z.dtype(), dz.dtype()) {
+        (DType::F32, DType::F32) => "cross_entropy_f32",
+        (DType::Bf16, DType::Bf16) => "cross_entropy_bf16",
+        (DType::F32, DType::Bf16) => "cross_entropy_f32_bf16",
+        (DType::Bf16, DType::F32) => {
+            return Err(Error::Input("cross_entropy: bf16 logits with an f32 gradient".into()));
+        }
+    };
+    if vocab == 0 || ldz < vocab || lddz < vocab {
         return Err(Error::Input(format!("cross_entropy: dtypes or strides (vocab {vocab}, {ldz}/{lddz})")));
     }
     if targets.len() < rows || row_loss.len() < rows || mask.is_some_and(|m| m.len() < rows) {
@@ -363,7 +373,6 @@ pub fn cross_entropy(
         KArg::I32(int(vocab, "vocab")?),
         KArg::I32(int(rows, "rows")?),
     ];
-    let k = pick(z.dtype(), "cross_entropy_f32", "cross_entropy_bf16");
     launch(dev, "train", k, (dim(rows, "cross_entropy rows")?, 1, 1), 256, &args)
 }
 

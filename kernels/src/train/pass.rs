@@ -145,19 +145,12 @@ impl Head<'_> {
         gather::gather_rows(dev, normed, n, d, &trows, p, d, &mut hp, d)?;
         let mut logits = Act::empty(dev, DType::F32, p * v)?;
         mm.run(dev, NT, dims(p, v, d), rd(&hp, 0, d), rd(wb, head, d), wr(&mut logits, 0, v), None)?;
-        let mut dz = Act::empty(dev, DType::F32, p * v)?;
+        // the gradient in the pass's dtype straight from the f32 logits (no cast pass)
+        let mut dz = Act::empty(dev, dt, p * v)?;
         let mut row_loss = crate::tensor::empty::<f32>(dev, p)?;
         tk::cross_entropy(dev, &logits, v, &targets, mask, denom, &mut dz, v, &mut row_loss, v, p)?;
         drop(logits);
-        let dzb = match dt {
-            DType::Bf16 => {
-                let mut z = Act::empty(dev, dt, p * v)?;
-                elementwise::cast(dev, &dz, &mut z, p * v)?;
-                Some(z)
-            }
-            DType::F32 => None,
-        };
-        let dza = dzb.as_ref().unwrap_or(&dz);
+        let dza = &dz;
         // dX = dZ·W (rows of the predicted positions; row p stays zero), dW += dZᵀ·X
         let mut dhp = Act::zeros(dev, dt, (p + 1) * d)?;
         mm.run(dev, NN, dims(p, d, v), rd(dza, 0, v), rd(wb, head, d), wr(&mut dhp, 0, d), None)?;

@@ -198,10 +198,15 @@ extern "C" __global__ void __launch_bounds__(256) embed_bwd_bf16(const int* rows
 // row_loss[r] = wgt·(lse − z[target]); dz = exp(z − lse)·wgt/denom, dz[target] −= wgt/denom; rows
 // with wgt == 0 (or denom == 0) get dz = 0 and loss 0. The host sums row_loss / denom. dz may be
 // narrower than z (f32 logits, bf16 gradient: the f32 gradient rounded once, as a cast would).
-// grid: (rows), block: 256.
-template <typename T, typename G>
+// CACHE: the row is kept in shared memory (f32, vocab·4 bytes of dynamic shared memory, where the
+// GPU allows that much), so the logits (a training step's largest tensor, [tokens, vocab] f32) are
+// read from global memory once instead of three times.
+// grid: (rows), block: any (256 without the cache, 1024 with it; the sums' tree follows it).
+template <typename T, typename G, bool CACHE>
 __device__ void cross_entropy(const T* z, int ldz, const int* __restrict__ targets, const float* __restrict__ mask,
                               float denom, G* dz, int lddz, float* __restrict__ row_loss, int vocab, int rows) {
+    DSV3_DYNAMIC_SMEM(zs_raw);
+    float* zs = reinterpret_cast<float*>(zs_raw);
     int r = blockIdx.x;
     if (r >= rows) return;
     const T* zr = z + (long long)r * ldz;
@@ -212,37 +217,54 @@ __device__ void cross_entropy(const T* z, int ldz, const int* __restrict__ targe
         if (threadIdx.x == 0) row_loss[r] = 0.0f;
         return;
     }
+    auto at = [&](int j) { return CACHE ? zs[j] : to_f32(zr[j]); };
     float m = -__int_as_float(0x7f800000);
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, to_f32(zr[j]));
-    m = block_max(m);
+    int j0 = 0;
+    if constexpr (CACHE && sizeof(T) == 4) {
+        // 16-byte loads where the row is 16-byte aligned (uniform over the block)
+        if (((unsigned long long)zr & 15) == 0) {
+            j0 = vocab & ~3;
+            const float4* z4 = reinterpret_cast<const float4*>(zr);
+#pragma unroll 4
+            for (int q = threadIdx.x; q < j0 / 4; q += blockDim.x) {
+                float4 v = z4[q];
+                zs[4 * q] = v.x, zs[4 * q + 1] = v.y, zs[4 * q + 2] = v.z, zs[4 * q + 3] = v.w;
+                m = fmaxf(m, fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w)));
+            }
+        }
+    }
+    for (int j = j0 + threadIdx.x; j < vocab; j += blockDim.x) {
+        float v = to_f32(zr[j]);
+        if (CACHE) zs[j] = v;
+        m = fmaxf(m, v);
+    }
+    m = block_max(m);  // its barriers also publish zs
     float s = 0.0f;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += dsv3_exp(to_f32(zr[j]) - m);
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += dsv3_exp(at(j) - m);
     s = block_sum(s);
     float lse = m + logf(s);
     int t = targets[r];
     float scale = __fdiv_rn(wgt, denom);
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-        float g = __fdiv_rn(__fmul_rn(dsv3_exp(__fsub_rn(to_f32(zr[j]), lse)), wgt), denom);
+        float g = __fdiv_rn(__fmul_rn(dsv3_exp(__fsub_rn(at(j), lse)), wgt), denom);
         if (j == t) g = __fsub_rn(g, scale);
         dr[j] = from_f32<G>(g);
     }
-    if (threadIdx.x == 0) row_loss[r] = (t >= 0 && t < vocab) ? wgt * (lse - to_f32(zr[t])) : __int_as_float(0x7fc00000);
+    if (threadIdx.x == 0) row_loss[r] = (t >= 0 && t < vocab) ? wgt * (lse - at(t)) : __int_as_float(0x7fc00000);
 }
-extern "C" __global__ void cross_entropy_f32(const float* z, int ldz, const int* targets, const float* mask, float denom,
-                                             float* dz, int lddz, float* row_loss, int vocab, int rows) {
-    DSV3_PDL();
-    cross_entropy<float, float>(z, ldz, targets, mask, denom, dz, lddz, row_loss, vocab, rows);
-}
-extern "C" __global__ void cross_entropy_bf16(const bf16* z, int ldz, const int* targets, const float* mask, float denom,
-                                              bf16* dz, int lddz, float* row_loss, int vocab, int rows) {
-    DSV3_PDL();
-    cross_entropy<bf16, bf16>(z, ldz, targets, mask, denom, dz, lddz, row_loss, vocab, rows);
-}
-extern "C" __global__ void cross_entropy_f32_bf16(const float* z, int ldz, const int* targets, const float* mask,
-                                                  float denom, bf16* dz, int lddz, float* row_loss, int vocab, int rows) {
-    DSV3_PDL();
-    cross_entropy<float, bf16>(z, ldz, targets, mask, denom, dz, lddz, row_loss, vocab, rows);
-}
+#define DSV3_CE(name, T, G, CACHE)                                                                                 \
+    extern "C" __global__ void name(const T* z, int ldz, const int* targets, const float* mask, float denom, G* dz, \
+                                    int lddz, float* row_loss, int vocab, int rows) {                            \
+        DSV3_PDL();                                                                                              \
+        cross_entropy<T, G, CACHE>(z, ldz, targets, mask, denom, dz, lddz, row_loss, vocab, rows);               \
+    }
+DSV3_CE(cross_entropy_f32, float, float, false)
+DSV3_CE(cross_entropy_bf16, bf16, bf16, false)
+DSV3_CE(cross_entropy_f32_bf16, float, bf16, false)
+DSV3_CE(cross_entropy_smem_f32, float, float, true)
+DSV3_CE(cross_entropy_smem_bf16, bf16, bf16, true)
+DSV3_CE(cross_entropy_smem_f32_bf16, float, bf16, true)
+#undef DSV3_CE
 
 // ---- Attention probabilities for training (core::model::mla::Mla::forward_train): scores
 // S [mats, T, T] (row stride ld, matrix stride mstride; mats = batch·heads), causal: query row i

@@ -9,10 +9,9 @@
 //! segment sits at position `p0 + i` and sees keys `0..=p0 + i` of its sequence (chunked prefill
 //! over a cached prefix: `p0 > 0`). Each CTA serves `64·m` query rows of one segment and one head
 //! and loads each K/V tile once for all of them.
-use super::{dim, int, launch_smem, KArg};
+use super::{dim, int, launch_smem, max_smem_optin, KArg};
 use crate::device::Device;
 use crate::tensor::{dptr, upload, Act, DType};
-use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::DeviceRepr;
 use dsv3_core::{Error, Result};
 use std::sync::OnceLock;
@@ -195,13 +194,6 @@ impl FlashCall<'_> {
         let pairs: usize = self.segs.iter().map(Segment::pairs).sum();
         2.0 * (pairs * self.h * (self.dn + self.dr + self.dv)) as f64
     }
-}
-
-/// The most dynamic shared memory a block may opt into on `dev` (0 if the driver cannot say).
-fn max_smem_optin(dev: &Device) -> usize {
-    dev.ctx
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .map_or(0, |v| v.max(0) as usize)
 }
 
 /// Whether variant `v` runs head dims `dn`, `dr`, `dv` on `dev` (its shared memory included).

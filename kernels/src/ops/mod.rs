@@ -257,6 +257,13 @@ pub(crate) fn launch(
 /// Dynamic shared memory a kernel may use without opting in (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`).
 pub(crate) const DEFAULT_MAX_DYNAMIC_SMEM: u32 = 48 * 1024;
 
+/// The most dynamic shared memory a block may opt into on `dev` (0 if the driver cannot say).
+pub(crate) fn max_smem_optin(dev: &Device) -> usize {
+    dev.ctx
+        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_or(0, |v| v.max(0) as usize)
+}
+
 /// [`launch`] with `smem` bytes of dynamic shared memory (`extern __shared__`). Above 48 KiB the
 /// kernel's limit is raised first (the caller checks the device's opt-in maximum).
 pub(crate) fn launch_smem(

@@ -2,7 +2,7 @@
 //! and the backward passes of RMSNorm, SwiGLU, RoPE/YaRN, the embedding and softmax
 //! cross-entropy, mirroring `dsv3_core::train::optim` and `dsv3_core::ops`.
 use super::rope::RopeLayout;
-use super::{dim, grid_y, int, launch, KArg};
+use super::{dim, grid_y, int, launch, launch_smem, max_smem_optin, KArg};
 use crate::device::Device;
 use crate::tensor::{dptr, Act, DType};
 use cudarc::driver::CudaSlice;
@@ -342,11 +342,17 @@ pub fn cross_entropy(
     if rows == 0 {
         return Ok(());
     }
-    let k = match (z.dtype(), dz.dtype()) {
-        (DType::F32, DType::F32) => "cross_entropy_f32",
-        (DType::Bf16, DType::Bf16) => "cross_entropy_bf16",
-        (DType::F32, DType::Bf16) => "cross_entropy_f32_bf16",
-        (DType::Bf16, DType::F32) => {
+    // the row cached in shared memory where it fits (one read of the logits instead of three);
+    // the static shared memory of the block reductions comes on top
+    let cache = vocab * 4 + 1024 <= max_smem_optin(dev);
+    let k = match (z.dtype(), dz.dtype(), cache) {
+        (DType::F32, DType::F32, false) => "cross_entropy_f32",
+        (DType::Bf16, DType::Bf16, false) => "cross_entropy_bf16",
+        (DType::F32, DType::Bf16, false) => "cross_entropy_f32_bf16",
+        (DType::F32, DType::F32, true) => "cross_entropy_smem_f32",
+        (DType::Bf16, DType::Bf16, true) => "cross_entropy_smem_bf16",
+        (DType::F32, DType::Bf16, true) => "cross_entropy_smem_f32_bf16",
+        (DType::Bf16, DType::F32, _) => {
             return Err(Error::Input("cross_entropy: bf16 logits with an f32 gradient".into()));
         }
     };
@@ -373,7 +379,12 @@ pub fn cross_entropy(
         KArg::I32(int(vocab, "vocab")?),
         KArg::I32(int(rows, "rows")?),
     ];
-    launch(dev, "train", k, (dim(rows, "cross_entropy rows")?, 1, 1), 256, &args)
+    let grid = (dim(rows, "cross_entropy rows")?, 1, 1);
+    if cache {
+        launch_smem(dev, "train", k, grid, 1024, (vocab * 4) as u32, &args)
+    } else {
+        launch(dev, "train", k, grid, 256, &args)
+    }
 }
 
 /// Causal attention probabilities for training, in place: `mats` score matrices `[t, t]` (row

@@ -40,7 +40,8 @@
 #                                              the training step (cuBLAS vs mma products, FP8,
 #                                              the experts on wgmma+TMA vs mma.sync; with
 #                                              --profile, its GPU time by kernel), the grouped
-#                                              expert GEMM bench (kernel_bench grouped),
+#                                              expert GEMM bench (kernel_bench grouped), the
+#                                              head's cross-entropy (kernel_bench ce),
 #                                              fp8_bench, then the loss curves in the time left
 #
 # A test that prints SKIP on the GPU machine is a failure of the session (only the no-GPU parts of
@@ -341,6 +342,7 @@ run_next() {
   } >"$out/train.log"
   echo "train done at $(el)s"
   one 60 gpu/bin/kernel_bench grouped >"$out/grouped.log"
+  one 30 gpu/bin/kernel_bench ce >"$out/ce.log"
   one 100 gpu/bin/fp8_bench >"$out/fp8bench.log"
   echo "fp8 done at $(el)s"
   local left=$((540 - $(el)))

@@ -2,7 +2,8 @@
 //! `target/release/examples/kernel_bench` to the GPU machine and run it. Prints achieved TFLOP/s /
 //! GB/s next to cuBLAS and the device-copy ceiling measured in the same run. `kernel_bench attn`
 //! runs only the prefill attention lines (flash vs the absorbed per-row path); `kernel_bench
-//! grouped [ROWS]` only the MoE experts' grouped products (32768 routed rows by default).
+//! grouped [ROWS]` only the MoE experts' grouped products (32768 routed rows by default); `kernel_bench
+//! ce [ROWS]` only the training head's cross-entropy (8192 x 32000 by default).
 fn main() {
     let dev = match dsv3_kernels::Device::new(0) {
         Ok(d) => d,
@@ -18,6 +19,11 @@ fn main() {
             let rows = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(32768);
             println!("{}", dev.name);
             dsv3_kernels::bench::run_grouped(&dev, rows).map(drop)
+        }
+        Some("ce") => {
+            let rows = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(8192);
+            println!("{}", dev.name);
+            dsv3_kernels::bench::run_ce(&dev, rows, 32000).map(drop)
         }
         _ => dsv3_kernels::bench::run_all(&dev).map(drop),
     };

@@ -339,12 +339,37 @@ pub fn cross_entropy(
     vocab: usize,
     rows: usize,
 ) -> Result<()> {
+    cross_entropy_with(dev, None, z, ldz, targets, mask, denom, dz, lddz, row_loss, vocab, rows)
+}
+
+/// [`cross_entropy`] with the row cached in shared memory (`Some(true)`; an error where it does
+/// not fit), read three times from global memory (`Some(false)`), or as it picks (`None`: cached
+/// where it fits). For the benchmarks' A/B.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cross_entropy_with(
+    dev: &Device,
+    cache: Option<bool>,
+    z: &Act,
+    ldz: usize,
+    targets: &CudaSlice<i32>,
+    mask: Option<&CudaSlice<f32>>,
+    denom: f32,
+    dz: &mut Act,
+    lddz: usize,
+    row_loss: &mut CudaSlice<f32>,
+    vocab: usize,
+    rows: usize,
+) -> Result<()> {
     if rows == 0 {
         return Ok(());
     }
     // the row cached in shared memory where it fits (one read of the logits instead of three);
     // the static shared memory of the block reductions comes on top
-    let cache = vocab * 4 + 1024 <= max_smem_optin(dev);
+    let fits = vocab * 4 + 1024 <= max_smem_optin(dev);
+    if cache == Some(true) && !fits {
+        return Err(Error::Unsupported(format!("cross_entropy: a {vocab}-column row does not fit shared memory")));
+    }
+    let cache = cache.unwrap_or(fits);
     let k = match (z.dtype(), dz.dtype(), cache) {
         (DType::F32, DType::F32, false) => "cross_entropy_f32",
         (DType::Bf16, DType::Bf16, false) => "cross_entropy_bf16",

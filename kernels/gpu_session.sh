@@ -36,7 +36,8 @@
 #                                              fixed and recalibrated tests (FP8 Wgrad alignment,
 #                                              flash reproducibility, bf16/FP8 passes, moments; the
 #                                              device plan, pool, deterministic pass), the
-#                                              88M decode (d1w8 default vs m1t32, PDL, fused merge),
+#                                              88M decode (d1w8 default vs m1t32, PDL, fused merge,
+#                                              the folded MLA projections vs DSV3_ABSORB=0),
 #                                              the training step (cuBLAS vs mma products, FP8,
 #                                              the experts on wgmma+TMA vs mma.sync; with
 #                                              --profile, its GPU time by kernel), the grouped
@@ -324,6 +325,7 @@ run_next() {
     for b in 1 32; do
       one 40 "${dec[@]}" --batch "$b"
       E=DSV3_MLA_MMA=m1t32 one 40 "${dec[@]}" --batch "$b"
+      E=DSV3_ABSORB=0 one 40 "${dec[@]}" --batch "$b"
       E=DSV3_PDL=1 one 40 "${dec[@]}" --batch "$b"
       E=DSV3_MLA_COMBINE=fused one 40 "${dec[@]}" --batch "$b"
       E="DSV3_MLA_COMBINE=fused DSV3_PDL=1" one 40 "${dec[@]}" --batch "$b"

@@ -57,8 +57,22 @@ fn session_prefill_and_batched_decode_match_the_cpu_session() {
     for name in ["v3_group", "v2_lite", "v3_fp8"] {
         let model = load(name);
         let v = model.cfg.vocab_size;
-        for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::Bf16, f32::NAN)] {
-            let cm = CudaModel::new(dev.clone(), &model, CudaOptions { dtype, keep_fp8: true }).unwrap();
+        // decode on the folded MLA projections (weights::DAbsorbed, where the model has them: every
+        // fixture in f32) and on the separate W_UK / W_UV products
+        for (dtype, tol, folded) in [
+            (DType::F32, 1e-4f32, true),
+            (DType::F32, 1e-4, false),
+            (DType::Bf16, f32::NAN, true),
+            (DType::Bf16, f32::NAN, false),
+        ] {
+            let mut cm = CudaModel::new(dev.clone(), &model, CudaOptions { dtype, keep_fp8: true }).unwrap();
+            if dtype == DType::F32 && dsv3_kernels::model::weights::absorb_enabled() {
+                assert!(cm.layers.iter().all(|l| l.attn.absorbed.is_some()), "{name}: no folded projections");
+            }
+            if !folded {
+                cm.layers.iter_mut().for_each(|l| l.attn.absorbed = None);
+            }
+            let name = &format!("{name} folded {folded}");
             let mut gpu = CudaSession::new(&cm, 3, 40).unwrap();
             let mut cpu = Session::new(&model, 3);
             let s = seqs(v);

@@ -71,7 +71,7 @@ impl CudaModel {
         }
         let st = Storage { dtype: opts.dtype, keep_fp8: opts.keep_fp8 };
         let layers =
-            model.layers.iter().map(|b| weights::block(&dev, b, (h, c, dn, dv), st)).collect::<Result<Vec<_>>>()?;
+            model.layers.iter().map(|b| weights::block(&dev, b, (h, c, dn, dv), dr, st)).collect::<Result<Vec<_>>>()?;
         Ok(CudaModel {
             embed: weights::embedding(&dev, &model.embed, opts.dtype)?,
             layers,

@@ -1,10 +1,10 @@
 //! [`CudaSession`]: up to `slots` sequences with a device latent cache per layer
 //! (`[slots, max_len, C + dr]`), fed `(slot, new tokens)` pairs like `dsv3_core::infer::Session`:
 //! one batched forward per step, prefill and decode alike, no host round trip between layers.
-use super::weights::{DFfn, DLinear, DMlp, DQ};
+use super::weights::{DFfn, DLinear, DMla, DMlp, DQ};
 use super::CudaModel;
 use crate::device::{cuda_err, Device};
-use crate::ops::gemm::{gemm, gemm_via, runs_skinny, GemmPath, GemmShape, Grouped};
+use crate::ops::gemm::{gemm, gemm_via, runs_skinny, GemmPath, GemmShape, Grouped, SKINNY_MAX_M};
 use crate::ops::mla::{MlaCall, MlaWork};
 use crate::ops::{attn, elementwise, gather, mla, moe, norm, sampling};
 use crate::tensor::{upload, zeros, Act, DType};
@@ -488,9 +488,9 @@ impl<'m> CudaSession<'m> {
         Ok(x)
     }
 
-    /// Whether layer `l`'s first attention GEMMs (q_a|kv_a, or q_a / q and kv_a) all take its
-    /// input norm folded in for `n` rows.
-    fn attention_folds(&self, l: usize, n: usize) -> bool {
+    /// Whether layer `l`'s first attention GEMMs (q_a|kv_a, or q_a / q and kv_a; the folded
+    /// query projection when `absorb`) all take its input norm folded in for `n` rows.
+    fn attention_folds(&self, l: usize, n: usize, absorb: bool) -> bool {
         let m = self.model;
         let layer = &m.layers[l];
         let a = &layer.attn;
@@ -505,15 +505,16 @@ impl<'m> CudaSession<'m> {
         let kv_ok = || a.kv_a.as_ref().is_some_and(ok);
         match &a.q {
             DQ::Lora { a: qa, fused_kv, .. } => ok(qa) && (*fused_kv || kv_ok()),
-            DQ::Plain(p) => ok(p) && kv_ok(),
+            DQ::Plain(p) => ok(q_last(a, p, absorb)) && kv_ok(),
         }
     }
 
     /// Layer `l`'s query and compressed-kv projections of `hn` (`n` rows): the queries
-    /// `[N, H·dq]` and the buffer holding the kv rows `(buffer, offset, row stride)`. With a
-    /// LoRA, one GEMM writes q_a ‖ kv_a side by side (the kv rows then lie in that buffer), and
-    /// q_a's RMSNorm folds into q_b where that GEMM runs skinny.
-    fn project(&self, l: usize, hn: In, n: usize) -> Result<(Act, Act, usize, usize)> {
+    /// `[N, H·dq]` (with `absorb`, [`super::weights::DAbsorbed::q`]'s `[N, H·C + H·dr]`) and the buffer holding
+    /// the kv rows `(buffer, offset, row stride)`. With a LoRA, one GEMM writes q_a ‖ kv_a side
+    /// by side (the kv rows then lie in that buffer), and q_a's RMSNorm folds into q_b where that
+    /// GEMM runs skinny.
+    fn project(&self, l: usize, hn: In, n: usize, absorb: bool) -> Result<(Act, Act, usize, usize)> {
         let m = self.model;
         let dev = &*m.dev;
         let c = &m.cfg;
@@ -521,7 +522,8 @@ impl<'m> CudaSession<'m> {
         let (h, dq, w) =
             (c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim, c.kv_lora_rank + c.qk_rope_head_dim);
         let dt = m.dtype;
-        let mut q = Act::empty(dev, dt, n * h * dq)?;
+        let qw = if absorb { h * (c.kv_lora_rank + c.qk_rope_head_dim) } else { h * dq };
+        let mut q = Act::empty(dev, dt, n * qw)?;
         let kv_proj = || -> Result<Act> {
             let kv = a.kv_a.as_ref().ok_or_else(|| Error::Io("MLA layer without kv_a".into()))?;
             let mut ckv = Act::empty(dev, dt, n * w)?;
@@ -530,7 +532,7 @@ impl<'m> CudaSession<'m> {
         };
         match &a.q {
             DQ::Lora { a: qa_l, rank: rq, fused_kv, norm: qn, b } => {
-                let rq = *rq;
+                let (rq, b) = (*rq, q_last(a, b, absorb));
                 let width = qa_l.w.n; // rq, or rq + w when fused
                 let mut qa = Act::empty(dev, dt, n * width)?;
                 linear_in(m, qa_l, hn, n, &mut qa)?;
@@ -550,7 +552,7 @@ impl<'m> CudaSession<'m> {
                 })
             }
             DQ::Plain(p) => {
-                linear_in(m, p, hn, n, &mut q)?;
+                linear_in(m, q_last(a, p, absorb), hn, n, &mut q)?;
                 Ok((q, kv_proj()?, 0, w))
             }
         }
@@ -567,15 +569,22 @@ impl<'m> CudaSession<'m> {
             (rows.n, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
         let dq = dn + dr;
         let dt = m.dtype;
-        // queries [N, H·dq] and the compressed kv (latent ‖ k_pe, normalized and rotated by
-        // mla_prep), the input norm folded into the projections when they run skinny
+        // the step's rows on the flash path; without any, decode-sized steps run the folded
+        // projections where the layer has them (DAbsorbed: no W_UK / W_UV products)
+        let flash = self.flash_segments(rows);
+        let absorb = flash.is_empty() && n <= SKINNY_MAX_M && a.absorbed.is_some();
+        // queries [N, H·dq] (folded: [N, H·C + H·dr]) and the compressed kv (latent ‖ k_pe,
+        // normalized and rotated by mla_prep), the input norm folded into the projections when
+        // they run skinny
         let input_norm = &m.layers[l].input_norm;
-        let hn = if fuse_enabled() && self.attention_folds(l, n) {
+        let hn = if fuse_enabled() && self.attention_folds(l, n, absorb) {
             In::Fold(&*x, input_norm, m.eps)
         } else {
             In::Normed(normalize(m, x, input_norm, n, hs)?)
         };
-        let (mut q, ckv_buf, ckv_off, ld_ckv) = self.project(l, hn, n)?;
+        let (mut q, ckv_buf, ckv_off, ld_ckv) = self.project(l, hn, n, absorb)?;
+        // the rope part of head h: at h·dq + dn, or after all the absorbed queries (h·dr + H·C)
+        let (ld_q, hs_q, q_off) = if absorb { (h * (ck + dr), dr, h * ck) } else { (h * dq, dq, dn) };
         let prep = mla::Prep {
             n,
             c: ck,
@@ -586,9 +595,9 @@ impl<'m> CudaSession<'m> {
             ld_ckv,
             kv_norm: &a.kv_norm,
             eps: m.lora_eps,
-            ld_q: h * dq,
-            hs_q: dq,
-            q_off: dn,
+            ld_q,
+            hs_q,
+            q_off,
             pos: &rows.pos,
             slot: &rows.slot,
             inv_freq: &m.inv_freq,
@@ -598,20 +607,25 @@ impl<'m> CudaSession<'m> {
         mla::mla_prep(dev, &prep, &mut q, &mut self.caches[l])?;
         // O [N, H·dv]: the flash path for the prefill slots it takes, the absorbed kernels for
         // the other rows (where both run in one step, the flash rows attend to nothing in the
-        // absorbed kernels, row_len 0, and their output rows are overwritten by the flash kernel)
-        let flash = self.flash_segments(rows);
+        // absorbed kernels, row_len 0, and their output rows are overwritten by the flash kernel);
+        // folded, the attention's latent output ō [N, H·C] straight into the folded o_proj
+        if absorb {
+            let a = a.absorbed.as_ref().expect("checked above");
+            let ob = self.absorbed(l, &q, rows, &rows.len, true)?;
+            return linear(m, &a.o, &ob, n, x, true);
+        }
         let flash_rows: usize = flash.iter().map(|s| s.nq).sum();
         let mut oh = if flash_rows == n {
             Act::empty(dev, dt, n * h * dv)?
         } else if flash.is_empty() {
-            self.absorbed(l, &q, rows, &rows.len)?
+            self.absorbed(l, &q, rows, &rows.len, false)?
         } else {
             let mut len = Vec::with_capacity(n);
             for sg in &rows.segs {
                 let on = flash.iter().any(|f| f.row0 == sg.row0);
                 len.extend((0..sg.nq).map(|i| if on { 0 } else { (sg.p0 + i + 1) as i32 }));
             }
-            self.absorbed(l, &q, rows, &upload(dev, &len)?)?
+            self.absorbed(l, &q, rows, &upload(dev, &len)?, false)?
         };
         if !flash.is_empty() {
             self.flash_prefill(l, &q, &flash, &mut oh)?;
@@ -621,8 +635,9 @@ impl<'m> CudaSession<'m> {
 
     /// The absorbed attention of layer `l` for every row (`row_len` visible entries each; the
     /// queries `q` `[N, H·dq]` already rotated and the new latents cached): `q̃ = q_nope·W_UK`,
-    /// the MLA decode kernels over the latent cache, `O = ō·W_UVᵀ` -> `[N, H·dv]`.
-    fn absorbed(&self, l: usize, q: &Act, rows: &Rows, row_len: &CudaSlice<i32>) -> Result<Act> {
+    /// the MLA decode kernels over the latent cache, `O = ō·W_UVᵀ` -> `[N, H·dv]`. `folded`: `q`
+    /// is [`super::weights::DAbsorbed::q`]'s `[N, H·C + H·dr]` (q̃ already), and the result is `ō` `[N, H·C]`.
+    fn absorbed(&self, l: usize, q: &Act, rows: &Rows, row_len: &CudaSlice<i32>, folded: bool) -> Result<Act> {
         let m = self.model;
         let dev = &*m.dev;
         let c = &m.cfg;
@@ -631,11 +646,24 @@ impl<'m> CudaSession<'m> {
             (rows.n, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
         let dq = dn + dr;
         let dt = m.dtype;
-        // absorbed queries q̃_h = q_nope_h · W_UK_h: [N, H, C]
-        let mut qt = Act::empty(dev, dt, n * h * ck)?;
-        let s =
-            GemmShape { lda: h * dq, stride_a: dq, ldc: h * ck, stride_c: ck, batch: h, ..GemmShape::plain(n, dn, ck) };
-        gemm(dev, q, &a.w_uk, &mut qt, &s)?;
+        // absorbed queries q̃_h = q_nope_h · W_UK_h: [N, H, C] (folded: the first H·C of q's rows)
+        let split_q;
+        let (qt, ld_qt, qpe_off, ld_qpe, hs_qpe) = if folded {
+            (q, h * (ck + dr), h * ck, h * (ck + dr), dr)
+        } else {
+            let mut qt = Act::empty(dev, dt, n * h * ck)?;
+            let s = GemmShape {
+                lda: h * dq,
+                stride_a: dq,
+                ldc: h * ck,
+                stride_c: ck,
+                batch: h,
+                ..GemmShape::plain(n, dn, ck)
+            };
+            gemm(dev, q, &a.w_uk, &mut qt, &s)?;
+            split_q = qt;
+            (&split_q, h * ck, dn, h * dq, dq)
+        };
         // attention over the cache: ō [N, H, C]
         // in a captured decode max_visible is the capacity; the kernels split each row's own
         // length, so the split count only has to suit the longest possible row
@@ -647,12 +675,12 @@ impl<'m> CudaSession<'m> {
             h,
             c: ck,
             dr,
-            qt: &qt,
-            ld_qt: h * ck,
+            qt,
+            ld_qt,
             qpe: q,
-            qpe_off: dn,
-            ld_qpe: h * dq,
-            hs_qpe: dq,
+            qpe_off,
+            ld_qpe,
+            hs_qpe,
             cache: &self.caches[l],
             slots: self.slots,
             max_len: self.max_len,
@@ -662,6 +690,9 @@ impl<'m> CudaSession<'m> {
             splits,
         };
         mla::mla_decode(dev, &call, &mut ob, h * ck, work.as_mut())?;
+        if folded {
+            return Ok(ob);
+        }
         // O_h = ō_h · W_UV_hᵀ: [N, H·dv]
         let mut oh = Act::empty(dev, dt, n * h * dv)?;
         let s =
@@ -812,6 +843,14 @@ fn greedy_ids(ids: &[i32], vocab: usize) -> Result<Vec<u32>> {
 fn linear(m: &CudaModel, l: &DLinear, x: &Act, n: usize, y: &mut Act, accumulate: bool) -> Result<()> {
     let s = GemmShape { accumulate, bias: l.bias.as_ref(), ..GemmShape::plain(n, l.w.k, l.w.n) };
     gemm(&m.dev, x, &l.w, y, &s)
+}
+
+/// The query's last projection of `a` (`q_b` or `q`, `own`), or with `absorb` the folded one.
+fn q_last<'a>(a: &'a DMla, own: &'a DLinear, absorb: bool) -> &'a DLinear {
+    match (&a.absorbed, absorb) {
+        (Some(f), true) => &f.q,
+        _ => own,
+    }
 }
 
 /// `y = x · Wᵀ + b` for `n` rows of `x`, its norm folded in when it asks for that.

@@ -8,7 +8,7 @@ use crate::tensor::{upload, Act, DType, DWeight};
 use cudarc::driver::CudaSlice;
 use dsv3_core::model::block::{Block, Ffn};
 use dsv3_core::model::linear::{Linear, Weight};
-use dsv3_core::model::mla::QProj;
+use dsv3_core::model::mla::{Mla, QProj};
 use dsv3_core::model::mlp::Mlp;
 use dsv3_core::{Error, Result};
 
@@ -47,6 +47,110 @@ pub struct DMla {
     /// prefill path, which decompresses the cached latents; bf16 mode only (`None` in f32 mode).
     pub kv_b: Option<DLinear>,
     pub o: DLinear,
+    /// The query's last projection and `o_proj` with `W_UK` / `W_UV` multiplied in, for the
+    /// absorbed (decode) path of small models: see [`DAbsorbed`].
+    pub absorbed: Option<DAbsorbed>,
+}
+
+/// MLA's absorbed projections with the per-head absorption matrices folded into the weights
+/// (DeepSeek-V2 §2.1.2's "absorb W_UK into W_Q and W_UV into W_O"): decode then runs the query
+/// projection straight to `q̃` and `o_proj` straight from the attention's latent output `ō`, two
+/// GEMM launches fewer per layer. Kept only where the folded matrices are small (at most
+/// [`ABSORB_MAX_RATIO`] times the bytes of those they replace: the ~88M bench model; never
+/// DeepSeek-V3's or V2's sizes, where `H·C` is far wider than `H·dv`) and dense.
+pub struct DAbsorbed {
+    /// `[H·C + H·dr, q_in]`: rows `h·C + c` are `Σ_j W_UKᵀ[h, c, j] · W_q[h·dq + j, :]` (the
+    /// absorbed query of head h), then `H·C + h·dr + r` the rope rows `W_q[h·dq + dn + r, :]`.
+    /// `W_q` is `q_b_proj` (LoRA) or `q_proj`; a bias is carried through the same map.
+    pub q: DLinear,
+    /// `[D, H·C]`: `Σ_v W_o[:, h·dv + v] · W_UV[h, v, c]` at column `h·C + c`; `o_proj`'s bias.
+    pub o: DLinear,
+}
+
+/// The most the folded matrices of [`DAbsorbed`] may weigh, relative to the matrices they replace.
+pub const ABSORB_MAX_RATIO: usize = 2;
+
+/// `DSV3_ABSORB=0` keeps decode on the separate `W_UK` / `W_UV` products (A/B; read once).
+pub fn absorb_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DSV3_ABSORB").map_or(true, |v| v.trim() != "0"))
+}
+
+/// The [`DAbsorbed`] of `a` when it is enabled, small enough and dense (f32 products on the
+/// host, rounded once to the storage dtype).
+fn absorbed(
+    dev: &Device,
+    a: &Mla,
+    wq: &Linear,
+    dims: (usize, usize, usize, usize),
+    dr: usize,
+    st: Storage,
+) -> Result<Option<DAbsorbed>> {
+    let (h, c, dn, dv) = dims;
+    let (dq, qin, d) = (dn + dr, wq.in_dim, a.o.out_dim);
+    // dense only; widths in whole 16-byte groups (the MLA kernels' loads of q̃ and the rope part)
+    let aligned = c.is_multiple_of(8) && dr.is_multiple_of(8);
+    if !absorb_enabled() || !aligned || fp8_parts(wq, st).is_some() || fp8_parts(&a.o, st).is_some() {
+        return Ok(None);
+    }
+    if wq.out_dim != h * dq || a.o.in_dim != h * dv || a.w_uk_t.len() != h * c * dn || a.w_uv.len() != h * dv * c {
+        return Err(Error::Input("MLA: projection shapes do not match the absorbed matrices".into()));
+    }
+    let folded = h * (c + dr) * qin + d * h * c;
+    let replaced = h * dq * qin + h * c * dn + d * h * dv + h * dv * c;
+    if folded > ABSORB_MAX_RATIO * replaced {
+        return Ok(None);
+    }
+    let w = wq.dense();
+    let fold_q = |src: &[f32], cols: usize| -> Vec<f32> {
+        // src [H·dq, cols] -> [H·C + H·dr, cols]
+        let mut out = vec![0f32; h * (c + dr) * cols];
+        let mut acc = vec![0f64; cols];
+        for hh in 0..h {
+            for cc in 0..c {
+                acc.iter_mut().for_each(|v| *v = 0.0);
+                for j in 0..dn {
+                    let u = a.w_uk_t[(hh * c + cc) * dn + j] as f64;
+                    let row = &src[(hh * dq + j) * cols..][..cols];
+                    acc.iter_mut().zip(row).for_each(|(v, &x)| *v += u * x as f64);
+                }
+                let o = &mut out[(hh * c + cc) * cols..][..cols];
+                o.iter_mut().zip(&acc).for_each(|(o, &v)| *o = v as f32);
+            }
+            for r in 0..dr {
+                let row = &src[(hh * dq + dn + r) * cols..][..cols];
+                out[(h * c + hh * dr + r) * cols..][..cols].copy_from_slice(row);
+            }
+        }
+        out
+    };
+    let qw = fold_q(&w, qin);
+    let qb = wq.bias.as_ref().map(|b| fold_q(b, 1));
+    let wo = a.o.dense();
+    let mut ow = vec![0f32; d * h * c];
+    let mut acc = vec![0f64; c];
+    for row in 0..d {
+        for hh in 0..h {
+            acc.iter_mut().for_each(|v| *v = 0.0);
+            for v in 0..dv {
+                let x = wo[row * h * dv + hh * dv + v] as f64;
+                let uv = &a.w_uv[(hh * dv + v) * c..][..c];
+                acc.iter_mut().zip(uv).for_each(|(s, &u)| *s += x * u as f64);
+            }
+            let o = &mut ow[row * h * c + hh * c..][..c];
+            o.iter_mut().zip(&acc).for_each(|(o, &v)| *o = v as f32);
+        }
+    }
+    Ok(Some(DAbsorbed {
+        q: DLinear {
+            w: DWeight::from_f32(dev, st.dtype, 1, h * (c + dr), qin, &qw)?,
+            bias: qb.map(|b| upload(dev, &b)).transpose()?,
+        },
+        o: DLinear {
+            w: DWeight::from_f32(dev, st.dtype, 1, d, h * c, &ow)?,
+            bias: a.o.bias.as_ref().map(|b| upload(dev, b)).transpose()?,
+        },
+    }))
 }
 
 #[allow(clippy::large_enum_variant)] // one per layer
@@ -160,10 +264,16 @@ pub fn mlps(dev: &Device, mlps: &[&Mlp], st: Storage) -> Result<DMlp> {
     })
 }
 
-/// Uploads one decoder layer. `h`, `c`, `dn`, `dv` are the MLA dims of the config.
-pub fn block(dev: &Device, b: &Block, dims: (usize, usize, usize, usize), st: Storage) -> Result<DBlock> {
+/// Uploads one decoder layer. `h`, `c`, `dn`, `dv` are the MLA dims of the config, `dr` its rope
+/// dim.
+pub fn block(dev: &Device, b: &Block, dims: (usize, usize, usize, usize), dr: usize, st: Storage) -> Result<DBlock> {
     let (h, c, dn, dv) = dims;
     let a = &b.attn;
+    let wq = match &a.q {
+        QProj::Lora { b, .. } => b,
+        QProj::Plain(l) => l,
+    };
+    let absorbed = absorbed(dev, a, wq, dims, dr, st)?;
     let (q, kv_a) = match &a.q {
         QProj::Lora { a: qa, norm, b } => {
             let fused = fused_qkv_a(dev, qa, &a.kv_a, st)?;
@@ -185,6 +295,7 @@ pub fn block(dev: &Device, b: &Block, dims: (usize, usize, usize, usize), st: St
         w_uv: DWeight::from_f32(dev, st.dtype, h, dv, c, &a.w_uv)?,
         kv_b: if st.dtype == DType::Bf16 { Some(linear(dev, &a.kv_b, st)?) } else { None },
         o: linear(dev, &a.o, st)?,
+        absorbed,
     };
     let ffn = match &b.ffn {
         Ffn::Dense(m) => DFfn::Dense(mlps(dev, &[m], st)?),

@@ -509,8 +509,9 @@ pub fn mla_prep(dev: &Device, p: &Prep, q: &mut Act, cache: &mut Act) -> Result<
     if p.ld_ckv < w || p.kv_norm.len() < c || p.inv_freq.len() < dr / 2 || p.pos.len() < n || p.slot.len() < n {
         return Err(Error::Input("mla_prep: strides, norm weight, frequencies or row arrays too small".into()));
     }
-    if h > 1 && p.hs_q < p.q_off + dr {
-        return Err(Error::Input("mla_prep: query heads overlap".into()));
+    // the heads' rope slices [h·hs_q + q_off, + dr) and the rows must not overlap
+    if (h > 1 && p.hs_q < dr) || (n > 1 && p.ld_q < (h - 1) * p.hs_q + p.q_off + dr) {
+        return Err(Error::Input("mla_prep: query heads or rows overlap".into()));
     }
     p.ckv.check(p.ckv_off + (n - 1) * p.ld_ckv + w, "mla_prep ckv")?;
     q.check((n - 1) * p.ld_q + (h - 1) * p.hs_q + p.q_off + dr, "mla_prep q")?;

@@ -205,13 +205,15 @@ fn rope_backward_matches_cpu() {
 /// The embedding's gradient (`train::embedding_backward` over `EmbedRows`): every id's rows summed
 /// and added once, ids out of range left out, more ids than CUDA's 65535 grid.y, thousands of
 /// rows for one id (the values then multiples of 1/64 below 4: exact in bf16, every partial sum
-/// exact in any order), ids past `vocab` or negative skipped; the same bits from run to run.
+/// exact in any order), ids past `vocab` or negative skipped; the same bits from run to run. Ids
+/// with more than `EMBED_CHUNK` rows are summed in chunks first (two passes): ~112 rows per id
+/// with unrounded values, and the thousands.
 #[test]
 fn embedding_backward_sums_each_ids_rows() {
     let Some(dev) = device("embedding_backward_sums_each_ids_rows") else { return };
     let mut rng = Rng::new(84);
     for &(vocab, d, tokens) in
-        &[(1usize, 1usize, 3usize), (50, 67, 200), (1000, 512, 33), (7, 2, 65536 + 5), (70000, 3, 70010)]
+        &[(1usize, 1usize, 3usize), (50, 67, 200), (8, 300, 900), (1000, 512, 33), (7, 2, 65536 + 5), (70000, 3, 70010)]
     {
         let exact = |v: Vec<f32>| -> Vec<f32> {
             if tokens > 1000 {
@@ -248,6 +250,10 @@ fn embedding_backward_sums_each_ids_rows() {
                 }
             }
             let dya = Act::from_f32(&dev, dt, &dy).unwrap();
+            let mut count = vec![0usize; vocab];
+            ids.iter().filter(|&&i| i >= 0 && (i as usize) < vocab).for_each(|&i| count[i as usize] += 1);
+            let chunked = count.iter().any(|&c| c > train::EMBED_CHUNK);
+            assert_eq!(train::EmbedRows::new(&dev, &ids, vocab).unwrap().passes(), if chunked { 2 } else { 1 });
             let run = || {
                 let mut table = upload(&dev, &t0).unwrap();
                 let rows = train::EmbedRows::new(&dev, &ids, vocab).unwrap();

@@ -242,18 +242,40 @@ pub fn rope_backward(
     )
 }
 
-/// The tokens of a batch grouped by id, for [`embedding_backward`]: built on the host from the
-/// ids (the training pass has them there before it uploads them), one upload. Segment `s` lists
-/// the tokens of one id in token order; ids outside `[0, vocab)` are left out.
+/// The tokens of a batch grouped by id for [`embedding_backward`], built on the host. An id with
+/// more than [`EMBED_CHUNK`] rows (a byte-level corpus's space: ~1k of 8k tokens) is summed in
+/// chunks of that many rows first (their partial sums in a scratch buffer, then each id's partials
+/// in order), so no thread walks a thousand rows alone: two launches instead of one, the same
+/// fixed order every run.
 pub struct EmbedRows {
-    /// `[order [m], start [S + 1], id [S]]` (the kernel's layout).
+    /// The kernel's table `[order [m], start [S + 1], id [S]]`: segment s lists the token rows
+    /// `order[start[s] .. start[s + 1])` (token order) to add into row `id[s]`; with chunks, the
+    /// chunks are the segments and `id` numbers them (rows of the scratch buffer).
     table: CudaSlice<i32>,
     /// Tokens the ids were given for (`dy` rows).
     tokens: usize,
     /// `m`: the tokens with an id in range.
     rows: usize,
     segments: usize,
+    /// With chunks: the second pass's table (`order` = the chunks `0..C`, `start` each id's first
+    /// chunk, `id` the ids), the chunk count `C` and the id count `S`.
+    ids: Option<(CudaSlice<i32>, usize, usize)>,
 }
+
+impl EmbedRows {
+    /// The launches [`embedding_backward`] makes: 2 where an id has more than [`EMBED_CHUNK`]
+    /// rows, else 1.
+    pub fn passes(&self) -> usize {
+        if self.ids.is_some() {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// The most rows of one id summed by one thread in one pass of [`embedding_backward`].
+pub const EMBED_CHUNK: usize = 32;
 
 impl EmbedRows {
     pub fn new(dev: &Device, ids: &[i32], vocab: usize) -> Result<EmbedRows> {
@@ -273,17 +295,48 @@ impl EmbedRows {
             }
         }
         start.push(int(order.len(), "segment end")?);
-        let (rows, segments) = (order.len(), seg_id.len());
-        order.extend(start);
-        order.extend(seg_id);
-        Ok(EmbedRows { table: crate::tensor::upload(dev, &order)?, tokens: ids.len(), rows, segments })
+        let rows = order.len();
+        let longest = start.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+        let table = |mut order: Vec<i32>, start: &[i32], id: &[i32]| -> Result<CudaSlice<i32>> {
+            order.extend_from_slice(start);
+            order.extend_from_slice(id);
+            crate::tensor::upload(dev, &order)
+        };
+        if longest <= EMBED_CHUNK {
+            let segments = seg_id.len();
+            return Ok(EmbedRows {
+                table: table(order, &start, &seg_id)?,
+                tokens: ids.len(),
+                rows,
+                segments,
+                ids: None,
+            });
+        }
+        // chunks of at most EMBED_CHUNK rows, never across ids; id s owns chunks
+        // first[s] .. first[s + 1]
+        let (mut cstart, mut first) = (Vec::new(), Vec::with_capacity(seg_id.len() + 1));
+        for w in start.windows(2) {
+            first.push(int(cstart.len(), "chunk index")?);
+            cstart.extend((w[0]..w[1]).step_by(EMBED_CHUNK));
+        }
+        let chunks = cstart.len();
+        first.push(int(chunks, "chunk count")?);
+        cstart.push(int(rows, "segment end")?);
+        let numbered: Vec<i32> = (0..int(chunks, "chunk count")?).collect();
+        Ok(EmbedRows {
+            table: table(order, &cstart, &numbered)?,
+            tokens: ids.len(),
+            rows,
+            segments: chunks,
+            ids: Some((table(numbered, &first, &seg_id)?, chunks, seg_id.len())),
+        })
     }
 }
 
 /// Embedding backward: `dtable[ids[t], :] += dy[t, :]` for the tokens of `rows` (their ids
 /// grouped on the host, [`EmbedRows`]; `dy` has a row per token, stride `lddy`), `dtable`
-/// `[vocab, d]` f32. Each id's rows are summed in token order and added once: deterministic, no
-/// atomics.
+/// `[vocab, d]` f32. Each id's rows are summed in token order (in chunks of [`EMBED_CHUNK`] rows
+/// for ids with more, then the chunks in order) and added once: deterministic, no atomics.
 pub fn embedding_backward(
     dev: &Device,
     rows: &EmbedRows,
@@ -300,13 +353,37 @@ pub fn embedding_backward(
         return Err(Error::Input(format!("embedding_backward: lddy {lddy}, table [{vocab}, {d}]")));
     }
     dy.check((rows.tokens - 1) * lddy + d, "embedding_backward dy")?;
+    match &rows.ids {
+        None => embed_pass(dev, &rows.table, rows.rows, rows.segments, dy, lddy, dtable, d),
+        Some((ids, chunks, segs)) => {
+            // the chunks' sums into a zeroed scratch [C, d], then each id's chunks into the table
+            let mut part = crate::tensor::zeros::<f32>(dev, chunks * d)?;
+            embed_pass(dev, &rows.table, rows.rows, *chunks, dy, lddy, &mut part, d)?;
+            embed_pass(dev, ids, *chunks, *segs, &Act::F32(part), d, dtable, d)
+        }
+    }
+}
+
+/// One `embed_bwd` launch: `out[id[s], :] += Σ dy[order[start[s] .. start[s + 1]], :]` over the
+/// `segs` segments of `table` (`m` rows).
+#[allow(clippy::too_many_arguments)]
+fn embed_pass(
+    dev: &Device,
+    table: &CudaSlice<i32>,
+    m: usize,
+    segs: usize,
+    dy: &Act,
+    lddy: usize,
+    out: &mut CudaSlice<f32>,
+    d: usize,
+) -> Result<()> {
     let args = [
-        KArg::Ptr(dptr(dev, &rows.table, 0)?),
-        KArg::I32(int(rows.rows, "embedding rows")?),
-        KArg::I32(int(rows.segments, "embedding ids")?),
+        KArg::Ptr(dptr(dev, table, 0)?),
+        KArg::I32(int(m, "embedding rows")?),
+        KArg::I32(int(segs, "embedding ids")?),
         KArg::Ptr(dy.ptr(dev, 0)?),
         KArg::I32(int(lddy, "lddy")?),
-        KArg::Ptr(dptr(dev, dtable, 0)?),
+        KArg::Ptr(dptr(dev, out, 0)?),
         KArg::I32(int(d, "d")?),
     ];
     let k = pick(dy.dtype(), "embed_bwd_f32", "embed_bwd_bf16");
@@ -314,7 +391,7 @@ pub fn embedding_backward(
         dev,
         "train",
         k,
-        (dim(d.div_ceil(256), "embedding_backward")?, grid_y(rows.segments, "embedding_backward ids")?, 1),
+        (dim(d.div_ceil(256), "embedding_backward")?, grid_y(segs, "embedding_backward ids")?, 1),
         256,
         &args,
     )

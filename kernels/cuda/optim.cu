@@ -1,6 +1,6 @@
 // Optimizer-step helpers for the trainer (kernels/src/train/trainer.rs, core's Trainer::apply_gradients):
 // the global gradient norm as a sum of squares in f64 (per-tensor partial sums, then one fixed-order
-// reduction; deterministic for given sizes) and the clip scale g ← g·f.
+// reduction; deterministic for given sizes). The clip factor is applied inside AdamW (train.cu).
 #include "common.cuh"
 
 // f64 sum over the block through shared memory (blockDim.x a power of two, <= 1024); thread 0
@@ -39,11 +39,4 @@ extern "C" __global__ void sum_f64(const double* __restrict__ partial, int n, do
     for (int i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
     double t = block_sum_f64(acc);
     if (threadIdx.x == 0) out[0] = t;
-}
-
-// ---- clipping: x[i] ← x[i]·f (f32, rounded as core's `*x *= f`). grid: (ceil(n / 256)), block: 256.
-extern "C" __global__ void scale_f32(float* __restrict__ x, long long n, float f) {
-    DSV3_PDL();
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) x[i] = __fmul_rn(x[i], f);
 }

@@ -7,9 +7,10 @@
 // uses floating-point atomics: the results are the same bits from run to run.
 #include "common.cuh"
 
-// ---- AdamW (core::train::optim::AdamW::step, per element):
+// ---- AdamW (core::train::optim::AdamW::step_scaled, per element):
+//   g = g*gscale (the clip factor, 1 without clipping; g itself is not written)
 //   m = rnd(b1*m + (1-b1)*g); v = rnd(b2*v + (1-b2)*g*g)   (rnd: bf16 rounding with bf16 moments)
-//   p = p*decay - lr*(m/bc1) / (sqrt(v/bc2) + eps)
+//   p = p*decay - lr*(m/bc1) / (sqrt(v/bc2) + eps); wcopy (optional) = bf16(p), the working copy
 // bc1 = 1 - b1^t, bc2 = 1 - b2^t and decay = 1 - lr*wd (or 1) come from the host, as core computes
 // them. grid: (ceil(n / 256)), block: 256.
 // dmask (optional): one byte per 64 elements, 0 where the tensor there is not decayed (its
@@ -17,11 +18,11 @@
 template <typename TM>
 __device__ void adamw(float* __restrict__ p, const float* __restrict__ g, TM* __restrict__ m, TM* __restrict__ v,
                       long long n, float lr, float b1, float b2, float eps, float decay, float bc1, float bc2,
-                      const unsigned char* __restrict__ dmask) {
+                      const unsigned char* __restrict__ dmask, float gscale, bf16* __restrict__ wcopy) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     if (dmask && !dmask[i >> 6]) decay = 1.0f;
-    float gi = g[i];
+    float gi = __fmul_rn(g[i], gscale);
     TM mq = from_f32<TM>(__fadd_rn(__fmul_rn(b1, to_f32(m[i])), __fmul_rn(__fsub_rn(1.0f, b1), gi)));
     TM vq = from_f32<TM>(__fadd_rn(__fmul_rn(b2, to_f32(v[i])), __fmul_rn(__fmul_rn(__fsub_rn(1.0f, b2), gi), gi)));
     m[i] = mq;
@@ -29,18 +30,21 @@ __device__ void adamw(float* __restrict__ p, const float* __restrict__ g, TM* __
     float mi = to_f32(mq), vi = to_f32(vq);
     float mh = __fdiv_rn(mi, bc1), vh = __fdiv_rn(vi, bc2);
     float upd = __fdiv_rn(__fmul_rn(lr, mh), __fadd_rn(__fsqrt_rn(vh), eps));
-    p[i] = __fsub_rn(__fmul_rn(p[i], decay), upd);
+    float pn = __fsub_rn(__fmul_rn(p[i], decay), upd);
+    p[i] = pn;
+    if (wcopy) wcopy[i] = __float2bfloat16_rn(pn);
 }
 extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, long long n, float lr, float b1,
-                                     float b2, float eps, float decay, float bc1, float bc2, const unsigned char* dmask) {
+                                     float b2, float eps, float decay, float bc1, float bc2, const unsigned char* dmask,
+                                     float gscale, bf16* wcopy) {
     DSV3_PDL();
-    adamw<float>(p, g, m, v, n, lr, b1, b2, eps, decay, bc1, bc2, dmask);
+    adamw<float>(p, g, m, v, n, lr, b1, b2, eps, decay, bc1, bc2, dmask, gscale, wcopy);
 }
 extern "C" __global__ void adamw_bf16m(float* p, const float* g, bf16* m, bf16* v, long long n, float lr, float b1,
                                        float b2, float eps, float decay, float bc1, float bc2,
-                                       const unsigned char* dmask) {
+                                       const unsigned char* dmask, float gscale, bf16* wcopy) {
     DSV3_PDL();
-    adamw<bf16>(p, g, m, v, n, lr, b1, b2, eps, decay, bc1, bc2, dmask);
+    adamw<bf16>(p, g, m, v, n, lr, b1, b2, eps, decay, bc1, bc2, dmask, gscale, wcopy);
 }
 
 // ---- RMSNorm backward (core::ops::norm::rmsnorm_backward): r = (mean(x²)+eps)^-½,

@@ -46,26 +46,37 @@ fn adamw_matches_core_bit_for_bit_with_f32_and_bf16_moments() {
         };
         for t in 1..=3 {
             let g: Vec<f32> = randn(&mut rng, n).iter().map(|x| x * 0.01).collect();
+            // step 2 clipped (core scales the gradients in place first), steps 2 and 3 also
+            // write the bf16 working copy
+            let grad_scale = if t == 2 { 0.37f32 } else { 1.0 };
+            let gs: Vec<f32> = g.iter().map(|&x| x * grad_scale).collect();
             let (bc1, bc2) = (1.0 - b1.powf(t as f32), 1.0 - b2.powf(t as f32));
             let decay = 1.0 - lr * wd;
             for j in 0..n {
-                m[j] = round(b1 * m[j] + (1.0 - b1) * g[j]);
-                v[j] = round(b2 * v[j] + (1.0 - b2) * g[j] * g[j]);
+                m[j] = round(b1 * m[j] + (1.0 - b1) * gs[j]);
+                v[j] = round(b2 * v[j] + (1.0 - b2) * gs[j] * gs[j]);
                 let (mh, vh) = (m[j] / bc1, v[j] / bc2);
                 let dj = if masked && mask[j / 64] == 0 { 1.0 } else { decay };
                 p[j] = p[j] * dj - lr * mh / (vh.sqrt() + eps);
             }
-            let s = AdamStep { lr, beta1: b1, beta2: b2, eps, decay, bc1, bc2 };
+            let s = AdamStep { lr, beta1: b1, beta2: b2, eps, decay, bc1, bc2, grad_scale };
             let dmask = upload(&dev, &mask).unwrap();
             let mk = if masked { Some(&dmask) } else { None };
-            train::adamw(&dev, &mut pd, &upload(&dev, &g).unwrap(), &mut mom, n, &s, mk).unwrap();
+            let gd = upload(&dev, &g).unwrap();
+            let mut copy = upload(&dev, &vec![half::bf16::NAN; n]).unwrap();
+            let cp = if t >= 2 { Some(&mut copy) } else { None };
+            train::adamw(&dev, &mut pd, &gd, &mut mom, n, &s, mk, cp).unwrap();
             let got = download(&dev, &pd).unwrap();
+            let what = format!("adamw bf16 moments {bf16_moments} mask {masked} step {t}");
             for j in 0..n {
-                assert_eq!(
-                    got[j].to_bits(),
-                    p[j].to_bits(),
-                    "adamw bf16 moments {bf16_moments} mask {masked} step {t} elem {j}"
-                );
+                assert_eq!(got[j].to_bits(), p[j].to_bits(), "{what} elem {j}");
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(bits(&download(&dev, &gd).unwrap()), bits(&g), "{what}: the gradient was written");
+            let copy = download(&dev, &copy).unwrap();
+            for j in 0..n {
+                let want = if t >= 2 { half::bf16::from_f32(p[j]).to_bits() } else { half::bf16::NAN.to_bits() };
+                assert_eq!(copy[j].to_bits(), want, "{what}: bf16 copy elem {j}");
             }
         }
         let (gm, gv): (Vec<f32>, Vec<f32>) = match &mom {

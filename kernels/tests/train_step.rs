@@ -12,6 +12,7 @@ use dsv3_core::rng::Rng;
 use dsv3_core::train::checkpoint::{self, Fault};
 use dsv3_core::train::{AdamW, LrSchedule, MicroBatch, StepMetrics, TrainConfig, Trainer};
 use dsv3_kernels::ops::train::AdamStep;
+use dsv3_kernels::tensor::download;
 use dsv3_kernels::train::layout::ArenaLayout;
 use dsv3_kernels::train::trainer::{adam_scalars, bias_layers, clip_factor, decay_mask, max_over_mean};
 use dsv3_kernels::train::CudaTrainer;
@@ -113,8 +114,9 @@ fn assert_step_close(g: &StepMetrics, c: &StepMetrics, tol: f32, what: &str) {
 fn adamw_host(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamStep, bf16: bool) {
     let r = |x: f32| if bf16 { half::bf16::from_f32(x).to_f32() } else { x };
     for j in 0..p.len() {
-        m[j] = r(s.beta1 * m[j] + (1.0 - s.beta1) * g[j]);
-        v[j] = r(s.beta2 * v[j] + (1.0 - s.beta2) * g[j] * g[j]);
+        let g = g[j] * s.grad_scale;
+        m[j] = r(s.beta1 * m[j] + (1.0 - s.beta1) * g);
+        v[j] = r(s.beta2 * v[j] + (1.0 - s.beta2) * g * g);
         let (mh, vh) = (m[j] / s.bc1, v[j] / s.bc2);
         p[j] = p[j] * s.decay - s.lr * mh / (vh.sqrt() + s.eps);
     }
@@ -122,7 +124,8 @@ fn adamw_host(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamSt
 
 /// No GPU needed: the step scalars the trainer passes to the AdamW kernel reproduce core's
 /// `AdamW::step` bit for bit (f32 and bf16 moments, decayed and undecayed tensors, several steps
-/// and learning rates); the clip factor, max/mean loads and the bias-layer map are core's.
+/// and learning rates, a clipped step); the clip factor, max/mean loads and the bias-layer map are
+/// core's.
 #[test]
 fn host_step_scalars_match_core() {
     for bf16 in [false, true] {
@@ -139,14 +142,16 @@ fn host_step_scalars_match_core() {
             grad.visit(&mut |_, g| g.iter_mut().for_each(|x| *x = rng.normal() * 0.1));
             let mut gl: Vec<Vec<f32>> = Vec::new();
             grad.visit(&mut |_, g| gl.push(g.to_vec()));
-            opt.step(&mut model, &mut grad, lr);
+            // step 2 clipped: core scales the gradients first, the kernel as it reads them
+            let clip = (t == 2).then_some(0.5f32);
+            opt.step_scaled(&mut model, &mut grad, lr, clip);
             let mut i = 0;
             host.visit(&mut |n, p| {
                 if hm.len() <= i {
                     hm.push(vec![0.0; p.len()]);
                     hv.push(vec![0.0; p.len()]);
                 }
-                let s = adam_scalars(&opt, t, lr, AdamW::decays(n));
+                let s = AdamStep { grad_scale: clip.unwrap_or(1.0), ..adam_scalars(&opt, t, lr, AdamW::decays(n)) };
                 adamw_host(p, &gl[i], &mut hm[i], &mut hv[i], &s, bf16);
                 i += 1;
             });
@@ -351,5 +356,11 @@ fn bf16_steps_track_the_cpu() {
             c.grad_norm
         );
         assert_eq!(g.lr, c.lr);
+        // the bf16 working copy, written by AdamW itself, is the masters rounded
+        let masters = download(&gpu.model.dev, gpu.model.masters()).unwrap();
+        let copy = download(&gpu.model.dev, gpu.model.working_bf16().expect("bf16 mode")).unwrap();
+        let want: Vec<u16> = masters.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+        let got: Vec<u16> = copy.iter().map(|x| x.to_bits()).collect();
+        assert!(got == want, "step {s}: the bf16 working copy is not the masters rounded");
     }
 }

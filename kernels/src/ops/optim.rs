@@ -1,6 +1,7 @@
 //! Optimizer-step kernels (`kernels/cuda/optim.cu`): the global gradient norm's sum of squares
 //! (per-tensor f64 partial sums into one buffer, then one fixed-order reduction, so the trainer
-//! downloads a single `f64` per step) and the clip scale, as `dsv3_core::train::Trainer::apply_gradients`.
+//! downloads a single `f64` per step), as `dsv3_core::train::Trainer::apply_gradients` (the clip
+//! factor is applied inside AdamW, `ops::train::adamw`).
 use super::{dim, int, launch, KArg};
 use crate::device::Device;
 use crate::tensor::dptr;
@@ -62,23 +63,5 @@ pub fn sum_f64(dev: &Device, partial: &CudaSlice<f64>, n: usize, out: &mut CudaS
         (1, 1, 1),
         1024,
         &[KArg::Ptr(dptr(dev, partial, 0)?), KArg::I32(int(n, "partials")?), KArg::Ptr(dptr(dev, out, 0)?)],
-    )
-}
-
-/// `x[..n] *= f` (each product rounded to f32, as core's clipping).
-pub fn scale(dev: &Device, x: &mut CudaSlice<f32>, n: usize, f: f32) -> Result<()> {
-    if n == 0 {
-        return Ok(());
-    }
-    if x.len() < n {
-        return Err(Error::Input(format!("scale: {n} elements, buffer of {}", x.len())));
-    }
-    launch(
-        dev,
-        "optim",
-        "scale_f32",
-        (dim(n.div_ceil(256), "scale")?, 1, 1),
-        256,
-        &[KArg::Ptr(dptr(dev, x, 0)?), KArg::I64(n as i64), KArg::F32(f)],
     )
 }

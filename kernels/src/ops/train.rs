@@ -18,7 +18,10 @@ pub enum Moments {
 
 /// One AdamW step's scalars, as `dsv3_core::train::optim::AdamW::step` computes them: `bc1 = 1 −
 /// β1^t`, `bc2 = 1 − β2^t` (core uses `libm::powf`; pass the same values for bit-exact agreement),
-/// `decay = 1 − lr·weight_decay` for decayed tensors, else 1.
+/// `decay = 1 − lr·weight_decay` for decayed tensors, else 1; `grad_scale` the gradient-clipping
+/// factor (`AdamW::step_scaled`'s `gscale`; 1 for none): the gradient is multiplied by it as it is
+/// read, bit for bit core's in-place scaling, without a pass of its own (the gradient buffer keeps
+/// the unscaled values).
 #[derive(Debug, Clone, Copy)]
 pub struct AdamStep {
     pub lr: f32,
@@ -28,6 +31,7 @@ pub struct AdamStep {
     pub decay: f32,
     pub bc1: f32,
     pub bc2: f32,
+    pub grad_scale: f32,
 }
 
 /// Elements per byte of [`adamw`]'s decay mask (`dmask[i >> 6]` in train.cu).
@@ -35,7 +39,9 @@ pub const DECAY_CHUNK: usize = 64;
 
 /// `p[..n]` one AdamW step with gradient `g`, updating `moments`. `decay_mask`: one byte per
 /// [`DECAY_CHUNK`] elements, 0 where the tensor there is not decayed (`s.decay` applies where
-/// it is 1; without a mask, everywhere): the whole parameter arena in one launch.
+/// it is 1; without a mask, everywhere): the whole parameter arena in one launch. `copy`: the
+/// bf16 working copy of `p`, written with the new values in the same pass (bit for bit a cast).
+#[allow(clippy::too_many_arguments)]
 pub fn adamw(
     dev: &Device,
     p: &mut CudaSlice<f32>,
@@ -44,6 +50,7 @@ pub fn adamw(
     n: usize,
     s: &AdamStep,
     decay_mask: Option<&CudaSlice<u8>>,
+    copy: Option<&mut CudaSlice<bf16>>,
 ) -> Result<()> {
     if n == 0 {
         return Ok(());
@@ -58,8 +65,8 @@ pub fn adamw(
         Moments::F32 { m, v } => (m.len(), v.len(), "adamw_f32", dptr(dev, m, 0)?, dptr(dev, v, 0)?),
         Moments::Bf16 { m, v } => (m.len(), v.len(), "adamw_bf16m", dptr(dev, m, 0)?, dptr(dev, v, 0)?),
     };
-    if p.len() < n || g.len() < n || ml < n || vl < n {
-        return Err(Error::Input(format!("adamw: {n} parameters need p, g, m, v of at least {n}")));
+    if p.len() < n || g.len() < n || ml < n || vl < n || copy.as_ref().is_some_and(|c| c.len() < n) {
+        return Err(Error::Input(format!("adamw: {n} parameters need p, g, m, v (and a copy) of at least {n}")));
     }
     let args = [
         KArg::Ptr(dptr(dev, p, 0)?),
@@ -76,6 +83,11 @@ pub fn adamw(
         KArg::F32(s.bc2),
         KArg::Ptr(match decay_mask {
             Some(d) => dptr(dev, d, 0)?,
+            None => 0,
+        }),
+        KArg::F32(s.grad_scale),
+        KArg::Ptr(match copy {
+            Some(c) => dptr(dev, c, 0)?,
             None => 0,
         }),
     ];

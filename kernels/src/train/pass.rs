@@ -474,10 +474,24 @@ impl CudaTrainModel {
         if let Some(w) = &mut self.wbf {
             elementwise::cast(&self.dev, &self.master, w, self.layout.total)?;
         }
+        self.refresh_fp8()
+    }
+
+    /// [`CudaTrainModel::refresh`] without the bf16 cast, for an update that wrote the working
+    /// copy itself (the trainer's AdamW).
+    pub fn refresh_fp8(&mut self) -> Result<()> {
         if let Some(f) = &mut self.fp8 {
             f.refresh(&self.dev, f32_of(&self.master)?)?;
         }
         Ok(())
+    }
+
+    /// The bf16 working copy of the masters (bf16 mode; same layout), `None` in f32 mode.
+    pub fn working_bf16(&self) -> Option<&CudaSlice<half::bf16>> {
+        match &self.wbf {
+            Some(Act::Bf16(w)) => Some(w),
+            _ => None,
+        }
     }
 
     /// Device bytes of the FP8 linears' quantized copies (0 unless FP8 precision).

@@ -19,7 +19,7 @@
 use super::{CudaTrainModel, TrainOptions};
 use crate::device::{cuda_err, Device};
 use crate::ops::moe_train::bias_update;
-use crate::ops::optim::{scale, sum_f64, sumsq_blocks, sumsq_partials};
+use crate::ops::optim::{sum_f64, sumsq_blocks, sumsq_partials};
 use crate::ops::train::{adamw, AdamStep, Moments, DECAY_CHUNK};
 use crate::tensor::DType;
 use crate::train::mm::View;
@@ -46,8 +46,6 @@ pub struct CudaTrainer {
     /// zero), with the moments (none for a model without parameters). Until 2026-11-24 one
     /// launch per maximal run of tensors with the same decay: 67 a step on bench-88m's structure.
     adam: Option<OptRun>,
-    /// The whole gradient arena (the clip scale in one launch).
-    grad_all: View<f32>,
     /// For each `model.biases[j]`: the index of its MoE layer among the main MoE layers (the
     /// order of a pass's `loads`).
     bias_layer: Vec<usize>,
@@ -67,6 +65,8 @@ struct OptRun {
     w: View<f32>,
     g: View<f32>,
     moments: Moments,
+    /// The bf16 working copy of the range (bf16 mode): AdamW writes it, no cast pass after.
+    wcopy: Option<View<bf16>>,
 }
 
 /// The AdamW decay mask of consecutive arena tensors `slots` (from `slots[0].off` to the end of
@@ -99,6 +99,7 @@ pub fn adam_scalars(opt: &AdamW, t: u64, lr: f32, decays: bool) -> AdamStep {
         decay: if decays { 1.0 - lr * opt.weight_decay } else { 1.0 },
         bc1: 1.0 - libm::powf(b1, t as f32),
         bc2: 1.0 - libm::powf(b2, t as f32),
+        grad_scale: 1.0,
     }
 }
 
@@ -217,16 +218,16 @@ impl CudaTrainer {
                 w: View::of(&dev, model.masters(), off, len)?,
                 g: View::of(&dev, model.grads(), off, len)?,
                 moments,
+                wcopy: model.working_bf16().map(|w| View::of(&dev, w, off, len)).transpose()?,
             });
         }
-        let grad_all = View::of(&dev, model.grads(), 0, model.grads().len())?;
         opt.names = model.params.iter().map(|p| p.name.clone()).collect();
         opt.m = Vec::new();
         opt.v = Vec::new();
         let partial =
             s.alloc_zeros::<f64>(sumsq_blocks(model.grads().len()).max(1)).map_err(|e| cuda_err("alloc", e))?;
         let sumsq = s.alloc_zeros::<f64>(1).map_err(|e| cuda_err("alloc", e))?;
-        Ok(CudaTrainer { model, opt, cfg: tr.cfg.clone(), step: tr.step, adam, grad_all, bias_layer, partial, sumsq })
+        Ok(CudaTrainer { model, opt, cfg: tr.cfg.clone(), step: tr.step, adam, bias_layer, partial, sumsq })
     }
 
     /// A fresh trainer: `Trainer::new(model, opt, cfg)` uploaded with [`CudaTrainer::new`].
@@ -327,15 +328,17 @@ impl CudaTrainer {
         // not wait for the AdamW launches
         let bias_loads = self.bias_loads(loads)?;
         let dev = self.model.dev.clone();
-        if let Some(f) = clip_factor(self.cfg.clip_norm, grad_norm) {
-            let n = self.grad_all.len();
-            scale(&dev, &mut self.grad_all, n, f)?;
-        }
         let lr = self.cfg.schedule.at(self.step);
         self.opt.t += 1;
+        let mut copied = false;
         if let Some(r) = self.adam.as_mut() {
-            let s = adam_scalars(&self.opt, self.opt.t, lr, true);
-            adamw(&dev, &mut r.w, &r.g, &mut r.moments, r.len, &s, Some(&r.decay_mask))?;
+            // the clip factor applied as AdamW reads the gradients, the bf16 working copy written
+            // in the same pass (the arena's padding, outside the range or zero, never changes)
+            let grad_scale = clip_factor(self.cfg.clip_norm, grad_norm).unwrap_or(1.0);
+            let s = AdamStep { grad_scale, ..adam_scalars(&self.opt, self.opt.t, lr, true) };
+            let copy = r.wcopy.as_deref_mut();
+            copied = copy.is_some();
+            adamw(&dev, &mut r.w, &r.g, &mut r.moments, r.len, &s, Some(&r.decay_mask), copy)?;
         }
         // auxiliary-loss-free balancing (`Trainer::update_biases`): b_i += γ·sign(mean − load_i)
         for (j, load) in bias_loads {
@@ -343,7 +346,11 @@ impl CudaTrainer {
             let e = bias.len();
             bias_update(&dev, &load, e, self.cfg.bias_update_speed, bias)?;
         }
-        self.model.refresh()?;
+        if copied {
+            self.model.refresh_fp8()?;
+        } else {
+            self.model.refresh()?;
+        }
         self.step += 1;
         Ok((grad_norm, lr))
     }

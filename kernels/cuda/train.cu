@@ -202,15 +202,15 @@ extern "C" __global__ void __launch_bounds__(256) embed_bwd_bf16(const int* rows
 // row_loss[r] = wgt·(lse − z[target]); dz = exp(z − lse)·wgt/denom, dz[target] −= wgt/denom; rows
 // with wgt == 0 (or denom == 0) get dz = 0 and loss 0. The host sums row_loss / denom. dz may be
 // narrower than z (f32 logits, bf16 gradient: the f32 gradient rounded once, as a cast would).
-// CACHE: the row is kept in shared memory (f32, vocab·4 bytes of dynamic shared memory, where the
-// GPU allows that much), so the logits (a training step's largest tensor, [tokens, vocab] f32) are
-// read from global memory once instead of three times.
+// CACHE: the row is kept in shared memory (in T: vocab·sizeof(T) bytes of dynamic shared memory,
+// where the GPU allows that much), so the logits (a training step's largest tensor, [tokens,
+// vocab]) are read from global memory once instead of three times.
 // grid: (rows), block: any (256 without the cache, 1024 with it; the sums' tree follows it).
 template <typename T, typename G, bool CACHE>
 __device__ void cross_entropy(const T* z, int ldz, const int* __restrict__ targets, const float* __restrict__ mask,
                               float denom, G* dz, int lddz, float* __restrict__ row_loss, int vocab, int rows) {
     DSV3_DYNAMIC_SMEM(zs_raw);
-    float* zs = reinterpret_cast<float*>(zs_raw);
+    T* zs = reinterpret_cast<T*>(zs_raw);
     int r = blockIdx.x;
     if (r >= rows) return;
     const T* zr = z + (long long)r * ldz;
@@ -221,26 +221,30 @@ __device__ void cross_entropy(const T* z, int ldz, const int* __restrict__ targe
         if (threadIdx.x == 0) row_loss[r] = 0.0f;
         return;
     }
-    auto at = [&](int j) { return CACHE ? zs[j] : to_f32(zr[j]); };
+    auto at = [&](int j) { return to_f32(CACHE ? zs[j] : zr[j]); };
     float m = -__int_as_float(0x7f800000);
     int j0 = 0;
-    if constexpr (CACHE && sizeof(T) == 4) {
-        // 16-byte loads where the row is 16-byte aligned (uniform over the block)
+    if constexpr (CACHE) {
+        // 16-byte loads (4 f32 or 8 bf16) where the row is 16-byte aligned (uniform over the block)
+        constexpr int PER = 16 / sizeof(T);
         if (((unsigned long long)zr & 15) == 0) {
-            j0 = vocab & ~3;
-            const float4* z4 = reinterpret_cast<const float4*>(zr);
+            j0 = vocab / PER * PER;
+            const uint4* z16 = reinterpret_cast<const uint4*>(zr);
+            uint4* s16 = reinterpret_cast<uint4*>(zs);
 #pragma unroll 4
-            for (int q = threadIdx.x; q < j0 / 4; q += blockDim.x) {
-                float4 v = z4[q];
-                zs[4 * q] = v.x, zs[4 * q + 1] = v.y, zs[4 * q + 2] = v.z, zs[4 * q + 3] = v.w;
-                m = fmaxf(m, fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w)));
+            for (int q = threadIdx.x; q < j0 / PER; q += blockDim.x) {
+                uint4 v = z16[q];
+                s16[q] = v;
+                const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+                for (int u = 0; u < PER; u++) m = fmaxf(m, to_f32(e[u]));
             }
         }
     }
     for (int j = j0 + threadIdx.x; j < vocab; j += blockDim.x) {
-        float v = to_f32(zr[j]);
+        T v = zr[j];
         if (CACHE) zs[j] = v;
-        m = fmaxf(m, v);
+        m = fmaxf(m, to_f32(v));
     }
     m = block_max(m);  // its barriers also publish zs
     float s = 0.0f;

@@ -449,54 +449,47 @@ pub fn run_grouped(dev: &Device, rows: usize) -> Result<Vec<Line>> {
     Ok(lines)
 }
 
-/// The training head's softmax cross-entropy over `rows` x `vocab` f32 logits (random, scale 3)
-/// writing the bf16 gradient (`kernel_bench ce [ROWS]`; issue 7's step: 8192 x 32000): the row
-/// cached in shared memory (where it fits), then read three times. GB/s counts the logits read
-/// once and the gradient written, against the device-copy ceiling measured first.
+/// The training head's softmax cross-entropy over `rows` x `vocab` logits (random, scale 3; bf16
+/// as the bf16 training pass has them, and f32) writing the bf16 gradient (`kernel_bench ce
+/// [ROWS]`; issue 7's step: 8192 x 32000): the row cached in shared memory (where it fits), then
+/// read three times. GB/s counts the logits read once and the gradient written, against the
+/// device-copy ceiling measured first.
 pub fn run_ce(dev: &Device, rows: usize, vocab: usize) -> Result<Vec<Line>> {
     use crate::ops::train::cross_entropy_with;
     let copy = copy_bandwidth(dev, 1 << 30)?;
-    let z = Act::from_f32(dev, DType::F32, &randn(rows * vocab, 7).iter().map(|x| 3.0 * x).collect::<Vec<f32>>())?;
+    let host: Vec<f32> = randn(rows * vocab, 7).iter().map(|x| 3.0 * x).collect();
     let targets = upload(dev, &(0..rows).map(|r| ((r * 7919) % vocab) as i32).collect::<Vec<i32>>())?;
     let mut dz = Act::zeros(dev, DType::Bf16, rows * vocab)?;
     let mut loss = zeros::<f32>(dev, rows)?;
     let mut lines = Vec::new();
-    for cache in [true, false] {
-        let mut run = || {
-            cross_entropy_with(
-                dev,
-                Some(cache),
-                &z,
-                vocab,
-                &targets,
-                None,
-                rows as f32,
-                &mut dz,
-                vocab,
-                &mut loss,
-                vocab,
-                rows,
-            )
-        };
-        let ms = match time_ms(dev, 2, 10, &mut run) {
-            Ok(ms) => ms,
-            Err(e) => {
-                println!("  (cross-entropy cached {cache}: {e})");
-                continue;
-            }
-        };
-        let bytes = (rows * vocab * (4 + 2)) as f64;
-        let l = Line {
-            name: format!("cross_entropy {rows}x{vocab} f32->bf16 {}", if cache { "row in smem" } else { "3 reads" }),
-            ms,
-            value: bytes / (ms * 1e-3) / 1e9,
-            unit: "GB/s",
-            ceiling: copy,
-            ceiling_name: "copy GB/s",
-            note: String::new(),
-        };
-        println!("{l}");
-        lines.push(l);
+    for dt in [DType::Bf16, DType::F32] {
+        let z = Act::from_f32(dev, dt, &host)?;
+        for cache in [true, false] {
+            let mut run = || {
+                let (l, t) = (&mut loss, &targets);
+                cross_entropy_with(dev, Some(cache), &z, vocab, t, None, rows as f32, &mut dz, vocab, l, vocab, rows)
+            };
+            let ms = match time_ms(dev, 2, 10, &mut run) {
+                Ok(ms) => ms,
+                Err(e) => {
+                    println!("  (cross-entropy {dt:?} cached {cache}: {e})");
+                    continue;
+                }
+            };
+            let bytes = (rows * vocab * (dt.size() + 2)) as f64;
+            let how = if cache { "row in smem" } else { "3 reads" };
+            let l = Line {
+                name: format!("cross_entropy {rows}x{vocab} {dt:?}->bf16 {how}"),
+                ms,
+                value: bytes / (ms * 1e-3) / 1e9,
+                unit: "GB/s",
+                ceiling: copy,
+                ceiling_name: "copy GB/s",
+                note: String::new(),
+            };
+            println!("{l}");
+            lines.push(l);
+        }
     }
     Ok(lines)
 }

@@ -452,9 +452,10 @@ pub(crate) fn cross_entropy_with(
     if rows == 0 {
         return Ok(());
     }
-    // the row cached in shared memory where it fits (one read of the logits instead of three);
-    // the static shared memory of the block reductions comes on top
-    let fits = vocab * 4 + 1024 <= max_smem_optin(dev);
+    // the row cached in shared memory (in the logits' dtype) where it fits (one read of the
+    // logits instead of three); the static shared memory of the block reductions comes on top
+    let row_bytes = vocab * z.dtype().size();
+    let fits = row_bytes + 1024 <= max_smem_optin(dev);
     if cache == Some(true) && !fits {
         return Err(Error::Unsupported(format!("cross_entropy: a {vocab}-column row does not fit shared memory")));
     }
@@ -495,7 +496,7 @@ pub(crate) fn cross_entropy_with(
     ];
     let grid = (dim(rows, "cross_entropy rows")?, 1, 1);
     if cache {
-        launch_smem(dev, "train", k, grid, 1024, (vocab * 4) as u32, &args)
+        launch_smem(dev, "train", k, grid, 1024, row_bytes as u32, &args)
     } else {
         launch(dev, "train", k, grid, 256, &args)
     }

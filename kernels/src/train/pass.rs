@@ -143,9 +143,10 @@ impl Head<'_> {
         let inv = upload(dev, &b.inv)?;
         let mut hp = Act::empty(dev, dt, p * d)?;
         gather::gather_rows(dev, normed, n, d, &trows, p, d, &mut hp, d)?;
-        let mut logits = Act::empty(dev, DType::F32, p * v)?;
+        // logits in the pass's dtype (bf16 mode: bf16, as HF's bf16 lm_head; the cross-entropy
+        // computes in f32 from them): the step's largest tensor, [tokens, vocab]
+        let mut logits = Act::empty(dev, dt, p * v)?;
         mm.run(dev, NT, dims(p, v, d), rd(&hp, 0, d), rd(wb, head, d), wr(&mut logits, 0, v), None)?;
-        // the gradient in the pass's dtype straight from the f32 logits (no cast pass)
         let mut dz = Act::empty(dev, dt, p * v)?;
         let mut row_loss = crate::tensor::empty::<f32>(dev, p)?;
         tk::cross_entropy(dev, &logits, v, &targets, mask, denom, &mut dz, v, &mut row_loss, v, p)?;

@@ -204,12 +204,12 @@ extern "C" __global__ void moe_plan(const int* __restrict__ idx, int nk, int k, 
 // the block builds the plan from the routing it just wrote (global writes are visible to the
 // block after __syncthreads). grid: (1), block: 256. e <= 512.
 #define MOE_RP_WARPS 8
-extern "C" __global__ void __launch_bounds__(256)
-    moe_route_plan(const float* __restrict__ logits, int n, int e, const float* __restrict__ bias, int n_group,
-                   int topk_group, int k, int norm, float scaling, int scoring, int method, int* __restrict__ idx_out,
-                   float* __restrict__ w_out, int* __restrict__ row_offsets, int* __restrict__ tile_offsets,
-                   int* __restrict__ slot_of, int* __restrict__ src_row) {
-    DSV3_PDL();
+__device__ __forceinline__ void route_plan_block(const float* __restrict__ logits, int n, int e,
+                                                 const float* __restrict__ bias, int n_group, int topk_group, int k,
+                                                 int norm, float scaling, int scoring, int method,
+                                                 int* __restrict__ idx_out, float* __restrict__ w_out,
+                                                 int* __restrict__ row_offsets, int* __restrict__ tile_offsets,
+                                                 int* __restrict__ slot_of, int* __restrict__ src_row) {
     __shared__ float s_sh[MOE_RP_WARPS][MOE_EMAX], b_sh[MOE_RP_WARPS][MOE_EMAX];
     __shared__ float gs_sh[MOE_RP_WARPS][64];
     __shared__ int top_sh[MOE_RP_WARPS][MOE_KMAX];
@@ -221,6 +221,63 @@ extern "C" __global__ void __launch_bounds__(256)
                     s_sh[warp], b_sh[warp], gs_sh[warp], top_sh[warp]);
     __syncthreads();
     plan_block(idx_out, n * k, k, e, row_offsets, tile_offsets, slot_of, src_row, cnt, fill);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    moe_route_plan(const float* __restrict__ logits, int n, int e, const float* __restrict__ bias, int n_group,
+                   int topk_group, int k, int norm, float scaling, int scoring, int method, int* __restrict__ idx_out,
+                   float* __restrict__ w_out, int* __restrict__ row_offsets, int* __restrict__ tile_offsets,
+                   int* __restrict__ slot_of, int* __restrict__ src_row) {
+    DSV3_PDL();
+    route_plan_block(logits, n, e, bias, n_group, topk_group, k, norm, scaling, scoring, method, idx_out, w_out,
+                     row_offsets, tile_offsets, slot_of, src_row);
+}
+
+// The router GEMM too, for a few tokens of a small router (decode; the launcher checks e·d): warp
+// w computes the logits of tokens w, w + 8, ...: logits[t, c] = (Σ_j x[t, j]·nw[j]·W[c, j]) / rms(x[t])
+// (the post-attention RMSNorm folded in as the skinny GEMM does: weights multiplied in as x is read,
+// the row's 1/rms applied to each finished sum; nw null: no norm), each lane over the 8-wide chunks
+// lane·8 + 256·i, the lanes' sums added in a warp tree; then, after a barrier (the block's global
+// writes visible to the block), moe_route_plan's routing and plan. x [n, ldx] bf16, W [e, d] f32
+// (16-byte aligned, d % 8 == 0), logits [n, e] f32 scratch. grid: (1), block: 256.
+extern "C" __global__ void __launch_bounds__(256)
+    moe_router_route_plan(const bf16* __restrict__ x, int ldx, int d, const float* __restrict__ nw, float eps,
+                          const float* __restrict__ rw, float* __restrict__ logits, int n, int e,
+                          const float* __restrict__ bias, int n_group, int topk_group, int k, int norm, float scaling,
+                          int scoring, int method, int* __restrict__ idx_out, float* __restrict__ w_out,
+                          int* __restrict__ row_offsets, int* __restrict__ tile_offsets, int* __restrict__ slot_of,
+                          int* __restrict__ src_row) {
+    DSV3_PDL();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int t = warp; t < n; t += MOE_RP_WARPS) {
+        const bf16* xr = x + (long long)t * ldx;
+        float ss = 0.0f;
+        for (int j0 = lane * 8; j0 < d; j0 += 256) {
+            for (int j = 0; j < 8; j++) {
+                float v = to_f32(xr[j0 + j]);
+                ss = fmaf(v, v, ss);
+            }
+        }
+        ss = warp_sum(ss);
+        const float inv = nw ? 1.0f / sqrtf(ss / (float)d + eps) : 1.0f;
+        for (int c = 0; c < e; c++) {
+            const float* wr = rw + (long long)c * d;
+            float acc = 0.0f;
+            for (int j0 = lane * 8; j0 < d; j0 += 256) {
+                float dot = 0.0f;
+                for (int j = 0; j < 8; j++) {
+                    float v = to_f32(xr[j0 + j]);
+                    if (nw) v *= nw[j0 + j];
+                    dot = fmaf(v, wr[j0 + j], dot);
+                }
+                acc += dot;
+            }
+            acc = warp_sum(acc);
+            if (lane == 0) logits[(long long)t * e + c] = acc * inv;
+        }
+    }
+    __syncthreads();
+    route_plan_block(logits, n, e, bias, n_group, topk_group, k, norm, scaling, scoring, method, idx_out, w_out,
+                     row_offsets, tile_offsets, slot_of, src_row);
 }
 
 // x[t, :] += shared[t, :] + Σ_q w[t, q] · y[slot_of[t, q], :], the routed terms added in

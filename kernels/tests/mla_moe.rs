@@ -11,7 +11,7 @@ use dsv3_kernels::ops::mla::{
     cache_append, mla_decode, mla_decode_with, mla_kernel, mla_prep, mma_fits, MlaCall, MlaKernel, MlaWork, Prep,
     MMA_VARIANTS,
 };
-use dsv3_kernels::ops::moe::{combine, plan, route, route_plan, Plan, RouteCfg};
+use dsv3_kernels::ops::moe::{combine, plan, route, route_plan, router_route_plan, Plan, RouteCfg};
 use dsv3_kernels::ops::norm::rmsnorm;
 use dsv3_kernels::ops::rope::{rope, RopeLayout};
 use dsv3_kernels::tensor::{download, upload};
@@ -289,6 +289,85 @@ fn fused_route_plan_equals_route_then_plan() {
     let logits = upload(&dev, &randn(&mut rng, n * 16)).unwrap();
     let err = route_plan(&dev, &logits, n, None, &RouteCfg::of(&r), &mut idx, &mut w, &mut p).unwrap_err();
     assert!(err.to_string().contains("at most"), "{err}");
+}
+
+/// The router GEMM inside the routing kernel (decode's few tokens, small routers): its logits
+/// match the host's `rmsnorm(x)·Wᵀ` (bf16 rows, f64 on the host) to f32 rounding, and the routing
+/// and plan are `route_plan`'s on those logits, bit for bit; with and without the folded norm, a
+/// row stride past the width, V3 and V2 routing; too large a router or f32 rows are refused.
+#[test]
+fn router_in_the_routing_kernel_matches_gemm_then_route_plan() {
+    let Some(dev) = device("router_in_the_routing_kernel_matches_gemm_then_route_plan") else { return };
+    let mut rng = Rng::new(25);
+    for &(e, k, g, tg, v3, n, d, ldx, normed) in &[
+        (16usize, 4usize, 4usize, 2usize, true, 1usize, 512usize, 512usize, true),
+        (16, 4, 4, 2, true, 8, 512, 512, true),
+        (64, 6, 1, 1, false, 5, 256, 256, false),
+        (16, 4, 4, 2, true, 3, 1024, 1032, true),
+    ] {
+        let what = format!("E {e} n {n} d {d} ldx {ldx} norm {normed}");
+        let r = router(&mut rng, e, k, g, tg, v3);
+        let cfg = RouteCfg::of(&r);
+        let x: Vec<f32> = randn(&mut rng, n * ldx).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        let nw: Vec<f32> = (0..d).map(|_| 1.0 + 0.2 * rng.normal()).collect();
+        let rw: Vec<f32> = randn(&mut rng, e * d).iter().map(|v| 0.05 * v).collect();
+        let eps = 1e-6f32;
+        let xd = Act::from_f32(&dev, DType::Bf16, &x).unwrap();
+        let (nwd, rwd) = (upload(&dev, &nw).unwrap(), upload(&dev, &rw).unwrap());
+        let bias = r.bias.as_ref().map(|b| upload(&dev, b).unwrap());
+        let mut logits = upload(&dev, &vec![f32::NAN; n * e]).unwrap();
+        let mut idx = upload(&dev, &vec![-1i32; n * k]).unwrap();
+        let mut w = upload(&dev, &vec![f32::NAN; n * k]).unwrap();
+        let mut p = Plan::new(&dev, e, n * k).unwrap();
+        let norm = normed.then_some((&nwd, eps));
+        router_route_plan(&dev, &xd, ldx, norm, &rwd, d, &mut logits, n, bias.as_ref(), &cfg, &mut idx, &mut w, &mut p)
+            .unwrap();
+        let got = download(&dev, &logits).unwrap();
+        let mut want = vec![0f32; n * e];
+        for t in 0..n {
+            let row = &x[t * ldx..t * ldx + d];
+            let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
+            let inv = if normed { 1.0 / (ms + eps as f64).sqrt() } else { 1.0 };
+            for c in 0..e {
+                let dot: f64 = (0..d)
+                    .map(|j| row[j] as f64 * if normed { nw[j] as f64 } else { 1.0 } * rw[c * d + j] as f64)
+                    .sum();
+                want[t * e + c] = (dot * inv) as f32;
+            }
+        }
+        assert_close(&got, &want, 1e-5, 1e-4, &format!("{what}: logits"));
+        // the routing and plan on exactly those logits
+        let mut idx2 = upload(&dev, &vec![-1i32; n * k]).unwrap();
+        let mut w2 = upload(&dev, &vec![f32::NAN; n * k]).unwrap();
+        let mut p2 = Plan::new(&dev, e, n * k).unwrap();
+        route_plan(&dev, &logits, n, bias.as_ref(), &cfg, &mut idx2, &mut w2, &mut p2).unwrap();
+        let dl = |s: &cudarc::driver::CudaSlice<i32>| download(&dev, s).unwrap();
+        assert_eq!(dl(&idx), dl(&idx2), "{what}: experts");
+        let bits = |s: &cudarc::driver::CudaSlice<f32>| {
+            download(&dev, s).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        assert_eq!(bits(&w), bits(&w2), "{what}: weights");
+        assert_eq!(
+            (dl(&p.row_offsets), dl(&p.tile_offsets)),
+            (dl(&p2.row_offsets), dl(&p2.tile_offsets)),
+            "{what}: plan"
+        );
+    }
+    // refused: f32 rows, a router past the fused limit
+    let r = router(&mut rng, 64, 4, 1, 1, false);
+    let (n, d) = (2usize, 512usize);
+    let mut logits = upload(&dev, &vec![0f32; n * 64]).unwrap();
+    let mut idx = upload(&dev, &vec![0i32; n * 4]).unwrap();
+    let mut w = upload(&dev, &vec![0f32; n * 4]).unwrap();
+    let mut p = Plan::new(&dev, 64, n * 4).unwrap();
+    let rwd = upload(&dev, &vec![0.01f32; 64 * d]).unwrap();
+    let xb = Act::from_f32(&dev, DType::Bf16, &randn(&mut rng, n * d)).unwrap();
+    let cfg = RouteCfg::of(&r);
+    let e1 = router_route_plan(&dev, &xb, d, None, &rwd, d, &mut logits, n, None, &cfg, &mut idx, &mut w, &mut p);
+    assert!(e1.is_err(), "64 x 512 router weights accepted");
+    let xf = Act::from_f32(&dev, DType::F32, &randn(&mut rng, n * d)).unwrap();
+    let e2 = router_route_plan(&dev, &xf, d, None, &rwd, 8, &mut logits, n, None, &cfg, &mut idx, &mut w, &mut p);
+    assert!(e2.is_err(), "f32 rows accepted");
 }
 
 #[test]

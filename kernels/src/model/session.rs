@@ -919,6 +919,10 @@ fn dense_forward(
 /// grid spreads the tokens over blocks.
 const ROUTE_PLAN_FUSED_MAX: usize = 16;
 
+/// Most tokens whose router GEMM runs inside the routing kernel (one token per warp of its one
+/// block; more would serialize on it).
+const ROUTER_FUSED_MAX_TOKENS: usize = 8;
+
 /// `x += Σ_k w_k · Expert_k(h) + Shared(h)` for `h = post_norm(x)` on device: route, plan,
 /// grouped GEMMs, combine. On the decode path (few rows, fusions on) the norm folds into the
 /// router, the shared expert's and the routed experts' gate|up GEMMs (all three read x), the
@@ -989,28 +993,11 @@ fn moe_forward(
         }
         None => None,
     };
-    let mut routed = || -> Result<_> {
-        // router logits in f32
-        let mut logits = Act::F32(crate::tensor::empty::<f32>(dev, n * e)?);
-        if dt == DType::F32 || router_skinny {
-            gemm_via(dev, src.act(), rw, &mut logits, &router_shape(src, n, d, e), router_path)?;
-        } else {
-            let mut hf = Act::F32(crate::tensor::empty::<f32>(dev, n * d)?);
-            elementwise::cast(dev, src.act(), &mut hf, n * d)?;
-            gemm(dev, &hf, rw, &mut logits, &GemmShape::plain(n, d, e))?
-        }
-        let Act::F32(logits) = logits else { unreachable!("allocated as f32") };
-        let mut idx = crate::tensor::empty::<i32>(dev, n * k)?;
-        let mut w = crate::tensor::empty::<f32>(dev, n * k)?;
-        if fuse_enabled() && n <= ROUTE_PLAN_FUSED_MAX && e <= moe::MOE_EMAX {
-            moe::route_plan(dev, &logits, n, bias, cfg, &mut idx, &mut w, &mut plan)?;
-        } else {
-            moe::route(dev, &logits, n, bias, cfg, &mut idx, &mut w)?;
-            moe::plan(dev, &idx, n, k, e, &mut plan)?;
-        }
-        // permuted rows [nk, D] -> act [nk, I] (gate|up + SwiGLU) -> down [nk, D]
+    // the routed experts over the plan: permuted rows [nk, D] -> act [nk, I] (gate|up + SwiGLU)
+    // -> down [nk, D]; returns (down rows, idx, w)
+    let routed_experts = |plan: &moe::Plan, idx: CudaSlice<i32>, w: CudaSlice<f32>| -> Result<_> {
         let mut act = Act::empty(dev, dt, nk * i)?;
-        let fused = routed_shape(experts, src, &plan, nk, max_tiles);
+        let fused = routed_shape(experts, src, plan, nk, max_tiles);
         if src.norm().is_some()
             || (fuse_enabled() && runs_skinny(dev, dt, &experts.gate_up, dt, &fused, GemmPath::Auto))
         {
@@ -1033,6 +1020,54 @@ fn moe_forward(
         let g = Grouped { row_offsets: &plan.row_offsets, tile_offsets: &plan.tile_offsets, max_tiles };
         gemm(dev, &act, &experts.down, &mut ye, &GemmShape { grouped: Some(g), ..GemmShape::plain(nk, i, d) })?;
         Ok((ye, idx, w))
+    };
+    // a decode step's few tokens against a small router: the router GEMM inside the routing
+    // kernel (moe::router_route_plan), one launch for logits, routing and plan
+    let router_fused = match &rw.buf {
+        crate::tensor::WeightBuf::F32(w) if fuse_enabled() && dt == DType::Bf16 && n <= ROUTER_FUSED_MAX_TOKENS => {
+            (d.is_multiple_of(8) && e * d <= moe::ROUTER_FUSED_MAX_WEIGHTS && e <= moe::MOE_EMAX).then_some(w)
+        }
+        _ => None,
+    };
+    let mut routed = || -> Result<_> {
+        let mut idx = crate::tensor::empty::<i32>(dev, n * k)?;
+        let mut w = crate::tensor::empty::<f32>(dev, n * k)?;
+        if let Some(rwf) = router_fused {
+            let mut logits = crate::tensor::empty::<f32>(dev, n * e)?;
+            moe::router_route_plan(
+                dev,
+                src.act(),
+                d,
+                src.norm(),
+                rwf,
+                d,
+                &mut logits,
+                n,
+                bias,
+                cfg,
+                &mut idx,
+                &mut w,
+                &mut plan,
+            )?;
+            return routed_experts(&plan, idx, w);
+        }
+        // router logits in f32
+        let mut logits = Act::F32(crate::tensor::empty::<f32>(dev, n * e)?);
+        if dt == DType::F32 || router_skinny {
+            gemm_via(dev, src.act(), rw, &mut logits, &router_shape(src, n, d, e), router_path)?;
+        } else {
+            let mut hf = Act::F32(crate::tensor::empty::<f32>(dev, n * d)?);
+            elementwise::cast(dev, src.act(), &mut hf, n * d)?;
+            gemm(dev, &hf, rw, &mut logits, &GemmShape::plain(n, d, e))?
+        }
+        let Act::F32(logits) = logits else { unreachable!("allocated as f32") };
+        if fuse_enabled() && n <= ROUTE_PLAN_FUSED_MAX && e <= moe::MOE_EMAX {
+            moe::route_plan(dev, &logits, n, bias, cfg, &mut idx, &mut w, &mut plan)?;
+        } else {
+            moe::route(dev, &logits, n, bias, cfg, &mut idx, &mut w)?;
+            moe::plan(dev, &idx, n, k, e, &mut plan)?;
+        }
+        routed_experts(&plan, idx, w)
     };
     let routed = routed();
     if let Some(side) = &side {

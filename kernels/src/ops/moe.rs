@@ -164,10 +164,83 @@ pub fn route_plan(
     w: &mut CudaSlice<f32>,
     plan: &mut Plan,
 ) -> Result<()> {
-    let (e, k) = (cfg.n_experts, cfg.top_k);
     if n == 0 {
         return Ok(());
     }
+    let mut args = vec![KArg::Ptr(dptr(dev, logits, 0)?)];
+    args.extend(route_plan_args(dev, logits, n, bias, cfg, idx, w, plan)?);
+    launch(dev, "moe", "moe_route_plan", (1, 1, 1), 256, &args)
+}
+
+/// The most router weights (`experts · hidden`) [`router_route_plan`] takes: every warp reads them
+/// all for each of its tokens (bench-88m: 16 x 512).
+pub const ROUTER_FUSED_MAX_WEIGHTS: usize = 16 * 1024;
+
+/// The router GEMM, [`route`] and [`plan`] in one launch for up to [`ROUTE_PLAN_MAX`] tokens of a
+/// small router (`e·d <=` [`ROUTER_FUSED_MAX_WEIGHTS`]; decode steps): `logits = rmsnorm(x)·Wᵀ`
+/// (`x` `[n, ldx]` bf16, its RMSNorm `(weight, eps)` folded in as the skinny GEMM folds it, or none;
+/// `rw` `[e, d]` f32) into the scratch `logits` `[n, e]`, then [`route_plan`]'s routing and plan.
+/// The logits agree with the separate GEMM's to rounding (another summation tree).
+#[allow(clippy::too_many_arguments)]
+pub fn router_route_plan(
+    dev: &Device,
+    x: &Act,
+    ldx: usize,
+    norm: Option<(&CudaSlice<f32>, f32)>,
+    rw: &CudaSlice<f32>,
+    d: usize,
+    logits: &mut CudaSlice<f32>,
+    n: usize,
+    bias: Option<&CudaSlice<f32>>,
+    cfg: &RouteCfg,
+    idx: &mut CudaSlice<i32>,
+    w: &mut CudaSlice<f32>,
+    plan: &mut Plan,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let e = cfg.n_experts;
+    let Act::Bf16(xs) = x else {
+        return Err(Error::Input("moe router_route_plan: bf16 hidden states only".into()));
+    };
+    if d == 0 || ldx < d || xs.len() < (n - 1) * ldx + d || rw.len() < e * d || logits.len() < n * e {
+        return Err(Error::Input(format!("moe router_route_plan: x [{n}, {ldx}], router [{e}, {d}], logits")));
+    }
+    if !d.is_multiple_of(8) || e * d > ROUTER_FUSED_MAX_WEIGHTS || norm.is_some_and(|(nw, _)| nw.len() < d) {
+        return Err(Error::Input(format!(
+            "moe router_route_plan: hidden {d} (a multiple of 8), {e} x {d} router weights (<= {ROUTER_FUSED_MAX_WEIGHTS}), norm"
+        )));
+    }
+    let mut args = vec![
+        KArg::Ptr(dptr(dev, xs, 0)?),
+        KArg::I32(int(ldx, "ldx")?),
+        KArg::I32(int(d, "hidden")?),
+        KArg::Ptr(match norm {
+            Some((nw, _)) => dptr(dev, nw, 0)?,
+            None => 0,
+        }),
+        KArg::F32(norm.map_or(0.0, |(_, eps)| eps)),
+        KArg::Ptr(dptr(dev, rw, 0)?),
+        KArg::Ptr(dptr(dev, logits, 0)?),
+    ];
+    args.extend(route_plan_args(dev, logits, n, bias, cfg, idx, w, plan)?);
+    launch(dev, "moe", "moe_router_route_plan", (1, 1, 1), 256, &args)
+}
+
+/// The arguments of `moe_route_plan` after its logits (checked).
+#[allow(clippy::too_many_arguments)]
+fn route_plan_args(
+    dev: &Device,
+    logits: &CudaSlice<f32>,
+    n: usize,
+    bias: Option<&CudaSlice<f32>>,
+    cfg: &RouteCfg,
+    idx: &mut CudaSlice<i32>,
+    w: &mut CudaSlice<f32>,
+    plan: &mut Plan,
+) -> Result<Vec<KArg>> {
+    let (e, k) = (cfg.n_experts, cfg.top_k);
     if n > ROUTE_PLAN_MAX {
         return Err(Error::Input(format!("moe route_plan: {n} tokens (at most {ROUTE_PLAN_MAX}; use route + plan)")));
     }
@@ -181,35 +254,27 @@ pub fn route_plan(
         return Err(Error::Input(format!("moe route_plan: plan buffers for {nk} rows over {e} experts")));
     }
     let (scoring, method) = codes(cfg);
-    launch(
-        dev,
-        "moe",
-        "moe_route_plan",
-        (1, 1, 1),
-        256,
-        &[
-            KArg::Ptr(dptr(dev, logits, 0)?),
-            KArg::I32(int(n, "n")?),
-            KArg::I32(int(e, "experts")?),
-            KArg::Ptr(match bias {
-                Some(b) => dptr(dev, b, 0)?,
-                None => 0,
-            }),
-            KArg::I32(int(cfg.n_group, "n_group")?),
-            KArg::I32(int(cfg.topk_group, "topk_group")?),
-            KArg::I32(int(k, "top_k")?),
-            KArg::I32(cfg.norm_topk_prob as i32),
-            KArg::F32(cfg.scaling),
-            KArg::I32(scoring),
-            KArg::I32(method),
-            KArg::Ptr(dptr(dev, idx, 0)?),
-            KArg::Ptr(dptr(dev, w, 0)?),
-            KArg::Ptr(dptr(dev, &plan.row_offsets, 0)?),
-            KArg::Ptr(dptr(dev, &plan.tile_offsets, 0)?),
-            KArg::Ptr(dptr(dev, &plan.slot_of, 0)?),
-            KArg::Ptr(dptr(dev, &plan.src_row, 0)?),
-        ],
-    )
+    Ok(vec![
+        KArg::I32(int(n, "n")?),
+        KArg::I32(int(e, "experts")?),
+        KArg::Ptr(match bias {
+            Some(b) => dptr(dev, b, 0)?,
+            None => 0,
+        }),
+        KArg::I32(int(cfg.n_group, "n_group")?),
+        KArg::I32(int(cfg.topk_group, "topk_group")?),
+        KArg::I32(int(k, "top_k")?),
+        KArg::I32(cfg.norm_topk_prob as i32),
+        KArg::F32(cfg.scaling),
+        KArg::I32(scoring),
+        KArg::I32(method),
+        KArg::Ptr(dptr(dev, idx, 0)?),
+        KArg::Ptr(dptr(dev, w, 0)?),
+        KArg::Ptr(dptr(dev, &plan.row_offsets, 0)?),
+        KArg::Ptr(dptr(dev, &plan.tile_offsets, 0)?),
+        KArg::Ptr(dptr(dev, &plan.slot_of, 0)?),
+        KArg::Ptr(dptr(dev, &plan.src_row, 0)?),
+    ])
 }
 
 /// `x[t] += shared[t] + Σ_q w[t,q] · y[slot_of[t,q]]` (routed terms in ascending expert order);

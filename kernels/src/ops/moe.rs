@@ -51,37 +51,43 @@ pub fn route(
     idx: &mut CudaSlice<i32>,
     w: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    let (e, k) = (cfg.n_experts, cfg.top_k);
     if n == 0 {
         return Ok(());
     }
     check_route(cfg, n, logits, bias, idx, w)?;
+    let mut args = vec![KArg::Ptr(dptr(dev, logits, 0)?)];
+    args.extend(routing_args(dev, n, bias, cfg, idx, w)?);
+    launch(dev, "moe", "moe_route", (dim(n.div_ceil(4), "moe_route")?, 1, 1), 128, &args)
+}
+
+/// The routing kernels' arguments after the logits, through the outputs `idx`, `w` (checked by
+/// the callers: [`check_route`]).
+fn routing_args(
+    dev: &Device,
+    n: usize,
+    bias: Option<&CudaSlice<f32>>,
+    cfg: &RouteCfg,
+    idx: &CudaSlice<i32>,
+    w: &CudaSlice<f32>,
+) -> Result<Vec<KArg>> {
     let (scoring, method) = codes(cfg);
-    launch(
-        dev,
-        "moe",
-        "moe_route",
-        (dim(n.div_ceil(4), "moe_route")?, 1, 1),
-        128,
-        &[
-            KArg::Ptr(dptr(dev, logits, 0)?),
-            KArg::I32(int(n, "n")?),
-            KArg::I32(int(e, "experts")?),
-            KArg::Ptr(match bias {
-                Some(b) => dptr(dev, b, 0)?,
-                None => 0,
-            }),
-            KArg::I32(int(cfg.n_group, "n_group")?),
-            KArg::I32(int(cfg.topk_group, "topk_group")?),
-            KArg::I32(int(k, "top_k")?),
-            KArg::I32(cfg.norm_topk_prob as i32),
-            KArg::F32(cfg.scaling),
-            KArg::I32(scoring),
-            KArg::I32(method),
-            KArg::Ptr(dptr(dev, idx, 0)?),
-            KArg::Ptr(dptr(dev, w, 0)?),
-        ],
-    )
+    Ok(vec![
+        KArg::I32(int(n, "n")?),
+        KArg::I32(int(cfg.n_experts, "experts")?),
+        KArg::Ptr(match bias {
+            Some(b) => dptr(dev, b, 0)?,
+            None => 0,
+        }),
+        KArg::I32(int(cfg.n_group, "n_group")?),
+        KArg::I32(int(cfg.topk_group, "topk_group")?),
+        KArg::I32(int(cfg.top_k, "top_k")?),
+        KArg::I32(cfg.norm_topk_prob as i32),
+        KArg::F32(cfg.scaling),
+        KArg::I32(scoring),
+        KArg::I32(method),
+        KArg::Ptr(dptr(dev, idx, 0)?),
+        KArg::Ptr(dptr(dev, w, 0)?),
+    ])
 }
 
 /// The dispatch plan of `nk = n·K` routed rows (device buffers, reused across calls).
@@ -253,28 +259,14 @@ fn route_plan_args(
     {
         return Err(Error::Input(format!("moe route_plan: plan buffers for {nk} rows over {e} experts")));
     }
-    let (scoring, method) = codes(cfg);
-    Ok(vec![
-        KArg::I32(int(n, "n")?),
-        KArg::I32(int(e, "experts")?),
-        KArg::Ptr(match bias {
-            Some(b) => dptr(dev, b, 0)?,
-            None => 0,
-        }),
-        KArg::I32(int(cfg.n_group, "n_group")?),
-        KArg::I32(int(cfg.topk_group, "topk_group")?),
-        KArg::I32(int(k, "top_k")?),
-        KArg::I32(cfg.norm_topk_prob as i32),
-        KArg::F32(cfg.scaling),
-        KArg::I32(scoring),
-        KArg::I32(method),
-        KArg::Ptr(dptr(dev, idx, 0)?),
-        KArg::Ptr(dptr(dev, w, 0)?),
+    let mut args = routing_args(dev, n, bias, cfg, idx, w)?;
+    args.extend([
         KArg::Ptr(dptr(dev, &plan.row_offsets, 0)?),
         KArg::Ptr(dptr(dev, &plan.tile_offsets, 0)?),
         KArg::Ptr(dptr(dev, &plan.slot_of, 0)?),
         KArg::Ptr(dptr(dev, &plan.src_row, 0)?),
-    ])
+    ]);
+    Ok(args)
 }
 
 /// `x[t] += shared[t] + Σ_q w[t,q] · y[slot_of[t,q]]` (routed terms in ascending expert order);

@@ -139,6 +139,7 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("moe", "moe_route"),
     ("moe", "moe_plan"),
     ("moe", "moe_route_plan"),
+    ("moe", "moe_router_route_plan"),
     ("moe", "moe_combine_f32"),
     ("moe", "moe_combine_bf16"),
     ("sampling", "argmax_rows_f32"),
@@ -157,6 +158,10 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("train", "embed_bwd_bf16"),
     ("train", "cross_entropy_f32"),
     ("train", "cross_entropy_bf16"),
+    ("train", "cross_entropy_f32_bf16"),
+    ("train", "cross_entropy_smem_f32"),
+    ("train", "cross_entropy_smem_bf16"),
+    ("train", "cross_entropy_smem_f32_bf16"),
     ("train", "attn_softmax_causal_f32"),
     ("train", "attn_softmax_bwd_f32"),
     ("moe_train", "moe_combine_bwd_f32"),
@@ -172,7 +177,6 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("moe_train", "moe_plan_place"),
     ("optim", "sumsq_f32"),
     ("optim", "sum_f64"),
-    ("optim", "scale_f32"),
 ];
 
 /// One kernel argument, passed by value (device addresses as `u64`).

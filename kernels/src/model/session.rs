@@ -522,7 +522,7 @@ impl<'m> CudaSession<'m> {
         let (h, dq, w) =
             (c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim, c.kv_lora_rank + c.qk_rope_head_dim);
         let dt = m.dtype;
-        let qw = if absorb { h * (c.kv_lora_rank + c.qk_rope_head_dim) } else { h * dq };
+        let qw = if absorb { h * w } else { h * dq }; // folded: H·(C + dr)
         let mut q = Act::empty(dev, dt, n * qw)?;
         let kv_proj = || -> Result<Act> {
             let kv = a.kv_a.as_ref().ok_or_else(|| Error::Io("MLA layer without kv_a".into()))?;

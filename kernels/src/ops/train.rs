@@ -269,10 +269,13 @@ pub struct EmbedRows {
     /// `m`: the tokens with an id in range.
     rows: usize,
     segments: usize,
-    /// With chunks: the second pass's table (`order` = the chunks `0..C`, `start` each id's first
-    /// chunk, `id` the ids), the chunk count `C` and the id count `S`.
-    ids: Option<(CudaSlice<i32>, usize, usize)>,
+    /// With chunks (then `segments` counts the chunks, `C`): the second pass's table (`order` =
+    /// the chunks `0..C`, `start` each id's first chunk, `id` the ids) and the id count `S`.
+    ids: Option<(CudaSlice<i32>, usize)>,
 }
+
+/// The most rows of one id summed by one thread in one pass of [`embedding_backward`].
+pub const EMBED_CHUNK: usize = 32;
 
 impl EmbedRows {
     /// The launches [`embedding_backward`] makes: 2 where an id has more than [`EMBED_CHUNK`]
@@ -284,12 +287,7 @@ impl EmbedRows {
             1
         }
     }
-}
 
-/// The most rows of one id summed by one thread in one pass of [`embedding_backward`].
-pub const EMBED_CHUNK: usize = 32;
-
-impl EmbedRows {
     pub fn new(dev: &Device, ids: &[i32], vocab: usize) -> Result<EmbedRows> {
         let mut order: Vec<i32> = Vec::with_capacity(ids.len());
         for (t, &id) in ids.iter().enumerate() {
@@ -340,7 +338,7 @@ impl EmbedRows {
             tokens: ids.len(),
             rows,
             segments: chunks,
-            ids: Some((table(numbered, &first, &seg_id)?, chunks, seg_id.len())),
+            ids: Some((table(numbered, &first, &seg_id)?, seg_id.len())),
         })
     }
 }
@@ -367,11 +365,12 @@ pub fn embedding_backward(
     dy.check((rows.tokens - 1) * lddy + d, "embedding_backward dy")?;
     match &rows.ids {
         None => embed_pass(dev, &rows.table, rows.rows, rows.segments, dy, lddy, dtable, d),
-        Some((ids, chunks, segs)) => {
+        Some((ids, segs)) => {
             // the chunks' sums into a zeroed scratch [C, d], then each id's chunks into the table
+            let chunks = rows.segments;
             let mut part = crate::tensor::zeros::<f32>(dev, chunks * d)?;
-            embed_pass(dev, &rows.table, rows.rows, *chunks, dy, lddy, &mut part, d)?;
-            embed_pass(dev, ids, *chunks, *segs, &Act::F32(part), d, dtable, d)
+            embed_pass(dev, &rows.table, rows.rows, chunks, dy, lddy, &mut part, d)?;
+            embed_pass(dev, ids, chunks, *segs, &Act::F32(part), d, dtable, d)
         }
     }
 }

@@ -151,11 +151,10 @@ impl Head<'_> {
         let mut row_loss = crate::tensor::empty::<f32>(dev, p)?;
         tk::cross_entropy(dev, &logits, v, &targets, mask, denom, &mut dz, v, &mut row_loss, v, p)?;
         drop(logits);
-        let dza = &dz;
         // dX = dZ·W (rows of the predicted positions; row p stays zero), dW += dZᵀ·X
         let mut dhp = Act::zeros(dev, dt, (p + 1) * d)?;
-        mm.run(dev, NN, dims(p, d, v), rd(dza, 0, v), rd(wb, head, d), wr(&mut dhp, 0, d), None)?;
-        mm.run(dev, TN, dims(v, d, p).acc(true), rd(dza, 0, v), rd(&hp, 0, d), wr(grad, head, d), None)?;
+        mm.run(dev, NN, dims(p, d, v), rd(&dz, 0, v), rd(wb, head, d), wr(&mut dhp, 0, d), None)?;
+        mm.run(dev, TN, dims(v, d, p).acc(true), rd(&dz, 0, v), rd(&hp, 0, d), wr(grad, head, d), None)?;
         let mut dnormed = Act::empty(dev, dt, n * d)?;
         gather::gather_rows(dev, &dhp, p + 1, d, &inv, n, d, &mut dnormed, d)?;
         Ok((dnormed, row_loss))

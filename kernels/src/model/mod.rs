@@ -101,6 +101,7 @@ impl CudaModel {
             };
             b += a.kv_a.as_ref().map_or(0, lin) + lin(&a.o) + a.w_uk.bytes() + a.w_uv.bytes() + a.kv_norm.len() * 4;
             b += a.kv_b.as_ref().map_or(0, lin);
+            b += a.absorbed.as_ref().map_or(0, |f| lin(&f.q) + lin(&f.o));
             b += match &l.ffn {
                 weights::DFfn::Dense(m) => mlp(m),
                 weights::DFfn::Moe { router, experts, shared, .. } => {

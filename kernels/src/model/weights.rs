@@ -105,22 +105,20 @@ fn absorbed(
     let fold_q = |src: &[f32], cols: usize| -> Vec<f32> {
         // src [H·dq, cols] -> [H·C + H·dr, cols]
         let mut out = vec![0f32; h * (c + dr) * cols];
-        let mut acc = vec![0f64; cols];
-        for hh in 0..h {
-            for cc in 0..c {
-                acc.iter_mut().for_each(|v| *v = 0.0);
-                for j in 0..dn {
-                    let u = a.w_uk_t[(hh * c + cc) * dn + j] as f64;
-                    let row = &src[(hh * dq + j) * cols..][..cols];
-                    acc.iter_mut().zip(row).for_each(|(v, &x)| *v += u * x as f64);
-                }
-                let o = &mut out[(hh * c + cc) * cols..][..cols];
-                o.iter_mut().zip(&acc).for_each(|(o, &v)| *o = v as f32);
+        let (folded, rope) = out.split_at_mut(h * c * cols);
+        par_rows(folded, cols, |i, o| {
+            let (hh, cc) = (i / c, i % c);
+            let mut acc = vec![0f64; cols];
+            for j in 0..dn {
+                let u = a.w_uk_t[(hh * c + cc) * dn + j] as f64;
+                let row = &src[(hh * dq + j) * cols..][..cols];
+                acc.iter_mut().zip(row).for_each(|(v, &x)| *v += u * x as f64);
             }
-            for r in 0..dr {
-                let row = &src[(hh * dq + dn + r) * cols..][..cols];
-                out[(h * c + hh * dr + r) * cols..][..cols].copy_from_slice(row);
-            }
+            o.iter_mut().zip(&acc).for_each(|(o, &v)| *o = v as f32);
+        });
+        for (i, o) in rope.chunks_exact_mut(cols).enumerate() {
+            let (hh, r) = (i / dr, i % dr);
+            o.copy_from_slice(&src[(hh * dq + dn + r) * cols..][..cols]);
         }
         out
     };
@@ -128,8 +126,8 @@ fn absorbed(
     let qb = wq.bias.as_ref().map(|b| fold_q(b, 1));
     let wo = a.o.dense();
     let mut ow = vec![0f32; d * h * c];
-    let mut acc = vec![0f64; c];
-    for row in 0..d {
+    par_rows(&mut ow, h * c, |row, o| {
+        let mut acc = vec![0f64; c];
         for hh in 0..h {
             acc.iter_mut().for_each(|v| *v = 0.0);
             for v in 0..dv {
@@ -137,10 +135,9 @@ fn absorbed(
                 let uv = &a.w_uv[(hh * dv + v) * c..][..c];
                 acc.iter_mut().zip(uv).for_each(|(s, &u)| *s += x * u as f64);
             }
-            let o = &mut ow[row * h * c + hh * c..][..c];
-            o.iter_mut().zip(&acc).for_each(|(o, &v)| *o = v as f32);
+            o[hh * c..][..c].iter_mut().zip(&acc).for_each(|(o, &v)| *o = v as f32);
         }
-    }
+    });
     Ok(Some(DAbsorbed {
         q: DLinear {
             w: DWeight::from_f32(dev, st.dtype, 1, h * (c + dr), qin, &qw)?,
@@ -151,6 +148,28 @@ fn absorbed(
             bias: a.o.bias.as_ref().map(|b| upload(dev, b)).transpose()?,
         },
     }))
+}
+
+/// `f(i, row)` for every `row_len`-wide row `i` of `out`, the rows split in contiguous runs over
+/// the machine's threads (the host folds of [`absorbed`]; each row is computed the same way
+/// whatever the split, so the result does not depend on the thread count).
+fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if row_len == 0 || out.is_empty() {
+        return;
+    }
+    let rows = out.len() / row_len;
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).clamp(1, rows.max(1));
+    let per = rows.div_ceil(threads);
+    std::thread::scope(|sc| {
+        for (k, chunk) in out.chunks_mut(per * row_len).enumerate() {
+            let f = &f;
+            sc.spawn(move || {
+                for (i, row) in chunk.chunks_exact_mut(row_len).enumerate() {
+                    f(k * per + i, row);
+                }
+            });
+        }
+    });
 }
 
 #[allow(clippy::large_enum_variant)] // one per layer

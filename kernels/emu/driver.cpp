@@ -156,8 +156,25 @@ std::string last_kernel = "(none)";
 int primary_ctx_tag = 0;
 void* current_ctx = nullptr;
 
+// Under AddressSanitizer (gpu_tests.sh --asan) the canary is poisoned instead: any read or write
+// of it, or of ASan's redzones around the allocation, stops the process at the access with its
+// stack (the kernel's source line), and the death callback names the kernel.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+constexpr bool asan = true;
+const bool asan_hooked = [] {
+    __sanitizer_set_death_callback([] {
+        std::fprintf(stderr, "EMU FAILURE: AddressSanitizer stopped the process (above) in or after kernel %s\n", last_kernel.c_str());
+    });
+    return true;
+}();
+#else
+constexpr bool asan = false;  // (emu.h: the ASAN_ macros do nothing)
+#endif
+
 // Fails if the canary after the `bytes`-byte buffer at `p` was overwritten (`when`: where found).
 void check_canary(uintptr_t p, size_t bytes, const std::string& when) {
+    if (asan) return;  // poisoned: ASan reports the access itself
     const unsigned char* c = (const unsigned char*)p + bytes;
     for (size_t i = 0; i < CANARY; i++)
         if (c[i] != CANARY_BYTE)
@@ -184,6 +201,7 @@ void* alloc(size_t bytes) {
     if (posix_memalign(&p, 256, bytes + CANARY) != 0) return nullptr;
     std::memset(p, 0xff, bytes);
     std::memset((char*)p + bytes, CANARY_BYTE, CANARY);
+    ASAN_POISON_MEMORY_REGION((char*)p + bytes, CANARY);
     allocs[(uintptr_t)p] = bytes;
     return p;
 }
@@ -193,6 +211,7 @@ CUresult release(void* p) {
     auto it = allocs.find((uintptr_t)p);
     if (it == allocs.end()) return E_INVALID_VALUE;
     check_canary(it->first, it->second, "at its free, after " + last_kernel);
+    ASAN_UNPOISON_MEMORY_REGION((char*)p + it->second, CANARY);
     allocs.erase(it);
     std::free(p);
     return OK;
@@ -262,11 +281,13 @@ void run_grid(const std::string& name, const Op& body, emu_dim3 grid, unsigned t
         emu::smem_limit = smem;
         std::memset(emu::dyn_smem, 0xff, smem);
         std::memset(emu::dyn_smem + smem, 0x5a, canary_end - smem);
+        ASAN_POISON_MEMORY_REGION(emu::dyn_smem + smem, canary_end - smem);
         wg_emu::begin_block();
         emu_tma::begin_block();
         emu::run_block({x, y, z}, (int)threads, body);
         emu_tma::end_block();
         wg_emu::end_block();
+        ASAN_UNPOISON_MEMORY_REGION(emu::dyn_smem + smem, canary_end - smem);
         for (size_t i = smem; i < canary_end; i++)
             if (emu::dyn_smem[i] != 0x5a) fail("shared memory written past the launch's dynamic size");
     }

@@ -11,6 +11,11 @@
 #                                                         test name filter, --nocapture)
 #   bash kernels/emu/gpu_tests.sh --coverage [TEST...]    also list the kernels no test launched (over
 #                                                         all the tests: any such kernel fails the run)
+#   bash kernels/emu/gpu_tests.sh --asan [TEST...]        the emulator and kernels built with AddressSanitizer
+#                                                         (target/emu-asan): a read or write outside any
+#                                                         buffer, past a launch's dynamic shared memory or a
+#                                                         static __shared__ array stops the test at the access
+#                                                         with its source line (the canary alone sees writes)
 #   DSV3_EMU_SM=80 bash kernels/emu/gpu_tests.sh ...      the same as an sm_80 GPU (its PTX and kernels)
 #   DSV3_EMU_ORDER=reverse bash kernels/emu/gpu_tests.sh  every grid's blocks run last to first (a
 #                                                         result that depends on block order fails)
@@ -21,7 +26,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 root="$(cd ../.. && pwd)"
+asan=0
+if [ "${1:-}" = "--asan" ]; then
+  asan=1
+  shift
+fi
 out="$root/target/emu-driver"
+[ "$asan" = 1 ] && out="$root/target/emu-asan"
 mkdir -p "$out"
 CXX="${CXX:-$(command -v g++ || command -v clang++)}"
 
@@ -30,6 +41,7 @@ build() {
   if ! cmp -s "$out/emu_kernels.inc.new" "$out/emu_kernels.inc" 2>/dev/null; then mv "$out/emu_kernels.inc.new" "$out/emu_kernels.inc"; fi
   rm -f "$out/emu_kernels.inc.new"
   local flags=(-std=c++17 -O2 -g -fPIC -shared -fno-strict-aliasing -w -Wno-psabi -Iinclude -I../cuda -I"$out")
+  [ "$asan" = 1 ] && flags+=(-O1 -fsanitize=address -fno-omit-frame-pointer)
   echo 'int main() { return 0; }' >"$out/probe.cpp"
   if "$CXX" -fsanitize=alignment -fno-sanitize-recover=alignment "$out/probe.cpp" -o "$out/probe" 2>/dev/null; then
     flags+=(-fsanitize=alignment -fno-sanitize-recover=alignment)
@@ -74,6 +86,13 @@ if [ ${#tests[@]} -eq 0 ]; then
   tests+=(cli:cuda ffi:cuda)
 fi
 export LD_LIBRARY_PATH="$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [ "$asan" = 1 ]; then
+  # the test binaries (not cargo) start with the ASan runtime preloaded: cargo's runner setting
+  libasan="$("$CXX" -print-file-name=libasan.so)"
+  [ -f "$libasan" ] || { echo "--asan: $CXX has no libasan.so" >&2; exit 2; }
+  host="$(rustc -vV | sed -n 's/^host: //p' | tr 'a-z-' 'A-Z_')"
+  export "CARGO_TARGET_${host}_RUNNER=env LD_PRELOAD=$libasan ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0"
+fi
 export DSV3_FIXTURES="${DSV3_FIXTURES:-$root/tests/fixtures}"
 cd "$root"
 rc=0

@@ -5,10 +5,18 @@
 # attention; attn_train: the training flash attention (forward with lse, backward); tiled: the tensor-core tiled GEMMs; fp8gemm: the FP8 GEMMs (wgmma and SIMT); sampling: on-device sampling; train: the MoE
 # training and attention softmax kernels; optim: the optimizer step's gradient norm and clip scale; fp8quant: the FP8 quantization kernels' grid-stride rows). Needs a C++17 host compiler (g++ or clang++), no CUDA.
 #
-#   bash kernels/emu/run.sh [--quick] [NAME...]   NAME: a prefix of the emulations to run (all by default)
+#   bash kernels/emu/run.sh [--asan] [--quick] [NAME...]   NAME: a prefix of the emulations to run (all by
+#                                                          default); --asan: built with AddressSanitizer
+#                                                          (reads outside buffers and shared memory stop the run)
 set -euo pipefail
 cd "$(dirname "$0")"
 CXX="${CXX:-$(command -v g++ || command -v clang++)}"
+asan=()
+if [ "${1:-}" = "--asan" ]; then
+  asan=(-O1 -fsanitize=address -fno-omit-frame-pointer)
+  export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=0:detect_stack_use_after_return=0}"
+  shift
+fi
 quick=()
 if [ "${1:-}" = "--quick" ]; then
   quick=(--quick)
@@ -25,6 +33,7 @@ if "$CXX" -fsanitize=alignment -fno-sanitize-recover=alignment "$out/probe.cpp" 
 else
   echo "note: $CXX has no -fsanitize=alignment; misaligned vector accesses go unchecked"
 fi
+flags+=("${asan[@]}")
 ran=0
 for src in *_emu.cpp; do
   name="${src%_emu.cpp}"

@@ -25,6 +25,12 @@
 #define DSV3_EMU 1
 #include <cuda_bf16.h>
 #include <ucontext.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>  // built with -fsanitize=address: the canaries are poisoned
+#else
+#define ASAN_POISON_MEMORY_REGION(a, n) ((void)(a), (void)(n))
+#define ASAN_UNPOISON_MEMORY_REGION(a, n) ((void)(a), (void)(n))
+#endif
 
 #include <cstdio>
 #include <cstdlib>
@@ -83,9 +89,13 @@ struct WarpX {
 static WarpX wx[MAXT / 32];
 static long long collectives = 0;  // completed warp collectives (for the drivers' summaries)
 
-__attribute__((noinline, noipa)) inline void jump_to(void** jb) { __builtin_longjmp(jb, 1); }
+// The fiber switches are not instrumented by AddressSanitizer (gpu_tests.sh --asan): its no-return
+// hook would otherwise take every longjmp between fibers for a stack unwind (a system call and a
+// shadow clear per switch, minutes per test).
+#define EMU_SWITCH __attribute__((noinline, noipa, no_sanitize_address))
+EMU_SWITCH inline void jump_to(void** jb) { __builtin_longjmp(jb, 1); }
 
-__attribute__((noinline, noipa)) inline void wait_here() {
+EMU_SWITCH inline void wait_here() {
     fib[cur].waiting = true;
     if (__builtin_setjmp(fib[cur].jb) == 0) jump_to(sched_jb);
 }
@@ -201,7 +211,7 @@ inline void sync_block() {
 static std::function<void()> g_body;  // the kernel call, the same for every thread
 // A fiber's life: the body for one block, then parked until run_block resumes it for the next
 // block (fibers are created once, so a block costs no context set-up or signal-mask system calls).
-__attribute__((noinline, noipa)) inline void entry(int tid) {
+EMU_SWITCH inline void entry(int tid) {
     volatile int t = tid;
     for (;;) {
         g_body();
@@ -214,7 +224,7 @@ __attribute__((noinline, noipa)) inline void entry(int tid) {
 static int s_t;
 static bool s_all_done, s_progress;
 
-__attribute__((noinline, noipa)) inline void resume(int t) {
+EMU_SWITCH inline void resume(int t) {
     if (__builtin_setjmp(sched_jb) == 0) {
         if (!fib[t].started) {
             fib[t].started = true;
@@ -294,8 +304,10 @@ inline void begin_smem(size_t bytes) {
     smem_limit = bytes;
     std::memset(dyn_smem, 0xff, bytes);
     std::memset(dyn_smem + bytes, 0x5a, DYN_SMEM_BYTES - bytes);
+    ASAN_POISON_MEMORY_REGION(dyn_smem + bytes, DYN_SMEM_BYTES - bytes);  // any access past the size stops
 }
 inline void end_smem() {
+    ASAN_UNPOISON_MEMORY_REGION(dyn_smem + smem_limit, DYN_SMEM_BYTES - smem_limit);
     for (size_t i = smem_limit; i < DYN_SMEM_BYTES; i++)
         if (dyn_smem[i] != 0x5a) fail("shared memory written past the launcher's size");
 }

@@ -221,7 +221,16 @@ EMU_SWITCH inline void entry(int tid) {
 }
 
 // scheduler state in globals: it lives across __builtin_setjmp returns
-static int s_t;
+static int s_i, s_t;
+// DSV3_EMU_ORDER=reverse: each block's threads are also run last to first (thread 1023 until it
+// waits, then 1022, ...). A thread runs until it reaches a barrier or warp collective, so a missing
+// __syncthreads / __syncwarp between a shared-memory write and another thread's read is seen in
+// one of the two orders: the reader then runs before the writer and reads NaN poison or a stale
+// value. (The driver also runs the grid's blocks last to first.)
+static const bool threads_reversed = [] {
+    const char* v = std::getenv("DSV3_EMU_ORDER");
+    return v && std::string(v) == "reverse";
+}();
 static bool s_all_done, s_progress;
 
 EMU_SWITCH inline void resume(int t) {
@@ -259,7 +268,8 @@ inline void run_block(emu_dim3 idx, int threads, const std::function<void()>& bo
     for (;;) {
         s_all_done = true;
         s_progress = false;
-        for (s_t = 0; s_t < threads; s_t++) {
+        for (s_i = 0; s_i < threads; s_i++) {
+            s_t = threads_reversed ? threads - 1 - s_i : s_i;
             if (fib[s_t].done) continue;
             s_all_done = false;
             if (fib[s_t].waiting) continue;

@@ -17,8 +17,9 @@
 #                                                         static __shared__ array stops the test at the access
 #                                                         with its source line (the canary alone sees writes)
 #   DSV3_EMU_SM=80 bash kernels/emu/gpu_tests.sh ...      the same as an sm_80 GPU (its PTX and kernels)
-#   DSV3_EMU_ORDER=reverse bash kernels/emu/gpu_tests.sh  every grid's blocks run last to first (a
-#                                                         result that depends on block order fails)
+#   DSV3_EMU_ORDER=reverse bash kernels/emu/gpu_tests.sh  every grid's blocks, and every block's threads,
+#                                                         run last to first (a result that depends on
+#                                                         block order, or a missing barrier, fails)
 #
 # Slow (every thread is a fiber, every MMA evaluated in f64): the tiny fixtures take seconds to
 # minutes per test. Timings printed by tests or benches mean nothing here. A kernel misuse the

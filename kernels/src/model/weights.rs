@@ -337,3 +337,28 @@ pub fn block(dev: &Device, b: &Block, dims: (usize, usize, usize, usize), dr: us
 pub fn embedding(dev: &Device, e: &[f32], dtype: DType) -> Result<Act> {
     Act::from_f32(dev, dtype, e)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::par_rows;
+
+    #[test]
+    fn par_rows_visits_every_row_once_with_its_index() {
+        // row counts below, at and above any thread count, and ragged splits
+        for (rows, len) in [(1, 3), (5, 1), (7, 4), (64, 2), (1001, 3)] {
+            let mut out = vec![-1f32; rows * len];
+            par_rows(&mut out, len, |i, row| {
+                assert_eq!(row.len(), len);
+                for (j, v) in row.iter_mut().enumerate() {
+                    assert_eq!(*v, -1.0, "row {i} visited twice");
+                    *v = (i * len + j) as f32;
+                }
+            });
+            let want: Vec<f32> = (0..rows * len).map(|x| x as f32).collect();
+            assert_eq!(out, want, "{rows} rows of {len}");
+        }
+        let mut none: Vec<f32> = Vec::new();
+        par_rows(&mut none, 4, |_, _| panic!("no rows"));
+        par_rows(&mut [1.0, 2.0], 0, |_, _| panic!("empty rows"));
+    }
+}

@@ -14,7 +14,8 @@
 //   block by block, a fiber per thread, with the emulator's checks (warp collectives, barriers,
 //   wgmma/TMA/mbarrier use, shared memory bounds and the launch's dynamic shared memory size:
 //   more than 48 KiB needs CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES first, and a block larger
-//   than the kernel's __launch_bounds__ (its PTX .maxntid) does not launch, as on a GPU).
+//   than the kernel's __launch_bounds__ (its PTX .maxntid) or than its registers per thread (ptxas's
+//   count, emu_regs.inc) fit in the SM's 64K does not launch, as on a GPU).
 // - Memory: device pointers are host pointers. Every allocation is poisoned with 0xff bytes (NaN
 //   in f32 and bf16: a kernel that reads memory nobody wrote sees NaN) and followed by a canary that
 //   is checked after every launch and copy and at free (a write past the end of a buffer is
@@ -114,7 +115,8 @@ struct Func {
     std::string name;
     std::function<Op(void**)> bind;  // the launch's arguments copied into a runnable call
     int max_dyn_smem = 48 * 1024;
-    int max_threads = 1024;  // __launch_bounds__: a larger block fails to launch, as on a GPU
+    int max_threads = 1024;  // __launch_bounds__ and registers: a larger block fails to launch, as on a GPU
+    int regs = 0;            // per thread (registers_of), 0 where not known
 };
 struct Module {
     std::vector<std::string> entries;
@@ -149,6 +151,29 @@ int sm = [] {
     const char* v = std::getenv("DSV3_EMU_SM");
     return v && std::string(v) == "80" ? 80 : 90;
 }();
+// Registers per thread of each kernel as ptxas assembles the PTX of the reported architecture
+// (gpu_tests.sh writes emu_regs.inc from `ptxas -v`: G(arch, name, regs) per entry, empty without
+// ptxas). A GPU allocates registers per warp in units of 256 and refuses a block whose warps need
+// more than the SM's 64K, so a kernel's largest block follows from its count: the emulator refuses
+// the same launches (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES) and reports the same
+// CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK and CU_FUNC_ATTRIBUTE_NUM_REGS.
+int registers_of(const std::string& name) {  // 0: not known
+    static const std::map<std::string, int> regs = [] {
+        std::map<std::string, int> m;
+#define G(arch, name, n) \
+    if (arch == (sm == 80 ? 80 : 90)) m[#name] = n;
+#include "emu_regs.inc"
+#undef G
+        return m;
+    }();
+    auto it = regs.find(name);
+    return it == regs.end() ? 0 : it->second;
+}
+int threads_for_registers(int regs) {
+    if (regs <= 0) return 1024;
+    const int per_warp = (regs * 32 + 255) / 256 * 256;
+    return std::min(1024, 65536 / per_warp * 32);
+}
 constexpr size_t CANARY = 256;
 constexpr unsigned char CANARY_BYTE = 0xa5;
 std::map<uintptr_t, size_t> allocs;  // address -> bytes
@@ -302,8 +327,10 @@ CUresult launch(Func* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, uns
     if (extra) return E_NOT_SUPPORTED;
     if (by != 1 || bz != 1 || bx == 0 || bx > 1024) return E_INVALID_VALUE;
     if ((int)bx > f->max_threads) {
-        std::fprintf(stderr, "EMU: %s launched with %u threads, above its __launch_bounds__ %d\n", f->name.c_str(), bx,
-                     f->max_threads);
+        std::fprintf(stderr,
+                     "EMU: %s launched with %u threads, above the %d its __launch_bounds__ and %d registers per "
+                     "thread allow (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES)\n",
+                     f->name.c_str(), bx, f->max_threads, f->regs);
         return E_LAUNCH_OUT_OF_RESOURCES;
     }
     if (bx % 32) fail(f->name + ": the emulator runs blocks of whole warps only (" + std::to_string(bx) + " threads)");
@@ -645,6 +672,8 @@ API CUresult cuModuleGetFunction(void** f, void* mod, const char* name) {
         slot.reset(new Func{name, k->second});
         auto mx = m->maxntid.find(name);
         if (mx != m->maxntid.end()) slot->max_threads = mx->second;
+        slot->regs = registers_of(name);
+        slot->max_threads = std::min(slot->max_threads, threads_for_registers(slot->regs));
     }
     *f = slot.get();
     return OK;
@@ -663,7 +692,7 @@ API CUresult cuFuncGetAttribute(int* v, int attr, void* f) {
     if (!f) return E_INVALID_HANDLE;
     switch (attr) {
         case 0: *v = ((Func*)f)->max_threads; break;          // max threads per block
-        case 4: *v = 64; break;                               // registers
+        case 4: *v = ((Func*)f)->regs ? ((Func*)f)->regs : 64; break;  // registers per thread
         case 8: *v = ((Func*)f)->max_dyn_smem; break;
         default: *v = 0;
     }

@@ -41,13 +41,36 @@ build() {
   grep -ho '\.entry [A-Za-z0-9_]*' ../ptx/sm_90a/*.ptx | awk '{print "R(" $2 ")"}' | sort -u >"$out/emu_kernels.inc.new"
   if ! cmp -s "$out/emu_kernels.inc.new" "$out/emu_kernels.inc" 2>/dev/null; then mv "$out/emu_kernels.inc.new" "$out/emu_kernels.inc"; fi
   rm -f "$out/emu_kernels.inc.new"
+  # registers per thread of every kernel, as ptxas assembles each architecture's PTX (the driver
+  # refuses a block those registers cannot fit, as a GPU does); redone when the PTX changes
+  local ptxas=""
+  for p in "${DSV3_NVCC_BIN:-/nonexistent}/ptxas" ../.toolchain/venv/lib/python3*/site-packages/nvidia/cu13/bin/ptxas "$(command -v ptxas || true)"; do
+    [ -n "$p" ] && [ -x "$p" ] && { ptxas="$p"; break; }
+  done
+  local regs_stale=0
+  [ -f "$out/emu_regs.inc" ] || regs_stale=1
+  for f in ../ptx/sm_90a/*.ptx ../ptx/sm_80/*.ptx; do [ "$f" -nt "$out/emu_regs.inc" ] && regs_stale=1; done
+  if [ -n "$ptxas" ] && { [ "$regs_stale" = 1 ] || ! grep -q '^G(' "$out/emu_regs.inc"; }; then
+    echo "registers per kernel from $ptxas -v (sm_90a, sm_80)"
+    for arch in sm_90a sm_80; do
+      for f in ../ptx/$arch/*.ptx; do
+        "$ptxas" -arch="$arch" -v "$f" -o /dev/null 2>&1 |
+          awk -v a="${arch:3:2}" '/Compiling entry function/ {k = $0; sub(/.*function ./, "", k); sub(/. for .*/, "", k)}
+                                 /Used [0-9]+ registers/ {print "G(" a ", " k ", " $5 ")"}'
+      done
+    done >"$out/emu_regs.inc.new"
+    mv "$out/emu_regs.inc.new" "$out/emu_regs.inc"
+  elif [ -z "$ptxas" ]; then
+    echo "note: no ptxas (bash kernels/build_ptx.sh installs it): launches are not checked against the kernels' registers"
+    [ -f "$out/emu_regs.inc" ] || : >"$out/emu_regs.inc"
+  fi
   local flags=(-std=c++17 -O2 -g -fPIC -shared -fno-strict-aliasing -w -Wno-psabi -Iinclude -I../cuda -I"$out")
   [ "$asan" = 1 ] && flags+=(-O1 -fsanitize=address -fno-omit-frame-pointer)
   echo 'int main() { return 0; }' >"$out/probe.cpp"
   if "$CXX" -fsanitize=alignment -fno-sanitize-recover=alignment "$out/probe.cpp" -o "$out/probe" 2>/dev/null; then
     flags+=(-fsanitize=alignment -fno-sanitize-recover=alignment)
   fi
-  local deps=(driver.cpp include/*.h ../cuda/*.cu ../cuda/*.cuh "$out/emu_kernels.inc")
+  local deps=(driver.cpp include/*.h ../cuda/*.cu ../cuda/*.cuh "$out/emu_kernels.inc" "$out/emu_regs.inc")
   local stale=0
   [ -f "$out/libcuda.so" ] || stale=1
   for d in "${deps[@]}"; do [ "$d" -nt "$out/libcuda.so" ] && stale=1; done

@@ -702,7 +702,9 @@ API CUresult cuFuncSetCacheConfig(void*, int) { return OK; }
 API CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void* f, int threads, size_t smem) {
     if (!f || threads <= 0) return E_INVALID_VALUE;
     int by_threads = 2048 / threads, by_smem = smem ? (int)((228 * 1024) / (smem + 1024)) : 32;
-    *n = std::max(0, std::min({by_threads, by_smem, 32}));
+    const int regs = ((Func*)f)->regs, per_warp = (regs * 32 + 255) / 256 * 256;
+    const int by_regs = regs ? 65536 / (per_warp * ((threads + 31) / 32)) : 32;
+    *n = std::max(0, std::min({by_threads, by_smem, by_regs, 32}));
     return OK;
 }
 API CUresult cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* n, void* f, int threads, size_t smem, unsigned) {

@@ -9,6 +9,7 @@
 #include "common.cuh"
 #include "gemm.cuh"
 #include "mma.cuh"
+#include "moe_combine.cuh"
 #include <mma.h>
 using namespace nvcuda;
 
@@ -689,6 +690,54 @@ __device__ __forceinline__ void gemm_skinny(const GemmArgs& p) {
     extern "C" __global__ void __launch_bounds__(128, 1) gemm_skinny1_swiglu_##name(GemmArgs p) {          \
         DSV3_PDL(); gemm_skinny<TA, TW, TC, 1, true>(p);                                                  \
     }
+// The routed experts' down GEMM with the MoE combine after it (decode; moe_combine.cuh): C = y
+// [n·k, n] in the dispatch plan's row order, grouped by expert, as gemm_skinny_*; then the last
+// block of each column tile to finish (counted in q.counters[blockIdx.x] after a fence, as
+// mla.cu's fused split merge) adds the tile's 16 columns of every token into x with
+// moe_combine_elem and re-arms the counter for the next launch (graph replays). Only blocks with
+// rows arrive; the count they complete is computed from the plan's row offsets, so it holds for
+// any grid. Needs ldc == n (the launcher checks).
+struct MoeCombineArgs {
+    int* counters;  // [gridDim.x], zero between launches
+    const int* slot_of;
+    const int* idx;
+    const float* w;
+    const void* shared;  // [tokens, n] of C's type, or null
+    void* x;             // [tokens, n] of C's type, updated in place
+    int tokens, k;
+};
+
+template <typename TC>
+__device__ __forceinline__ void sk_moe_combine(const GemmArgs& p, const MoeCombineArgs& q) {
+    const int g = blockIdx.y;
+    if (g >= p.groups || p.row_offsets[g] + (int)blockIdx.z * 8 >= p.row_offsets[g + 1]) return;  // no rows: never arrives
+    __shared__ int last;
+    __threadfence();  // this block's rows of y before its arrival
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int arrivals = 0;  // blocks with rows in this column tile
+        for (int e = 0; e < min(p.groups, (int)gridDim.y); e++)
+            arrivals += min((p.row_offsets[e + 1] - p.row_offsets[e] + 7) / 8, (int)gridDim.z);
+        last = atomicAdd(q.counters + blockIdx.x, 1) == arrivals - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();  // every other block's rows before the reads
+    const int c0 = blockIdx.x * SK_WARPS * 4, nc = min(SK_WARPS * 4, p.n - c0);  // 8-row tiles: 4 columns a warp
+    const TC* y = (const TC*)p.c;
+    for (int e = threadIdx.x; e < q.tokens * nc; e += blockDim.x) {
+        const int t = e / nc, j = c0 + e % nc;
+        int order[MOE_KMAX];
+        moe_combine_order(q.idx, t, q.k, order);
+        moe_combine_elem<TC>(y, q.slot_of, q.w, (const TC*)q.shared, (TC*)q.x, order, t, j, q.k, p.n);
+    }
+    if (threadIdx.x == 0) q.counters[blockIdx.x] = 0;
+}
+
+#define SKINNY8_COMBINE(name, TA, TW, TC)                                                                \
+    extern "C" __global__ void __launch_bounds__(128) gemm_skinny_combine_##name(GemmArgs p, MoeCombineArgs q) { \
+        DSV3_PDL(); gemm_skinny<TA, TW, TC, 8, false>(p); sk_moe_combine<TC>(p, q);                       \
+    }
 // 8-row tiles (4 columns per warp) and 1-row (32 columns per warp, for one row against a wide W;
 // not for f32 weights, whose 32 columns in flight would not fit the registers)
 SKINNY8(f32, float, float, float)
@@ -708,3 +757,7 @@ SKINNY8_SWIGLU(bf16, bf16, bf16, bf16)
 SKINNY8_SWIGLU(fp8, bf16, uint8_t, bf16)
 SKINNY1_SWIGLU(bf16, bf16, bf16, bf16)
 SKINNY1_SWIGLU(fp8, bf16, uint8_t, bf16)
+// the routed experts' down GEMM + MoE combine (C, x and shared in the activation dtype)
+SKINNY8_COMBINE(f32, float, float, float)
+SKINNY8_COMBINE(bf16_bf16, bf16, bf16, bf16)
+SKINNY8_COMBINE(fp8_bf16, bf16, uint8_t, bf16)

@@ -2,9 +2,9 @@
 // (token permutation), and the weighted combine. The expert GEMMs are gemm.cu's grouped mode.
 #include "common.cuh"
 #include "gemm.cuh"
+#include "moe_combine.cuh"
 
 #define MOE_EMAX 512
-#define MOE_KMAX 16
 
 // Per token (one warp each): scores (sigmoid or softmax of the logits), selection on
 // scores + bias limited to the best groups (noaux_tc: group score = sum of its two best biased
@@ -280,8 +280,7 @@ extern "C" __global__ void __launch_bounds__(256)
                      row_offsets, tile_offsets, slot_of, src_row);
 }
 
-// x[t, :] += shared[t, :] + Σ_q w[t, q] · y[slot_of[t, q], :], the routed terms added in
-// ascending expert order into a sum starting at 0 (as the CPU path adds them).
+// x[t, :] += shared[t, :] + Σ_q w[t, q] · y[slot_of[t, q], :] (moe_combine.cuh).
 // y [nk, d], shared [n, d] or null. grid: (n), block: 256.
 template <typename T>
 __device__ void moe_combine(const T* __restrict__ y, const int* __restrict__ slot_of, const int* __restrict__ idx,
@@ -289,24 +288,8 @@ __device__ void moe_combine(const T* __restrict__ y, const int* __restrict__ slo
     int t = blockIdx.x;
     if (t >= n || k > MOE_KMAX) return;
     int order[MOE_KMAX];
-    for (int q = 0; q < k; q++) order[q] = q;
-    for (int a = 1; a < k; a++)
-        for (int b = a; b > 0 && idx[t * k + order[b]] < idx[t * k + order[b - 1]]; b--) {
-            int tmp = order[b];
-            order[b] = order[b - 1];
-            order[b - 1] = tmp;
-        }
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float r = 0.0f;
-        for (int q = 0; q < k; q++) {
-            int o = order[q];
-            int s = slot_of[t * k + o];
-            if (s >= 0) r += w[t * k + o] * to_f32(y[(long long)s * d + j]);
-        }
-        float o = shared ? to_f32(shared[(long long)t * d + j]) + r : r;
-        long long at = (long long)t * d + j;
-        x[at] = from_f32<T>(to_f32(x[at]) + o);
-    }
+    moe_combine_order(idx, t, k, order);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) moe_combine_elem<T>(y, slot_of, w, shared, x, order, t, j, k, d);
 }
 extern "C" __global__ void moe_combine_f32(const float* y, const int* slot_of, const int* idx, const float* w,
                                            const float* shared, float* x, int n, int k, int d) {

@@ -7,15 +7,19 @@ use common::*;
 use dsv3_core::config::{ScoringFunc, TopkMethod};
 use dsv3_core::model::moe::Router;
 use dsv3_core::rng::Rng;
+use dsv3_kernels::ops::gemm::{gemm, GemmShape, Grouped};
 use dsv3_kernels::ops::mla::{
     cache_append, mla_decode, mla_decode_with, mla_kernel, mla_prep, mma_fits, MlaCall, MlaKernel, MlaWork, Prep,
     MMA_VARIANTS,
 };
-use dsv3_kernels::ops::moe::{combine, plan, route, route_plan, router_route_plan, Plan, RouteCfg};
+use dsv3_kernels::ops::moe::{
+    combine, combine_counters, down_combine, down_combine_runs, plan, route, route_plan, router_route_plan, Plan,
+    RouteCfg,
+};
 use dsv3_kernels::ops::norm::rmsnorm;
 use dsv3_kernels::ops::rope::{rope, RopeLayout};
 use dsv3_kernels::tensor::{download, upload};
-use dsv3_kernels::{Act, DType};
+use dsv3_kernels::{Act, DType, DWeight};
 
 /// ō for one row and head: softmax over the first `len` cache entries of `(q̃·c + q_pe·k_pe)·scale`.
 fn attend(qt: &[f32], qpe: &[f32], cache: &[f32], len: usize, c: usize, dr: usize, scale: f32) -> Vec<f32> {
@@ -418,6 +422,100 @@ fn dispatch_plan_and_combine_match_cpu() {
     let (ya, sa) = (Act::from_f32(&dev, DType::F32, &y).unwrap(), Act::from_f32(&dev, DType::F32, &shared).unwrap());
     combine(&dev, &ya, &p, &idx_d, &upload(&dev, &wts).unwrap(), Some(&sa), &mut x, n, k, d).unwrap();
     assert_close(&x.to_f32(&dev).unwrap(), &want, 1e-5, 1e-5, "combine");
+}
+
+/// The routed experts' down GEMM with the combine in the same launch (decode) gives the bits of
+/// the grouped GEMM followed by `combine`: f32, bf16 and FP8 weights; one token (bench-88m's
+/// shape) to 32, output widths that leave a partial 16-column tile, experts with no rows, with
+/// and without a shared expert; a second launch on the same counters (the kernel re-arms them,
+/// as graph replays need) gives the same bits again. Too many rows, a mismatched C dtype and too
+/// few counters are refused.
+#[test]
+fn fused_down_combine_equals_down_gemm_then_combine_bit_for_bit() {
+    let Some(dev) = device("fused_down_combine_equals_down_gemm_then_combine_bit_for_bit") else { return };
+    let mut rng = Rng::new(26);
+    // (tokens, top-k, experts, d, I)
+    for &(n, k, e, d, i) in
+        &[(1usize, 4usize, 16usize, 512usize, 256usize), (3, 4, 16, 72, 64), (8, 6, 9, 200, 40), (32, 4, 16, 136, 24)]
+    {
+        let nk = n * k;
+        // distinct experts per token, from a random start
+        let idx: Vec<i32> = (0..n)
+            .flat_map(|_| {
+                let first = rng.below(e as u64) as usize;
+                (0..k).map(move |q| ((first + q) % e) as i32)
+            })
+            .collect();
+        let wts: Vec<f32> = (0..nk).map(|_| 0.1 + rng.uniform()).collect();
+        let (idx_d, w_d) = (upload(&dev, &idx).unwrap(), upload(&dev, &wts).unwrap());
+        let mut p = Plan::new(&dev, e, nk).unwrap();
+        plan(&dev, &idx_d, n, k, e, &mut p).unwrap();
+        let max_tiles = Plan::max_tiles(nk, e);
+        for kind in ["f32", "bf16", "fp8"] {
+            let dt = if kind == "f32" { DType::F32 } else { DType::Bf16 };
+            let down = match kind {
+                "fp8" => {
+                    let q: Vec<u8> = (0..e * d * i)
+                        .map(|_| loop {
+                            let b = rng.below(256) as u8;
+                            if b & 0x7f != 0x7f {
+                                break b;
+                            }
+                        })
+                        .collect();
+                    let s: Vec<f32> =
+                        (0..e * d.div_ceil(128) * i.div_ceil(128)).map(|_| 0.001 + 0.01 * rng.uniform()).collect();
+                    DWeight::from_fp8(&dev, e, d, i, &q, &s).unwrap()
+                }
+                _ => DWeight::from_f32(&dev, dt, e, d, i, &randn(&mut rng, e * d * i)).unwrap(),
+            };
+            assert!(down_combine_runs(&dev, dt, &down, &p, nk, max_tiles), "n {n} d {d} {kind}: not fused");
+            let act = Act::from_f32(&dev, dt, &randn(&mut rng, nk * i)).unwrap();
+            let x0 = randn(&mut rng, n * d);
+            let with_shared = n % 2 == 1;
+            let shared = Act::from_f32(&dev, dt, &randn(&mut rng, n * d)).unwrap();
+            let sh = with_shared.then_some(&shared);
+            let what = format!("n {n} k {k} E {e} d {d} I {i} {kind} shared {with_shared}");
+            // two launches
+            let mut ye = poisoned(&dev, dt, nk * d);
+            let g = Grouped { row_offsets: &p.row_offsets, tile_offsets: &p.tile_offsets, max_tiles };
+            gemm(&dev, &act, &down, &mut ye, &GemmShape { grouped: Some(g), ..GemmShape::plain(nk, i, d) }).unwrap();
+            let mut xa = Act::from_f32(&dev, dt, &x0).unwrap();
+            combine(&dev, &ye, &p, &idx_d, &w_d, sh, &mut xa, n, k, d).unwrap();
+            let want: Vec<u32> = xa.to_f32(&dev).unwrap().iter().map(|v| v.to_bits()).collect();
+            assert!(want.iter().all(|b| f32::from_bits(*b).is_finite()), "{what}: reference not finite");
+            // one launch, twice on the same counters
+            let counters = combine_counters(&dev, d).unwrap();
+            for run in 0..2 {
+                let mut xb = Act::from_f32(&dev, dt, &x0).unwrap();
+                down_combine(&dev, &act, &down, &p, max_tiles, &idx_d, &w_d, sh, &mut xb, &counters, n, k).unwrap();
+                let got: Vec<u32> = xb.to_f32(&dev).unwrap().iter().map(|v| v.to_bits()).collect();
+                let bad = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+                assert_eq!(bad, 0, "{what} run {run}: {bad} of {} elements differ", want.len());
+                assert!(download(&dev, &counters).unwrap().iter().all(|&c| c == 0), "{what}: counters not re-armed");
+            }
+        }
+    }
+    // refused: more rows than the skinny kernels take, C in another dtype, too few counters
+    let (n, k, e, d, i) = (80usize, 4usize, 4usize, 32usize, 16usize);
+    let idx: Vec<i32> = (0..n * k).map(|j| (j % e) as i32).collect();
+    let (idx_d, w_d) = (upload(&dev, &idx).unwrap(), upload(&dev, &vec![0.5f32; n * k]).unwrap());
+    let mut p = Plan::new(&dev, e, n * k).unwrap();
+    plan(&dev, &idx_d, n, k, e, &mut p).unwrap();
+    let down = DWeight::from_f32(&dev, DType::Bf16, e, d, i, &randn(&mut rng, e * d * i)).unwrap();
+    let counters = combine_counters(&dev, d).unwrap();
+    let act = Act::from_f32(&dev, DType::Bf16, &randn(&mut rng, n * k * i)).unwrap();
+    let mut x = Act::from_f32(&dev, DType::Bf16, &randn(&mut rng, n * d)).unwrap();
+    let mt = Plan::max_tiles(n * k, e);
+    assert!(!down_combine_runs(&dev, DType::Bf16, &down, &p, n * k, mt));
+    assert!(down_combine(&dev, &act, &down, &p, mt, &idx_d, &w_d, None, &mut x, &counters, n, k).is_err(), "320 rows");
+    let n = 2;
+    let mut xf = Act::from_f32(&dev, DType::F32, &randn(&mut rng, n * d)).unwrap();
+    let r = down_combine(&dev, &act, &down, &p, mt, &idx_d, &w_d, None, &mut xf, &counters, n, k);
+    assert!(r.is_err(), "f32 x with bf16 activations accepted");
+    let few = upload(&dev, &[0i32]).unwrap();
+    let r = down_combine(&dev, &act, &down, &p, mt, &idx_d, &w_d, None, &mut x, &few, n, k);
+    assert!(r.is_err(), "one counter for two column tiles accepted");
 }
 
 #[test]

@@ -54,6 +54,10 @@ pub struct CudaModel {
     pub scale: f32,
     pub eps: f32,
     pub lora_eps: f32,
+    /// The arrival counters of the decode steps' fused MoE combine
+    /// ([`crate::ops::moe::down_combine`]): every launch runs on the device's one stream and
+    /// leaves them zero, so the model's MoE layers share them.
+    pub moe_counters: CudaSlice<i32>,
 }
 
 impl CudaModel {
@@ -82,6 +86,7 @@ impl CudaModel {
             scale: dsv3_core::ops::rope::softmax_scale(&cfg),
             eps: cfg.rms_norm_eps,
             lora_eps: LORA_NORM_EPS,
+            moe_counters: crate::ops::moe::combine_counters(&dev, cfg.hidden_size)?,
             dtype: opts.dtype,
             cfg,
             dev,

@@ -993,8 +993,12 @@ fn moe_forward(
         }
         None => None,
     };
+    // the down GEMM and the combine in one launch (decode: the down GEMM runs skinny); it waits
+    // for the shared expert like the separate combine would
+    let down_combine =
+        fuse_enabled() && moe::fused_combine() && moe::down_combine_runs(dev, dt, &experts.down, &plan, nk, max_tiles);
     // the routed experts over the plan: permuted rows [nk, D] -> act [nk, I] (gate|up + SwiGLU)
-    // -> down [nk, D]; returns (down rows, idx, w)
+    // -> down [nk, D] (not with down_combine); returns (act or down rows, idx, w)
     let routed_experts = |plan: &moe::Plan, idx: CudaSlice<i32>, w: CudaSlice<f32>| -> Result<_> {
         let mut act = Act::empty(dev, dt, nk * i)?;
         let fused = routed_shape(experts, src, plan, nk, max_tiles);
@@ -1015,6 +1019,9 @@ fn moe_forward(
                 &GemmShape { grouped: Some(g), ..GemmShape::plain(nk, d, 2 * i) },
             )?;
             elementwise::swiglu(dev, &gu, 2 * i, &mut act, i, i, nk)?;
+        }
+        if down_combine {
+            return Ok((act, idx, w));
         }
         let mut ye = Act::empty(dev, dt, nk * d)?;
         let g = Grouped { row_offsets: &plan.row_offsets, tile_offsets: &plan.tile_offsets, max_tiles };
@@ -1075,5 +1082,9 @@ fn moe_forward(
     }
     sh_result?;
     let (ye, idx, w) = routed?;
+    if down_combine {
+        let counters = &m.moe_counters;
+        return moe::down_combine(dev, &ye, &experts.down, &plan, max_tiles, &idx, &w, sh.as_ref(), x, counters, n, k);
+    }
     moe::combine(dev, &ye, &plan, &idx, &w, sh.as_ref(), x, n, k, d)
 }

@@ -339,7 +339,73 @@ fn choose(dev: &Device, a: DType, w: &DWeight, c: DType, s: &GemmShape, path: Ge
 
 /// [`gemm`] through a chosen kernel family (tests and benchmarks compare them).
 pub fn gemm_via(dev: &Device, a: &Act, w: &DWeight, c: &mut Act, s: &GemmShape, path: GemmPath) -> Result<()> {
-    let Some(ch) = choose(dev, a.dtype(), w, c.dtype(), s, path)? else { return Ok(()) };
+    let Some((ch, args)) = prepare(dev, a, w, c, s, path)? else { return Ok(()) };
+    let (gx, gy, gz) = ch.grid;
+    let grid = (dim(gx, "gemm n")?, dim(gy, "gemm rows")?, dim(gz, "gemm batch")?);
+    launch_smem(dev, "gemm", ch.kernel, grid, ch.block, ch.smem, &[KArg::Gemm(args)])
+}
+
+/// The `gemm_skinny_combine_*` form of an 8-row skinny kernel (C in the activation dtype).
+fn skinny_combine_name(sk: &str) -> Option<&'static str> {
+    Some(match sk {
+        "gemm_skinny_f32" => "gemm_skinny_combine_f32",
+        "gemm_skinny_bf16_bf16" => "gemm_skinny_combine_bf16_bf16",
+        "gemm_skinny_fp8_bf16" => "gemm_skinny_combine_fp8_bf16",
+        _ => None?,
+    })
+}
+
+/// Whether [`gemm_moe_combine`] takes this call: grouped rows in the 8-row skinny kernels (few
+/// rows), no other fused form, no accumulate, C rows exactly `n` wide, C in the activation dtype.
+pub fn runs_moe_combine(dev: &Device, a: DType, w: &DWeight, c: DType, s: &GemmShape) -> bool {
+    s.grouped.is_some()
+        && !s.fused()
+        && !s.accumulate
+        && s.ldc == w.n
+        && matches!(choose(dev, a, w, c, s, GemmPath::Auto),
+                    Ok(Some(ch)) if ch.skinny && skinny_combine_name(ch.kernel).is_some())
+}
+
+/// The routed experts' down GEMM (grouped, skinny) with the MoE combine in the same launch
+/// (`gemm_skinny_combine_*`, gemm.cu): `C` as [`gemm`] writes it, then `q`'s `x += shared + Σ w·C`
+/// (moe::down_combine builds `q`; `counters_len` is the length of its counter buffer, which
+/// needs one per 16 output columns).
+pub(crate) fn gemm_moe_combine(
+    dev: &Device,
+    a: &Act,
+    w: &DWeight,
+    c: &mut Act,
+    s: &GemmShape,
+    q: super::moe::CombineArgs,
+    counters_len: usize,
+) -> Result<()> {
+    if !runs_moe_combine(dev, a.dtype(), w, c.dtype(), s) {
+        return Err(Error::Input(format!(
+            "gemm: the MoE combine fuses only into a grouped skinny GEMM (<= {SKINNY_MAX_M_GROUPED} rows, K % 8 == 0, \
+             no other fused form or accumulate, ldc == n, C in the activation dtype; got {} rows, k {}, ldc {})",
+            s.m, w.k, s.ldc
+        )));
+    }
+    let Some((ch, args)) = prepare(dev, a, w, c, s, GemmPath::Auto)? else { return Ok(()) };
+    let kernel = skinny_combine_name(ch.kernel).expect("runs_moe_combine checked it");
+    let (gx, gy, gz) = ch.grid;
+    if counters_len < gx {
+        return Err(Error::Input(format!("gemm: {counters_len} combine counters for {gx} column tiles")));
+    }
+    let grid = (dim(gx, "gemm n")?, dim(gy, "gemm rows")?, dim(gz, "gemm batch")?);
+    launch_smem(dev, "gemm", kernel, grid, ch.block, 0, &[KArg::Gemm(args), KArg::MoeCombine(q)])
+}
+
+/// The kernel choice and argument block of a call (`None`: empty), operand buffers checked.
+fn prepare(
+    dev: &Device,
+    a: &Act,
+    w: &DWeight,
+    c: &mut Act,
+    s: &GemmShape,
+    path: GemmPath,
+) -> Result<Option<(Choice, GemmArgs)>> {
+    let Some(ch) = choose(dev, a.dtype(), w, c.dtype(), s, path)? else { return Ok(None) };
     let (n_w, k) = (w.n, w.k);
     let n = if s.swiglu { n_w / 2 } else { n_w };
     let last = s.batch - 1;
@@ -410,9 +476,7 @@ pub fn gemm_via(dev: &Device, a: &Act, w: &DWeight, c: &mut Act, s: &GemmShape, 
         norm_eps: s.norm.map_or(0.0, |(_, eps)| eps),
         a_rows_m: a_rows_m as i32,
     };
-    let (gx, gy, gz) = ch.grid;
-    let grid = (dim(gx, "gemm n")?, dim(gy, "gemm rows")?, dim(gz, "gemm batch")?);
-    launch_smem(dev, "gemm", ch.kernel, grid, ch.block, ch.smem, &[KArg::Gemm(args)])
+    Ok(Some((ch, args)))
 }
 
 // ---- the bf16 mma.sync kernels in every operand layout

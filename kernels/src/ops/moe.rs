@@ -1,8 +1,9 @@
 //! DeepSeekMoE on device (`kernels/cuda/moe.cu`): the router, the dispatch plan that groups
 //! routed rows by expert for the grouped GEMM, and the weighted combine into the residual.
+use super::gemm::{gemm_moe_combine, runs_moe_combine, GemmShape, Grouped};
 use super::{dim, int, launch, KArg};
 use crate::device::Device;
-use crate::tensor::{dptr, Act, DType};
+use crate::tensor::{dptr, Act, DType, DWeight};
 use cudarc::driver::CudaSlice;
 use dsv3_core::config::{ScoringFunc, TopkMethod};
 use dsv3_core::{Error, Result};
@@ -287,17 +288,7 @@ pub fn combine(
     if n == 0 {
         return Ok(());
     }
-    if k == 0 || k > MOE_KMAX || idx.len() < n * k || w.len() < n * k || plan.slot_of.len() < n * k {
-        return Err(Error::Input("moe combine: routing buffers".into()));
-    }
-    if y.dtype() != x.dtype() || shared.is_some_and(|s| s.dtype() != x.dtype()) {
-        return Err(Error::Input("moe combine: dtypes differ".into()));
-    }
-    y.check(n * k * d, "moe combine y")?;
-    x.check(n * d, "moe combine x")?;
-    if let Some(s) = shared {
-        s.check(n * d, "moe combine shared")?;
-    }
+    check_combine(y, plan, idx, w, shared, x, n, k, d)?;
     let kname = match x.dtype() {
         DType::F32 => "moe_combine_f32",
         DType::Bf16 => "moe_combine_bf16",
@@ -323,6 +314,126 @@ pub fn combine(
             KArg::I32(int(d, "d")?),
         ],
     )
+}
+
+/// The buffers and dtypes [`combine`] and [`down_combine`] take.
+#[allow(clippy::too_many_arguments)]
+fn check_combine(
+    y: &Act,
+    plan: &Plan,
+    idx: &CudaSlice<i32>,
+    w: &CudaSlice<f32>,
+    shared: Option<&Act>,
+    x: &Act,
+    n: usize,
+    k: usize,
+    d: usize,
+) -> Result<()> {
+    if k == 0 || k > MOE_KMAX || idx.len() < n * k || w.len() < n * k || plan.slot_of.len() < n * k {
+        return Err(Error::Input("moe combine: routing buffers".into()));
+    }
+    if y.dtype() != x.dtype() || shared.is_some_and(|s| s.dtype() != x.dtype()) {
+        return Err(Error::Input("moe combine: dtypes differ".into()));
+    }
+    y.check(n * k * d, "moe combine y")?;
+    x.check(n * d, "moe combine x")?;
+    if let Some(s) = shared {
+        s.check(n * d, "moe combine shared")?;
+    }
+    Ok(())
+}
+
+/// The MoE combine inside the routed experts' down GEMM ([`down_combine`]; `MoeCombineArgs` in
+/// kernels/cuda/gemm.cu, same field order and sizes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CombineArgs {
+    /// `[ceil(d / 16)]` arrival counters, zero between launches ([`combine_counters`]).
+    pub counters: u64,
+    pub slot_of: u64,
+    pub idx: u64,
+    pub w: u64,
+    /// `[n, d]` or 0.
+    pub shared: u64,
+    pub x: u64,
+    pub tokens: i32,
+    pub k: i32,
+}
+
+// SAFETY: plain integers, #[repr(C)], laid out as the CUDA struct.
+unsafe impl cudarc::driver::DeviceRepr for CombineArgs {}
+
+/// Output columns per arrival counter of [`down_combine`] (the skinny kernels' 16 columns a block).
+pub const COMBINE_COLS: usize = 16;
+
+/// Zeroed counters for [`down_combine`] with outputs `d` wide. The kernel leaves them zero, so
+/// one buffer serves every call on one stream (calls on different streams need their own).
+pub fn combine_counters(dev: &Device, d: usize) -> Result<CudaSlice<i32>> {
+    crate::tensor::zeros(dev, d.div_ceil(COMBINE_COLS).max(1))
+}
+
+/// `DSV3_MOE_COMBINE=separate` (read once): decode runs the routed experts' down GEMM and
+/// [`combine`] as two launches instead of [`down_combine`] (for comparisons).
+pub fn fused_combine() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !super::env_is(&V, "DSV3_MOE_COMBINE", "separate")
+}
+
+/// The routed experts' down GEMM over `plan` (`act` `[n·K, I]` permuted rows, `down` `[E]` x
+/// `[d, I]`) for a decode step's few rows.
+fn down_shape<'a>(plan: &'a Plan, nk: usize, i: usize, d: usize, max_tiles: usize) -> GemmShape<'a> {
+    let g = Grouped { row_offsets: &plan.row_offsets, tile_offsets: &plan.tile_offsets, max_tiles };
+    GemmShape { grouped: Some(g), ..GemmShape::plain(nk, i, d) }
+}
+
+/// Whether [`down_combine`] takes this step: `nk` rows few enough for the skinny kernels, K
+/// (`I`) a multiple of 8, activations in `dt` (the fused kernels' dtypes).
+pub fn down_combine_runs(dev: &Device, dt: DType, down: &DWeight, plan: &Plan, nk: usize, max_tiles: usize) -> bool {
+    runs_moe_combine(dev, dt, down, dt, &down_shape(plan, nk, down.k, down.n, max_tiles))
+}
+
+/// `x[t] += shared[t] + Σ_q w[t,q] · (act · down_eᵀ)[slot_of[t,q]]`: the routed experts' down
+/// GEMM and [`combine`] in one launch (`gemm_skinny_combine_*`): the last block of each 16
+/// columns to finish adds them into `x` with `combine`'s arithmetic, so the result is the two
+/// launches' bit for bit. `act` `[n·K, I]` in the plan's row order, `down` the experts' `[d, I]`
+/// (grouped), `counters` from [`combine_counters`]; `max_tiles` as the grouped GEMM's. Only
+/// where [`down_combine_runs`] (an error otherwise).
+#[allow(clippy::too_many_arguments)]
+pub fn down_combine(
+    dev: &Device,
+    act: &Act,
+    down: &DWeight,
+    plan: &Plan,
+    max_tiles: usize,
+    idx: &CudaSlice<i32>,
+    w: &CudaSlice<f32>,
+    shared: Option<&Act>,
+    x: &mut Act,
+    counters: &CudaSlice<i32>,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let (d, i) = (down.n, down.k);
+    let mut y = Act::empty(dev, x.dtype(), n * k * d)?;
+    check_combine(&y, plan, idx, w, shared, x, n, k, d)?;
+    act.check(n * k * i, "moe down_combine act")?;
+    let q = CombineArgs {
+        counters: dptr(dev, counters, 0)?,
+        slot_of: dptr(dev, &plan.slot_of, 0)?,
+        idx: dptr(dev, idx, 0)?,
+        w: dptr(dev, w, 0)?,
+        shared: match shared {
+            Some(s) => s.ptr(dev, 0)?,
+            None => 0,
+        },
+        x: x.ptr(dev, 0)?,
+        tokens: int(n, "n")?,
+        k: int(k, "k")?,
+    };
+    gemm_moe_combine(dev, act, down, &mut y, &down_shape(plan, n * k, i, d, max_tiles), q, counters.len())
 }
 
 /// The routing settings and buffers a router kernel takes.

@@ -38,7 +38,8 @@
 #                                              device plan, pool, deterministic pass), the
 #                                              88M decode (d1w8 default vs m1t32, PDL, fused merge,
 #                                              the folded MLA projections vs DSV3_ABSORB=0,
-#                                              the fused MoE combine vs DSV3_MOE_COMBINE=separate),
+#                                              the fused MoE combine and MLA prep vs
+#                                              DSV3_MOE_COMBINE=separate / DSV3_MLA_PREP=separate),
 #                                              the training step (cuBLAS vs mma products, FP8,
 #                                              the experts on wgmma+TMA vs mma.sync; with
 #                                              --profile, its GPU time by kernel), the grouped
@@ -148,6 +149,7 @@ bench_decode() {
     DSV3_PDL=1 "${dec[@]}" --batch "$b"
     # the MoE combine as its own launch instead of inside the routed down GEMM (the default)
     DSV3_MOE_COMBINE=separate "${dec[@]}" --batch "$b"
+    DSV3_MLA_PREP=separate "${dec[@]}" --batch "$b"
     # the split merge inside the MLA kernel, alone and with PDL (both off by default until measured)
     DSV3_MLA_COMBINE=fused "${dec[@]}" --batch "$b"
     DSV3_MLA_COMBINE=fused DSV3_PDL=1 "${dec[@]}" --batch "$b"
@@ -231,6 +233,7 @@ run_triage() {
         triage_one k_model "DSV3_MLA_COMBINE=fused" DSV3_MLA_COMBINE=fused
         triage_one k_model "DSV3_PDL=1" DSV3_PDL=1
         triage_one k_model "DSV3_MOE_COMBINE=separate" DSV3_MOE_COMBINE=separate
+        triage_one k_model "DSV3_MLA_PREP=separate" DSV3_MLA_PREP=separate
         triage_one k_sampling "default"
         triage_one cli_cuda "default"
         triage_one cli_cuda "DSV3_MLA_MMA=m1t32" DSV3_MLA_MMA=m1t32
@@ -332,6 +335,8 @@ run_next() {
       E=DSV3_ABSORB=0 one 40 "${dec[@]}" --batch "$b"
       # the MoE combine as its own launch instead of inside the routed down GEMM (the default)
       E=DSV3_MOE_COMBINE=separate one 40 "${dec[@]}" --batch "$b"
+      # mla_prep as its own launch instead of inside the query GEMM (the default)
+      E=DSV3_MLA_PREP=separate one 40 "${dec[@]}" --batch "$b"
       E=DSV3_PDL=1 one 40 "${dec[@]}" --batch "$b"
       E=DSV3_MLA_COMBINE=fused one 40 "${dec[@]}" --batch "$b"
       E="DSV3_MLA_COMBINE=fused DSV3_PDL=1" one 40 "${dec[@]}" --batch "$b"

@@ -10,6 +10,7 @@
 #include "gemm.cuh"
 #include "mma.cuh"
 #include "moe_combine.cuh"
+#include "mla_prep.cuh"
 #include <mma.h>
 using namespace nvcuda;
 
@@ -524,8 +525,11 @@ __device__ __forceinline__ void sk_butterfly(float* v, int lane) {
     if constexpr (S > 1) sk_butterfly<S / 2>(v, lane);
 }
 
-template <typename TA, typename TW, typename TC, int ROWS, bool SWIGLU, bool NORM>
-__device__ __forceinline__ void gemm_skinny_impl(const GemmArgs& p) {
+// ROPE (gemm_skinny_prep_*: C = q, `rope` its MlaPrepArgs): the heads' rope columns are rotated
+// in the epilogue (a pair's two columns are lanes l and l ^ 8 of one warp) and stored
+// de-interleaved, as mla_prep's rope_head_inplace would leave them.
+template <typename TA, typename TW, typename TC, int ROWS, bool SWIGLU, bool NORM, bool ROPE = false>
+__device__ __forceinline__ void gemm_skinny_impl(const GemmArgs& p, const MlaPrepArgs* rope = nullptr) {
     constexpr bool FP8 = sizeof(TW) == 1;
     constexpr int COLS = 32 / ROWS;  // ROWS x COLS = 32 sums per lane, one per lane after the butterfly
     constexpr int OC = SWIGLU ? COLS / 2 : COLS;  // output columns per warp
@@ -662,6 +666,26 @@ __device__ __forceinline__ void gemm_skinny_impl(const GemmArgs& p) {
             u = to_f32(from_f32<TC>(u));
             C[(long long)(r0 + r) * p.ldc + j] = from_f32<TC>(gv * dsv3_sigmoid(gv) * u);
         }
+    } else if constexpr (ROPE) {
+        static_assert(ROWS == 8, "pairs of columns in lanes l and l ^ 8");
+        const float other = __shfl_xor_sync(0xffffffffu, v, 8);  // column j ^ 1, same row
+        const int j = col0 + c, t = j - rope->q_off;
+        const int hh = t >= 0 ? t / rope->hs_q : -1, u = t - hh * rope->hs_q;
+        if (r < nr && j < p.n) {
+            if (hh >= 0 && hh < rope->h && u < rope->dr) {
+                // both values as the GEMM would have stored them, then rope_head_inplace's pair
+                const float mine = to_f32(from_f32<TC>(p.bias ? v + p.bias[j] : v));
+                const float theirs = to_f32(from_f32<TC>(p.bias ? other + p.bias[j ^ 1] : other));
+                const bool even = (u & 1) == 0;
+                float re, im;
+                rope_pair(even ? mine : theirs, even ? theirs : mine, rope->pos[r0 + r], rope->inv_freq[u >> 1],
+                          rope->attn_factor, re, im);
+                const int at = j - u + (even ? (u >> 1) : (rope->dr >> 1) + (u >> 1));
+                C[(long long)(r0 + r) * p.ldc + at] = from_f32<TC>(even ? re : im);
+            } else {
+                gemm_store<TC>(p, C, r0 + r, j, v);
+            }
+        }
     } else {
         if (r < nr && col0 + c < p.n) gemm_store<TC>(p, C, r0 + r, col0 + c, v);
     }
@@ -734,6 +758,21 @@ __device__ __forceinline__ void sk_moe_combine(const GemmArgs& p, const MoeCombi
     if (threadIdx.x == 0) q.counters[blockIdx.x] = 0;
 }
 
+// The query projection's last GEMM with mla_prep in the same launch (decode; mla_prep.cuh): the
+// GEMM's blocks rotate the query heads' rope parts in their epilogue, and 8 extra blocks per row
+// tile (blockIdx.x >= q.col_tiles) normalize, rotate and append each row's new latent. The
+// launcher checks accumulate off, ldc == n, q_off and hs_q even, and the heads' rope parts inside
+// the n columns.
+#define SKINNY8_PREP(name, TA, TW, TC)                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) gemm_skinny_prep_##name(GemmArgs p, MlaPrepArgs q) {  \
+        DSV3_PDL();                                                                                      \
+        if ((int)blockIdx.x >= q.col_tiles) {                                                            \
+            mla_prep_kv_block<TC>(q, (int)blockIdx.y * 8 + (int)blockIdx.x - q.col_tiles, p.m);          \
+            return;                                                                                      \
+        }                                                                                                \
+        if (p.norm_w) gemm_skinny_impl<TA, TW, TC, 8, false, true, true>(p, &q);                         \
+        else gemm_skinny_impl<TA, TW, TC, 8, false, false, true>(p, &q);                                 \
+    }
 #define SKINNY8_COMBINE(name, TA, TW, TC)                                                                \
     extern "C" __global__ void __launch_bounds__(128) gemm_skinny_combine_##name(GemmArgs p, MoeCombineArgs q) { \
         DSV3_PDL(); gemm_skinny<TA, TW, TC, 8, false>(p); sk_moe_combine<TC>(p, q);                       \
@@ -761,3 +800,7 @@ SKINNY1_SWIGLU(fp8, bf16, uint8_t, bf16)
 SKINNY8_COMBINE(f32, float, float, float)
 SKINNY8_COMBINE(bf16_bf16, bf16, bf16, bf16)
 SKINNY8_COMBINE(fp8_bf16, bf16, uint8_t, bf16)
+// the query projection's last GEMM + mla_prep (C in the activation dtype)
+SKINNY8_PREP(f32, float, float, float)
+SKINNY8_PREP(bf16_bf16, bf16, bf16, bf16)
+SKINNY8_PREP(fp8_bf16, bf16, uint8_t, bf16)

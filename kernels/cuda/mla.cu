@@ -12,6 +12,7 @@
 // grid: (N, ceil(H / MLA_HB), splits), block: 256. C <= 512, dr <= 128.
 #include "common.cuh"
 #include "mma.cuh"
+#include "mla_prep.cuh"
 
 #define MLA_HB 8
 #define MLA_TC 8
@@ -827,6 +828,7 @@ extern "C" __global__ void mla_combine_bf16(MlaArgs p) { DSV3_PDL(); mla_combine
 // both to cache[slot[r], pos[r], :] (rows with a position outside the slot are skipped, as
 // cache_append does); block (r, 1 + h) rotates head h's q_pe in place in q (row stride ld_q,
 // head stride hs_q, rope part at offset q_off). The values equal the unfused ops' bit for bit.
+// (The latent's part is mla_prep.cuh's, which the query GEMM gemm_skinny_prep_* also runs.)
 // grid: (N, 1 + H), block: 256. C <= 512 (two latent values per thread), dr / 2 <= 256.
 template <typename T>
 __device__ void mla_prep(const T* ckv, int ld_ckv, const float* __restrict__ kv_norm, float eps, T* q, int ld_q,
@@ -840,16 +842,8 @@ __device__ void mla_prep(const T* ckv, int ld_ckv, const float* __restrict__ kv_
         int p = pos[r];
         bool ok = p >= 0 && (long long)(p + 1) * w <= slot_stride;  // block-uniform
         if (!ok) return;
-        const T* xr = ckv + (long long)r * ld_ckv;
-        T* dst = cache + (long long)slot[r] * slot_stride + (long long)p * w;
-        float inv = row_inv_rms(xr, c, eps);
-        for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = from_f32<T>(to_f32(xr[j]) * inv * kv_norm[j]);
-        for (int i = threadIdx.x; i < half; i += blockDim.x) {
-            float re, im;
-            rope_pair(to_f32(xr[c + 2 * i]), to_f32(xr[c + 2 * i + 1]), p, inv_freq[i], attn_factor, re, im);
-            dst[c + i] = from_f32<T>(re);
-            dst[c + half + i] = from_f32<T>(im);
-        }
+        mla_prep_kv_row<T>(ckv + (long long)r * ld_ckv, cache + (long long)slot[r] * slot_stride + (long long)p * w,
+                           kv_norm, eps, inv_freq, attn_factor, p, c, dr);
     } else {
         rope_head_inplace(q + (long long)r * ld_q + (long long)(y - 1) * hs_q + q_off, half, pos[r], inv_freq,
                           attn_factor);

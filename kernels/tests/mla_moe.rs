@@ -9,8 +9,8 @@ use dsv3_core::model::moe::Router;
 use dsv3_core::rng::Rng;
 use dsv3_kernels::ops::gemm::{gemm, GemmShape, Grouped};
 use dsv3_kernels::ops::mla::{
-    cache_append, mla_decode, mla_decode_with, mla_kernel, mla_prep, mma_fits, MlaCall, MlaKernel, MlaWork, Prep,
-    MMA_VARIANTS,
+    cache_append, gemm_prep, gemm_prep_runs, mla_decode, mla_decode_with, mla_kernel, mla_prep, mma_fits, MlaCall,
+    MlaKernel, MlaWork, Prep, MMA_VARIANTS,
 };
 use dsv3_kernels::ops::moe::{
     combine, combine_counters, down_combine, down_combine_runs, plan, route, route_plan, router_route_plan, Plan,
@@ -579,4 +579,153 @@ fn fused_prep_equals_norm_rope_and_append_bit_for_bit() {
             assert!(qa.iter().zip(&qb).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: queries differ");
         }
     }
+}
+
+/// The query projection's last GEMM with `mla_prep` in the same launch (decode) gives the bits
+/// of the GEMM followed by `mla_prep`, for the queries and the cache: f32, bf16 and FP8 weights;
+/// the folded layout (rope parts after all heads' latents) and the plain one (rope after each
+/// head's nope part); the latent in the q_a buffer (q_a ‖ kv_a) or its own; 1 to 13 rows (two
+/// row tiles), one position past the slot (not appended), with and without the folded norm and
+/// a bias. Shapes the fused kernel cannot take are refused.
+#[test]
+fn fused_query_gemm_and_prep_equal_gemm_then_mla_prep_bit_for_bit() {
+    let Some(dev) = device("fused_query_gemm_and_prep_equal_gemm_then_mla_prep_bit_for_bit") else { return };
+    let mut rng = Rng::new(27);
+    // (heads, C, dr, dn (0: folded), q LoRA rank, rows, latent in the q_a buffer)
+    for &(h, c, dr, dn, rq, n, shared_buf) in &[
+        (8usize, 128usize, 32usize, 0usize, 256usize, 1usize, true),
+        (8, 128, 32, 64, 256, 3, true),
+        (3, 96, 16, 0, 64, 8, false),
+        (2, 64, 64, 24, 40, 13, false),
+    ] {
+        let w = c + dr;
+        let (ld_q, hs_q, q_off) = if dn == 0 { (h * w, dr, h * c) } else { (h * (dn + dr), dn + dr, dn) };
+        let (slots, max_len) = (2usize, 16usize);
+        let width = if shared_buf { rq + w } else { rq };
+        let qa_host = randn(&mut rng, n * width);
+        let ckv_host = randn(&mut rng, n * w);
+        let norm: Vec<f32> = randn(&mut rng, c).iter().map(|v| 1.0 + 0.1 * v).collect();
+        let qn: Vec<f32> = randn(&mut rng, rq).iter().map(|v| 1.0 + 0.1 * v).collect();
+        let bias = randn(&mut rng, ld_q);
+        let inv_freq: Vec<f32> = (0..dr / 2).map(|i| 10000f32.powf(-(2.0 * i as f32) / dr as f32)).collect();
+        let slot: Vec<i32> = (0..n).map(|r| (r % slots) as i32).collect();
+        let mut pos: Vec<i32> = (0..n).map(|r| (r / slots) as i32 + 3).collect();
+        if n > 1 {
+            pos[n - 1] = max_len as i32 + 2; // outside the slot: not appended, its query still rotated
+        }
+        let (slot_d, pos_d) = (upload(&dev, &slot).unwrap(), upload(&dev, &pos).unwrap());
+        let (norm_d, qn_d, freq_d, bias_d) = (
+            upload(&dev, &norm).unwrap(),
+            upload(&dev, &qn).unwrap(),
+            upload(&dev, &inv_freq).unwrap(),
+            upload(&dev, &bias).unwrap(),
+        );
+        for kind in ["f32", "bf16", "fp8"] {
+            let dt = if kind == "f32" { DType::F32 } else { DType::Bf16 };
+            let wb = match kind {
+                "fp8" => {
+                    let q8: Vec<u8> = (0..ld_q * rq)
+                        .map(|_| loop {
+                            let b = rng.below(256) as u8;
+                            if b & 0x7f != 0x7f {
+                                break b;
+                            }
+                        })
+                        .collect();
+                    let s: Vec<f32> =
+                        (0..ld_q.div_ceil(128) * rq.div_ceil(128)).map(|_| 0.001 + 0.01 * rng.uniform()).collect();
+                    DWeight::from_fp8(&dev, 1, ld_q, rq, &q8, &s).unwrap()
+                }
+                _ => DWeight::from_f32(&dev, dt, 1, ld_q, rq, &randn(&mut rng, ld_q * rq)).unwrap(),
+            };
+            let qa = Act::from_f32(&dev, dt, &qa_host).unwrap();
+            let ckv_own = Act::from_f32(&dev, dt, &ckv_host).unwrap();
+            let (ckv, ckv_off, ld_ckv) = if shared_buf { (&qa, rq, width) } else { (&ckv_own, 0, w) };
+            for (normed, biased) in [(true, false), (false, true)] {
+                let what = format!("h{h} c{c} dr{dr} dn{dn} n{n} {kind} norm {normed} bias {biased}");
+                let s = GemmShape {
+                    lda: width,
+                    norm: normed.then_some((&qn_d, 1e-6)),
+                    bias: biased.then_some(&bias_d),
+                    ..GemmShape::plain(n, rq, ld_q)
+                };
+                let p = Prep {
+                    n,
+                    c,
+                    dr,
+                    h,
+                    ckv,
+                    ckv_off,
+                    ld_ckv,
+                    kv_norm: &norm_d,
+                    eps: 1e-6,
+                    ld_q,
+                    hs_q,
+                    q_off,
+                    pos: &pos_d,
+                    slot: &slot_d,
+                    inv_freq: &freq_d,
+                    attention_factor: 1.3,
+                    max_len,
+                };
+                assert!(gemm_prep_runs(&dev, dt, &wb, &s, &p), "{what}: not fused");
+                let fill = vec![7.0f32; slots * max_len * w];
+                let (mut q1, mut cache1) = (poisoned(&dev, dt, n * ld_q), Act::from_f32(&dev, dt, &fill).unwrap());
+                gemm(&dev, &qa, &wb, &mut q1, &s).unwrap();
+                mla_prep(&dev, &p, &mut q1, &mut cache1).unwrap();
+                let (mut q2, mut cache2) = (poisoned(&dev, dt, n * ld_q), Act::from_f32(&dev, dt, &fill).unwrap());
+                gemm_prep(&dev, &qa, &wb, &s, &p, &mut q2, &mut cache2).unwrap();
+                let bits = |a: &Act| a.to_f32(&dev).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                let (qw, qg) = (bits(&q1), bits(&q2));
+                assert!(qw.iter().all(|b| f32::from_bits(*b).is_finite()), "{what}: reference queries not finite");
+                let bad = qw.iter().zip(&qg).filter(|(a, b)| a != b).count();
+                assert_eq!(bad, 0, "{what}: {bad} of {} query values differ", qw.len());
+                let (cw, cg) = (bits(&cache1), bits(&cache2));
+                let bad = cw.iter().zip(&cg).filter(|(a, b)| a != b).count();
+                assert_eq!(bad, 0, "{what}: {bad} cache values differ");
+                let written = cg.iter().filter(|&&b| f32::from_bits(b) != 7.0).count();
+                assert_eq!(written, if n > 1 { n - 1 } else { 1 } * w, "{what}: latents appended");
+            }
+        }
+    }
+    // refused: an odd rope offset, and a one-row GEMM wide enough for the one-row kernels
+    let (h, c, dr, rq) = (2usize, 64usize, 32usize, 64usize);
+    let w = c + dr;
+    let ld_q = h * (7 + dr);
+    let wb = DWeight::from_f32(&dev, DType::Bf16, 1, ld_q, rq, &randn(&mut rng, ld_q * rq)).unwrap();
+    let qa = Act::from_f32(&dev, DType::Bf16, &randn(&mut rng, 2 * rq)).unwrap();
+    let ckv = Act::from_f32(&dev, DType::Bf16, &randn(&mut rng, 2 * w)).unwrap();
+    let (norm_d, freq_d) = (upload(&dev, &vec![1f32; c]).unwrap(), upload(&dev, &vec![0.5f32; dr / 2]).unwrap());
+    let (pos_d, slot_d) = (upload(&dev, &[0i32, 1]).unwrap(), upload(&dev, &[0i32, 0]).unwrap());
+    let mut p = Prep {
+        n: 2,
+        c,
+        dr,
+        h,
+        ckv: &ckv,
+        ckv_off: 0,
+        ld_ckv: w,
+        kv_norm: &norm_d,
+        eps: 1e-6,
+        ld_q,
+        hs_q: 7 + dr,
+        q_off: 7,
+        pos: &pos_d,
+        slot: &slot_d,
+        inv_freq: &freq_d,
+        attention_factor: 1.0,
+        max_len: 4,
+    };
+    let s = GemmShape::plain(2, rq, ld_q);
+    let mut q = Act::empty(&dev, DType::Bf16, 2 * ld_q).unwrap();
+    let mut cache = Act::empty(&dev, DType::Bf16, 4 * w).unwrap();
+    assert!(!gemm_prep_runs(&dev, DType::Bf16, &wb, &s, &p));
+    assert!(gemm_prep(&dev, &qa, &wb, &s, &p, &mut q, &mut cache).is_err(), "odd rope offset accepted");
+    let wide = 4096usize;
+    let wb = DWeight::from_f32(&dev, DType::Bf16, 1, wide, rq, &randn(&mut rng, wide * rq)).unwrap();
+    (p.n, p.ld_q, p.hs_q, p.q_off) = (1, wide, dr, 0);
+    let s = GemmShape::plain(1, rq, wide);
+    let mut q = Act::empty(&dev, DType::Bf16, wide).unwrap();
+    assert!(!gemm_prep_runs(&dev, DType::Bf16, &wb, &s, &p), "a one-row-kernel GEMM taken");
+    assert!(gemm_prep(&dev, &qa, &wb, &s, &p, &mut q, &mut cache).is_err());
 }

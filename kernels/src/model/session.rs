@@ -514,7 +514,10 @@ impl<'m> CudaSession<'m> {
     /// the kv rows `(buffer, offset, row stride)`. With a LoRA, one GEMM writes q_a ‖ kv_a side
     /// by side (the kv rows then lie in that buffer), and q_a's RMSNorm folds into q_b where that
     /// GEMM runs skinny.
-    fn project(&self, l: usize, hn: In, n: usize, absorb: bool) -> Result<(Act, Act, usize, usize)> {
+    ///
+    /// Where q_b runs skinny with the norm folded, the GEMM is left to the caller (`Some` last:
+    /// [`QbPending`]), which runs it with `mla_prep` fused in where it can; `q` is then unwritten.
+    fn project(&self, l: usize, hn: In, n: usize, absorb: bool) -> Result<(Act, Act, usize, usize, Option<QbPending>)> {
         let m = self.model;
         let dev = &*m.dev;
         let c = &m.cfg;
@@ -541,19 +544,22 @@ impl<'m> CudaSession<'m> {
                 let sb = || GemmShape { lda: width, bias: b.bias.as_ref(), ..GemmShape::plain(n, rq, b.w.n) };
                 let sf = GemmShape { norm: Some((qn, m.lora_eps)), ..sb() };
                 if fuse_enabled() && runs_skinny(dev, dt, &b.w, dt, &sf, GemmPath::Auto) {
-                    gemm(dev, &qa, &b.w, &mut q, &sf)?;
-                } else {
-                    norm::rmsnorm(dev, &mut qa, 0, width, None, qn, rq, m.lora_eps, n)?;
-                    gemm(dev, &qa, &b.w, &mut q, &sb())?;
+                    // the caller runs q_b (norm folded), with mla_prep where it can
+                    return Ok(match ckv {
+                        Some(ckv) => (q, ckv, 0, w, Some(QbPending { qa: Some(qa), width, rq })),
+                        None => (q, qa, rq, width, Some(QbPending { qa: None, width, rq })),
+                    });
                 }
+                norm::rmsnorm(dev, &mut qa, 0, width, None, qn, rq, m.lora_eps, n)?;
+                gemm(dev, &qa, &b.w, &mut q, &sb())?;
                 Ok(match ckv {
-                    Some(ckv) => (q, ckv, 0, w),
-                    None => (q, qa, rq, width),
+                    Some(ckv) => (q, ckv, 0, w, None),
+                    None => (q, qa, rq, width, None),
                 })
             }
             DQ::Plain(p) => {
                 linear_in(m, q_last(a, p, absorb), hn, n, &mut q)?;
-                Ok((q, kv_proj()?, 0, w))
+                Ok((q, kv_proj()?, 0, w, None))
             }
         }
     }
@@ -582,7 +588,7 @@ impl<'m> CudaSession<'m> {
         } else {
             In::Normed(normalize(m, x, input_norm, n, hs)?)
         };
-        let (mut q, ckv_buf, ckv_off, ld_ckv) = self.project(l, hn, n, absorb)?;
+        let (mut q, ckv_buf, ckv_off, ld_ckv, pending) = self.project(l, hn, n, absorb)?;
         // the rope part of head h: at h·dq + dn, or after all the absorbed queries (h·dr + H·C)
         let (ld_q, hs_q, q_off) = if absorb { (h * (ck + dr), dr, h * ck) } else { (h * dq, dq, dn) };
         let prep = mla::Prep {
@@ -604,7 +610,28 @@ impl<'m> CudaSession<'m> {
             attention_factor: m.attention_factor,
             max_len: self.max_len,
         };
-        mla::mla_prep(dev, &prep, &mut q, &mut self.caches[l])?;
+        match &pending {
+            // q_b (its norm folded) with mla_prep in the same launch where it runs in the
+            // 8-row skinny kernels, else the two launches
+            Some(qb) => {
+                let DQ::Lora { norm: qn, b, .. } = &a.q else { unreachable!("pending only for a q LoRA") };
+                let b = q_last(a, b, absorb);
+                let qa = qb.qa.as_ref().unwrap_or(&ckv_buf);
+                let sf = GemmShape {
+                    lda: qb.width,
+                    bias: b.bias.as_ref(),
+                    norm: Some((qn, m.lora_eps)),
+                    ..GemmShape::plain(n, qb.rq, b.w.n)
+                };
+                if mla::fused_prep() && mla::gemm_prep_runs(dev, dt, &b.w, &sf, &prep) {
+                    mla::gemm_prep(dev, qa, &b.w, &sf, &prep, &mut q, &mut self.caches[l])?;
+                } else {
+                    gemm(dev, qa, &b.w, &mut q, &sf)?;
+                    mla::mla_prep(dev, &prep, &mut q, &mut self.caches[l])?;
+                }
+            }
+            None => mla::mla_prep(dev, &prep, &mut q, &mut self.caches[l])?,
+        }
         // O [N, H·dv]: the flash path for the prefill slots it takes, the absorbed kernels for
         // the other rows (where both run in one step, the flash rows attend to nothing in the
         // absorbed kernels, row_len 0, and their output rows are overwritten by the flash kernel);
@@ -1087,4 +1114,13 @@ fn moe_forward(
         return moe::down_combine(dev, &ye, &experts.down, &plan, max_tiles, &idx, &w, sh.as_ref(), x, counters, n, k);
     }
     moe::combine(dev, &ye, &plan, &idx, &w, sh.as_ref(), x, n, k, d)
+}
+
+/// The query LoRA's last GEMM left to `CudaSession::attention` (see `project`): q_b over the
+/// first `rq` columns of rows `width` wide, its norm folded in; the rows are `qa`, or (`None`)
+/// the buffer that also holds the kv rows (q_a ‖ kv_a in one GEMM).
+struct QbPending {
+    qa: Option<Act>,
+    width: usize,
+    rq: usize,
 }

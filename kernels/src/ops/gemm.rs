@@ -345,55 +345,72 @@ pub fn gemm_via(dev: &Device, a: &Act, w: &DWeight, c: &mut Act, s: &GemmShape, 
     launch_smem(dev, "gemm", ch.kernel, grid, ch.block, ch.smem, &[KArg::Gemm(args)])
 }
 
-/// The `gemm_skinny_combine_*` form of an 8-row skinny kernel (C in the activation dtype).
-fn skinny_combine_name(sk: &str) -> Option<&'static str> {
-    Some(match sk {
-        "gemm_skinny_f32" => "gemm_skinny_combine_f32",
-        "gemm_skinny_bf16_bf16" => "gemm_skinny_combine_bf16_bf16",
-        "gemm_skinny_fp8_bf16" => "gemm_skinny_combine_fp8_bf16",
+/// What a skinny GEMM does in the same launch besides its product (decode fusions; the kernels
+/// `gemm_skinny_combine_*` and `gemm_skinny_prep_*`, gemm.cu).
+pub(crate) enum Epilogue {
+    /// The MoE combine after the routed experts' down GEMM ([`super::moe::down_combine`]): the
+    /// arguments and the length of their counter buffer (one counter per 16 output columns).
+    MoeCombine(super::moe::CombineArgs, usize),
+    /// `mla_prep` around the query projection's last GEMM ([`super::mla::gemm_prep`]); the
+    /// launcher fills in `col_tiles`.
+    MlaPrep(super::mla::PrepArgs),
+}
+
+/// The fused form of an 8-row skinny kernel (C in the activation dtype).
+fn skinny_epilogue_name(sk: &str, e: &Epilogue) -> Option<&'static str> {
+    Some(match (sk, e) {
+        ("gemm_skinny_f32", Epilogue::MoeCombine(..)) => "gemm_skinny_combine_f32",
+        ("gemm_skinny_bf16_bf16", Epilogue::MoeCombine(..)) => "gemm_skinny_combine_bf16_bf16",
+        ("gemm_skinny_fp8_bf16", Epilogue::MoeCombine(..)) => "gemm_skinny_combine_fp8_bf16",
+        ("gemm_skinny_f32", Epilogue::MlaPrep(..)) => "gemm_skinny_prep_f32",
+        ("gemm_skinny_bf16_bf16", Epilogue::MlaPrep(..)) => "gemm_skinny_prep_bf16_bf16",
+        ("gemm_skinny_fp8_bf16", Epilogue::MlaPrep(..)) => "gemm_skinny_prep_fp8_bf16",
         _ => None?,
     })
 }
 
-/// Whether [`gemm_moe_combine`] takes this call: grouped rows in the 8-row skinny kernels (few
-/// rows), no other fused form, no accumulate, C rows exactly `n` wide, C in the activation dtype.
-pub fn runs_moe_combine(dev: &Device, a: DType, w: &DWeight, c: DType, s: &GemmShape) -> bool {
-    s.grouped.is_some()
-        && !s.fused()
-        && !s.accumulate
+/// Whether [`gemm_epilogue`] takes this call with `e`: the 8-row skinny kernels (few rows), C
+/// rows exactly `n` wide, no accumulate; the MoE combine on grouped rows with no other fused
+/// form, `mla_prep` on plain rows (one batch) with at most the folded norm.
+pub(crate) fn runs_epilogue(dev: &Device, a: DType, w: &DWeight, c: DType, s: &GemmShape, e: &Epilogue) -> bool {
+    let form = match e {
+        Epilogue::MoeCombine(..) => s.grouped.is_some() && !s.fused(),
+        Epilogue::MlaPrep(..) => s.grouped.is_none() && s.batch == 1 && s.a_rows.is_none() && !s.swiglu,
+    };
+    form && !s.accumulate
         && s.ldc == w.n
         && matches!(choose(dev, a, w, c, s, GemmPath::Auto),
-                    Ok(Some(ch)) if ch.skinny && skinny_combine_name(ch.kernel).is_some())
+                    Ok(Some(ch)) if ch.skinny && skinny_epilogue_name(ch.kernel, e).is_some())
 }
 
-/// The routed experts' down GEMM (grouped, skinny) with the MoE combine in the same launch
-/// (`gemm_skinny_combine_*`, gemm.cu): `C` as [`gemm`] writes it, then `q`'s `x += shared + Σ w·C`
-/// (moe::down_combine builds `q`; `counters_len` is the length of its counter buffer, which
-/// needs one per 16 output columns).
-pub(crate) fn gemm_moe_combine(
-    dev: &Device,
-    a: &Act,
-    w: &DWeight,
-    c: &mut Act,
-    s: &GemmShape,
-    q: super::moe::CombineArgs,
-    counters_len: usize,
-) -> Result<()> {
-    if !runs_moe_combine(dev, a.dtype(), w, c.dtype(), s) {
+/// A skinny GEMM with a fused epilogue `e` in the same launch (see [`Epilogue`]); an error
+/// where [`runs_epilogue`] does not hold.
+pub(crate) fn gemm_epilogue(dev: &Device, a: &Act, w: &DWeight, c: &mut Act, s: &GemmShape, e: Epilogue) -> Result<()> {
+    if !runs_epilogue(dev, a.dtype(), w, c.dtype(), s, &e) {
         return Err(Error::Input(format!(
-            "gemm: the MoE combine fuses only into a grouped skinny GEMM (<= {SKINNY_MAX_M_GROUPED} rows, K % 8 == 0, \
-             no other fused form or accumulate, ldc == n, C in the activation dtype; got {} rows, k {}, ldc {})",
+            "gemm: this fused form runs only in the 8-row skinny kernels (<= {SKINNY_MAX_M} rows, \
+             {SKINNY_MAX_M_GROUPED} grouped, K % 8 == 0, no accumulate, ldc == n, C in the activation dtype; \
+             got {} rows, k {}, ldc {})",
             s.m, w.k, s.ldc
         )));
     }
     let Some((ch, args)) = prepare(dev, a, w, c, s, GemmPath::Auto)? else { return Ok(()) };
-    let kernel = skinny_combine_name(ch.kernel).expect("runs_moe_combine checked it");
+    let kernel = skinny_epilogue_name(ch.kernel, &e).expect("runs_epilogue checked it");
     let (gx, gy, gz) = ch.grid;
-    if counters_len < gx {
-        return Err(Error::Input(format!("gemm: {counters_len} combine counters for {gx} column tiles")));
-    }
+    let (gx, extra) = match e {
+        Epilogue::MoeCombine(q, counters) => {
+            if counters < gx {
+                return Err(Error::Input(format!("gemm: {counters} combine counters for {gx} column tiles")));
+            }
+            (gx, KArg::MoeCombine(q))
+        }
+        // 8 more blocks per row tile: one per row's latent
+        Epilogue::MlaPrep(q) => {
+            (gx + 8, KArg::MlaPrep(super::mla::PrepArgs { col_tiles: int(gx, "column tiles")?, ..q }))
+        }
+    };
     let grid = (dim(gx, "gemm n")?, dim(gy, "gemm rows")?, dim(gz, "gemm batch")?);
-    launch_smem(dev, "gemm", kernel, grid, ch.block, 0, &[KArg::Gemm(args), KArg::MoeCombine(q)])
+    launch_smem(dev, "gemm", kernel, grid, ch.block, 0, &[KArg::Gemm(args), extra])
 }
 
 /// The kernel choice and argument block of a call (`None`: empty), operand buffers checked.
@@ -878,6 +895,23 @@ mod tests {
         assert_eq!(std::mem::offset_of!(super::GemmArgs, norm_w), 136);
         assert_eq!(std::mem::offset_of!(super::GemmArgs, norm_eps), 144);
         assert_eq!(std::mem::offset_of!(super::GemmArgs, a_rows_m), 148);
+        // MoeCombineArgs (gemm.cu): 6 pointers, 2 ints
+        assert_eq!(std::mem::offset_of!(crate::ops::moe::CombineArgs, tokens), 48);
+        assert_eq!(std::mem::size_of::<crate::ops::moe::CombineArgs>(), 56);
+    }
+
+    #[test]
+    fn every_skinny_kernel_has_its_fused_forms() {
+        use super::{skinny_epilogue_name, Epilogue};
+        let forms = [Epilogue::MoeCombine(Default::default(), 0), Epilogue::MlaPrep(Default::default())];
+        for sk in ["gemm_skinny_f32", "gemm_skinny_bf16_bf16", "gemm_skinny_fp8_bf16"] {
+            for e in &forms {
+                let name = skinny_epilogue_name(sk, e).unwrap();
+                assert!(crate::ops::KERNELS.iter().any(|(_, k)| *k == name), "{name} not listed");
+            }
+        }
+        // C in f32 under bf16 activations has none (the residual is in the activation dtype)
+        assert!(skinny_epilogue_name("gemm_skinny_bf16_f32", &forms[0]).is_none());
     }
 
     #[test]

@@ -10,9 +10,10 @@
 //! [`mla_kernel`] says which one [`mla_decode`] runs and [`mla_splits`] how many splits along
 //! the cache to ask for; `DSV3_MLA_SIMPLE=1` forces the SIMT kernel and `DSV3_MLA_MMA=<name>`
 //! (one of [`MMA_VARIANTS`]) a tensor-core variant (both read once per process).
+use super::gemm::{gemm_epilogue, runs_epilogue, Epilogue, GemmShape};
 use super::{allow_dynamic_smem, dim, int, launch, launch_smem, KArg};
 use crate::device::Device;
-use crate::tensor::{dptr, Act, DType};
+use crate::tensor::{dptr, Act, DType, DWeight};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use dsv3_core::{Error, Result};
@@ -498,27 +499,9 @@ pub fn mla_prep(dev: &Device, p: &Prep, q: &mut Act, cache: &mut Act) -> Result<
     if n == 0 {
         return Ok(());
     }
-    let dt = p.ckv.dtype();
-    if q.dtype() != dt || cache.dtype() != dt {
-        return Err(Error::Input("mla_prep: ckv, q and the cache must share a dtype".into()));
-    }
-    if c == 0 || c > 512 || dr == 0 || !dr.is_multiple_of(2) || dr > 512 || h == 0 {
-        return Err(Error::Input(format!("mla_prep: C {c} (1..=512), even dr {dr} (<= 512), {h} heads")));
-    }
+    check_prep(p, q, cache)?;
     let w = c + dr;
-    if p.ld_ckv < w || p.kv_norm.len() < c || p.inv_freq.len() < dr / 2 || p.pos.len() < n || p.slot.len() < n {
-        return Err(Error::Input("mla_prep: strides, norm weight, frequencies or row arrays too small".into()));
-    }
-    // the heads' rope slices [h·hs_q + q_off, + dr) and the rows must not overlap
-    if (h > 1 && p.hs_q < dr) || (n > 1 && p.ld_q < (h - 1) * p.hs_q + p.q_off + dr) {
-        return Err(Error::Input("mla_prep: query heads or rows overlap".into()));
-    }
-    p.ckv.check(p.ckv_off + (n - 1) * p.ld_ckv + w, "mla_prep ckv")?;
-    q.check((n - 1) * p.ld_q + (h - 1) * p.hs_q + p.q_off + dr, "mla_prep q")?;
-    if !cache.len().is_multiple_of((p.max_len * w).max(1)) || cache.is_empty() {
-        return Err(Error::Input(format!("mla_prep: the cache is not [slots, {}, {w}]", p.max_len)));
-    }
-    let k = match dt {
+    let k = match p.ckv.dtype() {
         DType::F32 => "mla_prep_f32",
         DType::Bf16 => "mla_prep_bf16",
     };
@@ -548,6 +531,130 @@ pub fn mla_prep(dev: &Device, p: &Prep, q: &mut Act, cache: &mut Act) -> Result<
             KArg::I32(int(dr, "dr")?),
         ],
     )
+}
+
+/// `DSV3_MLA_PREP=separate` (read once): decode runs the query projection's last GEMM and
+/// [`mla_prep`] as two launches instead of [`gemm_prep`] (for comparisons).
+pub fn fused_prep() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    !super::env_is(&V, "DSV3_MLA_PREP", "separate")
+}
+
+/// The argument block of the query GEMM with [`Prep`] fused in (`MlaPrepArgs` in
+/// kernels/cuda/mla_prep.cuh, same field order and sizes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PrepArgs {
+    pub ckv: u64,
+    pub cache: u64,
+    pub kv_norm: u64,
+    pub pos: u64,
+    pub slot: u64,
+    pub inv_freq: u64,
+    pub slot_stride: i64,
+    pub eps: f32,
+    pub attn_factor: f32,
+    pub ld_ckv: i32,
+    pub c: i32,
+    pub dr: i32,
+    pub h: i32,
+    pub hs_q: i32,
+    pub q_off: i32,
+    /// The GEMM's column tiles (set by the launcher; the blocks past them do the latents).
+    pub col_tiles: i32,
+}
+
+// SAFETY: plain integers, #[repr(C)], laid out as the CUDA struct.
+unsafe impl DeviceRepr for PrepArgs {}
+
+/// Whether [`gemm_prep`] takes the query GEMM `a · wᵀ -> q` of shape `s` with `p`: the GEMM
+/// in the 8-row skinny kernels (a decode step's few rows; the folded q-LoRA norm allowed), C
+/// `[n, ld_q]` with `ld_q == n`, the heads' rope parts starting at even columns.
+pub fn gemm_prep_runs(dev: &Device, dt: DType, w: &DWeight, s: &GemmShape, p: &Prep) -> bool {
+    s.m == p.n
+        && s.ldc == p.ld_q
+        && p.q_off.is_multiple_of(2)
+        && p.hs_q.is_multiple_of(2)
+        && runs_epilogue(dev, dt, w, dt, s, &Epilogue::MlaPrep(PrepArgs::default()))
+}
+
+/// The query projection's last GEMM `q = a · wᵀ` (shape `s`, as [`gemm`](super::gemm::gemm)) and
+/// [`mla_prep`] in one launch (`gemm_skinny_prep_*`): the GEMM rotates the heads' rope parts in
+/// its epilogue, and extra blocks normalize, rotate and append the rows' latents, with
+/// `mla_prep`'s arithmetic (bit for bit the two launches). `q` is `p`'s query buffer. Only where
+/// [`gemm_prep_runs`] (an error otherwise).
+pub fn gemm_prep(
+    dev: &Device,
+    a: &Act,
+    w: &DWeight,
+    s: &GemmShape,
+    p: &Prep,
+    q: &mut Act,
+    cache: &mut Act,
+) -> Result<()> {
+    if p.n == 0 {
+        return Ok(());
+    }
+    if !gemm_prep_runs(dev, q.dtype(), w, s, p) {
+        return Err(Error::Input(format!(
+            "mla gemm_prep: the query GEMM must run in the 8-row skinny kernels with {} rows, ldc == ld_q and even \
+             rope offsets (got m {}, ldc {}, ld_q {}, q_off {}, hs_q {})",
+            p.n, s.m, s.ldc, p.ld_q, p.q_off, p.hs_q
+        )));
+    }
+    // the heads' rope parts must lie in the GEMM's columns
+    if p.ld_q != w.n || (p.h - 1) * p.hs_q + p.q_off + p.dr > w.n {
+        return Err(Error::Input(format!(
+            "mla gemm_prep: {} heads' rope parts (stride {}, offset {}) in q rows of {} for {} output columns",
+            p.h, p.hs_q, p.q_off, p.ld_q, w.n
+        )));
+    }
+    check_prep(p, q, cache)?;
+    let args = PrepArgs {
+        ckv: p.ckv.ptr(dev, p.ckv_off)?,
+        cache: cache.ptr(dev, 0)?,
+        kv_norm: dptr(dev, p.kv_norm, 0)?,
+        pos: dptr(dev, p.pos, 0)?,
+        slot: dptr(dev, p.slot, 0)?,
+        inv_freq: dptr(dev, p.inv_freq, 0)?,
+        slot_stride: (p.max_len * (p.c + p.dr)) as i64,
+        eps: p.eps,
+        attn_factor: p.attention_factor,
+        ld_ckv: int(p.ld_ckv, "ld_ckv")?,
+        c: int(p.c, "c")?,
+        dr: int(p.dr, "dr")?,
+        h: int(p.h, "heads")?,
+        hs_q: int(p.hs_q, "hs_q")?,
+        q_off: int(p.q_off, "q_off")?,
+        col_tiles: 0,
+    };
+    gemm_epilogue(dev, a, w, q, s, Epilogue::MlaPrep(args))
+}
+
+/// The shapes, strides and buffers [`mla_prep`] and [`gemm_prep`] take.
+fn check_prep(p: &Prep, q: &Act, cache: &Act) -> Result<()> {
+    let Prep { n, c, dr, h, .. } = *p;
+    let dt = p.ckv.dtype();
+    if q.dtype() != dt || cache.dtype() != dt {
+        return Err(Error::Input("mla_prep: ckv, q and the cache must share a dtype".into()));
+    }
+    if c == 0 || c > 512 || dr == 0 || !dr.is_multiple_of(2) || dr > 512 || h == 0 {
+        return Err(Error::Input(format!("mla_prep: C {c} (1..=512), even dr {dr} (<= 512), {h} heads")));
+    }
+    let w = c + dr;
+    if p.ld_ckv < w || p.kv_norm.len() < c || p.inv_freq.len() < dr / 2 || p.pos.len() < n || p.slot.len() < n {
+        return Err(Error::Input("mla_prep: strides, norm weight, frequencies or row arrays too small".into()));
+    }
+    // the heads' rope slices [h·hs_q + q_off, + dr) and the rows must not overlap
+    if (h > 1 && p.hs_q < dr) || (n > 1 && p.ld_q < (h - 1) * p.hs_q + p.q_off + dr) {
+        return Err(Error::Input("mla_prep: query heads or rows overlap".into()));
+    }
+    p.ckv.check(p.ckv_off + (n - 1) * p.ld_ckv + w, "mla_prep ckv")?;
+    q.check((n - 1) * p.ld_q + (h - 1) * p.hs_q + p.q_off + dr, "mla_prep q")?;
+    if !cache.len().is_multiple_of((p.max_len * w).max(1)) || cache.is_empty() {
+        return Err(Error::Input(format!("mla_prep: the cache is not [slots, {}, {w}]", p.max_len)));
+    }
+    Ok(())
 }
 
 /// Appends `n` rows of `w = C + dr` values (`src` `[n, ld_src]`) to the cache
@@ -624,6 +731,11 @@ mod tests {
         assert_eq!(std::mem::offset_of!(super::MlaArgs, n), 72);
         assert_eq!(std::mem::offset_of!(super::MlaArgs, scale), 112);
         assert_eq!(std::mem::offset_of!(super::MlaArgs, counters), 120);
+        // MlaPrepArgs (mla_prep.cuh): 6 pointers, a long long, 2 floats, 7 ints, padded to 8
+        assert_eq!(std::mem::offset_of!(super::PrepArgs, slot_stride), 48);
+        assert_eq!(std::mem::offset_of!(super::PrepArgs, ld_ckv), 64);
+        assert_eq!(std::mem::offset_of!(super::PrepArgs, col_tiles), 88);
+        assert_eq!(std::mem::size_of::<super::PrepArgs>(), 96);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! DeepSeekMoE on device (`kernels/cuda/moe.cu`): the router, the dispatch plan that groups
 //! routed rows by expert for the grouped GEMM, and the weighted combine into the residual.
-use super::gemm::{gemm_moe_combine, runs_moe_combine, GemmShape, Grouped};
+use super::gemm::{gemm_epilogue, runs_epilogue, Epilogue, GemmShape, Grouped};
 use super::{dim, int, launch, KArg};
 use crate::device::Device;
 use crate::tensor::{dptr, Act, DType, DWeight};
@@ -389,7 +389,8 @@ fn down_shape<'a>(plan: &'a Plan, nk: usize, i: usize, d: usize, max_tiles: usiz
 /// Whether [`down_combine`] takes this step: `nk` rows few enough for the skinny kernels, K
 /// (`I`) a multiple of 8, activations in `dt` (the fused kernels' dtypes).
 pub fn down_combine_runs(dev: &Device, dt: DType, down: &DWeight, plan: &Plan, nk: usize, max_tiles: usize) -> bool {
-    runs_moe_combine(dev, dt, down, dt, &down_shape(plan, nk, down.k, down.n, max_tiles))
+    let e = Epilogue::MoeCombine(CombineArgs::default(), 0);
+    runs_epilogue(dev, dt, down, dt, &down_shape(plan, nk, down.k, down.n, max_tiles), &e)
 }
 
 /// `x[t] += shared[t] + Σ_q w[t,q] · (act · down_eᵀ)[slot_of[t,q]]`: the routed experts' down
@@ -433,7 +434,8 @@ pub fn down_combine(
         tokens: int(n, "n")?,
         k: int(k, "k")?,
     };
-    gemm_moe_combine(dev, act, down, &mut y, &down_shape(plan, n * k, i, d, max_tiles), q, counters.len())
+    let e = Epilogue::MoeCombine(q, counters.len());
+    gemm_epilogue(dev, act, down, &mut y, &down_shape(plan, n * k, i, d, max_tiles), e)
 }
 
 /// The routing settings and buffers a router kernel takes.

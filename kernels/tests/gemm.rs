@@ -6,7 +6,6 @@
 //! batched with strides, grouped by expert (rows for NN, K for TN), the model's shapes.
 mod common;
 use common::*;
-use dsv3_core::fp8::format::E4M3_LUT;
 use dsv3_core::rng::Rng;
 use dsv3_kernels::ops::gemm::{
     gemm, gemm_mat, gemm_mat_with, gemm_nn, gemm_tn, gemm_via, GemmPath, GemmShape, Grouped, Layout, MatShape, Operand,
@@ -130,30 +129,6 @@ fn batched_gemm_with_head_strides_matches() {
             }
         }
     }
-}
-
-/// Random E4M3 codes (no NaN) and positive block scales for `[g, n, k]`.
-fn fp8_weight(rng: &mut Rng, g: usize, n: usize, k: usize) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
-    let q: Vec<u8> = (0..g * n * k)
-        .map(|_| loop {
-            let b = rng.below(256) as u8;
-            if b & 0x7f != 0x7f {
-                break b;
-            }
-        })
-        .collect();
-    let (nb, kb) = (n.div_ceil(128), k.div_ceil(128));
-    let s: Vec<f32> = (0..g * nb * kb).map(|_| 0.001 + 0.01 * rng.uniform()).collect();
-    let mut dense = vec![0f32; g * n * k];
-    for gg in 0..g {
-        for i in 0..n {
-            for j in 0..k {
-                let at = gg * n * k + i * k + j;
-                dense[at] = E4M3_LUT[q[at] as usize] * s[gg * nb * kb + (i / 128) * kb + j / 128];
-            }
-        }
-    }
-    (q, s, dense)
 }
 
 #[test]

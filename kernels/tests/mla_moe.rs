@@ -455,16 +455,7 @@ fn fused_down_combine_equals_down_gemm_then_combine_bit_for_bit() {
             let dt = if kind == "f32" { DType::F32 } else { DType::Bf16 };
             let down = match kind {
                 "fp8" => {
-                    let q: Vec<u8> = (0..e * d * i)
-                        .map(|_| loop {
-                            let b = rng.below(256) as u8;
-                            if b & 0x7f != 0x7f {
-                                break b;
-                            }
-                        })
-                        .collect();
-                    let s: Vec<f32> =
-                        (0..e * d.div_ceil(128) * i.div_ceil(128)).map(|_| 0.001 + 0.01 * rng.uniform()).collect();
+                    let (q, s, _) = fp8_weight(&mut rng, e, d, i);
                     DWeight::from_fp8(&dev, e, d, i, &q, &s).unwrap()
                 }
                 _ => DWeight::from_f32(&dev, dt, e, d, i, &randn(&mut rng, e * d * i)).unwrap(),
@@ -624,16 +615,7 @@ fn fused_query_gemm_and_prep_equal_gemm_then_mla_prep_bit_for_bit() {
             let dt = if kind == "f32" { DType::F32 } else { DType::Bf16 };
             let wb = match kind {
                 "fp8" => {
-                    let q8: Vec<u8> = (0..ld_q * rq)
-                        .map(|_| loop {
-                            let b = rng.below(256) as u8;
-                            if b & 0x7f != 0x7f {
-                                break b;
-                            }
-                        })
-                        .collect();
-                    let s: Vec<f32> =
-                        (0..ld_q.div_ceil(128) * rq.div_ceil(128)).map(|_| 0.001 + 0.01 * rng.uniform()).collect();
+                    let (q8, s, _) = fp8_weight(&mut rng, 1, ld_q, rq);
                     DWeight::from_fp8(&dev, 1, ld_q, rq, &q8, &s).unwrap()
                 }
                 _ => DWeight::from_f32(&dev, dt, 1, ld_q, rq, &randn(&mut rng, ld_q * rq)).unwrap(),

@@ -1108,12 +1108,13 @@ fn moe_forward(
         dev.join(side)?;
     }
     sh_result?;
-    let (ye, idx, w) = routed?;
+    // (the routed rows: the SwiGLU activations with down_combine, else the down GEMM's output)
+    let (rows, idx, w) = routed?;
     if down_combine {
         let counters = &m.moe_counters;
-        return moe::down_combine(dev, &ye, &experts.down, &plan, max_tiles, &idx, &w, sh.as_ref(), x, counters, n, k);
+        return moe::down_combine(dev, &rows, &experts.down, &plan, max_tiles, &idx, &w, sh.as_ref(), x, counters, n, k);
     }
-    moe::combine(dev, &ye, &plan, &idx, &w, sh.as_ref(), x, n, k, d)
+    moe::combine(dev, &rows, &plan, &idx, &w, sh.as_ref(), x, n, k, d)
 }
 
 /// The query LoRA's last GEMM left to `CudaSession::attention` (see `project`): q_b over the

@@ -1112,7 +1112,20 @@ fn moe_forward(
     let (rows, idx, w) = routed?;
     if down_combine {
         let counters = &m.moe_counters;
-        return moe::down_combine(dev, &rows, &experts.down, &plan, max_tiles, &idx, &w, sh.as_ref(), x, counters, n, k);
+        return moe::down_combine(
+            dev,
+            &rows,
+            &experts.down,
+            &plan,
+            max_tiles,
+            &idx,
+            &w,
+            sh.as_ref(),
+            x,
+            counters,
+            n,
+            k,
+        );
     }
     moe::combine(dev, &rows, &plan, &idx, &w, sh.as_ref(), x, n, k, d)
 }

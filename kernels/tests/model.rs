@@ -158,3 +158,47 @@ fn greedy_steps_pick_the_cpu_argmax_through_prefill_and_captured_decode() {
         }
     }
 }
+
+/// A decode step runs the fused kernels it should (a fusion whose conditions stop holding would
+/// otherwise fall back silently and only cost time): on v3_group (every layer a q LoRA, 2 MoE
+/// layers), the first decode step of a batch (not yet a captured graph), profiled by kernel:
+/// `mla_prep` inside q_b (`gemm_skinny_prep_*`, once per layer), the MoE combine inside the
+/// routed down GEMM (`gemm_skinny_combine_*`, once per MoE layer), in bf16 the router GEMM inside
+/// the routing kernel; none of the separate kernels they replace. Under `DSV3_FUSE=0`,
+/// `DSV3_MLA_PREP=separate` or `DSV3_MOE_COMBINE=separate` the separate kernels instead.
+#[test]
+fn decode_steps_run_the_fused_kernels() {
+    use dsv3_kernels::model::session::fuse_enabled;
+    use dsv3_kernels::ops::{mla::fused_prep, moe::fused_combine};
+    let Some(dev) = device("decode_steps_run_the_fused_kernels") else { return };
+    let model = load("v3_group");
+    let layers = model.cfg.num_hidden_layers;
+    let moe_layers = layers - model.cfg.first_k_dense_replace;
+    for (dtype, sfx) in [(DType::F32, "f32"), (DType::Bf16, "bf16_bf16")] {
+        let cm = CudaModel::new(dev.clone(), &model, CudaOptions { dtype, keep_fp8: true }).unwrap();
+        let mut gpu = CudaSession::new(&cm, 3, 40).unwrap();
+        let s = seqs(model.cfg.vocab_size);
+        let inputs: Vec<(usize, &[u32])> = s.iter().enumerate().map(|(i, t)| (i, &t[..])).collect();
+        gpu.step(&inputs).unwrap();
+        dev.profile_begin().unwrap();
+        let next = [[3u32], [4], [5]];
+        let inputs: Vec<(usize, &[u32])> = next.iter().enumerate().map(|(i, t)| (i, &t[..])).collect();
+        gpu.step(&inputs).unwrap();
+        let p = dev.profile_end().unwrap();
+        let calls = |name: &str| p.kernels.iter().find(|k| k.name == name).map_or(0, |k| k.calls);
+        let names: Vec<&str> = p.kernels.iter().map(|k| k.name.as_str()).collect();
+        let what = format!("{dtype:?}: {names:?}");
+        let short = if dtype == DType::F32 { "f32" } else { "bf16" };
+        let (prep, combine) = (fuse_enabled() && fused_prep(), fuse_enabled() && fused_combine());
+        let (fused_prep_calls, sep_prep_calls) = if prep { (layers, 0) } else { (0, layers) };
+        assert_eq!(calls(&format!("gemm_skinny_prep_{sfx}")), fused_prep_calls, "{what}");
+        assert_eq!(calls(&format!("mla_prep_{short}")), sep_prep_calls, "{what}");
+        let (fused_comb_calls, sep_comb_calls) = if combine { (moe_layers, 0) } else { (0, moe_layers) };
+        assert_eq!(calls(&format!("gemm_skinny_combine_{sfx}")), fused_comb_calls, "{what}");
+        assert_eq!(calls(&format!("moe_combine_{short}")), sep_comb_calls, "{what}");
+        if dtype == DType::Bf16 && fuse_enabled() {
+            assert_eq!(calls("moe_router_route_plan"), moe_layers, "{what}");
+            assert_eq!(calls("moe_route") + calls("moe_plan") + calls("moe_route_plan"), 0, "{what}");
+        }
+    }
+}

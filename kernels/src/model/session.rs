@@ -110,9 +110,11 @@ pub fn graphs_enabled() -> bool {
 
 /// Whether the decode-path fusions are on (read once; `DSV3_FUSE=0` restores the unfused
 /// kernels, for A/B timing and as a fallback): RMSNorms folded into the GEMMs that read them,
-/// SwiGLU in the gate|up GEMM, the MoE dispatch gather in the routed gate|up GEMM. Each applies
-/// where the GEMM runs in the skinny kernels (few rows: decode); prefill keeps the unfused path.
-fn fuse_enabled() -> bool {
+/// SwiGLU in the gate|up GEMM, the MoE dispatch gather in the routed gate|up GEMM, the router
+/// GEMM in the routing kernel, the MoE combine in the routed down GEMM and `mla_prep` in q_b.
+/// Each applies where the GEMM runs in the skinny kernels (few rows: decode); prefill keeps the
+/// unfused path.
+pub fn fuse_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("DSV3_FUSE").map_or(true, |v| v != "0"))
 }

@@ -838,12 +838,8 @@ __device__ void mla_prep(const T* ckv, int ld_ckv, const float* __restrict__ kv_
     int r = blockIdx.x, y = blockIdx.y, half = dr / 2;
     if (r >= n) return;
     if (y == 0) {
-        int w = c + dr;
-        int p = pos[r];
-        bool ok = p >= 0 && (long long)(p + 1) * w <= slot_stride;  // block-uniform
-        if (!ok) return;
-        mla_prep_kv_row<T>(ckv + (long long)r * ld_ckv, cache + (long long)slot[r] * slot_stride + (long long)p * w,
-                           kv_norm, eps, inv_freq, attn_factor, p, c, dr);
+        mla_prep_kv_row<T>(ckv + (long long)r * ld_ckv, cache + (long long)slot[r] * slot_stride, slot_stride, pos[r],
+                           kv_norm, eps, inv_freq, attn_factor, c, dr);
     } else {
         rope_head_inplace(q + (long long)r * ld_q + (long long)(y - 1) * hs_q + q_off, half, pos[r], inv_freq,
                           attn_factor);

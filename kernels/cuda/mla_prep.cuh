@@ -29,14 +29,17 @@ __device__ __forceinline__ float row_inv_rms256(const T* x, int d, float eps) {
     return 1.0f / sqrtf(t / (float)d + eps);
 }
 
-// One row's new latent: xr [c + dr] (latent ‖ k_pe, as projected) -> dst [c + dr] in the cache:
-// the latent RMS-normalized with kv_norm, k_pe rotated for position p and de-interleaved (pairs
-// (2i, 2i+1) -> (i, half + i)). The whole block (128 or 256 threads) calls it.
+// One row's new latent: xr [c + dr] (latent ‖ k_pe, as projected) -> the cache row of its slot
+// (`cache_slot`, slot_stride elements) at position p: the latent RMS-normalized with kv_norm,
+// k_pe rotated for position p and de-interleaved (pairs (2i, 2i+1) -> (i, half + i)); nothing
+// where p is outside the slot (as cache_append). The whole block (128 or 256 threads) calls it.
 template <typename T>
-__device__ __forceinline__ void mla_prep_kv_row(const T* xr, T* dst, const float* __restrict__ kv_norm, float eps,
-                                                const float* __restrict__ inv_freq, float attn_factor, int p, int c,
-                                                int dr) {
-    const int half = dr / 2;
+__device__ __forceinline__ void mla_prep_kv_row(const T* xr, T* cache_slot, long long slot_stride, int p,
+                                                const float* __restrict__ kv_norm, float eps,
+                                                const float* __restrict__ inv_freq, float attn_factor, int c, int dr) {
+    const int half = dr / 2, w = c + dr;
+    if (p < 0 || (long long)(p + 1) * w > slot_stride) return;  // block-uniform
+    T* dst = cache_slot + (long long)p * w;
     float inv = row_inv_rms256(xr, c, eps);
     for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = from_f32<T>(to_f32(xr[j]) * inv * kv_norm[j]);
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
@@ -69,9 +72,6 @@ struct MlaPrepArgs {
 template <typename T>
 __device__ __forceinline__ void mla_prep_kv_block(const MlaPrepArgs& q, int r, int m) {
     if (r >= m) return;  // block-uniform
-    const int w = q.c + q.dr, p = q.pos[r];
-    if (p < 0 || (long long)(p + 1) * w > q.slot_stride) return;
-    mla_prep_kv_row<T>((const T*)q.ckv + (long long)r * q.ld_ckv,
-                       (T*)q.cache + (long long)q.slot[r] * q.slot_stride + (long long)p * w, q.kv_norm, q.eps,
-                       q.inv_freq, q.attn_factor, p, q.c, q.dr);
+    mla_prep_kv_row<T>((const T*)q.ckv + (long long)r * q.ld_ckv, (T*)q.cache + (long long)q.slot[r] * q.slot_stride,
+                       q.slot_stride, q.pos[r], q.kv_norm, q.eps, q.inv_freq, q.attn_factor, q.c, q.dr);
 }

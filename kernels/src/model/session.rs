@@ -519,7 +519,13 @@ impl<'m> CudaSession<'m> {
     ///
     /// Where q_b runs skinny with the norm folded, the GEMM is left to the caller (`Some` last:
     /// [`QbPending`]), which runs it with `mla_prep` fused in where it can; `q` is then unwritten.
-    fn project(&self, l: usize, hn: In, n: usize, absorb: bool) -> Result<(Act, Act, usize, usize, Option<QbPending>)> {
+    fn project(
+        &self,
+        l: usize,
+        hn: In,
+        n: usize,
+        absorb: bool,
+    ) -> Result<(Act, Act, usize, usize, Option<QbPending<'m>>)> {
         let m = self.model;
         let dev = &*m.dev;
         let c = &m.cfg;
@@ -548,8 +554,8 @@ impl<'m> CudaSession<'m> {
                 if fuse_enabled() && runs_skinny(dev, dt, &b.w, dt, &sf, GemmPath::Auto) {
                     // the caller runs q_b (norm folded), with mla_prep where it can
                     return Ok(match ckv {
-                        Some(ckv) => (q, ckv, 0, w, Some(QbPending { qa: Some(qa), width, rq })),
-                        None => (q, qa, rq, width, Some(QbPending { qa: None, width, rq })),
+                        Some(ckv) => (q, ckv, 0, w, Some(QbPending { qa: Some(qa), w: &b.w, shape: sf })),
+                        None => (q, qa, rq, width, Some(QbPending { qa: None, w: &b.w, shape: sf })),
                     });
                 }
                 norm::rmsnorm(dev, &mut qa, 0, width, None, qn, rq, m.lora_eps, n)?;
@@ -616,19 +622,11 @@ impl<'m> CudaSession<'m> {
             // q_b (its norm folded) with mla_prep in the same launch where it runs in the
             // 8-row skinny kernels, else the two launches
             Some(qb) => {
-                let DQ::Lora { norm: qn, b, .. } = &a.q else { unreachable!("pending only for a q LoRA") };
-                let b = q_last(a, b, absorb);
                 let qa = qb.qa.as_ref().unwrap_or(&ckv_buf);
-                let sf = GemmShape {
-                    lda: qb.width,
-                    bias: b.bias.as_ref(),
-                    norm: Some((qn, m.lora_eps)),
-                    ..GemmShape::plain(n, qb.rq, b.w.n)
-                };
-                if mla::fused_prep() && mla::gemm_prep_runs(dev, dt, &b.w, &sf, &prep) {
-                    mla::gemm_prep(dev, qa, &b.w, &sf, &prep, &mut q, &mut self.caches[l])?;
+                if mla::fused_prep() && mla::gemm_prep_runs(dev, dt, qb.w, &qb.shape, &prep) {
+                    mla::gemm_prep(dev, qa, qb.w, &qb.shape, &prep, &mut q, &mut self.caches[l])?;
                 } else {
-                    gemm(dev, qa, &b.w, &mut q, &sf)?;
+                    gemm(dev, qa, qb.w, &mut q, &qb.shape)?;
                     mla::mla_prep(dev, &prep, &mut q, &mut self.caches[l])?;
                 }
             }
@@ -1132,11 +1130,11 @@ fn moe_forward(
     moe::combine(dev, &rows, &plan, &idx, &w, sh.as_ref(), x, n, k, d)
 }
 
-/// The query LoRA's last GEMM left to `CudaSession::attention` (see `project`): q_b over the
-/// first `rq` columns of rows `width` wide, its norm folded in; the rows are `qa`, or (`None`)
-/// the buffer that also holds the kv rows (q_a ‖ kv_a in one GEMM).
-struct QbPending {
+/// The query LoRA's last GEMM left to `CudaSession::attention` (see `project`): q_b (`w`, its
+/// norm folded into `shape`) over rows `qa`, or (`None`) over the buffer that also holds the kv
+/// rows (q_a ‖ kv_a in one GEMM).
+struct QbPending<'m> {
     qa: Option<Act>,
-    width: usize,
-    rq: usize,
+    w: &'m crate::DWeight,
+    shape: GemmShape<'m>,
 }

@@ -602,8 +602,8 @@ pub fn gemm_prep(
             p.n, s.m, s.ldc, p.ld_q, p.q_off, p.hs_q
         )));
     }
-    // the heads' rope parts must lie in the GEMM's columns
-    if p.ld_q != w.n || (p.h - 1) * p.hs_q + p.q_off + p.dr > w.n {
+    // the heads' rope parts must lie in the GEMM's columns (ld_q == ldc == n: gemm_prep_runs)
+    if (p.h - 1) * p.hs_q + p.q_off + p.dr > w.n {
         return Err(Error::Input(format!(
             "mla gemm_prep: {} heads' rope parts (stride {}, offset {}) in q rows of {} for {} output columns",
             p.h, p.hs_q, p.q_off, p.ld_q, w.n

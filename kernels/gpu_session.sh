@@ -23,7 +23,7 @@
 #                                              $OUT/curves (or gpu/curves) for docs/FP8.md
 #   bash kernels/gpu_session.sh triage [GROUP] there: the test files of the code never yet run on a
 #                                              GPU, each with its default kernels and with every
-#                                              fallback switch (DSV3_FP8_KERNEL=v2/v1, DSV3_FP8_SPLITK=1,
+#                                              fallback switch (DSV3_FP8_KERNEL=v2/v1/tma-regs, DSV3_FP8_SPLITK=1,
 #                                              DSV3_FP8_WGRAD_BATCH=0, DSV3_FP8_QUANT=v1,
 #                                              DSV3_TRAIN_FLASH=0) and the opt-in ones
 #                                              (DSV3_TRAIN_GEMM=mma, DSV3_BF16_GROUPED=mma,
@@ -207,6 +207,7 @@ run_triage() {
         triage_one k_train_fp8 "default"
         triage_one k_train_fp8 "DSV3_FP8_KERNEL=v2" DSV3_FP8_KERNEL=v2
         triage_one k_train_fp8 "DSV3_FP8_KERNEL=v1" DSV3_FP8_KERNEL=v1
+        triage_one k_train_fp8 "DSV3_FP8_KERNEL=tma-regs" DSV3_FP8_KERNEL=tma-regs
         triage_one k_train_fp8 "DSV3_FP8_WGRAD_BATCH=0" DSV3_FP8_WGRAD_BATCH=0
         triage_one k_train_fp8 "DSV3_FP8_QUANT=v1" DSV3_FP8_QUANT=v1
         ;;
@@ -305,6 +306,13 @@ run_next() {
   if [ "$grc" != 0 ]; then
     echo "gemm_tma_grouped_bf16 FAILED (rc $grc, $out/grouped_first.log): DSV3_BF16_GROUPED=mma for the rest"
     export DSV3_BF16_GROUPED=mma
+  fi
+  # likewise the FP8 TMA kernel's TMA-store epilogue (never run on a GPU; the default for bf16 D)
+  local src=0
+  timeout 60 gpu/bin/k_fp8 --test-threads 1 tma_store_epilogue >"$out/tma_store_first.log" 2>&1 || src=$?
+  if [ "$src" != 0 ]; then
+    echo "fp8_gemm_tma's TMA-store epilogue FAILED (rc $src, $out/tma_store_first.log): DSV3_FP8_KERNEL=tma-regs for the rest"
+    export DSV3_FP8_KERNEL=tma-regs
   fi
   {
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true

@@ -423,8 +423,11 @@ extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_wgmma2_f32(Fp8Gemm
 // (the producer's arrive.expect_tx plus the TMA transaction bytes) and an "empty" one (one arrival
 // per consumer warp after its wgmmas were waited). Consumers: per group 4 wgmma m64n128k32 from
 // 128B-swizzled descriptors, wait_group 0, release the stage, promote with sa·sb into f32
-// registers; the epilogue stores from registers while the producer already streams the next
-// tile's groups. Persistent: gridDim.x blocks (at most one per SM) walk the work units
+// registers; the epilogue stores while the producer already streams the next tile's groups: a
+// bf16 D (no accumulate, no split-K; store_d) goes through a 16 KiB staging buffer per warpgroup
+// and two TMA stores (DeepGEMM's epilogue: the warpgroup moves on to the next tile's MMAs while
+// the store drains; the buffer's reuse waits for the store to have read it), else from
+// registers. Persistent: gridDim.x blocks (at most one per SM) walk the work units
 // u = blockIdx.x + i·gridDim.x (block tile u / splits, column tile fastest). Split-K (dense calls
 // whose tiles leave SMs idle, e.g. M = 128): unit u also takes K-group range u % splits and writes
 // f32 partials that fp8_splitk_reduce_* sums into D. K-grouped (k_seg; the MoE expert Wgrad):
@@ -436,7 +439,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_wgmma2_f32(Fp8Gemm
 #define FP8T_STAGES 4
 #define FP8T_STAGE_BYTES (3 * 16384)  // A (2 x 64 rows x 128 K) | B of warpgroup 0's group | B of warpgroup 1's
 #define FP8T_BARS (FP8T_STAGES * FP8T_STAGE_BYTES)    // full[s] at +8s, empty[s] at +32 + 8s
-#define FP8T_SMEM (FP8T_BARS + 2 * FP8T_STAGES * 8 + 1024)  // + slack to align the ring to 1024 B
+#define FP8T_STORE (FP8T_BARS + 1024)                  // the TMA-store staging: 16 KiB per warpgroup
+#define FP8T_SMEM (FP8T_STORE + 2 * 16384 + 1024)      // + slack to align the ring to 1024 B
 #define FP8T_THREADS 288
 
 struct Fp8TmaArgs {
@@ -453,6 +457,13 @@ struct Fp8TmaArgs {
     const int* k_seg;
     long long stride_d;
     int splits, kgroups;
+    // store_d != 0 (bf16 D, accumulate = 0, splits = 1, not K-grouped): each consumer warpgroup
+    // stages its finished 64 x 128 tile in shared memory and one thread stores it by TMA through
+    // td (uint8 dims {2n, m}, stride 2·ldd, box {128, 64}, 128B swizzle), so the tile's MMAs
+    // start while the store drains; tiles with rows of another group below them (a grouped
+    // call's partial tile not at m) store from registers
+    int store_d;
+    TmaDesc td;
 };
 
 // Block tile t of the persistent walk: 64-row tiles 2·mt and 2·mt + 1 (the second may be absent),
@@ -593,6 +604,25 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
             }
             continue;
         }
+        if constexpr (sizeof(TD) == 2) {
+            if (q.store_d && (row_end - row0 == 64 || row_end == p.m)) {
+                // TMA store: wait until this warpgroup's previous store has read the staging
+                // buffer, stage the tile, make it visible to the async proxy, store
+                const bool leader = (tid & 127) == 0;
+                if (leader) bulk_wait_read<0>();
+                named_bar_sync(1 + wg, 128);
+                tma_stage_bf16_m64n128(smem + FP8T_STORE + wg * 16384, warp, lane, out);
+                fence_proxy_async();
+                named_bar_sync(1 + wg, 128);
+                if (leader) {
+                    const uint32_t buf = sbase + FP8T_STORE + wg * 16384;
+                    tma_store_2d(&q.td, buf, 2 * col0, row0);
+                    if (col0 + 64 < p.n) tma_store_2d(&q.td, buf + 8192, 2 * (col0 + 64), row0);
+                    bulk_commit();
+                }
+                continue;
+            }
+        }
         if (q.k_seg) {  // group e's D
             Fp8GemmArgs pe = p;
             pe.d = (void*)((TD*)p.d + (long long)e * q.stride_d);
@@ -601,6 +631,7 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
             fp8_store_frag<TD>(p, row0 + ra, ok0, ok1, col0, lane, out);
         }
     }
+    if (q.store_d && (tid & 127) == 0) bulk_wait<0>();  // the last stores done before the block ends
 #else
     __trap();  // sm_90a only
 #endif

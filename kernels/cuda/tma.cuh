@@ -1,9 +1,13 @@
 // The inline-PTX helpers of the sm_90a TMA + mbarrier pipelines (fp8gemm.cu's fp8_gemm_tma_*):
 // shared-memory mbarriers (init, arrive, arrive with an expected transaction count, parity wait),
-// tiled tensor loads through a tensor map (cp.async.bulk.tensor, completing on an mbarrier) and
-// the tensor-map argument type. The CPU emulator (kernels/emu/include/tma_emu.h) defines DSV3_EMU
-// and supplies its own versions of exactly these functions (mbarrier phases and transaction counts
-// as the PTX ISA defines them, TMA boxes with zero fill out of bounds and the 128-byte swizzle).
+// tiled tensor loads through a tensor map (cp.async.bulk.tensor, completing on an mbarrier),
+// tiled tensor stores from shared memory (bulk groups: commit, wait until read / until done),
+// named barriers (a warpgroup's own barrier) and the tensor-map argument type; and the staging of
+// a warpgroup's m64n128 accumulator fragment as bf16 for such a store (plain C++, emulated as is).
+// The CPU emulator (kernels/emu/include/tma_emu.h) defines DSV3_EMU and supplies its own versions
+// of exactly the inline-PTX functions (mbarrier phases and transaction counts as the PTX ISA
+// defines them, TMA boxes with zero fill out of bounds and the 128-byte swizzle, stores that read
+// shared memory at their wait or at issue, named barriers).
 #pragma once
 #include <stdint.h>
 
@@ -62,4 +66,49 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const TmaDesc* d, uint
         "l"((uint64_t)d), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
         : "memory");
 }
+// Shared `src` (the box, laid out as a load would leave it) into the box at coordinates (c0
+// innermost, c1) of tensor map `d`; elements past the tensor's dims are not written. Joins the
+// thread's current bulk group.
+__device__ __forceinline__ void tma_store_2d(const TmaDesc* d, uint32_t src, int c0, int c1) {
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"((uint64_t)d),
+                 "r"(src), "r"(c0), "r"(c1)
+                 : "memory");
+}
+// Closes the thread's current bulk group.
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until at most N of the thread's bulk groups still read their shared sources (the buffers
+// of the others may be written again).
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+// Waits until at most N of the thread's bulk groups are incomplete (their writes done).
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+    asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// Named barrier `id` (1..15; 0 is __syncthreads') of `count` threads, whole warps.
+__device__ __forceinline__ void named_bar_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
 #endif
+
+// A warpgroup's m64n128 f32 accumulator fragment (warp `warp` of 4, lane `lane`: rows 16·warp +
+// lane/4 and + 8, columns 8j + 2·(lane % 4) + e at out[4j + 2h + e], as the wgmma m64n128 f32
+// fragment) rounded to bf16 into the 16 KiB staging buffer `buf` (1024-byte aligned) of two TMA
+// store boxes: columns [0, 64) and [64, 128), each 64 rows x 128 bytes in the 128-byte swizzle
+// (row r's 16-byte chunk j at chunk j ^ (r % 8) of its line). Each warp's 4-byte stores touch 32
+// different banks. The same rounding as a paired register store (__floats2bfloat162_rn).
+__device__ __forceinline__ void tma_stage_bf16_m64n128(unsigned char* buf, int warp, int lane, const float* out) {
+    const int r0 = warp * 16 + (lane >> 2);
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = r0 + 8 * h, c = j * 8 + (lane & 3) * 2;
+            const uint32_t lin = (uint32_t)((c >> 6) * 8192 + r * 128 + (c & 63) * 2);
+            *(__nv_bfloat162*)(buf + (lin ^ (((lin >> 7) & 7) << 4))) =
+                __floats2bfloat162_rn(out[j * 4 + 2 * h], out[j * 4 + 2 * h + 1]);
+        }
+    }
+}

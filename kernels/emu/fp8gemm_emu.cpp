@@ -5,7 +5,8 @@
 // into an mbarrier ring, a producer warp, persistent blocks — 1 to 4 of them, so blocks walk
 // several tiles — on include/tma_emu.h, where its 16-byte leading dimensions admit, also with
 // split-K and its reduce pass on the dense cases, and K-grouped over 128-aligned expert token
-// segments with empty experts, run_kgrouped) and the SIMT form (fp8_gemm_simt_*), bf16 and f32 D, in the recipe's three forms —
+// segments with empty experts, run_kgrouped; and with the TMA-store epilogue on the bf16 cases it
+// admits, its D bit for bit the register epilogue's) and the SIMT form (fp8_gemm_simt_*), bf16 and f32 D, in the recipe's three forms —
 // Fprop/Dgrad (A 1x128 x B 128x128 blocks), Wgrad (1x128 x 1x128 along K, f32 D, accumulate) and
 // grouped-contiguous (MoE: moe_plan's 64-row tiles, empty and ragged groups) — with ragged m, n
 // and k (k not a multiple of 16 included), padded leading dimensions and both scale layouts, against
@@ -93,8 +94,8 @@ struct Problem {
     int d_off = 0;            // D starts this many elements into its buffer (a gradient arena's slice)
 };
 
-enum Which { SIMT, WGMMA, WGMMA2, TMA, TMA_SPLITK };
-static const char* which_name[] = {"simt", "wgmma", "wgmma2", "tma", "tma-splitk"};
+enum Which { SIMT, WGMMA, WGMMA2, TMA, TMA_SPLITK, TMA_STORE };
+static const char* which_name[] = {"simt", "wgmma", "wgmma2", "tma", "tma-splitk", "tma-store"};
 
 // the launcher's rule for fp8_gemm_wgmma2 (kernels/src/ops/fp8.rs): 16-byte cp.async of every chunk
 static bool v2_ok(const Problem& P) {
@@ -107,6 +108,11 @@ static bool tma_ok(const Problem& P) {
     const int ldb = P.k + P.ldb_pad, n = P.n;
     const long long stride_b = (long long)n * ldb + 32;
     return (P.k + P.lda_pad) % 16 == 0 && ldb % 16 == 0 && (P.counts.empty() || stride_b % 16 == 0);
+}
+// the launcher's rule for fp8_gemm_tma's TMA-store epilogue: bf16 D written (not accumulated),
+// 16-byte aligned, rows a multiple of 16 bytes apart
+static bool tma_store_ok(const Problem& P) {
+    return tma_ok(P) && !P.f32d && !P.accumulate && (P.n + P.ldd_pad) % 8 == 0 && P.d_off % 8 == 0;
 }
 static int tma_sms = 3;  // persistent blocks (the launcher: min(tiles, SMs)); cases vary it
 
@@ -201,7 +207,7 @@ static Result run(const Problem& P, Which which, std::mt19937& rng) {
         emu::allow_global(A.data, A.bytes);  // cp.async may read the operands only
         emu::allow_global(B.data, B.bytes);
     }
-    if (which == TMA || which == TMA_SPLITK) {
+    if (which == TMA || which == TMA_SPLITK || which == TMA_STORE) {
         // the launcher (kernels/src/ops/fp8.rs): tensor maps of A [m, k] and B [groups, n, k]
         // (128 x 64 and 128 x 128 boxes, 128B swizzle), min(block tiles, SMs) persistent blocks
         Fp8TmaArgs q{};
@@ -217,9 +223,26 @@ static Result run(const Problem& P, Which which, std::mt19937& rng) {
         q.work = W.as<float>(), q.splits = splits;
         emu::allow_global(A.data, A.bytes);  // TMA may read the operands only
         emu::allow_global(B.data, B.bytes);
+        if (which == TMA_STORE) {  // and write D: uint8 dims {2n, m}, stride 2·ldd, box {128, 64}
+            const long long dd[2] = {2ll * n, m}, sd[1] = {2ll * ldd}, bd[2] = {128, 64};
+            q.td = emu_tma::encode(D.data, 2, dd, sd, bd, true);
+            q.store_d = 1;
+            emu::allow_global(Dbuf.data, Dbuf.bytes);
+        }
         const int block_tiles = (tiles64 + 1) / 2 * ((n + 127) / 128) * splits;
         const unsigned grid = (unsigned)std::max(1, std::min(block_tiles, tma_sms));
+        GBuf D2(which == TMA_STORE ? Dbuf.bytes : 0);  // the register epilogue's D, to compare
+        if (which == TMA_STORE) std::memcpy(D2.data, Dbuf.data, Dbuf.bytes);
         run_tma(P.f32d ? fp8_gemm_tma_f32 : fp8_gemm_tma_bf16, q, grid);
+        if (which == TMA_STORE) {  // the same kernel storing from registers: bit for bit the same D
+            Fp8TmaArgs q2 = q;
+            q2.store_d = 0;
+            q2.p.d = D2.data + P.d_off * esz;
+            emu::allow_global(D2.data, D2.bytes);
+            run_tma(fp8_gemm_tma_bf16, q2, grid);
+            if (std::memcmp(D2.data, Dbuf.data, Dbuf.bytes) != 0)
+                fail(std::string(P.name) + ": the TMA-store epilogue's D differs from the register epilogue's");
+        }
         if (splits > 1) {  // the reduce pass: 2 blocks of 64 threads, grid-stride
             emu::launch({2, 1, 1}, 64, [&] {
                 if (P.f32d) fp8_splitk_reduce_f32(q.work, splits, m, n, D.as<float>(), ldd, P.accumulate);
@@ -397,19 +420,26 @@ int main(int argc, char** argv) {
         // one element in (2-byte aligned)
         {"wgrad-d-odd", 150, 200, 300, false, true, true, {}, 4, 20, 0, false, 1},
         {"fprop-d-odd", 70, 130, 256, true, false, false, {}, 0, 0, 0, true, 1},
+        // the TMA-store epilogue (bf16 D, 16-byte rows): n past a 64-column box (clipped) and n
+        // ending in the first half of a tile (the second box skipped), a partial last row tile
+        // (clipped at m); grouped: full tiles by TMA, partial ones not at m from registers
+        {"fprop-store", 200, 200, 400, true, false, false, {}, 0, 0, 8, true},
+        {"dgrad-store", 130, 130, 270, true, false, false, {}, 2, 18, 14, false, 8},
+        {"grouped-store", 0, 264, 272, true, false, false, {64, 1, 63, 0, 129, 60}, 16, 0, 16, true},
     };
     for (auto& p : ps)
         if (!p.counts.empty()) {
             p.m = 7;  // rows past the last group: never written
             for (int c : p.counts) p.m += c;
         }
-    if (quick) ps = {ps[0], ps[3], ps[4], ps[5], ps[7], ps[6], ps[9], ps[10], ps[11], ps[12], ps[13]};
+    if (quick) ps = {ps[0], ps[3], ps[4], ps[5], ps[7], ps[6], ps[9], ps[10], ps[11], ps[12], ps[13], ps[14], ps[16]};
     for (int bits : {0, 14}) {
         if (quick && bits) ps = {ps[0]};
         wg_emu::acc_bits = bits;
         for (const Problem& p : ps)
-            for (Which w : {WGMMA, WGMMA2, TMA, TMA_SPLITK, SIMT}) {
+            for (Which w : {WGMMA, WGMMA2, TMA, TMA_SPLITK, TMA_STORE, SIMT}) {
                 if (bits && w == SIMT) continue;
+                if (w == TMA_STORE && !tma_store_ok(p)) continue;
                 if (w == WGMMA2 && !v2_ok(p)) continue;
                 if ((w == TMA || w == TMA_SPLITK) && !tma_ok(p)) continue;
                 if (w == TMA_SPLITK && (!p.counts.empty() || (p.k + 127) / 128 < 2)) continue;

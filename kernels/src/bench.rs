@@ -654,11 +654,14 @@ pub fn fp8_gemm_line(dev: &Device, m: usize, n: usize, k: usize) -> Result<(f64,
     };
     let ms = time_ms(dev, 3, 10, || fp8_gemm(dev, &g, &mut d, Fp8Kernel::Auto))?;
     let ours = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
-    // on sm_90a also the earlier forms (A/B of the TMA kernel fp8_gemm_tma, which Auto runs):
-    // the cp.async-pipelined fp8_gemm_wgmma2 and the first form fp8_gemm_wgmma
+    // on sm_90a also the other forms (A/B of the TMA kernel fp8_gemm_tma with its TMA-store
+    // epilogue, which Auto runs): the same kernel storing D from registers, the cp.async-pipelined
+    // fp8_gemm_wgmma2 and the first form fp8_gemm_wgmma
     let mut v1 = String::new();
     if dev.arch == crate::ptx::Arch::Sm90a {
-        for (name, which) in [("wgmma2", Fp8Kernel::Wgmma2), ("wgmma v1", Fp8Kernel::Wgmma)] {
+        for (name, which) in
+            [("tma regs-epilogue", Fp8Kernel::TmaRegs), ("wgmma2", Fp8Kernel::Wgmma2), ("wgmma v1", Fp8Kernel::Wgmma)]
+        {
             match time_ms(dev, 3, 10, || fp8_gemm(dev, &g, &mut d, which)) {
                 Ok(ms1) => v1 += &format!("  ({name} {:>7.1})", 2.0 * (m * n * k) as f64 / (ms1 * 1e-3) / 1e12),
                 Err(e) => v1 += &format!("  ({name} failed: {e})"),

@@ -15,6 +15,7 @@ use dsv3_kernels::ops::fp8::{
     fp8_gemm, quant_1x128, quant_1x128_form, quant_block128, quant_block128_batch, quant_t128, quant_t128_groups,
     t128_segments, tma_fits, wgmma2_fits, BScales, Fp8BlockOut, Fp8Gemm, Fp8Kernel, Fp8Operand, Fp8Out, FP8_BM,
 };
+use dsv3_kernels::ops::fp8_tma::store_by_tma;
 use dsv3_kernels::ops::gemm::Grouped;
 use dsv3_kernels::ptx::Arch;
 use dsv3_kernels::tensor::{download, upload};
@@ -39,7 +40,7 @@ fn poisoned_f32(dev: &Device, n: usize) -> cudarc::driver::CudaSlice<f32> {
 fn assert_bits(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert_eq!(g.to_bits(), w.to_bits(), "{what}: scale {i}: got {g:e}, want {w:e}");
+        assert_eq!(g.to_bits(), w.to_bits(), "{what}: element {i}: got {g:e}, want {w:e}");
     }
 }
 fn assert_codes(got: &[u8], want: &[u8], what: &str) {
@@ -294,10 +295,11 @@ fn matmul_f64(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
     c
 }
 
-/// The kernels this device runs: SIMT everywhere, both wgmma forms on sm_90a.
+/// The kernels this device runs: SIMT everywhere, the wgmma forms on sm_90a (the TMA kernel with
+/// either epilogue).
 fn kernels(dev: &Device) -> Vec<Fp8Kernel> {
     if dev.arch == Arch::Sm90a {
-        vec![Fp8Kernel::Simt, Fp8Kernel::Wgmma, Fp8Kernel::Wgmma2, Fp8Kernel::Tma]
+        vec![Fp8Kernel::Simt, Fp8Kernel::Wgmma, Fp8Kernel::Wgmma2, Fp8Kernel::Tma, Fp8Kernel::TmaRegs]
     } else {
         vec![Fp8Kernel::Simt]
     }
@@ -308,7 +310,7 @@ fn kernels(dev: &Device) -> Vec<Fp8Kernel> {
 fn runs(which: Fp8Kernel, g: &Fp8Gemm) -> bool {
     match which {
         Fp8Kernel::Wgmma2 => wgmma2_fits(g, 0, 0),
-        Fp8Kernel::Tma => tma_fits(g, 0, 0),
+        Fp8Kernel::Tma | Fp8Kernel::TmaRegs => tma_fits(g, 0, 0),
         _ => true,
     }
 }
@@ -510,9 +512,85 @@ fn fp8_gemm_grouped_contiguous_with_empty_and_ragged_groups() {
             grouped: Some(Grouped { row_offsets: &rod, tile_offsets: &tod, max_tiles: to[g] as usize + 1 }),
         };
         assert!(runs(which, &gm), "the grouped case is aligned for every kernel");
-        let mut d = poisoned(&dev, DType::F32, m * n);
-        fp8_gemm(&dev, &gm, &mut d, which).unwrap();
-        check_gemm(&d.to_f32(&dev).unwrap(), &emu, &exact, 2e-3, &format!("grouped {which:?}"));
+        // bf16 D: the TMA kernel's full tiles leave by TMA stores, the ragged ones from registers
+        for out_dt in DTYPES {
+            let mut d = poisoned(&dev, out_dt, m * n);
+            fp8_gemm(&dev, &gm, &mut d, which).unwrap();
+            let tol = if out_dt == DType::Bf16 { BF16_RTOL } else { 2e-3 };
+            check_gemm(&d.to_f32(&dev).unwrap(), &emu, &exact, tol, &format!("grouped {which:?} -> {out_dt:?}"));
+        }
+    }
+}
+
+/// `fp8_gemm_tma_*`'s two epilogues (TMA stores from a swizzled staging buffer; stores from
+/// registers) write the same bf16 D bit for bit: dense with ragged m and n (boxes clipped at the
+/// tensor's edge, a tile's second box past n skipped), padded D rows (the padding untouched),
+/// more block tiles than the 132 persistent blocks (a warpgroup reuses its staging buffer), and grouped with ragged groups (their partial
+/// tiles store from registers, the rows below them belong to the next group).
+#[test]
+fn tma_store_epilogue_equals_the_register_epilogue_bit_for_bit() {
+    let Some(dev) = device("tma_store_epilogue_equals_the_register_epilogue_bit_for_bit") else { return };
+    if dev.arch != Arch::Sm90a {
+        println!("SKIP tma_store_epilogue_equals_the_register_epilogue_bit_for_bit: the TMA kernel needs sm_90a");
+        return;
+    }
+    let mut rng = Rng::new(76);
+    // (m, n, k, ldd, group rows): dense where empty
+    let cases: [(usize, usize, usize, usize, &[usize]); 5] = [
+        (200, 200, 384, 200, &[]),
+        (130, 130, 272, 144, &[]),
+        (64, 128, 128, 128, &[]),
+        (2200, 1032, 128, 1040, &[]),
+        (0, 264, 256, 272, &[64, 1, 63, 0, 129, 60]),
+    ];
+    for (m0, n, k, ldd, rows) in cases {
+        let m = if rows.is_empty() { m0 } else { rows.iter().sum() };
+        let g = rows.len().max(1);
+        let (mut ro, mut to) = (vec![0i32], vec![0i32]);
+        for &r in rows {
+            ro.push(ro.last().unwrap() + r as i32);
+            to.push(to.last().unwrap() + r.div_ceil(FP8_BM) as i32);
+        }
+        let x = spread(&mut rng, m, k);
+        let w = randn(&mut rng, g * n * k);
+        let qa = quantize_unchecked(&x, m, k, ScaleLayout::Tile1x128, false);
+        let qbs: Vec<QTensor> = (0..g)
+            .map(|e| quantize_unchecked(&w[e * n * k..(e + 1) * n * k], n, k, ScaleLayout::Block128, false))
+            .collect();
+        let (aq, asc) = up(&dev, &qa);
+        let bq = upload(&dev, &qbs.iter().flat_map(|q| q.codes.clone()).collect::<Vec<u8>>()).unwrap();
+        let bsc = upload(&dev, &qbs.iter().flat_map(|q| q.scales.clone()).collect::<Vec<f32>>()).unwrap();
+        let (rod, tod) = (upload(&dev, &ro).unwrap(), upload(&dev, &to).unwrap());
+        let kg = k.div_ceil(128);
+        let gm = Fp8Gemm {
+            m,
+            n,
+            k,
+            a: Fp8Operand { q: &aq, ld: k, scale: &asc, s_rs: kg, s_ks: 1 },
+            b: Fp8Operand { q: &bq, ld: k, scale: &bsc, s_rs: kg, s_ks: 1 },
+            b_scales: BScales::Block128,
+            ldd,
+            accumulate: false,
+            groups: g,
+            stride_b: n * k,
+            stride_sb: n.div_ceil(128) * kg,
+            grouped: if rows.is_empty() {
+                None
+            } else {
+                Some(Grouped { row_offsets: &rod, tile_offsets: &tod, max_tiles: to[g] as usize })
+            },
+        };
+        assert!(store_by_tma(DType::Bf16, &gm, 0, 1), "the case must take the TMA-store epilogue");
+        let run = |which| {
+            let mut d = poisoned(&dev, DType::Bf16, m * ldd);
+            fp8_gemm(&dev, &gm, &mut d, which).unwrap();
+            d.to_f32(&dev).unwrap()
+        };
+        let (st, regs) = (run(Fp8Kernel::Tma), run(Fp8Kernel::TmaRegs));
+        let what = format!("TMA-store vs register epilogue, {m}x{n}x{k} ldd {ldd} groups {rows:?}");
+        assert_bits(&st, &regs, &what);
+        // the padding past n in each row is the poison both left
+        assert!((0..m).all(|r| st[r * ldd + n..(r + 1) * ldd].iter().all(|v| v.is_nan())), "{what}: padding written");
     }
 }
 

@@ -11,6 +11,7 @@
 //   PTX ISA defines them; a lane that left early, or lanes in different collectives, are reported.
 //   Blocks must have a multiple of 32 threads.
 // - __syncthreads is a block barrier; a barrier some threads never reach is a reported deadlock.
+//   Named barriers (bar.sync id, count) likewise over their count of threads.
 // - Dynamic shared memory (DSV3_DYNAMIC_SMEM in kernels/cuda/common.cuh) is emu::dyn_smem. The
 //   driver sets its size per launch with begin_smem(bytes): it is filled with NaN (0xff) and
 //   everything past the size is a canary that end_smem() checks. ldmatrix reads are bounds- and
@@ -208,6 +209,29 @@ inline void sync_block() {
     }
 }
 
+// Named barriers (bar.sync id, count; id 0 is __syncthreads'): `count` threads of whole warps
+// arrive, then all of them go on; a barrier left with arrivals at the end of a block is reported.
+struct NamedBar {
+    int arrived = 0, count = 0;
+    std::vector<int> waiters;
+};
+static NamedBar named[16];
+inline void named_sync(int id, int count) {
+    if (id < 1 || id > 15) fail("named barrier id " + std::to_string(id) + " (1..15 here; 0 is __syncthreads')");
+    if (count <= 0 || count % 32 || count > nthreads) fail("named barrier count " + std::to_string(count));
+    NamedBar& b = named[id];
+    if (b.arrived && b.count != count) fail("named barrier " + std::to_string(id) + " with two thread counts");
+    b.count = count;
+    if (++b.arrived == count) {
+        b.arrived = 0;
+        for (int f : b.waiters) fib[f].waiting = false;
+        b.waiters.clear();
+    } else {
+        b.waiters.push_back(cur);
+        wait_here();
+    }
+}
+
 static std::function<void()> g_body;  // the kernel call, the same for every thread
 // A fiber's life: the body for one block, then parked until run_block resumes it for the next
 // block (fibers are created once, so a block costs no context set-up or signal-mask system calls).
@@ -252,6 +276,7 @@ inline void run_block(emu_dim3 idx, int threads, const std::function<void()>& bo
     nthreads = threads;
     block_arrived = 0;
     for (auto& x : wx) x.arrived = 0;
+    for (auto& b : named) b.arrived = 0, b.waiters.clear();
     for (int t = 0; t < threads; t++) {
         Fiber& f = fib[t];
         f.done = f.waiting = false;
@@ -282,6 +307,8 @@ inline void run_block(emu_dim3 idx, int threads, const std::function<void()>& bo
     }
     for (auto& x : wx)
         if (x.arrived) fail("a warp collective was left incomplete");
+    for (auto& b : named)
+        if (b.arrived) fail("a named barrier was left with " + std::to_string(b.arrived) + " arrivals");
     for (int t = 0; t < threads; t++)
         if (!fib[t].pending.empty()) fail("cp.async copies never waited for");
 }

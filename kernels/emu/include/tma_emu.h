@@ -21,6 +21,14 @@
 //   descriptor. The bytes land when some thread waits on the box's mbarrier (deferred: a consumer
 //   that reads before waiting sees the slot's old bytes), and with emu::cp_async_eager also at
 //   issue (a slot overwritten while a wgmma still reads it fails wgmma_emu's operand check).
+// - cp.async.bulk.tensor 2D stores (tma_store_2d) join the issuing thread's current bulk group
+//   (bulk_commit closes it). The box's bytes are read from shared memory when the thread waits for
+//   the group (bulk_wait_read / bulk_wait), so a staging buffer written again before that wait
+//   stores the new bytes; with emu::cp_async_eager they are read at issue instead, so a staging
+//   write not yet done (a missing barrier before the store) is left out. Elements past the
+//   tensor's dims are not written; the destination must lie in the registered global buffers.
+//   A store never waited for by the end of the block is reported. The source is 128-byte aligned
+//   (1024 with the 128-byte swizzle, read back through the same address XOR as a load).
 // - The box must fit the dynamic shared memory the launcher requests.
 // Timing means nothing here.
 #pragma once
@@ -81,8 +89,22 @@ struct Bar {
 static std::map<uint32_t, Bar> bars;
 static long long boxes_landed = 0;
 
-inline void begin_block() { bars.clear(); }
+// A TMA store issued and not yet read (its group and whether it was already read at issue).
+struct Store {
+    Box box;
+    int group;
+};
+static std::vector<Store> stores[emu::MAXT];
+static int bulk_committed[emu::MAXT];
+static long long boxes_stored = 0;
+
+inline void begin_block() {
+    bars.clear();
+    for (int t = 0; t < emu::MAXT; t++) stores[t].clear(), bulk_committed[t] = 0;
+}
 inline void end_block() {
+    for (int t = 0; t < emu::MAXT; t++)
+        if (!stores[t].empty()) fail("a TMA store never waited for (cp.async.bulk.wait_group) by thread " + std::to_string(t));
     for (auto& [a, b] : bars) {
         if (!b.boxes.empty()) fail("a TMA box never landed (its mbarrier never waited for)");
         if (b.pending != b.count || b.tx != 0)
@@ -118,6 +140,24 @@ inline void copy_box(const Box& x) {
                 const uint32_t lin = x.dst + (uint32_t)(((i2 * m.box[1]) + i1) * row + i0);
                 emu::dyn_smem[m.swizzle128 ? swz(lin) : lin] = v;
             }
+}
+
+// Writes box x from shared memory into global memory (elements inside the tensor's dims only).
+inline void store_box(const Box& x) {
+    const Map& m = x.map;
+    const long long row = m.box[0];
+    for (long long i1 = 0; i1 < m.box[1]; i1++)
+        for (long long i0 = 0; i0 < row; i0++) {
+            const long long g0 = x.c[0] + i0, g1 = x.c[1] + i1;
+            if (g0 < 0 || g0 >= m.dims[0] || g1 < 0 || g1 >= m.dims[1]) continue;
+            unsigned char* d = const_cast<unsigned char*>(m.base) + g0 + g1 * m.strides[0];
+            bool inside = emu::globals.empty();
+            for (const emu::Region& r : emu::globals) inside = inside || (d >= r.lo && d < r.hi);
+            if (!inside) fail("TMA store outside the registered global buffers (tensor map dims/strides)");
+            const uint32_t lin = x.dst + (uint32_t)(i1 * row + i0);
+            *d = emu::dyn_smem[m.swizzle128 ? swz(lin) : lin];
+        }
+    boxes_stored++;
 }
 
 inline void complete_if_done(Bar& b) {
@@ -191,6 +231,45 @@ inline void mbar_wait(uint32_t a, uint32_t parity) {
         emu::wait_here();
     }
 }
+inline void tma_store_2d(const TmaDesc* d, uint32_t src, int c0, int c1) {
+    emu_tma::Box x;
+    std::memcpy(&x.map, d, sizeof(emu_tma::Map));
+    if (x.map.rank != 2) fail("TMA store rank differs from the tensor map's");
+    x.dst = src;  // here: the shared source
+    x.c[0] = c0, x.c[1] = c1, x.c[2] = 0;
+    const long long bytes = x.map.box[0] * x.map.box[1];
+    if (src % 128) fail("TMA store source not 128-byte aligned");
+    if (x.map.swizzle128 && src % 1024) fail("TMA store source of a 128B-swizzled box not 1024-byte aligned");
+    if (src + bytes > emu::smem_limit) fail("TMA store box past the launcher's shared memory size");
+    const int t = emu::cur;
+    if (emu::cp_async_eager) {
+        emu_tma::store_box(x);  // read at issue
+        emu_tma::stores[t].push_back({x, -1 - emu_tma::bulk_committed[t]});  // still to be waited for
+    } else {
+        emu_tma::stores[t].push_back({x, emu_tma::bulk_committed[t]});
+    }
+}
+inline void bulk_commit() { emu_tma::bulk_committed[emu::cur]++; }
+// Both waits: the groups older than the newest N are read (and, here, written) now.
+template <int N>
+inline void bulk_wait() {
+    const int t = emu::cur, done_below = emu_tma::bulk_committed[t] - N;
+    std::vector<emu_tma::Store> keep;
+    for (const emu_tma::Store& x : emu_tma::stores[t]) {
+        const int g = x.group < 0 ? -1 - x.group : x.group;
+        if (g >= done_below) {
+            keep.push_back(x);
+            continue;
+        }
+        if (x.group >= 0) emu_tma::store_box(x.box);  // deferred: read at the wait
+    }
+    emu_tma::stores[t].swap(keep);
+}
+template <int N>
+inline void bulk_wait_read() {
+    bulk_wait<N>();
+}
+inline void named_bar_sync(int id, int count) { emu::named_sync(id, count); }
 inline void tma_prefetch_desc(const TmaDesc*) {}
 inline void tma_load_2d(uint32_t dst, const TmaDesc* d, uint32_t bar, int c0, int c1) {
     emu_tma::load(dst, d, bar, c0, c1, 0, 2);

@@ -22,8 +22,9 @@ use std::sync::OnceLock;
 /// Threads of `fp8_gemm_tma_*`: 2 consumer warpgroups and 1 producer warp.
 pub const FP8_TMA_THREADS: u32 = 288;
 /// Dynamic shared memory of `fp8_gemm_tma_*`: 4 stages of A (2 x 64 x 128) and two B tiles
-/// (128 x 128), 8 mbarriers, and 1 KiB of slack to align the ring to 1024 bytes.
-pub const FP8_TMA_SMEM: u32 = 4 * 3 * 16384 + 2 * 4 * 8 + 1024;
+/// (128 x 128), 8 mbarriers in the next KiB, the TMA-store staging (16 KiB per consumer
+/// warpgroup) and 1 KiB of slack to align the ring to 1024 bytes.
+pub const FP8_TMA_SMEM: u32 = 4 * 3 * 16384 + 1024 + 2 * 16384 + 1024;
 
 /// The argument block of `fp8_gemm_tma_*` (`struct Fp8TmaArgs` in fp8gemm.cu): the tensor maps
 /// of A and B (each a 128-byte, 64-byte aligned `CUtensorMap`) and the common FP8 GEMM arguments.
@@ -42,9 +43,17 @@ pub struct Fp8TmaArgs {
     pub stride_d: i64,
     pub splits: i32,
     pub kgroups: i32,
+    /// 1: D (bf16, written, not accumulated; `splits == 1`, not K-grouped) leaves by TMA stores
+    /// through `td` ([`store_by_tma`]).
+    pub store_d: i32,
+    /// Up to the tensor map's 64-byte alignment (the CUDA struct's `TmaDesc` is `__align__(64)`).
+    pub _pad: [i32; 3],
+    /// D: uint8 dims `{2n, m}`, stride `2·ldd`, box `{128, 64}`, 128-byte swizzle (zeros when
+    /// `store_d == 0`).
+    pub td: [u64; 16],
 }
 
-// SAFETY: plain integers, #[repr(C)], laid out as the CUDA struct (offsets 0, 128, 256).
+// SAFETY: plain integers, #[repr(C)], laid out as the CUDA struct (offsets 0, 128, 256, 448).
 unsafe impl DeviceRepr for Fp8TmaArgs {}
 
 /// Whether `fp8_gemm_tma_*` can run `g`: TMA's global strides (lda, ldb, the grouped weight
@@ -55,6 +64,13 @@ pub fn tma_fits(g: &Fp8Gemm, a_ptr: u64, b_ptr: u64) -> bool {
         && (g.groups == 1 || g.stride_b.is_multiple_of(16))
         && a_ptr.is_multiple_of(16)
         && b_ptr.is_multiple_of(16)
+}
+
+/// Whether `fp8_gemm_tma_*` stores D by TMA (its staging buffer and two 64-column boxes per
+/// warpgroup tile, DeepGEMM's epilogue) rather than from registers: a bf16 D written, not
+/// accumulated, without split-K, its base and rows 16-byte aligned (TMA's rules).
+pub fn store_by_tma(dt: DType, g: &Fp8Gemm, d_ptr: u64, splits: usize) -> bool {
+    dt == DType::Bf16 && !g.accumulate && splits == 1 && g.ldd.is_multiple_of(8) && d_ptr.is_multiple_of(16)
 }
 
 /// A uint8 tensor map over `dims` (innermost first) with byte `strides` for the outer dims,
@@ -107,7 +123,8 @@ pub fn splitk_for(tiles: usize, kgroups: usize, sms: usize) -> usize {
 /// by `fp8_gemm` (which checked the buffers; `dt` is D's type); `tiles64` is the bound on 64-row
 /// tiles (grouped: the plan's `max_tiles`). Dense calls with too few tiles to fill the GPU split
 /// K ([`splitk_for`]): the partials go to a temporary `[splits, m, n]` f32 buffer and
-/// `fp8_splitk_reduce_*` adds them into D in split order.
+/// `fp8_splitk_reduce_*` adds them into D in split order. `tma_store`: D by TMA stores where
+/// [`store_by_tma`] admits it.
 pub(crate) fn launch_tma(
     dev: &Device,
     kernel: &'static str,
@@ -115,6 +132,7 @@ pub(crate) fn launch_tma(
     g: &Fp8Gemm,
     p: Fp8GemmArgs,
     tiles64: usize,
+    tma_store: bool,
 ) -> Result<()> {
     let ta = encode_u8(p.a, &[g.k as u64, g.m as u64], &[g.a.ld as u64], &[128, 64])?;
     let stride_b = if g.groups > 1 { g.stride_b } else { g.n * g.b.ld };
@@ -128,8 +146,22 @@ pub(crate) fn launch_tma(
         None => 0,
     };
     let grid = (block_tiles * splits).min(dev.sms.max(1));
-    let args =
-        Fp8TmaArgs { ta, tb, p, work: work_ptr, k_seg: 0, stride_d: 0, splits: int(splits, "splits")?, kgroups: 1 };
+    let store_d = tma_store && store_by_tma(dt, g, p.d, splits);
+    let td =
+        if store_d { encode_u8(p.d, &[2 * g.n as u64, g.m as u64], &[2 * g.ldd as u64], &[128, 64])? } else { [0; 16] };
+    let args = Fp8TmaArgs {
+        ta,
+        tb,
+        p,
+        work: work_ptr,
+        k_seg: 0,
+        stride_d: 0,
+        splits: int(splits, "splits")?,
+        kgroups: 1,
+        store_d: i32::from(store_d),
+        _pad: [0; 3],
+        td,
+    };
     launch_smem(
         dev,
         "fp8gemm",
@@ -236,6 +268,9 @@ pub fn fp8_gemm_kgrouped(
         stride_d: stride_d as i64,
         splits: 1,
         kgroups: int(kgroups, "kgroups")?,
+        store_d: 0,
+        _pad: [0; 3],
+        td: [0; 16],
     };
     launch_smem(
         dev,
@@ -262,7 +297,10 @@ mod tests {
         assert_eq!(std::mem::offset_of!(Fp8TmaArgs, stride_d), 416);
         assert_eq!(std::mem::offset_of!(Fp8TmaArgs, splits), 424);
         assert_eq!(std::mem::offset_of!(Fp8TmaArgs, kgroups), 428);
-        assert_eq!(std::mem::size_of::<Fp8TmaArgs>(), 448);
+        assert_eq!(std::mem::offset_of!(Fp8TmaArgs, store_d), 432);
+        // the D tensor map 64-byte aligned
+        assert_eq!(std::mem::offset_of!(Fp8TmaArgs, td), 448);
+        assert_eq!(std::mem::size_of::<Fp8TmaArgs>(), 576);
     }
 
     #[test]
@@ -285,8 +323,9 @@ mod tests {
 
     #[test]
     fn shared_memory_fits_the_h100_and_the_ring_layout() {
-        // 4 stages x 48 KiB + 8 mbarriers + 1 KiB of alignment slack, under the 227 KiB opt-in limit
-        assert_eq!(super::FP8_TMA_SMEM, 196_608 + 64 + 1024);
+        // 4 stages x 48 KiB, the mbarriers' KiB, 2 x 16 KiB of store staging, 1 KiB of alignment
+        // slack: under the 227 KiB opt-in limit
+        assert_eq!(super::FP8_TMA_SMEM, 196_608 + 1024 + 32_768 + 1024);
         const { assert!(super::FP8_TMA_SMEM <= 232_448) };
     }
 }

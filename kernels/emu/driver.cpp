@@ -282,6 +282,8 @@ struct CountsAtExit {
         if (FILE* o = open("DSV3_EMU_PROFILE")) {
             for (auto& [k, n] : launches) std::fprintf(o, "launch %s %lld\n", k.c_str(), n);
             for (auto& [k, n] : api_calls) std::fprintf(o, "call %s %lld\n", k.c_str(), n);
+            std::fprintf(o, "tma boxes_loaded %lld\ntma boxes_stored %lld\n", emu_tma::boxes_landed,
+                         emu_tma::boxes_stored);
             std::fclose(o);
         }
     }

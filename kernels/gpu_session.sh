@@ -220,6 +220,7 @@ run_triage() {
         triage_one k_train_pass "DSV3_TRAIN_FLASH=0" DSV3_TRAIN_FLASH=0
         triage_one k_train_pass "DSV3_TRAIN_GEMM=mma" DSV3_TRAIN_GEMM=mma
         triage_one k_train_pass "DSV3_BF16_GROUPED=mma" DSV3_BF16_GROUPED=mma
+        triage_one k_train_pass "DSV3_BF16_GROUPED=tma-regs" DSV3_BF16_GROUPED=tma-regs
         triage_one k_attn_train "default"
         triage_one k_attn_train "DSV3_TRAIN_FLASH=0" DSV3_TRAIN_FLASH=0
         # gemm: the mma kernels' layouts and the training products on cuBLAS
@@ -304,8 +305,15 @@ run_next() {
   local grc=0
   timeout 60 gpu/bin/k_gemm --test-threads 1 grouped_products_on_wgmma_tma >"$out/grouped_first.log" 2>&1 || grc=$?
   if [ "$grc" != 0 ]; then
-    echo "gemm_tma_grouped_bf16 FAILED (rc $grc, $out/grouped_first.log): DSV3_BF16_GROUPED=mma for the rest"
-    export DSV3_BF16_GROUPED=mma
+    # first without its TMA-store epilogue (new since): if that passes, only the epilogue is at fault
+    if DSV3_BF16_GROUPED=tma-regs timeout 60 gpu/bin/k_gemm --test-threads 1 grouped_products_on_wgmma_tma \
+      >>"$out/grouped_first.log" 2>&1; then
+      echo "gemm_tma_grouped_bf16's TMA-store epilogue FAILED (rc $grc, $out/grouped_first.log): DSV3_BF16_GROUPED=tma-regs for the rest"
+      export DSV3_BF16_GROUPED=tma-regs
+    else
+      echo "gemm_tma_grouped_bf16 FAILED (rc $grc, $out/grouped_first.log): DSV3_BF16_GROUPED=mma for the rest"
+      export DSV3_BF16_GROUPED=mma
+    fi
   fi
   # likewise the FP8 TMA kernel's TMA-store epilogue (never run on a GPU; the default for bf16 D)
   local src=0
@@ -362,7 +370,11 @@ run_next() {
     E=DSV3_BF16_GROUPED=mma one 60 "${tr[@]}" --dtype bf16
   } >"$out/train.log"
   echo "train done at $(el)s"
-  one 60 gpu/bin/kernel_bench grouped >"$out/grouped.log"
+  {
+    one 60 gpu/bin/kernel_bench grouped
+    # the wgmma kernel storing from registers instead of by TMA stores
+    E=DSV3_BF16_GROUPED=tma-regs one 60 gpu/bin/kernel_bench grouped
+  } >"$out/grouped.log"
   one 30 gpu/bin/kernel_bench ce >"$out/ce.log"
   one 100 gpu/bin/fp8_bench >"$out/fp8bench.log"
   echo "fp8 done at $(el)s"

@@ -605,7 +605,7 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
             continue;
         }
         if constexpr (sizeof(TD) == 2) {
-            if (q.store_d && (row_end - row0 == 64 || row_end == p.m)) {
+            if (q.store_d && (row_end - row0 >= 64 || row_end == p.m)) {
                 // TMA store: wait until this warpgroup's previous store has read the staging
                 // buffer, stage the tile, make it visible to the async proxy, store
                 const bool leader = (tid & 127) == 0;

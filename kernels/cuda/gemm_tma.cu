@@ -14,7 +14,9 @@
 // "full" mbarrier per stage (arrive.expect_tx + the TMA bytes), "empty" one (an arrival per
 // consumer warp). A consumer warpgroup issues 4 wgmma m64n128k16 per slice into one accumulator
 // over the whole K (no promotion: bf16 products accumulate in f32 in the tensor core), keeps one
-// slice's MMAs in flight (wait_group 1 releases the slice before), and stores from registers.
+// slice's MMAs in flight (wait_group 1 releases the slice before), and stores from registers or,
+// for a bf16 C written without accumulate or bias (the experts'), by TMA stores from a staging buffer (fp8_gemm_tma's
+// epilogue: the warpgroup starts the next tile while the store drains).
 // Persistent: gridDim.x blocks walk the block tiles u = blockIdx.x + i·gridDim.x, column tile
 // fastest. Needs k > 0, lda, ldw (and stride_w) multiples of 8 elements, A and W 16-byte aligned.
 // EMULATOR-VERIFIED (kernels/emu, wgmma_emu.h's bf16 form); not yet run on a GPU.
@@ -27,11 +29,18 @@
 #define GT_STAGES 4
 #define GT_STAGE_BYTES (3 * 16384)  // A (2 x 64 rows x 128 B) | B of warpgroup 0's group | B of warpgroup 1's
 #define GT_BARS (GT_STAGES * GT_STAGE_BYTES)  // full[s] at +8s, empty[s] at +32 + 8s
+#define GT_STORE (GT_BARS + 1024)              // the TMA-store staging: 16 KiB per warpgroup
 
 struct GemmTmaArgs {
     TmaDesc ta;  // A: uint8 dims {2k, m}, stride 2·lda, box {128, 64}, 128B swizzle
     TmaDesc tb;  // W: uint8 dims {2k, n, groups}, strides {2·ldw, 2·stride_w}, box {128, 128, 1}
     GemmArgs p;
+    // store_c != 0 (bf16 C, accumulate = 0, no bias): a warpgroup's finished 64 x 128 tile leaves
+    // through its 16 KiB staging buffer by two TMA stores through tc (uint8 dims {2n, m}, stride
+    // 2·ldc, box {128, 64}, 128B swizzle) while it goes on to the next tile; partial tiles with
+    // another group's rows below them store from registers
+    int store_c;
+    TmaDesc tc;
 };
 
 struct GtTile {
@@ -156,6 +165,24 @@ __device__ void gemm_tma_grouped(const GemmTmaArgs& q) {
         fence_acc(acc);
         if (lane == 0) mbar_arrive(bars + 32 + 8 * ((it - 1) % GT_STAGES));
         if (!active) continue;
+        if constexpr (sizeof(TC) == 2) {
+            if (q.store_c && (row_end - row0 >= 64 || row_end == p.m)) {
+                // as fp8_gemm_tma: wait until the previous store read the buffer, stage, fence, store
+                const bool leader = (tid & 127) == 0;
+                if (leader) bulk_wait_read<0>();
+                named_bar_sync(1 + wg, 128);
+                tma_stage_bf16_m64n128(smem + GT_STORE + wg * 16384, warp, lane, acc);
+                fence_proxy_async();
+                named_bar_sync(1 + wg, 128);
+                if (leader) {
+                    const uint32_t buf = sbase + GT_STORE + wg * 16384;
+                    tma_store_2d(&q.tc, buf, 2 * x.col0, row0);
+                    if (x.col0 + 64 < p.n) tma_store_2d(&q.tc, buf + 8192, 2 * (x.col0 + 64), row0);
+                    bulk_commit();
+                }
+                continue;
+            }
+        }
         const bool ok0 = row0 + ra < row_end, ok1 = row0 + ra + 8 < row_end;
 #pragma unroll
         for (int j = 0; j < 16; j++) {
@@ -165,6 +192,7 @@ __device__ void gemm_tma_grouped(const GemmTmaArgs& q) {
             if (ok1) gt_store2<TC>(p, row0 + ra + 8, c, acc[j * 4 + 2], acc[j * 4 + 3]);
         }
     }
+    if (q.store_c && (tid & 127) == 0) bulk_wait<0>();  // the last stores done before the block ends
 #else
     __trap();  // sm_90a only
 #endif

@@ -973,7 +973,9 @@ fn train_products_on_cublas_match_the_reference() {
 /// picks for row-grouped NT / NN on sm_90a; the mma.sync kernel elsewhere): ragged and empty
 /// experts (two experts in one 128-row block tile, a tile + 1 row), K not a multiple of the 64-K
 /// slice, N not a multiple of 128, bias, bf16 and f32 C, accumulate; NN through the transposed
-/// weight; and more block tiles than SMs (the persistent walk). The profile says which kernel ran.
+/// weight; and more block tiles than SMs (the persistent walk). bf16 C without bias (and NN)
+/// leaves by TMA stores (`DSV3_BF16_GROUPED=tma-regs`: from registers; both must pass). The
+/// profile says which kernel ran.
 #[test]
 fn grouped_products_on_wgmma_tma_match_the_reference() {
     let Some(dev) = device("grouped_products_on_wgmma_tma_match_the_reference") else { return };
@@ -988,7 +990,10 @@ fn grouped_products_on_wgmma_tma_match_the_reference() {
         let rows: usize = counts.iter().sum();
         let (ro, to) = offsets(&counts);
         let (ro_d, to_d) = (upload(&dev, &ro).unwrap(), upload(&dev, &to).unwrap());
-        let x = bf16r(&randn(&mut rng, rows * k));
+        // EXTRA rows past the groups in A and C (the NT calls' m): no group owns them, so C's stay
+        // as they were (a partial tile stored whole, by TMA or otherwise, would overwrite them)
+        const EXTRA: usize = 5;
+        let x = bf16r(&randn(&mut rng, (rows + EXTRA) * k));
         let w = bf16r(&randn(&mut rng, g * n * k));
         let bias = randn(&mut rng, n);
         let xa = Act::from_f32(&dev, DType::Bf16, &x).unwrap();
@@ -1004,18 +1009,24 @@ fn grouped_products_on_wgmma_tma_match_the_reference() {
                 sabs[r0 * n + i] = s[i] + (bias[i % n] as f64).abs();
             }
         }
-        for (out_dt, acc) in [(DType::Bf16, false), (DType::F32, true)] {
-            let prev = randn(&mut rng, rows * n);
-            let mut c =
-                if acc { Act::from_f32(&dev, out_dt, &prev).unwrap() } else { poisoned(&dev, out_dt, rows * n) };
+        // bf16 C without bias: the TMA-store epilogue (full tiles; the partial ones from registers)
+        for (out_dt, acc, with_bias) in
+            [(DType::Bf16, false, true), (DType::Bf16, false, false), (DType::F32, true, true)]
+        {
+            let prev = randn(&mut rng, (rows + EXTRA) * n);
+            let mut c = if acc {
+                Act::from_f32(&dev, out_dt, &prev).unwrap()
+            } else {
+                poisoned(&dev, out_dt, (rows + EXTRA) * n)
+            };
             let grouped = Grouped { row_offsets: &ro_d, tile_offsets: &to_d, max_tiles: rows.div_ceil(GEMM_BM) + g };
             let s = MatShape {
                 stride_b: n * k,
                 batch: g,
                 accumulate: acc,
-                bias: Some(&bias_d),
+                bias: with_bias.then_some(&bias_d),
                 grouped: Some(grouped),
-                ..MatShape::plain(Layout::NT, rows, n, k)
+                ..MatShape::plain(Layout::NT, rows + EXTRA, n, k)
             };
             dev.profile_begin().unwrap();
             gemm_mat(&dev, Layout::NT, &xa, Operand::Weight(&wd), &mut c, &s).unwrap();
@@ -1026,8 +1037,15 @@ fn grouped_products_on_wgmma_tma_match_the_reference() {
             if acc {
                 wc.iter_mut().zip(&prev).for_each(|(v, p)| *v += *p as f64);
             }
+            if !with_bias {
+                wc.iter_mut().enumerate().for_each(|(i, v)| *v -= bias[i % n] as f64);
+            }
             let got = c.to_f32(&dev).unwrap();
-            assert_gemm_close(&got, &wc, &sabs, out_dt, &format!("grouped NT {counts:?} k {k} n {n} -> {out_dt:?}"));
+            let what = format!("grouped NT {counts:?} k {k} n {n} -> {out_dt:?} bias {with_bias}");
+            assert_gemm_close(&got[..rows * n], &wc, &sabs, out_dt, &what);
+            let untouched =
+                got[rows * n..].iter().zip(&prev[rows * n..]).all(|(v, p)| if acc { v == p } else { v.is_nan() });
+            assert!(untouched, "{what}: the rows past the groups were written");
         }
         // NN: dX [rows, n] = dY [rows, k] · W_e [k, n] (W stored [g][k][n], as the expert weight
         // [d_out = k, d_in = n] of the backward)

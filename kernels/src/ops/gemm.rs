@@ -58,7 +58,7 @@ pub struct GemmArgs {
 /// `GemmArgs::flags`: every operand row and chunk is 16-byte aligned (cp.async loads).
 const FLAG_VEC: i32 = 1;
 /// `GemmArgs::flags`: C is f32 (else bf16).
-const FLAG_F32C: i32 = 2;
+pub(crate) const FLAG_F32C: i32 = 2;
 
 // SAFETY: plain integers, #[repr(C)], laid out as the CUDA struct.
 unsafe impl DeviceRepr for GemmArgs {}

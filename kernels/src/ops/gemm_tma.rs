@@ -6,7 +6,7 @@
 //! calls here on sm_90a where the operands fit TMA's rules ([`fits`]); `DSV3_BF16_GROUPED=mma`
 //! keeps them on the mma.sync kernel. Emulator-verified; not yet run on a GPU.
 use super::fp8_tma::encode_u8;
-use super::gemm::{GemmArgs, Layout, MatShape};
+use super::gemm::{GemmArgs, Layout, MatShape, FLAG_F32C};
 use super::{dim, int, launch, launch_smem, KArg};
 use crate::device::Device;
 use crate::tensor::{dptr, empty};
@@ -16,25 +16,55 @@ use dsv3_core::Result;
 /// Threads of `gemm_tma_grouped_bf16`: 2 consumer warpgroups and 1 producer warp.
 pub const GEMM_TMA_THREADS: u32 = 288;
 /// Its dynamic shared memory: 4 stages of A (2 x 64 rows x 64 K) and two B tiles (128 x 64 K),
-/// 8 mbarriers, 1 KiB of slack to align the ring to 1024 bytes.
-pub const GEMM_TMA_SMEM: u32 = 4 * 3 * 16384 + 2 * 4 * 8 + 1024;
+/// 8 mbarriers in the next KiB, the TMA-store staging (16 KiB per consumer warpgroup), 1 KiB of
+/// slack to align the ring to 1024 bytes.
+pub const GEMM_TMA_SMEM: u32 = 4 * 3 * 16384 + 1024 + 2 * 16384 + 1024;
 
-/// `struct GemmTmaArgs` of gemm_tma.cu: the tensor maps of A and W, then the GEMM arguments.
+/// `struct GemmTmaArgs` of gemm_tma.cu: the tensor maps of A and W, the GEMM arguments, and the
+/// TMA-store epilogue's switch and tensor map of C.
 #[repr(C, align(64))]
 #[derive(Debug, Clone, Copy)]
 pub struct GemmTmaArgs {
     pub ta: [u64; 16],
     pub tb: [u64; 16],
     pub p: GemmArgs,
+    /// 1: C (bf16, written, not accumulated, no bias) leaves by TMA stores through `tc`
+    /// ([`store_by_tma`]).
+    pub store_c: i32,
+    /// Up to the tensor map's 64-byte alignment (`TmaDesc` is `__align__(64)` in CUDA).
+    pub _pad: [i32; 9],
+    /// C: uint8 dims `{2n, m}`, stride `2·ldc`, box `{128, 64}`, 128-byte swizzle (zeros when
+    /// `store_c == 0`).
+    pub tc: [u64; 16],
 }
 
-// SAFETY: plain integers, #[repr(C)], laid out as the CUDA struct (offsets 0, 128, 256).
+// SAFETY: plain integers, #[repr(C)], laid out as the CUDA struct (offsets 0, 128, 256, 408, 448).
 unsafe impl DeviceRepr for GemmTmaArgs {}
 
 /// `DSV3_BF16_GROUPED=mma` (read once): grouped products stay on the mma.sync kernel.
 fn disabled() -> bool {
     static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     super::env_is(&V, "DSV3_BF16_GROUPED", "mma")
+}
+
+/// `DSV3_BF16_GROUPED=tma-regs` (read once): the wgmma + TMA kernel stores every C from registers.
+fn store_from_registers() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    super::env_is(&V, "DSV3_BF16_GROUPED", "tma-regs")
+}
+
+/// Whether `gemm_tma_grouped_bf16` stores C by TMA (a 16 KiB staging buffer per warpgroup tile,
+/// two 64-column boxes; the partial tiles of a group that another group's rows follow still store
+/// from registers): a bf16 C written, not accumulated, without a bias (the experts' products
+/// have none; adding it in the epilogue made ptxas spill), its base and rows 16-byte aligned,
+/// and not switched off (`DSV3_BF16_GROUPED=tma-regs`).
+pub fn store_by_tma(p: &GemmArgs) -> bool {
+    p.flags & FLAG_F32C == 0
+        && p.accumulate == 0
+        && p.bias == 0
+        && p.ldc % 8 == 0
+        && p.c.is_multiple_of(16)
+        && !store_from_registers()
 }
 
 /// Whether grouped products on `dev` go to `gemm_tma_grouped_bf16` where their shapes allow
@@ -100,6 +130,9 @@ pub(crate) fn grouped(dev: &Device, layout: Layout, s: &MatShape, mut p: GemmArg
         &[p.ldw as u64 * e, if groups > 1 { p.stride_w as u64 * e } else { (n * p.ldw as usize) as u64 * e }],
         &[128, 128, 1],
     )?;
+    let store_c = store_by_tma(&p);
+    let tc =
+        if store_c { encode_u8(p.c, &[n as u64 * e, s.m as u64], &[p.ldc as u64 * e], &[128, 64])? } else { [0; 16] };
     let blocks = max_tiles.max(1).div_ceil(2) * n.div_ceil(128);
     let grid = blocks.min(dev.sms.max(1));
     launch_smem(
@@ -109,7 +142,7 @@ pub(crate) fn grouped(dev: &Device, layout: Layout, s: &MatShape, mut p: GemmArg
         (dim(grid, "gemm_tma blocks")?, 1, 1),
         GEMM_TMA_THREADS,
         GEMM_TMA_SMEM,
-        &[KArg::GemmTma(Box::new(GemmTmaArgs { ta, tb, p }))],
+        &[KArg::GemmTma(Box::new(GemmTmaArgs { ta, tb, p, store_c: i32::from(store_c), _pad: [0; 9], tc }))],
     )
 }
 
@@ -121,7 +154,11 @@ mod tests {
     fn the_argument_block_is_laid_out_as_the_cuda_struct() {
         assert_eq!(std::mem::offset_of!(GemmTmaArgs, tb), 128);
         assert_eq!(std::mem::offset_of!(GemmTmaArgs, p), 256);
+        assert_eq!(std::mem::offset_of!(GemmTmaArgs, store_c), 408);
+        assert_eq!(std::mem::offset_of!(GemmTmaArgs, tc), 448);
+        assert_eq!(std::mem::size_of::<GemmTmaArgs>(), 576);
         assert_eq!(std::mem::align_of::<GemmTmaArgs>(), 64);
+        const { assert!(GEMM_TMA_SMEM <= 232_448) };
         assert!(crate::ops::KERNELS.contains(&("gemm_tma", "gemm_tma_grouped_bf16")));
         assert!(crate::ops::KERNELS.contains(&("gemm_tma", "transpose_groups_bf16")));
     }

@@ -428,7 +428,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_wgmma2_f32(Fp8Gemm
 // and two TMA stores (DeepGEMM's epilogue: the warpgroup moves on to the next tile's MMAs while
 // the store drains; the buffer's reuse waits for the store to have read it), else from
 // registers. Persistent: gridDim.x blocks (at most one per SM) walk the work units
-// u = blockIdx.x + i·gridDim.x (block tile u / splits, column tile fastest). Split-K (dense calls
+// u = blockIdx.x + i·gridDim.x (block tile u / splits in tma_raster's L2-friendly order: bands of 8 row tiles). Split-K (dense calls
 // whose tiles leave SMs idle, e.g. M = 128): unit u also takes K-group range u % splits and writes
 // f32 partials that fp8_splitk_reduce_* sums into D. K-grouped (k_seg; the MoE expert Wgrad):
 // units walk (group, tile), each over its group's 128-K segment into its own D. Needs lda, ldb, stride_b and the operand base
@@ -489,10 +489,12 @@ __device__ __forceinline__ void fp8_tma_unit(const Fp8TmaArgs& q, int u, int til
     }
 }
 
-__device__ __forceinline__ Fp8TmaTile fp8_tma_tile(const Fp8GemmArgs& p, int t, int ntiles) {
+// Block tile t (of mtiles x ntiles, in tma_raster's order).
+__device__ __forceinline__ Fp8TmaTile fp8_tma_tile(const Fp8GemmArgs& p, int t, int mtiles, int ntiles) {
     Fp8TmaTile x;
-    const int mt = t / ntiles;
-    x.col0 = (t - mt * ntiles) * 128;
+    int mt, nt;
+    tma_raster(t, mtiles, ntiles, mt, nt);
+    x.col0 = nt * 128;
     fp8_tile64(p, 2 * mt, x.r0a, x.rea, x.ga);
     x.act1 = fp8_tile64(p, 2 * mt + 1, x.r0b, x.reb, x.gb);
     if (!x.act1) x.r0b = x.reb = 0, x.gb = x.ga;
@@ -511,7 +513,7 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
     const uint32_t bars = sbase + FP8T_BARS;
     const int tid = threadIdx.x;
     const int tiles64 = p.row_offsets ? p.tile_offsets[p.groups] : (p.m + FP8_BM - 1) / FP8_BM;
-    const int ntiles = (p.n + 127) >> 7, splits = q.splits, tiles_per = ((tiles64 + 1) >> 1) * ntiles;
+    const int ntiles = (p.n + 127) >> 7, mtiles = (tiles64 + 1) >> 1, splits = q.splits, tiles_per = mtiles * ntiles;
     const int units = tiles_per * splits * (q.k_seg ? q.kgroups : 1);
     const int nkb = (p.k + 127) >> 7;
     if (tid == 0) {
@@ -532,7 +534,7 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
             int e, t, kb0, kb1;
             fp8_tma_unit(q, u, tiles_per, nkb, e, t, kb0, kb1);
             if (q.k_seg && kb0 >= kb1) continue;  // an empty K group: nothing to load
-            const Fp8TmaTile x = fp8_tma_tile(p, t, ntiles);
+            const Fp8TmaTile x = fp8_tma_tile(p, t, mtiles, ntiles);
             const uint32_t bytes = 8192u * (x.act1 ? 2u : 1u) + 16384u * (x.two_b ? 2u : 1u);
             for (int kb = kb0; kb < kb1; kb++, it++) {
                 const int s = it % FP8T_STAGES;
@@ -558,7 +560,7 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
         fp8_tma_unit(q, u, tiles_per, nkb, e, t, kb0, kb1);
         if (q.k_seg && kb0 >= kb1) continue;  // an empty K group: its D untouched
         const int sp = u % splits;
-        const Fp8TmaTile x = fp8_tma_tile(p, t, ntiles);
+        const Fp8TmaTile x = fp8_tma_tile(p, t, mtiles, ntiles);
         const bool active = wg == 0 || x.act1;
         const int row0 = wg ? x.r0b : x.r0a, row_end = wg ? x.reb : x.rea, col0 = x.col0;
         const float* SB = p.sb + (long long)(wg ? x.gb : x.ga) * p.stride_sb;

@@ -17,8 +17,8 @@
 // slice's MMAs in flight (wait_group 1 releases the slice before), and stores from registers or,
 // for a bf16 C written without accumulate or bias (the experts'), by TMA stores from a staging buffer (fp8_gemm_tma's
 // epilogue: the warpgroup starts the next tile while the store drains).
-// Persistent: gridDim.x blocks walk the block tiles u = blockIdx.x + i·gridDim.x, column tile
-// fastest. Needs k > 0, lda, ldw (and stride_w) multiples of 8 elements, A and W 16-byte aligned.
+// Persistent: gridDim.x blocks walk the block tiles u = blockIdx.x + i·gridDim.x in tma_raster's
+// order (bands of 8 row tiles, column-major inside a band: L2 reuse). Needs k > 0, lda, ldw (and stride_w) multiples of 8 elements, A and W 16-byte aligned.
 // EMULATOR-VERIFIED (kernels/emu, wgmma_emu.h's bf16 form); not yet run on a GPU.
 #include "common.cuh"
 #include "gemm.cuh"
@@ -47,10 +47,12 @@ struct GtTile {
     int col0, r0a, rea, ga, r0b, reb, gb;
     bool act0, act1, two_b;
 };
-__device__ __forceinline__ GtTile gt_tile(const GemmArgs& p, int u, int ntiles) {
+// Block tile u (of mtiles x ntiles, in tma_raster's order).
+__device__ __forceinline__ GtTile gt_tile(const GemmArgs& p, int u, int mtiles, int ntiles) {
     GtTile x;
-    const int mt = u / ntiles;
-    x.col0 = (u - mt * ntiles) * 128;
+    int mt, nt;
+    tma_raster(u, mtiles, ntiles, mt, nt);
+    x.col0 = nt * 128;
     x.act0 = gemm_group_tile(p, 2 * mt, x.r0a, x.rea, x.ga);
     if (!x.act0) x.r0a = x.rea = 0, x.ga = 0;
     x.act1 = x.act0 && gemm_group_tile(p, 2 * mt + 1, x.r0b, x.reb, x.gb);
@@ -98,7 +100,7 @@ __device__ void gemm_tma_grouped(const GemmTmaArgs& q) {
     const uint32_t bars = sbase + GT_BARS;
     const int tid = threadIdx.x;
     const int tiles64 = p.tile_offsets[p.groups];
-    const int ntiles = (p.n + 127) >> 7, units = ((tiles64 + 1) >> 1) * ntiles;
+    const int ntiles = (p.n + 127) >> 7, mtiles = (tiles64 + 1) >> 1, units = mtiles * ntiles;
     const int nks = (p.k + 63) >> 6;  // 64-K slices
     if (tid == 0) {
         for (int s = 0; s < GT_STAGES; s++) {
@@ -115,7 +117,7 @@ __device__ void gemm_tma_grouped(const GemmTmaArgs& q) {
         tma_prefetch_desc(&q.tb);
         int it = 0;
         for (int u = blockIdx.x; u < units; u += gridDim.x) {
-            const GtTile x = gt_tile(p, u, ntiles);
+            const GtTile x = gt_tile(p, u, mtiles, ntiles);
             if (!x.act0) continue;
             const uint32_t bytes = 8192u * (x.act1 ? 2u : 1u) + 16384u * (x.two_b ? 2u : 1u);
             for (int ks = 0; ks < nks; ks++, it++) {
@@ -138,7 +140,7 @@ __device__ void gemm_tma_grouped(const GemmTmaArgs& q) {
     float acc[64];
     int it = 0;
     for (int u = blockIdx.x; u < units; u += gridDim.x) {
-        const GtTile x = gt_tile(p, u, ntiles);
+        const GtTile x = gt_tile(p, u, mtiles, ntiles);
         if (!x.act0) continue;  // past the last tile (the producer skips it too)
         const bool active = wg == 0 || x.act1;
         const int row0 = wg ? x.r0b : x.r0a, row_end = wg ? x.reb : x.rea;

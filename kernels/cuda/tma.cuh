@@ -93,6 +93,20 @@ __device__ __forceinline__ void named_bar_sync(int id, int count) {
 }
 #endif
 
+// The persistent GEMMs' walk order (L2 rasterization, as CUTLASS's and DeepGEMM's swizzled tile
+// schedulers): block tile t of mtiles x ntiles is row tile mt, column tile nt, taken in bands of
+// TMA_RASTER row tiles, column-major inside a band. The blocks running at once (consecutive t)
+// then share TMA_RASTER row tiles of A and ~SMs / TMA_RASTER column tiles of B, instead of ~SMs /
+// ntiles row tiles and every column tile (all of B) per wave: a smaller L2 working set where B is
+// larger than L2 (e.g. N x K = 7168 x 16384). Any order gives the same results.
+#define TMA_RASTER 8
+__device__ __forceinline__ void tma_raster(int t, int mtiles, int ntiles, int& mt, int& nt) {
+    const int band = t / (TMA_RASTER * ntiles), first = band * TMA_RASTER;
+    const int rows = min(TMA_RASTER, mtiles - first), r = t - band * TMA_RASTER * ntiles;
+    mt = first + r % rows;
+    nt = r / rows;
+}
+
 // A warpgroup's m64n128 f32 accumulator fragment (warp `warp` of 4, lane `lane`: rows 16·warp +
 // lane/4 and + 8, columns 8j + 2·(lane % 4) + e at out[4j + 2h + e], as the wgmma m64n128 f32
 // fragment) rounded to bf16 into the 16 KiB staging buffer `buf` (1024-byte aligned) of two TMA

@@ -426,13 +426,15 @@ int main(int argc, char** argv) {
         {"fprop-store", 200, 200, 400, true, false, false, {}, 0, 0, 8, true},
         {"dgrad-store", 130, 130, 270, true, false, false, {}, 2, 18, 14, false, 8},
         {"grouped-store", 0, 264, 272, true, false, false, {64, 1, 63, 0, 129, 60}, 16, 0, 16, true},
+        // more than one band of the persistent walk's L2 order (9 row tiles of 128: 8 + 1)
+        {"fprop-bands", 1100, 300, 128, true, false, false, {}, 0, 0, 4, true},
     };
     for (auto& p : ps)
         if (!p.counts.empty()) {
             p.m = 7;  // rows past the last group: never written
             for (int c : p.counts) p.m += c;
         }
-    if (quick) ps = {ps[0], ps[3], ps[4], ps[5], ps[7], ps[6], ps[9], ps[10], ps[11], ps[12], ps[13], ps[14], ps[16]};
+    if (quick) ps = {ps[0], ps[3], ps[4], ps[5], ps[7], ps[6], ps[9], ps[10], ps[11], ps[12], ps[13], ps[14], ps[16], ps[17]};
     for (int bits : {0, 14}) {
         if (quick && bits) ps = {ps[0]};
         wg_emu::acc_bits = bits;

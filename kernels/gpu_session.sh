@@ -23,7 +23,8 @@
 #                                              $OUT/curves (or gpu/curves) for docs/FP8.md
 #   bash kernels/gpu_session.sh triage [GROUP] there: the test files of the code never yet run on a
 #                                              GPU, each with its default kernels and with every
-#                                              fallback switch (DSV3_FP8_KERNEL=v2/v1/tma-regs, DSV3_FP8_SPLITK=1,
+#                                              fallback switch (DSV3_FP8_KERNEL=v2/v1/tma-plain, DSV3_FP8_SPLITK=1,
+#                                              DSV3_FP8_SPLITK_REDUCE=separate,
 #                                              DSV3_FP8_WGRAD_BATCH=0, DSV3_FP8_QUANT=v1,
 #                                              DSV3_TRAIN_FLASH=0) and the opt-in ones
 #                                              (DSV3_TRAIN_GEMM=mma, DSV3_BF16_GROUPED=mma,
@@ -207,7 +208,8 @@ run_triage() {
         triage_one k_train_fp8 "default"
         triage_one k_train_fp8 "DSV3_FP8_KERNEL=v2" DSV3_FP8_KERNEL=v2
         triage_one k_train_fp8 "DSV3_FP8_KERNEL=v1" DSV3_FP8_KERNEL=v1
-        triage_one k_train_fp8 "DSV3_FP8_KERNEL=tma-regs" DSV3_FP8_KERNEL=tma-regs
+        triage_one k_train_fp8 "DSV3_FP8_KERNEL=tma-plain" DSV3_FP8_KERNEL=tma-plain
+        triage_one k_train_fp8 "DSV3_FP8_SPLITK_REDUCE=separate" DSV3_FP8_SPLITK_REDUCE=separate
         triage_one k_train_fp8 "DSV3_FP8_WGRAD_BATCH=0" DSV3_FP8_WGRAD_BATCH=0
         triage_one k_train_fp8 "DSV3_FP8_QUANT=v1" DSV3_FP8_QUANT=v1
         ;;
@@ -315,12 +317,13 @@ run_next() {
       export DSV3_BF16_GROUPED=mma
     fi
   fi
-  # likewise the FP8 TMA kernel's TMA-store epilogue (never run on a GPU; the default for bf16 D)
+  # likewise the FP8 TMA kernel's epilogue fusions (never run on a GPU; the defaults): the TMA-store
+  # epilogue and the in-kernel split-K sum
   local src=0
-  timeout 60 gpu/bin/k_fp8 --test-threads 1 tma_store_epilogue >"$out/tma_store_first.log" 2>&1 || src=$?
+  timeout 60 gpu/bin/k_fp8 --test-threads 1 tma_store_epilogue split_k_summed >"$out/tma_store_first.log" 2>&1 || src=$?
   if [ "$src" != 0 ]; then
-    echo "fp8_gemm_tma's TMA-store epilogue FAILED (rc $src, $out/tma_store_first.log): DSV3_FP8_KERNEL=tma-regs for the rest"
-    export DSV3_FP8_KERNEL=tma-regs
+    echo "fp8_gemm_tma's epilogue fusions FAILED (rc $src, $out/tma_store_first.log): DSV3_FP8_KERNEL=tma-plain for the rest"
+    export DSV3_FP8_KERNEL=tma-plain
   fi
   {
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true

@@ -430,7 +430,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_wgmma2_f32(Fp8Gemm
 // registers. Persistent: gridDim.x blocks (at most one per SM) walk the work units
 // u = blockIdx.x + i·gridDim.x (block tile u / splits in tma_raster's L2-friendly order: bands of 8 row tiles). Split-K (dense calls
 // whose tiles leave SMs idle, e.g. M = 128): unit u also takes K-group range u % splits and writes
-// f32 partials that fp8_splitk_reduce_* sums into D. K-grouped (k_seg; the MoE expert Wgrad):
+// f32 partials; the warpgroup that finishes a tile's last split (an arrival counter per tile)
+// sums them into D in split order (or, without counters, fp8_splitk_reduce_* does). K-grouped (k_seg; the MoE expert Wgrad):
 // units walk (group, tile), each over its group's 128-K segment into its own D. Needs lda, ldb, stride_b and the operand base
 // addresses multiples of 16 (TMA's global stride and address rules); k and n any.
 // EMULATOR-VERIFIED (kernels/emu/fp8gemm_emu.cpp with include/tma_emu.h); dense and grouped forms
@@ -463,6 +464,10 @@ struct Fp8TmaArgs {
     // start while the store drains; tiles with rows of another group below them (a grouped
     // call's partial tile not at m) store from registers
     int store_d;
+    // split-K (splits > 1) with counters: [2 · block tiles] ints, zero between launches; the last
+    // split of a warpgroup's tile to finish adds all the partials into D (no fp8_splitk_reduce_*
+    // launch) and zeroes its counter again
+    int* counters;
     TmaDesc td;
 };
 
@@ -602,6 +607,38 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
                     if (c + h >= p.n) continue;
                     if (ok0) w[(long long)(row0 + ra) * p.n + c + h] = out[j * 4 + h];
                     if (ok1) w[(long long)(row0 + ra + 8) * p.n + c + h] = out[j * 4 + 2 + h];
+                }
+            }
+            if (q.counters) {
+                // the warpgroup whose split of this tile finishes last sums every split's partial
+                // into D in split order, as fp8_splitk_reduce_* does (so the same bits), and
+                // re-arms the tile's counter (threadFenceReduction's pattern)
+                __threadfence();
+                named_bar_sync(1 + wg, 128);
+                volatile int* last = (volatile int*)(smem + FP8T_BARS + 64 + 4 * wg);
+                if ((tid & 127) == 0) {
+                    int* cnt = q.counters + 2 * t + wg;
+                    const int l = atomicAdd(cnt, 1) == splits - 1;
+                    if (l) *cnt = 0;
+                    *last = l;
+                }
+                named_bar_sync(1 + wg, 128);
+                if (*last) {
+                    __threadfence();
+                    const long long mn = (long long)p.m * p.n;
+#pragma unroll 1
+                    for (int j = 0; j < 16; j++) {  // (not unrolled: nothing here lives in registers)
+                        const int c = col0 + j * 8 + (lane & 3) * 2;
+#pragma unroll 1
+                        for (int h = 0; h < 4; h++) {
+                            const int col = c + (h & 1), row = row0 + ra + 8 * (h >> 1);
+                            if (col >= p.n || !((h >> 1) ? ok1 : ok0)) continue;
+                            const float* src = q.work + (long long)row * p.n + col;
+                            float v = 0.0f;
+                            for (int s2 = 0; s2 < splits; s2++) v += __ldcg(src + s2 * mn);
+                            fp8_store<TD>(p, row, col, v);
+                        }
+                    }
                 }
             }
             continue;

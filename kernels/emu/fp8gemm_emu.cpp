@@ -231,8 +231,10 @@ static Result run(const Problem& P, Which which, std::mt19937& rng) {
         }
         const int block_tiles = (tiles64 + 1) / 2 * ((n + 127) / 128) * splits;
         const unsigned grid = (unsigned)std::max(1, std::min(block_tiles, tma_sms));
-        GBuf D2(which == TMA_STORE ? Dbuf.bytes : 0);  // the register epilogue's D, to compare
-        if (which == TMA_STORE) std::memcpy(D2.data, Dbuf.data, Dbuf.bytes);
+        // the register epilogue's D (TMA_STORE) or the in-kernel split-K sum's (TMA_SPLITK), to compare
+        const bool twice = which == TMA_STORE || (which == TMA_SPLITK && splits > 1);
+        GBuf D2(twice ? Dbuf.bytes : 0);
+        if (twice) std::memcpy(D2.data, Dbuf.data, Dbuf.bytes);
         run_tma(P.f32d ? fp8_gemm_tma_f32 : fp8_gemm_tma_bf16, q, grid);
         if (which == TMA_STORE) {  // the same kernel storing from registers: bit for bit the same D
             Fp8TmaArgs q2 = q;
@@ -248,6 +250,18 @@ static Result run(const Problem& P, Which which, std::mt19937& rng) {
                 if (P.f32d) fp8_splitk_reduce_f32(q.work, splits, m, n, D.as<float>(), ldd, P.accumulate);
                 else fp8_splitk_reduce_bf16(q.work, splits, m, n, D.as<bf16>(), ldd, P.accumulate);
             });
+            // the same splits summed inside the GEMM (per-tile arrival counters, re-armed): the
+            // same D bit for bit, and the counters back at zero
+            Fp8TmaArgs q2 = q;
+            q2.p.d = D2.data + P.d_off * esz;
+            std::vector<int> cnt(2 * block_tiles / splits, 0);
+            q2.counters = cnt.data();
+            for (size_t i = 0; i < W.bytes / 4; i++) W.as<float>()[i] = NAN;
+            run_tma(P.f32d ? fp8_gemm_tma_f32 : fp8_gemm_tma_bf16, q2, grid);
+            if (std::memcmp(D2.data, Dbuf.data, Dbuf.bytes) != 0)
+                fail(std::string(P.name) + ": the in-kernel split-K sum differs from fp8_splitk_reduce's");
+            for (int c : cnt)
+                if (c != 0) fail(std::string(P.name) + ": a split-K counter left at " + std::to_string(c));
         }
     } else {
     // the row tiles over grid y and z (ops::split_yz: y up to 65535, z the rest; the kernels' tile is

@@ -660,7 +660,7 @@ pub fn fp8_gemm_line(dev: &Device, m: usize, n: usize, k: usize) -> Result<(f64,
     let mut v1 = String::new();
     if dev.arch == crate::ptx::Arch::Sm90a {
         for (name, which) in
-            [("tma regs-epilogue", Fp8Kernel::TmaRegs), ("wgmma2", Fp8Kernel::Wgmma2), ("wgmma v1", Fp8Kernel::Wgmma)]
+            [("tma plain-epilogue", Fp8Kernel::TmaPlain), ("wgmma2", Fp8Kernel::Wgmma2), ("wgmma v1", Fp8Kernel::Wgmma)]
         {
             match time_ms(dev, 3, 10, || fp8_gemm(dev, &g, &mut d, which)) {
                 Ok(ms1) => v1 += &format!("  ({name} {:>7.1})", 2.0 * (m * n * k) as f64 / (ms1 * 1e-3) / 1e12),

@@ -24,6 +24,10 @@ pub struct Device {
     modules: Arc<Mutex<HashMap<&'static str, Arc<CudaModule>>>>,
     /// The profiling window, shared with the side-stream views (crate::profile).
     pub(crate) profile: Arc<crate::profile::Recorder>,
+    /// Arrival counters for kernels that count finished blocks and re-arm the count themselves
+    /// (the FP8 GEMM's in-kernel split-K reduction): one zeroed buffer per stream, grown on
+    /// demand (`Device::counters`).
+    counters: Arc<Mutex<HashMap<usize, cudarc::driver::CudaSlice<i32>>>>,
 }
 
 /// A loaded kernel and the dynamic shared memory it has been allowed so far (the attribute is
@@ -147,6 +151,7 @@ impl Device {
             functions: Arc::new(Mutex::new(HashMap::new())),
             modules: Arc::new(Mutex::new(HashMap::new())),
             profile: Arc::new(crate::profile::Recorder::default()),
+            counters: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -171,7 +176,24 @@ impl Device {
             functions: self.functions.clone(),
             modules: self.modules.clone(),
             profile: self.profile.clone(),
+            counters: self.counters.clone(),
         })
+    }
+
+    /// The device address of at least `n` zeroed i32 counters for this view's stream, for a
+    /// kernel that leaves every counter it uses at zero again when it ends (an arrival count the
+    /// last arriving block resets). One buffer per stream, kept for the device's life and
+    /// replaced by a larger zeroed one when `n` outgrows it (the old one's free is ordered after
+    /// the launches already queued on the stream); two kernels on one stream never overlap, so
+    /// they can share it. Not for use inside a CUDA graph capture that might allocate it.
+    pub(crate) fn counters(&self, n: usize) -> Result<u64> {
+        let key = self.stream.cu_stream() as usize;
+        let mut map = self.counters.lock().map_err(|_| Error::Io("counter cache lock poisoned".into()))?;
+        if map.get(&key).is_none_or(|b| b.len() < n) {
+            let b = crate::tensor::zeros::<i32>(self, n.next_power_of_two().max(1024))?;
+            map.insert(key, b);
+        }
+        crate::tensor::dptr(self, &map[&key], 0)
     }
 
     /// Orders the main stream after everything queued on `side` (from [`Device::fork`]).

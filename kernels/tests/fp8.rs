@@ -299,7 +299,7 @@ fn matmul_f64(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
 /// either epilogue).
 fn kernels(dev: &Device) -> Vec<Fp8Kernel> {
     if dev.arch == Arch::Sm90a {
-        vec![Fp8Kernel::Simt, Fp8Kernel::Wgmma, Fp8Kernel::Wgmma2, Fp8Kernel::Tma, Fp8Kernel::TmaRegs]
+        vec![Fp8Kernel::Simt, Fp8Kernel::Wgmma, Fp8Kernel::Wgmma2, Fp8Kernel::Tma, Fp8Kernel::TmaPlain]
     } else {
         vec![Fp8Kernel::Simt]
     }
@@ -310,7 +310,7 @@ fn kernels(dev: &Device) -> Vec<Fp8Kernel> {
 fn runs(which: Fp8Kernel, g: &Fp8Gemm) -> bool {
     match which {
         Fp8Kernel::Wgmma2 => wgmma2_fits(g, 0, 0),
-        Fp8Kernel::Tma | Fp8Kernel::TmaRegs => tma_fits(g, 0, 0),
+        Fp8Kernel::Tma | Fp8Kernel::TmaPlain => tma_fits(g, 0, 0),
         _ => true,
     }
 }
@@ -586,7 +586,7 @@ fn tma_store_epilogue_equals_the_register_epilogue_bit_for_bit() {
             fp8_gemm(&dev, &gm, &mut d, which).unwrap();
             d.to_f32(&dev).unwrap()
         };
-        let (st, regs) = (run(Fp8Kernel::Tma), run(Fp8Kernel::TmaRegs));
+        let (st, regs) = (run(Fp8Kernel::Tma), run(Fp8Kernel::TmaPlain));
         let what = format!("TMA-store vs register epilogue, {m}x{n}x{k} ldd {ldd} groups {rows:?}");
         assert_bits(&st, &regs, &what);
         // every owned element written (a tile the walk skipped would stay NaN in both)
@@ -594,6 +594,61 @@ fn tma_store_epilogue_equals_the_register_epilogue_bit_for_bit() {
         assert!((0..owned).all(|r| st[r * ldd..r * ldd + n].iter().all(|v| v.is_finite())), "{what}: unwritten D");
         // the padding past n in each row is the poison both left
         assert!((0..m).all(|r| st[r * ldd + n..(r + 1) * ldd].iter().all(|v| v.is_nan())), "{what}: padding written");
+    }
+}
+
+/// Split-K (dense calls with too few tiles to fill the GPU, e.g. M = 128) summed inside
+/// `fp8_gemm_tma_*` (the warpgroup finishing a tile's last split adds the partials, per-tile
+/// arrival counters) writes the same bits as the separate `fp8_splitk_reduce_*` launch
+/// (`Fp8Kernel::TmaPlain`), for a bf16 Fprop and an f32 Wgrad accumulating into D, twice in a row
+/// (the counters must come back to zero for the second call); and launches no reduce kernel.
+#[test]
+fn split_k_summed_in_the_kernel_equals_the_reduce_launch_bit_for_bit() {
+    let Some(dev) = device("split_k_summed_in_the_kernel_equals_the_reduce_launch_bit_for_bit") else { return };
+    if dev.arch != Arch::Sm90a {
+        println!("SKIP split_k_summed_in_the_kernel_equals_the_reduce_launch_bit_for_bit: the TMA kernel needs sm_90a");
+        return;
+    }
+    let mut rng = Rng::new(77);
+    // (m, n, k, Wgrad: 1x128 B scales and f32 D accumulated)
+    for (m, n, k, wgrad) in [(128usize, 384usize, 2048usize, false), (130, 200, 2000, true)] {
+        let kg = k.div_ceil(128);
+        let x = spread(&mut rng, m, k);
+        let w = randn(&mut rng, n * k);
+        let qa = quantize_unchecked(&x, m, k, ScaleLayout::Tile1x128, false);
+        let qb =
+            quantize_unchecked(&w, n, k, if wgrad { ScaleLayout::Tile1x128 } else { ScaleLayout::Block128 }, false);
+        let ((aq, asc), (bq, bsc)) = (up(&dev, &qa), up(&dev, &qb));
+        let g = Fp8Gemm {
+            m,
+            n,
+            k,
+            a: Fp8Operand { q: &aq, ld: k, scale: &asc, s_rs: kg, s_ks: 1 },
+            b: Fp8Operand { q: &bq, ld: k, scale: &bsc, s_rs: kg, s_ks: 1 },
+            b_scales: if wgrad { BScales::Tile1x128 } else { BScales::Block128 },
+            ldd: n,
+            accumulate: wgrad,
+            groups: 1,
+            stride_b: 0,
+            stride_sb: 0,
+            grouped: None,
+        };
+        let dt = if wgrad { DType::F32 } else { DType::Bf16 };
+        let prev = randn(&mut rng, m * n);
+        let what = format!("split-K {m}x{n}x{k} -> {dt:?}");
+        let mut outs = Vec::new();
+        for which in [Fp8Kernel::TmaPlain, Fp8Kernel::Tma, Fp8Kernel::Tma] {
+            let mut d = if wgrad { Act::from_f32(&dev, dt, &prev).unwrap() } else { poisoned(&dev, dt, m * n) };
+            dev.profile_begin().unwrap();
+            fp8_gemm(&dev, &g, &mut d, which).unwrap();
+            let ran: Vec<String> = dev.profile_end().unwrap().kernels.into_iter().map(|k| k.name).collect();
+            let reduces = ran.iter().filter(|k| k.starts_with("fp8_splitk_reduce")).count();
+            assert_eq!(reduces, usize::from(which == Fp8Kernel::TmaPlain), "{what} {which:?}: ran {ran:?}");
+            outs.push(d.to_f32(&dev).unwrap());
+        }
+        assert!(outs[0].iter().all(|v| v.is_finite()), "{what}: unwritten D");
+        assert_bits(&outs[1], &outs[0], &format!("{what}: in-kernel sum vs the reduce launch"));
+        assert_bits(&outs[2], &outs[0], &format!("{what}: the second in-kernel call (counters re-armed)"));
     }
 }
 

@@ -298,12 +298,13 @@ pub enum Fp8Kernel {
     /// `fp8_gemm_tma_*` (sm_90a only): TMA + mbarrier ring, a producer warp and 2 consumer
     /// warpgroups, persistent ([`super::fp8_tma`]). Correct on the H100 (kernels/tests/fp8.rs,
     /// 2026-11-24), not yet timed. A bf16 D it writes (no accumulate, no split-K, 16-byte
-    /// aligned rows) leaves by TMA stores from a staging buffer ([`super::fp8_tma::store_by_tma`];
-    /// not yet run on a GPU).
+    /// aligned rows) leaves by TMA stores from a staging buffer ([`super::fp8_tma::store_by_tma`]),
+    /// and split-K's partials are summed inside the kernel (not yet run on a GPU).
     Tma,
-    /// `fp8_gemm_tma_*` with every D stored from registers (the epilogue before the TMA stores;
-    /// `DSV3_FP8_KERNEL=tma-regs` makes Auto pick it).
-    TmaRegs,
+    /// `fp8_gemm_tma_*` without its epilogue fusions: D stored from registers instead of by TMA
+    /// stores, split-K partials summed by the separate `fp8_splitk_reduce_*` launch instead of
+    /// inside the GEMM (`DSV3_FP8_KERNEL=tma-plain` makes Auto pick it).
+    TmaPlain,
     /// `fp8_gemm_simt_*` (any GPU).
     Simt,
 }
@@ -329,7 +330,7 @@ fn forced_kernel() -> Option<Fp8Kernel> {
         Ok("v1") | Ok("wgmma") => Some(Fp8Kernel::Wgmma),
         Ok("v2") | Ok("wgmma2") => Some(Fp8Kernel::Wgmma2),
         Ok("tma") => Some(Fp8Kernel::Tma),
-        Ok("tma-regs") => Some(Fp8Kernel::TmaRegs),
+        Ok("tma-plain") => Some(Fp8Kernel::TmaPlain),
         Ok("simt") => Some(Fp8Kernel::Simt),
         _ => None,
     })
@@ -339,7 +340,7 @@ fn forced_kernel() -> Option<Fp8Kernel> {
 /// not forcing another kernel): the K-grouped expert Wgrad ([`super::fp8_tma::fp8_gemm_kgrouped`])
 /// asks before it replaces its per-expert GEMMs.
 pub fn tma_allowed(dev: &Device) -> bool {
-    dev.arch == Arch::Sm90a && matches!(forced_kernel(), None | Some(Fp8Kernel::Tma | Fp8Kernel::TmaRegs))
+    dev.arch == Arch::Sm90a && matches!(forced_kernel(), None | Some(Fp8Kernel::Tma | Fp8Kernel::TmaPlain))
 }
 
 /// One FP8 GEMM `D[m, n] (+)= Σ_kb sa·sb·Σ A[m, k]·B[n, k]`. Grouped (MoE, `grouped: Some`): `m`
@@ -387,13 +388,13 @@ pub fn fp8_gemm(dev: &Device, g: &Fp8Gemm, d: &mut Act, which: Fp8Kernel) -> Res
             Some(Fp8Kernel::Wgmma) if sm90 => Fp8Kernel::Wgmma,
             Some(Fp8Kernel::Wgmma2) if sm90 && fits2 => Fp8Kernel::Wgmma2,
             Some(Fp8Kernel::Wgmma2) if sm90 => Fp8Kernel::Wgmma,
-            Some(Fp8Kernel::TmaRegs) if sm90 && fits_tma => Fp8Kernel::TmaRegs,
+            Some(Fp8Kernel::TmaPlain) if sm90 && fits_tma => Fp8Kernel::TmaPlain,
             _ if sm90 && fits_tma => Fp8Kernel::Tma,
             _ if sm90 && fits2 => Fp8Kernel::Wgmma2,
             _ if sm90 => Fp8Kernel::Wgmma,
             _ => Fp8Kernel::Simt,
         },
-        Fp8Kernel::Wgmma | Fp8Kernel::Wgmma2 | Fp8Kernel::Tma | Fp8Kernel::TmaRegs => {
+        Fp8Kernel::Wgmma | Fp8Kernel::Wgmma2 | Fp8Kernel::Tma | Fp8Kernel::TmaPlain => {
             if !sm90 {
                 return Err(Error::Unsupported("fp8_gemm: the wgmma kernels need sm_90a (H100/H200)".into()));
             }
@@ -403,7 +404,7 @@ pub fn fp8_gemm(dev: &Device, g: &Fp8Gemm, d: &mut Act, which: Fp8Kernel) -> Res
                         .into(),
                 ));
             }
-            if matches!(which, Fp8Kernel::Tma | Fp8Kernel::TmaRegs) && !fits_tma {
+            if matches!(which, Fp8Kernel::Tma | Fp8Kernel::TmaPlain) && !fits_tma {
                 return Err(Error::Input(
                     "fp8_gemm: fp8_gemm_tma needs lda, ldb, stride_b and the operand addresses multiples of 16".into(),
                 ));
@@ -413,8 +414,8 @@ pub fn fp8_gemm(dev: &Device, g: &Fp8Gemm, d: &mut Act, which: Fp8Kernel) -> Res
         Fp8Kernel::Simt => Fp8Kernel::Simt,
     };
     let kernel = match (chosen, d.dtype()) {
-        (Fp8Kernel::Tma | Fp8Kernel::TmaRegs, DType::Bf16) => "fp8_gemm_tma_bf16",
-        (Fp8Kernel::Tma | Fp8Kernel::TmaRegs, DType::F32) => "fp8_gemm_tma_f32",
+        (Fp8Kernel::Tma | Fp8Kernel::TmaPlain, DType::Bf16) => "fp8_gemm_tma_bf16",
+        (Fp8Kernel::Tma | Fp8Kernel::TmaPlain, DType::F32) => "fp8_gemm_tma_f32",
         (Fp8Kernel::Wgmma2, DType::Bf16) => "fp8_gemm_wgmma2_bf16",
         (Fp8Kernel::Wgmma2, DType::F32) => "fp8_gemm_wgmma2_f32",
         (Fp8Kernel::Wgmma, DType::Bf16) => "fp8_gemm_wgmma_bf16",
@@ -425,7 +426,7 @@ pub fn fp8_gemm(dev: &Device, g: &Fp8Gemm, d: &mut Act, which: Fp8Kernel) -> Res
     match chosen {
         // persistent: min(block tiles, SMs) blocks walk the 128 x 128 block tiles
         Fp8Kernel::Tma => launch_tma(dev, kernel, d.dtype(), g, args, tiles, true),
-        Fp8Kernel::TmaRegs => launch_tma(dev, kernel, d.dtype(), g, args, tiles, false),
+        Fp8Kernel::TmaPlain => launch_tma(dev, kernel, d.dtype(), g, args, tiles, false),
         // 128-row blocks: warpgroup w takes 64-row tile 2·tile_yz() + w
         Fp8Kernel::Wgmma2 => {
             let (gy, gz) = split_yz(tiles.div_ceil(2));

@@ -46,8 +46,10 @@ pub struct Fp8TmaArgs {
     /// 1: D (bf16, written, not accumulated; `splits == 1`, not K-grouped) leaves by TMA stores
     /// through `td` ([`store_by_tma`]).
     pub store_d: i32,
-    /// Up to the tensor map's 64-byte alignment (the CUDA struct's `TmaDesc` is `__align__(64)`).
-    pub _pad: [i32; 3],
+    pub _pad: i32,
+    /// Split-K summed in the kernel: `[2 · block tiles]` zeroed arrival counters
+    /// (`Device::counters`; the kernel re-arms them), 0 for the separate reduce launch.
+    pub counters: u64,
     /// D: uint8 dims `{2n, m}`, stride `2·ldd`, box `{128, 64}`, 128-byte swizzle (zeros when
     /// `store_d == 0`).
     pub td: [u64; 16],
@@ -104,6 +106,13 @@ pub(crate) fn encode_u8(base: u64, dims: &[u64], strides: &[u64], boxd: &[u32]) 
     Ok(map.opaque)
 }
 
+/// `DSV3_FP8_SPLITK_REDUCE=separate` (read once): split-K partials summed by the separate
+/// `fp8_splitk_reduce_*` launch instead of inside the GEMM.
+fn separate_reduce() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    super::env_is(&V, "DSV3_FP8_SPLITK_REDUCE", "separate")
+}
+
 /// Splits along K for `tiles` block tiles of `kgroups` 128-K groups on `sms` SMs: 1 when the
 /// tiles alone fill at least half the SMs; else enough splits to fill them, each at least 2
 /// K groups, at most 16. `DSV3_FP8_SPLITK=<n>` forces n (1: off), capped at `kgroups`.
@@ -123,8 +132,10 @@ pub fn splitk_for(tiles: usize, kgroups: usize, sms: usize) -> usize {
 /// by `fp8_gemm` (which checked the buffers; `dt` is D's type); `tiles64` is the bound on 64-row
 /// tiles (grouped: the plan's `max_tiles`). Dense calls with too few tiles to fill the GPU split
 /// K ([`splitk_for`]): the partials go to a temporary `[splits, m, n]` f32 buffer and
-/// `fp8_splitk_reduce_*` adds them into D in split order. `tma_store`: D by TMA stores where
-/// [`store_by_tma`] admits it.
+/// the warpgroup finishing each tile's last split adds them into D in split order (per-tile
+/// arrival counters, `Device::counters`). `fused: false` launches `fp8_splitk_reduce_*` for that
+/// instead (so does `DSV3_FP8_SPLITK_REDUCE=separate`) and stores D from registers where `fused`
+/// stores it by TMA ([`store_by_tma`]). Both forms sum in the same order: the same bits.
 pub(crate) fn launch_tma(
     dev: &Device,
     kernel: &'static str,
@@ -132,7 +143,7 @@ pub(crate) fn launch_tma(
     g: &Fp8Gemm,
     p: Fp8GemmArgs,
     tiles64: usize,
-    tma_store: bool,
+    fused: bool,
 ) -> Result<()> {
     let ta = encode_u8(p.a, &[g.k as u64, g.m as u64], &[g.a.ld as u64], &[128, 64])?;
     let stride_b = if g.groups > 1 { g.stride_b } else { g.n * g.b.ld };
@@ -146,7 +157,8 @@ pub(crate) fn launch_tma(
         None => 0,
     };
     let grid = (block_tiles * splits).min(dev.sms.max(1));
-    let store_d = tma_store && store_by_tma(dt, g, p.d, splits);
+    let store_d = fused && store_by_tma(dt, g, p.d, splits);
+    let counters = if splits > 1 && fused && !separate_reduce() { dev.counters(2 * block_tiles)? } else { 0 };
     let td =
         if store_d { encode_u8(p.d, &[2 * g.n as u64, g.m as u64], &[2 * g.ldd as u64], &[128, 64])? } else { [0; 16] };
     let args = Fp8TmaArgs {
@@ -159,7 +171,8 @@ pub(crate) fn launch_tma(
         splits: int(splits, "splits")?,
         kgroups: 1,
         store_d: i32::from(store_d),
-        _pad: [0; 3],
+        _pad: 0,
+        counters,
         td,
     };
     launch_smem(
@@ -171,7 +184,7 @@ pub(crate) fn launch_tma(
         FP8_TMA_SMEM,
         &[KArg::Fp8Tma(Box::new(args))],
     )?;
-    if splits == 1 {
+    if splits == 1 || counters != 0 {
         return Ok(());
     }
     let reduce = match dt {
@@ -269,7 +282,8 @@ pub fn fp8_gemm_kgrouped(
         splits: 1,
         kgroups: int(kgroups, "kgroups")?,
         store_d: 0,
-        _pad: [0; 3],
+        _pad: 0,
+        counters: 0,
         td: [0; 16],
     };
     launch_smem(
@@ -298,6 +312,7 @@ mod tests {
         assert_eq!(std::mem::offset_of!(Fp8TmaArgs, splits), 424);
         assert_eq!(std::mem::offset_of!(Fp8TmaArgs, kgroups), 428);
         assert_eq!(std::mem::offset_of!(Fp8TmaArgs, store_d), 432);
+        assert_eq!(std::mem::offset_of!(Fp8TmaArgs, counters), 440);
         // the D tensor map 64-byte aligned
         assert_eq!(std::mem::offset_of!(Fp8TmaArgs, td), 448);
         assert_eq!(std::mem::size_of::<Fp8TmaArgs>(), 576);

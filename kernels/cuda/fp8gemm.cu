@@ -645,20 +645,8 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
         }
         if constexpr (sizeof(TD) == 2) {
             if (q.store_d && (row_end - row0 >= 64 || row_end == p.m)) {
-                // TMA store: wait until this warpgroup's previous store has read the staging
-                // buffer, stage the tile, make it visible to the async proxy, store
-                const bool leader = (tid & 127) == 0;
-                if (leader) bulk_wait_read<0>();
-                named_bar_sync(1 + wg, 128);
-                tma_stage_bf16_m64n128(smem + FP8T_STORE + wg * 16384, warp, lane, out);
-                fence_proxy_async();
-                named_bar_sync(1 + wg, 128);
-                if (leader) {
-                    const uint32_t buf = sbase + FP8T_STORE + wg * 16384;
-                    tma_store_2d(&q.td, buf, 2 * col0, row0);
-                    if (col0 + 64 < p.n) tma_store_2d(&q.td, buf + 8192, 2 * (col0 + 64), row0);
-                    bulk_commit();
-                }
+                tma_store_tile_bf16(&q.td, smem + FP8T_STORE + wg * 16384, sbase + FP8T_STORE + wg * 16384, wg, warp,
+                                    lane, (tid & 127) == 0, out, col0, row0, p.n);
                 continue;
             }
         }

@@ -169,19 +169,8 @@ __device__ void gemm_tma_grouped(const GemmTmaArgs& q) {
         if (!active) continue;
         if constexpr (sizeof(TC) == 2) {
             if (q.store_c && (row_end - row0 >= 64 || row_end == p.m)) {
-                // as fp8_gemm_tma: wait until the previous store read the buffer, stage, fence, store
-                const bool leader = (tid & 127) == 0;
-                if (leader) bulk_wait_read<0>();
-                named_bar_sync(1 + wg, 128);
-                tma_stage_bf16_m64n128(smem + GT_STORE + wg * 16384, warp, lane, acc);
-                fence_proxy_async();
-                named_bar_sync(1 + wg, 128);
-                if (leader) {
-                    const uint32_t buf = sbase + GT_STORE + wg * 16384;
-                    tma_store_2d(&q.tc, buf, 2 * x.col0, row0);
-                    if (x.col0 + 64 < p.n) tma_store_2d(&q.tc, buf + 8192, 2 * (x.col0 + 64), row0);
-                    bulk_commit();
-                }
+                tma_store_tile_bf16(&q.tc, smem + GT_STORE + wg * 16384, sbase + GT_STORE + wg * 16384, wg, warp, lane,
+                                    (tid & 127) == 0, acc, x.col0, row0, p.n);
                 continue;
             }
         }

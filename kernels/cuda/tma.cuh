@@ -11,6 +11,8 @@
 #pragma once
 #include <stdint.h>
 
+#include "wgmma.cuh"  // fence_proxy_async
+
 // A CUtensorMap (cuda.h: 128 bytes, 64-byte aligned, opaque; the host encodes it with
 // cuTensorMapEncodeTiled and passes it inside a __grid_constant__ kernel argument).
 struct __align__(64) TmaDesc {
@@ -126,3 +128,28 @@ __device__ __forceinline__ void tma_stage_bf16_m64n128(unsigned char* buf, int w
         }
     }
 }
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(DSV3_EMU)
+// The TMA-store epilogue of one consumer warpgroup (threads 128·wg .. 128·wg + 127, named
+// barrier 1 + wg): its finished m64n128 fragment `frag` (columns col0.., rows row0..) through its
+// staging buffer (`buf`, shared address `buf_addr`, 1024-byte aligned, 16 KiB) into the bf16
+// tensor of map `d` (uint8 dims {2n, rows}, box {128, 64}, 128B swizzle): the warpgroup's first
+// thread waits until its previous store has read the buffer, all stage the fragment and fence it
+// to the async proxy, then the first thread stores the one or two 64-column boxes (the second
+// only where col0 + 64 < n) and commits them. The warpgroup can go on while the stores drain;
+// before the block ends its first thread must bulk_wait<0>().
+__device__ __forceinline__ void tma_store_tile_bf16(const TmaDesc* d, unsigned char* buf, uint32_t buf_addr, int wg,
+                                                    int warp, int lane, bool leader, const float* frag, int col0,
+                                                    int row0, int n) {
+    if (leader) bulk_wait_read<0>();
+    named_bar_sync(1 + wg, 128);
+    tma_stage_bf16_m64n128(buf, warp, lane, frag);
+    fence_proxy_async();
+    named_bar_sync(1 + wg, 128);
+    if (leader) {
+        tma_store_2d(d, buf_addr, 2 * col0, row0);
+        if (col0 + 64 < n) tma_store_2d(d, buf_addr + 8192, 2 * (col0 + 64), row0);
+        bulk_commit();
+    }
+}
+#endif

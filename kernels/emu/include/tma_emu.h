@@ -38,6 +38,14 @@
 #include <map>
 #include <vector>
 
+// the emulated helpers tma.cuh's own device functions call (defined below)
+struct TmaDesc;
+inline void tma_store_2d(const TmaDesc* d, uint32_t src, int c0, int c1);
+inline void bulk_commit();
+template <int N>
+inline void bulk_wait_read();
+inline void named_bar_sync(int id, int count);
+
 #include <tma.cuh>  // TmaDesc (its inline-PTX helpers are left out under DSV3_EMU)
 
 namespace emu_tma {

@@ -428,12 +428,14 @@ extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_wgmma2_f32(Fp8Gemm
 // and two TMA stores (DeepGEMM's epilogue: the warpgroup moves on to the next tile's MMAs while
 // the store drains; the buffer's reuse waits for the store to have read it), else from
 // registers. Persistent: gridDim.x blocks (at most one per SM) walk the work units
-// u = blockIdx.x + i·gridDim.x (block tile u / splits in tma_raster's L2-friendly order: bands of 8 row tiles). Split-K (dense calls
-// whose tiles leave SMs idle, e.g. M = 128): unit u also takes K-group range u % splits and writes
-// f32 partials; the warpgroup that finishes a tile's last split (an arrival counter per tile)
-// sums them into D in split order (or, without counters, fp8_splitk_reduce_* does). K-grouped (k_seg; the MoE expert Wgrad):
-// units walk (group, tile), each over its group's 128-K segment into its own D. Needs lda, ldb, stride_b and the operand base
-// addresses multiples of 16 (TMA's global stride and address rules); k and n any.
+// u = blockIdx.x + i·gridDim.x (block tile u / splits in tma_raster's L2-friendly order: bands of
+// 8 row tiles). Split-K (dense calls whose tiles leave SMs idle, e.g. M = 128): unit u also
+// takes K-group range u % splits and writes f32 partials; the warpgroup that finishes a tile's
+// last split (an arrival counter per tile) sums them into D in split order (or, without
+// counters, fp8_splitk_reduce_* does). K-grouped (k_seg; the MoE expert Wgrad): units walk
+// (group, tile), each over its group's 128-K segment into its own D. Needs lda, ldb, stride_b and
+// the operand base addresses multiples of 16 (TMA's global stride and address rules); k and n
+// any.
 // EMULATOR-VERIFIED (kernels/emu/fp8gemm_emu.cpp with include/tma_emu.h); dense and grouped forms
 // correct on the H100 (kernels/tests/fp8.rs, 2026-11-24), the K-grouped form not yet run there.
 #include "tma.cuh"
@@ -645,8 +647,7 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
         }
         if constexpr (sizeof(TD) == 2) {
             if (q.store_d && (row_end - row0 >= 64 || row_end == p.m)) {
-                tma_store_tile_bf16(&q.td, smem + FP8T_STORE + wg * 16384, sbase + FP8T_STORE + wg * 16384, wg, warp,
-                                    lane, (tid & 127) == 0, out, col0, row0, p.n);
+                tma_store_tile_bf16(&q.td, smem + FP8T_STORE + wg * 16384, out, col0, row0, p.n);
                 continue;
             }
         }

@@ -15,10 +15,11 @@
 // consumer warp). A consumer warpgroup issues 4 wgmma m64n128k16 per slice into one accumulator
 // over the whole K (no promotion: bf16 products accumulate in f32 in the tensor core), keeps one
 // slice's MMAs in flight (wait_group 1 releases the slice before), and stores from registers or,
-// for a bf16 C written without accumulate or bias (the experts'), by TMA stores from a staging buffer (fp8_gemm_tma's
-// epilogue: the warpgroup starts the next tile while the store drains).
+// for a bf16 C written without accumulate or bias (the experts'), by TMA stores from a staging
+// buffer (fp8_gemm_tma's epilogue: the warpgroup starts the next tile while the store drains).
 // Persistent: gridDim.x blocks walk the block tiles u = blockIdx.x + i·gridDim.x in tma_raster's
-// order (bands of 8 row tiles, column-major inside a band: L2 reuse). Needs k > 0, lda, ldw (and stride_w) multiples of 8 elements, A and W 16-byte aligned.
+// order (bands of 8 row tiles, column-major inside a band: L2 reuse). Needs k > 0, lda, ldw (and
+// stride_w) multiples of 8 elements, A and W 16-byte aligned.
 // EMULATOR-VERIFIED (kernels/emu, wgmma_emu.h's bf16 form); not yet run on a GPU.
 #include "common.cuh"
 #include "gemm.cuh"
@@ -169,8 +170,7 @@ __device__ void gemm_tma_grouped(const GemmTmaArgs& q) {
         if (!active) continue;
         if constexpr (sizeof(TC) == 2) {
             if (q.store_c && (row_end - row0 >= 64 || row_end == p.m)) {
-                tma_store_tile_bf16(&q.tc, smem + GT_STORE + wg * 16384, sbase + GT_STORE + wg * 16384, wg, warp, lane,
-                                    (tid & 127) == 0, acc, x.col0, row0, p.n);
+                tma_store_tile_bf16(&q.tc, smem + GT_STORE + wg * 16384, acc, x.col0, row0, p.n);
                 continue;
             }
         }

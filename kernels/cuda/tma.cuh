@@ -11,6 +11,7 @@
 #pragma once
 #include <stdint.h>
 
+#include "mma.cuh"    // smem_u32
 #include "wgmma.cuh"  // fence_proxy_async
 
 // A CUtensorMap (cuda.h: 128 bytes, 64-byte aligned, opaque; the host encodes it with
@@ -130,25 +131,27 @@ __device__ __forceinline__ void tma_stage_bf16_m64n128(unsigned char* buf, int w
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(DSV3_EMU)
-// The TMA-store epilogue of one consumer warpgroup (threads 128·wg .. 128·wg + 127, named
-// barrier 1 + wg): its finished m64n128 fragment `frag` (columns col0.., rows row0..) through its
-// staging buffer (`buf`, shared address `buf_addr`, 1024-byte aligned, 16 KiB) into the bf16
-// tensor of map `d` (uint8 dims {2n, rows}, box {128, 64}, 128B swizzle): the warpgroup's first
-// thread waits until its previous store has read the buffer, all stage the fragment and fence it
-// to the async proxy, then the first thread stores the one or two 64-column boxes (the second
-// only where col0 + 64 < n) and commits them. The warpgroup can go on while the stores drain;
-// before the block ends its first thread must bulk_wait<0>().
-__device__ __forceinline__ void tma_store_tile_bf16(const TmaDesc* d, unsigned char* buf, uint32_t buf_addr, int wg,
-                                                    int warp, int lane, bool leader, const float* frag, int col0,
+// The TMA-store epilogue of the calling consumer warpgroup (threads 128·wg .. 128·wg + 127 of
+// the block, named barrier 1 + wg): its finished m64n128 fragment `frag` (columns col0.., rows
+// row0..) through its staging buffer `buf` (1024-byte aligned, 16 KiB) into the bf16 tensor of
+// map `d` (uint8 dims {2n, rows}, box {128, 64}, 128B swizzle): the warpgroup's first thread
+// waits until its previous store has read the buffer, all stage the fragment and fence it to the
+// async proxy, then the first thread stores the one or two 64-column boxes (the second only where
+// col0 + 64 < n) and commits them. The warpgroup can go on while the stores drain; before the
+// block ends its first thread must bulk_wait<0>().
+__device__ __forceinline__ void tma_store_tile_bf16(const TmaDesc* d, unsigned char* buf, const float* frag, int col0,
                                                     int row0, int n) {
+    const int tid = threadIdx.x, wg = tid >> 7;
+    const bool leader = (tid & 127) == 0;
     if (leader) bulk_wait_read<0>();
     named_bar_sync(1 + wg, 128);
-    tma_stage_bf16_m64n128(buf, warp, lane, frag);
+    tma_stage_bf16_m64n128(buf, (tid >> 5) & 3, tid & 31, frag);
     fence_proxy_async();
     named_bar_sync(1 + wg, 128);
     if (leader) {
-        tma_store_2d(d, buf_addr, 2 * col0, row0);
-        if (col0 + 64 < n) tma_store_2d(d, buf_addr + 8192, 2 * (col0 + 64), row0);
+        const uint32_t a = smem_u32(buf);
+        tma_store_2d(d, a, 2 * col0, row0);
+        if (col0 + 64 < n) tma_store_2d(d, a + 8192, 2 * (col0 + 64), row0);
         bulk_commit();
     }
 }

@@ -315,6 +315,16 @@ fn runs(which: Fp8Kernel, g: &Fp8Gemm) -> bool {
     }
 }
 
+/// The GPU for a test of the TMA kernel (sm_90a only): None, with a SKIP line, elsewhere.
+fn sm90_device(test: &str) -> Option<std::sync::Arc<Device>> {
+    let dev = device(test)?;
+    if dev.arch != Arch::Sm90a {
+        println!("SKIP {test}: the TMA kernel needs sm_90a");
+        return None;
+    }
+    Some(dev)
+}
+
 /// Uploads a CPU-quantized tensor as a GEMM operand's buffers (codes, scales in the CPU layout).
 fn up(dev: &Device, t: &QTensor) -> (cudarc::driver::CudaSlice<u8>, cudarc::driver::CudaSlice<f32>) {
     (upload(dev, &t.codes).unwrap(), upload(dev, &t.scales).unwrap())
@@ -529,11 +539,7 @@ fn fp8_gemm_grouped_contiguous_with_empty_and_ragged_groups() {
 /// tiles store from registers, the rows below them belong to the next group).
 #[test]
 fn tma_store_epilogue_equals_the_register_epilogue_bit_for_bit() {
-    let Some(dev) = device("tma_store_epilogue_equals_the_register_epilogue_bit_for_bit") else { return };
-    if dev.arch != Arch::Sm90a {
-        println!("SKIP tma_store_epilogue_equals_the_register_epilogue_bit_for_bit: the TMA kernel needs sm_90a");
-        return;
-    }
+    let Some(dev) = sm90_device("tma_store_epilogue_equals_the_register_epilogue_bit_for_bit") else { return };
     let mut rng = Rng::new(76);
     // (m, n, k, ldd, group rows): dense where empty
     let cases: [(usize, usize, usize, usize, &[usize]); 5] = [
@@ -604,11 +610,7 @@ fn tma_store_epilogue_equals_the_register_epilogue_bit_for_bit() {
 /// (the counters must come back to zero for the second call); and launches no reduce kernel.
 #[test]
 fn split_k_summed_in_the_kernel_equals_the_reduce_launch_bit_for_bit() {
-    let Some(dev) = device("split_k_summed_in_the_kernel_equals_the_reduce_launch_bit_for_bit") else { return };
-    if dev.arch != Arch::Sm90a {
-        println!("SKIP split_k_summed_in_the_kernel_equals_the_reduce_launch_bit_for_bit: the TMA kernel needs sm_90a");
-        return;
-    }
+    let Some(dev) = sm90_device("split_k_summed_in_the_kernel_equals_the_reduce_launch_bit_for_bit") else { return };
     let mut rng = Rng::new(77);
     // (m, n, k, Wgrad: 1x128 B scales and f32 D accumulated)
     for (m, n, k, wgrad) in [(128usize, 384usize, 2048usize, false), (130, 200, 2000, true)] {

@@ -109,6 +109,82 @@ __device__ __forceinline__ void ft_load_k(bf16* dst, int rs, int nrows, int ckp,
     }
 }
 
+
+// ---- the products every kernel below is made of (a warp's 16 rows; swizzled shared rows) ----
+
+template <int N>
+__device__ __forceinline__ void ft_zero(float (&acc)[N][4]) {
+#pragma unroll
+    for (int j = 0; j < N; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[j][e] = 0.0f;
+}
+
+// acc[N][4] = A·Bᵀ over nsteps 16-deep steps (Q·Kᵀ, dO·Vᵀ, K·Qᵀ, V·dOᵀ): A the warp's 16 rows at
+// a_row0 of `a` (rows of rsa elements), B the N·8 rows of `b` (rows of rsb), both with their depth
+// contiguous, taken by non-transposed ldmatrix.
+template <int N>
+__device__ __forceinline__ void ft_mma_abt(float (&acc)[N][4], uint32_t a, int rsa, int a_row0, uint32_t b, int rsb,
+                                           int nsteps) {
+    static_assert(N % 2 == 0, "column tiles in pairs");
+    const int lane = threadIdx.x & 31, x7 = lane & 7;
+    const int arow = a_row0 + (lane & 15), ahi = lane >> 4;
+    const int brow = (lane & 7) + ((lane >> 4) << 3), bhi = (lane >> 3) & 1;
+    ft_zero(acc);
+#pragma unroll 2
+    for (int ks = 0; ks < nsteps; ks++) {
+        uint32_t af[4];
+        ldsm_x4(a + (uint32_t)(arow * rsa + (((2 * ks + ahi) ^ x7) << 3)) * 2u, af);
+#pragma unroll
+        for (int np = 0; np < N / 2; np++) {
+            uint32_t bf[4];
+            ldsm_x4(b + (uint32_t)((np * 16 + brow) * rsb + (((2 * ks + bhi) ^ x7) << 3)) * 2u, bf);
+            mma_bf16_16816(acc[2 * np], af, bf[0], bf[1]);
+            mma_bf16_16816(acc[2 * np + 1], af, bf[2], bf[3]);
+        }
+    }
+}
+
+// acc[J][4] += P·B (P·V, dS·K, Pᵀ·dO, dSᵀ·Q): P the bf16 A fragments pk (the accumulators of a
+// 16 x KN·8 product, packed), B the KN·8 rows of `b` (rows of rs elements) whose first njp·16
+// columns are summed into (the reduction runs over B's rows: ldmatrix.trans).
+template <int KN, int J>
+__device__ __forceinline__ void ft_mma_pb(float (&acc)[J][4], const uint32_t (&pk)[KN][2], uint32_t b, int rs,
+                                          int njp) {
+    static_assert(KN % 2 == 0 && J % 2 == 0, "tiles in pairs");
+    const int lane = threadIdx.x & 31, x7 = lane & 7;
+    const int trow = lane & 15, thi = lane >> 4;
+#pragma unroll
+    for (int kt = 0; kt < KN / 2; kt++) {
+        const uint32_t a[4] = {pk[2 * kt][0], pk[2 * kt][1], pk[2 * kt + 1][0], pk[2 * kt + 1][1]};
+        const int r = kt * 16 + trow;
+#pragma unroll
+        for (int jp = 0; jp < J / 2; jp++) {
+            if (jp < njp) {
+                uint32_t bf[4];
+                ldsm_x4_t(b + (uint32_t)(r * rs + (((2 * jp + thi) ^ x7) << 3)) * 2u, bf);
+                mma_bf16_16816(acc[2 * jp], a, bf[0], bf[1]);
+                mma_bf16_16816(acc[2 * jp + 1], a, bf[2], bf[3]);
+            }
+        }
+    }
+}
+
+// A query tile of the forward / dQ grid: blockIdx.x's (segment, first query row) and the key
+// range its rows see.
+struct FtQueryTile {
+    int q_row0, nq, p0, k_row0, pe_row0, q0, nqt, kend;
+};
+__device__ __forceinline__ FtQueryTile ft_query_tile(const FlashTrainArgs& p, int bm) {
+    const int* seg = p.segs + 5 * p.tiles[2 * blockIdx.x];
+    FtQueryTile t;
+    t.q_row0 = seg[0], t.nq = seg[1], t.p0 = seg[2], t.k_row0 = seg[3], t.pe_row0 = seg[4];
+    t.q0 = p.tiles[2 * blockIdx.x + 1];
+    t.nqt = min(bm, t.nq - t.q0);
+    t.kend = t.p0 + t.q0 + t.nqt;
+    return t;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward: attn.cu's attn_fwd (64 query rows per CTA, a warp 16) that also writes lse.
 // grid (tiles, h), tiles: (segment, first query row), 64 rows each.
@@ -121,13 +197,10 @@ __device__ __forceinline__ void ft_fwd(const FlashTrainArgs& p) {
     if ((int)blockIdx.x >= p.ntiles || (int)blockIdx.y >= p.h) return;
     const int dk = p.dn + p.dr;
     const int dkp = (dk + 15) & ~15, dvp = (p.dv + 15) & ~15;
-    const int* seg = p.segs + 5 * p.tiles[2 * blockIdx.x];
-    const int q_row0 = seg[0], nq = seg[1], p0 = seg[2], k_row0 = seg[3], pe_row0 = seg[4];
-    const int q0 = p.tiles[2 * blockIdx.x + 1];
-    const int head = blockIdx.y;
-    const int nqt = min(BM, nq - q0);
+    const FtQueryTile qt = ft_query_tile(p, BM);
+    const int q_row0 = qt.q_row0, p0 = qt.p0, k_row0 = qt.k_row0, pe_row0 = qt.pe_row0, q0 = qt.q0;
+    const int head = blockIdx.y, nqt = qt.nqt, kend = qt.kend;
     if (nqt <= 0) return;
-    const int kend = p0 + q0 + nqt;
     const int nkt = (kend + BN - 1) / BN;
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -156,17 +229,10 @@ __device__ __forceinline__ void ft_fwd(const FlashTrainArgs& p) {
     const bool wactive = wrow0 < nqt;
     const int wq_first = p0 + q0 + wrow0;
     const int wq_last = p0 + q0 + min(wrow0 + 16, nqt) - 1;
-    const int x7 = lane & 7;
-    const int qrow = wrow0 + (lane & 15), qhi = lane >> 4;
-    const int krow = (lane & 7) + ((lane >> 4) << 3), khi = (lane >> 3) & 1;
-    const int vrow = lane & 15, vhi = lane >> 4;
     const int nks = dkp >> 4, nvj = dvp >> 4;
 
     float o[NV][4];
-#pragma unroll
-    for (int j = 0; j < NV; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) o[j][e] = 0.0f;
+    ft_zero(o);
     float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.0f, 0.0f};
     const float sl2 = p.scale * FT_LOG2E;
 
@@ -183,25 +249,9 @@ __device__ __forceinline__ void ft_fwd(const FlashTrainArgs& p) {
         const int st = it % NS;
         const uint32_t kbase = smem_u32(sK + st * BN * rsk);
         const uint32_t vbase = smem_u32(sV + st * BN * rsv);
-        const uint32_t qbase = smem_u32(sQ);
 
         float s[NT][4];
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) s[nt][e] = 0.0f;
-#pragma unroll 2
-        for (int ks = 0; ks < nks; ks++) {
-            uint32_t a[4];
-            ldsm_x4(qbase + (uint32_t)(qrow * rsk + (((2 * ks + qhi) ^ x7) << 3)) * 2u, a);
-#pragma unroll
-            for (int np = 0; np < NT / 2; np++) {
-                uint32_t b[4];
-                ldsm_x4(kbase + (uint32_t)((np * 16 + krow) * rsk + (((2 * ks + khi) ^ x7) << 3)) * 2u, b);
-                mma_bf16_16816(s[2 * np], a, b[0], b[1]);
-                mma_bf16_16816(s[2 * np + 1], a, b[2], b[3]);
-            }
-        }
+        ft_mma_abt(s, smem_u32(sQ), rsk, wrow0, kbase, rsk, nks);
 
         const bool masked = t0 + BN - 1 > wq_first;
         uint32_t pk[NT][2];
@@ -246,20 +296,7 @@ __device__ __forceinline__ void ft_fwd(const FlashTrainArgs& p) {
             }
         }
 
-#pragma unroll
-        for (int kt = 0; kt < BN / 16; kt++) {
-            const uint32_t a[4] = {pk[2 * kt][0], pk[2 * kt][1], pk[2 * kt + 1][0], pk[2 * kt + 1][1]};
-            const int vr = kt * 16 + vrow;
-#pragma unroll
-            for (int jp = 0; jp < NV / 2; jp++) {
-                if (jp < nvj) {
-                    uint32_t b[4];
-                    ldsm_x4_t(vbase + (uint32_t)(vr * rsv + (((2 * jp + vhi) ^ x7) << 3)) * 2u, b);
-                    mma_bf16_16816(o[2 * jp], a, b[0], b[1]);
-                    mma_bf16_16816(o[2 * jp + 1], a, b[2], b[3]);
-                }
-            }
-        }
+        ft_mma_pb(o, pk, vbase, rsv, nvj);
     }
 
     // epilogue: O / l and lse = (m + log2 l)·ln 2 for the valid rows
@@ -369,22 +406,12 @@ __device__ __forceinline__ void ft_bwd_dkdv(const FlashTrainArgs& p) {
 
     const int kw0 = k0 + warp * 16;  // this warp's first key (position in the segment)
     const bool wactive = kw0 < kend;
-    const int x7 = lane & 7;
-    const int arow = warp * 16 + (lane & 15), ahi = lane >> 4;           // A from sK / sV (x4)
-    const int brow = (lane & 7) + ((lane >> 4) << 3), bhi = (lane >> 3) & 1;  // B from sQ / sdO (x4)
-    const int trow = lane & 15, thi = lane >> 4;                         // B from sdO / sQ (x4.trans)
     const int nks = dkp >> 4, nvj = dvp >> 4;
     const float sl2 = p.scale * FT_LOG2E;
 
     float dkacc[NK][4], dvacc[NV][4];
-#pragma unroll
-    for (int j = 0; j < NK; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) dkacc[j][e] = 0.0f;
-#pragma unroll
-    for (int j = 0; j < NV; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) dvacc[j][e] = 0.0f;
+    ft_zero(dkacc);
+    ft_zero(dvacc);
 
     for (int it = 0; it < nqtiles; it++) {
         cp_async_wait<NS - 2>();
@@ -406,22 +433,7 @@ __device__ __forceinline__ void ft_bwd_dkdv(const FlashTrainArgs& p) {
 
         // ---- Sᵀ = K·Qᵀ (16 keys x BMQ queries) ----
         float s[NQ][4];
-#pragma unroll
-        for (int nt = 0; nt < NQ; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) s[nt][e] = 0.0f;
-#pragma unroll 2
-        for (int ks = 0; ks < nks; ks++) {
-            uint32_t a[4];
-            ldsm_x4(smem_u32(sK) + (uint32_t)(arow * rsk + (((2 * ks + ahi) ^ x7) << 3)) * 2u, a);
-#pragma unroll
-            for (int np = 0; np < NQ / 2; np++) {
-                uint32_t b[4];
-                ldsm_x4(qbase + (uint32_t)((np * 16 + brow) * rsk + (((2 * ks + bhi) ^ x7) << 3)) * 2u, b);
-                mma_bf16_16816(s[2 * np], a, b[0], b[1]);
-                mma_bf16_16816(s[2 * np + 1], a, b[2], b[3]);
-            }
-        }
+        ft_mma_abt(s, smem_u32(sK), rsk, warp * 16, qbase, rsk, nks);
         // ---- Pᵀ = exp2(s·scale·log2 e − lse·log2 e), 0 where the key is past the query ----
         uint32_t pk[NQ][2];
 #pragma unroll
@@ -437,38 +449,10 @@ __device__ __forceinline__ void ft_bwd_dkdv(const FlashTrainArgs& p) {
             pk[nt][1] = ft_pack(s[nt][2], s[nt][3]);
         }
         // ---- dV += Pᵀ·dO ----
-#pragma unroll
-        for (int kt = 0; kt < BMQ / 16; kt++) {
-            const uint32_t a[4] = {pk[2 * kt][0], pk[2 * kt][1], pk[2 * kt + 1][0], pk[2 * kt + 1][1]};
-            const int r = kt * 16 + trow;
-#pragma unroll
-            for (int jp = 0; jp < NV / 2; jp++) {
-                if (jp < nvj) {
-                    uint32_t b[4];
-                    ldsm_x4_t(obase + (uint32_t)(r * rsv + (((2 * jp + thi) ^ x7) << 3)) * 2u, b);
-                    mma_bf16_16816(dvacc[2 * jp], a, b[0], b[1]);
-                    mma_bf16_16816(dvacc[2 * jp + 1], a, b[2], b[3]);
-                }
-            }
-        }
+        ft_mma_pb(dvacc, pk, obase, rsv, nvj);
         // ---- dPᵀ = V·dOᵀ ----
         float dp[NQ][4];
-#pragma unroll
-        for (int nt = 0; nt < NQ; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) dp[nt][e] = 0.0f;
-#pragma unroll 2
-        for (int ks = 0; ks < nvj; ks++) {
-            uint32_t a[4];
-            ldsm_x4(smem_u32(sV) + (uint32_t)(arow * rsv + (((2 * ks + ahi) ^ x7) << 3)) * 2u, a);
-#pragma unroll
-            for (int np = 0; np < NQ / 2; np++) {
-                uint32_t b[4];
-                ldsm_x4(obase + (uint32_t)((np * 16 + brow) * rsv + (((2 * ks + bhi) ^ x7) << 3)) * 2u, b);
-                mma_bf16_16816(dp[2 * np], a, b[0], b[1]);
-                mma_bf16_16816(dp[2 * np + 1], a, b[2], b[3]);
-            }
-        }
+        ft_mma_abt(dp, smem_u32(sV), rsv, warp * 16, obase, rsv, nvj);
         // ---- dSᵀ = Pᵀ ∘ (dPᵀ − D), bf16 A fragments ----
 #pragma unroll
         for (int nt = 0; nt < NQ; nt++) {
@@ -477,20 +461,7 @@ __device__ __forceinline__ void ft_bwd_dkdv(const FlashTrainArgs& p) {
             pk[nt][1] = ft_pack(s[nt][2] * (dp[nt][2] - dt[qi]), s[nt][3] * (dp[nt][3] - dt[qi + 1]));
         }
         // ---- dK += dSᵀ·Q ----
-#pragma unroll
-        for (int kt = 0; kt < BMQ / 16; kt++) {
-            const uint32_t a[4] = {pk[2 * kt][0], pk[2 * kt][1], pk[2 * kt + 1][0], pk[2 * kt + 1][1]};
-            const int r = kt * 16 + trow;
-#pragma unroll
-            for (int jp = 0; jp < NK / 2; jp++) {
-                if (jp < nks) {
-                    uint32_t b[4];
-                    ldsm_x4_t(qbase + (uint32_t)(r * rsk + (((2 * jp + thi) ^ x7) << 3)) * 2u, b);
-                    mma_bf16_16816(dkacc[2 * jp], a, b[0], b[1]);
-                    mma_bf16_16816(dkacc[2 * jp + 1], a, b[2], b[3]);
-                }
-            }
-        }
+        ft_mma_pb(dkacc, pk, qbase, rsk, nks);
     }
 
     // ---- epilogue: dV, scale·dK (nope -> dk, rope -> the per-head f32 scratch) ----
@@ -534,13 +505,10 @@ __device__ __forceinline__ void ft_bwd_dq(const FlashTrainArgs& p) {
     if ((int)blockIdx.x >= p.ntiles || (int)blockIdx.y >= p.h) return;
     const int dk = p.dn + p.dr;
     const int dkp = (dk + 15) & ~15, dvp = (p.dv + 15) & ~15;
-    const int* seg = p.segs + 5 * p.tiles[2 * blockIdx.x];
-    const int q_row0 = seg[0], nq = seg[1], p0 = seg[2], k_row0 = seg[3], pe_row0 = seg[4];
-    const int q0 = p.tiles[2 * blockIdx.x + 1];
-    const int head = blockIdx.y;
-    const int nqt = min(BM, nq - q0);
+    const FtQueryTile qt = ft_query_tile(p, BM);
+    const int p0 = qt.p0, k_row0 = qt.k_row0, pe_row0 = qt.pe_row0, q0 = qt.q0;
+    const int head = blockIdx.y, nqt = qt.nqt, kend = qt.kend;
     if (nqt <= 0) return;
-    const int kend = p0 + q0 + nqt;
     const int nkt = (kend + BN - 1) / BN;
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -551,7 +519,7 @@ __device__ __forceinline__ void ft_bwd_dq(const FlashTrainArgs& p) {
     bf16* sK = sO + BM * rsv;
     bf16* sV = sK + NS * BN * rsk;
     const int ckk = dkp >> 3, ckv = dvp >> 3;
-    const long long r0 = q_row0 + q0;
+    const long long r0 = qt.q_row0 + q0;
 
     ft_load_rows(sQ, rsk, BM, ckk, nqt, p.q + r0 * p.ld_q + (long long)head * p.hs_q, p.ld_q, dk >> 3);
     ft_load_rows(sO, rsv, BM, ckv, nqt, p.dout + r0 * p.ld_do + (long long)head * p.hs_do, p.ld_do, p.dv >> 3);
@@ -571,10 +539,6 @@ __device__ __forceinline__ void ft_bwd_dq(const FlashTrainArgs& p) {
     const bool wactive = wrow0 < nqt;
     const int wq_first = p0 + q0 + wrow0;
     const int wq_last = p0 + q0 + min(wrow0 + 16, nqt) - 1;
-    const int x7 = lane & 7;
-    const int qrow = wrow0 + (lane & 15), qhi = lane >> 4;
-    const int krow = (lane & 7) + ((lane >> 4) << 3), khi = (lane >> 3) & 1;
-    const int trow = lane & 15, thi = lane >> 4;
     const int nks = dkp >> 4, nvj = dvp >> 4;
     const float sl2 = p.scale * FT_LOG2E;
     // this thread's rows g, g + 8: lse·log2 e (+inf past the segment: P = 0) and D
@@ -587,10 +551,7 @@ __device__ __forceinline__ void ft_bwd_dq(const FlashTrainArgs& p) {
     }
 
     float dqacc[NK][4];
-#pragma unroll
-    for (int j = 0; j < NK; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) dqacc[j][e] = 0.0f;
+    ft_zero(dqacc);
 
     for (int it = 0; it < nkt; it++) {
         cp_async_wait<NS - 2>();
@@ -608,22 +569,7 @@ __device__ __forceinline__ void ft_bwd_dq(const FlashTrainArgs& p) {
 
         // ---- S = Q·Kᵀ ----
         float s[NT][4];
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) s[nt][e] = 0.0f;
-#pragma unroll 2
-        for (int ks = 0; ks < nks; ks++) {
-            uint32_t a[4];
-            ldsm_x4(smem_u32(sQ) + (uint32_t)(qrow * rsk + (((2 * ks + qhi) ^ x7) << 3)) * 2u, a);
-#pragma unroll
-            for (int np = 0; np < NT / 2; np++) {
-                uint32_t b[4];
-                ldsm_x4(kbase + (uint32_t)((np * 16 + krow) * rsk + (((2 * ks + khi) ^ x7) << 3)) * 2u, b);
-                mma_bf16_16816(s[2 * np], a, b[0], b[1]);
-                mma_bf16_16816(s[2 * np + 1], a, b[2], b[3]);
-            }
-        }
+        ft_mma_abt(s, smem_u32(sQ), rsk, wrow0, kbase, rsk, nks);
         // ---- P ----
         const bool masked = t0 + BN - 1 > wq_first;
 #pragma unroll
@@ -636,22 +582,7 @@ __device__ __forceinline__ void ft_bwd_dq(const FlashTrainArgs& p) {
             }
         // ---- dP = dO·Vᵀ ----
         float dp[NT][4];
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) dp[nt][e] = 0.0f;
-#pragma unroll 2
-        for (int ks = 0; ks < nvj; ks++) {
-            uint32_t a[4];
-            ldsm_x4(smem_u32(sO) + (uint32_t)(qrow * rsv + (((2 * ks + qhi) ^ x7) << 3)) * 2u, a);
-#pragma unroll
-            for (int np = 0; np < NT / 2; np++) {
-                uint32_t b[4];
-                ldsm_x4(vbase + (uint32_t)((np * 16 + krow) * rsv + (((2 * ks + khi) ^ x7) << 3)) * 2u, b);
-                mma_bf16_16816(dp[2 * np], a, b[0], b[1]);
-                mma_bf16_16816(dp[2 * np + 1], a, b[2], b[3]);
-            }
-        }
+        ft_mma_abt(dp, smem_u32(sO), rsv, wrow0, vbase, rsv, nvj);
         // ---- dS = P ∘ (dP − D) -> bf16 A fragments; dQ += dS·K ----
         uint32_t pk[NT][2];
 #pragma unroll
@@ -659,20 +590,7 @@ __device__ __forceinline__ void ft_bwd_dq(const FlashTrainArgs& p) {
             pk[nt][0] = ft_pack(s[nt][0] * (dp[nt][0] - dr_[0]), s[nt][1] * (dp[nt][1] - dr_[0]));
             pk[nt][1] = ft_pack(s[nt][2] * (dp[nt][2] - dr_[1]), s[nt][3] * (dp[nt][3] - dr_[1]));
         }
-#pragma unroll
-        for (int kt = 0; kt < BN / 16; kt++) {
-            const uint32_t a[4] = {pk[2 * kt][0], pk[2 * kt][1], pk[2 * kt + 1][0], pk[2 * kt + 1][1]};
-            const int r = kt * 16 + trow;
-#pragma unroll
-            for (int jp = 0; jp < NK / 2; jp++) {
-                if (jp < nks) {
-                    uint32_t b[4];
-                    ldsm_x4_t(kbase + (uint32_t)(r * rsk + (((2 * jp + thi) ^ x7) << 3)) * 2u, b);
-                    mma_bf16_16816(dqacc[2 * jp], a, b[0], b[1]);
-                    mma_bf16_16816(dqacc[2 * jp + 1], a, b[2], b[3]);
-                }
-            }
-        }
+        ft_mma_pb(dqacc, pk, kbase, rsk, nks);
     }
 
     if (!wactive) return;

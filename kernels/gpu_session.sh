@@ -24,7 +24,7 @@
 #   bash kernels/gpu_session.sh triage [GROUP] there: the test files of the code never yet run on a
 #                                              GPU, each with its default kernels and with every
 #                                              fallback switch (DSV3_FP8_KERNEL=v2/v1/tma-plain, DSV3_FP8_SPLITK=1,
-#                                              DSV3_FP8_SPLITK_REDUCE=separate,
+#                                              DSV3_FP8_SPLITK_REDUCE=separate, DSV3_FP8_TAIL_SPLIT=0,
 #                                              DSV3_FP8_WGRAD_BATCH=0, DSV3_FP8_QUANT=v1,
 #                                              DSV3_TRAIN_FLASH=0) and the opt-in ones
 #                                              (DSV3_TRAIN_GEMM=mma, DSV3_BF16_GROUPED=mma,
@@ -210,6 +210,7 @@ run_triage() {
         triage_one k_train_fp8 "DSV3_FP8_KERNEL=v1" DSV3_FP8_KERNEL=v1
         triage_one k_train_fp8 "DSV3_FP8_KERNEL=tma-plain" DSV3_FP8_KERNEL=tma-plain
         triage_one k_train_fp8 "DSV3_FP8_SPLITK_REDUCE=separate" DSV3_FP8_SPLITK_REDUCE=separate
+        triage_one k_train_fp8 "DSV3_FP8_TAIL_SPLIT=0" DSV3_FP8_TAIL_SPLIT=0
         triage_one k_train_fp8 "DSV3_FP8_WGRAD_BATCH=0" DSV3_FP8_WGRAD_BATCH=0
         triage_one k_train_fp8 "DSV3_FP8_QUANT=v1" DSV3_FP8_QUANT=v1
         ;;
@@ -318,12 +319,20 @@ run_next() {
     fi
   fi
   # likewise the FP8 TMA kernel's epilogue fusions (never run on a GPU; the defaults): the TMA-store
-  # epilogue and the in-kernel split-K sum
+  # epilogue, the in-kernel split-K sum and the last wave's split
   local src=0
-  timeout 60 gpu/bin/k_fp8 --test-threads 1 tma_store_epilogue split_k_summed >"$out/tma_store_first.log" 2>&1 || src=$?
+  timeout 60 gpu/bin/k_fp8 --test-threads 1 tma_store_epilogue split_k_summed the_last_waves \
+    >"$out/tma_store_first.log" 2>&1 || src=$?
   if [ "$src" != 0 ]; then
-    echo "fp8_gemm_tma's epilogue fusions FAILED (rc $src, $out/tma_store_first.log): DSV3_FP8_KERNEL=tma-plain for the rest"
-    export DSV3_FP8_KERNEL=tma-plain
+    # first without the last-wave split (newest): if that passes, only the split is at fault
+    if DSV3_FP8_TAIL_SPLIT=0 timeout 60 gpu/bin/k_fp8 --test-threads 1 tma_store_epilogue split_k_summed \
+      >>"$out/tma_store_first.log" 2>&1; then
+      echo "fp8_gemm_tma's last-wave split FAILED (rc $src, $out/tma_store_first.log): DSV3_FP8_TAIL_SPLIT=0 for the rest"
+      export DSV3_FP8_TAIL_SPLIT=0
+    else
+      echo "fp8_gemm_tma's epilogue fusions FAILED (rc $src, $out/tma_store_first.log): DSV3_FP8_KERNEL=tma-plain for the rest"
+      export DSV3_FP8_KERNEL=tma-plain
+    fi
   fi
   {
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true

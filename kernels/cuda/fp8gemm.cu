@@ -450,9 +450,13 @@ struct Fp8TmaArgs {
     TmaDesc ta;  // A: uint8 dims {k, m}, stride lda, box {128, 64}, 128B swizzle
     TmaDesc tb;  // B: uint8 dims {k, n, groups}, strides {ldb, stride_b}, box {128, 128, 1}, 128B swizzle
     Fp8GemmArgs p;
-    // split-K (splits > 1; not grouped): work unit u = tile (u / splits), K groups
-    // [s·nkb/splits, (s+1)·nkb/splits) of s = u % splits; each writes its f32 partial sums to
-    // work[(s·m + row)·n + col] and fp8_splitk_reduce_* adds them into D in split order
+    // split-K (splits > 1; not grouped) of the block tiles t >= split_from: work units
+    // 0..split_from are tiles 0..split_from whole, unit split_from + v is split s = v % splits of
+    // tile split_from + v / splits, over the K groups [s·nkb/splits, (s+1)·nkb/splits). Each split
+    // writes its f32 partial sums to work: with counters at
+    // ((t - split_from)·splits + s)·16384 + local row·128 + local column of the 128 x 128 tile, and
+    // the last split to finish adds them into D; without (split_from = 0) at (s·m + row)·n + col,
+    // and fp8_splitk_reduce_* adds them into D in split order
     float* work;
     // K-grouped (k_seg != null; the MoE expert Wgrad): kgroups groups, group e over the 128-K
     // groups [k_seg[e] / 128, k_seg[e+1] / 128) (segment starts multiples of 128; an empty group
@@ -460,12 +464,15 @@ struct Fp8TmaArgs {
     const int* k_seg;
     long long stride_d;
     int splits, kgroups;
-    // store_d != 0 (bf16 D, accumulate = 0, splits = 1, not K-grouped): each consumer warpgroup
+    // store_d != 0 (bf16 D, accumulate = 0, not K-grouped; tiles not split): each consumer warpgroup
     // stages its finished 64 x 128 tile in shared memory and one thread stores it by TMA through
     // td (uint8 dims {2n, m}, stride 2·ldd, box {128, 64}, 128B swizzle), so the tile's MMAs
     // start while the store drains; tiles with rows of another group below them (a grouped
     // call's partial tile not at m) store from registers
     int store_d;
+    // the first split block tile (above): 0 splits every tile (the M = 128 rows); the tiles of the
+    // persistent walk's last, partial wave otherwise (their splits fill the SMs; needs counters)
+    int split_from;
     // split-K (splits > 1) with counters: [2 · block tiles] ints, zero between launches; the last
     // split of a warpgroup's tile to finish adds all the partials into D (no fp8_splitk_reduce_*
     // launch) and zeroes its counter again
@@ -479,18 +486,27 @@ struct Fp8TmaTile {
     int col0, r0a, rea, ga, r0b, reb, gb;
     bool act1, two_b;
 };
-// Work unit u: K group range [kb0, kb1) (split-K or K-grouped), its K group e and block tile t.
+// The work units of the persistent walk: K-grouped, tiles_per per K group; else split_from whole
+// tiles and `splits` per tile after them.
+__device__ __forceinline__ int fp8_tma_units(const Fp8TmaArgs& q, int tiles_per) {
+    return q.k_seg ? tiles_per * q.kgroups : q.split_from + (tiles_per - q.split_from) * q.splits;
+}
+// Work unit u: its block tile t, K group range [kb0, kb1), K group e (K-grouped) and split sp
+// (-1: the tile is not split).
 __device__ __forceinline__ void fp8_tma_unit(const Fp8TmaArgs& q, int u, int tiles_per, int nkb, int& e, int& t,
-                                             int& kb0, int& kb1) {
-    const int per = tiles_per * q.splits;
-    e = u / per;
-    const int ue = u - e * per;
-    t = ue / q.splits;
-    const int sp = ue - t * q.splits;
+                                             int& kb0, int& kb1, int& sp) {
+    e = 0, sp = -1, kb0 = 0, kb1 = nkb;
     if (q.k_seg) {
+        e = u / tiles_per;
+        t = u - e * tiles_per;
         kb0 = q.k_seg[e] >> 7;
         kb1 = q.k_seg[e + 1] >> 7;
+    } else if (u < q.split_from || q.splits == 1) {
+        t = u;
     } else {
+        const int v = u - q.split_from;
+        t = q.split_from + v / q.splits;
+        sp = v - (t - q.split_from) * q.splits;
         kb0 = (int)((long long)sp * nkb / q.splits);
         kb1 = (int)((long long)(sp + 1) * nkb / q.splits);
     }
@@ -521,7 +537,7 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
     const int tid = threadIdx.x;
     const int tiles64 = p.row_offsets ? p.tile_offsets[p.groups] : (p.m + FP8_BM - 1) / FP8_BM;
     const int ntiles = (p.n + 127) >> 7, mtiles = (tiles64 + 1) >> 1, splits = q.splits, tiles_per = mtiles * ntiles;
-    const int units = tiles_per * splits * (q.k_seg ? q.kgroups : 1);
+    const int units = fp8_tma_units(q, tiles_per);
     const int nkb = (p.k + 127) >> 7;
     if (tid == 0) {
         for (int s = 0; s < FP8T_STAGES; s++) {
@@ -538,8 +554,8 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
         tma_prefetch_desc(&q.tb);
         int it = 0;
         for (int u = blockIdx.x; u < units; u += gridDim.x) {
-            int e, t, kb0, kb1;
-            fp8_tma_unit(q, u, tiles_per, nkb, e, t, kb0, kb1);
+            int e, t, kb0, kb1, sp;
+            fp8_tma_unit(q, u, tiles_per, nkb, e, t, kb0, kb1, sp);
             if (q.k_seg && kb0 >= kb1) continue;  // an empty K group: nothing to load
             const Fp8TmaTile x = fp8_tma_tile(p, t, mtiles, ntiles);
             const uint32_t bytes = 8192u * (x.act1 ? 2u : 1u) + 16384u * (x.two_b ? 2u : 1u);
@@ -563,10 +579,9 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
     float acc[64], out[64];
     int it = 0;
     for (int u = blockIdx.x; u < units; u += gridDim.x) {
-        int e, t, kb0, kb1;
-        fp8_tma_unit(q, u, tiles_per, nkb, e, t, kb0, kb1);
+        int e, t, kb0, kb1, sp;
+        fp8_tma_unit(q, u, tiles_per, nkb, e, t, kb0, kb1, sp);
         if (q.k_seg && kb0 >= kb1) continue;  // an empty K group: its D untouched
-        const int sp = u % splits;
         const Fp8TmaTile x = fp8_tma_tile(p, t, mtiles, ntiles);
         const bool active = wg == 0 || x.act1;
         const int row0 = wg ? x.r0b : x.r0a, row_end = wg ? x.reb : x.rea, col0 = x.col0;
@@ -599,16 +614,22 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
             if (active) fp8_promote(p, SB, col0, lane, kb, sa0, sa1, sbb, acc, out);
         }
         if (!active) continue;
-        if (splits > 1) {  // this split's partial sums (f32) into the work buffer
-            float* w = q.work + (long long)sp * p.m * p.n;
+        if (sp >= 0) {  // this split's partial sums (f32) into the work buffer
+            // element (row, col) of split s: with counters in the tile's own 128 x 128 slab, else
+            // at D's position in split s's m x n slab (fp8_splitk_reduce_*'s layout)
+            const long long tile_part = (long long)(t - q.split_from) * splits * 16384 + (wg * 64 + ra) * 128 - col0;
+            auto part = [&](int s, int row, int col) -> long long {
+                return q.counters ? tile_part + (long long)s * 16384 + (row - row0 - ra) * 128 + col
+                                  : ((long long)s * p.m + row) * p.n + col;
+            };
 #pragma unroll
             for (int j = 0; j < 16; j++) {
                 const int c = col0 + j * 8 + (lane & 3) * 2;
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
                     if (c + h >= p.n) continue;
-                    if (ok0) w[(long long)(row0 + ra) * p.n + c + h] = out[j * 4 + h];
-                    if (ok1) w[(long long)(row0 + ra + 8) * p.n + c + h] = out[j * 4 + 2 + h];
+                    if (ok0) q.work[part(sp, row0 + ra, c + h)] = out[j * 4 + h];
+                    if (ok1) q.work[part(sp, row0 + ra + 8, c + h)] = out[j * 4 + 2 + h];
                 }
             }
             if (q.counters) {
@@ -627,7 +648,6 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
                 named_bar_sync(1 + wg, 128);
                 if (*last) {
                     __threadfence();
-                    const long long mn = (long long)p.m * p.n;
 #pragma unroll 1
                     for (int j = 0; j < 16; j++) {  // (not unrolled: nothing here lives in registers)
                         const int c = col0 + j * 8 + (lane & 3) * 2;
@@ -635,9 +655,8 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
                         for (int h = 0; h < 4; h++) {
                             const int col = c + (h & 1), row = row0 + ra + 8 * (h >> 1);
                             if (col >= p.n || !((h >> 1) ? ok1 : ok0)) continue;
-                            const float* src = q.work + (long long)row * p.n + col;
                             float v = 0.0f;
-                            for (int s2 = 0; s2 < splits; s2++) v += __ldcg(src + s2 * mn);
+                            for (int s2 = 0; s2 < splits; s2++) v += __ldcg(q.work + part(s2, row, col));
                             fp8_store<TD>(p, row, col, v);
                         }
                     }

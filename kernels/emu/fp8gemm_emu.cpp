@@ -94,8 +94,8 @@ struct Problem {
     int d_off = 0;            // D starts this many elements into its buffer (a gradient arena's slice)
 };
 
-enum Which { SIMT, WGMMA, WGMMA2, TMA, TMA_SPLITK, TMA_STORE };
-static const char* which_name[] = {"simt", "wgmma", "wgmma2", "tma", "tma-splitk", "tma-store"};
+enum Which { SIMT, WGMMA, WGMMA2, TMA, TMA_SPLITK, TMA_STORE, TMA_TAIL };
+static const char* which_name[] = {"simt", "wgmma", "wgmma2", "tma", "tma-splitk", "tma-store", "tma-tail"};
 
 // the launcher's rule for fp8_gemm_wgmma2 (kernels/src/ops/fp8.rs): 16-byte cp.async of every chunk
 static bool v2_ok(const Problem& P) {
@@ -115,6 +115,18 @@ static bool tma_store_ok(const Problem& P) {
     return tma_ok(P) && !P.f32d && !P.accumulate && (P.n + P.ldd_pad) % 8 == 0 && P.d_off % 8 == 0;
 }
 static int tma_sms = 3;  // persistent blocks (the launcher: min(tiles, SMs)); cases vary it
+
+// The SM counts for which the launcher's split_plan (kernels/src/ops/fp8_tma.rs) splits the last
+// wave of `tiles` block tiles of `kg` K groups: tiles % sms in [1, sms / 2] and at least 2 splits
+// (min(sms / left, kg / 2, 16)) of at least 2 K groups.
+static std::vector<int> tail_sms(int tiles, int kg) {
+    std::vector<int> v;
+    for (int s = 2; s < tiles; s++) {
+        const int left = tiles % s;
+        if (left > 0 && 2 * left <= s && std::min({s / left, kg / 2, 16}) >= 2) v.push_back(s);
+    }
+    return v;
+}
 
 // fp8_gemm_tma's persistent blocks 0..grid-1, each on fresh (NaN) shared memory, with the wgmma and
 // TMA/mbarrier end-of-block checks; TMA boxes land at the wait, in odd blocks also at issue.
@@ -207,7 +219,7 @@ static Result run(const Problem& P, Which which, std::mt19937& rng) {
         emu::allow_global(A.data, A.bytes);  // cp.async may read the operands only
         emu::allow_global(B.data, B.bytes);
     }
-    if (which == TMA || which == TMA_SPLITK || which == TMA_STORE) {
+    if (which == TMA || which == TMA_SPLITK || which == TMA_STORE || which == TMA_TAIL) {
         // the launcher (kernels/src/ops/fp8.rs): tensor maps of A [m, k] and B [groups, n, k]
         // (128 x 64 and 128 x 128 boxes, 128B swizzle), min(block tiles, SMs) persistent blocks
         Fp8TmaArgs q{};
@@ -223,12 +235,65 @@ static Result run(const Problem& P, Which which, std::mt19937& rng) {
         q.work = W.as<float>(), q.splits = splits;
         emu::allow_global(A.data, A.bytes);  // TMA may read the operands only
         emu::allow_global(B.data, B.bytes);
-        if (which == TMA_STORE) {  // and write D: uint8 dims {2n, m}, stride 2·ldd, box {128, 64}
+        // D through the TMA store's tensor map (uint8 dims {2n, m}, stride 2·ldd, box {128, 64})
+        auto store_into = [&](Fp8TmaArgs& qq, unsigned char* d) {
             const long long dd[2] = {2ll * n, m}, sd[1] = {2ll * ldd}, bd[2] = {128, 64};
-            q.td = emu_tma::encode(D.data, 2, dd, sd, bd, true);
-            q.store_d = 1;
+            qq.td = emu_tma::encode(d, 2, dd, sd, bd, true);
+            qq.store_d = 1;
+        };
+        if (which == TMA_STORE || (which == TMA_TAIL && tma_store_ok(P))) {
+            store_into(q, D.data);
             emu::allow_global(Dbuf.data, Dbuf.bytes);
         }
+        if (which == TMA_TAIL) {
+            // the last wave's tiles split along K (split_plan on a GPU of `sms` SMs), the others
+            // whole: each tile's D bit for bit that of the same kernel splitting every tile
+            // `splits` ways (split tiles) or none (whole ones)
+            const int mtiles = (tiles64 + 1) / 2, ntiles = (n + 127) / 128, T = mtiles * ntiles;
+            const std::vector<int> cands = tail_sms(T, kg);
+            if (cands.empty()) fail(std::string(P.name) + ": no SM count splits a last wave");
+            const int sms = cands[rng() % cands.size()], left = T % sms;
+            const int splits = std::min({sms / left, kg / 2, 16}), split_from = T - left;
+            std::vector<int> cnt(2 * T, 0);
+            GBuf Dw(Dbuf.bytes), Ds(Dbuf.bytes);
+            std::memcpy(Dw.data, Dbuf.data, Dbuf.bytes);
+            std::memcpy(Ds.data, Dbuf.data, Dbuf.bytes);
+            emu::allow_global(Dw.data, Dw.bytes);
+            emu::allow_global(Ds.data, Ds.bytes);
+            auto run_plan = [&](unsigned char* dbase, int from, int sp) {
+                Fp8TmaArgs qq = q;
+                qq.p.d = dbase + P.d_off * esz;
+                if (q.store_d) store_into(qq, dbase + P.d_off * esz);
+                GBuf Wk((size_t)(T - from) * sp * 16384 * 4);
+                for (size_t i = 0; i < Wk.bytes / 4; i++) Wk.as<float>()[i] = NAN;
+                qq.splits = sp, qq.split_from = from, qq.work = Wk.as<float>(), qq.counters = cnt.data();
+                const int units = from + (T - from) * sp;
+                run_tma(P.f32d ? fp8_gemm_tma_f32 : fp8_gemm_tma_bf16, qq, (unsigned)std::min(units, sms));
+                for (int c : cnt)
+                    if (c != 0) fail(std::string(P.name) + ": a split-K counter left at " + std::to_string(c));
+            };
+            run_plan(Dw.data, 0, 1);
+            run_plan(Ds.data, 0, splits);
+            run_plan(Dbuf.data, split_from, splits);
+            int wrong = 0;
+            for (int t = 0; t < T; t++) {
+                int mt, nt;
+                tma_raster(t, mtiles, ntiles, mt, nt);
+                const unsigned char* want = t >= split_from ? Ds.data : Dw.data;
+                for (int r = mt * 128; r < std::min(m, mt * 128 + 128); r++)
+                    for (int c = nt * 128; c < std::min(n, nt * 128 + 128); c++) {
+                        const size_t o = ((size_t)r * ldd + c + P.d_off) * esz;
+                        if (std::memcmp(Dbuf.data + o, want + o, esz) != 0 && wrong++ < 5)
+                            std::fprintf(stderr, "  D[%d][%d] of tile %d (%s) differs\n", r, c, t,
+                                         t >= split_from ? "split" : "whole");
+                    }
+            }
+            if (wrong)
+                fail(std::string(P.name) + ": " + std::to_string(wrong) + " D elements of the tail-split walk (" +
+                     std::to_string(T) + " tiles on " + std::to_string(sms) + " SMs, " + std::to_string(left) + " x " +
+                     std::to_string(splits) + " split) differ from the uniform walks'");
+            std::printf("  tail split: %d tiles on %d SMs: %d whole + %d x %d splits\n", T, sms, split_from, left, splits);
+        } else {
         const int block_tiles = (tiles64 + 1) / 2 * ((n + 127) / 128) * splits;
         const unsigned grid = (unsigned)std::max(1, std::min(block_tiles, tma_sms));
         // the register epilogue's D (TMA_STORE) or the in-kernel split-K sum's (TMA_SPLITK), to compare
@@ -252,16 +317,20 @@ static Result run(const Problem& P, Which which, std::mt19937& rng) {
             });
             // the same splits summed inside the GEMM (per-tile arrival counters, re-armed): the
             // same D bit for bit, and the counters back at zero
+            // (their partials: a 128 x 128 slab per tile and split)
             Fp8TmaArgs q2 = q;
             q2.p.d = D2.data + P.d_off * esz;
             std::vector<int> cnt(2 * block_tiles / splits, 0);
             q2.counters = cnt.data();
-            for (size_t i = 0; i < W.bytes / 4; i++) W.as<float>()[i] = NAN;
+            GBuf W2((size_t)block_tiles * 16384 * 4);
+            for (size_t i = 0; i < W2.bytes / 4; i++) W2.as<float>()[i] = NAN;
+            q2.work = W2.as<float>();
             run_tma(P.f32d ? fp8_gemm_tma_f32 : fp8_gemm_tma_bf16, q2, grid);
             if (std::memcmp(D2.data, Dbuf.data, Dbuf.bytes) != 0)
                 fail(std::string(P.name) + ": the in-kernel split-K sum differs from fp8_splitk_reduce's");
             for (int c : cnt)
                 if (c != 0) fail(std::string(P.name) + ": a split-K counter left at " + std::to_string(c));
+        }
         }
     } else {
     // the row tiles over grid y and z (ops::split_yz: y up to 65535, z the rest; the kernels' tile is
@@ -453,12 +522,15 @@ int main(int argc, char** argv) {
         if (quick && bits) ps = {ps[0]};
         wg_emu::acc_bits = bits;
         for (const Problem& p : ps)
-            for (Which w : {WGMMA, WGMMA2, TMA, TMA_SPLITK, TMA_STORE, SIMT}) {
+            for (Which w : {WGMMA, WGMMA2, TMA, TMA_SPLITK, TMA_STORE, TMA_TAIL, SIMT}) {
                 if (bits && w == SIMT) continue;
                 if (w == TMA_STORE && !tma_store_ok(p)) continue;
                 if (w == WGMMA2 && !v2_ok(p)) continue;
-                if ((w == TMA || w == TMA_SPLITK) && !tma_ok(p)) continue;
+                if ((w == TMA || w == TMA_SPLITK || w == TMA_TAIL) && !tma_ok(p)) continue;
                 if (w == TMA_SPLITK && (!p.counts.empty() || (p.k + 127) / 128 < 2)) continue;
+                if (w == TMA_TAIL &&
+                    (!p.counts.empty() || tail_sms((p.m + 127) / 128 * ((p.n + 127) / 128), (p.k + 127) / 128).empty()))
+                    continue;
                 tma_sms = 1 + (int)(rng() % 4);
                 if (quick && w == SIMT && &p != &ps[0]) continue;
                 const long long before = wg_emu::mmas;

@@ -674,7 +674,8 @@ pub fn fp8_gemm_line(dev: &Device, m: usize, n: usize, k: usize) -> Result<(f64,
     let ms = time_ms(dev, 3, 10, || fp8_gemm(dev, &g, &mut d, Fp8Kernel::Auto))?;
     let ours = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
     // on sm_90a also the other forms (A/B of the TMA kernel fp8_gemm_tma with its TMA-store
-    // epilogue, which Auto runs): the same kernel storing D from registers, the cp.async-pipelined
+    // epilogue, which Auto runs): the same kernel storing D from registers (and summing split-K
+    // partials in a separate launch, no last-wave split), the cp.async-pipelined
     // fp8_gemm_wgmma2 and the first form fp8_gemm_wgmma
     let mut v1 = String::new();
     if dev.arch == crate::ptx::Arch::Sm90a {
@@ -687,6 +688,23 @@ pub fn fp8_gemm_line(dev: &Device, m: usize, n: usize, k: usize) -> Result<(f64,
             }
         }
     }
+    // where the walk's last wave is split along K, the same kernel with that wave whole
+    {
+        use crate::ops::fp8_tma::{set_tail_split, split_plan, tail_split_on};
+        let tiles = m.div_ceil(128) * n.div_ceil(128);
+        let on = tail_split_on();
+        if dev.arch == crate::ptx::Arch::Sm90a && on && split_plan(tiles, kb, dev.sms, true).split_from > 0 {
+            set_tail_split(false);
+            let r = time_ms(dev, 3, 10, || fp8_gemm(dev, &g, &mut d, Fp8Kernel::Tma));
+            set_tail_split(on);
+            match r {
+                Ok(ms1) => {
+                    v1 += &format!("  (last wave whole {:>7.1})", 2.0 * (m * n * k) as f64 / (ms1 * 1e-3) / 1e12)
+                }
+                Err(e) => v1 += &format!("  (last wave whole failed: {e})"),
+            }
+        }
+    }
     // a failing peer is reported, not fatal: dsv3's own numbers still print
     let lt = cublaslt_fp8_blockwise_tflops(dev, m, n, k)
         .unwrap_or_else(|e| {
@@ -695,13 +713,19 @@ pub fn fp8_gemm_line(dev: &Device, m: usize, n: usize, k: usize) -> Result<(f64,
         })
         .unwrap_or(f64::NAN);
     let bf16 = cublas_bf16_tflops(dev, m, n, k)?.unwrap_or(f64::NAN);
-    // the TMA kernel's schedule: 128 x 128 block tiles, split-K where they leave SMs idle, and
-    // the waves of persistent blocks they make (wave quantization: 4.12 waves run as 5)
+    // the TMA kernel's schedule: 128 x 128 block tiles, split-K where they leave SMs idle (all
+    // tiles, or those of a last wave they fill at most half of), and the walk's length in tile
+    // times (wave quantization: 4.12 waves of whole tiles run as 5)
     let tiles = m.div_ceil(128) * n.div_ceil(128);
-    let splits = crate::ops::fp8_tma::splitk_for(tiles, kb, dev.sms);
-    let waves = (tiles * splits) as f64 / dev.sms.max(1) as f64;
+    let plan = crate::ops::fp8_tma::split_plan(tiles, kb, dev.sms, true);
+    let sched = match (plan.splits, plan.split_from) {
+        (1, _) => format!("{tiles} tiles"),
+        (s, 0) => format!("{tiles} tiles x {s} splits"),
+        (s, f) => format!("{f} tiles + {} x {s} splits", tiles - f),
+    };
+    let waves = plan.waves(tiles, dev.sms);
     println!(
-        "fp8 gemm {m:>5}x{n:>5}x{k:>5}  {ms:>8.3} ms  dsv3 {ours:>7.1} TFLOP/s  cuBLASLt fp8 blockwise {lt:>7.1} ({:>4.2}x)  cuBLAS bf16 {bf16:>6.1} ({:>4.2}x)  [{tiles} tiles x {splits} splits = {waves:.2} waves]{v1}",
+        "fp8 gemm {m:>5}x{n:>5}x{k:>5}  {ms:>8.3} ms  dsv3 {ours:>7.1} TFLOP/s  cuBLASLt fp8 blockwise {lt:>7.1} ({:>4.2}x)  cuBLAS bf16 {bf16:>6.1} ({:>4.2}x)  [{sched} = {waves:.2} waves]{v1}",
         ours / lt,
         ours / bf16
     );

@@ -586,7 +586,8 @@ fn tma_store_epilogue_equals_the_register_epilogue_bit_for_bit() {
                 Some(Grouped { row_offsets: &rod, tile_offsets: &tod, max_tiles: to[g] as usize })
             },
         };
-        assert!(store_by_tma(DType::Bf16, &gm, 0, 1), "the case must take the TMA-store epilogue");
+        let whole = dsv3_kernels::ops::fp8_tma::SplitPlan { split_from: 0, splits: 1 };
+        assert!(store_by_tma(DType::Bf16, &gm, 0, whole), "the case must take the TMA-store epilogue");
         let run = |which| {
             let mut d = poisoned(&dev, DType::Bf16, m * ldd);
             fp8_gemm(&dev, &gm, &mut d, which).unwrap();
@@ -603,6 +604,79 @@ fn tma_store_epilogue_equals_the_register_epilogue_bit_for_bit() {
     }
 }
 
+/// A dense FP8 product on the device: `x [m, k]` (1x128 tiles) times `w [n, k]` (128x128 blocks;
+/// a Wgrad: 1x128 tiles and an f32 D accumulated onto `prev`), with the unquantized inputs.
+struct Dense {
+    m: usize,
+    n: usize,
+    k: usize,
+    wgrad: bool,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    prev: Vec<f32>,
+    a: (cudarc::driver::CudaSlice<u8>, cudarc::driver::CudaSlice<f32>),
+    b: (cudarc::driver::CudaSlice<u8>, cudarc::driver::CudaSlice<f32>),
+}
+
+/// The TMA kernel's plain form (neither epilogue fusion), then its default form twice.
+const THREE: [Fp8Kernel; 3] = [Fp8Kernel::TmaPlain, Fp8Kernel::Tma, Fp8Kernel::Tma];
+
+impl Dense {
+    fn new(dev: &Device, rng: &mut Rng, m: usize, n: usize, k: usize, wgrad: bool) -> Dense {
+        let x = spread(rng, m, k);
+        let w = randn(rng, n * k);
+        let qa = quantize_unchecked(&x, m, k, ScaleLayout::Tile1x128, false);
+        let qb =
+            quantize_unchecked(&w, n, k, if wgrad { ScaleLayout::Tile1x128 } else { ScaleLayout::Block128 }, false);
+        let prev = randn(rng, m * n);
+        Dense { m, n, k, wgrad, x, w, prev, a: up(dev, &qa), b: up(dev, &qb) }
+    }
+    fn dt(&self) -> DType {
+        if self.wgrad {
+            DType::F32
+        } else {
+            DType::Bf16
+        }
+    }
+    fn gemm(&self) -> Fp8Gemm<'_> {
+        let kg = self.k.div_ceil(128);
+        Fp8Gemm {
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            a: Fp8Operand { q: &self.a.0, ld: self.k, scale: &self.a.1, s_rs: kg, s_ks: 1 },
+            b: Fp8Operand { q: &self.b.0, ld: self.k, scale: &self.b.1, s_rs: kg, s_ks: 1 },
+            b_scales: if self.wgrad { BScales::Tile1x128 } else { BScales::Block128 },
+            ldd: self.n,
+            accumulate: self.wgrad,
+            groups: 1,
+            stride_b: 0,
+            stride_sb: 0,
+            grouped: None,
+        }
+    }
+    /// D after one `fp8_gemm` with each kernel of `which` (from `prev` for a Wgrad, else from
+    /// NaN poison); `reduces(which, n)` is told how many `fp8_splitk_reduce_*` launches it made.
+    fn run_each(&self, dev: &Device, which: [Fp8Kernel; 3], reduces: impl Fn(Fp8Kernel, usize)) -> Vec<Vec<f32>> {
+        let (g, dt) = (self.gemm(), self.dt());
+        which
+            .into_iter()
+            .map(|w| {
+                let mut d = if self.wgrad {
+                    Act::from_f32(dev, dt, &self.prev).unwrap()
+                } else {
+                    poisoned(dev, dt, self.m * self.n)
+                };
+                dev.profile_begin().unwrap();
+                fp8_gemm(dev, &g, &mut d, w).unwrap();
+                let ran = dev.profile_end().unwrap().kernels;
+                reduces(w, ran.iter().filter(|k| k.name.starts_with("fp8_splitk_reduce")).count());
+                d.to_f32(dev).unwrap()
+            })
+            .collect()
+    }
+}
+
 /// Split-K (dense calls with too few tiles to fill the GPU, e.g. M = 128) summed inside
 /// `fp8_gemm_tma_*` (the warpgroup finishing a tile's last split adds the partials, per-tile
 /// arrival counters) writes the same bits as the separate `fp8_splitk_reduce_*` launch
@@ -614,43 +688,75 @@ fn split_k_summed_in_the_kernel_equals_the_reduce_launch_bit_for_bit() {
     let mut rng = Rng::new(77);
     // (m, n, k, Wgrad: 1x128 B scales and f32 D accumulated)
     for (m, n, k, wgrad) in [(128usize, 384usize, 2048usize, false), (130, 200, 2000, true)] {
-        let kg = k.div_ceil(128);
-        let x = spread(&mut rng, m, k);
-        let w = randn(&mut rng, n * k);
-        let qa = quantize_unchecked(&x, m, k, ScaleLayout::Tile1x128, false);
-        let qb =
-            quantize_unchecked(&w, n, k, if wgrad { ScaleLayout::Tile1x128 } else { ScaleLayout::Block128 }, false);
-        let ((aq, asc), (bq, bsc)) = (up(&dev, &qa), up(&dev, &qb));
-        let g = Fp8Gemm {
-            m,
-            n,
-            k,
-            a: Fp8Operand { q: &aq, ld: k, scale: &asc, s_rs: kg, s_ks: 1 },
-            b: Fp8Operand { q: &bq, ld: k, scale: &bsc, s_rs: kg, s_ks: 1 },
-            b_scales: if wgrad { BScales::Tile1x128 } else { BScales::Block128 },
-            ldd: n,
-            accumulate: wgrad,
-            groups: 1,
-            stride_b: 0,
-            stride_sb: 0,
-            grouped: None,
-        };
-        let dt = if wgrad { DType::F32 } else { DType::Bf16 };
-        let prev = randn(&mut rng, m * n);
-        let what = format!("split-K {m}x{n}x{k} -> {dt:?}");
-        let mut outs = Vec::new();
-        for which in [Fp8Kernel::TmaPlain, Fp8Kernel::Tma, Fp8Kernel::Tma] {
-            let mut d = if wgrad { Act::from_f32(&dev, dt, &prev).unwrap() } else { poisoned(&dev, dt, m * n) };
-            dev.profile_begin().unwrap();
-            fp8_gemm(&dev, &g, &mut d, which).unwrap();
-            let ran: Vec<String> = dev.profile_end().unwrap().kernels.into_iter().map(|k| k.name).collect();
-            let reduces = ran.iter().filter(|k| k.starts_with("fp8_splitk_reduce")).count();
-            assert_eq!(reduces, usize::from(which == Fp8Kernel::TmaPlain), "{what} {which:?}: ran {ran:?}");
-            outs.push(d.to_f32(&dev).unwrap());
-        }
+        let case = Dense::new(&dev, &mut rng, m, n, k, wgrad);
+        let what = format!("split-K {m}x{n}x{k} -> {:?}", case.dt());
+        let outs = case.run_each(&dev, THREE, |which, reduces| {
+            assert_eq!(reduces, usize::from(which == Fp8Kernel::TmaPlain), "{what} {which:?}: reduce launches");
+        });
         assert!(outs[0].iter().all(|v| v.is_finite()), "{what}: unwritten D");
         assert_bits(&outs[1], &outs[0], &format!("{what}: in-kernel sum vs the reduce launch"));
         assert_bits(&outs[2], &outs[0], &format!("{what}: the second in-kernel call (counters re-armed)"));
+    }
+}
+
+/// A walk whose last wave holds few block tiles splits just those along K (`split_plan`): the
+/// whole tiles are bit for bit the kernel's without the split (`Fp8Kernel::TmaPlain`, whole tiles
+/// everywhere), the split ones agree with the f64 reference, no reduce kernel runs, and a second
+/// call (counters re-armed) gives the same bits. bf16 Fprop (whole tiles stored by TMA) and f32
+/// Wgrad accumulating into D.
+#[test]
+fn the_last_waves_tiles_split_along_k_and_the_rest_run_whole() {
+    let Some(dev) = sm90_device("the_last_waves_tiles_split_along_k_and_the_rest_run_whole") else { return };
+    if std::env::var("DSV3_FP8_SPLITK").is_ok() || std::env::var("DSV3_FP8_TAIL_SPLIT").is_ok() {
+        println!("SKIP the_last_waves_tiles_split_along_k_and_the_rest_run_whole: split-K forced by the environment");
+        return;
+    }
+    use dsv3_kernels::ops::fp8_tma::split_plan;
+    let mut rng = Rng::new(78);
+    // 8 row tiles (one band of the L2 order) x (sms / 8 + 1) column tiles: 1..=8 tiles past the
+    // last full wave
+    let (m, k) = (1024usize, 1024usize);
+    let nt = dev.sms / 8 + 1;
+    let tiles = 8 * nt;
+    let plan = split_plan(tiles, k / 128, dev.sms, true);
+    assert!(plan.split_from > 0 && plan.splits > 1, "{tiles} tiles on {} SMs: {plan:?}", dev.sms);
+    // the split tiles: the last of the walk (column-major inside the band of 8 row tiles)
+    let split_tile = |r: usize, c: usize| {
+        let t = (c / 128) * 8 + r / 128;
+        t >= plan.split_from
+    };
+    for (n, wgrad) in [(nt * 128 - 40, false), (nt * 128, true)] {
+        let case = Dense::new(&dev, &mut rng, m, n, k, wgrad);
+        let what = format!("tail split {m}x{n}x{k} -> {:?} ({plan:?})", case.dt());
+        let outs = case.run_each(&dev, THREE, |which, reduces| {
+            assert_eq!(reduces, 0, "{what} {which:?}: reduce launches");
+        });
+        assert!(outs[1].iter().all(|v| v.is_finite()), "{what}: unwritten D");
+        assert_bits(&outs[2], &outs[1], &format!("{what}: the second call (counters re-armed)"));
+        let (mut split, mut whole) = (0, 0);
+        for r in 0..m {
+            for c in 0..n {
+                let (got, plain) = (outs[1][r * n + c], outs[0][r * n + c]);
+                if split_tile(r, c) {
+                    split += 1;
+                } else {
+                    whole += 1;
+                    assert_eq!(got.to_bits(), plain.to_bits(), "{what}: whole tile element ({r}, {c})");
+                }
+            }
+        }
+        assert!(split > 0 && whole > 0, "{what}: {split} split and {whole} whole elements");
+        let mut exact = matmul_f64(&case.x, &case.w, m, n, k);
+        if wgrad {
+            exact.iter_mut().zip(&case.prev).for_each(|(e, p)| *e += *p as f64);
+        }
+        let d = calc_diff(&outs[1], &exact);
+        assert!(d < 1e-3, "{what}: calc_diff {d:e} vs the f64 reference (want < 1e-3)");
+        // the split tiles: each element near the whole-tile kernel's (the K splits' f32 sums round
+        // differently; bf16 D within a rounding step)
+        let amax = outs[0].iter().fold(0f32, |a, v| a.max(v.abs()));
+        let tol = if wgrad { 1e-5 } else { BF16_RTOL };
+        assert_close(&outs[1], &outs[0], tol * amax, tol, &format!("{what}: split tiles vs whole"));
     }
 }
 

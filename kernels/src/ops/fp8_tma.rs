@@ -17,6 +17,7 @@ use cudarc::driver::sys::{
 };
 use cudarc::driver::DeviceRepr;
 use dsv3_core::Result;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 /// Threads of `fp8_gemm_tma_*`: 2 consumer warpgroups and 1 producer warp.
@@ -34,7 +35,8 @@ pub struct Fp8TmaArgs {
     pub ta: [u64; 16],
     pub tb: [u64; 16],
     pub p: Fp8GemmArgs,
-    /// Split-K's f32 partials `[splits, m, n]` (0 when `splits == 1`).
+    /// Split-K's f32 partials (0 when `splits == 1`): with `counters`, a 128 x 128 slab per split
+    /// of each split tile, `[(tiles - split_from) · splits, 128, 128]`; else `[splits, m, n]`.
     pub work: u64,
     /// K-grouped (the MoE expert Wgrad): `[kgroups + 1]` segment starts along K (multiples of
     /// 128), 0 when not grouped along K.
@@ -43,10 +45,12 @@ pub struct Fp8TmaArgs {
     pub stride_d: i64,
     pub splits: i32,
     pub kgroups: i32,
-    /// 1: D (bf16, written, not accumulated; `splits == 1`, not K-grouped) leaves by TMA stores
-    /// through `td` ([`store_by_tma`]).
+    /// 1: D (bf16, written, not accumulated, not K-grouped) leaves by TMA stores through `td`
+    /// ([`store_by_tma`]), from the tiles that are not split.
     pub store_d: i32,
-    pub _pad: i32,
+    /// Block tiles `split_from..` are split `splits` ways along K, the ones before it run whole
+    /// ([`SplitPlan`]; more than 0 needs `counters`).
+    pub split_from: i32,
     /// Split-K summed in the kernel: `[2 · block tiles]` zeroed arrival counters
     /// (`Device::counters`; the kernel re-arms them), 0 for the separate reduce launch.
     pub counters: u64,
@@ -70,9 +74,14 @@ pub fn tma_fits(g: &Fp8Gemm, a_ptr: u64, b_ptr: u64) -> bool {
 
 /// Whether `fp8_gemm_tma_*` stores D by TMA (its staging buffer and two 64-column boxes per
 /// warpgroup tile, DeepGEMM's epilogue) rather than from registers: a bf16 D written, not
-/// accumulated, without split-K, its base and rows 16-byte aligned (TMA's rules).
-pub fn store_by_tma(dt: DType, g: &Fp8Gemm, d_ptr: u64, splits: usize) -> bool {
-    dt == DType::Bf16 && !g.accumulate && splits == 1 && g.ldd.is_multiple_of(8) && d_ptr.is_multiple_of(16)
+/// accumulated, with some tiles not split along K (`plan`), its base and rows 16-byte aligned
+/// (TMA's rules). The split tiles' sums are stored from registers.
+pub fn store_by_tma(dt: DType, g: &Fp8Gemm, d_ptr: u64, plan: SplitPlan) -> bool {
+    dt == DType::Bf16
+        && !g.accumulate
+        && (plan.splits == 1 || plan.split_from > 0)
+        && g.ldd.is_multiple_of(8)
+        && d_ptr.is_multiple_of(16)
 }
 
 /// A uint8 tensor map over `dims` (innermost first) with byte `strides` for the outer dims,
@@ -117,9 +126,7 @@ fn separate_reduce() -> bool {
 /// tiles alone fill at least half the SMs; else enough splits to fill them, each at least 2
 /// K groups, at most 16. `DSV3_FP8_SPLITK=<n>` forces n (1: off), capped at `kgroups`.
 pub fn splitk_for(tiles: usize, kgroups: usize, sms: usize) -> usize {
-    static FORCED: OnceLock<Option<usize>> = OnceLock::new();
-    let forced = *FORCED.get_or_init(|| std::env::var("DSV3_FP8_SPLITK").ok().and_then(|v| v.parse().ok()));
-    if let Some(s) = forced {
+    if let Some(s) = forced_splits() {
         return s.clamp(1, kgroups.max(1));
     }
     if tiles == 0 || tiles * 2 > sms {
@@ -128,14 +135,88 @@ pub fn splitk_for(tiles: usize, kgroups: usize, sms: usize) -> usize {
     (sms / tiles).min(kgroups / 2).clamp(1, 16)
 }
 
+fn forced_splits() -> Option<usize> {
+    static FORCED: OnceLock<Option<usize>> = OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var("DSV3_FP8_SPLITK").ok().and_then(|v| v.parse().ok()))
+}
+
+/// How `fp8_gemm_tma_*` splits K over its block tiles: tiles `split_from..` run as `splits` work
+/// units each, the ones before whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitPlan {
+    pub split_from: usize,
+    pub splits: usize,
+}
+
+impl SplitPlan {
+    /// The work units of `tiles` block tiles (the persistent blocks' walk).
+    pub fn units(&self, tiles: usize) -> usize {
+        self.split_from + (tiles - self.split_from) * self.splits
+    }
+    /// The walk's length in tiles' times on `sms` persistent blocks: its waves of whole tiles plus
+    /// its waves of split units at `1 / splits` of a tile each (the split tiles are the last).
+    pub fn waves(&self, tiles: usize, sms: usize) -> f64 {
+        let sms = sms.max(1);
+        let split_units = self.units(tiles) - self.split_from;
+        self.split_from.div_ceil(sms) as f64 + split_units.div_ceil(sms) as f64 / self.splits as f64
+    }
+}
+
+/// 0: not yet read, 1: off, 2: on.
+static TAIL_SPLIT: AtomicU8 = AtomicU8::new(0);
+
+/// Whether [`split_plan`] splits a last wave's tiles: on unless `DSV3_FP8_TAIL_SPLIT=0`, or as
+/// [`set_tail_split`] last set it.
+pub fn tail_split_on() -> bool {
+    match TAIL_SPLIT.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("DSV3_FP8_TAIL_SPLIT").map_or(true, |v| v != "0");
+            TAIL_SPLIT.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+            on
+        }
+        v => v == 2,
+    }
+}
+
+/// Turns [`split_plan`]'s tail split on or off for the process (`fp8_bench` times both).
+pub fn set_tail_split(on: bool) {
+    TAIL_SPLIT.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+}
+
+/// [`SplitPlan`] for `tiles` block tiles of `kgroups` 128-K groups on `sms` SMs. Too few tiles to
+/// fill half the SMs: every tile split ([`splitk_for`]). Otherwise, with `tail` (the in-kernel
+/// sum, which the tail split needs), the tiles of the walk's last wave when they fill at most half
+/// of it: split so that their units fill it (each split at least 2 K groups, at most 16), so that
+/// wave takes a fraction of a tile's time (M = 4096, N = 2112: 544 tiles on 132 SMs are 4 full
+/// waves and 16 tiles; as 16 x 8 units the walk takes ~4.1 tiles' time instead of 5). The tail
+/// tiles' sums then add their K splits' partials (a different f32 rounding than the whole tiles',
+/// fixed by the shape and the SM count). `DSV3_FP8_SPLITK` (forced splits) and
+/// `DSV3_FP8_TAIL_SPLIT=0` turn the tail split off.
+pub fn split_plan(tiles: usize, kgroups: usize, sms: usize, tail: bool) -> SplitPlan {
+    let uniform = SplitPlan { split_from: 0, splits: splitk_for(tiles, kgroups, sms) };
+    if !tail || uniform.splits > 1 || forced_splits().is_some() || !tail_split_on() {
+        return uniform;
+    }
+    let left = tiles % sms.max(1);
+    if left == 0 || left * 2 > sms {
+        return uniform;
+    }
+    let splits = (sms / left).min(kgroups / 2).min(16);
+    if splits < 2 {
+        return uniform;
+    }
+    SplitPlan { split_from: tiles - left, splits }
+}
+
 /// Launches `fp8_gemm_tma_<kernel suffix>` for `g` with the common arguments `p` already built
 /// by `fp8_gemm` (which checked the buffers; `dt` is D's type); `tiles64` is the bound on 64-row
 /// tiles (grouped: the plan's `max_tiles`). Dense calls with too few tiles to fill the GPU split
-/// K ([`splitk_for`]): the partials go to a temporary `[splits, m, n]` f32 buffer and
-/// the warpgroup finishing each tile's last split adds them into D in split order (per-tile
-/// arrival counters, `Device::counters`). `fused: false` launches `fp8_splitk_reduce_*` for that
-/// instead (so does `DSV3_FP8_SPLITK_REDUCE=separate`) and stores D from registers where `fused`
-/// stores it by TMA ([`store_by_tma`]). Both forms sum in the same order: the same bits.
+/// K ([`splitk_for`]), or with a last wave of few tiles split those ([`split_plan`]): the partials
+/// go to a temporary f32 buffer and the warpgroup finishing each tile's last split adds them
+/// into D in split order (per-tile arrival counters, `Device::counters`). `fused: false`
+/// launches `fp8_splitk_reduce_*` for that instead (so does `DSV3_FP8_SPLITK_REDUCE=separate`;
+/// no tail split then) and stores D from registers where `fused` stores it by TMA
+/// ([`store_by_tma`]). Both forms sum in the same order: the same bits.
 pub(crate) fn launch_tma(
     dev: &Device,
     kernel: &'static str,
@@ -150,15 +231,26 @@ pub(crate) fn launch_tma(
     let tb =
         encode_u8(p.b, &[g.k as u64, g.n as u64, g.groups as u64], &[g.b.ld as u64, stride_b as u64], &[128, 128, 1])?;
     let block_tiles = tiles64.div_ceil(2) * g.n.div_ceil(128);
-    let splits = if g.grouped.is_some() { 1 } else { splitk_for(block_tiles, g.k.div_ceil(128), dev.sms) };
-    let work = if splits > 1 { Some(empty::<f32>(dev, splits * g.m * g.n)?) } else { None };
+    let in_kernel = fused && !separate_reduce();
+    let plan = if g.grouped.is_some() {
+        SplitPlan { split_from: 0, splits: 1 }
+    } else {
+        split_plan(block_tiles, g.k.div_ceil(128), dev.sms, in_kernel)
+    };
+    let splits = plan.splits;
+    let work_len = match (splits, in_kernel) {
+        (1, _) => 0,
+        (_, true) => (block_tiles - plan.split_from) * splits * 128 * 128,
+        (_, false) => splits * g.m * g.n,
+    };
+    let work = if work_len > 0 { Some(empty::<f32>(dev, work_len)?) } else { None };
     let work_ptr = match &work {
         Some(w) => dptr(dev, w, 0)?,
         None => 0,
     };
-    let grid = (block_tiles * splits).min(dev.sms.max(1));
-    let store_d = fused && store_by_tma(dt, g, p.d, splits);
-    let counters = if splits > 1 && fused && !separate_reduce() { dev.counters(2 * block_tiles)? } else { 0 };
+    let grid = plan.units(block_tiles).min(dev.sms.max(1));
+    let store_d = fused && store_by_tma(dt, g, p.d, plan);
+    let counters = if splits > 1 && in_kernel { dev.counters(2 * block_tiles)? } else { 0 };
     let td =
         if store_d { encode_u8(p.d, &[2 * g.n as u64, g.m as u64], &[2 * g.ldd as u64], &[128, 64])? } else { [0; 16] };
     let args = Fp8TmaArgs {
@@ -171,7 +263,7 @@ pub(crate) fn launch_tma(
         splits: int(splits, "splits")?,
         kgroups: 1,
         store_d: i32::from(store_d),
-        _pad: 0,
+        split_from: int(plan.split_from, "split_from")?,
         counters,
         td,
     };
@@ -282,7 +374,7 @@ pub fn fp8_gemm_kgrouped(
         splits: 1,
         kgroups: int(kgroups, "kgroups")?,
         store_d: 0,
-        _pad: 0,
+        split_from: 0,
         counters: 0,
         td: [0; 16],
     };
@@ -312,6 +404,7 @@ mod tests {
         assert_eq!(std::mem::offset_of!(Fp8TmaArgs, splits), 424);
         assert_eq!(std::mem::offset_of!(Fp8TmaArgs, kgroups), 428);
         assert_eq!(std::mem::offset_of!(Fp8TmaArgs, store_d), 432);
+        assert_eq!(std::mem::offset_of!(Fp8TmaArgs, split_from), 436);
         assert_eq!(std::mem::offset_of!(Fp8TmaArgs, counters), 440);
         // the D tensor map 64-byte aligned
         assert_eq!(std::mem::offset_of!(Fp8TmaArgs, td), 448);
@@ -334,6 +427,34 @@ mod tests {
         assert_eq!(splitk_for(1, 3, 132), 1);
         assert_eq!(splitk_for(1, 1000, 132), 16);
         assert_eq!(splitk_for(0, 8, 132), 1);
+    }
+
+    #[test]
+    fn the_last_wave_is_split_when_few_tiles_are_left_for_it() {
+        if std::env::var("DSV3_FP8_SPLITK").is_ok() || std::env::var("DSV3_FP8_TAIL_SPLIT").is_ok() {
+            return;
+        }
+        use super::{split_plan, SplitPlan};
+        // M = 4096, N = 2112, K = 7168: 32 x 17 = 544 tiles = 4 waves of 132 + 16 -> 16 x 8 units
+        let p = split_plan(544, 56, 132, true);
+        assert_eq!(p, SplitPlan { split_from: 528, splits: 8 });
+        assert_eq!(p.units(544), 528 + 128);
+        assert!((p.waves(544, 132) - 4.125).abs() < 1e-9, "{}", p.waves(544, 132));
+        // without the in-kernel sum: whole tiles, 5 waves
+        let whole = split_plan(544, 56, 132, false);
+        assert_eq!(whole, SplitPlan { split_from: 0, splits: 1 });
+        assert_eq!(whole.waves(544, 132), 5.0);
+        // a last wave over half full (M = 4096, N = 7168: 1792 = 13 x 132 + 76): whole tiles
+        assert_eq!(split_plan(1792, 16, 132, true).splits, 1);
+        // full waves: nothing to split
+        assert_eq!(split_plan(264, 16, 132, true).splits, 1);
+        // 88M training's 8192 x 1408 x 512 Fprop: 704 = 5 x 132 + 44 tiles, K = 4 groups -> 2 splits
+        assert_eq!(split_plan(704, 4, 132, true), SplitPlan { split_from: 660, splits: 2 });
+        // too few K groups to split (each split keeps >= 2)
+        assert_eq!(split_plan(140, 3, 132, true).splits, 1);
+        // few tiles: every tile split, as before
+        assert_eq!(split_plan(17, 56, 132, true), SplitPlan { split_from: 0, splits: 7 });
+        assert!((split_plan(17, 56, 132, true).waves(17, 132) - 1.0 / 7.0).abs() < 1e-9);
     }
 
     #[test]

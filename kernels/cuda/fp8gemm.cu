@@ -439,8 +439,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_wgmma2_f32(Fp8Gemm
 // EMULATOR-VERIFIED (kernels/emu/fp8gemm_emu.cpp with include/tma_emu.h); dense and grouped forms
 // correct on the H100 (kernels/tests/fp8.rs, 2026-11-24), the K-grouped form not yet run there.
 #include "tma.cuh"
-#define FP8T_STAGES 4
-#define FP8T_STAGE_BYTES (3 * 16384)  // A (2 x 64 rows x 128 K) | B of warpgroup 0's group | B of warpgroup 1's
+#define FP8T_STAGES TMA_AB_STAGES  // the ring of tma.cuh: 4 x (A 2 x 64 x 128 K | B | B)
+#define FP8T_STAGE_BYTES TMA_AB_STAGE_BYTES
 #define FP8T_BARS (FP8T_STAGES * FP8T_STAGE_BYTES)    // full[s] at +8s, empty[s] at +32 + 8s
 #define FP8T_STORE (FP8T_BARS + 1024)                  // the TMA-store staging: 16 KiB per warpgroup
 #define FP8T_SMEM (FP8T_STORE + 2 * 16384 + 1024)      // + slack to align the ring to 1024 B
@@ -480,12 +480,6 @@ struct Fp8TmaArgs {
     TmaDesc td;
 };
 
-// Block tile t of the persistent walk: 64-row tiles 2·mt and 2·mt + 1 (the second may be absent),
-// column tile col0.
-struct Fp8TmaTile {
-    int col0, r0a, rea, ga, r0b, reb, gb;
-    bool act1, two_b;
-};
 // The work units of the persistent walk: K-grouped, tiles_per per K group; else split_from whole
 // tiles and `splits` per tile after them.
 __device__ __forceinline__ int fp8_tma_units(const Fp8TmaArgs& q, int tiles_per) {
@@ -512,17 +506,11 @@ __device__ __forceinline__ void fp8_tma_unit(const Fp8TmaArgs& q, int u, int til
     }
 }
 
-// Block tile t (of mtiles x ntiles, in tma_raster's order).
-__device__ __forceinline__ Fp8TmaTile fp8_tma_tile(const Fp8GemmArgs& p, int t, int mtiles, int ntiles) {
-    Fp8TmaTile x;
-    int mt, nt;
-    tma_raster(t, mtiles, ntiles, mt, nt);
-    x.col0 = nt * 128;
-    fp8_tile64(p, 2 * mt, x.r0a, x.rea, x.ga);
-    x.act1 = fp8_tile64(p, 2 * mt + 1, x.r0b, x.reb, x.gb);
-    if (!x.act1) x.r0b = x.reb = 0, x.gb = x.ga;
-    x.two_b = x.act1 && x.gb != x.ga;
-    return x;
+// Block tile t (of mtiles x ntiles, in tma_raster's order): 64-row tiles 2·mt and 2·mt + 1 (the
+// second may be absent; the first exists for every t of the walk).
+__device__ __forceinline__ TmaTile fp8_tma_tile(const Fp8GemmArgs& p, int t, int mtiles, int ntiles) {
+    return tma_tile(t, mtiles, ntiles,
+                    [&](int t64, int& row0, int& row_end, int& g) { return fp8_tile64(p, t64, row0, row_end, g); });
 }
 
 template <typename TD>
@@ -539,13 +527,7 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
     const int ntiles = (p.n + 127) >> 7, mtiles = (tiles64 + 1) >> 1, splits = q.splits, tiles_per = mtiles * ntiles;
     const int units = fp8_tma_units(q, tiles_per);
     const int nkb = (p.k + 127) >> 7;
-    if (tid == 0) {
-        for (int s = 0; s < FP8T_STAGES; s++) {
-            mbar_init(bars + 8 * s, 1);        // full: the producer's arrive.expect_tx (+ the TMA bytes)
-            mbar_init(bars + 32 + 8 * s, 8);   // empty: one arrival per consumer warp
-        }
-        mbar_fence_init();
-    }
+    if (tid == 0) tma_ring_init(bars);
     __syncthreads();  // the last block-wide barrier: the producer warp's idle lanes leave below
 
     if (tid >= 256) {  // ---- producer warp
@@ -557,18 +539,7 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
             int e, t, kb0, kb1, sp;
             fp8_tma_unit(q, u, tiles_per, nkb, e, t, kb0, kb1, sp);
             if (q.k_seg && kb0 >= kb1) continue;  // an empty K group: nothing to load
-            const Fp8TmaTile x = fp8_tma_tile(p, t, mtiles, ntiles);
-            const uint32_t bytes = 8192u * (x.act1 ? 2u : 1u) + 16384u * (x.two_b ? 2u : 1u);
-            for (int kb = kb0; kb < kb1; kb++, it++) {
-                const int s = it % FP8T_STAGES;
-                const uint32_t st = sbase + s * FP8T_STAGE_BYTES, full = bars + 8 * s;
-                mbar_wait(bars + 32 + 8 * s, ((it / FP8T_STAGES) & 1) ^ 1);  // the consumers freed it
-                mbar_arrive_expect_tx(full, bytes);
-                tma_load_2d(st, &q.ta, full, kb * 128, x.r0a);
-                if (x.act1) tma_load_2d(st + 8192, &q.ta, full, kb * 128, x.r0b);
-                tma_load_3d(st + 16384, &q.tb, full, kb * 128, x.col0, x.ga);
-                if (x.two_b) tma_load_3d(st + 32768, &q.tb, full, kb * 128, x.col0, x.gb);
-            }
+            tma_produce_ab(sbase, bars, it, &q.ta, &q.tb, fp8_tma_tile(p, t, mtiles, ntiles), kb0, kb1);
         }
         return;
     }
@@ -582,7 +553,7 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
         int e, t, kb0, kb1, sp;
         fp8_tma_unit(q, u, tiles_per, nkb, e, t, kb0, kb1, sp);
         if (q.k_seg && kb0 >= kb1) continue;  // an empty K group: its D untouched
-        const Fp8TmaTile x = fp8_tma_tile(p, t, mtiles, ntiles);
+        const TmaTile x = fp8_tma_tile(p, t, mtiles, ntiles);
         const bool active = wg == 0 || x.act1;
         const int row0 = wg ? x.r0b : x.r0a, row_end = wg ? x.reb : x.rea, col0 = x.col0;
         const float* SB = p.sb + (long long)(wg ? x.gb : x.ga) * p.stride_sb;

@@ -27,8 +27,8 @@
 #include "tma.cuh"
 #include "wgmma.cuh"
 
-#define GT_STAGES 4
-#define GT_STAGE_BYTES (3 * 16384)  // A (2 x 64 rows x 128 B) | B of warpgroup 0's group | B of warpgroup 1's
+#define GT_STAGES TMA_AB_STAGES  // the ring of tma.cuh: 4 x (A 2 x 64 rows x 128 B | B | B)
+#define GT_STAGE_BYTES TMA_AB_STAGE_BYTES
 #define GT_BARS (GT_STAGES * GT_STAGE_BYTES)  // full[s] at +8s, empty[s] at +32 + 8s
 #define GT_STORE (GT_BARS + 1024)              // the TMA-store staging: 16 KiB per warpgroup
 
@@ -44,22 +44,10 @@ struct GemmTmaArgs {
     TmaDesc tc;
 };
 
-struct GtTile {
-    int col0, r0a, rea, ga, r0b, reb, gb;
-    bool act0, act1, two_b;
-};
-// Block tile u (of mtiles x ntiles, in tma_raster's order).
-__device__ __forceinline__ GtTile gt_tile(const GemmArgs& p, int u, int mtiles, int ntiles) {
-    GtTile x;
-    int mt, nt;
-    tma_raster(u, mtiles, ntiles, mt, nt);
-    x.col0 = nt * 128;
-    x.act0 = gemm_group_tile(p, 2 * mt, x.r0a, x.rea, x.ga);
-    if (!x.act0) x.r0a = x.rea = 0, x.ga = 0;
-    x.act1 = x.act0 && gemm_group_tile(p, 2 * mt + 1, x.r0b, x.reb, x.gb);
-    if (!x.act1) x.r0b = x.reb = 0, x.gb = x.ga;
-    x.two_b = x.act1 && x.gb != x.ga;
-    return x;
+// Block tile u (of mtiles x ntiles, in tma_raster's order; act0 false past the last tile).
+__device__ __forceinline__ TmaTile gt_tile(const GemmArgs& p, int u, int mtiles, int ntiles) {
+    return tma_tile(u, mtiles, ntiles,
+                    [&](int t64, int& row0, int& row_end, int& g) { return gemm_group_tile(p, t64, row0, row_end, g); });
 }
 
 // C[row, c], C[row, c + 1] (+ bias) (+ C): one paired store where the address allows it.
@@ -103,13 +91,7 @@ __device__ void gemm_tma_grouped(const GemmTmaArgs& q) {
     const int tiles64 = p.tile_offsets[p.groups];
     const int ntiles = (p.n + 127) >> 7, mtiles = (tiles64 + 1) >> 1, units = mtiles * ntiles;
     const int nks = (p.k + 63) >> 6;  // 64-K slices
-    if (tid == 0) {
-        for (int s = 0; s < GT_STAGES; s++) {
-            mbar_init(bars + 8 * s, 1);       // full: the producer's arrive.expect_tx (+ the TMA bytes)
-            mbar_init(bars + 32 + 8 * s, 8);  // empty: one arrival per consumer warp
-        }
-        mbar_fence_init();
-    }
+    if (tid == 0) tma_ring_init(bars);
     __syncthreads();  // the last block-wide barrier: the producer warp's idle lanes leave below
 
     if (tid >= 256) {  // ---- producer warp
@@ -118,19 +100,8 @@ __device__ void gemm_tma_grouped(const GemmTmaArgs& q) {
         tma_prefetch_desc(&q.tb);
         int it = 0;
         for (int u = blockIdx.x; u < units; u += gridDim.x) {
-            const GtTile x = gt_tile(p, u, mtiles, ntiles);
-            if (!x.act0) continue;
-            const uint32_t bytes = 8192u * (x.act1 ? 2u : 1u) + 16384u * (x.two_b ? 2u : 1u);
-            for (int ks = 0; ks < nks; ks++, it++) {
-                const int s = it % GT_STAGES;
-                const uint32_t st = sbase + s * GT_STAGE_BYTES, full = bars + 8 * s;
-                mbar_wait(bars + 32 + 8 * s, ((it / GT_STAGES) & 1) ^ 1);  // the consumers freed it
-                mbar_arrive_expect_tx(full, bytes);
-                tma_load_2d(st, &q.ta, full, ks * 128, x.r0a);
-                if (x.act1) tma_load_2d(st + 8192, &q.ta, full, ks * 128, x.r0b);
-                tma_load_3d(st + 16384, &q.tb, full, ks * 128, x.col0, x.ga);
-                if (x.two_b) tma_load_3d(st + 32768, &q.tb, full, ks * 128, x.col0, x.gb);
-            }
+            const TmaTile x = gt_tile(p, u, mtiles, ntiles);
+            if (x.act0) tma_produce_ab(sbase, bars, it, &q.ta, &q.tb, x, 0, nks);
         }
         return;
     }
@@ -141,7 +112,7 @@ __device__ void gemm_tma_grouped(const GemmTmaArgs& q) {
     float acc[64];
     int it = 0;
     for (int u = blockIdx.x; u < units; u += gridDim.x) {
-        const GtTile x = gt_tile(p, u, mtiles, ntiles);
+        const TmaTile x = gt_tile(p, u, mtiles, ntiles);
         if (!x.act0) continue;  // past the last tile (the producer skips it too)
         const bool active = wg == 0 || x.act1;
         const int row0 = wg ? x.r0b : x.r0a, row_end = wg ? x.reb : x.rea;

@@ -110,6 +110,64 @@ __device__ __forceinline__ void tma_raster(int t, int mtiles, int ntiles, int& m
     nt = r / rows;
 }
 
+// A block tile of the two TMA GEMMs (fp8_gemm_tma, gemm_tma_grouped): 64-row tiles 2·mt (rows
+// [r0a, rea) of group ga, warpgroup 0's; act0) and 2·mt + 1 ([r0b, reb) of group gb, warpgroup
+// 1's; act1) x the 128 columns from col0; two_b: the two row tiles' groups differ, so a ring stage
+// holds both groups' B tiles.
+struct TmaTile {
+    int col0, r0a, rea, ga, r0b, reb, gb;
+    bool act0, act1, two_b;
+};
+// Block tile t of mtiles x ntiles in tma_raster's order; tile64(t64, row0, row_end, g) says
+// whether 64-row tile t64 exists and its rows and group.
+template <typename Tile64>
+__device__ __forceinline__ TmaTile tma_tile(int t, int mtiles, int ntiles, Tile64 tile64) {
+    TmaTile x;
+    int mt, nt;
+    tma_raster(t, mtiles, ntiles, mt, nt);
+    x.col0 = nt * 128;
+    x.act0 = tile64(2 * mt, x.r0a, x.rea, x.ga);
+    if (!x.act0) x.r0a = x.rea = 0, x.ga = 0;
+    x.act1 = x.act0 && tile64(2 * mt + 1, x.r0b, x.reb, x.gb);
+    if (!x.act1) x.r0b = x.reb = 0, x.gb = x.ga;
+    x.two_b = x.act1 && x.gb != x.ga;
+    return x;
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(DSV3_EMU)
+// The two TMA GEMMs' ring: TMA_AB_STAGES stages of TMA_AB_STAGE_BYTES from a 1024-byte aligned
+// base, each A (2 x 64 rows x 128 bytes) | B of warpgroup 0's group (128 x 128 bytes) | B of
+// warpgroup 1's; its mbarriers at `bars`: full[s] at +8s (the producer's arrive.expect_tx + the
+// TMA bytes), empty[s] at +32 + 8s (one arrival per consumer warp).
+#define TMA_AB_STAGES 4
+#define TMA_AB_STAGE_BYTES (3 * 16384)
+__device__ __forceinline__ void tma_ring_init(uint32_t bars) {
+    for (int s = 0; s < TMA_AB_STAGES; s++) {
+        mbar_init(bars + 8 * s, 1);
+        mbar_init(bars + 32 + 8 * s, 8);
+    }
+    mbar_fence_init();
+}
+// The producer's loads of tile x's 128-byte K slices [s0, s1) (A through map ta at byte column
+// 128·s, rows r0a / r0b; B through tb, rows col0.., groups ga / gb) into the ring at sbase, stage
+// `it` % TMA_AB_STAGES for the it-th slice of the walk (it counts on): each stage once the
+// consumers freed it.
+__device__ __forceinline__ void tma_produce_ab(uint32_t sbase, uint32_t bars, int& it, const TmaDesc* ta,
+                                               const TmaDesc* tb, const TmaTile& x, int s0, int s1) {
+    const uint32_t bytes = 8192u * (x.act1 ? 2u : 1u) + 16384u * (x.two_b ? 2u : 1u);
+    for (int ks = s0; ks < s1; ks++, it++) {
+        const int s = it % TMA_AB_STAGES;
+        const uint32_t st = sbase + s * TMA_AB_STAGE_BYTES, full = bars + 8 * s;
+        mbar_wait(bars + 32 + 8 * s, ((it / TMA_AB_STAGES) & 1) ^ 1);
+        mbar_arrive_expect_tx(full, bytes);
+        tma_load_2d(st, ta, full, ks * 128, x.r0a);
+        if (x.act1) tma_load_2d(st + 8192, ta, full, ks * 128, x.r0b);
+        tma_load_3d(st + 16384, tb, full, ks * 128, x.col0, x.ga);
+        if (x.two_b) tma_load_3d(st + 32768, tb, full, ks * 128, x.col0, x.gb);
+    }
+}
+#endif
+
 // A warpgroup's m64n128 f32 accumulator fragment (warp `warp` of 4, lane `lane`: rows 16·warp +
 // lane/4 and + 8, columns 8j + 2·(lane % 4) + e at out[4j + 2h + e], as the wgmma m64n128 f32
 // fragment) rounded to bf16 into the 16 KiB staging buffer `buf` (1024-byte aligned) of two TMA

@@ -45,6 +45,12 @@ inline void bulk_commit();
 template <int N>
 inline void bulk_wait_read();
 inline void named_bar_sync(int id, int count);
+inline void mbar_init(uint32_t a, uint32_t count);
+inline void mbar_fence_init();
+inline void mbar_arrive_expect_tx(uint32_t a, uint32_t bytes);
+inline void mbar_wait(uint32_t a, uint32_t parity);
+inline void tma_load_2d(uint32_t dst, const TmaDesc* d, uint32_t bar, int c0, int c1);
+inline void tma_load_3d(uint32_t dst, const TmaDesc* d, uint32_t bar, int c0, int c1, int c2);
 
 #include <tma.cuh>  // TmaDesc (its inline-PTX helpers are left out under DSV3_EMU)
 

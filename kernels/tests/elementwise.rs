@@ -2,7 +2,6 @@
 //! (dsv3_core::ops), on random data at several shapes including ragged ones. Skip without a GPU.
 mod common;
 use common::*;
-use dsv3_core::config::{Config, RopeScaling};
 use dsv3_core::ops::rope::Rope;
 use dsv3_core::rng::Rng;
 use dsv3_kernels::ops::rope::RopeLayout;
@@ -68,31 +67,12 @@ fn rmsnorm_matches_cpu_strided_and_in_place() {
     }
 }
 
-fn cfg_with(dr: usize, scaling: RopeScaling) -> Config {
-    let text = format!(
-        r#"{{"model_type":"deepseek_v3","vocab_size":10,"hidden_size":8,"num_hidden_layers":1,
-        "num_attention_heads":1,"q_lora_rank":null,"kv_lora_rank":4,"qk_nope_head_dim":16,
-        "qk_rope_head_dim":{dr},"v_head_dim":4,"intermediate_size":8}}"#
-    );
-    let mut c = Config::from_json_str(&text, "test").unwrap();
-    c.rope_scaling = scaling;
-    c
-}
-
 #[test]
 fn rope_and_yarn_match_cpu_on_every_head() {
     let Some(dev) = device("rope_and_yarn_match_cpu_on_every_head") else { return };
-    let yarn = RopeScaling::Yarn {
-        factor: 40.0,
-        original_max_position_embeddings: 4096.0,
-        beta_fast: 32.0,
-        beta_slow: 1.0,
-        mscale: 1.0,
-        mscale_all_dim: 0.707,
-    };
     let mut rng = Rng::new(3);
-    for (dr, scaling) in [(64usize, yarn), (16, RopeScaling::None), (2, RopeScaling::None)] {
-        let rope_cpu = Rope::new(&cfg_with(dr, scaling));
+    for (dr, scaling) in ROPE_CASES {
+        let rope_cpu = Rope::new(&rope_cfg(dr, scaling));
         let half = dr / 2;
         // q-like layout: [rows, heads, dn + dr] with the rope part at offset dn
         let (rows, heads, dn) = (11usize, 5usize, 16usize);

@@ -3,10 +3,9 @@
 //! embedding / cross-entropy backward (f32 to rounding, bf16 to its precision). Skip without a GPU.
 mod common;
 use common::*;
-use dsv3_core::config::{Config, RopeScaling};
 use dsv3_core::ops::rope::Rope;
 use dsv3_core::rng::Rng;
-use dsv3_kernels::ops::rope::RopeLayout;
+use dsv3_kernels::ops::rope::{self, RopeLayout};
 use dsv3_kernels::ops::train::{self, AdamStep, Moments};
 use dsv3_kernels::tensor::{download, upload};
 use dsv3_kernels::{Act, DType};
@@ -162,31 +161,12 @@ fn swiglu_backward_matches_cpu() {
     }
 }
 
-fn cfg_with(dr: usize, scaling: RopeScaling) -> Config {
-    let text = format!(
-        r#"{{"model_type":"deepseek_v3","vocab_size":10,"hidden_size":8,"num_hidden_layers":1,
-        "num_attention_heads":1,"q_lora_rank":null,"kv_lora_rank":4,"qk_nope_head_dim":16,
-        "qk_rope_head_dim":{dr},"v_head_dim":4,"intermediate_size":8}}"#
-    );
-    let mut c = Config::from_json_str(&text, "test").unwrap();
-    c.rope_scaling = scaling;
-    c
-}
-
 #[test]
 fn rope_backward_matches_cpu() {
     let Some(dev) = device("rope_backward_matches_cpu") else { return };
-    let yarn = RopeScaling::Yarn {
-        factor: 40.0,
-        original_max_position_embeddings: 4096.0,
-        beta_fast: 32.0,
-        beta_slow: 1.0,
-        mscale: 1.0,
-        mscale_all_dim: 0.707,
-    };
     let mut rng = Rng::new(83);
-    for (dr, scaling) in [(64usize, yarn), (16, RopeScaling::None), (2, RopeScaling::None)] {
-        let rope_cpu = Rope::new(&cfg_with(dr, scaling));
+    for (dr, scaling) in ROPE_CASES {
+        let rope_cpu = Rope::new(&rope_cfg(dr, scaling));
         let half = dr / 2;
         let (rows, heads, dn) = (11usize, 5usize, 16usize);
         let ld_head = dn + dr;
@@ -205,7 +185,7 @@ fn rope_backward_matches_cpu() {
             let mut xa = Act::from_f32(&dev, dt, &x).unwrap();
             let layout = RopeLayout { rows, ld_row: heads * ld_head, heads, ld_head, offset: dn, half };
             let inv = upload(&dev, &rope_cpu.inv_freq).unwrap();
-            train::rope_backward(&dev, &mut xa, layout, &upload(&dev, &pos).unwrap(), &inv, rope_cpu.attention_factor)
+            rope::rope_backward(&dev, &mut xa, layout, &upload(&dev, &pos).unwrap(), &inv, rope_cpu.attention_factor)
                 .unwrap();
             let atol = if dt == DType::F32 { 2e-6 } else { 1e-2 };
             assert_close(&xa.to_f32(&dev).unwrap(), &want, atol, rtol, &format!("rope_backward dr {dr} {dt:?}"));

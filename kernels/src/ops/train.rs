@@ -1,7 +1,6 @@
 //! Training kernels (`kernels/cuda/train.cu`): AdamW on f32 master weights (f32 or bf16 moments)
-//! and the backward passes of RMSNorm, SwiGLU, RoPE/YaRN, the embedding and softmax
-//! cross-entropy, mirroring `dsv3_core::train::optim` and `dsv3_core::ops`.
-use super::rope::RopeLayout;
+//! and the backward passes of RMSNorm, SwiGLU, the embedding and softmax cross-entropy (RoPE/YaRN
+//! beside its forward in `ops::rope`), mirroring `dsv3_core::train::optim` and `dsv3_core::ops`.
 use super::{dim, grid_y, int, launch, launch_smem, max_smem_optin, KArg};
 use crate::device::Device;
 use crate::tensor::{dptr, Act, DType};
@@ -202,54 +201,6 @@ pub fn swiglu_backward(
         k,
         (dim(inter.div_ceil(256), "swiglu_backward")?, grid_y(rows, "swiglu_backward rows")?, 1),
         256,
-        &args,
-    )
-}
-
-/// Backward of [`super::rope::rope`], in place over the same layout: the gradient of the rotated
-/// (de-interleaved) vectors becomes the gradient of the interleaved inputs.
-pub fn rope_backward(
-    dev: &Device,
-    x: &mut Act,
-    layout: RopeLayout,
-    pos: &CudaSlice<i32>,
-    inv_freq: &CudaSlice<f32>,
-    attention_factor: f32,
-) -> Result<()> {
-    let RopeLayout { rows, ld_row, heads, ld_head, offset, half } = layout;
-    if rows == 0 || heads == 0 {
-        return Ok(());
-    }
-    if half == 0 || half > 128 || inv_freq.len() < half || pos.len() < rows {
-        return Err(Error::Input(format!(
-            "rope_backward: half {half} (1..=128), {} freqs, {} positions",
-            inv_freq.len(),
-            pos.len()
-        )));
-    }
-    if heads > 1 && ld_head < offset + 2 * half {
-        return Err(Error::Input("rope_backward: heads overlap".into()));
-    }
-    x.check((rows - 1) * ld_row + (heads - 1) * ld_head + offset + 2 * half, "rope_backward x")?;
-    let args = [
-        KArg::Ptr(x.ptr(dev, 0)?),
-        KArg::I32(int(rows, "rows")?),
-        KArg::I32(int(ld_row, "ld_row")?),
-        KArg::I32(int(heads, "heads")?),
-        KArg::I32(int(ld_head, "ld_head")?),
-        KArg::I32(int(offset, "offset")?),
-        KArg::I32(int(half, "half")?),
-        KArg::Ptr(dptr(dev, pos, 0)?),
-        KArg::Ptr(dptr(dev, inv_freq, 0)?),
-        KArg::F32(attention_factor),
-    ];
-    let k = pick(x.dtype(), "rope_bwd_f32", "rope_bwd_bf16");
-    launch(
-        dev,
-        "train",
-        k,
-        (dim(rows, "rope_backward rows")?, dim(heads.div_ceil(64), "rope_backward heads")?, 1),
-        64,
         &args,
     )
 }

@@ -521,8 +521,22 @@ impl Cx<'_> {
         let mut dcn = self.act(n * c)?;
         self.lin_bwd(rd(&s.cn, 0, c), rd(&dkv, 0, w), n, &a.kv_b, g, Some((wr(&mut dcn, 0, c), false)))?;
         self.norm_bwd(&s.ckv, c + dr, &dcn, c, &mut dckv, c + dr, a.kv_norm, c, LORA_NORM_EPS, g)?;
-        tk::rope_backward(self.dev, &mut dckv, self.rope_k(), self.pos, self.inv_freq, self.attention_factor)?;
-        tk::rope_backward(self.dev, &mut dq_, self.rope_q(), self.pos, self.inv_freq, self.attention_factor)?;
+        crate::ops::rope::rope_backward(
+            self.dev,
+            &mut dckv,
+            self.rope_k(),
+            self.pos,
+            self.inv_freq,
+            self.attention_factor,
+        )?;
+        crate::ops::rope::rope_backward(
+            self.dev,
+            &mut dq_,
+            self.rope_q(),
+            self.pos,
+            self.inv_freq,
+            self.attention_factor,
+        )?;
         self.lin_bwd(rd(&s.h1, 0, d), rd(&dckv, 0, c + dr), n, &a.kv_a, g, Some((wr(dh1, 0, d), false)))?;
         match (&a.q, &s.qa, &s.qan) {
             (QW::Lora { a: la, norm: nw, b: lb }, Some(qa), Some(qan)) => {

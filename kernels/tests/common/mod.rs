@@ -107,3 +107,33 @@ pub fn fp8_weight(rng: &mut Rng, g: usize, n: usize, k: usize) -> (Vec<u8>, Vec<
     }
     (q, s, dense)
 }
+
+/// The rope widths and scalings the RoPE tests run: V3's YaRN at 64 rope dims, and plain RoPE at
+/// 16 and 2.
+pub const ROPE_CASES: [(usize, dsv3_core::config::RopeScaling); 3] = [
+    (
+        64,
+        dsv3_core::config::RopeScaling::Yarn {
+            factor: 40.0,
+            original_max_position_embeddings: 4096.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale: 1.0,
+            mscale_all_dim: 0.707,
+        },
+    ),
+    (16, dsv3_core::config::RopeScaling::None),
+    (2, dsv3_core::config::RopeScaling::None),
+];
+
+/// A one-layer config with `dr` rope dims and `scaling` (the RoPE tests' tables).
+pub fn rope_cfg(dr: usize, scaling: dsv3_core::config::RopeScaling) -> dsv3_core::config::Config {
+    let text = format!(
+        r#"{{"model_type":"deepseek_v3","vocab_size":10,"hidden_size":8,"num_hidden_layers":1,
+        "num_attention_heads":1,"q_lora_rank":null,"kv_lora_rank":4,"qk_nope_head_dim":16,
+        "qk_rope_head_dim":{dr},"v_head_dim":4,"intermediate_size":8}}"#
+    );
+    let mut c = dsv3_core::config::Config::from_json_str(&text, "test").unwrap();
+    c.rope_scaling = scaling;
+    c
+}

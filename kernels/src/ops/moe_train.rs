@@ -262,13 +262,36 @@ pub fn balance_loss(
     scale: f32,
     dlogits: &mut CudaSlice<f32>,
 ) -> Result<f32> {
+    let Some((row_loss, groups)) = balance_terms(dev, logits, idx, cfg, spans, alpha, scale, dlogits)? else {
+        return Ok(0.0);
+    };
+    // the CPU sums the row terms in row order (span by span) and divides by the span count
+    let terms = download(dev, &row_loss)?;
+    Ok(terms.iter().fold(0f32, |a, &b| a + b) / groups as f32)
+}
+
+/// [`balance_loss`] without its download (the training pass sums every layer's terms at its end):
+/// adds `scale ×` the loss's gradient into `dlogits` and returns the per-row loss terms `[n]` and
+/// the number of non-empty spans (the loss is `Σ terms / spans`, summed in row order). `None`
+/// when α = 0.
+#[allow(clippy::too_many_arguments)]
+pub fn balance_terms(
+    dev: &Device,
+    logits: &CudaSlice<f32>,
+    idx: &CudaSlice<i32>,
+    cfg: &RouteCfg,
+    spans: &Spans,
+    alpha: f32,
+    scale: f32,
+    dlogits: &mut CudaSlice<f32>,
+) -> Result<Option<(CudaSlice<f32>, usize)>> {
     let (e, k, n) = (cfg.n_experts, cfg.top_k, spans.rows());
     if alpha == 0.0 || n == 0 {
-        return Ok(0.0);
+        return Ok(None);
     }
     check_routing("moe balance_loss", e, k)?;
-    if logits.len() < n * e || dlogits.len() < n * e {
-        return Err(Error::Input(format!("moe balance_loss: logits shorter than {n} rows")));
+    if logits.len() < n * e || dlogits.len() < n * e || idx.len() < n * k {
+        return Err(Error::Input(format!("moe balance_loss: buffers shorter than {n} rows")));
     }
     let s = spans.lens.len();
     let mut f = crate::tensor::empty::<f32>(dev, s * e)?;
@@ -297,9 +320,7 @@ pub fn balance_loss(
             KArg::Ptr(dptr(dev, dlogits, 0)?),
         ],
     )?;
-    // the CPU sums the row terms in row order (span by span) and divides by the span count
-    let terms = download(dev, &row_loss)?;
-    Ok(terms.iter().fold(0f32, |a, &b| a + b) / groups as f32)
+    Ok(Some((row_loss, groups)))
 }
 
 /// Rows per chunk of the token-order plan's kernels (`MP_CHUNK` in moe_train.cu).

@@ -11,9 +11,9 @@ use crate::ops::moe::{self, Plan, RouteCfg};
 use crate::ops::moe_train::{self, Spans};
 use crate::ops::rope::RopeLayout;
 use crate::ops::{elementwise, gather, norm, rope, train as tk};
-use crate::tensor::{download, dptr, empty, Act, DType};
+use crate::tensor::{download, empty, Act, DType};
 use cudarc::driver::CudaSlice;
-use dsv3_core::config::{Config, ScoringFunc, LORA_NORM_EPS};
+use dsv3_core::config::{Config, LORA_NORM_EPS};
 use dsv3_core::model::block::{Block, Ffn};
 use dsv3_core::model::mla::QProj;
 use dsv3_core::{Error, Result};
@@ -749,8 +749,16 @@ impl Cx<'_> {
         let mut dl = Act::empty(self.dev, DType::F32, n * e)?;
         moe_train::router_backward(self.dev, logits, &s.idx, &dw, &m.cfg, n, f32_of_mut(&mut dl)?)?;
         for (spans, alpha) in [(self.seq_spans, self.seq_alpha), (self.all_span, self.aux_alpha)] {
-            if let Some(t) = balance(self.dev, logits, &s.idx, &m.cfg, spans, alpha, self.scale, f32_of_mut(&mut dl)?)?
-            {
+            if let Some(t) = moe_train::balance_terms(
+                self.dev,
+                logits,
+                &s.idx,
+                &m.cfg,
+                spans,
+                alpha,
+                self.scale,
+                f32_of_mut(&mut dl)?,
+            )? {
                 bal.push(t);
             }
         }
@@ -766,63 +774,6 @@ impl Cx<'_> {
         self.mm.run(self.dev, TN, dims(e, d, n).acc(true), rd(dla, 0, e), rd(h2, 0, d), wr(g, m.router, d), None)?;
         self.mm.run(self.dev, NN, dims(n, d, e).acc(true), rd(dla, 0, e), self.wt(m.router, d), wr(dh2, 0, d), None)
     }
-}
-
-/// `moe_train::balance_loss` without its download: adds `scale ×` the loss's gradient into
-/// `dlogits` and returns the per-row loss terms and the number of non-empty spans (the loss is
-/// `Σ terms / spans`, summed in row order on the host at the end of the pass). `None` when α = 0.
-#[allow(clippy::too_many_arguments)]
-fn balance(
-    dev: &Device,
-    logits: &CudaSlice<f32>,
-    idx: &CudaSlice<i32>,
-    cfg: &RouteCfg,
-    spans: &Spans,
-    alpha: f32,
-    scale: f32,
-    dlogits: &mut CudaSlice<f32>,
-) -> Result<Option<(CudaSlice<f32>, usize)>> {
-    use crate::ops::{dim, int, launch, KArg};
-    let (e, k, n) = (cfg.n_experts, cfg.top_k, spans.rows());
-    if alpha == 0.0 || n == 0 {
-        return Ok(None);
-    }
-    if logits.len() < n * e || dlogits.len() < n * e || idx.len() < n * k {
-        return Err(Error::Input(format!("balance loss: buffers shorter than {n} rows")));
-    }
-    let s = spans.lens.len();
-    let mut f = empty::<f32>(dev, s * e)?;
-    let mut load = empty::<i32>(dev, s * e)?;
-    moe_train::expert_freq(dev, idx, spans, e, k, &mut f, &mut load)?;
-    let row_loss = empty::<f32>(dev, n)?;
-    let groups = spans.non_empty().max(1);
-    let scoring = match cfg.scoring {
-        ScoringFunc::Sigmoid => 0,
-        ScoringFunc::Softmax => 1,
-    };
-    const WARPS: usize = 4;
-    launch(
-        dev,
-        "moe_train",
-        "moe_balance_bwd",
-        (dim(n.div_ceil(WARPS), "moe_balance_bwd")?, 1, 1),
-        (32 * WARPS) as u32,
-        &[
-            KArg::Ptr(dptr(dev, logits, 0)?),
-            KArg::Ptr(dptr(dev, &spans.row_span, 0)?),
-            KArg::Ptr(dptr(dev, &spans.start, 0)?),
-            KArg::Ptr(dptr(dev, &f, 0)?),
-            KArg::I32(int(n, "n")?),
-            KArg::I32(int(e, "experts")?),
-            KArg::I32(scoring),
-            KArg::F32(alpha),
-            KArg::F32(scale),
-            KArg::I32(int(groups, "spans")?),
-            KArg::Ptr(dptr(dev, &row_loss, 0)?),
-            KArg::Ptr(dptr(dev, dlogits, 0)?),
-        ],
-    )?;
-    Ok(Some((row_loss, groups)))
 }
 
 /// Tokens routed to each expert of a saved MoE layer (`[E]` on the device).

@@ -116,9 +116,10 @@ static bool tma_store_ok(const Problem& P) {
 }
 static int tma_sms = 3;  // persistent blocks (the launcher: min(tiles, SMs)); cases vary it
 
-// The SM counts for which the launcher's split_plan (kernels/src/ops/fp8_tma.rs) splits the last
-// wave of `tiles` block tiles of `kg` K groups: tiles % sms in [1, sms / 2] and at least 2 splits
-// (min(sms / left, kg / 2, 16)) of at least 2 K groups.
+// The SM counts for which the launcher's split_plan (kernels/src/ops/fp8_tma.rs) may split the
+// last wave of `tiles` block tiles of `kg` K groups (TailSplit::Always; Auto also weighs the
+// partials' cost): tiles % sms in [1, sms / 2] and room for at least 2 splits of at least 2 K
+// groups (min(sms / left, kg / 2, 16), the most it may pick, which the tma-tail case runs).
 static std::vector<int> tail_sms(int tiles, int kg) {
     std::vector<int> v;
     for (int s = 2; s < tiles; s++) {

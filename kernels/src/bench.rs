@@ -690,13 +690,13 @@ pub fn fp8_gemm_line(dev: &Device, m: usize, n: usize, k: usize) -> Result<(f64,
     }
     // where the walk's last wave is split along K, the same kernel with that wave whole
     {
-        use crate::ops::fp8_tma::{set_tail_split, split_plan, tail_split_on};
+        use crate::ops::fp8_tma::{set_tail_split, split_plan, tail_split, TailSplit};
         let tiles = m.div_ceil(128) * n.div_ceil(128);
-        let on = tail_split_on();
-        if dev.arch == crate::ptx::Arch::Sm90a && on && split_plan(tiles, kb, dev.sms, true).split_from > 0 {
-            set_tail_split(false);
+        let mode = tail_split();
+        if dev.arch == crate::ptx::Arch::Sm90a && split_plan(tiles, kb, dev.sms, true).split_from > 0 {
+            set_tail_split(TailSplit::Off);
             let r = time_ms(dev, 3, 10, || fp8_gemm(dev, &g, &mut d, Fp8Kernel::Tma));
-            set_tail_split(on);
+            set_tail_split(mode);
             match r {
                 Ok(ms1) => {
                     v1 += &format!("  (last wave whole {:>7.1})", 2.0 * (m * n * k) as f64 / (ms1 * 1e-3) / 1e12)
@@ -714,8 +714,8 @@ pub fn fp8_gemm_line(dev: &Device, m: usize, n: usize, k: usize) -> Result<(f64,
         .unwrap_or(f64::NAN);
     let bf16 = cublas_bf16_tflops(dev, m, n, k)?.unwrap_or(f64::NAN);
     // the TMA kernel's schedule: 128 x 128 block tiles, split-K where they leave SMs idle (all
-    // tiles, or those of a last wave they fill at most half of), and the walk's length in tile
-    // times (wave quantization: 4.12 waves of whole tiles run as 5)
+    // tiles, or those of a last wave they fill at most half of where K is long), and the walk's
+    // estimated length in tile times (wave quantization: 4.12 waves of whole tiles run as 5)
     let tiles = m.div_ceil(128) * n.div_ceil(128);
     let plan = crate::ops::fp8_tma::split_plan(tiles, kb, dev.sms, true);
     let sched = match (plan.splits, plan.split_from) {
@@ -723,7 +723,7 @@ pub fn fp8_gemm_line(dev: &Device, m: usize, n: usize, k: usize) -> Result<(f64,
         (s, 0) => format!("{tiles} tiles x {s} splits"),
         (s, f) => format!("{f} tiles + {} x {s} splits", tiles - f),
     };
-    let waves = plan.waves(tiles, dev.sms);
+    let waves = plan.waves(tiles, dev.sms, kb);
     println!(
         "fp8 gemm {m:>5}x{n:>5}x{k:>5}  {ms:>8.3} ms  dsv3 {ours:>7.1} TFLOP/s  cuBLASLt fp8 blockwise {lt:>7.1} ({:>4.2}x)  cuBLAS bf16 {bf16:>6.1} ({:>4.2}x)  [{sched} = {waves:.2} waves]{v1}",
         ours / lt,

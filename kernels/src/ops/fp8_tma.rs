@@ -153,59 +153,104 @@ impl SplitPlan {
     pub fn units(&self, tiles: usize) -> usize {
         self.split_from + (tiles - self.split_from) * self.splits
     }
-    /// The walk's length in tiles' times on `sms` persistent blocks: its waves of whole tiles plus
-    /// its waves of split units at `1 / splits` of a tile each (the split tiles are the last).
-    pub fn waves(&self, tiles: usize, sms: usize) -> f64 {
+    /// The walk's estimated length in tiles' times on `sms` persistent blocks (`kgroups` 128-K
+    /// groups per tile): its waves of whole tiles, plus its waves of split units at
+    /// [`split_cost`] each.
+    pub fn waves(&self, tiles: usize, sms: usize, kgroups: usize) -> f64 {
         let sms = sms.max(1);
         let split_units = self.units(tiles) - self.split_from;
-        self.split_from.div_ceil(sms) as f64 + split_units.div_ceil(sms) as f64 / self.splits as f64
+        let unit = if self.splits > 1 { split_cost(kgroups, self.splits) / kgroups.max(1) as f64 } else { 1.0 };
+        self.split_from.div_ceil(sms) as f64 + split_units.div_ceil(sms) as f64 * unit
     }
 }
 
-/// 0: not yet read, 1: off, 2: on.
+/// The time of a tile of `kgroups` 128-K groups split `splits` ways along K, in one K group's MMA
+/// time (~512 cycles for 128 x 128 x 128 FP8 on an SM): its share of the K groups, plus writing
+/// its 64 KiB of f32 partials (~2 groups' time at ~64 bytes a cycle) and the last split's reads
+/// of every split's partials (~2 groups each). An estimate to choose by, not a measurement.
+pub fn split_cost(kgroups: usize, splits: usize) -> f64 {
+    if splits <= 1 {
+        return kgroups as f64;
+    }
+    kgroups as f64 / splits as f64 + 2.0 + 2.0 * splits as f64
+}
+
+/// Whether [`split_plan`] splits the tiles of a last, partly filled wave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TailSplit {
+    /// Never (`DSV3_FP8_TAIL_SPLIT=0`).
+    Off,
+    /// Where [`split_cost`] says it shortens the walk by a quarter of the tail tiles' time or more
+    /// (the default).
+    Auto,
+    /// Whenever the last wave is at most half full (`DSV3_FP8_TAIL_SPLIT=always`; tests).
+    Always,
+}
+
+/// 0: not yet read from the environment, else 1 + the `TailSplit` discriminant.
 static TAIL_SPLIT: AtomicU8 = AtomicU8::new(0);
 
-/// Whether [`split_plan`] splits a last wave's tiles: on unless `DSV3_FP8_TAIL_SPLIT=0`, or as
+/// The [`TailSplit`] mode: `DSV3_FP8_TAIL_SPLIT` (`0`: off, `always`; else auto), or as
 /// [`set_tail_split`] last set it.
-pub fn tail_split_on() -> bool {
-    match TAIL_SPLIT.load(Ordering::Relaxed) {
+pub fn tail_split() -> TailSplit {
+    let v = match TAIL_SPLIT.load(Ordering::Relaxed) {
         0 => {
-            let on = std::env::var("DSV3_FP8_TAIL_SPLIT").map_or(true, |v| v != "0");
-            TAIL_SPLIT.store(if on { 2 } else { 1 }, Ordering::Relaxed);
-            on
+            let mode = match std::env::var("DSV3_FP8_TAIL_SPLIT").as_deref() {
+                Ok("0") => TailSplit::Off,
+                Ok("always") => TailSplit::Always,
+                _ => TailSplit::Auto,
+            };
+            set_tail_split(mode);
+            return mode;
         }
-        v => v == 2,
+        v => v,
+    };
+    match v {
+        1 => TailSplit::Off,
+        3 => TailSplit::Always,
+        _ => TailSplit::Auto,
     }
 }
 
-/// Turns [`split_plan`]'s tail split on or off for the process (`fp8_bench` times both).
-pub fn set_tail_split(on: bool) {
-    TAIL_SPLIT.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+/// Sets [`split_plan`]'s tail-split mode for the process (`fp8_bench` times with and without it;
+/// the tests force it).
+pub fn set_tail_split(mode: TailSplit) {
+    let v = match mode {
+        TailSplit::Off => 1,
+        TailSplit::Auto => 2,
+        TailSplit::Always => 3,
+    };
+    TAIL_SPLIT.store(v, Ordering::Relaxed);
 }
 
 /// [`SplitPlan`] for `tiles` block tiles of `kgroups` 128-K groups on `sms` SMs. Too few tiles to
 /// fill half the SMs: every tile split ([`splitk_for`]). Otherwise, with `tail` (the in-kernel
 /// sum, which the tail split needs), the tiles of the walk's last wave when they fill at most half
-/// of it: split so that their units fill it (each split at least 2 K groups, at most 16), so that
-/// wave takes a fraction of a tile's time (M = 4096, N = 2112: 544 tiles on 132 SMs are 4 full
-/// waves and 16 tiles; as 16 x 8 units the walk takes ~4.1 tiles' time instead of 5). The tail
-/// tiles' sums then add their K splits' partials (a different f32 rounding than the whole tiles',
-/// fixed by the shape and the SM count). `DSV3_FP8_SPLITK` (forced splits) and
-/// `DSV3_FP8_TAIL_SPLIT=0` turn the tail split off.
+/// of it and K is long enough ([`TailSplit::Auto`]): split into the count (2 to 16, each split at
+/// least 2 K groups, units at most the SMs) that [`split_cost`] says is fastest, where that is
+/// at most 3/4 of a whole tile's time. M = 4096, N = 2112, K = 7168 (56 K groups): 544 tiles on
+/// 132 SMs are 4 full waves and 16 tiles, which run as 16 x 5 units, ~0.41 of a tile's time
+/// instead of a whole one. The tail tiles' sums then add their K splits' partials (a different
+/// f32 rounding than the whole tiles', fixed by the shape and the SM count). `DSV3_FP8_SPLITK`
+/// (forced splits) and `DSV3_FP8_TAIL_SPLIT=0` turn the tail split off.
 pub fn split_plan(tiles: usize, kgroups: usize, sms: usize, tail: bool) -> SplitPlan {
     let uniform = SplitPlan { split_from: 0, splits: splitk_for(tiles, kgroups, sms) };
-    if !tail || uniform.splits > 1 || forced_splits().is_some() || !tail_split_on() {
+    let mode = tail_split();
+    if !tail || uniform.splits > 1 || forced_splits().is_some() || mode == TailSplit::Off {
         return uniform;
     }
     let left = tiles % sms.max(1);
     if left == 0 || left * 2 > sms {
         return uniform;
     }
-    let splits = (sms / left).min(kgroups / 2).min(16);
-    if splits < 2 {
-        return uniform;
+    let most = (sms / left).min(kgroups / 2).min(16);
+    let best = (2..=most).min_by(|&a, &b| split_cost(kgroups, a).total_cmp(&split_cost(kgroups, b)));
+    match best {
+        Some(splits) if mode == TailSplit::Always || split_cost(kgroups, splits) <= 0.75 * kgroups as f64 => {
+            SplitPlan { split_from: tiles - left, splits }
+        }
+        _ => uniform,
     }
-    SplitPlan { split_from: tiles - left, splits }
 }
 
 /// Launches `fp8_gemm_tma_<kernel suffix>` for `g` with the common arguments `p` already built
@@ -430,31 +475,39 @@ mod tests {
     }
 
     #[test]
-    fn the_last_wave_is_split_when_few_tiles_are_left_for_it() {
+    fn the_last_wave_is_split_when_few_tiles_are_left_for_it_and_k_is_long() {
         if std::env::var("DSV3_FP8_SPLITK").is_ok() || std::env::var("DSV3_FP8_TAIL_SPLIT").is_ok() {
             return;
         }
-        use super::{split_plan, SplitPlan};
-        // M = 4096, N = 2112, K = 7168: 32 x 17 = 544 tiles = 4 waves of 132 + 16 -> 16 x 8 units
+        use super::{split_cost, split_plan, SplitPlan};
+        // (the default mode; no test of this binary changes it)
+        // M = 4096, N = 2112, K = 7168: 32 x 17 = 544 tiles = 4 waves of 132 + 16, 56 K groups:
+        // 16 x 5 units (56/5 + 2 + 10 = 23.2 groups' time, the least of 2..=8 splits)
         let p = split_plan(544, 56, 132, true);
-        assert_eq!(p, SplitPlan { split_from: 528, splits: 8 });
-        assert_eq!(p.units(544), 528 + 128);
-        assert!((p.waves(544, 132) - 4.125).abs() < 1e-9, "{}", p.waves(544, 132));
+        assert_eq!(p, SplitPlan { split_from: 528, splits: 5 });
+        assert_eq!(p.units(544), 528 + 80);
+        assert!((split_cost(56, 5) - 23.2).abs() < 1e-9);
+        assert!((p.waves(544, 132, 56) - (4.0 + 23.2 / 56.0)).abs() < 1e-9, "{}", p.waves(544, 132, 56));
         // without the in-kernel sum: whole tiles, 5 waves
         let whole = split_plan(544, 56, 132, false);
         assert_eq!(whole, SplitPlan { split_from: 0, splits: 1 });
-        assert_eq!(whole.waves(544, 132), 5.0);
+        assert_eq!(whole.waves(544, 132, 56), 5.0);
         // a last wave over half full (M = 4096, N = 7168: 1792 = 13 x 132 + 76): whole tiles
         assert_eq!(split_plan(1792, 16, 132, true).splits, 1);
         // full waves: nothing to split
-        assert_eq!(split_plan(264, 16, 132, true).splits, 1);
-        // 88M training's 8192 x 1408 x 512 Fprop: 704 = 5 x 132 + 44 tiles, K = 4 groups -> 2 splits
-        assert_eq!(split_plan(704, 4, 132, true), SplitPlan { split_from: 660, splits: 2 });
+        assert_eq!(split_plan(264, 56, 132, true).splits, 1);
+        // short K: the partials cost more than the split saves (88M training's 8192 x 1408 x 512
+        // Fprop, 704 = 5 x 132 + 44 tiles of 4 K groups; M = 128 x N = 24576 x K = 1536, 192 =
+        // 132 + 60 tiles of 12)
+        assert_eq!(split_plan(704, 4, 132, true).splits, 1);
+        assert_eq!(split_plan(192, 12, 132, true).splits, 1);
+        // K = 4096 (32 groups) over 136 tiles: 4 left, 4 splits (8 + 2 + 8 = 18 <= 24)
+        assert_eq!(split_plan(136, 32, 132, true), SplitPlan { split_from: 132, splits: 4 });
         // too few K groups to split (each split keeps >= 2)
         assert_eq!(split_plan(140, 3, 132, true).splits, 1);
         // few tiles: every tile split, as before
         assert_eq!(split_plan(17, 56, 132, true), SplitPlan { split_from: 0, splits: 7 });
-        assert!((split_plan(17, 56, 132, true).waves(17, 132) - 1.0 / 7.0).abs() < 1e-9);
+        assert!((split_plan(17, 56, 132, true).waves(17, 132, 56) - split_cost(56, 7) / 56.0).abs() < 1e-9);
     }
 
     #[test]

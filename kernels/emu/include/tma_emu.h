@@ -22,8 +22,10 @@
 //   that reads before waiting sees the slot's old bytes), and with emu::cp_async_eager also at
 //   issue (a slot overwritten while a wgmma still reads it fails wgmma_emu's operand check).
 // - cp.async.bulk.tensor 2D stores (tma_store_2d) join the issuing thread's current bulk group
-//   (bulk_commit closes it). The box's bytes are read from shared memory when the thread waits for
-//   the group (bulk_wait_read / bulk_wait), so a staging buffer written again before that wait
+//   (bulk_commit closes it). The box's bytes are read from the async proxy's view of shared
+//   memory (the generic writes up to the last fence.proxy.async, taken when a store is issued
+//   after one: a staging buffer never fenced is read stale) when the thread waits for the group
+//   (bulk_wait_read / bulk_wait), so a staging buffer written and fenced again before that wait
 //   stores the new bytes; with emu::cp_async_eager they are read at issue instead, so a staging
 //   write not yet done (a missing barrier before the store) is left out. Elements past the
 //   tensor's dims are not written; the destination must lie in the registered global buffers.
@@ -111,10 +113,26 @@ struct Store {
 static std::vector<Store> stores[emu::MAXT];
 static int bulk_committed[emu::MAXT];
 static long long boxes_stored = 0;
+// The async proxy's view of the dynamic shared memory, what TMA stores read: NaN (0xff) until a
+// store issued after a fence.proxy.async takes the generic writes so far into it (taken lazily,
+// at the block's first store). A staging buffer written without a fence before its store is
+// read stale.
+static std::vector<unsigned char> view;
+static bool view_ready = false;
 
 inline void begin_block() {
     bars.clear();
     for (int t = 0; t < emu::MAXT; t++) stores[t].clear(), bulk_committed[t] = 0;
+    view_ready = false;
+    wg_emu::proxy_fence_pending = false;
+}
+// At a store's issue: the view, brought up to date if a fence came since it was last taken.
+inline void sync_view() {
+    if (!view_ready) view.assign(emu::smem_limit, 0xff), view_ready = true;
+    if (wg_emu::proxy_fence_pending) {
+        std::memcpy(view.data(), emu::dyn_smem, emu::smem_limit);
+        wg_emu::proxy_fence_pending = false;
+    }
 }
 inline void end_block() {
     for (int t = 0; t < emu::MAXT; t++)
@@ -169,7 +187,7 @@ inline void store_box(const Box& x) {
             for (const emu::Region& r : emu::globals) inside = inside || (d >= r.lo && d < r.hi);
             if (!inside) fail("TMA store outside the registered global buffers (tensor map dims/strides)");
             const uint32_t lin = x.dst + (uint32_t)(i1 * row + i0);
-            *d = emu::dyn_smem[m.swizzle128 ? swz(lin) : lin];
+            *d = view[m.swizzle128 ? swz(lin) : lin];  // (the async proxy's view: fenced writes)
         }
     boxes_stored++;
 }
@@ -255,6 +273,7 @@ inline void tma_store_2d(const TmaDesc* d, uint32_t src, int c0, int c1) {
     if (src % 128) fail("TMA store source not 128-byte aligned");
     if (x.map.swizzle128 && src % 1024) fail("TMA store source of a 128B-swizzled box not 1024-byte aligned");
     if (src + bytes > emu::smem_limit) fail("TMA store box past the launcher's shared memory size");
+    emu_tma::sync_view();
     const int t = emu::cur;
     if (emu::cp_async_eager) {
         emu_tma::store_box(x);  // read at issue

@@ -29,7 +29,9 @@
 //   uncommitted or unwaited operations at the end of a block are reported (wg_emu::end_block()).
 // - Shared addresses: __cvta_generic_to_shared maps the dynamic shared memory (emu::dyn_smem, as
 //   smem_u32, bounds-checked against the launcher's size) or the static __shared__ arrays (host
-//   statics: a fixed 256 KiB window around them, not poisoned); a block may use one window only. fence.proxy.async is accepted without a check (nothing tracks proxies here).
+//   statics: a fixed 256 KiB window around them, not poisoned); a block may use one window only. fence.proxy.async only matters to the TMA stores of tma_emu.h
+//   (their source is read from the async proxy's view of shared memory, which a fence brings up
+//   to date); wgmma operands are read without a proxy check.
 #pragma once
 #include <emu.h>
 
@@ -40,6 +42,7 @@ namespace wg_emu {
 constexpr uint32_t POISON = 0x7fc0dead;  // a quiet NaN
 static int acc_bits = 0;                 // 0: exact sums; else Hopper's truncated accumulator
 static long long mmas = 0;               // completed wgmma.mma_async (for the drivers' summaries)
+static bool proxy_fence_pending = false; // a fence.proxy.async since the async proxy's view was taken
 
 // shared window of the running block: 0 unknown, 1 dynamic, 2 static. Static __shared__ arrays
 // are host statics (function-local statics of templates, which GCC will not place in a section):
@@ -289,7 +292,10 @@ inline void wgmma_m64n128k16_bf16(float* d, uint64_t da, uint64_t db, int scale_
     wg_emu::collective(wg_emu::K_MMA_BF16, 128, scale_d != 0, da, db, d);
 }
 inline void fence_acc(float*) {}
-inline void fence_proxy_async() {}
+// fence.proxy.async: marks the generic-proxy shared-memory writes so far visible to the async
+// proxy (tma_emu.h's TMA stores read the async proxy's view, brought up to date at a store issued
+// after a fence; wgmma operands are read as they are)
+inline void fence_proxy_async() { wg_emu::proxy_fence_pending = true; }
 inline void wgmma_fence() { wg_emu::collective(wg_emu::K_FENCE, 0, 0, 0, 0, nullptr); }
 inline void wgmma_commit() { wg_emu::collective(wg_emu::K_COMMIT, 0, 0, 0, 0, nullptr); }
 template <int N>

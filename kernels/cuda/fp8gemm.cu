@@ -618,18 +618,33 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
                 }
                 named_bar_sync(1 + wg, 128);
                 if (*last) {
+                    // the warpgroup's 64 x 128 slab of every split, 16 float4 per thread (a row is 32
+                    // float4: coalesced, and each split's 16 loads in flight at once rather than one
+                    // L2 round trip per element), summed in split order from 0 as the reduce
+                    // launch does (the same bits); the elements inside D stored
                     __threadfence();
+                    const float4* slab = reinterpret_cast<const float4*>(q.work + tile_part - (long long)ra * 128 + col0);
+                    const int lt = tid & 127;
+                    float4 sum[16];
+#pragma unroll
+                    for (int i = 0; i < 16; i++) sum[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 1
-                    for (int j = 0; j < 16; j++) {  // (not unrolled: nothing here lives in registers)
-                        const int c = col0 + j * 8 + (lane & 3) * 2;
-#pragma unroll 1
-                        for (int h = 0; h < 4; h++) {
-                            const int col = c + (h & 1), row = row0 + ra + 8 * (h >> 1);
-                            if (col >= p.n || !((h >> 1) ? ok1 : ok0)) continue;
-                            float v = 0.0f;
-                            for (int s2 = 0; s2 < splits; s2++) v += __ldcg(q.work + part(s2, row, col));
-                            fp8_store<TD>(p, row, col, v);
+                    for (int s2 = 0; s2 < splits; s2++) {
+                        const float4* src = slab + (long long)s2 * 4096;
+#pragma unroll
+                        for (int i = 0; i < 16; i++) {
+                            const float4 x = __ldcg(src + lt + 128 * i);
+                            sum[i].x += x.x, sum[i].y += x.y, sum[i].z += x.z, sum[i].w += x.w;
                         }
+                    }
+#pragma unroll
+                    for (int i = 0; i < 16; i++) {
+                        const int f = lt + 128 * i, row = row0 + (f >> 5), c = col0 + (f & 31) * 4;
+                        if (row >= row_end) continue;
+                        const float v[4] = {sum[i].x, sum[i].y, sum[i].z, sum[i].w};
+#pragma unroll
+                        for (int e = 0; e < 4; e++)
+                            if (c + e < p.n) fp8_store<TD>(p, row, c + e, v[e]);
                     }
                 }
             }

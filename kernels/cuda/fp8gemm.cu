@@ -586,11 +586,12 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
         }
         if (!active) continue;
         if (sp >= 0) {  // this split's partial sums (f32) into the work buffer
-            // element (row, col) of split s: with counters in the tile's own 128 x 128 slab, else
-            // at D's position in split s's m x n slab (fp8_splitk_reduce_*'s layout)
-            const long long tile_part = (long long)(t - q.split_from) * splits * 16384 + (wg * 64 + ra) * 128 - col0;
+            // element (row, col) of split s: with counters in this warpgroup's 64 x 128 half of
+            // the tile's 128 x 128 slab for split s (`half`, slabs 16384 floats apart), else at
+            // D's position in split s's m x n slab (fp8_splitk_reduce_*'s layout)
+            float* half = q.work + (long long)(t - q.split_from) * splits * 16384 + wg * 64 * 128;
             auto part = [&](int s, int row, int col) -> long long {
-                return q.counters ? tile_part + (long long)s * 16384 + (row - row0 - ra) * 128 + col
+                return q.counters ? (half - q.work) + (long long)s * 16384 + (row - row0) * 128 + (col - col0)
                                   : ((long long)s * p.m + row) * p.n + col;
             };
 #pragma unroll
@@ -623,7 +624,7 @@ __device__ void fp8_gemm_tma(const Fp8TmaArgs& q) {
                     // L2 round trip per element), summed in split order from 0 as the reduce
                     // launch does (the same bits); the elements inside D stored
                     __threadfence();
-                    const float4* slab = reinterpret_cast<const float4*>(q.work + tile_part - (long long)ra * 128 + col0);
+                    const float4* slab = reinterpret_cast<const float4*>(half);
                     const int lt = tid & 127;
                     float4 sum[16];
 #pragma unroll

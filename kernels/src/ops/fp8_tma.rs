@@ -193,22 +193,19 @@ static TAIL_SPLIT: AtomicU8 = AtomicU8::new(0);
 /// The [`TailSplit`] mode: `DSV3_FP8_TAIL_SPLIT` (`0`: off, `always`; else auto), or as
 /// [`set_tail_split`] last set it.
 pub fn tail_split() -> TailSplit {
-    let v = match TAIL_SPLIT.load(Ordering::Relaxed) {
-        0 => {
+    match TAIL_SPLIT.load(Ordering::Relaxed) {
+        1 => TailSplit::Off,
+        2 => TailSplit::Auto,
+        3 => TailSplit::Always,
+        _ => {
             let mode = match std::env::var("DSV3_FP8_TAIL_SPLIT").as_deref() {
                 Ok("0") => TailSplit::Off,
                 Ok("always") => TailSplit::Always,
                 _ => TailSplit::Auto,
             };
             set_tail_split(mode);
-            return mode;
+            mode
         }
-        v => v,
-    };
-    match v {
-        1 => TailSplit::Off,
-        3 => TailSplit::Always,
-        _ => TailSplit::Auto,
     }
 }
 
